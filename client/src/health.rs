@@ -1,0 +1,58 @@
+//! Health checks against either service (`grpc.health.v1`).
+
+use std::time::Duration;
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("{addr} is not reachable - is the service running? ({source})")]
+    Unreachable {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{addr} did not answer the health check: {status}")]
+    Call { addr: String, status: tonic::Status },
+    #[error("'{0}' is not a valid address (expected host:port or http://host:port)")]
+    BadAddress(String),
+}
+
+/// Normalises `host:port` to `http://host:port`.
+pub fn endpoint_uri(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Asks `addr` for the status of `service` (`""` = whole server).
+pub async fn check(
+    addr: &str,
+    service: &str,
+    timeout: Duration,
+) -> Result<ServingStatus, HealthError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(endpoint_uri(addr))
+        .map_err(|_| HealthError::BadAddress(addr.to_string()))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| HealthError::Unreachable {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|status| HealthError::Call {
+            addr: addr.to_string(),
+            status,
+        })?;
+    Ok(reply.into_inner().status())
+}

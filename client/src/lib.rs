@@ -1,0 +1,5 @@
+//! Typed Rust clients for omnibus and the helpers behind the `omnibus` command-line tool.
+
+pub mod health;
+
+pub use omnibus_proto as proto;

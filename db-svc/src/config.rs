@@ -1,0 +1,211 @@
+//! All db-svc settings: flags with environment fallbacks.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use sqlx::postgres::PgConnectOptions;
+use svc_kit::server::parse_duration;
+use svc_kit::{ServerArgs, telemetry::LogArgs};
+
+/// db-svc: safe, typed CRUD over the platform's PostgreSQL tables, over gRPC and the event bus.
+#[derive(Clone, Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "DB_SVC_LISTEN", default_value = "0.0.0.0:50052")]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL connection URL (postgres://user:password@host:port/database). When absent,
+    /// the POSTGRES_* settings are used.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// PostgreSQL host (used when DATABASE_URL is not set).
+    #[arg(long, env = "POSTGRES_HOST")]
+    pub postgres_host: Option<String>,
+
+    /// PostgreSQL port.
+    #[arg(long, env = "POSTGRES_PORT", default_value_t = 5432)]
+    pub postgres_port: u16,
+
+    /// PostgreSQL database name.
+    #[arg(long, env = "POSTGRES_DATABASE", default_value = "omnibus")]
+    pub postgres_database: String,
+
+    /// PostgreSQL user.
+    #[arg(long, env = "POSTGRES_USER", default_value = "postgres")]
+    pub postgres_user: String,
+
+    /// PostgreSQL password (never logged).
+    #[arg(long, env = "POSTGRES_PASSWORD", hide_env_values = true)]
+    pub postgres_password: Option<String>,
+
+    /// Maximum connections in the PostgreSQL pool.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub db_max_connections: u32,
+
+    /// How long a request waits for a pooled connection before failing UNAVAILABLE.
+    #[arg(long, env = "DB_ACQUIRE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub db_acquire_timeout: Duration,
+
+    #[command(flatten)]
+    pub server: ServerArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+// Hand-written so that no password can reach a log line through `{:?}`.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field(
+                "database_url",
+                &self
+                    .database_url
+                    .as_deref()
+                    .map(svc_kit::config::redact_url),
+            )
+            .field("postgres_host", &self.postgres_host)
+            .field("postgres_port", &self.postgres_port)
+            .field("postgres_database", &self.postgres_database)
+            .field("postgres_user", &self.postgres_user)
+            .field(
+                "postgres_password",
+                &self.postgres_password.as_ref().map(|_| "***"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings after validation. Not `Debug`: the connection options hold the password.
+#[derive(Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database: PgConnectOptions,
+    /// Where the database is, without credentials, for logs.
+    pub database_display: String,
+    pub db_max_connections: u32,
+    pub db_acquire_timeout: Duration,
+    pub server: ServerArgs,
+    pub log: LogArgs,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("database", &self.database_display)
+            .field("db_max_connections", &self.db_max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Checks the settings clap cannot check alone; the error names the setting and never
+    /// repeats a password.
+    pub fn validate(self) -> Result<Settings, String> {
+        let database = match (&self.database_url, &self.postgres_host) {
+            (Some(url), _) => {
+                let parsed = url::Url::parse(url)
+                    .map_err(|e| format!("DATABASE_URL is not a valid URL: {e}"))?;
+                if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+                    return Err(format!(
+                        "DATABASE_URL must start with postgres:// or postgresql:// (got {}://)",
+                        parsed.scheme()
+                    ));
+                }
+                PgConnectOptions::from_str(url).map_err(|_| {
+                    "DATABASE_URL is not a valid PostgreSQL connection URL".to_string()
+                })?
+            }
+            (None, Some(host)) => {
+                let mut opts = PgConnectOptions::new()
+                    .host(host)
+                    .port(self.postgres_port)
+                    .database(&self.postgres_database)
+                    .username(&self.postgres_user);
+                if let Some(password) = &self.postgres_password {
+                    opts = opts.password(password);
+                }
+                opts
+            }
+            (None, None) => {
+                return Err(
+                    "missing setting DATABASE_URL (or POSTGRES_HOST with POSTGRES_PORT, \
+                            POSTGRES_DATABASE, POSTGRES_USER, POSTGRES_PASSWORD)"
+                        .into(),
+                );
+            }
+        };
+        let database_display = format!(
+            "postgres://{}@{}:{}/{}",
+            database.get_username(),
+            database.get_host(),
+            database.get_port(),
+            database.get_database().unwrap_or("")
+        );
+        Ok(Settings {
+            listen: self.listen,
+            database,
+            database_display,
+            db_max_connections: self.db_max_connections,
+            db_acquire_timeout: self.db_acquire_timeout,
+            server: self.server,
+            log: self.log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        svc_kit::config::parse_args_ignoring_env::<Config>(
+            std::iter::once("db-svc").chain(args.iter().copied()),
+        )
+        .map_err(|e| e.to_string())?
+        .validate()
+    }
+
+    #[test]
+    fn database_is_required() {
+        let err = parse(&[]).unwrap_err();
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn bad_urls_name_the_setting_and_hide_the_password() {
+        let err = parse(&["--database-url", "mysql://u:hunter2@h/db"]).unwrap_err();
+        assert!(
+            err.contains("DATABASE_URL") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let err = parse(&["--database-url", "postgres://u:hunter2@h:notaport/db"]).unwrap_err();
+        assert!(
+            err.contains("DATABASE_URL") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn display_and_debug_never_show_the_password() {
+        let s = parse(&["--database-url", "postgres://u:hunter2@h:5433/db"]).unwrap();
+        assert_eq!(s.database_display, "postgres://u@h:5433/db");
+        let c = svc_kit::config::parse_args_ignoring_env::<Config>([
+            "db-svc",
+            "--postgres-host",
+            "h",
+            "--postgres-password",
+            "hunter2",
+        ])
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let s = c.validate().unwrap();
+        assert_eq!(s.database_display, "postgres://postgres@h:5432/omnibus");
+    }
+}

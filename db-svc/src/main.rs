@@ -1,0 +1,14 @@
+use db_svc::config::Config;
+
+#[tokio::main]
+async fn main() {
+    let config: Config = svc_kit::config::parse_or_exit();
+    let settings = config
+        .validate()
+        .unwrap_or_else(|e| svc_kit::config::fail(e));
+    svc_kit::telemetry::init(&settings.log);
+    if let Err(e) = db_svc::run(settings).await {
+        tracing::error!("db-svc failed: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,124 @@
+//! Configuration helpers: parse flags/environment with one clear line on error, and keep
+//! secrets out of anything that may be logged.
+
+use clap::Parser;
+
+/// Exit code for a configuration error (as `sysexits.h` EX_CONFIG).
+pub const EXIT_CONFIG: i32 = 78;
+
+/// Parses the command line (with environment fallbacks). On a bad or missing setting, prints
+/// one line naming it and exits with [`EXIT_CONFIG`]; `--help`/`--version` behave as usual.
+pub fn parse_or_exit<T: Parser>() -> T {
+    match T::try_parse() {
+        Ok(config) => config,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            let rendered = e.render().to_string();
+            let first = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid configuration");
+            fail(first.trim_start_matches("error: "))
+        }
+    }
+}
+
+/// Parses `args` ignoring every environment fallback: for hermetic tests of configuration
+/// (a developer's exported `DATABASE_URL` must not change their outcome).
+pub fn parse_args_ignoring_env<T: Parser>(
+    args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+) -> Result<T, clap::Error> {
+    let command = T::command().mut_args(|arg| arg.env(None));
+    let matches = command.try_get_matches_from(args)?;
+    T::from_arg_matches(&matches)
+}
+
+/// Prints `configuration error: <message>` and exits with [`EXIT_CONFIG`].
+pub fn fail(message: impl std::fmt::Display) -> ! {
+    let bin = std::env::args().next().map(|a| {
+        std::path::Path::new(&a)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or(a)
+    });
+    eprintln!(
+        "{}: configuration error: {message}",
+        bin.unwrap_or_default()
+    );
+    std::process::exit(EXIT_CONFIG)
+}
+
+/// A connection URL with any password replaced by `***`, safe to log.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable url>".to_string(),
+    }
+}
+
+/// Parses a comma-separated `host:port` list (Kafka bootstrap servers), naming `setting` in
+/// the error.
+pub fn parse_host_ports(setting: &str, raw: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (host, port) = entry
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{setting}: '{entry}' is not host:port"))?;
+        if host.is_empty() {
+            return Err(format!("{setting}: '{entry}' has no host"));
+        }
+        port.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{setting}: '{entry}' has an invalid port"))?;
+        out.push(entry.to_string());
+    }
+    if out.is_empty() {
+        return Err(format!("{setting} is empty"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:s3cret@db:5432/x"),
+            "postgres://u:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
+        assert!(!redact_url("not a url s3cret").contains("s3cret"));
+    }
+
+    #[test]
+    fn parses_broker_lists() {
+        assert_eq!(
+            parse_host_ports("KAFKA_BROKERS", "a:9092, b:9093").unwrap(),
+            vec!["a:9092", "b:9093"]
+        );
+        assert!(
+            parse_host_ports("KAFKA_BROKERS", "a")
+                .unwrap_err()
+                .contains("KAFKA_BROKERS")
+        );
+        assert!(parse_host_ports("KAFKA_BROKERS", "a:x").is_err());
+        assert!(parse_host_ports("KAFKA_BROKERS", ":9092").is_err());
+        assert!(parse_host_ports("KAFKA_BROKERS", " , ").is_err());
+    }
+}

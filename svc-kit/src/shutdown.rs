@@ -1,0 +1,73 @@
+//! One shutdown signal for the whole process: SIGTERM or SIGINT cancels a token that the
+//! server, background tasks and open streams all watch.
+
+use tokio_util::sync::CancellationToken;
+
+/// A cloneable handle on the process-wide shutdown signal.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Creates the handle and spawns a task that triggers it on SIGTERM or SIGINT.
+    pub fn on_signals() -> Self {
+        let shutdown = Self::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            let signal = wait_for_signal().await;
+            tracing::info!(signal, "shutdown requested");
+            trigger.trigger();
+        });
+        shutdown
+    }
+
+    /// Starts the shutdown (idempotent).
+    pub fn trigger(&self) {
+        self.token.cancel();
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Resolves once shutdown has started.
+    pub async fn triggered(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// The underlying token, for APIs that take one (e.g. `run_until_cancelled`).
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        _ => {
+            // Without signal handlers we can still stop on Ctrl-C.
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "ctrl-c"
+}
