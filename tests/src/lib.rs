@@ -368,3 +368,31 @@ impl TestTopics {
         format!("{}{}", self.prefix, base)
     }
 }
+
+/// Output of one grpcurl run.
+#[derive(Debug)]
+pub struct GrpcurlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs grpcurl (installed by `scripts/dev-services grpcurl-bin`; scripts/test exports its
+/// path as `OMNIBUS_GRPCURL`) with `args`, without a proto file (reflection only).
+pub async fn grpcurl(args: &[&str]) -> Result<GrpcurlOutput> {
+    let bin = std::env::var("OMNIBUS_GRPCURL").context(
+        "OMNIBUS_GRPCURL is not set: run through scripts/test, or export \
+         OMNIBUS_GRPCURL=$(scripts/dev-services grpcurl-bin)",
+    )?;
+    let out = tokio::process::Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("run grpcurl")?;
+    Ok(GrpcurlOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}

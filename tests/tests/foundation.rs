@@ -313,3 +313,42 @@ fn compose_file_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The issue's "done when": grpcurl (no proto files) lists, describes and health-checks both.
+#[tokio::test]
+async fn grpcurl_lists_describes_and_checks_health() {
+    use omnibus_tests::grpcurl;
+    let db = TestDatabase::create().await.unwrap();
+    let consumer = start_consumer().await;
+    let dbsvc = start_db(&db).await;
+    for (svc, name) in [(&consumer, CONSUMER), (&dbsvc, DATABASE)] {
+        let addr = svc.addr.to_string();
+        let list = grpcurl(&["-plaintext", &addr, "list"]).await.unwrap();
+        assert!(list.success, "{list:?}");
+        let services: Vec<&str> = list.stdout.lines().collect();
+        assert!(services.contains(&name), "{list:?}");
+        assert!(services.contains(&"grpc.health.v1.Health"), "{list:?}");
+
+        let describe = grpcurl(&["-plaintext", &addr, "describe", name])
+            .await
+            .unwrap();
+        assert!(
+            describe.success && describe.stdout.contains("is a service"),
+            "{describe:?}"
+        );
+
+        let body = format!(r#"{{"service":"{name}"}}"#);
+        let check = grpcurl(&[
+            "-plaintext",
+            "-d",
+            &body,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ])
+        .await
+        .unwrap();
+        assert!(check.success, "{check:?}");
+        let reply: serde_json::Value = serde_json::from_str(&check.stdout).unwrap();
+        assert_eq!(reply["status"], "SERVING", "{check:?}");
+    }
+}
