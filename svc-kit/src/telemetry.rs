@@ -1,6 +1,8 @@
 //! `tracing` set-up: human-readable logs by default, JSON lines with `--log-format json`.
 //! Levels come from `RUST_LOG` (default `info`).
 
+use std::io::IsTerminal;
+
 use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
@@ -26,6 +28,8 @@ pub fn init(args: &LogArgs) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(true);
     let result = match args.log_format {
         LogFormat::Text => builder.try_init(),
