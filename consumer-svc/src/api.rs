@@ -28,6 +28,7 @@ impl ConsumerService for ConsumerApi {
             connected: self.broker.connected(),
             events_processed: 0,
             last_event_time: None,
+            status: None,
         }))
     }
 }

@@ -4,6 +4,8 @@
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod events;
+pub mod state;
 
 use std::sync::Arc;
 

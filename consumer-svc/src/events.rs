@@ -1,0 +1,717 @@
+//! JSON -> typed events (pure, no I/O).
+//!
+//! Producers send flat JSON objects in snake_case or camelCase, some drop null fields and
+//! others send explicit nulls. A null is "absent"; a real `0`, `false` or `""` is a value
+//! (the original's `||` defaults are deliberately not reproduced). Strings are borrowed from
+//! the message payload while parsing and copied once into the owned event.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use serde_json::value::RawValue;
+
+/// Event time in microseconds since the Unix epoch (UTC).
+pub type Micros = i64;
+
+/// What a topic carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    RoutingDecision,
+    AgentAction,
+    Transformation,
+    PerformanceMetric,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] = [
+        EventKind::RoutingDecision,
+        EventKind::AgentAction,
+        EventKind::Transformation,
+        EventKind::PerformanceMetric,
+    ];
+
+    /// The seed guide's default topic name.
+    pub fn default_topic(self) -> &'static str {
+        match self {
+            EventKind::RoutingDecision => "agent-routing-decisions",
+            EventKind::AgentAction => "agent-actions",
+            EventKind::Transformation => "agent-transformation-events",
+            EventKind::PerformanceMetric => "router-performance-metrics",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// Not JSON, not an object, or a field of the wrong type.
+    #[error("invalid event JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("missing required field `{0}`")]
+    MissingField(&'static str),
+    #[error("invalid timestamp `{0}`")]
+    Timestamp(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alternative {
+    pub agent: String,
+    pub confidence: Option<f64>,
+    pub reasoning: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingDecision {
+    pub id: String,
+    pub correlation_id: Option<String>,
+    pub user_request: Option<String>,
+    pub selected_agent: String,
+    pub confidence_score: Option<f64>,
+    pub routing_strategy: Option<String>,
+    pub alternatives: Vec<Alternative>,
+    pub reasoning: Option<String>,
+    pub routing_time_ms: Option<f64>,
+    pub context_json: Option<String>,
+    pub project_path: Option<String>,
+    pub project_name: Option<String>,
+    pub session_id: Option<String>,
+    pub time: Micros,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentAction {
+    pub id: String,
+    pub correlation_id: Option<String>,
+    pub agent_name: String,
+    pub action_type: String,
+    pub action_name: Option<String>,
+    pub action_details_json: Option<String>,
+    pub debug_mode: Option<bool>,
+    pub duration_ms: Option<f64>,
+    pub project_name: Option<String>,
+    pub success: Option<bool>,
+    pub time: Micros,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transformation {
+    pub id: String,
+    pub correlation_id: Option<String>,
+    pub source_agent: String,
+    pub target_agent: String,
+    pub transformation_reason: Option<String>,
+    pub confidence_score: Option<f64>,
+    pub transformation_duration_ms: Option<f64>,
+    pub success: bool,
+    pub time: Micros,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PerformanceMetric {
+    pub id: String,
+    pub correlation_id: Option<String>,
+    pub query_text: Option<String>,
+    pub routing_duration_ms: Option<f64>,
+    pub cache_hit: bool,
+    pub candidates_evaluated: Option<u64>,
+    pub trigger_match_strategy: String,
+    pub confidence_components_json: Option<String>,
+    pub time: Micros,
+}
+
+/// A parsed event, shared between the state's buffers and the stream hub.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    RoutingDecision(Arc<RoutingDecision>),
+    AgentAction(Arc<AgentAction>),
+    Transformation(Arc<Transformation>),
+    PerformanceMetric(Arc<PerformanceMetric>),
+}
+
+impl Event {
+    pub fn time(&self) -> Micros {
+        match self {
+            Event::RoutingDecision(e) => e.time,
+            Event::AgentAction(e) => e.time,
+            Event::Transformation(e) => e.time,
+            Event::PerformanceMetric(e) => e.time,
+        }
+    }
+
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::RoutingDecision(_) => EventKind::RoutingDecision,
+            Event::AgentAction(_) => EventKind::AgentAction,
+            Event::Transformation(_) => EventKind::Transformation,
+            Event::PerformanceMetric(_) => EventKind::PerformanceMetric,
+        }
+    }
+}
+
+/// Parses one message payload of a topic carrying `kind`. `now` is the receive time: the
+/// event time when the event has none, and the clamp for event times in the future.
+pub fn parse(kind: EventKind, payload: &[u8], now: Micros) -> Result<Event, ParseError> {
+    Ok(match kind {
+        EventKind::RoutingDecision => {
+            Event::RoutingDecision(Arc::new(parse_routing(payload, now)?))
+        }
+        EventKind::AgentAction => Event::AgentAction(Arc::new(parse_action(payload, now)?)),
+        EventKind::Transformation => {
+            Event::Transformation(Arc::new(parse_transformation(payload, now)?))
+        }
+        EventKind::PerformanceMetric => {
+            Event::PerformanceMetric(Arc::new(parse_performance(payload, now)?))
+        }
+    })
+}
+
+type Str<'a> = Option<Cow<'a, str>>;
+
+fn owned(s: Str<'_>) -> Option<String> {
+    s.map(Cow::into_owned)
+}
+
+fn raw_json(v: Option<&RawValue>) -> Option<String> {
+    v.map(|r| r.get().to_owned())
+}
+
+fn id_or_new(id: Str<'_>) -> String {
+    id.map(Cow::into_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// `timestamp`, else `createdAt`, else the receive time; never later than the receive time.
+fn event_time(
+    timestamp: Option<TimeValue>,
+    created_at: Option<TimeValue>,
+    now: Micros,
+) -> Result<Micros, ParseError> {
+    let t = match timestamp.or(created_at) {
+        Some(t) => t.to_micros()?,
+        None => now,
+    };
+    Ok(t.min(now))
+}
+
+#[derive(Deserialize)]
+struct RawAlternative<'a> {
+    #[serde(borrow, default, alias = "agentName", alias = "agent_name")]
+    agent: Str<'a>,
+    #[serde(default, alias = "confidence_score", alias = "confidenceScore")]
+    confidence: Option<f64>,
+    #[serde(borrow, default)]
+    reasoning: Str<'a>,
+}
+
+#[derive(Deserialize)]
+struct RawRouting<'a> {
+    #[serde(borrow, default)]
+    id: Str<'a>,
+    #[serde(borrow, default, alias = "correlationId")]
+    correlation_id: Str<'a>,
+    #[serde(borrow, default, alias = "userRequest")]
+    user_request: Str<'a>,
+    #[serde(borrow, default, alias = "selectedAgent")]
+    selected_agent: Str<'a>,
+    #[serde(default, alias = "confidenceScore", alias = "confidence")]
+    confidence_score: Option<f64>,
+    #[serde(borrow, default, alias = "routingStrategy")]
+    routing_strategy: Str<'a>,
+    #[serde(borrow, default)]
+    alternatives: Option<Vec<RawAlternative<'a>>>,
+    #[serde(borrow, default)]
+    reasoning: Str<'a>,
+    #[serde(default, alias = "routingTimeMs")]
+    routing_time_ms: Option<f64>,
+    #[serde(borrow, default)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow, default, alias = "projectPath")]
+    project_path: Str<'a>,
+    #[serde(borrow, default, alias = "projectName")]
+    project_name: Str<'a>,
+    #[serde(borrow, default, alias = "sessionId")]
+    session_id: Str<'a>,
+    #[serde(default)]
+    timestamp: Option<TimeValue>,
+    #[serde(default, alias = "createdAt")]
+    created_at: Option<TimeValue>,
+}
+
+pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, ParseError> {
+    let raw: RawRouting = serde_json::from_slice(payload)?;
+    let selected_agent = raw
+        .selected_agent
+        .ok_or(ParseError::MissingField("selected_agent"))?
+        .into_owned();
+    let mut alternatives = Vec::new();
+    for alt in raw.alternatives.unwrap_or_default() {
+        alternatives.push(Alternative {
+            agent: alt
+                .agent
+                .ok_or(ParseError::MissingField("alternatives[].agent"))?
+                .into_owned(),
+            confidence: alt.confidence,
+            reasoning: owned(alt.reasoning),
+        });
+    }
+    Ok(RoutingDecision {
+        time: event_time(raw.timestamp, raw.created_at, now)?,
+        id: id_or_new(raw.id),
+        correlation_id: owned(raw.correlation_id),
+        user_request: owned(raw.user_request),
+        selected_agent,
+        confidence_score: raw.confidence_score,
+        routing_strategy: owned(raw.routing_strategy),
+        alternatives,
+        reasoning: owned(raw.reasoning),
+        routing_time_ms: raw.routing_time_ms,
+        context_json: raw_json(raw.context),
+        project_path: owned(raw.project_path),
+        project_name: owned(raw.project_name),
+        session_id: owned(raw.session_id),
+    })
+}
+
+#[derive(Deserialize)]
+struct RawAction<'a> {
+    #[serde(borrow, default)]
+    id: Str<'a>,
+    #[serde(borrow, default, alias = "correlationId")]
+    correlation_id: Str<'a>,
+    #[serde(borrow, default, alias = "agentName")]
+    agent_name: Str<'a>,
+    #[serde(borrow, default, alias = "actionType")]
+    action_type: Str<'a>,
+    #[serde(borrow, default, alias = "actionName")]
+    action_name: Str<'a>,
+    #[serde(borrow, default, alias = "actionDetails")]
+    action_details: Option<&'a RawValue>,
+    #[serde(default, alias = "debugMode")]
+    debug_mode: Option<bool>,
+    #[serde(default, alias = "durationMs")]
+    duration_ms: Option<f64>,
+    #[serde(borrow, default, alias = "projectName")]
+    project_name: Str<'a>,
+    #[serde(default)]
+    success: Option<bool>,
+    #[serde(default)]
+    timestamp: Option<TimeValue>,
+    #[serde(default, alias = "createdAt")]
+    created_at: Option<TimeValue>,
+}
+
+pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseError> {
+    let raw: RawAction = serde_json::from_slice(payload)?;
+    Ok(AgentAction {
+        time: event_time(raw.timestamp, raw.created_at, now)?,
+        agent_name: raw
+            .agent_name
+            .ok_or(ParseError::MissingField("agent_name"))?
+            .into_owned(),
+        action_type: raw
+            .action_type
+            .ok_or(ParseError::MissingField("action_type"))?
+            .into_owned(),
+        id: id_or_new(raw.id),
+        correlation_id: owned(raw.correlation_id),
+        action_name: owned(raw.action_name),
+        action_details_json: raw_json(raw.action_details),
+        debug_mode: raw.debug_mode,
+        duration_ms: raw.duration_ms,
+        project_name: owned(raw.project_name),
+        success: raw.success,
+    })
+}
+
+#[derive(Deserialize)]
+struct RawTransformation<'a> {
+    #[serde(borrow, default)]
+    id: Str<'a>,
+    #[serde(borrow, default, alias = "correlationId")]
+    correlation_id: Str<'a>,
+    #[serde(borrow, default, alias = "sourceAgent")]
+    source_agent: Str<'a>,
+    #[serde(borrow, default, alias = "targetAgent")]
+    target_agent: Str<'a>,
+    #[serde(borrow, default, alias = "transformationReason")]
+    transformation_reason: Str<'a>,
+    #[serde(default, alias = "confidenceScore", alias = "confidence")]
+    confidence_score: Option<f64>,
+    #[serde(default, alias = "transformationDurationMs")]
+    transformation_duration_ms: Option<f64>,
+    #[serde(default)]
+    success: Option<bool>,
+    #[serde(default)]
+    timestamp: Option<TimeValue>,
+    #[serde(default, alias = "createdAt")]
+    created_at: Option<TimeValue>,
+}
+
+pub fn parse_transformation(payload: &[u8], now: Micros) -> Result<Transformation, ParseError> {
+    let raw: RawTransformation = serde_json::from_slice(payload)?;
+    Ok(Transformation {
+        time: event_time(raw.timestamp, raw.created_at, now)?,
+        source_agent: raw
+            .source_agent
+            .ok_or(ParseError::MissingField("source_agent"))?
+            .into_owned(),
+        target_agent: raw
+            .target_agent
+            .ok_or(ParseError::MissingField("target_agent"))?
+            .into_owned(),
+        id: id_or_new(raw.id),
+        correlation_id: owned(raw.correlation_id),
+        transformation_reason: owned(raw.transformation_reason),
+        confidence_score: raw.confidence_score,
+        transformation_duration_ms: raw.transformation_duration_ms,
+        success: raw.success.unwrap_or(true),
+    })
+}
+
+#[derive(Deserialize)]
+struct RawPerformance<'a> {
+    #[serde(borrow, default)]
+    id: Str<'a>,
+    #[serde(borrow, default, alias = "correlationId")]
+    correlation_id: Str<'a>,
+    #[serde(borrow, default, alias = "queryText")]
+    query_text: Str<'a>,
+    #[serde(
+        default,
+        alias = "routingDurationMs",
+        alias = "latency_ms",
+        alias = "latencyMs"
+    )]
+    routing_duration_ms: Option<f64>,
+    #[serde(default, alias = "cacheHit")]
+    cache_hit: Option<bool>,
+    #[serde(default, alias = "candidatesEvaluated")]
+    candidates_evaluated: Option<u64>,
+    #[serde(borrow, default, alias = "triggerMatchStrategy")]
+    trigger_match_strategy: Str<'a>,
+    #[serde(borrow, default, alias = "confidenceComponents")]
+    confidence_components: Option<&'a RawValue>,
+    #[serde(default)]
+    timestamp: Option<TimeValue>,
+    #[serde(default, alias = "createdAt")]
+    created_at: Option<TimeValue>,
+}
+
+pub fn parse_performance(payload: &[u8], now: Micros) -> Result<PerformanceMetric, ParseError> {
+    let raw: RawPerformance = serde_json::from_slice(payload)?;
+    Ok(PerformanceMetric {
+        time: event_time(raw.timestamp, raw.created_at, now)?,
+        id: id_or_new(raw.id),
+        correlation_id: owned(raw.correlation_id),
+        query_text: owned(raw.query_text),
+        routing_duration_ms: raw.routing_duration_ms,
+        cache_hit: raw.cache_hit.unwrap_or(false),
+        candidates_evaluated: raw.candidates_evaluated,
+        trigger_match_strategy: raw
+            .trigger_match_strategy
+            .map(Cow::into_owned)
+            .unwrap_or_else(|| "unknown".to_owned()),
+        confidence_components_json: raw_json(raw.confidence_components),
+    })
+}
+
+/// A timestamp as sent: ISO 8601 text (with or without offset; no offset means UTC) or a
+/// number of epoch milliseconds (seconds when it is small enough to be seconds).
+#[derive(Debug)]
+enum TimeValue {
+    Text(String),
+    Micros(Micros),
+}
+
+impl TimeValue {
+    fn to_micros(&self) -> Result<Micros, ParseError> {
+        match self {
+            TimeValue::Micros(m) => Ok(*m),
+            TimeValue::Text(s) => parse_iso8601(s).ok_or_else(|| ParseError::Timestamp(s.clone())),
+        }
+    }
+}
+
+/// Parses RFC 3339 / Python `isoformat()` output; a naive time is taken as UTC.
+pub fn parse_iso8601(s: &str) -> Option<Micros> {
+    let s = s.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_micros());
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc().timestamp_micros());
+        }
+    }
+    // Python's isoformat with a space separator and an offset.
+    chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%:z")
+        .ok()
+        .map(|t| t.timestamp_micros())
+}
+
+fn number_to_micros(n: f64) -> Micros {
+    // Below 1e11 a number is epoch seconds (year 5138 in ms terms), else milliseconds.
+    if n.abs() < 1e11 {
+        (n * 1e6) as Micros
+    } else {
+        (n * 1e3) as Micros
+    }
+}
+
+impl<'de> Deserialize<'de> for TimeValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TimeValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an ISO 8601 timestamp or epoch milliseconds")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TimeValue, E> {
+                // Parsed right away so the borrowed text needs no copy when valid.
+                Ok(match parse_iso8601(v) {
+                    Some(m) => TimeValue::Micros(m),
+                    None => TimeValue::Text(v.to_owned()),
+                })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<TimeValue, E> {
+                Ok(TimeValue::Micros(number_to_micros(v as f64)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<TimeValue, E> {
+                Ok(TimeValue::Micros(number_to_micros(v as f64)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<TimeValue, E> {
+                Ok(TimeValue::Micros(number_to_micros(v)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Micros = 1_764_000_000_000_000; // 2025-11-24T16:00:00Z
+
+    fn ts(s: &str) -> Micros {
+        parse_iso8601(s).unwrap()
+    }
+
+    #[test]
+    fn routing_snake_case_full() {
+        let p = br#"{"id":"r1","correlation_id":"c1","user_request":"fix it","selected_agent":"agent-a",
+            "confidence_score":0.9,"routing_strategy":"enhanced","alternatives":[{"agent":"b","confidence":0.5,"reasoning":"meh"}],
+            "reasoning":"best","routing_time_ms":12,"context":{"k":[1,2]},"project_path":"/p","project_name":"proj",
+            "session_id":"s1","timestamp":"2025-11-20T09:15:00.000000+00:00"}"#;
+        let e = parse_routing(p, NOW).unwrap();
+        assert_eq!(e.id, "r1");
+        assert_eq!(e.correlation_id.as_deref(), Some("c1"));
+        assert_eq!(e.selected_agent, "agent-a");
+        assert_eq!(e.confidence_score, Some(0.9));
+        assert_eq!(e.routing_time_ms, Some(12.0));
+        assert_eq!(e.context_json.as_deref(), Some(r#"{"k":[1,2]}"#));
+        assert_eq!(e.alternatives.len(), 1);
+        assert_eq!(e.alternatives[0].confidence, Some(0.5));
+        assert_eq!(e.session_id.as_deref(), Some("s1"));
+        assert_eq!(e.time, ts("2025-11-20T09:15:00Z"));
+    }
+
+    #[test]
+    fn routing_camel_case_and_aliases() {
+        let p = br#"{"correlationId":"c","selectedAgent":"x","confidence":0.25,"routingTimeMs":3.5,
+            "routingStrategy":"s","projectName":"p","sessionId":"z","userRequest":"u","timestamp":"2025-11-20T09:15:00Z"}"#;
+        let e = parse_routing(p, NOW).unwrap();
+        assert_eq!(e.selected_agent, "x");
+        assert_eq!(e.correlation_id.as_deref(), Some("c"));
+        assert_eq!(e.confidence_score, Some(0.25));
+        assert_eq!(e.routing_time_ms, Some(3.5));
+        assert_eq!(e.routing_strategy.as_deref(), Some("s"));
+        assert_eq!(e.user_request.as_deref(), Some("u"));
+        assert!(!e.id.is_empty(), "a missing id gets a new UUID");
+    }
+
+    #[test]
+    fn zero_false_and_empty_are_values_null_is_absent() {
+        let p = br#"{"selected_agent":"","confidence_score":0,"routing_time_ms":0,"reasoning":"","context":null,"project_name":null}"#;
+        let e = parse_routing(p, NOW).unwrap();
+        assert_eq!(e.selected_agent, "");
+        assert_eq!(e.confidence_score, Some(0.0));
+        assert_eq!(e.routing_time_ms, Some(0.0));
+        assert_eq!(e.reasoning.as_deref(), Some(""));
+        assert_eq!(e.context_json, None);
+        assert_eq!(e.project_name, None);
+        assert_eq!(e.time, NOW, "no timestamp: receive time");
+
+        let a = parse_action(
+            br#"{"agent_name":"a","action_type":"tool_call","success":false,"debug_mode":false,"duration_ms":0,"action_details":null}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(a.success, Some(false));
+        assert_eq!(a.debug_mode, Some(false));
+        assert_eq!(a.duration_ms, Some(0.0));
+        assert_eq!(a.action_details_json, None);
+
+        let t = parse_transformation(
+            br#"{"source_agent":"a","target_agent":"b","success":false,"confidence_score":0}"#,
+            NOW,
+        )
+        .unwrap();
+        assert!(!t.success);
+        assert_eq!(t.confidence_score, Some(0.0));
+        let t = parse_transformation(
+            br#"{"sourceAgent":"a","targetAgent":"b","success":null}"#,
+            NOW,
+        )
+        .unwrap();
+        assert!(t.success, "success defaults to true");
+
+        let m = parse_performance(
+            br#"{"routing_duration_ms":0,"cache_hit":false,"trigger_match_strategy":"","candidates_evaluated":0}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(m.routing_duration_ms, Some(0.0));
+        assert_eq!(m.trigger_match_strategy, "");
+        assert_eq!(m.candidates_evaluated, Some(0));
+    }
+
+    #[test]
+    fn action_camel_case() {
+        let p = br#"{"id":"a1","correlationId":"c","agentName":"agent-x","actionType":"error","actionName":"Read",
+            "actionDetails":{"file":"x"},"debugMode":true,"durationMs":7,"projectName":"p","timestamp":"2025-11-20T09:15:00.5+01:00"}"#;
+        let a = parse_action(p, NOW).unwrap();
+        assert_eq!(a.agent_name, "agent-x");
+        assert_eq!(a.action_type, "error");
+        assert_eq!(a.action_name.as_deref(), Some("Read"));
+        assert_eq!(a.action_details_json.as_deref(), Some(r#"{"file":"x"}"#));
+        assert_eq!(a.debug_mode, Some(true));
+        assert_eq!(a.duration_ms, Some(7.0));
+        assert_eq!(a.time, ts("2025-11-20T08:15:00.5Z"));
+    }
+
+    #[test]
+    fn performance_defaults_and_aliases() {
+        let m = parse_performance(
+            br#"{"latency_ms":42.5,"queryText":"q","confidenceComponents":{"a":1}}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(m.routing_duration_ms, Some(42.5));
+        assert!(!m.cache_hit);
+        assert_eq!(m.trigger_match_strategy, "unknown");
+        assert_eq!(m.query_text.as_deref(), Some("q"));
+        assert_eq!(m.confidence_components_json.as_deref(), Some(r#"{"a":1}"#));
+        let m = parse_performance(
+            br#"{"routingDurationMs":1,"cacheHit":true,"triggerMatchStrategy":"exact"}"#,
+            NOW,
+        )
+        .unwrap();
+        assert!(m.cache_hit);
+        assert_eq!(m.trigger_match_strategy, "exact");
+    }
+
+    #[test]
+    fn timestamps() {
+        // Naive isoformat is UTC; createdAt is the fallback; numbers are epoch ms or s.
+        let a = parse_action(
+            br#"{"agent_name":"a","action_type":"x","timestamp":"2025-11-20T09:15:00.123456"}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(a.time, ts("2025-11-20T09:15:00.123456Z"));
+        let a = parse_action(
+            br#"{"agent_name":"a","action_type":"x","createdAt":"2025-11-20T09:15:00Z"}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(a.time, ts("2025-11-20T09:15:00Z"));
+        let a = parse_action(
+            br#"{"agent_name":"a","action_type":"x","timestamp":1763630100000}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(a.time, 1_763_630_100_000_000);
+        let a = parse_action(
+            br#"{"agent_name":"a","action_type":"x","timestamp":1763630100}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(a.time, 1_763_630_100_000_000);
+        // The future is clamped to the receive time.
+        let a = parse_action(
+            br#"{"agent_name":"a","action_type":"x","timestamp":"2999-01-01T00:00:00Z"}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(a.time, NOW);
+        // Escaped strings still parse (borrowing falls back to a copy).
+        let a = parse_action(br#"{"agent_name":"a\"b","action_type":"x"}"#, NOW).unwrap();
+        assert_eq!(a.agent_name, "a\"b");
+    }
+
+    #[test]
+    fn malformed_input_is_an_error() {
+        assert!(matches!(
+            parse_action(b"not json", NOW),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            parse_action(b"[1,2]", NOW),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(parse_action(b"", NOW), Err(ParseError::Json(_))));
+        assert!(matches!(
+            parse_action(br#"{"agent_name":"a"}"#, NOW),
+            Err(ParseError::MissingField("action_type"))
+        ));
+        assert!(matches!(
+            parse_action(br#"{"agent_name":null,"action_type":"x"}"#, NOW),
+            Err(ParseError::MissingField("agent_name"))
+        ));
+        assert!(matches!(
+            parse_routing(br#"{"confidence_score":0.5}"#, NOW),
+            Err(ParseError::MissingField("selected_agent"))
+        ));
+        assert!(matches!(
+            parse_routing(br#"{"selected_agent":"a","confidence_score":"high"}"#, NOW),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            parse_transformation(br#"{"source_agent":"a"}"#, NOW),
+            Err(ParseError::MissingField("target_agent"))
+        ));
+        assert!(matches!(
+            parse_performance(br#"{"cache_hit":"yes"}"#, NOW),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            parse_action(
+                br#"{"agent_name":"a","action_type":"x","timestamp":"yesterday"}"#,
+                NOW
+            ),
+            Err(ParseError::Timestamp(_))
+        ));
+        assert!(matches!(
+            parse_action(
+                br#"{"agent_name":"a","action_type":"x","timestamp":true}"#,
+                NOW
+            ),
+            Err(ParseError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn dispatch_by_kind() {
+        let e = parse(EventKind::PerformanceMetric, br#"{}"#, NOW).unwrap();
+        assert_eq!(e.kind(), EventKind::PerformanceMetric);
+        assert_eq!(e.time(), NOW);
+        assert!(parse(EventKind::AgentAction, br#"{}"#, NOW).is_err());
+    }
+}

@@ -1,0 +1,840 @@
+//! The aggregated view (pure, no I/O): per-agent metrics in time buckets, newest-first bounded
+//! buffers, performance statistics, and retention pruning by event time.
+//!
+//! Two design choices make a restarted replica equal to one that never stopped:
+//! - Sums are kept in fixed point (integers), so they do not depend on the order events
+//!   arrive in (partitions interleave differently on replay).
+//! - Buffers are ordered by (event time, id), not arrival, and hold the N newest events.
+//!
+//! Metrics live in per-minute buckets (sparse: only minutes with events), so a query can ask
+//! for any window within the retention and pruning drops whole buckets. The retention cutoff
+//! is aligned down to the bucket size and applied identically to buckets, buffers and to events
+//! arriving late, so "expired" means the same thing everywhere.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::events::{
+    AgentAction, Event, Micros, PerformanceMetric, RoutingDecision, Transformation,
+};
+
+/// Fixed-point scale of sums of milliseconds and confidences.
+const SCALE: f64 = 1e6;
+const MINUTE: Micros = 60_000_000;
+
+fn fixed(x: f64) -> i64 {
+    (x * SCALE).round() as i64
+}
+
+#[derive(Clone, Debug)]
+pub struct StateConfig {
+    /// How long events are kept, by event time.
+    pub retention: Micros,
+    /// Bucket size of the time-windowed metrics.
+    pub bucket: Micros,
+    pub max_actions: usize,
+    pub max_decisions: usize,
+    pub max_transformations: usize,
+    pub max_performance: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            retention: 24 * 3600 * 1_000_000,
+            bucket: MINUTE,
+            max_actions: 1000,
+            max_decisions: 1000,
+            max_transformations: 100,
+            max_performance: 200,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AgentBucket {
+    start: Micros,
+    requests: u64,
+    routing_time_sum: i64,
+    routing_time_n: u64,
+    confidence_sum: i64,
+    confidence_n: u64,
+    successes: u64,
+    errors: u64,
+    actions: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Agent {
+    /// Sorted by start, no duplicates.
+    buckets: VecDeque<AgentBucket>,
+    last_seen: Micros,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PerfBucket {
+    start: Micros,
+    queries: u64,
+    cache_hits: u64,
+    duration_sum: i64,
+    duration_n: u64,
+}
+
+/// Metrics of one agent over a window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentMetrics {
+    pub agent: String,
+    pub total_requests: u64,
+    pub avg_routing_time_ms: Option<f64>,
+    pub avg_confidence: Option<f64>,
+    pub success_rate: Option<f64>,
+    pub successes: u64,
+    pub errors: u64,
+    pub total_actions: u64,
+    pub last_seen: Micros,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PerformanceStats {
+    pub total_queries: u64,
+    pub cache_hits: u64,
+    pub cache_hit_rate: Option<f64>,
+    pub avg_routing_duration_ms: Option<f64>,
+}
+
+/// What applying one event did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied<'a> {
+    /// Aggregated; the agents whose metrics changed.
+    Aggregated(Option<&'a str>),
+    /// Older than the retention window: ignored.
+    Expired,
+}
+
+/// A buffer of the `cap` newest items by (event time, id), oldest at the front.
+#[derive(Debug)]
+struct Recent<T> {
+    items: VecDeque<Arc<T>>,
+    cap: usize,
+}
+
+trait Timed {
+    fn key(&self) -> (Micros, &str);
+}
+impl Timed for AgentAction {
+    fn key(&self) -> (Micros, &str) {
+        (self.time, &self.id)
+    }
+}
+impl Timed for RoutingDecision {
+    fn key(&self) -> (Micros, &str) {
+        (self.time, &self.id)
+    }
+}
+impl Timed for Transformation {
+    fn key(&self) -> (Micros, &str) {
+        (self.time, &self.id)
+    }
+}
+impl Timed for PerformanceMetric {
+    fn key(&self) -> (Micros, &str) {
+        (self.time, &self.id)
+    }
+}
+
+impl<T: Timed> Recent<T> {
+    fn new(cap: usize) -> Self {
+        Self {
+            items: VecDeque::with_capacity(cap.min(4096) + 1),
+            cap,
+        }
+    }
+
+    fn insert(&mut self, item: &Arc<T>) {
+        if self.cap == 0 {
+            return;
+        }
+        let key = item.key();
+        if self.items.len() >= self.cap && self.items.front().is_some_and(|f| f.key() >= key) {
+            return; // older than everything kept
+        }
+        // Usually the newest: append; otherwise find the place from the back.
+        let pos = if self.items.back().is_none_or(|b| b.key() <= key) {
+            self.items.len()
+        } else {
+            self.items.partition_point(|x| x.key() <= key)
+        };
+        self.items.insert(pos, item.clone());
+        if self.items.len() > self.cap {
+            self.items.pop_front();
+        }
+    }
+
+    fn prune(&mut self, cutoff: Micros) {
+        while self.items.front().is_some_and(|f| f.key().0 < cutoff) {
+            self.items.pop_front();
+        }
+    }
+
+    /// Newest first.
+    fn newest(&self) -> impl Iterator<Item = &Arc<T>> {
+        self.items.iter().rev()
+    }
+}
+
+/// The whole in-memory view.
+#[derive(Debug)]
+pub struct State {
+    cfg: StateConfig,
+    agents: HashMap<String, Agent>,
+    actions: Recent<AgentAction>,
+    decisions: Recent<RoutingDecision>,
+    transformations: Recent<Transformation>,
+    performance: Recent<PerformanceMetric>,
+    perf_buckets: VecDeque<PerfBucket>,
+    /// Aligned cutoff of the last prune: nothing older is kept or accepted.
+    cutoff: Micros,
+}
+
+fn bucket_mut<B>(
+    buckets: &mut VecDeque<B>,
+    start: Micros,
+    get_start: impl Fn(&B) -> Micros,
+    new: impl FnOnce() -> B,
+) -> &mut B {
+    let pos = match buckets.back() {
+        Some(b) if get_start(b) == start => buckets.len() - 1,
+        Some(b) if get_start(b) < start => {
+            buckets.push_back(new());
+            buckets.len() - 1
+        }
+        None => {
+            buckets.push_back(new());
+            0
+        }
+        Some(_) => {
+            let pos = buckets.partition_point(|b| get_start(b) < start);
+            if buckets.get(pos).is_none_or(|b| get_start(b) != start) {
+                buckets.insert(pos, new());
+            }
+            pos
+        }
+    };
+    &mut buckets[pos]
+}
+
+impl State {
+    pub fn new(cfg: StateConfig) -> Self {
+        Self {
+            actions: Recent::new(cfg.max_actions),
+            decisions: Recent::new(cfg.max_decisions),
+            transformations: Recent::new(cfg.max_transformations),
+            performance: Recent::new(cfg.max_performance),
+            agents: HashMap::new(),
+            perf_buckets: VecDeque::new(),
+            cutoff: Micros::MIN,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &StateConfig {
+        &self.cfg
+    }
+
+    fn align(&self, t: Micros) -> Micros {
+        t.div_euclid(self.cfg.bucket) * self.cfg.bucket
+    }
+
+    /// The retention cutoff at `now`: events older than this are expired.
+    pub fn cutoff_at(&self, now: Micros) -> Micros {
+        self.align(now.saturating_sub(self.cfg.retention))
+    }
+
+    /// Whether an event at `time` would be expired at `now`.
+    pub fn is_expired(&self, time: Micros, now: Micros) -> bool {
+        time < self.cutoff.max(self.cutoff_at(now))
+    }
+
+    fn agent_bucket(&mut self, agent: &str, time: Micros) -> &mut AgentBucket {
+        let start = self.align(time);
+        // get_mut first: no allocation for a known agent.
+        if !self.agents.contains_key(agent) {
+            self.agents.insert(agent.to_owned(), Agent::default());
+        }
+        let a = self.agents.get_mut(agent).expect("inserted above");
+        a.last_seen = a.last_seen.max(time);
+        bucket_mut(
+            &mut a.buckets,
+            start,
+            |b| b.start,
+            || AgentBucket {
+                start,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Aggregates one event, unless it is older than the retention window at `now`.
+    pub fn apply<'e>(&mut self, event: &'e Event, now: Micros) -> Applied<'e> {
+        if self.is_expired(event.time(), now) {
+            return Applied::Expired;
+        }
+        match event {
+            Event::RoutingDecision(d) => {
+                let b = self.agent_bucket(&d.selected_agent, d.time);
+                b.requests += 1;
+                if let Some(ms) = d.routing_time_ms.filter(|x| x.is_finite()) {
+                    b.routing_time_sum += fixed(ms);
+                    b.routing_time_n += 1;
+                }
+                if let Some(c) = d.confidence_score.filter(|x| x.is_finite()) {
+                    b.confidence_sum += fixed(c);
+                    b.confidence_n += 1;
+                }
+                self.decisions.insert(d);
+                Applied::Aggregated(Some(&d.selected_agent))
+            }
+            Event::AgentAction(a) => {
+                let b = self.agent_bucket(&a.agent_name, a.time);
+                b.actions += 1;
+                match a.action_type.as_str() {
+                    "success" => b.successes += 1,
+                    "error" => b.errors += 1,
+                    _ => {}
+                }
+                self.actions.insert(a);
+                Applied::Aggregated(Some(&a.agent_name))
+            }
+            Event::Transformation(t) => {
+                self.transformations.insert(t);
+                Applied::Aggregated(None)
+            }
+            Event::PerformanceMetric(m) => {
+                let start = self.align(m.time);
+                let b = bucket_mut(
+                    &mut self.perf_buckets,
+                    start,
+                    |b| b.start,
+                    || PerfBucket {
+                        start,
+                        ..Default::default()
+                    },
+                );
+                b.queries += 1;
+                if m.cache_hit {
+                    b.cache_hits += 1;
+                }
+                if let Some(ms) = m.routing_duration_ms.filter(|x| x.is_finite()) {
+                    b.duration_sum += fixed(ms);
+                    b.duration_n += 1;
+                }
+                self.performance.insert(m);
+                Applied::Aggregated(None)
+            }
+        }
+    }
+
+    /// Drops everything older than the retention window at `now`; agents left without events
+    /// are removed. Returns how many agents were removed.
+    pub fn prune(&mut self, now: Micros) -> usize {
+        let cutoff = self.cutoff_at(now);
+        if cutoff <= self.cutoff {
+            return 0;
+        }
+        self.cutoff = cutoff;
+        let before = self.agents.len();
+        self.agents.retain(|_, a| {
+            while a.buckets.front().is_some_and(|b| b.start < cutoff) {
+                a.buckets.pop_front();
+            }
+            !a.buckets.is_empty()
+        });
+        while self.perf_buckets.front().is_some_and(|b| b.start < cutoff) {
+            self.perf_buckets.pop_front();
+        }
+        self.actions.prune(cutoff);
+        self.decisions.prune(cutoff);
+        self.transformations.prune(cutoff);
+        self.performance.prune(cutoff);
+        before - self.agents.len()
+    }
+
+    /// Start of the window `window` long ending at `now` (aligned; at least the cutoff).
+    fn window_start(&self, now: Micros, window: Option<Micros>) -> Micros {
+        let retention_start = self.cutoff.max(self.cutoff_at(now));
+        match window {
+            Some(w) => self.align(now.saturating_sub(w)).max(retention_start),
+            None => retention_start,
+        }
+    }
+
+    fn metrics_of(&self, name: &str, agent: &Agent, from: Micros) -> Option<AgentMetrics> {
+        let mut sum = AgentBucket::default();
+        let mut any = false;
+        for b in agent.buckets.iter().rev().take_while(|b| b.start >= from) {
+            any = true;
+            sum.requests += b.requests;
+            sum.routing_time_sum += b.routing_time_sum;
+            sum.routing_time_n += b.routing_time_n;
+            sum.confidence_sum += b.confidence_sum;
+            sum.confidence_n += b.confidence_n;
+            sum.successes += b.successes;
+            sum.errors += b.errors;
+            sum.actions += b.actions;
+        }
+        if !any {
+            return None;
+        }
+        let avg = |s: i64, n: u64| (n > 0).then(|| s as f64 / SCALE / n as f64);
+        let decided = sum.successes + sum.errors;
+        Some(AgentMetrics {
+            agent: name.to_owned(),
+            total_requests: sum.requests,
+            avg_routing_time_ms: avg(sum.routing_time_sum, sum.routing_time_n),
+            avg_confidence: avg(sum.confidence_sum, sum.confidence_n),
+            success_rate: (decided > 0).then(|| sum.successes as f64 / decided as f64),
+            successes: sum.successes,
+            errors: sum.errors,
+            total_actions: sum.actions,
+            last_seen: agent.last_seen,
+        })
+    }
+
+    /// Metrics of every agent with events in the window (or of `agent` only), sorted by name.
+    pub fn agent_metrics(
+        &self,
+        now: Micros,
+        window: Option<Micros>,
+        agent: Option<&str>,
+    ) -> Vec<AgentMetrics> {
+        let from = self.window_start(now, window);
+        let mut out: Vec<AgentMetrics> = match agent {
+            Some(name) => self
+                .agents
+                .get(name)
+                .and_then(|a| self.metrics_of(name, a, from))
+                .into_iter()
+                .collect(),
+            None => self
+                .agents
+                .iter()
+                .filter_map(|(name, a)| self.metrics_of(name, a, from))
+                .collect(),
+        };
+        out.sort_by(|a, b| a.agent.cmp(&b.agent));
+        out
+    }
+
+    pub fn agent_count(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn performance_stats(&self, now: Micros, window: Option<Micros>) -> PerformanceStats {
+        let from = self.window_start(now, window);
+        let (mut q, mut hits, mut sum, mut n) = (0u64, 0u64, 0i64, 0u64);
+        for b in self
+            .perf_buckets
+            .iter()
+            .rev()
+            .take_while(|b| b.start >= from)
+        {
+            q += b.queries;
+            hits += b.cache_hits;
+            sum += b.duration_sum;
+            n += b.duration_n;
+        }
+        PerformanceStats {
+            total_queries: q,
+            cache_hits: hits,
+            cache_hit_rate: (q > 0).then(|| hits as f64 / q as f64),
+            avg_routing_duration_ms: (n > 0).then(|| sum as f64 / SCALE / n as f64),
+        }
+    }
+
+    /// Recent actions, newest first.
+    pub fn actions(&self) -> impl Iterator<Item = &Arc<AgentAction>> {
+        self.actions.newest()
+    }
+    pub fn decisions(&self) -> impl Iterator<Item = &Arc<RoutingDecision>> {
+        self.decisions.newest()
+    }
+    pub fn transformations(&self) -> impl Iterator<Item = &Arc<Transformation>> {
+        self.transformations.newest()
+    }
+    pub fn performance(&self) -> impl Iterator<Item = &Arc<PerformanceMetric>> {
+        self.performance.newest()
+    }
+
+    /// Approximate heap bytes held (for the status and the memory benchmark's sanity).
+    pub fn buffer_lens(&self) -> [usize; 4] {
+        [
+            self.actions.items.len(),
+            self.decisions.items.len(),
+            self.transformations.items.len(),
+            self.performance.items.len(),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Alternative, EventKind};
+
+    const H: Micros = 3600 * 1_000_000;
+    const NOW: Micros = 1_764_000_000_000_000;
+
+    /// A small deterministic PRNG (xorshift) so the tests need no extra crate.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn unit(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    fn random_events(n: usize, seed: u64, span: Micros) -> Vec<Event> {
+        let mut r = Rng(seed);
+        let agents = ["alpha", "beta", "gamma", "delta", "epsilon"];
+        let types = ["tool_call", "decision", "success", "error"];
+        (0..n)
+            .map(|i| {
+                let time = NOW - (r.below(span as u64) as Micros);
+                let agent = agents[r.below(agents.len() as u64) as usize].to_string();
+                let id = format!("e{i}");
+                match r.below(4) {
+                    0 => Event::RoutingDecision(Arc::new(RoutingDecision {
+                        id,
+                        correlation_id: Some(format!("c{}", i / 3)),
+                        user_request: None,
+                        selected_agent: agent,
+                        confidence_score: (r.below(5) > 0).then(|| r.unit()),
+                        routing_strategy: None,
+                        alternatives: vec![Alternative {
+                            agent: "x".into(),
+                            confidence: Some(0.1),
+                            reasoning: None,
+                        }],
+                        reasoning: None,
+                        routing_time_ms: (r.below(5) > 0).then(|| r.unit() * 100.0),
+                        context_json: None,
+                        project_path: None,
+                        project_name: None,
+                        session_id: None,
+                        time,
+                    })),
+                    1 => Event::AgentAction(Arc::new(AgentAction {
+                        id,
+                        correlation_id: None,
+                        agent_name: agent,
+                        action_type: types[r.below(4) as usize].into(),
+                        action_name: None,
+                        action_details_json: None,
+                        debug_mode: None,
+                        duration_ms: None,
+                        project_name: None,
+                        success: None,
+                        time,
+                    })),
+                    2 => Event::Transformation(Arc::new(Transformation {
+                        id,
+                        correlation_id: None,
+                        source_agent: agent,
+                        target_agent: "beta".into(),
+                        transformation_reason: None,
+                        confidence_score: None,
+                        transformation_duration_ms: None,
+                        success: true,
+                        time,
+                    })),
+                    _ => Event::PerformanceMetric(Arc::new(PerformanceMetric {
+                        id,
+                        correlation_id: None,
+                        query_text: None,
+                        routing_duration_ms: (r.below(4) > 0).then(|| r.unit() * 50.0),
+                        cache_hit: r.below(3) == 0,
+                        candidates_evaluated: None,
+                        trigger_match_strategy: "unknown".into(),
+                        confidence_components_json: None,
+                        time,
+                    })),
+                }
+            })
+            .collect()
+    }
+
+    /// The reference: computed directly from the event list, in floating point.
+    fn reference_metrics(events: &[Event], from: Micros) -> Vec<AgentMetrics> {
+        let mut names: Vec<String> = Vec::new();
+        for e in events {
+            match e {
+                Event::RoutingDecision(d) if d.time >= from => names.push(d.selected_agent.clone()),
+                Event::AgentAction(a) if a.time >= from => names.push(a.agent_name.clone()),
+                _ => {}
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|name| {
+                let ds: Vec<_> = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::RoutingDecision(d) if d.selected_agent == name && d.time >= from => {
+                            Some(d)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let acts: Vec<_> = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::AgentAction(a) if a.agent_name == name && a.time >= from => Some(a),
+                        _ => None,
+                    })
+                    .collect();
+                let mean =
+                    |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+                let successes = acts.iter().filter(|a| a.action_type == "success").count() as u64;
+                let errors = acts.iter().filter(|a| a.action_type == "error").count() as u64;
+                let last_seen = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::RoutingDecision(d) if d.selected_agent == name => Some(d.time),
+                        Event::AgentAction(a) if a.agent_name == name => Some(a.time),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap();
+                AgentMetrics {
+                    agent: name.clone(),
+                    total_requests: ds.len() as u64,
+                    avg_routing_time_ms: mean(
+                        ds.iter().filter_map(|d| d.routing_time_ms).collect(),
+                    ),
+                    avg_confidence: mean(ds.iter().filter_map(|d| d.confidence_score).collect()),
+                    success_rate: (successes + errors > 0)
+                        .then(|| successes as f64 / (successes + errors) as f64),
+                    successes,
+                    errors,
+                    total_actions: acts.len() as u64,
+                    last_seen,
+                }
+            })
+            .collect()
+    }
+
+    fn close(a: Option<f64>, b: Option<f64>) -> bool {
+        match (a, b) {
+            (Some(x), Some(y)) => (x - y).abs() < 1e-6,
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    fn assert_metrics_eq(got: &[AgentMetrics], want: &[AgentMetrics]) {
+        assert_eq!(got.len(), want.len(), "agents: {got:?} vs {want:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.agent, w.agent);
+            assert_eq!(g.total_requests, w.total_requests, "{}", g.agent);
+            assert_eq!(g.successes, w.successes);
+            assert_eq!(g.errors, w.errors);
+            assert_eq!(g.total_actions, w.total_actions);
+            assert_eq!(g.last_seen, w.last_seen);
+            assert!(
+                close(g.avg_routing_time_ms, w.avg_routing_time_ms),
+                "{g:?} vs {w:?}"
+            );
+            assert!(close(g.avg_confidence, w.avg_confidence), "{g:?} vs {w:?}");
+            assert!(close(g.success_rate, w.success_rate), "{g:?} vs {w:?}");
+        }
+    }
+
+    fn state_with(events: &[Event], cfg: StateConfig) -> State {
+        let mut s = State::new(cfg);
+        for e in events {
+            assert!(matches!(s.apply(e, NOW), Applied::Aggregated(_)));
+        }
+        s
+    }
+
+    #[test]
+    fn aggregates_equal_a_reference_computation() {
+        let events = random_events(5000, 7, 20 * H);
+        let s = state_with(&events, StateConfig::default());
+        assert_metrics_eq(
+            &s.agent_metrics(NOW, None, None),
+            &reference_metrics(&events, NOW - 24 * H),
+        );
+        // A 1 h window: the window start is aligned down to the minute bucket.
+        let from = (NOW - H).div_euclid(MINUTE) * MINUTE;
+        assert_metrics_eq(
+            &s.agent_metrics(NOW, Some(H), None),
+            &reference_metrics(&events, from),
+        );
+        let one = s.agent_metrics(NOW, None, Some("gamma"));
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].agent, "gamma");
+
+        // Performance stats against the reference.
+        let perf: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::PerformanceMetric(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        let stats = s.performance_stats(NOW, None);
+        assert_eq!(stats.total_queries, perf.len() as u64);
+        assert_eq!(
+            stats.cache_hits,
+            perf.iter().filter(|m| m.cache_hit).count() as u64
+        );
+        let d: Vec<f64> = perf.iter().filter_map(|m| m.routing_duration_ms).collect();
+        assert!(close(
+            stats.avg_routing_duration_ms,
+            Some(d.iter().sum::<f64>() / d.len() as f64)
+        ));
+
+        // Buffers: the N newest by event time, newest first.
+        let mut actions: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::AgentAction(a) => Some((a.time, a.id.clone())),
+                _ => None,
+            })
+            .collect();
+        actions.sort();
+        actions.reverse();
+        actions.truncate(1000);
+        let got: Vec<_> = s.actions().map(|a| (a.time, a.id.clone())).collect();
+        assert_eq!(got, actions);
+        assert_eq!(s.transformations().count(), 100);
+        assert_eq!(s.performance().count(), 200);
+    }
+
+    #[test]
+    fn result_does_not_depend_on_arrival_order() {
+        let events = random_events(3000, 11, 10 * H);
+        let a = state_with(&events, StateConfig::default());
+        let mut shuffled = events.clone();
+        let mut r = Rng(99);
+        for i in (1..shuffled.len()).rev() {
+            shuffled.swap(i, r.below(i as u64 + 1) as usize);
+        }
+        let b = state_with(&shuffled, StateConfig::default());
+        assert_eq!(
+            a.agent_metrics(NOW, None, None),
+            b.agent_metrics(NOW, None, None)
+        );
+        assert_eq!(
+            a.performance_stats(NOW, None),
+            b.performance_stats(NOW, None)
+        );
+        let ids = |s: &State| s.actions().map(|x| x.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&b));
+        let ids = |s: &State| s.decisions().map(|x| x.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&b));
+    }
+
+    #[test]
+    fn retention_prunes_by_event_time_and_rejects_expired_events() {
+        let cfg = StateConfig {
+            retention: 2 * H,
+            ..Default::default()
+        };
+        let events = random_events(2000, 5, 4 * H);
+        let mut s = State::new(cfg.clone());
+        let mut expired = 0;
+        for e in &events {
+            if s.apply(e, NOW) == Applied::Expired {
+                expired += 1;
+            }
+        }
+        let cutoff = s.cutoff_at(NOW);
+        let kept: Vec<Event> = events
+            .iter()
+            .filter(|e| e.time() >= cutoff)
+            .cloned()
+            .collect();
+        assert_eq!(expired, events.len() - kept.len());
+        assert!(expired > 0);
+        assert_metrics_eq(
+            &s.agent_metrics(NOW, None, None),
+            &reference_metrics(&kept, cutoff),
+        );
+
+        // An hour later, everything older than the new cutoff is gone, everywhere.
+        let later = NOW + H;
+        s.prune(later);
+        let cutoff = s.cutoff_at(later);
+        let kept: Vec<Event> = events
+            .iter()
+            .filter(|e| e.time() >= cutoff)
+            .cloned()
+            .collect();
+        assert_metrics_eq(
+            &s.agent_metrics(later, None, None),
+            &reference_metrics(&kept, cutoff),
+        );
+        assert!(s.actions().all(|a| a.time >= cutoff));
+        assert!(s.decisions().all(|a| a.time >= cutoff));
+        assert!(s.performance().all(|a| a.time >= cutoff));
+        // A fresh state fed the same events at `later` is identical: restart equivalence.
+        let mut fresh = State::new(cfg);
+        for e in &events {
+            fresh.apply(e, later);
+        }
+        assert_eq!(
+            fresh.agent_metrics(later, None, None),
+            s.agent_metrics(later, None, None)
+        );
+        assert_eq!(
+            fresh.performance_stats(later, None),
+            s.performance_stats(later, None)
+        );
+
+        // Much later: all agents dropped.
+        s.prune(NOW + 10 * H);
+        assert_eq!(s.agent_count(), 0);
+        assert_eq!(s.actions().count(), 0);
+        assert_eq!(s.performance_stats(NOW + 10 * H, None).total_queries, 0);
+    }
+
+    #[test]
+    fn no_nan_and_no_confidence_as_success_rate() {
+        let mut s = State::new(StateConfig::default());
+        // An agent seen only through non-success/error actions: no averages, no success rate.
+        let e = Event::AgentAction(Arc::new(AgentAction {
+            id: "1".into(),
+            correlation_id: None,
+            agent_name: "solo".into(),
+            action_type: "tool_call".into(),
+            action_name: None,
+            action_details_json: None,
+            debug_mode: None,
+            duration_ms: None,
+            project_name: None,
+            success: None,
+            time: NOW,
+        }));
+        s.apply(&e, NOW);
+        let m = &s.agent_metrics(NOW, None, None)[0];
+        assert_eq!(m.total_requests, 0);
+        assert_eq!(m.total_actions, 1);
+        assert_eq!(m.success_rate, None);
+        assert_eq!(m.avg_confidence, None);
+        assert_eq!(m.avg_routing_time_ms, None);
+        assert_eq!(s.performance_stats(NOW, None).cache_hit_rate, None);
+        let _ = EventKind::ALL;
+    }
+}
