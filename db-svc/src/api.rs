@@ -1,19 +1,430 @@
-//! The `omnibus.db.v1.DatabaseService` gRPC edge. RPCs not implemented yet answer
-//! UNIMPLEMENTED (generated default stubs).
+//! The `omnibus.db.v1.DatabaseService` gRPC edge: converts each request into an
+//! [`Operation`], hands it to the [`Executor`], and converts the output back. No SQL here.
 
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_server::DatabaseService;
-use sqlx::PgPool;
+use svc_kit::Shutdown;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use crate::error::DbError;
+use crate::executor::{ExecContext, Executor};
+use crate::ops::{
+    self, CountSpec, Criteria, DeleteSpec, Filter, InsertSpec, Op, OpOutput, Operation, OrderBy,
+    QuerySpec, RawSpec, UpdateSpec, UpsertSpec,
+};
+use crate::values::{json_to_struct, proto_to_json, struct_to_json};
+
+/// Default and maximum rows per StreamQuery message.
+const DEFAULT_BATCH: u32 = 500;
+const MAX_BATCH: u32 = 10_000;
 
 pub struct DatabaseApi {
-    #[allow(dead_code)] // used by the CRUD RPCs
-    pool: PgPool,
+    executor: Executor,
+    shutdown: Shutdown,
 }
 
 impl DatabaseApi {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(executor: Executor, shutdown: Shutdown) -> Self {
+        Self { executor, shutdown }
+    }
+}
+
+/// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), the caller's deadline.
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn context<T>(request: &Request<T>, request_id: &str) -> ExecContext {
+    ExecContext {
+        timeout: grpc_timeout(request.metadata()),
+        request_id: (!request_id.is_empty()).then(|| request_id.to_string()),
+    }
+}
+
+/// Converts a proto filter tree; `path` names it in field errors.
+pub fn filter_from_proto(filter: &pb::Filter, path: &str) -> Result<Filter, DbError> {
+    use pb::filter::Kind;
+    Ok(match &filter.kind {
+        None => Filter::All(Vec::new()),
+        Some(Kind::Condition(c)) => {
+            let op = match pb::Operator::try_from(c.op).unwrap_or(pb::Operator::Unspecified) {
+                pb::Operator::Unspecified => {
+                    return Err(DbError::field(
+                        format!("{path}.condition.op"),
+                        "an operator is required (e.g. OPERATOR_EQ)",
+                    ));
+                }
+                pb::Operator::Eq => Op::Eq,
+                pb::Operator::Neq => Op::Neq,
+                pb::Operator::Gt => Op::Gt,
+                pb::Operator::Gte => Op::Gte,
+                pb::Operator::Lt => Op::Lt,
+                pb::Operator::Lte => Op::Lte,
+                pb::Operator::In => Op::In,
+                pb::Operator::NotIn => Op::NotIn,
+                pb::Operator::Like => Op::Like,
+                pb::Operator::Ilike => Op::ILike,
+                pb::Operator::IsNull => Op::IsNull,
+                pb::Operator::IsNotNull => Op::IsNotNull,
+                pb::Operator::Contains => Op::Contains,
+            };
+            Filter::Condition {
+                column: c.column.clone(),
+                op,
+                value: c
+                    .value
+                    .as_ref()
+                    .map(proto_to_json)
+                    .unwrap_or(serde_json::Value::Null),
+            }
+        }
+        Some(Kind::All(list)) => Filter::All(filter_list(list, &format!("{path}.all"))?),
+        Some(Kind::Any(list)) => Filter::Any(filter_list(list, &format!("{path}.any"))?),
+        Some(Kind::Negate(inner)) => Filter::Not(Box::new(filter_from_proto(
+            inner,
+            &format!("{path}.negate"),
+        )?)),
+    })
+}
+
+fn filter_list(list: &pb::FilterList, path: &str) -> Result<Vec<Filter>, DbError> {
+    list.filters
+        .iter()
+        .enumerate()
+        .map(|(i, f)| filter_from_proto(f, &format!("{path}.filters[{i}]")))
+        .collect()
+}
+
+/// The `where` shorthand and the filter tree of a request.
+fn criteria(
+    r#where: Option<&prost_types::Struct>,
+    filter: Option<&pb::Filter>,
+) -> Result<Criteria, DbError> {
+    Ok(Criteria {
+        equals: r#where.map(struct_to_json).unwrap_or_default(),
+        filter: match filter.filter(|f| f.kind.is_some()) {
+            Some(f) => Some(filter_from_proto(f, "filter")?),
+            None => None,
+        },
+    })
+}
+
+fn rows_from_proto(rows: &[prost_types::Struct]) -> Vec<ops::JsonRow> {
+    rows.iter().map(struct_to_json).collect()
+}
+
+fn rows_to_proto(output: &OpOutput) -> Vec<prost_types::Struct> {
+    output.rows.iter().map(json_to_struct).collect()
+}
+
+pub fn query_spec(q: &pb::QueryRequest) -> Result<QuerySpec, DbError> {
+    let order_by = q
+        .order_by
+        .iter()
+        .map(|o| OrderBy {
+            column: o.column.clone(),
+            direction: match pb::Direction::try_from(o.direction) {
+                Ok(pb::Direction::Desc) => ops::Direction::Desc,
+                _ => ops::Direction::Asc,
+            },
+            nulls: match pb::Nulls::try_from(o.nulls) {
+                Ok(pb::Nulls::First) => ops::Nulls::First,
+                Ok(pb::Nulls::Last) => ops::Nulls::Last,
+                _ => ops::Nulls::Default,
+            },
+        })
+        .collect();
+    Ok(QuerySpec {
+        table: q.table.clone(),
+        columns: q.columns.clone(),
+        criteria: criteria(q.r#where.as_ref(), q.filter.as_ref())?,
+        order_by,
+        limit: q.limit.map(u64::from),
+        offset: q.offset,
+        include_total: q.include_total,
+    })
+}
+
+type Rpc<T> = Result<Response<T>, Status>;
+type StreamOf<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl DatabaseApi {
+    async fn run(&self, op: Operation, ctx: ExecContext) -> Result<OpOutput, Status> {
+        self.executor.execute(op, &ctx).await.map_err(Status::from)
     }
 }
 
 #[tonic::async_trait]
-impl DatabaseService for DatabaseApi {}
+impl DatabaseService for DatabaseApi {
+    async fn query(&self, request: Request<pb::QueryRequest>) -> Rpc<pb::QueryResponse> {
+        let ctx = context(&request, "");
+        let q = request.into_inner();
+        let spec = query_spec(&q).map_err(Status::from)?;
+        let out = self
+            .executor
+            .execute(Operation::Query(spec), &ctx)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::QueryResponse {
+            rows: rows_to_proto(&out),
+            total: out.total,
+        }))
+    }
+
+    async fn stream_query(
+        &self,
+        request: Request<pb::StreamQueryRequest>,
+    ) -> Rpc<StreamOf<pb::StreamQueryResponse>> {
+        let timeout = grpc_timeout(request.metadata());
+        let r = request.into_inner();
+        let q = r.query.unwrap_or_default();
+        let batch = match r.batch_size {
+            0 => DEFAULT_BATCH,
+            n if n > MAX_BATCH => {
+                return Err(DbError::field(
+                    "batch_size",
+                    format!("at most {MAX_BATCH} rows per message"),
+                )
+                .into());
+            }
+            n => n,
+        };
+        let spec = query_spec(&q).map_err(|e| Status::from(e.within("query.")))?;
+        let rx = self
+            .executor
+            .stream(spec, batch as usize, timeout, self.shutdown.clone())
+            .await
+            .map_err(Status::from)?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|batch| {
+            batch
+                .map(|rows| pb::StreamQueryResponse {
+                    rows: rows.iter().map(json_to_struct).collect(),
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn insert(&self, request: Request<pb::InsertRequest>) -> Rpc<pb::InsertResponse> {
+        let ctx = context(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let out = self
+            .run(
+                Operation::Insert(InsertSpec {
+                    table: r.table,
+                    rows: rows_from_proto(&r.rows),
+                    count_only: r.count_only,
+                }),
+                ctx,
+            )
+            .await?;
+        Ok(Response::new(pb::InsertResponse {
+            rows: rows_to_proto(&out),
+            affected: out.affected,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn update(&self, request: Request<pb::UpdateRequest>) -> Rpc<pb::UpdateResponse> {
+        let ctx = context(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let criteria = criteria(r.r#where.as_ref(), r.filter.as_ref()).map_err(Status::from)?;
+        let op = Operation::Update(UpdateSpec {
+            table: r.table.clone(),
+            criteria,
+            set: r.set.as_ref().map(struct_to_json).unwrap_or_default(),
+            max_affected: r.max_affected,
+            count_only: r.count_only,
+        });
+        let out = self
+            .executor
+            .execute(op, &ctx)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::UpdateResponse {
+            rows: rows_to_proto(&out),
+            affected: out.affected,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Rpc<pb::DeleteResponse> {
+        let ctx = context(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let criteria = criteria(r.r#where.as_ref(), r.filter.as_ref()).map_err(Status::from)?;
+        let op = Operation::Delete(DeleteSpec {
+            table: r.table.clone(),
+            criteria,
+            max_affected: r.max_affected,
+            count_only: r.count_only,
+        });
+        let out = self
+            .executor
+            .execute(op, &ctx)
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::DeleteResponse {
+            rows: rows_to_proto(&out),
+            affected: out.affected,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn upsert(&self, request: Request<pb::UpsertRequest>) -> Rpc<pb::UpsertResponse> {
+        let ctx = context(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let out = self
+            .run(
+                Operation::Upsert(UpsertSpec {
+                    table: r.table,
+                    rows: rows_from_proto(&r.rows),
+                    conflict_columns: r.conflict_columns,
+                    update_columns: r.update_columns,
+                    ignore_duplicates: r.ignore_duplicates,
+                    count_only: r.count_only,
+                }),
+                ctx,
+            )
+            .await?;
+        Ok(Response::new(pb::UpsertResponse {
+            rows: rows_to_proto(&out),
+            affected: out.affected,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn count(&self, request: Request<pb::CountRequest>) -> Rpc<pb::CountResponse> {
+        let ctx = context(&request, "");
+        let r = request.into_inner();
+        let criteria = criteria(r.r#where.as_ref(), r.filter.as_ref()).map_err(Status::from)?;
+        let out = self
+            .executor
+            .execute(
+                Operation::Count(CountSpec {
+                    table: r.table.clone(),
+                    criteria,
+                }),
+                &ctx,
+            )
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(pb::CountResponse {
+            count: out.affected,
+        }))
+    }
+
+    async fn execute_raw(
+        &self,
+        request: Request<pb::ExecuteRawRequest>,
+    ) -> Rpc<pb::ExecuteRawResponse> {
+        let ctx = context(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let out = self
+            .run(
+                Operation::Raw(RawSpec {
+                    sql: r.sql,
+                    params: r.params.iter().map(proto_to_json).collect(),
+                }),
+                ctx,
+            )
+            .await?;
+        Ok(Response::new(pb::ExecuteRawResponse {
+            rows: rows_to_proto(&out),
+            affected: out.affected,
+            replayed: out.replayed,
+        }))
+    }
+
+    async fn list_tables(
+        &self,
+        _request: Request<pb::ListTablesRequest>,
+    ) -> Rpc<pb::ListTablesResponse> {
+        Ok(Response::new(pb::ListTablesResponse {
+            tables: self.executor.catalog().served().to_vec(),
+        }))
+    }
+
+    async fn describe_table(
+        &self,
+        request: Request<pb::DescribeTableRequest>,
+    ) -> Rpc<pb::DescribeTableResponse> {
+        let name = request.into_inner().table;
+        let info = self.executor.describe(&name).await.map_err(Status::from)?;
+        Ok(Response::new(pb::DescribeTableResponse {
+            table: Some(pb::TableDescription {
+                name: info.name.clone(),
+                columns: info
+                    .columns
+                    .iter()
+                    .map(|c| pb::ColumnDescription {
+                        name: c.name.clone(),
+                        sql_type: c.sql_type.clone(),
+                        json_type: c.ty.json_type().to_string(),
+                        nullable: c.nullable,
+                        default_value: c.default.clone(),
+                    })
+                    .collect(),
+                primary_key: info.primary_key.clone(),
+            }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&m), None);
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(3)));
+        m.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
+    }
+
+    #[test]
+    fn where_and_filter_combine() {
+        let w = json_to_struct(
+            serde_json::json!({"agent_name": "a", "duration_ms": null})
+                .as_object()
+                .unwrap(),
+        );
+        let f = pb::Filter {
+            kind: Some(pb::filter::Kind::Condition(pb::Condition {
+                column: "x".into(),
+                op: pb::Operator::Gt as i32,
+                value: Some(crate::values::json_to_proto(&serde_json::json!(1))),
+            })),
+        };
+        assert_eq!(criteria(Some(&w), Some(&f)).unwrap().conditions(), 3);
+        assert_eq!(
+            criteria(None, Some(&pb::Filter::default())).unwrap(),
+            Criteria::default()
+        );
+        let bad = pb::Filter {
+            kind: Some(pb::filter::Kind::Condition(pb::Condition::default())),
+        };
+        let err = criteria(None, Some(&bad)).unwrap_err();
+        assert_eq!(err.violations()[0].field, "filter.condition.op");
+    }
+}

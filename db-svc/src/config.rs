@@ -50,6 +50,35 @@ pub struct Config {
     #[arg(long, env = "DB_ACQUIRE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     pub db_acquire_timeout: Duration,
 
+    /// Tables db-svc serves (comma-separated); their columns are read from PostgreSQL.
+    #[arg(
+        long,
+        env = "DB_SVC_TABLES",
+        value_delimiter = ',',
+        default_value = "agent_routing_decisions,agent_actions,agent_manifest_injections,agent_transformation_events,error_events,pattern_lineage_nodes,pattern_lineage_edges"
+    )]
+    pub tables: Vec<String>,
+
+    /// Apply the embedded schema migrations once PostgreSQL is reachable, before SERVING.
+    #[arg(long, env = "DB_SVC_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+
+    /// Largest `limit` a Query may ask for (StreamQuery is not capped).
+    #[arg(long, env = "DB_QUERY_MAX_LIMIT", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub query_max_limit: u64,
+
+    /// Statement timeout of every request (0 = none); a shorter gRPC deadline lowers it.
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub statement_timeout: Duration,
+
+    /// Let ExecuteRaw run INSERT / UPDATE / DELETE (default: read-only queries only).
+    #[arg(long, env = "DB_RAW_SQL_WRITES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub raw_sql_writes: bool,
+
+    /// How long idempotency records (request ids and their results) are kept.
+    #[arg(long, env = "DB_REQUEST_LOG_RETENTION", value_parser = parse_duration, default_value = "7d")]
+    pub request_log_retention: Duration,
+
     #[command(flatten)]
     pub server: ServerArgs,
 
@@ -90,6 +119,12 @@ pub struct Settings {
     pub database_display: String,
     pub db_max_connections: u32,
     pub db_acquire_timeout: Duration,
+    pub tables: Vec<String>,
+    pub migrate: bool,
+    pub query_max_limit: u64,
+    pub statement_timeout: Duration,
+    pub raw_sql_writes: bool,
+    pub request_log_retention: Duration,
     pub server: ServerArgs,
     pub log: LogArgs,
 }
@@ -100,8 +135,18 @@ impl std::fmt::Debug for Settings {
             .field("listen", &self.listen)
             .field("database", &self.database_display)
             .field("db_max_connections", &self.db_max_connections)
+            .field("tables", &self.tables)
+            .field("migrate", &self.migrate)
             .finish_non_exhaustive()
     }
+}
+
+/// A PostgreSQL identifier db-svc accepts in its configuration.
+fn is_plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
 }
 
 impl Config {
@@ -148,12 +193,32 @@ impl Config {
             database.get_port(),
             database.get_database().unwrap_or("")
         );
+        let tables: Vec<String> = self
+            .tables
+            .iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if tables.is_empty() {
+            return Err("DB_SVC_TABLES is empty".into());
+        }
+        if let Some(bad) = tables.iter().find(|t| !is_plain_identifier(t)) {
+            return Err(format!(
+                "DB_SVC_TABLES: '{bad}' is not a table name (letters, digits, _)"
+            ));
+        }
         Ok(Settings {
             listen: self.listen,
             database,
             database_display,
             db_max_connections: self.db_max_connections,
             db_acquire_timeout: self.db_acquire_timeout,
+            tables,
+            migrate: self.migrate,
+            query_max_limit: self.query_max_limit,
+            statement_timeout: self.statement_timeout,
+            raw_sql_writes: self.raw_sql_writes,
+            request_log_retention: self.request_log_retention,
             server: self.server,
             log: self.log,
         })
@@ -190,6 +255,19 @@ mod tests {
             err.contains("DATABASE_URL") && !err.contains("hunter2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tables_default_to_the_seven_and_are_checked() {
+        let s = parse(&["--database-url", "postgres://u@h/db"]).unwrap();
+        assert_eq!(s.tables.len(), 7);
+        assert!(s.tables.contains(&"error_events".to_string()));
+        assert!(s.migrate && !s.raw_sql_writes);
+        let s = parse(&["--database-url", "postgres://u@h/db", "--tables", "a, b_2"]).unwrap();
+        assert_eq!(s.tables, vec!["a", "b_2"]);
+        let err =
+            parse(&["--database-url", "postgres://u@h/db", "--tables", "a;drop"]).unwrap_err();
+        assert!(err.contains("DB_SVC_TABLES"), "{err}");
     }
 
     #[test]

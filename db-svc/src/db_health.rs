@@ -1,28 +1,55 @@
-//! Database reachability drives the health status: `SELECT 1` on a short interval.
+//! Database reachability drives the health status: `SELECT 1` on a short interval. The first
+//! time PostgreSQL answers, the schema is prepared (migrations, catalog); the service reports
+//! SERVING only once that has succeeded.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use svc_kit::{Health, Shutdown};
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// While not ready, probe faster so start-up is quick.
+const STARTING_INTERVAL: Duration = Duration::from_millis(250);
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Probes PostgreSQL until shutdown and reports the result as the service's health.
-pub async fn watch_database(pool: PgPool, health: Health, shutdown: Shutdown) {
+/// `prepare` runs (again, until it succeeds) whenever PostgreSQL answers and it has not yet
+/// succeeded; `housekeeping` runs about hourly once ready.
+pub async fn watch_database<P, PF, H, HF>(
+    pool: PgPool,
+    health: Health,
+    shutdown: Shutdown,
+    prepare: P,
+    housekeeping: H,
+) where
+    P: Fn() -> PF,
+    PF: Future<Output = Result<(), String>>,
+    H: Fn() -> HF,
+    HF: Future<Output = ()>,
+{
     let mut last_error: Option<String> = None;
+    let mut ready = false;
+    let mut last_housekeeping: Option<Instant> = None;
     loop {
         let result =
             tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&pool)).await;
-        let error = match result {
+        let mut error = match result {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
         };
+        if error.is_none() && !ready {
+            match prepare().await {
+                Ok(()) => ready = true,
+                Err(e) => error = Some(format!("preparing the schema failed: {e}")),
+            }
+        }
         if error.is_some() && error != last_error {
             tracing::warn!(
                 error = error.as_deref().unwrap_or_default(),
-                "PostgreSQL is not reachable"
+                "PostgreSQL is not ready"
             );
         }
         if !shutdown.is_triggered() {
@@ -30,10 +57,22 @@ pub async fn watch_database(pool: PgPool, health: Health, shutdown: Shutdown) {
                 .set_serving(error.is_none(), "PostgreSQL unreachable")
                 .await;
         }
+        if ready
+            && error.is_none()
+            && last_housekeeping.is_none_or(|t| t.elapsed() >= HOUSEKEEPING_INTERVAL)
+        {
+            housekeeping().await;
+            last_housekeeping = Some(Instant::now());
+        }
         last_error = error;
+        let interval = if ready {
+            PROBE_INTERVAL
+        } else {
+            STARTING_INTERVAL
+        };
         tokio::select! {
             _ = shutdown.triggered() => return,
-            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = tokio::time::sleep(interval) => {}
         }
     }
 }

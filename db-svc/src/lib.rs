@@ -1,39 +1,128 @@
 //! db-svc: safe, typed CRUD over the platform's PostgreSQL tables, served over gRPC.
+//!
+//! Layers: `api` (tonic edge) converts requests into `ops::Operation`s; `executor` resolves
+//! tables in the `catalog`, plans SQL with `ops` (pure, bound parameters only) and runs it;
+//! `values` is the JSON <-> PostgreSQL type mapping; `raw_sql` guards ExecuteRaw; `error` maps
+//! every failure to a gRPC status and a stable code.
 
 pub mod api;
+pub mod catalog;
 pub mod config;
 pub mod db_health;
+pub mod error;
+pub mod executor;
+pub mod ops;
+pub mod raw_sql;
+pub mod values;
 
 use omnibus_proto::db::v1::database_service_server::DatabaseServiceServer;
 use omnibus_proto::service_names;
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use svc_kit::{Health, Shutdown};
 
+use crate::catalog::Catalog;
 use crate::config::Settings;
+use crate::executor::{Executor, Limits};
+
+/// The schema migrations, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Rows a Query returns when it names no limit.
+pub const DEFAULT_QUERY_LIMIT: u64 = 100;
 
 /// Runs the service until SIGTERM/SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     run_until(settings, Shutdown::on_signals()).await
 }
 
+/// The connection pool db-svc uses: lazy, UTC session time zone (so `timestamp` columns
+/// filled by now() hold UTC), the default statement timeout as a connection setting.
+pub fn pool(settings: &Settings) -> PgPool {
+    let timeout_ms = settings.statement_timeout.as_millis().to_string();
+    let options = settings.database.clone().options([
+        ("TimeZone", "UTC"),
+        ("statement_timeout", timeout_ms.as_str()),
+    ]);
+    PgPoolOptions::new()
+        .max_connections(settings.db_max_connections)
+        .acquire_timeout(settings.db_acquire_timeout)
+        .connect_lazy_with(options)
+}
+
+/// Migrations (when enabled), then the catalog.
+async fn prepare(pool: &PgPool, catalog: &Catalog, migrate: bool) -> Result<(), String> {
+    if migrate {
+        MIGRATOR
+            .run(pool)
+            .await
+            .map_err(|e| format!("migrations: {e}"))?;
+    }
+    catalog
+        .refresh(pool)
+        .await
+        .map_err(|e| format!("catalog: {e}"))
+}
+
+async fn purge_request_log(pool: &PgPool, retention: std::time::Duration) {
+    let result = sqlx::query(
+        "DELETE FROM omnibus_request_log WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(retention.as_secs_f64())
+    .execute(pool)
+    .await;
+    match result {
+        Ok(done) if done.rows_affected() > 0 => {
+            tracing::info!(
+                removed = done.rows_affected(),
+                "expired idempotency records removed"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot purge omnibus_request_log"),
+    }
+}
+
 /// Runs the service until `shutdown` fires.
 pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
-    tracing::info!(database = %settings.database_display, "db-svc starting");
+    tracing::info!(database = %settings.database_display, tables = ?settings.tables, "db-svc starting");
     let (health, health_service) = Health::new(service_names::DATABASE).await;
 
     // Lazy: db-svc starts (NOT_SERVING) even while PostgreSQL is down, and recovers by itself.
-    let pool = PgPoolOptions::new()
-        .max_connections(settings.db_max_connections)
-        .acquire_timeout(settings.db_acquire_timeout)
-        .connect_lazy_with(settings.database.clone());
+    let pool = pool(&settings);
+    let catalog = Catalog::new(settings.tables.clone());
 
-    let watcher = tokio::spawn(db_health::watch_database(
+    let watcher = {
+        let (probe_pool, pool, catalog) = (pool.clone(), pool.clone(), catalog.clone());
+        let purge_pool = pool.clone();
+        let migrate = settings.migrate;
+        let retention = settings.request_log_retention;
+        tokio::spawn(db_health::watch_database(
+            probe_pool,
+            health.clone(),
+            shutdown.clone(),
+            move || {
+                let (pool, catalog) = (pool.clone(), catalog.clone());
+                async move { prepare(&pool, &catalog, migrate).await }
+            },
+            move || {
+                let pool = purge_pool.clone();
+                async move { purge_request_log(&pool, retention).await }
+            },
+        ))
+    };
+
+    let executor = Executor::new(
         pool.clone(),
-        health.clone(),
-        shutdown.clone(),
-    ));
-
-    let api = api::DatabaseApi::new(pool.clone());
+        catalog,
+        Limits {
+            default_limit: DEFAULT_QUERY_LIMIT.min(settings.query_max_limit),
+            max_limit: settings.query_max_limit,
+            statement_timeout: settings.statement_timeout,
+            raw_writes: settings.raw_sql_writes,
+        },
+    );
+    let api = api::DatabaseApi::new(executor, shutdown.clone());
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(DatabaseServiceServer::new(api));

@@ -2,6 +2,8 @@
 //! against the real broker (`KAFKA_BROKERS`) and PostgreSQL (`DATABASE_URL`) that
 //! `scripts/dev-services up` provides, with isolated topics and databases per test.
 
+pub mod db;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,0 +1,268 @@
+//! Every db-svc failure, and the one place that maps it to a gRPC status (with
+//! `google.rpc.BadRequest` / `ErrorInfo` details) and to the stable error code string the
+//! event-bus replies carry.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+
+/// The `ErrorInfo.domain` of every db-svc error.
+pub const ERROR_DOMAIN: &str = "omnibus.db.v1";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DbError {
+    /// Bad input: unknown table or column, wrong value type, malformed uuid/timestamp, ...
+    #[error("invalid request: {}", describe(.0))]
+    Validation(Vec<FieldViolation>),
+    /// An update or delete without any condition.
+    #[error("{operation} needs a non-empty filter (where or filter)")]
+    FilterRequired { operation: &'static str },
+    /// More rows would change than the caller allowed; nothing was changed.
+    #[error(
+        "{operation} would affect {would_affect} rows, more than max_affected {max}; rolled back"
+    )]
+    TooManyRows {
+        operation: &'static str,
+        would_affect: u64,
+        max: u64,
+    },
+    /// A unique constraint rejected the write.
+    #[error("unique constraint {constraint} violated: {message}")]
+    Conflict { constraint: String, message: String },
+    /// A foreign-key, check or exclusion constraint rejected the write.
+    #[error("constraint {constraint} violated: {message}")]
+    Constraint { constraint: String, message: String },
+    /// The request id was first used for a different operation.
+    #[error("request_id {request_id} was already used for {recorded}")]
+    RequestIdReused {
+        request_id: String,
+        recorded: String,
+    },
+    /// A raw statement that writes, while raw writes are disabled.
+    #[error("{0}")]
+    WriteNotAllowed(String),
+    /// The statement timeout (from the gRPC deadline or the default) cancelled the statement.
+    #[error("statement timed out: {0}")]
+    Timeout(String),
+    /// A serialization failure or deadlock; the transaction was rolled back and may be retried.
+    #[error("transaction aborted, retry: {0}")]
+    Retryable(String),
+    /// PostgreSQL cannot be reached (or no pooled connection became free in time).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else the database reported.
+    #[error("database operation failed: {0}")]
+    Database(String),
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| {
+            if v.field.is_empty() {
+                v.description.clone()
+            } else {
+                format!("{}: {}", v.field, v.description)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl DbError {
+    /// A single field error.
+    pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::Validation(vec![FieldViolation::new(field, description)])
+    }
+
+    /// The stable error code (also the `ErrorInfo.reason` and the bus reply's `error_code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Validation(_) => "VALIDATION_ERROR",
+            Self::FilterRequired { .. } => "FILTER_REQUIRED",
+            Self::TooManyRows { .. } => "TOO_MANY_ROWS",
+            Self::Conflict { .. } => "CONFLICT",
+            Self::Constraint { .. } => "CONSTRAINT_VIOLATION",
+            Self::RequestIdReused { .. } => "REQUEST_ID_REUSED",
+            Self::WriteNotAllowed(_) => "WRITE_NOT_ALLOWED",
+            Self::Timeout(_) => "TIMEOUT",
+            Self::Retryable(_) => "RETRYABLE",
+            Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
+            Self::Database(_) => "DATABASE_OPERATION_FAILED",
+        }
+    }
+
+    pub fn grpc_code(&self) -> Code {
+        match self {
+            Self::Validation(_) => Code::InvalidArgument,
+            Self::FilterRequired { .. }
+            | Self::TooManyRows { .. }
+            | Self::Constraint { .. }
+            | Self::RequestIdReused { .. } => Code::FailedPrecondition,
+            Self::Conflict { .. } => Code::AlreadyExists,
+            Self::WriteNotAllowed(_) => Code::PermissionDenied,
+            Self::Timeout(_) => Code::DeadlineExceeded,
+            Self::Retryable(_) => Code::Aborted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Database(_) => Code::Internal,
+        }
+    }
+
+    /// Field violations (for BadRequest details), empty for non-validation errors.
+    pub fn violations(&self) -> &[FieldViolation] {
+        match self {
+            Self::Validation(v) => v,
+            _ => &[],
+        }
+    }
+
+    /// Extra facts for `ErrorInfo.metadata` (constraint names, limits).
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        match self {
+            Self::Conflict { constraint, .. } | Self::Constraint { constraint, .. } => {
+                vec![("constraint".into(), constraint.clone())]
+            }
+            Self::TooManyRows {
+                would_affect, max, ..
+            } => vec![
+                ("would_affect".into(), would_affect.to_string()),
+                ("max_affected".into(), max.to_string()),
+            ],
+            Self::RequestIdReused { recorded, .. } => {
+                vec![("recorded_operation".into(), recorded.clone())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Prefixes every field path (e.g. `rows[2].` before a column name).
+    pub fn within(self, prefix: &str) -> Self {
+        match self {
+            Self::Validation(violations) => Self::Validation(
+                violations
+                    .into_iter()
+                    .map(|v| {
+                        let field = if v.field.is_empty() {
+                            prefix.trim_end_matches('.').to_string()
+                        } else {
+                            format!("{prefix}{}", v.field)
+                        };
+                        FieldViolation::new(field, v.description)
+                    })
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+}
+
+impl From<DbError> for Status {
+    fn from(err: DbError) -> Self {
+        let mut details = ErrorDetails::new();
+        let metadata: std::collections::HashMap<String, String> =
+            err.metadata().into_iter().collect();
+        details.set_error_info(err.code(), ERROR_DOMAIN, metadata);
+        if !err.violations().is_empty() {
+            details.set_bad_request(err.violations().to_vec());
+        }
+        Status::with_error_details(err.grpc_code(), err.to_string(), details)
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(err: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match err {
+            E::Database(db) => from_database_error(db.as_ref()),
+            E::Io(e) => Self::Unavailable(e.to_string()),
+            E::Tls(e) => Self::Unavailable(e.to_string()),
+            E::PoolTimedOut => {
+                Self::Unavailable("no database connection became available in time".into())
+            }
+            E::PoolClosed => Self::Unavailable("the connection pool is closed".into()),
+            E::WorkerCrashed => Self::Unavailable("the database connection worker crashed".into()),
+            E::Protocol(e) => Self::Unavailable(format!("protocol error: {e}")),
+            other => Self::Database(other.to_string()),
+        }
+    }
+}
+
+fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
+    let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+    let message = db.message().to_string();
+    let constraint = db.constraint().unwrap_or("").to_string();
+    let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+    match code.as_str() {
+        "23505" => DbError::Conflict {
+            constraint,
+            message,
+        },
+        "23503" | "23514" | "23P01" => DbError::Constraint {
+            constraint,
+            message,
+        },
+        "23502" => {
+            let column = pg.and_then(|e| e.column()).unwrap_or("").to_string();
+            DbError::field(column, message)
+        }
+        "57014" => DbError::Timeout(message),
+        "40001" | "40P01" => DbError::Retryable(message),
+        "25006" => DbError::WriteNotAllowed(format!("read-only statement required: {message}")),
+        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
+            DbError::Unavailable(message)
+        }
+        // Data exceptions (out-of-range numbers, bad text), cardinality violations (an upsert
+        // touching one row twice) and, for raw SQL, syntax / undefined objects: the caller's input.
+        c if c.starts_with("22") || c.starts_with("21") || c.starts_with("42") => {
+            DbError::field("", message)
+        }
+        _ => DbError::Database(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_carries_code_and_field_details() {
+        let status: Status = DbError::field("rows[0].agent_name", "expected a string").into();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let info = details.error_info().expect("error info");
+        assert_eq!(info.reason, "VALIDATION_ERROR");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        let bad = details.bad_request().expect("bad request");
+        assert_eq!(bad.field_violations[0].field, "rows[0].agent_name");
+    }
+
+    #[test]
+    fn within_prefixes_paths() {
+        let e = DbError::field("x", "bad").within("rows[1].");
+        assert_eq!(e.violations()[0].field, "rows[1].x");
+        let e = DbError::field("", "bad").within("rows[1].");
+        assert_eq!(e.violations()[0].field, "rows[1]");
+    }
+
+    #[test]
+    fn codes_are_stable() {
+        let e = DbError::Conflict {
+            constraint: "c".into(),
+            message: "m".into(),
+        };
+        assert_eq!(e.code(), "CONFLICT");
+        assert_eq!(e.grpc_code(), Code::AlreadyExists);
+        let status: Status = e.into();
+        let info = status.get_error_details().error_info().unwrap().clone();
+        assert_eq!(
+            info.metadata.get("constraint").map(String::as_str),
+            Some("c")
+        );
+        assert_eq!(
+            DbError::FilterRequired {
+                operation: "delete"
+            }
+            .grpc_code(),
+            Code::FailedPrecondition
+        );
+    }
+}

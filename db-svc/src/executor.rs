@@ -1,0 +1,581 @@
+//! Runs [`Operation`]s against PostgreSQL: resolves the table in the catalog (refreshing it on
+//! an unknown name), plans the SQL, and executes it with the deadline as statement timeout,
+//! `max_affected` checks and idempotent request ids, in one transaction where any of those
+//! needs one. Every transport (gRPC today, the bus later) goes through [`Executor::execute`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use serde_json::Value as Json;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::{Either, PgPool, Postgres, Row, Statement as _};
+use svc_kit::Shutdown;
+use tokio::sync::mpsc;
+
+use crate::catalog::{Catalog, ColType, TableInfo};
+use crate::error::DbError;
+use crate::ops::{self, JsonRow, OpOutput, Operation, Plan, QuerySpec};
+use crate::raw_sql;
+use crate::values::{Param, arguments, row_to_json, to_param};
+
+/// Limits the executor enforces (from configuration).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Rows a query returns when it names no limit.
+    pub default_limit: u64,
+    /// The largest limit a (unary) query may ask for.
+    pub max_limit: u64,
+    /// The statement timeout every connection starts with (zero = none). A shorter gRPC
+    /// deadline lowers it for that request.
+    pub statement_timeout: Duration,
+    /// Whether ExecuteRaw may run INSERT / UPDATE / DELETE.
+    pub raw_writes: bool,
+}
+
+/// Per-request context from the transport.
+#[derive(Clone, Debug, Default)]
+pub struct ExecContext {
+    /// Time left until the caller's deadline.
+    pub timeout: Option<Duration>,
+    /// Idempotency key of a write.
+    pub request_id: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct Executor {
+    pool: PgPool,
+    catalog: Catalog,
+    limits: Arc<Limits>,
+}
+
+/// A batch of a streamed query, or the error that ended the stream.
+pub type RowBatch = Result<Vec<JsonRow>, DbError>;
+
+impl Executor {
+    pub fn new(pool: PgPool, catalog: Catalog, limits: Limits) -> Self {
+        Self {
+            pool,
+            catalog,
+            limits: Arc::new(limits),
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The catalog entry of `name`: a field error if it is not served or does not exist.
+    async fn table(&self, name: &str, columns: &[&str]) -> Result<Arc<TableInfo>, DbError> {
+        if !self.catalog.is_served(name) {
+            return Err(DbError::field(
+                "table",
+                format!(
+                    "unknown table '{name}' (served: {})",
+                    self.catalog.served().join(", ")
+                ),
+            ));
+        }
+        if let Some(info) = self.catalog.cached(name)
+            && columns.iter().all(|c| info.column(c).is_some())
+        {
+            return Ok(info);
+        }
+        // A column (or table) the cache does not know: it may have been added since.
+        match self.catalog.refresh_table(&self.pool, name).await? {
+            Some(info) => Ok(info),
+            None => Err(DbError::field(
+                "table",
+                format!("table '{name}' does not exist in the database"),
+            )),
+        }
+    }
+
+    /// Describes a served table, read fresh from the catalog.
+    pub async fn describe(&self, name: &str) -> Result<Arc<TableInfo>, DbError> {
+        if !self.catalog.is_served(name) {
+            return self.table(name, &[]).await;
+        }
+        self.catalog
+            .refresh_table(&self.pool, name)
+            .await?
+            .ok_or_else(|| {
+                DbError::field(
+                    "table",
+                    format!("table '{name}' does not exist in the database"),
+                )
+            })
+    }
+
+    /// The statement timeout to set for a request, when its deadline is shorter than the
+    /// connection default.
+    fn tighter_timeout(&self, timeout: Option<Duration>) -> Option<Duration> {
+        // PostgreSQL gives up a little before the caller does, so the caller still receives
+        // the answer (DEADLINE_EXCEEDED, code TIMEOUT) rather than its own cancellation.
+        let t = timeout?;
+        let t = t.saturating_sub((t / 10).min(Duration::from_millis(50)));
+        let default = self.limits.statement_timeout;
+        (default.is_zero() || t < default).then_some(t.max(Duration::from_millis(1)))
+    }
+
+    async fn table_for(&self, op: &Operation) -> Result<Arc<TableInfo>, DbError> {
+        self.table(op.table(), &ops::mentioned_columns(op)).await
+    }
+
+    /// Runs one operation.
+    pub async fn execute(&self, op: Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
+        match &op {
+            Operation::Raw(spec) => self.execute_raw(&spec.sql, &spec.params, ctx).await,
+            Operation::Query(spec) => {
+                let table = self.table_for(&op).await?;
+                self.query(&table, spec, ctx).await
+            }
+            Operation::Count(spec) => {
+                let table = self.table_for(&op).await?;
+                let plan = ops::plan_count(&table, &spec.criteria)?;
+                let count = self.count(&plan, ctx.timeout).await?;
+                Ok(OpOutput {
+                    affected: count,
+                    ..Default::default()
+                })
+            }
+            Operation::Insert(spec) => {
+                let plan = ops::plan_insert(&*self.table_for(&op).await?, spec)?;
+                self.write(&op, plan, spec.count_only, None, ctx).await
+            }
+            Operation::Update(spec) => {
+                let plan = ops::plan_update(&*self.table_for(&op).await?, spec)?;
+                self.write(&op, plan, spec.count_only, spec.max_affected, ctx)
+                    .await
+            }
+            Operation::Delete(spec) => {
+                let plan = ops::plan_delete(&*self.table_for(&op).await?, spec)?;
+                self.write(&op, plan, spec.count_only, spec.max_affected, ctx)
+                    .await
+            }
+            Operation::Upsert(spec) => {
+                let plan = ops::plan_upsert(&*self.table_for(&op).await?, spec)?;
+                self.write(&op, plan, spec.count_only, None, ctx).await
+            }
+        }
+    }
+
+    fn effective_limit(&self, spec: &QuerySpec) -> Result<u64, DbError> {
+        let limit = spec.limit.unwrap_or(self.limits.default_limit);
+        if limit > self.limits.max_limit {
+            return Err(DbError::field(
+                "limit",
+                format!(
+                    "{limit} is more than the maximum of {} (use StreamQuery for large results)",
+                    self.limits.max_limit
+                ),
+            ));
+        }
+        Ok(limit)
+    }
+
+    async fn query(
+        &self,
+        table: &TableInfo,
+        spec: &QuerySpec,
+        ctx: &ExecContext,
+    ) -> Result<OpOutput, DbError> {
+        let limit = self.effective_limit(spec)?;
+        let plan = ops::plan_query(table, spec, Some(limit))?;
+        let total_plan = if spec.include_total {
+            Some(ops::plan_count(table, &spec.criteria)?)
+        } else {
+            None
+        };
+        let args = arguments(&plan.params)?;
+        let timeout = self.tighter_timeout(ctx.timeout);
+        let (rows, total) = if timeout.is_none() && total_plan.is_none() {
+            let rows = sqlx::query_with(&plan.sql, args)
+                .fetch_all(&self.pool)
+                .await?;
+            (rows, None)
+        } else {
+            // One transaction, so rows and total come from the same snapshot
+            // (REPEATABLE READ) and share the deadline.
+            let mut tx = self.pool.begin().await?;
+            if total_plan.is_some() {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(t) = timeout {
+                set_statement_timeout(&mut tx, t).await?;
+            }
+            let rows = sqlx::query_with(&plan.sql, args)
+                .fetch_all(&mut *tx)
+                .await?;
+            let total = match &total_plan {
+                Some(p) => Some(count_on(&mut *tx, p).await?),
+                None => None,
+            };
+            tx.commit().await?;
+            (rows, total)
+        };
+        let rows = decode_rows(&rows)?;
+        Ok(OpOutput {
+            affected: rows.len() as u64,
+            rows,
+            total,
+            replayed: false,
+        })
+    }
+
+    async fn count(&self, plan: &Plan, timeout: Option<Duration>) -> Result<u64, DbError> {
+        match self.tighter_timeout(timeout) {
+            None => count_on(&self.pool, plan).await,
+            Some(t) => {
+                let mut tx = self.pool.begin().await?;
+                set_statement_timeout(&mut tx, t).await?;
+                let n = count_on(&mut *tx, plan).await?;
+                tx.commit().await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Runs a write: directly on the pool when nothing needs a transaction, otherwise in one
+    /// with the statement timeout, the idempotency record and the max_affected check.
+    async fn write(
+        &self,
+        op: &Operation,
+        plan: Plan,
+        count_only: bool,
+        max_affected: Option<u64>,
+        ctx: &ExecContext,
+    ) -> Result<OpOutput, DbError> {
+        let timeout = self.tighter_timeout(ctx.timeout);
+        let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
+        if timeout.is_none() && request_id.is_none() && max_affected.is_none() {
+            return run_write(&self.pool, &plan, count_only).await;
+        }
+        let mut tx = self.pool.begin().await?;
+        if let Some(t) = timeout {
+            set_statement_timeout(&mut tx, t).await?;
+        }
+        if let Some(id) = request_id
+            && let Some(recorded) = claim_request(&mut tx, id, op.name(), op.table()).await?
+        {
+            tx.rollback().await?;
+            return Ok(recorded);
+        }
+        let output = run_write(&mut *tx, &plan, count_only).await?;
+        if let Some(max) = max_affected
+            && output.affected > max
+        {
+            tx.rollback().await?;
+            return Err(DbError::TooManyRows {
+                operation: op.name(),
+                would_affect: output.affected,
+                max,
+            });
+        }
+        if let Some(id) = request_id {
+            record_result(&mut tx, id, &output).await?;
+        }
+        tx.commit().await?;
+        Ok(output)
+    }
+
+    /// ExecuteRaw: guard, type the parameters from PostgreSQL's own inference, run.
+    async fn execute_raw(
+        &self,
+        sql: &str,
+        params: &[Json],
+        ctx: &ExecContext,
+    ) -> Result<OpOutput, DbError> {
+        let checked = raw_sql::check(sql, self.catalog.served(), self.limits.raw_writes)?;
+        let timeout = self.tighter_timeout(ctx.timeout);
+        let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
+        let mut tx = if checked.kind.is_write() {
+            self.pool.begin().await?
+        } else {
+            self.pool.begin_with("BEGIN READ ONLY").await?
+        };
+        if let Some(t) = timeout {
+            set_statement_timeout(&mut tx, t).await?;
+        }
+        let table = checked.tables.first().cloned().unwrap_or_default();
+        if checked.kind.is_write()
+            && let Some(id) = request_id
+            && let Some(recorded) = claim_request(&mut tx, id, "raw", &table).await?
+        {
+            tx.rollback().await?;
+            return Ok(recorded);
+        }
+        let typed = raw_params(&mut tx, sql, params).await?;
+        let plan = Plan {
+            sql: sql.to_string(),
+            params: typed,
+        };
+        let mut rows = Vec::new();
+        let mut affected = 0u64;
+        {
+            #[allow(deprecated)] // fetch_many is the one call that yields rows and counts
+            let mut results =
+                sqlx::query_with(&plan.sql, arguments(&plan.params)?).fetch_many(&mut *tx);
+            while let Some(item) = results.try_next().await? {
+                match item {
+                    Either::Left(done) => affected += done.rows_affected(),
+                    Either::Right(row) => rows.push(row_to_json(&row)?),
+                }
+            }
+        }
+        if !checked.kind.is_write() {
+            affected = rows.len() as u64;
+        }
+        let output = OpOutput {
+            rows,
+            affected,
+            total: None,
+            replayed: false,
+        };
+        if checked.kind.is_write()
+            && let Some(id) = request_id
+        {
+            record_result(&mut tx, id, &output).await?;
+        }
+        tx.commit().await?;
+        Ok(output)
+    }
+
+    /// Starts a streamed query: validation errors come back at once; rows then arrive in
+    /// batches on the channel, which holds at most two batches (bounded memory). The stream
+    /// ends at the last row, on error, when the receiver is dropped, or on shutdown.
+    pub async fn stream(
+        &self,
+        spec: QuerySpec,
+        batch_size: usize,
+        timeout: Option<Duration>,
+        shutdown: Shutdown,
+    ) -> Result<mpsc::Receiver<RowBatch>, DbError> {
+        let query_op = Operation::Query(spec);
+        let table = self.table_for(&query_op).await?;
+        let Operation::Query(spec) = query_op else {
+            return Err(DbError::Database("internal: not a query".into()));
+        };
+        if spec.include_total {
+            return Err(DbError::field(
+                "query.include_total",
+                "not supported by StreamQuery; use Count",
+            ));
+        }
+        let plan = ops::plan_query(&table, &spec, spec.limit)?;
+        let args = arguments(&plan.params)?;
+        let (tx, rx) = mpsc::channel::<RowBatch>(2);
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let result =
+                stream_rows(pool, plan.sql, args, batch_size, timeout, &tx, shutdown).await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        Ok(rx)
+    }
+}
+
+async fn stream_rows(
+    pool: PgPool,
+    sql: String,
+    args: PgArguments,
+    batch_size: usize,
+    timeout: Option<Duration>,
+    out: &mpsc::Sender<RowBatch>,
+    shutdown: Shutdown,
+) -> Result<(), DbError> {
+    let mut tx = pool.begin_with("BEGIN READ ONLY").await?;
+    // A stream may legitimately outlast the default statement timeout: it is bounded by the
+    // caller's deadline (if any), by the caller going away, and by shutdown.
+    set_statement_timeout(&mut tx, timeout.unwrap_or(Duration::ZERO)).await?;
+    {
+        let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
+        let mut batch = Vec::with_capacity(batch_size);
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.triggered() => return Ok(()),
+                _ = out.closed() => return Ok(()),
+                next = rows.try_next() => next?,
+            };
+            match next {
+                Some(row) => {
+                    batch.push(row_to_json(&row)?);
+                    if batch.len() >= batch_size {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
+                        if out.send(Ok(full)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            let _ = out.send(Ok(batch)).await;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn decode_rows(rows: &[PgRow]) -> Result<Vec<JsonRow>, DbError> {
+    rows.iter().map(row_to_json).collect()
+}
+
+async fn set_statement_timeout(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    timeout: Duration,
+) -> Result<(), DbError> {
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(format!("{}ms", timeout.as_millis()))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn count_on<'e, E>(executor: E, plan: &Plan) -> Result<u64, DbError>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let row = sqlx::query_with(&plan.sql, arguments(&plan.params)?)
+        .fetch_one(executor)
+        .await?;
+    let n: i64 = row.try_get(0)?;
+    Ok(n.max(0) as u64)
+}
+
+async fn run_write<'e, E>(executor: E, plan: &Plan, count_only: bool) -> Result<OpOutput, DbError>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let query = sqlx::query_with(&plan.sql, arguments(&plan.params)?);
+    if count_only {
+        let done = query.execute(executor).await?;
+        Ok(OpOutput {
+            affected: done.rows_affected(),
+            ..Default::default()
+        })
+    } else {
+        let rows = decode_rows(&query.fetch_all(executor).await?)?;
+        Ok(OpOutput {
+            affected: rows.len() as u64,
+            rows,
+            ..Default::default()
+        })
+    }
+}
+
+/// Claims `request_id` in the request log. Returns the recorded output if an earlier request
+/// with this id already committed. A concurrent request with the same id waits here (row
+/// lock of the primary key) until the first one commits or rolls back.
+async fn claim_request(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    request_id: &str,
+    operation: &str,
+    table: &str,
+) -> Result<Option<OpOutput>, DbError> {
+    let claimed = sqlx::query(
+        "INSERT INTO omnibus_request_log (request_id, operation, table_name) VALUES ($1, $2, $3) \
+         ON CONFLICT (request_id) DO NOTHING",
+    )
+    .bind(request_id)
+    .bind(operation)
+    .bind(table)
+    .execute(&mut **tx)
+    .await?;
+    if claimed.rows_affected() == 1 {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT operation, table_name, result FROM omnibus_request_log WHERE request_id = $1",
+    )
+    .bind(request_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    let recorded_op: String = row.try_get(0)?;
+    let recorded_table: String = row.try_get(1)?;
+    if recorded_op != operation || recorded_table != table {
+        return Err(DbError::RequestIdReused {
+            request_id: request_id.to_string(),
+            recorded: format!("{recorded_op} on {recorded_table}"),
+        });
+    }
+    let result: Option<sqlx::types::Json<OpOutput>> = row.try_get(2)?;
+    let mut output = result
+        .map(|j| j.0)
+        .ok_or_else(|| DbError::Database(format!("request {request_id} has no recorded result")))?;
+    output.replayed = true;
+    Ok(Some(output))
+}
+
+async fn record_result(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    request_id: &str,
+    output: &OpOutput,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE omnibus_request_log SET result = $2 WHERE request_id = $1")
+        .bind(request_id)
+        .bind(sqlx::types::Json(output))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Types raw parameters by what PostgreSQL infers for `$1..$n` in the statement.
+async fn raw_params(
+    tx: &mut sqlx::Transaction<'static, Postgres>,
+    sql: &str,
+    params: &[Json],
+) -> Result<Vec<Param>, DbError> {
+    let statement = sqlx::Executor::prepare(&mut **tx, sql).await?;
+    let types: Vec<ColType> = match statement.parameters() {
+        Some(Either::Left(types)) => types
+            .iter()
+            .map(|t| ColType::from_pg_name(sqlx::TypeInfo::name(t)))
+            .collect(),
+        Some(Either::Right(n)) => vec![ColType::Other; n],
+        None => Vec::new(),
+    };
+    if types.len() != params.len() {
+        return Err(DbError::field(
+            "params",
+            format!(
+                "the statement has {} placeholders but {} parameters were given",
+                types.len(),
+                params.len()
+            ),
+        ));
+    }
+    types
+        .iter()
+        .zip(params)
+        .enumerate()
+        .map(|(i, (ty, value))| {
+            if *ty == ColType::Other {
+                let name = statement
+                    .parameters()
+                    .and_then(|p| p.left())
+                    .and_then(|t| t.get(i))
+                    .map(|t| sqlx::TypeInfo::name(t).to_string())
+                    .unwrap_or_default();
+                return Err(DbError::field(
+                    format!("params[{i}]"),
+                    format!(
+                        "parameter ${} has unsupported type {name}; cast it (e.g. ${}::text)",
+                        i + 1,
+                        i + 1
+                    ),
+                ));
+            }
+            to_param(*ty, value).map_err(|e| e.within(&format!("params[{i}]")))
+        })
+        .collect()
+}

@@ -1,0 +1,1094 @@
+//! The one request model: an [`Operation`] is what the gRPC handlers (and, later, the bus
+//! worker) convert their input into, and what the executor runs. Planning an operation into
+//! SQL is pure: identifiers come only from the catalog's [`TableInfo`] and are quoted; every
+//! value becomes a bind parameter.
+
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value as Json};
+
+use crate::catalog::{ColType, TableInfo};
+use crate::error::DbError;
+use crate::values::{Param, to_param};
+
+pub type JsonRow = Map<String, Json>;
+
+/// A comparison operator of a filter condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Neq,
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+    In,
+    NotIn,
+    Like,
+    ILike,
+    IsNull,
+    IsNotNull,
+    Contains,
+}
+
+/// A filter tree.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Filter {
+    Condition { column: String, op: Op, value: Json },
+    All(Vec<Filter>),
+    Any(Vec<Filter>),
+    Not(Box<Filter>),
+}
+
+impl Filter {
+    /// How many conditions the tree holds (update/delete need at least one).
+    pub fn conditions(&self) -> usize {
+        match self {
+            Filter::Condition { .. } => 1,
+            Filter::All(v) | Filter::Any(v) => v.iter().map(Filter::conditions).sum(),
+            Filter::Not(f) => f.conditions(),
+        }
+    }
+}
+
+/// Which rows an operation touches: the guide's equality shorthand (`{column: value}`, null
+/// meaning IS NULL) AND a filter tree. Empty = every row.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Criteria {
+    pub equals: JsonRow,
+    pub filter: Option<Filter>,
+}
+
+impl Criteria {
+    /// How many conditions it holds (update/delete need at least one).
+    pub fn conditions(&self) -> usize {
+        self.equals.len() + self.filter.as_ref().map(Filter::conditions).unwrap_or(0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Direction {
+    #[default]
+    Asc,
+    Desc,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Nulls {
+    #[default]
+    Default,
+    First,
+    Last,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderBy {
+    pub column: String,
+    pub direction: Direction,
+    pub nulls: Nulls,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct QuerySpec {
+    pub table: String,
+    pub columns: Vec<String>,
+    pub criteria: Criteria,
+    pub order_by: Vec<OrderBy>,
+    /// None = the default limit (unary) or no limit (streaming).
+    pub limit: Option<u64>,
+    pub offset: u64,
+    pub include_total: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct InsertSpec {
+    pub table: String,
+    pub rows: Vec<JsonRow>,
+    pub count_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct UpdateSpec {
+    pub table: String,
+    pub criteria: Criteria,
+    pub set: JsonRow,
+    pub max_affected: Option<u64>,
+    pub count_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct DeleteSpec {
+    pub table: String,
+    pub criteria: Criteria,
+    pub max_affected: Option<u64>,
+    pub count_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct UpsertSpec {
+    pub table: String,
+    pub rows: Vec<JsonRow>,
+    pub conflict_columns: Vec<String>,
+    pub update_columns: Vec<String>,
+    pub ignore_duplicates: bool,
+    pub count_only: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct CountSpec {
+    pub table: String,
+    pub criteria: Criteria,
+}
+
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct RawSpec {
+    pub sql: String,
+    pub params: Vec<Json>,
+}
+
+/// Every db operation, whatever the transport.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Operation {
+    Query(QuerySpec),
+    Count(CountSpec),
+    Insert(InsertSpec),
+    Update(UpdateSpec),
+    Delete(DeleteSpec),
+    Upsert(UpsertSpec),
+    Raw(RawSpec),
+}
+
+impl Operation {
+    /// Lower-case name, recorded with idempotent writes and used in messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Query(_) => "query",
+            Operation::Count(_) => "count",
+            Operation::Insert(_) => "insert",
+            Operation::Update(_) => "update",
+            Operation::Delete(_) => "delete",
+            Operation::Upsert(_) => "upsert",
+            Operation::Raw(_) => "raw",
+        }
+    }
+
+    /// The table named by a structured operation ("" for raw SQL).
+    pub fn table(&self) -> &str {
+        match self {
+            Operation::Query(s) => &s.table,
+            Operation::Count(s) => &s.table,
+            Operation::Insert(s) => &s.table,
+            Operation::Update(s) => &s.table,
+            Operation::Delete(s) => &s.table,
+            Operation::Upsert(s) => &s.table,
+            Operation::Raw(_) => "",
+        }
+    }
+}
+
+/// What an operation returns (the same on every transport).
+#[derive(Clone, Debug, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct OpOutput {
+    pub rows: Vec<JsonRow>,
+    /// Rows affected (writes), counted (count) or returned (queries).
+    pub affected: u64,
+    /// Exact number of matching rows, for queries that asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// The recorded result of an earlier request with the same request id.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// SQL text plus its parameters, `$1..$n` in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub sql: String,
+    pub params: Vec<Param>,
+}
+
+/// Double-quotes an identifier (doubling embedded quotes). Only catalog names reach it.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+struct Builder {
+    sql: String,
+    params: Vec<Param>,
+}
+
+impl Builder {
+    fn new() -> Self {
+        Self {
+            sql: String::with_capacity(256),
+            params: Vec::new(),
+        }
+    }
+    fn push(&mut self, s: &str) {
+        self.sql.push_str(s);
+    }
+    fn ident(&mut self, name: &str) {
+        self.sql.push_str(&quote_ident(name));
+    }
+    fn bind(&mut self, p: Param) {
+        self.params.push(p);
+        let _ = write!(self.sql, "${}", self.params.len());
+    }
+    fn finish(self) -> Plan {
+        Plan {
+            sql: self.sql,
+            params: self.params,
+        }
+    }
+}
+
+fn unknown_column(table: &TableInfo, field: &str, column: &str) -> DbError {
+    DbError::field(
+        field,
+        format!("unknown column '{column}' in table {}", table.name),
+    )
+}
+
+/// The catalog column `name`, or a field error naming `field`.
+pub fn column<'t>(
+    table: &'t TableInfo,
+    field: &str,
+    name: &str,
+) -> Result<&'t crate::catalog::ColumnInfo, DbError> {
+    table
+        .column(name)
+        .ok_or_else(|| unknown_column(table, field, name))
+}
+
+/// Every column name a spec mentions, for the executor's catalog refresh on an unknown one.
+pub fn mentioned_columns(op: &Operation) -> Vec<&str> {
+    fn filter_cols<'a>(f: &'a Filter, out: &mut Vec<&'a str>) {
+        match f {
+            Filter::Condition { column, .. } => out.push(column),
+            Filter::All(v) | Filter::Any(v) => v.iter().for_each(|f| filter_cols(f, out)),
+            Filter::Not(f) => filter_cols(f, out),
+        }
+    }
+    let mut out = Vec::new();
+    let criteria = match op {
+        Operation::Query(s) => {
+            out.extend(s.columns.iter().map(String::as_str));
+            out.extend(s.order_by.iter().map(|o| o.column.as_str()));
+            Some(&s.criteria)
+        }
+        Operation::Count(s) => Some(&s.criteria),
+        Operation::Insert(s) => {
+            s.rows
+                .iter()
+                .for_each(|r| out.extend(r.keys().map(String::as_str)));
+            None
+        }
+        Operation::Update(s) => {
+            out.extend(s.set.keys().map(String::as_str));
+            Some(&s.criteria)
+        }
+        Operation::Delete(s) => Some(&s.criteria),
+        Operation::Upsert(s) => {
+            s.rows
+                .iter()
+                .for_each(|r| out.extend(r.keys().map(String::as_str)));
+            out.extend(s.conflict_columns.iter().map(String::as_str));
+            out.extend(s.update_columns.iter().map(String::as_str));
+            None
+        }
+        Operation::Raw(_) => None,
+    };
+    if let Some(c) = criteria {
+        out.extend(c.equals.keys().map(String::as_str));
+        if let Some(f) = &c.filter {
+            filter_cols(f, &mut out);
+        }
+    }
+    out
+}
+
+/// Writes a column for a SELECT / RETURNING list: types without a mapping are read as text.
+fn select_column(b: &mut Builder, c: &crate::catalog::ColumnInfo) {
+    b.ident(&c.name);
+    if c.ty == ColType::Other {
+        b.push("::text AS ");
+        b.ident(&c.name);
+    }
+}
+
+fn select_list(b: &mut Builder, table: &TableInfo, columns: &[String]) -> Result<(), DbError> {
+    if columns.is_empty() {
+        for (i, c) in table.columns.iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            select_column(b, c);
+        }
+        return Ok(());
+    }
+    for (i, name) in columns.iter().enumerate() {
+        let c = column(table, &format!("columns[{i}]"), name)?;
+        if i > 0 {
+            b.push(", ");
+        }
+        select_column(b, c);
+    }
+    Ok(())
+}
+
+fn returning(b: &mut Builder, table: &TableInfo, count_only: bool) {
+    if !count_only {
+        b.push(" RETURNING ");
+        // Cannot fail: no explicit column list.
+        let _ = select_list(b, table, &[]);
+    }
+}
+
+/// Writes `filter` as a boolean SQL expression. `path` names the filter in field errors.
+fn write_filter(
+    b: &mut Builder,
+    table: &TableInfo,
+    filter: &Filter,
+    path: &str,
+) -> Result<(), DbError> {
+    match filter {
+        Filter::All(list) | Filter::Any(list) => {
+            let (joiner, empty, key) = match filter {
+                Filter::All(_) => (" AND ", "TRUE", "all"),
+                _ => (" OR ", "FALSE", "any"),
+            };
+            if list.is_empty() {
+                b.push(empty);
+                return Ok(());
+            }
+            b.push("(");
+            for (i, f) in list.iter().enumerate() {
+                if i > 0 {
+                    b.push(joiner);
+                }
+                write_filter(b, table, f, &format!("{path}.{key}.filters[{i}]"))?;
+            }
+            b.push(")");
+        }
+        Filter::Not(inner) => {
+            b.push("NOT (");
+            write_filter(b, table, inner, &format!("{path}.negate"))?;
+            b.push(")");
+        }
+        Filter::Condition {
+            column: name,
+            op,
+            value,
+        } => {
+            let field = format!("{path}.condition");
+            let col = column(table, &format!("{field}.column"), name)?;
+            let value_field = format!("{field}.value");
+            let scalar = |v: &Json| -> Result<Param, DbError> {
+                if v.is_null() {
+                    return Err(DbError::field(
+                        &value_field,
+                        "null is not comparable; use OPERATOR_IS_NULL / OPERATOR_IS_NOT_NULL",
+                    ));
+                }
+                to_param(col.ty, v).map_err(|e| e.within(&format!("{value_field}.")))
+            };
+            match op {
+                Op::Eq | Op::Neq | Op::Gt | Op::Gte | Op::Lt | Op::Lte => {
+                    let sym = match op {
+                        Op::Eq => " = ",
+                        Op::Neq => " <> ",
+                        Op::Gt => " > ",
+                        Op::Gte => " >= ",
+                        Op::Lt => " < ",
+                        _ => " <= ",
+                    };
+                    let p = scalar(value)?;
+                    b.ident(&col.name);
+                    b.push(sym);
+                    b.bind(p);
+                }
+                Op::In | Op::NotIn => {
+                    let Json::Array(items) = value else {
+                        return Err(DbError::field(&value_field, "expected a list of values"));
+                    };
+                    if items.is_empty() {
+                        b.push(if *op == Op::In { "FALSE" } else { "TRUE" });
+                        return Ok(());
+                    }
+                    let params = items
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            if v.is_null() {
+                                return Err(DbError::field(
+                                    format!("{value_field}[{i}]"),
+                                    "null never matches in a list; use OPERATOR_IS_NULL",
+                                ));
+                            }
+                            to_param(col.ty, v)
+                                .map_err(|e| e.within(&format!("{value_field}[{i}]")))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    b.ident(&col.name);
+                    b.push(if *op == Op::In { " IN (" } else { " NOT IN (" });
+                    for (i, p) in params.into_iter().enumerate() {
+                        if i > 0 {
+                            b.push(", ");
+                        }
+                        b.bind(p);
+                    }
+                    b.push(")");
+                }
+                Op::Like | Op::ILike => {
+                    if !col.ty.is_text() {
+                        return Err(DbError::field(
+                            format!("{field}.op"),
+                            format!(
+                                "LIKE / ILIKE need a text column; {} is {}",
+                                col.name, col.sql_type
+                            ),
+                        ));
+                    }
+                    let p = scalar(value)?;
+                    b.ident(&col.name);
+                    b.push(if *op == Op::Like { " LIKE " } else { " ILIKE " });
+                    b.bind(p);
+                }
+                Op::IsNull | Op::IsNotNull => {
+                    if !value.is_null() {
+                        return Err(DbError::field(
+                            &value_field,
+                            "IS NULL / IS NOT NULL take no value",
+                        ));
+                    }
+                    b.ident(&col.name);
+                    b.push(if *op == Op::IsNull {
+                        " IS NULL"
+                    } else {
+                        " IS NOT NULL"
+                    });
+                }
+                Op::Contains => {
+                    if col.ty != ColType::Jsonb {
+                        return Err(DbError::field(
+                            format!("{field}.op"),
+                            format!(
+                                "CONTAINS needs a jsonb column; {} is {}",
+                                col.name, col.sql_type
+                            ),
+                        ));
+                    }
+                    let p = scalar(value)?;
+                    b.ident(&col.name);
+                    b.push(" @> ");
+                    b.bind(p);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// ` WHERE <equals...> AND <filter>`, nothing when the criteria are empty. Shorthand
+/// conditions are reported as `where.<column>` in field errors.
+fn where_clause(b: &mut Builder, table: &TableInfo, criteria: &Criteria) -> Result<(), DbError> {
+    let mut first = true;
+    for (name, value) in &criteria.equals {
+        let field = format!("where.{name}");
+        let col = column(table, &field, name)?;
+        b.push(if first { " WHERE " } else { " AND " });
+        first = false;
+        b.ident(&col.name);
+        if value.is_null() {
+            b.push(" IS NULL");
+        } else {
+            let p = to_param(col.ty, value).map_err(|e| e.within(&field))?;
+            b.push(" = ");
+            b.bind(p);
+        }
+    }
+    if let Some(f) = &criteria.filter {
+        // Lists come parenthesised, NOT binds tighter than AND: no extra parentheses.
+        b.push(if first { " WHERE " } else { " AND " });
+        write_filter(b, table, f, "filter")?;
+    }
+    Ok(())
+}
+
+/// Plans a filter alone (for tests and the proptest): the boolean expression and its params.
+pub fn plan_filter(table: &TableInfo, filter: &Filter) -> Result<Plan, DbError> {
+    let mut b = Builder::new();
+    write_filter(&mut b, table, filter, "filter")?;
+    Ok(b.finish())
+}
+
+/// SELECT for a query. `limit` is the effective limit (None = unlimited).
+pub fn plan_query(
+    table: &TableInfo,
+    spec: &QuerySpec,
+    limit: Option<u64>,
+) -> Result<Plan, DbError> {
+    let mut b = Builder::new();
+    b.push("SELECT ");
+    select_list(&mut b, table, &spec.columns)?;
+    b.push(" FROM ");
+    b.ident(&table.name);
+    where_clause(&mut b, table, &spec.criteria)?;
+    for (i, o) in spec.order_by.iter().enumerate() {
+        let c = column(table, &format!("order_by[{i}].column"), &o.column)?;
+        b.push(if i == 0 { " ORDER BY " } else { ", " });
+        b.ident(&c.name);
+        b.push(match o.direction {
+            Direction::Asc => " ASC",
+            Direction::Desc => " DESC",
+        });
+        b.push(match o.nulls {
+            Nulls::Default => "",
+            Nulls::First => " NULLS FIRST",
+            Nulls::Last => " NULLS LAST",
+        });
+    }
+    if let Some(limit) = limit {
+        b.push(" LIMIT ");
+        b.bind(Param::Int8(clamp_i64(limit)));
+    }
+    if spec.offset > 0 {
+        b.push(" OFFSET ");
+        b.bind(Param::Int8(clamp_i64(spec.offset)));
+    }
+    Ok(b.finish())
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// SELECT count(*) for a count (or a query's total).
+pub fn plan_count(table: &TableInfo, criteria: &Criteria) -> Result<Plan, DbError> {
+    let mut b = Builder::new();
+    b.push("SELECT count(*) FROM ");
+    b.ident(&table.name);
+    where_clause(&mut b, table, criteria)?;
+    Ok(b.finish())
+}
+
+/// Columns filled with now() when the table has them and the caller did not give them.
+const AUTO_TIMESTAMPS: [&str; 2] = ["created_at", "updated_at"];
+
+enum Cell {
+    Value(Param),
+    Default,
+    Now,
+}
+
+/// The columns and cells of a multi-row VALUES, and which columns were filled with now().
+struct ValuesMatrix {
+    columns: Vec<String>,
+    rows: Vec<Vec<Cell>>,
+    auto: Vec<String>,
+}
+
+/// The column list and cells of a multi-row VALUES: the union of the rows' columns in table
+/// order (absent cells take the column default), plus created_at / updated_at as now().
+fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, DbError> {
+    if rows.is_empty() {
+        return Err(DbError::field("rows", "at least one row is required"));
+    }
+    for (i, row) in rows.iter().enumerate() {
+        for key in row.keys() {
+            column(table, &format!("rows[{i}].{key}"), key)?;
+        }
+    }
+    let mut columns = Vec::new();
+    let mut auto = Vec::new();
+    for c in &table.columns {
+        let given = rows.iter().any(|r| r.contains_key(&c.name));
+        if given {
+            columns.push(c.name.clone());
+        } else if AUTO_TIMESTAMPS.contains(&c.name.as_str()) && c.ty.is_timestamp() {
+            columns.push(c.name.clone());
+            auto.push(c.name.clone());
+        }
+    }
+    let mut matrix = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let mut cells = Vec::with_capacity(columns.len());
+        for name in &columns {
+            // Present in the catalog: checked above or taken from it.
+            let Some(c) = table.column(name) else {
+                return Err(unknown_column(table, &format!("rows[{i}]"), name));
+            };
+            let cell = match row.get(name) {
+                Some(v) => Cell::Value(
+                    to_param(c.ty, v).map_err(|e| e.within(&format!("rows[{i}].{name}")))?,
+                ),
+                None if AUTO_TIMESTAMPS.contains(&name.as_str()) && c.ty.is_timestamp() => {
+                    Cell::Now
+                }
+                None => Cell::Default,
+            };
+            cells.push(cell);
+        }
+        matrix.push(cells);
+    }
+    Ok(ValuesMatrix {
+        columns,
+        rows: matrix,
+        auto,
+    })
+}
+
+fn write_values(
+    b: &mut Builder,
+    table: &TableInfo,
+    rows: &[JsonRow],
+) -> Result<Vec<String>, DbError> {
+    let ValuesMatrix {
+        columns,
+        rows: matrix,
+        auto,
+    } = values_matrix(table, rows)?;
+    b.push("INSERT INTO ");
+    b.ident(&table.name);
+    if columns.is_empty() {
+        if rows.len() > 1 {
+            return Err(DbError::field(
+                "rows",
+                "rows without any column can only be inserted one at a time",
+            ));
+        }
+        b.push(" DEFAULT VALUES");
+        return Ok(auto);
+    }
+    b.push(" (");
+    for (i, c) in columns.iter().enumerate() {
+        if i > 0 {
+            b.push(", ");
+        }
+        b.ident(c);
+    }
+    b.push(") VALUES ");
+    for (r, cells) in matrix.into_iter().enumerate() {
+        b.push(if r == 0 { "(" } else { ", (" });
+        for (i, cell) in cells.into_iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            match cell {
+                Cell::Value(p) => b.bind(p),
+                Cell::Default => b.push("DEFAULT"),
+                Cell::Now => b.push("now()"),
+            }
+        }
+        b.push(")");
+    }
+    Ok(auto)
+}
+
+/// Multi-row INSERT ... RETURNING.
+pub fn plan_insert(table: &TableInfo, spec: &InsertSpec) -> Result<Plan, DbError> {
+    let mut b = Builder::new();
+    write_values(&mut b, table, &spec.rows)?;
+    returning(&mut b, table, spec.count_only);
+    Ok(b.finish())
+}
+
+/// UPDATE ... SET ... WHERE ... RETURNING. The filter must hold at least one condition.
+pub fn plan_update(table: &TableInfo, spec: &UpdateSpec) -> Result<Plan, DbError> {
+    require_filter("update", &spec.criteria)?;
+    if spec.set.is_empty() {
+        return Err(DbError::field(
+            "set",
+            "at least one column to set is required",
+        ));
+    }
+    let mut b = Builder::new();
+    b.push("UPDATE ");
+    b.ident(&table.name);
+    b.push(" SET ");
+    let mut first = true;
+    // Table order, so the statement text (and the prepared-statement cache) is stable.
+    for key in spec.set.keys() {
+        column(table, &format!("set.{key}"), key)?;
+    }
+    for c in &table.columns {
+        let Some(v) = spec.set.get(&c.name) else {
+            continue;
+        };
+        let p = to_param(c.ty, v).map_err(|e| e.within(&format!("set.{}.", c.name)))?;
+        if !first {
+            b.push(", ");
+        }
+        first = false;
+        b.ident(&c.name);
+        b.push(" = ");
+        b.bind(p);
+    }
+    if let Some(c) = table.column("updated_at")
+        && c.ty.is_timestamp()
+        && !spec.set.contains_key("updated_at")
+    {
+        b.push(", ");
+        b.ident(&c.name);
+        b.push(" = now()");
+    }
+    where_clause(&mut b, table, &spec.criteria)?;
+    returning(&mut b, table, spec.count_only);
+    Ok(b.finish())
+}
+
+/// DELETE ... WHERE ... RETURNING. The filter must hold at least one condition.
+pub fn plan_delete(table: &TableInfo, spec: &DeleteSpec) -> Result<Plan, DbError> {
+    require_filter("delete", &spec.criteria)?;
+    let mut b = Builder::new();
+    b.push("DELETE FROM ");
+    b.ident(&table.name);
+    where_clause(&mut b, table, &spec.criteria)?;
+    returning(&mut b, table, spec.count_only);
+    Ok(b.finish())
+}
+
+fn require_filter(operation: &'static str, criteria: &Criteria) -> Result<(), DbError> {
+    if criteria.conditions() == 0 {
+        return Err(DbError::FilterRequired { operation });
+    }
+    Ok(())
+}
+
+/// INSERT ... ON CONFLICT (...) DO UPDATE SET c = EXCLUDED.c ... | DO NOTHING, RETURNING.
+pub fn plan_upsert(table: &TableInfo, spec: &UpsertSpec) -> Result<Plan, DbError> {
+    let conflict: Vec<String> = if spec.conflict_columns.is_empty() {
+        if table.primary_key.is_empty() {
+            return Err(DbError::field(
+                "conflict_columns",
+                format!(
+                    "table {} has no primary key; name the conflict columns",
+                    table.name
+                ),
+            ));
+        }
+        table.primary_key.clone()
+    } else {
+        for (i, c) in spec.conflict_columns.iter().enumerate() {
+            column(table, &format!("conflict_columns[{i}]"), c)?;
+        }
+        spec.conflict_columns.clone()
+    };
+    for (i, c) in spec.update_columns.iter().enumerate() {
+        column(table, &format!("update_columns[{i}]"), c)?;
+    }
+    let mut b = Builder::new();
+    let auto = write_values(&mut b, table, &spec.rows)?;
+    b.push(" ON CONFLICT (");
+    for (i, c) in conflict.iter().enumerate() {
+        if i > 0 {
+            b.push(", ");
+        }
+        b.ident(c);
+    }
+    b.push(")");
+    if spec.ignore_duplicates {
+        b.push(" DO NOTHING");
+    } else {
+        let mut update: Vec<String> = if spec.update_columns.is_empty() {
+            table
+                .columns
+                .iter()
+                .filter(|c| spec.rows.iter().any(|r| r.contains_key(&c.name)))
+                .map(|c| c.name.clone())
+                .filter(|c| !conflict.contains(c))
+                .collect()
+        } else {
+            spec.update_columns.clone()
+        };
+        // An auto-filled updated_at moves on update; an auto-filled created_at keeps the
+        // original row's value.
+        if auto.iter().any(|c| c == "updated_at") && !update.iter().any(|c| c == "updated_at") {
+            update.push("updated_at".into());
+        }
+        if update.is_empty() {
+            // Nothing to change, but DO UPDATE (unlike DO NOTHING) still returns the row.
+            update.push(conflict[0].clone());
+        }
+        b.push(" DO UPDATE SET ");
+        for (i, c) in update.iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            b.ident(c);
+            b.push(" = EXCLUDED.");
+            b.ident(c);
+        }
+    }
+    returning(&mut b, table, spec.count_only);
+    Ok(b.finish())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::catalog::ColumnInfo;
+    use serde_json::json;
+
+    pub fn actions() -> TableInfo {
+        let col = |name: &str, ty: ColType, sql: &str| ColumnInfo {
+            name: name.into(),
+            ty,
+            sql_type: sql.into(),
+            nullable: true,
+            default: None,
+        };
+        TableInfo {
+            name: "agent_actions".into(),
+            columns: vec![
+                col("id", ColType::Uuid, "uuid"),
+                col("agent_name", ColType::Text, "text"),
+                col("duration_ms", ColType::Int4, "integer"),
+                col("action_details", ColType::Jsonb, "jsonb"),
+                col("score", ColType::Numeric, "numeric(5,4)"),
+                col(
+                    "created_at",
+                    ColType::Timestamp,
+                    "timestamp without time zone",
+                ),
+                col(
+                    "updated_at",
+                    ColType::Timestamptz,
+                    "timestamp with time zone",
+                ),
+            ],
+            primary_key: vec!["id".into()],
+        }
+    }
+
+    fn cond(column: &str, op: Op, value: Json) -> Filter {
+        Filter::Condition {
+            column: column.into(),
+            op,
+            value,
+        }
+    }
+
+    fn row(v: Json) -> JsonRow {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn query_with_filter_order_limit() {
+        let spec = QuerySpec {
+            table: "agent_actions".into(),
+            columns: vec!["id".into(), "agent_name".into()],
+            criteria: Criteria {
+                equals: row(json!({"agent_name": "a"})),
+                filter: Some(Filter::All(vec![
+                    Filter::Any(vec![
+                        cond("duration_ms", Op::Gt, json!(5)),
+                        Filter::Not(Box::new(cond("duration_ms", Op::IsNull, Json::Null))),
+                    ]),
+                    cond("duration_ms", Op::In, json!([1, 2])),
+                ])),
+            },
+            order_by: vec![
+                OrderBy {
+                    column: "created_at".into(),
+                    direction: Direction::Desc,
+                    nulls: Nulls::Last,
+                },
+                OrderBy {
+                    column: "id".into(),
+                    direction: Direction::Asc,
+                    nulls: Nulls::Default,
+                },
+            ],
+            limit: None,
+            offset: 10,
+            include_total: false,
+        };
+        let plan = plan_query(&actions(), &spec, Some(100)).unwrap();
+        assert_eq!(
+            plan.sql,
+            "SELECT \"id\", \"agent_name\" FROM \"agent_actions\" WHERE \"agent_name\" = $1 AND \
+             ((\"duration_ms\" > $2 OR NOT (\"duration_ms\" IS NULL)) AND \"duration_ms\" IN ($3, $4)) \
+             ORDER BY \"created_at\" DESC NULLS LAST, \"id\" ASC LIMIT $5 OFFSET $6"
+        );
+        assert_eq!(
+            plan.params,
+            vec![
+                Param::Text("a".into()),
+                Param::Int4(5),
+                Param::Int4(1),
+                Param::Int4(2),
+                Param::Int8(100),
+                Param::Int8(10)
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_columns_are_field_errors() {
+        let spec = QuerySpec {
+            table: "agent_actions".into(),
+            criteria: Criteria {
+                filter: Some(Filter::All(vec![cond("agent_nmae", Op::Eq, json!("x"))])),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = plan_query(&actions(), &spec, None).unwrap_err();
+        assert_eq!(
+            err.violations()[0].field,
+            "filter.all.filters[0].condition.column"
+        );
+        let err = plan_insert(
+            &actions(),
+            &InsertSpec {
+                table: "agent_actions".into(),
+                rows: vec![row(json!({"agent_name": "a"})), row(json!({"bogus": 1}))],
+                count_only: false,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.violations()[0].field, "rows[1].bogus");
+    }
+
+    #[test]
+    fn insert_fills_timestamps_and_defaults() {
+        let plan = plan_insert(
+            &actions(),
+            &InsertSpec {
+                table: "agent_actions".into(),
+                rows: vec![
+                    row(json!({"agent_name": "a", "duration_ms": 3})),
+                    row(json!({"agent_name": "b"})),
+                ],
+                count_only: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            plan.sql,
+            "INSERT INTO \"agent_actions\" (\"agent_name\", \"duration_ms\", \"created_at\", \"updated_at\") \
+             VALUES ($1, $2, now(), now()), ($3, DEFAULT, now(), now())"
+        );
+        assert_eq!(plan.params.len(), 3);
+    }
+
+    #[test]
+    fn wrong_types_name_the_cell() {
+        let err = plan_insert(
+            &actions(),
+            &InsertSpec {
+                table: "agent_actions".into(),
+                rows: vec![row(json!({"duration_ms": "slow"}))],
+                count_only: false,
+            },
+        )
+        .unwrap_err();
+        assert_eq!(err.violations()[0].field, "rows[0].duration_ms");
+    }
+
+    #[test]
+    fn update_and_delete_need_a_condition() {
+        let spec = UpdateSpec {
+            table: "agent_actions".into(),
+            criteria: Criteria {
+                filter: Some(Filter::All(vec![])),
+                ..Default::default()
+            },
+            set: row(json!({"agent_name": "x"})),
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan_update(&actions(), &spec),
+            Err(DbError::FilterRequired { .. })
+        ));
+        let spec = DeleteSpec {
+            table: "agent_actions".into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan_delete(&actions(), &spec),
+            Err(DbError::FilterRequired { .. })
+        ));
+        let spec = UpdateSpec {
+            table: "agent_actions".into(),
+            criteria: Criteria {
+                filter: Some(cond("id", Op::Eq, json!(uuid::Uuid::nil().to_string()))),
+                ..Default::default()
+            },
+            set: row(json!({"agent_name": "x"})),
+            count_only: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            plan_update(&actions(), &spec).unwrap().sql,
+            "UPDATE \"agent_actions\" SET \"agent_name\" = $1, \"updated_at\" = now() WHERE \"id\" = $2"
+        );
+    }
+
+    #[test]
+    fn upsert_defaults_to_primary_key() {
+        let plan = plan_upsert(
+            &actions(),
+            &UpsertSpec {
+                table: "agent_actions".into(),
+                rows: vec![row(
+                    json!({"id": uuid::Uuid::nil().to_string(), "agent_name": "a"}),
+                )],
+                count_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            plan.sql.ends_with(
+                "ON CONFLICT (\"id\") DO UPDATE SET \"agent_name\" = EXCLUDED.\"agent_name\", \
+                 \"updated_at\" = EXCLUDED.\"updated_at\""
+            ),
+            "{}",
+            plan.sql
+        );
+        let plan = plan_upsert(
+            &actions(),
+            &UpsertSpec {
+                table: "agent_actions".into(),
+                rows: vec![row(json!({"id": uuid::Uuid::nil().to_string()}))],
+                ignore_duplicates: true,
+                count_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            plan.sql.ends_with("ON CONFLICT (\"id\") DO NOTHING"),
+            "{}",
+            plan.sql
+        );
+    }
+
+    #[test]
+    fn operator_column_checks() {
+        let t = actions();
+        assert!(plan_filter(&t, &cond("duration_ms", Op::Like, json!("1%"))).is_err());
+        assert!(plan_filter(&t, &cond("agent_name", Op::Contains, json!({}))).is_err());
+        assert!(plan_filter(&t, &cond("agent_name", Op::Eq, Json::Null)).is_err());
+        assert!(plan_filter(&t, &cond("agent_name", Op::In, json!("a"))).is_err());
+        assert_eq!(
+            plan_filter(&t, &cond("agent_name", Op::NotIn, json!([])))
+                .unwrap()
+                .sql,
+            "TRUE"
+        );
+        assert_eq!(
+            plan_filter(&t, &cond("action_details", Op::Contains, json!({"k": 1})))
+                .unwrap()
+                .sql,
+            "\"action_details\" @> $1"
+        );
+    }
+
+    #[test]
+    fn quoting_doubles_quotes() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

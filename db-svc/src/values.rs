@@ -1,0 +1,433 @@
+//! The type mapping, both ways: JSON values -> typed bind parameters (checked against the
+//! column's type) and result rows -> JSON objects. Plus conversions between
+//! `google.protobuf.Struct`/`Value` and `serde_json`, which the gRPC edge uses.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+use serde_json::{Map, Number, Value as Json};
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::{Arguments, Column, Row, TypeInfo};
+use uuid::Uuid;
+
+use crate::catalog::ColType;
+use crate::error::DbError;
+
+/// A value to bind, already converted to the column's type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Param {
+    /// SQL NULL, typed like the column it goes to.
+    Null(ColType),
+    Bool(bool),
+    Int2(i16),
+    Int4(i32),
+    Int8(i64),
+    Float4(f32),
+    Float8(f64),
+    Numeric(Decimal),
+    Text(String),
+    Uuid(Uuid),
+    Json(Json),
+    Jsonb(Json),
+    Timestamp(NaiveDateTime),
+    Timestamptz(DateTime<Utc>),
+    Date(NaiveDate),
+}
+
+impl Param {
+    /// Adds this value to a statement's arguments.
+    pub fn add_to(&self, args: &mut PgArguments) -> Result<(), DbError> {
+        use sqlx::types::Json as SqlJson;
+        let r = match self {
+            Param::Null(ty) => match ty {
+                ColType::Bool => args.add(None::<bool>),
+                ColType::Int2 => args.add(None::<i16>),
+                ColType::Int4 => args.add(None::<i32>),
+                ColType::Int8 => args.add(None::<i64>),
+                ColType::Float4 => args.add(None::<f32>),
+                ColType::Float8 => args.add(None::<f64>),
+                ColType::Numeric => args.add(None::<Decimal>),
+                ColType::Uuid => args.add(None::<Uuid>),
+                ColType::Json => args.add(None::<SqlJson<Json>>),
+                ColType::Jsonb => args.add(None::<SqlJson<Json>>),
+                ColType::Timestamp => args.add(None::<NaiveDateTime>),
+                ColType::Timestamptz => args.add(None::<DateTime<Utc>>),
+                ColType::Date => args.add(None::<NaiveDate>),
+                ColType::Text | ColType::Other => args.add(None::<String>),
+            },
+            Param::Bool(v) => args.add(*v),
+            Param::Int2(v) => args.add(*v),
+            Param::Int4(v) => args.add(*v),
+            Param::Int8(v) => args.add(*v),
+            Param::Float4(v) => args.add(*v),
+            Param::Float8(v) => args.add(*v),
+            Param::Numeric(v) => args.add(*v),
+            Param::Text(v) => args.add(v.as_str()),
+            Param::Uuid(v) => args.add(*v),
+            // sqlx encodes Json<T> as jsonb; PostgreSQL casts it to json where needed.
+            Param::Json(v) | Param::Jsonb(v) => args.add(SqlJson(v)),
+            Param::Timestamp(v) => args.add(*v),
+            Param::Timestamptz(v) => args.add(*v),
+            Param::Date(v) => args.add(*v),
+        };
+        r.map_err(|e| DbError::Database(format!("cannot encode a parameter: {e}")))
+    }
+}
+
+/// Binds `params` in order.
+pub fn arguments(params: &[Param]) -> Result<PgArguments, DbError> {
+    let mut args = PgArguments::default();
+    for p in params {
+        p.add_to(&mut args)?;
+    }
+    Ok(args)
+}
+
+fn type_error(ty: ColType, got: &Json) -> DbError {
+    let kind = match got {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "a list",
+        Json::Object(_) => "an object",
+    };
+    let want = match ty {
+        ColType::Bool => "a boolean",
+        ColType::Int2 | ColType::Int4 | ColType::Int8 => "an integer",
+        ColType::Float4 | ColType::Float8 => "a number",
+        ColType::Numeric => "a number (or a decimal string)",
+        ColType::Text => "a string",
+        ColType::Uuid => "a uuid string",
+        ColType::Json | ColType::Jsonb => "a JSON value",
+        ColType::Timestamp | ColType::Timestamptz => "an RFC 3339 timestamp string",
+        ColType::Date => "a YYYY-MM-DD date string",
+        ColType::Other => "a supported type",
+    };
+    DbError::field("", format!("expected {want}, got {kind}"))
+}
+
+fn integer(ty: ColType, value: &Json, min: i64, max: i64) -> Result<i64, DbError> {
+    let n = match value {
+        Json::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                // JSON numbers from protobuf Values are doubles: 3.0 is the integer 3.
+                if f.fract() != 0.0 || !f.is_finite() || f.abs() > 9.007_199_254_740_992e15 {
+                    return Err(DbError::field("", format!("{n} is not an integer")));
+                }
+                f as i64
+            }
+        }
+        Json::String(s) if ty == ColType::Int8 => s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| DbError::field("", format!("'{s}' is not an integer")))?,
+        other => return Err(type_error(ty, other)),
+    };
+    if n < min || n > max {
+        return Err(DbError::field(
+            "",
+            format!("{n} is out of range for {ty:?} ({min}..={max})"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Parses an RFC 3339 timestamp (or, for `timestamp` columns, an offset-less ISO 8601 one,
+/// taken as UTC).
+fn timestamp(s: &str, allow_naive: bool) -> Result<DateTime<Utc>, DbError> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if allow_naive {
+        for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+            if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
+                return Ok(t.and_utc());
+            }
+        }
+    }
+    Err(DbError::field(
+        "",
+        format!("'{s}' is not an RFC 3339 timestamp (e.g. 2024-01-31T12:00:00Z)"),
+    ))
+}
+
+/// Converts a JSON value to a bind parameter for a column of type `ty`. JSON null is SQL NULL.
+/// Errors are field errors with an empty path, for the caller to prefix.
+pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
+    if value.is_null() {
+        return Ok(Param::Null(ty));
+    }
+    Ok(match ty {
+        ColType::Bool => match value {
+            Json::Bool(b) => Param::Bool(*b),
+            other => return Err(type_error(ty, other)),
+        },
+        ColType::Int2 => Param::Int2(integer(ty, value, i16::MIN.into(), i16::MAX.into())? as i16),
+        ColType::Int4 => Param::Int4(integer(ty, value, i32::MIN.into(), i32::MAX.into())? as i32),
+        ColType::Int8 => Param::Int8(integer(ty, value, i64::MIN, i64::MAX)?),
+        ColType::Float4 | ColType::Float8 => {
+            let f = match value {
+                Json::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+                other => return Err(type_error(ty, other)),
+            };
+            if ty == ColType::Float4 {
+                Param::Float4(f as f32)
+            } else {
+                Param::Float8(f)
+            }
+        }
+        ColType::Numeric => {
+            let text = match value {
+                // serde_json prints the shortest text that reads back as the same double:
+                // 0.95 stays 0.95 rather than 0.9499999999999999555910790149937.
+                Json::Number(n) => n.to_string(),
+                Json::String(s) => s.trim().to_string(),
+                other => return Err(type_error(ty, other)),
+            };
+            let d = Decimal::from_str(&text)
+                .or_else(|_| Decimal::from_scientific(&text))
+                .map_err(|_| DbError::field("", format!("'{text}' is not a decimal number")))?;
+            Param::Numeric(d)
+        }
+        ColType::Text => match value {
+            Json::String(s) => Param::Text(s.clone()),
+            other => return Err(type_error(ty, other)),
+        },
+        ColType::Uuid => match value {
+            Json::String(s) => Param::Uuid(
+                Uuid::parse_str(s)
+                    .map_err(|_| DbError::field("", format!("'{s}' is not a valid uuid")))?,
+            ),
+            other => return Err(type_error(ty, other)),
+        },
+        ColType::Json => Param::Json(value.clone()),
+        ColType::Jsonb => Param::Jsonb(value.clone()),
+        ColType::Timestamptz => match value {
+            Json::String(s) => Param::Timestamptz(timestamp(s, false)?),
+            other => return Err(type_error(ty, other)),
+        },
+        ColType::Timestamp => match value {
+            Json::String(s) => Param::Timestamp(timestamp(s, true)?.naive_utc()),
+            other => return Err(type_error(ty, other)),
+        },
+        ColType::Date => match value {
+            Json::String(s) => Param::Date(
+                NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                    .map_err(|_| DbError::field("", format!("'{s}' is not a YYYY-MM-DD date")))?,
+            ),
+            other => return Err(type_error(ty, other)),
+        },
+        ColType::Other => {
+            return Err(DbError::field(
+                "",
+                "this column's type is not supported for writes or filters",
+            ));
+        }
+    })
+}
+
+fn rfc3339(t: DateTime<Utc>) -> Json {
+    Json::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+}
+
+fn number(f: f64) -> Json {
+    Number::from_f64(f)
+        .map(Json::Number)
+        .unwrap_or_else(|| Json::String(f.to_string()))
+}
+
+/// Decodes column `i` of `row` by its PostgreSQL type.
+fn decode_column(row: &PgRow, i: usize) -> Result<Json, DbError> {
+    let column = &row.columns()[i];
+    let ty = ColType::from_pg_name(column.type_info().name());
+    let err =
+        |e: sqlx::Error| DbError::Database(format!("cannot decode column {}: {e}", column.name()));
+    macro_rules! get {
+        ($t:ty) => {
+            row.try_get::<Option<$t>, _>(i).map_err(err)?
+        };
+    }
+    Ok(match ty {
+        ColType::Bool => get!(bool).map(Json::Bool).unwrap_or(Json::Null),
+        ColType::Int2 => get!(i16).map(Json::from).unwrap_or(Json::Null),
+        ColType::Int4 => get!(i32).map(Json::from).unwrap_or(Json::Null),
+        ColType::Int8 => get!(i64).map(Json::from).unwrap_or(Json::Null),
+        ColType::Float4 => get!(f32).map(|f| number(f.into())).unwrap_or(Json::Null),
+        ColType::Float8 => get!(f64).map(number).unwrap_or(Json::Null),
+        ColType::Numeric => get!(Decimal)
+            .map(|d| number(d.to_f64().unwrap_or(f64::NAN)))
+            .unwrap_or(Json::Null),
+        ColType::Text => get!(String).map(Json::String).unwrap_or(Json::Null),
+        ColType::Uuid => get!(Uuid)
+            .map(|u| Json::String(u.to_string()))
+            .unwrap_or(Json::Null),
+        ColType::Json | ColType::Jsonb => get!(sqlx::types::Json<Json>)
+            .map(|j| j.0)
+            .unwrap_or(Json::Null),
+        ColType::Timestamptz => get!(DateTime<Utc>).map(rfc3339).unwrap_or(Json::Null),
+        ColType::Timestamp => get!(NaiveDateTime)
+            .map(|t| rfc3339(t.and_utc()))
+            .unwrap_or(Json::Null),
+        ColType::Date => get!(NaiveDate)
+            .map(|d| Json::String(d.format("%Y-%m-%d").to_string()))
+            .unwrap_or(Json::Null),
+        ColType::Other => {
+            return Err(DbError::field(
+                "",
+                format!(
+                    "column {} has unsupported type {}; cast it (e.g. ::text)",
+                    column.name(),
+                    column.type_info().name()
+                ),
+            ));
+        }
+    })
+}
+
+/// Decodes a result row into a JSON object keyed by column name.
+pub fn row_to_json(row: &PgRow) -> Result<Map<String, Json>, DbError> {
+    let mut out = Map::with_capacity(row.len());
+    for i in 0..row.len() {
+        out.insert(row.columns()[i].name().to_string(), decode_column(row, i)?);
+    }
+    Ok(out)
+}
+
+/// google.protobuf.Value -> JSON.
+pub fn proto_to_json(value: &prost_types::Value) -> Json {
+    use prost_types::value::Kind;
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => Json::Bool(*b),
+        Some(Kind::NumberValue(f)) => {
+            // Integral doubles become JSON integers, so 3.0 reads as 3 everywhere.
+            if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 {
+                Json::from(*f as i64)
+            } else {
+                number(*f)
+            }
+        }
+        Some(Kind::StringValue(s)) => Json::String(s.clone()),
+        Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(proto_to_json).collect()),
+        Some(Kind::StructValue(s)) => Json::Object(struct_to_json(s)),
+    }
+}
+
+/// google.protobuf.Struct -> JSON object.
+pub fn struct_to_json(s: &prost_types::Struct) -> Map<String, Json> {
+    s.fields
+        .iter()
+        .map(|(k, v)| (k.clone(), proto_to_json(v)))
+        .collect()
+}
+
+/// JSON -> google.protobuf.Value.
+pub fn json_to_proto(value: &Json) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(*b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Json::String(s) => Kind::StringValue(s.clone()),
+        Json::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_proto).collect(),
+        }),
+        Json::Object(o) => Kind::StructValue(json_to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// JSON object -> google.protobuf.Struct.
+pub fn json_to_struct(map: &Map<String, Json>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_proto(v)))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn integers_are_range_checked() {
+        assert_eq!(to_param(ColType::Int4, &json!(7)).unwrap(), Param::Int4(7));
+        assert_eq!(
+            to_param(ColType::Int4, &json!(7.0)).unwrap(),
+            Param::Int4(7)
+        );
+        assert!(to_param(ColType::Int4, &json!(7.5)).is_err());
+        assert!(to_param(ColType::Int4, &json!(3_000_000_000i64)).is_err());
+        assert!(to_param(ColType::Int2, &json!(40_000)).is_err());
+        assert!(to_param(ColType::Int4, &json!("7")).is_err());
+        assert_eq!(
+            to_param(ColType::Int8, &json!("9007199254740993")).unwrap(),
+            Param::Int8(9_007_199_254_740_993)
+        );
+    }
+
+    #[test]
+    fn strings_uuids_timestamps() {
+        assert!(to_param(ColType::Text, &json!(5)).is_err());
+        assert!(to_param(ColType::Uuid, &json!("not-a-uuid")).is_err());
+        let id = Uuid::new_v4();
+        assert_eq!(
+            to_param(ColType::Uuid, &json!(id.to_string())).unwrap(),
+            Param::Uuid(id)
+        );
+        let t = to_param(ColType::Timestamptz, &json!("2024-01-31T12:00:00+01:00")).unwrap();
+        assert_eq!(
+            t,
+            Param::Timestamptz("2024-01-31T11:00:00Z".parse().unwrap())
+        );
+        assert!(to_param(ColType::Timestamptz, &json!("2024-01-31 12:00")).is_err());
+        assert!(to_param(ColType::Timestamp, &json!("2024-01-31T12:00:00")).is_ok());
+        assert!(to_param(ColType::Timestamp, &json!("yesterday")).is_err());
+        assert!(to_param(ColType::Date, &json!("2024-02-30")).is_err());
+    }
+
+    #[test]
+    fn numerics_keep_their_decimal_text() {
+        assert_eq!(
+            to_param(ColType::Numeric, &json!(0.95)).unwrap(),
+            Param::Numeric(Decimal::from_str("0.95").unwrap())
+        );
+        assert_eq!(
+            to_param(ColType::Numeric, &json!("0.1234")).unwrap(),
+            Param::Numeric(Decimal::from_str("0.1234").unwrap())
+        );
+        assert!(to_param(ColType::Numeric, &json!("abc")).is_err());
+        assert!(to_param(ColType::Numeric, &json!(true)).is_err());
+    }
+
+    #[test]
+    fn null_is_typed_null_and_json_is_anything() {
+        assert_eq!(
+            to_param(ColType::Uuid, &Json::Null).unwrap(),
+            Param::Null(ColType::Uuid)
+        );
+        assert_eq!(
+            to_param(ColType::Jsonb, &json!({"a": [1, 2]})).unwrap(),
+            Param::Jsonb(json!({"a": [1, 2]}))
+        );
+        assert!(to_param(ColType::Other, &json!("x")).is_err());
+    }
+
+    #[test]
+    fn proto_json_round_trip() {
+        let v = json!({"a": 1, "b": [true, null, "x"], "c": {"d": 1.5}});
+        let Json::Object(map) = &v else {
+            unreachable!()
+        };
+        assert_eq!(Json::Object(struct_to_json(&json_to_struct(map))), v);
+    }
+}

@@ -1,0 +1,131 @@
+//! Helpers for the db-svc end-to-end tests: start db-svc on its own database, a client, JSON
+//! <-> protobuf Struct conversions, and reading the error details of a status.
+
+use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
+use serde_json::{Value as Json, json};
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use crate::{ServiceProcess, ServiceSpec, TestDatabase};
+
+/// A db-svc on its own fresh database (migrated), plus a client.
+pub struct DbSvc {
+    pub db: TestDatabase,
+    pub svc: ServiceProcess,
+    pub client: DatabaseServiceClient<Channel>,
+}
+
+impl DbSvc {
+    /// Starts db-svc with `args` and waits until it is SERVING.
+    pub async fn start(args: &[&str]) -> Self {
+        let db = TestDatabase::create().await.expect("create test database");
+        Self::start_on(db, args).await
+    }
+
+    /// Starts db-svc on an existing test database.
+    pub async fn start_on(db: TestDatabase, args: &[&str]) -> Self {
+        let mut svc = ServiceSpec::new("db-svc")
+            .env("DATABASE_URL", &db.url)
+            .args(["--shutdown-grace", "2s"])
+            .args(args.iter().copied())
+            .spawn()
+            .expect("spawn db-svc");
+        svc.wait_serving().await.expect("db-svc SERVING");
+        let client = DatabaseServiceClient::new(svc.channel());
+        Self { db, svc, client }
+    }
+
+    /// A direct connection to the test database (for checks behind db-svc's back).
+    pub async fn sql(&self) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&self.db.url)
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+/// A JSON object as a protobuf Struct.
+pub fn to_struct(value: Json) -> prost_types::Struct {
+    match value {
+        Json::Object(map) => prost_types::Struct {
+            fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+        },
+        other => panic!("not a JSON object: {other}"),
+    }
+}
+
+/// A JSON value as a protobuf Value.
+pub fn to_value(value: Json) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().expect("finite number")),
+        Json::String(s) => Kind::StringValue(s),
+        Json::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
+        Json::Object(_) => Kind::StructValue(to_struct(value)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A protobuf Value as JSON (numbers stay doubles, as the wire has them).
+pub fn from_value(value: &prost_types::Value) -> Json {
+    use prost_types::value::Kind;
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => json!(b),
+        Some(Kind::NumberValue(n)) => json!(n),
+        Some(Kind::StringValue(s)) => json!(s),
+        Some(Kind::ListValue(l)) => Json::Array(l.values.iter().map(from_value).collect()),
+        Some(Kind::StructValue(s)) => from_struct(s),
+    }
+}
+
+/// A protobuf Struct as a JSON object.
+pub fn from_struct(s: &prost_types::Struct) -> Json {
+    Json::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), from_value(v)))
+            .collect(),
+    )
+}
+
+/// Rows as JSON objects.
+pub fn rows_json(rows: &[prost_types::Struct]) -> Vec<Json> {
+    rows.iter().map(from_struct).collect()
+}
+
+/// The error code (`ErrorInfo.reason`) and the BadRequest field paths of a status.
+pub fn error_details(status: &tonic::Status) -> (String, Vec<String>) {
+    let details = status.get_error_details();
+    let reason = details
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default();
+    let fields = details
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    (reason, fields)
+}
+
+/// The `ErrorInfo.metadata` value under `key`.
+pub fn error_metadata(status: &tonic::Status, key: &str) -> Option<String> {
+    status
+        .get_error_details()
+        .error_info()
+        .and_then(|i| i.metadata.get(key).cloned())
+}
+
+/// A valid agent_actions row.
+pub fn action(agent: &str) -> Json {
+    json!({
+        "correlation_id": uuid::Uuid::new_v4().to_string(),
+        "agent_name": agent,
+        "action_type": "tool_call",
+        "action_name": "read_file",
+    })
+}

@@ -1,0 +1,228 @@
+//! ExecuteRaw: parameters really bound, read-only by default (parsed guard plus a READ ONLY
+//! transaction), writes only behind the operator's flag.
+
+use omnibus_proto::db::v1 as pb;
+use omnibus_tests::db::{DbSvc, action, error_details, rows_json, to_struct, to_value};
+use serde_json::{Value as Json, json};
+use tonic::Code;
+
+fn raw(sql: &str, params: Vec<Json>) -> pb::ExecuteRawRequest {
+    pb::ExecuteRawRequest {
+        sql: sql.into(),
+        params: params.into_iter().map(to_value).collect(),
+        request_id: String::new(),
+    }
+}
+
+async fn seed(s: &mut DbSvc) -> String {
+    let correlation = uuid::Uuid::new_v4().to_string();
+    let rows = (0..5)
+        .map(|i| {
+            let mut r = action(&format!("agent-{i}"));
+            r["duration_ms"] = json!(i * 10);
+            r["correlation_id"] = json!(correlation);
+            to_struct(r)
+        })
+        .collect();
+    s.client
+        .insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows,
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    correlation
+}
+
+#[tokio::test]
+async fn reads_with_bound_parameters() {
+    let mut s = DbSvc::start(&[]).await;
+    let correlation = seed(&mut s).await;
+    let reply = s
+        .client
+        .execute_raw(raw(
+            "SELECT agent_name, duration_ms, created_at > now() - interval '1 hour' AS recent \
+             FROM agent_actions WHERE duration_ms >= $1 AND correlation_id = $2 ORDER BY agent_name",
+            vec![json!(25), json!(correlation)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rows_json(&reply.rows),
+        vec![
+            json!({"agent_name": "agent-3", "duration_ms": 30.0, "recent": true}),
+            json!({"agent_name": "agent-4", "duration_ms": 40.0, "recent": true}),
+        ]
+    );
+    assert_eq!(reply.affected, 2);
+
+    // An aggregate and a WITH query over two served tables.
+    let reply = s
+        .client
+        .execute_raw(raw(
+            "WITH a AS (SELECT * FROM agent_actions WHERE agent_name LIKE $1) \
+             SELECT count(*) AS n, sum(duration_ms) AS total, \
+             (SELECT count(*) FROM error_events) AS errors FROM a",
+            vec![json!("agent-%")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rows_json(&reply.rows),
+        vec![json!({"n": 5.0, "total": 100.0, "errors": 0.0})]
+    );
+
+    // A parameter is a value, never SQL.
+    let reply = s
+        .client
+        .execute_raw(raw(
+            "SELECT count(*) AS n FROM agent_actions WHERE agent_name = $1",
+            vec![json!("x' OR '1'='1")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rows_json(&reply.rows), vec![json!({"n": 0.0})]);
+
+    // Parameters are typed by what PostgreSQL infers: a malformed uuid is a field error.
+    let err = s
+        .client
+        .execute_raw(raw(
+            "SELECT id FROM agent_actions WHERE correlation_id = $1",
+            vec![json!("nope")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(error_details(&err).1, vec!["params[0]"]);
+    let err = s
+        .client
+        .execute_raw(raw(
+            "SELECT id FROM agent_actions WHERE duration_ms = $1 AND agent_name = $2",
+            vec![json!(1)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(error_details(&err).1, vec!["params"]);
+}
+
+#[tokio::test]
+async fn everything_but_a_single_read_of_served_tables_is_refused() {
+    let mut s = DbSvc::start(&[]).await;
+    seed(&mut s).await;
+    for sql in [
+        "SELECT 1; DELETE FROM agent_actions",
+        "DROP TABLE agent_actions",
+        "TRUNCATE agent_actions",
+        "SELECT * FROM pg_catalog.pg_authid",
+        "SELECT * FROM omnibus_request_log",
+        "SELECT pg_sleep(30)",
+        "SELECT pg_read_file('/etc/passwd')",
+        "SELECT * FROM agent_actions WHERE agent_name IN (SELECT usename FROM pg_user)",
+        "SELECT set_config('default_transaction_read_only', 'off', false)",
+        "COPY agent_actions TO STDOUT",
+        "not sql at all",
+    ] {
+        let err = s.client.execute_raw(raw(sql, vec![])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
+        assert_eq!(error_details(&err).1, vec!["sql"], "{sql}");
+    }
+    for sql in [
+        "DELETE FROM agent_actions",
+        "UPDATE agent_actions SET agent_name = 'x'",
+        "INSERT INTO agent_actions (agent_name) VALUES ('x')",
+    ] {
+        let err = s.client.execute_raw(raw(sql, vec![])).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{sql}: {err:?}");
+        assert_eq!(error_details(&err).0, "WRITE_NOT_ALLOWED");
+    }
+    // A write hidden in a query: the parser sees a SELECT, the READ ONLY transaction refuses.
+    let err = s
+        .client
+        .execute_raw(raw(
+            "WITH gone AS (DELETE FROM agent_actions RETURNING id) SELECT count(*) FROM gone",
+            vec![],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let n = s
+        .client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(n, 5);
+}
+
+#[tokio::test]
+async fn writes_when_the_operator_enables_them_idempotently() {
+    let mut s = DbSvc::start(&["--raw-sql-writes", "true"]).await;
+    seed(&mut s).await;
+    let mut request = raw(
+        "UPDATE agent_actions SET duration_ms = duration_ms + $1 WHERE agent_name = $2 \
+         RETURNING agent_name, duration_ms",
+        vec![json!(5), json!("agent-1")],
+    );
+    request.request_id = "raw-1".into();
+    let first = s
+        .client
+        .execute_raw(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rows_json(&first.rows),
+        vec![json!({"agent_name": "agent-1", "duration_ms": 15.0})]
+    );
+    assert_eq!(first.affected, 1);
+    let again = s.client.execute_raw(request).await.unwrap().into_inner();
+    assert!(again.replayed);
+    assert_eq!(rows_json(&again.rows), rows_json(&first.rows));
+    let reply = s
+        .client
+        .execute_raw(raw(
+            "SELECT duration_ms FROM agent_actions WHERE agent_name = $1",
+            vec![json!("agent-1")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rows_json(&reply.rows),
+        vec![json!({"duration_ms": 15.0})],
+        "applied once"
+    );
+    let reply = s
+        .client
+        .execute_raw(raw(
+            "DELETE FROM agent_actions WHERE duration_ms < $1",
+            vec![json!(20)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.affected, 2);
+    // DDL and unserved tables stay refused.
+    let err = s
+        .client
+        .execute_raw(raw("DROP TABLE agent_actions", vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = s
+        .client
+        .execute_raw(raw("DELETE FROM omnibus_request_log", vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -1,0 +1,573 @@
+//! db-svc refuses what the original adapter let through, with the right status and details:
+//! bad input, runaway updates/deletes, constraint violations, injection attempts, deadlines,
+//! an unreachable database.
+
+use std::time::{Duration, Instant};
+
+use omnibus_proto::db::v1 as pb;
+use omnibus_tests::db::{
+    DbSvc, action, error_details, error_metadata, rows_json, to_struct, to_value,
+};
+use omnibus_tests::{ServiceSpec, free_port};
+use serde_json::{Value as Json, json};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn cond(column: &str, op: pb::Operator, value: Json) -> pb::Filter {
+    pb::Filter {
+        kind: Some(pb::filter::Kind::Condition(pb::Condition {
+            column: column.into(),
+            op: op as i32,
+            value: Some(to_value(value)),
+        })),
+    }
+}
+
+fn insert_req(table: &str, rows: Vec<Json>) -> pb::InsertRequest {
+    pb::InsertRequest {
+        table: table.into(),
+        rows: rows.into_iter().map(to_struct).collect(),
+        ..Default::default()
+    }
+}
+
+async fn count(s: &mut DbSvc, table: &str) -> u64 {
+    s.client
+        .count(pb::CountRequest {
+            table: table.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count
+}
+
+fn assert_invalid(status: &tonic::Status, field: &str) {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let (reason, fields) = error_details(status);
+    assert_eq!(reason, "VALIDATION_ERROR", "{status:?}");
+    assert!(
+        fields.iter().any(|f| f == field),
+        "want field {field}, got {fields:?} ({})",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field() {
+    let mut s = DbSvc::start(&["--query-max-limit", "500"]).await;
+
+    let err = s
+        .client
+        .query(pb::QueryRequest {
+            table: "agent_actionz".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "table");
+
+    let err = s
+        .client
+        .query(pb::QueryRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({"agent_nmae": "x"}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "where.agent_nmae");
+
+    let err = s
+        .client
+        .query(pb::QueryRequest {
+            table: "agent_actions".into(),
+            columns: vec!["id".into(), "nope".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "columns[1]");
+
+    let err = s
+        .client
+        .query(pb::QueryRequest {
+            table: "agent_actions".into(),
+            order_by: vec![pb::OrderBy {
+                column: "nope".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "order_by[0].column");
+
+    let err = s
+        .client
+        .query(pb::QueryRequest {
+            table: "agent_actions".into(),
+            limit: Some(501),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "limit");
+
+    let mut bogus = action("a");
+    bogus["bogus"] = json!(1);
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![action("ok"), bogus]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[1].bogus");
+
+    let mut wrong = action("a");
+    wrong["duration_ms"] = json!("slow");
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![wrong]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[0].duration_ms");
+
+    let mut too_big = action("a");
+    too_big["duration_ms"] = json!(3_000_000_000i64);
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![too_big]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[0].duration_ms");
+
+    let mut fractional = action("a");
+    fractional["duration_ms"] = json!(1.5);
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![fractional]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[0].duration_ms");
+
+    let mut bad_uuid = action("a");
+    bad_uuid["correlation_id"] = json!("abc123");
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![bad_uuid]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[0].correlation_id");
+
+    let mut bad_time = action("a");
+    bad_time["created_at"] = json!("yesterday at noon");
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![bad_time]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[0].created_at");
+
+    let mut wrong_bool = action("a");
+    wrong_bool["debug_mode"] = json!("yes");
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![wrong_bool]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[0].debug_mode");
+
+    let err = s
+        .client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            filter: Some(cond(
+                "correlation_id",
+                pb::Operator::Eq,
+                json!("not-a-uuid"),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "filter.condition.value");
+
+    let err = s
+        .client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            filter: Some(cond("duration_ms", pb::Operator::Like, json!("1%"))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "filter.condition.op");
+
+    // NOT NULL violations name the column.
+    let err = s
+        .client
+        .insert(insert_req(
+            "agent_actions",
+            vec![json!({"correlation_id": uuid::Uuid::new_v4().to_string(), "agent_name": "a", "action_type": "t"})],
+        ))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "action_name");
+
+    // Out of range for numeric(5,4).
+    let err = s
+        .client
+        .insert(insert_req(
+            "agent_routing_decisions",
+            vec![json!({"correlation_id": uuid::Uuid::new_v4().to_string(), "selected_agent": "a", "confidence_score": 12.5})],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    assert_eq!(
+        count(&mut s, "agent_actions").await,
+        0,
+        "nothing was written"
+    );
+}
+
+#[tokio::test]
+async fn updates_and_deletes_cannot_run_away() {
+    let mut s = DbSvc::start(&[]).await;
+    s.client
+        .insert(insert_req(
+            "agent_actions",
+            vec![action("a"), action("a"), action("a"), action("b")],
+        ))
+        .await
+        .unwrap();
+
+    // No filter at all, an empty where, an empty filter tree: FAILED_PRECONDITION.
+    for (r#where, filter) in [
+        (None, None),
+        (Some(to_struct(json!({}))), None),
+        (
+            None,
+            Some(pb::Filter {
+                kind: Some(pb::filter::Kind::All(pb::FilterList { filters: vec![] })),
+            }),
+        ),
+    ] {
+        let err = s
+            .client
+            .delete(pb::DeleteRequest {
+                table: "agent_actions".into(),
+                r#where: r#where.clone(),
+                filter: filter.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert_eq!(error_details(&err).0, "FILTER_REQUIRED");
+        let err = s
+            .client
+            .update(pb::UpdateRequest {
+                table: "agent_actions".into(),
+                r#where,
+                filter,
+                set: Some(to_struct(json!({"agent_name": "z"}))),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    }
+
+    // A typo in a filter key is an error, never a silently dropped condition.
+    let err = s
+        .client
+        .delete(pb::DeleteRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({"agentname": "a"}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "where.agentname");
+
+    // max_affected: more rows would change -> rolled back, FAILED_PRECONDITION.
+    let err = s
+        .client
+        .update(pb::UpdateRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({"agent_name": "a"}))),
+            set: Some(to_struct(json!({"agent_name": "c"}))),
+            max_affected: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(error_details(&err).0, "TOO_MANY_ROWS");
+    assert_eq!(error_metadata(&err, "would_affect").as_deref(), Some("3"));
+    let err = s
+        .client
+        .delete(pb::DeleteRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({"agent_name": "a"}))),
+            max_affected: Some(1),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_details(&err).0, "TOO_MANY_ROWS");
+    assert_eq!(count(&mut s, "agent_actions").await, 4, "nothing deleted");
+    let reply = s
+        .client
+        .delete(pb::DeleteRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({"agent_name": "a"}))),
+            max_affected: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.affected, 3);
+    assert_eq!(count(&mut s, "agent_actions").await, 1);
+}
+
+#[tokio::test]
+async fn constraint_violations_name_the_constraint() {
+    let mut s = DbSvc::start(&[]).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut row = action("a");
+    row["id"] = json!(id);
+    s.client
+        .insert(insert_req("agent_actions", vec![row.clone()]))
+        .await
+        .unwrap();
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![action("b"), row]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(error_details(&err).0, "CONFLICT");
+    assert_eq!(
+        error_metadata(&err, "constraint").as_deref(),
+        Some("agent_actions_pkey")
+    );
+    assert_eq!(
+        count(&mut s, "agent_actions").await,
+        1,
+        "one statement, one transaction"
+    );
+
+    let err = s
+        .client
+        .insert(insert_req(
+            "pattern_lineage_edges",
+            vec![json!({
+                "source_node_id": uuid::Uuid::new_v4().to_string(),
+                "target_node_id": uuid::Uuid::new_v4().to_string(),
+                "edge_type": "derived",
+            })],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(error_details(&err).0, "CONSTRAINT_VIOLATION");
+    assert_eq!(
+        error_metadata(&err, "constraint").as_deref(),
+        Some("pattern_lineage_edges_source_node_id_fkey")
+    );
+
+    let err = s
+        .client
+        .insert(insert_req(
+            "error_events",
+            vec![json!({"error_type": "X", "error_message": "m", "severity": "apocalyptic"})],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(
+        error_metadata(&err, "constraint").as_deref(),
+        Some("error_events_severity_check")
+    );
+}
+
+#[tokio::test]
+async fn injection_attempts_change_nothing() {
+    let mut s = DbSvc::start(&[]).await;
+    let evil = "x'); DROP TABLE agent_actions; --";
+    let quoted = "a\"b'c\\d";
+    let mut row = action(evil);
+    row["action_name"] = json!(quoted);
+    row["action_details"] = json!({"sql": "'; DELETE FROM agent_actions; --"});
+    s.client
+        .insert(insert_req("agent_actions", vec![row, action("innocent")]))
+        .await
+        .unwrap();
+
+    // Values are bound: they match themselves, literally.
+    let reply = s
+        .client
+        .query(pb::QueryRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(
+                json!({"agent_name": evil, "action_name": quoted}),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rows = rows_json(&reply.rows);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["agent_name"], json!(evil));
+    assert_eq!(rows[0]["action_name"], json!(quoted));
+    let reply = s
+        .client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            filter: Some(cond("agent_name", pb::Operator::Eq, json!("x' OR '1'='1"))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.count, 0);
+
+    // Identifiers come only from the catalog.
+    let err = s
+        .client
+        .query(pb::QueryRequest {
+            table: "agent_actions\"; DROP TABLE agent_actions; --".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "table");
+    for column in [
+        "agent_name\" = 'x' OR 1=1 --",
+        "agent_name; DROP TABLE agent_actions",
+        "(SELECT 1)",
+        "*",
+    ] {
+        let err = s
+            .client
+            .delete(pb::DeleteRequest {
+                table: "agent_actions".into(),
+                filter: Some(cond(column, pb::Operator::Eq, json!("x"))),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&err, "filter.condition.column");
+        let err = s
+            .client
+            .query(pb::QueryRequest {
+                table: "agent_actions".into(),
+                order_by: vec![pb::OrderBy {
+                    column: column.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&err, "order_by[0].column");
+        let mut row = action("a");
+        row[column] = json!(1);
+        let err = s
+            .client
+            .insert(insert_req("agent_actions", vec![row]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    assert_eq!(count(&mut s, "agent_actions").await, 2);
+}
+
+#[tokio::test]
+async fn deadline_becomes_the_statement_timeout() {
+    // A default far beyond the test, so only the deadline can end the statement.
+    let mut s = DbSvc::start(&["--statement-timeout", "120s"]).await;
+    let mut blocker = s.sql().await;
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE agent_actions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+
+    let mut request = tonic::Request::new(pb::CountRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(500));
+    let started = Instant::now();
+    let err = s.client.count(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(
+        error_details(&err).0,
+        "TIMEOUT",
+        "PostgreSQL's statement timeout fired"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // PostgreSQL itself gave up on the statement (no waiting query left behind), long before
+    // the 120 s default would have.
+    let mut observer = s.sql().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut observer)
+        .await
+        .unwrap();
+        if waiting == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the statement is still waiting");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+
+    // Without a deadline the same call works.
+    assert_eq!(count(&mut s, "agent_actions").await, 0);
+}
+
+#[tokio::test]
+async fn unreachable_database_is_unavailable() {
+    let port = free_port();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{port}/nowhere"),
+        )
+        .args(["--db-acquire-timeout", "1s", "--shutdown-grace", "1s"])
+        .spawn()
+        .unwrap();
+    svc.wait_health("", ServingStatus::NotServing, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut client =
+        omnibus_proto::db::v1::database_service_client::DatabaseServiceClient::new(svc.channel());
+    let err = client
+        .insert(insert_req("agent_actions", vec![action("a")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(error_details(&err).0, "DATABASE_UNAVAILABLE");
+    let err = client
+        .query(pb::QueryRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
