@@ -40,17 +40,20 @@ pub async fn watch_database<P, PF, H, HF>(
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
         };
-        if error.is_none() && !ready {
+        let reachable = error.is_none();
+        if reachable && !ready {
             match prepare().await {
                 Ok(()) => ready = true,
                 Err(e) => error = Some(format!("preparing the schema failed: {e}")),
             }
         }
         if error.is_some() && error != last_error {
-            tracing::warn!(
-                error = error.as_deref().unwrap_or_default(),
-                "PostgreSQL is not ready"
-            );
+            let error = error.as_deref().unwrap_or_default();
+            if reachable {
+                tracing::warn!(error, "PostgreSQL is reachable but the schema is not ready");
+            } else {
+                tracing::warn!(error, "PostgreSQL is not reachable");
+            }
         }
         if !shutdown.is_triggered() {
             health

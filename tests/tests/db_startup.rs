@@ -1,0 +1,125 @@
+//! db-svc start-up: migrations run once PostgreSQL becomes reachable and before SERVING;
+//! a flag disables them.
+
+use std::time::Duration;
+
+use omnibus_proto::db::v1 as pb;
+use omnibus_tests::db::{DbSvc, action, error_details, to_struct};
+use omnibus_tests::{ServiceSpec, TestDatabase, free_port};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// Forwards every connection on `port` to `target` (PostgreSQL appearing late).
+async fn forward(port: u16, target: String) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the forwarding port");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test]
+async fn migrates_when_postgres_appears_then_serves() {
+    let db = TestDatabase::create().await.unwrap();
+    let real = url::Url::parse(&db.url).unwrap();
+    let target = format!(
+        "{}:{}",
+        real.host_str().unwrap(),
+        real.port().unwrap_or(5432)
+    );
+    let port = free_port();
+    let mut via_proxy = real.clone();
+    via_proxy.set_port(Some(port)).unwrap();
+
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", via_proxy.as_str())
+        .args(["--shutdown-grace", "1s"])
+        .spawn()
+        .unwrap();
+    svc.wait_health("", ServingStatus::NotServing, Duration::from_secs(30))
+        .await
+        .unwrap();
+    // Nothing there yet: no tables were created.
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'agent_actions'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    let proxy = forward(port, target).await;
+    svc.wait_serving().await.unwrap();
+    // SERVING means migrated and catalogued: the first request works.
+    let mut client =
+        omnibus_proto::db::v1::database_service_client::DatabaseServiceClient::new(svc.channel());
+    let reply = client
+        .insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![to_struct(action("late"))],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.affected, 1);
+    proxy.abort();
+}
+
+#[tokio::test]
+async fn migrations_can_be_disabled() {
+    let mut s = DbSvc::start(&["--migrate", "false"]).await;
+    let mut conn = s.sql().await;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_tables WHERE tablename IN ('agent_actions', '_sqlx_migrations')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(n, 0, "no migration ran");
+    // The configured tables are still listed; using a missing one is a clear field error.
+    let tables = s
+        .client
+        .list_tables(pb::ListTablesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tables;
+    assert_eq!(tables.len(), 7);
+    let err = s
+        .client
+        .query(pb::QueryRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(error_details(&err).1, vec!["table"]);
+    // Created later (by whoever owns the schema), it is picked up without a restart.
+    sqlx::query("CREATE TABLE agent_actions (id serial PRIMARY KEY, agent_name text)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let reply = s
+        .client
+        .insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![to_struct(serde_json::json!({"agent_name": "x"}))],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.affected, 1);
+}
