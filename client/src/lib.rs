@@ -1,5 +1,7 @@
 //! Typed Rust clients for omnibus and the helpers behind the `omnibus` command-line tool.
 
+pub mod bus;
+pub mod db;
 pub mod health;
 
 pub use omnibus_proto as proto;

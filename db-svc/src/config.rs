@@ -84,6 +84,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub log: LogArgs,
+
+    #[command(flatten)]
+    pub bus: crate::bus::BusArgs,
 }
 
 // Hand-written so that no password can reach a log line through `{:?}`.
@@ -127,6 +130,8 @@ pub struct Settings {
     pub request_log_retention: Duration,
     pub server: ServerArgs,
     pub log: LogArgs,
+    /// The event-bus worker's settings; None when it is off or no broker is configured.
+    pub bus: Option<crate::bus::BusSettings>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -221,6 +226,7 @@ impl Config {
             request_log_retention: self.request_log_retention,
             server: self.server,
             log: self.log,
+            bus: self.bus.validate()?,
         })
     }
 }

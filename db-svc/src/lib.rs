@@ -6,6 +6,7 @@
 //! every failure to a gRPC status and a stable code.
 
 pub mod api;
+pub mod bus;
 pub mod catalog;
 pub mod config;
 pub mod db_health;
@@ -83,6 +84,36 @@ async fn purge_request_log(pool: &PgPool, retention: std::time::Duration) {
     }
 }
 
+/// Starts the event-bus worker when it is configured. It shares the gRPC handler (structured
+/// form) and gets an executor whose raw-SQL write policy is the bus's (SQL form).
+fn start_bus_worker(
+    settings: &Settings,
+    pool: &PgPool,
+    executor: &Executor,
+    api: std::sync::Arc<api::DatabaseApi>,
+    shutdown: &Shutdown,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let Some(bus) = settings.bus.clone() else {
+        tracing::warn!("event-bus worker off (no KAFKA_BROKERS, or --bus=false): gRPC only");
+        return None;
+    };
+    let limits = Limits {
+        raw_writes: bus.sql_writes,
+        ..executor.limits().clone()
+    };
+    let handler = bus::Handler {
+        api,
+        sql_executor: Executor::new(pool.clone(), executor.catalog().clone(), limits),
+        sql_writes: bus.sql_writes,
+    };
+    let shutdown = shutdown.clone();
+    Some(tokio::spawn(async move {
+        if let Err(e) = bus::run(bus, handler, shutdown.clone()).await {
+            tracing::error!("event-bus worker failed: {e}");
+        }
+    }))
+}
+
 /// Runs the service until `shutdown` fires.
 pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(database = %settings.database_display, tables = ?settings.tables, "db-svc starting");
@@ -122,10 +153,11 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             raw_writes: settings.raw_sql_writes,
         },
     );
-    let api = api::DatabaseApi::new(executor, shutdown.clone());
+    let api = std::sync::Arc::new(api::DatabaseApi::new(executor.clone(), shutdown.clone()));
+    let bus_worker = start_bus_worker(&settings, &pool, &executor, api.clone(), &shutdown);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(DatabaseServiceServer::new(api));
+        .add_service(DatabaseServiceServer::from_arc(api));
     let router = svc_kit::server::add_reflection(
         router,
         service_names::DATABASE,
@@ -141,6 +173,9 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     .await?;
 
     shutdown.trigger();
+    if let Some(worker) = bus_worker {
+        let _ = worker.await;
+    }
     let _ = watcher.await;
     pool.close().await;
     tracing::info!("db-svc stopped");

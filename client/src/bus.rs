@@ -1,0 +1,328 @@
+//! The event-bus publisher: sends `DATABASE_QUERY_REQUESTED` envelopes (structured form) and
+//! waits for the matching `DATABASE_QUERY_COMPLETED` / `DATABASE_QUERY_FAILED` reply.
+//!
+//! One producer and one reply consumer are shared by every concurrent request; replies are
+//! matched by correlation id. The reply consumer is assigned every partition of both reply
+//! topics at their current end offsets *before* the publisher is returned, so no reply to a
+//! request sent afterwards can be missed (and no consumer-group join delays start-up).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_protocol::{
+    DATABASE_QUERY_REQUESTED, Envelope, FailedPayload, Reply, StructuredOperation, Topics,
+    parse_reply,
+};
+use omnibus_proto::db::v1 as pb;
+use parking_lot::Mutex;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+/// Publisher settings.
+#[derive(Clone, Debug)]
+pub struct BusConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    pub topics: Topics,
+    /// How long a request waits for its reply (per-call override possible).
+    pub timeout: Duration,
+    /// `service` field of the envelopes sent.
+    pub service: String,
+}
+
+impl BusConfig {
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topics: Topics::default(),
+            timeout: Duration::from_secs(5),
+            service: "omnibus-client".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// No reply within the timeout (the request may still be processed later).
+    #[error("no reply for correlation id {correlation_id} within {after:?}")]
+    Timeout {
+        correlation_id: String,
+        after: Duration,
+    },
+    /// The broker could not be reached or refused the request.
+    #[error("event bus unavailable: {0}")]
+    Unavailable(String),
+    /// db-svc answered DATABASE_QUERY_FAILED.
+    #[error("{}: {}", .0.error_code, .0.error)]
+    Failed(Box<FailedPayload>),
+    /// A reply that does not fit the protocol.
+    #[error("bad reply: {0}")]
+    Protocol(String),
+}
+
+impl BusError {
+    /// Whether the direct path should be tried instead (the bus did not give an answer).
+    pub fn should_fall_back(&self) -> bool {
+        matches!(self, BusError::Timeout { .. } | BusError::Unavailable(_))
+    }
+}
+
+/// A db-svc request message that can travel over the bus in the structured form.
+pub trait BusRequestMessage: prost::Message + Default + Clone + Send + 'static {
+    const OPERATION: StructuredOperation;
+    type Response: prost::Message + Default + Send + 'static;
+    /// The idempotency key, for writes.
+    fn request_id_mut(&mut self) -> Option<&mut String>;
+}
+
+macro_rules! bus_message {
+    ($req:ty, $resp:ty, $op:ident, write) => {
+        impl BusRequestMessage for $req {
+            const OPERATION: StructuredOperation = StructuredOperation::$op;
+            type Response = $resp;
+            fn request_id_mut(&mut self) -> Option<&mut String> {
+                Some(&mut self.request_id)
+            }
+        }
+    };
+    ($req:ty, $resp:ty, $op:ident, read) => {
+        impl BusRequestMessage for $req {
+            const OPERATION: StructuredOperation = StructuredOperation::$op;
+            type Response = $resp;
+            fn request_id_mut(&mut self) -> Option<&mut String> {
+                None
+            }
+        }
+    };
+}
+
+bus_message!(pb::InsertRequest, pb::InsertResponse, Insert, write);
+bus_message!(pb::UpdateRequest, pb::UpdateResponse, Update, write);
+bus_message!(pb::DeleteRequest, pb::DeleteResponse, Delete, write);
+bus_message!(pb::UpsertRequest, pb::UpsertResponse, Upsert, write);
+bus_message!(
+    pb::ExecuteRawRequest,
+    pb::ExecuteRawResponse,
+    ExecuteRaw,
+    write
+);
+bus_message!(pb::QueryRequest, pb::QueryResponse, Query, read);
+bus_message!(pb::CountRequest, pb::CountResponse, Count, read);
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+
+/// Sends requests over the bus and waits for their replies. Cheap to share (`Arc`).
+pub struct BusPublisher {
+    config: BusConfig,
+    producer: FutureProducer,
+    pending: Pending,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BusPublisher {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl BusPublisher {
+    /// Creates the producer and the reply consumer, assigned to the reply topics' current end.
+    pub async fn connect(config: BusConfig) -> Result<Self, BusError> {
+        let unavailable = |e: rdkafka::error::KafkaError| BusError::Unavailable(e.to_string());
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "false")
+            .set("linger.ms", "1")
+            .set("compression.type", "lz4")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(unavailable)?;
+        let group = format!(
+            "omnibus-client-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            // Replies are small and latency matters more than batching.
+            .set("fetch.wait.max.ms", "10")
+            .set("fetch.min.bytes", "1")
+            .create()
+            .map_err(unavailable)?;
+        let consumer = Arc::new(consumer);
+
+        let topics = [
+            config.topics.completed.clone(),
+            config.topics.failed.clone(),
+        ];
+        let probe = consumer.clone();
+        let assignment =
+            tokio::task::spawn_blocking(move || -> Result<TopicPartitionList, BusError> {
+                let mut tpl = TopicPartitionList::new();
+                for topic in &topics {
+                    let metadata = probe
+                        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+                        .map_err(|e| BusError::Unavailable(format!("metadata for {topic}: {e}")))?;
+                    let partitions = metadata
+                        .topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
+                        .unwrap_or_default();
+                    if partitions.is_empty() {
+                        return Err(BusError::Unavailable(format!(
+                            "reply topic {topic} does not exist"
+                        )));
+                    }
+                    for partition in partitions {
+                        let (_, high) = probe
+                            .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+                            .map_err(|e| {
+                                BusError::Unavailable(format!(
+                                    "offsets of {topic}/{partition}: {e}"
+                                ))
+                            })?;
+                        tpl.add_partition_offset(topic, partition, Offset::Offset(high))
+                            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+                    }
+                }
+                Ok(tpl)
+            })
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))??;
+        consumer.assign(&assignment).map_err(unavailable)?;
+
+        let pending: Pending = Arc::default();
+        let reader = tokio::spawn(read_replies(
+            consumer,
+            config.topics.completed.clone(),
+            pending.clone(),
+        ));
+        Ok(Self {
+            config,
+            producer,
+            pending,
+            reader,
+        })
+    }
+
+    pub fn config(&self) -> &BusConfig {
+        &self.config
+    }
+
+    /// Sends `request` (structured form) with `correlation_id` and waits for the reply.
+    pub async fn call<R: BusRequestMessage>(
+        &self,
+        request: &R,
+        correlation_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<R::Response, BusError> {
+        let op = R::OPERATION;
+        let json = omnibus_proto::json::to_json(op.request_message(), request, true)
+            .map_err(|e| BusError::Protocol(e.to_string()))?;
+        let payload = serde_json::json!({ "operation": op.as_str(), "request": json });
+        let reply = self.request(payload, correlation_id, timeout).await?;
+        match reply {
+            Reply::Completed(done) => {
+                let response = done.response.ok_or_else(|| {
+                    BusError::Protocol("a structured request's reply has no `response`".into())
+                })?;
+                omnibus_proto::json::from_json(op.response_message(), &response)
+                    .map_err(|e| BusError::Protocol(e.to_string()))
+            }
+            Reply::Failed(failed) => Err(BusError::Failed(Box::new(failed))),
+        }
+    }
+
+    /// Sends a raw request payload and waits for the reply.
+    pub async fn request(
+        &self,
+        mut payload: serde_json::Value,
+        correlation_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, BusError> {
+        let timeout = timeout.unwrap_or(self.config.timeout);
+        // The deadline travels with the request: db-svc answers TIMEOUT instead of writing late.
+        if let Some(obj) = payload.as_object_mut() {
+            obj.entry("timeout_ms")
+                .or_insert(serde_json::json!(timeout.as_millis() as u64));
+        }
+        let envelope = Envelope::new(
+            DATABASE_QUERY_REQUESTED,
+            correlation_id,
+            self.config.service.clone(),
+            payload,
+        );
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(correlation_id.to_string(), tx);
+        let _guard = PendingGuard {
+            pending: &self.pending,
+            correlation_id,
+        };
+
+        let bytes = envelope.to_bytes();
+        let record = FutureRecord::to(&self.config.topics.request)
+            .key(correlation_id)
+            .payload(&bytes);
+        let outcome = tokio::time::timeout(timeout, async {
+            self.producer
+                .send(record, timeout)
+                .await
+                .map_err(|(e, _)| BusError::Unavailable(e.to_string()))?;
+            rx.await
+                .map_err(|_| BusError::Unavailable("reply reader stopped".into()))
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(_) => Err(BusError::Timeout {
+                correlation_id: correlation_id.to_string(),
+                after: timeout,
+            }),
+        }
+    }
+}
+
+/// Removes a pending entry however the call ends (reply, timeout, error, cancellation).
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    correlation_id: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(self.correlation_id);
+    }
+}
+
+async fn read_replies(consumer: Arc<StreamConsumer>, completed_topic: String, pending: Pending) {
+    loop {
+        let message = match consumer.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("reply consumer: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Some(bytes) = message.payload() else {
+            continue;
+        };
+        match parse_reply(bytes, message.topic() == completed_topic) {
+            Ok((correlation_id, reply)) => {
+                if let Some(tx) = pending.lock().remove(&correlation_id) {
+                    let _ = tx.send(reply);
+                }
+            }
+            Err(e) => tracing::debug!("ignoring a reply that does not parse: {e}"),
+        }
+    }
+}

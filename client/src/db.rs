@@ -1,0 +1,257 @@
+//! The db-svc client: direct gRPC, or bus-first writes that fall back to direct gRPC.
+//!
+//! Every write carries a request id (generated when the caller gives none). A bus write that
+//! gets no reply in time is retried on the direct path **with the same request id**, so
+//! db-svc's idempotency record makes the write happen once whichever path wins - including
+//! when the bus request is processed later.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omnibus_proto::db::v1 as pb;
+use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
+use tonic::transport::Channel;
+
+use crate::bus::{BusError, BusPublisher, BusRequestMessage};
+
+/// How writes travel (`USE_EVENT_BUS_FOR_WRITES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Over the bus first, direct gRPC on timeout or bus failure.
+    BusFirst,
+    /// Direct gRPC only.
+    DirectOnly,
+}
+
+/// Which path produced a result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    Bus,
+    Direct,
+    /// Direct, after the bus failed for the given reason.
+    Fallback(String),
+}
+
+/// A response and the path it came by.
+#[derive(Clone, Debug)]
+pub struct Routed<T> {
+    pub response: T,
+    pub via: Via,
+    /// The request id the write used (empty for reads).
+    pub request_id: String,
+}
+
+/// Connects to `addr` (`host:port` or a URI) lazily.
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(crate::health::endpoint_uri(addr))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy(),
+    )
+}
+
+/// A db-svc client.
+#[derive(Clone)]
+pub struct DbClient {
+    direct: DatabaseServiceClient<Channel>,
+    bus: Option<Arc<BusPublisher>>,
+    mode: WriteMode,
+}
+
+impl DbClient {
+    /// Direct gRPC only.
+    pub fn direct(channel: Channel) -> Self {
+        Self {
+            direct: DatabaseServiceClient::new(channel),
+            bus: None,
+            mode: WriteMode::DirectOnly,
+        }
+    }
+
+    /// Bus-first writes with direct fallback (when `mode` is BusFirst).
+    pub fn with_bus(channel: Channel, bus: Arc<BusPublisher>, mode: WriteMode) -> Self {
+        Self {
+            direct: DatabaseServiceClient::new(channel),
+            bus: Some(bus),
+            mode,
+        }
+    }
+
+    /// The generated gRPC client, for calls this wrapper does not cover.
+    pub fn grpc(&self) -> DatabaseServiceClient<Channel> {
+        self.direct.clone()
+    }
+
+    pub async fn insert(
+        &self,
+        req: pb::InsertRequest,
+    ) -> Result<Routed<pb::InsertResponse>, tonic::Status> {
+        self.write(req, |mut c, r| async move { c.insert(r).await })
+            .await
+    }
+
+    pub async fn update(
+        &self,
+        req: pb::UpdateRequest,
+    ) -> Result<Routed<pb::UpdateResponse>, tonic::Status> {
+        self.write(req, |mut c, r| async move { c.update(r).await })
+            .await
+    }
+
+    pub async fn delete(
+        &self,
+        req: pb::DeleteRequest,
+    ) -> Result<Routed<pb::DeleteResponse>, tonic::Status> {
+        self.write(req, |mut c, r| async move { c.delete(r).await })
+            .await
+    }
+
+    pub async fn upsert(
+        &self,
+        req: pb::UpsertRequest,
+    ) -> Result<Routed<pb::UpsertResponse>, tonic::Status> {
+        self.write(req, |mut c, r| async move { c.upsert(r).await })
+            .await
+    }
+
+    /// Reads go direct: they are fast and synchronous (the guide's "keep direct reads").
+    pub async fn query(&self, req: pb::QueryRequest) -> Result<pb::QueryResponse, tonic::Status> {
+        Ok(self.direct.clone().query(req).await?.into_inner())
+    }
+
+    pub async fn count(&self, req: pb::CountRequest) -> Result<pb::CountResponse, tonic::Status> {
+        Ok(self.direct.clone().count(req).await?.into_inner())
+    }
+
+    /// A query over the bus (for callers that want the bus path for reads too).
+    pub async fn query_via_bus(
+        &self,
+        req: pb::QueryRequest,
+        timeout: Option<Duration>,
+    ) -> Result<pb::QueryResponse, BusError> {
+        let bus = self
+            .bus
+            .as_ref()
+            .ok_or_else(|| BusError::Unavailable("no bus configured".into()))?;
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        bus.call(&req, &correlation_id, timeout).await
+    }
+
+    async fn write<R, F, Fut>(
+        &self,
+        mut req: R,
+        direct: F,
+    ) -> Result<Routed<R::Response>, tonic::Status>
+    where
+        R: BusRequestMessage,
+        F: FnOnce(DatabaseServiceClient<Channel>, R) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R::Response>, tonic::Status>>,
+    {
+        let request_id = match req.request_id_mut() {
+            Some(id) if id.is_empty() => {
+                *id = uuid::Uuid::new_v4().to_string();
+                id.clone()
+            }
+            Some(id) => id.clone(),
+            None => String::new(),
+        };
+        let mut via = Via::Direct;
+        if let (WriteMode::BusFirst, Some(bus)) = (self.mode, &self.bus) {
+            match bus.call(&req, &request_id, None).await {
+                Ok(response) => {
+                    return Ok(Routed {
+                        response,
+                        via: Via::Bus,
+                        request_id,
+                    });
+                }
+                Err(e) if e.should_fall_back() => {
+                    tracing::warn!(%request_id, "bus write failed ({e}); falling back to direct gRPC");
+                    via = Via::Fallback(e.to_string());
+                }
+                Err(e) => return Err(bus_error_to_status(e)),
+            }
+        }
+        let response = direct(self.direct.clone(), req).await?.into_inner();
+        Ok(Routed {
+            response,
+            via,
+            request_id,
+        })
+    }
+}
+
+/// The status the same failure has on the direct path.
+pub fn bus_error_to_status(e: BusError) -> tonic::Status {
+    match e {
+        BusError::Failed(failed) => {
+            let code = grpc_code_from_name(&failed.grpc_code).unwrap_or(
+                match failed.error_code.as_str() {
+                    "VALIDATION_ERROR" => tonic::Code::InvalidArgument,
+                    "NOT_FOUND" => tonic::Code::NotFound,
+                    "CONFLICT" => tonic::Code::AlreadyExists,
+                    "DATABASE_UNAVAILABLE" => tonic::Code::Unavailable,
+                    "TIMEOUT" => tonic::Code::DeadlineExceeded,
+                    _ => tonic::Code::Internal,
+                },
+            );
+            tonic::Status::new(code, format!("{}: {}", failed.error_code, failed.error))
+        }
+        BusError::Timeout { .. } => tonic::Status::deadline_exceeded(e.to_string()),
+        BusError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+        BusError::Protocol(_) => tonic::Status::internal(e.to_string()),
+    }
+}
+
+fn grpc_code_from_name(name: &str) -> Option<tonic::Code> {
+    use tonic::Code::*;
+    Some(match name {
+        "INVALID_ARGUMENT" => InvalidArgument,
+        "NOT_FOUND" => NotFound,
+        "ALREADY_EXISTS" => AlreadyExists,
+        "FAILED_PRECONDITION" => FailedPrecondition,
+        "PERMISSION_DENIED" => PermissionDenied,
+        "UNAVAILABLE" => Unavailable,
+        "DEADLINE_EXCEEDED" => DeadlineExceeded,
+        "ABORTED" => Aborted,
+        "RESOURCE_EXHAUSTED" => ResourceExhausted,
+        "UNAUTHENTICATED" => Unauthenticated,
+        "INTERNAL" => Internal,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bus_protocol::FailedPayload;
+
+    #[test]
+    fn failed_replies_become_the_direct_paths_status() {
+        let mut failed = FailedPayload::new("CONFLICT", "unique constraint x");
+        failed.grpc_code = "ALREADY_EXISTS".into();
+        let status = bus_error_to_status(BusError::Failed(Box::new(failed)));
+        assert_eq!(status.code(), tonic::Code::AlreadyExists);
+        assert!(status.message().contains("unique constraint x"));
+        let status = bus_error_to_status(BusError::Failed(Box::new(FailedPayload::new(
+            "VALIDATION_ERROR",
+            "bad",
+        ))));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn only_missing_answers_fall_back() {
+        assert!(
+            BusError::Timeout {
+                correlation_id: "c".into(),
+                after: Duration::from_secs(1)
+            }
+            .should_fall_back()
+        );
+        assert!(BusError::Unavailable("down".into()).should_fall_back());
+        assert!(!BusError::Failed(Box::new(FailedPayload::new("X", "y"))).should_fall_back());
+        assert!(!BusError::Protocol("p".into()).should_fall_back());
+    }
+}

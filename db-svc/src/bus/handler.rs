@@ -1,0 +1,435 @@
+//! One bus request → one reply. The structured form runs through the very same gRPC handler
+//! (`DatabaseApi`) as a direct call; the OmniClaude SQL form runs through the same executor
+//! and raw-SQL guard as `ExecuteRaw`. Errors get the same codes on both paths.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus_protocol::{
+    BusRequest, CompletedPayload, FailedPayload, Reply, RequestBody, SqlOperation, SqlRequest,
+    StructuredOperation, codes,
+};
+use omnibus_proto::db::v1 as pb;
+use omnibus_proto::db::v1::database_service_server::DatabaseService;
+use serde_json::{Map, Value};
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+use crate::api::DatabaseApi;
+use crate::error::DbError;
+use crate::executor::{ExecContext, Executor};
+use crate::ops::{OpOutput, Operation, RawSpec};
+use crate::raw_sql::{self, RawKind};
+
+/// What executes bus requests.
+#[derive(Clone)]
+pub struct Handler {
+    /// The gRPC service implementation, called in-process for the structured form.
+    pub api: Arc<DatabaseApi>,
+    /// An executor whose raw-SQL policy is the bus's (writes allowed unless switched off).
+    pub sql_executor: Executor,
+    /// Whether the SQL form may write (`--bus-sql-writes`).
+    pub sql_writes: bool,
+}
+
+/// The outcome of one attempt: a reply, or "the database is unavailable, try again".
+pub enum Attempt {
+    Done(Reply),
+    Retry(String),
+}
+
+impl Handler {
+    /// Runs `request` once. `remaining` is the time left before its deadline, if it has one.
+    pub async fn attempt(&self, request: &BusRequest, remaining: Option<Duration>) -> Attempt {
+        let started = Instant::now();
+        let result = match &request.body {
+            RequestBody::Structured(s) => {
+                self.structured(s.operation, &s.request, &request.correlation_id, remaining)
+                    .await
+            }
+            RequestBody::Sql(sql) => self.sql(sql, &request.correlation_id, remaining).await,
+        };
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(mut done) => {
+                done.execution_time_ms = elapsed_ms;
+                Attempt::Done(Reply::Completed(done))
+            }
+            Err(status) if is_transient(&status) => Attempt::Retry(status.message().to_string()),
+            Err(status) => Attempt::Done(Reply::Failed(failed_from_status(&status))),
+        }
+    }
+
+    async fn structured(
+        &self,
+        op: StructuredOperation,
+        json: &Value,
+        correlation_id: &str,
+        remaining: Option<Duration>,
+    ) -> Result<CompletedPayload, Status> {
+        // The correlation id is the idempotency key unless the request names its own.
+        let cid = correlation_id.to_string();
+        let id = move |current: &mut String| {
+            if current.is_empty() {
+                *current = cid;
+            }
+        };
+        let written = |rows: &[prost_types::Struct], affected: u64, replayed: bool| {
+            (rows_json(rows), affected, replayed)
+        };
+        match op {
+            StructuredOperation::Insert => {
+                self.run(
+                    op,
+                    json,
+                    remaining,
+                    |r: &mut pb::InsertRequest| id(&mut r.request_id),
+                    |api, r| async move { api.insert(r).await },
+                    |x| written(&x.rows, x.affected, x.replayed),
+                )
+                .await
+            }
+            StructuredOperation::Update => {
+                self.run(
+                    op,
+                    json,
+                    remaining,
+                    |r: &mut pb::UpdateRequest| id(&mut r.request_id),
+                    |api, r| async move { api.update(r).await },
+                    |x| written(&x.rows, x.affected, x.replayed),
+                )
+                .await
+            }
+            StructuredOperation::Delete => {
+                self.run(
+                    op,
+                    json,
+                    remaining,
+                    |r: &mut pb::DeleteRequest| id(&mut r.request_id),
+                    |api, r| async move { api.delete(r).await },
+                    |x| written(&x.rows, x.affected, x.replayed),
+                )
+                .await
+            }
+            StructuredOperation::Upsert => {
+                self.run(
+                    op,
+                    json,
+                    remaining,
+                    |r: &mut pb::UpsertRequest| id(&mut r.request_id),
+                    |api, r| async move { api.upsert(r).await },
+                    |x| written(&x.rows, x.affected, x.replayed),
+                )
+                .await
+            }
+            StructuredOperation::ExecuteRaw => {
+                self.run(
+                    op,
+                    json,
+                    remaining,
+                    |r: &mut pb::ExecuteRawRequest| id(&mut r.request_id),
+                    |api, r| async move { api.execute_raw(r).await },
+                    |x| written(&x.rows, x.affected, x.replayed),
+                )
+                .await
+            }
+            StructuredOperation::Query => {
+                self.run(
+                    op,
+                    json,
+                    remaining,
+                    |_: &mut pb::QueryRequest| {},
+                    |api, r| async move { api.query(r).await },
+                    |x| {
+                        let rows = rows_json(&x.rows);
+                        let n = rows.len() as u64;
+                        (rows, n, false)
+                    },
+                )
+                .await
+            }
+            StructuredOperation::Count => {
+                self.run(
+                    op,
+                    json,
+                    remaining,
+                    |_: &mut pb::CountRequest| {},
+                    |api, r| async move { api.count(r).await },
+                    |x| (Vec::new(), x.count, false),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Parses the request JSON, calls the gRPC handler in-process, renders the response.
+    async fn run<Req, Resp, Call, Fut>(
+        &self,
+        op: StructuredOperation,
+        json: &Value,
+        remaining: Option<Duration>,
+        set_id: impl FnOnce(&mut Req),
+        call: Call,
+        summary: impl FnOnce(&Resp) -> (Vec<Map<String, Value>>, u64, bool),
+    ) -> Result<CompletedPayload, Status>
+    where
+        Req: prost::Message + Default,
+        Resp: prost::Message,
+        Call: FnOnce(Arc<DatabaseApi>, tonic::Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let mut request: Req = omnibus_proto::json::from_json(op.request_message(), json)
+            .map_err(|e| Status::from(DbError::field("payload.request", e.to_string())))?;
+        set_id(&mut request);
+        let response = call(self.api.clone(), grpc_request(request, remaining))
+            .await?
+            .into_inner();
+        let response_json = omnibus_proto::json::to_json(op.response_message(), &response, true)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let (rows, rows_affected, replayed) = summary(&response);
+        Ok(CompletedPayload {
+            row_count: rows.len() as u64,
+            rows,
+            rows_affected,
+            execution_time_ms: 0.0,
+            operation: op.as_str().to_string(),
+            replayed,
+            response: Some(response_json),
+        })
+    }
+
+    async fn sql(
+        &self,
+        sql: &SqlRequest,
+        correlation_id: &str,
+        remaining: Option<Duration>,
+    ) -> Result<CompletedPayload, Status> {
+        let checked = raw_sql::check(
+            &sql.query,
+            self.sql_executor.catalog().served(),
+            self.sql_writes,
+        )
+        .map_err(Status::from)?;
+        if !kind_matches(sql.operation_type, checked.kind) {
+            return Err(coded(
+                Code::InvalidArgument,
+                codes::OPERATION_MISMATCH,
+                format!(
+                    "operation_type {} does not match the statement, which is a {:?}",
+                    sql.operation_type.as_str(),
+                    checked.kind
+                ),
+            ));
+        }
+        if let Some(entity) = &sql.entity_type
+            && !checked.tables.iter().any(|t| t == entity)
+        {
+            return Err(Status::from(DbError::field(
+                "payload.entity_type",
+                format!(
+                    "entity_type '{entity}' is not a table the statement names ({})",
+                    checked.tables.join(", ")
+                ),
+            )));
+        }
+        let ctx = ExecContext {
+            timeout: remaining,
+            request_id: checked.kind.is_write().then(|| correlation_id.to_string()),
+        };
+        let out: OpOutput = self
+            .sql_executor
+            .execute(
+                Operation::Raw(RawSpec {
+                    sql: sql.query.clone(),
+                    params: sql.params.clone(),
+                }),
+                &ctx,
+            )
+            .await
+            .map_err(Status::from)?;
+        let mut rows = out.rows;
+        if sql.operation_type == SqlOperation::Query {
+            // The SQL is authoritative; limit/offset, when given, page its result.
+            let offset = sql.offset.unwrap_or(0).min(rows.len() as u64) as usize;
+            rows.drain(..offset);
+            if let Some(limit) = sql.limit {
+                rows.truncate(limit as usize);
+            }
+        }
+        Ok(CompletedPayload {
+            row_count: rows.len() as u64,
+            rows_affected: if sql.operation_type == SqlOperation::Query {
+                rows.len() as u64
+            } else {
+                out.affected
+            },
+            rows,
+            execution_time_ms: 0.0,
+            operation: sql.operation_type.as_str().to_string(),
+            replayed: out.replayed,
+            response: None,
+        })
+    }
+}
+
+/// A gRPC request as the server would receive it, with the bus deadline as `grpc-timeout`
+/// (it becomes the statement timeout, exactly as on the direct path).
+fn grpc_request<T>(message: T, remaining: Option<Duration>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(left) = remaining {
+        let millis = left.as_millis().clamp(1, 99_999_999);
+        if let Ok(value) = format!("{millis}m").parse() {
+            request.metadata_mut().insert("grpc-timeout", value);
+        }
+    }
+    request
+}
+
+fn rows_json(rows: &[prost_types::Struct]) -> Vec<Map<String, Value>> {
+    rows.iter().map(crate::values::struct_to_json).collect()
+}
+
+/// UPSERT is an INSERT … ON CONFLICT statement.
+pub fn kind_matches(op: SqlOperation, kind: RawKind) -> bool {
+    matches!(
+        (op, kind),
+        (SqlOperation::Query, RawKind::Query)
+            | (SqlOperation::Insert | SqlOperation::Upsert, RawKind::Insert)
+            | (SqlOperation::Update, RawKind::Update)
+            | (SqlOperation::Delete, RawKind::Delete)
+    )
+}
+
+/// Failures worth waiting out: the database is down or the transaction was aborted.
+pub fn is_transient(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Aborted)
+}
+
+fn coded(code: Code, reason: &str, message: String) -> Status {
+    let mut details = tonic_types::ErrorDetails::new();
+    details.set_error_info(
+        reason,
+        crate::error::ERROR_DOMAIN,
+        std::collections::HashMap::new(),
+    );
+    Status::with_error_details(code, message, details)
+}
+
+/// The FAILED payload for a gRPC status: `error_code` is the status's `ErrorInfo.reason` (the
+/// stable code db-svc puts on every error), else derived from the gRPC code.
+pub fn failed_from_status(status: &Status) -> FailedPayload {
+    let details = status.get_error_details();
+    let code = details
+        .error_info()
+        .map(|i| i.reason.clone())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| code_for(status.code()).to_string());
+    let mut failed = FailedPayload::new(&code, status.message());
+    failed.grpc_code = grpc_code_name(status.code()).to_string();
+    failed.retryable = matches!(
+        status.code(),
+        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
+    );
+    if let Some(bad) = details.bad_request() {
+        let violations: Vec<Value> = bad
+            .field_violations
+            .iter()
+            .map(|v| serde_json::json!({"field": v.field, "description": v.description}))
+            .collect();
+        failed.details = serde_json::json!({ "field_violations": violations });
+    }
+    failed
+}
+
+fn code_for(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument | Code::OutOfRange => codes::VALIDATION_ERROR,
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "CONFLICT",
+        Code::FailedPrecondition => "PRECONDITION_FAILED",
+        Code::PermissionDenied => codes::WRITE_NOT_ALLOWED,
+        Code::DeadlineExceeded => codes::TIMEOUT,
+        Code::Unavailable => "DATABASE_UNAVAILABLE",
+        _ => codes::INTERNAL_ERROR,
+    }
+}
+
+/// The canonical name of a gRPC code (as in `google.rpc.Code`).
+pub fn grpc_code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_kinds_must_match_the_operation_type() {
+        assert!(kind_matches(SqlOperation::Query, RawKind::Query));
+        assert!(kind_matches(SqlOperation::Upsert, RawKind::Insert));
+        assert!(!kind_matches(SqlOperation::Query, RawKind::Delete));
+        assert!(!kind_matches(SqlOperation::Insert, RawKind::Update));
+        assert!(!kind_matches(SqlOperation::Delete, RawKind::Query));
+    }
+
+    #[test]
+    fn failures_carry_the_same_code_as_the_grpc_path() {
+        let status: Status = DbError::field("rows[0].x", "unknown column").into();
+        let failed = failed_from_status(&status);
+        assert_eq!(failed.error_code, "VALIDATION_ERROR");
+        assert_eq!(failed.grpc_code, "INVALID_ARGUMENT");
+        assert_eq!(failed.details["field_violations"][0]["field"], "rows[0].x");
+        assert!(!failed.retryable);
+
+        let status: Status = DbError::Conflict {
+            constraint: "pk".into(),
+            message: "dup".into(),
+        }
+        .into();
+        let failed = failed_from_status(&status);
+        assert_eq!(
+            (failed.error_code.as_str(), failed.grpc_code.as_str()),
+            ("CONFLICT", "ALREADY_EXISTS")
+        );
+
+        let failed = failed_from_status(&Status::not_found("gone"));
+        assert_eq!(failed.error_code, "NOT_FOUND");
+        assert!(is_transient(&Status::from(DbError::Unavailable(
+            "down".into()
+        ))));
+        assert!(!is_transient(&Status::invalid_argument("x")));
+    }
+
+    #[test]
+    fn deadlines_travel_as_grpc_timeout() {
+        let r = grpc_request((), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            crate::api::grpc_timeout(r.metadata()),
+            Some(Duration::from_millis(1500))
+        );
+        assert!(
+            grpc_request((), None)
+                .metadata()
+                .get("grpc-timeout")
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,444 @@
+//! The event-bus worker: db-svc answers `DATABASE_QUERY_REQUESTED` with
+//! `DATABASE_QUERY_COMPLETED` / `DATABASE_QUERY_FAILED`.
+//!
+//! Delivery is at least once from the bus and exactly once in effect: the correlation id is
+//! the idempotency key of every write, so a redelivered request replays its recorded result.
+//! A message's offset is committed only after its reply (or dead letter) was acknowledged by
+//! the broker, and offsets are committed in order even though requests run concurrently.
+//! While PostgreSQL is unavailable a request waits and is retried with backoff; past its own
+//! deadline it is answered TIMEOUT instead of being executed late. Replicas share the request
+//! topic through one consumer group.
+
+pub mod commit;
+pub mod handler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_protocol::{
+    BusRequest, Envelope, FailedPayload, Reply, Topics, codes, now_rfc3339, parse_request,
+};
+use clap::{ArgAction, Args};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use svc_kit::Shutdown;
+use svc_kit::server::parse_duration;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+pub use handler::Handler;
+
+use crate::bus::commit::CommitTracker;
+use crate::bus::handler::Attempt;
+
+/// Event-bus settings of db-svc.
+#[derive(Clone, Debug, Args)]
+pub struct BusArgs {
+    /// Serve db operations over the event bus (needs KAFKA_BROKERS).
+    #[arg(long = "bus", env = "DB_BUS_ENABLED", default_value_t = true, action = ArgAction::Set)]
+    pub enabled: bool,
+
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Alternative name for --kafka-brokers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", hide_short_help = true)]
+    pub kafka_bootstrap_servers: Option<String>,
+
+    /// Topic the requests arrive on.
+    #[arg(
+        long,
+        env = "DB_BUS_REQUEST_TOPIC",
+        default_value = "dev.omninode-bridge.database.query-requested.v1"
+    )]
+    pub request_topic: String,
+
+    /// Topic of DATABASE_QUERY_COMPLETED replies.
+    #[arg(
+        long,
+        env = "DB_BUS_COMPLETED_TOPIC",
+        default_value = "dev.omninode-bridge.database.query-completed.v1"
+    )]
+    pub completed_topic: String,
+
+    /// Topic of DATABASE_QUERY_FAILED replies.
+    #[arg(
+        long,
+        env = "DB_BUS_FAILED_TOPIC",
+        default_value = "dev.omninode-bridge.database.query-failed.v1"
+    )]
+    pub failed_topic: String,
+
+    /// Topic for requests that cannot be answered (no correlation id), with the reason.
+    #[arg(
+        long,
+        env = "DB_BUS_DEAD_LETTER_TOPIC",
+        default_value = "dev.omninode-bridge.database.query-dlq.v1"
+    )]
+    pub dead_letter_topic: String,
+
+    /// Consumer group shared by all db-svc replicas.
+    #[arg(long, env = "DB_BUS_GROUP_ID", default_value = "omnibus-db-svc")]
+    pub bus_group_id: String,
+
+    /// Requests processed at once (per replica).
+    #[arg(long, env = "DB_BUS_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub bus_concurrency: u32,
+
+    /// Whether SQL-form requests (OmniClaude) may write. Structured writes are always allowed.
+    #[arg(long, env = "DB_BUS_SQL_WRITES", default_value_t = true, action = ArgAction::Set)]
+    pub bus_sql_writes: bool,
+
+    /// Consumer-group session timeout (a group's first join takes about half of it).
+    #[arg(long, env = "DB_BUS_SESSION_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub bus_session_timeout: Duration,
+
+    /// `service` field of the replies.
+    #[arg(long, env = "DB_BUS_SERVICE_NAME", default_value = "omnibus-db-svc")]
+    pub bus_service_name: String,
+}
+
+/// Validated bus settings.
+#[derive(Clone, Debug)]
+pub struct BusSettings {
+    pub brokers: String,
+    pub topics: Topics,
+    pub group_id: String,
+    pub concurrency: usize,
+    pub sql_writes: bool,
+    pub session_timeout: Duration,
+    pub service: String,
+}
+
+impl BusArgs {
+    /// `Ok(None)` when the bus is switched off or no broker is configured (then a warning is
+    /// logged at start-up: the gRPC path works without a broker).
+    pub fn validate(self) -> Result<Option<BusSettings>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let (name, raw) = match (&self.kafka_brokers, &self.kafka_bootstrap_servers) {
+            (Some(b), _) => ("KAFKA_BROKERS", b),
+            (None, Some(b)) => ("KAFKA_BOOTSTRAP_SERVERS", b),
+            (None, None) => return Ok(None),
+        };
+        let brokers = svc_kit::config::parse_host_ports(name, raw)?.join(",");
+        let ms = self.bus_session_timeout.as_millis();
+        if !(1000..=3_600_000).contains(&ms) {
+            return Err("DB_BUS_SESSION_TIMEOUT must be between 1s and 1h".into());
+        }
+        Ok(Some(BusSettings {
+            brokers,
+            topics: Topics {
+                request: self.request_topic,
+                completed: self.completed_topic,
+                failed: self.failed_topic,
+                dead_letter: self.dead_letter_topic,
+            },
+            group_id: self.bus_group_id,
+            concurrency: self.bus_concurrency as usize,
+            sql_writes: self.bus_sql_writes,
+            session_timeout: self.bus_session_timeout,
+            service: self.bus_service_name,
+        }))
+    }
+}
+
+/// Everything a request task needs.
+struct Worker {
+    settings: BusSettings,
+    handler: Handler,
+    producer: FutureProducer,
+    shutdown: Shutdown,
+}
+
+/// What a processed message produces.
+enum Outgoing {
+    Reply {
+        correlation_id: String,
+        reply: Reply,
+    },
+    DeadLetter {
+        reason: String,
+        body: serde_json::Value,
+    },
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs the worker until shutdown. Returns an error only when the Kafka clients cannot be
+/// created (bad settings); broker outages are waited out.
+pub async fn run(
+    settings: BusSettings,
+    handler: Handler,
+    shutdown: Shutdown,
+) -> Result<(), String> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &settings.group_id)
+        .set("client.id", "db-svc-bus")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            settings.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (settings.session_timeout.as_millis() / 4)
+                .max(100)
+                .to_string(),
+        )
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.min.bytes", "1")
+        .create()
+        .map_err(|e| format!("bus consumer: {e}"))?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &settings.brokers)
+        .set("client.id", "db-svc-bus")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("compression.type", "lz4")
+        .create()
+        .map_err(|e| format!("bus producer: {e}"))?;
+    consumer
+        .subscribe(&[&settings.topics.request])
+        .map_err(|e| format!("subscribe to {}: {e}", settings.topics.request))?;
+    tracing::info!(
+        topic = %settings.topics.request,
+        group = %settings.group_id,
+        concurrency = settings.concurrency,
+        "event-bus worker started"
+    );
+
+    let worker = Arc::new(Worker {
+        settings,
+        handler,
+        producer,
+        shutdown: shutdown.clone(),
+    });
+    let permits = Arc::new(Semaphore::new(worker.settings.concurrency));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, i32, i64)>();
+    let mut tracker = CommitTracker::default();
+    let mut tasks = JoinSet::new();
+
+    loop {
+        tokio::select! {
+            _ = shutdown.triggered() => break,
+            Some((topic, partition, offset)) = done_rx.recv() => {
+                commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset);
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            permit = permits.clone().acquire_owned() => {
+                let Ok(permit) = permit else { break };
+                // Hold the permit while waiting for a message; keep committing meanwhile.
+                let message = loop {
+                    tokio::select! {
+                        _ = shutdown.triggered() => break None,
+                        Some((topic, partition, offset)) = done_rx.recv() => {
+                            commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset);
+                        }
+                        Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                        m = consumer.recv() => match m {
+                            Ok(m) => break Some(m.detach()),
+                            Err(e) => {
+                                tracing::warn!("bus consumer: {e}");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                        },
+                    }
+                };
+                let Some(message) = message else { break };
+                let origin = (message.topic().to_string(), message.partition(), message.offset());
+                tracker.received(&origin.0, origin.1, origin.2);
+                let (worker, done_tx) = (worker.clone(), done_tx.clone());
+                tasks.spawn(async move {
+                    let delivered = process(&worker, message.key(), message.payload(), &origin).await;
+                    drop(permit);
+                    if delivered {
+                        let _ = done_tx.send(origin);
+                    }
+                });
+            }
+        }
+    }
+
+    // Shutdown: let in-flight requests finish (bounded), then commit what they completed.
+    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "bus requests still running after {DRAIN_LIMIT:?}; they will be redelivered"
+        );
+        tasks.abort_all();
+    }
+    while let Ok((topic, partition, offset)) = done_rx.try_recv() {
+        if let Some(next) = tracker.finished(&topic, partition, offset) {
+            commit(&consumer, &topic, partition, next, CommitMode::Sync);
+        }
+    }
+    tracing::info!("event-bus worker stopped");
+    Ok(())
+}
+
+fn commit_if_advanced(
+    consumer: &StreamConsumer,
+    tracker: &mut CommitTracker,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) {
+    if let Some(next) = tracker.finished(topic, partition, offset) {
+        commit(consumer, topic, partition, next, CommitMode::Async);
+    }
+}
+
+fn commit(consumer: &StreamConsumer, topic: &str, partition: i32, next: i64, mode: CommitMode) {
+    let mut tpl = TopicPartitionList::new();
+    if tpl
+        .add_partition_offset(topic, partition, Offset::Offset(next))
+        .is_ok()
+        && let Err(e) = consumer.commit(&tpl, mode)
+    {
+        // A partition taken away by a rebalance cannot be committed: its new owner will
+        // redeliver, and idempotency makes that harmless.
+        tracing::debug!(topic, partition, next, "commit failed: {e}");
+    }
+}
+
+/// Handles one message; true once its reply (or dead letter) was delivered, i.e. when its
+/// offset may be committed. False only at shutdown.
+async fn process(
+    worker: &Worker,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    origin: &(String, i32, i64),
+) -> bool {
+    let outgoing = match parse_request(payload.unwrap_or_default(), key) {
+        Ok(request) => {
+            let Some(reply) = execute(worker, &request).await else {
+                return false;
+            };
+            Outgoing::Reply {
+                correlation_id: request.correlation_id,
+                reply,
+            }
+        }
+        Err(rejection) => match rejection.correlation_id {
+            Some(correlation_id) => {
+                tracing::info!(%correlation_id, reason = %rejection.message, "bus request rejected");
+                Outgoing::Reply {
+                    correlation_id,
+                    reply: Reply::Failed(FailedPayload::new(rejection.code, rejection.message)),
+                }
+            }
+            None => {
+                tracing::warn!(topic = %origin.0, partition = origin.1, offset = origin.2, reason = %rejection.message, "bus request without correlation id: dead-lettered");
+                Outgoing::DeadLetter {
+                    reason: rejection.message.clone(),
+                    body: serde_json::json!({
+                        "reason": rejection.message,
+                        "error_code": rejection.code,
+                        "source_topic": origin.0,
+                        "source_partition": origin.1,
+                        "source_offset": origin.2,
+                        "key": key.map(|k| String::from_utf8_lossy(k).into_owned()),
+                        "payload": payload.map(|p| String::from_utf8_lossy(p).into_owned()),
+                        "timestamp": now_rfc3339(),
+                    }),
+                }
+            }
+        },
+    };
+    deliver(worker, outgoing).await
+}
+
+/// Executes with retries while the database is unavailable. None = shutdown interrupted it
+/// (the request stays uncommitted and will be redelivered).
+async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
+    let mut backoff = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        let remaining = match request.deadline {
+            Some(deadline) => {
+                let left = deadline - chrono::Utc::now();
+                match left.to_std() {
+                    Ok(left) if !left.is_zero() => Some(left),
+                    _ => {
+                        return Some(Reply::Failed(FailedPayload::new(
+                            codes::TIMEOUT,
+                            format!(
+                                "the request's deadline ({deadline}) passed before it could be executed; nothing was done"
+                            ),
+                        )));
+                    }
+                }
+            }
+            None => None,
+        };
+        match worker.handler.attempt(request, remaining).await {
+            Attempt::Done(reply) => return Some(reply),
+            Attempt::Retry(why) => {
+                if !warned {
+                    tracing::warn!(correlation_id = %request.correlation_id, "database unavailable ({why}); the request waits and is retried");
+                    warned = true;
+                }
+                let pause = remaining.map_or(backoff, |left| backoff.min(left));
+                tokio::select! {
+                    _ = worker.shutdown.triggered() => return None,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Publishes the reply or dead letter, retrying until the broker acknowledges it.
+async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
+    let topics = &worker.settings.topics;
+    let (topic, key, bytes) = match outgoing {
+        Outgoing::Reply {
+            correlation_id,
+            reply,
+        } => {
+            let topic = match reply {
+                Reply::Completed(_) => &topics.completed,
+                Reply::Failed(_) => &topics.failed,
+            };
+            let envelope: Envelope = reply.into_envelope(&correlation_id, &worker.settings.service);
+            (topic, correlation_id, envelope.to_bytes())
+        }
+        Outgoing::DeadLetter { reason, body } => {
+            tracing::debug!(%reason, "dead letter");
+            (
+                &topics.dead_letter,
+                String::new(),
+                serde_json::to_vec(&body).unwrap_or_default(),
+            )
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut record = FutureRecord::to(topic).payload(&bytes);
+        if !key.is_empty() {
+            record = record.key(&key);
+        }
+        match worker.producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => return true,
+            Err((e, _)) => {
+                tracing::warn!(topic = %topic, "cannot publish the reply ({e}); retrying");
+                tokio::select! {
+                    _ = worker.shutdown.triggered() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
