@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod db;
+pub mod generate;
 pub mod health;
 
 pub use omnibus_proto as proto;

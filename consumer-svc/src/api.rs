@@ -1,34 +1,692 @@
-//! The `omnibus.consumer.v1.ConsumerService` gRPC edge.
+//! The `omnibus.consumer.v1.ConsumerService` gRPC edge: unary reads of the state and the
+//! three streams over the hub.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
+use futures::Stream;
+use omnibus_proto::consumer::v1 as pb;
 use omnibus_proto::consumer::v1::consumer_service_server::ConsumerService;
-use omnibus_proto::consumer::v1::{GetConsumerStatusRequest, GetConsumerStatusResponse};
-use tonic::{Request, Response, Status};
+use parking_lot::RwLock;
+use svc_kit::Shutdown;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::broker::BrokerStatus;
+use crate::convert;
+use crate::events::{Event, Micros};
+use crate::hub::{Follower, Hub, Next, Update, UpdateKind};
+use crate::ingest::{IngestStatus, now_micros};
+use crate::state::State;
+
+const DEFAULT_LIMIT: usize = 100;
+/// Most updates in one StreamActions / StreamAgentMetrics push.
+const MAX_PUSH: usize = 1000;
 
 pub struct ConsumerApi {
-    broker: Arc<BrokerStatus>,
+    pub(crate) broker: Arc<BrokerStatus>,
+    pub(crate) state: Arc<RwLock<State>>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) ingest: Arc<IngestStatus>,
+    pub(crate) real_time: bool,
+    pub(crate) shutdown: Shutdown,
+}
+
+fn invalid(field: &str, description: impl Into<String>) -> Status {
+    let description = description.into();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: {description}"),
+        ErrorDetails::with_bad_request_violation(field, description),
+    )
 }
 
 impl ConsumerApi {
-    pub fn new(broker: Arc<BrokerStatus>) -> Self {
-        Self { broker }
+    /// Parses a window (`1h`, `24h`, `7d`); empty means the whole retention window.
+    fn window(&self, field: &str, raw: &str) -> Result<Option<Micros>, Status> {
+        if raw.trim().is_empty() {
+            return Ok(None);
+        }
+        let d = svc_kit::server::parse_duration(raw).map_err(|e| invalid(field, e))?;
+        let retention = self.state.read().config().retention;
+        let w = d.as_micros() as Micros;
+        if w > retention {
+            return Err(invalid(
+                field,
+                format!(
+                    "window {raw} is longer than the retention window ({}s)",
+                    retention / 1_000_000
+                ),
+            ));
+        }
+        if w == 0 {
+            return Err(invalid(field, "window must be positive"));
+        }
+        Ok(Some(w))
+    }
+
+    pub(crate) fn status(&self) -> pb::ConsumerStatus {
+        let ingest = &self.ingest;
+        let topics = crate::events::EventKind::ALL
+            .iter()
+            .map(|k| {
+                let c = &ingest.counters[k.index()];
+                let last = c.last_event.load(std::sync::atomic::Ordering::Relaxed);
+                pb::TopicStatus {
+                    topic: ingest.topics[k.index()].clone(),
+                    kind: convert::kind(*k) as i32,
+                    events_consumed: c.consumed.load(std::sync::atomic::Ordering::Relaxed),
+                    parse_errors: c.parse_errors.load(std::sync::atomic::Ordering::Relaxed),
+                    skipped_expired: c.expired.load(std::sync::atomic::Ordering::Relaxed),
+                    last_event_time: (last != i64::MIN).then(|| convert::timestamp(last)),
+                }
+            })
+            .collect::<Vec<_>>();
+        let partitions = ingest
+            .partitions
+            .lock()
+            .iter()
+            .map(|((k, p), pos)| pb::PartitionStatus {
+                topic: ingest.topics[*k].clone(),
+                partition: *p,
+                next_offset: pos.next,
+                high_watermark: pos.high,
+                lag: if pos.high >= 0 && pos.next >= 0 {
+                    (pos.high - pos.next).max(0)
+                } else {
+                    0
+                },
+            })
+            .collect();
+        let state = self.state.read();
+        pb::ConsumerStatus {
+            connected: self.broker.connected(),
+            events_processed: ingest.events_processed(),
+            last_event_time: ingest.last_event().map(convert::timestamp),
+            parse_errors: topics.iter().map(|t| t.parse_errors).sum(),
+            topics,
+            partitions,
+            real_time_events_enabled: self.real_time,
+            last_sequence: self.hub.last_seq(),
+            retention_seconds: (state.config().retention / 1_000_000) as u64,
+            agents: state.agent_count() as u64,
+        }
+    }
+
+    /// Everything, under one read lock of the state; `sequence` is the hub's position then.
+    fn snapshot(&self, state: &State, sequence: u64) -> pb::Snapshot {
+        let now = now_micros();
+        pb::Snapshot {
+            agents: state
+                .agent_metrics(now, None, None)
+                .iter()
+                .map(convert::agent_metrics)
+                .collect(),
+            actions: state.actions().map(|a| convert::action(a)).collect(),
+            routing_decisions: state.decisions().map(|d| convert::decision(d)).collect(),
+            transformations: state
+                .transformations()
+                .map(|t| convert::transformation(t))
+                .collect(),
+            performance_metrics: state
+                .performance()
+                .map(|m| convert::performance(m))
+                .collect(),
+            performance_stats: Some(convert::stats(&state.performance_stats(now, None))),
+            status: None,
+            sequence,
+        }
+    }
+
+    fn check_streams(&self) -> Result<(), Status> {
+        if self.real_time {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition(
+                "real-time events are disabled on this server (ENABLE_REAL_TIME_EVENTS=false); use the unary reads",
+            ))
+        }
+    }
+}
+
+fn limit(requested: u32) -> usize {
+    if requested == 0 {
+        DEFAULT_LIMIT
+    } else {
+        requested as usize
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// What a stream's mapper sees.
+enum Feed<'a> {
+    Updates(&'a [Arc<Update>]),
+    Lagged { missed: u64, last_missed: u64 },
+}
+
+struct FollowState<T, F> {
+    queued: VecDeque<T>,
+    follower: Follower,
+    shutdown: Shutdown,
+    map: F,
+}
+
+/// A response stream: `initial` messages first, then live updates mapped by `map`, ending
+/// when the server shuts down.
+fn follow<T, F>(initial: Vec<T>, follower: Follower, shutdown: Shutdown, map: F) -> BoxStream<T>
+where
+    T: Send + 'static,
+    F: FnMut(Feed<'_>, &mut VecDeque<T>) + Send + 'static,
+{
+    let st = FollowState {
+        queued: initial.into(),
+        follower,
+        shutdown,
+        map,
+    };
+    Box::pin(futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if st.shutdown.is_triggered() {
+                return None;
+            }
+            if let Some(item) = st.queued.pop_front() {
+                return Some((Ok(item), st));
+            }
+            let next = tokio::select! {
+                biased;
+                _ = st.shutdown.triggered() => return None,
+                next = st.follower.next() => next,
+            };
+            match next {
+                Next::Closed => return None,
+                Next::Updates(u) => (st.map)(Feed::Updates(&u), &mut st.queued),
+                Next::Lagged {
+                    missed,
+                    last_missed,
+                } => (st.map)(
+                    Feed::Lagged {
+                        missed,
+                        last_missed,
+                    },
+                    &mut st.queued,
+                ),
+            }
+        }
+    }))
+}
+
+/// Filters of the action, decision and transformation updates.
+#[derive(Clone, Default)]
+struct Filter {
+    agent: Option<String>,
+    action_type: Option<String>,
+    correlation_id: Option<String>,
+    min_confidence: Option<f64>,
+}
+
+impl Filter {
+    fn action(&self, a: &crate::events::AgentAction) -> bool {
+        self.agent.as_ref().is_none_or(|x| *x == a.agent_name)
+            && self
+                .action_type
+                .as_ref()
+                .is_none_or(|x| *x == a.action_type)
+            && self
+                .correlation_id
+                .as_ref()
+                .is_none_or(|x| a.correlation_id.as_ref() == Some(x))
+    }
+    fn decision(&self, d: &crate::events::RoutingDecision) -> bool {
+        self.agent.as_ref().is_none_or(|x| *x == d.selected_agent)
+            && self
+                .correlation_id
+                .as_ref()
+                .is_none_or(|x| d.correlation_id.as_ref() == Some(x))
+            && self
+                .min_confidence
+                .is_none_or(|m| d.confidence_score.is_some_and(|c| c >= m))
+    }
+    fn transformation(&self, t: &crate::events::Transformation) -> bool {
+        self.agent
+            .as_ref()
+            .is_none_or(|x| *x == t.source_agent || *x == t.target_agent)
+            && self
+                .correlation_id
+                .as_ref()
+                .is_none_or(|x| t.correlation_id.as_ref() == Some(x))
+    }
+    fn metrics(&self, m: &pb::AgentMetrics) -> bool {
+        self.agent.as_ref().is_none_or(|x| *x == m.agent)
+    }
+}
+
+/// Which Subscribe channels are on, indexed by `pb::Channel`.
+#[derive(Clone, Copy)]
+struct Channels([bool; 8]);
+
+impl Channels {
+    fn from_request(raw: &[i32]) -> Result<Self, Status> {
+        let mut on = [false; 8];
+        if raw.is_empty() {
+            return Ok(Self([true; 8]));
+        }
+        for &c in raw {
+            match pb::Channel::try_from(c) {
+                Ok(pb::Channel::All) => return Ok(Self([true; 8])),
+                Ok(pb::Channel::Unspecified) | Err(_) => {
+                    return Err(invalid("channels", format!("unknown channel {c}")));
+                }
+                Ok(ch) => on[ch as usize] = true,
+            }
+        }
+        Ok(Self(on))
+    }
+    fn has(&self, c: pb::Channel) -> bool {
+        self.0[c as usize]
     }
 }
 
 #[tonic::async_trait]
 impl ConsumerService for ConsumerApi {
+    async fn get_agent_metrics(
+        &self,
+        request: Request<pb::GetAgentMetricsRequest>,
+    ) -> Result<Response<pb::GetAgentMetricsResponse>, Status> {
+        let r = request.into_inner();
+        let window = self.window("window", &r.window)?;
+        let agents = self
+            .state
+            .read()
+            .agent_metrics(now_micros(), window, r.agent.as_deref());
+        Ok(Response::new(pb::GetAgentMetricsResponse {
+            agents: agents.iter().map(convert::agent_metrics).collect(),
+        }))
+    }
+
+    async fn list_recent_actions(
+        &self,
+        request: Request<pb::ListRecentActionsRequest>,
+    ) -> Result<Response<pb::ListRecentActionsResponse>, Status> {
+        let r = request.into_inner();
+        let window = self.window("window", &r.window)?;
+        let since = window.map_or(Micros::MIN, |w| now_micros() - w);
+        let filter = Filter {
+            agent: r.agent,
+            action_type: r.action_type,
+            correlation_id: r.correlation_id,
+            min_confidence: None,
+        };
+        let actions = self
+            .state
+            .read()
+            .actions()
+            .filter(|a| a.time >= since && filter.action(a))
+            .take(limit(r.limit))
+            .map(|a| convert::action(a))
+            .collect();
+        Ok(Response::new(pb::ListRecentActionsResponse { actions }))
+    }
+
+    async fn list_routing_decisions(
+        &self,
+        request: Request<pb::ListRoutingDecisionsRequest>,
+    ) -> Result<Response<pb::ListRoutingDecisionsResponse>, Status> {
+        let r = request.into_inner();
+        let window = self.window("window", &r.window)?;
+        if let Some(m) = r.min_confidence
+            && !(0.0..=1.0).contains(&m)
+        {
+            return Err(invalid("min_confidence", "must be between 0 and 1"));
+        }
+        let since = window.map_or(Micros::MIN, |w| now_micros() - w);
+        let filter = Filter {
+            agent: r.agent,
+            min_confidence: r.min_confidence,
+            ..Default::default()
+        };
+        let decisions = self
+            .state
+            .read()
+            .decisions()
+            .filter(|d| d.time >= since && filter.decision(d))
+            .take(limit(r.limit))
+            .map(|d| convert::decision(d))
+            .collect();
+        Ok(Response::new(pb::ListRoutingDecisionsResponse {
+            decisions,
+        }))
+    }
+
+    async fn list_transformations(
+        &self,
+        request: Request<pb::ListTransformationsRequest>,
+    ) -> Result<Response<pb::ListTransformationsResponse>, Status> {
+        let r = request.into_inner();
+        let filter = Filter {
+            agent: r.agent,
+            ..Default::default()
+        };
+        let transformations = self
+            .state
+            .read()
+            .transformations()
+            .filter(|t| filter.transformation(t))
+            .take(limit(r.limit))
+            .map(|t| convert::transformation(t))
+            .collect();
+        Ok(Response::new(pb::ListTransformationsResponse {
+            transformations,
+        }))
+    }
+
+    async fn list_performance_metrics(
+        &self,
+        request: Request<pb::ListPerformanceMetricsRequest>,
+    ) -> Result<Response<pb::ListPerformanceMetricsResponse>, Status> {
+        let r = request.into_inner();
+        let state = self.state.read();
+        Ok(Response::new(pb::ListPerformanceMetricsResponse {
+            metrics: state
+                .performance()
+                .take(limit(r.limit))
+                .map(|m| convert::performance(m))
+                .collect(),
+            stats: Some(convert::stats(&state.performance_stats(now_micros(), None))),
+        }))
+    }
+
+    async fn get_performance_stats(
+        &self,
+        request: Request<pb::GetPerformanceStatsRequest>,
+    ) -> Result<Response<pb::GetPerformanceStatsResponse>, Status> {
+        let r = request.into_inner();
+        let window = self.window("window", &r.window)?;
+        let stats = self.state.read().performance_stats(now_micros(), window);
+        Ok(Response::new(pb::GetPerformanceStatsResponse {
+            stats: Some(convert::stats(&stats)),
+        }))
+    }
+
+    async fn get_snapshot(
+        &self,
+        _request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        let mut snapshot = {
+            let state = self.state.read();
+            self.snapshot(&state, self.hub.last_seq())
+        };
+        snapshot.status = Some(self.status());
+        Ok(Response::new(pb::GetSnapshotResponse {
+            snapshot: Some(snapshot),
+        }))
+    }
+
     async fn get_consumer_status(
         &self,
-        _request: Request<GetConsumerStatusRequest>,
-    ) -> Result<Response<GetConsumerStatusResponse>, Status> {
-        Ok(Response::new(GetConsumerStatusResponse {
-            connected: self.broker.connected(),
-            events_processed: 0,
-            last_event_time: None,
-            status: None,
+        _request: Request<pb::GetConsumerStatusRequest>,
+    ) -> Result<Response<pb::GetConsumerStatusResponse>, Status> {
+        let status = self.status();
+        Ok(Response::new(pb::GetConsumerStatusResponse {
+            connected: status.connected,
+            events_processed: status.events_processed,
+            last_event_time: status.last_event_time,
+            status: Some(status),
         }))
+    }
+
+    async fn stream_actions(
+        &self,
+        request: Request<pb::StreamActionsRequest>,
+    ) -> Result<Response<BoxStream<pb::StreamActionsResponse>>, Status> {
+        self.check_streams()?;
+        let r = request.into_inner();
+        let filter = Filter {
+            agent: r.agent,
+            action_type: r.action_type,
+            correlation_id: r.correlation_id,
+            min_confidence: None,
+        };
+        let sub = self
+            .hub
+            .subscribe(None)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let follower = Follower::new(sub.rx, sub.last_seq, MAX_PUSH);
+        let stream = follow(
+            Vec::new(),
+            follower,
+            self.shutdown.clone(),
+            move |feed, out| match feed {
+                Feed::Updates(updates) => {
+                    let actions: Vec<pb::AgentAction> = updates
+                        .iter()
+                        .filter_map(|u| match &u.kind {
+                            UpdateKind::Event(Event::AgentAction(a)) if filter.action(a) => {
+                                Some(convert::action(a))
+                            }
+                            _ => None,
+                        })
+                        .collect();
+                    if !actions.is_empty() {
+                        out.push_back(pb::StreamActionsResponse { actions, lagged: 0 });
+                    }
+                }
+                Feed::Lagged { missed, .. } => out.push_back(pb::StreamActionsResponse {
+                    actions: Vec::new(),
+                    lagged: missed,
+                }),
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn stream_agent_metrics(
+        &self,
+        request: Request<pb::StreamAgentMetricsRequest>,
+    ) -> Result<Response<BoxStream<pb::StreamAgentMetricsResponse>>, Status> {
+        self.check_streams()?;
+        let r = request.into_inner();
+        let filter = Filter {
+            agent: r.agent,
+            ..Default::default()
+        };
+        let sub = self
+            .hub
+            .subscribe(None)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let initial: Vec<pb::AgentMetrics> = self
+            .state
+            .read()
+            .agent_metrics(now_micros(), None, filter.agent.as_deref())
+            .iter()
+            .map(convert::agent_metrics)
+            .collect();
+        let follower = Follower::new(sub.rx, sub.last_seq, MAX_PUSH);
+        let first = vec![pb::StreamAgentMetricsResponse {
+            agents: initial,
+            lagged: 0,
+        }];
+        let stream = follow(
+            first,
+            follower,
+            self.shutdown.clone(),
+            move |feed, out| match feed {
+                Feed::Updates(updates) => {
+                    let agents: Vec<pb::AgentMetrics> = updates
+                        .iter()
+                        .filter_map(|u| match &u.kind {
+                            UpdateKind::AgentMetrics(m) if filter.metrics(m) => Some((**m).clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    if !agents.is_empty() {
+                        out.push_back(pb::StreamAgentMetricsResponse { agents, lagged: 0 });
+                    }
+                }
+                Feed::Lagged { missed, .. } => out.push_back(pb::StreamAgentMetricsResponse {
+                    agents: Vec::new(),
+                    lagged: missed,
+                }),
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<BoxStream<pb::SubscribeResponse>>, Status> {
+        self.check_streams()?;
+        let r = request.into_inner();
+        let channels = Channels::from_request(&r.channels)?;
+        if let Some(m) = r.min_confidence
+            && !(0.0..=1.0).contains(&m)
+        {
+            return Err(invalid("min_confidence", "must be between 0 and 1"));
+        }
+        let filter = Filter {
+            agent: r.agent,
+            action_type: r.action_type,
+            correlation_id: r.correlation_id,
+            min_confidence: r.min_confidence,
+        };
+        // Subscribing and taking the snapshot under the state's read lock: ingest publishes
+        // while holding the write lock, so the snapshot holds exactly the updates <= last_seq.
+        let (sub, snapshot) = {
+            let state = self.state.read();
+            let sub = self
+                .hub
+                .subscribe(r.resume_after_sequence)
+                .map_err(|e| Status::out_of_range(e.to_string()))?;
+            let want_snapshot =
+                r.include_snapshot && (r.resume_after_sequence.is_none() || sub.missed > 0);
+            let snapshot = want_snapshot.then(|| self.snapshot(&state, sub.last_seq));
+            (sub, snapshot)
+        };
+        let mut initial = Vec::new();
+        match snapshot {
+            Some(mut snap) => {
+                snap.status = Some(self.status());
+                initial.push(pb::SubscribeResponse {
+                    sequence: snap.sequence,
+                    update: Some(pb::subscribe_response::Update::Snapshot(snap)),
+                });
+            }
+            None => {
+                if sub.missed > 0 {
+                    let last_missed = sub.backlog.first().map_or(sub.last_seq, |u| u.seq - 1);
+                    initial.push(lag_notice(sub.missed, last_missed));
+                }
+                for u in &sub.backlog {
+                    if let Some(m) = subscribe_message(u, &channels, &filter) {
+                        initial.push(m);
+                    }
+                }
+            }
+        }
+        let follower = Follower::new(sub.rx, sub.last_seq, MAX_PUSH);
+        let stream = follow(
+            initial,
+            follower,
+            self.shutdown.clone(),
+            move |feed, out| match feed {
+                Feed::Updates(updates) => {
+                    for u in updates {
+                        if let Some(m) = subscribe_message(u, &channels, &filter) {
+                            out.push_back(m);
+                        }
+                    }
+                }
+                Feed::Lagged {
+                    missed,
+                    last_missed,
+                } => out.push_back(lag_notice(missed, last_missed)),
+            },
+        );
+        Ok(Response::new(stream))
+    }
+}
+
+fn lag_notice(missed: u64, last_missed: u64) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        sequence: last_missed,
+        update: Some(pb::subscribe_response::Update::Lagged(pb::Lagged {
+            missed,
+        })),
+    }
+}
+
+fn subscribe_message(u: &Update, ch: &Channels, f: &Filter) -> Option<pb::SubscribeResponse> {
+    use pb::subscribe_response::Update as U;
+    let update = match &u.kind {
+        UpdateKind::Event(Event::AgentAction(a)) if ch.has(pb::Channel::Actions) && f.action(a) => {
+            U::Action(convert::action(a))
+        }
+        UpdateKind::Event(Event::RoutingDecision(d))
+            if ch.has(pb::Channel::Routing) && f.decision(d) =>
+        {
+            U::RoutingDecision(convert::decision(d))
+        }
+        UpdateKind::Event(Event::Transformation(t))
+            if ch.has(pb::Channel::Transformations) && f.transformation(t) =>
+        {
+            U::Transformation(convert::transformation(t))
+        }
+        UpdateKind::Event(Event::PerformanceMetric(m))
+            if ch.has(pb::Channel::Performance)
+                && f.agent.is_none()
+                && f.correlation_id
+                    .as_ref()
+                    .is_none_or(|c| m.correlation_id.as_ref() == Some(c)) =>
+        {
+            U::PerformanceMetric(convert::performance(m))
+        }
+        UpdateKind::AgentMetrics(m) if ch.has(pb::Channel::Metrics) && f.metrics(m) => {
+            U::AgentMetrics((**m).clone())
+        }
+        UpdateKind::Status(s) if ch.has(pb::Channel::System) => U::ConsumerStatus((**s).clone()),
+        _ => return None,
+    };
+    Some(pb::SubscribeResponse {
+        sequence: u.seq,
+        update: Some(update),
+    })
+}
+
+/// Publishes coalesced agent-metric updates and consumer-status changes until shutdown.
+pub async fn publish_live_updates(
+    api: Arc<ConsumerApi>,
+    dirty: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut connected: Option<bool> = None;
+    loop {
+        tokio::select! {
+            _ = api.shutdown.triggered() => return,
+            _ = tick.tick() => {}
+        }
+        let changed: Vec<String> = std::mem::take(&mut *dirty.lock()).into_iter().collect();
+        if !changed.is_empty() {
+            let now = now_micros();
+            let metrics: Vec<UpdateKind> = {
+                let state = api.state.read();
+                changed
+                    .iter()
+                    .flat_map(|a| state.agent_metrics(now, None, Some(a)))
+                    .map(|m| UpdateKind::AgentMetrics(Arc::new(convert::agent_metrics(&m))))
+                    .collect()
+            };
+            api.hub.publish(metrics);
+        }
+        let now_connected = api.broker.connected();
+        if connected != Some(now_connected) {
+            connected = Some(now_connected);
+            api.hub
+                .publish([UpdateKind::Status(Arc::new(api.status()))]);
+        }
     }
 }

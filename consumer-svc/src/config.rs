@@ -2,8 +2,14 @@
 
 use std::net::SocketAddr;
 
+use std::time::Duration;
+
 use clap::Parser;
+use svc_kit::server::parse_duration;
 use svc_kit::{ServerArgs, telemetry::LogArgs};
+
+use crate::events::EventKind;
+use crate::ingest::ReplaySeek;
 
 /// consumer-svc: consumes agent events from Kafka and serves live aggregations over gRPC.
 #[derive(Clone, Debug, Parser)]
@@ -21,6 +27,79 @@ pub struct Config {
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", hide_short_help = true)]
     pub kafka_bootstrap_servers: Option<String>,
 
+    /// Prefix put before every topic name, e.g. `dev.` (environments sharing one cluster).
+    #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
+    /// Topic of routing decisions (without the prefix).
+    #[arg(
+        long,
+        env = "TOPIC_ROUTING_DECISIONS",
+        default_value = "agent-routing-decisions"
+    )]
+    pub topic_routing_decisions: String,
+
+    /// Topic of agent actions (without the prefix).
+    #[arg(long, env = "TOPIC_AGENT_ACTIONS", default_value = "agent-actions")]
+    pub topic_agent_actions: String,
+
+    /// Topic of agent transformations (without the prefix).
+    #[arg(
+        long,
+        env = "TOPIC_TRANSFORMATIONS",
+        default_value = "agent-transformation-events"
+    )]
+    pub topic_transformations: String,
+
+    /// Topic of router performance metrics (without the prefix).
+    #[arg(
+        long,
+        env = "TOPIC_PERFORMANCE_METRICS",
+        default_value = "router-performance-metrics"
+    )]
+    pub topic_performance_metrics: String,
+
+    /// How long events are kept, by event time (also how far back a start replays).
+    #[arg(long, env = "RETENTION", value_parser = parse_duration, default_value = "24h")]
+    pub retention: Duration,
+
+    /// How partitions are positioned on start: `timestamp` (broker offset lookup, verified,
+    /// falling back to earliest) or `earliest` (read all, skip events older than the window).
+    #[arg(long, env = "REPLAY_SEEK", value_enum, default_value_t = ReplaySeek::Timestamp)]
+    pub replay_seek: ReplaySeek,
+
+    /// Recent actions kept.
+    #[arg(long, env = "MAX_ACTIONS", default_value_t = 1000)]
+    pub max_actions: usize,
+
+    /// Recent routing decisions kept.
+    #[arg(long, env = "MAX_ROUTING_DECISIONS", default_value_t = 1000)]
+    pub max_routing_decisions: usize,
+
+    /// Recent transformations kept.
+    #[arg(long, env = "MAX_TRANSFORMATIONS", default_value_t = 100)]
+    pub max_transformations: usize,
+
+    /// Recent performance metrics kept.
+    #[arg(long, env = "MAX_PERFORMANCE_METRICS", default_value_t = 200)]
+    pub max_performance_metrics: usize,
+
+    /// Serve the streaming RPCs (StreamActions, StreamAgentMetrics, Subscribe).
+    #[arg(long, env = "ENABLE_REAL_TIME_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_real_time_events: bool,
+
+    /// Minimum interval between two metric pushes of one agent (coalescing).
+    #[arg(long, env = "AGENT_METRICS_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    pub agent_metrics_interval: Duration,
+
+    /// Per-subscriber queue, in ingest batches; a subscriber further behind gets a lag notice.
+    #[arg(long, env = "SUBSCRIBER_QUEUE", default_value_t = 1024)]
+    pub subscriber_queue: usize,
+
+    /// Recent stream updates kept for subscribers resuming after a reconnect.
+    #[arg(long, env = "RESUME_BUFFER", default_value_t = 10_000)]
+    pub resume_buffer: usize,
+
     #[command(flatten)]
     pub server: ServerArgs,
 
@@ -36,6 +115,18 @@ pub struct Settings {
     pub brokers: String,
     pub server: ServerArgs,
     pub log: LogArgs,
+    /// Full topic names, indexed by `EventKind::index()`.
+    pub topics: [String; 4],
+    pub retention: Duration,
+    pub replay_seek: ReplaySeek,
+    pub max_actions: usize,
+    pub max_routing_decisions: usize,
+    pub max_transformations: usize,
+    pub max_performance_metrics: usize,
+    pub real_time_events: bool,
+    pub agent_metrics_interval: Duration,
+    pub subscriber_queue: usize,
+    pub resume_buffer: usize,
 }
 
 impl Config {
@@ -53,13 +144,69 @@ impl Config {
             }
         };
         let brokers = svc_kit::config::parse_host_ports(name, &raw)?.join(",");
+        let mut topics: [String; 4] = Default::default();
+        for (kind, (flag, base)) in EventKind::ALL.into_iter().zip([
+            ("--topic-routing-decisions", &self.topic_routing_decisions),
+            ("--topic-agent-actions", &self.topic_agent_actions),
+            ("--topic-transformations", &self.topic_transformations),
+            (
+                "--topic-performance-metrics",
+                &self.topic_performance_metrics,
+            ),
+        ]) {
+            let full = format!("{}{}", self.topic_prefix, base.trim());
+            if base.trim().is_empty() || !valid_topic(&full) {
+                return Err(format!(
+                    "{flag}: '{full}' is not a valid Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
+                ));
+            }
+            topics[kind.index()] = full;
+        }
+        for i in 0..4 {
+            if topics[i + 1..].contains(&topics[i]) {
+                return Err(format!(
+                    "topic '{}' is configured for two event kinds",
+                    topics[i]
+                ));
+            }
+        }
+        if self.retention < Duration::from_secs(60) {
+            return Err("--retention must be at least 1m".into());
+        }
+        if self.agent_metrics_interval < Duration::from_millis(10) {
+            return Err("--agent-metrics-interval must be at least 10ms".into());
+        }
+        if self.subscriber_queue == 0 {
+            return Err("--subscriber-queue must be at least 1".into());
+        }
         Ok(Settings {
             listen: self.listen,
             brokers,
             server: self.server,
             log: self.log,
+            topics,
+            retention: self.retention,
+            replay_seek: self.replay_seek,
+            max_actions: self.max_actions,
+            max_routing_decisions: self.max_routing_decisions,
+            max_transformations: self.max_transformations,
+            max_performance_metrics: self.max_performance_metrics,
+            real_time_events: self.enable_real_time_events,
+            agent_metrics_interval: self.agent_metrics_interval,
+            subscriber_queue: self.subscriber_queue,
+            resume_buffer: self.resume_buffer,
         })
     }
+}
+
+fn valid_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 #[cfg(test)]
@@ -93,5 +240,51 @@ mod tests {
             .validate()
             .unwrap();
         assert_eq!(s.brokers, "a:1");
+    }
+
+    #[test]
+    fn topics_default_to_the_guide_with_an_optional_prefix() {
+        let s = parse(&["--kafka-brokers", "a:1"]).validate().unwrap();
+        assert_eq!(
+            s.topics,
+            [
+                "agent-routing-decisions",
+                "agent-actions",
+                "agent-transformation-events",
+                "router-performance-metrics"
+            ]
+        );
+        let s = parse(&["--kafka-brokers", "a:1", "--topic-prefix", "dev."])
+            .validate()
+            .unwrap();
+        assert_eq!(s.topics[1], "dev.agent-actions");
+        assert!(s.real_time_events);
+        let err = parse(&[
+            "--kafka-brokers",
+            "a:1",
+            "--topic-agent-actions",
+            "bad name",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("--topic-agent-actions"), "{err}");
+        let err = parse(&[
+            "--kafka-brokers",
+            "a:1",
+            "--topic-agent-actions",
+            "agent-routing-decisions",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("two event kinds"), "{err}");
+        let s = parse(&[
+            "--kafka-brokers",
+            "a:1",
+            "--enable-real-time-events",
+            "false",
+        ])
+        .validate()
+        .unwrap();
+        assert!(!s.real_time_events);
     }
 }

@@ -4,10 +4,16 @@
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod convert;
 pub mod events;
+pub mod hub;
+pub mod ingest;
 pub mod state;
 
+use std::collections::HashSet;
 use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 
 use omnibus_proto::consumer::v1::consumer_service_server::ConsumerServiceServer;
 use omnibus_proto::service_names;
@@ -33,10 +39,66 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         shutdown.clone(),
     ));
 
-    let api = api::ConsumerApi::new(status);
+    let state = Arc::new(RwLock::new(state::State::new(state::StateConfig {
+        retention: settings.retention.as_micros() as i64,
+        max_actions: settings.max_actions,
+        max_decisions: settings.max_routing_decisions,
+        max_transformations: settings.max_transformations,
+        max_performance: settings.max_performance_metrics,
+        ..Default::default()
+    })));
+    let hub = Arc::new(hub::Hub::new(
+        if settings.real_time_events {
+            settings.resume_buffer
+        } else {
+            0
+        },
+        settings.subscriber_queue,
+    ));
+    let ingest_status = Arc::new(ingest::IngestStatus::new(settings.topics.clone()));
+    let dirty_agents = Arc::new(Mutex::new(HashSet::new()));
+    tracing::info!(topics = ?settings.topics, retention = ?settings.retention, "consuming");
+
+    let ingest = ingest::Ingest::new(
+        ingest::IngestConfig {
+            brokers: settings.brokers.clone(),
+            topics: settings.topics.clone(),
+            replay_seek: settings.replay_seek,
+            seek_slack: std::time::Duration::from_secs(300),
+            publish: settings.real_time_events,
+        },
+        ingest::Sinks {
+            state: state.clone(),
+            hub: hub.clone(),
+            status: ingest_status.clone(),
+            dirty_agents: dirty_agents.clone(),
+        },
+    )?;
+    let ingest_thread = {
+        let shutdown = shutdown.clone();
+        std::thread::Builder::new()
+            .name("ingest".into())
+            .spawn(move || ingest.run(shutdown))?
+    };
+
+    let api = Arc::new(api::ConsumerApi {
+        broker: status,
+        state,
+        hub,
+        ingest: ingest_status,
+        real_time: settings.real_time_events,
+        shutdown: shutdown.clone(),
+    });
+    let live = settings.real_time_events.then(|| {
+        tokio::spawn(api::publish_live_updates(
+            api.clone(),
+            dirty_agents,
+            settings.agent_metrics_interval,
+        ))
+    });
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(ConsumerServiceServer::new(api));
+        .add_service(ConsumerServiceServer::from_arc(api));
     let router = svc_kit::server::add_reflection(
         router,
         service_names::CONSUMER,
@@ -53,6 +115,11 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
 
     shutdown.trigger();
     let _ = probe.await;
+    if let Some(live) = live {
+        let _ = live.await;
+    }
+    // The ingest thread notices within one poll interval.
+    let _ = tokio::task::spawn_blocking(move || ingest_thread.join()).await;
     tracing::info!("consumer-svc stopped");
     Ok(())
 }

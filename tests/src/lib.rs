@@ -2,6 +2,7 @@
 //! against the real broker (`KAFKA_BROKERS`) and PostgreSQL (`DATABASE_URL`) that
 //! `scripts/dev-services up` provides, with isolated topics and databases per test.
 
+pub mod consumer;
 pub mod db;
 
 use std::net::{SocketAddr, TcpListener};

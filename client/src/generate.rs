@@ -1,0 +1,411 @@
+//! A load generator of realistic agent events for the four topics consumer-svc reads.
+//!
+//! Events come in "requests" like the real producers emit them: a routing decision, two to
+//! four agent actions under the same correlation id (tool calls, decisions, then a success or
+//! an error), a router performance metric, and sometimes a transformation. The JSON looks like
+//! the Python producers' (snake_case, ISO 8601 `timestamp` with `+00:00`, Kafka key = the
+//! correlation id). [`run`] produces them at a target rate or as fast as possible, with a
+//! progress line on stderr; the core ([`EventGenerator`]) is pure and usable on its own.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use serde_json::{Value, json};
+
+/// The four event kinds, in consumer-svc's order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    RoutingDecision,
+    AgentAction,
+    Transformation,
+    PerformanceMetric,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Kind::RoutingDecision,
+        Kind::AgentAction,
+        Kind::Transformation,
+        Kind::PerformanceMetric,
+    ];
+
+    /// The seed guide's default topic name.
+    pub fn default_topic(self) -> &'static str {
+        match self {
+            Kind::RoutingDecision => "agent-routing-decisions",
+            Kind::AgentAction => "agent-actions",
+            Kind::Transformation => "agent-transformation-events",
+            Kind::PerformanceMetric => "router-performance-metrics",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Topic names, indexed by [`Kind::index`].
+#[derive(Clone, Debug)]
+pub struct Topics(pub [String; 4]);
+
+impl Topics {
+    /// The default names with `prefix` (e.g. `dev.`, or a test's unique prefix) in front.
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self(Kind::ALL.map(|k| format!("{prefix}{}", k.default_topic())))
+    }
+    pub fn name(&self, kind: Kind) -> &str {
+        &self.0[kind.index()]
+    }
+}
+
+/// One event ready to produce.
+#[derive(Clone, Debug)]
+pub struct GeneratedEvent {
+    pub kind: Kind,
+    /// Kafka key: the correlation id.
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+/// Generates realistic events; deterministic for a given seed (apart from timestamps).
+pub struct EventGenerator {
+    rng: StdRng,
+    agents: Vec<String>,
+    pending: Vec<(Kind, String, Value)>,
+    requests: u64,
+}
+
+const STRATEGIES: &[&str] = &[
+    "enhanced_fuzzy_matching",
+    "explicit",
+    "fallback",
+    "capability",
+];
+const TOOLS: &[&str] = &["Read", "Write", "Edit", "Bash", "Grep", "Glob", "WebFetch"];
+const MATCH: &[&str] = &["exact", "fuzzy", "keyword", "semantic"];
+const PROJECTS: &[&str] = &["omniclaude", "omnidash", "omniarchon", "omninode_bridge"];
+
+/// ISO 8601 as Python's `isoformat()` writes it for an aware UTC datetime.
+pub fn isoformat(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+}
+
+impl EventGenerator {
+    /// `agents` distinct agent names (`agent-00000`, ...).
+    pub fn new(agents: usize, seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+            agents: (0..agents.max(1))
+                .map(|i| format!("agent-{i:05}"))
+                .collect(),
+            pending: Vec::new(),
+            requests: 0,
+        }
+    }
+
+    fn agent(&mut self) -> String {
+        let i = self.rng.random_range(0..self.agents.len());
+        self.agents[i].clone()
+    }
+
+    fn uuid(&mut self) -> String {
+        uuid::Builder::from_random_bytes(self.rng.random())
+            .into_uuid()
+            .to_string()
+    }
+
+    /// The events of one request, in the order producers send them (reversed on the stack).
+    fn plan_request(&mut self, ts: &str) {
+        self.requests += 1;
+        let correlation = self.uuid();
+        let agent = self.agent();
+        let confidence: f64 = 0.5 + self.rng.random::<f64>() * 0.5;
+        let routing_ms = self.rng.random_range(2..120);
+        let alt = self.agent();
+        let mut events = vec![(
+            Kind::RoutingDecision,
+            json!({
+                "id": self.uuid(),
+                "correlation_id": correlation,
+                "user_request": format!("request #{} for {agent}", self.requests),
+                "selected_agent": agent,
+                "confidence_score": (confidence * 1000.0).round() / 1000.0,
+                "routing_strategy": STRATEGIES[self.rng.random_range(0..STRATEGIES.len())],
+                "alternatives": [{"agent": alt, "confidence": 0.4, "reasoning": "lower trigger match"}],
+                "reasoning": "highest capability and trigger match",
+                "routing_time_ms": routing_ms,
+                "context": {"domain": "code", "files": self.rng.random_range(0..20)},
+                "project_path": "/workspace/project",
+                "project_name": PROJECTS[self.rng.random_range(0..PROJECTS.len())],
+                "session_id": format!("session-{}", self.requests / 10),
+                "timestamp": ts,
+            }),
+        )];
+        let tool_calls = self.rng.random_range(1..=3);
+        for _ in 0..tool_calls {
+            events.push((
+                Kind::AgentAction,
+                json!({
+                    "id": self.uuid(),
+                    "correlation_id": correlation,
+                    "agent_name": agent,
+                    "action_type": "tool_call",
+                    "action_name": TOOLS[self.rng.random_range(0..TOOLS.len())],
+                    "action_details": {"file_path": "/workspace/project/src/main.rs", "lines": self.rng.random_range(1..400)},
+                    "debug_mode": false,
+                    "duration_ms": self.rng.random_range(1..900),
+                    "project_name": "omniclaude",
+                    "timestamp": ts,
+                }),
+            ));
+        }
+        let ok = self.rng.random_bool(0.9);
+        events.push((
+            Kind::AgentAction,
+            json!({
+                "id": self.uuid(),
+                "correlation_id": correlation,
+                "agent_name": agent,
+                "action_type": if ok { "success" } else { "error" },
+                "action_name": "task_complete",
+                "action_details": if ok { json!({"result": "done"}) } else { json!({"error": "tool failed"}) },
+                "debug_mode": false,
+                "duration_ms": self.rng.random_range(100..5000),
+                "success": ok,
+                "timestamp": ts,
+            }),
+        ));
+        events.push((
+            Kind::PerformanceMetric,
+            json!({
+                "id": self.uuid(),
+                "correlation_id": correlation,
+                "query_text": format!("request #{}", self.requests),
+                "routing_duration_ms": routing_ms,
+                "cache_hit": self.rng.random_bool(0.3),
+                "candidates_evaluated": self.rng.random_range(1..12),
+                "trigger_match_strategy": MATCH[self.rng.random_range(0..MATCH.len())],
+                "confidence_components": {"trigger": 0.8, "context": 0.6, "capability": 0.7},
+                "timestamp": ts,
+            }),
+        ));
+        if self.rng.random_bool(0.1) {
+            let target = self.agent();
+            events.push((
+                Kind::Transformation,
+                json!({
+                    "id": self.uuid(),
+                    "correlation_id": correlation,
+                    "source_agent": agent,
+                    "target_agent": target,
+                    "transformation_reason": "specialised capability",
+                    "confidence_score": 0.85,
+                    "transformation_duration_ms": self.rng.random_range(5..80),
+                    "success": true,
+                    "timestamp": ts,
+                }),
+            ));
+        }
+        events.reverse();
+        self.pending = events
+            .into_iter()
+            .map(|(k, v)| (k, correlation.clone(), v))
+            .collect();
+    }
+
+    /// The next event, stamped `now`.
+    pub fn next_event(&mut self, now: DateTime<Utc>) -> GeneratedEvent {
+        if self.pending.is_empty() {
+            self.plan_request(&isoformat(now));
+        }
+        let (kind, key, value) = self.pending.pop().expect("a planned request has events");
+        GeneratedEvent {
+            kind,
+            key,
+            payload: serde_json::to_vec(&value).expect("JSON values serialize"),
+        }
+    }
+
+    /// The next event of `kind` only (other kinds of the same request are discarded).
+    pub fn next_of(&mut self, kind: Kind, now: DateTime<Utc>) -> GeneratedEvent {
+        loop {
+            let e = self.next_event(now);
+            if e.kind == kind {
+                return e;
+            }
+        }
+    }
+}
+
+/// How much to produce.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub brokers: String,
+    pub topics: Topics,
+    /// Events per second over all topics; `None` = as fast as possible.
+    pub rate: Option<f64>,
+    /// Stop after this many events (`None` = until `duration`).
+    pub total: Option<u64>,
+    /// Stop after this long (`None` = until `total`).
+    pub duration: Option<Duration>,
+    /// Distinct agent names.
+    pub agents: usize,
+    pub seed: u64,
+    /// Print a progress line to stderr about once a second.
+    pub progress: bool,
+    /// Only these kinds (empty = the realistic mix of all four).
+    pub only: Vec<Kind>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RunReport {
+    /// Events produced, per kind.
+    pub per_kind: [u64; 4],
+    pub elapsed: Duration,
+}
+
+impl RunReport {
+    pub fn total(&self) -> u64 {
+        self.per_kind.iter().sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0} events were not acknowledged by the broker")]
+    Unacknowledged(i32),
+}
+
+/// A producer tuned for throughput (batching, lz4 off for tansu compatibility).
+pub fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>, GenerateError> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .set("message.timeout.ms", "60000")
+        .create()?)
+}
+
+/// Produces events as configured; blocking (call from a thread or `spawn_blocking`).
+pub fn run(cfg: &RunConfig) -> Result<RunReport, GenerateError> {
+    let producer = producer(&cfg.brokers)?;
+    let mut generator = EventGenerator::new(cfg.agents, cfg.seed);
+    let mut report = RunReport::default();
+    let start = Instant::now();
+    let mut last_progress = start;
+    let mut sent: u64 = 0;
+    loop {
+        if cfg.total.is_some_and(|t| sent >= t)
+            || cfg.duration.is_some_and(|d| start.elapsed() >= d)
+        {
+            break;
+        }
+        if let Some(rate) = cfg.rate {
+            // Paced against the start time, so short stalls are caught up.
+            let due = start + Duration::from_secs_f64(sent as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        let now = Utc::now();
+        let event = if cfg.only.is_empty() {
+            generator.next_event(now)
+        } else {
+            let kind = cfg.only[(sent as usize) % cfg.only.len()];
+            generator.next_of(kind, now)
+        };
+        let topic = cfg.topics.name(event.kind);
+        let mut record = BaseRecord::to(topic)
+            .key(&event.key)
+            .payload(&event.payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        report.per_kind[event.kind.index()] += 1;
+        sent += 1;
+        if cfg.progress && last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "[generate] {sent} events in {secs:.1}s ({:.0}/s){}",
+                sent as f64 / secs,
+                cfg.total
+                    .map(|t| format!(", {:.0}%", 100.0 * sent as f64 / t as f64))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    let left = producer.in_flight_count();
+    if left > 0 {
+        return Err(GenerateError::Unacknowledged(left));
+    }
+    report.elapsed = start.elapsed();
+    if cfg.progress {
+        eprintln!(
+            "[generate] done: {} events in {:.1}s ({:.0}/s)",
+            report.total(),
+            report.elapsed.as_secs_f64(),
+            report.total() as f64 / report.elapsed.as_secs_f64()
+        );
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_realistic_shape() {
+        let mut g = EventGenerator::new(10, 1);
+        let now = Utc::now();
+        let mut counts = [0u32; 4];
+        for _ in 0..2000 {
+            let e = g.next_event(now);
+            counts[e.kind.index()] += 1;
+            let v: Value = serde_json::from_slice(&e.payload).unwrap();
+            assert_eq!(v["correlation_id"], Value::String(e.key.clone()));
+            assert!(v["timestamp"].as_str().unwrap().ends_with("+00:00"));
+            match e.kind {
+                Kind::RoutingDecision => assert!(v["selected_agent"].is_string()),
+                Kind::AgentAction => {
+                    assert!(v["agent_name"].is_string() && v["action_type"].is_string())
+                }
+                Kind::Transformation => assert!(v["target_agent"].is_string()),
+                Kind::PerformanceMetric => assert!(v["routing_duration_ms"].is_number()),
+            }
+        }
+        // Every kind appears; actions dominate; transformations are rare.
+        assert!(counts.iter().all(|c| *c > 0), "{counts:?}");
+        assert!(counts[Kind::AgentAction.index()] > counts[Kind::RoutingDecision.index()]);
+        assert!(counts[Kind::Transformation.index()] < counts[Kind::PerformanceMetric.index()]);
+        assert_eq!(
+            Topics::with_prefix("dev.").name(Kind::AgentAction),
+            "dev.agent-actions"
+        );
+        let e = g.next_of(Kind::Transformation, now);
+        assert_eq!(e.kind, Kind::Transformation);
+    }
+}

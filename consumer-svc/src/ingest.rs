@@ -1,0 +1,595 @@
+//! Kafka ingest: every partition of the four topics assigned directly (no consumer group),
+//! the retention window replayed on start, events parsed and applied in batches.
+//!
+//! Runs on a dedicated thread with a `BaseConsumer`: one `poll` wait, then up to
+//! `BATCH` more messages without waiting, all parsed from the borrowed payloads and applied
+//! under a single state lock, then published to the hub as one batch.
+//!
+//! Start position of a partition (replay): the offset the broker names for the cutoff time
+//! (`offsets_for_times`), verified by reading the message just before it first: if that
+//! message is not older than the cutoff, the broker's answer was too late (tansu answers
+//! this wrongly) and the partition is re-read from the earliest offset instead. Events older
+//! than the cutoff are skipped by event time in every case, so starting early is only slower,
+//! never wrong.
+//!
+//! Broker restarts with empty storage: a topic that disappears has its partitions dropped and,
+//! when it is created again, read from the beginning; a partition whose high watermark falls
+//! below our position is re-read from the beginning. Aggregates already held are kept.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use svc_kit::Shutdown;
+
+use crate::events::{self, EventKind, Micros};
+use crate::hub::{Hub, UpdateKind};
+use crate::state::{Applied, State};
+
+/// Messages applied per state lock at most.
+const BATCH: usize = 2000;
+const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
+const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(3);
+/// Parse errors logged per topic per minute at most (all are counted).
+const ERROR_LOGS_PER_MINUTE: u32 = 10;
+
+/// How partitions are positioned on start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplaySeek {
+    /// `offsets_for_times` for the cutoff, verified, falling back to the earliest offset.
+    Timestamp,
+    /// Always the earliest offset, skipping events older than the cutoff.
+    Earliest,
+}
+
+#[derive(Clone, Debug)]
+pub struct IngestConfig {
+    pub brokers: String,
+    /// Full topic name per kind, indexed by `EventKind::index()`.
+    pub topics: [String; 4],
+    pub replay_seek: ReplaySeek,
+    /// Slack subtracted from the cutoff when seeking by timestamp (producer clocks differ).
+    pub seek_slack: Duration,
+    /// Whether updates are published to the hub (streams on).
+    pub publish: bool,
+}
+
+/// Counters of one topic.
+#[derive(Debug, Default)]
+pub struct TopicCounters {
+    pub consumed: AtomicU64,
+    pub parse_errors: AtomicU64,
+    pub expired: AtomicU64,
+    /// Microseconds; `i64::MIN` when none yet.
+    pub last_event: AtomicI64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionPosition {
+    /// Next offset to read (-1 unknown).
+    pub next: i64,
+    /// High watermark (-1 unknown).
+    pub high: i64,
+}
+
+/// Progress shared with the API.
+#[derive(Debug)]
+pub struct IngestStatus {
+    pub topics: [String; 4],
+    pub counters: [TopicCounters; 4],
+    pub partitions: Mutex<BTreeMap<(usize, i32), PartitionPosition>>,
+}
+
+impl IngestStatus {
+    pub fn new(topics: [String; 4]) -> Self {
+        let counters = std::array::from_fn(|_| TopicCounters {
+            last_event: AtomicI64::new(i64::MIN),
+            ..Default::default()
+        });
+        Self {
+            topics,
+            counters,
+            partitions: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn events_processed(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.consumed.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn last_event(&self) -> Option<Micros> {
+        self.counters
+            .iter()
+            .map(|c| c.last_event.load(Ordering::Relaxed))
+            .max()
+            .filter(|t| *t != i64::MIN)
+    }
+}
+
+/// Shared pieces the ingest thread writes.
+pub struct Sinks {
+    pub state: Arc<RwLock<State>>,
+    pub hub: Arc<Hub>,
+    pub status: Arc<IngestStatus>,
+    /// Agents whose metrics changed since the metrics publisher last looked.
+    pub dirty_agents: Arc<Mutex<HashSet<String>>>,
+}
+
+pub fn now_micros() -> Micros {
+    chrono::Utc::now().timestamp_micros()
+}
+
+struct Partition {
+    /// After a timestamp seek: the offset whose message must be older than `before_ms`.
+    verify: Option<(i64, i64)>,
+    next: i64,
+}
+
+struct ErrorLog {
+    window_start: Instant,
+    logged: u32,
+}
+
+pub struct Ingest {
+    cfg: IngestConfig,
+    sinks: Sinks,
+    consumer: BaseConsumer,
+    assigned: HashMap<(usize, i32), Partition>,
+    /// Topics seen missing after having been read: read from the beginning when they return.
+    recreated: HashSet<usize>,
+    error_logs: [ErrorLog; 4],
+}
+
+fn consumer_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        // Needed by librdkafka's API but never joined: partitions are assigned directly.
+        .set("group.id", "consumer-svc-unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("client.id", "consumer-svc")
+        // Throughput: big fetches and a deep pre-fetch queue; latency: short broker waits.
+        .set("fetch.wait.max.ms", "20")
+        .set("queued.min.messages", "200000")
+        .set("queued.max.messages.kbytes", "262144")
+        .set("max.partition.fetch.bytes", "8388608")
+        .set("fetch.max.bytes", "67108864")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "5000")
+        .set("log_level", "3");
+    c
+}
+
+impl Ingest {
+    pub fn new(cfg: IngestConfig, sinks: Sinks) -> Result<Self, rdkafka::error::KafkaError> {
+        let consumer: BaseConsumer = consumer_config(&cfg.brokers).create()?;
+        Ok(Self {
+            cfg,
+            sinks,
+            consumer,
+            assigned: HashMap::new(),
+            recreated: HashSet::new(),
+            error_logs: std::array::from_fn(|_| ErrorLog {
+                window_start: Instant::now(),
+                logged: 0,
+            }),
+        })
+    }
+
+    /// Consumes until `shutdown`. Blocking: run it on its own thread.
+    pub fn run(mut self, shutdown: Shutdown) {
+        let mut last_discover: Option<Instant> = None;
+        let mut last_prune = Instant::now();
+        while !shutdown.is_triggered() {
+            if last_discover.is_none_or(|t| t.elapsed() >= DISCOVER_INTERVAL) {
+                self.discover();
+                last_discover = Some(Instant::now());
+            }
+            if last_prune.elapsed() >= PRUNE_INTERVAL {
+                self.sinks.state.write().prune(now_micros());
+                last_prune = Instant::now();
+            }
+            let wait = if self.assigned.is_empty() {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_millis(100)
+            };
+            // Borrowed from the consumer's buffers: no copy of the payloads.
+            let mut msgs = Vec::with_capacity(64);
+            let mut timeout = wait;
+            while msgs.len() < BATCH {
+                match self.consumer.poll(timeout) {
+                    Some(Ok(m)) => msgs.push(m),
+                    Some(Err(e)) => {
+                        tracing::debug!("Kafka poll: {e}");
+                        break;
+                    }
+                    None => break,
+                }
+                timeout = Duration::ZERO;
+            }
+            if msgs.is_empty() {
+                continue;
+            }
+            let resets = apply_batch(
+                &self.cfg,
+                &self.sinks,
+                &mut self.assigned,
+                &mut self.error_logs,
+                &msgs,
+            );
+            drop(msgs);
+            for key in resets {
+                self.reassign_from_beginning(key);
+            }
+        }
+        tracing::info!("ingest stopped");
+    }
+
+    fn kind_of(&self, topic: &str) -> Option<usize> {
+        self.cfg.topics.iter().position(|t| t == topic)
+    }
+
+    /// Finds new partitions, topics that vanished, and partitions whose data was lost.
+    fn discover(&mut self) {
+        let metadata = match self.consumer.fetch_metadata(None, KAFKA_TIMEOUT) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("metadata: {e}");
+                return;
+            }
+        };
+        let mut present: HashMap<usize, Vec<i32>> = HashMap::new();
+        for topic in metadata.topics() {
+            if topic.error().is_some() {
+                continue;
+            }
+            if let Some(kind) = self.kind_of(topic.name()) {
+                present.insert(kind, topic.partitions().iter().map(|p| p.id()).collect());
+            }
+        }
+        // Vanished topics (a broker that restarted empty): forget their partitions.
+        let gone: Vec<(usize, i32)> = self
+            .assigned
+            .keys()
+            .filter(|(k, p)| present.get(k).is_none_or(|ps| !ps.contains(p)))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (k, p) in &gone {
+                tpl.add_partition(&self.cfg.topics[*k], *p);
+                self.assigned.remove(&(*k, *p));
+                self.recreated.insert(*k);
+                self.sinks.status.partitions.lock().remove(&(*k, *p));
+            }
+            tracing::warn!(
+                partitions = gone.len(),
+                "topic partitions disappeared; will re-read them from the beginning when they return"
+            );
+            if let Err(e) = self.consumer.incremental_unassign(&tpl) {
+                tracing::warn!("unassign: {e}");
+            }
+        }
+        // New partitions.
+        let mut new: Vec<(usize, i32)> = Vec::new();
+        for (k, ps) in &present {
+            for p in ps {
+                if !self.assigned.contains_key(&(*k, *p)) {
+                    new.push((*k, *p));
+                }
+            }
+        }
+        new.sort();
+        if !new.is_empty() {
+            self.assign(&new);
+        }
+        // Watermarks: lag, and data loss (high watermark below our position).
+        let keys: Vec<(usize, i32)> = self.assigned.keys().copied().collect();
+        let mut resets = Vec::new();
+        for key in keys {
+            let topic = &self.cfg.topics[key.0];
+            let Ok((_low, high)) = self.consumer.fetch_watermarks(topic, key.1, KAFKA_TIMEOUT)
+            else {
+                continue;
+            };
+            let next = self.assigned.get(&key).map_or(-1, |p| p.next);
+            // One behind is tolerated: tansu sometimes answers "latest" with the last offset
+            // instead of the one after it. A partition whose log restarted is usually caught
+            // earlier, by librdkafka's out-of-range reset or by the topic having vanished.
+            if high + 1 < next {
+                tracing::warn!(
+                    topic,
+                    partition = key.1,
+                    next,
+                    high,
+                    "the partition is behind our position (broker lost its data?); re-reading it from the beginning"
+                );
+                resets.push(key);
+            }
+            self.sinks
+                .status
+                .partitions
+                .lock()
+                .insert(key, PartitionPosition { next, high });
+        }
+        for key in resets {
+            self.reassign_from_beginning(key);
+        }
+    }
+
+    fn assign(&mut self, new: &[(usize, i32)]) {
+        let mut tpl = TopicPartitionList::new();
+        for &(k, p) in new {
+            let topic = self.cfg.topics[k].clone();
+            let from_start =
+                self.recreated.contains(&k) || self.cfg.replay_seek == ReplaySeek::Earliest;
+            let (offset, part) = if from_start {
+                (
+                    Offset::Beginning,
+                    Partition {
+                        verify: None,
+                        next: 0,
+                    },
+                )
+            } else {
+                self.replay_start(&topic, p)
+            };
+            tracing::info!(%topic, partition = p, ?offset, "assigning partition");
+            if let Err(e) = tpl.add_partition_offset(&topic, p, offset) {
+                tracing::warn!("partition offset: {e}");
+                continue;
+            }
+            self.assigned.insert((k, p), part);
+        }
+        if let Err(e) = self.consumer.incremental_assign(&tpl) {
+            tracing::warn!("assign: {e}");
+            for key in new {
+                self.assigned.remove(key);
+            }
+        }
+    }
+
+    /// Where to start reading a partition so that the retention window is replayed.
+    fn replay_start(&self, topic: &str, partition: i32) -> (Offset, Partition) {
+        let earliest = (
+            Offset::Beginning,
+            Partition {
+                verify: None,
+                next: 0,
+            },
+        );
+        let cutoff = self.sinks.state.read().cutoff_at(now_micros()) / 1000;
+        let target_ms = cutoff - self.cfg.seek_slack.as_millis() as i64;
+        let Ok((low, high)) = self
+            .consumer
+            .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
+        else {
+            return earliest;
+        };
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(target_ms))
+            .is_err()
+        {
+            return earliest;
+        }
+        let answer = match self.consumer.offsets_for_times(tpl, KAFKA_TIMEOUT) {
+            Ok(list) => list.find_partition(topic, partition).map(|e| e.offset()),
+            Err(e) => {
+                tracing::info!(
+                    topic,
+                    partition,
+                    "offsets_for_times failed ({e}); replaying from the earliest offset"
+                );
+                return earliest;
+            }
+        };
+        let resolved = match answer {
+            Some(Offset::Offset(o)) if (low..=high).contains(&o) => o,
+            Some(Offset::End) => high,
+            other => {
+                tracing::info!(
+                    topic,
+                    partition,
+                    ?other,
+                    low,
+                    high,
+                    "unusable offsets_for_times answer; replaying from the earliest offset"
+                );
+                return earliest;
+            }
+        };
+        if resolved <= low {
+            return (
+                Offset::Offset(low),
+                Partition {
+                    verify: None,
+                    next: low,
+                },
+            );
+        }
+        // Start one message early and check it is older than the target.
+        (
+            Offset::Offset(resolved - 1),
+            Partition {
+                verify: Some((resolved - 1, target_ms)),
+                next: resolved - 1,
+            },
+        )
+    }
+
+    fn reassign_from_beginning(&mut self, key: (usize, i32)) {
+        let topic = self.cfg.topics[key.0].clone();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, key.1);
+        if let Err(e) = self.consumer.incremental_unassign(&tpl) {
+            tracing::warn!("unassign: {e}");
+        }
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(&topic, key.1, Offset::Beginning)
+            .is_ok()
+        {
+            match self.consumer.incremental_assign(&tpl) {
+                Ok(()) => {
+                    self.assigned.insert(
+                        key,
+                        Partition {
+                            verify: None,
+                            next: 0,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!("assign: {e}");
+                    self.assigned.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Parses and applies one batch; returns partitions to re-read from the beginning.
+fn apply_batch(
+    cfg: &IngestConfig,
+    sinks: &Sinks,
+    assigned: &mut HashMap<(usize, i32), Partition>,
+    error_logs: &mut [ErrorLog; 4],
+    msgs: &[rdkafka::message::BorrowedMessage<'_>],
+) -> Vec<(usize, i32)> {
+    let now = now_micros();
+    let mut resets: Vec<(usize, i32)> = Vec::new();
+    let mut updates = Vec::new();
+    let mut consumed = [0u64; 4];
+    let mut errors = [0u64; 4];
+    let mut expired = [0u64; 4];
+    let mut newest = [i64::MIN; 4];
+    let mut dirty: Vec<&str> = Vec::new();
+    let mut parsed = Vec::with_capacity(msgs.len());
+    let mut touched: Vec<(usize, i32)> = Vec::new();
+    // Held until the batch is published: a snapshot taken under the read lock then holds
+    // exactly the updates up to the hub's last sequence.
+    let mut state = sinks.state.write();
+    {
+        for m in msgs {
+            let Some(k) = cfg.topics.iter().position(|t| t == m.topic()) else {
+                continue;
+            };
+            let key = (k, m.partition());
+            if resets.contains(&key) {
+                continue;
+            }
+            let Some(part) = assigned.get_mut(&key) else {
+                continue; // a stale message of a partition just dropped
+            };
+            if let Some((offset, before_ms)) = part.verify.take() {
+                let ts = m.timestamp().to_millis();
+                if m.offset() != offset || ts.is_some_and(|t| t >= before_ms) {
+                    tracing::warn!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        expected = offset,
+                        got = m.offset(),
+                        ?ts,
+                        before_ms,
+                        "the broker's offset for the cutoff time was not verified; replaying this partition from the earliest offset"
+                    );
+                    resets.push(key);
+                    continue;
+                }
+            }
+            part.next = m.offset() + 1;
+            if !touched.contains(&key) {
+                touched.push(key);
+            }
+            let kind = EventKind::ALL[k];
+            match events::parse(kind, m.payload().unwrap_or_default(), now) {
+                Ok(event) => match state.apply(&event, now) {
+                    Applied::Aggregated(_) => {
+                        consumed[k] += 1;
+                        newest[k] = newest[k].max(event.time());
+                        parsed.push(event);
+                    }
+                    Applied::Expired => expired[k] += 1,
+                },
+                Err(e) => {
+                    errors[k] += 1;
+                    let log = &mut error_logs[k];
+                    if log.window_start.elapsed() >= Duration::from_secs(60) {
+                        log.window_start = Instant::now();
+                        log.logged = 0;
+                    }
+                    if log.logged < ERROR_LOGS_PER_MINUTE {
+                        log.logged += 1;
+                        tracing::warn!(
+                            topic = m.topic(),
+                            partition = m.partition(),
+                            offset = m.offset(),
+                            "skipping an invalid event: {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    {
+        // Positions now; high watermarks are refreshed by discover() every 2 s (what we
+        // have read is a lower bound meanwhile).
+        let mut positions = sinks.status.partitions.lock();
+        for key in touched {
+            let next = assigned.get(&key).map_or(-1, |p| p.next);
+            let pos = positions
+                .entry(key)
+                .or_insert(PartitionPosition { next, high: next });
+            pos.next = next;
+            pos.high = pos.high.max(next);
+        }
+    }
+    for k in 0..4 {
+        let c = &sinks.status.counters[k];
+        if consumed[k] > 0 {
+            c.consumed.fetch_add(consumed[k], Ordering::Relaxed);
+            c.last_event.fetch_max(newest[k], Ordering::Relaxed);
+        }
+        if errors[k] > 0 {
+            c.parse_errors.fetch_add(errors[k], Ordering::Relaxed);
+        }
+        if expired[k] > 0 {
+            c.expired.fetch_add(expired[k], Ordering::Relaxed);
+        }
+    }
+    if cfg.publish && !parsed.is_empty() {
+        for e in &parsed {
+            match e {
+                events::Event::RoutingDecision(d) => dirty.push(&d.selected_agent),
+                events::Event::AgentAction(a) => dirty.push(&a.agent_name),
+                _ => {}
+            }
+        }
+        {
+            let mut set = sinks.dirty_agents.lock();
+            for a in dirty {
+                if !set.contains(a) {
+                    set.insert(a.to_owned());
+                }
+            }
+        }
+        updates.extend(parsed.into_iter().map(UpdateKind::Event));
+        sinks.hub.publish(updates);
+    }
+    drop(state);
+    resets
+}

@@ -1,0 +1,464 @@
+//! consumer-svc against the real broker: parsing of every topic (camelCase, aliases, nulls,
+//! malformed input), aggregates equal to a reference computation, and a restarted replica
+//! rebuilding the same aggregates from the bus alone (with either replay strategy).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use omnibus_client::generate::{EventGenerator, Kind};
+use omnibus_proto::consumer::v1 as pb;
+use omnibus_tests::consumer::{
+    TestProducer, client, create_topics, start_consumer, topic_status, unique_prefix, wait_status,
+};
+use omnibus_tests::kafka_brokers;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn parses_every_topic_and_counts_bad_input_per_topic() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 2).await.unwrap();
+    let svc = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let ts = "2026-01-01T00:00:00.000000+00:00";
+    let now_ts = omnibus_client::generate::isoformat(Utc::now());
+    let rd = topics.name(Kind::RoutingDecision);
+    let aa = topics.name(Kind::AgentAction);
+    let tr = topics.name(Kind::Transformation);
+    let pm = topics.name(Kind::PerformanceMetric);
+
+    // Routing decisions: snake_case, camelCase with the `confidence` alias, zero values.
+    p.send(rd, "c1", format!(r#"{{"id":"rd-snake","correlation_id":"c1","selected_agent":"agent-a","confidence_score":0.8,"routing_time_ms":10,"routing_strategy":"fuzzy","alternatives":[{{"agent":"agent-b","confidence":0.4}}],"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(rd, "c2", format!(r#"{{"id":"rd-camel","correlationId":"c2","selectedAgent":"agent-a","confidence":0.4,"routingTimeMs":30,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(rd, "c3", format!(r#"{{"id":"rd-zero","selected_agent":"agent-z","confidence_score":0,"routing_time_ms":0,"reasoning":"","context":null,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    // Bad routing decisions: no selected_agent, wrong type, not JSON.
+    p.send(rd, "x", br#"{"confidence_score":0.5}"#).unwrap();
+    p.send(
+        rd,
+        "x",
+        br#"{"selected_agent":"a","confidence_score":"high"}"#,
+    )
+    .unwrap();
+    p.send(rd, "x", b"{not json").unwrap();
+
+    // Actions: snake, camel, explicit nulls, success false.
+    p.send(aa, "c1", format!(r#"{{"id":"a-snake","correlation_id":"c1","agent_name":"agent-a","action_type":"success","action_name":"Read","action_details":{{"f":1}},"duration_ms":0,"debug_mode":false,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(aa, "c2", format!(r#"{{"id":"a-camel","correlationId":"c2","agentName":"agent-a","actionType":"error","actionName":"Bash","actionDetails":null,"success":false,"projectName":"","timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(aa, "c4", format!(r#"{{"id":"a-only","agent_name":"agent-only-actions","action_type":"tool_call","duration_ms":null,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(aa, "x", br#"{"agent_name":"a"}"#).unwrap();
+    p.send(aa, "x", b"").unwrap();
+
+    // Transformations: success defaults to true, explicit false kept.
+    p.send(tr, "c1", format!(r#"{{"id":"t1","source_agent":"agent-a","target_agent":"agent-b","timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(tr, "c2", format!(r#"{{"id":"t2","sourceAgent":"agent-b","targetAgent":"agent-c","success":false,"confidenceScore":0,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(tr, "x", br#"{"source_agent":"a"}"#).unwrap();
+
+    // Performance metrics: defaults, the latency_ms alias, camelCase, a wrong type.
+    p.send(pm, "c1", format!(r#"{{"id":"p1","routing_duration_ms":20,"cache_hit":true,"trigger_match_strategy":"exact","timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(
+        pm,
+        "c2",
+        format!(r#"{{"id":"p2","latency_ms":40,"timestamp":"{now_ts}"}}"#).as_bytes(),
+    )
+    .unwrap();
+    p.send(pm, "c3", format!(r#"{{"id":"p3","routingDurationMs":0,"cacheHit":false,"triggerMatchStrategy":"","candidatesEvaluated":0,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    p.send(pm, "x", br#"{"cache_hit":"yes"}"#).unwrap();
+    // An event from outside the retention window is skipped, not counted as an error.
+    p.send(aa, "old", format!(r#"{{"id":"a-old","agent_name":"agent-old","action_type":"success","timestamp":"{ts}"}}"#).as_bytes()).unwrap();
+    p.flush().unwrap();
+
+    let s = wait_status(&svc, WAIT, "all events, positions refreshed", |s| {
+        s.events_processed == 11
+            && s.parse_errors == 7
+            && s.partitions.iter().map(|p| p.high_watermark).sum::<i64>() == 19
+    })
+    .await
+    .unwrap();
+    assert_eq!(topic_status(&s, Kind::RoutingDecision).events_consumed, 3);
+    assert_eq!(topic_status(&s, Kind::RoutingDecision).parse_errors, 3);
+    assert_eq!(topic_status(&s, Kind::AgentAction).events_consumed, 3);
+    assert_eq!(topic_status(&s, Kind::AgentAction).parse_errors, 2);
+    assert_eq!(topic_status(&s, Kind::AgentAction).skipped_expired, 1);
+    assert_eq!(topic_status(&s, Kind::Transformation).events_consumed, 2);
+    assert_eq!(topic_status(&s, Kind::Transformation).parse_errors, 1);
+    assert_eq!(topic_status(&s, Kind::PerformanceMetric).events_consumed, 3);
+    assert_eq!(topic_status(&s, Kind::PerformanceMetric).parse_errors, 1);
+    assert!(s.connected);
+    assert_eq!(
+        s.partitions.len(),
+        8,
+        "2 partitions x 4 topics: {:?}",
+        s.partitions
+    );
+    assert!(
+        s.partitions.iter().all(|p| p.lag == 0),
+        "{:?}",
+        s.partitions
+    );
+    // The service keeps running after bad input: still serving reads.
+    let mut c = client(&svc);
+
+    let metrics = c
+        .get_agent_metrics(pb::GetAgentMetricsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let by_name: BTreeMap<_, _> = metrics.iter().map(|m| (m.agent.as_str(), m)).collect();
+    let a = by_name["agent-a"];
+    assert_eq!(a.total_requests, 2);
+    assert!((a.avg_confidence.unwrap() - 0.6).abs() < 1e-9);
+    assert!((a.avg_routing_time_ms.unwrap() - 20.0).abs() < 1e-9);
+    assert_eq!((a.successes, a.errors, a.total_actions), (1, 1, 2));
+    assert_eq!(a.success_rate, Some(0.5));
+    let z = by_name["agent-z"];
+    assert_eq!(z.avg_confidence, Some(0.0), "a real 0 is a value");
+    assert_eq!(z.avg_routing_time_ms, Some(0.0));
+    let only = by_name["agent-only-actions"];
+    assert_eq!(only.total_requests, 0);
+    assert_eq!(
+        only.success_rate, None,
+        "no success/error actions: no rate, no NaN"
+    );
+    assert_eq!(only.avg_confidence, None);
+    assert!(!by_name.contains_key("agent-old"));
+
+    let actions = c
+        .list_recent_actions(pb::ListRecentActionsRequest {
+            agent: Some("agent-a".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert_eq!(actions.len(), 2);
+    let camel = actions.iter().find(|a| a.id == "a-camel").unwrap();
+    assert_eq!(camel.success, Some(false));
+    assert_eq!(camel.project_name.as_deref(), Some(""));
+    assert_eq!(camel.action_details_json, None);
+    assert_eq!(camel.correlation_id.as_deref(), Some("c2"));
+    let snake = actions.iter().find(|a| a.id == "a-snake").unwrap();
+    assert_eq!(snake.duration_ms, Some(0.0));
+    assert_eq!(snake.debug_mode, Some(false));
+    assert_eq!(snake.action_details_json.as_deref(), Some(r#"{"f":1}"#));
+    let by_corr = c
+        .list_recent_actions(pb::ListRecentActionsRequest {
+            correlation_id: Some("c1".into()),
+            action_type: Some("success".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert_eq!(
+        by_corr.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+        ["a-snake"]
+    );
+
+    let decisions = c
+        .list_routing_decisions(pb::ListRoutingDecisionsRequest {
+            min_confidence: Some(0.5),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .decisions;
+    assert_eq!(
+        decisions.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["rd-snake"]
+    );
+    assert_eq!(decisions[0].alternatives[0].agent, "agent-b");
+
+    let transformations = c
+        .list_transformations(pb::ListTransformationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .transformations;
+    assert_eq!(transformations.len(), 2);
+    let t1 = transformations.iter().find(|t| t.id == "t1").unwrap();
+    assert!(t1.success, "success defaults to true");
+    let t2 = transformations.iter().find(|t| t.id == "t2").unwrap();
+    assert!(!t2.success);
+    assert_eq!(t2.confidence_score, Some(0.0));
+
+    let perf = c
+        .list_performance_metrics(pb::ListPerformanceMetricsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let p2 = perf.metrics.iter().find(|m| m.id == "p2").unwrap();
+    assert_eq!(p2.routing_duration_ms, Some(40.0), "latency_ms alias");
+    assert!(!p2.cache_hit);
+    assert_eq!(p2.trigger_match_strategy, "unknown");
+    let p3 = perf.metrics.iter().find(|m| m.id == "p3").unwrap();
+    assert_eq!(p3.trigger_match_strategy, "", "a real empty string is kept");
+    assert_eq!(p3.candidates_evaluated, Some(0));
+    let stats = perf.stats.unwrap();
+    assert_eq!(stats.total_queries, 3);
+    assert_eq!(stats.cache_hits, 1);
+    assert!((stats.avg_routing_duration_ms.unwrap() - 20.0).abs() < 1e-9);
+
+    // Bad windows are INVALID_ARGUMENT with a field violation.
+    let err = c
+        .get_agent_metrics(pb::GetAgentMetricsRequest {
+            window: "7d".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = c
+        .get_performance_stats(pb::GetPerformanceStatsRequest {
+            window: "soon".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    use tonic_types::StatusExt;
+    let details = err.get_error_details();
+    let violation = &details.bad_request().expect("BadRequest").field_violations[0];
+    assert_eq!(violation.field, "window");
+}
+
+/// Expected metrics computed in the test from the produced JSON.
+#[derive(Debug, Default)]
+struct Expected {
+    requests: u64,
+    routing_sum: f64,
+    routing_n: u64,
+    conf_sum: f64,
+    conf_n: u64,
+    successes: u64,
+    errors: u64,
+    actions: u64,
+}
+
+fn reference(events: &[(Kind, Value)]) -> BTreeMap<String, Expected> {
+    let mut m: BTreeMap<String, Expected> = BTreeMap::new();
+    for (kind, v) in events {
+        match kind {
+            Kind::RoutingDecision => {
+                let e = m
+                    .entry(v["selected_agent"].as_str().unwrap().into())
+                    .or_default();
+                e.requests += 1;
+                if let Some(x) = v["routing_time_ms"].as_f64() {
+                    e.routing_sum += x;
+                    e.routing_n += 1;
+                }
+                if let Some(x) = v["confidence_score"].as_f64() {
+                    e.conf_sum += x;
+                    e.conf_n += 1;
+                }
+            }
+            Kind::AgentAction => {
+                let e = m
+                    .entry(v["agent_name"].as_str().unwrap().into())
+                    .or_default();
+                e.actions += 1;
+                match v["action_type"].as_str().unwrap() {
+                    "success" => e.successes += 1,
+                    "error" => e.errors += 1,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    m
+}
+
+async fn agent_metrics(svc: &omnibus_tests::ServiceProcess) -> Vec<pb::AgentMetrics> {
+    client(svc)
+        .get_agent_metrics(pb::GetAgentMetricsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+}
+
+#[tokio::test]
+async fn aggregates_match_a_reference_and_a_restart_rebuilds_them() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 3).await.unwrap();
+    let first = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+
+    let p = TestProducer::new(&brokers).unwrap();
+    let mut generator = EventGenerator::new(12, 42);
+    let mut produced = Vec::new();
+    // Events spread over the last 3 hours (event time), produced now.
+    let n = 3000;
+    for i in 0..n {
+        let t = Utc::now() - chrono::Duration::seconds(3 * 3600 * (n - i) / n);
+        let e = generator.next_event(t);
+        p.send(topics.name(e.kind), &e.key, &e.payload).unwrap();
+        produced.push((e.kind, serde_json::from_slice::<Value>(&e.payload).unwrap()));
+    }
+    p.flush().unwrap();
+    let total = produced.len() as u64;
+    wait_status(&first, WAIT, "all events", |s| s.events_processed == total)
+        .await
+        .unwrap();
+
+    let want = reference(&produced);
+    let got = agent_metrics(&first).await;
+    assert_eq!(got.len(), want.len());
+    for m in &got {
+        let w = &want[&m.agent];
+        assert_eq!(m.total_requests, w.requests, "{}", m.agent);
+        assert_eq!(m.total_actions, w.actions);
+        assert_eq!((m.successes, m.errors), (w.successes, w.errors));
+        let close = |a: Option<f64>, s: f64, n: u64| {
+            let b = (n > 0).then(|| s / n as f64);
+            match (a, b) {
+                (Some(a), Some(b)) => (a - b).abs() < 1e-6,
+                (None, None) => true,
+                _ => false,
+            }
+        };
+        assert!(
+            close(m.avg_routing_time_ms, w.routing_sum, w.routing_n),
+            "{m:?} {w:?}"
+        );
+        assert!(close(m.avg_confidence, w.conf_sum, w.conf_n), "{m:?} {w:?}");
+        let decided = w.successes + w.errors;
+        assert_eq!(
+            m.success_rate,
+            (decided > 0).then(|| w.successes as f64 / decided as f64)
+        );
+    }
+    // A 1 h window holds fewer requests than the whole window.
+    let hour: u64 = client(&first)
+        .get_agent_metrics(pb::GetAgentMetricsRequest {
+            window: "1h".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .iter()
+        .map(|m| m.total_requests)
+        .sum();
+    let all: u64 = got.iter().map(|m| m.total_requests).sum();
+    assert!(hour > 0 && hour < all, "1h {hour} vs all {all}");
+
+    let snapshot_of = |s: pb::GetSnapshotResponse| {
+        let s = s.snapshot.unwrap();
+        (
+            s.agents,
+            s.actions.into_iter().map(|a| a.id).collect::<Vec<_>>(),
+            s.routing_decisions
+                .into_iter()
+                .map(|a| a.id)
+                .collect::<Vec<_>>(),
+            s.transformations
+                .into_iter()
+                .map(|a| a.id)
+                .collect::<Vec<_>>(),
+            s.performance_metrics
+                .into_iter()
+                .map(|a| a.id)
+                .collect::<Vec<_>>(),
+            s.performance_stats,
+        )
+    };
+    let before = snapshot_of(
+        client(&first)
+            .get_snapshot(pb::GetSnapshotRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+
+    // Restart: the new process rebuilds the same view from the bus alone, with either
+    // replay strategy.
+    drop(first);
+    for seek in ["timestamp", "earliest"] {
+        let again = start_consumer(&brokers, &prefix, &["--replay-seek", seek])
+            .await
+            .unwrap();
+        wait_status(&again, WAIT, "replayed", |s| s.events_processed == total)
+            .await
+            .unwrap();
+        let after = snapshot_of(
+            client(&again)
+                .get_snapshot(pb::GetSnapshotRequest {})
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert_eq!(before, after, "replay with --replay-seek {seek}");
+    }
+}
+
+#[tokio::test]
+async fn replay_skips_events_older_than_the_window_even_if_the_broker_misplaces_the_cutoff() {
+    // Old events carry old Kafka timestamps (as if produced then) and old event times; the
+    // timestamp seek must not lose the recent ones whatever the broker answers.
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let mut generator = EventGenerator::new(5, 7);
+    let old = Utc::now() - chrono::Duration::hours(30);
+    let mut old_n = 0u64;
+    for _ in 0..300 {
+        let e = generator.next_of(Kind::AgentAction, old);
+        p.send_at(
+            topics.name(e.kind),
+            &e.key,
+            &e.payload,
+            Some(old.timestamp_millis()),
+        )
+        .unwrap();
+        old_n += 1;
+    }
+    let mut recent_n = 0u64;
+    for i in 0..200 {
+        let t = Utc::now() - chrono::Duration::minutes(200 - i);
+        let e = generator.next_of(Kind::AgentAction, t);
+        p.send_at(
+            topics.name(e.kind),
+            &e.key,
+            &e.payload,
+            Some(t.timestamp_millis()),
+        )
+        .unwrap();
+        recent_n += 1;
+    }
+    p.flush().unwrap();
+
+    for seek in ["timestamp", "earliest"] {
+        let svc = start_consumer(&brokers, &prefix, &["--replay-seek", seek])
+            .await
+            .unwrap();
+        let s = wait_status(&svc, WAIT, "recent events", |s| {
+            s.events_processed == recent_n && s.partitions.iter().all(|p| p.lag == 0)
+        })
+        .await
+        .unwrap();
+        let skipped = topic_status(&s, Kind::AgentAction).skipped_expired;
+        assert!(skipped <= old_n, "{seek}: skipped {skipped}");
+        if seek == "earliest" {
+            assert_eq!(skipped, old_n, "earliest reads and skips every old event");
+        }
+        // Nothing more arrives later.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = omnibus_tests::consumer::status(&svc).await.unwrap();
+        assert_eq!(s.events_processed, recent_n, "{seek}");
+        assert!(
+            s.partitions.iter().all(|p| p.lag == 0),
+            "{:?}",
+            s.partitions
+        );
+    }
+}
