@@ -2,8 +2,10 @@
 //! against the real broker (`KAFKA_BROKERS`) and PostgreSQL (`DATABASE_URL`) that
 //! `scripts/dev-services up` provides, with isolated topics and databases per test.
 
+pub mod bus;
 pub mod consumer;
 pub mod db;
+pub mod proxy;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

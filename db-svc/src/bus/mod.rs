@@ -149,6 +149,8 @@ impl BusArgs {
 /// Everything a request task needs.
 struct Worker {
     settings: BusSettings,
+    /// `OMNIBUS_FAILPOINT=bus-after-execute` (tests only): abort after executing a request.
+    crash_after_execute: bool,
     handler: Handler,
     producer: FutureProducer,
     shutdown: Shutdown,
@@ -214,8 +216,11 @@ pub async fn run(
         "event-bus worker started"
     );
 
+    let crash_after_execute =
+        std::env::var("OMNIBUS_FAILPOINT").is_ok_and(|f| f == "bus-after-execute");
     let worker = Arc::new(Worker {
         settings,
+        crash_after_execute,
         handler,
         producer,
         shutdown: shutdown.clone(),
@@ -324,6 +329,11 @@ async fn process(
             let Some(reply) = execute(worker, &request).await else {
                 return false;
             };
+            if worker.crash_after_execute {
+                // Fail point for the redelivery test: die between the write and the reply/commit.
+                tracing::error!(correlation_id = %request.correlation_id, "fail point bus-after-execute: aborting");
+                std::process::abort();
+            }
             Outgoing::Reply {
                 correlation_id: request.correlation_id,
                 reply,

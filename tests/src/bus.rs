@@ -1,0 +1,241 @@
+//! Helpers for the event-bus tests: per-test request/reply topics, db-svc started with its bus
+//! worker on them, a raw producer (OmniClaude-style), and a tap that reads every reply.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bus_protocol::Topics;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+
+use crate::{ServiceProcess, ServiceSpec, TestDatabase, TestTopics, kafka_brokers};
+
+/// Partitions of each test topic (so concurrency and replicas are exercised).
+pub const PARTITIONS: i32 = 3;
+
+/// The four database topics of one test.
+pub struct BusTopics {
+    pub topics: Topics,
+    _names: TestTopics,
+}
+
+impl BusTopics {
+    pub async fn create() -> Result<Self> {
+        let names = TestTopics::create(
+            &["db.requested", "db.completed", "db.failed", "db.dlq"],
+            PARTITIONS,
+        )
+        .await?;
+        let topics = Topics {
+            request: names.name("db.requested"),
+            completed: names.name("db.completed"),
+            failed: names.name("db.failed"),
+            dead_letter: names.name("db.dlq"),
+        };
+        Ok(Self {
+            topics,
+            _names: names,
+        })
+    }
+
+    /// db-svc flags that put its bus worker on these topics, in consumer group `group`.
+    pub fn db_svc_args(&self, group: &str) -> Vec<String> {
+        let t = &self.topics;
+        [
+            "--kafka-brokers",
+            &kafka_brokers(),
+            "--request-topic",
+            &t.request,
+            "--completed-topic",
+            &t.completed,
+            "--failed-topic",
+            &t.failed,
+            "--dead-letter-topic",
+            &t.dead_letter,
+            "--bus-group-id",
+            group,
+            "--bus-session-timeout",
+            "6s",
+            "--shutdown-grace",
+            "3s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// A publisher configuration for these topics.
+    pub fn client_config(&self, timeout: Duration) -> omnibus_client::bus::BusConfig {
+        let mut c = omnibus_client::bus::BusConfig::new(kafka_brokers());
+        c.topics = self.topics.clone();
+        c.timeout = timeout;
+        c
+    }
+}
+
+/// Starts db-svc (bus worker on) against `db` and waits for SERVING.
+pub async fn start_db_svc(
+    db: &TestDatabase,
+    topics: &BusTopics,
+    group: &str,
+    extra: &[&str],
+) -> Result<ServiceProcess> {
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(topics.db_svc_args(group))
+        .args(extra.iter().copied())
+        .spawn()?;
+    svc.wait_serving().await?;
+    Ok(svc)
+}
+
+/// Produces `payload` to `topic` as a Python client would: gzip, acks=all, optional key.
+pub async fn produce(
+    topic: &str,
+    key: Option<&str>,
+    payload: &[u8],
+    compression: &str,
+) -> Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("acks", "all")
+        .set("compression.type", compression)
+        .create()?;
+    let mut record = FutureRecord::to(topic).payload(payload);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("produce to {topic}: {e}"))?;
+    Ok(())
+}
+
+/// A message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub key: Option<String>,
+    pub json: Value,
+}
+
+/// Reads every message of some topics from the beginning (direct assignment, no group).
+pub struct Tap {
+    consumer: BaseConsumer,
+    pub seen: Vec<Received>,
+}
+
+impl Tap {
+    pub fn new(topics: &[&str]) -> Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("group.id", format!("tap-{}", uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in topics {
+            for p in 0..PARTITIONS {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        Ok(Self {
+            consumer,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Polls for up to `wait`, collecting messages.
+    pub fn poll_for(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(50)) {
+                let json = m
+                    .payload()
+                    .and_then(|p| serde_json::from_slice(p).ok())
+                    .unwrap_or(Value::Null);
+                self.seen.push(Received {
+                    topic: m.topic().to_string(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    json,
+                });
+            }
+        }
+    }
+
+    /// Polls until `pred` holds for the collected messages, or fails after `timeout`.
+    pub fn wait_until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&[Received]) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !pred(&self.seen) {
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out waiting for {what}; seen {} messages: {:#?}",
+                    self.seen.len(),
+                    self.seen
+                );
+            }
+            self.poll_for(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Replies seen per correlation id.
+    pub fn replies_by_correlation(&self) -> HashMap<String, Vec<&Received>> {
+        let mut out: HashMap<String, Vec<&Received>> = HashMap::new();
+        for r in &self.seen {
+            if let Some(cid) = r.json["correlation_id"].as_str() {
+                out.entry(cid.to_string()).or_default().push(r);
+            }
+        }
+        out
+    }
+
+    /// The reply for `correlation_id`, waiting up to `timeout`.
+    pub fn reply_for(&mut self, correlation_id: &str, timeout: Duration) -> Result<Received> {
+        self.wait_until(timeout, &format!("a reply to {correlation_id}"), |seen| {
+            seen.iter()
+                .any(|r| r.json["correlation_id"] == correlation_id)
+        })?;
+        self.seen
+            .iter()
+            .find(|r| r.json["correlation_id"] == correlation_id)
+            .cloned()
+            .context("reply vanished")
+    }
+}
+
+/// The OmniClaude request envelope (reference §4), exactly as its client builds it.
+pub fn omniclaude_envelope(
+    correlation_id: &str,
+    operation_type: &str,
+    entity: Option<&str>,
+    query: &str,
+    params: Value,
+) -> Value {
+    serde_json::json!({
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "event_type": "DATABASE_QUERY_REQUESTED",
+        "correlation_id": correlation_id,
+        "timestamp": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string(),
+        "service": "omniclaude",
+        "payload": {
+            "operation_type": operation_type,
+            "entity_type": entity,
+            "query": query,
+            "params": params,
+            "filters": null,
+            "limit": null,
+            "offset": null,
+        }
+    })
+}

@@ -1,0 +1,725 @@
+//! The event-bus write path end to end: db-svc's bus worker and the client publisher against
+//! the real broker and PostgreSQL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use omnibus_client::bus::{BusError, BusPublisher};
+use omnibus_client::db::{DbClient, Via, WriteMode};
+use omnibus_proto::db::v1 as pb;
+use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce, start_db_svc};
+use omnibus_tests::db::to_struct;
+use omnibus_tests::{ServiceSpec, TestDatabase};
+use serde_json::{Value, json};
+
+/// The first request may wait for the worker's consumer-group join (about half the 6 s
+/// session timeout on tansu).
+const FIRST_REPLY: Duration = Duration::from_secs(40);
+const REPLY: Duration = Duration::from_secs(20);
+
+fn action(agent: &str) -> prost_types::Struct {
+    to_struct(json!({
+        "correlation_id": uuid::Uuid::new_v4().to_string(),
+        "agent_name": agent,
+        "action_type": "tool_call",
+        "action_name": "read_file",
+        "duration_ms": 12
+    }))
+}
+
+async fn count_rows(db: &TestDatabase, sql: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("count")
+}
+
+fn group() -> String {
+    format!("db-svc-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_operations_round_trip_over_the_bus() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let bus = BusPublisher::connect(topics.client_config(REPLY))
+        .await
+        .unwrap();
+
+    let insert = pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![action("bus-a"), action("bus-a"), action("bus-b")],
+        request_id: uuid::Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let inserted = bus
+        .call(&insert, &insert.request_id, Some(FIRST_REPLY))
+        .await
+        .unwrap();
+    assert_eq!(inserted.affected, 3);
+    assert_eq!(inserted.rows.len(), 3);
+    assert!(!inserted.replayed);
+
+    let query = pb::QueryRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(json!({"agent_name": "bus-a"}))),
+        ..Default::default()
+    };
+    let found = bus
+        .call(&query, &uuid::Uuid::new_v4().to_string(), None)
+        .await
+        .unwrap();
+    assert_eq!(found.rows.len(), 2);
+
+    let count = pb::CountRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        bus.call(&count, &uuid::Uuid::new_v4().to_string(), None)
+            .await
+            .unwrap()
+            .count,
+        3
+    );
+
+    let update = pb::UpdateRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(json!({"agent_name": "bus-b"}))),
+        set: Some(to_struct(json!({"action_name": "write_file"}))),
+        ..Default::default()
+    };
+    let updated = bus
+        .call(&update, &uuid::Uuid::new_v4().to_string(), None)
+        .await
+        .unwrap();
+    assert_eq!(updated.affected, 1);
+
+    let id = inserted.rows[0].fields["id"].clone();
+    let mut row = action("bus-c");
+    row.fields.insert("id".into(), id.clone());
+    let upsert = pb::UpsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![row],
+        ..Default::default()
+    };
+    let upserted = bus
+        .call(&upsert, &uuid::Uuid::new_v4().to_string(), None)
+        .await
+        .unwrap();
+    assert_eq!(upserted.affected, 1);
+
+    let raw = pb::ExecuteRawRequest {
+        sql: "SELECT agent_name FROM agent_actions WHERE action_name = $1".into(),
+        params: vec![omnibus_tests::db::to_value(json!("write_file"))],
+        ..Default::default()
+    };
+    let raw_rows = bus
+        .call(&raw, &uuid::Uuid::new_v4().to_string(), None)
+        .await
+        .unwrap();
+    assert_eq!(raw_rows.rows.len(), 1);
+
+    let delete = pb::DeleteRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(json!({"agent_name": "bus-a"}))),
+        ..Default::default()
+    };
+    let deleted = bus
+        .call(&delete, &uuid::Uuid::new_v4().to_string(), None)
+        .await
+        .unwrap();
+    assert_eq!(deleted.affected, 1, "one bus-a row was upserted into bus-c");
+
+    let names = count_rows(
+        &db,
+        "SELECT count(*) FROM agent_actions WHERE agent_name IN ('bus-b','bus-c')",
+    )
+    .await;
+    assert_eq!(names, 2);
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM agent_actions").await,
+        2
+    );
+
+    // A structured error comes back as FAILED with the gRPC path's code and field details.
+    let bad = pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![to_struct(json!({"agent_name": "x", "no_such_column": 1}))],
+        ..Default::default()
+    };
+    match bus
+        .call(&bad, &uuid::Uuid::new_v4().to_string(), None)
+        .await
+    {
+        Err(BusError::Failed(f)) => {
+            assert_eq!(f.error_code, "VALIDATION_ERROR", "{f:?}");
+            assert_eq!(f.grpc_code, "INVALID_ARGUMENT");
+            assert!(
+                f.details["field_violations"]
+                    .to_string()
+                    .contains("no_such_column"),
+                "{f:?}"
+            );
+        }
+        other => panic!("expected a FAILED reply, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omniclaude_envelopes_get_the_replies_that_client_expects() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+
+    // Exactly as DatabaseEventClient sends it: JSON value, no key, gzip.
+    let send = |cid: &str, op: &str, entity: Option<&str>, sql: &str, params: Value| {
+        let body = serde_json::to_vec(&omniclaude_envelope(cid, op, entity, sql, params)).unwrap();
+        let topic = t.request.clone();
+        async move { produce(&topic, None, &body, "gzip").await.unwrap() }
+    };
+    let cid = uuid::Uuid::new_v4().to_string();
+    let correlation = uuid::Uuid::new_v4().to_string();
+    send(
+        &cid,
+        "INSERT",
+        Some("agent_actions"),
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) VALUES ($1, $2, $3, $4) RETURNING id, agent_name",
+        json!([correlation, "omniclaude-agent", "success", "generate_code"]),
+    )
+    .await;
+    let reply = tap.reply_for(&cid, FIRST_REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed);
+    assert_eq!(
+        reply.key.as_deref(),
+        Some(cid.as_str()),
+        "replies are keyed by correlation id"
+    );
+    let env = &reply.json;
+    assert_eq!(env["event_type"], "DATABASE_QUERY_COMPLETED");
+    for field in ["event_id", "timestamp", "service"] {
+        assert!(env[field].is_string(), "{field} missing: {env}");
+    }
+    assert_eq!(env["payload"]["row_count"], 1);
+    assert_eq!(env["payload"]["rows_affected"], 1);
+    assert!(env["payload"]["execution_time_ms"].is_number());
+    assert_eq!(env["payload"]["rows"][0]["agent_name"], "omniclaude-agent");
+
+    // QUERY returns payload.rows, as the client reads them.
+    let q = uuid::Uuid::new_v4().to_string();
+    send(
+        &q,
+        "QUERY",
+        Some("agent_actions"),
+        "SELECT agent_name, action_type FROM agent_actions WHERE correlation_id = $1",
+        json!([correlation]),
+    )
+    .await;
+    let reply = tap.reply_for(&q, REPLY).unwrap();
+    assert_eq!(
+        reply.json["payload"]["rows"],
+        json!([{"agent_name": "omniclaude-agent", "action_type": "success"}])
+    );
+
+    // UPDATE, UPSERT (INSERT … ON CONFLICT … DO UPDATE SET c = EXCLUDED.c) and DELETE.
+    let u = uuid::Uuid::new_v4().to_string();
+    send(
+        &u,
+        "UPDATE",
+        Some("agent_actions"),
+        "UPDATE agent_actions SET duration_ms = $1 WHERE correlation_id = $2",
+        json!([250, correlation]),
+    )
+    .await;
+    assert_eq!(
+        tap.reply_for(&u, REPLY).unwrap().json["payload"]["rows_affected"],
+        1
+    );
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let up = uuid::Uuid::new_v4().to_string();
+    send(
+        &up,
+        "UPSERT",
+        Some("agent_actions"),
+        "INSERT INTO agent_actions (id, correlation_id, agent_name, action_type, action_name) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET agent_name = EXCLUDED.agent_name",
+        json!([id, correlation, "upserted", "decision", "route"]),
+    )
+    .await;
+    assert_eq!(
+        tap.reply_for(&up, REPLY).unwrap().json["event_type"],
+        "DATABASE_QUERY_COMPLETED"
+    );
+
+    let d = uuid::Uuid::new_v4().to_string();
+    send(
+        &d,
+        "DELETE",
+        Some("agent_actions"),
+        "DELETE FROM agent_actions WHERE agent_name = $1",
+        json!(["upserted"]),
+    )
+    .await;
+    assert_eq!(
+        tap.reply_for(&d, REPLY).unwrap().json["payload"]["rows_affected"],
+        1
+    );
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM agent_actions").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_failed_replies_or_dead_letters() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
+
+    let failed_code = |tap: &mut Tap, cid: &str, wait: Duration| -> String {
+        let r = tap.reply_for(cid, wait).unwrap();
+        assert_eq!(r.topic, t.failed, "{r:?}");
+        assert_eq!(r.json["event_type"], "DATABASE_QUERY_FAILED");
+        let p = &r.json["payload"];
+        assert!(p["error"].as_str().is_some_and(|e| !e.is_empty()), "{r:?}");
+        assert_eq!(p["error"], p["error_message"]);
+        p["error_code"].as_str().unwrap().to_string()
+    };
+
+    // A warm-up that also checks an unknown table: VALIDATION_ERROR.
+    let c = uuid::Uuid::new_v4().to_string();
+    let env = omniclaude_envelope(&c, "QUERY", None, "SELECT * FROM pg_shadow", json!([]));
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "gzip")
+        .await
+        .unwrap();
+    assert_eq!(failed_code(&mut tap, &c, FIRST_REPLY), "VALIDATION_ERROR");
+
+    // Two statements, and DDL: refused by the SQL guard.
+    for sql in [
+        "SELECT 1 FROM agent_actions; DELETE FROM agent_actions",
+        "DROP TABLE agent_actions",
+    ] {
+        let c = uuid::Uuid::new_v4().to_string();
+        let env = omniclaude_envelope(&c, "QUERY", None, sql, json!([]));
+        produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+            .await
+            .unwrap();
+        let code = failed_code(&mut tap, &c, REPLY);
+        assert!(
+            ["VALIDATION_ERROR", "WRITE_NOT_ALLOWED"].contains(&code.as_str()),
+            "{sql}: {code}"
+        );
+    }
+
+    // Statement kind must match operation_type.
+    let c = uuid::Uuid::new_v4().to_string();
+    let env = omniclaude_envelope(
+        &c,
+        "QUERY",
+        None,
+        "DELETE FROM agent_actions WHERE agent_name = $1",
+        json!(["x"]),
+    );
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    assert_eq!(failed_code(&mut tap, &c, REPLY), "OPERATION_MISMATCH");
+
+    // Malformed envelope with a correlation id: FAILED, never silence.
+    let c = uuid::Uuid::new_v4().to_string();
+    let env = json!({"event_type": "DATABASE_QUERY_REQUESTED", "correlation_id": c, "payload": {"operation_type": "MERGE"}});
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    assert_eq!(failed_code(&mut tap, &c, REPLY), "VALIDATION_ERROR");
+
+    // Not even JSON, but keyed by the correlation id (our publisher's convention): FAILED.
+    let c = uuid::Uuid::new_v4().to_string();
+    produce(&t.request, Some(&c), b"{this is not json", "none")
+        .await
+        .unwrap();
+    assert_eq!(failed_code(&mut tap, &c, REPLY), "VALIDATION_ERROR");
+
+    // A deadline already passed: TIMEOUT, and nothing is written.
+    let c = uuid::Uuid::new_v4().to_string();
+    let mut env = omniclaude_envelope(
+        &c,
+        "INSERT",
+        None,
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) VALUES ($1, 'late', 'x', 'y')",
+        json!([uuid::Uuid::new_v4().to_string()]),
+    );
+    env["payload"]["deadline"] = json!("2020-01-01T00:00:00Z");
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    assert_eq!(failed_code(&mut tap, &c, REPLY), "TIMEOUT");
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'late'"
+        )
+        .await,
+        0
+    );
+
+    // No correlation id anywhere: dead-letter topic, with the reason.
+    let marker = uuid::Uuid::new_v4().to_string();
+    let env = json!({"event_type": "DATABASE_QUERY_REQUESTED", "payload": {"marker": marker}});
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    tap.wait_until(REPLY, "a dead letter", |seen| {
+        seen.iter().any(|r| {
+            r.topic == t.dead_letter
+                && r.json["payload"]
+                    .as_str()
+                    .is_some_and(|p| p.contains(&marker))
+        })
+    })
+    .unwrap();
+    let dead = tap.seen.iter().find(|r| r.topic == t.dead_letter).unwrap();
+    assert!(
+        dead.json["reason"]
+            .as_str()
+            .unwrap()
+            .contains("correlation_id"),
+        "{dead:?}"
+    );
+    assert_eq!(dead.json["source_topic"], t.request);
+}
+
+/// The same message delivered twice (what a redelivery looks like) writes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_request_is_applied_once() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let group = group();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    let cid = uuid::Uuid::new_v4().to_string();
+    let env = omniclaude_envelope(
+        &cid,
+        "INSERT",
+        Some("agent_actions"),
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) VALUES ($1, 'once', 'x', 'y')",
+        json!([uuid::Uuid::new_v4().to_string()]),
+    );
+    let body = serde_json::to_vec(&env).unwrap();
+
+    // 1. db-svc crashes after the write, before replying and committing (fail point).
+    let mut crashing = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .env("OMNIBUS_FAILPOINT", "bus-after-execute")
+        .args(topics.db_svc_args(&group))
+        .spawn()
+        .unwrap();
+    crashing.wait_serving().await.unwrap();
+    produce(&t.request, None, &body, "gzip").await.unwrap();
+    let status = crashing
+        .wait_exit(FIRST_REPLY)
+        .await
+        .expect("db-svc aborts at the fail point");
+    assert!(!status.success());
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'once'"
+        )
+        .await,
+        1,
+        "the write committed"
+    );
+    tap.poll_for(Duration::from_millis(500));
+    assert!(
+        tap.replies_by_correlation().is_empty(),
+        "no reply before the crash"
+    );
+
+    // 2. A new db-svc in the same group gets the request again: it replays the recorded result.
+    let _svc = start_db_svc(&db, &topics, &group, &[]).await.unwrap();
+    let reply = tap.reply_for(&cid, FIRST_REPLY).unwrap();
+    assert_eq!(
+        reply.json["event_type"], "DATABASE_QUERY_COMPLETED",
+        "{reply:?}"
+    );
+    assert_eq!(reply.json["payload"]["replayed"], true, "{reply:?}");
+    assert_eq!(reply.json["payload"]["rows_affected"], 1);
+
+    // 3. And a plain duplicate of the message is replayed too.
+    produce(&t.request, None, &body, "gzip").await.unwrap();
+    tap.wait_until(REPLY, "a second reply", |seen| {
+        seen.iter()
+            .filter(|r| r.json["correlation_id"] == cid.as_str())
+            .count()
+            >= 2
+    })
+    .unwrap();
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'once'"
+        )
+        .await,
+        1
+    );
+}
+
+/// Bus down (no worker) -> the client falls back to direct gRPC with the same request id; when
+/// a worker later processes the bus request, nothing is written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_to_direct_grpc_never_writes_twice() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    // db-svc serving gRPC only: nobody answers the bus.
+    let mut direct_only = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(["--bus", "false"])
+        .spawn()
+        .unwrap();
+    direct_only.wait_serving().await.unwrap();
+
+    let bus = Arc::new(
+        BusPublisher::connect(topics.client_config(Duration::from_millis(1500)))
+            .await
+            .unwrap(),
+    );
+    let client = DbClient::with_bus(direct_only.channel(), bus.clone(), WriteMode::BusFirst);
+    let written = client
+        .insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![action("fallback")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(matches!(written.via, Via::Fallback(_)), "{:?}", written.via);
+    assert_eq!(written.response.affected, 1);
+
+    // A bus request with a long deadline whose direct fallback already won (same request id).
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let late = pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![action("late-bus")],
+        request_id: request_id.clone(),
+        ..Default::default()
+    };
+    let json = omnibus_proto::json::to_json("omnibus.db.v1.InsertRequest", &late, true).unwrap();
+    let payload = json!({"operation": "INSERT", "request": json, "timeout_ms": 120000});
+    let pending = {
+        let bus = bus.clone();
+        let request_id = request_id.clone();
+        tokio::spawn(async move {
+            bus.request(payload, &request_id, Some(Duration::from_secs(60)))
+                .await
+        })
+    };
+    let direct = DbClient::direct(direct_only.channel());
+    let first = direct.insert(late.clone()).await.unwrap();
+    assert_eq!(first.response.affected, 1);
+    assert!(!first.response.replayed);
+
+    // Now the bus worker comes up and processes both queued requests.
+    let _worker = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    match pending.await.unwrap().unwrap() {
+        bus_protocol::Reply::Completed(done) => assert!(done.replayed, "{done:?}"),
+        other => panic!("expected COMPLETED (replayed), got {other:?}"),
+    }
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'late-bus'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'fallback'"
+        )
+        .await,
+        1
+    );
+}
+
+/// PostgreSQL becomes unreachable mid-stream: requests wait and are retried; none is lost and
+/// none applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_mid_stream_loses_and_duplicates_nothing() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let pg: std::net::SocketAddr = {
+        let url = url::Url::parse(&db.url).unwrap();
+        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+            .parse()
+            .unwrap()
+    };
+    let proxy = omnibus_tests::proxy::Proxy::start(pg).await.unwrap();
+    let mut via_proxy = url::Url::parse(&db.url).unwrap();
+    via_proxy.set_port(Some(proxy.addr.port())).unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", via_proxy.as_str())
+        .args(topics.db_svc_args(&group()))
+        .args(["--db-acquire-timeout", "1s"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    let bus = Arc::new(
+        BusPublisher::connect(topics.client_config(Duration::from_secs(60)))
+            .await
+            .unwrap(),
+    );
+
+    // Warm up (group join), then cut PostgreSQL while a stream of writes is in flight.
+    let warm = pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![action("warm")],
+        ..Default::default()
+    };
+    bus.call(&warm, &uuid::Uuid::new_v4().to_string(), Some(FIRST_REPLY))
+        .await
+        .unwrap();
+
+    let n = 30;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let bus = bus.clone();
+        calls.spawn(async move {
+            let req = pb::InsertRequest {
+                table: "agent_actions".into(),
+                rows: vec![action("outage")],
+                ..Default::default()
+            };
+            bus.call(&req, &uuid::Uuid::new_v4().to_string(), None)
+                .await
+        });
+        if i == n / 3 {
+            proxy.down();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.up();
+    let mut ok = 0;
+    while let Some(result) = calls.join_next().await {
+        let response = result
+            .unwrap()
+            .expect("every request answered after the outage");
+        assert_eq!(response.affected, 1);
+        ok += 1;
+    }
+    assert_eq!(ok, n);
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'outage'"
+        )
+        .await,
+        n as i64
+    );
+    assert!(
+        svc.logs().contains("database unavailable"),
+        "the outage was noticed:\n{}",
+        svc.logs()
+    );
+}
+
+/// Two replicas share the request topic through one consumer group: each request is answered
+/// exactly once, and both replicas take part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_answer_every_request_exactly_once() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let group = group();
+    let _a = start_db_svc(&db, &topics, &group, &["--bus-service-name", "replica-a"])
+        .await
+        .unwrap();
+    let _b = start_db_svc(&db, &topics, &group, &["--bus-service-name", "replica-b"])
+        .await
+        .unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    let bus = Arc::new(
+        BusPublisher::connect(topics.client_config(FIRST_REPLY))
+            .await
+            .unwrap(),
+    );
+
+    // Wait until the group has settled with both members: requests are answered by both.
+    let mut warmups = 0;
+    loop {
+        let req = pb::CountRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        };
+        bus.call(&req, &uuid::Uuid::new_v4().to_string(), None)
+            .await
+            .unwrap();
+        warmups += 1;
+        tap.poll_for(Duration::from_millis(100));
+        let services: std::collections::HashSet<_> = tap
+            .seen
+            .iter()
+            .filter_map(|r| r.json["service"].as_str())
+            .collect();
+        if services.len() == 2 {
+            break;
+        }
+        assert!(warmups < 200, "the second replica never got a partition");
+    }
+    let settled = tap.seen.len();
+
+    let n = 60;
+    let mut calls = tokio::task::JoinSet::new();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let cid = uuid::Uuid::new_v4().to_string();
+        ids.push(cid.clone());
+        let bus = bus.clone();
+        calls.spawn(async move {
+            let req = pb::InsertRequest {
+                table: "agent_actions".into(),
+                rows: vec![action("replicas")],
+                ..Default::default()
+            };
+            bus.call(&req, &cid, None).await
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        r.unwrap().unwrap();
+    }
+    tap.poll_for(Duration::from_secs(2)); // give duplicates, if any, time to show up
+    let by_cid = tap.replies_by_correlation();
+    for cid in &ids {
+        assert_eq!(
+            by_cid.get(cid).map(Vec::len),
+            Some(1),
+            "request {cid} must be answered exactly once"
+        );
+    }
+    let answered_by: std::collections::HashSet<_> = tap.seen[settled..]
+        .iter()
+        .filter_map(|r| r.json["service"].as_str())
+        .collect();
+    assert_eq!(
+        answered_by.len(),
+        2,
+        "both replicas answered: {answered_by:?}"
+    );
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'replicas'"
+        )
+        .await,
+        n as i64
+    );
+}
