@@ -23,6 +23,21 @@ pub enum WriteMode {
     DirectOnly,
 }
 
+impl WriteMode {
+    /// From `USE_EVENT_BUS_FOR_WRITES` (`true`/`1`/`yes` → bus-first; anything else, or unset,
+    /// → direct only), as in the original guide.
+    pub fn from_env() -> Self {
+        Self::from_flag(std::env::var("USE_EVENT_BUS_FOR_WRITES").ok().as_deref())
+    }
+
+    pub fn from_flag(value: Option<&str>) -> Self {
+        match value.map(|v| v.trim().to_ascii_lowercase()) {
+            Some(v) if matches!(v.as_str(), "true" | "1" | "yes" | "on") => WriteMode::BusFirst,
+            _ => WriteMode::DirectOnly,
+        }
+    }
+}
+
 /// Which path produced a result.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Via {
@@ -239,6 +254,14 @@ mod tests {
             "bad",
         ))));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn use_event_bus_for_writes_chooses_the_mode() {
+        assert_eq!(WriteMode::from_flag(Some("true")), WriteMode::BusFirst);
+        assert_eq!(WriteMode::from_flag(Some(" YES ")), WriteMode::BusFirst);
+        assert_eq!(WriteMode::from_flag(Some("false")), WriteMode::DirectOnly);
+        assert_eq!(WriteMode::from_flag(None), WriteMode::DirectOnly);
     }
 
     #[test]
