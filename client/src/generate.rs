@@ -259,6 +259,9 @@ pub struct RunConfig {
     pub progress: bool,
     /// Only these kinds (empty = the realistic mix of all four).
     pub only: Vec<Kind>,
+    /// Event times spread uniformly over this much of the past (`None` = now): a day's worth
+    /// of history produced in minutes.
+    pub time_spread: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -316,7 +319,11 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport, GenerateError> {
                 std::thread::sleep(due - now);
             }
         }
-        let now = Utc::now();
+        let mut now = Utc::now();
+        if let Some(spread) = cfg.time_spread {
+            let back = rand::random_range(0..spread.as_micros().max(1) as i64);
+            now -= chrono::Duration::microseconds(back);
+        }
         let event = if cfg.only.is_empty() {
             generator.next_event(now)
         } else {

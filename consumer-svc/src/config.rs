@@ -59,7 +59,8 @@ pub struct Config {
     )]
     pub topic_performance_metrics: String,
 
-    /// How long events are kept, by event time (also how far back a start replays).
+    /// How long events are kept, by event time, rounded up to the hour (also how far back a
+    /// start replays).
     #[arg(long, env = "RETENTION", value_parser = parse_duration, default_value = "24h")]
     pub retention: Duration,
 
@@ -170,8 +171,8 @@ impl Config {
                 ));
             }
         }
-        if self.retention < Duration::from_secs(60) {
-            return Err("--retention must be at least 1m".into());
+        if self.retention < Duration::from_secs(3600) {
+            return Err("--retention must be at least 1h (it is kept to the hour)".into());
         }
         if self.agent_metrics_interval < Duration::from_millis(10) {
             return Err("--agent-metrics-interval must be at least 10ms".into());

@@ -45,7 +45,6 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         max_decisions: settings.max_routing_decisions,
         max_transformations: settings.max_transformations,
         max_performance: settings.max_performance_metrics,
-        ..Default::default()
     })));
     let hub = Arc::new(hub::Hub::new(
         if settings.real_time_events {

@@ -6,10 +6,13 @@
 //!   arrive in (partitions interleave differently on replay).
 //! - Buffers are ordered by (event time, id), not arrival, and hold the N newest events.
 //!
-//! Metrics live in per-minute buckets (sparse: only minutes with events), so a query can ask
-//! for any window within the retention and pruning drops whole buckets. The retention cutoff
-//! is aligned down to the bucket size and applied identically to buckets, buffers and to events
-//! arriving late, so "expired" means the same thing everywhere.
+//! Metrics live in sparse time buckets: per minute for the last hour (so `1h`-style windows
+//! are exact to the minute) and per hour before that (so 10,000 agents active all day stay
+//! small: at most ~61 minute + 25 hour buckets each). Minute buckets are merged into hour
+//! buckets as they age; sums are integers, so merging changes no result. The retention cutoff
+//! is aligned down to the hour and applied identically to buckets, buffers and to events
+//! arriving late, so "expired" means the same thing everywhere (events are kept for the
+//! retention plus less than an hour).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,6 +24,16 @@ use crate::events::{
 /// Fixed-point scale of sums of milliseconds and confidences.
 const SCALE: f64 = 1e6;
 const MINUTE: Micros = 60_000_000;
+const HOUR: Micros = 60 * MINUTE;
+
+fn align(t: Micros, unit: Micros) -> Micros {
+    t.div_euclid(unit) * unit
+}
+
+/// Start of the minute-resolution region at `now`: the last full hour and the current minute.
+fn fine_start(now: Micros) -> Micros {
+    align(now, MINUTE) - HOUR
+}
 
 fn fixed(x: f64) -> i64 {
     (x * SCALE).round() as i64
@@ -28,10 +41,8 @@ fn fixed(x: f64) -> i64 {
 
 #[derive(Clone, Debug)]
 pub struct StateConfig {
-    /// How long events are kept, by event time.
+    /// How long events are kept, by event time (rounded up to the hour).
     pub retention: Micros,
-    /// Bucket size of the time-windowed metrics.
-    pub bucket: Micros,
     pub max_actions: usize,
     pub max_decisions: usize,
     pub max_transformations: usize,
@@ -41,8 +52,7 @@ pub struct StateConfig {
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
-            retention: 24 * 3600 * 1_000_000,
-            bucket: MINUTE,
+            retention: 24 * HOUR,
             max_actions: 1000,
             max_decisions: 1000,
             max_transformations: 100,
@@ -51,33 +61,157 @@ impl Default for StateConfig {
     }
 }
 
+/// Counters of one agent in one minute or hour (48 bytes: u32 counts, i64 fixed-point sums).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct AgentBucket {
     start: Micros,
-    requests: u64,
+    requests: u32,
+    routing_time_n: u32,
+    confidence_n: u32,
+    successes: u32,
+    errors: u32,
+    actions: u32,
     routing_time_sum: i64,
-    routing_time_n: u64,
     confidence_sum: i64,
-    confidence_n: u64,
-    successes: u64,
-    errors: u64,
-    actions: u64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Agent {
-    /// Sorted by start, no duplicates.
-    buckets: VecDeque<AgentBucket>,
-    last_seen: Micros,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct PerfBucket {
     start: Micros,
-    queries: u64,
-    cache_hits: u64,
+    queries: u32,
+    cache_hits: u32,
+    duration_n: u32,
     duration_sum: i64,
-    duration_n: u64,
+}
+
+trait Bucket: Copy + Default {
+    fn start(&self) -> Micros;
+    fn starting(start: Micros) -> Self;
+    fn merge(&mut self, other: &Self);
+}
+
+impl Bucket for AgentBucket {
+    fn start(&self) -> Micros {
+        self.start
+    }
+    fn starting(start: Micros) -> Self {
+        Self {
+            start,
+            ..Default::default()
+        }
+    }
+    fn merge(&mut self, o: &Self) {
+        self.requests += o.requests;
+        self.routing_time_n += o.routing_time_n;
+        self.confidence_n += o.confidence_n;
+        self.successes += o.successes;
+        self.errors += o.errors;
+        self.actions += o.actions;
+        self.routing_time_sum += o.routing_time_sum;
+        self.confidence_sum += o.confidence_sum;
+    }
+}
+
+impl Bucket for PerfBucket {
+    fn start(&self) -> Micros {
+        self.start
+    }
+    fn starting(start: Micros) -> Self {
+        Self {
+            start,
+            ..Default::default()
+        }
+    }
+    fn merge(&mut self, o: &Self) {
+        self.queries += o.queries;
+        self.cache_hits += o.cache_hits;
+        self.duration_n += o.duration_n;
+        self.duration_sum += o.duration_sum;
+    }
+}
+
+/// Minute buckets (recent) and hour buckets (older), each sorted by start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Series<B> {
+    fine: VecDeque<B>,
+    coarse: VecDeque<B>,
+}
+
+fn bucket_mut<B: Bucket>(buckets: &mut VecDeque<B>, start: Micros) -> &mut B {
+    let pos = match buckets.back() {
+        Some(b) if b.start() == start => buckets.len() - 1,
+        None => {
+            buckets.push_back(B::starting(start));
+            0
+        }
+        Some(b) if b.start() < start => {
+            buckets.push_back(B::starting(start));
+            buckets.len() - 1
+        }
+        Some(_) => {
+            let pos = buckets.partition_point(|b| b.start() < start);
+            if buckets.get(pos).is_none_or(|b| b.start() != start) {
+                buckets.insert(pos, B::starting(start));
+            }
+            pos
+        }
+    };
+    &mut buckets[pos]
+}
+
+impl<B: Bucket> Series<B> {
+    fn bucket(&mut self, time: Micros, now: Micros) -> &mut B {
+        if time >= fine_start(now) {
+            bucket_mut(&mut self.fine, align(time, MINUTE))
+        } else {
+            bucket_mut(&mut self.coarse, align(time, HOUR))
+        }
+    }
+
+    /// Merges minute buckets that left the last hour into hour buckets; drops buckets
+    /// before `cutoff` (hour-aligned).
+    fn maintain(&mut self, now: Micros, cutoff: Micros) {
+        let fine_from = fine_start(now);
+        while let Some(b) = self.fine.front().copied().filter(|b| b.start() < fine_from) {
+            self.fine.pop_front();
+            bucket_mut(&mut self.coarse, align(b.start(), HOUR)).merge(&b);
+        }
+        while self.coarse.front().is_some_and(|b| b.start() < cutoff) {
+            self.coarse.pop_front();
+        }
+        while self.fine.front().is_some_and(|b| b.start() < cutoff) {
+            self.fine.pop_front();
+        }
+        // Keep the slack of a busy hour from staying allocated forever.
+        for q in [&mut self.fine, &mut self.coarse] {
+            if q.capacity() > 2 * q.len() + 16 {
+                q.shrink_to(q.len() + 8);
+            }
+        }
+    }
+
+    /// The sum of the buckets starting at or after `from`, if any.
+    fn sum_from(&self, from: Micros) -> Option<B> {
+        let mut sum = B::starting(from);
+        let mut any = false;
+        for q in [&self.coarse, &self.fine] {
+            for b in q.iter().rev().take_while(|b| b.start() >= from) {
+                sum.merge(b);
+                any = true;
+            }
+        }
+        any.then_some(sum)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.fine.is_empty() && self.coarse.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Agent {
+    series: Series<AgentBucket>,
+    last_seen: Micros,
 }
 
 /// Metrics of one agent over a window.
@@ -191,36 +325,9 @@ pub struct State {
     decisions: Recent<RoutingDecision>,
     transformations: Recent<Transformation>,
     performance: Recent<PerformanceMetric>,
-    perf_buckets: VecDeque<PerfBucket>,
+    perf: Series<PerfBucket>,
     /// Aligned cutoff of the last prune: nothing older is kept or accepted.
     cutoff: Micros,
-}
-
-fn bucket_mut<B>(
-    buckets: &mut VecDeque<B>,
-    start: Micros,
-    get_start: impl Fn(&B) -> Micros,
-    new: impl FnOnce() -> B,
-) -> &mut B {
-    let pos = match buckets.back() {
-        Some(b) if get_start(b) == start => buckets.len() - 1,
-        Some(b) if get_start(b) < start => {
-            buckets.push_back(new());
-            buckets.len() - 1
-        }
-        None => {
-            buckets.push_back(new());
-            0
-        }
-        Some(_) => {
-            let pos = buckets.partition_point(|b| get_start(b) < start);
-            if buckets.get(pos).is_none_or(|b| get_start(b) != start) {
-                buckets.insert(pos, new());
-            }
-            pos
-        }
-    };
-    &mut buckets[pos]
 }
 
 impl State {
@@ -231,7 +338,7 @@ impl State {
             transformations: Recent::new(cfg.max_transformations),
             performance: Recent::new(cfg.max_performance),
             agents: HashMap::new(),
-            perf_buckets: VecDeque::new(),
+            perf: Series::default(),
             cutoff: Micros::MIN,
             cfg,
         }
@@ -241,13 +348,9 @@ impl State {
         &self.cfg
     }
 
-    fn align(&self, t: Micros) -> Micros {
-        t.div_euclid(self.cfg.bucket) * self.cfg.bucket
-    }
-
-    /// The retention cutoff at `now`: events older than this are expired.
+    /// The retention cutoff at `now` (hour-aligned): events older than this are expired.
     pub fn cutoff_at(&self, now: Micros) -> Micros {
-        self.align(now.saturating_sub(self.cfg.retention))
+        align(now.saturating_sub(self.cfg.retention), HOUR)
     }
 
     /// Whether an event at `time` would be expired at `now`.
@@ -255,23 +358,14 @@ impl State {
         time < self.cutoff.max(self.cutoff_at(now))
     }
 
-    fn agent_bucket(&mut self, agent: &str, time: Micros) -> &mut AgentBucket {
-        let start = self.align(time);
-        // get_mut first: no allocation for a known agent.
+    fn agent_bucket(&mut self, agent: &str, time: Micros, now: Micros) -> &mut AgentBucket {
+        // Look up first: no allocation for a known agent.
         if !self.agents.contains_key(agent) {
             self.agents.insert(agent.to_owned(), Agent::default());
         }
         let a = self.agents.get_mut(agent).expect("inserted above");
         a.last_seen = a.last_seen.max(time);
-        bucket_mut(
-            &mut a.buckets,
-            start,
-            |b| b.start,
-            || AgentBucket {
-                start,
-                ..Default::default()
-            },
-        )
+        a.series.bucket(time, now)
     }
 
     /// Aggregates one event, unless it is older than the retention window at `now`.
@@ -281,7 +375,7 @@ impl State {
         }
         match event {
             Event::RoutingDecision(d) => {
-                let b = self.agent_bucket(&d.selected_agent, d.time);
+                let b = self.agent_bucket(&d.selected_agent, d.time, now);
                 b.requests += 1;
                 if let Some(ms) = d.routing_time_ms.filter(|x| x.is_finite()) {
                     b.routing_time_sum += fixed(ms);
@@ -295,7 +389,7 @@ impl State {
                 Applied::Aggregated(Some(&d.selected_agent))
             }
             Event::AgentAction(a) => {
-                let b = self.agent_bucket(&a.agent_name, a.time);
+                let b = self.agent_bucket(&a.agent_name, a.time, now);
                 b.actions += 1;
                 match a.action_type.as_str() {
                     "success" => b.successes += 1,
@@ -310,16 +404,7 @@ impl State {
                 Applied::Aggregated(None)
             }
             Event::PerformanceMetric(m) => {
-                let start = self.align(m.time);
-                let b = bucket_mut(
-                    &mut self.perf_buckets,
-                    start,
-                    |b| b.start,
-                    || PerfBucket {
-                        start,
-                        ..Default::default()
-                    },
-                );
+                let b = self.perf.bucket(m.time, now);
                 b.queries += 1;
                 if m.cache_hit {
                     b.cache_hits += 1;
@@ -337,65 +422,54 @@ impl State {
     /// Drops everything older than the retention window at `now`; agents left without events
     /// are removed. Returns how many agents were removed.
     pub fn prune(&mut self, now: Micros) -> usize {
-        let cutoff = self.cutoff_at(now);
-        if cutoff <= self.cutoff {
-            return 0;
-        }
-        self.cutoff = cutoff;
+        let cutoff = self.cutoff_at(now).max(self.cutoff);
         let before = self.agents.len();
         self.agents.retain(|_, a| {
-            while a.buckets.front().is_some_and(|b| b.start < cutoff) {
-                a.buckets.pop_front();
-            }
-            !a.buckets.is_empty()
+            a.series.maintain(now, cutoff);
+            !a.series.is_empty()
         });
-        while self.perf_buckets.front().is_some_and(|b| b.start < cutoff) {
-            self.perf_buckets.pop_front();
+        self.perf.maintain(now, cutoff);
+        if cutoff > self.cutoff {
+            self.cutoff = cutoff;
+            self.actions.prune(cutoff);
+            self.decisions.prune(cutoff);
+            self.transformations.prune(cutoff);
+            self.performance.prune(cutoff);
         }
-        self.actions.prune(cutoff);
-        self.decisions.prune(cutoff);
-        self.transformations.prune(cutoff);
-        self.performance.prune(cutoff);
         before - self.agents.len()
     }
 
-    /// Start of the window `window` long ending at `now` (aligned; at least the cutoff).
+    /// Start of the window `window` long ending at `now`: aligned to the minute within the
+    /// last hour, to the hour before; never before the retention cutoff.
     fn window_start(&self, now: Micros, window: Option<Micros>) -> Micros {
         let retention_start = self.cutoff.max(self.cutoff_at(now));
         match window {
-            Some(w) => self.align(now.saturating_sub(w)).max(retention_start),
+            Some(w) => {
+                let raw = now.saturating_sub(w);
+                let from = if raw >= fine_start(now) {
+                    align(raw, MINUTE)
+                } else {
+                    align(raw, HOUR)
+                };
+                from.max(retention_start)
+            }
             None => retention_start,
         }
     }
 
     fn metrics_of(&self, name: &str, agent: &Agent, from: Micros) -> Option<AgentMetrics> {
-        let mut sum = AgentBucket::default();
-        let mut any = false;
-        for b in agent.buckets.iter().rev().take_while(|b| b.start >= from) {
-            any = true;
-            sum.requests += b.requests;
-            sum.routing_time_sum += b.routing_time_sum;
-            sum.routing_time_n += b.routing_time_n;
-            sum.confidence_sum += b.confidence_sum;
-            sum.confidence_n += b.confidence_n;
-            sum.successes += b.successes;
-            sum.errors += b.errors;
-            sum.actions += b.actions;
-        }
-        if !any {
-            return None;
-        }
-        let avg = |s: i64, n: u64| (n > 0).then(|| s as f64 / SCALE / n as f64);
-        let decided = sum.successes + sum.errors;
+        let sum = agent.series.sum_from(from)?;
+        let avg = |s: i64, n: u32| (n > 0).then(|| s as f64 / SCALE / n as f64);
+        let decided = sum.successes as u64 + sum.errors as u64;
         Some(AgentMetrics {
             agent: name.to_owned(),
-            total_requests: sum.requests,
+            total_requests: sum.requests.into(),
             avg_routing_time_ms: avg(sum.routing_time_sum, sum.routing_time_n),
             avg_confidence: avg(sum.confidence_sum, sum.confidence_n),
             success_rate: (decided > 0).then(|| sum.successes as f64 / decided as f64),
-            successes: sum.successes,
-            errors: sum.errors,
-            total_actions: sum.actions,
+            successes: sum.successes.into(),
+            errors: sum.errors.into(),
+            total_actions: sum.actions.into(),
             last_seen: agent.last_seen,
         })
     }
@@ -431,18 +505,13 @@ impl State {
 
     pub fn performance_stats(&self, now: Micros, window: Option<Micros>) -> PerformanceStats {
         let from = self.window_start(now, window);
-        let (mut q, mut hits, mut sum, mut n) = (0u64, 0u64, 0i64, 0u64);
-        for b in self
-            .perf_buckets
-            .iter()
-            .rev()
-            .take_while(|b| b.start >= from)
-        {
-            q += b.queries;
-            hits += b.cache_hits;
-            sum += b.duration_sum;
-            n += b.duration_n;
-        }
+        let sum = self.perf.sum_from(from).unwrap_or_default();
+        let (q, hits, sum, n) = (
+            u64::from(sum.queries),
+            u64::from(sum.cache_hits),
+            sum.duration_sum,
+            sum.duration_n,
+        );
         PerformanceStats {
             total_queries: q,
             cache_hits: hits,
@@ -798,6 +867,13 @@ mod tests {
             fresh.agent_metrics(later, None, None),
             s.agent_metrics(later, None, None)
         );
+        for w in [H / 2, H, 90 * 60 * 1_000_000, 2 * H] {
+            assert_eq!(
+                fresh.agent_metrics(later, Some(w), None),
+                s.agent_metrics(later, Some(w), None),
+                "window {w}"
+            );
+        }
         assert_eq!(
             fresh.performance_stats(later, None),
             s.performance_stats(later, None)
@@ -808,6 +884,42 @@ mod tests {
         assert_eq!(s.agent_count(), 0);
         assert_eq!(s.actions().count(), 0);
         assert_eq!(s.performance_stats(NOW + 10 * H, None).total_queries, 0);
+    }
+
+    #[test]
+    fn an_agent_busy_all_day_holds_few_buckets() {
+        let mut s = State::new(StateConfig::default());
+        let mut t = NOW - 24 * H;
+        let mut i = 0;
+        // One action per minute for 24 h, pruned every simulated minute as the service does.
+        while t <= NOW {
+            let e = Event::AgentAction(Arc::new(AgentAction {
+                id: format!("{i}"),
+                correlation_id: None,
+                agent_name: "busy".into(),
+                action_type: "success".into(),
+                action_name: None,
+                action_details_json: None,
+                debug_mode: None,
+                duration_ms: None,
+                project_name: None,
+                success: None,
+                time: t,
+            }));
+            s.apply(&e, t);
+            s.prune(t);
+            t += MINUTE;
+            i += 1;
+        }
+        let a = &s.agents["busy"];
+        assert!(a.series.fine.len() <= 62, "{}", a.series.fine.len());
+        assert!(a.series.coarse.len() <= 25, "{}", a.series.coarse.len());
+        // Everything since the hour-aligned cutoff is kept; the last hour to the minute.
+        let cutoff = s.cutoff_at(NOW);
+        let kept = (NOW - cutoff).div_euclid(MINUTE) as u64 + 1;
+        assert_eq!(s.agent_metrics(NOW, None, None)[0].total_actions, kept);
+        let last_hour = &s.agent_metrics(NOW, Some(H), None)[0];
+        assert_eq!(last_hour.total_actions, 61);
     }
 
     #[test]

@@ -1,0 +1,627 @@
+//! consumer-svc benchmarks (run with `scripts/bench-consumer`): ingest rate as a ratio to a bare
+//! rdkafka consumer in the same run, fan-out latency to 1,000 `StreamActions` subscribers, and
+//! resident memory after 10,000,000 events over 10,000 agents.
+//!
+//! Everything runs against a private tansu broker (memory storage) on a free port, started and
+//! stopped here, and the release `consumer-svc` binary as a child process.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use omnibus_client::generate::{self, Kind, RunConfig, Topics};
+use omnibus_proto::consumer::v1 as pb;
+use omnibus_proto::consumer::v1::consumer_service_client::ConsumerServiceClient;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio_stream::StreamExt;
+
+const PARTITIONS: i32 = 3;
+
+#[derive(Debug)]
+struct Args {
+    ingest_events: u64,
+    subscribers: usize,
+    fanout_rate: f64,
+    fanout_secs: u64,
+    memory_events: u64,
+    memory_agents: usize,
+    memory_chunk: u64,
+    only: Vec<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        ingest_events: 1_000_000,
+        subscribers: 1000,
+        fanout_rate: 5000.0,
+        fanout_secs: 20,
+        memory_events: 10_000_000,
+        memory_agents: 10_000,
+        memory_chunk: 1_000_000,
+        only: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().context(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--ingest-events" => a.ingest_events = value()?.parse()?,
+            "--subscribers" => a.subscribers = value()?.parse()?,
+            "--fanout-rate" => a.fanout_rate = value()?.parse()?,
+            "--fanout-secs" => a.fanout_secs = value()?.parse()?,
+            "--memory-events" => a.memory_events = value()?.parse()?,
+            "--memory-agents" => a.memory_agents = value()?.parse()?,
+            "--memory-chunk" => a.memory_chunk = value()?.parse()?,
+            "--only" => a.only = value()?.split(',').map(str::to_string).collect(),
+            "--bench" => {} // passed by `cargo bench`
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A private tansu (memory storage), restartable, killed on drop.
+struct Broker {
+    bin: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    fn start() -> Result<Self> {
+        let out = Command::new(root().join("scripts/dev-services"))
+            .arg("tansu-bin")
+            .output()?;
+        let bin = String::from_utf8(out.stdout)?.trim().to_string();
+        let mut b = Self {
+            bin,
+            port: free_port(),
+            child: None,
+        };
+        b.restart()?;
+        Ok(b)
+    }
+    fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let url = format!("tcp://{}", self.addr());
+        self.child = Some(
+            Command::new(&self.bin)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", "memory://tansu/"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = Command::new(&self.bin)
+                .args(["topic", "list", "--broker", &url])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("tansu did not start");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The release consumer-svc, killed on drop.
+struct Service {
+    child: Child,
+    port: u16,
+}
+
+impl Service {
+    fn start(brokers: &str, prefix: &str, extra: &[&str]) -> Result<Self> {
+        let bin = root().join("target/release/consumer-svc");
+        if !bin.exists() {
+            bail!(
+                "{} missing: cargo build --release -p consumer-svc",
+                bin.display()
+            );
+        }
+        let port = free_port();
+        let child = Command::new(bin)
+            .args(["--kafka-brokers", brokers, "--topic-prefix", prefix])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Self { child, port })
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    async fn client(&self) -> Result<ConsumerServiceClient<tonic::transport::Channel>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ep =
+                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", self.port))?;
+            match ep.connect().await {
+                Ok(ch) => return Ok(ConsumerServiceClient::new(ch)),
+                Err(e) if Instant::now() > deadline => bail!("consumer-svc unreachable: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn status(
+    c: &mut ConsumerServiceClient<tonic::transport::Channel>,
+) -> Result<pb::ConsumerStatus> {
+    c.get_consumer_status(pb::GetConsumerStatusRequest {})
+        .await?
+        .into_inner()
+        .status
+        .context("no status")
+}
+
+async fn wait_status(
+    c: &mut ConsumerServiceClient<tonic::transport::Channel>,
+    timeout: Duration,
+    pred: impl Fn(&pb::ConsumerStatus) -> bool,
+) -> Result<pb::ConsumerStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = status(c).await
+            && pred(&s)
+        {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "condition not reached within {timeout:?}: {:?}",
+                status(c).await.ok().map(|s| s.events_processed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn create_topics(brokers: &str, prefix: &str) -> Result<Topics> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let topics = Topics::with_prefix(prefix);
+    let new: Vec<_> = topics
+        .0
+        .iter()
+        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin.create_topics(&new, &AdminOptions::new()).await? {
+        if let Err((t, e)) = r {
+            bail!("create {t}: {e}");
+        }
+    }
+    Ok(topics)
+}
+
+fn produce(cfg: RunConfig) -> Result<generate::RunReport> {
+    Ok(generate::run(&cfg)?)
+}
+
+fn gen_config(brokers: &str, topics: &Topics) -> RunConfig {
+    RunConfig {
+        brokers: brokers.into(),
+        topics: topics.clone(),
+        rate: None,
+        total: None,
+        duration: None,
+        agents: 50,
+        seed: 1,
+        progress: true,
+        only: Vec::new(),
+        time_spread: None,
+    }
+}
+
+/// (resident, peak resident) in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// CPU seconds used so far by `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The raw limit: a bare rdkafka consumer with the same settings reading every message.
+fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<Duration> {
+    let start = Instant::now();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-bare-unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "20")
+        .set("queued.min.messages", "200000")
+        .set("queued.max.messages.kbytes", "262144")
+        .set("max.partition.fetch.bytes", "8388608")
+        .set("fetch.max.bytes", "67108864")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for t in &topics.0 {
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(t, p, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let (mut n, mut bytes) = (0u64, 0usize);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while n < expect {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            // Touch the payload, as any consumer must.
+            bytes = bytes.wrapping_add(m.payload().map_or(0, |p| p.len()));
+            n += 1;
+        }
+        if Instant::now() > deadline {
+            bail!("bare consumer: {n} of {expect}");
+        }
+    }
+    std::hint::black_box(bytes);
+    Ok(start.elapsed())
+}
+
+async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
+    let brokers = broker.addr();
+    let prefix = format!("ingest{}.", std::process::id());
+    let topics = create_topics(&brokers, &prefix).await?;
+    eprintln!("[ingest] pre-loading {events} mixed events");
+    let mut cfg = gen_config(&brokers, &topics);
+    cfg.total = Some(events);
+    let report = tokio::task::spawn_blocking(move || produce(cfg)).await??;
+    let total = report.total();
+    let mut rows = Vec::new();
+    let mut ratios = Vec::new();
+    for round in 1..=2 {
+        let b = {
+            let (brokers, topics) = (brokers.clone(), topics.clone());
+            tokio::task::spawn_blocking(move || bare_consumer(&brokers, &topics, total)).await??
+        };
+        let start = Instant::now();
+        let svc = Service::start(&brokers, &prefix, &[])?;
+        let mut c = svc.client().await?;
+        wait_status(&mut c, Duration::from_secs(600), |s| {
+            s.events_processed >= total
+        })
+        .await?;
+        let t = start.elapsed();
+        let (rss, peak) = memory_mib(svc.pid());
+        let bare_rate = total as f64 / b.as_secs_f64();
+        let svc_rate = total as f64 / t.as_secs_f64();
+        ratios.push(svc_rate / bare_rate);
+        eprintln!("[ingest] round {round}: bare {bare_rate:.0}/s, consumer-svc {svc_rate:.0}/s");
+        rows.push(format!(
+            "| {round} | {:.2} s ({bare_rate:.0} ev/s) | {:.2} s ({svc_rate:.0} ev/s) | **{:.2}** | {rss:.0} / {peak:.0} MiB |",
+            b.as_secs_f64(),
+            t.as_secs_f64(),
+            svc_rate / bare_rate
+        ));
+    }
+    let per_kind = Kind::ALL.map(|k| report.per_kind[k.index()]);
+    Ok(format!(
+        "### Ingest: {total} pre-loaded events (routing {}, actions {}, transformations {}, performance {}), {PARTITIONS} partitions per topic\n\n\
+         | round | bare rdkafka consumer | consumer-svc (process start to all aggregated) | ratio | consumer-svc RSS / peak |\n|---|---|---|---|---|\n{}\n\n\
+         Mean ratio: **{:.2}** (target >= 0.8).\n",
+        per_kind[0],
+        per_kind[1],
+        per_kind[2],
+        per_kind[3],
+        rows.join("\n"),
+        ratios.iter().sum::<f64>() / ratios.len() as f64
+    ))
+}
+
+async fn bench_fanout(broker: &Broker, subscribers: usize, rate: f64, secs: u64) -> Result<String> {
+    let brokers = broker.addr();
+    let prefix = format!("fanout{}.", std::process::id());
+    let topics = create_topics(&brokers, &prefix).await?;
+    let svc = Service::start(&brokers, &prefix, &[])?;
+    let mut c = svc.client().await?;
+    wait_status(&mut c, Duration::from_secs(30), |s| {
+        s.partitions.len() == 4 * PARTITIONS as usize
+    })
+    .await?;
+
+    // 50 streams per HTTP/2 connection (servers commonly cap concurrent streams per connection).
+    let per_conn = 50;
+    let mut channels = Vec::new();
+    for _ in 0..subscribers.div_ceil(per_conn) {
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", svc.port))?;
+        channels.push(ep.connect().await?);
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for i in 0..subscribers {
+        let mut client = ConsumerServiceClient::new(channels[i / per_conn].clone());
+        let stop = stop.clone();
+        let opened = opened.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+            let (mut n, mut lagged) = (0u64, 0u64);
+            let mut stream = match client
+                .stream_actions(pb::StreamActionsRequest::default())
+                .await
+            {
+                Ok(s) => s.into_inner(),
+                Err(_) => return (h, n, lagged),
+            };
+            opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = stream.next() => m,
+                };
+                let Some(Ok(msg)) = msg else { break };
+                lagged += msg.lagged;
+                let now = chrono::Utc::now().timestamp_micros();
+                for a in msg.actions {
+                    if let Some(ts) = a.timestamp {
+                        let t = ts.seconds * 1_000_000 + i64::from(ts.nanos) / 1000;
+                        let _ = h.record((now - t).max(1) as u64);
+                    }
+                    n += 1;
+                }
+            }
+            (h, n, lagged)
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while opened.load(std::sync::atomic::Ordering::Relaxed) < subscribers {
+        if Instant::now() > deadline {
+            bail!(
+                "only {} subscribers opened",
+                opened.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("[fanout] {subscribers} subscribers open; producing {rate}/s for {secs}s");
+    let cpu0 = cpu_seconds(svc.pid());
+    let t0 = Instant::now();
+    let mut cfg = gen_config(&brokers, &topics);
+    cfg.rate = Some(rate);
+    cfg.duration = Some(Duration::from_secs(secs));
+    let report = tokio::task::spawn_blocking(move || produce(cfg)).await??;
+    let produce_secs = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_seconds(svc.pid()) - cpu0) / produce_secs;
+    let actions = report.per_kind[Kind::AgentAction.index()];
+    // Let deliveries drain, bounded.
+    wait_status(&mut c, Duration::from_secs(30), |s| {
+        s.events_processed >= report.total()
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss, peak) = memory_mib(svc.pid());
+    stop.cancel();
+    let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let (mut delivered, mut lagged) = (0u64, 0u64);
+    for t in tasks {
+        let (h, n, l) = t.await?;
+        all.add(h)?;
+        delivered += n;
+        lagged += l;
+    }
+    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+    eprintln!(
+        "[fanout] p50 {:.1} ms p99 {:.1} ms, cpu {:.0}%",
+        ms(0.5),
+        ms(0.99),
+        cpu * 100.0
+    );
+    Ok(format!(
+        "### Fan-out: {subscribers} `StreamActions` subscribers, {:.0} events/s produced for {secs} s ({} events, {actions} actions)\n\n\
+         | metric | value |\n|---|---|\n\
+         | produce-to-delivery p50 | **{:.1} ms** |\n| p90 | {:.1} ms |\n| p99 | **{:.1} ms** (target < 50 ms) |\n| max | {:.1} ms |\n\
+         | deliveries | {delivered} of {} expected ({:.2}%), lag notices: {lagged} updates missed |\n\
+         | consumer-svc CPU | {:.0}% of one core |\n| consumer-svc RSS / peak | {rss:.0} / {peak:.0} MiB |\n",
+        report.total() as f64 / produce_secs,
+        report.total(),
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        all.max() as f64 / 1000.0,
+        actions * subscribers as u64,
+        100.0 * delivered as f64 / (actions * subscribers as u64).max(1) as f64,
+        cpu * 100.0
+    ))
+}
+
+async fn bench_memory(
+    broker: &mut Broker,
+    events: u64,
+    agents: usize,
+    chunk: u64,
+) -> Result<String> {
+    let prefix = format!("memory{}.", std::process::id());
+    let mut topics = create_topics(&broker.addr(), &prefix).await?;
+    let svc = Service::start(&broker.addr(), &prefix, &[])?;
+    let mut c = svc.client().await?;
+    wait_status(&mut c, Duration::from_secs(30), |s| {
+        s.partitions.len() == 4 * PARTITIONS as usize
+    })
+    .await?;
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut seed = 7;
+    let mut samples: HashMap<u64, f64> = HashMap::new();
+    while done < events {
+        let n = chunk.min(events - done);
+        let mut cfg = gen_config(&broker.addr(), &topics);
+        cfg.total = Some(n);
+        cfg.agents = agents;
+        cfg.seed = seed;
+        cfg.progress = false;
+        // A day of history: event times spread over the last 24 h (the worst case for buckets).
+        cfg.time_spread = Some(Duration::from_secs(23 * 3600));
+        seed += 1;
+        let report = tokio::task::spawn_blocking(move || produce(cfg)).await??;
+        done += report.total();
+        wait_status(&mut c, Duration::from_secs(600), |s| {
+            s.events_processed >= done
+        })
+        .await?;
+        let (rss, _) = memory_mib(svc.pid());
+        samples.insert(done, rss);
+        eprintln!(
+            "[memory] {done} events aggregated, consumer-svc RSS {rss:.0} MiB (broker RSS {:.0} MiB)",
+            broker.pid().map_or(0.0, |p| memory_mib(p).0)
+        );
+        if done < events {
+            // Empty the broker (memory storage) so it does not hold 10 M events: restart it,
+            // wait until the service saw the topics vanish, recreate them.
+            broker.restart()?;
+            wait_status(&mut c, Duration::from_secs(60), |s| s.partitions.is_empty()).await?;
+            topics = create_topics(&broker.addr(), &prefix).await?;
+            wait_status(&mut c, Duration::from_secs(60), |s| {
+                s.partitions.len() == 4 * PARTITIONS as usize && s.connected
+            })
+            .await?;
+        }
+    }
+    let s = status(&mut c).await?;
+    let (rss, peak) = memory_mib(svc.pid());
+    let mut points: Vec<_> = samples.into_iter().collect();
+    points.sort_by_key(|p| p.0);
+    let curve = points
+        .iter()
+        .map(|(n, r)| format!("{:.0}M: {r:.0}", *n as f64 / 1e6))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok(format!(
+        "### Memory: {} events over {} agents (event times spread over 23 h), in {:.0} s\n\n\
+         | metric | value |\n|---|---|\n| consumer-svc RSS after all events | **{rss:.0} MiB** (target < 200 MB) |\n| peak RSS | {peak:.0} MiB |\n\
+         | agents held | {} |\n| RSS (MiB) after each million | {curve} |\n",
+        s.events_processed,
+        agents,
+        start.elapsed().as_secs_f64(),
+        s.agents
+    ))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let mut broker = Broker::start()?;
+    let mut out = Vec::new();
+    out.push(format!(
+        "Run: {} UTC, {} cores, private tansu (memory://), release build.\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M"),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    if want("ingest") {
+        out.push(bench_ingest(&broker, args.ingest_events).await?);
+        broker.restart()?; // free the pre-loaded events
+    }
+    if want("fanout") {
+        out.push(
+            bench_fanout(
+                &broker,
+                args.subscribers,
+                args.fanout_rate,
+                args.fanout_secs,
+            )
+            .await?,
+        );
+        broker.restart()?;
+    }
+    if want("memory") {
+        out.push(
+            bench_memory(
+                &mut broker,
+                args.memory_events,
+                args.memory_agents,
+                args.memory_chunk,
+            )
+            .await?,
+        );
+    }
+    println!("{}", out.join("\n"));
+    Ok(())
+}
