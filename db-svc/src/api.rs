@@ -17,7 +17,7 @@ use crate::ops::{
     self, CountSpec, Criteria, DeleteSpec, Filter, InsertSpec, Op, OpOutput, Operation, OrderBy,
     QuerySpec, RawSpec, UpdateSpec, UpsertSpec,
 };
-use crate::values::{json_to_struct, proto_to_json, struct_to_json};
+use crate::values::{json_into_struct, proto_to_json, struct_to_json};
 
 /// Default and maximum rows per StreamQuery message.
 const DEFAULT_BATCH: u32 = 500;
@@ -129,8 +129,8 @@ fn rows_from_proto(rows: &[prost_types::Struct]) -> Vec<ops::JsonRow> {
     rows.iter().map(struct_to_json).collect()
 }
 
-fn rows_to_proto(output: &OpOutput) -> Vec<prost_types::Struct> {
-    output.rows.iter().map(json_to_struct).collect()
+fn rows_to_proto(rows: Vec<ops::JsonRow>) -> Vec<prost_types::Struct> {
+    rows.into_iter().map(json_into_struct).collect()
 }
 
 pub fn query_spec(q: &pb::QueryRequest) -> Result<QuerySpec, DbError> {
@@ -182,7 +182,7 @@ impl DatabaseService for DatabaseApi {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::QueryResponse {
-            rows: rows_to_proto(&out),
+            rows: rows_to_proto(out.rows),
             total: out.total,
         }))
     }
@@ -214,7 +214,7 @@ impl DatabaseService for DatabaseApi {
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|batch| {
             batch
                 .map(|rows| pb::StreamQueryResponse {
-                    rows: rows.iter().map(json_to_struct).collect(),
+                    rows: rows_to_proto(rows),
                 })
                 .map_err(Status::from)
         });
@@ -235,7 +235,7 @@ impl DatabaseService for DatabaseApi {
             )
             .await?;
         Ok(Response::new(pb::InsertResponse {
-            rows: rows_to_proto(&out),
+            rows: rows_to_proto(out.rows),
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -258,7 +258,7 @@ impl DatabaseService for DatabaseApi {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::UpdateResponse {
-            rows: rows_to_proto(&out),
+            rows: rows_to_proto(out.rows),
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -280,7 +280,7 @@ impl DatabaseService for DatabaseApi {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::DeleteResponse {
-            rows: rows_to_proto(&out),
+            rows: rows_to_proto(out.rows),
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -303,7 +303,7 @@ impl DatabaseService for DatabaseApi {
             )
             .await?;
         Ok(Response::new(pb::UpsertResponse {
-            rows: rows_to_proto(&out),
+            rows: rows_to_proto(out.rows),
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -345,7 +345,7 @@ impl DatabaseService for DatabaseApi {
             )
             .await?;
         Ok(Response::new(pb::ExecuteRawResponse {
-            rows: rows_to_proto(&out),
+            rows: rows_to_proto(out.rows),
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -404,7 +404,7 @@ mod tests {
 
     #[test]
     fn where_and_filter_combine() {
-        let w = json_to_struct(
+        let w = crate::values::json_to_struct(
             serde_json::json!({"agent_name": "a", "duration_ms": null})
                 .as_object()
                 .unwrap(),

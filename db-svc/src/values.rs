@@ -343,6 +343,32 @@ pub fn json_to_proto(value: &Json) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
+/// JSON -> google.protobuf.Value, consuming the JSON (no string copies).
+pub fn json_into_proto(value: Json) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        Json::String(s) => Kind::StringValue(s),
+        Json::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_into_proto).collect(),
+        }),
+        Json::Object(o) => Kind::StructValue(json_into_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// JSON object -> google.protobuf.Struct, consuming the object.
+pub fn json_into_struct(map: Map<String, Json>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map
+            .into_iter()
+            .map(|(k, v)| (k, json_into_proto(v)))
+            .collect(),
+    }
+}
+
 /// JSON object -> google.protobuf.Struct.
 pub fn json_to_struct(map: &Map<String, Json>) -> prost_types::Struct {
     prost_types::Struct {
