@@ -29,6 +29,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// Runs the service until `shutdown` fires.
 pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(brokers = %settings.brokers, "consumer-svc starting");
+    settings.server.install_process_globals();
     let (health, health_service) = Health::new(service_names::CONSUMER).await;
     let status = Arc::new(broker::BrokerStatus::default());
 
@@ -95,9 +96,13 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             settings.agent_metrics_interval,
         ))
     });
-    let router = tonic::transport::Server::builder()
+    // Every RPC of ConsumerService is a read.
+    let router = svc_kit::server::builder(&settings.server, svc_kit::Scopes::new())?
         .add_service(health_service)
-        .add_service(ConsumerServiceServer::from_arc(api));
+        .add_service(svc_kit::grpc_service!(
+            ConsumerServiceServer::from_arc(api),
+            &settings.server
+        ));
     let router = svc_kit::server::add_reflection(
         router,
         service_names::CONSUMER,

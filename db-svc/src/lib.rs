@@ -29,6 +29,9 @@ use crate::executor::{Executor, Limits};
 /// The schema migrations, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// RPCs that need a token with the write scope when authentication is on.
+pub const WRITE_METHODS: &[&str] = &["Insert", "Update", "Delete", "Upsert", "ExecuteRaw"];
+
 /// Rows a Query returns when it names no limit.
 pub const DEFAULT_QUERY_LIMIT: u64 = 100;
 
@@ -117,6 +120,7 @@ fn start_bus_worker(
 /// Runs the service until `shutdown` fires.
 pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(database = %settings.database_display, tables = ?settings.tables, "db-svc starting");
+    settings.server.install_process_globals();
     let (health, health_service) = Health::new(service_names::DATABASE).await;
 
     // Lazy: db-svc starts (NOT_SERVING) even while PostgreSQL is down, and recovers by itself.
@@ -155,9 +159,13 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     );
     let api = std::sync::Arc::new(api::DatabaseApi::new(executor.clone(), shutdown.clone()));
     let bus_worker = start_bus_worker(&settings, &pool, &executor, api.clone(), &shutdown);
-    let router = tonic::transport::Server::builder()
+    let scopes = svc_kit::Scopes::new().writes(service_names::DATABASE, WRITE_METHODS);
+    let router = svc_kit::server::builder(&settings.server, scopes)?
         .add_service(health_service)
-        .add_service(DatabaseServiceServer::from_arc(api));
+        .add_service(svc_kit::grpc_service!(
+            DatabaseServiceServer::from_arc(api),
+            &settings.server
+        ));
     let router = svc_kit::server::add_reflection(
         router,
         service_names::DATABASE,

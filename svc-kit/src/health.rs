@@ -11,6 +11,11 @@ const UNKNOWN: u8 = 0;
 const SERVING: u8 = 1;
 const NOT_SERVING: u8 = 2;
 
+/// A health "service" that is SERVING as long as the process answers at all, whatever its
+/// dependencies: for liveness probes (`grpc: {service: liveness}`), which must not restart a
+/// pod just because PostgreSQL or Kafka is down.
+pub const LIVENESS: &str = "liveness";
+
 /// Reports the health of one gRPC service and of the server as a whole.
 #[derive(Clone)]
 pub struct Health {
@@ -35,6 +40,10 @@ impl Health {
             current: Arc::new(AtomicU8::new(UNKNOWN)),
         };
         health.set_serving(false, "starting").await;
+        health
+            .reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
         (health, server)
     }
 

@@ -1,12 +1,20 @@
 //! Server plumbing shared by `consumer-svc` and `db-svc`, written once: configuration helpers,
-//! tracing set-up, the health reporter, reflection, and serving with graceful shutdown.
+//! tracing set-up, the health reporter, reflection, serving with graceful shutdown, and the
+//! operational layer (bearer-token auth, limits, TLS, metrics, trace context, Kafka security
+//! pass-through).
 
+pub mod auth;
 pub mod config;
 pub mod health;
+pub mod kafka;
+pub mod layer;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;
 
+pub use auth::Scopes;
 pub use health::Health;
 pub use server::{ServerArgs, serve};
 pub use shutdown::Shutdown;

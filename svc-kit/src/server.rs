@@ -1,16 +1,40 @@
-//! Serving a tonic router with health, reflection and graceful shutdown.
+//! Serving a tonic router with health, reflection, graceful shutdown and the operational
+//! settings every service shares: authentication, limits, TLS, metrics.
 //!
 //! On shutdown the health status flips to NOT_SERVING (so load balancers stop routing), the
 //! listener stops accepting, in-flight unary calls finish and streams end (their handlers watch
 //! the same [`Shutdown`]); whatever is still open after the grace period is dropped.
+//!
+//! A service builds its server with [`builder`] (limits, TLS, the [`GrpcLayer`]), wraps its
+//! generated service with [`grpc_service!`](crate::grpc_service) (message sizes,
+//! compression), adds reflection with [`add_reflection`] and runs [`serve`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use tonic::transport::server::{Router, TcpIncoming};
+use tonic::codec::CompressionEncoding;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tower::layer::util::{Identity as NoLayer, Stack};
 
+use crate::auth::{Scopes, Secret, Tokens};
+use crate::kafka::KafkaSetting;
+use crate::layer::{AuthConfig, GrpcLayer};
 use crate::{Health, Shutdown};
+
+/// The server type every service uses: tonic's, with the [`GrpcLayer`] in front.
+pub type GrpcServer = Server<Stack<GrpcLayer, NoLayer>>;
+/// A router built from a [`GrpcServer`].
+pub type Router = tonic::transport::server::Router<Stack<GrpcLayer, NoLayer>>;
+
+/// A compression algorithm for gRPC messages.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    Gzip,
+    Zstd,
+}
 
 /// Listener settings common to both services.
 #[derive(Clone, Debug, Args)]
@@ -22,6 +46,189 @@ pub struct ServerArgs {
     /// Serve gRPC server reflection (v1 and v1alpha), so grpcurl works without proto files.
     #[arg(long, env = "GRPC_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
+
+    /// Largest request message accepted (e.g. 4MiB); larger ones fail RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GRPC_MAX_RECV_MESSAGE_SIZE", value_parser = parse_bytes, default_value = "4MiB")]
+    pub max_recv_message_size: usize,
+
+    /// Largest response message sent (e.g. 64MiB); a larger one fails the call.
+    #[arg(long, env = "GRPC_MAX_SEND_MESSAGE_SIZE", value_parser = parse_bytes, default_value = "64MiB")]
+    pub max_send_message_size: usize,
+
+    /// HTTP/2 streams (concurrent calls, open streams included) per connection.
+    #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+
+    /// Requests handled at once per connection; more wait for a slot (0 = no limit).
+    #[arg(long, env = "GRPC_CONCURRENCY_PER_CONNECTION", default_value_t = 256)]
+    pub concurrency_per_connection: usize,
+
+    /// Timeout of a call until its response starts (unary calls; a stream's first message),
+    /// answered CANCELLED; a shorter client deadline wins (0 = none).
+    #[arg(long, env = "GRPC_REQUEST_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub request_timeout: Duration,
+
+    /// Interval of HTTP/2 keepalive pings to idle clients (0 = off).
+    #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    pub keepalive_interval: Duration,
+
+    /// How long to wait for a keepalive ping's acknowledgement before closing the connection.
+    #[arg(long, env = "GRPC_KEEPALIVE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub keepalive_timeout: Duration,
+
+    /// Close connections gracefully after this age (GOAWAY), so clients and meshes rebalance
+    /// across replicas (0 = never).
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE", value_parser = parse_duration, default_value = "0")]
+    pub max_connection_age: Duration,
+
+    /// After --max-connection-age, how long calls and streams on the old connection may
+    /// still run before it is closed.
+    #[arg(long, env = "GRPC_MAX_CONNECTION_AGE_GRACE", value_parser = parse_duration, default_value = "5m")]
+    pub max_connection_age_grace: Duration,
+
+    /// Compression accepted from and offered to clients (comma-separated; empty = none).
+    #[arg(
+        long,
+        env = "GRPC_COMPRESSION",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "gzip,zstd"
+    )]
+    pub compression: Vec<Compression>,
+
+    /// File of bearer tokens, one `read <token>` or `write <token>` per line (# comments).
+    /// With any token configured, every RPC but health and reflection needs one.
+    #[arg(long, env = "AUTH_TOKENS_FILE", value_parser = crate::auth::parse_tokens_file)]
+    pub auth_tokens_file: Option<Tokens>,
+
+    /// Bearer tokens with the read scope (comma-separated).
+    #[arg(
+        long,
+        env = "AUTH_READ_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub auth_read_tokens: Vec<Secret>,
+
+    /// Bearer tokens with the write scope (comma-separated); they may read too.
+    #[arg(
+        long,
+        env = "AUTH_WRITE_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub auth_write_tokens: Vec<Secret>,
+
+    /// PEM certificate chain: serve gRPC over TLS (with --tls-key).
+    #[arg(long, env = "TLS_CERT_FILE", value_parser = parse_pem_file, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TLS_KEY_FILE", value_parser = parse_pem_file, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE", value_parser = parse_pem_file, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Address of the HTTP endpoint serving /metrics (Prometheus), /livez and /readyz,
+    /// e.g. 0.0.0.0:9464 (empty = off).
+    #[arg(long, env = "METRICS_LISTEN", value_parser = parse_optional_addr, default_value = "")]
+    pub metrics_listen: OptionalAddr,
+
+    /// A librdkafka property for every Kafka client, `key=value` (repeatable; env `;`-separated),
+    /// e.g. security.protocol=SASL_SSL. KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*
+    /// variables are passed through too.
+    #[arg(long, env = "KAFKA_CONFIG", value_parser = crate::kafka::parse_setting, value_delimiter = ';', hide_env_values = true)]
+    pub kafka_config: Vec<KafkaSetting>,
+}
+
+/// Checks at start-up that a TLS file is readable PEM.
+pub fn parse_pem_file(raw: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(raw);
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {raw}: {e}"))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(format!("{raw} is not a PEM file"));
+    }
+    Ok(path)
+}
+
+/// An optional socket address (`""` = none).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+/// Parses `host:port`, or the empty string for "off".
+pub fn parse_optional_addr(raw: &str) -> Result<OptionalAddr, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(OptionalAddr(None));
+    }
+    raw.parse()
+        .map(|a| OptionalAddr(Some(a)))
+        .map_err(|_| format!("'{raw}' is not an ip:port address (empty = off)"))
+}
+
+impl ServerArgs {
+    /// Every configured token (file and environment).
+    pub fn tokens(&self) -> Result<Tokens, String> {
+        let mut tokens = self.auth_tokens_file.clone().unwrap_or_default();
+        for (list, scope, name) in [
+            (
+                &self.auth_read_tokens,
+                crate::auth::Scope::Read,
+                "AUTH_READ_TOKENS",
+            ),
+            (
+                &self.auth_write_tokens,
+                crate::auth::Scope::Write,
+                "AUTH_WRITE_TOKENS",
+            ),
+        ] {
+            for secret in list.iter().filter(|s| !s.0.is_empty()) {
+                tokens
+                    .add(&secret.0, scope)
+                    .map_err(|e| format!("{name}: {e}"))?;
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// The compression encodings to accept and offer.
+    pub fn compression_encodings(&self) -> Vec<CompressionEncoding> {
+        self.compression
+            .iter()
+            .map(|c| match c {
+                Compression::Gzip => CompressionEncoding::Gzip,
+                Compression::Zstd => CompressionEncoding::Zstd,
+            })
+            .collect()
+    }
+
+    /// Installs what must exist before any work starts: the metrics recorder (when
+    /// `--metrics-listen` is set) and the Kafka pass-through settings. Idempotent.
+    pub fn install_process_globals(&self) {
+        if self.metrics_listen.0.is_some() {
+            crate::metrics::install();
+        }
+        crate::kafka::install(&self.kafka_config);
+    }
+}
+
+/// Applies the message-size limits and compression of [`ServerArgs`] to a generated tonic
+/// server (`XxxServer`), which carries these settings itself:
+/// `svc_kit::grpc_service!(DatabaseServiceServer::from_arc(api), &settings.server)`.
+#[macro_export]
+macro_rules! grpc_service {
+    ($server:expr, $args:expr) => {{
+        let args: &$crate::ServerArgs = $args;
+        let mut server = $server
+            .max_decoding_message_size(args.max_recv_message_size)
+            .max_encoding_message_size(args.max_send_message_size);
+        for encoding in args.compression_encodings() {
+            server = server.accept_compressed(encoding).send_compressed(encoding);
+        }
+        server
+    }};
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,10 +238,83 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection descriptors are invalid: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("authentication: {0}")]
+    Auth(String),
+}
+
+fn read_pem(what: &str, path: &PathBuf) -> Result<Vec<u8>, ServeError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ServeError::Tls(format!("cannot read {what} {}: {e}", path.display())))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(ServeError::Tls(format!(
+            "{what} {} is not PEM",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A tonic server configured from `args` (limits, keepalive, connection age, TLS) with the
+/// [`GrpcLayer`] (tracing, metrics, authentication with `scopes`, request size limit).
+pub fn builder(args: &ServerArgs, scopes: Scopes) -> Result<GrpcServer, ServeError> {
+    args.install_process_globals();
+    let tokens = args.tokens().map_err(ServeError::Auth)?;
+    let auth = if tokens.is_empty() {
+        tracing::info!("authentication off (no tokens configured)");
+        None
+    } else {
+        tracing::info!(tokens = ?tokens, "bearer-token authentication on");
+        Some(AuthConfig { tokens, scopes })
+    };
+
+    let mut server = Server::builder()
+        .max_concurrent_streams(args.max_concurrent_streams)
+        .http2_keepalive_interval(nonzero(args.keepalive_interval))
+        .http2_keepalive_timeout(nonzero(args.keepalive_timeout));
+    if args.concurrency_per_connection > 0 {
+        server = server.concurrency_limit_per_connection(args.concurrency_per_connection);
+    }
+    if let Some(timeout) = nonzero(args.request_timeout) {
+        server = server.timeout(timeout);
+    }
+    if let Some(age) = nonzero(args.max_connection_age) {
+        server = server
+            .max_connection_age(age)
+            .max_connection_age_grace(args.max_connection_age_grace);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let identity = Identity::from_pem(
+            read_pem("certificate", cert)?,
+            read_pem("private key", key)?,
+        );
+        let mut tls = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &args.tls_client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read_pem(
+                "client CA",
+                ca,
+            )?));
+        }
+        server = server
+            .tls_config(tls)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+        tracing::info!(cert = %cert.display(), mutual = args.tls_client_ca.is_some(), "TLS on");
+    }
+    Ok(server.layer(GrpcLayer::new(auth, args.max_recv_message_size)))
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 /// Adds the reflection services (v1 and v1alpha) advertising `service` and the health service.
@@ -60,7 +340,8 @@ pub fn add_reflection(
         .add_service(builder().build_v1alpha()?))
 }
 
-/// Binds `addr` and serves `router` until `shutdown` fires, then drains for at most `grace`.
+/// Binds `addr` (and the metrics endpoint when configured) and serves `router` until
+/// `shutdown` fires, then drains for at most `grace`.
 pub async fn serve(
     router: Router,
     addr: SocketAddr,
@@ -71,8 +352,19 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
+    let metrics = match args.metrics_listen.0 {
+        Some(metrics_addr) => Some(
+            crate::metrics::bind(metrics_addr, health.clone(), shutdown.clone())
+                .await
+                .map_err(|source| ServeError::Metrics {
+                    addr: metrics_addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(%local, "gRPC server listening");
+    tracing::info!(%local, tls = args.tls_cert.is_some(), "gRPC server listening");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
     let drain_signal = {
@@ -93,8 +385,40 @@ pub async fn serve(
             tracing::warn!(?grace, "grace period elapsed; closing the remaining connections");
         }
     }
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     tracing::info!("gRPC server stopped");
     Ok(())
+}
+
+/// Parses sizes such as `4MiB`, `512KiB`, `16MB`, `1048576` (bytes).
+pub fn parse_bytes(raw: &str) -> Result<usize, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("'{raw}' is not a size (examples: 4MiB, 512KiB, 1048576)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1024,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1024 * 1024,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1024 * 1024 * 1024,
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' in '{raw}' (use B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let bytes = value
+        .checked_mul(factor)
+        .filter(|b| *b > 0 && *b <= u32::MAX as u64)
+        .ok_or_else(|| format!("'{raw}' must be between 1 byte and 4GiB"))?;
+    Ok(bytes as usize)
 }
 
 /// Parses durations such as `500ms`, `10s`, `5m`, `24h`, `7d` (a bare number is seconds).
@@ -127,8 +451,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
-    use std::time::Duration;
+    use super::*;
 
     #[test]
     fn durations() {
@@ -141,5 +464,87 @@ mod tests {
         );
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("10y").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4MiB").unwrap(), 4 << 20);
+        assert_eq!(parse_bytes("512kib").unwrap(), 512 << 10);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("5GiB").is_err());
+        assert!(parse_bytes("4 parsecs").is_err());
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServerArgs, clap::Error> {
+        crate::config::parse_args_ignoring_env::<Cli>(
+            std::iter::once("svc").chain(args.iter().copied()),
+        )
+        .map(|c| c.server)
+    }
+
+    #[test]
+    fn defaults_keep_everything_optional_off() {
+        let a = parse(&[]).unwrap();
+        assert!(a.tokens().unwrap().is_empty());
+        assert!(a.tls_cert.is_none() && a.metrics_listen.0.is_none());
+        assert_eq!(a.max_recv_message_size, 4 << 20);
+        assert_eq!(a.compression_encodings().len(), 2);
+        assert!(
+            parse(&["--compression", ""]).is_err()
+                || parse(&["--compression", ""])
+                    .unwrap()
+                    .compression
+                    .is_empty()
+        );
+    }
+
+    #[test]
+    fn tokens_and_secrets() {
+        let a = parse(&[
+            "--auth-read-tokens",
+            "aaaaaaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbbbbbb",
+            "--auth-write-tokens",
+            "cccccccccccccccccccc",
+            "--kafka-config",
+            "sasl.password=hunter2",
+        ])
+        .unwrap();
+        let tokens = a.tokens().unwrap();
+        assert_eq!(tokens.len(), 3);
+        assert_eq!(
+            tokens.lookup("cccccccccccccccccccc"),
+            Some(crate::auth::Scope::Write)
+        );
+        let debug = format!("{a:?}");
+        for secret in ["aaaaaaaa", "cccccccc", "hunter2"] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        let err = parse(&["--auth-read-tokens", "short"])
+            .unwrap()
+            .tokens()
+            .unwrap_err();
+        assert!(
+            err.contains("AUTH_READ_TOKENS") && !err.contains("short,"),
+            "{err}"
+        );
+        assert!(
+            parse(&["--tls-cert", "/x.pem"]).is_err(),
+            "cert needs a key"
+        );
+        assert!(parse(&["--metrics-listen", "nope"]).is_err());
+        assert_eq!(
+            parse(&["--metrics-listen", "127.0.0.1:9464"])
+                .unwrap()
+                .metrics_listen
+                .0,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
     }
 }

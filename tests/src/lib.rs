@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod consumer;
 pub mod db;
+pub mod ops;
 pub mod proxy;
 
 use std::net::{SocketAddr, TcpListener};

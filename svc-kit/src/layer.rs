@@ -1,0 +1,455 @@
+//! The tower layer in front of every gRPC service of a server. Per request, in order:
+//!
+//! 1. a `tracing` span with the caller's W3C `traceparent` trace id ([`crate::trace`]);
+//! 2. metrics: `grpc_server_started_total`, and once the final status is known (trailers,
+//!    trailers-only headers, or the caller going away) `grpc_server_handled_total` and
+//!    `grpc_server_handling_seconds` by `grpc_service`, `grpc_method`, `grpc_code`;
+//! 3. bearer-token authentication ([`crate::auth`]): UNAUTHENTICATED / PERMISSION_DENIED,
+//!    logged with the method and peer, never the token;
+//! 4. the request size limit: a request message whose length prefix exceeds
+//!    `--max-recv-message-size` fails with RESOURCE_EXHAUSTED before it is buffered.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::auth::{self, Decision, Scopes, Tokens};
+
+/// Authentication settings: tokens and which RPCs are writes.
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    pub tokens: Tokens,
+    pub scopes: Scopes,
+}
+
+#[derive(Debug)]
+struct Shared {
+    auth: Option<AuthConfig>,
+    max_recv_message_size: usize,
+}
+
+/// See the module documentation.
+#[derive(Clone, Debug)]
+pub struct GrpcLayer {
+    shared: Arc<Shared>,
+}
+
+impl GrpcLayer {
+    /// `auth: None` lets every request through; metrics are recorded when a recorder is
+    /// installed ([`crate::metrics::install`]).
+    pub fn new(auth: Option<AuthConfig>, max_recv_message_size: usize) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                auth,
+                max_recv_message_size,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for GrpcLayer {
+    type Service = GrpcService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcService {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GrpcService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// `/package.Service/Method` -> (`package.Service`, `Method`).
+pub fn split_path(path: &str) -> (String, String) {
+    let trimmed = path.trim_start_matches('/');
+    match trimmed.split_once('/') {
+        Some((service, method)) if !service.is_empty() && !method.contains('/') => {
+            (service.to_string(), method.to_string())
+        }
+        _ => ("unknown".to_string(), "unknown".to_string()),
+    }
+}
+
+/// The name Prometheus exporters of other gRPC implementations use for a code.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+fn status_code_in(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+/// One RPC being measured; records exactly once (on the final status, or on drop).
+struct Observation {
+    service: String,
+    method: String,
+    start: Instant,
+    done: bool,
+}
+
+impl Observation {
+    fn start(service: &str, method: &str) -> Self {
+        if crate::metrics::enabled() {
+            metrics::counter!("grpc_server_started_total",
+                "grpc_service" => service.to_string(), "grpc_method" => method.to_string())
+            .increment(1);
+        }
+        Self {
+            service: service.to_string(),
+            method: method.to_string(),
+            start: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, code: Code) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if !crate::metrics::enabled() {
+            return;
+        }
+        let labels = [
+            ("grpc_service", self.service.clone()),
+            ("grpc_method", self.method.clone()),
+            ("grpc_code", code_name(code).to_string()),
+        ];
+        metrics::counter!("grpc_server_handled_total", &labels).increment(1);
+        metrics::histogram!("grpc_server_handling_seconds", &labels)
+            .record(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Observation {
+    fn drop(&mut self) {
+        // The caller went away (or the server timeout fired) before a status was sent.
+        self.finish(Code::Cancelled);
+    }
+}
+
+fn peer(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<http::Request<Body>> for GrpcService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let (service, method) = split_path(&path);
+        let span = crate::trace::request_span(request.headers(), &service, &method);
+        let mut observation = Observation::start(&service, &method);
+
+        if let Some(auth) = &self.shared.auth {
+            let decision = auth::check(
+                &auth.tokens,
+                &auth.scopes,
+                &path,
+                request
+                    .headers()
+                    .get(http::header::AUTHORIZATION)
+                    .map(|v| v.as_bytes()),
+            );
+            let rejection = match decision {
+                Decision::Exempt | Decision::Allowed(_) => None,
+                Decision::Unauthenticated(reason) => {
+                    Some(Status::unauthenticated(reason.to_string()))
+                }
+                Decision::PermissionDenied { has, needs } => {
+                    Some(Status::permission_denied(format!(
+                        "this RPC needs a token with the {} scope; the token has {}",
+                        needs.as_str(),
+                        has.as_str()
+                    )))
+                }
+            };
+            if let Some(status) = rejection {
+                let peer = peer(request.extensions());
+                span.in_scope(|| {
+                    tracing::warn!(
+                        method = %path,
+                        peer = ?peer,
+                        code = code_name(status.code()),
+                        reason = status.message(),
+                        "request rejected"
+                    )
+                });
+                observation.finish(status.code());
+                return Box::pin(async move { Ok(status.into_http::<Body>()) });
+            }
+        }
+
+        let limit = self.shared.max_recv_message_size;
+        let request = request.map(|body| Body::new(LimitedBody::new(body, limit)));
+        // The clone that was driven to readiness handles this call; keep a fresh one.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(
+            async move {
+                let response = inner.call(request).await?;
+                let mut observation = observation;
+                let header_code = status_code_in(response.headers());
+                // Trailers-only (an error before any message): the status is final now, and
+                // hyper may drop the empty body without polling it.
+                if let Some(code) = header_code {
+                    observation.finish(code);
+                }
+                Ok(response.map(|body| {
+                    Body::new(ObservedBody {
+                        inner: body,
+                        header_code,
+                        observation,
+                    })
+                }))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that finishes the [`Observation`] with the status from the trailers
+    /// (or from trailers-only headers).
+    struct ObservedBody {
+        #[pin]
+        inner: Body,
+        header_code: Option<Code>,
+        observation: Observation,
+    }
+}
+
+impl HttpBody for ObservedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let code = status_code_in(trailers).unwrap_or(Code::Unknown);
+                    this.observation.finish(code);
+                }
+            }
+            Some(Err(status)) => this.observation.finish(status.code()),
+            None => {
+                let code = this.header_code.unwrap_or(Code::Unknown);
+                this.observation.finish(code);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that reads the 5-byte gRPC message prefixes as they stream by and fails
+    /// with RESOURCE_EXHAUSTED as soon as one announces a message over the limit.
+    struct LimitedBody {
+        #[pin]
+        inner: Body,
+        limit: usize,
+        // Bytes of the current message still to pass before the next prefix.
+        remaining: usize,
+        prefix: [u8; 5],
+        prefix_len: usize,
+        failed: bool,
+    }
+}
+
+impl LimitedBody {
+    fn new(inner: Body, limit: usize) -> Self {
+        Self {
+            inner,
+            limit,
+            remaining: 0,
+            prefix: [0; 5],
+            prefix_len: 0,
+            failed: false,
+        }
+    }
+}
+
+/// Walks `data` through the framing state; returns the first oversized length.
+fn scan_frames(
+    mut data: &[u8],
+    remaining: &mut usize,
+    prefix: &mut [u8; 5],
+    prefix_len: &mut usize,
+    limit: usize,
+) -> Option<usize> {
+    while !data.is_empty() {
+        if *remaining > 0 {
+            let skip = (*remaining).min(data.len());
+            *remaining -= skip;
+            data = &data[skip..];
+            continue;
+        }
+        let take = (5 - *prefix_len).min(data.len());
+        prefix[*prefix_len..*prefix_len + take].copy_from_slice(&data[..take]);
+        *prefix_len += take;
+        data = &data[take..];
+        if *prefix_len == 5 {
+            *prefix_len = 0;
+            let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+            if len > limit {
+                return Some(len);
+            }
+            *remaining = len;
+        }
+    }
+    None
+}
+
+impl HttpBody for LimitedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        if *this.failed {
+            return Poll::Ready(None);
+        }
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+            && let Some(len) = scan_frames(
+                data.chunk(),
+                this.remaining,
+                this.prefix,
+                this.prefix_len,
+                *this.limit,
+            )
+        {
+            *this.failed = true;
+            return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
+                "request message of {len} bytes exceeds the server's limit of {} bytes",
+                this.limit
+            )))));
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: u32) -> Vec<u8> {
+        let mut out = vec![0u8];
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend(std::iter::repeat_n(7u8, len as usize));
+        out
+    }
+
+    fn scan_in_chunks(data: &[u8], chunk: usize, limit: usize) -> Option<usize> {
+        let (mut remaining, mut prefix, mut prefix_len) = (0, [0u8; 5], 0);
+        data.chunks(chunk)
+            .find_map(|c| scan_frames(c, &mut remaining, &mut prefix, &mut prefix_len, limit))
+    }
+
+    #[test]
+    fn finds_oversized_messages_across_chunk_boundaries() {
+        let mut stream = frame(10);
+        stream.extend(frame(0));
+        stream.extend(frame(100));
+        stream.extend(frame(3));
+        for chunk in [1, 2, 3, 5, 7, 64, 1000] {
+            assert_eq!(scan_in_chunks(&stream, chunk, 100), None, "chunk {chunk}");
+            assert_eq!(
+                scan_in_chunks(&stream, chunk, 99),
+                Some(100),
+                "chunk {chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn paths_and_codes() {
+        assert_eq!(
+            split_path("/omnibus.db.v1.DatabaseService/Insert"),
+            ("omnibus.db.v1.DatabaseService".into(), "Insert".into())
+        );
+        assert_eq!(split_path("/"), ("unknown".into(), "unknown".into()));
+        assert_eq!(code_name(Code::ResourceExhausted), "ResourceExhausted");
+    }
+}

@@ -1,0 +1,110 @@
+//! W3C Trace Context (`traceparent`) from gRPC metadata into `tracing` spans, so every log line
+//! of a request carries the caller's trace id (or a fresh one when the caller sent none).
+
+/// A parsed `traceparent` header: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: String,
+    pub parent_id: String,
+    pub sampled: bool,
+}
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl TraceParent {
+    /// Parses a header value per the W3C spec (version 00, and later versions' first four
+    /// fields); all-zero ids and malformed values are `None`.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let mut parts = raw.trim().split('-');
+        let version = parts.next()?;
+        let trace_id = parts.next()?;
+        let parent_id = parts.next()?;
+        let flags = parts.next()?;
+        if !is_lower_hex(version, 2) || version == "ff" {
+            return None;
+        }
+        if version == "00" && parts.next().is_some() {
+            return None;
+        }
+        if !is_lower_hex(trace_id, 32) || trace_id.bytes().all(|b| b == b'0') {
+            return None;
+        }
+        if !is_lower_hex(parent_id, 16) || parent_id.bytes().all(|b| b == b'0') {
+            return None;
+        }
+        if !is_lower_hex(flags, 2) {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(Self {
+            trace_id: trace_id.to_string(),
+            parent_id: parent_id.to_string(),
+            sampled: flags & 1 == 1,
+        })
+    }
+}
+
+/// A random 128-bit trace id in W3C form, for requests that arrive without one.
+pub fn new_trace_id() -> String {
+    format!("{:032x}", rand::random::<u128>().max(1))
+}
+
+/// The span a gRPC request runs in: `rpc.service`, `rpc.method`, `trace_id` and, when the
+/// caller sent a `traceparent`, `parent_span_id`.
+pub fn request_span(headers: &http::HeaderMap, service: &str, method: &str) -> tracing::Span {
+    let parent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    match parent {
+        Some(p) => tracing::info_span!(
+            "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            trace_id = %p.trace_id,
+            parent_span_id = %p.parent_id,
+        ),
+        None => tracing::info_span!(
+            "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            trace_id = %new_trace_id(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_w3c_examples() {
+        let p =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(p.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(p.parent_id, "00f067aa0ba902b7");
+        assert!(p.sampled);
+        // A future version may append fields.
+        assert!(
+            TraceParent::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-x")
+                .is_some()
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+        let id = new_trace_id();
+        assert!(is_lower_hex(&id, 32), "{id}");
+    }
+}

@@ -1,0 +1,198 @@
+//! Operations: message-size limit (RESOURCE_EXHAUSTED), gzip/zstd accepted, the Prometheus
+//! endpoint's content after traffic, /livez and /readyz (also while NOT_SERVING).
+
+use std::time::Duration;
+
+use omnibus_proto::db::v1 as pb;
+use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
+use omnibus_tests::db::{DbSvc, action, to_struct};
+use omnibus_tests::ops::{http_get, parse_prometheus, sample, wait_http_status};
+use omnibus_tests::{ServiceSpec, free_port};
+use serde_json::json;
+use tonic::Code;
+use tonic::codec::CompressionEncoding;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const SERVICE: &str = "omnibus.db.v1.DatabaseService";
+
+fn insert_with_details(agent: &str, details_len: usize) -> pb::InsertRequest {
+    let mut row = action(agent);
+    row["action_details"] = json!({ "blob": "x".repeat(details_len) });
+    pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![to_struct(row)],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn limits_compression_and_metrics_on_db_svc() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let svc = DbSvc::start(&[
+        "--max-recv-message-size",
+        "64KiB",
+        "--metrics-listen",
+        &metrics_addr,
+    ])
+    .await;
+    let mut client = svc.client.clone();
+
+    // Over the limit: RESOURCE_EXHAUSTED, nothing written; under it: fine.
+    let err = client
+        .insert(insert_with_details("ops-big", 100 * 1024))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("exceeds"), "{err:?}");
+    client
+        .insert(insert_with_details("ops-small", 1024))
+        .await
+        .expect("a message under the limit");
+
+    // Compressed requests and responses, both algorithms.
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Zstd] {
+        let mut compressed = DatabaseServiceClient::new(svc.svc.channel())
+            .send_compressed(encoding)
+            .accept_compressed(encoding);
+        compressed
+            .insert(insert_with_details("ops-compressed", 1024))
+            .await
+            .unwrap_or_else(|e| panic!("{encoding:?} insert: {e:?}"));
+        let rows = compressed
+            .query(pb::QueryRequest {
+                table: "agent_actions".into(),
+                r#where: Some(to_struct(json!({ "agent_name": "ops-compressed" }))),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{encoding:?} query: {e:?}"))
+            .into_inner()
+            .rows;
+        assert!(!rows.is_empty());
+    }
+    // A compressed message that inflates past the limit is refused too.
+    let err = DatabaseServiceClient::new(svc.svc.channel())
+        .send_compressed(CompressionEncoding::Gzip)
+        .insert(insert_with_details("ops-bomb", 200 * 1024))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // Some reads, one of them failing.
+    for _ in 0..5 {
+        client
+            .count(pb::CountRequest {
+                table: "agent_actions".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("count");
+    }
+    let err = client
+        .query(pb::QueryRequest {
+            table: "no_such_table".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // The metrics endpoint tells all of it.
+    let reply = http_get(&metrics_addr, "/metrics").await.unwrap();
+    assert_eq!(reply.status, 200);
+    let samples = parse_prometheus(&reply.body);
+    let handled = |method: &str, code: &str| {
+        sample(
+            &samples,
+            "grpc_server_handled_total",
+            &[
+                ("grpc_service", SERVICE),
+                ("grpc_method", method),
+                ("grpc_code", code),
+            ],
+        )
+    };
+    assert_eq!(
+        handled("Insert", "ResourceExhausted"),
+        Some(2.0),
+        "{}",
+        reply.body
+    );
+    assert_eq!(handled("Insert", "OK"), Some(3.0), "{}", reply.body);
+    assert_eq!(handled("Count", "OK"), Some(5.0), "{}", reply.body);
+    assert_eq!(
+        handled("Query", "InvalidArgument"),
+        Some(1.0),
+        "{}",
+        reply.body
+    );
+    assert!(
+        sample(
+            &samples,
+            "grpc_server_started_total",
+            &[("grpc_service", SERVICE), ("grpc_method", "Count")],
+        ) >= Some(5.0),
+        "{}",
+        reply.body
+    );
+    // A histogram (buckets, sum, count), by service, method and code.
+    let labels = [
+        ("grpc_service", SERVICE),
+        ("grpc_method", "Count"),
+        ("grpc_code", "OK"),
+    ];
+    assert_eq!(
+        sample(&samples, "grpc_server_handling_seconds_count", &labels),
+        Some(5.0),
+        "{}",
+        reply.body
+    );
+    let mut with_le = labels.to_vec();
+    with_le.push(("le", "+Inf"));
+    assert_eq!(
+        sample(&samples, "grpc_server_handling_seconds_bucket", &with_le),
+        Some(5.0),
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply
+            .body
+            .contains("# TYPE grpc_server_handling_seconds histogram")
+    );
+    // Health checks are measured too.
+    assert!(
+        reply.body.contains("grpc_method=\"Check\""),
+        "{}",
+        reply.body
+    );
+
+    assert_eq!(http_get(&metrics_addr, "/livez").await.unwrap().status, 200);
+    let ready = http_get(&metrics_addr, "/readyz").await.unwrap();
+    assert_eq!((ready.status, ready.body.trim()), (200, "SERVING"));
+    assert_eq!(http_get(&metrics_addr, "/nope").await.unwrap().status, 404);
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_the_database_is_unreachable() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    // Nothing listens on this port: db-svc starts NOT_SERVING and stays so.
+    let url = format!("postgres://postgres@127.0.0.1:{}/omnibus", free_port());
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", url)
+        .args(["--metrics-listen", &metrics_addr])
+        .spawn()
+        .unwrap();
+    wait_http_status(&metrics_addr, "/livez", 200, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", svc.logs()));
+    let ready = http_get(&metrics_addr, "/readyz").await.unwrap();
+    assert_eq!((ready.status, ready.body.trim()), (503, "NOT_SERVING"));
+    // The gRPC view of the same: overall NOT_SERVING, `liveness` SERVING (for liveness probes).
+    assert_eq!(svc.health("").await.unwrap(), ServingStatus::NotServing);
+    assert_eq!(
+        svc.health("liveness").await.unwrap(),
+        ServingStatus::Serving
+    );
+    assert!(svc.is_running());
+}

@@ -1,0 +1,334 @@
+//! Operations: bearer-token authentication (no token, bad token, read token on a write, write
+//! token; health and reflection open; failures logged without the token; trace id in the
+//! log line), tokens-file errors at start-up, and TLS with a generated certificate.
+
+use std::time::{Duration, Instant};
+
+use omnibus_proto::consumer::v1 as cpb;
+use omnibus_proto::consumer::v1::consumer_service_client::ConsumerServiceClient;
+use omnibus_proto::db::v1 as pb;
+use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
+use omnibus_proto::service_names::DATABASE;
+use omnibus_tests::consumer::{create_topics, start_consumer, unique_prefix};
+use omnibus_tests::db::{DbSvc, action, to_struct};
+use omnibus_tests::ops::{Bearer, TestCert, new_token};
+use omnibus_tests::{ServiceSpec, TestDatabase, kafka_brokers, run_to_exit};
+use serde_json::json;
+use tonic::Code;
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+type AuthedDb = DatabaseServiceClient<InterceptedService<Channel, Bearer>>;
+
+fn db_client(channel: Channel, token: Option<&str>) -> AuthedDb {
+    DatabaseServiceClient::with_interceptor(channel, Bearer(token.map(str::to_string)))
+}
+
+fn query() -> pb::QueryRequest {
+    pb::QueryRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    }
+}
+
+fn insert(agent: &str) -> pb::InsertRequest {
+    pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![to_struct(action(agent))],
+        ..Default::default()
+    }
+}
+
+async fn count(client: &mut AuthedDb, agent: &str) -> u64 {
+    client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({ "agent_name": agent }))),
+            ..Default::default()
+        })
+        .await
+        .expect("count with a read token")
+        .into_inner()
+        .count
+}
+
+#[tokio::test]
+async fn tokens_gate_reads_and_writes_on_db_svc() {
+    let read = new_token("read");
+    let write = new_token("write");
+    let bad = new_token("bogus");
+    // Health (wait_serving) works without a token.
+    let svc = DbSvc::start(&["--auth-read-tokens", &read, "--auth-write-tokens", &write]).await;
+    let channel = svc.svc.channel();
+
+    // No token / a bad token / a malformed header: UNAUTHENTICATED.
+    let err = db_client(channel.clone(), None)
+        .query(query())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut with_trace = tonic::Request::new(query());
+    with_trace.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    let err = db_client(channel.clone(), Some(&bad))
+        .query(with_trace)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut basic = tonic::Request::new(query());
+    basic
+        .metadata_mut()
+        .insert("authorization", format!("Basic {read}").parse().unwrap());
+    let err = DatabaseServiceClient::new(channel.clone())
+        .query(basic)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // A read token reads, and cannot write (nothing is written).
+    let mut reader = db_client(channel.clone(), Some(&read));
+    reader
+        .query(query())
+        .await
+        .expect("query with a read token");
+    let err = reader.insert(insert("ops-reader")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = reader
+        .execute_raw(pb::ExecuteRawRequest {
+            sql: "SELECT 1 AS one".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = reader
+        .delete(pb::DeleteRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({ "agent_name": "x" }))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(count(&mut reader, "ops-reader").await, 0);
+
+    // A write token writes and reads.
+    let mut writer = db_client(channel.clone(), Some(&write));
+    let done = writer
+        .insert(insert("ops-writer"))
+        .await
+        .expect("insert with a write token")
+        .into_inner();
+    assert_eq!(done.affected, 1);
+    assert_eq!(count(&mut writer, "ops-writer").await, 1);
+
+    // Health and reflection need no token.
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: DATABASE.into(),
+        })
+        .await
+        .expect("health without a token")
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+    let listed = omnibus_tests::grpcurl(&["-plaintext", &svc.svc.addr.to_string(), "list"]).await;
+    if let Ok(out) = listed {
+        assert!(out.success && out.stdout.contains(DATABASE), "{out:?}");
+    }
+
+    // Rejections are logged (method, code, trace id) without any token.
+    let logs = svc.svc.logs();
+    let rejected: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("request rejected"))
+        .collect();
+    assert!(rejected.len() >= 6, "{logs}");
+    assert!(
+        rejected.iter().any(
+            |l| l.contains("4bf92f3577b34da6a3ce929d0e0e4736") && l.contains("Unauthenticated")
+        ),
+        "trace id in the rejection line: {rejected:#?}"
+    );
+    assert!(
+        rejected
+            .iter()
+            .any(|l| l.contains("/omnibus.db.v1.DatabaseService/Insert")
+                && l.contains("PermissionDenied")),
+        "{rejected:#?}"
+    );
+    for token in [&read, &write, &bad] {
+        assert!(
+            !logs.contains(token.as_str()),
+            "a token leaked into the log"
+        );
+    }
+}
+
+#[tokio::test]
+async fn consumer_svc_accepts_read_tokens_from_a_file_for_every_rpc() {
+    let read = new_token("read");
+    let cert_dir = TestCert::generate().unwrap(); // only for its private directory
+    let file = cert_dir.dir.join("tokens");
+    std::fs::write(&file, format!("# dashboards\nread {read}\n")).unwrap();
+    let prefix = unique_prefix();
+    create_topics(&kafka_brokers(), &prefix, 1).await.unwrap();
+    let svc = start_consumer(
+        &kafka_brokers(),
+        &prefix,
+        &["--auth-tokens-file", file.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+
+    let anonymous = ConsumerServiceClient::new(svc.channel())
+        .get_consumer_status(cpb::GetConsumerStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+
+    let mut client =
+        ConsumerServiceClient::with_interceptor(svc.channel(), Bearer(Some(read.clone())));
+    client
+        .get_consumer_status(cpb::GetConsumerStatusRequest {})
+        .await
+        .expect("status with a read token");
+    // A stream with a read token opens (the first message is its snapshot).
+    let mut stream = client
+        .subscribe(cpb::SubscribeRequest {
+            include_snapshot: true,
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe with a read token")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("first stream message in time")
+        .expect("stream ok");
+    assert!(first.is_some());
+}
+
+#[test]
+fn bad_token_settings_fail_at_start_up_without_echoing_the_token() {
+    let dir = std::env::temp_dir().join(format!("omnibus-ops-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, "admin supersecretvalue-123456789\n").unwrap();
+    let (status, out) = run_to_exit(
+        "db-svc",
+        &[
+            "--database-url",
+            "postgres://u@127.0.0.1:1/db",
+            "--auth-tokens-file",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(78), "{out}");
+    assert!(
+        out.contains("tokens file") && out.contains("line 1"),
+        "{out}"
+    );
+    assert!(!out.contains("supersecretvalue"), "{out}");
+
+    let (status, out) = run_to_exit(
+        "db-svc",
+        &[
+            "--database-url",
+            "postgres://u@127.0.0.1:1/db",
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(78), "{out}");
+    assert!(out.contains("/nonexistent/cert.pem"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn tls_channel(port: u16, ca_pem: &str) -> Channel {
+    Endpoint::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca_pem))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy()
+}
+
+#[tokio::test]
+async fn tls_listener_serves_a_verified_handshake_and_refuses_plaintext() {
+    let cert = TestCert::generate().unwrap();
+    let db = TestDatabase::create().await.unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args([
+            "--tls-cert",
+            cert.cert_path.to_str().unwrap(),
+            "--tls-key",
+            cert.key_path.to_str().unwrap(),
+            "--shutdown-grace",
+            "2s",
+        ])
+        .spawn()
+        .unwrap();
+    let channel = tls_channel(svc.addr.port(), &cert.cert_pem).await;
+
+    // Health over TLS, polled until SERVING.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(svc.is_running(), "db-svc exited: {}", svc.logs());
+        let reply = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        match reply {
+            Ok(r) if r.get_ref().status() == ServingStatus::Serving => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no SERVING over TLS: {other:?}\n{}",
+                svc.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = DatabaseServiceClient::new(channel);
+    let done = client
+        .insert(insert("ops-tls"))
+        .await
+        .expect("insert over TLS")
+        .into_inner();
+    assert_eq!(done.affected, 1);
+
+    // A plaintext client gets no answer from the TLS listener.
+    let plaintext = svc.health("").await;
+    assert!(plaintext.is_err(), "plaintext must fail: {plaintext:?}");
+
+    // A client that does not trust the certificate fails the handshake.
+    let other = TestCert::generate().unwrap();
+    let untrusted = HealthClient::new(tls_channel(svc.addr.port(), &other.cert_pem).await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(
+        untrusted.is_err(),
+        "untrusted certificate must fail: {untrusted:?}"
+    );
+}
