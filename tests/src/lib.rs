@@ -3,6 +3,7 @@
 //! `scripts/dev-services up` provides, with isolated topics and databases per test.
 
 pub mod bus;
+pub mod cli;
 pub mod consumer;
 pub mod db;
 pub mod ops;

@@ -1,0 +1,443 @@
+//! The `omnibus` command line: argument definitions (clap), connection and error helpers, and
+//! one module per subcommand.
+
+pub mod db;
+pub mod filter;
+pub mod generate;
+pub mod output;
+pub mod status;
+pub mod stream;
+pub mod tail;
+pub mod top;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+
+use output::Format;
+
+const ABOUT: &str = "Talk to omnibus: watch live agent activity from consumer-svc, query and change \
+the platform database through db-svc, and generate realistic load.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  omnibus status                                   both services at a glance
+  omnibus top                                      live dashboard (q quits)
+  omnibus tail actions --where agent=agent-00003   follow one agent's actions
+  omnibus db tables                                what db-svc serves
+  omnibus db query agent_actions --where 'duration_ms>100' --order created_at:desc --limit 5
+  omnibus db insert agent_actions agent_name=coder action_type=tool_call action_name=read_file \\
+      correlation_id=$(uuidgen)
+  omnibus generate --rate 50 --duration 1m        realistic events on all four topics
+
+Output is an aligned table on a terminal and JSON lines when piped (or with --json).";
+
+/// `omnibus`: the command-line tool for consumer-svc and db-svc.
+#[derive(Parser, Debug)]
+#[command(name = "omnibus", version, about = ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// consumer-svc gRPC address (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "OMNIBUS_CONSUMER_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub consumer_addr: String,
+
+    /// db-svc gRPC address (host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "OMNIBUS_DB_ADDR",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub db_addr: String,
+
+    /// Kafka bootstrap servers (for `generate` and `db --via bus`).
+    #[arg(
+        long,
+        global = true,
+        env = "KAFKA_BROKERS",
+        default_value = "127.0.0.1:19092"
+    )]
+    pub brokers: String,
+
+    /// Print JSON lines (the default when stdout is not a terminal).
+    #[arg(long, global = true, conflicts_with = "output")]
+    pub json: bool,
+
+    /// Output format: table or json (default: table on a terminal, json when piped).
+    #[arg(long, global = true, value_enum)]
+    pub output: Option<OutputArg>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputArg {
+    Table,
+    Json,
+}
+
+impl Cli {
+    pub fn format(&self) -> Format {
+        if self.json {
+            return Format::Json;
+        }
+        output::resolve(self.output.map(|o| match o {
+            OutputArg::Table => Format::Table,
+            OutputArg::Json => Format::Json,
+        }))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Query and change the database through db-svc (tables, rows, raw SQL).
+    #[command(subcommand)]
+    Db(db::DbCommand),
+
+    /// Follow live events from consumer-svc, with the same --where filters as `db query`.
+    ///
+    /// Resumes after a dropped connection exactly where it left off (Subscribe with the last
+    /// sequence number), so nothing is missed or shown twice; if consumer-svc restarted or the
+    /// gap is longer than its buffer, a line on stderr says so.
+    #[command(after_help = "\
+Examples:
+  omnibus tail                                     everything
+  omnibus tail actions --where action_type=error
+  omnibus tail all --where agent=agent-00003       actions, decisions, metrics of one agent
+  omnibus tail routing --where 'confidence_score<0.6'
+  omnibus tail actions --json | jq .event.agent_name
+
+Fields are the proto field names of each event (omnibus.consumer.v1); `agent` matches any of
+agent_name, selected_agent, source_agent, target_agent. A condition on a field an event does
+not have does not hold.")]
+    Tail(tail::TailArgs),
+
+    /// A full-screen live dashboard: per-agent metrics, throughput and recent actions (q quits).
+    Top(top::TopArgs),
+
+    /// Both services' health, the consumer's status and lag, on one screen.
+    Status,
+
+    /// Produce realistic agent events (all four topics) to the broker, with a progress bar.
+    #[command(after_help = "\
+Examples:
+  omnibus generate --count 10000                   as fast as possible
+  omnibus generate --rate 50 --duration 2m         50 events/s for two minutes
+  omnibus generate --rate 20                       until Ctrl-C")]
+    Generate(generate::GenerateArgs),
+
+    /// Check a service's gRPC health; exits 0 only when it is SERVING (usable as a container
+    /// health check).
+    ///
+    /// Example: omnibus health db
+    Health(HealthArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// Which service: `consumer`, `db`, or a host:port.
+    pub target: String,
+    /// Health service name to ask about ("" = the whole server).
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// How long to wait for an answer (seconds, or 500ms / 3s / 1m).
+    #[arg(long, default_value = "3", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// A failure, as the one sentence the user sees.
+#[derive(Debug)]
+pub struct Fail(pub String);
+
+impl std::fmt::Display for Fail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Fail>;
+
+impl From<std::io::Error> for Fail {
+    fn from(e: std::io::Error) -> Self {
+        // A closed pipe (`omnibus db query ... | head`) is not an error worth a message.
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Fail(String::new())
+        } else {
+            Fail(format!("output failed: {e}"))
+        }
+    }
+}
+
+/// Which service, for messages.
+#[derive(Clone, Copy, Debug)]
+pub enum Svc {
+    Consumer,
+    Db,
+}
+
+impl Svc {
+    pub fn name(self) -> &'static str {
+        match self {
+            Svc::Consumer => "consumer-svc",
+            Svc::Db => "db-svc",
+        }
+    }
+}
+
+/// The sentence for "cannot connect".
+pub fn unreachable(svc: Svc, addr: &str) -> Fail {
+    Fail(format!(
+        "{} at {addr} is not reachable - is it running?",
+        svc.name()
+    ))
+}
+
+/// The sentence for a failed call.
+pub fn call_error(svc: Svc, addr: &str, status: &tonic::Status) -> Fail {
+    use tonic::Code;
+    let msg = status.message().trim();
+    match status.code() {
+        Code::Unavailable
+            if msg.contains("transport")
+                || msg.contains("connect")
+                || msg.contains("tcp")
+                || msg.is_empty() =>
+        {
+            unreachable(svc, addr)
+        }
+        Code::DeadlineExceeded if msg.is_empty() => {
+            Fail(format!("{} at {addr} did not answer in time", svc.name()))
+        }
+        Code::Unimplemented => Fail(format!(
+            "{} at {addr} does not implement this call - is that the right address?",
+            svc.name()
+        )),
+        _ if msg.is_empty() => Fail(format!("{} answered {:?}", svc.name(), status.code())),
+        _ => Fail(format!("{}: {msg}", svc.name())),
+    }
+}
+
+/// Connects to `addr` now (so an unreachable service is one clear error, not a late one).
+pub async fn connect(svc: Svc, addr: &str) -> Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(crate::cli::endpoint_uri(addr))
+        .map_err(|_| {
+            Fail(format!(
+                "'{addr}' is not a valid {} address (expected host:port)",
+                svc.name()
+            ))
+        })?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    endpoint.connect().await.map_err(|_| unreachable(svc, addr))
+}
+
+pub fn endpoint_uri(addr: &str) -> String {
+    omnibus_client::health::endpoint_uri(addr)
+}
+
+/// `500ms`, `3s`, `2m`, `1h`, `1d`, or a bare number of seconds.
+pub fn parse_duration(raw: &str) -> std::result::Result<Duration, String> {
+    let s = raw.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)
+        .ok_or_else(|| format!("'{raw}' is not a duration (e.g. 500ms, 30s, 2m, 1h)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" | "sec" | "secs" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => {
+            return Err(format!(
+                "'{raw}' is not a duration (e.g. 500ms, 30s, 2m, 1h)"
+            ));
+        }
+    };
+    if secs <= 0.0 {
+        return Err(format!("'{raw}' must be longer than zero"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Runs the parsed command; the exit code.
+pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    let format = cli.format();
+    match &cli.command {
+        Command::Db(cmd) => db::run(&cli, cmd, format).await,
+        Command::Tail(args) => tail::run(&cli, args, format).await,
+        Command::Top(args) => top::run(&cli, args).await,
+        Command::Status => status::run(&cli, format).await,
+        Command::Generate(args) => generate::run(&cli, args).await,
+        Command::Health(args) => status::health(&cli, args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("omnibus").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = parse(&["db", "tables", "--db-addr", "10.0.0.1:1", "--json"]).unwrap();
+        assert_eq!(cli.db_addr, "10.0.0.1:1");
+        assert_eq!(cli.format(), Format::Json);
+        let cli = parse(&["--output", "table", "status"]).unwrap();
+        assert_eq!(cli.format(), Format::Table);
+        assert!(parse(&["--json", "--output", "table", "status"]).is_err());
+    }
+
+    #[test]
+    fn db_query_takes_human_filters() {
+        let cli = parse(&[
+            "db",
+            "query",
+            "agent_actions",
+            "--where",
+            "agent_name=foo",
+            "--where",
+            "duration_ms>100",
+            "--order",
+            "created_at:desc",
+            "--limit",
+            "5",
+            "--offset",
+            "10",
+        ])
+        .unwrap();
+        let Command::Db(db::DbCommand::Query(q)) = cli.command else {
+            panic!("not a query")
+        };
+        assert_eq!(q.table, "agent_actions");
+        assert_eq!(q.filters.conditions.len(), 2);
+        assert_eq!(q.filters.conditions[1].op, filter::Op::Gt);
+        assert_eq!(q.order.len(), 1);
+        assert_eq!((q.limit, q.offset), (Some(5), Some(10)));
+        // A bad condition is a usage error naming the syntax.
+        let err = parse(&["db", "query", "t", "--where", "agent_name"]).unwrap_err();
+        assert!(err.to_string().contains("column OP value"), "{err}");
+        let err = parse(&["db", "query", "t", "--order", "x:sideways"]).unwrap_err();
+        assert!(err.to_string().contains("ordering"), "{err}");
+    }
+
+    #[test]
+    fn writes_take_assignments_and_the_transport() {
+        let cli = parse(&[
+            "db",
+            "insert",
+            "agent_actions",
+            "agent_name=coder",
+            "duration_ms=12",
+            "--via",
+            "bus",
+        ])
+        .unwrap();
+        let Command::Db(db::DbCommand::Insert(i)) = cli.command else {
+            panic!("not an insert")
+        };
+        assert_eq!(i.values.len(), 2);
+        assert_eq!(i.write.via, Some(db::ViaArg::Bus));
+        let cli = parse(&[
+            "db",
+            "update",
+            "agent_actions",
+            "--where",
+            "agent_name=coder",
+            "--set",
+            "duration_ms=15",
+            "--max-affected",
+            "10",
+        ])
+        .unwrap();
+        let Command::Db(db::DbCommand::Update(u)) = cli.command else {
+            panic!("not an update")
+        };
+        assert_eq!((u.set.len(), u.max_affected), (1, Some(10)));
+        assert!(
+            parse(&["db", "update", "t", "--where", "a=1"]).is_err(),
+            "--set is required"
+        );
+        assert!(
+            parse(&["db", "delete", "t"]).is_err(),
+            "--where is required"
+        );
+    }
+
+    #[test]
+    fn tail_kinds_and_generate_amounts() {
+        let cli = parse(&["tail", "routing", "--where", "confidence_score<0.6"]).unwrap();
+        let Command::Tail(t) = cli.command else {
+            panic!()
+        };
+        assert_eq!(t.kind, tail::Kind::Routing);
+        let cli = parse(&["tail"]).unwrap();
+        let Command::Tail(t) = cli.command else {
+            panic!()
+        };
+        assert_eq!(t.kind, tail::Kind::All);
+        assert!(parse(&["tail", "sideways"]).is_err());
+
+        let cli = parse(&["generate", "--rate", "50", "--duration", "2m"]).unwrap();
+        let Command::Generate(g) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (g.rate, g.duration),
+            (Some(50.0), Some(Duration::from_secs(120)))
+        );
+        assert!(parse(&["generate", "--count", "10", "--duration", "1m"]).is_err());
+        assert!(parse(&["generate", "--rate", "0"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+    }
+
+    #[test]
+    fn errors_are_one_sentence() {
+        let e = call_error(
+            Svc::Db,
+            "127.0.0.1:50052",
+            &tonic::Status::unavailable("error trying to connect: tcp connect error"),
+        );
+        assert_eq!(
+            e.0,
+            "db-svc at 127.0.0.1:50052 is not reachable - is it running?"
+        );
+        let e = call_error(
+            Svc::Db,
+            "a:1",
+            &tonic::Status::invalid_argument("invalid request: where.x: unknown column 'x'"),
+        );
+        assert_eq!(e.0, "db-svc: invalid request: where.x: unknown column 'x'");
+    }
+}

@@ -1,0 +1,204 @@
+//! Following consumer-svc's `Subscribe` stream across dropped connections, without gaps: every
+//! reconnection asks to resume after the last sequence number received, so buffered updates
+//! are replayed once and nothing is shown twice. `tail` and `top` both read from here.
+
+use std::time::Duration;
+
+use omnibus_proto::consumer::v1 as pb;
+use omnibus_proto::consumer::v1::consumer_service_client::ConsumerServiceClient;
+use prost_reflect::{DynamicMessage, SerializeOptions};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::{Fail, Svc, call_error, connect};
+
+/// What the follower reports.
+#[derive(Debug)]
+pub enum Item {
+    /// An update from the stream.
+    Update(Box<pb::SubscribeResponse>),
+    /// Connection news for the user (lost, resumed, restarted, missed updates).
+    Notice(String),
+    /// Connected (true) or lost (false).
+    Connected(bool),
+    /// Following cannot go on (e.g. streams are disabled on the server).
+    Fatal(Fail),
+}
+
+/// The position a follower resumes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The last sequence number received (None before the first message).
+    pub last: Option<u64>,
+}
+
+impl Position {
+    /// Records a message; returns false when it is at or before the position (a duplicate).
+    pub fn advance(&mut self, sequence: u64) -> bool {
+        match self.last {
+            Some(last) if sequence <= last => false,
+            _ => {
+                self.last = Some(sequence);
+                true
+            }
+        }
+    }
+}
+
+/// Follows `Subscribe` on `addr` until the receiver is dropped. The first connection has
+/// already been checked by the caller (so "not reachable" is an error at start, a retry later).
+pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<Item>) {
+    let mut position = Position::default();
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    let mut lost_reported = false;
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let channel = match connect(Svc::Consumer, &addr).await {
+            Ok(c) => c,
+            Err(e) => {
+                if !lost_reported {
+                    let _ = tx.send(Item::Notice(format!("{e} (retrying)"))).await;
+                    lost_reported = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let mut request = base.clone();
+        request.resume_after_sequence = position.last;
+        // The snapshot is the starting state; a resume replays updates instead.
+        request.include_snapshot = base.include_snapshot && first;
+        let reply = ConsumerServiceClient::new(channel).subscribe(request).await;
+        let mut stream = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) if status.code() == tonic::Code::OutOfRange => {
+                // The resume point is newer than anything the server has: it restarted.
+                let _ = tx
+                    .send(Item::Notice(
+                        "consumer-svc restarted; following from its current position".into(),
+                    ))
+                    .await;
+                position = Position::default();
+                continue;
+            }
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                let _ = tx
+                    .send(Item::Fatal(call_error(Svc::Consumer, &addr, &status)))
+                    .await;
+                return;
+            }
+            Err(status) => {
+                if !lost_reported {
+                    let e = call_error(Svc::Consumer, &addr, &status);
+                    let _ = tx.send(Item::Notice(format!("{e} (retrying)"))).await;
+                    lost_reported = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        if !first {
+            let from = position
+                .last
+                .map_or("the start".to_string(), |s| format!("sequence {s}"));
+            let _ = tx
+                .send(Item::Notice(format!("reconnected; resumed after {from}")))
+                .await;
+        }
+        let _ = tx.send(Item::Connected(true)).await;
+        first = false;
+        backoff = Duration::from_millis(100);
+        loop {
+            match stream.message().await {
+                Ok(Some(msg)) => {
+                    if let Some(pb::subscribe_response::Update::Lagged(l)) = &msg.update {
+                        let _ = tx
+                            .send(Item::Notice(format!(
+                                "missed {} updates (too far behind, or no longer buffered)",
+                                l.missed
+                            )))
+                            .await;
+                    }
+                    if (position.advance(msg.sequence) || is_snapshot(&msg))
+                        && tx.send(Item::Update(Box::new(msg))).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(Item::Connected(false)).await;
+        let _ = tx
+            .send(Item::Notice(
+                "connection to consumer-svc lost; reconnecting".into(),
+            ))
+            .await;
+        lost_reported = true;
+    }
+}
+
+fn is_snapshot(msg: &pb::SubscribeResponse) -> bool {
+    matches!(
+        msg.update,
+        Some(pb::subscribe_response::Update::Snapshot(_))
+    )
+}
+
+/// A message as JSON with proto field names, default values included and 64-bit integers as
+/// numbers (what people filter and read; `--json` output of the streams).
+pub fn event_json<T: prost::Message>(full_name: &str, message: &T) -> Map<String, Value> {
+    let Ok(descriptor) = omnibus_proto::json::message_descriptor(full_name) else {
+        return Map::new();
+    };
+    let mut dynamic = DynamicMessage::new(descriptor);
+    if dynamic.transcode_from(message).is_err() {
+        return Map::new();
+    }
+    let options = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(false)
+        .stringify_64_bit_integers(false);
+    match dynamic.serialize_with_options(serde_json::value::Serializer, &options) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_drop_duplicates_after_a_resume() {
+        let mut p = Position::default();
+        assert!(p.advance(5));
+        assert!(p.advance(7), "gaps are updates filtered out");
+        assert!(!p.advance(7));
+        assert!(!p.advance(3));
+        assert_eq!(p.last, Some(7));
+    }
+
+    #[test]
+    fn events_render_with_defaults_and_numbers() {
+        let m = pb::PerformanceMetric {
+            id: "x".into(),
+            cache_hit: false,
+            candidates_evaluated: Some(5),
+            ..Default::default()
+        };
+        let j = event_json("omnibus.consumer.v1.PerformanceMetric", &m);
+        assert_eq!(j["cache_hit"], Value::Bool(false));
+        assert_eq!(j["candidates_evaluated"], serde_json::json!(5));
+        assert!(
+            !j.contains_key("routing_duration_ms"),
+            "unset optionals stay absent"
+        );
+    }
+}

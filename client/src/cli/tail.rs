@@ -1,0 +1,299 @@
+//! `omnibus tail`: live events from consumer-svc, filtered, one line each.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use omnibus_proto::consumer::v1 as pb;
+use pb::subscribe_response::Update;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use super::filter::{self, Condition, Op};
+use super::output::Format;
+use super::stream::{self, Item};
+use super::{Cli, Fail, Result, Svc, connect};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// Agent actions.
+    Actions,
+    /// Routing decisions.
+    Routing,
+    /// Agent transformations.
+    Transformations,
+    /// Router performance metrics.
+    Performance,
+    /// Per-agent metric updates (coalesced).
+    Metrics,
+    /// Everything, including consumer status changes.
+    All,
+}
+
+#[derive(Args, Debug)]
+pub struct TailArgs {
+    /// What to follow.
+    #[arg(value_enum, default_value = "all")]
+    pub kind: Kind,
+    /// A condition on the event's fields (repeatable; all must hold), as in `omnibus db query`.
+    #[arg(long = "where", short = 'w', value_name = "COND", value_parser = parse_where)]
+    pub conditions: Vec<Condition>,
+    /// Stop after this many events.
+    #[arg(long, short = 'n')]
+    pub count: Option<u64>,
+}
+
+fn parse_where(raw: &str) -> std::result::Result<Condition, String> {
+    filter::parse_condition(raw).map_err(|e| e.to_string())
+}
+
+/// The Subscribe request for `kind`, with the conditions consumer-svc can apply itself pushed
+/// down (the rest, and these again, are checked here).
+pub fn request(
+    kind: Kind,
+    conditions: &[Condition],
+    include_snapshot: bool,
+) -> pb::SubscribeRequest {
+    let channels = match kind {
+        Kind::Actions => vec![pb::Channel::Actions],
+        Kind::Routing => vec![pb::Channel::Routing],
+        Kind::Transformations => vec![pb::Channel::Transformations],
+        Kind::Performance => vec![pb::Channel::Performance],
+        Kind::Metrics => vec![pb::Channel::Metrics],
+        Kind::All => Vec::new(),
+    };
+    let mut r = pb::SubscribeRequest {
+        channels: channels.into_iter().map(|c| c as i32).collect(),
+        include_snapshot,
+        ..Default::default()
+    };
+    for c in conditions {
+        let value = || c.values.first().map(|v| v.text.clone());
+        if c.op != Op::Eq {
+            continue;
+        }
+        match c.column.as_str() {
+            "agent" => r.agent = value(),
+            "action_type" => r.action_type = value(),
+            "correlation_id" => r.correlation_id = value(),
+            _ => {}
+        }
+    }
+    r
+}
+
+/// An update's kind name and fields (proto names), for filtering and printing.
+pub fn event_of(update: &Update) -> Option<(&'static str, Map<String, Value>)> {
+    use stream::event_json;
+    Some(match update {
+        Update::Action(a) => ("action", event_json("omnibus.consumer.v1.AgentAction", a)),
+        Update::RoutingDecision(d) => (
+            "routing",
+            event_json("omnibus.consumer.v1.RoutingDecision", d),
+        ),
+        Update::Transformation(t) => (
+            "transformation",
+            event_json("omnibus.consumer.v1.Transformation", t),
+        ),
+        Update::PerformanceMetric(m) => (
+            "performance",
+            event_json("omnibus.consumer.v1.PerformanceMetric", m),
+        ),
+        Update::AgentMetrics(m) => ("metrics", event_json("omnibus.consumer.v1.AgentMetrics", m)),
+        Update::ConsumerStatus(s) => (
+            "status",
+            event_json("omnibus.consumer.v1.ConsumerStatus", s),
+        ),
+        Update::Snapshot(_) | Update::Lagged(_) => return None,
+    })
+}
+
+fn s<'a>(e: &'a Map<String, Value>, k: &str) -> &'a str {
+    e.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn ms(e: &Map<String, Value>, k: &str) -> String {
+    e.get(k)
+        .and_then(Value::as_f64)
+        .map(|v| format!("{v:.0}ms"))
+        .unwrap_or_default()
+}
+
+fn num(e: &Map<String, Value>, k: &str) -> String {
+    match e.get(k) {
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `HH:MM:SS.mmm` of an RFC 3339 timestamp (UTC).
+fn clock(e: &Map<String, Value>, k: &str) -> String {
+    let t = s(e, k);
+    t.get(11..23).unwrap_or(t).to_string()
+}
+
+/// One human line for an event.
+pub fn human_line(kind: &str, e: &Map<String, Value>) -> String {
+    match kind {
+        "action" => format!(
+            "{}  action       {:<14} {:<10} {:<14} {:>7}  {}",
+            clock(e, "timestamp"),
+            s(e, "agent_name"),
+            s(e, "action_type"),
+            s(e, "action_name"),
+            ms(e, "duration_ms"),
+            s(e, "correlation_id")
+        ),
+        "routing" => format!(
+            "{}  routing      {:<14} conf {:<6} {:>7}  {:<24} {}",
+            clock(e, "timestamp"),
+            s(e, "selected_agent"),
+            num(e, "confidence_score"),
+            ms(e, "routing_time_ms"),
+            s(e, "routing_strategy"),
+            s(e, "user_request")
+        ),
+        "transformation" => format!(
+            "{}  transform    {} -> {}  {}  {}{}",
+            clock(e, "timestamp"),
+            s(e, "source_agent"),
+            s(e, "target_agent"),
+            ms(e, "transformation_duration_ms"),
+            s(e, "transformation_reason"),
+            if e.get("success") == Some(&Value::Bool(false)) {
+                "  FAILED"
+            } else {
+                ""
+            }
+        ),
+        "performance" => format!(
+            "{}  performance  {:>7}  cache {:<4} candidates {:<3} {}",
+            clock(e, "timestamp"),
+            ms(e, "routing_duration_ms"),
+            if e.get("cache_hit") == Some(&Value::Bool(true)) {
+                "hit"
+            } else {
+                "miss"
+            },
+            num(e, "candidates_evaluated"),
+            s(e, "trigger_match_strategy")
+        ),
+        "metrics" => format!(
+            "{}  metrics      {:<14} requests {} actions {} ok {} errors {} success {}",
+            clock(e, "last_seen"),
+            s(e, "agent"),
+            num(e, "total_requests"),
+            num(e, "total_actions"),
+            num(e, "successes"),
+            num(e, "errors"),
+            e.get("success_rate")
+                .and_then(Value::as_f64)
+                .map(|r| format!("{:.1}%", r * 100.0))
+                .unwrap_or_else(|| "-".into())
+        ),
+        _ => format!(
+            "status: connected={} events={} parse_errors={}",
+            e.get("connected").unwrap_or(&Value::Null),
+            num(e, "events_processed"),
+            num(e, "parse_errors")
+        ),
+    }
+}
+
+pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode> {
+    // Fail fast with one sentence when consumer-svc is not there at all.
+    connect(Svc::Consumer, &cli.consumer_addr).await?;
+    let (tx, mut rx) = mpsc::channel(1024);
+    let req = request(args.kind, &args.conditions, false);
+    tokio::spawn(stream::follow(cli.consumer_addr.clone(), req, tx));
+    // One handler for the whole run: a Ctrl-C between two events must not be lost.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Fail(format!("cannot handle Ctrl-C: {e}")))?;
+    let mut out = std::io::stdout().lock();
+    let mut shown = 0u64;
+    loop {
+        let item = tokio::select! {
+            item = rx.recv() => item,
+            _ = interrupt.recv() => break,
+        };
+        let Some(item) = item else { break };
+        match item {
+            Item::Update(msg) => {
+                let Some(update) = &msg.update else { continue };
+                let Some((kind, event)) = event_of(update) else {
+                    continue;
+                };
+                if !filter::matches(&args.conditions, &event) {
+                    continue;
+                }
+                let line = match format {
+                    Format::Json => serde_json::json!({
+                        "sequence": msg.sequence,
+                        "kind": kind,
+                        "event": Value::Object(event),
+                    })
+                    .to_string(),
+                    Format::Table => human_line(kind, &event),
+                };
+                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                    // The reader went away (`| head`): done.
+                    return Ok(ExitCode::SUCCESS);
+                }
+                shown += 1;
+                if args.count.is_some_and(|n| shown >= n) {
+                    break;
+                }
+            }
+            Item::Notice(n) => eprintln!("omnibus tail: {n}"),
+            Item::Connected(_) => {}
+            Item::Fatal(e) => return Err(e),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equality_on_known_fields_is_pushed_down() {
+        let conds: Vec<_> = [
+            "agent=coder",
+            "action_type=error",
+            "duration_ms>5",
+            "correlation_id!=x",
+        ]
+        .iter()
+        .map(|e| filter::parse_condition(e).unwrap())
+        .collect();
+        let r = request(Kind::Actions, &conds, false);
+        assert_eq!(r.channels, vec![pb::Channel::Actions as i32]);
+        assert_eq!(r.agent.as_deref(), Some("coder"));
+        assert_eq!(r.action_type.as_deref(), Some("error"));
+        assert_eq!(r.correlation_id, None, "only equality is pushed down");
+        assert!(request(Kind::All, &[], true).channels.is_empty());
+        assert!(request(Kind::All, &[], true).include_snapshot);
+    }
+
+    #[test]
+    fn lines_show_the_essentials() {
+        let a = pb::AgentAction {
+            agent_name: "coder".into(),
+            action_type: "tool_call".into(),
+            action_name: Some("Read".into()),
+            duration_ms: Some(12.0),
+            timestamp: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 5_000_000,
+            }),
+            ..Default::default()
+        };
+        let (kind, e) = event_of(&Update::Action(a)).unwrap();
+        let line = human_line(kind, &e);
+        assert!(line.starts_with("22:13:20.005  action"), "{line}");
+        for part in ["coder", "tool_call", "Read", "12ms"] {
+            assert!(line.contains(part), "{line}");
+        }
+    }
+}

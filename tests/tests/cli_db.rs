@@ -1,0 +1,455 @@
+//! `omnibus db ...` end to end: the real binary against a real db-svc and PostgreSQL (and the
+//! real broker for `--via bus`).
+
+use omnibus_tests::bus::{BusTopics, start_db_svc};
+use omnibus_tests::cli::{CliOutput, omnibus};
+use omnibus_tests::db::DbSvc;
+use omnibus_tests::{TestDatabase, free_port};
+use serde_json::{Value, json};
+
+const CORR: &str = "5f0c6f1e-8a4b-4d7e-9c2a-1b3d5e7f9a0b";
+
+async fn db(addr: &str, args: &[&str]) -> CliOutput {
+    let mut all = vec!["--db-addr", addr, "db"];
+    all.extend_from_slice(args);
+    let out = omnibus(&all).await.expect("run omnibus");
+    assert!(
+        out.ok(),
+        "omnibus {all:?} failed ({:?}):\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+    out
+}
+
+#[tokio::test]
+async fn query_insert_update_delete_count_raw_and_the_catalog() {
+    let svc = DbSvc::start(&[]).await;
+    let addr = svc.svc.addr.to_string();
+
+    // insert from COLUMN=VALUE pairs, typed by the column (duration_ms a number, the jsonb
+    // parsed); the table output on request, the summary under it.
+    let out = db(
+        &addr,
+        &[
+            "insert",
+            "agent_actions",
+            "agent_name=coder",
+            "action_type=tool_call",
+            "action_name=read_file",
+            &format!("correlation_id={CORR}"),
+            "duration_ms=12",
+            r#"action_details={"path":"src/main.rs"}"#,
+            "--output",
+            "table",
+            "--request-id",
+            "cli-insert-1",
+        ],
+    )
+    .await;
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines[0].contains("agent_name") && lines[0].contains("duration_ms"),
+        "{}",
+        out.stdout
+    );
+    assert!(lines[1].starts_with("───"), "{}", out.stdout);
+    let col = lines[0].find("agent_name").unwrap();
+    assert_eq!(
+        lines[2].find("coder"),
+        Some(col),
+        "aligned:\n{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("inserted 1 row over gRPC, request id cli-insert-1"),
+        "{}",
+        out.stdout
+    );
+    // The same request id again: replayed, not written twice.
+    let again = db(
+        &addr,
+        &[
+            "insert",
+            "agent_actions",
+            "agent_name=coder",
+            "action_type=tool_call",
+            "action_name=read_file",
+            &format!("correlation_id={CORR}"),
+            "duration_ms=12",
+            "--request-id",
+            "cli-insert-1",
+        ],
+    )
+    .await;
+    assert!(again.stderr.contains("replayed"), "{}", again.stderr);
+
+    // Several rows as JSON, piped output = JSON lines, summary on stderr.
+    let rows = [
+        json!({"agent_name": "tester", "action_type": "success", "action_name": "run_tests", "correlation_id": CORR, "duration_ms": 340}),
+        json!({"agent_name": "tester", "action_type": "error", "action_name": "run_tests", "correlation_id": CORR, "duration_ms": 150}),
+        json!({"agent_name": "reviewer", "action_type": "tool_call", "action_name": "read_file", "correlation_id": CORR}),
+    ];
+    let mut args = vec!["insert".to_string(), "agent_actions".to_string()];
+    for r in &rows {
+        args.push("--row".into());
+        args.push(r.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = db(&addr, &args).await;
+    let inserted = out.json_lines();
+    assert_eq!(inserted.len(), 3);
+    assert!(
+        inserted
+            .iter()
+            .all(|r| r["id"].is_string() && r["created_at"].is_string())
+    );
+    assert!(out.stderr.contains("inserted 3 rows"), "{}", out.stderr);
+
+    // query: filters as people write them, ordering, limit/offset, projection, total.
+    let names = |out: &CliOutput| -> Vec<(String, Value)> {
+        out.json_lines()
+            .iter()
+            .map(|r| {
+                (
+                    r["agent_name"].as_str().unwrap().to_string(),
+                    r["duration_ms"].clone(),
+                )
+            })
+            .collect()
+    };
+    let out = db(
+        &addr,
+        &[
+            "query",
+            "agent_actions",
+            "--where",
+            "duration_ms>100",
+            "--order",
+            "duration_ms:desc",
+        ],
+    )
+    .await;
+    assert_eq!(
+        names(&out),
+        vec![("tester".into(), json!(340)), ("tester".into(), json!(150))]
+    );
+    let out = db(
+        &addr,
+        &[
+            "query",
+            "agent_actions",
+            "--where",
+            "agent_name in (coder,reviewer)",
+            "--order",
+            "agent_name",
+        ],
+    )
+    .await;
+    assert_eq!(
+        names(&out),
+        vec![
+            ("coder".into(), json!(12)),
+            ("reviewer".into(), Value::Null)
+        ]
+    );
+    let out = db(
+        &addr,
+        &["query", "agent_actions", "--where", "duration_ms is null"],
+    )
+    .await;
+    assert_eq!(names(&out), vec![("reviewer".into(), Value::Null)]);
+    let out = db(
+        &addr,
+        &[
+            "query",
+            "agent_actions",
+            "--where",
+            "agent_name~*TEST%",
+            "--where",
+            "action_type!=error",
+        ],
+    )
+    .await;
+    assert_eq!(names(&out), vec![("tester".into(), json!(340))]);
+    let out = db(
+        &addr,
+        &[
+            "query",
+            "agent_actions",
+            "--columns",
+            "agent_name,duration_ms",
+            "--order",
+            "duration_ms:asc:nulls_last",
+            "--limit",
+            "2",
+            "--offset",
+            "1",
+            "--total",
+        ],
+    )
+    .await;
+    let got = out.json_lines();
+    assert_eq!(
+        got,
+        vec![
+            json!({"agent_name": "tester", "duration_ms": 150}),
+            json!({"agent_name": "tester", "duration_ms": 340})
+        ]
+    );
+    assert!(out.stderr.contains("(2 rows of 4)"), "{}", out.stderr);
+    let out = db(
+        &addr,
+        &[
+            "query",
+            "agent_actions",
+            "--where",
+            r#"action_details@>{"path":"src/main.rs"}"#,
+        ],
+    )
+    .await;
+    assert_eq!(names(&out), vec![("coder".into(), json!(12))]);
+    // Every row, streamed.
+    let out = db(&addr, &["query", "agent_actions", "--all"]).await;
+    assert_eq!(out.json_lines().len(), 4);
+
+    // count, update (with the guard), delete.
+    let out = db(
+        &addr,
+        &["count", "agent_actions", "--where", "agent_name=tester"],
+    )
+    .await;
+    assert_eq!(out.json_lines(), vec![json!({"count": 2})]);
+    let out = db(
+        &addr,
+        &[
+            "update",
+            "agent_actions",
+            "--where",
+            "agent_name=tester",
+            "--set",
+            "duration_ms=7",
+            "--max-affected",
+            "2",
+        ],
+    )
+    .await;
+    let updated = out.json_lines();
+    assert_eq!(updated.len(), 2);
+    assert!(updated.iter().all(|r| r["duration_ms"] == json!(7)));
+    let refused = omnibus(&[
+        "--db-addr",
+        &addr,
+        "db",
+        "update",
+        "agent_actions",
+        "--where",
+        "agent_name=tester",
+        "--set",
+        "duration_ms=8",
+        "--max-affected",
+        "1",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(refused.code, Some(1));
+    assert!(
+        refused.stderr.starts_with("omnibus: db-svc: "),
+        "{}",
+        refused.stderr
+    );
+    let out = db(
+        &addr,
+        &[
+            "delete",
+            "agent_actions",
+            "--where",
+            "agent_name=reviewer",
+            "--count-only",
+        ],
+    )
+    .await;
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert!(out.stderr.contains("deleted 1 row"), "{}", out.stderr);
+
+    // raw SQL with a parameter, as a table.
+    let out = db(
+        &addr,
+        &[
+            "raw", "SELECT agent_name, count(*) AS n FROM agent_actions WHERE created_at > $1 GROUP BY agent_name ORDER BY agent_name",
+            "2020-01-01T00:00:00Z", "--output", "table",
+        ],
+    )
+    .await;
+    let table: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        table[0].contains("agent_name") && table[0].contains(" n"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        table[2].contains("coder") && table[2].trim_end().ends_with('1'),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        table[3].contains("tester") && table[3].trim_end().ends_with('2'),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(table[4], "(2 rows)");
+
+    // the catalog
+    let out = db(&addr, &["tables"]).await;
+    assert!(
+        out.json_lines()
+            .contains(&json!({"table": "agent_actions"}))
+    );
+    let out = db(&addr, &["describe", "agent_actions"]).await;
+    let desc = &out.json_lines()[0];
+    assert_eq!(desc["primary_key"], json!(["id"]));
+    assert!(
+        desc["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "duration_ms" && c["json_type"] == "integer")
+    );
+    let out = db(&addr, &["describe", "agent_actions", "--output", "table"]).await;
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.contains("gen_random_uuid()") && l.contains("PK")),
+        "{}",
+        out.stdout
+    );
+}
+
+#[tokio::test]
+async fn errors_are_one_clear_sentence() {
+    let svc = DbSvc::start(&[]).await;
+    let addr = svc.svc.addr.to_string();
+    let out = omnibus(&[
+        "--db-addr",
+        &addr,
+        "db",
+        "query",
+        "agent_actions",
+        "--where",
+        "agent_nmae=x",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr.trim(),
+        "omnibus: db-svc: invalid request: filter.condition.column: unknown column 'agent_nmae' in table agent_actions"
+    );
+    let out = omnibus(&[
+        "--db-addr",
+        &addr,
+        "db",
+        "delete",
+        "agent_actions",
+        "--where",
+        "agent_name",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.code, Some(2), "a usage error");
+    assert!(out.stderr.contains("column OP value"), "{}", out.stderr);
+
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let out = omnibus(&["--db-addr", &nobody, "db", "tables"])
+        .await
+        .unwrap();
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr.trim(),
+        format!("omnibus: db-svc at {nobody} is not reachable - is it running?")
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn writes_travel_over_the_bus_with_via_bus() {
+    let db_ = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let group = format!("db-svc-{}", uuid::Uuid::new_v4().simple());
+    let svc = start_db_svc(&db_, &topics, &group, &[]).await.unwrap();
+    let addr = svc.addr.to_string();
+    let t = &topics.topics;
+    let brokers = omnibus_tests::kafka_brokers();
+    let bus_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--db-addr", &addr, "--brokers", &brokers, "db"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.extend(
+            [
+                "--via",
+                "bus",
+                "--request-topic",
+                &t.request,
+                "--completed-topic",
+                &t.completed,
+                "--failed-topic",
+                &t.failed,
+                // The worker's first consumer-group join takes a few seconds on tansu.
+                "--bus-timeout",
+                "40s",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
+        v
+    };
+    let args = bus_args(&[
+        "insert",
+        "agent_actions",
+        "agent_name=bus-coder",
+        "action_type=tool_call",
+        "action_name=read_file",
+        &format!("correlation_id={CORR}"),
+        "duration_ms=5",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = omnibus(&args).await.unwrap();
+    assert!(out.ok(), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("inserted 1 row over the event bus"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.json_lines()[0]["agent_name"], "bus-coder");
+
+    // A FAILED reply is the same one sentence as the direct path's error.
+    let args = bus_args(&[
+        "update",
+        "agent_actions",
+        "--where",
+        "agent_name=bus-coder",
+        "--set",
+        "nope=1",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = omnibus(&args).await.unwrap();
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.starts_with("omnibus: db-svc: VALIDATION_ERROR:") && out.stderr.contains("nope"),
+        "{}",
+        out.stderr
+    );
+
+    // Written exactly once, visible through the direct read path.
+    let out = db(
+        &addr,
+        &["count", "agent_actions", "--where", "agent_name=bus-coder"],
+    )
+    .await;
+    assert_eq!(out.json_lines(), vec![json!({"count": 1})]);
+    drop(svc);
+}

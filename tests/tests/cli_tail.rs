@@ -1,0 +1,293 @@
+//! `omnibus tail`, `omnibus generate` and `omnibus status` end to end against a real
+//! consumer-svc, db-svc and broker.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use omnibus_client::generate::{Kind, isoformat};
+use omnibus_tests::cli::{Following, omnibus};
+use omnibus_tests::consumer::{
+    TestProducer, create_topics, start_consumer, unique_prefix, wait_status,
+};
+use omnibus_tests::db::DbSvc;
+use omnibus_tests::proxy::Proxy;
+use omnibus_tests::{free_port, kafka_brokers};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn action(agent: &str, name: &str, duration: u64) -> (String, Vec<u8>) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = json!({
+        "id": id,
+        "correlation_id": uuid::Uuid::new_v4().to_string(),
+        "agent_name": agent,
+        "action_type": "tool_call",
+        "action_name": name,
+        "duration_ms": duration,
+        "timestamp": isoformat(chrono::Utc::now()),
+    });
+    (id, serde_json::to_vec(&body).unwrap())
+}
+
+fn parsed(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn tail_filters_and_resumes_after_a_dropped_connection_without_gaps() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let consumer = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let proxy = Proxy::start(consumer.addr).await.unwrap();
+    let producer = TestProducer::new(&brokers).unwrap();
+    let actions = topics.name(Kind::AgentAction).to_string();
+
+    let proxy_addr = proxy.addr.to_string();
+    let mut tail = Following::spawn(&[
+        "--consumer-addr",
+        &proxy_addr,
+        "tail",
+        "actions",
+        "--where",
+        "agent=agent-a",
+        "--where",
+        "duration_ms>=10",
+    ])
+    .unwrap();
+    // The subscription is live once a warm-up event shows; from then on nothing may be missed.
+    let mut warm = 0;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = action("agent-a", "warmup", 10);
+        producer.send(&actions, "k", &body).unwrap();
+        producer.flush().unwrap();
+        warm += 1;
+        if tail
+            .wait_stdout(Duration::from_millis(500), "warm-up", |l| !l.is_empty())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tail never showed an event"
+        );
+    }
+    // Warm-ups may keep arriving for a moment; the batches are counted by their names.
+    let batched = |l: &[String]| {
+        l.iter()
+            .filter(|l| {
+                l.contains(r#""action_name":"first""#) || l.contains(r#""action_name":"second""#)
+            })
+            .count()
+    };
+
+    let mut want = Vec::new();
+    let batch = |want: &mut Vec<String>, n: usize, tag: &str| {
+        for i in 0..n {
+            let (id, body) = action("agent-a", tag, 10 + i as u64);
+            producer.send(&actions, &id, &body).unwrap();
+            want.push(id);
+            // Filtered out: another agent, and too short.
+            let (_, body) = action("agent-b", tag, 50);
+            producer.send(&actions, "b", &body).unwrap();
+            let (_, body) = action("agent-a", "short", 3);
+            producer.send(&actions, "s", &body).unwrap();
+        }
+        producer.flush().unwrap();
+    };
+    batch(&mut want, 20, "first");
+    let n_first = want.len();
+    tail.wait_stdout(WAIT, "the first batch", |l| batched(l) >= n_first)
+        .await
+        .unwrap();
+
+    // Cut the connection, produce while tail is away, then let it back in.
+    proxy.down();
+    batch(&mut want, 20, "second");
+    let total_events = (warm + 60 * 2) as u64;
+    wait_status(&consumer, WAIT, "the second batch consumed", |s| {
+        s.events_processed >= total_events
+    })
+    .await
+    .unwrap();
+    proxy.up();
+    let lines = tail
+        .wait_stdout(WAIT, "the second batch", |l| batched(l) >= want.len())
+        .await
+        .unwrap();
+
+    let events = parsed(&lines);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut last_seq = 0;
+    let mut warmups = 0;
+    for e in &events {
+        assert_eq!(e["kind"], "action");
+        if e["event"]["action_name"] == "warmup" {
+            warmups += 1;
+        }
+        let ev = &e["event"];
+        assert_eq!(ev["agent_name"], "agent-a", "{e}");
+        assert!(ev["duration_ms"].as_f64().unwrap() >= 10.0, "{e}");
+        let seq = e["sequence"].as_u64().unwrap();
+        assert!(seq > last_seq, "sequences increase: {seq} after {last_seq}");
+        last_seq = seq;
+        *seen
+            .entry(ev["id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    for id in &want {
+        assert_eq!(seen.get(id), Some(&1), "event {id} shown exactly once");
+    }
+    assert_eq!(events.len(), warmups + want.len(), "nothing else shown");
+    assert!(warmups <= warm);
+    let stderr = tail.stderr.snapshot().join("\n");
+    assert!(stderr.contains("resumed after sequence"), "{stderr}");
+}
+
+#[tokio::test]
+async fn generate_feeds_all_four_topics_and_status_shows_both_services() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let _topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let consumer = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let db = DbSvc::start(&[]).await;
+    let (c_addr, d_addr) = (consumer.addr.to_string(), db.svc.addr.to_string());
+
+    // `tail -n` ends by itself after that many events.
+    let mut tail = Following::spawn(&[
+        "--consumer-addr",
+        &c_addr,
+        "tail",
+        "routing",
+        "-n",
+        "3",
+        "--output",
+        "table",
+    ])
+    .unwrap();
+
+    let out = omnibus(&[
+        "--brokers",
+        &brokers,
+        "generate",
+        "--count",
+        "300",
+        "--topic-prefix",
+        &prefix,
+        "--agents",
+        "4",
+        "--seed",
+        "7",
+    ])
+    .await
+    .unwrap();
+    assert!(out.ok(), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("generated 300 events"),
+        "{}",
+        out.stderr
+    );
+    let status = wait_status(&consumer, WAIT, "300 events", |s| s.events_processed >= 300)
+        .await
+        .unwrap();
+    assert_eq!(status.events_processed, 300);
+    assert!(
+        status.topics.iter().all(|t| t.events_consumed > 0),
+        "{status:?}"
+    );
+
+    let exit = tail.wait_exit(WAIT).await.unwrap();
+    assert!(exit.success());
+    let lines = tail.stdout.snapshot();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("routing") && l.contains("agent-0000") && l.contains("conf")),
+        "{lines:?}"
+    );
+
+    // status: JSON when piped, a screen with --output table.
+    let out = omnibus(&["--consumer-addr", &c_addr, "--db-addr", &d_addr, "status"])
+        .await
+        .unwrap();
+    assert!(out.ok(), "{}{}", out.stdout, out.stderr);
+    let s = &out.json_lines()[0];
+    assert_eq!(s["consumer"]["health"], "SERVING");
+    assert_eq!(s["consumer"]["status"]["events_processed"], json!(300));
+    assert_eq!(s["consumer"]["status"]["connected"], json!(true));
+    assert_eq!(s["db"]["health"], "SERVING");
+    assert!(
+        s["db"]["tables"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("agent_actions"))
+    );
+    let out = omnibus(&[
+        "--consumer-addr",
+        &c_addr,
+        "--db-addr",
+        &d_addr,
+        "status",
+        "--output",
+        "table",
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.stdout
+            .contains(&format!("consumer-svc  {c_addr}  SERVING")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!("{prefix}agent-actions")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("lag  0 messages"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("db-svc        {d_addr}  SERVING")),
+        "{}",
+        out.stdout
+    );
+
+    // One service away: still one screen, and a failing exit status.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let out = omnibus(&[
+        "--consumer-addr",
+        &c_addr,
+        "--db-addr",
+        &nobody,
+        "status",
+        "--output",
+        "table",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stdout.contains(&format!(
+            "db-svc at {nobody} is not reachable - is it running?"
+        )),
+        "{}",
+        out.stdout
+    );
+    // tail against nothing: one sentence.
+    let out = omnibus(&["--consumer-addr", &nobody, "tail"])
+        .await
+        .unwrap();
+    assert_eq!(out.code, Some(1));
+    assert_eq!(
+        out.stderr.trim(),
+        format!("omnibus: consumer-svc at {nobody} is not reachable - is it running?")
+    );
+}
