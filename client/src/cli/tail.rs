@@ -227,12 +227,12 @@ pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode>
                     continue;
                 }
                 let line = match format {
-                    Format::Json => serde_json::json!({
-                        "sequence": msg.sequence,
-                        "kind": kind,
-                        "event": Value::Object(event),
-                    })
-                    .to_string(),
+                    // Written by hand so the envelope fields come first (serde_json sorts keys).
+                    Format::Json => format!(
+                        r#"{{"sequence":{},"kind":"{kind}","event":{}}}"#,
+                        msg.sequence,
+                        Value::Object(event)
+                    ),
                     Format::Table => human_line(kind, &event),
                 };
                 if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
