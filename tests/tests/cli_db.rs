@@ -274,6 +274,58 @@ async fn query_insert_update_delete_count_raw_and_the_catalog() {
     assert!(out.stdout.is_empty(), "{}", out.stdout);
     assert!(out.stderr.contains("deleted 1 row"), "{}", out.stderr);
 
+    // upsert on the primary key: the second run updates the same row.
+    let id = "0b8f6f0e-3c1d-4e2a-8b7c-9d0e1f2a3b4c";
+    for duration in ["1", "2"] {
+        let out = db(
+            &addr,
+            &[
+                "upsert",
+                "agent_actions",
+                &format!("id={id}"),
+                &format!("correlation_id={CORR}"),
+                "agent_name=upserter",
+                "action_type=tool_call",
+                "action_name=write_file",
+                &format!("duration_ms={duration}"),
+            ],
+        )
+        .await;
+        assert!(out.stderr.contains("upserted 1 row"), "{}", out.stderr);
+    }
+    let out = db(
+        &addr,
+        &["query", "agent_actions", "--where", "agent_name=upserter"],
+    )
+    .await;
+    let rows = out.json_lines();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0]["id"].as_str(), &rows[0]["duration_ms"]),
+        (Some(id), &json!(2))
+    );
+    let out = db(
+        &addr,
+        &[
+            "upsert",
+            "agent_actions",
+            &format!("id={id}"),
+            &format!("correlation_id={CORR}"),
+            "agent_name=upserter",
+            "action_type=tool_call",
+            "action_name=write_file",
+            "duration_ms=3",
+            "--ignore-duplicates",
+        ],
+    )
+    .await;
+    assert!(out.stderr.contains("upserted 0 rows"), "{}", out.stderr);
+    db(
+        &addr,
+        &["delete", "agent_actions", "--where", "agent_name=upserter"],
+    )
+    .await;
+
     // raw SQL with a parameter, as a table.
     let out = db(
         &addr,
