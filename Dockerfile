@@ -18,6 +18,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
  && useradd --system --uid 10001 --no-create-home omnibus
 COPY --from=build /out/ /usr/local/bin/
 USER 10001:10001
-EXPOSE 50051 50052
+# gRPC (consumer-svc, db-svc) and their metrics/probe endpoints (with METRICS_LISTEN set).
+EXPOSE 50051 50052 9464 9465
 ENTRYPOINT []
 CMD ["consumer-svc", "--help"]

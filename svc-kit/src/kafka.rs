@@ -26,6 +26,13 @@ impl std::fmt::Debug for KafkaSetting {
 
 /// A clap value parser for `--kafka-config key=value`.
 pub fn parse_setting(raw: &str) -> Result<KafkaSetting, String> {
+    // An empty entry (`KAFKA_CONFIG=` or `a=1;;b=2`) is no setting; `install` drops it.
+    if raw.trim().is_empty() {
+        return Ok(KafkaSetting {
+            key: String::new(),
+            value: String::new(),
+        });
+    }
     let (key, value) = raw
         .split_once('=')
         .ok_or_else(|| "expected key=value (a librdkafka property)".to_string())?;
@@ -73,7 +80,7 @@ static SETTINGS: OnceLock<Vec<KafkaSetting>> = OnceLock::new();
 /// `--kafka-config`). The first call wins.
 pub fn install(explicit: &[KafkaSetting]) {
     let mut all = from_env_vars(std::env::vars());
-    all.extend(explicit.iter().cloned());
+    all.extend(explicit.iter().filter(|s| !s.key.is_empty()).cloned());
     if !all.is_empty() {
         let keys: Vec<&str> = all.iter().map(|s| s.key.as_str()).collect();
         tracing::info!(
@@ -139,6 +146,7 @@ mod tests {
         );
         assert_eq!(format!("{s:?}"), "sasl.password=***");
         assert!(parse_setting("novalue").is_err());
+        assert!(parse_setting(" ").unwrap().key.is_empty());
         assert!(parse_setting("bad key=1").is_err());
         assert!(parse_setting("bootstrap.servers=a:1").is_err());
     }

@@ -36,6 +36,25 @@ pub enum Compression {
     Zstd,
 }
 
+/// The compression algorithms of `--compression`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompressionList(pub Vec<Compression>);
+
+/// Parses `gzip,zstd`; empty or `none` is no compression.
+pub fn parse_compression(raw: &str) -> Result<CompressionList, String> {
+    let mut out = Vec::new();
+    for name in raw.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match name.to_ascii_lowercase().as_str() {
+            "gzip" => out.push(Compression::Gzip),
+            "zstd" => out.push(Compression::Zstd),
+            "none" => {}
+            other => return Err(format!("unknown compression '{other}' (gzip, zstd, none)")),
+        }
+    }
+    out.dedup();
+    Ok(CompressionList(out))
+}
+
 /// Listener settings common to both services.
 #[derive(Clone, Debug, Args)]
 pub struct ServerArgs {
@@ -86,15 +105,10 @@ pub struct ServerArgs {
     #[arg(long, env = "GRPC_MAX_CONNECTION_AGE_GRACE", value_parser = parse_duration, default_value = "5m")]
     pub max_connection_age_grace: Duration,
 
-    /// Compression accepted from and offered to clients (comma-separated; empty = none).
-    #[arg(
-        long,
-        env = "GRPC_COMPRESSION",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "gzip,zstd"
-    )]
-    pub compression: Vec<Compression>,
+    /// Compression accepted from and offered to clients: gzip, zstd, comma-separated
+    /// (empty or `none` = none).
+    #[arg(long, env = "GRPC_COMPRESSION", value_parser = parse_compression, default_value = "gzip,zstd")]
+    pub compression: CompressionList,
 
     /// File of bearer tokens, one `read <token>` or `write <token>` per line (# comments).
     /// With any token configured, every RPC but health and reflection needs one.
@@ -196,6 +210,7 @@ impl ServerArgs {
     /// The compression encodings to accept and offer.
     pub fn compression_encodings(&self) -> Vec<CompressionEncoding> {
         self.compression
+            .0
             .iter()
             .map(|c| match c {
                 Compression::Gzip => CompressionEncoding::Gzip,
@@ -497,12 +512,24 @@ mod tests {
         assert_eq!(a.max_recv_message_size, 4 << 20);
         assert_eq!(a.compression_encodings().len(), 2);
         assert!(
-            parse(&["--compression", ""]).is_err()
-                || parse(&["--compression", ""])
-                    .unwrap()
-                    .compression
-                    .is_empty()
+            parse(&["--compression", ""])
+                .unwrap()
+                .compression
+                .0
+                .is_empty()
         );
+        assert!(
+            parse(&["--compression", "none"])
+                .unwrap()
+                .compression
+                .0
+                .is_empty()
+        );
+        assert_eq!(
+            parse(&["--compression", "zstd"]).unwrap().compression.0,
+            vec![Compression::Zstd]
+        );
+        assert!(parse(&["--compression", "brotli"]).is_err());
     }
 
     #[test]

@@ -332,3 +332,49 @@ async fn tls_listener_serves_a_verified_handshake_and_refuses_plaintext() {
         "untrusted certificate must fail: {untrusted:?}"
     );
 }
+
+#[tokio::test]
+async fn db_svc_reaches_postgresql_over_tls_with_sslmode_in_the_url() {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&omnibus_tests::admin_database_url())
+        .await
+        .unwrap();
+    let (ssl,): (String,) = sqlx::query_as("SHOW ssl")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        ssl, "on",
+        "this test needs a PostgreSQL server with ssl = on (Debian's default)"
+    );
+
+    let db = TestDatabase::create().await.unwrap();
+    let separator = if db.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}sslmode=require", db.url);
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", url)
+        .args(["--shutdown-grace", "2s"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    let done = DatabaseServiceClient::new(svc.channel())
+        .insert(insert("ops-pg-tls"))
+        .await
+        .expect("insert through a TLS connection pool")
+        .into_inner();
+    assert_eq!(done.affected, 1);
+
+    // Every connection db-svc holds to its database is encrypted.
+    let (total, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) WHERE a.datname = $1",
+    )
+    .bind(&db.name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        total > 0 && encrypted == total,
+        "{encrypted} of {total} connections use TLS"
+    );
+}
