@@ -41,6 +41,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "OMNIBUS_CONSUMER_ADDR",
         default_value = "127.0.0.1:50051"
     )]
@@ -50,6 +51,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "OMNIBUS_DB_ADDR",
         default_value = "127.0.0.1:50052"
     )]
@@ -59,17 +61,23 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         env = "KAFKA_BROKERS",
         default_value = "127.0.0.1:19092"
     )]
     pub brokers: String,
 
     /// Print JSON lines (the default when stdout is not a terminal).
-    #[arg(long, global = true, conflicts_with = "output")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        conflicts_with = "output"
+    )]
     pub json: bool,
 
     /// Output format: table or json (default: table on a terminal, json when piped).
-    #[arg(long, global = true, value_enum)]
+    #[arg(long, global = true, help_heading = "Global options", value_enum)]
     pub output: Option<OutputArg>,
 
     #[command(subcommand)]
