@@ -1,5 +1,6 @@
 //! `omnibus tail`: live events from consumer-svc, filtered, one line each.
 
+use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -211,6 +212,7 @@ pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode>
         .map_err(|e| Fail(format!("cannot handle Ctrl-C: {e}")))?;
     let mut out = std::io::stdout().lock();
     let mut shown = 0u64;
+    let mut shown_ids = RecentIds::new(100_000);
     loop {
         let item = tokio::select! {
             item = rx.recv() => item,
@@ -224,6 +226,12 @@ pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode>
                     continue;
                 };
                 if !filter::matches(&args.conditions, &event) {
+                    continue;
+                }
+                // A restarted consumer-svc replays its window under new sequence numbers.
+                if let Some(id) = event.get("id").and_then(Value::as_str)
+                    && !shown_ids.first_time(id)
+                {
                     continue;
                 }
                 let line = match format {
@@ -252,9 +260,52 @@ pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// The ids of the last `cap` events shown, to drop repeats.
+pub struct RecentIds {
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+    cap: usize,
+}
+
+impl RecentIds {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// True the first time `id` is offered (within the last `cap` ids).
+    pub fn first_time(&mut self, id: &str) -> bool {
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() == self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        self.seen.insert(id.to_string());
+        self.order.push_back(id.to_string());
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_ids_are_dropped_within_the_window() {
+        let mut r = RecentIds::new(2);
+        assert!(r.first_time("a"));
+        assert!(r.first_time("b"));
+        assert!(!r.first_time("a"));
+        assert!(r.first_time("c"));
+        assert!(r.first_time("a"), "a left the window");
+        assert!(!r.first_time("c"));
+    }
 
     #[test]
     fn equality_on_known_fields_is_pushed_down() {
