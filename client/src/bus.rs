@@ -138,7 +138,8 @@ impl BusPublisher {
             .set("bootstrap.servers", &config.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "false")
-            .set("linger.ms", "1")
+            // Requests leave at once; concurrent ones still batch while one is in flight.
+            .set("linger.ms", "0")
             .set("compression.type", "lz4")
             .set("message.timeout.ms", "30000")
             .create()
@@ -153,7 +154,7 @@ impl BusPublisher {
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             // Replies are small and latency matters more than batching.
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", "2")
             .set("fetch.min.bytes", "1")
             .create()
             .map_err(unavailable)?;

@@ -194,7 +194,9 @@ pub async fn run(
                 .max(100)
                 .to_string(),
         )
-        .set("fetch.wait.max.ms", "10")
+        // Request/reply latency: a short fetch wait bounds how long an idle fetch can sit on a
+        // broker that does not wake long polls; librdkafka still batches under load.
+        .set("fetch.wait.max.ms", "2")
         .set("fetch.min.bytes", "1")
         .create()
         .map_err(|e| format!("bus consumer: {e}"))?;
@@ -202,7 +204,8 @@ pub async fn run(
         .set("bootstrap.servers", &settings.brokers)
         .set("client.id", "db-svc-bus")
         .set("acks", "all")
-        .set("linger.ms", "1")
+        // Replies leave at once; concurrent replies still share batches while one is in flight.
+        .set("linger.ms", "0")
         .set("compression.type", "lz4")
         .create()
         .map_err(|e| format!("bus producer: {e}"))?;
