@@ -404,6 +404,7 @@ pub async fn serve(
         metrics.abort();
     }
     tracing::info!("gRPC server stopped");
+    crate::telemetry::flush();
     Ok(())
 }
 

@@ -1,10 +1,17 @@
 //! `tracing` set-up: human-readable logs by default, JSON lines with `--log-format json`.
-//! Levels come from `RUST_LOG` (default `info`).
+//! Levels come from `RUST_LOG` (default `info`). With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans
+//! (one per gRPC request, parented on the caller's `traceparent`) are also exported over OTLP/gRPC.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
 use clap::{Args, ValueEnum};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -20,25 +27,104 @@ pub struct LogArgs {
     /// Log output format. Levels are set with RUST_LOG (default: info).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// OTLP/gRPC collector to export spans to, e.g. http://otel-collector:4317 (empty = off).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", default_value = "")]
+    pub otlp_endpoint: String,
+
+    /// `service.name` of the exported spans (default: the program's name).
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
 }
 
-/// Installs the global subscriber. Logs go to stderr, leaving stdout to programs.
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// Whether spans are exported over OTLP.
+pub fn otel_enabled() -> bool {
+    PROVIDER.get().is_some()
+}
+
+/// Exports the spans still buffered (called when the server stops).
+pub fn flush() {
+    if let Some(provider) = PROVIDER.get() {
+        let _ = provider.force_flush();
+    }
+}
+
+fn otel_provider(args: &LogArgs) -> Option<SdkTracerProvider> {
+    let endpoint = args.otlp_endpoint.trim();
+    if endpoint.is_empty() {
+        return None;
+    }
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+    {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("OTLP exporter for {endpoint} not started: {e}");
+            return None;
+        }
+    };
+    let name = args.otel_service_name.clone().unwrap_or_else(|| {
+        std::env::args()
+            .next()
+            .and_then(|a| {
+                std::path::Path::new(&a)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "omnibus".into())
+    });
+    Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(name)
+                    .build(),
+            )
+            .build(),
+    )
+}
+
+/// Installs the global subscriber (call it inside the Tokio runtime: the OTLP exporter needs
+/// one). Logs go to stderr, leaving stdout to programs.
 pub fn init(args: &LogArgs) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: log files and collectors get plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(true);
-    let result = match args.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
+    let text = (args.log_format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            // Colours only on a terminal: log files and collectors get plain text.
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(true)
+    });
+    let json = (args.log_format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(true)
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .try_init(),
-    };
+    });
+    let otel = otel_provider(args).map(|provider| {
+        let tracer = provider.tracer("omnibus");
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let _ = PROVIDER.set(provider);
+        tracing_opentelemetry::layer().with_tracer(tracer)
+    });
+    let result = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(otel)
+        .try_init();
     // A second init (tests) keeps the first subscriber; that is fine.
     let _ = result;
+    if otel_enabled() {
+        tracing::info!(endpoint = %args.otlp_endpoint.trim(), "exporting spans over OTLP/gRPC");
+    }
 }

@@ -53,28 +53,58 @@ pub fn new_trace_id() -> String {
     format!("{:032x}", rand::random::<u128>().max(1))
 }
 
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
 /// The span a gRPC request runs in: `rpc.service`, `rpc.method`, `trace_id` and, when the
-/// caller sent a `traceparent`, `parent_span_id`.
+/// caller sent a `traceparent`, `parent_span_id`. With OTLP export on, the exported span is a
+/// child of the caller's span and `trace_id` is its trace id.
 pub fn request_span(headers: &http::HeaderMap, service: &str, method: &str) -> tracing::Span {
+    use tracing::field::{Empty, display};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = %format_args!("{service}/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        trace_id = Empty,
+        parent_span_id = Empty,
+    );
     let parent = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
-    match parent {
-        Some(p) => tracing::info_span!(
-            "grpc",
-            rpc.service = service,
-            rpc.method = method,
-            trace_id = %p.trace_id,
-            parent_span_id = %p.parent_id,
-        ),
-        None => tracing::info_span!(
-            "grpc",
-            rpc.service = service,
-            rpc.method = method,
-            trace_id = %new_trace_id(),
-        ),
+    if let Some(p) = &parent {
+        span.record("parent_span_id", display(&p.parent_id));
     }
+    if crate::telemetry::otel_enabled() {
+        use opentelemetry::trace::TraceContextExt;
+        let cx = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&HeaderExtractor(headers))
+        });
+        let _ = span.set_parent(cx);
+        let id = span.context().span().span_context().trace_id();
+        if id != opentelemetry::trace::TraceId::INVALID {
+            span.record("trace_id", display(id));
+            return span;
+        }
+    }
+    match parent {
+        Some(p) => span.record("trace_id", display(p.trace_id)),
+        None => span.record("trace_id", display(new_trace_id())),
+    };
+    span
 }
 
 #[cfg(test)]
