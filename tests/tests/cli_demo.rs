@@ -123,6 +123,17 @@ async fn demo_follows_live_events_and_ctrl_c_stops_everything() {
     }
     assert!(!listening(&consumer_addr), "consumer-svc still listening");
     assert!(!listening(&db_addr), "db-svc still listening");
-    let err = stderr.snapshot().join("\n");
-    assert!(err.contains("stopped everything it started"), "{err}");
+    // The last line may still be on its way through the pipe reader.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let err = stderr.snapshot().join("\n");
+        if err.contains("stopped everything it started") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no goodbye from the demo:\n{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
