@@ -6,9 +6,8 @@ use std::sync::LazyLock;
 
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
-static POOL: LazyLock<Result<DescriptorPool, String>> = LazyLock::new(|| {
-    DescriptorPool::decode(crate::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string())
-});
+static POOL: LazyLock<Result<DescriptorPool, String>> =
+    LazyLock::new(|| DescriptorPool::decode(crate::FILE_DESCRIPTOR_SET).map_err(|e| e.to_string()));
 
 #[derive(Debug, thiserror::Error)]
 pub enum JsonError {
@@ -24,7 +23,9 @@ pub enum JsonError {
 
 /// The descriptor of a message by its full name (e.g. `omnibus.db.v1.QueryRequest`).
 pub fn message_descriptor(full_name: &str) -> Result<MessageDescriptor, JsonError> {
-    let pool = POOL.as_ref().map_err(|e| JsonError::Descriptors(e.clone()))?;
+    let pool = POOL
+        .as_ref()
+        .map_err(|e| JsonError::Descriptors(e.clone()))?;
     pool.get_message_by_name(full_name)
         .ok_or_else(|| JsonError::UnknownType(full_name.to_string()))
 }
@@ -36,14 +37,17 @@ pub fn from_json<T: prost::Message + Default>(
     json: &serde_json::Value,
 ) -> Result<T, JsonError> {
     let descriptor = message_descriptor(full_name)?;
-    let dynamic = DynamicMessage::deserialize(descriptor, json).map_err(|e| JsonError::Invalid {
-        message: full_name.to_string(),
-        reason: e.to_string(),
-    })?;
-    dynamic.transcode_to::<T>().map_err(|e| JsonError::Transcode {
-        message: full_name.to_string(),
-        reason: e.to_string(),
-    })
+    let dynamic =
+        DynamicMessage::deserialize(descriptor, json).map_err(|e| JsonError::Invalid {
+            message: full_name.to_string(),
+            reason: e.to_string(),
+        })?;
+    dynamic
+        .transcode_to::<T>()
+        .map_err(|e| JsonError::Transcode {
+            message: full_name.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 /// Renders `message` as proto3 JSON. `proto_names` keeps the `.proto` field names
@@ -77,7 +81,10 @@ mod tests {
 
     #[test]
     fn timestamps_use_rfc3339() {
-        let ts = prost_types::Timestamp { seconds: 1_700_000_000, nanos: 0 };
+        let ts = prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        };
         let j = to_json("google.protobuf.Timestamp", &ts, false).unwrap();
         assert_eq!(j, json!("2023-11-14T22:13:20Z"));
         let back: prost_types::Timestamp = from_json("google.protobuf.Timestamp", &j).unwrap();
