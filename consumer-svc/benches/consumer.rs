@@ -163,7 +163,11 @@ struct Service {
 
 impl Service {
     fn start(brokers: &str, prefix: &str, extra: &[&str]) -> Result<Self> {
-        let bin = root().join("target/release/consumer-svc");
+        // CARGO_TARGET_DIR is honoured, like cargo does.
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("target"));
+        let bin = target.join("release/consumer-svc");
         if !bin.exists() {
             bail!(
                 "{} missing: cargo build --release -p consumer-svc",

@@ -562,7 +562,8 @@ impl ConsumerService for ConsumerApi {
                 .map_err(|e| Status::out_of_range(e.to_string()))?;
             let want_snapshot =
                 r.include_snapshot && (r.resume_after_sequence.is_none() || sub.missed > 0);
-            let snapshot = want_snapshot.then(|| self.snapshot(&state, sub.last_seq));
+            let snapshot = want_snapshot
+                .then(|| filter_snapshot(self.snapshot(&state, sub.last_seq), &channels, &filter));
             (sub, snapshot)
         };
         let mut initial = Vec::new();
@@ -607,6 +608,54 @@ impl ConsumerService for ConsumerApi {
         );
         Ok(Response::new(stream))
     }
+}
+
+/// The parts of a snapshot a subscription asked for (its channels and filters).
+fn filter_snapshot(mut s: pb::Snapshot, ch: &Channels, f: &Filter) -> pb::Snapshot {
+    use pb::Channel;
+    if !ch.has(Channel::Metrics) {
+        s.agents.clear();
+    }
+    s.agents.retain(|m| f.metrics(m));
+    if !ch.has(Channel::Actions) {
+        s.actions.clear();
+    }
+    s.actions.retain(|a| {
+        f.agent.as_ref().is_none_or(|x| *x == a.agent_name)
+            && f.action_type.as_ref().is_none_or(|x| *x == a.action_type)
+            && f.correlation_id
+                .as_ref()
+                .is_none_or(|x| a.correlation_id.as_ref() == Some(x))
+    });
+    if !ch.has(Channel::Routing) {
+        s.routing_decisions.clear();
+    }
+    s.routing_decisions.retain(|d| {
+        f.agent.as_ref().is_none_or(|x| *x == d.selected_agent)
+            && f.correlation_id
+                .as_ref()
+                .is_none_or(|x| d.correlation_id.as_ref() == Some(x))
+            && f.min_confidence
+                .is_none_or(|m| d.confidence_score.is_some_and(|c| c >= m))
+    });
+    if !ch.has(Channel::Transformations) {
+        s.transformations.clear();
+    }
+    s.transformations.retain(|t| {
+        f.agent
+            .as_ref()
+            .is_none_or(|x| *x == t.source_agent || *x == t.target_agent)
+            && f.correlation_id
+                .as_ref()
+                .is_none_or(|x| t.correlation_id.as_ref() == Some(x))
+    });
+    if !ch.has(Channel::Performance) || f.agent.is_some() {
+        s.performance_metrics.clear();
+    }
+    if !ch.has(Channel::Performance) {
+        s.performance_stats = None;
+    }
+    s
 }
 
 fn lag_notice(missed: u64, last_missed: u64) -> pb::SubscribeResponse {

@@ -13,8 +13,11 @@
 //! never wrong.
 //!
 //! Broker restarts with empty storage: a topic that disappears has its partitions dropped and,
-//! when it is created again, read from the beginning; a partition whose high watermark falls
-//! below our position is re-read from the beginning. Aggregates already held are kept.
+//! when it is created again, read from the beginning; a partition whose log restarted below our
+//! position is reset to the earliest offset by librdkafka (`auto.offset.reset`, on the broker's
+//! out-of-range answer). Aggregates already held are kept. High watermarks (lag) come from
+//! librdkafka's statistics, i.e. from fetch responses: tansu's ListOffsets "latest" answer can
+//! lag the log, so it is used for nothing that matters.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -22,10 +25,11 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext};
 use svc_kit::Shutdown;
 
 use crate::events::{self, EventKind, Micros};
@@ -37,6 +41,11 @@ const BATCH: usize = 2000;
 const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(3);
+/// "From the beginning" as offset 0 rather than the symbolic earliest offset: tansu answers the
+/// earliest-offset lookup wrongly after records with old timestamps (past the start of the log).
+/// A log that really starts later (retention) answers out-of-range, and librdkafka then resets
+/// to the earliest offset (`auto.offset.reset`).
+const FIRST: Offset = Offset::Offset(0);
 /// Parse errors logged per topic per minute at most (all are counted).
 const ERROR_LOGS_PER_MINUTE: u32 = 10;
 
@@ -140,10 +149,38 @@ struct ErrorLog {
     logged: u32,
 }
 
+/// Receives librdkafka's statistics: the high watermarks it saw in fetch responses. (Asking
+/// the broker with ListOffsets is not reliable on tansu: its "latest" answer can lag the log.)
+pub struct IngestContext {
+    topics: [String; 4],
+    status: Arc<IngestStatus>,
+}
+
+impl ClientContext for IngestContext {
+    fn stats(&self, statistics: Statistics) {
+        let mut positions = self.status.partitions.lock();
+        for (name, topic) in &statistics.topics {
+            let Some(k) = self.topics.iter().position(|t| t == name) else {
+                continue;
+            };
+            for (id, p) in &topic.partitions {
+                if *id < 0 || p.hi_offset < 0 {
+                    continue;
+                }
+                if let Some(pos) = positions.get_mut(&(k, *id)) {
+                    pos.high = p.hi_offset;
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for IngestContext {}
+
 pub struct Ingest {
     cfg: IngestConfig,
     sinks: Sinks,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<IngestContext>,
     assigned: HashMap<(usize, i32), Partition>,
     /// Topics seen missing after having been read: read from the beginning when they return.
     recreated: HashSet<usize>,
@@ -168,13 +205,19 @@ fn consumer_config(brokers: &str) -> ClientConfig {
         .set("fetch.max.bytes", "67108864")
         .set("reconnect.backoff.max.ms", "1000")
         .set("topic.metadata.refresh.interval.ms", "5000")
+        .set("statistics.interval.ms", "1000")
         .set("log_level", "3");
     c
 }
 
 impl Ingest {
     pub fn new(cfg: IngestConfig, sinks: Sinks) -> Result<Self, rdkafka::error::KafkaError> {
-        let consumer: BaseConsumer = consumer_config(&cfg.brokers).create()?;
+        let context = IngestContext {
+            topics: cfg.topics.clone(),
+            status: sinks.status.clone(),
+        };
+        let consumer: BaseConsumer<IngestContext> =
+            consumer_config(&cfg.brokers).create_with_context(context)?;
         Ok(Self {
             cfg,
             sinks,
@@ -296,37 +339,13 @@ impl Ingest {
         if !new.is_empty() {
             self.assign(&new);
         }
-        // Watermarks: lag, and data loss (high watermark below our position).
-        let keys: Vec<(usize, i32)> = self.assigned.keys().copied().collect();
-        let mut resets = Vec::new();
-        for key in keys {
-            let topic = &self.cfg.topics[key.0];
-            let Ok((_low, high)) = self.consumer.fetch_watermarks(topic, key.1, KAFKA_TIMEOUT)
-            else {
-                continue;
-            };
-            let next = self.assigned.get(&key).map_or(-1, |p| p.next);
-            // One behind is tolerated: tansu sometimes answers "latest" with the last offset
-            // instead of the one after it. A partition whose log restarted is usually caught
-            // earlier, by librdkafka's out-of-range reset or by the topic having vanished.
-            if high + 1 < next {
-                tracing::warn!(
-                    topic,
-                    partition = key.1,
-                    next,
-                    high,
-                    "the partition is behind our position (broker lost its data?); re-reading it from the beginning"
-                );
-                resets.push(key);
-            }
-            self.sinks
-                .status
-                .partitions
-                .lock()
-                .insert(key, PartitionPosition { next, high });
-        }
-        for key in resets {
-            self.reassign_from_beginning(key);
+        // Partitions that were assigned but not read yet still show up in the status.
+        let mut positions = self.sinks.status.partitions.lock();
+        for (key, part) in &self.assigned {
+            positions.entry(*key).or_insert(PartitionPosition {
+                next: part.next,
+                high: -1,
+            });
         }
     }
 
@@ -338,7 +357,7 @@ impl Ingest {
                 self.recreated.contains(&k) || self.cfg.replay_seek == ReplaySeek::Earliest;
             let (offset, part) = if from_start {
                 (
-                    Offset::Beginning,
+                    FIRST,
                     Partition {
                         verify: None,
                         next: 0,
@@ -365,7 +384,7 @@ impl Ingest {
     /// Where to start reading a partition so that the retention window is replayed.
     fn replay_start(&self, topic: &str, partition: i32) -> (Offset, Partition) {
         let earliest = (
-            Offset::Beginning,
+            FIRST,
             Partition {
                 verify: None,
                 next: 0,
@@ -414,10 +433,10 @@ impl Ingest {
         };
         if resolved <= low {
             return (
-                Offset::Offset(low),
+                FIRST,
                 Partition {
                     verify: None,
-                    next: low,
+                    next: 0,
                 },
             );
         }
@@ -439,10 +458,7 @@ impl Ingest {
             tracing::warn!("unassign: {e}");
         }
         let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(&topic, key.1, Offset::Beginning)
-            .is_ok()
-        {
+        if tpl.add_partition_offset(&topic, key.1, FIRST).is_ok() {
             match self.consumer.incremental_assign(&tpl) {
                 Ok(()) => {
                     self.assigned.insert(

@@ -159,6 +159,27 @@ pub async fn wait_status(
     }
 }
 
+/// Checks that `pred` keeps holding for `period` (e.g. nothing is counted twice later).
+pub async fn assert_stays(
+    svc: &ServiceProcess,
+    period: Duration,
+    what: &str,
+    pred: impl Fn(&pb::ConsumerStatus) -> bool,
+) -> Result<()> {
+    let end = Instant::now() + period;
+    while Instant::now() < end {
+        let s = status(svc).await?;
+        if !pred(&s) {
+            bail!(
+                "consumer-svc: {what} stopped holding: {s:?}\nlog:\n{}",
+                svc.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
 /// Per-topic counter of `kind` in `s`.
 pub fn topic_status(s: &pb::ConsumerStatus, kind: Kind) -> &pb::TopicStatus {
     &s.topics[kind.index()]
@@ -220,8 +241,9 @@ impl PrivateBroker {
     pub async fn restart(&mut self) -> Result<()> {
         self.stop();
         let url = format!("tcp://{}", self.addr());
-        let log = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("../target/test-logs/tansu-{}.log", self.port));
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs");
+        std::fs::create_dir_all(&dir)?;
+        let log = dir.join(format!("tansu-{}.log", self.port));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

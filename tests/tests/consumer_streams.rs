@@ -146,6 +146,10 @@ async fn subscribe_sequences_snapshot_and_resume_without_gaps() {
     };
     let snap_ids: HashSet<String> = snap.actions.iter().map(|a| a.id.clone()).collect();
     assert_eq!(snap_ids, early.iter().cloned().collect());
+    assert!(
+        snap.agents.is_empty() && snap.performance_metrics.is_empty(),
+        "the snapshot holds only the channels asked for"
+    );
     assert_eq!(first.sequence, snap.sequence);
 
     let batch1 = produce_actions(&p, &topics, &mut g, 30);
