@@ -7,7 +7,8 @@
 //! agent_name with limit 100, Count by agent_name; at 1, 16 and 64 concurrent clients.
 //!
 //! Environment: DATABASE_URL (an admin URL of the PostgreSQL server; default
-//! postgres://postgres@127.0.0.1:5432/postgres), BENCH_SECONDS (per measurement, default 3).
+//! postgres://postgres@127.0.0.1:5432/postgres), BENCH_SECONDS (measured per side and row,
+//! default 4, in alternating slices so background load hits both sides alike).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,8 @@ const POOL: u32 = 32;
 const AGENTS: usize = 50;
 const ROWS_PER_AGENT: usize = 200;
 const CLIENT_COUNTS: [usize; 3] = [1, 16, 64];
+/// Alternating slices per side and measurement.
+const ROUNDS: u32 = 4;
 
 const ACTION_COLUMNS: &str = "\"id\", \"correlation_id\", \"agent_name\", \"action_type\", \
     \"action_name\", \"action_details\", \"debug_mode\", \"duration_ms\", \"created_at\"";
@@ -299,9 +302,9 @@ async fn main() -> anyhow::Result<()> {
     let seconds: f64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
+        .unwrap_or(4.0);
     let duration = Duration::from_secs_f64(seconds);
-    let warmup = Duration::from_millis(500);
+    let warmup = Duration::from_millis(200);
     let admin_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
 
@@ -400,7 +403,8 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
     }
 
     println!(
-        "db-svc vs direct sqlx (pool {POOL}), {:.1} s per measurement after {} ms warm-up\n",
+        "db-svc vs direct sqlx (pool {POOL}), {:.1} s measured per side and row, in {ROUNDS} \
+         alternating slices each after {} ms warm-up\n",
         duration.as_secs_f64(),
         warmup.as_millis()
     );
@@ -416,10 +420,19 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
         Workload::Insert100,
     ] {
         for clients in CLIENT_COUNTS {
-            let direct = {
+            // Alternate short slices of both sides, so background load on this shared
+            // machine hits both alike.
+            let slice = duration / ROUNDS;
+            let mut direct = Stats {
+                latencies_us: Vec::new(),
+            };
+            let mut svc = Stats {
+                latencies_us: Vec::new(),
+            };
+            for _ in 0..ROUNDS {
                 let start = Instant::now();
-                let (measure_from, end) = (start + warmup, start + warmup + duration);
-                measure(clients, |_| {
+                let (measure_from, end) = (start + warmup, start + warmup + slice);
+                let d = measure(clients, |_| {
                     let (pool, sqls, seq) = (pool.clone(), sqls.clone(), seq.clone());
                     async move {
                         worker_loop(measure_from, end, |_| {
@@ -430,12 +443,11 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
                         .await
                     }
                 })
-                .await
-            };
-            let svc = {
+                .await;
+                direct.latencies_us.extend(d.latencies_us);
                 let start = Instant::now();
-                let (measure_from, end) = (start + warmup, start + warmup + duration);
-                measure(clients, |c| {
+                let (measure_from, end) = (start + warmup, start + warmup + slice);
+                let v = measure(clients, |c| {
                     let client = DatabaseServiceClient::new(channels[c].clone());
                     let seq = seq.clone();
                     async move {
@@ -447,8 +459,11 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
                         .await
                     }
                 })
-                .await
-            };
+                .await;
+                svc.latencies_us.extend(v.latencies_us);
+            }
+            direct.latencies_us.sort_unstable();
+            svc.latencies_us.sort_unstable();
             let svc_tp = svc.throughput(duration);
             let direct_tp = direct.throughput(duration);
             println!(
