@@ -192,6 +192,7 @@ impl Follower {
                 return Some(Next::Updates(std::mem::take(out)));
             }
             let missed = first - self.delivered - 1;
+            svc_kit::metrics::counter!("consumer_stream_lagged_updates_total").increment(missed);
             self.delivered = first - 1;
             self.stash = Some(batch);
             return Some(Next::Lagged {

@@ -184,11 +184,15 @@ pub struct Ingest {
     assigned: HashMap<(usize, i32), Partition>,
     /// Topics seen missing after having been read: read from the beginning when they return.
     recreated: HashSet<usize>,
+    /// The broker stopped answering: the client was replaced and every partition must be
+    /// assigned again on the fresh client once metadata comes back.
+    client_replaced: bool,
     error_logs: [ErrorLog; 4],
 }
 
 fn consumer_config(brokers: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
+    svc_kit::kafka::apply(&mut c);
     c.set("bootstrap.servers", brokers)
         // Needed by librdkafka's API but never joined: partitions are assigned directly.
         .set("group.id", "consumer-svc-unused")
@@ -224,6 +228,7 @@ impl Ingest {
             consumer,
             assigned: HashMap::new(),
             recreated: HashSet::new(),
+            client_replaced: false,
             error_logs: std::array::from_fn(|_| ErrorLog {
                 window_start: Instant::now(),
                 logged: 0,
@@ -291,9 +296,43 @@ impl Ingest {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!("metadata: {e}");
+                if !self.client_replaced {
+                    self.replace_client(&e);
+                }
                 return;
             }
         };
+        if std::mem::take(&mut self.client_replaced) {
+            // The fresh client has no assignment: every partition is assigned again below,
+            // those we had read from at their next offset.
+            let kept: Vec<((usize, i32), i64)> = self
+                .assigned
+                .iter()
+                .filter(|(_, part)| part.next >= 0)
+                .map(|(key, part)| (*key, part.next))
+                .collect();
+            self.assigned.retain(|_, part| part.next >= 0);
+            let mut tpl = TopicPartitionList::new();
+            for ((k, p), next) in &kept {
+                let _ = tpl.add_partition_offset(&self.cfg.topics[*k], *p, Offset::Offset(*next));
+            }
+            // Only those still on the broker; vanished ones are handled as usual below.
+            let present: HashSet<(String, i32)> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(move |p| (t.name().to_string(), p.id())))
+                .collect();
+            let mut live = TopicPartitionList::new();
+            for e in tpl.elements() {
+                if present.contains(&(e.topic().to_string(), e.partition())) {
+                    let _ = live.add_partition_offset(e.topic(), e.partition(), e.offset());
+                }
+            }
+            if let Err(e) = self.consumer.incremental_assign(&live) {
+                tracing::warn!("assign on the fresh client: {e}");
+            }
+        }
         let mut present: HashMap<usize, Vec<i32>> = HashMap::new();
         for topic in metadata.topics() {
             if topic.error().is_some() {
@@ -346,6 +385,25 @@ impl Ingest {
                 next: part.next,
                 high: -1,
             });
+        }
+    }
+
+    /// Swaps in a fresh librdkafka client while the broker is unreachable. A broker that comes
+    /// back empty (tansu `memory://`) recreates topics with new topic ids, and librdkafka
+    /// 2.12's metadata cache can crash on an entry whose topic id changed (cf.
+    /// confluentinc/librdkafka#4964); a client created after the outage never saw the old ids.
+    fn replace_client(&mut self, cause: &rdkafka::error::KafkaError) {
+        let context = IngestContext {
+            topics: self.cfg.topics.clone(),
+            status: self.sinks.status.clone(),
+        };
+        match consumer_config(&self.cfg.brokers).create_with_context(context) {
+            Ok(fresh) => {
+                tracing::warn!("broker unreachable ({cause}); replaced the Kafka client, positions kept");
+                self.consumer = fresh;
+                self.client_replaced = true;
+            }
+            Err(e) => tracing::warn!("cannot create a fresh Kafka client: {e}"),
         }
     }
 

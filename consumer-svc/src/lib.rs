@@ -58,6 +58,10 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     let ingest_status = Arc::new(ingest::IngestStatus::new(settings.topics.clone()));
     let dirty_agents = Arc::new(Mutex::new(HashSet::new()));
     tracing::info!(topics = ?settings.topics, retention = ?settings.retention, "consuming");
+    svc_kit::metrics::spawn_sampler(std::time::Duration::from_secs(1), shutdown.clone(), {
+        let (status, hub) = (ingest_status.clone(), hub.clone());
+        move || record_metrics(&status, &hub)
+    });
 
     let ingest = ingest::Ingest::new(
         ingest::IngestConfig {
@@ -126,4 +130,32 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     let _ = tokio::task::spawn_blocking(move || ingest_thread.join()).await;
     tracing::info!("consumer-svc stopped");
     Ok(())
+}
+
+/// Copies the ingest counters, partition positions and stream state into the metrics registry
+/// (Prometheus: rate(consumer_events_consumed_total[1m]) is the consume rate).
+fn record_metrics(status: &ingest::IngestStatus, hub: &hub::Hub) {
+    use std::sync::atomic::Ordering::Relaxed;
+    use svc_kit::metrics::{counter, gauge};
+    for (topic, c) in status.topics.iter().zip(&status.counters) {
+        counter!("consumer_events_consumed_total", "topic" => topic.clone())
+            .absolute(c.consumed.load(Relaxed));
+        counter!("consumer_parse_errors_total", "topic" => topic.clone())
+            .absolute(c.parse_errors.load(Relaxed));
+        counter!("consumer_events_expired_total", "topic" => topic.clone())
+            .absolute(c.expired.load(Relaxed));
+    }
+    for ((kind, partition), position) in status.partitions.lock().iter() {
+        let (topic, partition) = (status.topics[*kind].clone(), partition.to_string());
+        if position.next >= 0 {
+            gauge!("consumer_partition_offset", "topic" => topic.clone(), "partition" => partition.clone())
+                .set(position.next as f64);
+        }
+        if position.next >= 0 && position.high >= 0 {
+            gauge!("consumer_partition_lag", "topic" => topic, "partition" => partition)
+                .set((position.high - position.next).max(0) as f64);
+        }
+    }
+    gauge!("consumer_stream_subscribers").set(hub.subscribers() as f64);
+    gauge!("consumer_stream_sequence").set(hub.last_seq() as f64);
 }

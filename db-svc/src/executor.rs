@@ -126,8 +126,17 @@ impl Executor {
         self.table(op.table(), &ops::mentioned_columns(op)).await
     }
 
-    /// Runs one operation.
+    /// Runs one operation, recording its latency by operation and outcome (`ok` or the code).
     pub async fn execute(&self, op: Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
+        let (started, name) = (std::time::Instant::now(), op.name());
+        let result = self.execute_op(op, ctx).await;
+        let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok");
+        svc_kit::metrics::histogram!("db_operation_seconds", "operation" => name, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn execute_op(&self, op: Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
         match &op {
             Operation::Raw(spec) => self.execute_raw(&spec.sql, &spec.params, ctx).await,
             Operation::Query(spec) => {

@@ -158,6 +158,16 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         },
     );
     let api = std::sync::Arc::new(api::DatabaseApi::new(executor.clone(), shutdown.clone()));
+    svc_kit::metrics::spawn_sampler(std::time::Duration::from_secs(1), shutdown.clone(), {
+        let (pool, max) = (pool.clone(), settings.db_max_connections);
+        move || {
+            use svc_kit::metrics::gauge;
+            let (size, idle) = (pool.size() as f64, pool.num_idle() as f64);
+            gauge!("db_pool_connections", "state" => "idle").set(idle);
+            gauge!("db_pool_connections", "state" => "in_use").set((size - idle).max(0.0));
+            gauge!("db_pool_max_connections").set(f64::from(max));
+        }
+    });
     let bus_worker = start_bus_worker(&settings, &pool, &executor, api.clone(), &shutdown);
     let scopes = svc_kit::Scopes::new().writes(service_names::DATABASE, WRITE_METHODS);
     let router = svc_kit::server::builder(&settings.server, scopes)?

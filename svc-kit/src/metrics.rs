@@ -156,3 +156,25 @@ pub async fn bind(
         }
     }))
 }
+
+/// Runs `sample` every `every` until `shutdown`, when metrics are on (else does nothing): for
+/// gauges and counters read from a service's own state (queue depths, positions, pools).
+pub fn spawn_sampler(
+    every: Duration,
+    shutdown: Shutdown,
+    mut sample: impl FnMut() + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !enabled() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.triggered() => break,
+                _ = tick.tick() => sample(),
+            }
+        }
+    }))
+}

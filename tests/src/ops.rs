@@ -146,9 +146,12 @@ pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
 pub fn sample(samples: &BTreeMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     labels.sort();
-    samples
-        .get(&format!("{name}{{{}}}", labels.join(",")))
-        .copied()
+    let key = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{}}}", labels.join(","))
+    };
+    samples.get(&key).copied()
 }
 
 /// A self-signed certificate for `localhost` and 127.0.0.1, written as PEM files in a fresh

@@ -178,7 +178,7 @@ pub async fn run(
     handler: Handler,
     shutdown: Shutdown,
 ) -> Result<(), String> {
-    let consumer: StreamConsumer = ClientConfig::new()
+    let consumer: StreamConsumer = svc_kit::kafka::apply(&mut ClientConfig::new())
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group_id)
         .set("client.id", "db-svc-bus")
@@ -200,7 +200,7 @@ pub async fn run(
         .set("fetch.min.bytes", "1")
         .create()
         .map_err(|e| format!("bus consumer: {e}"))?;
-    let producer: FutureProducer = ClientConfig::new()
+    let producer: FutureProducer = svc_kit::kafka::apply(&mut ClientConfig::new())
         .set("bootstrap.servers", &settings.brokers)
         .set("client.id", "db-svc-bus")
         .set("acks", "all")
@@ -327,6 +327,7 @@ async fn process(
     payload: Option<&[u8]>,
     origin: &(String, i32, i64),
 ) -> bool {
+    let started = std::time::Instant::now();
     let outgoing = match parse_request(payload.unwrap_or_default(), key) {
         Ok(request) => {
             let Some(reply) = execute(worker, &request).await else {
@@ -368,7 +369,22 @@ async fn process(
             }
         },
     };
-    deliver(worker, outgoing).await
+    let outcome = match &outgoing {
+        Outgoing::Reply {
+            reply: Reply::Completed(_),
+            ..
+        } => "completed",
+        Outgoing::Reply { .. } => "failed",
+        Outgoing::DeadLetter { .. } => "dead_letter",
+    };
+    let delivered = deliver(worker, outgoing).await;
+    if delivered {
+        // From receipt to the broker's ack of the reply: the worker's share of a round trip.
+        svc_kit::metrics::counter!("db_bus_requests_total", "outcome" => outcome).increment(1);
+        svc_kit::metrics::histogram!("db_bus_request_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+    }
+    delivered
 }
 
 /// Executes with retries while the database is unavailable. None = shutdown interrupted it
