@@ -45,7 +45,9 @@ pub async fn watch_broker(
             }
         }
     };
-    let Some(mut client) = make_client() else { return };
+    let Some(mut client) = make_client() else {
+        return;
+    };
     loop {
         let probe = client.clone();
         let ok =

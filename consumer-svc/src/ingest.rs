@@ -321,7 +321,11 @@ impl Ingest {
                 .topics()
                 .iter()
                 .filter(|t| t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(move |p| (t.name().to_string(), p.id())))
+                .flat_map(|t| {
+                    t.partitions()
+                        .iter()
+                        .map(move |p| (t.name().to_string(), p.id()))
+                })
                 .collect();
             let mut live = TopicPartitionList::new();
             for e in tpl.elements() {
@@ -399,7 +403,9 @@ impl Ingest {
         };
         match consumer_config(&self.cfg.brokers).create_with_context(context) {
             Ok(fresh) => {
-                tracing::warn!("broker unreachable ({cause}); replaced the Kafka client, positions kept");
+                tracing::warn!(
+                    "broker unreachable ({cause}); replaced the Kafka client, positions kept"
+                );
                 self.consumer = fresh;
                 self.client_replaced = true;
             }

@@ -378,3 +378,32 @@ async fn db_svc_reaches_postgresql_over_tls_with_sslmode_in_the_url() {
         "{encrypted} of {total} connections use TLS"
     );
 }
+
+#[test]
+fn kafka_client_settings_are_passed_through_to_librdkafka() {
+    // An unknown property named by --kafka-config is librdkafka's error: it got there.
+    let (status, out) = run_to_exit(
+        "consumer-svc",
+        &[
+            "--kafka-brokers",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--kafka-config",
+            "no.such.property=1",
+        ],
+        &[],
+    )
+    .unwrap();
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("no.such.property"), "{out}");
+    // KAFKA_SECURITY_PROTOCOL reaches librdkafka too (this build has no OpenSSL, see README).
+    let (status, out) = run_to_exit(
+        "consumer-svc",
+        &["--kafka-brokers", "127.0.0.1:1", "--listen", "127.0.0.1:0"],
+        &[("KAFKA_SECURITY_PROTOCOL", "SSL")],
+    )
+    .unwrap();
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("security.protocol"), "{out}");
+}
