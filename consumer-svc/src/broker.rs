@@ -30,33 +30,26 @@ pub async fn watch_broker(
     health: Health,
     shutdown: Shutdown,
 ) {
-    // A fresh client after every failed probe: librdkafka's metadata cache can crash when a
-    // restarted broker recreates topics under new ids (see ingest.rs, replace_client).
-    let make_client = || -> Option<Arc<BaseConsumer>> {
-        match svc_kit::kafka::apply(&mut ClientConfig::new())
-            .set("bootstrap.servers", &brokers)
-            .set("client.id", "consumer-svc-probe")
-            .create()
-        {
-            Ok(c) => Some(Arc::new(c)),
-            Err(e) => {
-                tracing::error!("cannot create the Kafka client: {e}");
-                None
-            }
-        }
-    };
-    let Some(mut client) = make_client() else {
-        return;
-    };
+    // A fresh client for every probe: a long-lived one keeps a metadata cache, and
+    // librdkafka's can crash when a restarted broker recreates topics under new ids (see
+    // ingest.rs, replace_client).
     loop {
-        let probe = client.clone();
-        let ok =
-            tokio::task::spawn_blocking(move || probe.fetch_metadata(None, PROBE_TIMEOUT).is_ok())
-                .await
-                .unwrap_or(false);
-        if !ok && let Some(fresh) = make_client() {
-            client = fresh;
-        }
+        let brokers_for_probe = brokers.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let client: Result<BaseConsumer, _> = svc_kit::kafka::apply(&mut ClientConfig::new())
+                .set("bootstrap.servers", &brokers_for_probe)
+                .set("client.id", "consumer-svc-probe")
+                .create();
+            match client {
+                Ok(c) => c.fetch_metadata(None, PROBE_TIMEOUT).is_ok(),
+                Err(e) => {
+                    tracing::error!("cannot create the Kafka client: {e}");
+                    false
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
         if ok != status.connected.swap(ok, Ordering::Relaxed) && !ok {
             tracing::warn!(%brokers, "Kafka broker is not reachable");
         }

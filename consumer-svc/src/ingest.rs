@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -154,9 +154,21 @@ struct ErrorLog {
 pub struct IngestContext {
     topics: [String; 4],
     status: Arc<IngestStatus>,
+    /// Set when librdkafka reports every broker down (see `Ingest::replace_client`).
+    brokers_down: Arc<AtomicBool>,
 }
 
 impl ClientContext for IngestContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if let rdkafka::error::KafkaError::Global(
+            rdkafka::types::RDKafkaErrorCode::AllBrokersDown,
+        ) = error
+        {
+            self.brokers_down.store(true, Ordering::Relaxed);
+        }
+        tracing::error!("librdkafka: {error}: {reason}");
+    }
+
     fn stats(&self, statistics: Statistics) {
         let mut positions = self.status.partitions.lock();
         for (name, topic) in &statistics.topics {
@@ -187,6 +199,8 @@ pub struct Ingest {
     /// The broker stopped answering: the client was replaced and every partition must be
     /// assigned again on the fresh client once metadata comes back.
     client_replaced: bool,
+    /// Shared with the client context: every broker is down.
+    brokers_down: Arc<AtomicBool>,
     error_logs: [ErrorLog; 4],
 }
 
@@ -216,9 +230,11 @@ fn consumer_config(brokers: &str) -> ClientConfig {
 
 impl Ingest {
     pub fn new(cfg: IngestConfig, sinks: Sinks) -> Result<Self, rdkafka::error::KafkaError> {
+        let brokers_down = Arc::new(AtomicBool::new(false));
         let context = IngestContext {
             topics: cfg.topics.clone(),
             status: sinks.status.clone(),
+            brokers_down: brokers_down.clone(),
         };
         let consumer: BaseConsumer<IngestContext> =
             consumer_config(&cfg.brokers).create_with_context(context)?;
@@ -229,6 +245,7 @@ impl Ingest {
             assigned: HashMap::new(),
             recreated: HashSet::new(),
             client_replaced: false,
+            brokers_down,
             error_logs: std::array::from_fn(|_| ErrorLog {
                 window_start: Instant::now(),
                 logged: 0,
@@ -241,6 +258,9 @@ impl Ingest {
         let mut last_discover: Option<Instant> = None;
         let mut last_prune = Instant::now();
         while !shutdown.is_triggered() {
+            if self.brokers_down.swap(false, Ordering::Relaxed) && !self.client_replaced {
+                self.replace_client(&"all brokers down");
+            }
             if last_discover.is_none_or(|t| t.elapsed() >= DISCOVER_INTERVAL) {
                 self.discover();
                 last_discover = Some(Instant::now());
@@ -312,10 +332,6 @@ impl Ingest {
                 .map(|(key, part)| (*key, part.next))
                 .collect();
             self.assigned.retain(|_, part| part.next >= 0);
-            let mut tpl = TopicPartitionList::new();
-            for ((k, p), next) in &kept {
-                let _ = tpl.add_partition_offset(&self.cfg.topics[*k], *p, Offset::Offset(*next));
-            }
             // Only those still on the broker; vanished ones are handled as usual below.
             let present: HashSet<(String, i32)> = metadata
                 .topics()
@@ -328,9 +344,21 @@ impl Ingest {
                 })
                 .collect();
             let mut live = TopicPartitionList::new();
-            for e in tpl.elements() {
-                if present.contains(&(e.topic().to_string(), e.partition())) {
-                    let _ = live.add_partition_offset(e.topic(), e.partition(), e.offset());
+            for ((k, p), next) in &kept {
+                let topic = self.cfg.topics[*k].clone();
+                if !present.contains(&(topic.clone(), *p)) {
+                    continue; // vanished: handled as usual below
+                }
+                // A log that ends before our position was recreated while the broker was
+                // away: read it from the beginning, like a topic seen missing.
+                match self.consumer.fetch_watermarks(&topic, *p, KAFKA_TIMEOUT) {
+                    Ok((_, high)) if high < *next => {
+                        self.assigned.remove(&(*k, *p));
+                        self.recreated.insert(*k);
+                    }
+                    _ => {
+                        let _ = live.add_partition_offset(&topic, *p, Offset::Offset(*next));
+                    }
                 }
             }
             if let Err(e) = self.consumer.incremental_assign(&live) {
@@ -396,10 +424,11 @@ impl Ingest {
     /// back empty (tansu `memory://`) recreates topics with new topic ids, and librdkafka
     /// 2.12's metadata cache can crash on an entry whose topic id changed (cf.
     /// confluentinc/librdkafka#4964); a client created after the outage never saw the old ids.
-    fn replace_client(&mut self, cause: &rdkafka::error::KafkaError) {
+    fn replace_client(&mut self, cause: &dyn std::fmt::Display) {
         let context = IngestContext {
             topics: self.cfg.topics.clone(),
             status: self.sinks.status.clone(),
+            brokers_down: self.brokers_down.clone(),
         };
         match consumer_config(&self.cfg.brokers).create_with_context(context) {
             Ok(fresh) => {
