@@ -14,6 +14,10 @@ pub struct Envelope {
     pub service: String,
     #[serde(default)]
     pub payload: serde_json::Value,
+    /// W3C `traceparent` of the sender's span, when it has one: replies carry the same
+    /// trace id, so one trace spans client, bus and db-svc.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Envelope {
@@ -31,7 +35,14 @@ impl Envelope {
             timestamp: now_rfc3339(),
             service: service.into(),
             payload,
+            traceparent: None,
         }
+    }
+
+    /// The same envelope with a `traceparent`.
+    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

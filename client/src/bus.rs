@@ -243,12 +243,26 @@ impl BusPublisher {
         }
     }
 
-    /// Sends a raw request payload and waits for the reply.
+    /// Sends a raw request payload and waits for the reply (a fresh trace).
     pub async fn request(
+        &self,
+        payload: serde_json::Value,
+        correlation_id: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Reply, BusError> {
+        self.request_traced(payload, correlation_id, timeout, None)
+            .await
+    }
+
+    /// Like [`BusPublisher::request`], continuing the caller's W3C trace: `traceparent` goes
+    /// into the envelope and a Kafka header, and db-svc's reply carries the same trace id.
+    /// Without one, a new trace is started.
+    pub async fn request_traced(
         &self,
         mut payload: serde_json::Value,
         correlation_id: &str,
         timeout: Option<Duration>,
+        traceparent: Option<&str>,
     ) -> Result<Reply, BusError> {
         let timeout = timeout.unwrap_or(self.config.timeout);
         // The deadline travels with the request: db-svc answers TIMEOUT instead of writing late.
@@ -256,12 +270,20 @@ impl BusPublisher {
             obj.entry("timeout_ms")
                 .or_insert(serde_json::json!(timeout.as_millis() as u64));
         }
+        let traceparent = traceparent.map(str::to_string).unwrap_or_else(|| {
+            format!(
+                "00-{:032x}-{:016x}-01",
+                rand::random::<u128>().max(1),
+                rand::random::<u64>().max(1)
+            )
+        });
         let envelope = Envelope::new(
             DATABASE_QUERY_REQUESTED,
             correlation_id,
             self.config.service.clone(),
             payload,
-        );
+        )
+        .with_traceparent(Some(traceparent.clone()));
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(correlation_id.to_string(), tx);
         let _guard = PendingGuard {
@@ -270,8 +292,13 @@ impl BusPublisher {
         };
 
         let bytes = envelope.to_bytes();
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "traceparent",
+            value: Some(traceparent.as_str()),
+        });
         let record = FutureRecord::to(&self.config.topics.request)
             .key(correlation_id)
+            .headers(headers)
             .payload(&bytes);
         let outcome = tokio::time::timeout(timeout, async {
             self.producer

@@ -53,6 +53,16 @@ pub fn new_trace_id() -> String {
     format!("{:032x}", rand::random::<u128>().max(1))
 }
 
+/// A random 64-bit span id in W3C form.
+pub fn new_span_id() -> String {
+    format!("{:016x}", rand::random::<u64>().max(1))
+}
+
+/// A `traceparent` value for a new span in `trace_id` (sampled).
+pub fn child_traceparent(trace_id: &str) -> String {
+    format!("00-{trace_id}-{}-01", new_span_id())
+}
+
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {

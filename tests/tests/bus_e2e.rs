@@ -723,3 +723,69 @@ async fn two_replicas_answer_every_request_exactly_once() {
         n as i64
     );
 }
+
+/// A client's W3C trace id travels with the request over the bus (envelope and Kafka header),
+/// db-svc handles it in a span of that trace, and the reply carries it back (a new span).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_id_travels_from_the_client_through_the_bus_to_the_reply() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.request, &t.completed]).unwrap();
+    let bus = BusPublisher::connect(topics.client_config(FIRST_REPLY))
+        .await
+        .unwrap();
+
+    let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{caller_span}-01");
+    let insert = pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![action("traced")],
+        ..Default::default()
+    };
+    let json = omnibus_proto::json::to_json("omnibus.db.v1.InsertRequest", &insert, true).unwrap();
+    let cid = uuid::Uuid::new_v4().to_string();
+    let reply = bus
+        .request_traced(
+            json!({"operation": "INSERT", "request": json}),
+            &cid,
+            None,
+            Some(&traceparent),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(reply, bus_protocol::Reply::Completed(_)),
+        "{reply:?}"
+    );
+
+    tap.wait_until(REPLY, "request and reply", |seen| {
+        seen.iter()
+            .filter(|r| r.json["correlation_id"] == cid.as_str())
+            .count()
+            == 2
+    })
+    .unwrap();
+    let request = tap
+        .seen
+        .iter()
+        .find(|r| r.topic == t.request && r.json["correlation_id"] == cid.as_str())
+        .unwrap();
+    assert_eq!(request.json["traceparent"], traceparent.as_str());
+    let answer = tap
+        .seen
+        .iter()
+        .find(|r| r.topic == t.completed && r.json["correlation_id"] == cid.as_str())
+        .unwrap();
+    let back = answer.json["traceparent"]
+        .as_str()
+        .expect("the reply carries a traceparent");
+    let parts: Vec<&str> = back.split('-').collect();
+    assert_eq!(parts.len(), 4, "{back}");
+    assert_eq!(parts[1], trace_id, "same trace id on the reply");
+    assert_ne!(parts[2], caller_span, "the reply is a new span");
+
+    drop(svc);
+}

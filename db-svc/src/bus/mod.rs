@@ -26,6 +26,7 @@ use svc_kit::Shutdown;
 use svc_kit::server::parse_duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 pub use handler::Handler;
 
@@ -161,6 +162,8 @@ enum Outgoing {
     Reply {
         correlation_id: String,
         reply: Reply,
+        /// `traceparent` of the reply: the request's trace id, a new span.
+        traceparent: Option<String>,
     },
     DeadLetter {
         reason: String,
@@ -264,7 +267,7 @@ pub async fn run(
                 tracker.received(&origin.0, origin.1, origin.2);
                 let (worker, done_tx) = (worker.clone(), done_tx.clone());
                 tasks.spawn(async move {
-                    let delivered = process(&worker, message.key(), message.payload(), &origin).await;
+                    let delivered = process(&worker, message.key(), message.payload(), traceparent_header(&message), &origin).await;
                     drop(permit);
                     if delivered {
                         let _ = done_tx.send(origin);
@@ -319,20 +322,51 @@ fn commit(consumer: &StreamConsumer, topic: &str, partition: i32, next: i64, mod
     }
 }
 
+/// The `traceparent` Kafka header of a message, if it has a valid UTF-8 one.
+fn traceparent_header(message: &rdkafka::message::OwnedMessage) -> Option<&str> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == "traceparent")
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
 /// Handles one message; true once its reply (or dead letter) was delivered, i.e. when its
 /// offset may be committed. False only at shutdown.
 async fn process(
     worker: &Worker,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
+    header_traceparent: Option<&str>,
     origin: &(String, i32, i64),
 ) -> bool {
     let started = std::time::Instant::now();
     let outgoing = match parse_request(payload.unwrap_or_default(), key) {
         Ok(request) => {
-            let Some(reply) = execute(worker, &request).await else {
+            // The request's trace (envelope field, else Kafka header) or a new one.
+            let trace_id = request
+                .traceparent
+                .as_deref()
+                .or(header_traceparent)
+                .and_then(svc_kit::trace::TraceParent::parse)
+                .map(|t| t.trace_id)
+                .unwrap_or_else(svc_kit::trace::new_trace_id);
+            let span = tracing::info_span!(
+                "bus_request",
+                correlation_id = %request.correlation_id,
+                trace_id = %trace_id
+            );
+            let Some(reply) = execute(worker, &request).instrument(span.clone()).await else {
                 return false;
             };
+            span.in_scope(|| {
+                tracing::debug!(
+                    completed = matches!(reply, Reply::Completed(_)),
+                    "bus request answered"
+                )
+            });
             if worker.crash_after_execute {
                 // Fail point for the redelivery test: die between the write and the reply/commit.
                 tracing::error!(correlation_id = %request.correlation_id, "fail point bus-after-execute: aborting");
@@ -341,6 +375,7 @@ async fn process(
             Outgoing::Reply {
                 correlation_id: request.correlation_id,
                 reply,
+                traceparent: Some(svc_kit::trace::child_traceparent(&trace_id)),
             }
         }
         Err(rejection) => match rejection.correlation_id {
@@ -349,6 +384,7 @@ async fn process(
                 Outgoing::Reply {
                     correlation_id,
                     reply: Reply::Failed(FailedPayload::new(rejection.code, rejection.message)),
+                    traceparent: header_traceparent.map(str::to_string),
                 }
             }
             None => {
@@ -435,12 +471,15 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
         Outgoing::Reply {
             correlation_id,
             reply,
+            traceparent,
         } => {
             let topic = match reply {
                 Reply::Completed(_) => &topics.completed,
                 Reply::Failed(_) => &topics.failed,
             };
-            let envelope: Envelope = reply.into_envelope(&correlation_id, &worker.settings.service);
+            let envelope: Envelope = reply
+                .into_envelope(&correlation_id, &worker.settings.service)
+                .with_traceparent(traceparent);
             (topic, correlation_id, envelope.to_bytes())
         }
         Outgoing::DeadLetter { reason, body } => {
