@@ -138,8 +138,8 @@ impl BusPublisher {
             .set("bootstrap.servers", &config.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "false")
-            // Requests leave at once; concurrent ones still batch while one is in flight.
-            .set("linger.ms", "0")
+            // 1 ms of batching: little latency, far fewer produce requests under load.
+            .set("linger.ms", "1")
             .set("compression.type", "lz4")
             .set("message.timeout.ms", "30000")
             .create()
