@@ -133,18 +133,14 @@ pub struct Settings {
 impl Config {
     /// Checks the settings clap cannot check alone; the error names the setting.
     pub fn validate(self) -> Result<Settings, String> {
-        let (name, raw) = match (&self.kafka_brokers, &self.kafka_bootstrap_servers) {
-            (Some(b), _) => ("KAFKA_BROKERS", b.clone()),
-            (None, Some(b)) => ("KAFKA_BOOTSTRAP_SERVERS", b.clone()),
-            (None, None) => {
-                return Err(
-                    "missing setting KAFKA_BROKERS (or KAFKA_BOOTSTRAP_SERVERS / --kafka-brokers): \
-                     the Kafka bootstrap servers, e.g. 127.0.0.1:9092"
-                        .into(),
-                );
-            }
-        };
-        let brokers = svc_kit::config::parse_host_ports(name, &raw)?.join(",");
+        let brokers = svc_kit::config::kafka_brokers(
+            self.kafka_brokers.as_deref(),
+            self.kafka_bootstrap_servers.as_deref(),
+        )?
+        .ok_or(
+            "missing setting KAFKA_BROKERS (or KAFKA_BOOTSTRAP_SERVERS / --kafka-brokers): \
+             the Kafka bootstrap servers, e.g. 127.0.0.1:9092",
+        )?;
         let mut topics: [String; 4] = Default::default();
         for (kind, (flag, base)) in EventKind::ALL.into_iter().zip([
             ("--topic-routing-decisions", &self.topic_routing_decisions),

@@ -92,6 +92,21 @@ pub fn parse_host_ports(setting: &str, raw: &str) -> Result<Vec<String>, String>
     Ok(out)
 }
 
+/// The Kafka bootstrap list from `KAFKA_BROKERS` (preferred) or `KAFKA_BOOTSTRAP_SERVERS`,
+/// validated and joined for librdkafka; `Ok(None)` when neither is set. Errors name the
+/// variable that was used.
+pub fn kafka_brokers(
+    brokers: Option<&str>,
+    bootstrap_servers: Option<&str>,
+) -> Result<Option<String>, String> {
+    let (name, raw) = match (brokers, bootstrap_servers) {
+        (Some(b), _) => ("KAFKA_BROKERS", b),
+        (None, Some(b)) => ("KAFKA_BOOTSTRAP_SERVERS", b),
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(parse_host_ports(name, raw)?.join(",")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +135,15 @@ mod tests {
         assert!(parse_host_ports("KAFKA_BROKERS", "a:x").is_err());
         assert!(parse_host_ports("KAFKA_BROKERS", ":9092").is_err());
         assert!(parse_host_ports("KAFKA_BROKERS", " , ").is_err());
+        assert_eq!(kafka_brokers(None, None).unwrap(), None);
+        assert_eq!(
+            kafka_brokers(Some("a:1"), Some("b:2")).unwrap().as_deref(),
+            Some("a:1")
+        );
+        assert!(
+            kafka_brokers(None, Some("b"))
+                .unwrap_err()
+                .contains("KAFKA_BOOTSTRAP_SERVERS")
+        );
     }
 }

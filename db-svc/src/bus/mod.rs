@@ -120,12 +120,13 @@ impl BusArgs {
         if !self.enabled {
             return Ok(None);
         }
-        let (name, raw) = match (&self.kafka_brokers, &self.kafka_bootstrap_servers) {
-            (Some(b), _) => ("KAFKA_BROKERS", b),
-            (None, Some(b)) => ("KAFKA_BOOTSTRAP_SERVERS", b),
-            (None, None) => return Ok(None),
+        let Some(brokers) = svc_kit::config::kafka_brokers(
+            self.kafka_brokers.as_deref(),
+            self.kafka_bootstrap_servers.as_deref(),
+        )?
+        else {
+            return Ok(None);
         };
-        let brokers = svc_kit::config::parse_host_ports(name, raw)?.join(",");
         let ms = self.bus_session_timeout.as_millis();
         if !(1000..=3_600_000).contains(&ms) {
             return Err("DB_BUS_SESSION_TIMEOUT must be between 1s and 1h".into());
