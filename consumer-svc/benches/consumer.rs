@@ -159,6 +159,8 @@ impl Drop for Broker {
 struct Service {
     child: Child,
     port: u16,
+    /// Run under BENCH_SVC_WRAPPER: stopped with SIGINT so a profiler writes its data.
+    wrapped: bool,
 }
 
 impl Service {
@@ -175,7 +177,20 @@ impl Service {
             );
         }
         let port = free_port();
-        let child = Command::new(bin)
+        // BENCH_SVC_WRAPPER runs the service under a profiler, e.g.
+        // `perf record -e cpu-clock -g -o /tmp/svc.perf --` (RSS and CPU are then the wrapper's).
+        let wrapper: Vec<String> = std::env::var("BENCH_SVC_WRAPPER")
+            .map(|w| w.split_whitespace().map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .args(["--kafka-brokers", brokers, "--topic-prefix", prefix])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(extra)
@@ -184,7 +199,11 @@ impl Service {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        Ok(Self { child, port })
+        Ok(Self {
+            child,
+            port,
+            wrapped: !wrapper.is_empty(),
+        })
     }
     fn pid(&self) -> u32 {
         self.child.id()
@@ -205,6 +224,15 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
+        if self.wrapped {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -314,7 +342,8 @@ fn clock_ticks() -> f64 {
 }
 
 /// The raw limit: a bare rdkafka consumer with the same settings reading every message.
-fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<Duration> {
+/// Returns (time to the first message, time to all), both from the consumer's creation.
+fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duration, Duration)> {
     let start = Instant::now();
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -335,19 +364,21 @@ fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<Duration
     }
     consumer.assign(&tpl)?;
     let (mut n, mut bytes) = (0u64, 0usize);
+    let mut first = None;
     let deadline = Instant::now() + Duration::from_secs(600);
     while n < expect {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             // Touch the payload, as any consumer must.
             bytes = bytes.wrapping_add(m.payload().map_or(0, |p| p.len()));
             n += 1;
+            first.get_or_insert_with(|| start.elapsed());
         }
         if Instant::now() > deadline {
             bail!("bare consumer: {n} of {expect}");
         }
     }
     std::hint::black_box(bytes);
-    Ok(start.elapsed())
+    Ok((first.unwrap_or_default(), start.elapsed()))
 }
 
 async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
@@ -362,34 +393,46 @@ async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
     let mut rows = Vec::new();
     let mut ratios = Vec::new();
     for round in 1..=2 {
-        let b = {
+        let broker_cpu0 = broker.pid().map_or(0.0, cpu_seconds);
+        let (b_first, b) = {
             let (brokers, topics) = (brokers.clone(), topics.clone());
             tokio::task::spawn_blocking(move || bare_consumer(&brokers, &topics, total)).await??
         };
+        let broker_cpu1 = broker.pid().map_or(0.0, cpu_seconds);
         let start = Instant::now();
         let svc = Service::start(&brokers, &prefix, &[])?;
         let mut c = svc.client().await?;
+        let serving = start.elapsed();
+        wait_status(&mut c, Duration::from_secs(600), |s| s.events_processed > 0).await?;
+        let first = start.elapsed();
         wait_status(&mut c, Duration::from_secs(600), |s| {
             s.events_processed >= total
         })
         .await?;
         let t = start.elapsed();
+        let broker_cpu2 = broker.pid().map_or(0.0, cpu_seconds);
+        let svc_cpu = cpu_seconds(svc.pid());
         let (rss, peak) = memory_mib(svc.pid());
         let bare_rate = total as f64 / b.as_secs_f64();
         let svc_rate = total as f64 / t.as_secs_f64();
         ratios.push(svc_rate / bare_rate);
         eprintln!("[ingest] round {round}: bare {bare_rate:.0}/s, consumer-svc {svc_rate:.0}/s");
         rows.push(format!(
-            "| {round} | {:.2} s ({bare_rate:.0} ev/s) | {:.2} s ({svc_rate:.0} ev/s) | **{:.2}** | {rss:.0} / {peak:.0} MiB |",
+            "| {round} | {:.2} s ({bare_rate:.0} ev/s), first after {:.2} s | {:.2} s ({svc_rate:.0} ev/s) | {:.2} s / {:.2} s | **{:.2}** | {:.1} / {:.1} / {svc_cpu:.1} s | {rss:.0} / {peak:.0} MiB |",
             b.as_secs_f64(),
+            b_first.as_secs_f64(),
             t.as_secs_f64(),
-            svc_rate / bare_rate
+            serving.as_secs_f64(),
+            first.as_secs_f64(),
+            svc_rate / bare_rate,
+            broker_cpu1 - broker_cpu0,
+            broker_cpu2 - broker_cpu1,
         ));
     }
     let per_kind = Kind::ALL.map(|k| report.per_kind[k.index()]);
     Ok(format!(
         "### Ingest: {total} pre-loaded events (routing {}, actions {}, transformations {}, performance {}), {PARTITIONS} partitions per topic\n\n\
-         | round | bare rdkafka consumer | consumer-svc (process start to all aggregated) | ratio | consumer-svc RSS / peak |\n|---|---|---|---|---|\n{}\n\n\
+         | round | bare rdkafka consumer | consumer-svc (process start to all aggregated) | of which: gRPC up / first event aggregated | ratio | CPU: broker (bare run / svc run) / consumer-svc | consumer-svc RSS / peak |\n|---|---|---|---|---|---|---|\n{}\n\n\
          Mean ratio: **{:.2}** (target >= 0.8).\n",
         per_kind[0],
         per_kind[1],

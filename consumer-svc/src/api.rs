@@ -163,7 +163,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// What a stream's mapper sees.
 enum Feed<'a> {
-    Updates(&'a [Arc<Update>]),
+    Updates(&'a [Update]),
     Lagged { missed: u64, last_missed: u64 },
 }
 
@@ -229,22 +229,22 @@ struct Filter {
 
 impl Filter {
     fn action(&self, a: &crate::events::AgentAction) -> bool {
-        self.agent.as_ref().is_none_or(|x| *x == a.agent_name)
+        self.agent.as_ref().is_none_or(|x| a.agent_name == *x)
             && self
                 .action_type
                 .as_ref()
-                .is_none_or(|x| *x == a.action_type)
+                .is_none_or(|x| a.action_type == *x)
             && self
                 .correlation_id
                 .as_ref()
-                .is_none_or(|x| a.correlation_id.as_ref() == Some(x))
+                .is_none_or(|x| a.correlation_id.as_deref() == Some(x.as_str()))
     }
     fn decision(&self, d: &crate::events::RoutingDecision) -> bool {
-        self.agent.as_ref().is_none_or(|x| *x == d.selected_agent)
+        self.agent.as_ref().is_none_or(|x| d.selected_agent == *x)
             && self
                 .correlation_id
                 .as_ref()
-                .is_none_or(|x| d.correlation_id.as_ref() == Some(x))
+                .is_none_or(|x| d.correlation_id.as_deref() == Some(x.as_str()))
             && self
                 .min_confidence
                 .is_none_or(|m| d.confidence_score.is_some_and(|c| c >= m))
@@ -252,14 +252,14 @@ impl Filter {
     fn transformation(&self, t: &crate::events::Transformation) -> bool {
         self.agent
             .as_ref()
-            .is_none_or(|x| *x == t.source_agent || *x == t.target_agent)
+            .is_none_or(|x| t.source_agent == *x || t.target_agent == *x)
             && self
                 .correlation_id
                 .as_ref()
-                .is_none_or(|x| t.correlation_id.as_ref() == Some(x))
+                .is_none_or(|x| t.correlation_id.as_deref() == Some(x.as_str()))
     }
     fn metrics(&self, m: &pb::AgentMetrics) -> bool {
-        self.agent.as_ref().is_none_or(|x| *x == m.agent)
+        self.agent.as_ref().is_none_or(|x| m.agent == *x)
     }
 }
 
@@ -621,20 +621,20 @@ fn filter_snapshot(mut s: pb::Snapshot, ch: &Channels, f: &Filter) -> pb::Snapsh
         s.actions.clear();
     }
     s.actions.retain(|a| {
-        f.agent.as_ref().is_none_or(|x| *x == a.agent_name)
-            && f.action_type.as_ref().is_none_or(|x| *x == a.action_type)
+        f.agent.as_ref().is_none_or(|x| a.agent_name == *x)
+            && f.action_type.as_ref().is_none_or(|x| a.action_type == *x)
             && f.correlation_id
                 .as_ref()
-                .is_none_or(|x| a.correlation_id.as_ref() == Some(x))
+                .is_none_or(|x| a.correlation_id.as_deref() == Some(x.as_str()))
     });
     if !ch.has(Channel::Routing) {
         s.routing_decisions.clear();
     }
     s.routing_decisions.retain(|d| {
-        f.agent.as_ref().is_none_or(|x| *x == d.selected_agent)
+        f.agent.as_ref().is_none_or(|x| d.selected_agent == *x)
             && f.correlation_id
                 .as_ref()
-                .is_none_or(|x| d.correlation_id.as_ref() == Some(x))
+                .is_none_or(|x| d.correlation_id.as_deref() == Some(x.as_str()))
             && f.min_confidence
                 .is_none_or(|m| d.confidence_score.is_some_and(|c| c >= m))
     });
@@ -644,10 +644,10 @@ fn filter_snapshot(mut s: pb::Snapshot, ch: &Channels, f: &Filter) -> pb::Snapsh
     s.transformations.retain(|t| {
         f.agent
             .as_ref()
-            .is_none_or(|x| *x == t.source_agent || *x == t.target_agent)
+            .is_none_or(|x| t.source_agent == *x || t.target_agent == *x)
             && f.correlation_id
                 .as_ref()
-                .is_none_or(|x| t.correlation_id.as_ref() == Some(x))
+                .is_none_or(|x| t.correlation_id.as_deref() == Some(x.as_str()))
     });
     if !ch.has(Channel::Performance) || f.agent.is_some() {
         s.performance_metrics.clear();
@@ -688,7 +688,7 @@ fn subscribe_message(u: &Update, ch: &Channels, f: &Filter) -> Option<pb::Subscr
                 && f.agent.is_none()
                 && f.correlation_id
                     .as_ref()
-                    .is_none_or(|c| m.correlation_id.as_ref() == Some(c)) =>
+                    .is_none_or(|c| m.correlation_id.as_deref() == Some(c.as_str())) =>
         {
             U::PerformanceMetric(convert::performance(m))
         }

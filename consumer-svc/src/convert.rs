@@ -23,7 +23,7 @@ pub fn kind(k: EventKind) -> pb::EventKind {
 
 pub fn agent_metrics(m: &state::AgentMetrics) -> pb::AgentMetrics {
     pb::AgentMetrics {
-        agent: m.agent.clone(),
+        agent: m.agent.to_string(),
         total_requests: m.total_requests,
         avg_routing_time_ms: m.avg_routing_time_ms,
         avg_confidence: m.avg_confidence,
@@ -44,17 +44,22 @@ pub fn stats(s: &state::PerformanceStats) -> pb::PerformanceStats {
     }
 }
 
+/// An optional event text as an owned string.
+fn opt(t: Option<&events::Text>) -> Option<String> {
+    t.map(|t| t.to_string())
+}
+
 pub fn action(a: &events::AgentAction) -> pb::AgentAction {
     pb::AgentAction {
-        id: a.id.clone(),
-        correlation_id: a.correlation_id.clone(),
-        agent_name: a.agent_name.clone(),
-        action_type: a.action_type.clone(),
-        action_name: a.action_name.clone(),
-        action_details_json: a.action_details_json.clone(),
+        id: a.id.to_string(),
+        correlation_id: opt(a.correlation_id.as_ref()),
+        agent_name: a.agent_name.to_string(),
+        action_type: a.action_type.to_string(),
+        action_name: opt(a.action_name.as_ref()),
+        action_details_json: opt(a.action_details_json.as_ref()),
         debug_mode: a.debug_mode,
         duration_ms: a.duration_ms,
-        project_name: a.project_name.clone(),
+        project_name: opt(a.project_name.as_ref()),
         success: a.success,
         timestamp: Some(timestamp(a.time)),
     }
@@ -62,38 +67,38 @@ pub fn action(a: &events::AgentAction) -> pb::AgentAction {
 
 pub fn decision(d: &events::RoutingDecision) -> pb::RoutingDecision {
     pb::RoutingDecision {
-        id: d.id.clone(),
-        correlation_id: d.correlation_id.clone(),
-        user_request: d.user_request.clone(),
-        selected_agent: d.selected_agent.clone(),
+        id: d.id.to_string(),
+        correlation_id: opt(d.correlation_id.as_ref()),
+        user_request: opt(d.user_request.as_ref()),
+        selected_agent: d.selected_agent.to_string(),
         confidence_score: d.confidence_score,
-        routing_strategy: d.routing_strategy.clone(),
+        routing_strategy: opt(d.routing_strategy.as_ref()),
         alternatives: d
             .alternatives
             .iter()
             .map(|a| pb::RoutingAlternative {
-                agent: a.agent.clone(),
+                agent: a.agent.to_string(),
                 confidence: a.confidence,
-                reasoning: a.reasoning.clone(),
+                reasoning: opt(a.reasoning.as_ref()),
             })
             .collect(),
-        reasoning: d.reasoning.clone(),
+        reasoning: opt(d.reasoning.as_ref()),
         routing_time_ms: d.routing_time_ms,
-        context_json: d.context_json.clone(),
-        project_path: d.project_path.clone(),
-        project_name: d.project_name.clone(),
-        session_id: d.session_id.clone(),
+        context_json: opt(d.context_json.as_ref()),
+        project_path: opt(d.project_path.as_ref()),
+        project_name: opt(d.project_name.as_ref()),
+        session_id: opt(d.session_id.as_ref()),
         timestamp: Some(timestamp(d.time)),
     }
 }
 
 pub fn transformation(t: &events::Transformation) -> pb::Transformation {
     pb::Transformation {
-        id: t.id.clone(),
-        correlation_id: t.correlation_id.clone(),
-        source_agent: t.source_agent.clone(),
-        target_agent: t.target_agent.clone(),
-        transformation_reason: t.transformation_reason.clone(),
+        id: t.id.to_string(),
+        correlation_id: opt(t.correlation_id.as_ref()),
+        source_agent: t.source_agent.to_string(),
+        target_agent: t.target_agent.to_string(),
+        transformation_reason: opt(t.transformation_reason.as_ref()),
         confidence_score: t.confidence_score,
         transformation_duration_ms: t.transformation_duration_ms,
         success: t.success,
@@ -103,14 +108,14 @@ pub fn transformation(t: &events::Transformation) -> pb::Transformation {
 
 pub fn performance(m: &events::PerformanceMetric) -> pb::PerformanceMetric {
     pb::PerformanceMetric {
-        id: m.id.clone(),
-        correlation_id: m.correlation_id.clone(),
-        query_text: m.query_text.clone(),
+        id: m.id.to_string(),
+        correlation_id: opt(m.correlation_id.as_ref()),
+        query_text: opt(m.query_text.as_ref()),
         routing_duration_ms: m.routing_duration_ms,
         cache_hit: m.cache_hit,
         candidates_evaluated: m.candidates_evaluated,
-        trigger_match_strategy: m.trigger_match_strategy.clone(),
-        confidence_components_json: m.confidence_components_json.clone(),
+        trigger_match_strategy: m.trigger_match_strategy.to_string(),
+        confidence_components_json: opt(m.confidence_components_json.as_ref()),
         timestamp: Some(timestamp(m.time)),
     }
 }

@@ -3,7 +3,9 @@
 //! Producers send flat JSON objects in snake_case or camelCase, some drop null fields and
 //! others send explicit nulls. A null is "absent"; a real `0`, `false` or `""` is a value
 //! (the original's `||` defaults are deliberately not reproduced). Strings are borrowed from
-//! the message payload while parsing and copied once into the owned event.
+//! the message payload while parsing and copied once into the owned event: all the text of
+//! one event goes into a single shared buffer (`Text` fields are spans of it), so an event
+//! costs two allocations (its text and itself) rather than one per field.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -15,6 +17,161 @@ use serde_json::value::RawValue;
 
 /// Event time in microseconds since the Unix epoch (UTC).
 pub type Micros = i64;
+
+/// A string field of an event: a span of the event's one text buffer (shared, immutable).
+/// Reads like a `&str` (`Deref`); `to_string()` for an owned copy.
+#[derive(Clone)]
+pub struct Text {
+    buf: Arc<str>,
+    start: u32,
+    end: u32,
+}
+
+impl Text {
+    pub fn as_str(&self) -> &str {
+        // Spans are made by `TextBuf` on character boundaries; `get` never panics anyway.
+        self.buf
+            .get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Text::from("")
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        let end = u32::try_from(s.len()).unwrap_or(0);
+        Text {
+            buf: Arc::from(s),
+            start: 0,
+            end,
+        }
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text::from(s.as_str())
+    }
+}
+
+impl From<&Text> for String {
+    fn from(t: &Text) -> Self {
+        t.as_str().to_owned()
+    }
+}
+
+impl fmt::Debug for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Text {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Text) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+impl Eq for Text {}
+impl PartialEq<str> for Text {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+impl PartialEq<&str> for Text {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+impl PartialEq<String> for Text {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+impl PartialOrd for Text {
+    fn partial_cmp(&self, other: &Text) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Text {
+    fn cmp(&self, other: &Text) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+/// Collects the text fields of one event into one buffer while parsing.
+struct TextBuf {
+    buf: String,
+}
+
+#[derive(Clone, Copy)]
+struct Span(u32, u32);
+
+impl TextBuf {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            buf: String::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, s: &str) -> Result<Span, ParseError> {
+        let start = self.buf.len();
+        self.buf.push_str(s);
+        let too_large = |_| ParseError::TooLarge;
+        Ok(Span(
+            u32::try_from(start).map_err(too_large)?,
+            u32::try_from(self.buf.len()).map_err(too_large)?,
+        ))
+    }
+
+    fn opt(&mut self, s: Option<&str>) -> Result<Option<Span>, ParseError> {
+        s.map(|s| self.push(s)).transpose()
+    }
+
+    fn finish(self) -> Arc<str> {
+        Arc::from(self.buf)
+    }
+}
+
+fn text(buf: &Arc<str>, span: Span) -> Text {
+    Text {
+        buf: buf.clone(),
+        start: span.0,
+        end: span.1,
+    }
+}
+
+fn opt_text(buf: &Arc<str>, span: Option<Span>) -> Option<Text> {
+    span.map(|s| text(buf, s))
+}
 
 /// What a topic carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,55 +214,59 @@ pub enum ParseError {
     MissingField(&'static str),
     #[error("invalid timestamp `{0}`")]
     Timestamp(String),
+    #[error("invalid UTF-8 in the event: {0}")]
+    Utf8(#[from] std::str::Utf8Error),
+    #[error("event text larger than 4 GiB")]
+    TooLarge,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Alternative {
-    pub agent: String,
+    pub agent: Text,
     pub confidence: Option<f64>,
-    pub reasoning: Option<String>,
+    pub reasoning: Option<Text>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoutingDecision {
-    pub id: String,
-    pub correlation_id: Option<String>,
-    pub user_request: Option<String>,
-    pub selected_agent: String,
+    pub id: Text,
+    pub correlation_id: Option<Text>,
+    pub user_request: Option<Text>,
+    pub selected_agent: Text,
     pub confidence_score: Option<f64>,
-    pub routing_strategy: Option<String>,
+    pub routing_strategy: Option<Text>,
     pub alternatives: Vec<Alternative>,
-    pub reasoning: Option<String>,
+    pub reasoning: Option<Text>,
     pub routing_time_ms: Option<f64>,
-    pub context_json: Option<String>,
-    pub project_path: Option<String>,
-    pub project_name: Option<String>,
-    pub session_id: Option<String>,
+    pub context_json: Option<Text>,
+    pub project_path: Option<Text>,
+    pub project_name: Option<Text>,
+    pub session_id: Option<Text>,
     pub time: Micros,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentAction {
-    pub id: String,
-    pub correlation_id: Option<String>,
-    pub agent_name: String,
-    pub action_type: String,
-    pub action_name: Option<String>,
-    pub action_details_json: Option<String>,
+    pub id: Text,
+    pub correlation_id: Option<Text>,
+    pub agent_name: Text,
+    pub action_type: Text,
+    pub action_name: Option<Text>,
+    pub action_details_json: Option<Text>,
     pub debug_mode: Option<bool>,
     pub duration_ms: Option<f64>,
-    pub project_name: Option<String>,
+    pub project_name: Option<Text>,
     pub success: Option<bool>,
     pub time: Micros,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transformation {
-    pub id: String,
-    pub correlation_id: Option<String>,
-    pub source_agent: String,
-    pub target_agent: String,
-    pub transformation_reason: Option<String>,
+    pub id: Text,
+    pub correlation_id: Option<Text>,
+    pub source_agent: Text,
+    pub target_agent: Text,
+    pub transformation_reason: Option<Text>,
     pub confidence_score: Option<f64>,
     pub transformation_duration_ms: Option<f64>,
     pub success: bool,
@@ -114,14 +275,14 @@ pub struct Transformation {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PerformanceMetric {
-    pub id: String,
-    pub correlation_id: Option<String>,
-    pub query_text: Option<String>,
+    pub id: Text,
+    pub correlation_id: Option<Text>,
+    pub query_text: Option<Text>,
     pub routing_duration_ms: Option<f64>,
     pub cache_hit: bool,
     pub candidates_evaluated: Option<u64>,
-    pub trigger_match_strategy: String,
-    pub confidence_components_json: Option<String>,
+    pub trigger_match_strategy: Text,
+    pub confidence_components_json: Option<Text>,
     pub time: Micros,
 }
 
@@ -173,17 +334,21 @@ pub fn parse(kind: EventKind, payload: &[u8], now: Micros) -> Result<Event, Pars
 
 type Str<'a> = Option<Cow<'a, str>>;
 
-fn owned(s: Str<'_>) -> Option<String> {
-    s.map(Cow::into_owned)
+fn raw_json(v: Option<&RawValue>) -> Option<&str> {
+    v.map(RawValue::get)
 }
 
-fn raw_json(v: Option<&RawValue>) -> Option<String> {
-    v.map(|r| r.get().to_owned())
+/// The payload as text: validated once here, so the JSON parser need not check every string.
+fn payload_str(payload: &[u8]) -> Result<&str, ParseError> {
+    Ok(std::str::from_utf8(payload)?)
 }
 
-fn id_or_new(id: Str<'_>) -> String {
-    id.map(Cow::into_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+/// The id, or a fresh UUID when the event has none.
+fn id_or_new(t: &mut TextBuf, id: &Str<'_>) -> Result<Span, ParseError> {
+    match id {
+        Some(id) => t.push(id),
+        None => t.push(&uuid::Uuid::new_v4().to_string()),
+    }
 }
 
 /// `timestamp`, else `createdAt`, else the receive time; never later than the receive time.
@@ -244,37 +409,56 @@ struct RawRouting<'a> {
 }
 
 pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, ParseError> {
-    let raw: RawRouting = serde_json::from_slice(payload)?;
-    let selected_agent = raw
-        .selected_agent
-        .ok_or(ParseError::MissingField("selected_agent"))?
-        .into_owned();
+    let payload = payload_str(payload)?;
+    let raw: RawRouting = serde_json::from_str(payload)?;
+    let time = event_time(raw.timestamp, raw.created_at, now)?;
+    let mut t = TextBuf::with_capacity(payload.len());
+    let selected_agent = t.push(
+        raw.selected_agent
+            .as_deref()
+            .ok_or(ParseError::MissingField("selected_agent"))?,
+    )?;
     let mut alternatives = Vec::new();
-    for alt in raw.alternatives.unwrap_or_default() {
-        alternatives.push(Alternative {
-            agent: alt
-                .agent
-                .ok_or(ParseError::MissingField("alternatives[].agent"))?
-                .into_owned(),
-            confidence: alt.confidence,
-            reasoning: owned(alt.reasoning),
-        });
+    for alt in raw.alternatives.as_deref().unwrap_or_default() {
+        let agent = t.push(
+            alt.agent
+                .as_deref()
+                .ok_or(ParseError::MissingField("alternatives[].agent"))?,
+        )?;
+        alternatives.push((agent, alt.confidence, t.opt(alt.reasoning.as_deref())?));
     }
+    let id = id_or_new(&mut t, &raw.id)?;
+    let correlation_id = t.opt(raw.correlation_id.as_deref())?;
+    let user_request = t.opt(raw.user_request.as_deref())?;
+    let routing_strategy = t.opt(raw.routing_strategy.as_deref())?;
+    let reasoning = t.opt(raw.reasoning.as_deref())?;
+    let context_json = t.opt(raw_json(raw.context))?;
+    let project_path = t.opt(raw.project_path.as_deref())?;
+    let project_name = t.opt(raw.project_name.as_deref())?;
+    let session_id = t.opt(raw.session_id.as_deref())?;
+    let b = t.finish();
     Ok(RoutingDecision {
-        time: event_time(raw.timestamp, raw.created_at, now)?,
-        id: id_or_new(raw.id),
-        correlation_id: owned(raw.correlation_id),
-        user_request: owned(raw.user_request),
-        selected_agent,
+        time,
+        id: text(&b, id),
+        correlation_id: opt_text(&b, correlation_id),
+        user_request: opt_text(&b, user_request),
+        selected_agent: text(&b, selected_agent),
         confidence_score: raw.confidence_score,
-        routing_strategy: owned(raw.routing_strategy),
-        alternatives,
-        reasoning: owned(raw.reasoning),
+        routing_strategy: opt_text(&b, routing_strategy),
+        alternatives: alternatives
+            .into_iter()
+            .map(|(agent, confidence, reasoning)| Alternative {
+                agent: text(&b, agent),
+                confidence,
+                reasoning: opt_text(&b, reasoning),
+            })
+            .collect(),
+        reasoning: opt_text(&b, reasoning),
         routing_time_ms: raw.routing_time_ms,
-        context_json: raw_json(raw.context),
-        project_path: owned(raw.project_path),
-        project_name: owned(raw.project_name),
-        session_id: owned(raw.session_id),
+        context_json: opt_text(&b, context_json),
+        project_path: opt_text(&b, project_path),
+        project_name: opt_text(&b, project_name),
+        session_id: opt_text(&b, session_id),
     })
 }
 
@@ -307,24 +491,37 @@ struct RawAction<'a> {
 }
 
 pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseError> {
-    let raw: RawAction = serde_json::from_slice(payload)?;
+    let payload = payload_str(payload)?;
+    let raw: RawAction = serde_json::from_str(payload)?;
+    let time = event_time(raw.timestamp, raw.created_at, now)?;
+    let mut t = TextBuf::with_capacity(payload.len());
+    let agent_name = t.push(
+        raw.agent_name
+            .as_deref()
+            .ok_or(ParseError::MissingField("agent_name"))?,
+    )?;
+    let action_type = t.push(
+        raw.action_type
+            .as_deref()
+            .ok_or(ParseError::MissingField("action_type"))?,
+    )?;
+    let id = id_or_new(&mut t, &raw.id)?;
+    let correlation_id = t.opt(raw.correlation_id.as_deref())?;
+    let action_name = t.opt(raw.action_name.as_deref())?;
+    let action_details_json = t.opt(raw_json(raw.action_details))?;
+    let project_name = t.opt(raw.project_name.as_deref())?;
+    let b = t.finish();
     Ok(AgentAction {
-        time: event_time(raw.timestamp, raw.created_at, now)?,
-        agent_name: raw
-            .agent_name
-            .ok_or(ParseError::MissingField("agent_name"))?
-            .into_owned(),
-        action_type: raw
-            .action_type
-            .ok_or(ParseError::MissingField("action_type"))?
-            .into_owned(),
-        id: id_or_new(raw.id),
-        correlation_id: owned(raw.correlation_id),
-        action_name: owned(raw.action_name),
-        action_details_json: raw_json(raw.action_details),
+        time,
+        agent_name: text(&b, agent_name),
+        action_type: text(&b, action_type),
+        id: text(&b, id),
+        correlation_id: opt_text(&b, correlation_id),
+        action_name: opt_text(&b, action_name),
+        action_details_json: opt_text(&b, action_details_json),
         debug_mode: raw.debug_mode,
         duration_ms: raw.duration_ms,
-        project_name: owned(raw.project_name),
+        project_name: opt_text(&b, project_name),
         success: raw.success,
     })
 }
@@ -354,20 +551,31 @@ struct RawTransformation<'a> {
 }
 
 pub fn parse_transformation(payload: &[u8], now: Micros) -> Result<Transformation, ParseError> {
-    let raw: RawTransformation = serde_json::from_slice(payload)?;
+    let payload = payload_str(payload)?;
+    let raw: RawTransformation = serde_json::from_str(payload)?;
+    let time = event_time(raw.timestamp, raw.created_at, now)?;
+    let mut t = TextBuf::with_capacity(payload.len());
+    let source_agent = t.push(
+        raw.source_agent
+            .as_deref()
+            .ok_or(ParseError::MissingField("source_agent"))?,
+    )?;
+    let target_agent = t.push(
+        raw.target_agent
+            .as_deref()
+            .ok_or(ParseError::MissingField("target_agent"))?,
+    )?;
+    let id = id_or_new(&mut t, &raw.id)?;
+    let correlation_id = t.opt(raw.correlation_id.as_deref())?;
+    let transformation_reason = t.opt(raw.transformation_reason.as_deref())?;
+    let b = t.finish();
     Ok(Transformation {
-        time: event_time(raw.timestamp, raw.created_at, now)?,
-        source_agent: raw
-            .source_agent
-            .ok_or(ParseError::MissingField("source_agent"))?
-            .into_owned(),
-        target_agent: raw
-            .target_agent
-            .ok_or(ParseError::MissingField("target_agent"))?
-            .into_owned(),
-        id: id_or_new(raw.id),
-        correlation_id: owned(raw.correlation_id),
-        transformation_reason: owned(raw.transformation_reason),
+        time,
+        source_agent: text(&b, source_agent),
+        target_agent: text(&b, target_agent),
+        id: text(&b, id),
+        correlation_id: opt_text(&b, correlation_id),
+        transformation_reason: opt_text(&b, transformation_reason),
         confidence_score: raw.confidence_score,
         transformation_duration_ms: raw.transformation_duration_ms,
         success: raw.success.unwrap_or(true),
@@ -404,20 +612,27 @@ struct RawPerformance<'a> {
 }
 
 pub fn parse_performance(payload: &[u8], now: Micros) -> Result<PerformanceMetric, ParseError> {
-    let raw: RawPerformance = serde_json::from_slice(payload)?;
+    let payload = payload_str(payload)?;
+    let raw: RawPerformance = serde_json::from_str(payload)?;
+    let time = event_time(raw.timestamp, raw.created_at, now)?;
+    let mut t = TextBuf::with_capacity(payload.len());
+    let id = id_or_new(&mut t, &raw.id)?;
+    let correlation_id = t.opt(raw.correlation_id.as_deref())?;
+    let query_text = t.opt(raw.query_text.as_deref())?;
+    let trigger_match_strategy =
+        t.push(raw.trigger_match_strategy.as_deref().unwrap_or("unknown"))?;
+    let confidence_components_json = t.opt(raw_json(raw.confidence_components))?;
+    let b = t.finish();
     Ok(PerformanceMetric {
-        time: event_time(raw.timestamp, raw.created_at, now)?,
-        id: id_or_new(raw.id),
-        correlation_id: owned(raw.correlation_id),
-        query_text: owned(raw.query_text),
+        time,
+        id: text(&b, id),
+        correlation_id: opt_text(&b, correlation_id),
+        query_text: opt_text(&b, query_text),
         routing_duration_ms: raw.routing_duration_ms,
         cache_hit: raw.cache_hit.unwrap_or(false),
         candidates_evaluated: raw.candidates_evaluated,
-        trigger_match_strategy: raw
-            .trigger_match_strategy
-            .map(Cow::into_owned)
-            .unwrap_or_else(|| "unknown".to_owned()),
-        confidence_components_json: raw_json(raw.confidence_components),
+        trigger_match_strategy: text(&b, trigger_match_strategy),
+        confidence_components_json: opt_text(&b, confidence_components_json),
     })
 }
 

@@ -24,14 +24,15 @@ pub enum UpdateKind {
     Status(Arc<pb::ConsumerStatus>),
 }
 
-#[derive(Debug)]
+/// Cheap to clone: the payloads are shared (`Arc`).
+#[derive(Clone, Debug)]
 pub struct Update {
     pub seq: u64,
     pub kind: UpdateKind,
 }
 
 /// Updates published together, in sequence order.
-pub type Batch = Arc<Vec<Arc<Update>>>;
+pub type Batch = Arc<[Update]>;
 
 pub struct Hub {
     inner: Mutex<Inner>,
@@ -40,14 +41,14 @@ pub struct Hub {
 }
 
 struct Inner {
-    ring: VecDeque<Arc<Update>>,
+    ring: VecDeque<Update>,
     last_seq: u64,
 }
 
 /// A new subscription: the buffered updates to replay, then the live receiver.
 pub struct Subscription {
     /// Updates after the resume point still in the ring, oldest first.
-    pub backlog: Vec<Arc<Update>>,
+    pub backlog: Vec<Update>,
     /// Updates after the resume point that are no longer buffered.
     pub missed: u64,
     /// The newest sequence number at subscription time.
@@ -89,25 +90,30 @@ impl Hub {
     /// Sequences and publishes `kinds`; returns the last sequence number used.
     pub fn publish(&self, kinds: impl IntoIterator<Item = UpdateKind>) -> u64 {
         let mut inner = self.inner.lock();
-        let mut batch = Vec::new();
+        let kinds = kinds.into_iter();
+        // Nobody to send to (checked under the lock, which subscribe() takes too): no batch.
+        let listening = self.tx.receiver_count() > 0;
+        let mut batch = Vec::with_capacity(if listening { kinds.size_hint().0 } else { 0 });
         for kind in kinds {
             inner.last_seq += 1;
-            let update = Arc::new(Update {
+            let update = Update {
                 seq: inner.last_seq,
                 kind,
-            });
+            };
             if self.ring_cap > 0 {
                 if inner.ring.len() == self.ring_cap {
                     inner.ring.pop_front();
                 }
                 inner.ring.push_back(update.clone());
             }
-            batch.push(update);
+            if listening {
+                batch.push(update);
+            }
         }
         if !batch.is_empty() {
             // Sent under the lock so subscribe() sees ring and channel consistently. An error
             // only means nobody is listening.
-            let _ = self.tx.send(Arc::new(batch));
+            let _ = self.tx.send(Batch::from(batch));
         }
         inner.last_seq
     }
@@ -150,7 +156,7 @@ impl Hub {
 #[derive(Debug)]
 pub enum Next {
     /// Updates in order (possibly several batches, drained without waiting).
-    Updates(Vec<Arc<Update>>),
+    Updates(Vec<Update>),
     /// `missed` updates were dropped; the stream goes on after them.
     Lagged {
         missed: u64,
@@ -184,7 +190,7 @@ impl Follower {
 
     /// Appends `batch` to `out`, unless updates are missing before it: then it is kept for
     /// the next call and the gap is reported.
-    fn handle(&mut self, batch: Batch, out: &mut Vec<Arc<Update>>) -> Option<Next> {
+    fn handle(&mut self, batch: Batch, out: &mut Vec<Update>) -> Option<Next> {
         let first = batch.first()?.seq;
         if first > self.delivered + 1 {
             if !out.is_empty() {

@@ -581,10 +581,10 @@ mod tests {
                 let id = format!("e{i}");
                 match r.below(4) {
                     0 => Event::RoutingDecision(Arc::new(RoutingDecision {
-                        id,
-                        correlation_id: Some(format!("c{}", i / 3)),
+                        id: id.clone().into(),
+                        correlation_id: Some(format!("c{}", i / 3).into()),
                         user_request: None,
-                        selected_agent: agent,
+                        selected_agent: agent.clone().into(),
                         confidence_score: (r.below(5) > 0).then(|| r.unit()),
                         routing_strategy: None,
                         alternatives: vec![Alternative {
@@ -601,9 +601,9 @@ mod tests {
                         time,
                     })),
                     1 => Event::AgentAction(Arc::new(AgentAction {
-                        id,
+                        id: id.clone().into(),
                         correlation_id: None,
-                        agent_name: agent,
+                        agent_name: agent.clone().into(),
                         action_type: types[r.below(4) as usize].into(),
                         action_name: None,
                         action_details_json: None,
@@ -614,9 +614,9 @@ mod tests {
                         time,
                     })),
                     2 => Event::Transformation(Arc::new(Transformation {
-                        id,
+                        id: id.clone().into(),
                         correlation_id: None,
-                        source_agent: agent,
+                        source_agent: agent.clone().into(),
                         target_agent: "beta".into(),
                         transformation_reason: None,
                         confidence_score: None,
@@ -625,7 +625,7 @@ mod tests {
                         time,
                     })),
                     _ => Event::PerformanceMetric(Arc::new(PerformanceMetric {
-                        id,
+                        id: id.clone().into(),
                         correlation_id: None,
                         query_text: None,
                         routing_duration_ms: (r.below(4) > 0).then(|| r.unit() * 50.0),
@@ -645,8 +645,10 @@ mod tests {
         let mut names: Vec<String> = Vec::new();
         for e in events {
             match e {
-                Event::RoutingDecision(d) if d.time >= from => names.push(d.selected_agent.clone()),
-                Event::AgentAction(a) if a.time >= from => names.push(a.agent_name.clone()),
+                Event::RoutingDecision(d) if d.time >= from => {
+                    names.push(d.selected_agent.to_string())
+                }
+                Event::AgentAction(a) if a.time >= from => names.push(a.agent_name.to_string()),
                 _ => {}
             }
         }
@@ -894,7 +896,7 @@ mod tests {
         // One action per minute for 24 h, pruned every simulated minute as the service does.
         while t <= NOW {
             let e = Event::AgentAction(Arc::new(AgentAction {
-                id: format!("{i}"),
+                id: format!("{i}").into(),
                 correlation_id: None,
                 agent_name: "busy".into(),
                 action_type: "success".into(),
