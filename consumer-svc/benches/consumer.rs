@@ -320,6 +320,27 @@ fn memory_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// Per thread of `pid`: (name, seconds on a CPU, seconds runnable but waiting for a CPU), from
+/// /proc/<pid>/task/*/schedstat; the threads that used the most CPU first.
+fn thread_times(pid: u32) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in dir.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        let mut f = stat
+            .split_whitespace()
+            .map(|v| v.parse::<f64>().unwrap_or(0.0) / 1e9);
+        let (run, wait) = (f.next().unwrap_or(0.0), f.next().unwrap_or(0.0));
+        out.push((name.trim().to_string(), run, wait));
+    }
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
 /// CPU seconds used so far by `pid`.
 fn cpu_seconds(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -417,6 +438,16 @@ async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
         let svc_rate = total as f64 / t.as_secs_f64();
         ratios.push(svc_rate / bare_rate);
         eprintln!("[ingest] round {round}: bare {bare_rate:.0}/s, consumer-svc {svc_rate:.0}/s");
+        let threads = thread_times(svc.pid());
+        eprintln!(
+            "[ingest] consumer-svc threads (CPU s / waiting for a CPU s): {}",
+            threads
+                .iter()
+                .take(5)
+                .map(|(n, r, w)| format!("{n} {r:.2}/{w:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         rows.push(format!(
             "| {round} | {:.2} s ({bare_rate:.0} ev/s), first after {:.2} s | {:.2} s ({svc_rate:.0} ev/s) | {:.2} s / {:.2} s | **{:.2}** | {:.1} / {:.1} / {svc_cpu:.1} s | {rss:.0} / {peak:.0} MiB |",
             b.as_secs_f64(),

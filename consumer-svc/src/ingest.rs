@@ -254,6 +254,11 @@ impl Ingest {
     }
 
     /// Consumes until `shutdown`. Blocking: run it on its own thread.
+    ///
+    /// Each batch is parsed first (no lock held) and then applied under one state lock. (A
+    /// two-thread pipeline, parsing on this thread and applying on another, was measured
+    /// slower on the 2-core benchmark machine: the threads competed with the broker and
+    /// librdkafka for the cores; see BENCHMARKS.md.)
     pub fn run(mut self, shutdown: Shutdown) {
         let mut last_discover: Option<Instant> = None;
         let mut last_prune = Instant::now();
@@ -275,7 +280,7 @@ impl Ingest {
                 Duration::from_millis(100)
             };
             // Borrowed from the consumer's buffers: no copy of the payloads.
-            let mut msgs = Vec::with_capacity(64);
+            let mut msgs = Vec::with_capacity(BATCH);
             let mut timeout = wait;
             while msgs.len() < BATCH {
                 match self.consumer.poll(timeout) {
@@ -291,14 +296,10 @@ impl Ingest {
             if msgs.is_empty() {
                 continue;
             }
-            let resets = apply_batch(
-                &self.cfg,
-                &self.sinks,
-                &mut self.assigned,
-                &mut self.error_logs,
-                &msgs,
-            );
+            let (parsed, resets) =
+                parse_batch(&self.cfg, &mut self.assigned, &mut self.error_logs, &msgs);
             drop(msgs);
+            apply_parsed(&self.cfg, &self.sinks, parsed);
             for key in resets {
                 self.reassign_from_beginning(key);
             }
@@ -571,100 +572,146 @@ impl Ingest {
     }
 }
 
-/// Parses and applies one batch; returns partitions to re-read from the beginning.
-fn apply_batch(
+/// One polled batch, parsed: what applying it needs.
+struct Parsed {
+    /// Receive time of the batch (event-time clamp and expiry).
+    now: Micros,
+    /// Parsed events with their topic index, in the order received.
+    events: Vec<(usize, events::Event)>,
+    /// Next offset of each partition the batch touched.
+    positions: Vec<((usize, i32), i64)>,
+    /// Messages that failed to parse, per topic.
+    errors: [u64; 4],
+}
+
+/// Parses one batch of borrowed messages; returns it with the partitions to re-read from the
+/// beginning.
+fn parse_batch(
     cfg: &IngestConfig,
-    sinks: &Sinks,
     assigned: &mut HashMap<(usize, i32), Partition>,
     error_logs: &mut [ErrorLog; 4],
     msgs: &[rdkafka::message::BorrowedMessage<'_>],
-) -> Vec<(usize, i32)> {
+) -> (Parsed, Vec<(usize, i32)>) {
     let now = now_micros();
     let mut resets: Vec<(usize, i32)> = Vec::new();
-    let mut updates = Vec::new();
-    let mut consumed = [0u64; 4];
     let mut errors = [0u64; 4];
-    let mut expired = [0u64; 4];
-    let mut newest = [i64::MIN; 4];
-    let mut dirty: Vec<&str> = Vec::new();
     let mut parsed = Vec::with_capacity(msgs.len());
-    let mut touched: Vec<(usize, i32)> = Vec::new();
-    // Held until the batch is published: a snapshot taken under the read lock then holds
-    // exactly the updates up to the hub's last sequence.
-    let mut state = sinks.state.write();
-    {
-        for m in msgs {
-            let Some(k) = cfg.topics.iter().position(|t| t == m.topic()) else {
-                continue;
-            };
-            let key = (k, m.partition());
-            if resets.contains(&key) {
-                continue;
-            }
-            let Some(part) = assigned.get_mut(&key) else {
-                continue; // a stale message of a partition just dropped
-            };
-            if let Some((offset, before_ms)) = part.verify.take() {
-                let ts = m.timestamp().to_millis();
-                if m.offset() != offset || ts.is_some_and(|t| t >= before_ms) {
-                    tracing::warn!(
-                        topic = m.topic(),
-                        partition = m.partition(),
-                        expected = offset,
-                        got = m.offset(),
-                        ?ts,
-                        before_ms,
-                        "the broker's offset for the cutoff time was not verified; replaying this partition from the earliest offset"
-                    );
-                    resets.push(key);
+    let mut positions: Vec<((usize, i32), i64)> = Vec::new();
+    // Messages come in runs of one partition: remember the last one's topic and index.
+    let mut last_topic: Option<(&str, usize)> = None;
+    for m in msgs {
+        let topic = m.topic();
+        let k = match last_topic {
+            Some((t, k)) if t == topic => k,
+            _ => {
+                let Some(k) = cfg.topics.iter().position(|t| t == topic) else {
                     continue;
+                };
+                last_topic = Some((topic, k));
+                k
+            }
+        };
+        let key = (k, m.partition());
+        if resets.contains(&key) {
+            continue;
+        }
+        let Some(part) = assigned.get_mut(&key) else {
+            continue; // a stale message of a partition just dropped
+        };
+        if let Some((offset, before_ms)) = part.verify.take() {
+            let ts = m.timestamp().to_millis();
+            if m.offset() != offset || ts.is_some_and(|t| t >= before_ms) {
+                tracing::warn!(
+                    topic,
+                    partition = m.partition(),
+                    expected = offset,
+                    got = m.offset(),
+                    ?ts,
+                    before_ms,
+                    "the broker's offset for the cutoff time was not verified; replaying this partition from the earliest offset"
+                );
+                resets.push(key);
+                continue;
+            }
+        }
+        part.next = m.offset() + 1;
+        match positions.last_mut() {
+            Some((last, next)) if *last == key => *next = part.next,
+            _ => match positions.iter_mut().find(|(p, _)| *p == key) {
+                Some((_, next)) => *next = part.next,
+                None => positions.push((key, part.next)),
+            },
+        }
+        let kind = EventKind::ALL[k];
+        match events::parse(kind, m.payload().unwrap_or_default(), now) {
+            Ok(event) => parsed.push((k, event)),
+            Err(e) => {
+                errors[k] += 1;
+                let log = &mut error_logs[k];
+                if log.window_start.elapsed() >= Duration::from_secs(60) {
+                    log.window_start = Instant::now();
+                    log.logged = 0;
                 }
-            }
-            part.next = m.offset() + 1;
-            if !touched.contains(&key) {
-                touched.push(key);
-            }
-            let kind = EventKind::ALL[k];
-            match events::parse(kind, m.payload().unwrap_or_default(), now) {
-                Ok(event) => match state.apply(&event, now) {
-                    Applied::Aggregated(_) => {
-                        consumed[k] += 1;
-                        newest[k] = newest[k].max(event.time());
-                        parsed.push(event);
-                    }
-                    Applied::Expired => expired[k] += 1,
-                },
-                Err(e) => {
-                    errors[k] += 1;
-                    let log = &mut error_logs[k];
-                    if log.window_start.elapsed() >= Duration::from_secs(60) {
-                        log.window_start = Instant::now();
-                        log.logged = 0;
-                    }
-                    if log.logged < ERROR_LOGS_PER_MINUTE {
-                        log.logged += 1;
-                        tracing::warn!(
-                            topic = m.topic(),
-                            partition = m.partition(),
-                            offset = m.offset(),
-                            "skipping an invalid event: {e}"
-                        );
-                    }
+                if log.logged < ERROR_LOGS_PER_MINUTE {
+                    log.logged += 1;
+                    tracing::warn!(
+                        topic,
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "skipping an invalid event: {e}"
+                    );
                 }
             }
         }
     }
+    (
+        Parsed {
+            now,
+            events: parsed,
+            positions,
+            errors,
+        },
+        resets,
+    )
+}
+
+/// Applies one parsed batch under a single state lock and publishes it.
+fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
+    let Parsed {
+        now,
+        events,
+        positions: touched,
+        errors,
+    } = batch;
+    let mut consumed = [0u64; 4];
+    let mut expired = [0u64; 4];
+    let mut newest = [i64::MIN; 4];
+    let mut applied = Vec::with_capacity(if cfg.publish { events.len() } else { 0 });
+    // Held until the batch is published: a snapshot taken under the read lock then holds
+    // exactly the updates up to the hub's last sequence.
+    let mut state = sinks.state.write();
+    for (k, event) in events {
+        match state.apply(&event, now) {
+            Applied::Aggregated(_) => {
+                consumed[k] += 1;
+                newest[k] = newest[k].max(event.time());
+                if cfg.publish {
+                    applied.push(event);
+                }
+            }
+            Applied::Expired => expired[k] += 1,
+        }
+    }
     {
-        // Positions now; high watermarks are refreshed by discover() every 2 s (what we
-        // have read is a lower bound meanwhile).
+        // Positions now; high watermarks come from librdkafka's statistics (what we have read
+        // is a lower bound meanwhile). discover() lists every assigned partition and removes
+        // those that vanished; a position never brings one back.
         let mut positions = sinks.status.partitions.lock();
-        for key in touched {
-            let next = assigned.get(&key).map_or(-1, |p| p.next);
-            let pos = positions
-                .entry(key)
-                .or_insert(PartitionPosition { next, high: next });
-            pos.next = next;
-            pos.high = pos.high.max(next);
+        for (key, next) in touched {
+            if let Some(pos) = positions.get_mut(&key) {
+                pos.next = next;
+                pos.high = pos.high.max(next);
+            }
         }
     }
     for k in 0..4 {
@@ -680,25 +727,25 @@ fn apply_batch(
             c.expired.fetch_add(expired[k], Ordering::Relaxed);
         }
     }
-    if cfg.publish && !parsed.is_empty() {
-        for e in &parsed {
-            match e {
-                events::Event::RoutingDecision(d) => dirty.push(&d.selected_agent),
-                events::Event::AgentAction(a) => dirty.push(&a.agent_name),
-                _ => {}
-            }
-        }
+    if cfg.publish && !applied.is_empty() {
         {
             let mut set = sinks.dirty_agents.lock();
-            for a in dirty {
-                if !set.contains(a) {
-                    set.insert(a.to_owned());
+            let mut last: Option<&str> = None;
+            for e in &applied {
+                let agent = match e {
+                    events::Event::RoutingDecision(d) => d.selected_agent.as_str(),
+                    events::Event::AgentAction(a) => a.agent_name.as_str(),
+                    _ => continue,
+                };
+                if last != Some(agent) && !set.contains(agent) {
+                    set.insert(agent.to_owned());
                 }
+                last = Some(agent);
             }
         }
-        updates.extend(parsed.into_iter().map(UpdateKind::Event));
-        sinks.hub.publish(updates);
+        sinks
+            .hub
+            .publish(applied.into_iter().map(UpdateKind::Event));
     }
     drop(state);
-    resets
 }
