@@ -32,6 +32,8 @@ struct Args {
     subscribers: usize,
     fanout_rate: f64,
     fanout_secs: u64,
+    /// Each subscriber filters on one of the generator's agents (subscriber i: agent i % 50).
+    filter_agent: bool,
     memory_events: u64,
     memory_agents: usize,
     memory_chunk: u64,
@@ -44,6 +46,7 @@ fn parse_args() -> Result<Args> {
         subscribers: 1000,
         fanout_rate: 5000.0,
         fanout_secs: 20,
+        filter_agent: false,
         memory_events: 10_000_000,
         memory_agents: 10_000,
         memory_chunk: 1_000_000,
@@ -57,6 +60,7 @@ fn parse_args() -> Result<Args> {
             "--subscribers" => a.subscribers = value()?.parse()?,
             "--fanout-rate" => a.fanout_rate = value()?.parse()?,
             "--fanout-secs" => a.fanout_secs = value()?.parse()?,
+            "--filter-agent" => a.filter_agent = true,
             "--memory-events" => a.memory_events = value()?.parse()?,
             "--memory-agents" => a.memory_agents = value()?.parse()?,
             "--memory-chunk" => a.memory_chunk = value()?.parse()?,
@@ -373,7 +377,7 @@ fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duratio
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "20")
         .set("queued.min.messages", "200000")
-        .set("queued.max.messages.kbytes", "262144")
+        .set("queued.max.messages.kbytes", "65536")
         .set("max.partition.fetch.bytes", "8388608")
         .set("fetch.max.bytes", "67108864")
         .create()?;
@@ -474,7 +478,20 @@ async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
     ))
 }
 
-async fn bench_fanout(broker: &Broker, subscribers: usize, rate: f64, secs: u64) -> Result<String> {
+/// Agents of the load generator in the fan-out run (`gen_config`).
+const FANOUT_AGENTS: usize = 50;
+
+fn agent_name(i: usize) -> String {
+    format!("agent-{i:05}")
+}
+
+async fn bench_fanout(
+    broker: &Broker,
+    subscribers: usize,
+    rate: f64,
+    secs: u64,
+    filter_agent: bool,
+) -> Result<String> {
     let brokers = broker.addr();
     let prefix = format!("fanout{}.", std::process::id());
     let topics = create_topics(&brokers, &prefix).await?;
@@ -499,13 +516,14 @@ async fn bench_fanout(broker: &Broker, subscribers: usize, rate: f64, secs: u64)
         let mut client = ConsumerServiceClient::new(channels[i / per_conn].clone());
         let stop = stop.clone();
         let opened = opened.clone();
+        let request = pb::StreamActionsRequest {
+            agent: filter_agent.then(|| agent_name(i % FANOUT_AGENTS)),
+            ..Default::default()
+        };
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
             let (mut n, mut lagged) = (0u64, 0u64);
-            let mut stream = match client
-                .stream_actions(pb::StreamActionsRequest::default())
-                .await
-            {
+            let mut stream = match client.stream_actions(request).await {
                 Ok(s) => s.into_inner(),
                 Err(_) => return (h, n, lagged),
             };
@@ -541,13 +559,17 @@ async fn bench_fanout(broker: &Broker, subscribers: usize, rate: f64, secs: u64)
     }
     eprintln!("[fanout] {subscribers} subscribers open; producing {rate}/s for {secs}s");
     let cpu0 = cpu_seconds(svc.pid());
+    let own_cpu0 = cpu_seconds(std::process::id());
     let t0 = Instant::now();
     let mut cfg = gen_config(&brokers, &topics);
+    cfg.agents = FANOUT_AGENTS;
     cfg.rate = Some(rate);
     cfg.duration = Some(Duration::from_secs(secs));
     let report = tokio::task::spawn_blocking(move || produce(cfg)).await??;
     let produce_secs = t0.elapsed().as_secs_f64();
     let cpu = (cpu_seconds(svc.pid()) - cpu0) / produce_secs;
+    // The benchmark process: load generator and all subscribers (decoding every delivery).
+    let own_cpu = (cpu_seconds(std::process::id()) - own_cpu0) / produce_secs;
     let actions = report.per_kind[Kind::AgentAction.index()];
     // Let deliveries drain, bounded.
     wait_status(&mut c, Duration::from_secs(30), |s| {
@@ -556,6 +578,28 @@ async fn bench_fanout(broker: &Broker, subscribers: usize, rate: f64, secs: u64)
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss, peak) = memory_mib(svc.pid());
+    // Expected deliveries: every action to every subscriber, or with --filter-agent the
+    // actions of each subscriber's agent (counted by the service itself).
+    let expected = if filter_agent {
+        let per_agent: HashMap<String, u64> = c
+            .get_agent_metrics(pb::GetAgentMetricsRequest::default())
+            .await?
+            .into_inner()
+            .agents
+            .into_iter()
+            .map(|m| (m.agent, m.total_actions))
+            .collect();
+        (0..subscribers)
+            .map(|i| {
+                per_agent
+                    .get(&agent_name(i % FANOUT_AGENTS))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .sum::<u64>()
+    } else {
+        actions * subscribers as u64
+    };
     stop.cancel();
     let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let (mut delivered, mut lagged) = (0u64, 0u64);
@@ -567,26 +611,34 @@ async fn bench_fanout(broker: &Broker, subscribers: usize, rate: f64, secs: u64)
     }
     let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
     eprintln!(
-        "[fanout] p50 {:.1} ms p99 {:.1} ms, cpu {:.0}%",
+        "[fanout] p50 {:.1} ms p99 {:.1} ms, cpu {:.0}%, delivered {delivered} of {expected}",
         ms(0.5),
         ms(0.99),
         cpu * 100.0
     );
+    let filter_note = if filter_agent {
+        format!(", each filtering on one of {FANOUT_AGENTS} agents (`agent` in the request)")
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "### Fan-out: {subscribers} `StreamActions` subscribers, {:.0} events/s produced for {secs} s ({} events, {actions} actions)\n\n\
+        "### Fan-out: {subscribers} `StreamActions` subscribers{filter_note}, {:.0} events/s produced for {secs} s ({} events, {actions} actions)\n\n\
          | metric | value |\n|---|---|\n\
          | produce-to-delivery p50 | **{:.1} ms** |\n| p90 | {:.1} ms |\n| p99 | **{:.1} ms** (target < 50 ms) |\n| max | {:.1} ms |\n\
          | deliveries | {delivered} of {} expected ({:.2}%), lag notices: {lagged} updates missed |\n\
-         | consumer-svc CPU | {:.0}% of one core |\n| consumer-svc RSS / peak | {rss:.0} / {peak:.0} MiB |\n",
+         | consumer-svc CPU | {:.0}% of one core |\n| consumer-svc RSS / peak | {rss:.0} / {peak:.0} MiB |\n\
+         | benchmark process CPU (generator + subscribers) | {:.0}% of one core, {:.0} deliveries/s decoded |\n",
         report.total() as f64 / produce_secs,
         report.total(),
         ms(0.5),
         ms(0.9),
         ms(0.99),
         all.max() as f64 / 1000.0,
-        actions * subscribers as u64,
-        100.0 * delivered as f64 / (actions * subscribers as u64).max(1) as f64,
-        cpu * 100.0
+        expected,
+        100.0 * delivered as f64 / expected.max(1) as f64,
+        cpu * 100.0,
+        own_cpu * 100.0,
+        delivered as f64 / produce_secs,
     ))
 }
 
@@ -684,6 +736,7 @@ async fn main() -> Result<()> {
                 args.subscribers,
                 args.fanout_rate,
                 args.fanout_secs,
+                args.filter_agent,
             )
             .await?,
         );
