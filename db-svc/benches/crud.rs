@@ -8,7 +8,9 @@
 //!
 //! Environment: DATABASE_URL (an admin URL of the PostgreSQL server; default
 //! postgres://postgres@127.0.0.1:5432/postgres), BENCH_SECONDS (measured per side and row,
-//! default 4, in alternating slices so background load hits both sides alike).
+//! default 4, in alternating slices so background load hits both sides alike), and for
+//! profiling one cell: BENCH_ONLY (query, count, insert1, insert100; comma-separated) and
+//! BENCH_CLIENTS (e.g. 16); BENCH_SIDE=svc or direct measures one side only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +23,10 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgPool};
 use svc_kit::Shutdown;
 use tonic::transport::Channel;
+
+// db-svc runs in this process: the allocator of its binary (the sqlx baseline gets it too).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const POOL: u32 = 32;
 const AGENTS: usize = 50;
@@ -53,6 +59,15 @@ enum Workload {
 }
 
 impl Workload {
+    fn key(self) -> &'static str {
+        match self {
+            Workload::Insert1 => "insert1",
+            Workload::Insert100 => "insert100",
+            Workload::Query => "query",
+            Workload::Count => "count",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Workload::Insert1 => "Insert, 1 row",
@@ -63,12 +78,71 @@ impl Workload {
     }
 }
 
-/// Latencies of the operations that started inside the measured window, sorted.
+/// Latencies of the operations that started inside the measured window, sorted, and the CPU
+/// time used meanwhile.
+#[derive(Default)]
 struct Stats {
     latencies_us: Vec<u64>,
+    cpu: Cpu,
+}
+
+/// CPU seconds: this process (benchmark clients, plus db-svc when it is the side measured) and
+/// the whole machine (adds PostgreSQL, and anything else running).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    process: f64,
+    machine: f64,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let ticks = 100.0; // USER_HZ on Linux
+        let process = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                // Fields after the parenthesised command name; utime and stime are 14 and 15.
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+            })
+            .unwrap_or(0.0);
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?;
+                let f: Vec<f64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal: busy = all but idle, iowait.
+                let busy: f64 = f.iter().take(8).sum::<f64>() - f.get(3)? - f.get(4)?;
+                Some(busy / ticks)
+            })
+            .unwrap_or(0.0);
+        Cpu { process, machine }
+    }
+
+    fn since(self, start: Cpu) -> Cpu {
+        Cpu {
+            process: self.process - start.process,
+            machine: self.machine - start.machine,
+        }
+    }
+
+    fn add(&mut self, other: Cpu) {
+        self.process += other.process;
+        self.machine += other.machine;
+    }
 }
 
 impl Stats {
+    /// Microseconds of CPU per operation: (this process, whole machine).
+    fn cpu_us_per_op(&self) -> (f64, f64) {
+        let n = self.latencies_us.len().max(1) as f64;
+        (self.cpu.process * 1e6 / n, self.cpu.machine * 1e6 / n)
+    }
+
     /// Operations per second over the measured window.
     fn throughput(&self, window: Duration) -> f64 {
         self.latencies_us.len() as f64 / window.as_secs_f64()
@@ -273,7 +347,17 @@ where
     latencies.sort_unstable();
     Stats {
         latencies_us: latencies,
+        cpu: Cpu::default(),
     }
+}
+
+/// The CPU counters at `at` (the start of a measured window), read by a task that sleeps
+/// until then.
+fn cpu_at(at: Instant) -> tokio::task::JoinHandle<Cpu> {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(at.into()).await;
+        Cpu::now()
+    })
 }
 
 /// Loops `op` until `end`, recording latencies after `measure_from`.
@@ -409,30 +493,39 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
         warmup.as_millis()
     );
     println!(
-        "| workload | clients | db-svc ops/s | p50 ms | p99 ms | sqlx ops/s | p50 ms | p99 ms | throughput ratio | added p50 ms |"
+        "| workload | clients | db-svc ops/s | p50 ms | p99 ms | sqlx ops/s | p50 ms | p99 ms | throughput ratio | added p50 ms | CPU µs/op db-svc side: process / machine | sqlx side: process / machine |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let seq = Arc::new(AtomicU64::new(0));
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    // Profiling aid: measure one side only ("svc" or "direct").
+    let side = std::env::var("BENCH_SIDE").unwrap_or_default();
+    let only_clients: Option<usize> = std::env::var("BENCH_CLIENTS")
+        .ok()
+        .and_then(|s| s.parse().ok());
     for w in [
         Workload::Query,
         Workload::Count,
         Workload::Insert1,
         Workload::Insert100,
     ] {
+        if !only.is_empty() && !only.split(',').any(|k| k.trim() == w.key()) {
+            continue;
+        }
         for clients in CLIENT_COUNTS {
+            if only_clients.is_some_and(|c| c != clients) {
+                continue;
+            }
             // Alternate short slices of both sides, so background load on this shared
             // machine hits both alike.
             let slice = duration / ROUNDS;
-            let mut direct = Stats {
-                latencies_us: Vec::new(),
-            };
-            let mut svc = Stats {
-                latencies_us: Vec::new(),
-            };
+            let mut direct = Stats::default();
+            let mut svc = Stats::default();
             for _ in 0..ROUNDS {
                 let start = Instant::now();
                 let (measure_from, end) = (start + warmup, start + warmup + slice);
-                let d = measure(clients, |_| {
+                let cpu_start = cpu_at(measure_from);
+                let d = measure(if side == "svc" { 0 } else { clients }, |_| {
                     let (pool, sqls, seq) = (pool.clone(), sqls.clone(), seq.clone());
                     async move {
                         worker_loop(measure_from, end, |_| {
@@ -444,10 +537,14 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
                     }
                 })
                 .await;
+                direct
+                    .cpu
+                    .add(Cpu::now().since(cpu_start.await.unwrap_or_default()));
                 direct.latencies_us.extend(d.latencies_us);
                 let start = Instant::now();
                 let (measure_from, end) = (start + warmup, start + warmup + slice);
-                let v = measure(clients, |c| {
+                let cpu_start = cpu_at(measure_from);
+                let v = measure(if side == "direct" { 0 } else { clients }, |c| {
                     let client = DatabaseServiceClient::new(channels[c].clone());
                     let seq = seq.clone();
                     async move {
@@ -460,14 +557,18 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
                     }
                 })
                 .await;
+                svc.cpu
+                    .add(Cpu::now().since(cpu_start.await.unwrap_or_default()));
                 svc.latencies_us.extend(v.latencies_us);
             }
             direct.latencies_us.sort_unstable();
             svc.latencies_us.sort_unstable();
             let svc_tp = svc.throughput(duration);
             let direct_tp = direct.throughput(duration);
+            let (svc_proc, svc_machine) = svc.cpu_us_per_op();
+            let (direct_proc, direct_machine) = direct.cpu_us_per_op();
             println!(
-                "| {} | {clients} | {svc_tp:.0} | {:.2} | {:.2} | {direct_tp:.0} | {:.2} | {:.2} | {:.2} | {:+.2} |",
+                "| {} | {clients} | {svc_tp:.0} | {:.2} | {:.2} | {direct_tp:.0} | {:.2} | {:.2} | {:.2} | {:+.2} | {svc_proc:.0} / {svc_machine:.0} | {direct_proc:.0} / {direct_machine:.0} |",
                 w.label(),
                 svc.percentile_ms(0.5),
                 svc.percentile_ms(0.99),

@@ -1,14 +1,21 @@
 //! The `omnibus.db.v1.DatabaseService` gRPC edge: converts each request into an
 //! [`Operation`], hands it to the [`Executor`], and converts the output back. No SQL here.
 
+use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
 use omnibus_proto::db::v1 as pb;
-use omnibus_proto::db::v1::database_service_server::DatabaseService;
+use omnibus_proto::db::v1::database_service_server::{DatabaseService, DatabaseServiceServer};
 use svc_kit::Shutdown;
 use tokio_stream::StreamExt;
+use tonic::codegen::{
+    Body as HttpBody, BoxFuture, EnabledCompressionEncodings, Service, StdError, http,
+};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use crate::error::DbError;
@@ -17,7 +24,8 @@ use crate::ops::{
     self, CountSpec, Criteria, DeleteSpec, Filter, InsertSpec, Op, OpOutput, Operation, OrderBy,
     QuerySpec, RawSpec, UpdateSpec, UpsertSpec,
 };
-use crate::values::{json_into_struct, proto_to_json, struct_to_json};
+use crate::values::{proto_to_json, struct_to_json};
+use crate::wire::Encoded;
 
 /// Default and maximum rows per StreamQuery message.
 const DEFAULT_BATCH: u32 = 500;
@@ -129,10 +137,6 @@ fn rows_from_proto(rows: &[prost_types::Struct]) -> Vec<ops::JsonRow> {
     rows.iter().map(struct_to_json).collect()
 }
 
-fn rows_to_proto(rows: Vec<ops::JsonRow>) -> Vec<prost_types::Struct> {
-    rows.into_iter().map(json_into_struct).collect()
-}
-
 pub fn query_spec(q: &pb::QueryRequest) -> Result<QuerySpec, DbError> {
     let order_by = q
         .order_by
@@ -182,7 +186,7 @@ impl DatabaseService for DatabaseApi {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::QueryResponse {
-            rows: rows_to_proto(out.rows),
+            rows: out.rows,
             total: out.total,
         }))
     }
@@ -213,9 +217,7 @@ impl DatabaseService for DatabaseApi {
             .map_err(Status::from)?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|batch| {
             batch
-                .map(|rows| pb::StreamQueryResponse {
-                    rows: rows_to_proto(rows),
-                })
+                .map(|rows| pb::StreamQueryResponse { rows })
                 .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
@@ -235,7 +237,7 @@ impl DatabaseService for DatabaseApi {
             )
             .await?;
         Ok(Response::new(pb::InsertResponse {
-            rows: rows_to_proto(out.rows),
+            rows: out.rows,
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -258,7 +260,7 @@ impl DatabaseService for DatabaseApi {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::UpdateResponse {
-            rows: rows_to_proto(out.rows),
+            rows: out.rows,
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -280,7 +282,7 @@ impl DatabaseService for DatabaseApi {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(pb::DeleteResponse {
-            rows: rows_to_proto(out.rows),
+            rows: out.rows,
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -303,7 +305,7 @@ impl DatabaseService for DatabaseApi {
             )
             .await?;
         Ok(Response::new(pb::UpsertResponse {
-            rows: rows_to_proto(out.rows),
+            rows: out.rows,
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -345,7 +347,7 @@ impl DatabaseService for DatabaseApi {
             )
             .await?;
         Ok(Response::new(pb::ExecuteRawResponse {
-            rows: rows_to_proto(out.rows),
+            rows: out.rows,
             affected: out.affected,
             replayed: out.replayed,
         }))
@@ -383,6 +385,105 @@ impl DatabaseService for DatabaseApi {
                 primary_key: info.primary_key.clone(),
             }),
         }))
+    }
+}
+
+/// Field number of `rows` in `QueryResponse` (checked by a test against the generated type).
+const QUERY_ROWS_FIELD: u8 = 1;
+
+impl DatabaseApi {
+    /// `Query`, with the rows encoded straight from PostgreSQL into the response bytes
+    /// ([`crate::wire`]): what [`DatabaseRoutes`] serves. Same checks, errors and result as
+    /// [`DatabaseService::query`], which the bus uses.
+    pub async fn query_encoded(&self, request: Request<pb::QueryRequest>) -> Rpc<Encoded> {
+        let ctx = context(&request, "");
+        let spec = query_spec(request.get_ref()).map_err(Status::from)?;
+        let (rows, total) = self
+            .executor
+            .query_encoded(spec, &ctx, QUERY_ROWS_FIELD)
+            .await
+            .map_err(Status::from)?;
+        let head = pb::QueryResponse {
+            rows: Vec::new(),
+            total,
+        };
+        Ok(Response::new(Encoded::with_rows(&head, rows)))
+    }
+}
+
+/// The `DatabaseService` as served over gRPC: the generated server, except that `Query` is
+/// answered by [`DatabaseApi::query_encoded`] (identical bytes on the wire, without building
+/// a `Struct` per row). Compression and message size limits are the generated server's.
+#[derive(Clone)]
+pub struct DatabaseRoutes {
+    generated: DatabaseServiceServer<DatabaseApi>,
+    api: Arc<DatabaseApi>,
+    accept: EnabledCompressionEncodings,
+    send: EnabledCompressionEncodings,
+    max_decoding: usize,
+    max_encoding: usize,
+}
+
+impl DatabaseRoutes {
+    pub fn new(api: Arc<DatabaseApi>, args: &svc_kit::ServerArgs) -> Self {
+        let (mut accept, mut send) = (
+            EnabledCompressionEncodings::default(),
+            EnabledCompressionEncodings::default(),
+        );
+        for encoding in args.compression_encodings() {
+            accept.enable(encoding);
+            send.enable(encoding);
+        }
+        Self {
+            generated: svc_kit::grpc_service!(DatabaseServiceServer::from_arc(api.clone()), args),
+            api,
+            accept,
+            send,
+            max_decoding: args.max_recv_message_size,
+            max_encoding: args.max_send_message_size,
+        }
+    }
+}
+
+impl NamedService for DatabaseRoutes {
+    const NAME: &'static str = <DatabaseServiceServer<DatabaseApi> as NamedService>::NAME;
+}
+
+struct QueryEncoded(Arc<DatabaseApi>);
+
+impl tonic::server::UnaryService<pb::QueryRequest> for QueryEncoded {
+    type Response = Encoded;
+    type Future = BoxFuture<Response<Encoded>, Status>;
+
+    fn call(&mut self, request: Request<pb::QueryRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move { api.query_encoded(request).await })
+    }
+}
+
+impl<B> Service<http::Request<B>> for DatabaseRoutes
+where
+    B: HttpBody + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != "/omnibus.db.v1.DatabaseService/Query" {
+            return self.generated.call(request);
+        }
+        let codec = tonic_prost::ProstCodec::<Encoded, pb::QueryRequest>::default();
+        let mut grpc = tonic::server::Grpc::new(codec)
+            .apply_compression_config(self.accept, self.send)
+            .apply_max_message_size_config(Some(self.max_decoding), Some(self.max_encoding));
+        let method = QueryEncoded(self.api.clone());
+        Box::pin(async move { Ok(grpc.unary(method, request).await) })
     }
 }
 
@@ -426,5 +527,17 @@ mod tests {
         };
         let err = criteria(None, Some(&bad)).unwrap_err();
         assert_eq!(err.violations()[0].field, "filter.condition.op");
+    }
+
+    #[test]
+    fn query_rows_field_number_matches_the_generated_type() {
+        let one_empty_row = pb::QueryResponse {
+            rows: vec![prost_types::Struct::default()],
+            total: None,
+        };
+        assert_eq!(
+            prost::Message::encode_to_vec(&one_empty_row),
+            vec![QUERY_ROWS_FIELD << 3 | 2, 0]
+        );
     }
 }

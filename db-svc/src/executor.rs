@@ -15,9 +15,10 @@ use tokio::sync::mpsc;
 
 use crate::catalog::{Catalog, ColType, TableInfo};
 use crate::error::DbError;
-use crate::ops::{self, JsonRow, OpOutput, Operation, Plan, QuerySpec};
+use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RecordedOutput};
 use crate::raw_sql;
-use crate::values::{Param, arguments, row_to_json, to_param};
+use crate::values::{Param, ResultColumns, arguments, decode_rows, to_param};
+use crate::wire::EncodedRows;
 
 /// Limits the executor enforces (from configuration).
 #[derive(Clone, Debug)]
@@ -50,7 +51,7 @@ pub struct Executor {
 }
 
 /// A batch of a streamed query, or the error that ended the stream.
-pub type RowBatch = Result<Vec<JsonRow>, DbError>;
+pub type RowBatch = Result<Vec<prost_types::Struct>, DbError>;
 
 impl Executor {
     pub fn new(pool: PgPool, catalog: Catalog, limits: Limits) -> Self {
@@ -130,9 +131,7 @@ impl Executor {
     pub async fn execute(&self, op: Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
         let (started, name) = (std::time::Instant::now(), op.name());
         let result = self.execute_op(op, ctx).await;
-        let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok");
-        svc_kit::metrics::histogram!("db_operation_seconds", "operation" => name, "outcome" => outcome)
-            .record(started.elapsed().as_secs_f64());
+        record_latency(name, started, &result);
         result
     }
 
@@ -187,12 +186,14 @@ impl Executor {
         Ok(limit)
     }
 
-    async fn query(
+    /// Runs a query, returning the rows undecoded (each transport encodes them its own way)
+    /// and the total when asked for.
+    async fn fetch_query(
         &self,
         table: &TableInfo,
         spec: &QuerySpec,
         ctx: &ExecContext,
-    ) -> Result<OpOutput, DbError> {
+    ) -> Result<(Vec<PgRow>, Option<u64>), DbError> {
         let limit = self.effective_limit(spec)?;
         let plan = ops::plan_query(table, spec, Some(limit))?;
         let total_plan = if spec.include_total {
@@ -202,33 +203,41 @@ impl Executor {
         };
         let args = arguments(&plan.params)?;
         let timeout = self.tighter_timeout(ctx.timeout);
-        let (rows, total) = if timeout.is_none() && total_plan.is_none() {
+        if timeout.is_none() && total_plan.is_none() {
             let rows = sqlx::query_with(&plan.sql, args)
                 .fetch_all(&self.pool)
                 .await?;
-            (rows, None)
-        } else {
-            // One transaction, so rows and total come from the same snapshot
-            // (REPEATABLE READ) and share the deadline.
-            let mut tx = self.pool.begin().await?;
-            if total_plan.is_some() {
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            if let Some(t) = timeout {
-                set_statement_timeout(&mut tx, t).await?;
-            }
-            let rows = sqlx::query_with(&plan.sql, args)
-                .fetch_all(&mut *tx)
+            return Ok((rows, None));
+        }
+        // One transaction, so rows and total come from the same snapshot
+        // (REPEATABLE READ) and share the deadline.
+        let mut tx = self.pool.begin().await?;
+        if total_plan.is_some() {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *tx)
                 .await?;
-            let total = match &total_plan {
-                Some(p) => Some(count_on(&mut *tx, p).await?),
-                None => None,
-            };
-            tx.commit().await?;
-            (rows, total)
+        }
+        if let Some(t) = timeout {
+            set_statement_timeout(&mut tx, t).await?;
+        }
+        let rows = sqlx::query_with(&plan.sql, args)
+            .fetch_all(&mut *tx)
+            .await?;
+        let total = match &total_plan {
+            Some(p) => Some(count_on(&mut *tx, p).await?),
+            None => None,
         };
+        tx.commit().await?;
+        Ok((rows, total))
+    }
+
+    async fn query(
+        &self,
+        table: &TableInfo,
+        spec: &QuerySpec,
+        ctx: &ExecContext,
+    ) -> Result<OpOutput, DbError> {
+        let (rows, total) = self.fetch_query(table, spec, ctx).await?;
         let rows = decode_rows(&rows)?;
         Ok(OpOutput {
             affected: rows.len() as u64,
@@ -236,6 +245,28 @@ impl Executor {
             total,
             replayed: false,
         })
+    }
+
+    /// A query whose rows are encoded straight into the repeated `Struct` field number
+    /// `field` of the response (see [`crate::wire`]); returns them and the total.
+    pub async fn query_encoded(
+        &self,
+        spec: QuerySpec,
+        ctx: &ExecContext,
+        field: u8,
+    ) -> Result<(EncodedRows, Option<u64>), DbError> {
+        let (started, op) = (std::time::Instant::now(), Operation::Query(spec));
+        let result = async {
+            let table = self.table_for(&op).await?;
+            let Operation::Query(spec) = &op else {
+                return Err(DbError::Database("internal: not a query".into()));
+            };
+            let (rows, total) = self.fetch_query(&table, spec, ctx).await?;
+            Ok((EncodedRows::encode(&rows, field)?, total))
+        }
+        .await;
+        record_latency("query", started, &result);
+        result
     }
 
     async fn count(&self, plan: &Plan, timeout: Option<Duration>) -> Result<u64, DbError> {
@@ -327,6 +358,7 @@ impl Executor {
         };
         let mut rows = Vec::new();
         let mut affected = 0u64;
+        let mut columns: Option<ResultColumns> = None;
         {
             #[allow(deprecated)] // fetch_many is the one call that yields rows and counts
             let mut results =
@@ -334,7 +366,13 @@ impl Executor {
             while let Some(item) = results.try_next().await? {
                 match item {
                     Either::Left(done) => affected += done.rows_affected(),
-                    Either::Right(row) => rows.push(row_to_json(&row)?),
+                    Either::Right(row) => {
+                        let columns = match &mut columns {
+                            Some(c) => c,
+                            None => columns.insert(ResultColumns::of(&row)?),
+                        };
+                        rows.push(columns.to_struct(&row)?);
+                    }
                 }
             }
         }
@@ -408,6 +446,7 @@ async fn stream_rows(
     {
         let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
         let mut batch = Vec::with_capacity(batch_size);
+        let mut columns: Option<ResultColumns> = None;
         loop {
             let next = tokio::select! {
                 _ = shutdown.triggered() => return Ok(()),
@@ -416,7 +455,11 @@ async fn stream_rows(
             };
             match next {
                 Some(row) => {
-                    batch.push(row_to_json(&row)?);
+                    let columns = match &mut columns {
+                        Some(c) => c,
+                        None => columns.insert(ResultColumns::of(&row)?),
+                    };
+                    batch.push(columns.to_struct(&row)?);
                     if batch.len() >= batch_size {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
                         if out.send(Ok(full)).await.is_err() {
@@ -435,8 +478,15 @@ async fn stream_rows(
     Ok(())
 }
 
-fn decode_rows(rows: &[PgRow]) -> Result<Vec<JsonRow>, DbError> {
-    rows.iter().map(row_to_json).collect()
+/// `db_operation_seconds` by operation and outcome (`ok` or the error code).
+fn record_latency<T>(
+    operation: &'static str,
+    started: std::time::Instant,
+    result: &Result<T, DbError>,
+) {
+    let outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok");
+    svc_kit::metrics::histogram!("db_operation_seconds", "operation" => operation, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
 }
 
 async fn set_statement_timeout(
@@ -517,9 +567,9 @@ async fn claim_request(
             recorded: format!("{recorded_op} on {recorded_table}"),
         });
     }
-    let result: Option<sqlx::types::Json<OpOutput>> = row.try_get(2)?;
-    let mut output = result
-        .map(|j| j.0)
+    let result: Option<sqlx::types::Json<RecordedOutput>> = row.try_get(2)?;
+    let mut output: OpOutput = result
+        .map(|j| j.0.into())
         .ok_or_else(|| DbError::Database(format!("request {request_id} has no recorded result")))?;
     output.replayed = true;
     Ok(Some(output))
@@ -532,7 +582,7 @@ async fn record_result(
 ) -> Result<(), DbError> {
     sqlx::query("UPDATE omnibus_request_log SET result = $2 WHERE request_id = $1")
         .bind(request_id)
-        .bind(sqlx::types::Json(output))
+        .bind(sqlx::types::Json(RecordedOutput::from(output)))
         .execute(&mut **tx)
         .await?;
     Ok(())

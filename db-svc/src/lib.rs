@@ -15,8 +15,8 @@ pub mod executor;
 pub mod ops;
 pub mod raw_sql;
 pub mod values;
+pub mod wire;
 
-use omnibus_proto::db::v1::database_service_server::DatabaseServiceServer;
 use omnibus_proto::service_names;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -172,10 +172,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     let scopes = svc_kit::Scopes::new().writes(service_names::DATABASE, WRITE_METHODS);
     let router = svc_kit::server::builder(&settings.server, scopes)?
         .add_service(health_service)
-        .add_service(svc_kit::grpc_service!(
-            DatabaseServiceServer::from_arc(api),
-            &settings.server
-        ));
+        .add_service(api::DatabaseRoutes::new(api, &settings.server));
     let router = svc_kit::server::add_reflection(
         router,
         service_names::DATABASE,

@@ -1,5 +1,9 @@
 use db_svc::config::Config;
 
+// Every row crosses as a map of small strings and values: a fast small-object allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let config: Config = svc_kit::config::parse_or_exit();

@@ -186,18 +186,55 @@ impl Operation {
     }
 }
 
-/// What an operation returns (the same on every transport).
-#[derive(Clone, Debug, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+/// What an operation returns (the same on every transport). Rows are decoded from PostgreSQL
+/// straight into `google.protobuf.Struct`, the form gRPC sends; the bus and the request log
+/// convert them to JSON.
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct OpOutput {
-    pub rows: Vec<JsonRow>,
+    pub rows: Vec<prost_types::Struct>,
     /// Rows affected (writes), counted (count) or returned (queries).
     pub affected: u64,
     /// Exact number of matching rows, for queries that asked for it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
     /// The recorded result of an earlier request with the same request id.
+    pub replayed: bool,
+}
+
+/// [`OpOutput`] as recorded in the request log (JSON rows).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct RecordedOutput {
+    pub rows: Vec<JsonRow>,
+    pub affected: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
     #[serde(default)]
     pub replayed: bool,
+}
+
+impl From<&OpOutput> for RecordedOutput {
+    fn from(out: &OpOutput) -> Self {
+        Self {
+            rows: out.rows.iter().map(crate::values::struct_to_json).collect(),
+            affected: out.affected,
+            total: out.total,
+            replayed: out.replayed,
+        }
+    }
+}
+
+impl From<RecordedOutput> for OpOutput {
+    fn from(r: RecordedOutput) -> Self {
+        Self {
+            rows: r
+                .rows
+                .into_iter()
+                .map(crate::values::json_into_struct)
+                .collect(),
+            affected: r.affected,
+            total: r.total,
+            replayed: r.replayed,
+        }
+    }
 }
 
 /// SQL text plus its parameters, `$1..$n` in order.

@@ -232,71 +232,227 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
     })
 }
 
-fn rfc3339(t: DateTime<Utc>) -> Json {
-    Json::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
-}
-
 fn number(f: f64) -> Json {
     Number::from_f64(f)
         .map(Json::Number)
         .unwrap_or_else(|| Json::String(f.to_string()))
 }
 
-/// Decodes column `i` of `row` by its PostgreSQL type.
-fn decode_column(row: &PgRow, i: usize) -> Result<Json, DbError> {
-    let column = &row.columns()[i];
-    let ty = ColType::from_pg_name(column.type_info().name());
-    let err =
-        |e: sqlx::Error| DbError::Database(format!("cannot decode column {}: {e}", column.name()));
+/// The columns of a result set: name and type of each, resolved once per result set rather
+/// than once per cell.
+pub struct ResultColumns {
+    columns: Vec<(String, ColType)>,
+}
+
+impl ResultColumns {
+    /// The columns of rows shaped like `row`: a field error names a column whose type has no
+    /// mapping.
+    pub fn of(row: &PgRow) -> Result<Self, DbError> {
+        let columns = row
+            .columns()
+            .iter()
+            .map(|column| {
+                let ty = ColType::from_pg_name(column.type_info().name());
+                if ty == ColType::Other {
+                    return Err(DbError::field(
+                        "",
+                        format!(
+                            "column {} has unsupported type {}; cast it (e.g. ::text)",
+                            column.name(),
+                            column.type_info().name()
+                        ),
+                    ));
+                }
+                Ok((column.name().to_string(), ty))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { columns })
+    }
+
+    /// (name, type) of each column, in result order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, ColType)> {
+        self.columns.iter().map(|(n, t)| (n.as_str(), *t))
+    }
+
+    /// One row as a `Struct` keyed by column name (a repeated name keeps its last value).
+    pub fn to_struct(&self, row: &PgRow) -> Result<prost_types::Struct, DbError> {
+        let fields = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, ty))| Ok((name.clone(), decode_cell(row, i, *ty, name)?.into_value())))
+            .collect::<Result<_, DbError>>()?;
+        Ok(prost_types::Struct { fields })
+    }
+}
+
+/// Decodes a result set into `Struct`s (all rows share the first row's shape).
+pub fn decode_rows(rows: &[PgRow]) -> Result<Vec<prost_types::Struct>, DbError> {
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    let columns = ResultColumns::of(first)?;
+    rows.iter().map(|row| columns.to_struct(row)).collect()
+}
+
+/// One result cell after the type mapping, borrowing from the row where it can. Both row
+/// forms (`Struct` values and the pre-encoded wire form of `crate::wire`) are made from it,
+/// so the mapping is defined once.
+#[derive(Debug, PartialEq)]
+pub enum Cell<'r> {
+    Null,
+    Bool(bool),
+    /// Finite doubles (integers, floats, numerics); NaN and infinities come as `Text`.
+    Number(f64),
+    Str(&'r str),
+    Text(String),
+    /// A json/jsonb document.
+    Json(prost_types::Value),
+}
+
+impl Cell<'_> {
+    fn number(f: f64) -> Self {
+        if f.is_finite() {
+            Cell::Number(f)
+        } else {
+            // JSON numbers cannot carry NaN or the infinities.
+            Cell::Text(f.to_string())
+        }
+    }
+
+    pub fn into_value(self) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match self {
+            Cell::Null => Kind::NullValue(0),
+            Cell::Bool(b) => Kind::BoolValue(b),
+            Cell::Number(f) => Kind::NumberValue(f),
+            Cell::Str(s) => Kind::StringValue(s.to_string()),
+            Cell::Text(s) => Kind::StringValue(s),
+            Cell::Json(v) => return v,
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+}
+
+fn number_value(f: f64) -> prost_types::Value {
+    Cell::number(f).into_value()
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Decodes cell `i` of `row` (column `name` of type `ty`) by the type mapping.
+pub fn decode_cell<'r>(
+    row: &'r PgRow,
+    i: usize,
+    ty: ColType,
+    name: &str,
+) -> Result<Cell<'r>, DbError> {
+    let err = |e: sqlx::Error| DbError::Database(format!("cannot decode column {name}: {e}"));
     macro_rules! get {
         ($t:ty) => {
             row.try_get::<Option<$t>, _>(i).map_err(err)?
         };
     }
-    Ok(match ty {
-        ColType::Bool => get!(bool).map(Json::Bool).unwrap_or(Json::Null),
-        ColType::Int2 => get!(i16).map(Json::from).unwrap_or(Json::Null),
-        ColType::Int4 => get!(i32).map(Json::from).unwrap_or(Json::Null),
-        ColType::Int8 => get!(i64).map(Json::from).unwrap_or(Json::Null),
-        ColType::Float4 => get!(f32).map(|f| number(f.into())).unwrap_or(Json::Null),
-        ColType::Float8 => get!(f64).map(number).unwrap_or(Json::Null),
-        ColType::Numeric => get!(Decimal)
-            .map(|d| number(d.to_f64().unwrap_or(f64::NAN)))
-            .unwrap_or(Json::Null),
-        ColType::Text => get!(String).map(Json::String).unwrap_or(Json::Null),
-        ColType::Uuid => get!(Uuid)
-            .map(|u| Json::String(u.to_string()))
-            .unwrap_or(Json::Null),
-        ColType::Json | ColType::Jsonb => get!(sqlx::types::Json<Json>)
-            .map(|j| j.0)
-            .unwrap_or(Json::Null),
-        ColType::Timestamptz => get!(DateTime<Utc>).map(rfc3339).unwrap_or(Json::Null),
-        ColType::Timestamp => get!(NaiveDateTime)
-            .map(|t| rfc3339(t.and_utc()))
-            .unwrap_or(Json::Null),
-        ColType::Date => get!(NaiveDate)
-            .map(|d| Json::String(d.format("%Y-%m-%d").to_string()))
-            .unwrap_or(Json::Null),
+    let cell = match ty {
+        ColType::Bool => get!(bool).map(Cell::Bool),
+        ColType::Int2 => get!(i16).map(|n| Cell::Number(n.into())),
+        ColType::Int4 => get!(i32).map(|n| Cell::Number(n.into())),
+        ColType::Int8 => get!(i64).map(|n| Cell::Number(n as f64)),
+        ColType::Float4 => get!(f32).map(|f| Cell::number(f.into())),
+        ColType::Float8 => get!(f64).map(Cell::number),
+        ColType::Numeric => get!(Decimal).map(|d| Cell::number(d.to_f64().unwrap_or(f64::NAN))),
+        ColType::Text => get!(&'r str).map(Cell::Str),
+        ColType::Uuid => get!(Uuid).map(|u| Cell::Text(u.to_string())),
+        ColType::Json | ColType::Jsonb => {
+            get!(sqlx::types::Json<ProtoValue>).map(|j| Cell::Json(j.0.0))
+        }
+        ColType::Timestamptz => get!(DateTime<Utc>).map(|t| Cell::Text(rfc3339(t))),
+        ColType::Timestamp => get!(NaiveDateTime).map(|t| Cell::Text(rfc3339(t.and_utc()))),
+        ColType::Date => get!(NaiveDate).map(|d| Cell::Text(d.format("%Y-%m-%d").to_string())),
         ColType::Other => {
             return Err(DbError::field(
                 "",
-                format!(
-                    "column {} has unsupported type {}; cast it (e.g. ::text)",
-                    column.name(),
-                    column.type_info().name()
-                ),
+                format!("column {name} has a type that is not supported; cast it (e.g. ::text)"),
             ));
         }
-    })
+    };
+    Ok(cell.unwrap_or(Cell::Null))
 }
 
-/// Decodes a result row into a JSON object keyed by column name.
-pub fn row_to_json(row: &PgRow) -> Result<Map<String, Json>, DbError> {
-    let mut out = Map::with_capacity(row.len());
-    for i in 0..row.len() {
-        out.insert(row.columns()[i].name().to_string(), decode_column(row, i)?);
+/// A JSON document deserialized straight into a `google.protobuf.Value` (jsonb columns),
+/// without building a `serde_json::Value` first.
+pub struct ProtoValue(pub prost_types::Value);
+
+impl<'de> serde::Deserialize<'de> for ProtoValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(ProtoValueVisitor)
+            .map(ProtoValue)
     }
-    Ok(out)
+}
+
+struct ProtoValueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
+    type Value = prost_types::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(prost_types::Value {
+            kind: Some(prost_types::value::Kind::NullValue(0)),
+        })
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(prost_types::Value {
+            kind: Some(prost_types::value::Kind::NullValue(0)),
+        })
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(prost_types::Value {
+            kind: Some(prost_types::value::Kind::BoolValue(b)),
+        })
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(number_value(n as f64))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(number_value(n as f64))
+    }
+    fn visit_f64<E>(self, f: f64) -> Result<Self::Value, E> {
+        Ok(number_value(f))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Cell::Str(s).into_value())
+    }
+    fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+        Ok(Cell::Text(s).into_value())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(ProtoValue(v)) = seq.next_element()? {
+            values.push(v);
+        }
+        Ok(prost_types::Value {
+            kind: Some(prost_types::value::Kind::ListValue(
+                prost_types::ListValue { values },
+            )),
+        })
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = std::collections::BTreeMap::new();
+        while let Some((k, ProtoValue(v))) = map.next_entry::<String, ProtoValue>()? {
+            fields.insert(k, v);
+        }
+        Ok(prost_types::Value {
+            kind: Some(prost_types::value::Kind::StructValue(prost_types::Struct {
+                fields,
+            })),
+        })
+    }
 }
 
 /// google.protobuf.Value -> JSON.
@@ -446,6 +602,35 @@ mod tests {
             Param::Jsonb(json!({"a": [1, 2]}))
         );
         assert!(to_param(ColType::Other, &json!("x")).is_err());
+    }
+
+    #[test]
+    fn jsonb_decodes_straight_into_proto_values() {
+        let doc = r#"{"a": 1, "b": [true, null, "x"], "c": {"d": 1.5}, "a": 2}"#;
+        let ProtoValue(v) = serde_json::from_str(doc).unwrap();
+        // Same result as through serde_json (a repeated key keeps its last value).
+        let via_json = json_into_proto(serde_json::from_str(doc).unwrap());
+        assert_eq!(v, via_json);
+        assert_eq!(
+            proto_to_json(&v),
+            json!({"a": 2, "b": [true, null, "x"], "c": {"d": 1.5}})
+        );
+        let ProtoValue(big) = serde_json::from_str("18446744073709551615").unwrap();
+        assert_eq!(big, number_value(18446744073709551615u64 as f64));
+    }
+
+    #[test]
+    fn non_finite_numbers_become_strings() {
+        use prost_types::value::Kind;
+        assert_eq!(
+            number_value(f64::NAN).kind,
+            Some(Kind::StringValue("NaN".into()))
+        );
+        assert_eq!(
+            number_value(f64::INFINITY).kind,
+            Some(Kind::StringValue("inf".into()))
+        );
+        assert_eq!(number_value(2.5).kind, Some(Kind::NumberValue(2.5)));
     }
 
     #[test]

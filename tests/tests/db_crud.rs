@@ -321,6 +321,7 @@ async fn type_mapping_both_ways() {
         "language": "rust",
     });
     let back = insert(&mut s, "pattern_lineage_nodes", vec![node.clone()]).await;
+    let inserted_node = back[0].clone();
     let back = &back[0];
     assert_eq!(back["id"], json!(node_id));
     assert_eq!(back["generation"], json!(3.0));
@@ -399,6 +400,52 @@ async fn type_mapping_both_ways() {
     .unwrap();
     assert_eq!(score, "0.9512");
     assert_eq!(ts, "2024-02-01 00:00:00");
+
+    // Query encodes rows straight into the response bytes; StreamQuery and Insert build
+    // `Struct`s. All three must give the very same rows, for every type above.
+    for table in ["pattern_lineage_nodes", "agent_routing_decisions"] {
+        let query = pb::QueryRequest {
+            table: table.into(),
+            r#where: Some(to_struct(json!({"correlation_id": correlation}))),
+            include_total: true,
+            ..Default::default()
+        };
+        let queried = s.client.query(query.clone()).await.unwrap().into_inner();
+        assert_eq!(queried.total, Some(1), "{table}");
+        let mut stream = s
+            .client
+            .stream_query(pb::StreamQueryRequest {
+                query: Some(pb::QueryRequest {
+                    include_total: false,
+                    ..query
+                }),
+                batch_size: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut streamed = Vec::new();
+        while let Some(batch) = stream.message().await.unwrap() {
+            streamed.extend(batch.rows);
+        }
+        assert_eq!(queried.rows.len(), 1, "{table}");
+        assert_eq!(
+            queried.rows, streamed,
+            "{table}: Query and StreamQuery rows differ"
+        );
+    }
+    let node_rows = s
+        .client
+        .query(pb::QueryRequest {
+            table: "pattern_lineage_nodes".into(),
+            r#where: Some(to_struct(json!({"id": node_id}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rows_json(&node_rows)[0], inserted_node);
 }
 
 #[tokio::test]

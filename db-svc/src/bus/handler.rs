@@ -263,7 +263,7 @@ impl Handler {
             } else {
                 out.affected
             },
-            rows,
+            rows: rows_json(&rows),
             execution_time_ms: 0.0,
             operation: sql.operation_type.as_str().to_string(),
             replayed: out.replayed,
