@@ -9,7 +9,7 @@
 //! Environment: DATABASE_URL (an admin URL of the PostgreSQL server; default
 //! postgres://postgres@127.0.0.1:5432/postgres), BENCH_SECONDS (measured per side and row,
 //! default 4, in alternating slices so background load hits both sides alike), and for
-//! profiling one cell: BENCH_ONLY (query, count, insert1, insert100; comma-separated) and
+//! profiling one cell: BENCH_ONLY (query, count, insert1, insert100, floor; comma-separated) and
 //! BENCH_CLIENTS (e.g. 16); BENCH_SIDE=svc or direct measures one side only.
 
 use std::sync::Arc;
@@ -580,10 +580,65 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
         }
     }
 
+    if only.is_empty() || only.split(',').any(|k| k.trim() == "floor") {
+        grpc_floor(&channels, duration, warmup, only_clients).await;
+    }
+
     shutdown.trigger();
     let _ = server.await;
     pool.close().await;
     Ok(())
+}
+
+/// The cost of the gRPC hop alone: `grpc.health.v1.Health/Check` through the same server,
+/// layers and connections, no database. What db-svc adds beyond it is its own work.
+async fn grpc_floor(
+    channels: &[Channel],
+    duration: Duration,
+    warmup: Duration,
+    only_clients: Option<usize>,
+) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    println!(
+        "\ngRPC floor: `grpc.health.v1.Health/Check` on the same server and connections (no database)\n"
+    );
+    println!("| clients | calls/s | p50 ms | p99 ms | CPU µs/call: process / machine |");
+    println!("|---:|---:|---:|---:|---:|");
+    for clients in CLIENT_COUNTS {
+        if only_clients.is_some_and(|c| c != clients) {
+            continue;
+        }
+        let start = Instant::now();
+        let (measure_from, end) = (start + warmup, start + warmup + duration);
+        let cpu_start = cpu_at(measure_from);
+        let mut stats = measure(clients, |c| {
+            let client = HealthClient::new(channels[c].clone());
+            async move {
+                worker_loop(measure_from, end, |_| {
+                    let mut client = client.clone();
+                    async move {
+                        client
+                            .check(HealthCheckRequest {
+                                service: String::new(),
+                            })
+                            .await
+                            .expect("health check");
+                    }
+                })
+                .await
+            }
+        })
+        .await;
+        stats.cpu = Cpu::now().since(cpu_start.await.unwrap_or_default());
+        let (process, machine) = stats.cpu_us_per_op();
+        println!(
+            "| {clients} | {:.0} | {:.2} | {:.2} | {process:.0} / {machine:.0} |",
+            stats.throughput(duration),
+            stats.percentile_ms(0.5),
+            stats.percentile_ms(0.99),
+        );
+    }
 }
 
 /// The baseline must run the statements db-svc runs: compare with db-svc's own planner.
