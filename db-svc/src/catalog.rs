@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::RwLock;
 use sqlx::PgPool;
@@ -103,6 +104,17 @@ impl TableInfo {
 pub struct Catalog {
     served: Arc<Vec<String>>,
     tables: Arc<RwLock<HashMap<String, Arc<TableInfo>>>>,
+    /// Per table, one re-read at a time, and when the last successful one started.
+    refreshes: Arc<parking_lot::Mutex<HashMap<String, RefreshSlot>>>,
+}
+
+type RefreshSlot = Arc<tokio::sync::Mutex<Option<Instant>>>;
+
+/// Whether a request that arrived at `arrived` still needs its own catalog read, given that
+/// the last completed one started at `last_started`: a read that started after the request
+/// arrived already saw every schema change the request could know about.
+pub fn needs_refresh(last_started: Option<Instant>, arrived: Instant) -> bool {
+    last_started.is_none_or(|t| t < arrived)
 }
 
 const COLUMNS_SQL: &str = "\
@@ -134,7 +146,35 @@ impl Catalog {
         Self {
             served: Arc::new(served),
             tables: Arc::default(),
+            refreshes: Arc::default(),
         }
+    }
+
+    /// Re-reads `table` for a request that named something the cache does not know, arrived
+    /// at `arrived`. Coalesced: requests missing at the same time wait for one read and share
+    /// its result (so a burst of requests naming a nonexistent column makes one catalog query,
+    /// not one each), and none is answered from a read that started before it arrived (so a
+    /// column added before the request is always found).
+    pub async fn refresh_on_miss(
+        &self,
+        pool: &PgPool,
+        table: &str,
+        arrived: Instant,
+    ) -> Result<Option<Arc<TableInfo>>, sqlx::Error> {
+        let lock = self
+            .refreshes
+            .lock()
+            .entry(table.to_string())
+            .or_default()
+            .clone();
+        let mut last_started = lock.lock().await;
+        if !needs_refresh(*last_started, arrived) {
+            return Ok(self.cached(table));
+        }
+        let started = Instant::now();
+        let info = self.refresh_table(pool, table).await?;
+        *last_started = Some(started);
+        Ok(info)
     }
 
     /// The configured table names, sorted.
@@ -175,6 +215,7 @@ impl Catalog {
         if !self.is_served(table) {
             return Ok(None);
         }
+        svc_kit::metrics::counter!("db_catalog_reads_total").increment(1);
         let mut loaded = load(pool, &[table.to_string()]).await?;
         let info = loaded.remove(table);
         let mut tables = self.tables.write();
@@ -241,5 +282,23 @@ mod tests {
         assert_eq!(ColType::from_pg_name("varchar"), ColType::Text);
         assert_eq!(ColType::from_pg_name("_int4"), ColType::Other);
         assert_eq!(ColType::Numeric.json_type(), "number");
+    }
+
+    use std::time::Duration;
+
+    #[test]
+    fn a_miss_shares_a_read_only_if_it_started_after_the_request_arrived() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_millis(5);
+        assert!(needs_refresh(None, t0), "never read on a miss yet");
+        assert!(
+            needs_refresh(Some(t0), later),
+            "that read may predate an ALTER TABLE"
+        );
+        assert!(
+            !needs_refresh(Some(later), t0),
+            "a read that started afterwards is current"
+        );
+        assert!(!needs_refresh(Some(t0), t0));
     }
 }

@@ -87,7 +87,12 @@ impl Executor {
             return Ok(info);
         }
         // A column (or table) the cache does not know: it may have been added since.
-        match self.catalog.refresh_table(&self.pool, name).await? {
+        let arrived = std::time::Instant::now();
+        match self
+            .catalog
+            .refresh_on_miss(&self.pool, name, arrived)
+            .await?
+        {
             Some(info) => Ok(info),
             None => Err(DbError::field(
                 "table",

@@ -175,3 +175,50 @@ async fn db_svc_exports_operation_pool_and_bus_metrics() {
         "round-trip histogram: {body}"
     );
 }
+
+/// Requests naming a column that does not exist re-read the catalog (the column may have just
+/// been added), but a burst of them shares the reads instead of making one each.
+#[tokio::test]
+async fn a_burst_of_unknown_columns_shares_catalog_reads() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let svc = start_db_svc(
+        &db,
+        &topics,
+        &format!("g-{}", uuid::Uuid::new_v4().simple()),
+        &["--metrics-listen", &metrics],
+    )
+    .await
+    .unwrap();
+    let client = DatabaseServiceClient::new(svc.channel());
+    let reads = |m: &std::collections::BTreeMap<String, f64>| {
+        sample(m, "db_catalog_reads_total", &[]).unwrap_or(0.0)
+    };
+    let before = reads(&parse_prometheus(
+        &http_get(&metrics, "/metrics").await.unwrap().body,
+    ));
+    const BURST: usize = 50;
+    let calls = (0..BURST).map(|_| {
+        let mut client = client.clone();
+        async move {
+            client
+                .query(pb::QueryRequest {
+                    table: "agent_actions".into(),
+                    columns: vec!["no_such_column".into()],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err()
+        }
+    });
+    for err in futures::future::join_all(calls).await {
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    }
+    let body = wait_metrics(&metrics, "catalog reads", |m| reads(m) > before).await;
+    let burst_reads = reads(&parse_prometheus(&body)) - before;
+    assert!(
+        burst_reads <= (BURST / 5) as f64,
+        "{burst_reads} catalog reads for {BURST} concurrent misses"
+    );
+}
