@@ -212,6 +212,10 @@ impl Service {
     fn pid(&self) -> u32 {
         self.child.id()
     }
+    /// How the process ended, if it did (a crash shows as a signal).
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
     async fn client(&self) -> Result<ConsumerServiceClient<tonic::transport::Channel>> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -384,7 +388,10 @@ fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duratio
     let mut tpl = TopicPartitionList::new();
     for t in &topics.0 {
         for p in 0..PARTITIONS {
-            tpl.add_partition_offset(t, p, Offset::Beginning)?;
+            // Offset 0, as consumer-svc starts a log it reads from the beginning: the symbolic
+            // earliest offset costs librdkafka a ListOffsets round and ~0.5 s before the first
+            // message on tansu, which would flatter consumer-svc's ratio.
+            tpl.add_partition_offset(t, p, Offset::Offset(0))?;
         }
     }
     consumer.assign(&tpl)?;
@@ -560,6 +567,7 @@ async fn bench_fanout(
     eprintln!("[fanout] {subscribers} subscribers open; producing {rate}/s for {secs}s");
     let cpu0 = cpu_seconds(svc.pid());
     let own_cpu0 = cpu_seconds(std::process::id());
+    let broker_cpu0 = broker.pid().map_or(0.0, cpu_seconds);
     let t0 = Instant::now();
     let mut cfg = gen_config(&brokers, &topics);
     cfg.agents = FANOUT_AGENTS;
@@ -570,6 +578,8 @@ async fn bench_fanout(
     let cpu = (cpu_seconds(svc.pid()) - cpu0) / produce_secs;
     // The benchmark process: load generator and all subscribers (decoding every delivery).
     let own_cpu = (cpu_seconds(std::process::id()) - own_cpu0) / produce_secs;
+    let broker_cpu = (broker.pid().map_or(0.0, cpu_seconds) - broker_cpu0) / produce_secs;
+    eprintln!("[fanout] broker CPU {:.0}% of one core", broker_cpu * 100.0);
     let actions = report.per_kind[Kind::AgentAction.index()];
     // Let deliveries drain, bounded.
     wait_status(&mut c, Duration::from_secs(30), |s| {
@@ -578,6 +588,24 @@ async fn bench_fanout(
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss, peak) = memory_mib(svc.pid());
+    for (who, pid) in [
+        ("consumer-svc", svc.pid()),
+        ("benchmark", std::process::id()),
+    ] {
+        let threads = thread_times(pid);
+        let (run, wait) = threads
+            .iter()
+            .fold((0.0, 0.0), |(r, w), t| (r + t.1, w + t.2));
+        eprintln!(
+            "[fanout] {who} threads: CPU {run:.1} s, waiting for a CPU {wait:.1} s in total; busiest: {}",
+            threads
+                .iter()
+                .take(4)
+                .map(|(n, r, w)| format!("{n} {r:.2}/{w:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     // Expected deliveries: every action to every subscriber, or with --filter-agent the
     // actions of each subscriber's agent (counted by the service itself).
     let expected = if filter_agent {
@@ -650,55 +678,47 @@ async fn bench_memory(
 ) -> Result<String> {
     let prefix = format!("memory{}.", std::process::id());
     let mut topics = create_topics(&broker.addr(), &prefix).await?;
-    let svc = Service::start(&broker.addr(), &prefix, &[])?;
+    let mut svc = Service::start(&broker.addr(), &prefix, &[])?;
     let mut c = svc.client().await?;
     wait_status(&mut c, Duration::from_secs(30), |s| {
         s.partitions.len() == 4 * PARTITIONS as usize
     })
     .await?;
     let start = Instant::now();
-    let mut done = 0u64;
+    // Resident size after each chunk, by events aggregated so far.
+    let mut samples: Vec<(u64, f64)> = Vec::new();
     let mut seed = 7;
-    let mut samples: HashMap<u64, f64> = HashMap::new();
+    let mut done = 0u64;
     while done < events {
-        let n = chunk.min(events - done);
-        let mut cfg = gen_config(&broker.addr(), &topics);
-        cfg.total = Some(n);
-        cfg.agents = agents;
-        cfg.seed = seed;
-        cfg.progress = false;
-        // A day of history: event times spread over the last 24 h (the worst case for buckets).
-        cfg.time_spread = Some(Duration::from_secs(23 * 3600));
+        let more_after = done + chunk < events;
+        let step = memory_chunk(
+            broker,
+            &svc,
+            &mut c,
+            &mut topics,
+            &prefix,
+            (chunk.min(events - done), agents, seed),
+            &mut done,
+            more_after,
+        )
+        .await;
         seed += 1;
-        let report = tokio::task::spawn_blocking(move || produce(cfg)).await??;
-        done += report.total();
-        wait_status(&mut c, Duration::from_secs(600), |s| {
-            s.events_processed >= done
-        })
-        .await?;
-        let (rss, _) = memory_mib(svc.pid());
-        samples.insert(done, rss);
-        eprintln!(
-            "[memory] {done} events aggregated, consumer-svc RSS {rss:.0} MiB (broker RSS {:.0} MiB)",
-            broker.pid().map_or(0.0, |p| memory_mib(p).0)
-        );
-        if done < events {
-            // Empty the broker (memory storage) so it does not hold 10 M events: restart it,
-            // wait until the service saw the topics vanish, recreate them.
-            broker.restart()?;
-            wait_status(&mut c, Duration::from_secs(60), |s| s.partitions.is_empty()).await?;
-            topics = create_topics(&broker.addr(), &prefix).await?;
-            wait_status(&mut c, Duration::from_secs(60), |s| {
-                s.partitions.len() == 4 * PARTITIONS as usize && s.connected
-            })
-            .await?;
+        match step {
+            Ok(rss) => samples.push((done, rss)),
+            Err(e) => {
+                let how = svc
+                    .exited()
+                    .map_or("still running".to_string(), |s| format!("exited: {s}"));
+                let last = samples.last().map_or(0.0, |s| s.1);
+                bail!(
+                    "memory run stopped after {done} events (consumer-svc RSS {last:.0} MiB at the last sample; consumer-svc {how}): {e:#}"
+                );
+            }
         }
     }
     let s = status(&mut c).await?;
     let (rss, peak) = memory_mib(svc.pid());
-    let mut points: Vec<_> = samples.into_iter().collect();
-    points.sort_by_key(|p| p.0);
-    let curve = points
+    let curve = samples
         .iter()
         .map(|(n, r)| format!("{:.0}M: {r:.0}", *n as f64 / 1e6))
         .collect::<Vec<_>>()
@@ -712,6 +732,55 @@ async fn bench_memory(
         start.elapsed().as_secs_f64(),
         s.agents
     ))
+}
+
+/// Produces one chunk of `(events, agents, seed)`, waits until it is aggregated and returns the
+/// service's resident size then; with `empty_after`, empties the broker for the next chunk.
+#[allow(clippy::too_many_arguments)]
+async fn memory_chunk(
+    broker: &mut Broker,
+    svc: &Service,
+    c: &mut ConsumerServiceClient<tonic::transport::Channel>,
+    topics: &mut Topics,
+    prefix: &str,
+    (n, agents, seed): (u64, usize, u64),
+    done: &mut u64,
+    empty_after: bool,
+) -> Result<f64> {
+    let mut cfg = gen_config(&broker.addr(), topics);
+    cfg.total = Some(n);
+    cfg.agents = agents;
+    cfg.seed = seed;
+    cfg.progress = false;
+    // A day of history: event times spread over the last 24 h (the worst case for buckets).
+    cfg.time_spread = Some(Duration::from_secs(23 * 3600));
+    let report = tokio::task::spawn_blocking(move || produce(cfg)).await??;
+    let target = *done + report.total();
+    wait_status(c, Duration::from_secs(600), |s| {
+        s.events_processed >= target
+    })
+    .await?;
+    *done = target;
+    let (rss, _) = memory_mib(svc.pid());
+    eprintln!(
+        "[memory] {target} events aggregated, consumer-svc RSS {rss:.0} MiB (broker RSS {:.0} MiB)",
+        broker.pid().map_or(0.0, |p| memory_mib(p).0)
+    );
+    if empty_after {
+        // Empty the broker (memory storage) so it does not hold 10 M events: restart it,
+        // wait until the service saw the topics vanish, recreate them.
+        broker.restart()?;
+        wait_status(c, Duration::from_secs(60), |s| s.partitions.is_empty())
+            .await
+            .context("waiting for the service to see the emptied broker")?;
+        *topics = create_topics(&broker.addr(), prefix).await?;
+        wait_status(c, Duration::from_secs(60), |s| {
+            s.partitions.len() == 4 * PARTITIONS as usize && s.connected
+        })
+        .await
+        .context("waiting for the service to read the recreated topics")?;
+    }
+    Ok(rss)
 }
 
 #[tokio::main]
