@@ -447,22 +447,24 @@ impl Ingest {
     }
 
     fn assign(&mut self, new: &[(usize, i32)]) {
+        let from_start =
+            |k: usize| self.recreated.contains(&k) || self.cfg.replay_seek == ReplaySeek::Earliest;
+        let seek: Vec<(usize, i32)> = new
+            .iter()
+            .copied()
+            .filter(|(k, _)| !from_start(*k))
+            .collect();
+        let mut starts = self.replay_starts(&seek);
         let mut tpl = TopicPartitionList::new();
         for &(k, p) in new {
             let topic = self.cfg.topics[k].clone();
-            let from_start =
-                self.recreated.contains(&k) || self.cfg.replay_seek == ReplaySeek::Earliest;
-            let (offset, part) = if from_start {
-                (
-                    FIRST,
-                    Partition {
-                        verify: None,
-                        next: 0,
-                    },
-                )
-            } else {
-                self.replay_start(&topic, p)
-            };
+            let (offset, part) = starts.remove(&(k, p)).unwrap_or((
+                FIRST,
+                Partition {
+                    verify: None,
+                    next: 0,
+                },
+            ));
             tracing::info!(%topic, partition = p, ?offset, "assigning partition");
             if let Err(e) = tpl.add_partition_offset(&topic, p, offset) {
                 tracing::warn!("partition offset: {e}");
@@ -478,73 +480,51 @@ impl Ingest {
         }
     }
 
-    /// Where to start reading a partition so that the retention window is replayed.
-    fn replay_start(&self, topic: &str, partition: i32) -> (Offset, Partition) {
-        let earliest = (
-            FIRST,
-            Partition {
-                verify: None,
-                next: 0,
-            },
-        );
+    /// Where to start reading each of `parts` so that the retention window is replayed: the
+    /// watermarks of each partition, then one `offsets_for_times` request for all of them (one
+    /// round trip instead of one per partition). Partitions missing from the answer start at
+    /// the beginning.
+    fn replay_starts(&self, parts: &[(usize, i32)]) -> HashMap<(usize, i32), (Offset, Partition)> {
+        let mut out = HashMap::new();
+        if parts.is_empty() {
+            return out;
+        }
         let cutoff = self.sinks.state.read().cutoff_at(now_micros()) / 1000;
         let target_ms = cutoff - self.cfg.seek_slack.as_millis() as i64;
-        let Ok((low, high)) = self
-            .consumer
-            .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
-        else {
-            return earliest;
-        };
-        let mut tpl = TopicPartitionList::new();
-        if tpl
-            .add_partition_offset(topic, partition, Offset::Offset(target_ms))
-            .is_err()
-        {
-            return earliest;
+        let mut marks: Vec<((usize, i32), (i64, i64))> = Vec::new();
+        let mut query = TopicPartitionList::new();
+        for &(k, p) in parts {
+            let topic = &self.cfg.topics[k];
+            if let Ok(m) = self.consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)
+                && query
+                    .add_partition_offset(topic, p, Offset::Offset(target_ms))
+                    .is_ok()
+            {
+                marks.push(((k, p), m));
+            }
         }
-        let answer = match self.consumer.offsets_for_times(tpl, KAFKA_TIMEOUT) {
-            Ok(list) => list.find_partition(topic, partition).map(|e| e.offset()),
+        if marks.is_empty() {
+            return out;
+        }
+        let answers = match self.consumer.offsets_for_times(query, KAFKA_TIMEOUT) {
+            Ok(list) => list,
             Err(e) => {
                 tracing::info!(
-                    topic,
-                    partition,
+                    partitions = marks.len(),
                     "offsets_for_times failed ({e}); replaying from the earliest offset"
                 );
-                return earliest;
+                return out;
             }
         };
-        let resolved = match answer {
-            Some(Offset::Offset(o)) if (low..=high).contains(&o) => o,
-            Some(Offset::End) => high,
-            other => {
-                tracing::info!(
-                    topic,
-                    partition,
-                    ?other,
-                    low,
-                    high,
-                    "unusable offsets_for_times answer; replaying from the earliest offset"
-                );
-                return earliest;
-            }
-        };
-        if resolved <= low {
-            return (
-                FIRST,
-                Partition {
-                    verify: None,
-                    next: 0,
-                },
+        for ((k, p), (low, high)) in marks {
+            let topic = &self.cfg.topics[k];
+            let answer = answers.find_partition(topic, p).map(|e| e.offset());
+            out.insert(
+                (k, p),
+                replay_start(topic, p, answer, (low, high), target_ms),
             );
         }
-        // Start one message early and check it is older than the target.
-        (
-            Offset::Offset(resolved - 1),
-            Partition {
-                verify: Some((resolved - 1, target_ms)),
-                next: resolved - 1,
-            },
-        )
+        out
     }
 
     fn reassign_from_beginning(&mut self, key: (usize, i32)) {
@@ -573,6 +553,51 @@ impl Ingest {
             }
         }
     }
+}
+
+/// Where to start reading a partition, given the broker's `offsets_for_times` answer for
+/// `target_ms` and the partition's watermarks: one message before the answer, to be verified
+/// (see the module documentation), or the beginning when the answer is unusable.
+fn replay_start(
+    topic: &str,
+    partition: i32,
+    answer: Option<Offset>,
+    (low, high): (i64, i64),
+    target_ms: i64,
+) -> (Offset, Partition) {
+    let earliest = (
+        FIRST,
+        Partition {
+            verify: None,
+            next: 0,
+        },
+    );
+    let resolved = match answer {
+        Some(Offset::Offset(o)) if (low..=high).contains(&o) => o,
+        Some(Offset::End) => high,
+        other => {
+            tracing::info!(
+                topic,
+                partition,
+                ?other,
+                low,
+                high,
+                "unusable offsets_for_times answer; replaying from the earliest offset"
+            );
+            return earliest;
+        }
+    };
+    if resolved <= low {
+        return earliest;
+    }
+    // Start one message early and check it is older than the target.
+    (
+        Offset::Offset(resolved - 1),
+        Partition {
+            verify: Some((resolved - 1, target_ms)),
+            next: resolved - 1,
+        },
+    )
 }
 
 /// One polled batch, parsed: what applying it needs.
