@@ -13,7 +13,7 @@ use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce, start_db_
 use omnibus_tests::consumer::{
     TestProducer, client, create_topics, start_consumer, unique_prefix, wait_status,
 };
-use omnibus_tests::db::{action, to_struct};
+use omnibus_tests::db::{DbSvc, action, to_struct};
 use omnibus_tests::ops::{http_get, parse_prometheus, sample};
 use omnibus_tests::{TestDatabase, free_port, kafka_brokers};
 use serde_json::json;
@@ -180,18 +180,9 @@ async fn db_svc_exports_operation_pool_and_bus_metrics() {
 /// been added), but a burst of them shares the reads instead of making one each.
 #[tokio::test]
 async fn a_burst_of_unknown_columns_shares_catalog_reads() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
     let metrics = format!("127.0.0.1:{}", free_port());
-    let svc = start_db_svc(
-        &db,
-        &topics,
-        &format!("g-{}", uuid::Uuid::new_v4().simple()),
-        &["--metrics-listen", &metrics],
-    )
-    .await
-    .unwrap();
-    let client = DatabaseServiceClient::new(svc.channel());
+    let s = DbSvc::start(&["--metrics-listen", &metrics]).await;
+    let client = s.client.clone();
     let reads = |m: &std::collections::BTreeMap<String, f64>| {
         sample(m, "db_catalog_reads_total", &[]).unwrap_or(0.0)
     };
