@@ -17,7 +17,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::broker::BrokerStatus;
 use crate::convert;
 use crate::events::{Event, Micros};
-use crate::hub::{Follower, Hub, Next, Update, UpdateKind};
+use crate::hub::{Follower, Hub, Next, Update, UpdateKind, Updates};
 use crate::ingest::{IngestStatus, now_micros};
 use crate::state::State;
 
@@ -163,7 +163,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// What a stream's mapper sees.
 enum Feed<'a> {
-    Updates(&'a [Update]),
+    Updates(&'a Updates),
     Lagged { missed: u64, last_missed: u64 },
 }
 

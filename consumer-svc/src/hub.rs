@@ -152,11 +152,59 @@ impl Hub {
     }
 }
 
+/// Updates handed to one subscriber: the tails of published batches, shared with every other
+/// subscriber (no per-update copy or reference count per subscriber).
+#[derive(Debug, Default)]
+pub struct Updates {
+    /// Each batch with the index of its first update not delivered before.
+    parts: Vec<(Batch, usize)>,
+    len: usize,
+}
+
+fn tail(part: &(Batch, usize)) -> &[Update] {
+    part.0.get(part.1..).unwrap_or_default()
+}
+
+impl Updates {
+    /// In sequence order.
+    pub fn iter(&self) -> impl Iterator<Item = &Update> {
+        self.into_iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn push(&mut self, batch: Batch, from: usize) {
+        let n = batch.len().saturating_sub(from);
+        if n > 0 {
+            self.len += n;
+            self.parts.push((batch, from));
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Updates {
+    type Item = &'a Update;
+    type IntoIter = std::iter::FlatMap<
+        std::slice::Iter<'a, (Batch, usize)>,
+        &'a [Update],
+        fn(&'a (Batch, usize)) -> &'a [Update],
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.parts.iter().flat_map(tail)
+    }
+}
+
 /// What a subscriber's receive loop gets next.
 #[derive(Debug)]
 pub enum Next {
     /// Updates in order (possibly several batches, drained without waiting).
-    Updates(Vec<Update>),
+    Updates(Updates),
     /// `missed` updates were dropped; the stream goes on after them.
     Lagged {
         missed: u64,
@@ -190,7 +238,7 @@ impl Follower {
 
     /// Appends `batch` to `out`, unless updates are missing before it: then it is kept for
     /// the next call and the gap is reported.
-    fn handle(&mut self, batch: Batch, out: &mut Vec<Update>) -> Option<Next> {
+    fn handle(&mut self, batch: Batch, out: &mut Updates) -> Option<Next> {
         let first = batch.first()?.seq;
         if first > self.delivered + 1 {
             if !out.is_empty() {
@@ -206,18 +254,20 @@ impl Follower {
                 last_missed: first - 1,
             });
         }
-        for u in batch.iter() {
-            if u.seq > self.delivered {
-                self.delivered = u.seq;
-                out.push(u.clone());
-            }
+        // Sequences within a batch are consecutive: skip those already delivered.
+        let from = usize::try_from(self.delivered + 1 - first).unwrap_or(usize::MAX);
+        if let Some(last) = batch.last()
+            && last.seq > self.delivered
+        {
+            self.delivered = last.seq;
+            out.push(batch, from);
         }
         None
     }
 
     /// Waits for the next updates and then drains whatever else is queued, without waiting.
     pub async fn next(&mut self) -> Next {
-        let mut out = Vec::new();
+        let mut out = Updates::default();
         if let Some(batch) = self.stash.take()
             && let Some(next) = self.handle(batch, &mut out)
         {
