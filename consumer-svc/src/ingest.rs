@@ -222,6 +222,10 @@ fn consumer_config(brokers: &str) -> ClientConfig {
         .set("fetch.wait.max.ms", "20")
         .set("queued.min.messages", "200000")
         .set("queued.max.messages.kbytes", "65536")
+        // When the pre-fetch queue is full librdkafka postpones the next fetch by this much
+        // (default 1 s): a consumer that parses slower than the broker serves sat idle for
+        // up to a second each time the queue filled while a backlog was replayed.
+        .set("fetch.queue.backoff.ms", "10")
         .set("max.partition.fetch.bytes", "8388608")
         .set("fetch.max.bytes", "67108864")
         .set("reconnect.backoff.max.ms", "1000")
