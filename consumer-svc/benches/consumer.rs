@@ -381,7 +381,7 @@ fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duratio
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "20")
         .set("queued.min.messages", "200000")
-        .set("queued.max.messages.kbytes", "65536")
+        .set("queued.max.messages.kbytes", "32768")
         .set("fetch.queue.backoff.ms", "10")
         .set("max.partition.fetch.bytes", "8388608")
         .set("fetch.max.bytes", "67108864")

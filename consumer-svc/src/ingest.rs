@@ -216,12 +216,13 @@ fn consumer_config(brokers: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("client.id", "consumer-svc")
         // Throughput: big fetches and a deep pre-fetch queue; latency: short broker waits.
-        // The pre-fetch queue is capped at 64 MiB: it is resident memory while a backlog is
+        // The pre-fetch queue is capped at 32 MiB: it is resident memory while a backlog is
         // replayed (256 MiB let the resident size swing past 250 MiB during the memory
-        // benchmark), and 64 MiB (~140,000 typical events) already keeps ingest busy.
+        // benchmark, 64 MiB to 195 MiB), and 32 MiB (~70,000 typical events) with a short
+        // fetch.queue.backoff.ms keeps ingest as fast (measured, see BENCHMARKS.md).
         .set("fetch.wait.max.ms", "20")
         .set("queued.min.messages", "200000")
-        .set("queued.max.messages.kbytes", "65536")
+        .set("queued.max.messages.kbytes", "32768")
         // When the pre-fetch queue is full librdkafka postpones the next fetch by this much
         // (default 1 s): a consumer that parses slower than the broker serves sat idle for
         // up to a second each time the queue filled while a backlog was replayed.
