@@ -19,16 +19,35 @@ pub const PARTITIONS: i32 = 3;
 /// The four database topics of one test.
 pub struct BusTopics {
     pub topics: Topics,
-    _names: TestTopics,
+    /// The broker they are on.
+    pub brokers: String,
+    names: TestTopics,
 }
+
+const BUS_TOPICS: [&str; 4] = ["db.requested", "db.completed", "db.failed", "db.dlq"];
 
 impl BusTopics {
     pub async fn create() -> Result<Self> {
-        let names = TestTopics::create(
-            &["db.requested", "db.completed", "db.failed", "db.dlq"],
-            PARTITIONS,
+        Self::with_names(
+            kafka_brokers(),
+            TestTopics::create(&BUS_TOPICS, PARTITIONS).await?,
         )
-        .await?;
+    }
+
+    /// The same topics on a private broker.
+    pub async fn create_on(brokers: &str) -> Result<Self> {
+        let prefix = format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let names = TestTopics::create_on(brokers, &prefix, &BUS_TOPICS, PARTITIONS).await?;
+        Self::with_names(brokers.to_string(), names)
+    }
+
+    /// Creates the same topic names again (after a broker restarted empty).
+    pub async fn recreate(&self) -> Result<()> {
+        TestTopics::create_on(&self.brokers, &self.names.prefix, &BUS_TOPICS, PARTITIONS).await?;
+        Ok(())
+    }
+
+    fn with_names(brokers: String, names: TestTopics) -> Result<Self> {
         let topics = Topics {
             request: names.name("db.requested"),
             completed: names.name("db.completed"),
@@ -37,7 +56,8 @@ impl BusTopics {
         };
         Ok(Self {
             topics,
-            _names: names,
+            brokers,
+            names,
         })
     }
 
@@ -46,7 +66,7 @@ impl BusTopics {
         let t = &self.topics;
         [
             "--kafka-brokers",
-            &kafka_brokers(),
+            &self.brokers,
             "--request-topic",
             &t.request,
             "--completed-topic",
@@ -69,7 +89,7 @@ impl BusTopics {
 
     /// A publisher configuration for these topics.
     pub fn client_config(&self, timeout: Duration) -> omnibus_client::bus::BusConfig {
-        let mut c = omnibus_client::bus::BusConfig::new(kafka_brokers());
+        let mut c = omnibus_client::bus::BusConfig::new(self.brokers.clone());
         c.topics = self.topics.clone();
         c.timeout = timeout;
         c
@@ -99,8 +119,19 @@ pub async fn produce(
     payload: &[u8],
     compression: &str,
 ) -> Result<()> {
+    produce_on(&kafka_brokers(), topic, key, payload, compression).await
+}
+
+/// [`produce`] to the broker at `brokers`.
+pub async fn produce_on(
+    brokers: &str,
+    topic: &str,
+    key: Option<&str>,
+    payload: &[u8],
+    compression: &str,
+) -> Result<()> {
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
+        .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .set("compression.type", compression)
         .create()?;
@@ -131,8 +162,13 @@ pub struct Tap {
 
 impl Tap {
     pub fn new(topics: &[&str]) -> Result<Self> {
+        Self::new_on(&kafka_brokers(), topics)
+    }
+
+    /// A tap on the broker at `brokers`.
+    pub fn new_on(brokers: &str, topics: &[&str]) -> Result<Self> {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
+            .set("bootstrap.servers", brokers)
             .set("group.id", format!("tap-{}", uuid::Uuid::new_v4().simple()))
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")

@@ -349,8 +349,20 @@ impl TestTopics {
     /// through [`TestTopics::name`].
     pub async fn create(names: &[&str], partitions: i32) -> Result<Self> {
         let prefix = format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        Self::create_on(&kafka_brokers(), &prefix, names, partitions).await
+    }
+
+    /// Creates `names` under `prefix` on `brokers` (e.g. a private broker, again after it
+    /// restarted empty).
+    pub async fn create_on(
+        brokers: &str,
+        prefix: &str,
+        names: &[&str],
+        partitions: i32,
+    ) -> Result<Self> {
+        let prefix = prefix.to_string();
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", kafka_brokers())
+            .set("bootstrap.servers", brokers)
             .create()?;
         let full: Vec<String> = names.iter().map(|n| format!("{prefix}{n}")).collect();
         let topics: Vec<NewTopic<'_>> = full

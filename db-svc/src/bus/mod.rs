@@ -13,15 +13,18 @@ pub mod commit;
 pub mod handler;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bus_protocol::{
     BusRequest, Envelope, FailedPayload, Reply, Topics, codes, now_rfc3339, parse_request,
 };
 use clap::{ArgAction, Args};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use svc_kit::Shutdown;
 use svc_kit::server::parse_duration;
 use tokio::sync::{Semaphore, mpsc};
@@ -174,6 +177,8 @@ enum Outgoing {
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// The bus consumer is replaced at most this often while brokers stay unreachable.
+const REPLACE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Runs the worker until shutdown. Returns an error only when the Kafka clients cannot be
 /// created (bad settings); broker outages are waited out.
@@ -182,28 +187,9 @@ pub async fn run(
     handler: Handler,
     shutdown: Shutdown,
 ) -> Result<(), String> {
-    let consumer: StreamConsumer = svc_kit::kafka::apply(&mut ClientConfig::new())
-        .set("bootstrap.servers", &settings.brokers)
-        .set("group.id", &settings.group_id)
-        .set("client.id", "db-svc-bus")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set(
-            "session.timeout.ms",
-            settings.session_timeout.as_millis().to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            (settings.session_timeout.as_millis() / 4)
-                .max(100)
-                .to_string(),
-        )
-        // Request/reply latency: a short fetch wait bounds how long an idle fetch can sit on a
-        // broker that does not wake long polls; librdkafka still batches under load.
-        .set("fetch.wait.max.ms", "2")
-        .set("fetch.min.bytes", "1")
-        .create()
-        .map_err(|e| format!("bus consumer: {e}"))?;
+    let brokers_down = Arc::new(AtomicBool::new(false));
+    let mut consumer = subscribe(&settings, &brokers_down)?;
+    let mut replaced: Option<std::time::Instant> = None;
     let producer: FutureProducer = svc_kit::kafka::apply(&mut ClientConfig::new())
         .set("bootstrap.servers", &settings.brokers)
         .set("client.id", "db-svc-bus")
@@ -213,9 +199,6 @@ pub async fn run(
         .set("compression.type", "lz4")
         .create()
         .map_err(|e| format!("bus producer: {e}"))?;
-    consumer
-        .subscribe(&[&settings.topics.request])
-        .map_err(|e| format!("subscribe to {}: {e}", settings.topics.request))?;
     tracing::info!(
         topic = %settings.topics.request,
         group = %settings.group_id,
@@ -258,6 +241,14 @@ pub async fn run(
                             Ok(m) => break Some(m.detach()),
                             Err(e) => {
                                 tracing::warn!("bus consumer: {e}");
+                                // Once per outage (a fresh client in a still-dead cluster
+                                // reports the same), and at most every REPLACE_INTERVAL.
+                                if brokers_down.swap(false, Ordering::Relaxed)
+                                    && replaced.is_none_or(|t| t.elapsed() >= REPLACE_INTERVAL)
+                                {
+                                    consumer = replace_consumer(consumer, &worker.settings, &brokers_down)?;
+                                    replaced = Some(std::time::Instant::now());
+                                }
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                             }
                         },
@@ -298,8 +289,82 @@ pub async fn run(
     Ok(())
 }
 
+/// Flags librdkafka's "all brokers down" for the worker loop.
+pub struct BusContext {
+    brokers_down: Arc<AtomicBool>,
+}
+
+impl ClientContext for BusContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) = error {
+            self.brokers_down.store(true, Ordering::Relaxed);
+        }
+        tracing::error!("librdkafka: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for BusContext {}
+
+type BusConsumer = StreamConsumer<BusContext>;
+
+/// A consumer in the worker's group, subscribed to the request topic.
+fn subscribe(
+    settings: &BusSettings,
+    brokers_down: &Arc<AtomicBool>,
+) -> Result<BusConsumer, String> {
+    let consumer: BusConsumer = svc_kit::kafka::apply(&mut ClientConfig::new())
+        .set("bootstrap.servers", &settings.brokers)
+        .set("group.id", &settings.group_id)
+        .set("client.id", "db-svc-bus")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            settings.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (settings.session_timeout.as_millis() / 4)
+                .max(100)
+                .to_string(),
+        )
+        // Request/reply latency: a short fetch wait bounds how long an idle fetch can sit on a
+        // broker that does not wake long polls; librdkafka still batches under load.
+        .set("fetch.wait.max.ms", "2")
+        .set("fetch.min.bytes", "1")
+        .create_with_context(BusContext {
+            brokers_down: brokers_down.clone(),
+        })
+        .map_err(|e| format!("bus consumer: {e}"))?;
+    consumer
+        .subscribe(&[&settings.topics.request])
+        .map_err(|e| format!("subscribe to {}: {e}", settings.topics.request))?;
+    Ok(consumer)
+}
+
+/// Swaps in a fresh consumer while every broker is unreachable. A broker that comes back
+/// having lost its data (tansu `memory://`, a wiped cluster) has no group, no committed offsets
+/// and logs that restart at 0: the old client would keep fetching at its old positions and
+/// never see the new requests below them (and librdkafka 2.12 can crash on topics recreated
+/// with new ids). The fresh client joins the group again and starts from the committed
+/// offsets, or from the beginning when there are none; against a broker that kept its data
+/// it simply resumes, and anything redelivered is answered from the request log.
+fn replace_consumer(
+    old: BusConsumer,
+    settings: &BusSettings,
+    brokers_down: &Arc<AtomicBool>,
+) -> Result<BusConsumer, String> {
+    let fresh = subscribe(settings, brokers_down)?;
+    tracing::warn!(
+        "all brokers down; replaced the bus consumer (it rejoins the group when they return)"
+    );
+    // Closing a group member may wait for the unreachable coordinator: not on this task.
+    tokio::task::spawn_blocking(move || drop(old));
+    Ok(fresh)
+}
+
 fn commit_if_advanced(
-    consumer: &StreamConsumer,
+    consumer: &BusConsumer,
     tracker: &mut CommitTracker,
     topic: &str,
     partition: i32,
@@ -310,7 +375,7 @@ fn commit_if_advanced(
     }
 }
 
-fn commit(consumer: &StreamConsumer, topic: &str, partition: i32, next: i64, mode: CommitMode) {
+fn commit(consumer: &BusConsumer, topic: &str, partition: i32, next: i64, mode: CommitMode) {
     let mut tpl = TopicPartitionList::new();
     if tpl
         .add_partition_offset(topic, partition, Offset::Offset(next))

@@ -1,0 +1,91 @@
+//! The db-svc bus worker across a broker that restarts empty (tansu `memory://`): the topics
+//! come back with new ids, the consumer group and its committed offsets are gone. Requests
+//! sent after the restart are still answered, and db-svc keeps running. Uses a private
+//! broker, never the shared one.
+
+use std::time::Duration;
+
+use omnibus_tests::TestDatabase;
+use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce_on, start_db_svc};
+use omnibus_tests::consumer::PrivateBroker;
+use serde_json::json;
+
+/// Sends one OmniClaude INSERT over the bus and returns the reply's event type.
+async fn insert_over_bus(topics: &BusTopics, agent: &str, timeout: Duration) -> String {
+    let cid = uuid::Uuid::new_v4().to_string();
+    let envelope = omniclaude_envelope(
+        &cid,
+        "INSERT",
+        Some("agent_actions"),
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+         VALUES ($1, $2, 'x', 'y')",
+        json!([uuid::Uuid::new_v4().to_string(), agent]),
+    );
+    let t = &topics.topics;
+    let mut tap = Tap::new_on(&topics.brokers, &[&t.completed, &t.failed]).unwrap();
+    produce_on(
+        &topics.brokers,
+        &t.request,
+        Some(&cid),
+        &serde_json::to_vec(&envelope).unwrap(),
+        "none",
+    )
+    .await
+    .unwrap();
+    let reply = tap.reply_for(&cid, timeout).unwrap();
+    reply.json["event_type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn bus_worker_answers_after_the_broker_restarts_empty() {
+    let mut broker = PrivateBroker::start().await.unwrap();
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create_on(&broker.addr()).await.unwrap();
+    let mut svc = start_db_svc(
+        &db,
+        &topics,
+        &format!("g-{}", uuid::Uuid::new_v4().simple()),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        insert_over_bus(&topics, "before", Duration::from_secs(30)).await,
+        "DATABASE_QUERY_COMPLETED"
+    );
+
+    broker.restart().await.unwrap();
+    topics.recreate().await.unwrap();
+    // The group must be formed again on the empty broker: allow it time, then expect every
+    // request to be answered.
+    assert_eq!(
+        insert_over_bus(&topics, "after", Duration::from_secs(90)).await,
+        "DATABASE_QUERY_COMPLETED",
+        "db-svc log:\n{}",
+        svc.logs()
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            insert_over_bus(&topics, "after", Duration::from_secs(30)).await,
+            "DATABASE_QUERY_COMPLETED"
+        );
+    }
+    assert!(svc.is_running(), "db-svc exited:\n{}", svc.logs());
+
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT agent_name, count(*) FROM agent_actions GROUP BY agent_name ORDER BY agent_name",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![("after".to_string(), 4), ("before".to_string(), 1)]
+    );
+}
