@@ -328,6 +328,16 @@ fn memory_mib(pid: u32) -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// The first `n` threads of `thread_times` as "name cpu/waiting", comma-separated.
+fn busiest(threads: &[(String, f64, f64)], n: usize) -> String {
+    threads
+        .iter()
+        .take(n)
+        .map(|(name, run, wait)| format!("{name} {run:.2}/{wait:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Per thread of `pid`: (name, seconds on a CPU, seconds runnable but waiting for a CPU), from
 /// /proc/<pid>/task/*/schedstat; the threads that used the most CPU first.
 fn thread_times(pid: u32) -> Vec<(String, f64, f64)> {
@@ -453,12 +463,7 @@ async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
         let threads = thread_times(svc.pid());
         eprintln!(
             "[ingest] consumer-svc threads (CPU s / waiting for a CPU s): {}",
-            threads
-                .iter()
-                .take(5)
-                .map(|(n, r, w)| format!("{n} {r:.2}/{w:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            busiest(&threads, 5)
         );
         rows.push(format!(
             "| {round} | {:.2} s ({bare_rate:.0} ev/s), first after {:.2} s | {:.2} s ({svc_rate:.0} ev/s) | {:.2} s / {:.2} s | **{:.2}** | {:.1} / {:.1} / {svc_cpu:.1} s | {rss:.0} / {peak:.0} MiB |",
@@ -599,12 +604,7 @@ async fn bench_fanout(
             .fold((0.0, 0.0), |(r, w), t| (r + t.1, w + t.2));
         eprintln!(
             "[fanout] {who} threads: CPU {run:.1} s, waiting for a CPU {wait:.1} s in total; busiest: {}",
-            threads
-                .iter()
-                .take(4)
-                .map(|(n, r, w)| format!("{n} {r:.2}/{w:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            busiest(&threads, 4)
         );
     }
     // Expected deliveries: every action to every subscriber, or with --filter-agent the

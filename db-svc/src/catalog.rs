@@ -273,6 +273,7 @@ async fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn type_names_from_both_spellings() {
@@ -283,8 +284,6 @@ mod tests {
         assert_eq!(ColType::from_pg_name("_int4"), ColType::Other);
         assert_eq!(ColType::Numeric.json_type(), "number");
     }
-
-    use std::time::Duration;
 
     #[test]
     fn a_miss_shares_a_read_only_if_it_started_after_the_request_arrived() {

@@ -17,7 +17,7 @@ use crate::catalog::{Catalog, ColType, TableInfo};
 use crate::error::DbError;
 use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RecordedOutput};
 use crate::raw_sql;
-use crate::values::{Param, ResultColumns, arguments, decode_rows, to_param};
+use crate::values::{Param, StructRows, arguments, decode_rows, to_param};
 use crate::wire::EncodedRows;
 
 /// Limits the executor enforces (from configuration).
@@ -363,7 +363,7 @@ impl Executor {
         };
         let mut rows = Vec::new();
         let mut affected = 0u64;
-        let mut columns: Option<ResultColumns> = None;
+        let mut decoder = StructRows::default();
         {
             #[allow(deprecated)] // fetch_many is the one call that yields rows and counts
             let mut results =
@@ -371,13 +371,7 @@ impl Executor {
             while let Some(item) = results.try_next().await? {
                 match item {
                     Either::Left(done) => affected += done.rows_affected(),
-                    Either::Right(row) => {
-                        let columns = match &mut columns {
-                            Some(c) => c,
-                            None => columns.insert(ResultColumns::of(&row)?),
-                        };
-                        rows.push(columns.to_struct(&row)?);
-                    }
+                    Either::Right(row) => rows.push(decoder.decode(&row)?),
                 }
             }
         }
@@ -451,7 +445,7 @@ async fn stream_rows(
     {
         let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
         let mut batch = Vec::with_capacity(batch_size);
-        let mut columns: Option<ResultColumns> = None;
+        let mut decoder = StructRows::default();
         loop {
             let next = tokio::select! {
                 _ = shutdown.triggered() => return Ok(()),
@@ -460,11 +454,7 @@ async fn stream_rows(
             };
             match next {
                 Some(row) => {
-                    let columns = match &mut columns {
-                        Some(c) => c,
-                        None => columns.insert(ResultColumns::of(&row)?),
-                    };
-                    batch.push(columns.to_struct(&row)?);
+                    batch.push(decoder.decode(&row)?);
                     if batch.len() >= batch_size {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
                         if out.send(Ok(full)).await.is_err() {

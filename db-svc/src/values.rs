@@ -269,9 +269,15 @@ impl ResultColumns {
         Ok(Self { columns })
     }
 
-    /// (name, type) of each column, in result order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, ColType)> {
-        self.columns.iter().map(|(n, t)| (n.as_str(), *t))
+    /// Column names, in result order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.columns.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Cell `i` of `row` (a row of this result set) by the type mapping.
+    pub fn cell<'r>(&self, row: &'r PgRow, i: usize) -> Result<Cell<'r>, DbError> {
+        let (name, ty) = &self.columns[i];
+        decode_cell(row, i, *ty, name)
     }
 
     /// One row as a `Struct` keyed by column name (a repeated name keeps its last value).
@@ -280,19 +286,33 @@ impl ResultColumns {
             .columns
             .iter()
             .enumerate()
-            .map(|(i, (name, ty))| Ok((name.clone(), decode_cell(row, i, *ty, name)?.into_value())))
+            .map(|(i, (name, _))| Ok((name.clone(), self.cell(row, i)?.into_value())))
             .collect::<Result<_, DbError>>()?;
         Ok(prost_types::Struct { fields })
     }
 }
 
-/// Decodes a result set into `Struct`s (all rows share the first row's shape).
+/// Decodes the rows of one result set into `Struct`s as they arrive: the columns are
+/// resolved from the first row.
+#[derive(Default)]
+pub struct StructRows {
+    columns: Option<ResultColumns>,
+}
+
+impl StructRows {
+    pub fn decode(&mut self, row: &PgRow) -> Result<prost_types::Struct, DbError> {
+        let columns = match &mut self.columns {
+            Some(c) => c,
+            None => self.columns.insert(ResultColumns::of(row)?),
+        };
+        columns.to_struct(row)
+    }
+}
+
+/// Decodes a result set into `Struct`s.
 pub fn decode_rows(rows: &[PgRow]) -> Result<Vec<prost_types::Struct>, DbError> {
-    let Some(first) = rows.first() else {
-        return Ok(Vec::new());
-    };
-    let columns = ResultColumns::of(first)?;
-    rows.iter().map(|row| columns.to_struct(row)).collect()
+    let mut decoder = StructRows::default();
+    rows.iter().map(|row| decoder.decode(row)).collect()
 }
 
 /// One result cell after the type mapping, borrowing from the row where it can. Both row
@@ -343,12 +363,7 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 /// Decodes cell `i` of `row` (column `name` of type `ty`) by the type mapping.
-pub fn decode_cell<'r>(
-    row: &'r PgRow,
-    i: usize,
-    ty: ColType,
-    name: &str,
-) -> Result<Cell<'r>, DbError> {
+fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<Cell<'r>, DbError> {
     let err = |e: sqlx::Error| DbError::Database(format!("cannot decode column {name}: {e}"));
     macro_rules! get {
         ($t:ty) => {
@@ -402,19 +417,13 @@ impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
         f.write_str("a JSON value")
     }
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(prost_types::Value {
-            kind: Some(prost_types::value::Kind::NullValue(0)),
-        })
+        Ok(Cell::Null.into_value())
     }
     fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(prost_types::Value {
-            kind: Some(prost_types::value::Kind::NullValue(0)),
-        })
+        Ok(Cell::Null.into_value())
     }
     fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
-        Ok(prost_types::Value {
-            kind: Some(prost_types::value::Kind::BoolValue(b)),
-        })
+        Ok(Cell::Bool(b).into_value())
     }
     fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
         Ok(number_value(n as f64))

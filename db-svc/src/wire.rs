@@ -15,9 +15,8 @@ use prost::Message;
 use prost::encoding::{encode_varint, encoded_len_varint};
 use sqlx::postgres::PgRow;
 
-use crate::catalog::ColType;
 use crate::error::DbError;
-use crate::values::{Cell, ResultColumns, decode_cell};
+use crate::values::{Cell, ResultColumns};
 
 /// Field numbers and wire types of `google.protobuf.Struct` / `Value`.
 const STRUCT_FIELDS: u8 = 1 << 3 | 2; // map<string, Value> fields = 1 (length-delimited)
@@ -52,10 +51,10 @@ fn encode_string(s: &str, out: &mut Vec<u8>) {
 /// Writes rows of one result set as `Struct` messages in the repeated field `field` of the
 /// enclosing response.
 pub struct RowEncoder {
+    columns: ResultColumns,
     /// Per output entry, in key order: the encoded key field and the column index (a name
     /// that appears twice keeps its last column, as a map does).
-    entries: Vec<(Vec<u8>, usize, ColType)>,
-    names: Vec<String>,
+    entries: Vec<(Vec<u8>, usize)>,
     field_tag: u8,
     row: Vec<u8>,
     value: Vec<u8>,
@@ -63,23 +62,21 @@ pub struct RowEncoder {
 
 impl RowEncoder {
     /// An encoder for rows with these columns, into field number `field` (1-15).
-    pub fn new(columns: &ResultColumns, field: u8) -> Self {
-        let mut by_name: std::collections::BTreeMap<&str, (usize, ColType)> = Default::default();
-        for (i, (name, ty)) in columns.iter().enumerate() {
-            by_name.insert(name, (i, ty));
-        }
+    pub fn new(columns: ResultColumns, field: u8) -> Self {
+        let by_name: std::collections::BTreeMap<&str, usize> =
+            columns.names().enumerate().map(|(i, n)| (n, i)).collect();
         let entries = by_name
-            .iter()
-            .map(|(name, (i, ty))| {
+            .into_iter()
+            .map(|(name, i)| {
                 let mut key = vec![ENTRY_KEY];
                 encode_varint(name.len() as u64, &mut key);
                 key.extend_from_slice(name.as_bytes());
-                (key, *i, *ty)
+                (key, i)
             })
             .collect();
         Self {
+            columns,
             entries,
-            names: columns.iter().map(|(n, _)| n.to_string()).collect(),
             field_tag: field << 3 | 2,
             row: Vec::with_capacity(512),
             value: Vec::with_capacity(64),
@@ -89,12 +86,9 @@ impl RowEncoder {
     /// Appends one row, as a length-delimited `Struct` in the rows field, to `out`.
     pub fn push(&mut self, row: &PgRow, out: &mut BytesMut) -> Result<(), DbError> {
         self.row.clear();
-        for (key, i, ty) in &self.entries {
+        for (key, i) in &self.entries {
             self.value.clear();
-            encode_cell(
-                &decode_cell(row, *i, *ty, &self.names[*i])?,
-                &mut self.value,
-            );
+            encode_cell(&self.columns.cell(row, *i)?, &mut self.value);
             let entry_len =
                 key.len() + 1 + encoded_len_varint(self.value.len() as u64) + self.value.len();
             self.row.push(STRUCT_FIELDS);
@@ -115,7 +109,6 @@ impl RowEncoder {
 #[derive(Debug, Default)]
 pub struct EncodedRows {
     pub bytes: BytesMut,
-    pub count: usize,
 }
 
 impl EncodedRows {
@@ -124,16 +117,13 @@ impl EncodedRows {
         let Some(first) = rows.first() else {
             return Ok(Self::default());
         };
-        let mut encoder = RowEncoder::new(&ResultColumns::of(first)?, field);
+        let mut encoder = RowEncoder::new(ResultColumns::of(first)?, field);
         // A guess that avoids most regrowth: rows of a result set have similar sizes.
         let mut bytes = BytesMut::with_capacity(rows.len() * 256);
         for row in rows {
             encoder.push(row, &mut bytes)?;
         }
-        Ok(Self {
-            bytes,
-            count: rows.len(),
-        })
+        Ok(Self { bytes })
     }
 }
 
@@ -230,7 +220,6 @@ mod tests {
                 }
                 .encode_to_vec()[..],
             ),
-            count: 2,
         };
         let head = pb::QueryResponse {
             rows: Vec::new(),

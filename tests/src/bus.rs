@@ -28,17 +28,14 @@ const BUS_TOPICS: [&str; 4] = ["db.requested", "db.completed", "db.failed", "db.
 
 impl BusTopics {
     pub async fn create() -> Result<Self> {
-        Self::with_names(
-            kafka_brokers(),
-            TestTopics::create(&BUS_TOPICS, PARTITIONS).await?,
-        )
+        Self::create_on(&kafka_brokers()).await
     }
 
-    /// The same topics on a private broker.
+    /// The same topics on the broker at `brokers` (e.g. a private one).
     pub async fn create_on(brokers: &str) -> Result<Self> {
-        let prefix = format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let prefix = TestTopics::fresh_prefix();
         let names = TestTopics::create_on(brokers, &prefix, &BUS_TOPICS, PARTITIONS).await?;
-        Self::with_names(brokers.to_string(), names)
+        Ok(Self::with_names(brokers.to_string(), names))
     }
 
     /// Creates the same topic names again (after a broker restarted empty).
@@ -47,18 +44,18 @@ impl BusTopics {
         Ok(())
     }
 
-    fn with_names(brokers: String, names: TestTopics) -> Result<Self> {
+    fn with_names(brokers: String, names: TestTopics) -> Self {
         let topics = Topics {
             request: names.name("db.requested"),
             completed: names.name("db.completed"),
             failed: names.name("db.failed"),
             dead_letter: names.name("db.dlq"),
         };
-        Ok(Self {
+        Self {
             topics,
             brokers,
             names,
-        })
+        }
     }
 
     /// db-svc flags that put its bus worker on these topics, in consumer group `group`.

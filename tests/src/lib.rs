@@ -348,8 +348,12 @@ impl TestTopics {
     /// Creates `names` (with `partitions` each) under a fresh prefix; returns the full names
     /// through [`TestTopics::name`].
     pub async fn create(names: &[&str], partitions: i32) -> Result<Self> {
-        let prefix = format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        Self::create_on(&kafka_brokers(), &prefix, names, partitions).await
+        Self::create_on(&kafka_brokers(), &Self::fresh_prefix(), names, partitions).await
+    }
+
+    /// A topic-name prefix no other test uses.
+    pub fn fresh_prefix() -> String {
+        format!("t{}.", &uuid::Uuid::new_v4().simple().to_string()[..10])
     }
 
     /// Creates `names` under `prefix` on `brokers` (e.g. a private broker, again after it
