@@ -10,7 +10,8 @@
 //! postgres://postgres@127.0.0.1:5432/postgres), BENCH_SECONDS (measured per side and row,
 //! default 4, in alternating slices so background load hits both sides alike), and for
 //! profiling one cell: BENCH_ONLY (query, count, insert1, insert100, floor; comma-separated) and
-//! BENCH_CLIENTS (e.g. 16); BENCH_SIDE=svc or direct measures one side only.
+//! BENCH_CLIENTS (e.g. 16); BENCH_SIDE=svc or direct measures one side only;
+//! BENCH_COALESCE_INSERTS sets db-svc's `--coalesce-inserts` (0 = every insert alone).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -418,19 +419,30 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
         .local_addr()?
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let settings = svc_kit::config::parse_args_ignoring_env::<Config>([
+    let pool_size = POOL.to_string();
+    let mut args = vec![
         "db-svc",
         "--database-url",
         url,
         "--listen",
         &listen,
         "--db-max-connections",
-        &POOL.to_string(),
+        &pool_size,
         "--shutdown-grace",
         "1s",
-    ])?
-    .validate()
-    .map_err(anyhow::Error::msg)?;
+    ];
+    // db-svc's default unless BENCH_COALESCE_INSERTS sets it (0 = every insert alone).
+    let coalesce = std::env::var("BENCH_COALESCE_INSERTS").ok();
+    if let Some(n) = &coalesce {
+        args.extend(["--coalesce-inserts", n.as_str()]);
+    }
+    eprintln!(
+        "db-svc --coalesce-inserts {}",
+        coalesce.as_deref().unwrap_or("(default)")
+    );
+    let settings = svc_kit::config::parse_args_ignoring_env::<Config>(args)?
+        .validate()
+        .map_err(anyhow::Error::msg)?;
     let shutdown = Shutdown::new();
     let server = tokio::spawn(db_svc::run_until(settings, shutdown.clone()));
 

@@ -91,6 +91,10 @@ pub struct TableInfo {
     pub name: String,
     pub columns: Vec<ColumnInfo>,
     pub primary_key: Vec<String>,
+    /// The table has a rule or a row-level BEFORE INSERT trigger of its own, either of which
+    /// may skip or redirect rows: an INSERT's RETURNING rows then need not match its VALUES
+    /// one for one, so such a table's inserts never share a statement.
+    pub insert_may_skip_rows: bool,
 }
 
 impl TableInfo {
@@ -120,7 +124,12 @@ pub fn needs_refresh(last_started: Option<Instant>, arrived: Instant) -> bool {
 const COLUMNS_SQL: &str = "\
 SELECT c.relname::text AS table_name, a.attname::text AS column_name, t.typname::text AS type_name,
        format_type(a.atttypid, a.atttypmod) AS sql_type, NOT a.attnotnull AS nullable,
-       pg_get_expr(d.adbin, d.adrelid) AS default_value
+       pg_get_expr(d.adbin, d.adrelid) AS default_value,
+       c.relhasrules OR EXISTS (
+         SELECT 1 FROM pg_trigger tg
+         WHERE tg.tgrelid = c.oid AND NOT tg.tgisinternal
+           AND tg.tgtype::int & 7 = 7 -- ROW (1) | BEFORE (2) | INSERT (4)
+       ) AS insert_may_skip_rows
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -249,7 +258,9 @@ async fn load(
             name: table,
             columns: Vec::new(),
             primary_key: Vec::new(),
+            insert_may_skip_rows: false,
         });
+        info.insert_may_skip_rows = row.try_get("insert_may_skip_rows")?;
         info.columns.push(ColumnInfo {
             name: row.try_get("column_name")?,
             ty: ColType::from_pg_name(&type_name),

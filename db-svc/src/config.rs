@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long, env = "DB_RAW_SQL_WRITES", default_value_t = false, action = clap::ArgAction::Set)]
     pub raw_sql_writes: bool,
 
+    /// Group commit for inserts: INSERT statements per table and column list that run at once
+    /// before further inserts (without request id or deadline of their own) wait and share one
+    /// statement, each still getting its own rows and errors. 0 = every insert alone.
+    #[arg(long, env = "DB_COALESCE_INSERTS", default_value_t = 2)]
+    pub coalesce_inserts: usize,
+
     /// How long idempotency records (request ids and their results) are kept.
     #[arg(long, env = "DB_REQUEST_LOG_RETENTION", value_parser = parse_duration, default_value = "7d")]
     pub request_log_retention: Duration,
@@ -127,6 +133,7 @@ pub struct Settings {
     pub query_max_limit: u64,
     pub statement_timeout: Duration,
     pub raw_sql_writes: bool,
+    pub coalesce_inserts: usize,
     pub request_log_retention: Duration,
     pub server: ServerArgs,
     pub log: LogArgs,
@@ -223,6 +230,7 @@ impl Config {
             query_max_limit: self.query_max_limit,
             statement_timeout: self.statement_timeout,
             raw_sql_writes: self.raw_sql_writes,
+            coalesce_inserts: self.coalesce_inserts,
             request_log_retention: self.request_log_retention,
             server: self.server,
             log: self.log,

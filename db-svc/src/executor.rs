@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::catalog::{Catalog, ColType, TableInfo};
 use crate::error::DbError;
+use crate::insert_coalescing::{BatchLimits, InsertCoalescer};
 use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RecordedOutput};
 use crate::raw_sql;
 use crate::values::{Param, StructRows, arguments, decode_rows, to_param};
@@ -32,6 +33,9 @@ pub struct Limits {
     pub statement_timeout: Duration,
     /// Whether ExecuteRaw may run INSERT / UPDATE / DELETE.
     pub raw_writes: bool,
+    /// INSERT statements per table and column list running at once before further plain
+    /// inserts wait and share one statement ([`crate::insert_coalescing`]); 0 turns sharing off.
+    pub coalesce_inserts: usize,
 }
 
 /// Per-request context from the transport.
@@ -48,6 +52,7 @@ pub struct Executor {
     pool: PgPool,
     catalog: Catalog,
     limits: Arc<Limits>,
+    inserts: Option<Arc<InsertCoalescer>>,
 }
 
 /// A batch of a streamed query, or the error that ended the stream.
@@ -55,10 +60,13 @@ pub type RowBatch = Result<Vec<prost_types::Struct>, DbError>;
 
 impl Executor {
     pub fn new(pool: PgPool, catalog: Catalog, limits: Limits) -> Self {
+        let inserts = (limits.coalesce_inserts > 0)
+            .then(|| InsertCoalescer::new(pool.clone(), BatchLimits::new(limits.coalesce_inserts)));
         Self {
             pool,
             catalog,
             limits: Arc::new(limits),
+            inserts,
         }
     }
 
@@ -157,7 +165,18 @@ impl Executor {
                 })
             }
             Operation::Insert(spec) => {
-                let plan = ops::plan_insert(&*self.table_for(&op).await?, spec)?;
+                let table = self.table_for(&op).await?;
+                let values = ops::InsertValues::new(&table, spec)?;
+                // Inserts without a deadline of their own or a request id (which need a
+                // transaction each) may share a statement with concurrent ones.
+                if let Some(inserts) = &self.inserts
+                    && self.tighter_timeout(ctx.timeout).is_none()
+                    && ctx.request_id.as_deref().is_none_or(str::is_empty)
+                    && InsertCoalescer::can_share(&table, &values)
+                {
+                    return inserts.insert(table, values, spec.count_only).await;
+                }
+                let plan = ops::plan_shared_insert(&table, [values], spec.count_only)?;
                 self.write(&op, plan, spec.count_only, None, ctx).await
             }
             Operation::Update(spec) => {
@@ -506,7 +525,11 @@ where
     Ok(n.max(0) as u64)
 }
 
-async fn run_write<'e, E>(executor: E, plan: &Plan, count_only: bool) -> Result<OpOutput, DbError>
+pub(crate) async fn run_write<'e, E>(
+    executor: E,
+    plan: &Plan,
+    count_only: bool,
+) -> Result<OpOutput, DbError>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {

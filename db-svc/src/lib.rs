@@ -12,6 +12,7 @@ pub mod config;
 pub mod db_health;
 pub mod error;
 pub mod executor;
+pub mod insert_coalescing;
 pub mod ops;
 pub mod raw_sql;
 pub mod values;
@@ -155,6 +156,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             max_limit: settings.query_max_limit,
             statement_timeout: settings.statement_timeout,
             raw_writes: settings.raw_sql_writes,
+            coalesce_inserts: settings.coalesce_inserts,
         },
     );
     let api = std::sync::Arc::new(api::DatabaseApi::new(executor.clone(), shutdown.clone()));

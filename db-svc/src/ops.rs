@@ -612,6 +612,7 @@ pub fn plan_count(table: &TableInfo, criteria: &Criteria) -> Result<Plan, DbErro
 /// Columns filled with now() when the table has them and the caller did not give them.
 const AUTO_TIMESTAMPS: [&str; 2] = ["created_at", "updated_at"];
 
+#[derive(Clone)]
 enum Cell {
     Value(Param),
     Default,
@@ -668,6 +669,12 @@ fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, Db
         }
         matrix.push(cells);
     }
+    if columns.is_empty() && rows.len() > 1 {
+        return Err(DbError::field(
+            "rows",
+            "rows without any column can only be inserted one at a time",
+        ));
+    }
     Ok(ValuesMatrix {
         columns,
         rows: matrix,
@@ -685,17 +692,22 @@ fn write_values(
         rows: matrix,
         auto,
     } = values_matrix(table, rows)?;
+    push_insert(b, table, &columns, matrix);
+    Ok(auto)
+}
+
+/// `INSERT INTO table (columns) VALUES (...), ...` (or `DEFAULT VALUES` without columns).
+fn push_insert(
+    b: &mut Builder,
+    table: &TableInfo,
+    columns: &[String],
+    rows: impl IntoIterator<Item = Vec<Cell>>,
+) {
     b.push("INSERT INTO ");
     b.ident(&table.name);
     if columns.is_empty() {
-        if rows.len() > 1 {
-            return Err(DbError::field(
-                "rows",
-                "rows without any column can only be inserted one at a time",
-            ));
-        }
         b.push(" DEFAULT VALUES");
-        return Ok(auto);
+        return;
     }
     b.push(" (");
     for (i, c) in columns.iter().enumerate() {
@@ -705,7 +717,7 @@ fn write_values(
         b.ident(c);
     }
     b.push(") VALUES ");
-    for (r, cells) in matrix.into_iter().enumerate() {
+    for (r, cells) in rows.into_iter().enumerate() {
         b.push(if r == 0 { "(" } else { ", (" });
         for (i, cell) in cells.into_iter().enumerate() {
             if i > 0 {
@@ -719,14 +731,90 @@ fn write_values(
         }
         b.push(")");
     }
-    Ok(auto)
 }
 
 /// Multi-row INSERT ... RETURNING.
 pub fn plan_insert(table: &TableInfo, spec: &InsertSpec) -> Result<Plan, DbError> {
+    plan_shared_insert(table, [InsertValues::new(table, spec)?], spec.count_only)
+}
+
+/// An insert's rows, validated and converted, before they become SQL. Inserts into the same
+/// table with the same [`InsertValues::columns`] can share one statement
+/// ([`plan_shared_insert`]).
+#[derive(Clone)]
+pub struct InsertValues {
+    columns: Vec<String>,
+    rows: Vec<Vec<Cell>>,
+    params: usize,
+}
+
+impl InsertValues {
+    /// Checks and converts `spec`'s rows (the field errors of [`plan_insert`]).
+    pub fn new(table: &TableInfo, spec: &InsertSpec) -> Result<Self, DbError> {
+        let ValuesMatrix { columns, rows, .. } = values_matrix(table, &spec.rows)?;
+        let params = rows
+            .iter()
+            .flatten()
+            .filter(|c| matches!(c, Cell::Value(_)))
+            .count();
+        Ok(Self {
+            columns,
+            rows,
+            params,
+        })
+    }
+
+    /// The column list of the VALUES (empty for `DEFAULT VALUES`).
+    pub fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    pub fn row_count(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// How many parameters the rows bind.
+    pub fn param_count(&self) -> usize {
+        self.params
+    }
+}
+
+/// The largest number of bind parameters one statement may carry (the protocol's limit is
+/// 65,535).
+pub const MAX_STATEMENT_PARAMS: usize = 65_535;
+
+/// One INSERT of several inserts' rows, in order, all with the same columns; RETURNING every
+/// column unless `count_only`. PostgreSQL returns the rows of `INSERT ... VALUES` in VALUES
+/// order (Django's `bulk_create` relies on the same), which is what lets the caller hand each
+/// insert its own rows back.
+pub fn plan_shared_insert(
+    table: &TableInfo,
+    parts: impl IntoIterator<Item = InsertValues>,
+    count_only: bool,
+) -> Result<Plan, DbError> {
+    let mut parts = parts.into_iter().peekable();
+    let columns = match parts.peek() {
+        Some(first) => first.columns.clone(),
+        None => return Err(DbError::field("rows", "at least one row is required")),
+    };
+    let mut rows = Vec::new();
+    for part in parts {
+        if part.columns != columns {
+            return Err(DbError::Database(
+                "internal: inserts with different columns cannot share a statement".into(),
+            ));
+        }
+        rows.extend(part.rows);
+    }
+    if columns.is_empty() && rows.len() > 1 {
+        return Err(DbError::field(
+            "rows",
+            "rows without any column can only be inserted one at a time",
+        ));
+    }
     let mut b = Builder::new();
-    write_values(&mut b, table, &spec.rows)?;
-    returning(&mut b, table, spec.count_only);
+    push_insert(&mut b, table, &columns, rows);
+    returning(&mut b, table, count_only);
     Ok(b.finish())
 }
 
@@ -895,6 +983,7 @@ pub(crate) mod tests {
                 ),
             ],
             primary_key: vec!["id".into()],
+            insert_may_skip_rows: false,
         }
     }
 

@@ -30,6 +30,7 @@ fn table() -> TableInfo {
             col("ok", ColType::Bool, "boolean"),
         ],
         primary_key: vec!["id".into()],
+        insert_may_skip_rows: false,
     }
 }
 

@@ -112,6 +112,27 @@ pub async fn wait_http_status(
     }
 }
 
+/// Scrapes `addr` until `check` holds for the samples (the samplers run every second).
+pub async fn wait_metrics(
+    addr: &str,
+    what: &str,
+    check: impl Fn(&std::collections::BTreeMap<String, f64>) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = http_get(addr, "/metrics").await.unwrap();
+        if check(&parse_prometheus(&reply.body)) {
+            return reply.body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed {what}:\n{}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The samples of a Prometheus text exposition: `name{labels}` -> value, labels sorted.
 pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();

@@ -1,8 +1,14 @@
-//! Idempotent writes by request_id, and many clients writing at once.
+//! Idempotent writes by request_id, many clients writing at once, and inserts sharing one
+//! statement (group commit).
+
+use std::time::{Duration, Instant};
 
 use omnibus_proto::db::v1 as pb;
-use omnibus_tests::db::{DbSvc, action, error_details, rows_json, to_struct};
-use serde_json::json;
+use omnibus_tests::db::{DbSvc, action, error_details, from_struct, rows_json, to_struct};
+use omnibus_tests::free_port;
+use omnibus_tests::ops::{sample, wait_metrics};
+use serde_json::{Value as Json, json};
+use tokio::task::JoinHandle;
 use tonic::Code;
 
 async fn count(s: &mut DbSvc, table: &str) -> u64 {
@@ -213,4 +219,156 @@ async fn many_clients_writing_at_once_lose_nothing() {
         .await
         .unwrap();
     assert_eq!(distinct as u64, expected);
+}
+
+type InsertReply = Result<pb::InsertResponse, tonic::Status>;
+
+fn spawn_insert(s: &DbSvc, row: Json) -> JoinHandle<InsertReply> {
+    let mut client = s.client.clone();
+    tokio::spawn(async move {
+        client
+            .insert(pb::InsertRequest {
+                table: "agent_actions".into(),
+                rows: vec![to_struct(row)],
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    })
+}
+
+/// Holds every insert into agent_actions back inside PostgreSQL (an open transaction with a
+/// SHARE lock) until `release`.
+struct TableLock(sqlx::PgConnection);
+
+impl TableLock {
+    async fn take(s: &DbSvc) -> Self {
+        let mut conn = s.sql().await;
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query("LOCK TABLE agent_actions IN SHARE MODE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Self(conn)
+    }
+
+    /// Waits until `n` statements queue for the lock.
+    async fn wait_blocked(&self, s: &DbSvc, n: i64) {
+        let mut probe = s.sql().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'agent_actions' AND NOT l.granted",
+            )
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
+            if blocked == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{blocked} blocked, never {n}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn release(mut self) {
+        sqlx::query("COMMIT").execute(&mut self.0).await.unwrap();
+    }
+}
+
+fn requests_per_statement(m: &std::collections::BTreeMap<String, f64>) -> (f64, f64) {
+    (
+        sample(m, "db_insert_statement_requests_count", &[]).unwrap_or(0.0),
+        sample(m, "db_insert_statement_requests_sum", &[]).unwrap_or(0.0),
+    )
+}
+
+#[tokio::test]
+async fn inserts_that_arrive_while_one_runs_share_a_statement_and_get_their_own_rows() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut s = DbSvc::start(&["--coalesce-inserts", "1", "--metrics-listen", &metrics]).await;
+    let lock = TableLock::take(&s).await;
+    let first = spawn_insert(&s, action("first"));
+    lock.wait_blocked(&s, 1).await;
+    // The lane's one statement is stuck: these ten wait in db-svc and then share one.
+    let shared: Vec<_> = (0..10)
+        .map(|i| spawn_insert(&s, action(&format!("shared-{i}"))))
+        .collect();
+    wait_metrics(&metrics, "ten inserts waiting", |m| {
+        sample(m, "db_insert_requests_waiting", &[]) == Some(10.0)
+    })
+    .await;
+    lock.release().await;
+
+    let first = first.await.unwrap().expect("first insert");
+    assert_eq!(from_struct(&first.rows[0])["agent_name"], "first");
+    for (i, task) in shared.into_iter().enumerate() {
+        let reply = task.await.unwrap().expect("shared insert");
+        assert_eq!(reply.affected, 1);
+        assert_eq!(reply.rows.len(), 1, "its own row, not the batch's");
+        let row = from_struct(&reply.rows[0]);
+        assert_eq!(row["agent_name"], format!("shared-{i}"));
+        assert!(row["id"].is_string() && row["created_at"].is_string());
+    }
+    assert_eq!(count(&mut s, "agent_actions").await, 11);
+    let body = wait_metrics(&metrics, "two statements", |m| {
+        requests_per_statement(m) == (2.0, 11.0)
+    })
+    .await;
+    assert!(body.contains("db_insert_requests_waiting 0"), "{body}");
+}
+
+#[tokio::test]
+async fn a_bad_insert_in_a_shared_statement_fails_alone() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut s = DbSvc::start(&["--coalesce-inserts", "1", "--metrics-listen", &metrics]).await;
+    // Every row names its id, so all share one lane (one column list).
+    let with_id = |agent: &str, id: &str| {
+        let mut row = action(agent);
+        row["id"] = json!(id);
+        row
+    };
+    let dup = uuid::Uuid::new_v4().to_string();
+    let lock = TableLock::take(&s).await;
+    let first = spawn_insert(&s, with_id("first", &uuid::Uuid::new_v4().to_string()));
+    lock.wait_blocked(&s, 1).await;
+    let ok_a = spawn_insert(&s, with_id("ok-a", &uuid::Uuid::new_v4().to_string()));
+    let dup_a = spawn_insert(&s, with_id("dup-a", &dup));
+    let ok_b = spawn_insert(&s, with_id("ok-b", &uuid::Uuid::new_v4().to_string()));
+    let dup_b = spawn_insert(&s, with_id("dup-b", &dup));
+    wait_metrics(&metrics, "four inserts waiting", |m| {
+        sample(m, "db_insert_requests_waiting", &[]) == Some(4.0)
+    })
+    .await;
+    lock.release().await;
+
+    first.await.unwrap().expect("first");
+    for (name, task) in [("ok-a", ok_a), ("ok-b", ok_b)] {
+        let reply = task.await.unwrap().expect(name);
+        assert_eq!(from_struct(&reply.rows[0])["agent_name"], name);
+    }
+    // The shared statement failed on the duplicate key; run one by one, the first of the two
+    // duplicates is written and only the second fails.
+    let (a, b) = (dup_a.await.unwrap(), dup_b.await.unwrap());
+    let (written, failed) = match (a, b) {
+        (Ok(w), Err(f)) | (Err(f), Ok(w)) => (w, f),
+        other => panic!("exactly one duplicate must fail: {other:?}"),
+    };
+    assert!(
+        from_struct(&written.rows[0])["agent_name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("dup-"))
+    );
+    assert_eq!(failed.code(), Code::AlreadyExists, "{failed:?}");
+    assert!(
+        failed.message().contains("agent_actions_pkey"),
+        "{failed:?}"
+    );
+    assert_eq!(count(&mut s, "agent_actions").await, 4);
+    // 1 (first) + 1 shared attempt of 4 + 4 alone.
+    wait_metrics(&metrics, "the retry one by one", |m| {
+        requests_per_statement(m) == (6.0, 9.0)
+    })
+    .await;
 }

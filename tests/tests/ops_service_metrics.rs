@@ -2,7 +2,7 @@
 //! errors per topic, partition lag, stream subscribers) and db-svc (operation latency by
 //! outcome, pool usage, bus requests by outcome).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use omnibus_client::generate::{EventGenerator, Kind};
@@ -14,30 +14,9 @@ use omnibus_tests::consumer::{
     TestProducer, client, create_topics, start_consumer, unique_prefix, wait_status,
 };
 use omnibus_tests::db::{DbSvc, action, to_struct};
-use omnibus_tests::ops::{http_get, parse_prometheus, sample};
+use omnibus_tests::ops::{http_get, parse_prometheus, sample, wait_metrics};
 use omnibus_tests::{TestDatabase, free_port, kafka_brokers};
 use serde_json::json;
-
-/// Scrapes `addr` until `check` holds for the samples (the samplers run every second).
-async fn wait_metrics(
-    addr: &str,
-    what: &str,
-    check: impl Fn(&std::collections::BTreeMap<String, f64>) -> bool,
-) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let reply = http_get(addr, "/metrics").await.unwrap();
-        if check(&parse_prometheus(&reply.body)) {
-            return reply.body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "metrics never showed {what}:\n{}",
-            reply.body
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test]
 async fn consumer_svc_exports_ingest_and_stream_metrics() {
