@@ -172,7 +172,7 @@ impl Executor {
                 if let Some(inserts) = &self.inserts
                     && self.tighter_timeout(ctx.timeout).is_none()
                     && ctx.request_id.as_deref().is_none_or(str::is_empty)
-                    && InsertCoalescer::can_share(&table, &values)
+                    && inserts.can_share(&table, &values)
                 {
                     return inserts.insert(table, values, spec.count_only).await;
                 }

@@ -35,14 +35,18 @@ pub struct BatchLimits {
     pub max_params: usize,
     /// Requests per shared statement.
     pub max_requests: usize,
+    /// Larger inserts run alone: their statement cost is already spread over many rows, and
+    /// every distinct size of a shared statement is one more prepared statement.
+    pub max_request_params: usize,
 }
 
 impl BatchLimits {
     pub fn new(max_in_flight: usize) -> Self {
         Self {
             max_in_flight: max_in_flight.max(1),
-            max_params: 16_384,
+            max_params: 4_096,
             max_requests: 256,
+            max_request_params: 256,
         }
     }
 }
@@ -149,6 +153,7 @@ struct Waiter {
 /// See the module documentation.
 pub struct InsertCoalescer {
     pool: PgPool,
+    max_request_params: usize,
     lanes: Mutex<Lanes<LaneKey, Waiter>>,
 }
 
@@ -156,13 +161,17 @@ impl InsertCoalescer {
     pub fn new(pool: PgPool, limits: BatchLimits) -> Arc<Self> {
         Arc::new(Self {
             pool,
+            max_request_params: limits.max_request_params,
             lanes: Mutex::new(Lanes::new(limits)),
         })
     }
 
-    /// Whether an insert may share a statement with others at all.
-    pub fn can_share(table: &TableInfo, values: &InsertValues) -> bool {
-        !table.insert_may_skip_rows && !values.columns().is_empty()
+    /// Whether an insert may share a statement with others: small, with columns, into a table
+    /// that inserts every row it is given.
+    pub fn can_share(&self, table: &TableInfo, values: &InsertValues) -> bool {
+        !table.insert_may_skip_rows
+            && !values.columns().is_empty()
+            && values.param_count() <= self.max_request_params
     }
 
     /// Inserts `values` (checked against `table`), alone or in a shared statement.
@@ -358,6 +367,7 @@ mod tests {
             max_in_flight,
             max_params: 10,
             max_requests: 3,
+            max_request_params: 10,
         })
     }
 
