@@ -169,11 +169,15 @@ struct Service {
 
 impl Service {
     fn start(brokers: &str, prefix: &str, extra: &[&str]) -> Result<Self> {
-        // CARGO_TARGET_DIR is honoured, like cargo does.
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root().join("target"));
-        let bin = target.join("release/consumer-svc");
+        // CARGO_TARGET_DIR is honoured, like cargo does; BENCH_SVC_BIN runs another build
+        // (e.g. an older commit's, for A/B runs).
+        let bin = match std::env::var_os("BENCH_SVC_BIN") {
+            Some(bin) => PathBuf::from(bin),
+            None => std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("target"))
+                .join("release/consumer-svc"),
+        };
         if !bin.exists() {
             bail!(
                 "{} missing: cargo build --release -p consumer-svc",

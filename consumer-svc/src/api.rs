@@ -451,9 +451,9 @@ impl ConsumerService for ConsumerApi {
         };
         let sub = self
             .hub
-            .subscribe(None)
+            .subscribe(None, filter.agent.as_deref())
             .map_err(|e| Status::internal(e.to_string()))?;
-        let follower = Follower::new(sub.rx, sub.last_seq, MAX_PUSH);
+        let follower = Follower::new(sub.live, MAX_PUSH);
         let stream = follow(
             Vec::new(),
             follower,
@@ -494,7 +494,7 @@ impl ConsumerService for ConsumerApi {
         };
         let sub = self
             .hub
-            .subscribe(None)
+            .subscribe(None, filter.agent.as_deref())
             .map_err(|e| Status::internal(e.to_string()))?;
         let initial: Vec<pb::AgentMetrics> = self
             .state
@@ -503,7 +503,7 @@ impl ConsumerService for ConsumerApi {
             .iter()
             .map(convert::agent_metrics)
             .collect();
-        let follower = Follower::new(sub.rx, sub.last_seq, MAX_PUSH);
+        let follower = Follower::new(sub.live, MAX_PUSH);
         let first = vec![pb::StreamAgentMetricsResponse {
             agents: initial,
             lagged: 0,
@@ -558,7 +558,7 @@ impl ConsumerService for ConsumerApi {
             let state = self.state.read();
             let sub = self
                 .hub
-                .subscribe(r.resume_after_sequence)
+                .subscribe(r.resume_after_sequence, filter.agent.as_deref())
                 .map_err(|e| Status::out_of_range(e.to_string()))?;
             let want_snapshot =
                 r.include_snapshot && (r.resume_after_sequence.is_none() || sub.missed > 0);
@@ -587,7 +587,7 @@ impl ConsumerService for ConsumerApi {
                 }
             }
         }
-        let follower = Follower::new(sub.rx, sub.last_seq, MAX_PUSH);
+        let follower = Follower::new(sub.live, MAX_PUSH);
         let stream = follow(
             initial,
             follower,
@@ -737,5 +737,82 @@ pub async fn publish_live_updates(
             api.hub
                 .publish([UpdateKind::Status(Arc::new(api.status()))]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{self, EventKind};
+
+    fn event(kind: EventKind, json: &str) -> UpdateKind {
+        UpdateKind::Event(events::parse(kind, json.as_bytes(), 0).expect("valid event"))
+    }
+
+    /// Routing by agent (the hub's audience) loses nothing an agent filter accepts: with only
+    /// an agent filter and every channel, a Subscribe stream accepts exactly the updates routed
+    /// to the agent.
+    #[test]
+    fn an_agent_filter_accepts_exactly_the_updates_routed_to_its_agent() {
+        let kinds = vec![
+            event(
+                EventKind::AgentAction,
+                r#"{"agent_name":"a","action_type":"tool_call","correlation_id":"c"}"#,
+            ),
+            event(
+                EventKind::AgentAction,
+                r#"{"agent_name":"b","action_type":"tool_call"}"#,
+            ),
+            event(EventKind::RoutingDecision, r#"{"selected_agent":"a"}"#),
+            event(EventKind::RoutingDecision, r#"{"selected_agent":"c"}"#),
+            event(
+                EventKind::Transformation,
+                r#"{"source_agent":"a","target_agent":"b"}"#,
+            ),
+            event(
+                EventKind::Transformation,
+                r#"{"source_agent":"c","target_agent":"c"}"#,
+            ),
+            event(
+                EventKind::PerformanceMetric,
+                r#"{"routing_duration_ms":1,"cache_hit":false,"trigger_match_strategy":"exact","correlation_id":"c"}"#,
+            ),
+            UpdateKind::AgentMetrics(Arc::new(pb::AgentMetrics {
+                agent: "b".into(),
+                ..Default::default()
+            })),
+            UpdateKind::Status(Arc::new(pb::ConsumerStatus::default())),
+        ];
+        let all = Channels::from_request(&[]).unwrap();
+        let mut accepted_somewhere = 0;
+        for agent in ["a", "b", "c", "z"] {
+            let filter = Filter {
+                agent: Some(agent.into()),
+                ..Default::default()
+            };
+            let accepted: Vec<bool> = kinds
+                .iter()
+                .enumerate()
+                .map(|(i, kind)| {
+                    let u = Update {
+                        seq: i as u64 + 1,
+                        kind: kind.clone(),
+                    };
+                    subscribe_message(&u, &all, &filter).is_some()
+                })
+                .collect();
+            let routed: Vec<bool> = kinds.iter().map(|k| k.audience().includes(agent)).collect();
+            assert_eq!(accepted, routed, "agent {agent}");
+            accepted_somewhere += accepted.iter().filter(|a| **a).count();
+        }
+        // a: action, decision, transformation, status; b: action, transformation, metrics,
+        // status; c: decision, transformation, status; z: status.
+        assert_eq!(accepted_somewhere, 4 + 4 + 3 + 1);
+        // Unfiltered, the performance metric is accepted too (it is on the shared channel).
+        let u = Update {
+            seq: 7,
+            kind: kinds[6].clone(),
+        };
+        assert!(subscribe_message(&u, &all, &Filter::default()).is_some());
     }
 }

@@ -1,13 +1,24 @@
 //! Sequenced fan-out of updates to stream subscribers.
 //!
 //! Every update gets the next sequence number and goes (a) into a ring of the most recent
-//! updates, for subscribers that resume after a reconnect, and (b) onto a tokio broadcast
-//! channel in batches (one per ingest batch, so 1,000 subscribers wake once per batch, not once
-//! per event). The broadcast channel is the bounded per-subscriber queue: a subscriber that falls
-//! more than `queue` batches behind loses the oldest ones and is told how many updates it
+//! updates, for subscribers that resume after a reconnect, and (b) to the subscribers, in
+//! batches (one per ingest batch, so a subscriber wakes once per batch, not once per event),
+//! over tokio broadcast channels:
+//!
+//! - subscribers without an agent filter share one channel that carries every update;
+//! - subscribers with an agent filter read from that agent's *route*: a channel carrying only
+//!   the updates that concern the agent (its actions, routing decisions, transformations from
+//!   or to it, its metrics) and the consumer-status changes. A batch that holds nothing for an
+//!   agent wakes none of its subscribers, and none of them scans the other agents' updates.
+//!   Routes exist while someone follows them.
+//!
+//! A channel is the bounded per-subscriber queue: a subscriber that falls more than `queue`
+//! batches behind loses the oldest ones and is told how many updates (of its channel) it
 //! missed; the sender never waits, so a slow subscriber never blocks ingest or anyone else.
+//! Updates on a channel are numbered consecutively (on the shared channel the number is the
+//! sequence itself), which is how a gap is detected.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use omnibus_proto::consumer::v1 as pb;
@@ -24,6 +35,50 @@ pub enum UpdateKind {
     Status(Arc<pb::ConsumerStatus>),
 }
 
+/// The agents whose filtered subscribers get an update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience<'a> {
+    /// Only subscribers without an agent filter (performance metrics have no agent).
+    Unfiltered,
+    One(&'a str),
+    /// A transformation: its source and its target agent.
+    Two(&'a str, &'a str),
+    /// Every subscriber (consumer status).
+    Everyone,
+}
+
+impl Audience<'_> {
+    /// Whether a subscriber filtering on `agent` gets the update.
+    pub fn includes(&self, agent: &str) -> bool {
+        match *self {
+            Audience::Unfiltered => false,
+            Audience::One(a) => a == agent,
+            Audience::Two(a, b) => a == agent || b == agent,
+            Audience::Everyone => true,
+        }
+    }
+}
+
+impl UpdateKind {
+    /// Who may want this update. The streams' agent filters never accept an update outside
+    /// its audience (tested in `api`).
+    pub fn audience(&self) -> Audience<'_> {
+        match self {
+            UpdateKind::Event(Event::AgentAction(a)) => Audience::One(&a.agent_name),
+            UpdateKind::Event(Event::RoutingDecision(d)) => Audience::One(&d.selected_agent),
+            UpdateKind::Event(Event::Transformation(t)) if t.source_agent == t.target_agent => {
+                Audience::One(&t.source_agent)
+            }
+            UpdateKind::Event(Event::Transformation(t)) => {
+                Audience::Two(&t.source_agent, &t.target_agent)
+            }
+            UpdateKind::Event(Event::PerformanceMetric(_)) => Audience::Unfiltered,
+            UpdateKind::AgentMetrics(m) => Audience::One(&m.agent),
+            UpdateKind::Status(_) => Audience::Everyone,
+        }
+    }
+}
+
 /// Cheap to clone: the payloads are shared (`Arc`).
 #[derive(Clone, Debug)]
 pub struct Update {
@@ -34,26 +89,58 @@ pub struct Update {
 /// Updates published together, in sequence order.
 pub type Batch = Arc<[Update]>;
 
+/// What a channel carries: one batch and the channel number of its first update (the
+/// following ones are numbered consecutively).
+#[derive(Clone, Debug)]
+struct Chunk {
+    updates: Batch,
+    first: u64,
+}
+
 pub struct Hub {
     inner: Mutex<Inner>,
-    tx: broadcast::Sender<Batch>,
+    /// The channel of the subscribers without an agent filter.
+    tx: broadcast::Sender<Chunk>,
     ring_cap: usize,
+    queue: usize,
 }
 
 struct Inner {
     ring: VecDeque<Update>,
     last_seq: u64,
+    /// Agent-filtered subscribers' channels, by agent.
+    routes: HashMap<Box<str>, Route>,
+    /// Routes nobody follows any more are dropped when the map reaches this size (and when a
+    /// publish finds nobody listening), so the map stays within twice the followed agents.
+    sweep_at: usize,
+}
+
+struct Route {
+    tx: broadcast::Sender<Chunk>,
+    /// Updates sent on this route so far (the channel number of the last one).
+    sent: u64,
+    /// This publish's updates for the route.
+    pending: Vec<Update>,
+}
+
+const MIN_SWEEP: usize = 64;
+
+/// The live part of a subscription, for a [`Follower`].
+pub struct Live {
+    rx: broadcast::Receiver<Chunk>,
+    /// The channel number of the last update before the subscription.
+    delivered: u64,
 }
 
 /// A new subscription: the buffered updates to replay, then the live receiver.
 pub struct Subscription {
-    /// Updates after the resume point still in the ring, oldest first.
+    /// Updates after the resume point still in the ring, oldest first (not filtered).
     pub backlog: Vec<Update>,
     /// Updates after the resume point that are no longer buffered.
     pub missed: u64,
     /// The newest sequence number at subscription time.
     pub last_seq: u64,
-    pub rx: broadcast::Receiver<Batch>,
+    pub live: Live,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,14 +155,18 @@ impl Hub {
     /// `ring` recent updates are kept for resuming; each subscriber may fall `queue` batches
     /// behind before it loses updates.
     pub fn new(ring: usize, queue: usize) -> Self {
-        let (tx, _) = broadcast::channel(queue.max(1));
+        let queue = queue.max(1);
+        let (tx, _) = broadcast::channel(queue);
         Self {
             inner: Mutex::new(Inner {
                 ring: VecDeque::with_capacity(ring.min(1 << 16)),
                 last_seq: 0,
+                routes: HashMap::new(),
+                sweep_at: MIN_SWEEP,
             }),
             tx,
             ring_cap: ring,
+            queue,
         }
     }
 
@@ -83,16 +174,30 @@ impl Hub {
         self.inner.lock().last_seq
     }
 
+    /// Open subscriptions, filtered or not.
     pub fn subscribers(&self) -> usize {
+        let inner = self.inner.lock();
         self.tx.receiver_count()
+            + inner
+                .routes
+                .values()
+                .map(|r| r.tx.receiver_count())
+                .sum::<usize>()
+    }
+
+    /// Agents with a route (followed, or not swept yet).
+    pub fn routes(&self) -> usize {
+        self.inner.lock().routes.len()
     }
 
     /// Sequences and publishes `kinds`; returns the last sequence number used.
     pub fn publish(&self, kinds: impl IntoIterator<Item = UpdateKind>) -> u64 {
-        let mut inner = self.inner.lock();
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
         let kinds = kinds.into_iter();
         // Nobody to send to (checked under the lock, which subscribe() takes too): no batch.
         let listening = self.tx.receiver_count() > 0;
+        let routing = !inner.routes.is_empty();
         let mut batch = Vec::with_capacity(if listening { kinds.size_hint().0 } else { 0 });
         for kind in kinds {
             inner.last_seq += 1;
@@ -100,6 +205,9 @@ impl Hub {
                 seq: inner.last_seq,
                 kind,
             };
+            if routing {
+                route(&mut inner.routes, &update);
+            }
             if self.ring_cap > 0 {
                 if inner.ring.len() == self.ring_cap {
                     inner.ring.pop_front();
@@ -110,18 +218,39 @@ impl Hub {
                 batch.push(update);
             }
         }
+        // Sent under the lock so subscribe() sees ring and channels consistently.
         if !batch.is_empty() {
-            // Sent under the lock so subscribe() sees ring and channel consistently. An error
-            // only means nobody is listening.
-            let _ = self.tx.send(Batch::from(batch));
+            let first = batch[0].seq;
+            // An error only means nobody is listening.
+            let _ = self.tx.send(Chunk {
+                updates: Batch::from(batch),
+                first,
+            });
+        }
+        if routing {
+            inner.routes.retain(|_, r| {
+                if r.pending.is_empty() {
+                    return true;
+                }
+                let updates = Batch::from(std::mem::take(&mut r.pending));
+                let first = r.sent + 1;
+                r.sent += updates.len() as u64;
+                // An error means nobody follows the agent any more: the route goes.
+                r.tx.send(Chunk { updates, first }).is_ok()
+            });
         }
         inner.last_seq
     }
 
-    /// Subscribes; with `resume_after`, the buffered updates after it come first.
-    pub fn subscribe(&self, resume_after: Option<u64>) -> Result<Subscription, ResumeError> {
-        let inner = self.inner.lock();
-        let rx = self.tx.subscribe();
+    /// Subscribes; with `resume_after`, the buffered updates after it come first. With
+    /// `agent`, the live updates are only those of the agent's route (see the module notes).
+    pub fn subscribe(
+        &self,
+        resume_after: Option<u64>,
+        agent: Option<&str>,
+    ) -> Result<Subscription, ResumeError> {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
         let last_seq = inner.last_seq;
         let (backlog, missed) = match resume_after {
             None => (Vec::new(), 0),
@@ -143,12 +272,55 @@ impl Hub {
                 (backlog, missed)
             }
         };
+        let live = match agent {
+            None => Live {
+                rx: self.tx.subscribe(),
+                delivered: last_seq,
+            },
+            Some(agent) => {
+                if inner.routes.len() >= inner.sweep_at {
+                    inner.routes.retain(|_, r| r.tx.receiver_count() > 0);
+                    inner.sweep_at = (inner.routes.len() * 2).max(MIN_SWEEP);
+                }
+                let route = inner.routes.entry(agent.into()).or_insert_with(|| Route {
+                    tx: broadcast::channel(self.queue).0,
+                    sent: 0,
+                    pending: Vec::new(),
+                });
+                Live {
+                    rx: route.tx.subscribe(),
+                    delivered: route.sent,
+                }
+            }
+        };
         Ok(Subscription {
             backlog,
             missed,
             last_seq,
-            rx,
+            live,
         })
+    }
+}
+
+/// Adds `update` to the pending updates of the routes of its audience.
+fn route(routes: &mut HashMap<Box<str>, Route>, update: &Update) {
+    let mut to = |agent: &str| {
+        if let Some(r) = routes.get_mut(agent) {
+            r.pending.push(update.clone());
+        }
+    };
+    match update.kind.audience() {
+        Audience::Unfiltered => {}
+        Audience::One(a) => to(a),
+        Audience::Two(a, b) => {
+            to(a);
+            to(b);
+        }
+        Audience::Everyone => {
+            for r in routes.values_mut() {
+                r.pending.push(update.clone());
+            }
+        }
     }
 }
 
@@ -205,7 +377,8 @@ impl<'a> IntoIterator for &'a Updates {
 pub enum Next {
     /// Updates in order (possibly several batches, drained without waiting).
     Updates(Updates),
-    /// `missed` updates were dropped; the stream goes on after them.
+    /// `missed` updates of the channel were dropped; the stream goes on after them
+    /// (`last_missed` is the sequence number just before the next update).
     Lagged {
         missed: u64,
         last_missed: u64,
@@ -215,52 +388,51 @@ pub enum Next {
 
 /// Follows a subscription, converting broadcast lag into a count of missed updates.
 pub struct Follower {
-    rx: broadcast::Receiver<Batch>,
-    /// Sequence of the last update handed out (or replayed from the backlog).
+    rx: broadcast::Receiver<Chunk>,
+    /// Channel number of the last update handed out (or from before the subscription).
     delivered: u64,
-    /// A batch received after a gap, delivered after the lag notice.
-    stash: Option<Batch>,
+    /// A chunk received after a gap, delivered after the lag notice.
+    stash: Option<Chunk>,
     /// Most updates handed out per call, so one push stays a reasonable size.
     max_items: usize,
 }
 
 impl Follower {
-    /// `delivered` is the last sequence the subscriber already has (the subscription's
-    /// `last_seq`, or the end of its backlog).
-    pub fn new(rx: broadcast::Receiver<Batch>, delivered: u64, max_items: usize) -> Self {
+    /// Follows `live` from the subscription on (its backlog is the caller's).
+    pub fn new(live: Live, max_items: usize) -> Self {
         Self {
-            rx,
-            delivered,
+            rx: live.rx,
+            delivered: live.delivered,
             stash: None,
             max_items: max_items.max(1),
         }
     }
 
-    /// Appends `batch` to `out`, unless updates are missing before it: then it is kept for
+    /// Appends `chunk` to `out`, unless updates are missing before it: then it is kept for
     /// the next call and the gap is reported.
-    fn handle(&mut self, batch: Batch, out: &mut Updates) -> Option<Next> {
-        let first = batch.first()?.seq;
+    fn handle(&mut self, chunk: Chunk, out: &mut Updates) -> Option<Next> {
+        let head = chunk.updates.first()?.seq;
+        let first = chunk.first;
         if first > self.delivered + 1 {
             if !out.is_empty() {
-                self.stash = Some(batch);
+                self.stash = Some(chunk);
                 return Some(Next::Updates(std::mem::take(out)));
             }
             let missed = first - self.delivered - 1;
             svc_kit::metrics::counter!("consumer_stream_lagged_updates_total").increment(missed);
             self.delivered = first - 1;
-            self.stash = Some(batch);
+            self.stash = Some(chunk);
             return Some(Next::Lagged {
                 missed,
-                last_missed: first - 1,
+                last_missed: head - 1,
             });
         }
-        // Sequences within a batch are consecutive: skip those already delivered.
+        // Numbers within a chunk are consecutive: skip those already delivered.
         let from = usize::try_from(self.delivered + 1 - first).unwrap_or(usize::MAX);
-        if let Some(last) = batch.last()
-            && last.seq > self.delivered
-        {
-            self.delivered = last.seq;
-            out.push(batch, from);
+        let last = first + chunk.updates.len() as u64 - 1;
+        if last > self.delivered {
+            self.delivered = last;
+            out.push(chunk.updates, from);
         }
         None
     }
@@ -268,8 +440,8 @@ impl Follower {
     /// Waits for the next updates and then drains whatever else is queued, without waiting.
     pub async fn next(&mut self) -> Next {
         let mut out = Updates::default();
-        if let Some(batch) = self.stash.take()
-            && let Some(next) = self.handle(batch, &mut out)
+        if let Some(chunk) = self.stash.take()
+            && let Some(next) = self.handle(chunk, &mut out)
         {
             return next;
         }
@@ -292,12 +464,12 @@ impl Follower {
                 }
             };
             match received {
-                Ok(batch) => {
-                    if let Some(next) = self.handle(batch, &mut out) {
+                Ok(chunk) => {
+                    if let Some(next) = self.handle(chunk, &mut out) {
                         return next;
                     }
                 }
-                // The next batch received shows the gap; handle() reports it.
+                // The next chunk received shows the gap; handle() reports it.
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => {
                     return if out.is_empty() {
@@ -314,11 +486,51 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::UpdateKind;
+    use crate::events::{self, EventKind};
+    use futures::FutureExt;
 
     fn status(n: u64) -> UpdateKind {
         UpdateKind::Status(Arc::new(pb::ConsumerStatus {
             events_processed: n,
+            ..Default::default()
+        }))
+    }
+
+    fn event(kind: EventKind, json: &str) -> UpdateKind {
+        UpdateKind::Event(events::parse(kind, json.as_bytes(), 0).expect("valid event"))
+    }
+
+    fn action(agent: &str) -> UpdateKind {
+        event(
+            EventKind::AgentAction,
+            &format!(r#"{{"agent_name":"{agent}","action_type":"tool_call"}}"#),
+        )
+    }
+
+    fn decision(agent: &str) -> UpdateKind {
+        event(
+            EventKind::RoutingDecision,
+            &format!(r#"{{"selected_agent":"{agent}"}}"#),
+        )
+    }
+
+    fn transformation(from: &str, to: &str) -> UpdateKind {
+        event(
+            EventKind::Transformation,
+            &format!(r#"{{"source_agent":"{from}","target_agent":"{to}"}}"#),
+        )
+    }
+
+    fn performance() -> UpdateKind {
+        event(
+            EventKind::PerformanceMetric,
+            r#"{"routing_duration_ms":1,"cache_hit":false,"trigger_match_strategy":"exact"}"#,
+        )
+    }
+
+    fn metrics(agent: &str) -> UpdateKind {
+        UpdateKind::AgentMetrics(Arc::new(pb::AgentMetrics {
+            agent: agent.into(),
             ..Default::default()
         }))
     }
@@ -330,11 +542,16 @@ mod tests {
         }
     }
 
+    /// The follower has nothing to hand out (it would wait).
+    fn idle(f: &mut Follower) -> bool {
+        f.next().now_or_never().is_none()
+    }
+
     #[tokio::test]
     async fn delivers_in_order_and_drains_queued_batches() {
         let hub = Hub::new(100, 16);
-        let sub = hub.subscribe(None).unwrap();
-        let mut f = Follower::new(sub.rx, sub.last_seq, 1000);
+        let sub = hub.subscribe(None, None).unwrap();
+        let mut f = Follower::new(sub.live, 1000);
         hub.publish([status(1), status(2)]);
         hub.publish([status(3)]);
         assert_eq!(seqs(f.next().await), vec![1, 2, 3]);
@@ -345,8 +562,8 @@ mod tests {
     #[tokio::test]
     async fn a_slow_subscriber_gets_a_lag_notice_and_never_blocks_the_publisher() {
         let hub = Hub::new(100, 4);
-        let sub = hub.subscribe(None).unwrap();
-        let mut f = Follower::new(sub.rx, sub.last_seq, 1000);
+        let sub = hub.subscribe(None, None).unwrap();
+        let mut f = Follower::new(sub.live, 1000);
         for i in 0..10 {
             hub.publish([status(i)]); // never waits
         }
@@ -370,25 +587,150 @@ mod tests {
             hub.publish([status(i)]);
         }
         // Ring holds 4..=8.
-        let sub = hub.subscribe(Some(5)).unwrap();
+        let sub = hub.subscribe(Some(5), None).unwrap();
         assert_eq!(sub.missed, 0);
         assert_eq!(
             sub.backlog.iter().map(|u| u.seq).collect::<Vec<_>>(),
             vec![6, 7, 8]
         );
-        let sub = hub.subscribe(Some(1)).unwrap();
+        let sub = hub.subscribe(Some(1), None).unwrap();
         assert_eq!(sub.missed, 2, "2 and 3 are gone");
         assert_eq!(sub.backlog.first().map(|u| u.seq), Some(4));
-        let sub = hub.subscribe(Some(8)).unwrap();
+        let sub = hub.subscribe(Some(8), None).unwrap();
         assert!(sub.backlog.is_empty());
         assert_eq!(sub.missed, 0);
         assert!(matches!(
-            hub.subscribe(Some(9)),
+            hub.subscribe(Some(9), None),
+            Err(ResumeError::FromTheFuture { .. })
+        ));
+        assert!(matches!(
+            hub.subscribe(Some(9), Some("a")),
             Err(ResumeError::FromTheFuture { .. })
         ));
         // Live updates continue right after the backlog.
-        let mut f = Follower::new(sub.rx, 8, 100);
+        let mut f = Follower::new(sub.live, 100);
         hub.publish([status(9)]);
         assert_eq!(seqs(f.next().await), vec![9]);
+    }
+
+    #[test]
+    fn the_audience_of_each_kind_of_update() {
+        assert_eq!(action("a").audience(), Audience::One("a"));
+        assert_eq!(decision("b").audience(), Audience::One("b"));
+        assert_eq!(transformation("a", "b").audience(), Audience::Two("a", "b"));
+        assert_eq!(transformation("a", "a").audience(), Audience::One("a"));
+        assert_eq!(metrics("c").audience(), Audience::One("c"));
+        assert_eq!(performance().audience(), Audience::Unfiltered);
+        assert_eq!(status(1).audience(), Audience::Everyone);
+        assert!(Audience::Two("a", "b").includes("b"));
+        assert!(!Audience::One("a").includes("b"));
+        assert!(!Audience::Unfiltered.includes("a"));
+        assert!(Audience::Everyone.includes("a"));
+    }
+
+    #[tokio::test]
+    async fn an_agent_subscriber_gets_only_its_agents_updates_and_is_not_woken_for_others() {
+        let hub = Hub::new(100, 16);
+        let mut all = Follower::new(hub.subscribe(None, None).unwrap().live, 1000);
+        let mut a = Follower::new(hub.subscribe(None, Some("a")).unwrap().live, 1000);
+        let mut b = Follower::new(hub.subscribe(None, Some("b")).unwrap().live, 1000);
+        assert_eq!(hub.subscribers(), 3);
+        assert_eq!(hub.routes(), 2);
+
+        // 1..=4: nothing for "a".
+        hub.publish([action("b"), decision("c"), performance(), metrics("b")]);
+        assert!(
+            idle(&mut a),
+            "a batch without agent a does not wake its subscriber"
+        );
+        assert_eq!(seqs(b.next().await), vec![1, 4]);
+        // 5..=11
+        hub.publish([
+            action("a"),
+            action("b"),
+            transformation("b", "a"),
+            decision("a"),
+            metrics("a"),
+            status(1),
+            performance(),
+        ]);
+        assert_eq!(seqs(a.next().await), vec![5, 7, 8, 9, 10]);
+        assert_eq!(seqs(b.next().await), vec![6, 7, 10]);
+        assert_eq!(seqs(all.next().await), (1..=11).collect::<Vec<_>>());
+        assert!(idle(&mut a) && idle(&mut b) && idle(&mut all));
+    }
+
+    #[tokio::test]
+    async fn a_slow_agent_subscriber_is_told_how_many_of_its_updates_it_missed() {
+        let hub = Hub::new(100, 4);
+        let mut slow = Follower::new(hub.subscribe(None, Some("a")).unwrap().live, 1000);
+        let mut fast = Follower::new(hub.subscribe(None, Some("a")).unwrap().live, 1000);
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            // Never waits. Sequences: "a" gets 1, 3, 5, ... (two updates of "a" per batch,
+            // with an update of "b" between them).
+            hub.publish([action("a"), action("b"), action("a")]);
+            seen.extend(seqs(fast.next().await));
+        }
+        assert_eq!(
+            seen,
+            (0..10)
+                .flat_map(|i| [3 * i + 1, 3 * i + 3])
+                .collect::<Vec<_>>()
+        );
+        // 10 batches of 2 for "a", 4 still queued: 6 batches = 12 of its updates missed.
+        match slow.next().await {
+            Next::Lagged {
+                missed,
+                last_missed,
+            } => {
+                assert_eq!(missed, 12);
+                assert_eq!(
+                    last_missed, 18,
+                    "the next update is the 7th batch's first, 19"
+                );
+            }
+            other => panic!("expected a lag notice, got {other:?}"),
+        }
+        assert_eq!(
+            seqs(slow.next().await),
+            vec![19, 21, 22, 24, 25, 27, 28, 30]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_subscription_resumes_from_the_ring_and_continues_live() {
+        let hub = Hub::new(100, 16);
+        hub.publish([action("a"), action("b")]);
+        let sub = hub.subscribe(Some(0), Some("a")).unwrap();
+        // The backlog is not filtered (the stream filters it); live updates are routed.
+        assert_eq!(
+            sub.backlog.iter().map(|u| u.seq).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(sub.last_seq, 2);
+        let mut f = Follower::new(sub.live, 100);
+        hub.publish([action("b"), action("a")]);
+        assert_eq!(seqs(f.next().await), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn routes_go_when_nobody_follows_them() {
+        let hub = Hub::new(10, 4);
+        let kept = hub.subscribe(None, Some("kept")).unwrap();
+        for i in 0..1000 {
+            drop(hub.subscribe(None, Some(&format!("agent-{i}"))).unwrap());
+            assert!(hub.routes() <= 2 * MIN_SWEEP, "{} routes", hub.routes());
+        }
+        assert_eq!(hub.subscribers(), 1);
+        // A publish drops the routes it finds unfollowed; the followed one stays and works.
+        let gone = hub.subscribe(None, Some("gone")).unwrap();
+        drop(gone);
+        hub.publish([action("gone"), action("kept")]);
+        let mut f = Follower::new(kept.live, 100);
+        assert_eq!(seqs(f.next().await), vec![2]);
+        let routes = hub.inner.lock().routes.keys().cloned().collect::<Vec<_>>();
+        assert!(!routes.iter().any(|r| &**r == "gone"), "{routes:?}");
+        assert!(routes.iter().any(|r| &**r == "kept"));
     }
 }
