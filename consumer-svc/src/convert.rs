@@ -23,7 +23,7 @@ pub fn kind(k: EventKind) -> pb::EventKind {
 
 pub fn agent_metrics(m: &state::AgentMetrics) -> pb::AgentMetrics {
     pb::AgentMetrics {
-        agent: m.agent.to_string(),
+        agent: m.agent.clone(),
         total_requests: m.total_requests,
         avg_routing_time_ms: m.avg_routing_time_ms,
         avg_confidence: m.avg_confidence,
@@ -44,17 +44,23 @@ pub fn stats(s: &state::PerformanceStats) -> pb::PerformanceStats {
     }
 }
 
+/// An event text as an owned string (a copy of the bytes, without `Display`'s formatting
+/// machinery and growing: this runs for every update a stream delivers).
+fn s(t: &events::Text) -> String {
+    t.as_str().to_owned()
+}
+
 /// An optional event text as an owned string.
 fn opt(t: Option<&events::Text>) -> Option<String> {
-    t.map(|t| t.to_string())
+    t.map(s)
 }
 
 pub fn action(a: &events::AgentAction) -> pb::AgentAction {
     pb::AgentAction {
-        id: a.id.to_string(),
+        id: s(&a.id),
         correlation_id: opt(a.correlation_id.as_ref()),
-        agent_name: a.agent_name.to_string(),
-        action_type: a.action_type.to_string(),
+        agent_name: s(&a.agent_name),
+        action_type: s(&a.action_type),
         action_name: opt(a.action_name.as_ref()),
         action_details_json: opt(a.action_details_json.as_ref()),
         debug_mode: a.debug_mode,
@@ -67,17 +73,17 @@ pub fn action(a: &events::AgentAction) -> pb::AgentAction {
 
 pub fn decision(d: &events::RoutingDecision) -> pb::RoutingDecision {
     pb::RoutingDecision {
-        id: d.id.to_string(),
+        id: s(&d.id),
         correlation_id: opt(d.correlation_id.as_ref()),
         user_request: opt(d.user_request.as_ref()),
-        selected_agent: d.selected_agent.to_string(),
+        selected_agent: s(&d.selected_agent),
         confidence_score: d.confidence_score,
         routing_strategy: opt(d.routing_strategy.as_ref()),
         alternatives: d
             .alternatives
             .iter()
             .map(|a| pb::RoutingAlternative {
-                agent: a.agent.to_string(),
+                agent: s(&a.agent),
                 confidence: a.confidence,
                 reasoning: opt(a.reasoning.as_ref()),
             })
@@ -94,10 +100,10 @@ pub fn decision(d: &events::RoutingDecision) -> pb::RoutingDecision {
 
 pub fn transformation(t: &events::Transformation) -> pb::Transformation {
     pb::Transformation {
-        id: t.id.to_string(),
+        id: s(&t.id),
         correlation_id: opt(t.correlation_id.as_ref()),
-        source_agent: t.source_agent.to_string(),
-        target_agent: t.target_agent.to_string(),
+        source_agent: s(&t.source_agent),
+        target_agent: s(&t.target_agent),
         transformation_reason: opt(t.transformation_reason.as_ref()),
         confidence_score: t.confidence_score,
         transformation_duration_ms: t.transformation_duration_ms,
@@ -108,13 +114,13 @@ pub fn transformation(t: &events::Transformation) -> pb::Transformation {
 
 pub fn performance(m: &events::PerformanceMetric) -> pb::PerformanceMetric {
     pb::PerformanceMetric {
-        id: m.id.to_string(),
+        id: s(&m.id),
         correlation_id: opt(m.correlation_id.as_ref()),
         query_text: opt(m.query_text.as_ref()),
         routing_duration_ms: m.routing_duration_ms,
         cache_hit: m.cache_hit,
         candidates_evaluated: m.candidates_evaluated,
-        trigger_match_strategy: m.trigger_match_strategy.to_string(),
+        trigger_match_strategy: s(&m.trigger_match_strategy),
         confidence_components_json: opt(m.confidence_components_json.as_ref()),
         timestamp: Some(timestamp(m.time)),
     }
