@@ -12,6 +12,8 @@ use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
 use tonic::transport::Channel;
 
+use crate::connect::{AuthChannel, Bearer};
+
 use crate::bus::{BusError, BusPublisher, BusRequestMessage};
 
 /// How writes travel (`USE_EVENT_BUS_FOR_WRITES`).
@@ -69,7 +71,8 @@ pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
 /// A db-svc client.
 #[derive(Clone)]
 pub struct DbClient {
-    direct: DatabaseServiceClient<Channel>,
+    channel: Channel,
+    direct: DatabaseServiceClient<AuthChannel>,
     bus: Option<Arc<BusPublisher>>,
     mode: WriteMode,
 }
@@ -78,7 +81,8 @@ impl DbClient {
     /// Direct gRPC only.
     pub fn direct(channel: Channel) -> Self {
         Self {
-            direct: DatabaseServiceClient::new(channel),
+            direct: DatabaseServiceClient::with_interceptor(channel.clone(), Bearer::none()),
+            channel,
             bus: None,
             mode: WriteMode::DirectOnly,
         }
@@ -87,14 +91,20 @@ impl DbClient {
     /// Bus-first writes with direct fallback (when `mode` is BusFirst).
     pub fn with_bus(channel: Channel, bus: Arc<BusPublisher>, mode: WriteMode) -> Self {
         Self {
-            direct: DatabaseServiceClient::new(channel),
             bus: Some(bus),
             mode,
+            ..Self::direct(channel)
         }
     }
 
+    /// Sends `bearer`'s token with every gRPC call (db-svc with authentication on).
+    pub fn with_bearer(mut self, bearer: Bearer) -> Self {
+        self.direct = DatabaseServiceClient::with_interceptor(self.channel.clone(), bearer);
+        self
+    }
+
     /// The generated gRPC client, for calls this wrapper does not cover.
-    pub fn grpc(&self) -> DatabaseServiceClient<Channel> {
+    pub fn grpc(&self) -> DatabaseServiceClient<AuthChannel> {
         self.direct.clone()
     }
 
@@ -160,7 +170,7 @@ impl DbClient {
     ) -> Result<Routed<R::Response>, tonic::Status>
     where
         R: BusRequestMessage,
-        F: FnOnce(DatabaseServiceClient<Channel>, R) -> Fut,
+        F: FnOnce(DatabaseServiceClient<AuthChannel>, R) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R::Response>, tonic::Status>>,
     {
         let request_id = match req.request_id_mut() {

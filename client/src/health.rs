@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use tonic_health::pb::HealthCheckRequest;
+
+use crate::connect::ConnectOptions;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -15,8 +17,8 @@ pub enum HealthError {
     },
     #[error("{addr} did not answer the health check: {status}")]
     Call { addr: String, status: tonic::Status },
-    #[error("'{0}' is not a valid address (expected host:port or http://host:port)")]
-    BadAddress(String),
+    #[error(transparent)]
+    Connect(#[from] crate::connect::ConnectError),
 }
 
 /// Normalises `host:port` to `http://host:port`.
@@ -34,10 +36,17 @@ pub async fn check(
     service: &str,
     timeout: Duration,
 ) -> Result<ServingStatus, HealthError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(endpoint_uri(addr))
-        .map_err(|_| HealthError::BadAddress(addr.to_string()))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
+    check_with(addr, service, timeout, &ConnectOptions::default()).await
+}
+
+/// [`check`] over TLS when `options` say so (health needs no token, but it is sent if set).
+pub async fn check_with(
+    addr: &str,
+    service: &str,
+    timeout: Duration,
+    options: &ConnectOptions,
+) -> Result<ServingStatus, HealthError> {
+    let endpoint = options.endpoint(addr, timeout)?.timeout(timeout);
     let channel = endpoint
         .connect()
         .await
@@ -45,7 +54,7 @@ pub async fn check(
             addr: addr.to_string(),
             source,
         })?;
-    let reply = HealthClient::new(channel)
+    let reply = HealthClient::new(options.authenticate(channel))
         .check(HealthCheckRequest {
             service: service.to_string(),
         })

@@ -1,6 +1,7 @@
 //! Typed Rust clients for omnibus and the helpers behind the `omnibus` command-line tool.
 
 pub mod bus;
+pub mod connect;
 pub mod db;
 pub mod generate;
 pub mod health;

@@ -21,6 +21,9 @@ const CLI_ENV: &[&str] = &[
     "DB_BUS_REQUEST_TOPIC",
     "DB_BUS_COMPLETED_TOPIC",
     "DB_BUS_FAILED_TOPIC",
+    "OMNIBUS_TOKEN",
+    "OMNIBUS_CA_CERT",
+    "OMNIBUS_TLS_DOMAIN",
 ];
 
 /// The result of one CLI run.

@@ -4,7 +4,8 @@
 use omnibus_tests::bus::{BusTopics, start_db_svc};
 use omnibus_tests::cli::{CliOutput, omnibus};
 use omnibus_tests::db::DbSvc;
-use omnibus_tests::{TestDatabase, free_port};
+use omnibus_tests::ops::{TestCert, new_token};
+use omnibus_tests::{ServiceSpec, TestDatabase, free_port};
 use serde_json::{Value, json};
 
 const CORR: &str = "5f0c6f1e-8a4b-4d7e-9c2a-1b3d5e7f9a0b";
@@ -504,4 +505,124 @@ async fn writes_travel_over_the_bus_with_via_bus() {
     .await;
     assert_eq!(out.json_lines(), vec![json!({"count": 1})]);
     drop(svc);
+}
+
+#[tokio::test]
+async fn a_db_svc_with_tls_and_tokens_is_reached_with_ca_cert_and_token() {
+    let cert = TestCert::generate().unwrap();
+    let write = new_token("write");
+    let db = TestDatabase::create().await.unwrap();
+    let svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args([
+            "--tls-cert",
+            cert.cert_path.to_str().unwrap(),
+            "--tls-key",
+            cert.key_path.to_str().unwrap(),
+            "--auth-write-tokens",
+            &write,
+            "--shutdown-grace",
+            "2s",
+        ])
+        .spawn()
+        .unwrap();
+    let addr = format!("https://localhost:{}", svc.addr.port());
+    let ca = cert.cert_path.to_str().unwrap();
+    let secured = |extra: &[&str]| {
+        let mut args = vec!["--ca-cert", ca, "--db-addr", addr.as_str()];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        omnibus(&refs).await.expect("run omnibus")
+    };
+
+    // Health needs no token; over TLS it is polled until db-svc is SERVING.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = run(secured(&["health", "db"])).await;
+        if out.ok() {
+            assert!(out.stdout.contains("SERVING"), "{}", out.stdout);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never SERVING: {out:?}\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    let token = ["--token", write.as_str()];
+    let insert = [
+        "db",
+        "insert",
+        "agent_actions",
+        "agent_name=secured",
+        "action_type=tool_call",
+        "action_name=read_file",
+    ];
+    let corr = format!("correlation_id={CORR}");
+    let mut args = secured(&token);
+    args.extend(insert.iter().map(|s| s.to_string()));
+    args.push(corr.clone());
+    let out = run(args).await;
+    assert!(out.ok(), "{out:?}");
+    assert!(!out.stderr.contains(&write) && !out.stdout.contains(&write));
+    let mut args = secured(&token);
+    args.extend(
+        [
+            "db",
+            "count",
+            "agent_actions",
+            "--where",
+            "agent_name=secured",
+        ]
+        .map(String::from),
+    );
+    let out = run(args).await;
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(out.json_lines()[0]["count"], json!(1), "{}", out.stdout);
+    // host:port without a scheme: the CA alone turns TLS on.
+    let bare = format!("localhost:{}", svc.addr.port());
+    let out = omnibus(&[
+        "--ca-cert",
+        ca,
+        "--db-addr",
+        &bare,
+        "--token",
+        &write,
+        "db",
+        "tables",
+    ])
+    .await
+    .unwrap();
+    assert!(out.ok(), "{out:?}");
+    assert!(out.stdout.contains("agent_actions"), "{}", out.stdout);
+
+    // Without the token: the service's refusal, not a connection error.
+    let out = run(secured(&["db", "tables"])).await;
+    assert!(!out.ok(), "{out:?}");
+    assert!(
+        out.stderr.to_lowercase().contains("token"),
+        "{}",
+        out.stderr
+    );
+    // Without the CA the certificate is not trusted: a TLS error, named.
+    let out = omnibus(&["--db-addr", &addr, "--token", &write, "db", "tables"])
+        .await
+        .unwrap();
+    assert!(!out.ok(), "{out:?}");
+    assert!(
+        out.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        out.stderr
+    );
+    // A CA with a plaintext address is refused before connecting.
+    let plain = format!("http://localhost:{}", svc.addr.port());
+    let out = omnibus(&["--ca-cert", ca, "--db-addr", &plain, "db", "tables"])
+        .await
+        .unwrap();
+    assert!(out.stderr.contains("use https://"), "{}", out.stderr);
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use omnibus_client::bus::{BusConfig, BusPublisher};
+use omnibus_client::connect::AuthChannel;
 use omnibus_client::db::{DbClient, Routed, Via, WriteMode};
 use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
@@ -16,7 +17,7 @@ use tonic::transport::Channel;
 
 use super::filter::{self, ColumnTypes, Condition, Raw};
 use super::output::{self, Format};
-use super::{Cli, Fail, Result, Svc, call_error, connect, parse_duration};
+use super::{Cli, Fail, Result, Svc, call_error, connect_channel, connect_options, parse_duration};
 
 const DB_AFTER_HELP: &str = "\
 Filters (--where, repeatable, all must hold):
@@ -273,7 +274,7 @@ pub struct DescribeArgs {
 
 /// A connected db-svc client and what the messages need.
 struct Db {
-    grpc: DatabaseServiceClient<Channel>,
+    grpc: DatabaseServiceClient<AuthChannel>,
     channel: Channel,
     addr: String,
 }
@@ -310,9 +311,9 @@ fn types_of(desc: &pb::TableDescription) -> (ColumnTypes, Vec<String>) {
 }
 
 pub async fn run(cli: &Cli, cmd: &DbCommand, format: Format) -> Result<ExitCode> {
-    let channel = connect(Svc::Db, &cli.db_addr).await?;
+    let channel = connect_channel(Svc::Db, &cli.db_addr).await?;
     let db = Db {
-        grpc: DatabaseServiceClient::new(channel.clone()),
+        grpc: DatabaseServiceClient::new(connect_options().authenticate(channel.clone())),
         channel,
         addr: cli.db_addr.clone(),
     };
@@ -663,13 +664,14 @@ fn assignments(values: &[(String, Raw)], types: &ColumnTypes) -> Result<prost_ty
 
 /// The client for writes: bus-first when asked (or USE_EVENT_BUS_FOR_WRITES), else direct.
 async fn write_client(cli: &Cli, db: &Db, w: &WriteArgs) -> DbClient {
+    let bearer = connect_options().bearer.clone();
     let mode = match w.via {
         Some(ViaArg::Bus) => WriteMode::BusFirst,
         Some(ViaArg::Direct) => WriteMode::DirectOnly,
         None => WriteMode::from_env(),
     };
     if mode == WriteMode::DirectOnly {
-        return DbClient::direct(db.channel.clone());
+        return DbClient::direct(db.channel.clone()).with_bearer(bearer);
     }
     let mut config = BusConfig::new(cli.brokers.clone());
     config.timeout = w.bus_timeout;
@@ -678,13 +680,14 @@ async fn write_client(cli: &Cli, db: &Db, w: &WriteArgs) -> DbClient {
     config.topics.failed = w.failed_topic.clone();
     config.service = "omnibus-cli".into();
     match BusPublisher::connect(config).await {
-        Ok(bus) => DbClient::with_bus(db.channel.clone(), Arc::new(bus), WriteMode::BusFirst),
+        Ok(bus) => DbClient::with_bus(db.channel.clone(), Arc::new(bus), WriteMode::BusFirst)
+            .with_bearer(bearer),
         Err(e) => {
             eprintln!(
                 "omnibus: the event bus at {} is not usable ({e}); writing directly over gRPC",
                 cli.brokers
             );
-            DbClient::direct(db.channel.clone())
+            DbClient::direct(db.channel.clone()).with_bearer(bearer)
         }
     }
 }

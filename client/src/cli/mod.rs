@@ -13,7 +13,11 @@ pub mod top;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::sync::OnceLock;
+
 use tonic::transport::Channel;
+
+use omnibus_client::connect::{AuthChannel, Bearer, ConnectOptions};
 
 use output::Format;
 
@@ -67,6 +71,35 @@ pub struct Cli {
     )]
     pub brokers: String,
 
+    /// Bearer token for services with authentication on (never printed).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "OMNIBUS_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<Secret>,
+
+    /// PEM CA certificate to verify the services' TLS certificates with; turns TLS on (as does
+    /// an https:// address).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "OMNIBUS_CA_CERT"
+    )]
+    pub ca_cert: Option<std::path::PathBuf>,
+
+    /// The name the services' certificates carry, when it differs from the address's host.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "OMNIBUS_TLS_DOMAIN"
+    )]
+    pub tls_domain: Option<String>,
+
     /// Print JSON lines (the default when stdout is not a terminal).
     #[arg(
         long,
@@ -82,6 +115,23 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// A value that must not reach output or logs (`{:?}` prints `***`).
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -231,22 +281,66 @@ pub fn call_error(svc: Svc, addr: &str, status: &tonic::Status) -> Fail {
     }
 }
 
-/// Connects to `addr` now (so an unreachable service is one clear error, not a late one).
-pub async fn connect(svc: Svc, addr: &str) -> Result<Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(crate::cli::endpoint_uri(addr))
-        .map_err(|_| {
-            Fail(format!(
-                "'{addr}' is not a valid {} address (expected host:port)",
-                svc.name()
-            ))
-        })?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true);
-    endpoint.connect().await.map_err(|_| unreachable(svc, addr))
+/// TLS and token settings of this run (set once by [`run`]; default in unit tests).
+static CONNECT: OnceLock<ConnectOptions> = OnceLock::new();
+
+pub fn connect_options() -> &'static ConnectOptions {
+    CONNECT.get_or_init(ConnectOptions::default)
 }
 
-pub fn endpoint_uri(addr: &str) -> String {
-    omnibus_client::health::endpoint_uri(addr)
+fn connect_options_of(cli: &Cli) -> Result<ConnectOptions> {
+    let ca_pem = match &cli.ca_cert {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            Fail(format!(
+                "cannot read the CA certificate {}: {e}",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
+    let bearer = match &cli.token {
+        Some(Secret(token)) => Bearer::new(token).map_err(|e| Fail(e.to_string()))?,
+        None => Bearer::none(),
+    };
+    Ok(ConnectOptions {
+        ca_pem,
+        tls_domain: cli.tls_domain.clone(),
+        bearer,
+    })
+}
+
+/// Connects to `addr` now (so an unreachable service is one clear error, not a late one), with
+/// TLS and the token when they are configured.
+pub async fn connect(svc: Svc, addr: &str) -> Result<AuthChannel> {
+    Ok(connect_options().authenticate(connect_channel(svc, addr).await?))
+}
+
+/// [`connect`] without the token (for clients that add it themselves).
+pub async fn connect_channel(svc: Svc, addr: &str) -> Result<Channel> {
+    let options = connect_options();
+    let endpoint = options
+        .endpoint(addr, Duration::from_secs(3))
+        .map_err(|e| Fail(format!("{}: {e}", svc.name())))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        if addr.starts_with("https://") || options.ca_pem.is_some() {
+            // TLS failures (an untrusted certificate, a wrong name) are worth spelling out.
+            Fail(format!("{}: {}", unreachable(svc, addr).0, error_chain(&e)))
+        } else {
+            unreachable(svc, addr)
+        }
+    })?;
+    Ok(channel)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// `500ms`, `3s`, `2m`, `1h`, `1d`, or a bare number of seconds.
@@ -282,6 +376,7 @@ pub fn parse_duration(raw: &str) -> std::result::Result<Duration, String> {
 /// Runs the parsed command; the exit code.
 pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     let format = cli.format();
+    let _ = CONNECT.set(connect_options_of(&cli)?);
     match &cli.command {
         Command::Db(cmd) => db::run(&cli, cmd, format).await,
         Command::Tail(args) => tail::run(&cli, args, format).await,
@@ -304,6 +399,16 @@ mod tests {
     #[test]
     fn the_command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let cli = parse(&["--token", "tok-0123456789abcdef", "db", "tables"]).unwrap();
+        assert_eq!(
+            cli.token.as_ref().map(|t| t.0.as_str()),
+            Some("tok-0123456789abcdef")
+        );
+        assert!(!format!("{cli:?}").contains("tok-0123456789abcdef"));
     }
 
     #[test]

@@ -20,7 +20,14 @@ const DB_SERVICE: &str = "omnibus.db.v1.DatabaseService";
 
 /// One service's health, as text: SERVING, NOT_SERVING, or why it did not answer.
 async fn health_of(svc: Svc, addr: &str, service: &str) -> (bool, String) {
-    match omnibus_client::health::check(addr, service, Duration::from_secs(3)).await {
+    match omnibus_client::health::check_with(
+        addr,
+        service,
+        Duration::from_secs(3),
+        super::connect_options(),
+    )
+    .await
+    {
         Ok(ServingStatus::Serving) => (true, "SERVING".into()),
         Ok(other) => (false, other.as_str_name().to_string()),
         Err(omnibus_client::health::HealthError::Unreachable { .. }) => {
@@ -196,7 +203,14 @@ pub async fn health(cli: &Cli, args: &HealthArgs) -> Result<ExitCode> {
         "db" => cli.db_addr.clone(),
         other => other.to_string(),
     };
-    match omnibus_client::health::check(&addr, &args.service, args.timeout).await {
+    match omnibus_client::health::check_with(
+        &addr,
+        &args.service,
+        args.timeout,
+        super::connect_options(),
+    )
+    .await
+    {
         Ok(ServingStatus::Serving) => {
             println!("{addr}: SERVING");
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,169 @@
+//! Reaching a service that runs with TLS or bearer-token authentication (README, Operations):
+//! the endpoint for an address with an optional private CA, and an interceptor that puts the
+//! token on every call. Shared by the typed clients and the `omnibus` tool.
+
+use std::time::Duration;
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// A channel whose calls carry the caller's bearer token (if any).
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "'{0}' is not a valid address (expected host:port, http://host:port or https://host:port)"
+    )]
+    BadAddress(String),
+    #[error("{0} is a plaintext address, but a CA certificate was given: use https://")]
+    PlaintextWithCa(String),
+    #[error("the token is not usable as an HTTP header value (printable ASCII, no line breaks)")]
+    BadToken,
+    #[error("TLS settings for {addr}: {source}")]
+    Tls {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Adds `authorization: Bearer <token>` to every request; does nothing without a token.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    /// No token (the service runs without authentication).
+    pub fn none() -> Self {
+        Self(None)
+    }
+
+    pub fn new(token: &str) -> Result<Self, ConnectError> {
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| ConnectError::BadToken)?;
+        Ok(Self(Some(value)))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// How to reach the services: TLS trust and the token.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// PEM CA certificate(s) to verify the server with; setting it turns TLS on, as does an
+    /// `https://` address (then verified against this CA only).
+    pub ca_pem: Option<Vec<u8>>,
+    /// The name the certificate must carry, when it is not the address's host.
+    pub tls_domain: Option<String>,
+    pub bearer: Bearer,
+}
+
+impl ConnectOptions {
+    /// The endpoint for `addr` (`host:port` or a URI), with TLS when asked for.
+    pub fn endpoint(
+        &self,
+        addr: &str,
+        connect_timeout: Duration,
+    ) -> Result<Endpoint, ConnectError> {
+        let tls = self.ca_pem.is_some() || addr.starts_with("https://");
+        if self.ca_pem.is_some() && addr.starts_with("http://") {
+            return Err(ConnectError::PlaintextWithCa(addr.to_string()));
+        }
+        let uri = match addr.split_once("://") {
+            Some(_) => addr.to_string(),
+            None if tls => format!("https://{addr}"),
+            None => format!("http://{addr}"),
+        };
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|_| ConnectError::BadAddress(addr.to_string()))?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true);
+        if tls {
+            let mut config = ClientTlsConfig::new();
+            if let Some(pem) = &self.ca_pem {
+                config = config.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some(domain) = &self.tls_domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|source| ConnectError::Tls {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+        }
+        Ok(endpoint)
+    }
+
+    /// `channel` with the token on every call.
+    pub fn authenticate(&self, channel: Channel) -> AuthChannel {
+        InterceptedService::new(channel, self.bearer.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_goes_on_every_call_and_only_when_set() {
+        let mut bearer = Bearer::new(" s3cret-token-0123456789 ").unwrap();
+        let request = bearer.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret-token-0123456789"
+        );
+        let request = Bearer::none().call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+        assert!(matches!(
+            Bearer::new("two\nlines"),
+            Err(ConnectError::BadToken)
+        ));
+    }
+
+    #[test]
+    fn tls_follows_the_ca_or_the_scheme() {
+        let plain = ConnectOptions::default();
+        let timeout = Duration::from_secs(1);
+        assert_eq!(
+            plain.endpoint("127.0.0.1:50052", timeout).unwrap().uri(),
+            "http://127.0.0.1:50052/"
+        );
+        assert_eq!(
+            plain.endpoint("https://db:50052", timeout).unwrap().uri(),
+            "https://db:50052/"
+        );
+        assert!(matches!(
+            plain.endpoint("not an address", timeout),
+            Err(ConnectError::BadAddress(_))
+        ));
+        let with_ca = ConnectOptions {
+            ca_pem: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
+            ..Default::default()
+        };
+        // The CA is parsed up front: a broken file is an error before any connection.
+        assert!(matches!(
+            with_ca.endpoint("localhost:50052", timeout),
+            Err(ConnectError::Tls { .. })
+        ));
+        assert!(matches!(
+            with_ca.endpoint("http://localhost:50052", timeout),
+            Err(ConnectError::PlaintextWithCa(_))
+        ));
+    }
+}
