@@ -8,32 +8,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
 
 /// A fresh random token (long enough for db-svc's minimum).
 pub fn new_token(label: &str) -> String {
     format!("{label}-{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub struct Bearer(pub Option<String>);
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            let value: MetadataValue<_> = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| tonic::Status::internal("token is not valid metadata"))?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
-}
+/// Adds `authorization: Bearer <token>` to every call (the client library's interceptor).
+pub use omnibus_client::connect::Bearer;
 
 /// An HTTP response from [`http_get`].
 #[derive(Debug)]

@@ -24,7 +24,10 @@ use tonic_health::pb::health_client::HealthClient;
 type AuthedDb = DatabaseServiceClient<InterceptedService<Channel, Bearer>>;
 
 fn db_client(channel: Channel, token: Option<&str>) -> AuthedDb {
-    DatabaseServiceClient::with_interceptor(channel, Bearer(token.map(str::to_string)))
+    DatabaseServiceClient::with_interceptor(
+        channel,
+        token.map_or_else(Bearer::none, |t| Bearer::new(t).expect("a valid token")),
+    )
 }
 
 fn query() -> pb::QueryRequest {
@@ -194,8 +197,10 @@ async fn consumer_svc_accepts_read_tokens_from_a_file_for_every_rpc() {
         .unwrap_err();
     assert_eq!(anonymous.code(), Code::Unauthenticated);
 
-    let mut client =
-        ConsumerServiceClient::with_interceptor(svc.channel(), Bearer(Some(read.clone())));
+    let mut client = ConsumerServiceClient::with_interceptor(
+        svc.channel(),
+        Bearer::new(&read).expect("a valid token"),
+    );
     client
         .get_consumer_status(cpb::GetConsumerStatusRequest {})
         .await
