@@ -11,7 +11,8 @@
 //!
 //! Each insert keeps the outcome it would have had alone: if a shared statement fails, its
 //! inserts run again one by one (a duplicate key fails only the insert that carries it); only
-//! an unreachable database fails them all at once. Tables whose rules or BEFORE INSERT
+//! an unreachable database fails them all at once. An insert whose caller went away while it
+//! waited is dropped before the statement is built. Tables whose rules or BEFORE INSERT
 //! triggers may skip rows never share statements (their RETURNING rows cannot be matched up).
 
 use std::collections::{HashMap, VecDeque};
@@ -222,8 +223,14 @@ impl InsertCoalescer {
     }
 
     async fn run_batch(&self, batch: Vec<Waiter>, count_only: bool) {
+        // A caller that went away while it waited (a cancelled call, a client-side timeout)
+        // never reached PostgreSQL: its insert is dropped, as an unsent one would be, so a
+        // retry cannot write the row twice.
+        let mut batch: Vec<Waiter> = batch.into_iter().filter(|w| !w.reply.is_closed()).collect();
+        if batch.is_empty() {
+            return;
+        }
         record_statement(batch.len());
-        let mut batch = batch;
         if batch.len() == 1 {
             let Waiter {
                 table,

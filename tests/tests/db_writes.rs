@@ -372,3 +372,42 @@ async fn a_bad_insert_in_a_shared_statement_fails_alone() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_insert_whose_caller_gave_up_while_it_waited_is_not_written() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut s = DbSvc::start(&["--coalesce-inserts", "1", "--metrics-listen", &metrics]).await;
+    let lock = TableLock::take(&s).await;
+    let first = spawn_insert(&s, action("first"));
+    lock.wait_blocked(&s, 1).await;
+    let kept = spawn_insert(&s, action("kept"));
+    let abandoned = spawn_insert(&s, action("abandoned"));
+    wait_metrics(&metrics, "two inserts waiting", |m| {
+        sample(m, "db_insert_requests_waiting", &[]) == Some(2.0)
+    })
+    .await;
+    // The client gives up (as on a client-side timeout): its call is reset.
+    abandoned.abort();
+    let cancelled = [
+        ("grpc_service", "omnibus.db.v1.DatabaseService"),
+        ("grpc_method", "Insert"),
+        ("grpc_code", "Canceled"),
+    ];
+    wait_metrics(&metrics, "db-svc seeing the cancellation", |m| {
+        sample(m, "grpc_server_handled_total", &cancelled) == Some(1.0)
+    })
+    .await;
+    lock.release().await;
+
+    first.await.unwrap().expect("first");
+    let kept = kept.await.unwrap().expect("kept");
+    assert_eq!(from_struct(&kept.rows[0])["agent_name"], "kept");
+    let mut conn = s.sql().await;
+    let agents: Vec<String> =
+        sqlx::query_scalar("SELECT agent_name FROM agent_actions ORDER BY agent_name")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(agents, vec!["first", "kept"]);
+    assert_eq!(count(&mut s, "agent_actions").await, 2);
+}
