@@ -1,6 +1,7 @@
 //! consumer-svc benchmarks (run with `scripts/bench-consumer`): ingest rate as a ratio to a bare
-//! rdkafka consumer in the same run, fan-out latency to 1,000 `StreamActions` subscribers, and
-//! resident memory after 10,000,000 events over 10,000 agents.
+//! rdkafka consumer in the same run, fan-out latency to 1,000 `StreamActions` subscribers next to
+//! the latency of a bare rdkafka consumer under the same load (a first phase of the same run),
+//! and resident memory after 10,000,000 events over 10,000 agents.
 //!
 //! Everything runs against a private tansu broker (memory storage) on a free port, started and
 //! stopped here, and the release `consumer-svc` binary as a child process.
@@ -428,6 +429,60 @@ fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duratio
     Ok((first.unwrap_or_default(), start.elapsed()))
 }
 
+/// The fan-out baseline: a bare rdkafka consumer with consumer-svc's fetch settings, reading
+/// the four topics from their end (as consumer-svc does) while the load runs, records the
+/// produce-to-consume latency of the actions (the event's `timestamp` to the moment the message
+/// is polled) until `stop`. What the generator, the broker and the Kafka client alone cost,
+/// measured in the same run.
+fn bare_latency(
+    brokers: &str,
+    topics: &Topics,
+    ready: std::sync::mpsc::Sender<()>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<Histogram<u64>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "bench-bare-latency-unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "20")
+        .set("fetch.queue.backoff.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for t in &topics.0 {
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(t, p, Offset::End)?;
+        }
+    }
+    consumer.assign(&tpl)?;
+    let actions = topics.name(Kind::AgentAction);
+    // The end offsets are resolved on the first polls; the topic is empty before the load.
+    let _ = consumer.poll(Duration::from_millis(500));
+    let _ = ready.send(());
+    let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    while !stop.is_cancelled() {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        if m.topic() != actions {
+            continue;
+        }
+        let now = chrono::Utc::now().timestamp_micros();
+        let ts = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+            .and_then(|v| {
+                v.get("timestamp")
+                    .and_then(|t| t.as_str())
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            });
+        if let Some(ts) = ts {
+            let _ = h.record((now - ts.timestamp_micros()).max(1) as u64);
+        }
+    }
+    Ok(h)
+}
+
 async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
     let brokers = broker.addr();
     let prefix = format!("ingest{}.", std::process::id());
@@ -510,6 +565,31 @@ async fn bench_fanout(
     filter_agent: bool,
 ) -> Result<String> {
     let brokers = broker.addr();
+    // Phase 1, the baseline: the same load on fresh topics, read by a bare rdkafka consumer
+    // alone (consumer-svc not running), so it measures what the generator, the broker and the
+    // Kafka client cost without perturbing phase 2 (a second consumer slows the broker down).
+    let bare = {
+        let topics =
+            create_topics(&brokers, &format!("fanout-bare{}.", std::process::id())).await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let reader = {
+            let (brokers, topics, stop) = (brokers.clone(), topics.clone(), stop.clone());
+            tokio::task::spawn_blocking(move || bare_latency(&brokers, &topics, ready_tx, stop))
+        };
+        let _ = tokio::task::spawn_blocking(move || ready_rx.recv_timeout(Duration::from_secs(10)))
+            .await;
+        eprintln!("[fanout] baseline: a bare consumer alone, producing {rate}/s for {secs}s");
+        let mut cfg = gen_config(&brokers, &topics);
+        cfg.agents = FANOUT_AGENTS;
+        cfg.rate = Some(rate);
+        cfg.duration = Some(Duration::from_secs(secs));
+        tokio::task::spawn_blocking(move || produce(cfg)).await??;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.cancel();
+        reader.await??
+    };
+    // Phase 2: consumer-svc and the subscribers.
     let prefix = format!("fanout{}.", std::process::id());
     let topics = create_topics(&brokers, &prefix).await?;
     let svc = Service::start(&brokers, &prefix, &[])?;
@@ -643,6 +723,13 @@ async fn bench_fanout(
         lagged += l;
     }
     let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+    let bare_ms = |q: f64| bare.value_at_quantile(q) as f64 / 1000.0;
+    eprintln!(
+        "[fanout] baseline (bare rdkafka consumer, same run): p50 {:.1} ms p99 {:.1} ms over {} actions",
+        bare_ms(0.5),
+        bare_ms(0.99),
+        bare.len()
+    );
     eprintln!(
         "[fanout] p50 {:.1} ms p99 {:.1} ms, cpu {:.0}%, delivered {delivered} of {expected}",
         ms(0.5),
@@ -658,6 +745,7 @@ async fn bench_fanout(
         "### Fan-out: {subscribers} `StreamActions` subscribers{filter_note}, {:.0} events/s produced for {secs} s ({} events, {actions} actions)\n\n\
          | metric | value |\n|---|---|\n\
          | produce-to-delivery p50 | **{:.1} ms** |\n| p90 | {:.1} ms |\n| p99 | **{:.1} ms** (target < 50 ms) |\n| max | {:.1} ms |\n\
+         | baseline: the same load read by a bare rdkafka consumer of the four topics alone, same run (produce-to-poll) | p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} actions) |\n\
          | deliveries | {delivered} of {} expected ({:.2}%), lag notices: {lagged} updates missed |\n\
          | consumer-svc CPU | {:.0}% of one core |\n| consumer-svc RSS / peak | {rss:.0} / {peak:.0} MiB |\n\
          | benchmark process CPU (generator + subscribers) | {:.0}% of one core, {:.0} deliveries/s decoded |\n",
@@ -667,6 +755,11 @@ async fn bench_fanout(
         ms(0.9),
         ms(0.99),
         all.max() as f64 / 1000.0,
+        bare_ms(0.5),
+        bare_ms(0.9),
+        bare_ms(0.99),
+        bare.max() as f64 / 1000.0,
+        bare.len(),
         expected,
         100.0 * delivered as f64 / expected.max(1) as f64,
         cpu * 100.0,
