@@ -385,12 +385,10 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// The raw limit: a bare rdkafka consumer with the same settings reading every message.
-/// Returns (time to the first message, time to all), both from the consumer's creation.
-fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duration, Duration)> {
-    let start = Instant::now();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+/// The baselines' consumer: consumer-svc's fetch settings (see its `ingest.rs`), no group.
+fn bare_config(brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
         .set("group.id", "bench-bare-unused")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
@@ -399,8 +397,15 @@ fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duratio
         .set("queued.max.messages.kbytes", "32768")
         .set("fetch.queue.backoff.ms", "10")
         .set("max.partition.fetch.bytes", "8388608")
-        .set("fetch.max.bytes", "67108864")
-        .create()?;
+        .set("fetch.max.bytes", "67108864");
+    c
+}
+
+/// The raw limit: a bare rdkafka consumer with the same settings reading every message.
+/// Returns (time to the first message, time to all), both from the consumer's creation.
+fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duration, Duration)> {
+    let start = Instant::now();
+    let consumer: BaseConsumer = bare_config(brokers).create()?;
     let mut tpl = TopicPartitionList::new();
     for t in &topics.0 {
         for p in 0..PARTITIONS {
@@ -440,14 +445,7 @@ fn bare_latency(
     ready: std::sync::mpsc::Sender<()>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<Histogram<u64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "bench-bare-latency-unused")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "20")
-        .set("fetch.queue.backoff.ms", "10")
-        .create()?;
+    let consumer: BaseConsumer = bare_config(brokers).create()?;
     let mut tpl = TopicPartitionList::new();
     for t in &topics.0 {
         for p in 0..PARTITIONS {

@@ -190,6 +190,33 @@ impl TestCert {
     }
 }
 
+impl TestCert {
+    /// db-svc on a fresh database, serving gRPC over TLS with this certificate, plus `args`.
+    /// Not waited for: the harness's readiness probe speaks plaintext; poll over TLS instead.
+    pub async fn spawn_db_svc(
+        &self,
+        args: &[&str],
+    ) -> (crate::TestDatabase, crate::ServiceProcess) {
+        let db = crate::TestDatabase::create()
+            .await
+            .expect("create test database");
+        let svc = crate::ServiceSpec::new("db-svc")
+            .env("DATABASE_URL", &db.url)
+            .args([
+                "--tls-cert",
+                self.cert_path.to_str().expect("UTF-8 path"),
+                "--tls-key",
+                self.key_path.to_str().expect("UTF-8 path"),
+                "--shutdown-grace",
+                "2s",
+            ])
+            .args(args.iter().copied())
+            .spawn()
+            .expect("spawn db-svc");
+        (db, svc)
+    }
+}
+
 impl Drop for TestCert {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -5,7 +5,7 @@ use omnibus_tests::bus::{BusTopics, start_db_svc};
 use omnibus_tests::cli::{CliOutput, omnibus};
 use omnibus_tests::db::DbSvc;
 use omnibus_tests::ops::{TestCert, new_token};
-use omnibus_tests::{ServiceSpec, TestDatabase, free_port};
+use omnibus_tests::{TestDatabase, free_port};
 use serde_json::{Value, json};
 
 const CORR: &str = "5f0c6f1e-8a4b-4d7e-9c2a-1b3d5e7f9a0b";
@@ -511,21 +511,7 @@ async fn writes_travel_over_the_bus_with_via_bus() {
 async fn a_db_svc_with_tls_and_tokens_is_reached_with_ca_cert_and_token() {
     let cert = TestCert::generate().unwrap();
     let write = new_token("write");
-    let db = TestDatabase::create().await.unwrap();
-    let svc = ServiceSpec::new("db-svc")
-        .env("DATABASE_URL", &db.url)
-        .args([
-            "--tls-cert",
-            cert.cert_path.to_str().unwrap(),
-            "--tls-key",
-            cert.key_path.to_str().unwrap(),
-            "--auth-write-tokens",
-            &write,
-            "--shutdown-grace",
-            "2s",
-        ])
-        .spawn()
-        .unwrap();
+    let (_db, svc) = cert.spawn_db_svc(&["--auth-write-tokens", &write]).await;
     let addr = format!("https://localhost:{}", svc.addr.port());
     let ca = cert.cert_path.to_str().unwrap();
     let secured = |extra: &[&str]| {

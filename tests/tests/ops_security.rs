@@ -279,19 +279,7 @@ async fn tls_channel(port: u16, ca_pem: &str) -> Channel {
 #[tokio::test]
 async fn tls_listener_serves_a_verified_handshake_and_refuses_plaintext() {
     let cert = TestCert::generate().unwrap();
-    let db = TestDatabase::create().await.unwrap();
-    let mut svc = ServiceSpec::new("db-svc")
-        .env("DATABASE_URL", &db.url)
-        .args([
-            "--tls-cert",
-            cert.cert_path.to_str().unwrap(),
-            "--tls-key",
-            cert.key_path.to_str().unwrap(),
-            "--shutdown-grace",
-            "2s",
-        ])
-        .spawn()
-        .unwrap();
+    let (_db, mut svc) = cert.spawn_db_svc(&[]).await;
     let channel = tls_channel(svc.addr.port(), &cert.cert_pem).await;
 
     // Health over TLS, polled until SERVING.
