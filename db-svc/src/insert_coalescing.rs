@@ -274,6 +274,9 @@ impl InsertCoalescer {
                     reply,
                 } in batch
                 {
+                    if reply.is_closed() {
+                        continue;
+                    }
                     record_statement(1);
                     let _ = reply.send(run(&self.pool, &table, [values], count_only).await);
                 }
