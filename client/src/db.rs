@@ -12,7 +12,7 @@ use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
 use tonic::transport::Channel;
 
-use crate::connect::{AuthChannel, Bearer};
+use crate::connect::{AuthChannel, Bearer, ConnectError, ConnectOptions};
 
 use crate::bus::{BusError, BusPublisher, BusRequestMessage};
 
@@ -58,14 +58,12 @@ pub struct Routed<T> {
     pub request_id: String,
 }
 
-/// Connects to `addr` (`host:port` or a URI) lazily.
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(crate::health::endpoint_uri(addr))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .connect_lazy(),
-    )
+/// Connects to `addr` (`host:port` or a URI) lazily, in plaintext unless it is `https://`
+/// (see [`ConnectOptions`] for a private CA).
+pub fn channel(addr: &str) -> Result<Channel, ConnectError> {
+    Ok(ConnectOptions::default()
+        .endpoint(addr, Duration::from_secs(3))?
+        .connect_lazy())
 }
 
 /// A db-svc client.

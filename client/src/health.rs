@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use tonic_health::pb::HealthCheckRequest;
-
-use crate::connect::ConnectOptions;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+use crate::connect::ConnectOptions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
@@ -19,15 +19,6 @@ pub enum HealthError {
     Call { addr: String, status: tonic::Status },
     #[error(transparent)]
     Connect(#[from] crate::connect::ConnectError),
-}
-
-/// Normalises `host:port` to `http://host:port`.
-pub fn endpoint_uri(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
 }
 
 /// Asks `addr` for the status of `service` (`""` = whole server).

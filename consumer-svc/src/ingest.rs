@@ -144,6 +144,16 @@ struct Partition {
     next: i64,
 }
 
+impl Partition {
+    /// Read from the first offset, nothing to verify.
+    fn from_start() -> Self {
+        Partition {
+            verify: None,
+            next: 0,
+        }
+    }
+}
+
 struct ErrorLog {
     window_start: Instant,
     logged: u32,
@@ -463,13 +473,9 @@ impl Ingest {
         let mut tpl = TopicPartitionList::new();
         for &(k, p) in new {
             let topic = self.cfg.topics[k].clone();
-            let (offset, part) = starts.remove(&(k, p)).unwrap_or((
-                FIRST,
-                Partition {
-                    verify: None,
-                    next: 0,
-                },
-            ));
+            let (offset, part) = starts
+                .remove(&(k, p))
+                .unwrap_or((FIRST, Partition::from_start()));
             tracing::info!(%topic, partition = p, ?offset, "assigning partition");
             if let Err(e) = tpl.add_partition_offset(&topic, p, offset) {
                 tracing::warn!("partition offset: {e}");
@@ -543,13 +549,7 @@ impl Ingest {
         if tpl.add_partition_offset(&topic, key.1, FIRST).is_ok() {
             match self.consumer.incremental_assign(&tpl) {
                 Ok(()) => {
-                    self.assigned.insert(
-                        key,
-                        Partition {
-                            verify: None,
-                            next: 0,
-                        },
-                    );
+                    self.assigned.insert(key, Partition::from_start());
                 }
                 Err(e) => {
                     tracing::warn!("assign: {e}");
@@ -570,13 +570,7 @@ fn replay_start(
     (low, high): (i64, i64),
     target_ms: i64,
 ) -> (Offset, Partition) {
-    let earliest = (
-        FIRST,
-        Partition {
-            verify: None,
-            next: 0,
-        },
-    );
+    let earliest = (FIRST, Partition::from_start());
     let resolved = match answer {
         Some(Offset::Offset(o)) if (low..=high).contains(&o) => o,
         Some(Offset::End) => high,

@@ -167,11 +167,9 @@ impl Executor {
             Operation::Insert(spec) => {
                 let table = self.table_for(&op).await?;
                 let values = ops::InsertValues::new(&table, spec)?;
-                // Inserts without a deadline of their own or a request id (which need a
-                // transaction each) may share a statement with concurrent ones.
+                // Inserts that need no transaction of their own may share a statement.
                 if let Some(inserts) = &self.inserts
-                    && self.tighter_timeout(ctx.timeout).is_none()
-                    && ctx.request_id.as_deref().is_none_or(str::is_empty)
+                    && self.write_is_plain(ctx, None)
                     && inserts.can_share(&table, &values)
                 {
                     return inserts.insert(table, values, spec.count_only).await;
@@ -306,6 +304,14 @@ impl Executor {
         }
     }
 
+    /// Whether a write needs no transaction of its own: no deadline shorter than the default
+    /// statement timeout, no request id to record, no `max_affected` to check.
+    fn write_is_plain(&self, ctx: &ExecContext, max_affected: Option<u64>) -> bool {
+        self.tighter_timeout(ctx.timeout).is_none()
+            && ctx.request_id.as_deref().is_none_or(str::is_empty)
+            && max_affected.is_none()
+    }
+
     /// Runs a write: directly on the pool when nothing needs a transaction, otherwise in one
     /// with the statement timeout, the idempotency record and the max_affected check.
     async fn write(
@@ -316,11 +322,11 @@ impl Executor {
         max_affected: Option<u64>,
         ctx: &ExecContext,
     ) -> Result<OpOutput, DbError> {
-        let timeout = self.tighter_timeout(ctx.timeout);
-        let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
-        if timeout.is_none() && request_id.is_none() && max_affected.is_none() {
+        if self.write_is_plain(ctx, max_affected) {
             return run_write(&self.pool, &plan, count_only).await;
         }
+        let timeout = self.tighter_timeout(ctx.timeout);
+        let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
         let mut tx = self.pool.begin().await?;
         if let Some(t) = timeout {
             set_statement_timeout(&mut tx, t).await?;

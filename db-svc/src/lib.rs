@@ -101,8 +101,10 @@ fn start_bus_worker(
         tracing::warn!("event-bus worker off (no KAFKA_BROKERS, or --bus=false): gRPC only");
         return None;
     };
+    // The SQL form runs raw statements only: no insert lanes of its own.
     let limits = Limits {
         raw_writes: bus.sql_writes,
+        coalesce_inserts: 0,
         ..executor.limits().clone()
     };
     let handler = bus::Handler {

@@ -669,17 +669,23 @@ fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, Db
         }
         matrix.push(cells);
     }
-    if columns.is_empty() && rows.len() > 1 {
-        return Err(DbError::field(
-            "rows",
-            "rows without any column can only be inserted one at a time",
-        ));
-    }
+    one_default_row(&columns, matrix.len())?;
     Ok(ValuesMatrix {
         columns,
         rows: matrix,
         auto,
     })
+}
+
+/// `INSERT ... DEFAULT VALUES` writes exactly one row.
+fn one_default_row(columns: &[String], rows: usize) -> Result<(), DbError> {
+    if columns.is_empty() && rows > 1 {
+        return Err(DbError::field(
+            "rows",
+            "rows without any column can only be inserted one at a time",
+        ));
+    }
+    Ok(())
 }
 
 fn write_values(
@@ -779,10 +785,6 @@ impl InsertValues {
     }
 }
 
-/// The largest number of bind parameters one statement may carry (the protocol's limit is
-/// 65,535).
-pub const MAX_STATEMENT_PARAMS: usize = 65_535;
-
 /// One INSERT of several inserts' rows, in order, all with the same columns; RETURNING every
 /// column unless `count_only`. PostgreSQL returns the rows of `INSERT ... VALUES` in VALUES
 /// order (Django's `bulk_create` relies on the same), which is what lets the caller hand each
@@ -806,12 +808,7 @@ pub fn plan_shared_insert(
         }
         rows.extend(part.rows);
     }
-    if columns.is_empty() && rows.len() > 1 {
-        return Err(DbError::field(
-            "rows",
-            "rows without any column can only be inserted one at a time",
-        ));
-    }
+    one_default_row(&columns, rows.len())?;
     let mut b = Builder::new();
     push_insert(&mut b, table, &columns, rows);
     returning(&mut b, table, count_only);

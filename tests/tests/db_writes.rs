@@ -277,6 +277,14 @@ impl TableLock {
     }
 }
 
+/// db-svc with one INSERT statement per table at a time (so the next inserts must wait and
+/// share), and the address of its metrics.
+async fn one_insert_at_a_time() -> (DbSvc, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let s = DbSvc::start(&["--coalesce-inserts", "1", "--metrics-listen", &metrics]).await;
+    (s, metrics)
+}
+
 fn requests_per_statement(m: &std::collections::BTreeMap<String, f64>) -> (f64, f64) {
     (
         sample(m, "db_insert_statement_requests_count", &[]).unwrap_or(0.0),
@@ -286,8 +294,7 @@ fn requests_per_statement(m: &std::collections::BTreeMap<String, f64>) -> (f64, 
 
 #[tokio::test]
 async fn inserts_that_arrive_while_one_runs_share_a_statement_and_get_their_own_rows() {
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut s = DbSvc::start(&["--coalesce-inserts", "1", "--metrics-listen", &metrics]).await;
+    let (mut s, metrics) = one_insert_at_a_time().await;
     let lock = TableLock::take(&s).await;
     let first = spawn_insert(&s, action("first"));
     lock.wait_blocked(&s, 1).await;
@@ -321,8 +328,7 @@ async fn inserts_that_arrive_while_one_runs_share_a_statement_and_get_their_own_
 
 #[tokio::test]
 async fn a_bad_insert_in_a_shared_statement_fails_alone() {
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut s = DbSvc::start(&["--coalesce-inserts", "1", "--metrics-listen", &metrics]).await;
+    let (mut s, metrics) = one_insert_at_a_time().await;
     // Every row names its id, so all share one lane (one column list).
     let with_id = |agent: &str, id: &str| {
         let mut row = action(agent);
@@ -375,8 +381,7 @@ async fn a_bad_insert_in_a_shared_statement_fails_alone() {
 
 #[tokio::test]
 async fn an_insert_whose_caller_gave_up_while_it_waited_is_not_written() {
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut s = DbSvc::start(&["--coalesce-inserts", "1", "--metrics-listen", &metrics]).await;
+    let (mut s, metrics) = one_insert_at_a_time().await;
     let lock = TableLock::take(&s).await;
     let first = spawn_insert(&s, action("first"));
     lock.wait_blocked(&s, 1).await;

@@ -679,17 +679,17 @@ async fn write_client(cli: &Cli, db: &Db, w: &WriteArgs) -> DbClient {
     config.topics.completed = w.completed_topic.clone();
     config.topics.failed = w.failed_topic.clone();
     config.service = "omnibus-cli".into();
-    match BusPublisher::connect(config).await {
-        Ok(bus) => DbClient::with_bus(db.channel.clone(), Arc::new(bus), WriteMode::BusFirst)
-            .with_bearer(bearer),
+    let client = match BusPublisher::connect(config).await {
+        Ok(bus) => DbClient::with_bus(db.channel.clone(), Arc::new(bus), WriteMode::BusFirst),
         Err(e) => {
             eprintln!(
                 "omnibus: the event bus at {} is not usable ({e}); writing directly over gRPC",
                 cli.brokers
             );
-            DbClient::direct(db.channel.clone()).with_bearer(bearer)
+            DbClient::direct(db.channel.clone())
         }
-    }
+    };
+    client.with_bearer(bearer)
 }
 
 #[allow(clippy::too_many_arguments)]

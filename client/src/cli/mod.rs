@@ -10,14 +10,12 @@ pub mod stream;
 pub mod tail;
 pub mod top;
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use std::sync::OnceLock;
-
-use tonic::transport::Channel;
-
 use omnibus_client::connect::{AuthChannel, Bearer, ConnectOptions};
+use tonic::transport::Channel;
 
 use output::Format;
 
