@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
+use omnibus_proto::rows::{QueryRowsResponse, query_rows};
 use tonic::transport::Channel;
 
 use crate::connect::{AuthChannel, Bearer, ConnectError, ConnectOptions};
@@ -70,6 +71,8 @@ pub fn channel(addr: &str) -> Result<Channel, ConnectError> {
 #[derive(Clone)]
 pub struct DbClient {
     channel: Channel,
+    /// The channel with the caller's token on every call.
+    auth: AuthChannel,
     direct: DatabaseServiceClient<AuthChannel>,
     bus: Option<Arc<BusPublisher>>,
     mode: WriteMode,
@@ -78,8 +81,14 @@ pub struct DbClient {
 impl DbClient {
     /// Direct gRPC only.
     pub fn direct(channel: Channel) -> Self {
+        Self::authenticated(channel, Bearer::none())
+    }
+
+    fn authenticated(channel: Channel, bearer: Bearer) -> Self {
+        let auth = AuthChannel::new(channel.clone(), bearer);
         Self {
-            direct: DatabaseServiceClient::with_interceptor(channel.clone(), Bearer::none()),
+            direct: DatabaseServiceClient::new(auth.clone()),
+            auth,
             channel,
             bus: None,
             mode: WriteMode::DirectOnly,
@@ -96,9 +105,12 @@ impl DbClient {
     }
 
     /// Sends `bearer`'s token with every gRPC call (db-svc with authentication on).
-    pub fn with_bearer(mut self, bearer: Bearer) -> Self {
-        self.direct = DatabaseServiceClient::with_interceptor(self.channel.clone(), bearer);
-        self
+    pub fn with_bearer(self, bearer: Bearer) -> Self {
+        Self {
+            bus: self.bus,
+            mode: self.mode,
+            ..Self::authenticated(self.channel, bearer)
+        }
     }
 
     /// The generated gRPC client, for calls this wrapper does not cover.
@@ -141,6 +153,16 @@ impl DbClient {
     /// Reads go direct: they are fast and synchronous (the guide's "keep direct reads").
     pub async fn query(&self, req: pb::QueryRequest) -> Result<pb::QueryResponse, tonic::Status> {
         Ok(self.direct.clone().query(req).await?.into_inner())
+    }
+
+    /// A query whose rows are read into the caller's own types, skipping the generic
+    /// `Struct` form: `client.query_rows(req).await?.decode_rows::<MyRow>()` with any
+    /// `serde::Deserialize` row type (see `omnibus_proto::rows` for the mapping).
+    pub async fn query_rows(
+        &self,
+        req: pb::QueryRequest,
+    ) -> Result<QueryRowsResponse, tonic::Status> {
+        Ok(query_rows(self.auth.clone(), req).await?.into_inner())
     }
 
     pub async fn count(&self, req: pb::CountRequest) -> Result<pb::CountResponse, tonic::Status> {

@@ -51,6 +51,22 @@ type ActionRow = (
     Option<chrono::NaiveDateTime>,
 );
 
+/// The same row for the db-svc side, read from the response with the typed-row decoder
+/// (`omnibus_proto::rows`), as a Rust caller of `DbClient::query_as` gets it.
+#[derive(serde::Deserialize)]
+#[allow(dead_code)] // decoded to be compared like for like with ActionRow, not read
+struct ActionRecord {
+    id: uuid::Uuid,
+    correlation_id: uuid::Uuid,
+    agent_name: String,
+    action_type: String,
+    action_name: String,
+    action_details: Option<serde_json::Value>,
+    debug_mode: Option<bool>,
+    duration_ms: Option<i32>,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Workload {
     Insert1,
@@ -207,7 +223,8 @@ fn query_sql() -> String {
 
 const COUNT_SQL: &str = "SELECT count(*) FROM \"agent_actions\" WHERE \"agent_name\" = $1";
 
-async fn svc_op(client: &mut DatabaseServiceClient<Channel>, w: Workload, i: u64) {
+async fn svc_op(channel: Channel, w: Workload, i: u64) {
+    let mut client = DatabaseServiceClient::new(channel.clone());
     match w {
         Workload::Insert1 => {
             let r = client
@@ -235,8 +252,9 @@ async fn svc_op(client: &mut DatabaseServiceClient<Channel>, w: Workload, i: u64
         Workload::Query => {
             use prost_types::value::Kind;
             let agent = format!("agent-{}", i as usize % AGENTS);
-            let r = client
-                .query(pb::QueryRequest {
+            let r = omnibus_proto::rows::query_rows(
+                channel,
+                pb::QueryRequest {
                     table: "agent_actions".into(),
                     r#where: Some(prost_types::Struct {
                         fields: [(
@@ -250,10 +268,12 @@ async fn svc_op(client: &mut DatabaseServiceClient<Channel>, w: Workload, i: u64
                     }),
                     limit: Some(100),
                     ..Default::default()
-                })
-                .await
-                .expect("query");
-            assert_eq!(r.into_inner().rows.len(), 100);
+                },
+            )
+            .await
+            .expect("query");
+            let rows: Vec<ActionRecord> = r.into_inner().decode_rows().expect("typed rows");
+            assert_eq!(rows.len(), 100);
         }
         Workload::Count => {
             use prost_types::value::Kind;
@@ -557,13 +577,13 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
                 let (measure_from, end) = (start + warmup, start + warmup + slice);
                 let cpu_start = cpu_at(measure_from);
                 let v = measure(if side == "direct" { 0 } else { clients }, |c| {
-                    let client = DatabaseServiceClient::new(channels[c].clone());
+                    let channel = channels[c].clone();
                     let seq = seq.clone();
                     async move {
                         worker_loop(measure_from, end, |_| {
-                            let mut client = client.clone();
+                            let channel = channel.clone();
                             let i = seq.fetch_add(1, Ordering::Relaxed);
-                            async move { svc_op(&mut client, w, i).await }
+                            async move { svc_op(channel, w, i).await }
                         })
                         .await
                     }

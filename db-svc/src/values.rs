@@ -325,6 +325,8 @@ pub enum Cell<'r> {
     /// Finite doubles (integers, floats, numerics); NaN and infinities come as `Text`.
     Number(f64),
     Str(&'r str),
+    /// A uuid, written in its hyphenated lower-case text form without an allocation.
+    Uuid(Uuid),
     Text(String),
     /// A json/jsonb document.
     Json(prost_types::Value),
@@ -347,6 +349,7 @@ impl Cell<'_> {
             Cell::Bool(b) => Kind::BoolValue(b),
             Cell::Number(f) => Kind::NumberValue(f),
             Cell::Str(s) => Kind::StringValue(s.to_string()),
+            Cell::Uuid(u) => Kind::StringValue(u.to_string()),
             Cell::Text(s) => Kind::StringValue(s),
             Cell::Json(v) => return v,
         };
@@ -365,9 +368,12 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 /// Decodes cell `i` of `row` (column `name` of type `ty`) by the type mapping.
 fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<Cell<'r>, DbError> {
     let err = |e: sqlx::Error| DbError::Database(format!("cannot decode column {name}: {e}"));
+    // `ty` comes from this result set's own column descriptions (`ResultColumns::of`), so the
+    // per-cell type compatibility check of `try_get` would only repeat it; decoding still
+    // fails cleanly on bytes that do not fit.
     macro_rules! get {
         ($t:ty) => {
-            row.try_get::<Option<$t>, _>(i).map_err(err)?
+            row.try_get_unchecked::<Option<$t>, _>(i).map_err(err)?
         };
     }
     let cell = match ty {
@@ -379,7 +385,7 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         ColType::Float8 => get!(f64).map(Cell::number),
         ColType::Numeric => get!(Decimal).map(|d| Cell::number(d.to_f64().unwrap_or(f64::NAN))),
         ColType::Text => get!(&'r str).map(Cell::Str),
-        ColType::Uuid => get!(Uuid).map(|u| Cell::Text(u.to_string())),
+        ColType::Uuid => get!(Uuid).map(Cell::Uuid),
         ColType::Json | ColType::Jsonb => {
             get!(sqlx::types::Json<ProtoValue>).map(|j| Cell::Json(j.0.0))
         }

@@ -14,6 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::{encode_varint, encoded_len_varint};
 use sqlx::postgres::PgRow;
+use uuid::Uuid;
 
 use crate::error::DbError;
 use crate::values::{Cell, ResultColumns};
@@ -37,6 +38,9 @@ pub fn encode_cell(cell: &Cell<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&f.to_le_bytes());
         }
         Cell::Str(s) => encode_string(s, out),
+        Cell::Uuid(u) => {
+            encode_string(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()), out)
+        }
         Cell::Text(s) => encode_string(s, out),
         Cell::Json(v) => v.encode_raw(out),
     }

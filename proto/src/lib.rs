@@ -17,6 +17,7 @@ pub mod db {
 }
 
 pub mod json;
+pub mod rows;
 
 /// Encoded `FileDescriptorSet` of every omnibus proto file (for gRPC server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("omnibus_descriptor");

@@ -736,3 +736,89 @@ async fn stream_query_sends_every_row_in_batches() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+/// The Rust client's typed rows (`DbClient::query_rows` + `decode_rows`) read the same values
+/// the generic `Struct` rows carry, and a row that does not fit the type names row and column.
+#[tokio::test]
+async fn typed_rows_read_into_the_callers_struct() {
+    #[derive(Debug, serde::Deserialize)]
+    struct Action {
+        id: uuid::Uuid,
+        correlation_id: uuid::Uuid,
+        agent_name: String,
+        action_details: Option<Json>,
+        debug_mode: Option<bool>,
+        duration_ms: Option<i32>,
+        created_at: chrono::DateTime<chrono::Utc>,
+    }
+    let mut s = DbSvc::start(&[]).await;
+    let mut detailed = action("typed-b");
+    detailed["action_details"] = json!({"file": "a.rs", "lines": [1, 2.5], "ok": true});
+    detailed["debug_mode"] = json!(false);
+    detailed["duration_ms"] = json!(-7);
+    insert(
+        &mut s,
+        "agent_actions",
+        vec![action("typed-a"), detailed, action("typed-c")],
+    )
+    .await;
+    let request = pb::QueryRequest {
+        table: "agent_actions".into(),
+        order_by: vec![pb::OrderBy {
+            column: "agent_name".into(),
+            ..Default::default()
+        }],
+        include_total: true,
+        ..Default::default()
+    };
+    let generic = rows_json(
+        &s.client
+            .query(request.clone())
+            .await
+            .expect("query")
+            .into_inner()
+            .rows,
+    );
+    let client = omnibus_client::db::DbClient::direct(s.svc.channel());
+    let response = client.query_rows(request).await.expect("typed query");
+    assert_eq!(response.total, Some(3));
+    let typed: Vec<Action> = response.decode_rows().expect("rows fit Action");
+    assert_eq!(typed.len(), 3);
+    for (t, g) in typed.iter().zip(&generic) {
+        assert_eq!(t.id.to_string(), g["id"]);
+        assert_eq!(t.correlation_id.to_string(), g["correlation_id"]);
+        assert_eq!(t.agent_name, g["agent_name"]);
+        // (The generic helper reads every number as a float; jsonb is compared below.)
+        assert_eq!(t.action_details.is_none(), g["action_details"].is_null());
+        assert_eq!(
+            t.debug_mode.map(Json::from).unwrap_or(Json::Null),
+            g["debug_mode"]
+        );
+        assert_eq!(
+            t.duration_ms
+                .map(|n| json!(f64::from(n)))
+                .unwrap_or(Json::Null),
+            g["duration_ms"]
+        );
+        let generic_time: chrono::DateTime<chrono::Utc> =
+            g["created_at"].as_str().unwrap().parse().unwrap();
+        assert_eq!(t.created_at, generic_time);
+    }
+    assert_eq!(typed[1].duration_ms, Some(-7));
+    assert_eq!(typed[1].debug_mode, Some(false));
+    assert_eq!(
+        typed[1].action_details,
+        Some(json!({"file": "a.rs", "lines": [1, 2.5], "ok": true}))
+    );
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)] // only the error is looked at
+    struct Wrong {
+        agent_name: i64,
+    }
+    let err = response.decode_rows::<Wrong>().unwrap_err().to_string();
+    assert!(
+        err.starts_with("row 0: agent_name: invalid type: string \"typed-a\""),
+        "{err}"
+    );
+}

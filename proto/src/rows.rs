@@ -1,0 +1,647 @@
+//! Typed rows: `DatabaseService.Query` results read straight into the caller's serde types.
+//!
+//! On the wire a row is a `google.protobuf.Struct` (so grpcurl and every language see plain
+//! JSON). Decoding it with prost builds a map node, a key string and a `Value` per cell, and
+//! a caller that wants its own struct then walks that map again. Here the response is decoded
+//! with each row kept as its raw `Struct` bytes ([`QueryRowsResponse`], wire-compatible with
+//! `QueryResponse`), and [`from_row`] deserializes those bytes directly into any
+//! `serde::Deserialize` type: keys are matched without allocating, strings can be borrowed
+//! from the response, and no intermediate map exists.
+//!
+//! The mapping is the proto3 JSON one the service documents: `null_value` is `null` (and
+//! `None`), `number_value` is a number (integral values within ±2^53 are offered as integers,
+//! so integer fields accept them and reject fractions), `string_value` a string (uuids and
+//! timestamps arrive as strings, which `uuid` and `chrono` deserialize), `bool_value` a bool,
+//! `struct_value` a map or struct and `list_value` a sequence.
+
+use std::fmt;
+
+use prost::bytes::Bytes;
+use serde::de::{self, DeserializeSeed, Deserializer, IntoDeserializer, Visitor};
+use tonic::codegen::{Body, StdError, http};
+
+use crate::db::v1::QueryRequest;
+
+/// `QueryResponse` with every row left as the bytes of its `Struct` message (the two messages
+/// have the same wire format: a repeated embedded message and a repeated `bytes` field are
+/// both length-delimited records of field 1).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueryRowsResponse {
+    /// Each row's encoded `google.protobuf.Struct`.
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    pub rows: Vec<Bytes>,
+    /// Exact number of matching rows, when `include_total` was set.
+    #[prost(uint64, optional, tag = "2")]
+    pub total: Option<u64>,
+}
+
+impl QueryRowsResponse {
+    /// Every row as a `T` (owned values; see [`QueryRowsResponse::iter`] to borrow strings).
+    pub fn decode_rows<T: de::DeserializeOwned>(&self) -> Result<Vec<T>, RowError> {
+        self.iter().collect()
+    }
+
+    /// The rows as `T`s, one by one; `T` may borrow `&str` fields from the response.
+    pub fn iter<'a, T: de::Deserialize<'a>>(
+        &'a self,
+    ) -> impl Iterator<Item = Result<T, RowError>> + 'a {
+        self.rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| from_row(row).map_err(|e| e.in_row(i)))
+    }
+}
+
+/// Runs `DatabaseService.Query` on `service` (a channel, or one wrapped in interceptors) and
+/// returns the rows undecoded, for [`QueryRowsResponse::decode_rows`].
+pub async fn query_rows<T>(
+    service: T,
+    request: impl tonic::IntoRequest<QueryRequest>,
+) -> Result<tonic::Response<QueryRowsResponse>, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    let mut grpc = tonic::client::Grpc::new(service);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("service was not ready: {}", e.into())))?;
+    let mut request = request.into_request();
+    request.extensions_mut().insert(tonic::GrpcMethod::new(
+        crate::service_names::DATABASE,
+        "Query",
+    ));
+    let path = http::uri::PathAndQuery::from_static("/omnibus.db.v1.DatabaseService/Query");
+    grpc.unary(request, path, tonic_prost::ProstCodec::default())
+        .await
+}
+
+/// A row that is not valid protobuf, or does not fit the requested type.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RowError {
+    #[error("malformed row: {0}")]
+    Malformed(&'static str),
+    #[error("{0}")]
+    Mismatch(String),
+    #[error("row {row}: {source}")]
+    InRow { row: usize, source: Box<RowError> },
+}
+
+impl RowError {
+    fn in_row(self, row: usize) -> Self {
+        RowError::InRow {
+            row,
+            source: Box::new(self),
+        }
+    }
+}
+
+impl de::Error for RowError {
+    fn custom<M: fmt::Display>(msg: M) -> Self {
+        RowError::Mismatch(msg.to_string())
+    }
+}
+
+/// Deserializes one encoded `google.protobuf.Struct` (a row) into `T`.
+pub fn from_row<'de, T: de::Deserialize<'de>>(row: &'de [u8]) -> Result<T, RowError> {
+    T::deserialize(StructDeserializer { bytes: row })
+}
+
+// ---- protobuf wire reading -----------------------------------------------------------------
+
+const WIRE_VARINT: u8 = 0;
+const WIRE_FIXED64: u8 = 1;
+const WIRE_LEN: u8 = 2;
+const WIRE_FIXED32: u8 = 5;
+
+#[inline]
+fn read_varint(input: &mut &[u8]) -> Result<u64, RowError> {
+    // Tags and short lengths are one byte: the common case, kept out of the loop.
+    if let Some((&byte, rest)) = input.split_first()
+        && byte < 0x80
+    {
+        *input = rest;
+        return Ok(u64::from(byte));
+    }
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = input
+            .split_first()
+            .ok_or(RowError::Malformed("truncated varint"))?;
+        *input = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Ok(value);
+        }
+    }
+    Err(RowError::Malformed("varint longer than 10 bytes"))
+}
+
+#[inline]
+fn take<'a>(input: &mut &'a [u8], n: usize) -> Result<&'a [u8], RowError> {
+    if input.len() < n {
+        return Err(RowError::Malformed("truncated field"));
+    }
+    let (head, rest) = input.split_at(n);
+    *input = rest;
+    Ok(head)
+}
+
+/// One field of a message: its number and its payload.
+enum Field<'a> {
+    Varint(u64),
+    Fixed64([u8; 8]),
+    Len(&'a [u8]),
+    Fixed32,
+}
+
+/// Reads the next field of a message, or `None` at its end.
+#[inline]
+fn next_field<'a>(input: &mut &'a [u8]) -> Result<Option<(u64, Field<'a>)>, RowError> {
+    if input.is_empty() {
+        return Ok(None);
+    }
+    let key = read_varint(input)?;
+    let number = key >> 3;
+    let field = match (key & 7) as u8 {
+        WIRE_VARINT => Field::Varint(read_varint(input)?),
+        WIRE_FIXED64 => {
+            let b = take(input, 8)?;
+            Field::Fixed64(b.try_into().map_err(|_| RowError::Malformed("fixed64"))?)
+        }
+        WIRE_LEN => {
+            let len = usize::try_from(read_varint(input)?)
+                .map_err(|_| RowError::Malformed("length out of range"))?;
+            Field::Len(take(input, len)?)
+        }
+        WIRE_FIXED32 => {
+            take(input, 4)?;
+            Field::Fixed32
+        }
+        _ => return Err(RowError::Malformed("unsupported wire type")),
+    };
+    Ok(Some((number, field)))
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, RowError> {
+    std::str::from_utf8(bytes).map_err(|_| RowError::Malformed("string is not UTF-8"))
+}
+
+/// A decoded `google.protobuf.Value` whose text and nested messages still point into the row.
+#[derive(Clone, Copy)]
+enum Kind<'de> {
+    Null,
+    Number(f64),
+    Str(&'de str),
+    Bool(bool),
+    Struct(&'de [u8]),
+    List(&'de [u8]),
+}
+
+#[inline]
+fn parse_value(mut bytes: &[u8]) -> Result<Kind<'_>, RowError> {
+    // A Value with no field set reads as null; of several oneof fields the last one wins.
+    let mut kind = Kind::Null;
+    while let Some((number, field)) = next_field(&mut bytes)? {
+        kind = match (number, field) {
+            (1, Field::Varint(_)) => Kind::Null,
+            (2, Field::Fixed64(b)) => Kind::Number(f64::from_le_bytes(b)),
+            (3, Field::Len(s)) => Kind::Str(utf8(s)?),
+            (4, Field::Varint(b)) => Kind::Bool(b != 0),
+            (5, Field::Len(s)) => Kind::Struct(s),
+            (6, Field::Len(l)) => Kind::List(l),
+            (1..=6, _) => return Err(RowError::Malformed("Value field with the wrong wire type")),
+            _ => kind,
+        };
+    }
+    Ok(kind)
+}
+
+/// Largest magnitude at which every integer is exactly representable in an f64.
+const EXACT_INT: f64 = 9_007_199_254_740_992.0;
+
+// ---- serde ---------------------------------------------------------------------------------
+
+/// A `google.protobuf.Struct` message, read as a map.
+struct StructDeserializer<'de> {
+    bytes: &'de [u8],
+}
+
+impl<'de> Deserializer<'de> for StructDeserializer<'de> {
+    type Error = RowError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        visitor.visit_map(Entries {
+            rest: self.bytes,
+            value: None,
+        })
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        visitor.visit_some(self)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, RowError> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct seq tuple tuple_struct map struct enum identifier ignored_any
+    }
+}
+
+/// The entries of a `Struct` (`map<string, Value> fields = 1`), in wire order.
+struct Entries<'de> {
+    rest: &'de [u8],
+    /// The entry whose key was just read: its key (for error messages) and value.
+    value: Option<(&'de str, &'de [u8])>,
+}
+
+impl<'de> de::MapAccess<'de> for Entries<'de> {
+    type Error = RowError;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, RowError> {
+        loop {
+            let Some((number, field)) = next_field(&mut self.rest)? else {
+                return Ok(None);
+            };
+            let mut entry = match (number, field) {
+                (1, Field::Len(entry)) => entry,
+                (1, _) => return Err(RowError::Malformed("Struct entry with the wrong wire type")),
+                _ => continue, // unknown fields are skipped, as protobuf parsers do
+            };
+            let (mut key, mut value) = ("", &[][..]);
+            while let Some((number, field)) = next_field(&mut entry)? {
+                match (number, field) {
+                    (1, Field::Len(k)) => key = utf8(k)?,
+                    (2, Field::Len(v)) => value = v,
+                    (1 | 2, _) => {
+                        return Err(RowError::Malformed("map entry with the wrong wire type"));
+                    }
+                    _ => {}
+                }
+            }
+            self.value = Some((key, value));
+            return seed
+                .deserialize(de::value::BorrowedStrDeserializer::new(key))
+                .map(Some);
+        }
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, RowError> {
+        let (key, bytes) = self
+            .value
+            .take()
+            .ok_or(RowError::Malformed("map value requested before its key"))?;
+        seed.deserialize(ValueDeserializer {
+            kind: parse_value(bytes)?,
+        })
+        .map_err(|e| match e {
+            // Name the column (or nested key) the value belongs to: `duration_ms: invalid ...`.
+            RowError::Mismatch(m) => RowError::Mismatch(format!("{key}: {m}")),
+            other => other,
+        })
+    }
+}
+
+/// The values of a `ListValue` (`repeated Value values = 1`).
+struct Values<'de> {
+    rest: &'de [u8],
+}
+
+impl<'de> de::SeqAccess<'de> for Values<'de> {
+    type Error = RowError;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, RowError> {
+        loop {
+            return match next_field(&mut self.rest)? {
+                None => Ok(None),
+                Some((1, Field::Len(value))) => seed
+                    .deserialize(ValueDeserializer {
+                        kind: parse_value(value)?,
+                    })
+                    .map(Some),
+                Some((1, _)) => Err(RowError::Malformed("list value with the wrong wire type")),
+                Some(_) => continue,
+            };
+        }
+    }
+}
+
+/// One `google.protobuf.Value`.
+struct ValueDeserializer<'de> {
+    kind: Kind<'de>,
+}
+
+impl<'de> Deserializer<'de> for ValueDeserializer<'de> {
+    type Error = RowError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        match self.kind {
+            Kind::Null => visitor.visit_unit(),
+            // Integral numbers go out as integers: integer fields accept them, float fields
+            // accept integers too, and `serde_json::Value` keeps `5` rather than `5.0`.
+            Kind::Number(n) if n.fract() == 0.0 && n.abs() <= EXACT_INT => {
+                if n >= 0.0 {
+                    visitor.visit_u64(n as u64)
+                } else {
+                    visitor.visit_i64(n as i64)
+                }
+            }
+            Kind::Number(n) => visitor.visit_f64(n),
+            Kind::Str(s) => visitor.visit_borrowed_str(s),
+            Kind::Bool(b) => visitor.visit_bool(b),
+            Kind::Struct(bytes) => StructDeserializer { bytes }.deserialize_any(visitor),
+            Kind::List(rest) => visitor.visit_seq(Values { rest }),
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        match self.kind {
+            Kind::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, RowError> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, RowError> {
+        match self.kind {
+            // A unit variant spelled as a string, as serde_json accepts it.
+            Kind::Str(s) => visitor.visit_enum(s.into_deserializer()),
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct seq tuple tuple_struct map struct identifier ignored_any
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use prost::Message;
+    use prost_types::value::Kind as PKind;
+    use prost_types::{ListValue, Struct, Value};
+    use serde::Deserialize;
+    use serde_json::json;
+
+    use super::*;
+
+    fn v(kind: PKind) -> Value {
+        Value { kind: Some(kind) }
+    }
+
+    fn row(fields: Vec<(&str, PKind)>) -> Vec<u8> {
+        Struct {
+            fields: fields
+                .into_iter()
+                .map(|(k, kind)| (k.to_string(), v(kind)))
+                .collect(),
+        }
+        .encode_to_vec()
+    }
+
+    /// The reference mapping: a prost `Value` as JSON, integral numbers as integers.
+    fn to_json(value: &Value) -> serde_json::Value {
+        match &value.kind {
+            None | Some(PKind::NullValue(_)) => serde_json::Value::Null,
+            Some(PKind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= EXACT_INT => {
+                if *n >= 0.0 {
+                    json!(*n as u64)
+                } else {
+                    json!(*n as i64)
+                }
+            }
+            Some(PKind::NumberValue(n)) => json!(n),
+            Some(PKind::StringValue(s)) => json!(s),
+            Some(PKind::BoolValue(b)) => json!(b),
+            Some(PKind::StructValue(s)) => struct_json(s),
+            Some(PKind::ListValue(l)) => l.values.iter().map(to_json).collect(),
+        }
+    }
+
+    fn struct_json(s: &Struct) -> serde_json::Value {
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), to_json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Action<'a> {
+        id: String,
+        agent_name: &'a str,
+        duration_ms: Option<i32>,
+        debug_mode: Option<bool>,
+        action_details: Option<serde_json::Value>,
+        #[serde(default)]
+        tags: Vec<String>,
+    }
+
+    #[test]
+    fn a_row_fills_a_struct_borrowing_its_strings() {
+        let details = Struct {
+            fields: [("file".to_string(), v(PKind::StringValue("a.rs".into())))].into(),
+        };
+        let bytes = row(vec![
+            (
+                "id",
+                PKind::StringValue("7c9e6679-7425-40de-944b-e07fc1f90ae7".into()),
+            ),
+            ("agent_name", PKind::StringValue("planner".into())),
+            ("duration_ms", PKind::NumberValue(42.0)),
+            ("debug_mode", PKind::NullValue(0)),
+            ("action_details", PKind::StructValue(details)),
+            ("ignored_column", PKind::BoolValue(true)),
+        ]);
+        let action: Action<'_> = from_row(&bytes).unwrap();
+        assert_eq!(
+            action,
+            Action {
+                id: "7c9e6679-7425-40de-944b-e07fc1f90ae7".into(),
+                agent_name: "planner",
+                duration_ms: Some(42),
+                debug_mode: None,
+                action_details: Some(json!({"file": "a.rs"})),
+                tags: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn integers_are_range_checked_and_fractions_rejected() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)] // read only through Debug
+        struct Small {
+            n: i16,
+        }
+        let too_big = row(vec![("n", PKind::NumberValue(40_000.0))]);
+        let err = from_row::<Small>(&too_big).unwrap_err().to_string();
+        assert!(err.contains("40000") && err.contains("i16"), "{err}");
+        let fraction = row(vec![("n", PKind::NumberValue(1.5))]);
+        let err = from_row::<Small>(&fraction).unwrap_err().to_string();
+        assert!(err.contains("1.5"), "{err}");
+        let ok: BTreeMap<String, f64> =
+            from_row(&row(vec![("n", PKind::NumberValue(2.0))])).unwrap();
+        assert_eq!(ok["n"], 2.0);
+    }
+
+    #[test]
+    fn a_missing_column_and_a_wrong_type_are_errors_naming_them() {
+        let bytes = row(vec![("agent_name", PKind::BoolValue(true))]);
+        let err = from_row::<Action<'_>>(&bytes).unwrap_err().to_string();
+        assert!(err.contains("invalid type: boolean"), "{err}");
+        let bytes = row(vec![("agent_name", PKind::StringValue("x".into()))]);
+        let err = from_row::<Action<'_>>(&bytes).unwrap_err().to_string();
+        assert!(err.contains("missing field `id`"), "{err}");
+    }
+
+    #[test]
+    fn lists_enums_and_tuples_decode() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        #[serde(rename_all = "snake_case")]
+        enum Status {
+            Success,
+            Error,
+        }
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct Row {
+            status: Status,
+            tags: Vec<String>,
+            pair: (u8, String),
+        }
+        let list = |items: Vec<PKind>| {
+            PKind::ListValue(ListValue {
+                values: items.into_iter().map(v).collect(),
+            })
+        };
+        let bytes = row(vec![
+            ("status", PKind::StringValue("error".into())),
+            (
+                "tags",
+                list(vec![
+                    PKind::StringValue("a".into()),
+                    PKind::StringValue("b".into()),
+                ]),
+            ),
+            (
+                "pair",
+                list(vec![
+                    PKind::NumberValue(3.0),
+                    PKind::StringValue("c".into()),
+                ]),
+            ),
+        ]);
+        let decoded: Row = from_row(&bytes).unwrap();
+        assert_eq!(
+            decoded,
+            Row {
+                status: Status::Error,
+                tags: vec!["a".into(), "b".into()],
+                pair: (3, "c".into()),
+            }
+        );
+        let bad = row(vec![("status", PKind::StringValue("maybe".into()))]);
+        assert!(from_row::<BTreeMap<String, Status>>(&bad).is_err());
+    }
+
+    #[test]
+    fn a_response_decodes_like_query_response() {
+        let rows: Vec<Struct> = (0..3)
+            .map(|i| Struct {
+                fields: [("n".to_string(), v(PKind::NumberValue(f64::from(i))))].into(),
+            })
+            .collect();
+        let full = crate::db::v1::QueryResponse {
+            rows: rows.clone(),
+            total: Some(7),
+        }
+        .encode_to_vec();
+        let raw = QueryRowsResponse::decode(&full[..]).unwrap();
+        assert_eq!(raw.total, Some(7));
+        let decoded: Vec<BTreeMap<String, u32>> = raw.decode_rows().unwrap();
+        assert_eq!(
+            decoded,
+            (0..3)
+                .map(|i| [("n".to_string(), i)].into())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn truncated_or_malformed_rows_are_errors_not_panics() {
+        let bytes = row(vec![("agent_name", PKind::StringValue("planner".into()))]);
+        for cut in 0..bytes.len() {
+            // Every prefix either decodes (a shorter message is still a message) or fails.
+            let _ = from_row::<serde_json::Value>(&bytes[..cut]);
+        }
+        let err = from_row::<serde_json::Value>(&bytes[..bytes.len() - 1]).unwrap_err();
+        assert_eq!(err, RowError::Malformed("truncated field"));
+        let raw = QueryRowsResponse {
+            rows: vec![row(vec![]).into(), Bytes::from_static(&[0x0a, 0x05])],
+            total: None,
+        };
+        let err = raw.decode_rows::<serde_json::Value>().unwrap_err();
+        assert_eq!(err.to_string(), "row 1: malformed row: truncated field");
+    }
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(v(PKind::NullValue(0))),
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |n| n.is_finite())
+                .prop_map(|n| v(PKind::NumberValue(n))),
+            (-1_000_000i64..1_000_000).prop_map(|n| v(PKind::NumberValue(n as f64))),
+            ".{0,12}".prop_map(|s| v(PKind::StringValue(s))),
+            any::<bool>().prop_map(|b| v(PKind::BoolValue(b))),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|values| v(PKind::ListValue(ListValue { values }))),
+                prop::collection::btree_map(".{0,6}", inner, 0..4)
+                    .prop_map(|fields| v(PKind::StructValue(Struct { fields }))),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Any Struct prost encodes reads back as the JSON of the reference mapping.
+        #[test]
+        fn rows_read_as_their_json(fields in prop::collection::btree_map(".{0,8}", arb_value(), 0..6)) {
+            let s = Struct { fields };
+            let decoded: serde_json::Value = from_row(&s.encode_to_vec()).unwrap();
+            prop_assert_eq!(decoded, struct_json(&s));
+        }
+    }
+}
