@@ -185,6 +185,27 @@ fn next_field<'a>(input: &mut &'a [u8]) -> Result<Option<(u64, Field<'a>)>, RowE
     Ok(Some((number, field)))
 }
 
+/// The payload of a length-delimited field with the one-byte key `tag` at the front of
+/// `input`, when it has a one-byte length: the shape prost writes for most entries, keys and
+/// short strings. `None` (input untouched) sends the caller to the general reader.
+#[inline(always)]
+fn short_len_field<'a>(input: &mut &'a [u8], tag: u8) -> Option<&'a [u8]> {
+    match **input {
+        [t, len, ref rest @ ..] if t == tag && len < 0x80 && rest.len() >= usize::from(len) => {
+            let (payload, rest) = rest.split_at(usize::from(len));
+            *input = rest;
+            Some(payload)
+        }
+        _ => None,
+    }
+}
+
+/// Key bytes of `Struct.fields` (1), of a map entry's key (1) and value (2), of a
+/// `Value.string_value` (3): field number << 3 | length-delimited.
+const FIELD1_LEN: u8 = 1 << 3 | WIRE_LEN;
+const FIELD2_LEN: u8 = 2 << 3 | WIRE_LEN;
+const FIELD3_LEN: u8 = 3 << 3 | WIRE_LEN;
+
 fn utf8(bytes: &[u8]) -> Result<&str, RowError> {
     std::str::from_utf8(bytes).map_err(|_| RowError::Malformed("string is not UTF-8"))
 }
@@ -202,6 +223,19 @@ enum Kind<'de> {
 
 #[inline]
 fn parse_value(mut bytes: &[u8]) -> Result<Kind<'_>, RowError> {
+    // The usual shapes: exactly one field, with a one-byte key (and length).
+    match *bytes {
+        [0x08, n] if n < 0x80 => return Ok(Kind::Null),
+        [0x11, ref b @ ..] if b.len() == 8 => {
+            let b: [u8; 8] = b.try_into().map_err(|_| RowError::Malformed("fixed64"))?;
+            return Ok(Kind::Number(f64::from_le_bytes(b)));
+        }
+        [0x20, b] if b < 0x80 => return Ok(Kind::Bool(b != 0)),
+        [FIELD3_LEN, len, ref s @ ..] if len < 0x80 && s.len() == usize::from(len) => {
+            return Ok(Kind::Str(utf8(s)?));
+        }
+        _ => {}
+    }
     // A Value with no field set reads as null; of several oneof fields the last one wins.
     let mut kind = Kind::Null;
     while let Some((number, field)) = next_field(&mut bytes)? {
@@ -261,7 +295,7 @@ impl<'de> Deserializer<'de> for StructDeserializer<'de> {
 struct Entries<'de> {
     rest: &'de [u8],
     /// The entry whose key was just read: its key (for error messages) and value.
-    value: Option<(&'de str, &'de [u8])>,
+    value: Option<(&'de [u8], &'de [u8])>,
 }
 
 impl<'de> de::MapAccess<'de> for Entries<'de> {
@@ -271,31 +305,22 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, RowError> {
-        loop {
-            let Some((number, field)) = next_field(&mut self.rest)? else {
-                return Ok(None);
-            };
-            let mut entry = match (number, field) {
-                (1, Field::Len(entry)) => entry,
-                (1, _) => return Err(RowError::Malformed("Struct entry with the wrong wire type")),
-                _ => continue, // unknown fields are skipped, as protobuf parsers do
-            };
-            let (mut key, mut value) = ("", &[][..]);
-            while let Some((number, field)) = next_field(&mut entry)? {
-                match (number, field) {
-                    (1, Field::Len(k)) => key = utf8(k)?,
-                    (2, Field::Len(v)) => value = v,
-                    (1 | 2, _) => {
-                        return Err(RowError::Malformed("map entry with the wrong wire type"));
-                    }
-                    _ => {}
-                }
+        let entry = loop {
+            if let Some(entry) = short_len_field(&mut self.rest, FIELD1_LEN) {
+                break entry;
             }
-            self.value = Some((key, value));
-            return seed
-                .deserialize(de::value::BorrowedStrDeserializer::new(key))
-                .map(Some);
-        }
+            match next_field(&mut self.rest)? {
+                None => return Ok(None),
+                Some((1, Field::Len(entry))) => break entry,
+                Some((1, _)) => {
+                    return Err(RowError::Malformed("Struct entry with the wrong wire type"));
+                }
+                Some(_) => continue, // unknown fields are skipped, as protobuf parsers do
+            }
+        };
+        let (key, value) = entry_parts(entry)?;
+        self.value = Some((key, value));
+        seed.deserialize(KeyDeserializer { key }).map(Some)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, RowError> {
@@ -308,9 +333,57 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
         })
         .map_err(|e| match e {
             // Name the column (or nested key) the value belongs to: `duration_ms: invalid ...`.
-            RowError::Mismatch(m) => RowError::Mismatch(format!("{key}: {m}")),
+            RowError::Mismatch(m) => {
+                RowError::Mismatch(format!("{}: {m}", String::from_utf8_lossy(key)))
+            }
             other => other,
         })
+    }
+}
+
+/// The key (as bytes, not yet checked to be UTF-8) and value bytes of one map entry.
+#[inline]
+fn entry_parts(entry: &[u8]) -> Result<(&[u8], &[u8]), RowError> {
+    let mut fast = entry;
+    if let Some(key) = short_len_field(&mut fast, FIELD1_LEN)
+        && let Some(value) = short_len_field(&mut fast, FIELD2_LEN)
+        && fast.is_empty()
+    {
+        return Ok((key, value));
+    }
+    let (mut key, mut value, mut rest) = (&[][..], &[][..], entry);
+    while let Some((number, field)) = next_field(&mut rest)? {
+        match (number, field) {
+            (1, Field::Len(k)) => key = k,
+            (2, Field::Len(v)) => value = v,
+            (1 | 2, _) => return Err(RowError::Malformed("map entry with the wrong wire type")),
+            _ => {}
+        }
+    }
+    Ok((key, value))
+}
+
+/// A map key. Struct field names are matched on the raw bytes (a name that is not UTF-8
+/// matches no field); every other use of a key gets it as a checked `&str`.
+struct KeyDeserializer<'de> {
+    key: &'de [u8],
+}
+
+impl<'de> Deserializer<'de> for KeyDeserializer<'de> {
+    type Error = RowError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        visitor.visit_borrowed_str(utf8(self.key)?)
+    }
+
+    fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        visitor.visit_borrowed_bytes(self.key)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map struct enum
+        ignored_any
     }
 }
 
@@ -613,6 +686,39 @@ mod tests {
         };
         let err = raw.decode_rows::<serde_json::Value>().unwrap_err();
         assert_eq!(err.to_string(), "row 1: malformed row: truncated field");
+    }
+
+    #[test]
+    fn a_key_that_is_not_utf8_matches_no_field_and_is_an_error_as_a_string() {
+        // One entry: key [0xff], value bool true; then agent_name = "x".
+        let mut bytes = vec![0x0a, 0x07, 0x0a, 0x01, 0xff, 0x12, 0x02, 0x20, 0x01];
+        bytes.extend(row(vec![("agent_name", PKind::StringValue("x".into()))]));
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct Named {
+            agent_name: String,
+        }
+        assert_eq!(
+            from_row::<Named>(&bytes).unwrap(),
+            Named {
+                agent_name: "x".into()
+            }
+        );
+        assert_eq!(
+            from_row::<serde_json::Value>(&bytes).unwrap_err(),
+            RowError::Malformed("string is not UTF-8")
+        );
+    }
+
+    #[test]
+    fn long_strings_and_multi_byte_lengths_read_like_short_ones() {
+        let long = "x".repeat(300);
+        let bytes = row(vec![
+            ("s", PKind::StringValue(long.clone())),
+            ("t", PKind::StringValue("short".into())),
+        ]);
+        let decoded: BTreeMap<String, String> = from_row(&bytes).unwrap();
+        assert_eq!(decoded["s"], long);
+        assert_eq!(decoded["t"], "short");
     }
 
     fn arb_value() -> impl Strategy<Value = Value> {
