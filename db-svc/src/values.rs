@@ -327,6 +327,8 @@ pub enum Cell<'r> {
     Str(&'r str),
     /// A uuid, written in its hyphenated lower-case text form without an allocation.
     Uuid(Uuid),
+    /// A timestamp, written as RFC 3339 text in UTC (see [`Rfc3339`]) without an allocation.
+    Time(DateTime<Utc>),
     Text(String),
     /// A json/jsonb document.
     Json(prost_types::Value),
@@ -350,6 +352,7 @@ impl Cell<'_> {
             Cell::Number(f) => Kind::NumberValue(f),
             Cell::Str(s) => Kind::StringValue(s.to_string()),
             Cell::Uuid(u) => Kind::StringValue(u.to_string()),
+            Cell::Time(t) => Kind::StringValue(Rfc3339::new().format(&t).to_string()),
             Cell::Text(s) => Kind::StringValue(s),
             Cell::Json(v) => return v,
         };
@@ -363,6 +366,85 @@ fn number_value(f: f64) -> prost_types::Value {
 
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// A stack buffer for timestamps in the text form `to_rfc3339_opts(AutoSi, true)` gives
+/// (`2026-11-30T17:21:05.123456Z`: no fraction, or 3, 6 or 9 digits, as needed), without
+/// chrono's general formatter or an allocation per cell. Years outside 0000-9999 (which
+/// chrono writes with a sign) go through chrono.
+pub struct Rfc3339 {
+    buf: [u8; 30],
+    fallback: String,
+}
+
+impl Default for Rfc3339 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Rfc3339 {
+    pub fn new() -> Self {
+        Self {
+            buf: [0; 30],
+            fallback: String::new(),
+        }
+    }
+
+    pub fn format(&mut self, t: &DateTime<Utc>) -> &str {
+        use chrono::{Datelike, Timelike};
+        let nanos = t.nanosecond();
+        let Ok(year) = u32::try_from(t.year()) else {
+            self.fallback = rfc3339(*t);
+            return &self.fallback;
+        };
+        if year > 9999 || nanos >= 1_000_000_000 {
+            self.fallback = rfc3339(*t);
+            return &self.fallback;
+        }
+        let b = &mut self.buf;
+        let mut put = |at: usize, n: u32, digits: usize| {
+            let mut n = n;
+            for i in (0..digits).rev() {
+                b[at + i] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        };
+        put(0, year, 4);
+        put(5, t.month(), 2);
+        put(8, t.day(), 2);
+        put(11, t.hour(), 2);
+        put(14, t.minute(), 2);
+        put(17, t.second(), 2);
+        let end = match nanos {
+            0 => 19,
+            n if n % 1_000_000 == 0 => {
+                put(20, n / 1_000_000, 3);
+                23
+            }
+            n if n % 1_000 == 0 => {
+                put(20, n / 1_000, 6);
+                26
+            }
+            n => {
+                put(20, n, 9);
+                29
+            }
+        };
+        for (at, sep) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+        ] {
+            self.buf[at] = sep;
+        }
+        self.buf[end] = b'Z';
+        // Only ASCII digits and separators were written.
+        std::str::from_utf8(&self.buf[..=end]).unwrap_or_default()
+    }
 }
 
 /// Decodes cell `i` of `row` (column `name` of type `ty`) by the type mapping.
@@ -389,8 +471,8 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         ColType::Json | ColType::Jsonb => {
             get!(sqlx::types::Json<ProtoValue>).map(|j| Cell::Json(j.0.0))
         }
-        ColType::Timestamptz => get!(DateTime<Utc>).map(|t| Cell::Text(rfc3339(t))),
-        ColType::Timestamp => get!(NaiveDateTime).map(|t| Cell::Text(rfc3339(t.and_utc()))),
+        ColType::Timestamptz => get!(DateTime<Utc>).map(Cell::Time),
+        ColType::Timestamp => get!(NaiveDateTime).map(|t| Cell::Time(t.and_utc())),
         ColType::Date => get!(NaiveDate).map(|d| Cell::Text(d.format("%Y-%m-%d").to_string())),
         ColType::Other => {
             return Err(DbError::field(
@@ -553,7 +635,27 @@ pub fn json_to_struct(map: &Map<String, Json>) -> prost_types::Struct {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
     use serde_json::json;
+
+    proptest::proptest! {
+        /// The stack formatter writes what chrono's `to_rfc3339_opts(AutoSi, true)` writes,
+        /// from 4713 BC (PostgreSQL's first timestamp) to beyond year 250000, every fraction length.
+        #[test]
+        fn timestamps_format_like_chrono(
+            secs in -210_866_803_200i64..8_000_000_000_000,
+            nanos in proptest::prop_oneof![
+                proptest::strategy::Just(0u32),
+                (0u32..1000).prop_map(|ms| ms * 1_000_000),
+                (0u32..1_000_000).prop_map(|us| us * 1_000),
+                0u32..1_000_000_000,
+            ],
+        ) {
+            let t = DateTime::from_timestamp(secs, nanos).unwrap();
+            let mut formatter = Rfc3339::new();
+            proptest::prop_assert_eq!(formatter.format(&t), rfc3339(t));
+        }
+    }
 
     #[test]
     fn integers_are_range_checked() {

@@ -17,7 +17,7 @@ use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use crate::error::DbError;
-use crate::values::{Cell, ResultColumns};
+use crate::values::{Cell, ResultColumns, Rfc3339};
 
 /// Field numbers and wire types of `google.protobuf.Struct` / `Value`.
 const STRUCT_FIELDS: u8 = 1 << 3 | 2; // map<string, Value> fields = 1 (length-delimited)
@@ -41,6 +41,7 @@ pub fn encode_cell(cell: &Cell<'_>, out: &mut Vec<u8>) {
         Cell::Uuid(u) => {
             encode_string(u.hyphenated().encode_lower(&mut Uuid::encode_buffer()), out)
         }
+        Cell::Time(t) => encode_string(Rfc3339::new().format(t), out),
         Cell::Text(s) => encode_string(s, out),
         Cell::Json(v) => v.encode_raw(out),
     }
@@ -197,6 +198,10 @@ mod tests {
             Cell::Str(""),
             Cell::Str("ünïcode"),
             Cell::Text("x".repeat(300)),
+            Cell::Uuid(uuid::Uuid::from_u128(
+                0x1234_5678_9abc_def0_0fed_cba9_8765_4321,
+            )),
+            Cell::Time(chrono::DateTime::from_timestamp(1_764_523_265, 123_456_000).unwrap()),
             Cell::Json(nested),
         ];
         for cell in cells {
