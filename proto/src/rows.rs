@@ -305,18 +305,9 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, RowError> {
-        let entry = loop {
-            if let Some(entry) = short_len_field(&mut self.rest, FIELD1_LEN) {
-                break entry;
-            }
-            match next_field(&mut self.rest)? {
-                None => return Ok(None),
-                Some((1, Field::Len(entry))) => break entry,
-                Some((1, _)) => {
-                    return Err(RowError::Malformed("Struct entry with the wrong wire type"));
-                }
-                Some(_) => continue, // unknown fields are skipped, as protobuf parsers do
-            }
+        let Some(entry) = next_repeated(&mut self.rest, "Struct entry with the wrong wire type")?
+        else {
+            return Ok(None);
         };
         let (key, value) = entry_parts(entry)?;
         self.value = Some((key, value));
@@ -338,6 +329,26 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
             }
             other => other,
         })
+    }
+}
+
+/// The next element of the repeated message field 1 (`Struct.fields`, `ListValue.values`),
+/// skipping unknown fields as protobuf parsers do; `None` at the end of the message.
+#[inline]
+fn next_repeated<'a>(
+    input: &mut &'a [u8],
+    wrong_type: &'static str,
+) -> Result<Option<&'a [u8]>, RowError> {
+    loop {
+        if let Some(payload) = short_len_field(input, FIELD1_LEN) {
+            return Ok(Some(payload));
+        }
+        match next_field(input)? {
+            None => return Ok(None),
+            Some((1, Field::Len(payload))) => return Ok(Some(payload)),
+            Some((1, _)) => return Err(RowError::Malformed(wrong_type)),
+            Some(_) => {}
+        }
     }
 }
 
@@ -399,18 +410,14 @@ impl<'de> de::SeqAccess<'de> for Values<'de> {
         &mut self,
         seed: T,
     ) -> Result<Option<T::Value>, RowError> {
-        loop {
-            return match next_field(&mut self.rest)? {
-                None => Ok(None),
-                Some((1, Field::Len(value))) => seed
-                    .deserialize(ValueDeserializer {
-                        kind: parse_value(value)?,
-                    })
-                    .map(Some),
-                Some((1, _)) => Err(RowError::Malformed("list value with the wrong wire type")),
-                Some(_) => continue,
-            };
-        }
+        let Some(value) = next_repeated(&mut self.rest, "list value with the wrong wire type")?
+        else {
+            return Ok(None);
+        };
+        seed.deserialize(ValueDeserializer {
+            kind: parse_value(value)?,
+        })
+        .map(Some)
     }
 }
 
