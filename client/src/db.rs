@@ -73,7 +73,6 @@ pub struct DbClient {
     channel: Channel,
     /// The channel with the caller's token on every call.
     auth: AuthChannel,
-    direct: DatabaseServiceClient<AuthChannel>,
     bus: Option<Arc<BusPublisher>>,
     mode: WriteMode,
 }
@@ -81,14 +80,8 @@ pub struct DbClient {
 impl DbClient {
     /// Direct gRPC only.
     pub fn direct(channel: Channel) -> Self {
-        Self::authenticated(channel, Bearer::none())
-    }
-
-    fn authenticated(channel: Channel, bearer: Bearer) -> Self {
-        let auth = AuthChannel::new(channel.clone(), bearer);
         Self {
-            direct: DatabaseServiceClient::new(auth.clone()),
-            auth,
+            auth: AuthChannel::new(channel.clone(), Bearer::none()),
             channel,
             bus: None,
             mode: WriteMode::DirectOnly,
@@ -107,15 +100,14 @@ impl DbClient {
     /// Sends `bearer`'s token with every gRPC call (db-svc with authentication on).
     pub fn with_bearer(self, bearer: Bearer) -> Self {
         Self {
-            bus: self.bus,
-            mode: self.mode,
-            ..Self::authenticated(self.channel, bearer)
+            auth: AuthChannel::new(self.channel.clone(), bearer),
+            ..self
         }
     }
 
     /// The generated gRPC client, for calls this wrapper does not cover.
     pub fn grpc(&self) -> DatabaseServiceClient<AuthChannel> {
-        self.direct.clone()
+        DatabaseServiceClient::new(self.auth.clone())
     }
 
     pub async fn insert(
@@ -152,7 +144,7 @@ impl DbClient {
 
     /// Reads go direct: they are fast and synchronous (the guide's "keep direct reads").
     pub async fn query(&self, req: pb::QueryRequest) -> Result<pb::QueryResponse, tonic::Status> {
-        Ok(self.direct.clone().query(req).await?.into_inner())
+        Ok(self.grpc().query(req).await?.into_inner())
     }
 
     /// A query whose rows are read into the caller's own types, skipping the generic
@@ -166,7 +158,7 @@ impl DbClient {
     }
 
     pub async fn count(&self, req: pb::CountRequest) -> Result<pb::CountResponse, tonic::Status> {
-        Ok(self.direct.clone().count(req).await?.into_inner())
+        Ok(self.grpc().count(req).await?.into_inner())
     }
 
     /// A query over the bus (for callers that want the bus path for reads too).
@@ -218,7 +210,7 @@ impl DbClient {
                 Err(e) => return Err(bus_error_to_status(e)),
             }
         }
-        let response = direct(self.direct.clone(), req).await?.into_inner();
+        let response = direct(self.grpc(), req).await?.into_inner();
         Ok(Routed {
             response,
             via,

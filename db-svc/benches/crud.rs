@@ -52,7 +52,7 @@ type ActionRow = (
 );
 
 /// The same row for the db-svc side, read from the response with the typed-row decoder
-/// (`omnibus_proto::rows`), as a Rust caller of `DbClient::query_as` gets it.
+/// (`omnibus_proto::rows`), as a Rust caller of `DbClient::query_rows` gets it.
 #[derive(serde::Deserialize)]
 #[allow(dead_code)] // decoded to be compared like for like with ActionRow, not read
 struct ActionRecord {

@@ -394,14 +394,13 @@ impl Rfc3339 {
     pub fn format(&mut self, t: &DateTime<Utc>) -> &str {
         use chrono::{Datelike, Timelike};
         let nanos = t.nanosecond();
-        let Ok(year) = u32::try_from(t.year()) else {
-            self.fallback = rfc3339(*t);
-            return &self.fallback;
+        let year = match u32::try_from(t.year()) {
+            Ok(year) if year <= 9999 && nanos < 1_000_000_000 => year,
+            _ => {
+                self.fallback = rfc3339(*t);
+                return &self.fallback;
+            }
         };
-        if year > 9999 || nanos >= 1_000_000_000 {
-            self.fallback = rfc3339(*t);
-            return &self.fallback;
-        }
         let b = &mut self.buf;
         let mut put = |at: usize, n: u32, digits: usize| {
             let mut n = n;
