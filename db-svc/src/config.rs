@@ -81,6 +81,12 @@ pub struct Config {
     #[arg(long, env = "DB_COALESCE_INSERTS", default_value_t = 2)]
     pub coalesce_inserts: usize,
 
+    /// Statements per query shape (same SQL, different filter values) running at once before
+    /// further plain queries of that shape wait and share one statement, each still getting
+    /// its own rows. 0 = every query alone.
+    #[arg(long, env = "DB_COALESCE_QUERIES", default_value_t = 2)]
+    pub coalesce_queries: usize,
+
     /// How long idempotency records (request ids and their results) are kept.
     #[arg(long, env = "DB_REQUEST_LOG_RETENTION", value_parser = parse_duration, default_value = "7d")]
     pub request_log_retention: Duration,
@@ -134,6 +140,7 @@ pub struct Settings {
     pub statement_timeout: Duration,
     pub raw_sql_writes: bool,
     pub coalesce_inserts: usize,
+    pub coalesce_queries: usize,
     pub request_log_retention: Duration,
     pub server: ServerArgs,
     pub log: LogArgs,
@@ -231,6 +238,7 @@ impl Config {
             statement_timeout: self.statement_timeout,
             raw_sql_writes: self.raw_sql_writes,
             coalesce_inserts: self.coalesce_inserts,
+            coalesce_queries: self.coalesce_queries,
             request_log_retention: self.request_log_retention,
             server: self.server,
             log: self.log,

@@ -8,17 +8,19 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use serde_json::Value as Json;
-use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::postgres::PgArguments;
 use sqlx::{Either, PgPool, Postgres, Row, Statement as _};
 use svc_kit::Shutdown;
 use tokio::sync::mpsc;
 
 use crate::catalog::{Catalog, ColType, TableInfo};
+use crate::coalescing::BatchLimits;
 use crate::error::DbError;
-use crate::insert_coalescing::{BatchLimits, InsertCoalescer};
+use crate::insert_coalescing::InsertCoalescer;
 use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RecordedOutput};
+use crate::query_coalescing::{FetchedRows, QueryCoalescer};
 use crate::raw_sql;
-use crate::values::{Param, StructRows, arguments, decode_rows, to_param};
+use crate::values::{Param, StructRows, arguments, decode_rows, decode_rows_from, to_param};
 use crate::wire::EncodedRows;
 
 /// Limits the executor enforces (from configuration).
@@ -36,6 +38,8 @@ pub struct Limits {
     /// INSERT statements per table and column list running at once before further plain
     /// inserts wait and share one statement ([`crate::insert_coalescing`]); 0 turns sharing off.
     pub coalesce_inserts: usize,
+    /// The same for plain queries of one shape ([`crate::query_coalescing`]); 0 turns it off.
+    pub coalesce_queries: usize,
 }
 
 /// Per-request context from the transport.
@@ -53,6 +57,7 @@ pub struct Executor {
     catalog: Catalog,
     limits: Arc<Limits>,
     inserts: Option<Arc<InsertCoalescer>>,
+    queries: Option<Arc<QueryCoalescer>>,
 }
 
 /// A batch of a streamed query, or the error that ended the stream.
@@ -60,13 +65,18 @@ pub type RowBatch = Result<Vec<prost_types::Struct>, DbError>;
 
 impl Executor {
     pub fn new(pool: PgPool, catalog: Catalog, limits: Limits) -> Self {
-        let inserts = (limits.coalesce_inserts > 0)
-            .then(|| InsertCoalescer::new(pool.clone(), BatchLimits::new(limits.coalesce_inserts)));
+        let inserts = (limits.coalesce_inserts > 0).then(|| {
+            InsertCoalescer::new(pool.clone(), BatchLimits::inserts(limits.coalesce_inserts))
+        });
+        let queries = (limits.coalesce_queries > 0).then(|| {
+            QueryCoalescer::new(pool.clone(), BatchLimits::queries(limits.coalesce_queries))
+        });
         Self {
             pool,
             catalog,
             limits: Arc::new(limits),
             inserts,
+            queries,
         }
     }
 
@@ -215,7 +225,7 @@ impl Executor {
         table: &TableInfo,
         spec: &QuerySpec,
         ctx: &ExecContext,
-    ) -> Result<(Vec<PgRow>, Option<u64>), DbError> {
+    ) -> Result<(FetchedRows, Option<u64>), DbError> {
         let limit = self.effective_limit(spec)?;
         let plan = ops::plan_query(table, spec, Some(limit))?;
         let total_plan = if spec.include_total {
@@ -223,14 +233,26 @@ impl Executor {
         } else {
             None
         };
-        let args = arguments(&plan.params)?;
         let timeout = self.tighter_timeout(ctx.timeout);
         if timeout.is_none() && total_plan.is_none() {
-            let rows = sqlx::query_with(&plan.sql, args)
+            let paging = ops::paging_params(spec, Some(limit));
+            if let Some(queries) = &self.queries
+                && queries.can_share(&plan, paging, limit)
+            {
+                return Ok((queries.query(plan, paging, limit).await?, None));
+            }
+            let rows = sqlx::query_with(&plan.sql, arguments(&plan.params)?)
                 .fetch_all(&self.pool)
                 .await?;
-            return Ok((rows, None));
+            return Ok((
+                FetchedRows {
+                    rows,
+                    first_column: 0,
+                },
+                None,
+            ));
         }
+        let args = arguments(&plan.params)?;
         // One transaction, so rows and total come from the same snapshot
         // (REPEATABLE READ) and share the deadline.
         let mut tx = self.pool.begin().await?;
@@ -250,7 +272,13 @@ impl Executor {
             None => None,
         };
         tx.commit().await?;
-        Ok((rows, total))
+        Ok((
+            FetchedRows {
+                rows,
+                first_column: 0,
+            },
+            total,
+        ))
     }
 
     async fn query(
@@ -259,8 +287,8 @@ impl Executor {
         spec: &QuerySpec,
         ctx: &ExecContext,
     ) -> Result<OpOutput, DbError> {
-        let (rows, total) = self.fetch_query(table, spec, ctx).await?;
-        let rows = decode_rows(&rows)?;
+        let (fetched, total) = self.fetch_query(table, spec, ctx).await?;
+        let rows = decode_rows_from(&fetched.rows, fetched.first_column)?;
         Ok(OpOutput {
             affected: rows.len() as u64,
             rows,
@@ -283,8 +311,9 @@ impl Executor {
             let Operation::Query(spec) = &op else {
                 return Err(DbError::Database("internal: not a query".into()));
             };
-            let (rows, total) = self.fetch_query(&table, spec, ctx).await?;
-            Ok((EncodedRows::encode(&rows, field)?, total))
+            let (fetched, total) = self.fetch_query(&table, spec, ctx).await?;
+            let rows = EncodedRows::encode(&fetched.rows, fetched.first_column, field)?;
+            Ok((rows, total))
         }
         .await;
         record_latency("query", started, &result);
@@ -385,6 +414,7 @@ impl Executor {
         let plan = Plan {
             sql: sql.to_string(),
             params: typed,
+            placeholders: Vec::new(),
         };
         let mut rows = Vec::new();
         let mut affected = 0u64;

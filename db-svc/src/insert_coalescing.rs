@@ -15,8 +15,6 @@
 //! waited is dropped before the statement is built. Tables whose rules or BEFORE INSERT
 //! triggers may skip rows never share statements (their RETURNING rows cannot be matched up).
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -24,128 +22,18 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 
 use crate::catalog::TableInfo;
+use crate::coalescing::{self, BatchLimits, Coalescer, Lanes};
 use crate::error::DbError;
 use crate::ops::{self, InsertValues, OpOutput};
 
-/// How many requests' rows and parameters one shared statement may carry.
-#[derive(Clone, Copy, Debug)]
-pub struct BatchLimits {
-    /// Statements per lane running at once before inserts start waiting (at least 1).
-    pub max_in_flight: usize,
-    /// Bind parameters per shared statement (PostgreSQL allows 65,535).
-    pub max_params: usize,
-    /// Requests per shared statement.
-    pub max_requests: usize,
-    /// Larger inserts run alone: their statement cost is already spread over many rows, and
-    /// every distinct size of a shared statement is one more prepared statement.
-    pub max_request_params: usize,
-}
-
-impl BatchLimits {
-    pub fn new(max_in_flight: usize) -> Self {
-        Self {
-            max_in_flight: max_in_flight.max(1),
-            max_params: 4_096,
-            max_requests: 256,
-            max_request_params: 256,
-        }
-    }
-}
-
-struct Batch<W> {
-    items: Vec<W>,
-    params: usize,
-}
-
-struct Lane<W> {
-    running: usize,
-    waiting: VecDeque<Batch<W>>,
-}
-
-/// The pure bookkeeping of the lanes: who runs now, who waits in which batch, and which batch
-/// takes over a slot when a statement finishes.
-pub struct Lanes<K, W> {
-    limits: BatchLimits,
-    lanes: HashMap<K, Lane<W>>,
-}
-
-impl<K: Hash + Eq + Clone, W> Lanes<K, W> {
-    pub fn new(limits: BatchLimits) -> Self {
-        Self {
-            limits,
-            lanes: HashMap::new(),
-        }
-    }
-
-    /// Takes a running slot of `key`'s lane if one is free (the caller runs its insert now).
-    pub fn try_start(&mut self, key: &K) -> bool {
-        let lane = self.lanes.entry(key.clone()).or_insert_with(|| Lane {
-            running: 0,
-            waiting: VecDeque::new(),
-        });
-        if lane.running < self.limits.max_in_flight {
-            lane.running += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Adds an insert that found no free slot to the last waiting batch, or to a new one when
-    /// that batch is full. A batch always takes its first insert, however large.
-    pub fn wait(&mut self, key: &K, item: W, params: usize) {
-        let limits = self.limits;
-        let lane = self.lanes.entry(key.clone()).or_insert_with(|| Lane {
-            running: 0,
-            waiting: VecDeque::new(),
-        });
-        match lane.waiting.back_mut() {
-            Some(batch)
-                if batch.items.len() < limits.max_requests
-                    && batch.params + params <= limits.max_params =>
-            {
-                batch.items.push(item);
-                batch.params += params;
-            }
-            _ => lane.waiting.push_back(Batch {
-                items: vec![item],
-                params,
-            }),
-        }
-    }
-
-    /// A statement of `key`'s lane finished: the next waiting batch takes over its slot, or the
-    /// slot is freed (and an idle lane forgotten).
-    pub fn finish(&mut self, key: &K) -> Option<Vec<W>> {
-        let lane = self.lanes.get_mut(key)?;
-        if let Some(batch) = lane.waiting.pop_front() {
-            return Some(batch.items);
-        }
-        lane.running = lane.running.saturating_sub(1);
-        if lane.running == 0 {
-            self.lanes.remove(key);
-        }
-        None
-    }
-
-    /// Inserts waiting for a slot, over all lanes.
-    pub fn waiting(&self) -> usize {
-        self.lanes
-            .values()
-            .flat_map(|l| &l.waiting)
-            .map(|b| b.items.len())
-            .sum()
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct LaneKey {
+pub struct LaneKey {
     table: String,
     columns: Vec<String>,
     count_only: bool,
 }
 
-struct Waiter {
+pub struct Waiter {
     table: Arc<TableInfo>,
     values: InsertValues,
     reply: oneshot::Sender<Result<OpOutput, DbError>>,
@@ -154,7 +42,7 @@ struct Waiter {
 /// See the module documentation.
 pub struct InsertCoalescer {
     pool: PgPool,
-    max_request_params: usize,
+    max_request_weight: usize,
     lanes: Mutex<Lanes<LaneKey, Waiter>>,
 }
 
@@ -162,7 +50,7 @@ impl InsertCoalescer {
     pub fn new(pool: PgPool, limits: BatchLimits) -> Arc<Self> {
         Arc::new(Self {
             pool,
-            max_request_params: limits.max_request_params,
+            max_request_weight: limits.max_request_weight,
             lanes: Mutex::new(Lanes::new(limits)),
         })
     }
@@ -172,7 +60,7 @@ impl InsertCoalescer {
     pub fn can_share(&self, table: &TableInfo, values: &InsertValues) -> bool {
         !table.insert_may_skip_rows
             && !values.columns().is_empty()
-            && values.param_count() <= self.max_request_params
+            && values.param_count() <= self.max_request_weight
     }
 
     /// Inserts `values` (checked against `table`), alone or in a shared statement.
@@ -187,34 +75,20 @@ impl InsertCoalescer {
             columns: values.columns().to_vec(),
             count_only,
         };
-        let admission = {
-            let mut lanes = self.lanes.lock();
-            if lanes.try_start(&key) {
-                Ok(values)
-            } else {
-                let (reply, receiver) = oneshot::channel();
-                let params = values.param_count();
-                let waiter = Waiter {
-                    table: table.clone(),
-                    values,
-                    reply,
-                };
-                lanes.wait(&key, waiter, params);
-                set_waiting_gauge(lanes.waiting());
-                Err(receiver)
-            }
-        };
-        match admission {
-            Ok(values) => {
-                // Runs on the caller's task; the slot passes on when it ends, or is dropped.
-                let _slot = Slot {
-                    coalescer: self.clone(),
-                    key,
-                };
+        let (reply, receiver) = oneshot::channel();
+        let params = values.param_count();
+        let admitted = coalescing::admit(self, key, values, params, |values| Waiter {
+            table: table.clone(),
+            values,
+            reply,
+        });
+        match admitted {
+            // Runs on the caller's task; the slot passes on when it ends, or is dropped.
+            Some((_slot, values)) => {
                 record_statement(1);
                 run(&self.pool, &table, [values], count_only).await
             }
-            Err(receiver) => receiver.await.unwrap_or_else(|_| {
+            None => receiver.await.unwrap_or_else(|_| {
                 Err(DbError::Unavailable(
                     "db-svc stopped before the insert ran".into(),
                 ))
@@ -222,7 +96,7 @@ impl InsertCoalescer {
         }
     }
 
-    async fn run_batch(&self, batch: Vec<Waiter>, count_only: bool) {
+    async fn share(&self, batch: Vec<Waiter>, count_only: bool) {
         // A caller that went away while it waited (a cancelled call, a client-side timeout)
         // never reached PostgreSQL: its insert is dropped, as an unsent one would be, so a
         // retry cannot write the row twice.
@@ -328,99 +202,30 @@ pub fn split_output(
         .collect())
 }
 
+impl Coalescer for InsertCoalescer {
+    type Key = LaneKey;
+    type Waiter = Waiter;
+
+    fn lanes(&self) -> &Mutex<Lanes<LaneKey, Waiter>> {
+        &self.lanes
+    }
+
+    async fn run_batch(self: Arc<Self>, key: LaneKey, batch: Vec<Waiter>) {
+        self.share(batch, key.count_only).await
+    }
+
+    fn report_waiting(&self, waiting: usize) {
+        svc_kit::metrics::gauge!("db_insert_requests_waiting").set(waiting as f64);
+    }
+}
+
 fn record_statement(requests: usize) {
     svc_kit::metrics::histogram!("db_insert_statement_requests").record(requests as f64);
-}
-
-fn set_waiting_gauge(waiting: usize) {
-    svc_kit::metrics::gauge!("db_insert_requests_waiting").set(waiting as f64);
-}
-
-/// A running slot of a lane. Dropping it (the statement ended, or its caller went away) passes
-/// the slot to the next waiting batch, on a task of its own.
-struct Slot {
-    coalescer: Arc<InsertCoalescer>,
-    key: LaneKey,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let next = {
-            let mut lanes = self.coalescer.lanes.lock();
-            let next = lanes.finish(&self.key);
-            set_waiting_gauge(lanes.waiting());
-            next
-        };
-        let Some(batch) = next else { return };
-        // Outside a runtime (shutting down) the batch is dropped and its callers see
-        // UNAVAILABLE.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let slot = Slot {
-                coalescer: self.coalescer.clone(),
-                key: self.key.clone(),
-            };
-            runtime.spawn(async move {
-                let count_only = slot.key.count_only;
-                slot.coalescer.run_batch(batch, count_only).await;
-                drop(slot);
-            });
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lanes(max_in_flight: usize) -> Lanes<&'static str, u32> {
-        Lanes::new(BatchLimits {
-            max_in_flight,
-            max_params: 10,
-            max_requests: 3,
-            max_request_params: 10,
-        })
-    }
-
-    #[test]
-    fn inserts_run_at_once_until_the_lane_is_busy() {
-        let mut l = lanes(2);
-        assert!(l.try_start(&"t"));
-        assert!(l.try_start(&"t"));
-        assert!(!l.try_start(&"t"), "two running: the third waits");
-        assert!(l.try_start(&"other"), "lanes are independent");
-    }
-
-    #[test]
-    fn waiting_inserts_share_batches_in_arrival_order() {
-        let mut l = lanes(1);
-        assert!(l.try_start(&"t"));
-        for (i, params) in [(1, 4), (2, 4), (3, 4), (4, 1), (5, 1), (6, 50)] {
-            assert!(!l.try_start(&"t"));
-            l.wait(&"t", i, params);
-        }
-        assert_eq!(l.waiting(), 6);
-        // 1+2 fill 8 of 10 parameters; 3 would exceed them. 3,4,5 reach 3 requests. 6 is too
-        // big for any batch but still gets one of its own.
-        assert_eq!(l.finish(&"t"), Some(vec![1, 2]));
-        assert_eq!(l.finish(&"t"), Some(vec![3, 4, 5]));
-        assert_eq!(l.finish(&"t"), Some(vec![6]));
-        assert_eq!(l.waiting(), 0);
-        assert_eq!(l.finish(&"t"), None, "nothing waits: the slot is freed");
-        assert!(l.try_start(&"t"), "and taken again at once");
-    }
-
-    #[test]
-    fn a_finished_slot_goes_to_the_waiting_batch_not_to_a_newcomer() {
-        let mut l = lanes(1);
-        assert!(l.try_start(&"t"));
-        l.wait(&"t", 1, 1);
-        assert_eq!(l.finish(&"t"), Some(vec![1]), "the batch runs in the slot");
-        assert!(!l.try_start(&"t"), "the slot is still taken by that batch");
-        l.wait(&"t", 2, 1);
-        assert_eq!(l.finish(&"t"), Some(vec![2]));
-        assert_eq!(l.finish(&"t"), None);
-        assert!(l.lanes.is_empty(), "an idle lane is forgotten");
-    }
 
     fn row(n: u32) -> prost_types::Struct {
         let mut s = prost_types::Struct::default();

@@ -8,12 +8,14 @@
 pub mod api;
 pub mod bus;
 pub mod catalog;
+pub mod coalescing;
 pub mod config;
 pub mod db_health;
 pub mod error;
 pub mod executor;
 pub mod insert_coalescing;
 pub mod ops;
+pub mod query_coalescing;
 pub mod raw_sql;
 pub mod values;
 pub mod wire;
@@ -105,6 +107,7 @@ fn start_bus_worker(
     let limits = Limits {
         raw_writes: bus.sql_writes,
         coalesce_inserts: 0,
+        coalesce_queries: 0,
         ..executor.limits().clone()
     };
     let handler = bus::Handler {
@@ -159,6 +162,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             statement_timeout: settings.statement_timeout,
             raw_writes: settings.raw_sql_writes,
             coalesce_inserts: settings.coalesce_inserts,
+            coalesce_queries: settings.coalesce_queries,
         },
     );
     let api = std::sync::Arc::new(api::DatabaseApi::new(executor.clone(), shutdown.clone()));

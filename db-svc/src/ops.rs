@@ -242,6 +242,10 @@ impl From<RecordedOutput> for OpOutput {
 pub struct Plan {
     pub sql: String,
     pub params: Vec<Param>,
+    /// Where in `sql` each placeholder `$1..$n` was written, in order (empty for raw SQL,
+    /// which is never rewritten). Lets a plan be spliced into a larger statement without
+    /// searching its text.
+    pub placeholders: Vec<std::ops::Range<usize>>,
 }
 
 /// Double-quotes an identifier (doubling embedded quotes). Only catalog names reach it.
@@ -252,6 +256,7 @@ pub fn quote_ident(name: &str) -> String {
 struct Builder {
     sql: String,
     params: Vec<Param>,
+    placeholders: Vec<std::ops::Range<usize>>,
 }
 
 impl Builder {
@@ -259,6 +264,7 @@ impl Builder {
         Self {
             sql: String::with_capacity(256),
             params: Vec::new(),
+            placeholders: Vec::new(),
         }
     }
     fn push(&mut self, s: &str) {
@@ -269,12 +275,15 @@ impl Builder {
     }
     fn bind(&mut self, p: Param) {
         self.params.push(p);
+        let start = self.sql.len();
         let _ = write!(self.sql, "${}", self.params.len());
+        self.placeholders.push(start..self.sql.len());
     }
     fn finish(self) -> Plan {
         Plan {
             sql: self.sql,
             params: self.params,
+            placeholders: self.placeholders,
         }
     }
 }
@@ -559,7 +568,14 @@ pub fn plan_filter(table: &TableInfo, filter: &Filter) -> Result<Plan, DbError> 
     Ok(b.finish())
 }
 
-/// SELECT for a query. `limit` is the effective limit (None = unlimited).
+/// How many of a query plan's parameters are its paging (LIMIT, OFFSET): always its last
+/// ones, after every filter value.
+pub fn paging_params(spec: &QuerySpec, limit: Option<u64>) -> usize {
+    usize::from(limit.is_some()) + usize::from(spec.offset > 0)
+}
+
+/// SELECT for a query. `limit` is the effective limit (None = unlimited). LIMIT and OFFSET
+/// are bound last ([`paging_params`]).
 pub fn plan_query(
     table: &TableInfo,
     spec: &QuerySpec,

@@ -242,15 +242,24 @@ fn number(f: f64) -> Json {
 /// than once per cell.
 pub struct ResultColumns {
     columns: Vec<(String, ColType)>,
+    /// Index of the first column that belongs to the result (a shared query's rows start with
+    /// the request ordinal, which is not part of it).
+    first: usize,
 }
 
 impl ResultColumns {
     /// The columns of rows shaped like `row`: a field error names a column whose type has no
     /// mapping.
     pub fn of(row: &PgRow) -> Result<Self, DbError> {
+        Self::from_column(row, 0)
+    }
+
+    /// The columns of rows shaped like `row` from column index `first` on.
+    pub fn from_column(row: &PgRow, first: usize) -> Result<Self, DbError> {
         let columns = row
             .columns()
             .iter()
+            .skip(first)
             .map(|column| {
                 let ty = ColType::from_pg_name(column.type_info().name());
                 if ty == ColType::Other {
@@ -266,7 +275,7 @@ impl ResultColumns {
                 Ok((column.name().to_string(), ty))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { columns })
+        Ok(Self { columns, first })
     }
 
     /// Column names, in result order.
@@ -277,7 +286,7 @@ impl ResultColumns {
     /// Cell `i` of `row` (a row of this result set) by the type mapping.
     pub fn cell<'r>(&self, row: &'r PgRow, i: usize) -> Result<Cell<'r>, DbError> {
         let (name, ty) = &self.columns[i];
-        decode_cell(row, i, *ty, name)
+        decode_cell(row, self.first + i, *ty, name)
     }
 
     /// One row as a `Struct` keyed by column name (a repeated name keeps its last value).
@@ -311,8 +320,16 @@ impl StructRows {
 
 /// Decodes a result set into `Struct`s.
 pub fn decode_rows(rows: &[PgRow]) -> Result<Vec<prost_types::Struct>, DbError> {
-    let mut decoder = StructRows::default();
-    rows.iter().map(|row| decoder.decode(row)).collect()
+    decode_rows_from(rows, 0)
+}
+
+/// Decodes a result set into `Struct`s, from column index `first` on.
+pub fn decode_rows_from(rows: &[PgRow], first: usize) -> Result<Vec<prost_types::Struct>, DbError> {
+    let Some(row) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    let columns = ResultColumns::from_column(row, first)?;
+    rows.iter().map(|row| columns.to_struct(row)).collect()
 }
 
 /// One result cell after the type mapping, borrowing from the row where it can. Both row

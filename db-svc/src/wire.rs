@@ -117,12 +117,13 @@ pub struct EncodedRows {
 }
 
 impl EncodedRows {
-    /// Encodes `rows` into field number `field`.
-    pub fn encode(rows: &[PgRow], field: u8) -> Result<Self, DbError> {
+    /// Encodes `rows`, from column index `first_column` on, into field number `field`.
+    pub fn encode(rows: &[PgRow], first_column: usize, field: u8) -> Result<Self, DbError> {
         let Some(first) = rows.first() else {
             return Ok(Self::default());
         };
-        let mut encoder = RowEncoder::new(ResultColumns::of(first)?, field);
+        let columns = ResultColumns::from_column(first, first_column)?;
+        let mut encoder = RowEncoder::new(columns, field);
         // A guess that avoids most regrowth: rows of a result set have similar sizes.
         let mut bytes = BytesMut::with_capacity(rows.len() * 256);
         for row in rows {

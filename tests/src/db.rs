@@ -1,6 +1,8 @@
 //! Helpers for the db-svc end-to-end tests: start db-svc on its own database, a client, JSON
 //! <-> protobuf Struct conversions, and reading the error details of a status.
 
+use std::time::{Duration, Instant};
+
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
 use serde_json::{Value as Json, json};
 use tonic::transport::Channel;
@@ -128,4 +130,44 @@ pub fn action(agent: &str) -> Json {
         "action_type": "tool_call",
         "action_name": "read_file",
     })
+}
+
+/// Holds statements on agent_actions back inside PostgreSQL: an open transaction holding a
+/// table lock until `release`. `SHARE` blocks writes, `ACCESS EXCLUSIVE` reads as well.
+pub struct TableLock(sqlx::PgConnection);
+
+impl TableLock {
+    pub async fn take(s: &DbSvc, mode: &str) -> Self {
+        let mut conn = s.sql().await;
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query(&format!("LOCK TABLE agent_actions IN {mode} MODE"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Self(conn)
+    }
+
+    /// Waits until `n` statements queue for the lock.
+    pub async fn wait_blocked(&self, s: &DbSvc, n: i64) {
+        let mut probe = s.sql().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'agent_actions' AND NOT l.granted",
+            )
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
+            if blocked == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{blocked} blocked, never {n}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn release(mut self) {
+        sqlx::query("COMMIT").execute(&mut self.0).await.unwrap();
+    }
 }

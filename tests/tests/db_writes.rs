@@ -1,10 +1,9 @@
 //! Idempotent writes by request_id, many clients writing at once, and inserts sharing one
 //! statement (group commit).
-
-use std::time::{Duration, Instant};
-
 use omnibus_proto::db::v1 as pb;
-use omnibus_tests::db::{DbSvc, action, error_details, from_struct, rows_json, to_struct};
+use omnibus_tests::db::{
+    DbSvc, TableLock, action, error_details, from_struct, rows_json, to_struct,
+};
 use omnibus_tests::free_port;
 use omnibus_tests::ops::{sample, wait_metrics};
 use serde_json::{Value as Json, json};
@@ -237,46 +236,6 @@ fn spawn_insert(s: &DbSvc, row: Json) -> JoinHandle<InsertReply> {
     })
 }
 
-/// Holds every insert into agent_actions back inside PostgreSQL (an open transaction with a
-/// SHARE lock) until `release`.
-struct TableLock(sqlx::PgConnection);
-
-impl TableLock {
-    async fn take(s: &DbSvc) -> Self {
-        let mut conn = s.sql().await;
-        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-        sqlx::query("LOCK TABLE agent_actions IN SHARE MODE")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        Self(conn)
-    }
-
-    /// Waits until `n` statements queue for the lock.
-    async fn wait_blocked(&self, s: &DbSvc, n: i64) {
-        let mut probe = s.sql().await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = 'agent_actions' AND NOT l.granted",
-            )
-            .fetch_one(&mut probe)
-            .await
-            .unwrap();
-            if blocked == n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{blocked} blocked, never {n}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn release(mut self) {
-        sqlx::query("COMMIT").execute(&mut self.0).await.unwrap();
-    }
-}
-
 /// db-svc with one INSERT statement per table at a time (so the next inserts must wait and
 /// share), and the address of its metrics.
 async fn one_insert_at_a_time() -> (DbSvc, String) {
@@ -295,7 +254,7 @@ fn requests_per_statement(m: &std::collections::BTreeMap<String, f64>) -> (f64, 
 #[tokio::test]
 async fn inserts_that_arrive_while_one_runs_share_a_statement_and_get_their_own_rows() {
     let (mut s, metrics) = one_insert_at_a_time().await;
-    let lock = TableLock::take(&s).await;
+    let lock = TableLock::take(&s, "SHARE").await;
     let first = spawn_insert(&s, action("first"));
     lock.wait_blocked(&s, 1).await;
     // The lane's one statement is stuck: these ten wait in db-svc and then share one.
@@ -336,7 +295,7 @@ async fn a_bad_insert_in_a_shared_statement_fails_alone() {
         row
     };
     let dup = uuid::Uuid::new_v4().to_string();
-    let lock = TableLock::take(&s).await;
+    let lock = TableLock::take(&s, "SHARE").await;
     let first = spawn_insert(&s, with_id("first", &uuid::Uuid::new_v4().to_string()));
     lock.wait_blocked(&s, 1).await;
     let ok_a = spawn_insert(&s, with_id("ok-a", &uuid::Uuid::new_v4().to_string()));
@@ -382,7 +341,7 @@ async fn a_bad_insert_in_a_shared_statement_fails_alone() {
 #[tokio::test]
 async fn an_insert_whose_caller_gave_up_while_it_waited_is_not_written() {
     let (mut s, metrics) = one_insert_at_a_time().await;
-    let lock = TableLock::take(&s).await;
+    let lock = TableLock::take(&s, "SHARE").await;
     let first = spawn_insert(&s, action("first"));
     lock.wait_blocked(&s, 1).await;
     let kept = spawn_insert(&s, action("kept"));

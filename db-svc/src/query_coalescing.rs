@@ -1,0 +1,454 @@
+//! Shared reads: concurrent queries of one shape (the same SQL, differing only in their filter
+//! values) share one statement while earlier queries of that shape are still running.
+//!
+//! The lanes are those of [`crate::coalescing`], keyed by the query's SQL text and its paging
+//! values (PostgreSQL does not let LIMIT or OFFSET vary per row of a join). A waiting batch
+//! runs as
+//!
+//! ```sql
+//! SELECT k.i, s.* FROM unnest($1, ..., $n) WITH ORDINALITY AS k(p1, ..., pn, i)
+//! CROSS JOIN LATERAL (<the query, reading its filter values from k>) AS s
+//! ```
+//!
+//! with each filter parameter bound as one array holding every request's value. PostgreSQL runs
+//! it as a nested loop, the query once per request, in one round trip with one parse and one
+//! plan; each request gets the rows of its ordinal, in the query's own order.
+//!
+//! No request sees older data than it would alone: a query only joins a batch that has not
+//! started, so the statement's snapshot is taken after every request in it arrived. If a
+//! shared statement fails with anything but an unreachable database or a timeout, its queries
+//! run again one by one, so each gets its own answer. Queries with a deadline of their own or
+//! an exact total (each needs its own transaction), without filter values, with a value that
+//! has no array form here (json, NULL) or asking for more than 1,000 rows run alone.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::{Arguments, PgPool, Row};
+use tokio::sync::oneshot;
+
+use crate::coalescing::{self, BatchLimits, Coalescer, Lanes};
+use crate::error::DbError;
+use crate::ops::Plan;
+use crate::values::{Param, arguments};
+
+/// A query's rows as PostgreSQL returned them; the result's columns start at `first_column`.
+#[derive(Debug)]
+pub struct FetchedRows {
+    pub rows: Vec<PgRow>,
+    pub first_column: usize,
+}
+
+impl FetchedRows {
+    fn alone(rows: Vec<PgRow>) -> Self {
+        Self {
+            rows,
+            first_column: 0,
+        }
+    }
+}
+
+/// What queries must have in common to share a statement.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct LaneKey {
+    sql: String,
+    paging: Vec<i64>,
+}
+
+/// A query waiting for a shared statement.
+pub struct Waiter {
+    plan: Plan,
+    reply: oneshot::Sender<Result<FetchedRows, DbError>>,
+}
+
+/// See the module documentation.
+pub struct QueryCoalescer {
+    pool: PgPool,
+    max_request_weight: usize,
+    lanes: Mutex<Lanes<LaneKey, Waiter>>,
+}
+
+impl QueryCoalescer {
+    pub fn new(pool: PgPool, limits: BatchLimits) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            max_request_weight: limits.max_request_weight,
+            lanes: Mutex::new(Lanes::new(limits)),
+        })
+    }
+
+    /// Whether a query (its plan, whose last `paging` parameters are LIMIT / OFFSET) may share
+    /// a statement: it has filter values, all with an array form, and asks for few rows.
+    pub fn can_share(&self, plan: &Plan, paging: usize, limit: u64) -> bool {
+        let per_request = plan.params.len().saturating_sub(paging);
+        per_request > 0
+            && plan.placeholders.len() == plan.params.len()
+            && limit <= self.max_request_weight as u64
+            && plan.params[..per_request].iter().all(has_array_form)
+            && plan.params[per_request..]
+                .iter()
+                .all(|p| matches!(p, Param::Int8(_)))
+    }
+
+    /// Runs a query accepted by [`Self::can_share`], alone or in a shared statement.
+    pub async fn query(
+        self: &Arc<Self>,
+        plan: Plan,
+        paging: usize,
+        limit: u64,
+    ) -> Result<FetchedRows, DbError> {
+        let per_request = plan.params.len() - paging;
+        let key = LaneKey {
+            sql: plan.sql.clone(),
+            paging: plan.params[per_request..]
+                .iter()
+                .filter_map(|p| match p {
+                    Param::Int8(n) => Some(*n),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let (reply, receiver) = oneshot::channel();
+        let weight = usize::try_from(limit).unwrap_or(usize::MAX);
+        match coalescing::admit(self, key, plan, weight, |plan| Waiter { plan, reply }) {
+            // Runs on the caller's task; the slot passes on when it ends, or is dropped.
+            Some((_slot, plan)) => {
+                record_statement(1);
+                alone(&self.pool, &plan).await
+            }
+            None => receiver.await.unwrap_or_else(|_| {
+                Err(DbError::Unavailable(
+                    "db-svc stopped before the query ran".into(),
+                ))
+            }),
+        }
+    }
+
+    async fn share(&self, batch: Vec<Waiter>, paging: usize) {
+        // A caller that went away while it waited needs no rows.
+        let batch: Vec<Waiter> = batch.into_iter().filter(|w| !w.reply.is_closed()).collect();
+        if batch.is_empty() {
+            return;
+        }
+        record_statement(batch.len());
+        if let [only] = &batch[..] {
+            let result = alone(&self.pool, &only.plan).await;
+            if let Some(w) = batch.into_iter().next() {
+                let _ = w.reply.send(result);
+            }
+            return;
+        }
+        let plans: Vec<&Plan> = batch.iter().map(|w| &w.plan).collect();
+        let shared = match shared_statement(&plans, paging) {
+            Some((sql, args)) => run_shared(&self.pool, &sql, args, batch.len()).await,
+            // The requests disagree on a parameter's type (the catalog changed between them).
+            None => Err(DbError::Database("parameters of different types".into())),
+        };
+        match shared {
+            Ok(parts) => {
+                for (waiter, rows) in batch.into_iter().zip(parts) {
+                    let _ = waiter.reply.send(Ok(FetchedRows {
+                        rows,
+                        first_column: 1,
+                    }));
+                }
+            }
+            // Every query would fail alike.
+            Err(e @ (DbError::Unavailable(_) | DbError::Timeout(_))) => {
+                for waiter in batch {
+                    let _ = waiter.reply.send(Err(e.clone()));
+                }
+            }
+            Err(_) => {
+                for Waiter { plan, reply } in batch {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    record_statement(1);
+                    let _ = reply.send(alone(&self.pool, &plan).await);
+                }
+            }
+        }
+    }
+}
+
+impl Coalescer for QueryCoalescer {
+    type Key = LaneKey;
+    type Waiter = Waiter;
+
+    fn lanes(&self) -> &Mutex<Lanes<LaneKey, Waiter>> {
+        &self.lanes
+    }
+
+    async fn run_batch(self: Arc<Self>, key: LaneKey, batch: Vec<Waiter>) {
+        self.share(batch, key.paging.len()).await
+    }
+
+    fn report_waiting(&self, waiting: usize) {
+        svc_kit::metrics::gauge!("db_query_requests_waiting").set(waiting as f64);
+    }
+}
+
+async fn alone(pool: &PgPool, plan: &Plan) -> Result<FetchedRows, DbError> {
+    let rows = sqlx::query_with(&plan.sql, arguments(&plan.params)?)
+        .fetch_all(pool)
+        .await?;
+    Ok(FetchedRows::alone(rows))
+}
+
+async fn run_shared(
+    pool: &PgPool,
+    sql: &str,
+    args: PgArguments,
+    requests: usize,
+) -> Result<Vec<Vec<PgRow>>, DbError> {
+    let rows = sqlx::query_with(sql, args).fetch_all(pool).await?;
+    split_rows(rows, requests, |row| {
+        row.try_get::<i64, _>(0)
+            .map_err(|e| DbError::Database(format!("shared query ordinal: {e}")))
+    })
+}
+
+/// The shared statement of a batch of plans of one shape, with its arguments: one array per
+/// filter parameter, then the paging values. None when the plans disagree on a parameter's
+/// type.
+fn shared_statement(plans: &[&Plan], paging: usize) -> Option<(String, PgArguments)> {
+    let first = plans.first()?;
+    let per_request = first.params.len().checked_sub(paging)?;
+    let mut args = PgArguments::default();
+    for j in 0..per_request {
+        let column: Vec<&Param> = plans
+            .iter()
+            .map(|p| p.params.get(j))
+            .collect::<Option<_>>()?;
+        add_array(&mut args, &column)?.ok()?;
+    }
+    for p in &first.params[per_request..] {
+        p.add_to(&mut args).ok()?;
+    }
+    Some((shared_sql(first, per_request), args))
+}
+
+/// The statement for a batch of `plan`'s shape: its first `per_request` parameters become
+/// columns `p1..pn` of the unnested arrays `$1..$n`; the paging parameters after them keep
+/// their numbers.
+pub fn shared_sql(plan: &Plan, per_request: usize) -> String {
+    let mut sql = String::with_capacity(plan.sql.len() + 96 + 12 * per_request);
+    sql.push_str("SELECT k.i, s.* FROM unnest(");
+    for j in 1..=per_request {
+        let sep = if j > 1 { ", " } else { "" };
+        let _ = write!(sql, "{sep}${j}");
+    }
+    sql.push_str(") WITH ORDINALITY AS k(");
+    for j in 1..=per_request {
+        let _ = write!(sql, "p{j}, ");
+    }
+    sql.push_str("i) CROSS JOIN LATERAL (");
+    let mut copied = 0;
+    for (j, span) in plan.placeholders.iter().take(per_request).enumerate() {
+        sql.push_str(&plan.sql[copied..span.start]);
+        let _ = write!(sql, "k.p{}", j + 1);
+        copied = span.end;
+    }
+    sql.push_str(&plan.sql[copied..]);
+    sql.push_str(") AS s");
+    sql
+}
+
+/// Hands each of `requests` requests its rows, by the 1-based ordinal `ordinal` reads from a
+/// row, keeping the rows' order within each request.
+pub fn split_rows<T>(
+    rows: Vec<T>,
+    requests: usize,
+    ordinal: impl Fn(&T) -> Result<i64, DbError>,
+) -> Result<Vec<Vec<T>>, DbError> {
+    let mut parts: Vec<Vec<T>> = (0..requests).map(|_| Vec::new()).collect();
+    for row in rows {
+        let i = ordinal(&row)?;
+        let part = usize::try_from(i - 1)
+            .ok()
+            .and_then(|i| parts.get_mut(i))
+            .ok_or_else(|| {
+                DbError::Database(format!("shared query returned ordinal {i} of {requests}"))
+            })?;
+        part.push(row);
+    }
+    Ok(parts)
+}
+
+fn has_array_form(p: &Param) -> bool {
+    !matches!(p, Param::Null(_) | Param::Json(_) | Param::Jsonb(_))
+}
+
+/// Binds one parameter position of every request as one array. None when the requests
+/// disagree on its type or it has no array form.
+fn add_array(
+    args: &mut PgArguments,
+    column: &[&Param],
+) -> Option<Result<(), sqlx::error::BoxDynError>> {
+    macro_rules! array {
+        ($variant:ident, $v:ident => $e:expr) => {{
+            let values = column
+                .iter()
+                .map(|p| match p {
+                    Param::$variant($v) => Some($e),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            args.add(values)
+        }};
+    }
+    Some(match column.first()? {
+        Param::Bool(_) => array!(Bool, v => *v),
+        Param::Int2(_) => array!(Int2, v => *v),
+        Param::Int4(_) => array!(Int4, v => *v),
+        Param::Int8(_) => array!(Int8, v => *v),
+        Param::Float4(_) => array!(Float4, v => *v),
+        Param::Float8(_) => array!(Float8, v => *v),
+        Param::Numeric(_) => array!(Numeric, v => *v),
+        Param::Text(_) => array!(Text, v => v.as_str()),
+        Param::Uuid(_) => array!(Uuid, v => *v),
+        Param::Timestamp(_) => array!(Timestamp, v => *v),
+        Param::Timestamptz(_) => array!(Timestamptz, v => *v),
+        Param::Date(_) => array!(Date, v => *v),
+        Param::Null(_) | Param::Json(_) | Param::Jsonb(_) => return None,
+    })
+}
+
+fn record_statement(requests: usize) {
+    svc_kit::metrics::histogram!("db_query_statement_requests").record(requests as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{Criteria, QuerySpec, paging_params, plan_query};
+
+    fn plan(spec: &QuerySpec, limit: u64) -> Plan {
+        plan_query(&crate::ops::tests::actions(), spec, Some(limit)).unwrap()
+    }
+
+    fn by_agent(agent: &str, offset: u64) -> QuerySpec {
+        QuerySpec {
+            table: "agent_actions".into(),
+            criteria: Criteria {
+                equals: serde_json::json!({"agent_name": agent, "duration_ms": 5})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                filter: None,
+            },
+            offset,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn filter_values_come_from_the_arrays_and_paging_keeps_its_numbers() {
+        let spec = by_agent("a", 20);
+        let p = plan(&spec, 100);
+        let paging = paging_params(&spec, Some(100));
+        assert_eq!(paging, 2);
+        let per_request = p.params.len() - paging;
+        let sql = shared_sql(&p, per_request);
+        assert!(
+            sql.starts_with(
+                "SELECT k.i, s.* FROM unnest($1, $2) WITH ORDINALITY AS k(p1, p2, i) \
+                 CROSS JOIN LATERAL (SELECT "
+            ),
+            "{sql}"
+        );
+        assert!(sql.ends_with(" LIMIT $3 OFFSET $4) AS s"), "{sql}");
+        assert!(sql.contains("\"agent_name\" = k.p") && sql.contains("\"duration_ms\" = k.p"));
+        // Every placeholder of the plan was replaced or kept, none invented.
+        for n in 1..=4 {
+            assert_eq!(sql.matches(&format!("${n}")).count(), 1, "{sql}");
+        }
+        assert!(!sql.contains("$5"));
+    }
+
+    #[test]
+    fn a_placeholder_like_text_in_an_identifier_is_left_alone() {
+        // Spliced by recorded position, not by searching the text.
+        let sql = "SELECT \"a$1\" FROM \"t\" WHERE \"a$1\" = $1 LIMIT $2";
+        let (one, two) = (sql.find("= $1").unwrap() + 2, sql.find("$2").unwrap());
+        let p = Plan {
+            sql: sql.into(),
+            params: vec![Param::Text("x".into()), Param::Int8(10)],
+            placeholders: vec![one..one + 2, two..two + 2],
+        };
+        assert_eq!(
+            shared_sql(&p, 1),
+            "SELECT k.i, s.* FROM unnest($1) WITH ORDINALITY AS k(p1, i) CROSS JOIN LATERAL \
+             (SELECT \"a$1\" FROM \"t\" WHERE \"a$1\" = k.p1 LIMIT $2) AS s"
+        );
+    }
+
+    #[test]
+    fn rows_go_back_to_their_request_in_order() {
+        let rows = vec![(1, 'a'), (3, 'x'), (1, 'b'), (3, 'y'), (3, 'z')];
+        let parts = split_rows(rows, 3, |r| Ok(r.0)).unwrap();
+        assert_eq!(
+            parts,
+            vec![
+                vec![(1, 'a'), (1, 'b')],
+                vec![],
+                vec![(3, 'x'), (3, 'y'), (3, 'z')]
+            ]
+        );
+        for bad in [0, 4, -1] {
+            let err = split_rows(vec![(bad, 'q')], 3, |r| Ok(r.0)).unwrap_err();
+            assert!(err.to_string().contains("ordinal"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_queries_with_array_friendly_values_share() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://localhost/none")
+            .unwrap();
+        let c = QueryCoalescer::new(pool, BatchLimits::queries(2));
+        let spec = by_agent("a", 0);
+        let p = plan(&spec, 100);
+        let paging = paging_params(&spec, Some(100));
+        assert!(c.can_share(&p, paging, 100));
+        assert!(!c.can_share(&p, paging, 5_000), "large results run alone");
+        let everything = QuerySpec {
+            table: "agent_actions".into(),
+            ..Default::default()
+        };
+        let all = plan(&everything, 100);
+        assert!(
+            !c.can_share(&all, paging_params(&everything, Some(100)), 100),
+            "nothing to tell requests apart"
+        );
+        let json = QuerySpec {
+            criteria: Criteria {
+                filter: Some(crate::ops::Filter::Condition {
+                    column: "action_details".into(),
+                    op: crate::ops::Op::Contains,
+                    value: serde_json::json!({"k": 1}),
+                }),
+                ..Default::default()
+            },
+            ..everything
+        };
+        let p = plan(&json, 100);
+        assert!(!c.can_share(&p, paging_params(&json, Some(100)), 100));
+    }
+
+    #[test]
+    fn arrays_need_one_type_per_position() {
+        let (a, b, n) = (
+            Param::Text("a".into()),
+            Param::Text("b".into()),
+            Param::Int4(1),
+        );
+        let mut args = PgArguments::default();
+        assert!(matches!(add_array(&mut args, &[&a, &b]), Some(Ok(()))));
+        assert!(add_array(&mut args, &[&a, &n]).is_none());
+        assert!(add_array(&mut args, &[&Param::Jsonb(serde_json::json!(1))]).is_none());
+    }
+}

@@ -1,0 +1,197 @@
+//! Queries of one shape sharing a statement (`--coalesce-queries`): each request still gets
+//! exactly its own rows, in its own order.
+
+use std::collections::BTreeMap;
+
+use omnibus_proto::db::v1 as pb;
+use omnibus_tests::db::{DbSvc, TableLock, action, rows_json, to_struct, to_value};
+use omnibus_tests::free_port;
+use omnibus_tests::ops::{sample, wait_metrics};
+use serde_json::{Value as Json, json};
+use tokio::task::JoinHandle;
+
+const AGENTS: usize = 10;
+
+/// db-svc with one statement per query shape at a time (so further queries must wait and
+/// share), the address of its metrics, and agents `agent-0..9` with 2..=6 rows each.
+async fn one_query_at_a_time() -> (DbSvc, String) {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut s = DbSvc::start(&["--coalesce-queries", "1", "--metrics-listen", &metrics]).await;
+    let rows = (0..AGENTS)
+        .flat_map(|a| {
+            (0..2 + a % 5).map(move |n| {
+                let mut row = action(&format!("agent-{a}"));
+                row["duration_ms"] = json!(n * 10 + a);
+                to_struct(row)
+            })
+        })
+        .collect();
+    s.client
+        .insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows,
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("seed rows");
+    (s, metrics)
+}
+
+/// The three slowest actions of `agent`, newest duration first.
+fn slowest(agent: &str) -> pb::QueryRequest {
+    pb::QueryRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(json!({ "agent_name": agent }))),
+        columns: vec!["agent_name".into(), "duration_ms".into(), "id".into()],
+        order_by: vec![pb::OrderBy {
+            column: "duration_ms".into(),
+            direction: pb::Direction::Desc as i32,
+            ..Default::default()
+        }],
+        limit: Some(3),
+        ..Default::default()
+    }
+}
+
+fn spawn_query(s: &DbSvc, request: pb::QueryRequest) -> JoinHandle<Vec<Json>> {
+    let mut client = s.client.clone();
+    tokio::spawn(async move {
+        let reply = client.query(request).await.expect("query").into_inner();
+        rows_json(&reply.rows)
+    })
+}
+
+/// What the query returns straight from PostgreSQL.
+async fn expected(s: &DbSvc, agent: &str) -> Vec<Json> {
+    let mut conn = s.sql().await;
+    let rows: Vec<(String, i32, uuid::Uuid)> = sqlx::query_as(
+        "SELECT agent_name, duration_ms, id FROM agent_actions WHERE agent_name = $1 \
+         ORDER BY duration_ms DESC LIMIT 3",
+    )
+    .bind(agent)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    rows.into_iter()
+        // Numbers cross the API as doubles.
+        .map(|(a, d, id)| json!({"agent_name": a, "duration_ms": f64::from(d), "id": id.to_string()}))
+        .collect()
+}
+
+fn requests_per_statement(m: &BTreeMap<String, f64>) -> (f64, f64) {
+    (
+        sample(m, "db_query_statement_requests_count", &[]).unwrap_or(0.0),
+        sample(m, "db_query_statement_requests_sum", &[]).unwrap_or(0.0),
+    )
+}
+
+#[tokio::test]
+async fn queries_that_arrive_while_one_runs_share_a_statement_and_get_their_own_rows() {
+    let (s, metrics) = one_query_at_a_time().await;
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let first = spawn_query(&s, slowest("agent-0"));
+    lock.wait_blocked(&s, 1).await;
+    // The shape's one statement is stuck: these wait in db-svc, then share one statement.
+    // Agent 3 twice, and one agent without rows.
+    let agents: Vec<String> = (0..AGENTS)
+        .map(|a| format!("agent-{a}"))
+        .chain(["agent-3".into(), "nobody".into()])
+        .collect();
+    let shared: Vec<_> = agents.iter().map(|a| spawn_query(&s, slowest(a))).collect();
+    wait_metrics(&metrics, "twelve queries waiting", |m| {
+        sample(m, "db_query_requests_waiting", &[]) == Some(12.0)
+    })
+    .await;
+    lock.release().await;
+
+    assert_eq!(first.await.unwrap(), expected(&s, "agent-0").await);
+    for (agent, task) in agents.iter().zip(shared) {
+        let rows = task.await.unwrap();
+        assert_eq!(rows, expected(&s, agent).await, "{agent}");
+        let want = if agent == "nobody" {
+            0
+        } else {
+            2 + agent[6..].parse::<usize>().unwrap() % 5
+        };
+        assert_eq!(rows.len(), want.min(3), "{agent}");
+    }
+    let body = wait_metrics(&metrics, "two statements", |m| {
+        requests_per_statement(m) == (2.0, 13.0)
+    })
+    .await;
+    assert!(body.contains("db_query_requests_waiting 0"), "{body}");
+}
+
+#[tokio::test]
+async fn different_shapes_and_limits_never_share() {
+    let (s, metrics) = one_query_at_a_time().await;
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let first = spawn_query(&s, slowest("agent-1"));
+    let other_limit = spawn_query(
+        &s,
+        pb::QueryRequest {
+            limit: Some(1),
+            ..slowest("agent-2")
+        },
+    );
+    let other_filter = spawn_query(
+        &s,
+        pb::QueryRequest {
+            r#where: None,
+            filter: Some(pb::Filter {
+                kind: Some(pb::filter::Kind::Condition(pb::Condition {
+                    column: "agent_name".into(),
+                    op: pb::Operator::Neq as i32,
+                    value: Some(to_value(json!("agent-1"))),
+                })),
+            }),
+            ..slowest("agent-1")
+        },
+    );
+    // Three lanes, each with its own free slot: all three reach PostgreSQL at once.
+    lock.wait_blocked(&s, 3).await;
+    lock.release().await;
+    assert_eq!(first.await.unwrap(), expected(&s, "agent-1").await);
+    assert_eq!(
+        other_limit.await.unwrap(),
+        expected(&s, "agent-2").await[..1].to_vec()
+    );
+    let others = other_filter.await.unwrap();
+    assert_eq!(others.len(), 3);
+    assert!(others.iter().all(|r| r["agent_name"] != "agent-1"));
+    wait_metrics(&metrics, "three statements of one request", |m| {
+        requests_per_statement(m) == (3.0, 3.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn many_clients_querying_at_once_each_get_their_own_rows() {
+    let (s, _metrics) = one_query_at_a_time().await;
+    let mut want = BTreeMap::new();
+    for a in 0..AGENTS {
+        let agent = format!("agent-{a}");
+        want.insert(agent.clone(), expected(&s, &agent).await);
+    }
+    let tasks: Vec<JoinHandle<()>> = (0..32)
+        .map(|c| {
+            let (client, want) = (s.client.clone(), want.clone());
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    let agent = format!("agent-{}", (c * 7 + i) % AGENTS);
+                    let reply = client
+                        .clone()
+                        .query(slowest(&agent))
+                        .await
+                        .expect("query")
+                        .into_inner();
+                    assert_eq!(rows_json(&reply.rows), want[&agent], "{agent}");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("client task");
+    }
+}
