@@ -451,14 +451,20 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
         "--shutdown-grace",
         "1s",
     ];
-    // db-svc's default unless BENCH_COALESCE_INSERTS sets it (0 = every insert alone).
+    // db-svc's defaults unless BENCH_COALESCE_INSERTS / BENCH_COALESCE_QUERIES set them
+    // (0 = every insert / query alone).
     let coalesce = std::env::var("BENCH_COALESCE_INSERTS").ok();
+    let coalesce_queries = std::env::var("BENCH_COALESCE_QUERIES").ok();
     if let Some(n) = &coalesce {
         args.extend(["--coalesce-inserts", n.as_str()]);
     }
+    if let Some(n) = &coalesce_queries {
+        args.extend(["--coalesce-queries", n.as_str()]);
+    }
     eprintln!(
-        "db-svc --coalesce-inserts {}",
-        coalesce.as_deref().unwrap_or("(default)")
+        "db-svc --coalesce-inserts {} --coalesce-queries {}",
+        coalesce.as_deref().unwrap_or("(default)"),
+        coalesce_queries.as_deref().unwrap_or("(default)")
     );
     let settings = svc_kit::config::parse_args_ignoring_env::<Config>(args)?
         .validate()

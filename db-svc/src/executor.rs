@@ -168,7 +168,7 @@ impl Executor {
             Operation::Count(spec) => {
                 let table = self.table_for(&op).await?;
                 let plan = ops::plan_count(&table, &spec.criteria)?;
-                let count = self.count(&plan, ctx.timeout).await?;
+                let count = self.count(plan, ctx.timeout).await?;
                 Ok(OpOutput {
                     affected: count,
                     ..Default::default()
@@ -320,13 +320,25 @@ impl Executor {
         result
     }
 
-    async fn count(&self, plan: &Plan, timeout: Option<Duration>) -> Result<u64, DbError> {
+    async fn count(&self, plan: Plan, timeout: Option<Duration>) -> Result<u64, DbError> {
         match self.tighter_timeout(timeout) {
-            None => count_on(&self.pool, plan).await,
+            // Counts of one shape share statements like queries do (one row each).
+            None => match &self.queries {
+                Some(queries) if queries.can_share(&plan, 0, 1) => {
+                    let fetched = queries.query(plan, 0, 1).await?;
+                    let row = fetched
+                        .rows
+                        .first()
+                        .ok_or_else(|| DbError::Database("count returned no row".into()))?;
+                    let n: i64 = row.try_get(fetched.first_column)?;
+                    Ok(n.max(0) as u64)
+                }
+                _ => count_on(&self.pool, &plan).await,
+            },
             Some(t) => {
                 let mut tx = self.pool.begin().await?;
                 set_statement_timeout(&mut tx, t).await?;
-                let n = count_on(&mut *tx, plan).await?;
+                let n = count_on(&mut *tx, &plan).await?;
                 tx.commit().await?;
                 Ok(n)
             }

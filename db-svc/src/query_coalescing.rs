@@ -1,5 +1,5 @@
-//! Shared reads: concurrent queries of one shape (the same SQL, differing only in their filter
-//! values) share one statement while earlier queries of that shape are still running.
+//! Shared reads: concurrent queries (and counts) of one shape (the same SQL, differing only in
+//! their filter values) share one statement while earlier ones of that shape are still running.
 //!
 //! The lanes are those of [`crate::coalescing`], keyed by the query's SQL text and its paging
 //! values (PostgreSQL does not let LIMIT or OFFSET vary per row of a join). A waiting batch
@@ -20,6 +20,8 @@
 //! run again one by one, so each gets its own answer. Queries with a deadline of their own or
 //! an exact total (each needs its own transaction), without filter values, with a value that
 //! has no array form here (json, NULL) or asking for more than 1,000 rows run alone.
+//!
+//! `Count`s share statements the same way (their query is `SELECT count(*) ...`, one row each).
 
 use std::fmt::Write as _;
 use std::sync::Arc;

@@ -195,3 +195,48 @@ async fn many_clients_querying_at_once_each_get_their_own_rows() {
         t.await.expect("client task");
     }
 }
+
+fn spawn_count(s: &DbSvc, agent: &str) -> JoinHandle<u64> {
+    let mut client = s.client.clone();
+    let request = pb::CountRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(json!({ "agent_name": agent }))),
+        ..Default::default()
+    };
+    tokio::spawn(async move {
+        client
+            .count(request)
+            .await
+            .expect("count")
+            .into_inner()
+            .count
+    })
+}
+
+#[tokio::test]
+async fn counts_of_one_shape_share_a_statement_and_get_their_own_count() {
+    let (s, metrics) = one_query_at_a_time().await;
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let first = spawn_count(&s, "agent-4");
+    lock.wait_blocked(&s, 1).await;
+    let agents: Vec<String> = (0..AGENTS)
+        .map(|a| format!("agent-{a}"))
+        .chain(["nobody".into()])
+        .collect();
+    let shared: Vec<_> = agents.iter().map(|a| spawn_count(&s, a)).collect();
+    wait_metrics(&metrics, "eleven counts waiting", |m| {
+        sample(m, "db_query_requests_waiting", &[]) == Some(11.0)
+    })
+    .await;
+    lock.release().await;
+
+    assert_eq!(first.await.unwrap(), 2 + 4);
+    for (a, task) in shared.into_iter().enumerate() {
+        let want = if a < AGENTS { 2 + a as u64 % 5 } else { 0 };
+        assert_eq!(task.await.unwrap(), want, "{}", agents[a]);
+    }
+    wait_metrics(&metrics, "two statements", |m| {
+        requests_per_statement(m) == (2.0, 12.0)
+    })
+    .await;
+}
