@@ -16,8 +16,9 @@
 //!
 //! No request sees older data than it would alone: a query only joins a batch that has not
 //! started, so the statement's snapshot is taken after every request in it arrived. If a
-//! shared statement fails with anything but an unreachable database or a timeout, its queries
-//! run again one by one, so each gets its own answer. Queries with a deadline of their own or
+//! shared statement fails with anything but an unreachable database (including the statement
+//! timeout, which bounded the whole batch), its queries run again one by one, so each gets
+//! its own answer. Queries with a deadline of their own or
 //! an exact total (each needs its own transaction), without filter values, with a value that
 //! has no array form here (json, NULL) or asking for more than 1,000 rows run alone.
 //!
@@ -157,8 +158,9 @@ impl QueryCoalescer {
                     }));
                 }
             }
-            // Every query would fail alike.
-            Err(e @ (DbError::Unavailable(_) | DbError::Timeout(_))) => {
+            // Every query would fail alike. (A timeout is not such a failure: the statement
+            // timeout bounded the whole batch, while each query alone gets all of it.)
+            Err(e @ DbError::Unavailable(_)) => {
                 for waiter in batch {
                     let _ = waiter.reply.send(Err(e.clone()));
                 }
