@@ -147,7 +147,7 @@ impl TableLock {
         Self(conn)
     }
 
-    /// Waits until `n` statements queue for the lock.
+    /// Waits until exactly `n` statements queue for the lock (0: none is left waiting).
     pub async fn wait_blocked(&self, s: &DbSvc, n: i64) {
         let mut probe = s.sql().await;
         let deadline = Instant::now() + Duration::from_secs(30);

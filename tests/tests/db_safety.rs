@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use omnibus_proto::db::v1 as pb;
 use omnibus_tests::db::{
-    DbSvc, action, error_details, error_metadata, rows_json, to_struct, to_value,
+    DbSvc, TableLock, action, error_details, error_metadata, rows_json, to_struct, to_value,
 };
 use omnibus_tests::{ServiceSpec, free_port};
 use serde_json::{Value as Json, json};
@@ -494,12 +494,7 @@ async fn injection_attempts_change_nothing() {
 async fn deadline_becomes_the_statement_timeout() {
     // A default far beyond the test, so only the deadline can end the statement.
     let mut s = DbSvc::start(&["--statement-timeout", "120s"]).await;
-    let mut blocker = s.sql().await;
-    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
-    sqlx::query("LOCK TABLE agent_actions IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut blocker)
-        .await
-        .unwrap();
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
 
     let mut request = tonic::Request::new(pb::CountRequest {
         table: "agent_actions".into(),
@@ -518,23 +513,8 @@ async fn deadline_becomes_the_statement_timeout() {
 
     // PostgreSQL itself gave up on the statement (no waiting query left behind), long before
     // the 120 s default would have.
-    let mut observer = s.sql().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut observer)
-        .await
-        .unwrap();
-        if waiting == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the statement is still waiting");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    lock.wait_blocked(&s, 0).await;
+    lock.release().await;
 
     // Without a deadline the same call works.
     assert_eq!(count(&mut s, "agent_actions").await, 0);
