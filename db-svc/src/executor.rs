@@ -244,13 +244,7 @@ impl Executor {
             let rows = sqlx::query_with(&plan.sql, arguments(&plan.params)?)
                 .fetch_all(&self.pool)
                 .await?;
-            return Ok((
-                FetchedRows {
-                    rows,
-                    first_column: 0,
-                },
-                None,
-            ));
+            return Ok((FetchedRows::new(rows, 0), None));
         }
         let args = arguments(&plan.params)?;
         // One transaction, so rows and total come from the same snapshot
@@ -272,13 +266,7 @@ impl Executor {
             None => None,
         };
         tx.commit().await?;
-        Ok((
-            FetchedRows {
-                rows,
-                first_column: 0,
-            },
-            total,
-        ))
+        Ok((FetchedRows::new(rows, 0), total))
     }
 
     async fn query(

@@ -18,9 +18,10 @@
 //! started, so the statement's snapshot is taken after every request in it arrived. If a
 //! shared statement fails with anything but an unreachable database (including the statement
 //! timeout, which bounded the whole batch), its queries run again one by one, so each gets
-//! its own answer. Queries with a deadline of their own or
-//! an exact total (each needs its own transaction), without filter values, with a value that
-//! has no array form here (json, NULL) or asking for more than 1,000 rows run alone.
+//! its own answer. Queries without filter values are identical within a lane: a waiting batch
+//! of them runs the query once and every request gets that result. Queries with a deadline of
+//! their own or an exact total (each needs its own transaction), with a value that has no
+//! array form here (json, NULL) or asking for more than 1,000 rows run alone.
 //!
 //! `Count`s share statements the same way (their query is `SELECT count(*) ...`, one row each).
 
@@ -37,18 +38,19 @@ use crate::error::DbError;
 use crate::ops::Plan;
 use crate::values::{Param, arguments};
 
-/// A query's rows as PostgreSQL returned them; the result's columns start at `first_column`.
-#[derive(Debug)]
+/// A query's rows as PostgreSQL returned them (shared by identical queries); the result's
+/// columns start at `first_column`.
+#[derive(Clone, Debug)]
 pub struct FetchedRows {
-    pub rows: Vec<PgRow>,
+    pub rows: Arc<Vec<PgRow>>,
     pub first_column: usize,
 }
 
 impl FetchedRows {
-    fn alone(rows: Vec<PgRow>) -> Self {
+    pub fn new(rows: Vec<PgRow>, first_column: usize) -> Self {
         Self {
-            rows,
-            first_column: 0,
+            rows: Arc::new(rows),
+            first_column,
         }
     }
 }
@@ -83,11 +85,10 @@ impl QueryCoalescer {
     }
 
     /// Whether a query (its plan, whose last `paging` parameters are LIMIT / OFFSET) may share
-    /// a statement: it has filter values, all with an array form, and asks for few rows.
+    /// a statement: its filter values (if any) all have an array form, and it asks for few rows.
     pub fn can_share(&self, plan: &Plan, paging: usize, limit: u64) -> bool {
         let per_request = plan.params.len().saturating_sub(paging);
-        per_request > 0
-            && plan.placeholders.len() == plan.params.len()
+        plan.placeholders.len() == plan.params.len()
             && limit <= self.max_request_weight as u64
             && plan.params[..per_request].iter().all(has_array_form)
             && plan.params[per_request..]
@@ -143,6 +144,15 @@ impl QueryCoalescer {
             }
             return;
         }
+        if batch[0].plan.params.len() == paging {
+            // No filter values: the same SQL with the same paging, so identical queries. One
+            // run answers them all.
+            let result = alone(&self.pool, &batch[0].plan).await;
+            for waiter in batch {
+                let _ = waiter.reply.send(result.clone());
+            }
+            return;
+        }
         let plans: Vec<&Plan> = batch.iter().map(|w| &w.plan).collect();
         let shared = match shared_statement(&plans, paging) {
             Some((sql, args)) => run_shared(&self.pool, &sql, args, batch.len()).await,
@@ -152,10 +162,7 @@ impl QueryCoalescer {
         match shared {
             Ok(parts) => {
                 for (waiter, rows) in batch.into_iter().zip(parts) {
-                    let _ = waiter.reply.send(Ok(FetchedRows {
-                        rows,
-                        first_column: 1,
-                    }));
+                    let _ = waiter.reply.send(Ok(FetchedRows::new(rows, 1)));
                 }
             }
             // Every query would fail alike. (A timeout is not such a failure: the statement
@@ -199,7 +206,7 @@ async fn alone(pool: &PgPool, plan: &Plan) -> Result<FetchedRows, DbError> {
     let rows = sqlx::query_with(&plan.sql, arguments(&plan.params)?)
         .fetch_all(pool)
         .await?;
-    Ok(FetchedRows::alone(rows))
+    Ok(FetchedRows::new(rows, 0))
 }
 
 async fn run_shared(
@@ -425,8 +432,8 @@ mod tests {
         };
         let all = plan(&everything, 100);
         assert!(
-            !c.can_share(&all, paging_params(&everything, Some(100)), 100),
-            "nothing to tell requests apart"
+            c.can_share(&all, paging_params(&everything, Some(100)), 100),
+            "identical queries share one run"
         );
         let json = QuerySpec {
             criteria: Criteria {

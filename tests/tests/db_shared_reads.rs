@@ -240,3 +240,65 @@ async fn counts_of_one_shape_share_a_statement_and_get_their_own_count() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn identical_queries_without_filter_values_share_one_run() {
+    let (s, metrics) = one_query_at_a_time().await;
+    let slowest_overall = pb::QueryRequest {
+        r#where: None,
+        ..slowest("")
+    };
+    let count_all = || {
+        let mut client = s.client.clone();
+        tokio::spawn(async move {
+            client
+                .count(pb::CountRequest {
+                    table: "agent_actions".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("count")
+                .into_inner()
+                .count
+        })
+    };
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let first = spawn_query(&s, slowest_overall.clone());
+    let first_count = count_all();
+    lock.wait_blocked(&s, 2).await;
+    let queries: Vec<_> = (0..5)
+        .map(|_| spawn_query(&s, slowest_overall.clone()))
+        .collect();
+    let counts: Vec<_> = (0..3).map(|_| count_all()).collect();
+    wait_metrics(&metrics, "eight requests waiting", |m| {
+        sample(m, "db_query_requests_waiting", &[]) == Some(8.0)
+    })
+    .await;
+    lock.release().await;
+
+    let mut conn = s.sql().await;
+    let want: Vec<Json> = sqlx::query_as::<_, (String, i32, uuid::Uuid)>(
+        "SELECT agent_name, duration_ms, id FROM agent_actions ORDER BY duration_ms DESC LIMIT 3",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(a, d, id)| json!({"agent_name": a, "duration_ms": f64::from(d), "id": id.to_string()}))
+    .collect();
+    assert_eq!(want.len(), 3);
+    assert_eq!(first.await.unwrap(), want);
+    for q in queries {
+        assert_eq!(q.await.unwrap(), want);
+    }
+    // 10 agents with 2..=6 rows each.
+    assert_eq!(first_count.await.unwrap(), 40);
+    for c in counts {
+        assert_eq!(c.await.unwrap(), 40);
+    }
+    // Per lane: the first request alone, then one run for everyone who waited.
+    wait_metrics(&metrics, "four statements", |m| {
+        requests_per_statement(m) == (4.0, 10.0)
+    })
+    .await;
+}
