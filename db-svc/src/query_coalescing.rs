@@ -87,7 +87,9 @@ impl QueryCoalescer {
     /// Whether a query (its plan, whose last `paging` parameters are LIMIT / OFFSET) may share
     /// a statement: its filter values (if any) all have an array form, and it asks for few rows.
     pub fn can_share(&self, plan: &Plan, paging: usize, limit: u64) -> bool {
-        let per_request = plan.params.len().saturating_sub(paging);
+        let Some(per_request) = plan.params.len().checked_sub(paging) else {
+            return false;
+        };
         plan.placeholders.len() == plan.params.len()
             && limit <= self.max_request_weight as u64
             && plan.params[..per_request].iter().all(has_array_form)
@@ -103,7 +105,7 @@ impl QueryCoalescer {
         paging: usize,
         limit: u64,
     ) -> Result<FetchedRows, DbError> {
-        let per_request = plan.params.len() - paging;
+        let per_request = plan.params.len().saturating_sub(paging);
         let key = LaneKey {
             sql: plan.sql.clone(),
             paging: plan.params[per_request..]
