@@ -293,13 +293,10 @@ impl Executor {
         ctx: &ExecContext,
         field: u8,
     ) -> Result<(EncodedRows, Option<u64>), DbError> {
-        let (started, op) = (std::time::Instant::now(), Operation::Query(spec));
+        let started = std::time::Instant::now();
         let result = async {
-            let table = self.table_for(&op).await?;
-            let Operation::Query(spec) = &op else {
-                return Err(DbError::Database("internal: not a query".into()));
-            };
-            let (fetched, total) = self.fetch_query(&table, spec, ctx).await?;
+            let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
+            let (fetched, total) = self.fetch_query(&table, &spec, ctx).await?;
             let rows = EncodedRows::encode(&fetched.rows, fetched.first_column, field)?;
             Ok((rows, total))
         }
@@ -458,11 +455,7 @@ impl Executor {
         timeout: Option<Duration>,
         shutdown: Shutdown,
     ) -> Result<mpsc::Receiver<RowBatch>, DbError> {
-        let query_op = Operation::Query(spec);
-        let table = self.table_for(&query_op).await?;
-        let Operation::Query(spec) = query_op else {
-            return Err(DbError::Database("internal: not a query".into()));
-        };
+        let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
         if spec.include_total {
             return Err(DbError::field(
                 "query.include_total",

@@ -308,6 +308,40 @@ pub fn column<'t>(
 
 /// Every column name a spec mentions, for the executor's catalog refresh on an unknown one.
 pub fn mentioned_columns(op: &Operation) -> Vec<&str> {
+    let mut out = Vec::new();
+    match op {
+        Operation::Query(s) => return query_columns(s),
+        Operation::Count(s) => criteria_columns(&s.criteria, &mut out),
+        Operation::Insert(s) => s
+            .rows
+            .iter()
+            .for_each(|r| out.extend(r.keys().map(String::as_str))),
+        Operation::Update(s) => {
+            out.extend(s.set.keys().map(String::as_str));
+            criteria_columns(&s.criteria, &mut out);
+        }
+        Operation::Delete(s) => criteria_columns(&s.criteria, &mut out),
+        Operation::Upsert(s) => {
+            s.rows
+                .iter()
+                .for_each(|r| out.extend(r.keys().map(String::as_str)));
+            out.extend(s.conflict_columns.iter().map(String::as_str));
+            out.extend(s.update_columns.iter().map(String::as_str));
+        }
+        Operation::Raw(_) => {}
+    }
+    out
+}
+
+/// Every column name a query mentions (projection, ordering, criteria).
+pub fn query_columns(spec: &QuerySpec) -> Vec<&str> {
+    let mut out: Vec<&str> = spec.columns.iter().map(String::as_str).collect();
+    out.extend(spec.order_by.iter().map(|o| o.column.as_str()));
+    criteria_columns(&spec.criteria, &mut out);
+    out
+}
+
+fn criteria_columns<'a>(criteria: &'a Criteria, out: &mut Vec<&'a str>) {
     fn filter_cols<'a>(f: &'a Filter, out: &mut Vec<&'a str>) {
         match f {
             Filter::Condition { column, .. } => out.push(column),
@@ -315,42 +349,10 @@ pub fn mentioned_columns(op: &Operation) -> Vec<&str> {
             Filter::Not(f) => filter_cols(f, out),
         }
     }
-    let mut out = Vec::new();
-    let criteria = match op {
-        Operation::Query(s) => {
-            out.extend(s.columns.iter().map(String::as_str));
-            out.extend(s.order_by.iter().map(|o| o.column.as_str()));
-            Some(&s.criteria)
-        }
-        Operation::Count(s) => Some(&s.criteria),
-        Operation::Insert(s) => {
-            s.rows
-                .iter()
-                .for_each(|r| out.extend(r.keys().map(String::as_str)));
-            None
-        }
-        Operation::Update(s) => {
-            out.extend(s.set.keys().map(String::as_str));
-            Some(&s.criteria)
-        }
-        Operation::Delete(s) => Some(&s.criteria),
-        Operation::Upsert(s) => {
-            s.rows
-                .iter()
-                .for_each(|r| out.extend(r.keys().map(String::as_str)));
-            out.extend(s.conflict_columns.iter().map(String::as_str));
-            out.extend(s.update_columns.iter().map(String::as_str));
-            None
-        }
-        Operation::Raw(_) => None,
-    };
-    if let Some(c) = criteria {
-        out.extend(c.equals.keys().map(String::as_str));
-        if let Some(f) = &c.filter {
-            filter_cols(f, &mut out);
-        }
+    out.extend(criteria.equals.keys().map(String::as_str));
+    if let Some(f) = &criteria.filter {
+        filter_cols(f, out);
     }
-    out
 }
 
 /// Writes a column for a SELECT / RETURNING list: types without a mapping are read as text.
