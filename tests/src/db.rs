@@ -37,6 +37,20 @@ impl DbSvc {
         Self { db, svc, client }
     }
 
+    /// Inserts agent_actions rows through db-svc (a test's seed data).
+    pub async fn seed_actions(&mut self, rows: Vec<Json>) {
+        let rows = rows.into_iter().map(to_struct).collect();
+        self.client
+            .insert(omnibus_proto::db::v1::InsertRequest {
+                table: "agent_actions".into(),
+                rows,
+                count_only: true,
+                ..Default::default()
+            })
+            .await
+            .expect("seed agent_actions");
+    }
+
     /// A direct connection to the test database (for checks behind db-svc's back).
     pub async fn sql(&self) -> sqlx::PgConnection {
         use sqlx::Connection;

@@ -2,7 +2,7 @@
 //! transaction), writes only behind the operator's flag.
 
 use omnibus_proto::db::v1 as pb;
-use omnibus_tests::db::{DbSvc, action, error_details, rows_json, to_struct, to_value};
+use omnibus_tests::db::{DbSvc, action, error_details, rows_json, to_value};
 use serde_json::{Value as Json, json};
 use tonic::Code;
 
@@ -21,18 +21,10 @@ async fn seed(s: &mut DbSvc) -> String {
             let mut r = action(&format!("agent-{i}"));
             r["duration_ms"] = json!(i * 10);
             r["correlation_id"] = json!(correlation);
-            to_struct(r)
+            r
         })
         .collect();
-    s.client
-        .insert(pb::InsertRequest {
-            table: "agent_actions".into(),
-            rows,
-            count_only: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    s.seed_actions(rows).await;
     correlation
 }
 

@@ -22,19 +22,11 @@ async fn one_query_at_a_time() -> (DbSvc, String) {
             (0..2 + a % 5).map(move |n| {
                 let mut row = action(&format!("agent-{a}"));
                 row["duration_ms"] = json!(n * 10 + a);
-                to_struct(row)
+                row
             })
         })
         .collect();
-    s.client
-        .insert(pb::InsertRequest {
-            table: "agent_actions".into(),
-            rows,
-            count_only: true,
-            ..Default::default()
-        })
-        .await
-        .expect("seed rows");
+    s.seed_actions(rows).await;
     (s, metrics)
 }
 
