@@ -148,8 +148,8 @@ pub trait Coalescer: Send + Sync + Sized + 'static {
 
     /// Runs a batch that took over a slot of `key`'s lane; every waiter gets its answer.
     fn run_batch(
-        self: Arc<Self>,
-        key: Self::Key,
+        &self,
+        key: &Self::Key,
         batch: Vec<Self::Waiter>,
     ) -> impl Future<Output = ()> + Send;
 
@@ -204,11 +204,8 @@ impl<C: Coalescer> Drop for Slot<C> {
                 coalescer: self.coalescer.clone(),
                 key: self.key.clone(),
             };
-            runtime.spawn(async move {
-                let (coalescer, key) = (slot.coalescer.clone(), slot.key.clone());
-                coalescer.run_batch(key, batch).await;
-                drop(slot);
-            });
+            // The slot moves into the task and passes on when the batch is done.
+            runtime.spawn(async move { slot.coalescer.run_batch(&slot.key, batch).await });
         }
     }
 }

@@ -210,7 +210,7 @@ impl Coalescer for InsertCoalescer {
         &self.lanes
     }
 
-    async fn run_batch(self: Arc<Self>, key: LaneKey, batch: Vec<Waiter>) {
+    async fn run_batch(&self, key: &LaneKey, batch: Vec<Waiter>) {
         self.share(batch, key.count_only).await
     }
 

@@ -139,16 +139,9 @@ impl QueryCoalescer {
             return;
         }
         record_statement(batch.len());
-        if let [only] = &batch[..] {
-            let result = alone(&self.pool, &only.plan).await;
-            if let Some(w) = batch.into_iter().next() {
-                let _ = w.reply.send(result);
-            }
-            return;
-        }
-        if batch[0].plan.params.len() == paging {
-            // No filter values: the same SQL with the same paging, so identical queries. One
-            // run answers them all.
+        if batch.len() == 1 || batch[0].plan.params.len() == paging {
+            // One query, or queries without filter values: the same SQL with the same paging,
+            // so identical queries. One run answers them all.
             let result = alone(&self.pool, &batch[0].plan).await;
             for waiter in batch {
                 let _ = waiter.reply.send(result.clone());
@@ -195,7 +188,7 @@ impl Coalescer for QueryCoalescer {
         &self.lanes
     }
 
-    async fn run_batch(self: Arc<Self>, key: LaneKey, batch: Vec<Waiter>) {
+    async fn run_batch(&self, key: &LaneKey, batch: Vec<Waiter>) {
         self.share(batch, key.paging.len()).await
     }
 
