@@ -54,17 +54,24 @@ fn spawn_query(s: &DbSvc, request: pb::QueryRequest) -> JoinHandle<Vec<Json>> {
     })
 }
 
-/// What the query returns straight from PostgreSQL.
-async fn expected(s: &DbSvc, agent: &str) -> Vec<Json> {
+/// What the query returns straight from PostgreSQL (of `agent`, or of all agents).
+async fn expected(s: &DbSvc, agent: Option<&str>) -> Vec<Json> {
     let mut conn = s.sql().await;
-    let rows: Vec<(String, i32, uuid::Uuid)> = sqlx::query_as(
-        "SELECT agent_name, duration_ms, id FROM agent_actions WHERE agent_name = $1 \
+    let sql = format!(
+        "SELECT agent_name, duration_ms, id FROM agent_actions {} \
          ORDER BY duration_ms DESC LIMIT 3",
-    )
-    .bind(agent)
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
+        if agent.is_some() {
+            "WHERE agent_name = $1"
+        } else {
+            ""
+        }
+    );
+    let query = sqlx::query_as::<_, (String, i32, uuid::Uuid)>(&sql);
+    let query = match agent {
+        Some(agent) => query.bind(agent),
+        None => query,
+    };
+    let rows = query.fetch_all(&mut conn).await.unwrap();
     rows.into_iter()
         // Numbers cross the API as doubles.
         .map(|(a, d, id)| json!({"agent_name": a, "duration_ms": f64::from(d), "id": id.to_string()}))
@@ -97,10 +104,10 @@ async fn queries_that_arrive_while_one_runs_share_a_statement_and_get_their_own_
     .await;
     lock.release().await;
 
-    assert_eq!(first.await.unwrap(), expected(&s, "agent-0").await);
+    assert_eq!(first.await.unwrap(), expected(&s, Some("agent-0")).await);
     for (agent, task) in agents.iter().zip(shared) {
         let rows = task.await.unwrap();
-        assert_eq!(rows, expected(&s, agent).await, "{agent}");
+        assert_eq!(rows, expected(&s, Some(agent)).await, "{agent}");
         let want = if agent == "nobody" {
             0
         } else {
@@ -144,10 +151,10 @@ async fn different_shapes_and_limits_never_share() {
     // Three lanes, each with its own free slot: all three reach PostgreSQL at once.
     lock.wait_blocked(&s, 3).await;
     lock.release().await;
-    assert_eq!(first.await.unwrap(), expected(&s, "agent-1").await);
+    assert_eq!(first.await.unwrap(), expected(&s, Some("agent-1")).await);
     assert_eq!(
         other_limit.await.unwrap(),
-        expected(&s, "agent-2").await[..1].to_vec()
+        expected(&s, Some("agent-2")).await[..1].to_vec()
     );
     let others = other_filter.await.unwrap();
     assert_eq!(others.len(), 3);
@@ -164,7 +171,7 @@ async fn many_clients_querying_at_once_each_get_their_own_rows() {
     let mut want = BTreeMap::new();
     for a in 0..AGENTS {
         let agent = format!("agent-{a}");
-        want.insert(agent.clone(), expected(&s, &agent).await);
+        want.insert(agent.clone(), expected(&s, Some(&agent)).await);
     }
     let tasks: Vec<JoinHandle<()>> = (0..32)
         .map(|c| {
@@ -188,11 +195,12 @@ async fn many_clients_querying_at_once_each_get_their_own_rows() {
     }
 }
 
-fn spawn_count(s: &DbSvc, agent: &str) -> JoinHandle<u64> {
+/// Counts the rows of `agent`, or of all agents.
+fn spawn_count(s: &DbSvc, agent: Option<&str>) -> JoinHandle<u64> {
     let mut client = s.client.clone();
     let request = pb::CountRequest {
         table: "agent_actions".into(),
-        r#where: Some(to_struct(json!({ "agent_name": agent }))),
+        r#where: agent.map(|agent| to_struct(json!({ "agent_name": agent }))),
         ..Default::default()
     };
     tokio::spawn(async move {
@@ -209,13 +217,13 @@ fn spawn_count(s: &DbSvc, agent: &str) -> JoinHandle<u64> {
 async fn counts_of_one_shape_share_a_statement_and_get_their_own_count() {
     let (s, metrics) = one_query_at_a_time().await;
     let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
-    let first = spawn_count(&s, "agent-4");
+    let first = spawn_count(&s, Some("agent-4"));
     lock.wait_blocked(&s, 1).await;
     let agents: Vec<String> = (0..AGENTS)
         .map(|a| format!("agent-{a}"))
         .chain(["nobody".into()])
         .collect();
-    let shared: Vec<_> = agents.iter().map(|a| spawn_count(&s, a)).collect();
+    let shared: Vec<_> = agents.iter().map(|a| spawn_count(&s, Some(a))).collect();
     wait_metrics(&metrics, "eleven counts waiting", |m| {
         sample(m, "db_query_requests_waiting", &[]) == Some(11.0)
     })
@@ -240,44 +248,21 @@ async fn identical_queries_without_filter_values_share_one_run() {
         r#where: None,
         ..slowest("")
     };
-    let count_all = || {
-        let mut client = s.client.clone();
-        tokio::spawn(async move {
-            client
-                .count(pb::CountRequest {
-                    table: "agent_actions".into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("count")
-                .into_inner()
-                .count
-        })
-    };
     let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
     let first = spawn_query(&s, slowest_overall.clone());
-    let first_count = count_all();
+    let first_count = spawn_count(&s, None);
     lock.wait_blocked(&s, 2).await;
     let queries: Vec<_> = (0..5)
         .map(|_| spawn_query(&s, slowest_overall.clone()))
         .collect();
-    let counts: Vec<_> = (0..3).map(|_| count_all()).collect();
+    let counts: Vec<_> = (0..3).map(|_| spawn_count(&s, None)).collect();
     wait_metrics(&metrics, "eight requests waiting", |m| {
         sample(m, "db_query_requests_waiting", &[]) == Some(8.0)
     })
     .await;
     lock.release().await;
 
-    let mut conn = s.sql().await;
-    let want: Vec<Json> = sqlx::query_as::<_, (String, i32, uuid::Uuid)>(
-        "SELECT agent_name, duration_ms, id FROM agent_actions ORDER BY duration_ms DESC LIMIT 3",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|(a, d, id)| json!({"agent_name": a, "duration_ms": f64::from(d), "id": id.to_string()}))
-    .collect();
+    let want = expected(&s, None).await;
     assert_eq!(want.len(), 3);
     assert_eq!(first.await.unwrap(), want);
     for q in queries {
