@@ -15,6 +15,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 use serde_json::value::RawValue;
 
+pub use crate::timestamp::parse_iso8601;
+
 /// Event time in microseconds since the Unix epoch (UTC).
 pub type Micros = i64;
 
@@ -651,23 +653,6 @@ impl TimeValue {
             TimeValue::Text(s) => parse_iso8601(s).ok_or_else(|| ParseError::Timestamp(s.clone())),
         }
     }
-}
-
-/// Parses RFC 3339 / Python `isoformat()` output; a naive time is taken as UTC.
-pub fn parse_iso8601(s: &str) -> Option<Micros> {
-    let s = s.trim();
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Some(t.timestamp_micros());
-    }
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
-        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
-            return Some(t.and_utc().timestamp_micros());
-        }
-    }
-    // Python's isoformat with a space separator and an offset.
-    chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%:z")
-        .ok()
-        .map(|t| t.timestamp_micros())
 }
 
 fn number_to_micros(n: f64) -> Micros {

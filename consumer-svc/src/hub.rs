@@ -18,7 +18,7 @@
 //! Updates on a channel are numbered consecutively (on the shared channel the number is the
 //! sequence itself), which is how a gap is detected.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use omnibus_proto::consumer::v1 as pb;
@@ -109,7 +109,7 @@ struct Inner {
     ring: VecDeque<Update>,
     last_seq: u64,
     /// Agent-filtered subscribers' channels, by agent.
-    routes: HashMap<Box<str>, Route>,
+    routes: foldhash::HashMap<Box<str>, Route>,
     /// Routes nobody follows any more are dropped when the map reaches this size (and when a
     /// publish finds nobody listening), so the map stays within twice the followed agents.
     sweep_at: usize,
@@ -161,7 +161,7 @@ impl Hub {
             inner: Mutex::new(Inner {
                 ring: VecDeque::with_capacity(ring.min(1 << 16)),
                 last_seq: 0,
-                routes: HashMap::new(),
+                routes: foldhash::HashMap::default(),
                 sweep_at: MIN_SWEEP,
             }),
             tx,
@@ -303,7 +303,7 @@ impl Hub {
 }
 
 /// Adds `update` to the pending updates of the routes of its audience.
-fn route(routes: &mut HashMap<Box<str>, Route>, update: &Update) {
+fn route(routes: &mut foldhash::HashMap<Box<str>, Route>, update: &Update) {
     let mut to = |agent: &str| {
         if let Some(r) = routes.get_mut(agent) {
             r.pending.push(update.clone());

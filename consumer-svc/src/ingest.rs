@@ -203,7 +203,7 @@ pub struct Ingest {
     cfg: IngestConfig,
     sinks: Sinks,
     consumer: BaseConsumer<IngestContext>,
-    assigned: HashMap<(usize, i32), Partition>,
+    assigned: foldhash::HashMap<(usize, i32), Partition>,
     /// Topics seen missing after having been read: read from the beginning when they return.
     recreated: HashSet<usize>,
     /// The broker stopped answering: the client was replaced and every partition must be
@@ -260,7 +260,7 @@ impl Ingest {
             cfg,
             sinks,
             consumer,
-            assigned: HashMap::new(),
+            assigned: foldhash::HashMap::default(),
             recreated: HashSet::new(),
             client_replaced: false,
             brokers_down,
@@ -615,7 +615,7 @@ struct Parsed {
 /// beginning.
 fn parse_batch(
     cfg: &IngestConfig,
-    assigned: &mut HashMap<(usize, i32), Partition>,
+    assigned: &mut foldhash::HashMap<(usize, i32), Partition>,
     error_logs: &mut [ErrorLog; 4],
     msgs: &[rdkafka::message::BorrowedMessage<'_>],
 ) -> (Parsed, Vec<(usize, i32)>) {

@@ -9,6 +9,7 @@ pub mod events;
 pub mod hub;
 pub mod ingest;
 pub mod state;
+pub mod timestamp;
 
 use std::collections::HashSet;
 use std::sync::Arc;

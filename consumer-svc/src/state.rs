@@ -14,7 +14,7 @@
 //! arriving late, so "expired" means the same thing everywhere (events are kept for the
 //! retention plus less than an hour).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::events::{
@@ -320,7 +320,7 @@ impl<T: Timed> Recent<T> {
 #[derive(Debug)]
 pub struct State {
     cfg: StateConfig,
-    agents: HashMap<String, Agent>,
+    agents: foldhash::HashMap<String, Agent>,
     actions: Recent<AgentAction>,
     decisions: Recent<RoutingDecision>,
     transformations: Recent<Transformation>,
@@ -337,7 +337,7 @@ impl State {
             decisions: Recent::new(cfg.max_decisions),
             transformations: Recent::new(cfg.max_transformations),
             performance: Recent::new(cfg.max_performance),
-            agents: HashMap::new(),
+            agents: foldhash::HashMap::default(),
             perf: Series::default(),
             cutoff: Micros::MIN,
             cfg,

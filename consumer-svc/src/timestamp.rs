@@ -1,0 +1,201 @@
+//! Event timestamps: RFC 3339 / Python `isoformat()` text to microseconds (pure, no I/O).
+//!
+//! Nearly every event carries its time in one layout (`2025-11-20T09:15:00.123456+00:00`), and
+//! chrono's general parsers cost ~5% of the ingest thread for it. `fixed_layout` reads that
+//! layout directly; anything else (or anything it is unsure of, such as a leap second) goes
+//! to chrono, so the accepted inputs and their values are chrono's. A property test checks
+//! that the two agree.
+
+use crate::events::Micros;
+
+/// Parses RFC 3339 / Python `isoformat()` output; a naive time is taken as UTC.
+pub fn parse_iso8601(s: &str) -> Option<Micros> {
+    let s = s.trim();
+    fixed_layout(s.as_bytes()).or_else(|| with_chrono(s))
+}
+
+/// The general path: chrono's RFC 3339 parser, then the naive and space-separated layouts.
+fn with_chrono(s: &str) -> Option<Micros> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_micros());
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc().timestamp_micros());
+        }
+    }
+    // Python's isoformat with a space separator and an offset.
+    chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%:z")
+        .ok()
+        .map(|t| t.timestamp_micros())
+}
+
+/// `YYYY-MM-DD(T| )HH:MM:SS[.f{1,9}][Z|(+|-)HH:MM]`, or `None` to let chrono decide.
+fn fixed_layout(b: &[u8]) -> Option<Micros> {
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if b[10] != b'T' && b[10] != b' ' {
+        return None;
+    }
+    let year = digits(&b[0..4])?;
+    let month = digits(&b[5..7])?;
+    let day = digits(&b[8..10])?;
+    let hour = digits(&b[11..13])?;
+    let minute = digits(&b[14..16])?;
+    let second = digits(&b[17..19])?;
+    // Leap seconds and out-of-range fields: chrono's answer (or its rejection).
+    if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut rest = &b[19..];
+    let mut micros = 0i64;
+    if let Some((b'.', frac)) = rest.split_first() {
+        let n = frac.iter().take_while(|c| c.is_ascii_digit()).count();
+        if n == 0 || n > 9 {
+            return None;
+        }
+        // Sub-microsecond digits are truncated, as chrono's `timestamp_micros` does.
+        let kept = &frac[..n.min(6)];
+        micros = digits(kept)? * 10i64.pow(6 - kept.len() as u32);
+        rest = &frac[n..];
+    }
+    let offset_secs = match rest {
+        [] | [b'Z'] => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let h = digits(&[*h1, *h2])?;
+            let m = digits(&[*m1, *m2])?;
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let secs = h * 3600 + m * 60;
+            if *sign == b'-' { -secs } else { secs }
+        }
+        _ => return None,
+    };
+    // A naive time with the space separator and no offset is chrono's second naive layout;
+    // with an offset it is the `%:z` layout: both covered above, same value.
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(secs * 1_000_000 + micros)
+}
+
+/// ASCII digits to a number; `None` on anything else.
+fn digits(b: &[u8]) -> Option<i64> {
+    b.iter().try_fold(0i64, |n, c| {
+        c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+    })
+}
+
+fn is_leap(year: i64) -> bool {
+    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if is_leap(year) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12; // March = 0
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_producers_layouts_take_the_fixed_path() {
+        for (s, want) in [
+            ("2025-11-20T09:15:00.000000+00:00", 1_763_630_100_000_000),
+            ("2025-11-20T09:15:00Z", 1_763_630_100_000_000),
+            ("2025-11-20 09:15:00", 1_763_630_100_000_000),
+            ("2025-11-20T10:15:00.5+01:00", 1_763_630_100_500_000),
+            ("2025-11-20T09:15:00.1234567Z", 1_763_630_100_123_456),
+            ("1969-12-31T23:59:59.5Z", -500_000),
+            ("2024-02-29T00:00:00-00:30", 1_709_166_600_000_000),
+        ] {
+            assert_eq!(fixed_layout(s.as_bytes()), Some(want), "{s}");
+            assert_eq!(with_chrono(s), Some(want), "chrono disagrees on {s}");
+        }
+    }
+
+    #[test]
+    fn unusual_or_invalid_text_is_left_to_chrono() {
+        for s in [
+            "2025-02-29T00:00:00Z",            // not a leap year
+            "2025-11-20T23:59:60Z",            // leap second
+            "2025-11-20T09:15:00.Z",           // empty fraction
+            "2025-11-20T09:15:00+0100",        // offset without a colon
+            "2025-11-20t09:15:00z",            // lower case
+            "2025-11-20T24:00:00Z",            // hour 24
+            "2025-11-20T09:15:00.0000000001Z", // ten fraction digits
+            "20251120T091500Z",
+            "2025-11-20",
+            "",
+        ] {
+            assert_eq!(fixed_layout(s.as_bytes()), None, "{s}");
+        }
+        assert_eq!(parse_iso8601("2025-02-29T00:00:00Z"), None);
+        assert_eq!(
+            parse_iso8601("2025-11-20t09:15:00z"),
+            with_chrono("2025-11-20t09:15:00z")
+        );
+    }
+
+    fn piece(n: u32, width: usize) -> String {
+        format!("{n:0width$}")
+    }
+
+    proptest! {
+        /// Wherever the fixed path answers, it answers what chrono answers.
+        #[test]
+        fn agrees_with_chrono(
+            year in 0u32..10_000, month in 0u32..14, day in 0u32..33,
+            hour in 0u32..26, minute in 0u32..62, second in 0u32..62,
+            sep in prop::sample::select(vec!['T', ' ', 't', 'x']),
+            frac in prop::option::of("[0-9]{0,11}"),
+            zone in prop::sample::select(vec!["", "Z", "z", "+00:00", "-00:00", "+05:30",
+                "-11:45", "+23:59", "+24:00", "+0100", "+01:60"]),
+        ) {
+            let mut s = format!(
+                "{}-{}-{}{sep}{}:{}:{}",
+                piece(year, 4), piece(month, 2), piece(day, 2),
+                piece(hour, 2), piece(minute, 2), piece(second, 2)
+            );
+            if let Some(f) = &frac {
+                s.push('.');
+                s.push_str(f);
+            }
+            s.push_str(zone);
+            if let Some(fast) = fixed_layout(s.as_bytes()) {
+                prop_assert_eq!(Some(fast), with_chrono(&s), "{}", s);
+            }
+            // And a valid date in the producers' layout is always read by the fixed path.
+            let valid = (1..=12).contains(&month)
+                && day >= 1
+                && i64::from(day) <= days_in_month(i64::from(year), i64::from(month))
+                && hour < 24 && minute < 60 && second < 60
+                && sep == 'T' && frac.as_ref().is_none_or(|f| (1..=9).contains(&f.len()))
+                && matches!(zone, "Z" | "+00:00" | "-00:00" | "+05:30" | "-11:45" | "+23:59");
+            if valid {
+                prop_assert!(fixed_layout(s.as_bytes()).is_some(), "{}", s);
+            }
+        }
+    }
+}
