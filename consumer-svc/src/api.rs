@@ -229,22 +229,22 @@ struct Filter {
 
 impl Filter {
     fn action(&self, a: &crate::events::AgentAction) -> bool {
-        self.agent.as_ref().is_none_or(|x| a.agent_name == *x)
+        self.agent.as_ref().is_none_or(|x| a.agent_name() == x)
             && self
                 .action_type
                 .as_ref()
-                .is_none_or(|x| a.action_type == *x)
+                .is_none_or(|x| a.action_type() == x)
             && self
                 .correlation_id
                 .as_ref()
-                .is_none_or(|x| a.correlation_id.as_deref() == Some(x.as_str()))
+                .is_none_or(|x| a.correlation_id() == Some(x.as_str()))
     }
     fn decision(&self, d: &crate::events::RoutingDecision) -> bool {
-        self.agent.as_ref().is_none_or(|x| d.selected_agent == *x)
+        self.agent.as_ref().is_none_or(|x| d.selected_agent() == x)
             && self
                 .correlation_id
                 .as_ref()
-                .is_none_or(|x| d.correlation_id.as_deref() == Some(x.as_str()))
+                .is_none_or(|x| d.correlation_id() == Some(x.as_str()))
             && self
                 .min_confidence
                 .is_none_or(|m| d.confidence_score.is_some_and(|c| c >= m))
@@ -252,11 +252,11 @@ impl Filter {
     fn transformation(&self, t: &crate::events::Transformation) -> bool {
         self.agent
             .as_ref()
-            .is_none_or(|x| t.source_agent == *x || t.target_agent == *x)
+            .is_none_or(|x| t.source_agent() == x || t.target_agent() == x)
             && self
                 .correlation_id
                 .as_ref()
-                .is_none_or(|x| t.correlation_id.as_deref() == Some(x.as_str()))
+                .is_none_or(|x| t.correlation_id() == Some(x.as_str()))
     }
     fn metrics(&self, m: &pb::AgentMetrics) -> bool {
         self.agent.as_ref().is_none_or(|x| m.agent == *x)
@@ -688,7 +688,7 @@ fn subscribe_message(u: &Update, ch: &Channels, f: &Filter) -> Option<pb::Subscr
                 && f.agent.is_none()
                 && f.correlation_id
                     .as_ref()
-                    .is_none_or(|c| m.correlation_id.as_deref() == Some(c.as_str())) =>
+                    .is_none_or(|c| m.correlation_id() == Some(c.as_str())) =>
         {
             U::PerformanceMetric(convert::performance(m))
         }

@@ -44,28 +44,17 @@ pub fn stats(s: &state::PerformanceStats) -> pb::PerformanceStats {
     }
 }
 
-/// An event text as an owned string (a copy of the bytes, without `Display`'s formatting
-/// machinery and growing: this runs for every update a stream delivers).
-fn s(t: &events::Text) -> String {
-    t.as_str().to_owned()
-}
-
-/// An optional event text as an owned string.
-fn opt(t: Option<&events::Text>) -> Option<String> {
-    t.map(s)
-}
-
 pub fn action(a: &events::AgentAction) -> pb::AgentAction {
     pb::AgentAction {
-        id: s(&a.id),
-        correlation_id: opt(a.correlation_id.as_ref()),
-        agent_name: s(&a.agent_name),
-        action_type: s(&a.action_type),
-        action_name: opt(a.action_name.as_ref()),
-        action_details_json: opt(a.action_details_json.as_ref()),
+        id: a.id().to_owned(),
+        correlation_id: a.correlation_id().map(str::to_owned),
+        agent_name: a.agent_name().to_owned(),
+        action_type: a.action_type().to_owned(),
+        action_name: a.action_name().map(str::to_owned),
+        action_details_json: a.action_details_json().map(str::to_owned),
         debug_mode: a.debug_mode,
         duration_ms: a.duration_ms,
-        project_name: opt(a.project_name.as_ref()),
+        project_name: a.project_name().map(str::to_owned),
         success: a.success,
         timestamp: Some(timestamp(a.time)),
     }
@@ -73,38 +62,37 @@ pub fn action(a: &events::AgentAction) -> pb::AgentAction {
 
 pub fn decision(d: &events::RoutingDecision) -> pb::RoutingDecision {
     pb::RoutingDecision {
-        id: s(&d.id),
-        correlation_id: opt(d.correlation_id.as_ref()),
-        user_request: opt(d.user_request.as_ref()),
-        selected_agent: s(&d.selected_agent),
+        id: d.id().to_owned(),
+        correlation_id: d.correlation_id().map(str::to_owned),
+        user_request: d.user_request().map(str::to_owned),
+        selected_agent: d.selected_agent().to_owned(),
         confidence_score: d.confidence_score,
-        routing_strategy: opt(d.routing_strategy.as_ref()),
+        routing_strategy: d.routing_strategy().map(str::to_owned),
         alternatives: d
-            .alternatives
-            .iter()
+            .alternatives()
             .map(|a| pb::RoutingAlternative {
-                agent: s(&a.agent),
+                agent: a.agent.to_owned(),
                 confidence: a.confidence,
-                reasoning: opt(a.reasoning.as_ref()),
+                reasoning: a.reasoning.map(str::to_owned),
             })
             .collect(),
-        reasoning: opt(d.reasoning.as_ref()),
+        reasoning: d.reasoning().map(str::to_owned),
         routing_time_ms: d.routing_time_ms,
-        context_json: opt(d.context_json.as_ref()),
-        project_path: opt(d.project_path.as_ref()),
-        project_name: opt(d.project_name.as_ref()),
-        session_id: opt(d.session_id.as_ref()),
+        context_json: d.context_json().map(str::to_owned),
+        project_path: d.project_path().map(str::to_owned),
+        project_name: d.project_name().map(str::to_owned),
+        session_id: d.session_id().map(str::to_owned),
         timestamp: Some(timestamp(d.time)),
     }
 }
 
 pub fn transformation(t: &events::Transformation) -> pb::Transformation {
     pb::Transformation {
-        id: s(&t.id),
-        correlation_id: opt(t.correlation_id.as_ref()),
-        source_agent: s(&t.source_agent),
-        target_agent: s(&t.target_agent),
-        transformation_reason: opt(t.transformation_reason.as_ref()),
+        id: t.id().to_owned(),
+        correlation_id: t.correlation_id().map(str::to_owned),
+        source_agent: t.source_agent().to_owned(),
+        target_agent: t.target_agent().to_owned(),
+        transformation_reason: t.transformation_reason().map(str::to_owned),
         confidence_score: t.confidence_score,
         transformation_duration_ms: t.transformation_duration_ms,
         success: t.success,
@@ -114,14 +102,14 @@ pub fn transformation(t: &events::Transformation) -> pb::Transformation {
 
 pub fn performance(m: &events::PerformanceMetric) -> pb::PerformanceMetric {
     pb::PerformanceMetric {
-        id: s(&m.id),
-        correlation_id: opt(m.correlation_id.as_ref()),
-        query_text: opt(m.query_text.as_ref()),
+        id: m.id().to_owned(),
+        correlation_id: m.correlation_id().map(str::to_owned),
+        query_text: m.query_text().map(str::to_owned),
         routing_duration_ms: m.routing_duration_ms,
         cache_hit: m.cache_hit,
         candidates_evaluated: m.candidates_evaluated,
-        trigger_match_strategy: s(&m.trigger_match_strategy),
-        confidence_components_json: opt(m.confidence_components_json.as_ref()),
+        trigger_match_strategy: m.trigger_match_strategy().to_owned(),
+        confidence_components_json: m.confidence_components_json().map(str::to_owned),
         timestamp: Some(timestamp(m.time)),
     }
 }

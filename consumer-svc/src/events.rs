@@ -20,112 +20,35 @@ pub use crate::timestamp::parse_iso8601;
 /// Event time in microseconds since the Unix epoch (UTC).
 pub type Micros = i64;
 
-/// A string field of an event: a span of the event's one text buffer (shared, immutable).
-/// Reads like a `&str` (`Deref`); `to_string()` for an owned copy.
-#[derive(Clone)]
-pub struct Text {
-    buf: Arc<str>,
+/// Where one string field of an event lies in the event's text buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
     start: u32,
     end: u32,
 }
 
-impl Text {
-    pub fn as_str(&self) -> &str {
+/// All the text of one event in one buffer; the event's string fields are spans of it and
+/// read through accessor methods. (Per-field handles sharing the buffer cost an atomic
+/// increment and decrement per field and event, measurable at a million events per second.)
+#[derive(Clone, PartialEq)]
+struct Texts(Box<str>);
+
+impl Texts {
+    fn get(&self, span: Span) -> &str {
         // Spans are made by `TextBuf` on character boundaries; `get` never panics anyway.
-        self.buf
-            .get(self.start as usize..self.end as usize)
+        self.0
+            .get(span.start as usize..span.end as usize)
             .unwrap_or_default()
     }
-}
 
-impl std::ops::Deref for Text {
-    type Target = str;
-    fn deref(&self) -> &str {
-        self.as_str()
+    fn opt(&self, span: Option<Span>) -> Option<&str> {
+        span.map(|s| self.get(s))
     }
 }
 
-impl AsRef<str> for Text {
-    fn as_ref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl Default for Text {
-    fn default() -> Self {
-        Text::from("")
-    }
-}
-
-impl From<&str> for Text {
-    fn from(s: &str) -> Self {
-        let end = u32::try_from(s.len()).unwrap_or(0);
-        Text {
-            buf: Arc::from(s),
-            start: 0,
-            end,
-        }
-    }
-}
-
-impl From<String> for Text {
-    fn from(s: String) -> Self {
-        Text::from(s.as_str())
-    }
-}
-
-impl From<&Text> for String {
-    fn from(t: &Text) -> Self {
-        t.as_str().to_owned()
-    }
-}
-
-impl fmt::Debug for Text {
+impl fmt::Debug for Texts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
-impl fmt::Display for Text {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl PartialEq for Text {
-    fn eq(&self, other: &Text) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-impl Eq for Text {}
-impl PartialEq<str> for Text {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
-impl PartialEq<&str> for Text {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-impl PartialEq<String> for Text {
-    fn eq(&self, other: &String) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-impl PartialOrd for Text {
-    fn partial_cmp(&self, other: &Text) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Text {
-    fn cmp(&self, other: &Text) -> std::cmp::Ordering {
-        self.as_str().cmp(other.as_str())
-    }
-}
-impl std::hash::Hash for Text {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state)
+        fmt::Debug::fmt(&self.0, f)
     }
 }
 
@@ -133,9 +56,6 @@ impl std::hash::Hash for Text {
 struct TextBuf {
     buf: String,
 }
-
-#[derive(Clone, Copy)]
-struct Span(u32, u32);
 
 impl TextBuf {
     fn with_capacity(n: usize) -> Self {
@@ -148,31 +68,38 @@ impl TextBuf {
         let start = self.buf.len();
         self.buf.push_str(s);
         let too_large = |_| ParseError::TooLarge;
-        Ok(Span(
-            u32::try_from(start).map_err(too_large)?,
-            u32::try_from(self.buf.len()).map_err(too_large)?,
-        ))
+        Ok(Span {
+            start: u32::try_from(start).map_err(too_large)?,
+            end: u32::try_from(self.buf.len()).map_err(too_large)?,
+        })
     }
 
     fn opt(&mut self, s: Option<&str>) -> Result<Option<Span>, ParseError> {
         s.map(|s| self.push(s)).transpose()
     }
 
-    fn finish(self) -> Arc<str> {
-        Arc::from(self.buf)
+    fn finish(self) -> Texts {
+        Texts(self.buf.into_boxed_str())
     }
 }
 
-fn text(buf: &Arc<str>, span: Span) -> Text {
-    Text {
-        buf: buf.clone(),
-        start: span.0,
-        end: span.1,
-    }
-}
-
-fn opt_text(buf: &Arc<str>, span: Option<Span>) -> Option<Text> {
-    span.map(|s| text(buf, s))
+/// Accessors for the string fields of an event type: `name(&self) -> &str` for the required
+/// ones, `-> Option<&str>` for the optional ones.
+macro_rules! text_accessors {
+    ($ty:ident { $($req:ident),* $(,)? } { $($opt:ident),* $(,)? }) => {
+        impl $ty {
+            $(
+                pub fn $req(&self) -> &str {
+                    self.text.get(self.$req)
+                }
+            )*
+            $(
+                pub fn $opt(&self) -> Option<&str> {
+                    self.text.opt(self.$opt)
+                }
+            )*
+        }
+    };
 }
 
 /// What a topic carries.
@@ -222,71 +149,110 @@ pub enum ParseError {
     TooLarge,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Alternative {
-    pub agent: Text,
+/// One of a routing decision's alternatives, borrowed from the decision.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Alternative<'a> {
+    pub agent: &'a str,
     pub confidence: Option<f64>,
-    pub reasoning: Option<Text>,
+    pub reasoning: Option<&'a str>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct AlternativeSpans {
+    agent: Span,
+    confidence: Option<f64>,
+    reasoning: Option<Span>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoutingDecision {
-    pub id: Text,
-    pub correlation_id: Option<Text>,
-    pub user_request: Option<Text>,
-    pub selected_agent: Text,
+    text: Texts,
+    id: Span,
+    correlation_id: Option<Span>,
+    user_request: Option<Span>,
+    selected_agent: Span,
     pub confidence_score: Option<f64>,
-    pub routing_strategy: Option<Text>,
-    pub alternatives: Vec<Alternative>,
-    pub reasoning: Option<Text>,
+    routing_strategy: Option<Span>,
+    alternatives: Vec<AlternativeSpans>,
+    reasoning: Option<Span>,
     pub routing_time_ms: Option<f64>,
-    pub context_json: Option<Text>,
-    pub project_path: Option<Text>,
-    pub project_name: Option<Text>,
-    pub session_id: Option<Text>,
+    context_json: Option<Span>,
+    project_path: Option<Span>,
+    project_name: Option<Span>,
+    session_id: Option<Span>,
     pub time: Micros,
+}
+
+text_accessors!(RoutingDecision { id, selected_agent } {
+    correlation_id, user_request, routing_strategy, reasoning, context_json, project_path,
+    project_name, session_id,
+});
+
+impl RoutingDecision {
+    pub fn alternatives(&self) -> impl ExactSizeIterator<Item = Alternative<'_>> {
+        self.alternatives.iter().map(|a| Alternative {
+            agent: self.text.get(a.agent),
+            confidence: a.confidence,
+            reasoning: self.text.opt(a.reasoning),
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentAction {
-    pub id: Text,
-    pub correlation_id: Option<Text>,
-    pub agent_name: Text,
-    pub action_type: Text,
-    pub action_name: Option<Text>,
-    pub action_details_json: Option<Text>,
+    text: Texts,
+    id: Span,
+    correlation_id: Option<Span>,
+    agent_name: Span,
+    action_type: Span,
+    action_name: Option<Span>,
+    action_details_json: Option<Span>,
     pub debug_mode: Option<bool>,
     pub duration_ms: Option<f64>,
-    pub project_name: Option<Text>,
+    project_name: Option<Span>,
     pub success: Option<bool>,
     pub time: Micros,
 }
 
+text_accessors!(AgentAction { id, agent_name, action_type } {
+    correlation_id, action_name, action_details_json, project_name,
+});
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transformation {
-    pub id: Text,
-    pub correlation_id: Option<Text>,
-    pub source_agent: Text,
-    pub target_agent: Text,
-    pub transformation_reason: Option<Text>,
+    text: Texts,
+    id: Span,
+    correlation_id: Option<Span>,
+    source_agent: Span,
+    target_agent: Span,
+    transformation_reason: Option<Span>,
     pub confidence_score: Option<f64>,
     pub transformation_duration_ms: Option<f64>,
     pub success: bool,
     pub time: Micros,
 }
 
+text_accessors!(Transformation { id, source_agent, target_agent } {
+    correlation_id, transformation_reason,
+});
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PerformanceMetric {
-    pub id: Text,
-    pub correlation_id: Option<Text>,
-    pub query_text: Option<Text>,
+    text: Texts,
+    id: Span,
+    correlation_id: Option<Span>,
+    query_text: Option<Span>,
     pub routing_duration_ms: Option<f64>,
     pub cache_hit: bool,
     pub candidates_evaluated: Option<u64>,
-    pub trigger_match_strategy: Text,
-    pub confidence_components_json: Option<Text>,
+    trigger_match_strategy: Span,
+    confidence_components_json: Option<Span>,
     pub time: Micros,
 }
+
+text_accessors!(PerformanceMetric { id, trigger_match_strategy } {
+    correlation_id, query_text, confidence_components_json,
+});
 
 /// A parsed event, shared between the state's buffers and the stream hub.
 #[derive(Clone, Debug, PartialEq)]
@@ -427,7 +393,11 @@ pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, Par
                 .as_deref()
                 .ok_or(ParseError::MissingField("alternatives[].agent"))?,
         )?;
-        alternatives.push((agent, alt.confidence, t.opt(alt.reasoning.as_deref())?));
+        alternatives.push(AlternativeSpans {
+            agent,
+            confidence: alt.confidence,
+            reasoning: t.opt(alt.reasoning.as_deref())?,
+        });
     }
     let id = id_or_new(&mut t, &raw.id)?;
     let correlation_id = t.opt(raw.correlation_id.as_deref())?;
@@ -438,29 +408,22 @@ pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, Par
     let project_path = t.opt(raw.project_path.as_deref())?;
     let project_name = t.opt(raw.project_name.as_deref())?;
     let session_id = t.opt(raw.session_id.as_deref())?;
-    let b = t.finish();
     Ok(RoutingDecision {
+        text: t.finish(),
         time,
-        id: text(&b, id),
-        correlation_id: opt_text(&b, correlation_id),
-        user_request: opt_text(&b, user_request),
-        selected_agent: text(&b, selected_agent),
+        id,
+        correlation_id,
+        user_request,
+        selected_agent,
         confidence_score: raw.confidence_score,
-        routing_strategy: opt_text(&b, routing_strategy),
-        alternatives: alternatives
-            .into_iter()
-            .map(|(agent, confidence, reasoning)| Alternative {
-                agent: text(&b, agent),
-                confidence,
-                reasoning: opt_text(&b, reasoning),
-            })
-            .collect(),
-        reasoning: opt_text(&b, reasoning),
+        routing_strategy,
+        alternatives,
+        reasoning,
         routing_time_ms: raw.routing_time_ms,
-        context_json: opt_text(&b, context_json),
-        project_path: opt_text(&b, project_path),
-        project_name: opt_text(&b, project_name),
-        session_id: opt_text(&b, session_id),
+        context_json,
+        project_path,
+        project_name,
+        session_id,
     })
 }
 
@@ -512,18 +475,18 @@ pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseErr
     let action_name = t.opt(raw.action_name.as_deref())?;
     let action_details_json = t.opt(raw_json(raw.action_details))?;
     let project_name = t.opt(raw.project_name.as_deref())?;
-    let b = t.finish();
     Ok(AgentAction {
+        text: t.finish(),
         time,
-        agent_name: text(&b, agent_name),
-        action_type: text(&b, action_type),
-        id: text(&b, id),
-        correlation_id: opt_text(&b, correlation_id),
-        action_name: opt_text(&b, action_name),
-        action_details_json: opt_text(&b, action_details_json),
+        agent_name,
+        action_type,
+        id,
+        correlation_id,
+        action_name,
+        action_details_json,
         debug_mode: raw.debug_mode,
         duration_ms: raw.duration_ms,
-        project_name: opt_text(&b, project_name),
+        project_name,
         success: raw.success,
     })
 }
@@ -570,14 +533,14 @@ pub fn parse_transformation(payload: &[u8], now: Micros) -> Result<Transformatio
     let id = id_or_new(&mut t, &raw.id)?;
     let correlation_id = t.opt(raw.correlation_id.as_deref())?;
     let transformation_reason = t.opt(raw.transformation_reason.as_deref())?;
-    let b = t.finish();
     Ok(Transformation {
+        text: t.finish(),
         time,
-        source_agent: text(&b, source_agent),
-        target_agent: text(&b, target_agent),
-        id: text(&b, id),
-        correlation_id: opt_text(&b, correlation_id),
-        transformation_reason: opt_text(&b, transformation_reason),
+        source_agent,
+        target_agent,
+        id,
+        correlation_id,
+        transformation_reason,
         confidence_score: raw.confidence_score,
         transformation_duration_ms: raw.transformation_duration_ms,
         success: raw.success.unwrap_or(true),
@@ -624,17 +587,17 @@ pub fn parse_performance(payload: &[u8], now: Micros) -> Result<PerformanceMetri
     let trigger_match_strategy =
         t.push(raw.trigger_match_strategy.as_deref().unwrap_or("unknown"))?;
     let confidence_components_json = t.opt(raw_json(raw.confidence_components))?;
-    let b = t.finish();
     Ok(PerformanceMetric {
+        text: t.finish(),
         time,
-        id: text(&b, id),
-        correlation_id: opt_text(&b, correlation_id),
-        query_text: opt_text(&b, query_text),
+        id,
+        correlation_id,
+        query_text,
         routing_duration_ms: raw.routing_duration_ms,
         cache_hit: raw.cache_hit.unwrap_or(false),
         candidates_evaluated: raw.candidates_evaluated,
-        trigger_match_strategy: text(&b, trigger_match_strategy),
-        confidence_components_json: opt_text(&b, confidence_components_json),
+        trigger_match_strategy,
+        confidence_components_json,
     })
 }
 
@@ -710,15 +673,18 @@ mod tests {
             "reasoning":"best","routing_time_ms":12,"context":{"k":[1,2]},"project_path":"/p","project_name":"proj",
             "session_id":"s1","timestamp":"2025-11-20T09:15:00.000000+00:00"}"#;
         let e = parse_routing(p, NOW).unwrap();
-        assert_eq!(e.id, "r1");
-        assert_eq!(e.correlation_id.as_deref(), Some("c1"));
-        assert_eq!(e.selected_agent, "agent-a");
+        assert_eq!(e.id(), "r1");
+        assert_eq!(e.correlation_id(), Some("c1"));
+        assert_eq!(e.selected_agent(), "agent-a");
         assert_eq!(e.confidence_score, Some(0.9));
         assert_eq!(e.routing_time_ms, Some(12.0));
-        assert_eq!(e.context_json.as_deref(), Some(r#"{"k":[1,2]}"#));
-        assert_eq!(e.alternatives.len(), 1);
-        assert_eq!(e.alternatives[0].confidence, Some(0.5));
-        assert_eq!(e.session_id.as_deref(), Some("s1"));
+        assert_eq!(e.context_json(), Some(r#"{"k":[1,2]}"#));
+        assert_eq!(e.alternatives().len(), 1);
+        assert_eq!(
+            e.alternatives().next().and_then(|a| a.confidence),
+            Some(0.5)
+        );
+        assert_eq!(e.session_id(), Some("s1"));
         assert_eq!(e.time, ts("2025-11-20T09:15:00Z"));
     }
 
@@ -727,25 +693,25 @@ mod tests {
         let p = br#"{"correlationId":"c","selectedAgent":"x","confidence":0.25,"routingTimeMs":3.5,
             "routingStrategy":"s","projectName":"p","sessionId":"z","userRequest":"u","timestamp":"2025-11-20T09:15:00Z"}"#;
         let e = parse_routing(p, NOW).unwrap();
-        assert_eq!(e.selected_agent, "x");
-        assert_eq!(e.correlation_id.as_deref(), Some("c"));
+        assert_eq!(e.selected_agent(), "x");
+        assert_eq!(e.correlation_id(), Some("c"));
         assert_eq!(e.confidence_score, Some(0.25));
         assert_eq!(e.routing_time_ms, Some(3.5));
-        assert_eq!(e.routing_strategy.as_deref(), Some("s"));
-        assert_eq!(e.user_request.as_deref(), Some("u"));
-        assert!(!e.id.is_empty(), "a missing id gets a new UUID");
+        assert_eq!(e.routing_strategy(), Some("s"));
+        assert_eq!(e.user_request(), Some("u"));
+        assert!(!e.id().is_empty(), "a missing id gets a new UUID");
     }
 
     #[test]
     fn zero_false_and_empty_are_values_null_is_absent() {
         let p = br#"{"selected_agent":"","confidence_score":0,"routing_time_ms":0,"reasoning":"","context":null,"project_name":null}"#;
         let e = parse_routing(p, NOW).unwrap();
-        assert_eq!(e.selected_agent, "");
+        assert_eq!(e.selected_agent(), "");
         assert_eq!(e.confidence_score, Some(0.0));
         assert_eq!(e.routing_time_ms, Some(0.0));
-        assert_eq!(e.reasoning.as_deref(), Some(""));
-        assert_eq!(e.context_json, None);
-        assert_eq!(e.project_name, None);
+        assert_eq!(e.reasoning(), Some(""));
+        assert_eq!(e.context_json(), None);
+        assert_eq!(e.project_name(), None);
         assert_eq!(e.time, NOW, "no timestamp: receive time");
 
         let a = parse_action(
@@ -756,7 +722,7 @@ mod tests {
         assert_eq!(a.success, Some(false));
         assert_eq!(a.debug_mode, Some(false));
         assert_eq!(a.duration_ms, Some(0.0));
-        assert_eq!(a.action_details_json, None);
+        assert_eq!(a.action_details_json(), None);
 
         let t = parse_transformation(
             br#"{"source_agent":"a","target_agent":"b","success":false,"confidence_score":0}"#,
@@ -778,7 +744,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.routing_duration_ms, Some(0.0));
-        assert_eq!(m.trigger_match_strategy, "");
+        assert_eq!(m.trigger_match_strategy(), "");
         assert_eq!(m.candidates_evaluated, Some(0));
     }
 
@@ -787,10 +753,10 @@ mod tests {
         let p = br#"{"id":"a1","correlationId":"c","agentName":"agent-x","actionType":"error","actionName":"Read",
             "actionDetails":{"file":"x"},"debugMode":true,"durationMs":7,"projectName":"p","timestamp":"2025-11-20T09:15:00.5+01:00"}"#;
         let a = parse_action(p, NOW).unwrap();
-        assert_eq!(a.agent_name, "agent-x");
-        assert_eq!(a.action_type, "error");
-        assert_eq!(a.action_name.as_deref(), Some("Read"));
-        assert_eq!(a.action_details_json.as_deref(), Some(r#"{"file":"x"}"#));
+        assert_eq!(a.agent_name(), "agent-x");
+        assert_eq!(a.action_type(), "error");
+        assert_eq!(a.action_name(), Some("Read"));
+        assert_eq!(a.action_details_json(), Some(r#"{"file":"x"}"#));
         assert_eq!(a.debug_mode, Some(true));
         assert_eq!(a.duration_ms, Some(7.0));
         assert_eq!(a.time, ts("2025-11-20T08:15:00.5Z"));
@@ -805,16 +771,16 @@ mod tests {
         .unwrap();
         assert_eq!(m.routing_duration_ms, Some(42.5));
         assert!(!m.cache_hit);
-        assert_eq!(m.trigger_match_strategy, "unknown");
-        assert_eq!(m.query_text.as_deref(), Some("q"));
-        assert_eq!(m.confidence_components_json.as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(m.trigger_match_strategy(), "unknown");
+        assert_eq!(m.query_text(), Some("q"));
+        assert_eq!(m.confidence_components_json(), Some(r#"{"a":1}"#));
         let m = parse_performance(
             br#"{"routingDurationMs":1,"cacheHit":true,"triggerMatchStrategy":"exact"}"#,
             NOW,
         )
         .unwrap();
         assert!(m.cache_hit);
-        assert_eq!(m.trigger_match_strategy, "exact");
+        assert_eq!(m.trigger_match_strategy(), "exact");
     }
 
     #[test]
@@ -853,7 +819,7 @@ mod tests {
         assert_eq!(a.time, NOW);
         // Escaped strings still parse (borrowing falls back to a copy).
         let a = parse_action(br#"{"agent_name":"a\"b","action_type":"x"}"#, NOW).unwrap();
-        assert_eq!(a.agent_name, "a\"b");
+        assert_eq!(a.agent_name(), "a\"b");
     }
 
     #[test]

@@ -64,13 +64,13 @@ impl UpdateKind {
     /// its audience (tested in `api`).
     pub fn audience(&self) -> Audience<'_> {
         match self {
-            UpdateKind::Event(Event::AgentAction(a)) => Audience::One(&a.agent_name),
-            UpdateKind::Event(Event::RoutingDecision(d)) => Audience::One(&d.selected_agent),
-            UpdateKind::Event(Event::Transformation(t)) if t.source_agent == t.target_agent => {
-                Audience::One(&t.source_agent)
+            UpdateKind::Event(Event::AgentAction(a)) => Audience::One(a.agent_name()),
+            UpdateKind::Event(Event::RoutingDecision(d)) => Audience::One(d.selected_agent()),
+            UpdateKind::Event(Event::Transformation(t)) if t.source_agent() == t.target_agent() => {
+                Audience::One(t.source_agent())
             }
             UpdateKind::Event(Event::Transformation(t)) => {
-                Audience::Two(&t.source_agent, &t.target_agent)
+                Audience::Two(t.source_agent(), t.target_agent())
             }
             UpdateKind::Event(Event::PerformanceMetric(_)) => Audience::Unfiltered,
             UpdateKind::AgentMetrics(m) => Audience::One(&m.agent),

@@ -492,9 +492,10 @@ impl Ingest {
     }
 
     /// Where to start reading each of `parts` so that the retention window is replayed: the
-    /// watermarks of each partition, then one `offsets_for_times` request for all of them (one
-    /// round trip instead of one per partition). Partitions missing from the answer start at
-    /// the beginning.
+    /// first and last offsets of every partition and the offsets for the cutoff time, as three
+    /// list-offsets requests sent at once (one round trip, instead of two per partition with
+    /// `fetch_watermarks`, which delayed the first event on start). Partitions missing from
+    /// an answer start at the beginning.
     fn replay_starts(&self, parts: &[(usize, i32)]) -> HashMap<(usize, i32), (Offset, Partition)> {
         let mut out = HashMap::new();
         if parts.is_empty() {
@@ -502,38 +503,53 @@ impl Ingest {
         }
         let cutoff = self.sinks.state.read().cutoff_at(now_micros()) / 1000;
         let target_ms = cutoff - self.cfg.seek_slack.as_millis() as i64;
-        let mut marks: Vec<((usize, i32), (i64, i64))> = Vec::new();
-        let mut query = TopicPartitionList::new();
-        for &(k, p) in parts {
-            let topic = &self.cfg.topics[k];
-            if let Ok(m) = self.consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)
-                && query
-                    .add_partition_offset(topic, p, Offset::Offset(target_ms))
-                    .is_ok()
-            {
-                marks.push(((k, p), m));
+        let list = |at: Offset| {
+            let mut query = TopicPartitionList::new();
+            for &(k, p) in parts {
+                // Only fails for a negative offset other than the symbolic ones: not these.
+                let _ = query.add_partition_offset(&self.cfg.topics[k], p, at);
             }
-        }
-        if marks.is_empty() {
+            self.consumer.offsets_for_times(query, KAFKA_TIMEOUT)
+        };
+        // Timestamps -2 and -1 are the earliest and latest offsets in Kafka's ListOffsets.
+        let (low, high, at_cutoff) = std::thread::scope(|s| {
+            let low = s.spawn(|| list(Offset::Beginning));
+            let high = s.spawn(|| list(Offset::End));
+            let at_cutoff = list(Offset::Offset(target_ms));
+            (low.join(), high.join(), at_cutoff)
+        });
+        let (Ok(Ok(low)), Ok(Ok(high)), answers) = (low, high, at_cutoff) else {
+            tracing::info!(
+                partitions = parts.len(),
+                "watermarks unavailable; replaying from the earliest offset"
+            );
             return out;
-        }
-        let answers = match self.consumer.offsets_for_times(query, KAFKA_TIMEOUT) {
+        };
+        let answers = match answers {
             Ok(list) => list,
             Err(e) => {
                 tracing::info!(
-                    partitions = marks.len(),
+                    partitions = parts.len(),
                     "offsets_for_times failed ({e}); replaying from the earliest offset"
                 );
                 return out;
             }
         };
-        for ((k, p), (low, high)) in marks {
+        let offset_in = |list: &TopicPartitionList, topic: &str, p: i32| {
+            list.find_partition(topic, p)
+                .filter(|e| e.error().is_ok())
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+        };
+        for &(k, p) in parts {
             let topic = &self.cfg.topics[k];
+            let (Some(l), Some(h)) = (offset_in(&low, topic, p), offset_in(&high, topic, p)) else {
+                continue;
+            };
             let answer = answers.find_partition(topic, p).map(|e| e.offset());
-            out.insert(
-                (k, p),
-                replay_start(topic, p, answer, (low, high), target_ms),
-            );
+            out.insert((k, p), replay_start(topic, p, answer, (l, h), target_ms));
         }
         out
     }
@@ -760,8 +776,8 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
             let mut last: Option<&str> = None;
             for e in &applied {
                 let agent = match e {
-                    events::Event::RoutingDecision(d) => d.selected_agent.as_str(),
-                    events::Event::AgentAction(a) => a.agent_name.as_str(),
+                    events::Event::RoutingDecision(d) => d.selected_agent(),
+                    events::Event::AgentAction(a) => a.agent_name(),
                     _ => continue,
                 };
                 if last != Some(agent) && !set.contains(agent) {

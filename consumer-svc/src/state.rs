@@ -257,22 +257,22 @@ trait Timed {
 }
 impl Timed for AgentAction {
     fn key(&self) -> (Micros, &str) {
-        (self.time, &self.id)
+        (self.time, self.id())
     }
 }
 impl Timed for RoutingDecision {
     fn key(&self) -> (Micros, &str) {
-        (self.time, &self.id)
+        (self.time, self.id())
     }
 }
 impl Timed for Transformation {
     fn key(&self) -> (Micros, &str) {
-        (self.time, &self.id)
+        (self.time, self.id())
     }
 }
 impl Timed for PerformanceMetric {
     fn key(&self) -> (Micros, &str) {
-        (self.time, &self.id)
+        (self.time, self.id())
     }
 }
 
@@ -375,7 +375,7 @@ impl State {
         }
         match event {
             Event::RoutingDecision(d) => {
-                let b = self.agent_bucket(&d.selected_agent, d.time, now);
+                let b = self.agent_bucket(d.selected_agent(), d.time, now);
                 b.requests += 1;
                 if let Some(ms) = d.routing_time_ms.filter(|x| x.is_finite()) {
                     b.routing_time_sum += fixed(ms);
@@ -386,18 +386,18 @@ impl State {
                     b.confidence_n += 1;
                 }
                 self.decisions.insert(d);
-                Applied::Aggregated(Some(&d.selected_agent))
+                Applied::Aggregated(Some(d.selected_agent()))
             }
             Event::AgentAction(a) => {
-                let b = self.agent_bucket(&a.agent_name, a.time, now);
+                let b = self.agent_bucket(a.agent_name(), a.time, now);
                 b.actions += 1;
-                match a.action_type.as_str() {
+                match a.action_type() {
                     "success" => b.successes += 1,
                     "error" => b.errors += 1,
                     _ => {}
                 }
                 self.actions.insert(a);
-                Applied::Aggregated(Some(&a.agent_name))
+                Applied::Aggregated(Some(a.agent_name()))
             }
             Event::Transformation(t) => {
                 self.transformations.insert(t);
@@ -548,7 +548,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Alternative, EventKind};
+    use crate::events::{self, EventKind};
 
     const H: Micros = 3600 * 1_000_000;
     const NOW: Micros = 1_764_000_000_000_000;
@@ -570,6 +570,29 @@ mod tests {
         }
     }
 
+    /// An event time as producers write it (RFC 3339, microseconds).
+    fn iso(time: Micros) -> String {
+        chrono::DateTime::from_timestamp_micros(time)
+            .expect("in range")
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    }
+
+    fn json(v: serde_json::Value) -> Vec<u8> {
+        v.to_string().into_bytes()
+    }
+
+    /// An action built through the parser, as ingest builds it.
+    fn action(id: &str, agent: &str, action_type: &str, time: Micros) -> Event {
+        let payload = json(serde_json::json!({
+            "id": id,
+            "agent_name": agent,
+            "action_type": action_type,
+            "timestamp": iso(time),
+        }));
+        let a = events::parse_action(&payload, time).expect("a valid action");
+        Event::AgentAction(Arc::new(a))
+    }
+
     fn random_events(n: usize, seed: u64, span: Micros) -> Vec<Event> {
         let mut r = Rng(seed);
         let agents = ["alpha", "beta", "gamma", "delta", "epsilon"];
@@ -579,63 +602,57 @@ mod tests {
                 let time = NOW - (r.below(span as u64) as Micros);
                 let agent = agents[r.below(agents.len() as u64) as usize].to_string();
                 let id = format!("e{i}");
-                match r.below(4) {
-                    0 => Event::RoutingDecision(Arc::new(RoutingDecision {
-                        id: id.clone().into(),
-                        correlation_id: Some(format!("c{}", i / 3).into()),
-                        user_request: None,
-                        selected_agent: agent.clone().into(),
-                        confidence_score: (r.below(5) > 0).then(|| r.unit()),
-                        routing_strategy: None,
-                        alternatives: vec![Alternative {
-                            agent: "x".into(),
-                            confidence: Some(0.1),
-                            reasoning: None,
-                        }],
-                        reasoning: None,
-                        routing_time_ms: (r.below(5) > 0).then(|| r.unit() * 100.0),
-                        context_json: None,
-                        project_path: None,
-                        project_name: None,
-                        session_id: None,
-                        time,
-                    })),
-                    1 => Event::AgentAction(Arc::new(AgentAction {
-                        id: id.clone().into(),
-                        correlation_id: None,
-                        agent_name: agent.clone().into(),
-                        action_type: types[r.below(4) as usize].into(),
-                        action_name: None,
-                        action_details_json: None,
-                        debug_mode: None,
-                        duration_ms: None,
-                        project_name: None,
-                        success: None,
-                        time,
-                    })),
-                    2 => Event::Transformation(Arc::new(Transformation {
-                        id: id.clone().into(),
-                        correlation_id: None,
-                        source_agent: agent.clone().into(),
-                        target_agent: "beta".into(),
-                        transformation_reason: None,
-                        confidence_score: None,
-                        transformation_duration_ms: None,
-                        success: true,
-                        time,
-                    })),
-                    _ => Event::PerformanceMetric(Arc::new(PerformanceMetric {
-                        id: id.clone().into(),
-                        correlation_id: None,
-                        query_text: None,
-                        routing_duration_ms: (r.below(4) > 0).then(|| r.unit() * 50.0),
-                        cache_hit: r.below(3) == 0,
-                        candidates_evaluated: None,
-                        trigger_match_strategy: "unknown".into(),
-                        confidence_components_json: None,
-                        time,
-                    })),
-                }
+                // Built through the parser, as ingest builds them.
+                let ts = iso(time);
+                let event = match r.below(4) {
+                    0 => {
+                        let confidence = (r.below(5) > 0).then(|| r.unit());
+                        let routing_time = (r.below(5) > 0).then(|| r.unit() * 100.0);
+                        events::parse_routing(
+                            &json(serde_json::json!({
+                                "id": id,
+                                "correlation_id": format!("c{}", i / 3),
+                                "selected_agent": agent,
+                                "confidence_score": confidence,
+                                "alternatives": [{"agent": "x", "confidence": 0.1}],
+                                "routing_time_ms": routing_time,
+                                "timestamp": ts,
+                            })),
+                            NOW,
+                        )
+                        .map(|e| Event::RoutingDecision(Arc::new(e)))
+                    }
+                    1 => Ok(action(&id, &agent, types[r.below(4) as usize], time)),
+                    2 => events::parse_transformation(
+                        &json(serde_json::json!({
+                            "id": id,
+                            "source_agent": agent,
+                            "target_agent": "beta",
+                            "success": true,
+                            "timestamp": ts,
+                        })),
+                        NOW,
+                    )
+                    .map(|e| Event::Transformation(Arc::new(e))),
+                    _ => {
+                        let duration = (r.below(4) > 0).then(|| r.unit() * 50.0);
+                        let cache_hit = r.below(3) == 0;
+                        events::parse_performance(
+                            &json(serde_json::json!({
+                                "id": id,
+                                "routing_duration_ms": duration,
+                                "cache_hit": cache_hit,
+                                "trigger_match_strategy": "unknown",
+                                "timestamp": ts,
+                            })),
+                            NOW,
+                        )
+                        .map(|e| Event::PerformanceMetric(Arc::new(e)))
+                    }
+                };
+                let event = event.expect("a valid event");
+                assert_eq!(event.time(), time);
+                event
             })
             .collect()
     }
@@ -646,9 +663,9 @@ mod tests {
         for e in events {
             match e {
                 Event::RoutingDecision(d) if d.time >= from => {
-                    names.push(d.selected_agent.to_string())
+                    names.push(d.selected_agent().to_string())
                 }
-                Event::AgentAction(a) if a.time >= from => names.push(a.agent_name.to_string()),
+                Event::AgentAction(a) if a.time >= from => names.push(a.agent_name().to_string()),
                 _ => {}
             }
         }
@@ -660,7 +677,9 @@ mod tests {
                 let ds: Vec<_> = events
                     .iter()
                     .filter_map(|e| match e {
-                        Event::RoutingDecision(d) if d.selected_agent == name && d.time >= from => {
+                        Event::RoutingDecision(d)
+                            if d.selected_agent() == name && d.time >= from =>
+                        {
                             Some(d)
                         }
                         _ => None,
@@ -669,19 +688,21 @@ mod tests {
                 let acts: Vec<_> = events
                     .iter()
                     .filter_map(|e| match e {
-                        Event::AgentAction(a) if a.agent_name == name && a.time >= from => Some(a),
+                        Event::AgentAction(a) if a.agent_name() == name && a.time >= from => {
+                            Some(a)
+                        }
                         _ => None,
                     })
                     .collect();
                 let mean =
                     |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
-                let successes = acts.iter().filter(|a| a.action_type == "success").count() as u64;
-                let errors = acts.iter().filter(|a| a.action_type == "error").count() as u64;
+                let successes = acts.iter().filter(|a| a.action_type() == "success").count() as u64;
+                let errors = acts.iter().filter(|a| a.action_type() == "error").count() as u64;
                 let last_seen = events
                     .iter()
                     .filter_map(|e| match e {
-                        Event::RoutingDecision(d) if d.selected_agent == name => Some(d.time),
-                        Event::AgentAction(a) if a.agent_name == name => Some(a.time),
+                        Event::RoutingDecision(d) if d.selected_agent() == name => Some(d.time),
+                        Event::AgentAction(a) if a.agent_name() == name => Some(a.time),
                         _ => None,
                     })
                     .max()
@@ -780,14 +801,14 @@ mod tests {
         let mut actions: Vec<_> = events
             .iter()
             .filter_map(|e| match e {
-                Event::AgentAction(a) => Some((a.time, a.id.clone())),
+                Event::AgentAction(a) => Some((a.time, a.id().to_owned())),
                 _ => None,
             })
             .collect();
         actions.sort();
         actions.reverse();
         actions.truncate(1000);
-        let got: Vec<_> = s.actions().map(|a| (a.time, a.id.clone())).collect();
+        let got: Vec<_> = s.actions().map(|a| (a.time, a.id().to_owned())).collect();
         assert_eq!(got, actions);
         assert_eq!(s.transformations().count(), 100);
         assert_eq!(s.performance().count(), 200);
@@ -811,9 +832,9 @@ mod tests {
             a.performance_stats(NOW, None),
             b.performance_stats(NOW, None)
         );
-        let ids = |s: &State| s.actions().map(|x| x.id.clone()).collect::<Vec<_>>();
+        let ids = |s: &State| s.actions().map(|x| x.id().to_owned()).collect::<Vec<_>>();
         assert_eq!(ids(&a), ids(&b));
-        let ids = |s: &State| s.decisions().map(|x| x.id.clone()).collect::<Vec<_>>();
+        let ids = |s: &State| s.decisions().map(|x| x.id().to_owned()).collect::<Vec<_>>();
         assert_eq!(ids(&a), ids(&b));
     }
 
@@ -895,19 +916,7 @@ mod tests {
         let mut i = 0;
         // One action per minute for 24 h, pruned every simulated minute as the service does.
         while t <= NOW {
-            let e = Event::AgentAction(Arc::new(AgentAction {
-                id: format!("{i}").into(),
-                correlation_id: None,
-                agent_name: "busy".into(),
-                action_type: "success".into(),
-                action_name: None,
-                action_details_json: None,
-                debug_mode: None,
-                duration_ms: None,
-                project_name: None,
-                success: None,
-                time: t,
-            }));
+            let e = action(&i.to_string(), "busy", "success", t);
             s.apply(&e, t);
             s.prune(t);
             t += MINUTE;
@@ -928,19 +937,7 @@ mod tests {
     fn no_nan_and_no_confidence_as_success_rate() {
         let mut s = State::new(StateConfig::default());
         // An agent seen only through non-success/error actions: no averages, no success rate.
-        let e = Event::AgentAction(Arc::new(AgentAction {
-            id: "1".into(),
-            correlation_id: None,
-            agent_name: "solo".into(),
-            action_type: "tool_call".into(),
-            action_name: None,
-            action_details_json: None,
-            debug_mode: None,
-            duration_ms: None,
-            project_name: None,
-            success: None,
-            time: NOW,
-        }));
+        let e = action("1", "solo", "tool_call", NOW);
         s.apply(&e, NOW);
         let m = &s.agent_metrics(NOW, None, None)[0];
         assert_eq!(m.total_requests, 0);
