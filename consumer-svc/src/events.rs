@@ -58,6 +58,7 @@ struct TextBuf {
 }
 
 impl TextBuf {
+    /// `n`: the exact total length (see `text_len`), so that `finish` does not reallocate.
     fn with_capacity(n: usize) -> Self {
         Self {
             buf: String::with_capacity(n),
@@ -79,6 +80,12 @@ impl TextBuf {
     }
 
     fn finish(self) -> Texts {
+        // Sized exactly up front: no shrinking copy here (tests run with debug assertions).
+        debug_assert_eq!(
+            self.buf.len(),
+            self.buf.capacity(),
+            "text_len missed a field"
+        );
         Texts(self.buf.into_boxed_str())
     }
 }
@@ -312,11 +319,13 @@ fn payload_str(payload: &[u8]) -> Result<&str, ParseError> {
 }
 
 /// The id, or a fresh UUID when the event has none.
-fn id_or_new(t: &mut TextBuf, id: &Str<'_>) -> Result<Span, ParseError> {
-    match id {
-        Some(id) => t.push(id),
-        None => t.push(&uuid::Uuid::new_v4().to_string()),
-    }
+fn id_or_new(id: Str<'_>) -> Cow<'_, str> {
+    id.unwrap_or_else(|| Cow::Owned(uuid::Uuid::new_v4().to_string()))
+}
+
+/// The total length of an event's text fields: its buffer is allocated at its final size.
+fn text_len<'a>(fields: impl IntoIterator<Item = Option<&'a str>>) -> usize {
+    fields.into_iter().flatten().map(str::len).sum()
 }
 
 /// `timestamp`, else `createdAt`, else the receive time; never later than the receive time.
@@ -380,31 +389,49 @@ pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, Par
     let payload = payload_str(payload)?;
     let raw: RawRouting = serde_json::from_str(payload)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
-    let mut t = TextBuf::with_capacity(payload.len());
-    let selected_agent = t.push(
-        raw.selected_agent
-            .as_deref()
-            .ok_or(ParseError::MissingField("selected_agent"))?,
-    )?;
-    let mut alternatives = Vec::new();
-    for alt in raw.alternatives.as_deref().unwrap_or_default() {
-        let agent = t.push(
-            alt.agent
-                .as_deref()
-                .ok_or(ParseError::MissingField("alternatives[].agent"))?,
-        )?;
+    let selected_agent = raw
+        .selected_agent
+        .as_deref()
+        .ok_or(ParseError::MissingField("selected_agent"))?;
+    let alts = raw.alternatives.as_deref().unwrap_or_default();
+    if alts.iter().any(|a| a.agent.is_none()) {
+        return Err(ParseError::MissingField("alternatives[].agent"));
+    }
+    let id = id_or_new(raw.id);
+    let context = raw_json(raw.context);
+    let mut t = TextBuf::with_capacity(
+        text_len([
+            Some(selected_agent),
+            Some(&*id),
+            raw.correlation_id.as_deref(),
+            raw.user_request.as_deref(),
+            raw.routing_strategy.as_deref(),
+            raw.reasoning.as_deref(),
+            context,
+            raw.project_path.as_deref(),
+            raw.project_name.as_deref(),
+            raw.session_id.as_deref(),
+        ]) + text_len(
+            alts.iter()
+                .flat_map(|a| [a.agent.as_deref(), a.reasoning.as_deref()]),
+        ),
+    );
+    let selected_agent = t.push(selected_agent)?;
+    let mut alternatives = Vec::with_capacity(alts.len());
+    for alt in alts {
+        let agent = t.push(alt.agent.as_deref().unwrap_or_default())?;
         alternatives.push(AlternativeSpans {
             agent,
             confidence: alt.confidence,
             reasoning: t.opt(alt.reasoning.as_deref())?,
         });
     }
-    let id = id_or_new(&mut t, &raw.id)?;
+    let id = t.push(&id)?;
     let correlation_id = t.opt(raw.correlation_id.as_deref())?;
     let user_request = t.opt(raw.user_request.as_deref())?;
     let routing_strategy = t.opt(raw.routing_strategy.as_deref())?;
     let reasoning = t.opt(raw.reasoning.as_deref())?;
-    let context_json = t.opt(raw_json(raw.context))?;
+    let context_json = t.opt(context)?;
     let project_path = t.opt(raw.project_path.as_deref())?;
     let project_name = t.opt(raw.project_name.as_deref())?;
     let session_id = t.opt(raw.session_id.as_deref())?;
@@ -459,21 +486,31 @@ pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseErr
     let payload = payload_str(payload)?;
     let raw: RawAction = serde_json::from_str(payload)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
-    let mut t = TextBuf::with_capacity(payload.len());
-    let agent_name = t.push(
-        raw.agent_name
-            .as_deref()
-            .ok_or(ParseError::MissingField("agent_name"))?,
-    )?;
-    let action_type = t.push(
-        raw.action_type
-            .as_deref()
-            .ok_or(ParseError::MissingField("action_type"))?,
-    )?;
-    let id = id_or_new(&mut t, &raw.id)?;
+    let agent_name = raw
+        .agent_name
+        .as_deref()
+        .ok_or(ParseError::MissingField("agent_name"))?;
+    let action_type = raw
+        .action_type
+        .as_deref()
+        .ok_or(ParseError::MissingField("action_type"))?;
+    let id = id_or_new(raw.id);
+    let details = raw_json(raw.action_details);
+    let mut t = TextBuf::with_capacity(text_len([
+        Some(agent_name),
+        Some(action_type),
+        Some(&*id),
+        raw.correlation_id.as_deref(),
+        raw.action_name.as_deref(),
+        details,
+        raw.project_name.as_deref(),
+    ]));
+    let agent_name = t.push(agent_name)?;
+    let action_type = t.push(action_type)?;
+    let id = t.push(&id)?;
     let correlation_id = t.opt(raw.correlation_id.as_deref())?;
     let action_name = t.opt(raw.action_name.as_deref())?;
-    let action_details_json = t.opt(raw_json(raw.action_details))?;
+    let action_details_json = t.opt(details)?;
     let project_name = t.opt(raw.project_name.as_deref())?;
     Ok(AgentAction {
         text: t.finish(),
@@ -519,18 +556,25 @@ pub fn parse_transformation(payload: &[u8], now: Micros) -> Result<Transformatio
     let payload = payload_str(payload)?;
     let raw: RawTransformation = serde_json::from_str(payload)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
-    let mut t = TextBuf::with_capacity(payload.len());
-    let source_agent = t.push(
-        raw.source_agent
-            .as_deref()
-            .ok_or(ParseError::MissingField("source_agent"))?,
-    )?;
-    let target_agent = t.push(
-        raw.target_agent
-            .as_deref()
-            .ok_or(ParseError::MissingField("target_agent"))?,
-    )?;
-    let id = id_or_new(&mut t, &raw.id)?;
+    let source_agent = raw
+        .source_agent
+        .as_deref()
+        .ok_or(ParseError::MissingField("source_agent"))?;
+    let target_agent = raw
+        .target_agent
+        .as_deref()
+        .ok_or(ParseError::MissingField("target_agent"))?;
+    let id = id_or_new(raw.id);
+    let mut t = TextBuf::with_capacity(text_len([
+        Some(source_agent),
+        Some(target_agent),
+        Some(&*id),
+        raw.correlation_id.as_deref(),
+        raw.transformation_reason.as_deref(),
+    ]));
+    let source_agent = t.push(source_agent)?;
+    let target_agent = t.push(target_agent)?;
+    let id = t.push(&id)?;
     let correlation_id = t.opt(raw.correlation_id.as_deref())?;
     let transformation_reason = t.opt(raw.transformation_reason.as_deref())?;
     Ok(Transformation {
@@ -580,13 +624,21 @@ pub fn parse_performance(payload: &[u8], now: Micros) -> Result<PerformanceMetri
     let payload = payload_str(payload)?;
     let raw: RawPerformance = serde_json::from_str(payload)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
-    let mut t = TextBuf::with_capacity(payload.len());
-    let id = id_or_new(&mut t, &raw.id)?;
+    let id = id_or_new(raw.id);
+    let strategy = raw.trigger_match_strategy.as_deref().unwrap_or("unknown");
+    let components = raw_json(raw.confidence_components);
+    let mut t = TextBuf::with_capacity(text_len([
+        Some(&*id),
+        raw.correlation_id.as_deref(),
+        raw.query_text.as_deref(),
+        Some(strategy),
+        components,
+    ]));
+    let id = t.push(&id)?;
     let correlation_id = t.opt(raw.correlation_id.as_deref())?;
     let query_text = t.opt(raw.query_text.as_deref())?;
-    let trigger_match_strategy =
-        t.push(raw.trigger_match_strategy.as_deref().unwrap_or("unknown"))?;
-    let confidence_components_json = t.opt(raw_json(raw.confidence_components))?;
+    let trigger_match_strategy = t.push(strategy)?;
+    let confidence_components_json = t.opt(components)?;
     Ok(PerformanceMetric {
         text: t.finish(),
         time,
