@@ -363,10 +363,17 @@ impl Ingest {
                 })
                 .collect();
             let mut live = TopicPartitionList::new();
+            let mut vanished = 0;
             for ((k, p), next) in &kept {
                 let topic = self.cfg.topics[*k].clone();
                 if !present.contains(&(topic.clone(), *p)) {
-                    continue; // vanished: handled as usual below
+                    // Gone while the broker was away. Never assigned on the fresh client, so
+                    // forgotten here rather than unassigned below (librdkafka refuses that).
+                    self.assigned.remove(&(*k, *p));
+                    self.recreated.insert(*k);
+                    self.sinks.status.partitions.lock().remove(&(*k, *p));
+                    vanished += 1;
+                    continue;
                 }
                 // A log that ends before our position was recreated while the broker was
                 // away: read it from the beginning, like a topic seen missing.
@@ -379,6 +386,12 @@ impl Ingest {
                         let _ = live.add_partition_offset(&topic, *p, Offset::Offset(*next));
                     }
                 }
+            }
+            if vanished > 0 {
+                tracing::warn!(
+                    partitions = vanished,
+                    "topic partitions disappeared while the broker was away; will re-read them from the beginning when they return"
+                );
             }
             if let Err(e) = self.consumer.incremental_assign(&live) {
                 tracing::warn!("assign on the fresh client: {e}");
