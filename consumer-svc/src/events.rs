@@ -318,6 +318,11 @@ fn payload_str(payload: &[u8]) -> Result<&str, ParseError> {
     Ok(std::str::from_utf8(payload)?)
 }
 
+/// A required string field.
+fn required<'s>(field: &'s Str<'_>, name: &'static str) -> Result<&'s str, ParseError> {
+    field.as_deref().ok_or(ParseError::MissingField(name))
+}
+
 /// The id, or a fresh UUID when the event has none.
 fn id_or_new(id: Str<'_>) -> Cow<'_, str> {
     id.unwrap_or_else(|| Cow::Owned(uuid::Uuid::new_v4().to_string()))
@@ -389,10 +394,7 @@ pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, Par
     let payload = payload_str(payload)?;
     let raw: RawRouting = serde_json::from_str(payload)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
-    let selected_agent = raw
-        .selected_agent
-        .as_deref()
-        .ok_or(ParseError::MissingField("selected_agent"))?;
+    let selected_agent = required(&raw.selected_agent, "selected_agent")?;
     let alts = raw.alternatives.as_deref().unwrap_or_default();
     if alts.iter().any(|a| a.agent.is_none()) {
         return Err(ParseError::MissingField("alternatives[].agent"));
@@ -486,14 +488,8 @@ pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseErr
     let payload = payload_str(payload)?;
     let raw: RawAction = serde_json::from_str(payload)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
-    let agent_name = raw
-        .agent_name
-        .as_deref()
-        .ok_or(ParseError::MissingField("agent_name"))?;
-    let action_type = raw
-        .action_type
-        .as_deref()
-        .ok_or(ParseError::MissingField("action_type"))?;
+    let agent_name = required(&raw.agent_name, "agent_name")?;
+    let action_type = required(&raw.action_type, "action_type")?;
     let id = id_or_new(raw.id);
     let details = raw_json(raw.action_details);
     let mut t = TextBuf::with_capacity(text_len([
@@ -556,14 +552,8 @@ pub fn parse_transformation(payload: &[u8], now: Micros) -> Result<Transformatio
     let payload = payload_str(payload)?;
     let raw: RawTransformation = serde_json::from_str(payload)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
-    let source_agent = raw
-        .source_agent
-        .as_deref()
-        .ok_or(ParseError::MissingField("source_agent"))?;
-    let target_agent = raw
-        .target_agent
-        .as_deref()
-        .ok_or(ParseError::MissingField("target_agent"))?;
+    let source_agent = required(&raw.source_agent, "source_agent")?;
+    let target_agent = required(&raw.target_agent, "target_agent")?;
     let id = id_or_new(raw.id);
     let mut t = TextBuf::with_capacity(text_len([
         Some(source_agent),
