@@ -10,8 +10,12 @@ use crate::events::Micros;
 
 /// Parses RFC 3339 / Python `isoformat()` output; a naive time is taken as UTC.
 pub fn parse_iso8601(s: &str) -> Option<Micros> {
-    let s = s.trim();
-    fixed_layout(s.as_bytes()).or_else(|| with_chrono(s))
+    // The fixed layout never has surrounding whitespace, so it is tried before trimming (which
+    // scans for Unicode whitespace at both ends).
+    fixed_layout(s.as_bytes()).or_else(|| {
+        let s = s.trim();
+        fixed_layout(s.as_bytes()).or_else(|| with_chrono(s))
+    })
 }
 
 /// The general path: chrono's RFC 3339 parser, then the naive and space-separated layouts.
@@ -155,6 +159,15 @@ mod tests {
             assert_eq!(fixed_layout(s.as_bytes()), None, "{s}");
         }
         assert_eq!(parse_iso8601("2025-02-29T00:00:00Z"), None);
+        // Surrounding whitespace is trimmed, for either path.
+        for s in [" 2025-11-20T09:15:00Z\n", "\t2025-11-20T09:15:00+00:00 "] {
+            assert_eq!(fixed_layout(s.as_bytes()), None, "{s:?}");
+            assert_eq!(parse_iso8601(s), Some(1_763_630_100_000_000), "{s:?}");
+        }
+        assert_eq!(
+            parse_iso8601(" 2025-11-20T23:59:60Z "),
+            with_chrono("2025-11-20T23:59:60Z")
+        );
         assert_eq!(
             parse_iso8601("2025-11-20t09:15:00z"),
             with_chrono("2025-11-20t09:15:00z")
