@@ -341,7 +341,9 @@ impl Ingest {
                 return;
             }
         };
-        if std::mem::take(&mut self.client_replaced) {
+        // A fresh client has nothing assigned until the block below assigns what is present.
+        let fresh_client = std::mem::take(&mut self.client_replaced);
+        if fresh_client {
             // The fresh client has no assignment: every partition is assigned again below,
             // those we had read from at their next offset.
             let kept: Vec<((usize, i32), i64)> = self
@@ -363,17 +365,10 @@ impl Ingest {
                 })
                 .collect();
             let mut live = TopicPartitionList::new();
-            let mut vanished = 0;
             for ((k, p), next) in &kept {
                 let topic = self.cfg.topics[*k].clone();
                 if !present.contains(&(topic.clone(), *p)) {
-                    // Gone while the broker was away. Never assigned on the fresh client, so
-                    // forgotten here rather than unassigned below (librdkafka refuses that).
-                    self.assigned.remove(&(*k, *p));
-                    self.recreated.insert(*k);
-                    self.sinks.status.partitions.lock().remove(&(*k, *p));
-                    vanished += 1;
-                    continue;
+                    continue; // vanished: handled as usual below
                 }
                 // A log that ends before our position was recreated while the broker was
                 // away: read it from the beginning, like a topic seen missing.
@@ -386,12 +381,6 @@ impl Ingest {
                         let _ = live.add_partition_offset(&topic, *p, Offset::Offset(*next));
                     }
                 }
-            }
-            if vanished > 0 {
-                tracing::warn!(
-                    partitions = vanished,
-                    "topic partitions disappeared while the broker was away; will re-read them from the beginning when they return"
-                );
             }
             if let Err(e) = self.consumer.incremental_assign(&live) {
                 tracing::warn!("assign on the fresh client: {e}");
@@ -425,7 +414,8 @@ impl Ingest {
                 partitions = gone.len(),
                 "topic partitions disappeared; will re-read them from the beginning when they return"
             );
-            if let Err(e) = self.consumer.incremental_unassign(&tpl) {
+            // On a fresh client they were never assigned (librdkafka refuses to unassign them).
+            if !fresh_client && let Err(e) = self.consumer.incremental_unassign(&tpl) {
                 tracing::warn!("unassign: {e}");
             }
         }
