@@ -6,7 +6,6 @@ use std::str::FromStr;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 use rust_decimal::Decimal;
-use rust_decimal::prelude::ToPrimitive;
 use serde_json::{Map, Number, Value as Json};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Arguments, Column, Row, TypeInfo};
@@ -109,6 +108,9 @@ fn type_error(ty: ColType, got: &Json) -> DbError {
     DbError::field("", format!("expected {want}, got {kind}"))
 }
 
+/// 2^53: integers up to this magnitude are exact as doubles (protobuf `Value` numbers).
+const EXACT_INT: u64 = 1 << 53;
+
 fn integer(ty: ColType, value: &Json, min: i64, max: i64) -> Result<i64, DbError> {
     let n = match value {
         Json::Number(n) => {
@@ -117,8 +119,22 @@ fn integer(ty: ColType, value: &Json, min: i64, max: i64) -> Result<i64, DbError
             } else {
                 let f = n.as_f64().unwrap_or(f64::NAN);
                 // JSON numbers from protobuf Values are doubles: 3.0 is the integer 3.
-                if f.fract() != 0.0 || !f.is_finite() || f.abs() > 9.007_199_254_740_992e15 {
+                if f.fract() != 0.0 || !f.is_finite() {
                     return Err(DbError::field("", format!("{n} is not an integer")));
+                }
+                if f.abs() > EXACT_INT as f64 {
+                    // The double may already be a rounding of the integer the caller meant.
+                    let hint = if ty == ColType::Int8 {
+                        "; send a bigint this large as a decimal string"
+                    } else {
+                        ""
+                    };
+                    return Err(DbError::field(
+                        "",
+                        format!(
+                            "{n} is beyond ±2^53, where a number is not an exact integer{hint}"
+                        ),
+                    ));
                 }
                 f as i64
             }
@@ -190,9 +206,16 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
                 Json::String(s) => s.trim().to_string(),
                 other => return Err(type_error(ty, other)),
             };
-            let d = Decimal::from_str(&text)
-                .or_else(|_| Decimal::from_scientific(&text))
-                .map_err(|_| DbError::field("", format!("'{text}' is not a decimal number")))?;
+            // `from_str` would round away digits beyond the 28 a `Decimal` carries: refuse
+            // such a value rather than store something else than was sent.
+            let d = exact_decimal(&text).ok_or_else(|| {
+                let why = if Decimal::from_str(&text).is_ok() {
+                    "has more than the 28 significant digits db-svc carries exactly"
+                } else {
+                    "is not a decimal number"
+                };
+                DbError::field("", format!("'{text}' {why}"))
+            })?;
             Param::Numeric(d)
         }
         ColType::Text => match value {
@@ -230,6 +253,25 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
             ));
         }
     })
+}
+
+/// `text` (plain or scientific notation) as a `Decimal` holding exactly that value; `None`
+/// when it is not a number or needs more than the 28 digits a `Decimal` carries (the crate's
+/// `from_str` and `from_scientific` would round those silently).
+fn exact_decimal(text: &str) -> Option<Decimal> {
+    let Some((mantissa, exponent)) = text.split_once(['e', 'E']) else {
+        return Decimal::from_str_exact(text).ok();
+    };
+    let m = Decimal::from_str_exact(mantissa).ok()?;
+    let exponent: i64 = exponent.parse().ok()?;
+    // m * 10^exponent: lower the scale while it lasts, then scale the integer mantissa up.
+    let scale = i64::from(m.scale()) - exponent;
+    if scale >= 0 {
+        Decimal::try_from_i128_with_scale(m.mantissa(), u32::try_from(scale).ok()?).ok()
+    } else {
+        let factor = 10i128.checked_pow(u32::try_from(-scale).ok()?)?;
+        Decimal::try_from_i128_with_scale(m.mantissa().checked_mul(factor)?, 0).ok()
+    }
 }
 
 fn number(f: f64) -> Json {
@@ -361,6 +403,29 @@ impl Cell<'_> {
         }
     }
 
+    /// A bigint: a number while a double holds it exactly (|n| <= 2^53), beyond that its
+    /// decimal text, as proto3's JSON mapping writes int64 (a double would silently round it).
+    fn bigint(n: i64) -> Self {
+        if n.unsigned_abs() <= EXACT_INT {
+            Cell::Number(n as f64)
+        } else {
+            Cell::Text(n.to_string())
+        }
+    }
+
+    /// A numeric: a number when the double reads back as the same decimal (`0.9512`), its
+    /// decimal text when a double would change it (more digits than a double keeps).
+    fn numeric(d: Decimal) -> Self {
+        // Rust's float parsing rounds correctly; `Display` of a double is the shortest text
+        // that reads back as it, so equality below means the double carries the decimal.
+        match d.to_string().parse::<f64>() {
+            Ok(f) if Decimal::from_str(&f.to_string()).is_ok_and(|back| back == d) => {
+                Cell::Number(f)
+            }
+            _ => Cell::Text(d.normalize().to_string()),
+        }
+    }
+
     pub fn into_value(self) -> prost_types::Value {
         use prost_types::value::Kind;
         let kind = match self {
@@ -478,10 +543,10 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         ColType::Bool => get!(bool).map(Cell::Bool),
         ColType::Int2 => get!(i16).map(|n| Cell::Number(n.into())),
         ColType::Int4 => get!(i32).map(|n| Cell::Number(n.into())),
-        ColType::Int8 => get!(i64).map(|n| Cell::Number(n as f64)),
+        ColType::Int8 => get!(i64).map(Cell::bigint),
         ColType::Float4 => get!(f32).map(|f| Cell::number(f.into())),
         ColType::Float8 => get!(f64).map(Cell::number),
-        ColType::Numeric => get!(Decimal).map(|d| Cell::number(d.to_f64().unwrap_or(f64::NAN))),
+        ColType::Numeric => get!(Decimal).map(Cell::numeric),
         ColType::Text => get!(&'r str).map(Cell::Str),
         ColType::Uuid => get!(Uuid).map(Cell::Uuid),
         ColType::Json | ColType::Jsonb => {
@@ -722,6 +787,34 @@ mod tests {
         );
         assert!(to_param(ColType::Numeric, &json!("abc")).is_err());
         assert!(to_param(ColType::Numeric, &json!(true)).is_err());
+        assert_eq!(
+            to_param(ColType::Numeric, &json!("1.5e3")).unwrap(),
+            Param::Numeric(Decimal::from(1500))
+        );
+        assert_eq!(exact_decimal("-1.5E+3"), Some(Decimal::from(-1500)));
+        assert_eq!(exact_decimal("25e-3"), Decimal::from_str("0.025").ok());
+        assert_eq!(
+            to_param(ColType::Numeric, &json!(1e-7)).unwrap(),
+            Param::Numeric(Decimal::from_str("0.0000001").unwrap())
+        );
+        assert_eq!(exact_decimal("1e"), None);
+        // 28 significant digits are kept; a 29th would be rounded away, so it is refused.
+        let exact = "1234567890.123456789012345678";
+        assert_eq!(
+            to_param(ColType::Numeric, &json!(exact)).unwrap(),
+            Param::Numeric(Decimal::from_str(exact).unwrap())
+        );
+        let err = to_param(ColType::Numeric, &json!("12345678901234567890.0123456789"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("28 significant digits"), "{err}");
+        let err = to_param(
+            ColType::Numeric,
+            &json!("1.2345678901234567890123456789012e3"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("28 significant digits"), "{err}");
     }
 
     #[test]
@@ -764,6 +857,60 @@ mod tests {
             Some(Kind::StringValue("inf".into()))
         );
         assert_eq!(number_value(2.5).kind, Some(Kind::NumberValue(2.5)));
+    }
+
+    #[test]
+    fn numerics_a_double_would_change_become_decimal_strings() {
+        use prost_types::value::Kind;
+        let kind = |s: &str| {
+            Cell::numeric(Decimal::from_str(s).unwrap())
+                .into_value()
+                .kind
+        };
+        assert_eq!(kind("0.9512"), Some(Kind::NumberValue(0.9512)));
+        assert_eq!(kind("0.1000"), Some(Kind::NumberValue(0.1)));
+        assert_eq!(kind("-12.5"), Some(Kind::NumberValue(-12.5)));
+        assert_eq!(kind("0"), Some(Kind::NumberValue(0.0)));
+        assert_eq!(
+            kind("123456789012345"),
+            Some(Kind::NumberValue(123456789012345.0))
+        );
+        assert_eq!(
+            kind("12345678901234567890"),
+            Some(Kind::StringValue("12345678901234567890".into()))
+        );
+        assert_eq!(
+            kind("0.12345678901234567891"),
+            Some(Kind::StringValue("0.12345678901234567891".into()))
+        );
+        assert_eq!(
+            kind("-1.10000000000000000001"),
+            Some(Kind::StringValue("-1.10000000000000000001".into()))
+        );
+    }
+
+    #[test]
+    fn bigints_beyond_doubles_become_decimal_strings() {
+        use prost_types::value::Kind;
+        let kind = |n: i64| Cell::bigint(n).into_value().kind;
+        let exact = 9_007_199_254_740_992i64; // 2^53
+        assert_eq!(kind(exact), Some(Kind::NumberValue(exact as f64)));
+        assert_eq!(kind(-exact), Some(Kind::NumberValue(-exact as f64)));
+        assert_eq!(kind(0), Some(Kind::NumberValue(0.0)));
+        assert_eq!(
+            kind(exact + 1),
+            Some(Kind::StringValue("9007199254740993".into()))
+        );
+        assert_eq!(
+            kind(i64::MIN),
+            Some(Kind::StringValue("-9223372036854775808".into()))
+        );
+        // What goes out as a string comes back in as the same bigint.
+        assert_eq!(
+            to_param(ColType::Int8, &json!(i64::MAX.to_string())).unwrap(),
+            Param::Int8(i64::MAX)
+        );
+        assert!(to_param(ColType::Int8, &json!(exact as f64 * 2.0)).is_err());
     }
 
     #[test]

@@ -477,8 +477,70 @@ impl<'de> Deserializer<'de> for ValueDeserializer<'de> {
         }
     }
 
+    // db-svc writes a bigint beyond ±2^53 as its decimal text (proto3 JSON's int64 form),
+    // so the 64- and 128-bit integer types also take a decimal string.
+    fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        match self.kind {
+            Kind::Str(s) => match s.parse() {
+                Ok(n) => visitor.visit_i64(n),
+                // Not an integer's text: serde's own "invalid type: string" error.
+                Err(_) => visitor.visit_borrowed_str(s),
+            },
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        match self.kind {
+            Kind::Str(s) => match s.parse() {
+                Ok(n) => visitor.visit_u64(n),
+                // Not an integer's text: serde's own "invalid type: string" error.
+                Err(_) => visitor.visit_borrowed_str(s),
+            },
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_i128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        match self.kind {
+            Kind::Str(s) => match s.parse() {
+                Ok(n) => visitor.visit_i128(n),
+                // Not an integer's text: serde's own "invalid type: string" error.
+                Err(_) => visitor.visit_borrowed_str(s),
+            },
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_u128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        match self.kind {
+            Kind::Str(s) => match s.parse() {
+                Ok(n) => visitor.visit_u128(n),
+                // Not an integer's text: serde's own "invalid type: string" error.
+                Err(_) => visitor.visit_borrowed_str(s),
+            },
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    // Likewise a numeric a double would change, and NaN / infinities, arrive as text: a float
+    // field takes that text (rounded to the field's precision, as the caller chose).
+    fn deserialize_f64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        match self.kind {
+            Kind::Str(s) => match s.parse() {
+                Ok(f) => visitor.visit_f64(f),
+                Err(_) => visitor.visit_borrowed_str(s),
+            },
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+        self.deserialize_f64(visitor)
+    }
+
     serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        bool i8 i16 i32 u8 u16 u32 char str string bytes byte_buf
         unit unit_struct seq tuple tuple_struct map struct identifier ignored_any
     }
 }
@@ -596,6 +658,61 @@ mod tests {
         assert_eq!(ok["n"], 2.0);
     }
 
+    #[test]
+    fn wide_integers_also_read_from_decimal_text() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        struct Wide {
+            big: i64,
+            small: i64,
+            unsigned: u64,
+            opt: Option<i64>,
+        }
+        let bytes = row(vec![
+            ("big", PKind::StringValue("-9223372036854775808".into())),
+            ("small", PKind::NumberValue(-3.0)),
+            (
+                "unsigned",
+                PKind::StringValue("18446744073709551615".into()),
+            ),
+            ("opt", PKind::StringValue("9007199254740993".into())),
+        ]);
+        assert_eq!(
+            from_row::<Wide>(&bytes).unwrap(),
+            Wide {
+                big: i64::MIN,
+                small: -3,
+                unsigned: u64::MAX,
+                opt: Some(9_007_199_254_740_993),
+            }
+        );
+        let bad = row(vec![
+            ("big", PKind::StringValue("12x".into())),
+            ("small", PKind::NumberValue(0.0)),
+            ("unsigned", PKind::NumberValue(0.0)),
+            ("opt", PKind::NullValue(0)),
+        ]);
+        let err = from_row::<Wide>(&bad).unwrap_err().to_string();
+        assert!(err.contains("12x"), "{err}");
+        // Floats take numeric text (and NaN / infinity) too.
+        let floats: (f64, f64, f32) = from_row(&row(vec![
+            ("0", PKind::StringValue("12345678901234567890.5".into())),
+            ("1", PKind::StringValue("NaN".into())),
+            ("2", PKind::StringValue("-inf".into())),
+        ]))
+        .map(|m: BTreeMap<String, f64>| (m["0"], m["1"], m["2"] as f32))
+        .unwrap();
+        assert_eq!(floats.0, 12345678901234567890.5);
+        assert!(floats.1.is_nan());
+        assert_eq!(floats.2, f32::NEG_INFINITY);
+        // Narrower integers still want a number.
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)] // read only through Debug
+        struct Narrow {
+            n: i32,
+        }
+        let text = row(vec![("n", PKind::StringValue("5".into()))]);
+        assert!(from_row::<Narrow>(&text).is_err());
+    }
     #[test]
     fn a_missing_column_and_a_wrong_type_are_errors_naming_them() {
         let bytes = row(vec![("agent_name", PKind::BoolValue(true))]);

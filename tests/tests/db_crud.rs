@@ -822,3 +822,142 @@ async fn typed_rows_read_into_the_callers_struct() {
         "{err}"
     );
 }
+
+/// A bigint beyond ±2^53 (where a double rounds) goes out as its decimal text, exactly, in
+/// generic rows and typed rows alike; it comes back in, and filters, as that text. So does a
+/// numeric with more digits than a double keeps.
+#[tokio::test]
+async fn bigints_beyond_doubles_round_trip_exactly() {
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query(
+            "CREATE TABLE counters (id bigint PRIMARY KEY, n bigint, amount numeric(30,10))",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let mut s = DbSvc::start_on(db, &["--tables", "counters"]).await;
+    let big = "9007199254740993"; // 2^53 + 1: a double would read 9007199254740992
+    let back = insert(
+        &mut s,
+        "counters",
+        vec![
+            json!({"id": 1, "n": big, "amount": "1234567890123456789.012345678"}),
+            json!({"id": 2, "n": 9_007_199_254_740_992i64 as f64, "amount": 0.5}),
+            json!({"id": "-9223372036854775808", "n": null}),
+        ],
+    )
+    .await;
+    let exact_amount = "1234567890123456789.012345678";
+    assert_eq!(
+        back[0],
+        json!({"id": 1.0, "n": big, "amount": exact_amount})
+    );
+    assert_eq!(
+        back[1],
+        json!({"id": 2.0, "n": 9_007_199_254_740_992.0, "amount": 0.5})
+    );
+    assert_eq!(
+        back[2],
+        json!({"id": "-9223372036854775808", "n": null, "amount": null})
+    );
+
+    // What the database holds is the exact value.
+    let mut conn = s.sql().await;
+    let held: i64 = sqlx::query_scalar("SELECT n FROM counters WHERE id = 1")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(held, 9_007_199_254_740_993);
+
+    // Query (rows encoded on the wire path) says the same; a filter takes the text.
+    let request = pb::QueryRequest {
+        table: "counters".into(),
+        r#where: Some(to_struct(json!({"n": big}))),
+        ..Default::default()
+    };
+    let rows = s
+        .client
+        .query(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(
+        rows_json(&rows),
+        vec![json!({"id": 1.0, "n": big, "amount": exact_amount})]
+    );
+
+    // Typed rows read both forms into i64.
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Counter {
+        id: i64,
+        n: Option<i64>,
+        // Read as a double by choice: the text form rounds to it.
+        amount: Option<f64>,
+    }
+    let client = omnibus_client::db::DbClient::direct(s.svc.channel());
+    let typed: Vec<Counter> = client
+        .query_rows(pb::QueryRequest {
+            table: "counters".into(),
+            order_by: vec![pb::OrderBy {
+                column: "id".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .decode_rows()
+        .unwrap();
+    assert_eq!(
+        typed,
+        vec![
+            Counter {
+                id: i64::MIN,
+                n: None,
+                amount: None,
+            },
+            Counter {
+                id: 1,
+                n: Some(9_007_199_254_740_993),
+                amount: Some(1_234_567_890_123_456_789.012_345_678),
+            },
+            Counter {
+                id: 2,
+                n: Some(9_007_199_254_740_992),
+                amount: Some(0.5),
+            },
+        ]
+    );
+
+    // A double that cannot be the integer meant is refused, naming the field.
+    let err = s
+        .client
+        .insert(pb::InsertRequest {
+            table: "counters".into(),
+            rows: vec![to_struct(json!({"id": 3, "n": 1e17}))],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("decimal string"), "{err:?}");
+    // A numeric with more digits than db-svc carries exactly is refused, not rounded.
+    let err = s
+        .client
+        .insert(pb::InsertRequest {
+            table: "counters".into(),
+            rows: vec![to_struct(
+                json!({"id": 3, "amount": "12345678901234567890.0123456789"}),
+            )],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("significant digits"), "{err:?}");
+}
