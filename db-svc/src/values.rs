@@ -219,6 +219,7 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
             Param::Numeric(d)
         }
         ColType::Text => match value {
+            Json::String(s) if s.contains('\0') => return Err(nul_error()),
             Json::String(s) => Param::Text(s.clone()),
             other => return Err(type_error(ty, other)),
         },
@@ -229,6 +230,8 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
             ),
             other => return Err(type_error(ty, other)),
         },
+        // Both are sent as jsonb (sqlx's `Json`), which refuses U+0000 in strings.
+        ColType::Json | ColType::Jsonb if has_nul(value) => return Err(nul_error()),
         ColType::Json => Param::Json(value.clone()),
         ColType::Jsonb => Param::Jsonb(value.clone()),
         ColType::Timestamptz => match value {
@@ -253,6 +256,24 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
             ));
         }
     })
+}
+
+/// PostgreSQL's text (and jsonb's strings) cannot hold U+0000; caught here so the error names
+/// the field instead of arriving as the server's encoding error.
+fn nul_error() -> DbError {
+    DbError::field(
+        "",
+        "contains the NUL character (U+0000), which PostgreSQL text cannot store",
+    )
+}
+
+fn has_nul(value: &Json) -> bool {
+    match value {
+        Json::String(s) => s.contains('\0'),
+        Json::Array(items) => items.iter().any(has_nul),
+        Json::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        Json::Null | Json::Bool(_) | Json::Number(_) => false,
+    }
 }
 
 /// `text` (plain or scientific notation) as a `Decimal` holding exactly that value; `None`
@@ -758,6 +779,12 @@ mod tests {
     #[test]
     fn strings_uuids_timestamps() {
         assert!(to_param(ColType::Text, &json!(5)).is_err());
+        let nul = to_param(ColType::Text, &json!("a\0b")).unwrap_err();
+        assert!(nul.to_string().contains("NUL"), "{nul}");
+        assert!(to_param(ColType::Jsonb, &json!({"k": ["x", "\0"]})).is_err());
+        assert!(to_param(ColType::Jsonb, &json!({"k\0": 1})).is_err());
+        assert!(to_param(ColType::Jsonb, &json!({"k": ["x", 1, null]})).is_ok());
+        assert!(to_param(ColType::Json, &json!({"k": "\0"})).is_err());
         assert!(to_param(ColType::Uuid, &json!("not-a-uuid")).is_err());
         let id = Uuid::new_v4();
         assert_eq!(

@@ -345,6 +345,9 @@ pub fn add_reflection(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(omnibus_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.BadRequest / ErrorInfo / ...: lets grpcurl print error details as
+            // JSON instead of "not recognized" raw bytes.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(service)
             .with_service_name("grpc.health.v1.Health")
             .with_service_name("grpc.reflection.v1.ServerReflection")

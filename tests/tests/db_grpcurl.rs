@@ -145,7 +145,8 @@ async fn every_rpc_from_grpcurl_with_json_bodies() {
     .remove(0);
     assert_eq!(reply["affected"], json!("1"), "{reply}");
 
-    // An error: the status code and message, as grpcurl prints them.
+    // An error: the status code, message and details, as grpcurl prints them (the details'
+    // types come from the server's reflection, so they print as JSON, not raw bytes).
     let addr = s.svc.addr.to_string();
     let out = grpcurl(&[
         "-plaintext",
@@ -159,6 +160,12 @@ async fn every_rpc_from_grpcurl_with_json_bodies() {
     assert!(!out.success);
     assert!(
         out.stderr.contains("Code: InvalidArgument") && out.stderr.contains("where.agentname"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains(r#""@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"where.agentname""#)
+            && out.stderr.contains(r#""reason":"VALIDATION_ERROR""#)
+            && !out.stderr.contains("not recognized"),
         "{out:?}"
     );
 }

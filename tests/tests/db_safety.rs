@@ -133,6 +133,24 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         .unwrap_err();
     assert_invalid(&err, "rows[0].duration_ms");
 
+    // PostgreSQL text and jsonb cannot hold U+0000: refused up front, naming the field.
+    let mut nul = action("a");
+    nul["action_name"] = json!("read\u{0}file");
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![action("ok"), nul]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[1].action_name");
+    let mut nul = action("a");
+    nul["action_details"] = json!({"path": ["a", "b\u{0}"]});
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", vec![nul]))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[0].action_details");
+
     let mut too_big = action("a");
     too_big["duration_ms"] = json!(3_000_000_000i64);
     let err = s
