@@ -21,7 +21,7 @@ pub use crate::timestamp::parse_iso8601;
 pub type Micros = i64;
 
 /// Where one string field of an event lies in the event's text buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Span {
     start: u32,
     end: u32,
@@ -58,11 +58,29 @@ struct TextBuf {
 }
 
 impl TextBuf {
-    /// `n`: the exact total length (see `text_len`), so that `finish` does not reallocate.
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            buf: String::with_capacity(n),
+    /// A buffer holding the `required` and `optional` fields, in that order, with room for
+    /// `extra` more bytes pushed afterwards: sized exactly once, so `finish` does not
+    /// reallocate. Returns the fields' spans in the order given.
+    fn pack<const R: usize, const O: usize>(
+        extra: usize,
+        required: [&str; R],
+        optional: [Option<&str>; O],
+    ) -> Result<(Self, [Span; R], [Option<Span>; O]), ParseError> {
+        let len = required.iter().map(|s| s.len()).sum::<usize>()
+            + optional.iter().flatten().map(|s| s.len()).sum::<usize>()
+            + extra;
+        let mut t = Self {
+            buf: String::with_capacity(len),
+        };
+        let mut required_spans = [Span::default(); R];
+        for (span, field) in required_spans.iter_mut().zip(required) {
+            *span = t.push(field)?;
         }
+        let mut optional_spans = [None; O];
+        for (span, field) in optional_spans.iter_mut().zip(optional) {
+            *span = t.opt(field)?;
+        }
+        Ok((t, required_spans, optional_spans))
     }
 
     fn push(&mut self, s: &str) -> Result<Span, ParseError> {
@@ -84,7 +102,7 @@ impl TextBuf {
         debug_assert_eq!(
             self.buf.len(),
             self.buf.capacity(),
-            "text_len missed a field"
+            "`pack` was not told about every field pushed"
         );
         Texts(self.buf.into_boxed_str())
     }
@@ -328,11 +346,6 @@ fn id_or_new(id: Str<'_>) -> Cow<'_, str> {
     id.unwrap_or_else(|| Cow::Owned(uuid::Uuid::new_v4().to_string()))
 }
 
-/// The total length of an event's text fields: its buffer is allocated at its final size.
-fn text_len<'a>(fields: impl IntoIterator<Item = Option<&'a str>>) -> usize {
-    fields.into_iter().flatten().map(str::len).sum()
-}
-
 /// `timestamp`, else `createdAt`, else the receive time; never later than the receive time.
 fn event_time(
     timestamp: Option<TimeValue>,
@@ -401,10 +414,29 @@ pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, Par
     }
     let id = id_or_new(raw.id);
     let context = raw_json(raw.context);
-    let mut t = TextBuf::with_capacity(
-        text_len([
-            Some(selected_agent),
-            Some(&*id),
+    let alternatives_len = alts
+        .iter()
+        .flat_map(|a| [a.agent.as_deref(), a.reasoning.as_deref()])
+        .flatten()
+        .map(str::len)
+        .sum();
+    let (
+        mut t,
+        [selected_agent, id],
+        [
+            correlation_id,
+            user_request,
+            routing_strategy,
+            reasoning,
+            context_json,
+            project_path,
+            project_name,
+            session_id,
+        ],
+    ) = TextBuf::pack(
+        alternatives_len,
+        [selected_agent, &id],
+        [
             raw.correlation_id.as_deref(),
             raw.user_request.as_deref(),
             raw.routing_strategy.as_deref(),
@@ -413,12 +445,8 @@ pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, Par
             raw.project_path.as_deref(),
             raw.project_name.as_deref(),
             raw.session_id.as_deref(),
-        ]) + text_len(
-            alts.iter()
-                .flat_map(|a| [a.agent.as_deref(), a.reasoning.as_deref()]),
-        ),
-    );
-    let selected_agent = t.push(selected_agent)?;
+        ],
+    )?;
     let mut alternatives = Vec::with_capacity(alts.len());
     for alt in alts {
         let agent = t.push(alt.agent.as_deref().unwrap_or_default())?;
@@ -428,15 +456,6 @@ pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, Par
             reasoning: t.opt(alt.reasoning.as_deref())?,
         });
     }
-    let id = t.push(&id)?;
-    let correlation_id = t.opt(raw.correlation_id.as_deref())?;
-    let user_request = t.opt(raw.user_request.as_deref())?;
-    let routing_strategy = t.opt(raw.routing_strategy.as_deref())?;
-    let reasoning = t.opt(raw.reasoning.as_deref())?;
-    let context_json = t.opt(context)?;
-    let project_path = t.opt(raw.project_path.as_deref())?;
-    let project_name = t.opt(raw.project_name.as_deref())?;
-    let session_id = t.opt(raw.session_id.as_deref())?;
     Ok(RoutingDecision {
         text: t.finish(),
         time,
@@ -492,22 +511,25 @@ pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseErr
     let action_type = required(&raw.action_type, "action_type")?;
     let id = id_or_new(raw.id);
     let details = raw_json(raw.action_details);
-    let mut t = TextBuf::with_capacity(text_len([
-        Some(agent_name),
-        Some(action_type),
-        Some(&*id),
-        raw.correlation_id.as_deref(),
-        raw.action_name.as_deref(),
-        details,
-        raw.project_name.as_deref(),
-    ]));
-    let agent_name = t.push(agent_name)?;
-    let action_type = t.push(action_type)?;
-    let id = t.push(&id)?;
-    let correlation_id = t.opt(raw.correlation_id.as_deref())?;
-    let action_name = t.opt(raw.action_name.as_deref())?;
-    let action_details_json = t.opt(details)?;
-    let project_name = t.opt(raw.project_name.as_deref())?;
+    let (
+        t,
+        [agent_name, action_type, id],
+        [
+            correlation_id,
+            action_name,
+            action_details_json,
+            project_name,
+        ],
+    ) = TextBuf::pack(
+        0,
+        [agent_name, action_type, &id],
+        [
+            raw.correlation_id.as_deref(),
+            raw.action_name.as_deref(),
+            details,
+            raw.project_name.as_deref(),
+        ],
+    )?;
     Ok(AgentAction {
         text: t.finish(),
         time,
@@ -555,18 +577,15 @@ pub fn parse_transformation(payload: &[u8], now: Micros) -> Result<Transformatio
     let source_agent = required(&raw.source_agent, "source_agent")?;
     let target_agent = required(&raw.target_agent, "target_agent")?;
     let id = id_or_new(raw.id);
-    let mut t = TextBuf::with_capacity(text_len([
-        Some(source_agent),
-        Some(target_agent),
-        Some(&*id),
-        raw.correlation_id.as_deref(),
-        raw.transformation_reason.as_deref(),
-    ]));
-    let source_agent = t.push(source_agent)?;
-    let target_agent = t.push(target_agent)?;
-    let id = t.push(&id)?;
-    let correlation_id = t.opt(raw.correlation_id.as_deref())?;
-    let transformation_reason = t.opt(raw.transformation_reason.as_deref())?;
+    let (t, [source_agent, target_agent, id], [correlation_id, transformation_reason]) =
+        TextBuf::pack(
+            0,
+            [source_agent, target_agent, &id],
+            [
+                raw.correlation_id.as_deref(),
+                raw.transformation_reason.as_deref(),
+            ],
+        )?;
     Ok(Transformation {
         text: t.finish(),
         time,
@@ -617,18 +636,16 @@ pub fn parse_performance(payload: &[u8], now: Micros) -> Result<PerformanceMetri
     let id = id_or_new(raw.id);
     let strategy = raw.trigger_match_strategy.as_deref().unwrap_or("unknown");
     let components = raw_json(raw.confidence_components);
-    let mut t = TextBuf::with_capacity(text_len([
-        Some(&*id),
-        raw.correlation_id.as_deref(),
-        raw.query_text.as_deref(),
-        Some(strategy),
-        components,
-    ]));
-    let id = t.push(&id)?;
-    let correlation_id = t.opt(raw.correlation_id.as_deref())?;
-    let query_text = t.opt(raw.query_text.as_deref())?;
-    let trigger_match_strategy = t.push(strategy)?;
-    let confidence_components_json = t.opt(components)?;
+    let (t, [id, trigger_match_strategy], [correlation_id, query_text, confidence_components_json]) =
+        TextBuf::pack(
+            0,
+            [&id, strategy],
+            [
+                raw.correlation_id.as_deref(),
+                raw.query_text.as_deref(),
+                components,
+            ],
+        )?;
     Ok(PerformanceMetric {
         text: t.finish(),
         time,
