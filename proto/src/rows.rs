@@ -421,6 +421,23 @@ impl<'de> de::SeqAccess<'de> for Values<'de> {
     }
 }
 
+/// `Deserializer` methods that also read their number from a string value.
+macro_rules! number_from_text {
+    ($($method:ident => $visit:ident),* $(,)?) => {
+        $(
+            fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
+                match self.kind {
+                    Kind::Str(s) => match s.parse() {
+                        Ok(n) => visitor.$visit(n),
+                        Err(_) => visitor.visit_borrowed_str(s),
+                    },
+                    _ => self.deserialize_any(visitor),
+                }
+            }
+        )*
+    };
+}
+
 /// One `google.protobuf.Value`.
 struct ValueDeserializer<'de> {
     kind: Kind<'de>,
@@ -477,62 +494,16 @@ impl<'de> Deserializer<'de> for ValueDeserializer<'de> {
         }
     }
 
-    // db-svc writes a bigint beyond ±2^53 as its decimal text (proto3 JSON's int64 form),
-    // so the 64- and 128-bit integer types also take a decimal string.
-    fn deserialize_i64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
-        match self.kind {
-            Kind::Str(s) => match s.parse() {
-                Ok(n) => visitor.visit_i64(n),
-                // Not an integer's text: serde's own "invalid type: string" error.
-                Err(_) => visitor.visit_borrowed_str(s),
-            },
-            _ => self.deserialize_any(visitor),
-        }
-    }
-
-    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
-        match self.kind {
-            Kind::Str(s) => match s.parse() {
-                Ok(n) => visitor.visit_u64(n),
-                // Not an integer's text: serde's own "invalid type: string" error.
-                Err(_) => visitor.visit_borrowed_str(s),
-            },
-            _ => self.deserialize_any(visitor),
-        }
-    }
-
-    fn deserialize_i128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
-        match self.kind {
-            Kind::Str(s) => match s.parse() {
-                Ok(n) => visitor.visit_i128(n),
-                // Not an integer's text: serde's own "invalid type: string" error.
-                Err(_) => visitor.visit_borrowed_str(s),
-            },
-            _ => self.deserialize_any(visitor),
-        }
-    }
-
-    fn deserialize_u128<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
-        match self.kind {
-            Kind::Str(s) => match s.parse() {
-                Ok(n) => visitor.visit_u128(n),
-                // Not an integer's text: serde's own "invalid type: string" error.
-                Err(_) => visitor.visit_borrowed_str(s),
-            },
-            _ => self.deserialize_any(visitor),
-        }
-    }
-
-    // Likewise a numeric a double would change, and NaN / infinities, arrive as text: a float
-    // field takes that text (rounded to the field's precision, as the caller chose).
-    fn deserialize_f64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
-        match self.kind {
-            Kind::Str(s) => match s.parse() {
-                Ok(f) => visitor.visit_f64(f),
-                Err(_) => visitor.visit_borrowed_str(s),
-            },
-            _ => self.deserialize_any(visitor),
-        }
+    // db-svc writes a bigint beyond ±2^53 as its decimal text (proto3 JSON's int64 form), and
+    // a numeric a double would change (and NaN / infinities) as text too: the 64- and 128-bit
+    // integer types and the floats also take such text (a float rounds it, as the caller
+    // chose). Text that is no such number gets serde's own "invalid type: string" error.
+    number_from_text! {
+        deserialize_i64 => visit_i64,
+        deserialize_u64 => visit_u64,
+        deserialize_i128 => visit_i128,
+        deserialize_u128 => visit_u128,
+        deserialize_f64 => visit_f64,
     }
 
     fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RowError> {
