@@ -15,6 +15,7 @@ pub mod error;
 pub mod executor;
 pub mod insert_coalescing;
 pub mod ops;
+pub mod pg_numeric;
 pub mod query_coalescing;
 pub mod raw_sql;
 pub mod values;

@@ -7,12 +7,13 @@ use std::str::FromStr;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Map, Number, Value as Json};
-use sqlx::postgres::{PgArguments, PgRow};
-use sqlx::{Arguments, Column, Row, TypeInfo};
+use sqlx::postgres::{PgArguments, PgRow, PgValueFormat};
+use sqlx::{Arguments, Column, Row, TypeInfo, ValueRef};
 use uuid::Uuid;
 
 use crate::catalog::ColType;
 use crate::error::DbError;
+use crate::pg_numeric;
 
 /// A value to bind, already converted to the column's type.
 #[derive(Clone, Debug, PartialEq)]
@@ -434,16 +435,16 @@ impl Cell<'_> {
         }
     }
 
-    /// A numeric: a number when the double reads back as the same decimal (`0.9512`), its
-    /// decimal text when a double would change it (more digits than a double keeps).
-    fn numeric(d: Decimal) -> Self {
-        // Rust's float parsing rounds correctly; `Display` of a double is the shortest text
-        // that reads back as it, so equality below means the double carries the decimal.
-        match d.to_string().parse::<f64>() {
-            Ok(f) if Decimal::from_str(&f.to_string()).is_ok_and(|back| back == d) => {
-                Cell::Number(f)
-            }
-            _ => Cell::Text(d.normalize().to_string()),
+    /// A numeric, given as PostgreSQL prints it: a number when the double reads back as the
+    /// same decimal (`0.9512`), else that text (more digits than a double keeps, `NaN`,
+    /// `Infinity`).
+    fn numeric(text: String) -> Self {
+        // Rust's float parsing rounds correctly and a double's `Display` is the shortest
+        // text that reads back as it (never an exponent), so equal texts mean the double
+        // carries the decimal exactly.
+        match text.parse::<f64>() {
+            Ok(f) if f.is_finite() && f.to_string() == trim_fraction(&text) => Cell::Number(f),
+            _ => Cell::Text(text),
         }
     }
 
@@ -460,6 +461,15 @@ impl Cell<'_> {
             Cell::Json(v) => return v,
         };
         prost_types::Value { kind: Some(kind) }
+    }
+}
+
+/// `1.2300` -> `1.23`, `5.000` -> `5`, `-0.0` -> `-0` (a double prints no trailing zeros).
+fn trim_fraction(text: &str) -> &str {
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        text
     }
 }
 
@@ -567,7 +577,23 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         ColType::Int8 => get!(i64).map(Cell::bigint),
         ColType::Float4 => get!(f32).map(|f| Cell::number(f.into())),
         ColType::Float8 => get!(f64).map(Cell::number),
-        ColType::Numeric => get!(Decimal).map(Cell::numeric),
+        ColType::Numeric => {
+            // Read as text from the wire form: exact for every value the column holds
+            // (`Decimal` stops at 28 digits and has no NaN or infinities).
+            let raw = row.try_get_raw(i).map_err(err)?;
+            if raw.is_null() {
+                None
+            } else {
+                let text = match raw.format() {
+                    PgValueFormat::Binary => raw.as_bytes().ok().and_then(pg_numeric::to_text),
+                    PgValueFormat::Text => raw.as_str().ok().map(str::to_owned),
+                };
+                let text = text.ok_or_else(|| {
+                    DbError::Database(format!("cannot decode column {name}: malformed numeric"))
+                })?;
+                Some(Cell::numeric(text))
+            }
+        }
         ColType::Text => get!(&'r str).map(Cell::Str),
         ColType::Uuid => get!(Uuid).map(Cell::Uuid),
         ColType::Json | ColType::Jsonb => {
@@ -889,13 +915,17 @@ mod tests {
     #[test]
     fn numerics_a_double_would_change_become_decimal_strings() {
         use prost_types::value::Kind;
-        let kind = |s: &str| {
-            Cell::numeric(Decimal::from_str(s).unwrap())
-                .into_value()
-                .kind
-        };
+        let kind = |s: &str| Cell::numeric(s.to_string()).into_value().kind;
         assert_eq!(kind("0.9512"), Some(Kind::NumberValue(0.9512)));
         assert_eq!(kind("0.1000"), Some(Kind::NumberValue(0.1)));
+        assert_eq!(kind("5.000"), Some(Kind::NumberValue(5.0)));
+        assert_eq!(kind("100"), Some(Kind::NumberValue(100.0)));
+        assert_eq!(kind("NaN"), Some(Kind::StringValue("NaN".into())));
+        assert_eq!(
+            kind("-Infinity"),
+            Some(Kind::StringValue("-Infinity".into()))
+        );
+        assert_eq!(kind("1.10000000000000000000"), Some(Kind::NumberValue(1.1)));
         assert_eq!(kind("-12.5"), Some(Kind::NumberValue(-12.5)));
         assert_eq!(kind("0"), Some(Kind::NumberValue(0.0)));
         assert_eq!(

@@ -851,7 +851,8 @@ async fn bigints_beyond_doubles_round_trip_exactly() {
         ],
     )
     .await;
-    let exact_amount = "1234567890123456789.012345678";
+    // As PostgreSQL prints it: the column's scale is 10.
+    let exact_amount = "1234567890123456789.0123456780";
     assert_eq!(
         back[0],
         json!({"id": 1.0, "n": big, "amount": exact_amount})
@@ -960,4 +961,93 @@ async fn bigints_beyond_doubles_round_trip_exactly() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("significant digits"), "{err:?}");
+}
+
+/// Every value a `numeric` column holds reads back exactly: as a number when a double carries
+/// it, else as PostgreSQL's own text (beyond 28 digits, NaN and infinities included).
+#[tokio::test]
+async fn numerics_read_back_exactly_whatever_their_size() {
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("CREATE TABLE amounts (id int PRIMARY KEY, v numeric)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO amounts SELECT g, CASE g \
+               WHEN 1 THEN 'NaN' WHEN 2 THEN 'Infinity' WHEN 3 THEN '-Infinity' \
+               WHEN 4 THEN 1e40 WHEN 5 THEN -0.000000000000000000000000000001 \
+               WHEN 6 THEN 0.1000 WHEN 7 THEN 12345678901234567890.0123456789 \
+               WHEN 8 THEN 0 WHEN 9 THEN NULL \
+               ELSE round(((random() - 0.5)::numeric * 1e15 + random()::numeric) \
+                          * 10::numeric ^ (g % 40 - 20), (g * 7) % 30) END \
+             FROM generate_series(1, 300) g",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let mut s = DbSvc::start_on(db, &["--tables", "amounts"]).await;
+    let mut conn = s.sql().await;
+    let expected: Vec<(i32, Option<String>)> =
+        sqlx::query_as("SELECT id, v::text FROM amounts ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let rows = rows_json(
+        &s.client
+            .query(pb::QueryRequest {
+                table: "amounts".into(),
+                order_by: vec![pb::OrderBy {
+                    column: "id".into(),
+                    ..Default::default()
+                }],
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows,
+    );
+    assert_eq!(rows.len(), expected.len());
+    let mut as_text = 0;
+    for (row, (id, text)) in rows.iter().zip(&expected) {
+        let got = &row["v"];
+        match (got, text) {
+            (Json::Null, None) => {}
+            (Json::String(s), Some(text)) => {
+                assert_eq!(s, text, "id {id}");
+                as_text += 1;
+            }
+            (Json::Number(n), Some(text)) => {
+                // A number only where the double is the decimal: same value, same digits.
+                let f = n.as_f64().unwrap();
+                assert_eq!(f, text.parse::<f64>().unwrap(), "id {id}");
+                let trimmed = if text.contains('.') {
+                    text.trim_end_matches('0').trim_end_matches('.')
+                } else {
+                    text
+                };
+                assert_eq!(f.to_string(), trimmed, "id {id}: {text} is not exact as {f}");
+            }
+            other => panic!("id {id}: {other:?}"),
+        }
+    }
+    for (id, want) in [
+        (1, json!("NaN")),
+        (2, json!("Infinity")),
+        (3, json!("-Infinity")),
+        // These doubles print as 1e40 and -1e-30: the numbers are the decimals' exact text.
+        (4, json!(1e40)),
+        (5, json!(-1e-30)),
+        (6, json!(0.1)),
+        (7, json!("12345678901234567890.0123456789")),
+        (8, json!(0.0)),
+    ] {
+        assert_eq!(rows[id - 1]["v"], want, "id {id}");
+    }
+    assert!(as_text > 8, "the random values include ones a double cannot carry");
 }
