@@ -52,6 +52,9 @@ impl fmt::Debug for Texts {
     }
 }
 
+/// A filled [`TextBuf`] with the spans of its required and optional fields.
+type Packed<const R: usize, const O: usize> = (TextBuf, [Span; R], [Option<Span>; O]);
+
 /// Collects the text fields of one event into one buffer while parsing.
 struct TextBuf {
     buf: String,
@@ -65,7 +68,7 @@ impl TextBuf {
         extra: usize,
         required: [&str; R],
         optional: [Option<&str>; O],
-    ) -> Result<(Self, [Span; R], [Option<Span>; O]), ParseError> {
+    ) -> Result<Packed<R, O>, ParseError> {
         let len = required.iter().map(|s| s.len()).sum::<usize>()
             + optional.iter().flatten().map(|s| s.len()).sum::<usize>()
             + extra;

@@ -1031,7 +1031,11 @@ async fn numerics_read_back_exactly_whatever_their_size() {
                 } else {
                     text
                 };
-                assert_eq!(f.to_string(), trimmed, "id {id}: {text} is not exact as {f}");
+                assert_eq!(
+                    f.to_string(),
+                    trimmed,
+                    "id {id}: {text} is not exact as {f}"
+                );
             }
             other => panic!("id {id}: {other:?}"),
         }
@@ -1049,5 +1053,8 @@ async fn numerics_read_back_exactly_whatever_their_size() {
     ] {
         assert_eq!(rows[id - 1]["v"], want, "id {id}");
     }
-    assert!(as_text > 8, "the random values include ones a double cannot carry");
+    assert!(
+        as_text > 8,
+        "the random values include ones a double cannot carry"
+    );
 }
