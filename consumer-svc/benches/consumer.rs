@@ -170,8 +170,10 @@ struct Service {
 
 impl Service {
     fn start(brokers: &str, prefix: &str, extra: &[&str]) -> Result<Self> {
-        // CARGO_TARGET_DIR is honoured, like cargo does; BENCH_SVC_BIN runs another build
-        // (e.g. an older commit's, for A/B runs).
+        // scripts/bench-consumer sets BENCH_SVC_BIN to a copy of the release (LTO) build
+        // (`cargo bench` relinks target/release/consumer-svc with the bench profile); set by
+        // hand it runs another build (e.g. an older commit's, for A/B runs). Without it, the
+        // binary in CARGO_TARGET_DIR (honoured, like cargo does) or target/.
         let bin = match std::env::var_os("BENCH_SVC_BIN") {
             Some(bin) => PathBuf::from(bin),
             None => std::env::var_os("CARGO_TARGET_DIR")
