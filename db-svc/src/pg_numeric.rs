@@ -6,6 +6,8 @@
 //! Reading the binary form (`numeric_send`) into text keeps every value exactly as
 //! PostgreSQL prints it.
 
+use std::fmt::Write as _;
+
 /// Binary `numeric`: `ndigits`, `weight`, `sign`, `dscale` (i16 each, big-endian), then
 /// `ndigits` base-10000 digits; digit `k` is worth 10000^(weight - k).
 const NEGATIVE: u16 = 0x4000;
@@ -45,6 +47,7 @@ pub fn to_text(bytes: &[u8]) -> Option<String> {
             .and_then(|k| digits.get(k).copied())
             .unwrap_or(0)
     };
+    // Writing into a String cannot fail.
     let mut out = String::with_capacity(8 + 4 * ndigits + dscale);
     if sign == NEGATIVE && digits.iter().any(|&d| d != 0) {
         out.push('-');
@@ -52,9 +55,9 @@ pub fn to_text(bytes: &[u8]) -> Option<String> {
     if weight < 0 {
         out.push('0');
     } else {
-        out.push_str(&group(weight).to_string());
+        let _ = write!(out, "{}", group(weight));
         for w in (0..weight).rev() {
-            out.push_str(&format!("{:04}", group(w)));
+            let _ = write!(out, "{:04}", group(w));
         }
     }
     if dscale > 0 {
@@ -62,7 +65,7 @@ pub fn to_text(bytes: &[u8]) -> Option<String> {
         let start = out.len();
         let mut w = -1;
         while out.len() - start < dscale {
-            out.push_str(&format!("{:04}", group(w)));
+            let _ = write!(out, "{:04}", group(w));
             w -= 1;
         }
         out.truncate(start + dscale);

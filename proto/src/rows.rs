@@ -684,6 +684,7 @@ mod tests {
         let text = row(vec![("n", PKind::StringValue("5".into()))]);
         assert!(from_row::<Narrow>(&text).is_err());
     }
+
     #[test]
     fn a_missing_column_and_a_wrong_type_are_errors_naming_them() {
         let bytes = row(vec![("agent_name", PKind::BoolValue(true))]);
