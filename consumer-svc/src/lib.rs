@@ -6,7 +6,6 @@ pub mod broker;
 pub mod config;
 pub mod convert;
 pub mod events;
-pub mod flat_json;
 pub mod hub;
 pub mod ingest;
 pub mod state;
