@@ -64,8 +64,9 @@ pub struct Config {
     #[arg(long, env = "RETENTION", value_parser = parse_duration, default_value = "24h")]
     pub retention: Duration,
 
-    /// How partitions are positioned on start: `timestamp` (broker offset lookup, verified,
-    /// falling back to earliest) or `earliest` (read all, skip events older than the window).
+    /// How partitions are replayed on start: `timestamp` (read from the first offset; a log
+    /// that starts before the window jumps to the broker's offset for the cutoff, verified) or
+    /// `earliest` (read all, skip events older than the window).
     #[arg(long, env = "REPLAY_SEEK", value_enum, default_value_t = ReplaySeek::Timestamp)]
     pub replay_seek: ReplaySeek,
 

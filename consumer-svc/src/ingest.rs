@@ -5,12 +5,16 @@
 //! `BATCH` more messages without waiting, all parsed from the borrowed payloads and applied
 //! under a single state lock, then published to the hub as one batch.
 //!
-//! Start position of a partition (replay): the offset the broker names for the cutoff time
-//! (`offsets_for_times`), verified by reading the message just before it first: if that
-//! message is not older than the cutoff, the broker's answer was too late (tansu answers
-//! this wrongly) and the partition is re-read from the earliest offset instead. Events older
-//! than the cutoff are skipped by event time in every case, so starting early is only slower,
-//! never wrong.
+//! Start position of a partition (replay): every partition is read from its first offset at
+//! once, and the first message decides. When it is older than the cutoff time, the log holds
+//! events from before the window, and the partition jumps forward to the offset the broker
+//! names for the cutoff time (`offsets_for_times`, asked only then, for every such partition
+//! of a batch at once). That position is verified by reading the message just before it first:
+//! if that message is not older than the cutoff, the broker's answer was too late (tansu
+//! answers this wrongly) and the partition resumes where it was instead. Events older than
+//! the cutoff are skipped by event time in every case, so reading from too early is only
+//! slower, never wrong; and a log that starts inside the window (the common case after a
+//! broker restart, and the benchmark's) costs no lookup at all.
 //!
 //! Broker restarts with empty storage: a topic that disappears has its partitions dropped and,
 //! when it is created again, read from the beginning; a partition whose log restarted below our
@@ -52,7 +56,8 @@ const ERROR_LOGS_PER_MINUTE: u32 = 10;
 /// How partitions are positioned on start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReplaySeek {
-    /// `offsets_for_times` for the cutoff, verified, falling back to the earliest offset.
+    /// From the first offset; a log that starts before the window jumps forward to
+    /// `offsets_for_times` for the cutoff, verified.
     Timestamp,
     /// Always the earliest offset, skipping events older than the cutoff.
     Earliest,
@@ -139,15 +144,27 @@ pub fn now_micros() -> Micros {
 }
 
 struct Partition {
-    /// After a timestamp seek: the offset whose message must be older than `before_ms`.
-    verify: Option<(i64, i64)>,
+    /// The first message is still to come and decides whether to seek forward by timestamp.
+    probe: bool,
+    /// After a timestamp seek: what the first message read must show.
+    verify: Option<Verify>,
     next: i64,
 }
 
+/// A timestamp seek to check: the first message read must be at `offset` and older than
+/// `before_ms`; otherwise reading resumes at `resume`, where it was before the seek.
+#[derive(Clone, Copy, Debug)]
+struct Verify {
+    offset: i64,
+    before_ms: i64,
+    resume: i64,
+}
+
 impl Partition {
-    /// Read from the first offset, nothing to verify.
-    fn from_start() -> Self {
+    /// Read from the first offset; `probe`: seek forward if the log starts before the cutoff.
+    fn from_start(probe: bool) -> Self {
         Partition {
+            probe,
             verify: None,
             next: 0,
         }
@@ -314,12 +331,21 @@ impl Ingest {
             if msgs.is_empty() {
                 continue;
             }
-            let (parsed, resets) =
-                parse_batch(&self.cfg, &mut self.assigned, &mut self.error_logs, &msgs);
+            let target_ms = self.seek_target_ms();
+            let (parsed, moves) = parse_batch(
+                &self.cfg,
+                &mut self.assigned,
+                &mut self.error_logs,
+                &msgs,
+                target_ms,
+            );
             drop(msgs);
             apply_parsed(&self.cfg, &self.sinks, parsed);
-            for key in resets {
-                self.reassign_from_beginning(key);
+            if !moves.seek.is_empty() {
+                self.seek_to_cutoff(&moves.seek, target_ms);
+            }
+            for (key, offset) in moves.resume {
+                self.reassign_at(key, offset, None);
             }
         }
         tracing::info!("ingest stopped");
@@ -464,27 +490,20 @@ impl Ingest {
         }
     }
 
+    /// Assigns `new` partitions from their first offset; those of the timestamp strategy
+    /// probe their first message (see the module documentation).
     fn assign(&mut self, new: &[(usize, i32)]) {
-        let from_start =
-            |k: usize| self.recreated.contains(&k) || self.cfg.replay_seek == ReplaySeek::Earliest;
-        let seek: Vec<(usize, i32)> = new
-            .iter()
-            .copied()
-            .filter(|(k, _)| !from_start(*k))
-            .collect();
-        let mut starts = self.replay_starts(&seek);
         let mut tpl = TopicPartitionList::new();
         for &(k, p) in new {
-            let topic = self.cfg.topics[k].clone();
-            let (offset, part) = starts
-                .remove(&(k, p))
-                .unwrap_or((FIRST, Partition::from_start()));
-            tracing::info!(%topic, partition = p, ?offset, "assigning partition");
-            if let Err(e) = tpl.add_partition_offset(&topic, p, offset) {
+            let topic = &self.cfg.topics[k];
+            let probe =
+                !self.recreated.contains(&k) && self.cfg.replay_seek == ReplaySeek::Timestamp;
+            tracing::info!(%topic, partition = p, "assigning partition from its first offset");
+            if let Err(e) = tpl.add_partition_offset(topic, p, FIRST) {
                 tracing::warn!("partition offset: {e}");
                 continue;
             }
-            self.assigned.insert((k, p), part);
+            self.assigned.insert((k, p), Partition::from_start(probe));
         }
         if let Err(e) = self.consumer.incremental_assign(&tpl) {
             tracing::warn!("assign: {e}");
@@ -494,18 +513,46 @@ impl Ingest {
         }
     }
 
-    /// Where to start reading each of `parts` so that the retention window is replayed: the
-    /// first and last offsets of every partition and the offsets for the cutoff time, as three
-    /// list-offsets requests sent at once (one round trip, instead of two per partition with
-    /// `fetch_watermarks`, which delayed the first event on start). Partitions missing from
-    /// an answer start at the beginning.
-    fn replay_starts(&self, parts: &[(usize, i32)]) -> HashMap<(usize, i32), (Offset, Partition)> {
-        let mut out = HashMap::new();
-        if parts.is_empty() {
-            return out;
-        }
+    /// The Kafka timestamp (ms) before which a message is older than the window, minus the
+    /// configured slack (producer clocks differ).
+    fn seek_target_ms(&self) -> i64 {
         let cutoff = self.sinks.state.read().cutoff_at(now_micros()) / 1000;
-        let target_ms = cutoff - self.cfg.seek_slack.as_millis() as i64;
+        cutoff - self.cfg.seek_slack.as_millis() as i64
+    }
+
+    /// Moves `parts`, whose logs start before the window, forward to the broker's offset for
+    /// `target_ms` when that is ahead of what has been read; the move is verified on the
+    /// first message read there.
+    fn seek_to_cutoff(&mut self, parts: &[(usize, i32)], target_ms: i64) {
+        for ((k, p), offset) in self.replay_starts(parts, target_ms) {
+            let Some(part) = self.assigned.get(&(k, p)) else {
+                continue;
+            };
+            if offset <= part.next {
+                continue; // already read that far
+            }
+            let verify = Verify {
+                offset,
+                before_ms: target_ms,
+                resume: part.next,
+            };
+            tracing::info!(
+                topic = %self.cfg.topics[k],
+                partition = p,
+                from = part.next,
+                to = offset,
+                "log starts before the window; seeking to the cutoff time"
+            );
+            self.reassign_at((k, p), offset, Some(verify));
+        }
+    }
+
+    /// Where the window starts in each of `parts` (to be verified): the first and last
+    /// offsets of every partition and the offsets for `target_ms`, as three list-offsets
+    /// requests sent at once (one round trip, instead of two per partition with
+    /// `fetch_watermarks`). Partitions without a usable answer are left out.
+    fn replay_starts(&self, parts: &[(usize, i32)], target_ms: i64) -> Vec<((usize, i32), i64)> {
+        let mut out = Vec::new();
         let list = |at: Offset| {
             let mut query = TopicPartitionList::new();
             for &(k, p) in parts {
@@ -524,7 +571,7 @@ impl Ingest {
         let (Ok(Ok(low)), Ok(Ok(high)), answers) = (low, high, at_cutoff) else {
             tracing::info!(
                 partitions = parts.len(),
-                "watermarks unavailable; replaying from the earliest offset"
+                "watermarks unavailable; reading on from the earliest offset"
             );
             return out;
         };
@@ -533,7 +580,7 @@ impl Ingest {
             Err(e) => {
                 tracing::info!(
                     partitions = parts.len(),
-                    "offsets_for_times failed ({e}); replaying from the earliest offset"
+                    "offsets_for_times failed ({e}); reading on from the earliest offset"
                 );
                 return out;
             }
@@ -552,12 +599,15 @@ impl Ingest {
                 continue;
             };
             let answer = answers.find_partition(topic, p).map(|e| e.offset());
-            out.insert((k, p), replay_start(topic, p, answer, (l, h), target_ms));
+            if let Some(offset) = replay_start(topic, p, answer, (l, h)) {
+                out.push(((k, p), offset));
+            }
         }
         out
     }
 
-    fn reassign_from_beginning(&mut self, key: (usize, i32)) {
+    /// Reads `key` from `offset` on (dropping what was fetched from the old position).
+    fn reassign_at(&mut self, key: (usize, i32), offset: i64, verify: Option<Verify>) {
         let topic = self.cfg.topics[key.0].clone();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&topic, key.1);
@@ -565,10 +615,20 @@ impl Ingest {
             tracing::warn!("unassign: {e}");
         }
         let mut tpl = TopicPartitionList::new();
-        if tpl.add_partition_offset(&topic, key.1, FIRST).is_ok() {
+        if tpl
+            .add_partition_offset(&topic, key.1, Offset::Offset(offset))
+            .is_ok()
+        {
             match self.consumer.incremental_assign(&tpl) {
                 Ok(()) => {
-                    self.assigned.insert(key, Partition::from_start());
+                    self.assigned.insert(
+                        key,
+                        Partition {
+                            probe: false,
+                            verify,
+                            next: offset,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::warn!("assign: {e}");
@@ -579,17 +639,15 @@ impl Ingest {
     }
 }
 
-/// Where to start reading a partition, given the broker's `offsets_for_times` answer for
-/// `target_ms` and the partition's watermarks: one message before the answer, to be verified
-/// (see the module documentation), or the beginning when the answer is unusable.
+/// Where the window starts in a partition, given the broker's `offsets_for_times` answer and
+/// the partition's watermarks: one message before the answer, to be verified (see the module
+/// documentation); `None` when the answer is unusable or names the start of the log.
 fn replay_start(
     topic: &str,
     partition: i32,
     answer: Option<Offset>,
     (low, high): (i64, i64),
-    target_ms: i64,
-) -> (Offset, Partition) {
-    let earliest = (FIRST, Partition::from_start());
+) -> Option<i64> {
     let resolved = match answer {
         Some(Offset::Offset(o)) if (low..=high).contains(&o) => o,
         Some(Offset::End) => high,
@@ -600,22 +658,21 @@ fn replay_start(
                 ?other,
                 low,
                 high,
-                "unusable offsets_for_times answer; replaying from the earliest offset"
+                "unusable offsets_for_times answer; reading on from the earliest offset"
             );
-            return earliest;
+            return None;
         }
     };
-    if resolved <= low {
-        return earliest;
-    }
-    // Start one message early and check it is older than the target.
-    (
-        Offset::Offset(resolved - 1),
-        Partition {
-            verify: Some((resolved - 1, target_ms)),
-            next: resolved - 1,
-        },
-    )
+    (resolved > low).then_some(resolved - 1)
+}
+
+/// What a batch asks of the partitions after it is applied.
+#[derive(Default)]
+struct Moves {
+    /// Logs that start before the window: look up the cutoff offset, seek forward.
+    seek: Vec<(usize, i32)>,
+    /// Failed seek verifications: resume reading at the offset.
+    resume: Vec<((usize, i32), i64)>,
 }
 
 /// One polled batch, parsed: what applying it needs.
@@ -630,16 +687,16 @@ struct Parsed {
     errors: [u64; 4],
 }
 
-/// Parses one batch of borrowed messages; returns it with the partitions to re-read from the
-/// beginning.
+/// Parses one batch of borrowed messages; returns it with what the partitions need next.
 fn parse_batch(
     cfg: &IngestConfig,
     assigned: &mut foldhash::HashMap<(usize, i32), Partition>,
     error_logs: &mut [ErrorLog; 4],
     msgs: &[rdkafka::message::BorrowedMessage<'_>],
-) -> (Parsed, Vec<(usize, i32)>) {
+    target_ms: i64,
+) -> (Parsed, Moves) {
     let now = now_micros();
-    let mut resets: Vec<(usize, i32)> = Vec::new();
+    let mut moves = Moves::default();
     let mut errors = [0u64; 4];
     let mut parsed = Vec::with_capacity(msgs.len());
     let mut positions: Vec<((usize, i32), i64)> = Vec::new();
@@ -658,25 +715,31 @@ fn parse_batch(
             }
         };
         let key = (k, m.partition());
-        if resets.contains(&key) {
+        if moves.resume.iter().any(|(k, _)| *k == key) {
             continue;
         }
         let Some(part) = assigned.get_mut(&key) else {
             continue; // a stale message of a partition just dropped
         };
-        if let Some((offset, before_ms)) = part.verify.take() {
+        if std::mem::take(&mut part.probe)
+            && m.timestamp().to_millis().is_some_and(|t| t < target_ms)
+        {
+            moves.seek.push(key);
+        }
+        if let Some(v) = part.verify.take() {
             let ts = m.timestamp().to_millis();
-            if m.offset() != offset || ts.is_some_and(|t| t >= before_ms) {
+            if m.offset() != v.offset || ts.is_some_and(|t| t >= v.before_ms) {
                 tracing::warn!(
                     topic,
                     partition = m.partition(),
-                    expected = offset,
+                    expected = v.offset,
                     got = m.offset(),
                     ?ts,
-                    before_ms,
-                    "the broker's offset for the cutoff time was not verified; replaying this partition from the earliest offset"
+                    before_ms = v.before_ms,
+                    resume = v.resume,
+                    "the broker's offset for the cutoff time was not verified; reading this partition on from where it was"
                 );
-                resets.push(key);
+                moves.resume.push((key, v.resume));
                 continue;
             }
         }
@@ -717,7 +780,7 @@ fn parse_batch(
             positions,
             errors,
         },
-        resets,
+        moves,
     )
 }
 
@@ -794,4 +857,23 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
             .publish(applied.into_iter().map(UpdateKind::Event));
     }
     drop(state);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_starts_one_message_before_the_brokers_answer() {
+        let at = |answer| replay_start("t", 0, answer, (10, 100));
+        assert_eq!(at(Some(Offset::Offset(50))), Some(49));
+        assert_eq!(at(Some(Offset::Offset(100))), Some(99));
+        assert_eq!(at(Some(Offset::End)), Some(99), "nothing in the window yet");
+        // The start of the log, or an answer outside it: read on from where we are.
+        assert_eq!(at(Some(Offset::Offset(10))), None);
+        assert_eq!(at(Some(Offset::Offset(5))), None);
+        assert_eq!(at(Some(Offset::Offset(101))), None);
+        assert_eq!(at(Some(Offset::Beginning)), None);
+        assert_eq!(at(None), None);
+    }
 }
