@@ -56,8 +56,8 @@ impl ConsumerApi {
             return Err(invalid(
                 field,
                 format!(
-                    "window {raw} is longer than the retention window ({}s)",
-                    retention / 1_000_000
+                    "window {raw} is longer than the retention window ({})",
+                    svc_kit::server::format_duration(Duration::from_micros(retention as u64))
                 ),
             ));
         }

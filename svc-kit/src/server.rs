@@ -468,9 +468,37 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// `d` in the largest unit [`parse_duration`] reads that states it exactly (`24h`, `90m`,
+/// `45s`, `1500ms`): how a duration is shown back to the people who configure it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".to_string(),
+        _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+        _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+        _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_shown_as_they_are_written() {
+        for (secs, shown) in [
+            (86_400, "24h"),
+            (7 * 86_400, "168h"),
+            (5400, "90m"),
+            (45, "45s"),
+        ] {
+            assert_eq!(format_duration(Duration::from_secs(secs)), shown);
+            assert_eq!(parse_duration(shown).unwrap(), Duration::from_secs(secs));
+        }
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+    }
 
     #[test]
     fn durations() {

@@ -215,6 +215,12 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("window 7d is longer than the retention window (24h)"),
+        "{}",
+        err.message()
+    );
     let err = c
         .get_performance_stats(pb::GetPerformanceStatsRequest {
             window: "soon".into(),
