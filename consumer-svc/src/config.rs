@@ -94,7 +94,8 @@ pub struct Config {
     #[arg(long, env = "AGENT_METRICS_INTERVAL", value_parser = parse_duration, default_value = "1s")]
     pub agent_metrics_interval: Duration,
 
-    /// Per-subscriber queue, in ingest batches; a subscriber further behind gets a lag notice.
+    /// Per-subscriber queue, in batches (one ingest batch's updates, at most 256 each); a
+    /// subscriber further behind gets a lag notice.
     #[arg(long, env = "SUBSCRIBER_QUEUE", default_value_t = 1024)]
     pub subscriber_queue: usize,
 

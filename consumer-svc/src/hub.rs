@@ -15,6 +15,9 @@
 //! A channel is the bounded per-subscriber queue: a subscriber that falls more than `queue`
 //! batches behind loses the oldest ones and is told how many updates (of its channel) it
 //! missed; the sender never waits, so a slow subscriber never blocks ingest or anyone else.
+//! A batch carries at most [`MAX_BATCH`] updates (an ingest batch of more is sent in pieces),
+//! so a channel holds at most `queue * MAX_BATCH` updates, and the events they keep alive,
+//! however far behind its slowest subscriber is.
 //! Updates on a channel are numbered consecutively (on the shared channel the number is the
 //! sequence itself), which is how a gap is detected.
 
@@ -125,6 +128,19 @@ struct Route {
 
 const MIN_SWEEP: usize = 64;
 
+/// Most updates in one channel message. Ingest batches are up to 2,000 events while a backlog
+/// is replayed; sent whole, a queue of 1,024 of them could keep two million events (~1 GB)
+/// alive for one stalled subscriber.
+pub const MAX_BATCH: usize = 256;
+
+/// `updates` as channel batches of at most [`MAX_BATCH`], in order.
+fn batches(updates: Vec<Update>) -> Vec<Batch> {
+    if updates.len() <= MAX_BATCH {
+        return vec![Batch::from(updates)];
+    }
+    updates.chunks(MAX_BATCH).map(Batch::from).collect()
+}
+
 /// The live part of a subscription, for a [`Follower`].
 pub struct Live {
     rx: broadcast::Receiver<Chunk>,
@@ -198,7 +214,11 @@ impl Hub {
         // Nobody to send to (checked under the lock, which subscribe() takes too): no batch.
         let listening = self.tx.receiver_count() > 0;
         let routing = !inner.routes.is_empty();
-        let mut batch = Vec::with_capacity(if listening { kinds.size_hint().0 } else { 0 });
+        let mut batch = Vec::with_capacity(if listening {
+            kinds.size_hint().0.min(MAX_BATCH)
+        } else {
+            0
+        });
         for kind in kinds {
             inner.last_seq += 1;
             let update = Update {
@@ -216,30 +236,41 @@ impl Hub {
             }
             if listening {
                 batch.push(update);
+                if batch.len() == MAX_BATCH {
+                    self.send_shared(std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH)));
+                }
             }
         }
         // Sent under the lock so subscribe() sees ring and channels consistently.
         if !batch.is_empty() {
-            let first = batch[0].seq;
-            // An error only means nobody is listening.
-            let _ = self.tx.send(Chunk {
-                updates: Batch::from(batch),
-                first,
-            });
+            self.send_shared(batch);
         }
         if routing {
             inner.routes.retain(|_, r| {
                 if r.pending.is_empty() {
                     return true;
                 }
-                let updates = Batch::from(std::mem::take(&mut r.pending));
-                let first = r.sent + 1;
-                r.sent += updates.len() as u64;
-                // An error means nobody follows the agent any more: the route goes.
-                r.tx.send(Chunk { updates, first }).is_ok()
+                batches(std::mem::take(&mut r.pending))
+                    .into_iter()
+                    .all(|updates| {
+                        let first = r.sent + 1;
+                        r.sent += updates.len() as u64;
+                        // An error means nobody follows the agent any more: the route goes.
+                        r.tx.send(Chunk { updates, first }).is_ok()
+                    })
             });
         }
         inner.last_seq
+    }
+
+    /// Sends one batch (at most [`MAX_BATCH`]) on the shared channel; the caller holds the lock.
+    fn send_shared(&self, batch: Vec<Update>) {
+        let first = batch.first().map_or(0, |u| u.seq);
+        // An error only means nobody is listening.
+        let _ = self.tx.send(Chunk {
+            updates: Batch::from(batch),
+            first,
+        });
     }
 
     /// Subscribes; with `resume_after`, the buffered updates after it come first. With
@@ -578,6 +609,32 @@ mod tests {
             other => panic!("expected a lag notice, got {other:?}"),
         }
         assert_eq!(seqs(f.next().await), vec![7, 8, 9, 10]);
+    }
+
+    /// A large publish goes out in batches of at most `MAX_BATCH`, so a stalled subscriber's
+    /// queue holds at most `queue * MAX_BATCH` updates (shared or routed).
+    #[tokio::test]
+    async fn a_queue_holds_a_bounded_number_of_updates_however_large_the_publish() {
+        let hub = Hub::new(0, 2);
+        let mut all = Follower::new(hub.subscribe(None, None).unwrap().live, 10_000);
+        let mut a = Follower::new(hub.subscribe(None, Some("a")).unwrap().live, 10_000);
+        let n = 5 * MAX_BATCH as u64;
+        let last = hub.publish((0..n).map(|_| action("a")));
+        assert_eq!(last, n);
+        let kept = 2 * MAX_BATCH as u64;
+        for f in [&mut all, &mut a] {
+            match f.next().await {
+                Next::Lagged {
+                    missed,
+                    last_missed,
+                } => {
+                    assert_eq!(missed, n - kept);
+                    assert_eq!(last_missed, n - kept);
+                }
+                other => panic!("expected a lag notice, got {other:?}"),
+            }
+            assert_eq!(seqs(f.next().await), (n - kept + 1..=n).collect::<Vec<_>>());
+        }
     }
 
     #[tokio::test]
