@@ -27,9 +27,21 @@ pub const TOPIC_BASES: [&str; 4] = [
 
 /// Creates the four topics under `prefix` on `brokers`.
 pub async fn create_topics(brokers: &str, prefix: &str, partitions: i32) -> Result<Topics> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    create_topics_with(
+        ClientConfig::new().set("bootstrap.servers", brokers),
+        prefix,
+        partitions,
+    )
+    .await
+}
+
+/// [`create_topics`] with a client configured by the caller (brokers, TLS).
+pub async fn create_topics_with(
+    config: &ClientConfig,
+    prefix: &str,
+    partitions: i32,
+) -> Result<Topics> {
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
     let topics = Topics::with_prefix(prefix);
     let new: Vec<NewTopic<'_>> = topics
         .0
@@ -62,8 +74,13 @@ pub struct TestProducer {
 
 impl TestProducer {
     pub fn new(brokers: &str) -> Result<Self> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        Self::with_config(ClientConfig::new().set("bootstrap.servers", brokers))
+    }
+
+    /// A producer on a client configured by the caller (brokers, TLS).
+    pub fn with_config(config: &ClientConfig) -> Result<Self> {
+        let producer = config
+            .clone()
             .set("linger.ms", "1")
             .set("message.timeout.ms", "30000")
             .create()?;
@@ -191,6 +208,8 @@ pub struct PrivateBroker {
     pub port: u16,
     bin: String,
     child: Option<Child>,
+    /// The address clients are told to connect to, when not the broker's own.
+    advertised: Option<String>,
 }
 
 fn tansu_bin() -> Result<String> {
@@ -210,10 +229,16 @@ fn tansu_bin() -> Result<String> {
 
 impl PrivateBroker {
     pub async fn start() -> Result<Self> {
+        Self::start_advertising(None).await
+    }
+
+    /// A broker that tells its clients to connect to `advertised` (e.g. a TLS front for it).
+    pub async fn start_advertising(advertised: Option<String>) -> Result<Self> {
         let mut b = Self {
             port: free_port(),
             bin: tansu_bin()?,
             child: None,
+            advertised,
         };
         b.restart().await?;
         Ok(b)
@@ -241,6 +266,10 @@ impl PrivateBroker {
     pub async fn restart(&mut self) -> Result<()> {
         self.stop();
         let url = format!("tcp://{}", self.addr());
+        let advertised = match &self.advertised {
+            Some(a) => format!("tcp://{a}"),
+            None => url.clone(),
+        };
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-logs");
         std::fs::create_dir_all(&dir)?;
         let log = dir.join(format!("tansu-{}.log", self.port));
@@ -254,7 +283,7 @@ impl PrivateBroker {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ])

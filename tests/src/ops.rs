@@ -164,6 +164,9 @@ pub struct TestCert {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
     pub cert_pem: String,
+    pub cert_der: Vec<u8>,
+    /// PKCS #8.
+    pub key_der: Vec<u8>,
 }
 
 impl TestCert {
@@ -186,6 +189,8 @@ impl TestCert {
             cert_path,
             key_path,
             cert_pem,
+            cert_der: cert.cert.der().to_vec(),
+            key_der: cert.key_pair.serialize_der(),
         })
     }
 }

@@ -1,5 +1,6 @@
-//! A loopback TCP proxy that a test can cut and restore: makes a real server (PostgreSQL)
-//! unreachable for one service under test without disturbing anything else on the machine.
+//! Loopback TCP proxies: one that a test can cut and restore (makes a real server, PostgreSQL,
+//! unreachable for one service under test without disturbing anything else on the machine),
+//! and a TLS front for a plaintext server (Kafka over TLS, with tansu behind it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,5 +70,75 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Terminates TLS on `listener` with `cert` and forwards the plaintext to `target`: a broker
+/// that speaks only TLS to its clients (tansu itself serves plaintext). Runs on a thread and
+/// runtime of its own, so a test may block its own (a producer's `flush`); stops when dropped.
+pub struct TlsProxy {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TlsProxy {
+    pub fn start(
+        listener: std::net::TcpListener,
+        cert: &crate::ops::TestCert,
+        target: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.cert_der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.key_der.clone())),
+        )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        listener.set_nonblocking(true)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = TcpListener::from_std(listener) else {
+                    return;
+                };
+                let serve = async {
+                    loop {
+                        let Ok((inbound, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            let Ok(mut tls) = acceptor.accept(inbound).await else {
+                                return;
+                            };
+                            let Ok(mut plain) = TcpStream::connect(target).await else {
+                                return;
+                            };
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = serve => {}
+                }
+            });
+        });
+        Ok(Self { stop: Some(stop) })
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }

@@ -1,18 +1,25 @@
 //! Operations: bearer-token authentication (no token, bad token, read token on a write, write
 //! token; health and reflection open; failures logged without the token; trace id in the
-//! log line), tokens-file errors at start-up, and TLS with a generated certificate.
+//! log line), tokens-file errors at start-up, TLS with a generated certificate, and Kafka over
+//! TLS.
 
 use std::time::{Duration, Instant};
 
+use omnibus_client::generate::EventGenerator;
 use omnibus_proto::consumer::v1 as cpb;
 use omnibus_proto::consumer::v1::consumer_service_client::ConsumerServiceClient;
 use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
 use omnibus_proto::service_names::DATABASE;
-use omnibus_tests::consumer::{create_topics, start_consumer, unique_prefix};
+use omnibus_tests::consumer::{
+    PrivateBroker, TestProducer, create_topics, create_topics_with, start_consumer, unique_prefix,
+    wait_status,
+};
 use omnibus_tests::db::{DbSvc, action, to_struct};
 use omnibus_tests::ops::{Bearer, TestCert, new_token};
+use omnibus_tests::proxy::TlsProxy;
 use omnibus_tests::{ServiceSpec, TestDatabase, kafka_brokers, run_to_exit};
+use rdkafka::ClientConfig;
 use serde_json::json;
 use tonic::Code;
 use tonic::codegen::InterceptedService;
@@ -390,13 +397,86 @@ fn kafka_client_settings_are_passed_through_to_librdkafka() {
     .unwrap();
     assert!(!status.success(), "{out}");
     assert!(out.contains("no.such.property"), "{out}");
-    // KAFKA_SECURITY_PROTOCOL reaches librdkafka too (this build has no OpenSSL, see README).
+    // KAFKA_SECURITY_PROTOCOL and KAFKA_SSL_* reach librdkafka too: a CA file that does not
+    // exist is its error at start-up.
     let (status, out) = run_to_exit(
         "consumer-svc",
         &["--kafka-brokers", "127.0.0.1:1", "--listen", "127.0.0.1:0"],
-        &[("KAFKA_SECURITY_PROTOCOL", "SSL")],
+        &[
+            ("KAFKA_SECURITY_PROTOCOL", "SSL"),
+            ("KAFKA_SSL_CA_LOCATION", "/nonexistent/omnibus-ca.pem"),
+        ],
     )
     .unwrap();
     assert!(!status.success(), "{out}");
-    assert!(out.contains("security.protocol"), "{out}");
+    assert!(out.contains("ssl.ca.location"), "{out}");
+}
+
+/// consumer-svc consumes from a broker that speaks only TLS, trusting its certificate through
+/// `ssl.ca.location` (librdkafka verifies the chain and the host name). The broker is a
+/// private tansu behind a TLS front (rustls) whose address it advertises, so every connection
+/// of every client goes through TLS.
+#[tokio::test]
+async fn consumer_svc_consumes_from_a_broker_over_tls() {
+    let cert = TestCert::generate().unwrap();
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls_addr = front.local_addr().unwrap().to_string();
+    let broker = PrivateBroker::start_advertising(Some(tls_addr.clone()))
+        .await
+        .unwrap();
+    let _front = TlsProxy::start(front, &cert, broker.addr().parse().unwrap()).unwrap();
+    let ca = cert.cert_path.to_str().unwrap();
+    let mut tls = ClientConfig::new();
+    tls.set("bootstrap.servers", &tls_addr)
+        .set("security.protocol", "ssl")
+        .set("ssl.ca.location", ca);
+    let prefix = unique_prefix();
+    let topics = create_topics_with(&tls, &prefix, 1).await.unwrap();
+    let producer = TestProducer::with_config(&tls).unwrap();
+    let mut generator = EventGenerator::new(3, 11);
+    let n = 40;
+    for _ in 0..n {
+        let e = generator.next_event(chrono::Utc::now());
+        producer
+            .send(topics.name(e.kind), &e.key, &e.payload)
+            .unwrap();
+    }
+    producer.flush().unwrap();
+
+    let ca_setting = format!("ssl.ca.location={ca}");
+    let svc = start_consumer(
+        &tls_addr,
+        &prefix,
+        &[
+            "--kafka-config",
+            "security.protocol=ssl",
+            "--kafka-config",
+            &ca_setting,
+        ],
+    )
+    .await
+    .unwrap();
+    let s = wait_status(&svc, Duration::from_secs(30), "events over TLS", |s| {
+        s.events_processed == n
+    })
+    .await
+    .unwrap();
+    assert!(s.connected, "{s:?}");
+
+    // Without the CA the certificate is not trusted: no connection, no events (and the
+    // service does not report SERVING, so it is not waited for).
+    let untrusting = ServiceSpec::new("consumer-svc")
+        .args([
+            "--kafka-brokers",
+            &tls_addr,
+            "--topic-prefix",
+            &prefix,
+            "--kafka-config",
+            "security.protocol=ssl",
+        ])
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = omnibus_tests::consumer::status(&untrusting).await.unwrap();
+    assert!(!s.connected && s.events_processed == 0, "{s:?}");
 }
