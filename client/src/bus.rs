@@ -14,11 +14,14 @@ use bus_protocol::{
     DATABASE_QUERY_REQUESTED, Envelope, FailedPayload, Reply, StructuredOperation, Topics,
     parse_reply,
 };
+use kafka_settings::KafkaSetting;
 use omnibus_proto::db::v1 as pb;
 use parking_lot::Mutex;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::kafka_client;
 use tokio::sync::oneshot;
 
 /// Publisher settings.
@@ -31,6 +34,10 @@ pub struct BusConfig {
     pub timeout: Duration,
     /// `service` field of the envelopes sent.
     pub service: String,
+    /// librdkafka properties for both clients (TLS, SASL, ...), applied in order, e.g.
+    /// `kafka_settings::merged(&[])` for the environment's `KAFKA_SECURITY_PROTOCOL`,
+    /// `KAFKA_SASL_*` and `KAFKA_SSL_*`.
+    pub kafka_settings: Vec<KafkaSetting>,
 }
 
 impl BusConfig {
@@ -40,6 +47,7 @@ impl BusConfig {
             topics: Topics::default(),
             timeout: Duration::from_secs(5),
             service: "omnibus-client".into(),
+            kafka_settings: Vec::new(),
         }
     }
 }
@@ -134,8 +142,7 @@ impl BusPublisher {
     /// Creates the producer and the reply consumer, assigned to the reply topics' current end.
     pub async fn connect(config: BusConfig) -> Result<Self, BusError> {
         let unavailable = |e: rdkafka::error::KafkaError| BusError::Unavailable(e.to_string());
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+        let producer: FutureProducer = kafka_client(&config.brokers, &config.kafka_settings)
             .set("acks", "all")
             .set("enable.idempotence", "false")
             // 1 ms of batching: little latency, far fewer produce requests under load.
@@ -148,8 +155,7 @@ impl BusPublisher {
             "omnibus-client-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+        let consumer: StreamConsumer = kafka_client(&config.brokers, &config.kafka_settings)
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")

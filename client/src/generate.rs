@@ -10,9 +10,9 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use kafka_settings::KafkaSetting;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde_json::{Value, json};
 
@@ -262,6 +262,8 @@ pub struct RunConfig {
     /// Event times spread uniformly over this much of the past (`None` = now): a day's worth
     /// of history produced in minutes.
     pub time_spread: Option<Duration>,
+    /// librdkafka properties for the producer (TLS, SASL, ...).
+    pub kafka_settings: Vec<KafkaSetting>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -285,10 +287,13 @@ pub enum GenerateError {
     Unacknowledged(i32),
 }
 
-/// A producer tuned for throughput (batching, lz4 off for tansu compatibility).
-pub fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext>, GenerateError> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+/// A producer tuned for throughput (batching, lz4 off for tansu compatibility), with
+/// `settings` (TLS, SASL, ...) applied.
+pub fn producer(
+    brokers: &str,
+    settings: &[KafkaSetting],
+) -> Result<ThreadedProducer<DefaultProducerContext>, GenerateError> {
+    Ok(crate::kafka_client(brokers, settings)
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
@@ -299,7 +304,7 @@ pub fn producer(brokers: &str) -> Result<ThreadedProducer<DefaultProducerContext
 
 /// Produces events as configured; blocking (call from a thread or `spawn_blocking`).
 pub fn run(cfg: &RunConfig) -> Result<RunReport, GenerateError> {
-    let producer = producer(&cfg.brokers)?;
+    let producer = producer(&cfg.brokers, &cfg.kafka_settings)?;
     let mut generator = EventGenerator::new(cfg.agents, cfg.seed);
     let mut report = RunReport::default();
     let start = Instant::now();

@@ -6,4 +6,15 @@ pub mod db;
 pub mod generate;
 pub mod health;
 
+pub use kafka_settings::{self, KafkaSetting};
 pub use omnibus_proto as proto;
+
+/// A librdkafka client configuration for `brokers` with `settings` (TLS, SASL, ...) applied.
+pub fn kafka_client(brokers: &str, settings: &[KafkaSetting]) -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for s in settings {
+        config.set(&s.key, &s.value);
+    }
+    config
+}

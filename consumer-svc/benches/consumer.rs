@@ -319,6 +319,7 @@ fn gen_config(brokers: &str, topics: &Topics) -> RunConfig {
         progress: true,
         only: Vec::new(),
         time_spread: None,
+        kafka_settings: Vec::new(),
     }
 }
 

@@ -11,76 +11,14 @@
 
 use std::sync::OnceLock;
 
-/// One `key=value` librdkafka property. `Debug` hides the value (it may be a password).
-#[derive(Clone, PartialEq, Eq)]
-pub struct KafkaSetting {
-    pub key: String,
-    pub value: String,
-}
-
-impl std::fmt::Debug for KafkaSetting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}=***", self.key)
-    }
-}
-
-/// A clap value parser for `--kafka-config key=value`.
-pub fn parse_setting(raw: &str) -> Result<KafkaSetting, String> {
-    // An empty entry (`KAFKA_CONFIG=` or `a=1;;b=2`) is no setting; `install` drops it.
-    if raw.trim().is_empty() {
-        return Ok(KafkaSetting {
-            key: String::new(),
-            value: String::new(),
-        });
-    }
-    let (key, value) = raw
-        .split_once('=')
-        .ok_or_else(|| "expected key=value (a librdkafka property)".to_string())?;
-    let key = key.trim();
-    if key.is_empty()
-        || !key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_'))
-    {
-        return Err("the key must be a librdkafka property name, e.g. security.protocol".into());
-    }
-    if matches!(key, "bootstrap.servers" | "metadata.broker.list") {
-        return Err("set the brokers with KAFKA_BROKERS / --kafka-brokers".into());
-    }
-    Ok(KafkaSetting {
-        key: key.to_string(),
-        value: value.trim().to_string(),
-    })
-}
-
-/// The settings derived from `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*`, `KAFKA_SSL_*` in `vars`.
-pub fn from_env_vars(vars: impl IntoIterator<Item = (String, String)>) -> Vec<KafkaSetting> {
-    let mut out: Vec<KafkaSetting> = vars
-        .into_iter()
-        .filter_map(|(name, value)| {
-            let rest = name.strip_prefix("KAFKA_")?;
-            if rest == "SECURITY_PROTOCOL" || rest.starts_with("SASL_") || rest.starts_with("SSL_")
-            {
-                Some(KafkaSetting {
-                    key: rest.to_ascii_lowercase().replace('_', "."),
-                    value,
-                })
-            } else {
-                None
-            }
-        })
-        .collect();
-    out.sort_by(|a, b| a.key.cmp(&b.key));
-    out
-}
+pub use kafka_settings::{KafkaSetting, from_env_vars, parse_setting};
 
 static SETTINGS: OnceLock<Vec<KafkaSetting>> = OnceLock::new();
 
 /// Records the process's Kafka settings: the environment's, then `explicit` (from
 /// `--kafka-config`). The first call wins.
 pub fn install(explicit: &[KafkaSetting]) {
-    let mut all = from_env_vars(std::env::vars());
-    all.extend(explicit.iter().filter(|s| !s.key.is_empty()).cloned());
+    let all = kafka_settings::merged(explicit);
     if !all.is_empty() {
         let keys: Vec<&str> = all.iter().map(|s| s.key.as_str()).collect();
         tracing::info!(
@@ -102,52 +40,4 @@ pub fn apply(config: &mut rdkafka::ClientConfig) -> &mut rdkafka::ClientConfig {
         config.set(&setting.key, &setting.value);
     }
     config
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn maps_environment_names() {
-        let got = from_env_vars([
-            (
-                "KAFKA_SECURITY_PROTOCOL".to_string(),
-                "SASL_SSL".to_string(),
-            ),
-            (
-                "KAFKA_SASL_MECHANISMS".to_string(),
-                "SCRAM-SHA-512".to_string(),
-            ),
-            ("KAFKA_SSL_CA_LOCATION".to_string(), "/ca.pem".to_string()),
-            ("KAFKA_BROKERS".to_string(), "a:1".to_string()),
-            ("KAFKA_TOPIC_PREFIX".to_string(), "dev.".to_string()),
-        ]);
-        let pairs: Vec<(&str, &str)> = got
-            .iter()
-            .map(|s| (s.key.as_str(), s.value.as_str()))
-            .collect();
-        assert_eq!(
-            pairs,
-            vec![
-                ("sasl.mechanisms", "SCRAM-SHA-512"),
-                ("security.protocol", "SASL_SSL"),
-                ("ssl.ca.location", "/ca.pem"),
-            ]
-        );
-    }
-
-    #[test]
-    fn parses_and_hides_settings() {
-        let s = parse_setting("sasl.password=hunter2=x").unwrap();
-        assert_eq!(
-            (s.key.as_str(), s.value.as_str()),
-            ("sasl.password", "hunter2=x")
-        );
-        assert_eq!(format!("{s:?}"), "sasl.password=***");
-        assert!(parse_setting("novalue").is_err());
-        assert!(parse_setting(" ").unwrap().key.is_empty());
-        assert!(parse_setting("bad key=1").is_err());
-        assert!(parse_setting("bootstrap.servers=a:1").is_err());
-    }
 }

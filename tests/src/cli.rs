@@ -24,6 +24,8 @@ const CLI_ENV: &[&str] = &[
     "OMNIBUS_TOKEN",
     "OMNIBUS_CA_CERT",
     "OMNIBUS_TLS_DOMAIN",
+    "KAFKA_CONFIG",
+    "KAFKA_SECURITY_PROTOCOL",
 ];
 
 /// The result of one CLI run.
@@ -60,7 +62,14 @@ fn command(args: &[&str]) -> Command {
 
 /// Runs `omnibus args...` to completion (stdout is a pipe, so the default output is JSON).
 pub async fn omnibus(args: &[&str]) -> Result<CliOutput> {
-    let out = tokio::time::timeout(Duration::from_secs(60), command(args).output())
+    omnibus_with_env(args, &[]).await
+}
+
+/// [`omnibus`] with environment variables set.
+pub async fn omnibus_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<CliOutput> {
+    let mut cmd = command(args);
+    cmd.envs(env.iter().copied());
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
         .await
         .context("omnibus did not finish within 60 s")??;
     Ok(CliOutput {

@@ -5,15 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use omnibus_client::generate::EventGenerator;
 use omnibus_proto::consumer::v1 as cpb;
 use omnibus_proto::consumer::v1::consumer_service_client::ConsumerServiceClient;
 use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
 use omnibus_proto::service_names::DATABASE;
 use omnibus_tests::consumer::{
-    PrivateBroker, TestProducer, create_topics, create_topics_with, start_consumer, unique_prefix,
-    wait_status,
+    PrivateBroker, create_topics, create_topics_with, start_consumer, unique_prefix, wait_status,
 };
 use omnibus_tests::db::{DbSvc, action, to_struct};
 use omnibus_tests::ops::{Bearer, TestCert, new_token};
@@ -431,19 +429,30 @@ async fn consumer_svc_consumes_from_a_broker_over_tls() {
         .set("security.protocol", "ssl")
         .set("ssl.ca.location", ca);
     let prefix = unique_prefix();
-    let topics = create_topics_with(&tls, &prefix, 1).await.unwrap();
-    let producer = TestProducer::with_config(&tls).unwrap();
-    let mut generator = EventGenerator::new(3, 11);
-    let n = 40;
-    for _ in 0..n {
-        let e = generator.next_event(chrono::Utc::now());
-        producer
-            .send(topics.name(e.kind), &e.key, &e.payload)
-            .unwrap();
-    }
-    producer.flush().unwrap();
-
+    create_topics_with(&tls, &prefix, 1).await.unwrap();
+    // The events come from `omnibus generate`, over TLS too: its settings from the environment
+    // (as the services read them) and from --kafka-config.
     let ca_setting = format!("ssl.ca.location={ca}");
+    let n = 40;
+    let out = omnibus_tests::cli::omnibus_with_env(
+        &[
+            "--brokers",
+            &tls_addr,
+            "--kafka-config",
+            &ca_setting,
+            "generate",
+            "--count",
+            "40",
+            "--topic-prefix",
+            &prefix,
+            "--quiet",
+        ],
+        &[("KAFKA_SECURITY_PROTOCOL", "SSL")],
+    )
+    .await
+    .unwrap();
+    assert!(out.ok(), "{}{}", out.stdout, out.stderr);
+
     let svc = start_consumer(
         &tls_addr,
         &prefix,

@@ -679,6 +679,7 @@ async fn write_client(cli: &Cli, db: &Db, w: &WriteArgs) -> DbClient {
     config.topics.completed = w.completed_topic.clone();
     config.topics.failed = w.failed_topic.clone();
     config.service = "omnibus-cli".into();
+    config.kafka_settings = cli.kafka_settings();
     let client = match BusPublisher::connect(config).await {
         Ok(bus) => DbClient::with_bus(db.channel.clone(), Arc::new(bus), WriteMode::BusFirst),
         Err(e) => {

@@ -70,6 +70,7 @@ pub async fn run(cli: &Cli, args: &GenerateArgs) -> Result<ExitCode> {
         });
     }
     let brokers = cli.brokers.clone();
+    let kafka_settings = cli.kafka_settings();
     let topics = Topics::with_prefix(&args.topic_prefix);
     let total = planned(args);
     let bar = if args.quiet {
@@ -95,7 +96,16 @@ pub async fn run(cli: &Cli, args: &GenerateArgs) -> Result<ExitCode> {
     let stop2 = stop.clone();
     let result = tokio::task::spawn_blocking(move || {
         produce(
-            &brokers, &topics, rate, count, duration, agents, seed, &bar2, &stop2,
+            &brokers,
+            &kafka_settings,
+            &topics,
+            rate,
+            count,
+            duration,
+            agents,
+            seed,
+            &bar2,
+            &stop2,
         )
     })
     .await
@@ -118,6 +128,7 @@ pub async fn run(cli: &Cli, args: &GenerateArgs) -> Result<ExitCode> {
 #[allow(clippy::too_many_arguments)]
 fn produce(
     brokers: &str,
+    kafka_settings: &[kafka_settings::KafkaSetting],
     topics: &Topics,
     rate: Option<f64>,
     count: Option<u64>,
@@ -132,7 +143,7 @@ fn produce(
             "the Kafka broker at {brokers} is not reachable - is it running?"
         ))
     };
-    let producer = producer(brokers).map_err(|e| Fail(format!("Kafka: {e}")))?;
+    let producer = producer(brokers, kafka_settings).map_err(|e| Fail(format!("Kafka: {e}")))?;
     // Ask for the topics first: a missing topic or broker is one clear error, not a silent queue.
     for kind in Kind::ALL {
         let topic = topics.name(kind);

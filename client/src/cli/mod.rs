@@ -69,6 +69,20 @@ pub struct Cli {
     )]
     pub brokers: String,
 
+    /// Extra librdkafka property `key=value` for `generate` and `db --via bus` (repeatable),
+    /// after those of `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*` and `KAFKA_SSL_*` (as the
+    /// services read them); values are never printed.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "KAFKA_CONFIG",
+        value_parser = kafka_settings::parse_setting,
+        value_delimiter = ';',
+        hide_env_values = true
+    )]
+    pub kafka_config: Vec<kafka_settings::KafkaSetting>,
+
     /// Bearer token for services with authentication on (never printed).
     #[arg(
         long,
@@ -139,6 +153,11 @@ pub enum OutputArg {
 }
 
 impl Cli {
+    /// The Kafka client settings: the environment's, then `--kafka-config`'s.
+    pub fn kafka_settings(&self) -> Vec<kafka_settings::KafkaSetting> {
+        kafka_settings::merged(&self.kafka_config)
+    }
+
     pub fn format(&self) -> Format {
         if self.json {
             return Format::Json;
