@@ -133,12 +133,15 @@ const MIN_SWEEP: usize = 64;
 /// alive for one stalled subscriber.
 pub const MAX_BATCH: usize = 256;
 
-/// `updates` as channel batches of at most [`MAX_BATCH`], in order.
-fn batches(updates: Vec<Update>) -> Vec<Batch> {
-    if updates.len() <= MAX_BATCH {
-        return vec![Batch::from(updates)];
+/// `updates` as channel batches of at most [`MAX_BATCH`], in order (moved, not cloned).
+fn batches(mut updates: Vec<Update>) -> Vec<Batch> {
+    let mut out = Vec::with_capacity(updates.len().div_ceil(MAX_BATCH));
+    while updates.len() > MAX_BATCH {
+        let rest = updates.split_off(MAX_BATCH);
+        out.push(Batch::from(std::mem::replace(&mut updates, rest)));
     }
-    updates.chunks(MAX_BATCH).map(Batch::from).collect()
+    out.push(Batch::from(updates));
+    out
 }
 
 /// The live part of a subscription, for a [`Follower`].
@@ -214,11 +217,7 @@ impl Hub {
         // Nobody to send to (checked under the lock, which subscribe() takes too): no batch.
         let listening = self.tx.receiver_count() > 0;
         let routing = !inner.routes.is_empty();
-        let mut batch = Vec::with_capacity(if listening {
-            kinds.size_hint().0.min(MAX_BATCH)
-        } else {
-            0
-        });
+        let mut batch = Vec::with_capacity(if listening { kinds.size_hint().0 } else { 0 });
         for kind in kinds {
             inner.last_seq += 1;
             let update = Update {
@@ -236,14 +235,15 @@ impl Hub {
             }
             if listening {
                 batch.push(update);
-                if batch.len() == MAX_BATCH {
-                    self.send_shared(std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH)));
-                }
             }
         }
         // Sent under the lock so subscribe() sees ring and channels consistently.
         if !batch.is_empty() {
-            self.send_shared(batch);
+            for updates in batches(batch) {
+                let first = updates[0].seq;
+                // An error only means nobody is listening.
+                let _ = self.tx.send(Chunk { updates, first });
+            }
         }
         if routing {
             inner.routes.retain(|_, r| {
@@ -261,16 +261,6 @@ impl Hub {
             });
         }
         inner.last_seq
-    }
-
-    /// Sends one batch (at most [`MAX_BATCH`]) on the shared channel; the caller holds the lock.
-    fn send_shared(&self, batch: Vec<Update>) {
-        let first = batch.first().map_or(0, |u| u.seq);
-        // An error only means nobody is listening.
-        let _ = self.tx.send(Chunk {
-            updates: Batch::from(batch),
-            first,
-        });
     }
 
     /// Subscribes; with `resume_after`, the buffered updates after it come first. With

@@ -331,17 +331,18 @@ impl Ingest {
             if msgs.is_empty() {
                 continue;
             }
-            let target_ms = self.seek_target_ms();
             let (parsed, moves) = parse_batch(
                 &self.cfg,
                 &mut self.assigned,
                 &mut self.error_logs,
                 &msgs,
-                target_ms,
+                || seek_target_ms(&self.sinks.state, self.cfg.seek_slack),
             );
             drop(msgs);
             apply_parsed(&self.cfg, &self.sinks, parsed);
-            if !moves.seek.is_empty() {
+            if let Some(target_ms) = moves.target_ms
+                && !moves.seek.is_empty()
+            {
                 self.seek_to_cutoff(&moves.seek, target_ms);
             }
             for (key, offset) in moves.resume {
@@ -513,13 +514,6 @@ impl Ingest {
         }
     }
 
-    /// The Kafka timestamp (ms) before which a message is older than the window, minus the
-    /// configured slack (producer clocks differ).
-    fn seek_target_ms(&self) -> i64 {
-        let cutoff = self.sinks.state.read().cutoff_at(now_micros()) / 1000;
-        cutoff - self.cfg.seek_slack.as_millis() as i64
-    }
-
     /// Moves `parts`, whose logs start before the window, forward to the broker's offset for
     /// `target_ms` when that is ahead of what has been read; the move is verified on the
     /// first message read there.
@@ -666,11 +660,20 @@ fn replay_start(
     (resolved > low).then_some(resolved - 1)
 }
 
+/// The Kafka timestamp (ms) before which a message is older than the window, minus `slack`
+/// (producer clocks differ).
+fn seek_target_ms(state: &RwLock<State>, slack: Duration) -> i64 {
+    let cutoff = state.read().cutoff_at(now_micros()) / 1000;
+    cutoff - slack.as_millis() as i64
+}
+
 /// What a batch asks of the partitions after it is applied.
 #[derive(Default)]
 struct Moves {
     /// Logs that start before the window: look up the cutoff offset, seek forward.
     seek: Vec<(usize, i32)>,
+    /// The target the first messages were compared with; computed only when one was probed.
+    target_ms: Option<i64>,
     /// Failed seek verifications: resume reading at the offset.
     resume: Vec<((usize, i32), i64)>,
 }
@@ -693,7 +696,7 @@ fn parse_batch(
     assigned: &mut foldhash::HashMap<(usize, i32), Partition>,
     error_logs: &mut [ErrorLog; 4],
     msgs: &[rdkafka::message::BorrowedMessage<'_>],
-    target_ms: i64,
+    target_ms: impl Fn() -> i64,
 ) -> (Parsed, Moves) {
     let now = now_micros();
     let mut moves = Moves::default();
@@ -721,10 +724,11 @@ fn parse_batch(
         let Some(part) = assigned.get_mut(&key) else {
             continue; // a stale message of a partition just dropped
         };
-        if std::mem::take(&mut part.probe)
-            && m.timestamp().to_millis().is_some_and(|t| t < target_ms)
-        {
-            moves.seek.push(key);
+        if std::mem::take(&mut part.probe) {
+            let target = *moves.target_ms.get_or_insert_with(&target_ms);
+            if m.timestamp().to_millis().is_some_and(|t| t < target) {
+                moves.seek.push(key);
+            }
         }
         if let Some(v) = part.verify.take() {
             let ts = m.timestamp().to_millis();
