@@ -6,20 +6,27 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use omnibus_proto::consumer::v1 as pb;
-use omnibus_proto::consumer::v1::consumer_service_server::ConsumerService;
+use omnibus_proto::consumer::v1::consumer_service_server::{
+    ConsumerService, ConsumerServiceServer,
+};
 use parking_lot::RwLock;
+use std::convert::Infallible;
+use std::task::{Context, Poll};
 use svc_kit::Shutdown;
+use tonic::codegen::{Body as HttpBody, BoxFuture, Service, StdError, http};
+use tonic::server::NamedService;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::broker::BrokerStatus;
 use crate::convert;
-use crate::events::{Event, Micros};
+use crate::events::{AgentAction, Event, Micros};
 use crate::hub::{Follower, Hub, Next, Update, UpdateKind, Updates};
 use crate::ingest::{IngestStatus, now_micros};
 use crate::state::State;
+use crate::wire::ActionsPush;
 
 const DEFAULT_LIMIT: usize = 100;
 /// Most updates in one StreamActions / StreamAgentMetrics push.
@@ -44,6 +51,37 @@ fn invalid(field: &str, description: impl Into<String>) -> Status {
 }
 
 impl ConsumerApi {
+    /// `StreamActions`: a push per batch of updates holding actions the request's filters
+    /// accept, and lag notices.
+    fn actions_stream(
+        &self,
+        r: pb::StreamActionsRequest,
+    ) -> Result<BoxStream<ActionsPush>, Status> {
+        self.check_streams()?;
+        let filter = Filter {
+            agent: r.agent,
+            action_type: r.action_type,
+            correlation_id: r.correlation_id,
+            min_confidence: None,
+        };
+        let sub = self
+            .hub
+            .subscribe(None, filter.agent.as_deref())
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let follower = Follower::new(sub.live, MAX_PUSH);
+        let keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync> =
+            Arc::new(move |a| filter.action(a));
+        Ok(follow(
+            Vec::new(),
+            follower,
+            self.shutdown.clone(),
+            move |feed, out| match feed {
+                Feed::Updates(updates) => out.extend(ActionsPush::actions(updates, keep.clone())),
+                Feed::Lagged { missed, .. } => out.push_back(ActionsPush::lagged(missed)),
+            },
+        ))
+    }
+
     /// Parses a window (`1h`, `24h`, `7d`); empty means the whole retention window.
     fn window(&self, field: &str, raw: &str) -> Result<Option<Micros>, Status> {
         if raw.trim().is_empty() {
@@ -162,8 +200,8 @@ fn limit(requested: u32) -> usize {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// What a stream's mapper sees.
-enum Feed<'a> {
-    Updates(&'a Updates),
+enum Feed {
+    Updates(Updates),
     Lagged { missed: u64, last_missed: u64 },
 }
 
@@ -179,7 +217,7 @@ struct FollowState<T, F> {
 fn follow<T, F>(initial: Vec<T>, follower: Follower, shutdown: Shutdown, map: F) -> BoxStream<T>
 where
     T: Send + 'static,
-    F: FnMut(Feed<'_>, &mut VecDeque<T>) + Send + 'static,
+    F: FnMut(Feed, &mut VecDeque<T>) + Send + 'static,
 {
     let st = FollowState {
         queued: initial.into(),
@@ -202,7 +240,7 @@ where
             };
             match next {
                 Next::Closed => return None,
-                Next::Updates(u) => (st.map)(Feed::Updates(&u), &mut st.queued),
+                Next::Updates(u) => (st.map)(Feed::Updates(u), &mut st.queued),
                 Next::Lagged {
                     missed,
                     last_missed,
@@ -441,45 +479,12 @@ impl ConsumerService for ConsumerApi {
         &self,
         request: Request<pb::StreamActionsRequest>,
     ) -> Result<Response<BoxStream<pb::StreamActionsResponse>>, Status> {
-        self.check_streams()?;
-        let r = request.into_inner();
-        let filter = Filter {
-            agent: r.agent,
-            action_type: r.action_type,
-            correlation_id: r.correlation_id,
-            min_confidence: None,
-        };
-        let sub = self
-            .hub
-            .subscribe(None, filter.agent.as_deref())
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let follower = Follower::new(sub.live, MAX_PUSH);
-        let stream = follow(
-            Vec::new(),
-            follower,
-            self.shutdown.clone(),
-            move |feed, out| match feed {
-                Feed::Updates(updates) => {
-                    let actions: Vec<pb::AgentAction> = updates
-                        .iter()
-                        .filter_map(|u| match &u.kind {
-                            UpdateKind::Event(Event::AgentAction(a)) if filter.action(a) => {
-                                Some(convert::action(a))
-                            }
-                            _ => None,
-                        })
-                        .collect();
-                    if !actions.is_empty() {
-                        out.push_back(pb::StreamActionsResponse { actions, lagged: 0 });
-                    }
-                }
-                Feed::Lagged { missed, .. } => out.push_back(pb::StreamActionsResponse {
-                    actions: Vec::new(),
-                    lagged: missed,
-                }),
-            },
-        );
-        Ok(Response::new(stream))
+        // Served by `ConsumerRoutes` from shared encodings; this generated entry point gives
+        // the same messages, built field by field.
+        let pushes = self.actions_stream(request.into_inner())?;
+        Ok(Response::new(Box::pin(
+            pushes.map(|push| push.map(|p| p.to_response())),
+        )))
     }
 
     async fn stream_agent_metrics(
@@ -594,7 +599,7 @@ impl ConsumerService for ConsumerApi {
             self.shutdown.clone(),
             move |feed, out| match feed {
                 Feed::Updates(updates) => {
-                    for u in updates {
+                    for u in &updates {
                         if let Some(m) = subscribe_message(u, &channels, &filter) {
                             out.push_back(m);
                         }
@@ -737,6 +742,69 @@ pub async fn publish_live_updates(
             api.hub
                 .publish([UpdateKind::Status(Arc::new(api.status()))]);
         }
+    }
+}
+
+/// The `ConsumerService` as served over gRPC: the generated server, except that
+/// `StreamActions` is answered from shared action encodings ([`crate::wire`]; the same
+/// messages on the wire). Compression and message size limits are the generated server's.
+#[derive(Clone)]
+pub struct ConsumerRoutes {
+    generated: ConsumerServiceServer<ConsumerApi>,
+    api: Arc<ConsumerApi>,
+    codec: svc_kit::server::MethodCodec,
+}
+
+impl ConsumerRoutes {
+    pub fn new(api: Arc<ConsumerApi>, args: &svc_kit::ServerArgs) -> Self {
+        Self {
+            generated: svc_kit::grpc_service!(ConsumerServiceServer::from_arc(api.clone()), args),
+            api,
+            codec: args.method_codec(),
+        }
+    }
+}
+
+impl NamedService for ConsumerRoutes {
+    const NAME: &'static str = <ConsumerServiceServer<ConsumerApi> as NamedService>::NAME;
+}
+
+struct StreamActionsEncoded(Arc<ConsumerApi>);
+
+impl tonic::server::ServerStreamingService<pb::StreamActionsRequest> for StreamActionsEncoded {
+    type Response = ActionsPush;
+    type ResponseStream = BoxStream<ActionsPush>;
+    type Future = BoxFuture<Response<BoxStream<ActionsPush>>, Status>;
+
+    fn call(&mut self, request: Request<pb::StreamActionsRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move { api.actions_stream(request.into_inner()).map(Response::new) })
+    }
+}
+
+impl<B> Service<http::Request<B>> for ConsumerRoutes
+where
+    B: HttpBody + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != "/omnibus.consumer.v1.ConsumerService/StreamActions" {
+            return self.generated.call(request);
+        }
+        let mut grpc = self.codec.grpc(tonic_prost::ProstCodec::<
+            ActionsPush,
+            pb::StreamActionsRequest,
+        >::default());
+        let method = StreamActionsEncoded(self.api.clone());
+        Box::pin(async move { Ok(grpc.server_streaming(method, request).await) })
     }
 }
 

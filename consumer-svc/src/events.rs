@@ -240,6 +240,8 @@ pub struct AgentAction {
     project_name: Option<Span>,
     pub success: Option<bool>,
     pub time: Micros,
+    /// Its `StreamActions` encoding, made by the first push that carries it (`crate::wire`).
+    pub(crate) wire: crate::wire::Memo,
 }
 
 text_accessors!(AgentAction { id, agent_name, action_type } {
@@ -546,6 +548,7 @@ pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseErr
         duration_ms: raw.duration_ms,
         project_name,
         success: raw.success,
+        wire: Default::default(),
     })
 }
 

@@ -10,13 +10,13 @@ pub mod hub;
 pub mod ingest;
 pub mod state;
 pub mod timestamp;
+pub mod wire;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use omnibus_proto::consumer::v1::consumer_service_server::ConsumerServiceServer;
 use omnibus_proto::service_names;
 use svc_kit::{Health, Shutdown};
 
@@ -104,10 +104,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     // Every RPC of ConsumerService is a read.
     let router = svc_kit::server::builder(&settings.server, svc_kit::Scopes::new())?
         .add_service(health_service)
-        .add_service(svc_kit::grpc_service!(
-            ConsumerServiceServer::from_arc(api),
-            &settings.server
-        ));
+        .add_service(api::ConsumerRoutes::new(api, &settings.server));
     let router = svc_kit::server::add_reflection(
         router,
         service_names::CONSUMER,

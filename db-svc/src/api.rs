@@ -12,9 +12,7 @@ use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_server::{DatabaseService, DatabaseServiceServer};
 use svc_kit::Shutdown;
 use tokio_stream::StreamExt;
-use tonic::codegen::{
-    Body as HttpBody, BoxFuture, EnabledCompressionEncodings, Service, StdError, http,
-};
+use tonic::codegen::{Body as HttpBody, BoxFuture, Service, StdError, http};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
@@ -418,29 +416,15 @@ impl DatabaseApi {
 pub struct DatabaseRoutes {
     generated: DatabaseServiceServer<DatabaseApi>,
     api: Arc<DatabaseApi>,
-    accept: EnabledCompressionEncodings,
-    send: EnabledCompressionEncodings,
-    max_decoding: usize,
-    max_encoding: usize,
+    codec: svc_kit::server::MethodCodec,
 }
 
 impl DatabaseRoutes {
     pub fn new(api: Arc<DatabaseApi>, args: &svc_kit::ServerArgs) -> Self {
-        let (mut accept, mut send) = (
-            EnabledCompressionEncodings::default(),
-            EnabledCompressionEncodings::default(),
-        );
-        for encoding in args.compression_encodings() {
-            accept.enable(encoding);
-            send.enable(encoding);
-        }
         Self {
             generated: svc_kit::grpc_service!(DatabaseServiceServer::from_arc(api.clone()), args),
             api,
-            accept,
-            send,
-            max_decoding: args.max_recv_message_size,
-            max_encoding: args.max_send_message_size,
+            codec: args.method_codec(),
         }
     }
 }
@@ -478,10 +462,9 @@ where
         if request.uri().path() != "/omnibus.db.v1.DatabaseService/Query" {
             return self.generated.call(request);
         }
-        let codec = tonic_prost::ProstCodec::<Encoded, pb::QueryRequest>::default();
-        let mut grpc = tonic::server::Grpc::new(codec)
-            .apply_compression_config(self.accept, self.send)
-            .apply_max_message_size_config(Some(self.max_decoding), Some(self.max_encoding));
+        let mut grpc = self
+            .codec
+            .grpc(tonic_prost::ProstCodec::<Encoded, pb::QueryRequest>::default());
         let method = QueryEncoded(self.api.clone());
         Box::pin(async move { Ok(grpc.unary(method, request).await) })
     }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use tonic::codec::CompressionEncoding;
+use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tower::layer::util::{Identity as NoLayer, Stack};
@@ -217,6 +217,24 @@ impl ServerArgs {
                 Compression::Zstd => CompressionEncoding::Zstd,
             })
             .collect()
+    }
+
+    /// The same message-size and compression settings, for a method served by hand.
+    pub fn method_codec(&self) -> MethodCodec {
+        let (mut accept, mut send) = (
+            EnabledCompressionEncodings::default(),
+            EnabledCompressionEncodings::default(),
+        );
+        for encoding in self.compression_encodings() {
+            accept.enable(encoding);
+            send.enable(encoding);
+        }
+        MethodCodec {
+            accept,
+            send,
+            max_decoding: self.max_recv_message_size,
+            max_encoding: self.max_send_message_size,
+        }
     }
 
     /// Installs what must exist before any work starts: the metrics recorder (when
@@ -478,6 +496,26 @@ pub fn format_duration(d: Duration) -> String {
         _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
         _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
         _ => format!("{ms}ms"),
+    }
+}
+
+/// What [`grpc_service!`](crate::grpc_service) configures on a generated server (compression,
+/// message size limits), for a method a service answers itself in front of the generated one,
+/// e.g. with responses encoded in advance ([`ServerArgs::method_codec`]).
+#[derive(Clone, Copy, Debug)]
+pub struct MethodCodec {
+    accept: EnabledCompressionEncodings,
+    send: EnabledCompressionEncodings,
+    max_decoding: usize,
+    max_encoding: usize,
+}
+
+impl MethodCodec {
+    /// A tonic method handler over `codec` with these settings.
+    pub fn grpc<C: tonic::codec::Codec>(&self, codec: C) -> tonic::server::Grpc<C> {
+        tonic::server::Grpc::new(codec)
+            .apply_compression_config(self.accept, self.send)
+            .apply_max_message_size_config(Some(self.max_decoding), Some(self.max_encoding))
     }
 }
 

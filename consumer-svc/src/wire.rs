@@ -1,0 +1,257 @@
+//! `StreamActions` pushes written from action encodings shared by every subscriber.
+//!
+//! Without this, each of N subscribers converts every action it receives into a
+//! `pb::AgentAction` (a string copy per field) and encodes it: N conversions and encodings
+//! per action, which with 1,000 unfiltered subscribers is most of the service's work. Here
+//! an action is encoded once, by the first push that carries it, and kept with the action
+//! ([`Memo`]); every push copies those bytes into its message. The bytes are exactly what
+//! prost writes for `convert::action(a)`, and a push is exactly the encoding of the
+//! equivalent `pb::StreamActionsResponse` (tested below), so clients see the same messages.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Buf, BufMut};
+use omnibus_proto::consumer::v1 as pb;
+use prost::Message;
+use prost::encoding::{DecodeContext, WireType, encode_varint, encoded_len_varint};
+
+use crate::convert;
+use crate::events::{AgentAction, Event};
+use crate::hub::{UpdateKind, Updates};
+
+/// `repeated AgentAction actions = 1` and `uint64 lagged = 2` of `StreamActionsResponse`.
+const ACTIONS_FIELD: u8 = 1 << 3 | 2;
+const LAGGED_FIELD: u8 = 2 << 3;
+
+/// An encoding computed on first use and shared by every clone of the `Arc` holding it.
+/// It is a cache, not part of the value: it compares equal to any other memo, and a clone
+/// of the value starts without it.
+#[derive(Default)]
+pub struct Memo(OnceLock<Box<[u8]>>);
+
+impl Memo {
+    fn get_or_encode(&self, encode: impl FnOnce() -> Vec<u8>) -> &[u8] {
+        self.0.get_or_init(|| encode().into_boxed_slice())
+    }
+}
+
+impl Clone for Memo {
+    fn clone(&self) -> Self {
+        Memo::default()
+    }
+}
+
+impl PartialEq for Memo {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memo")
+    }
+}
+
+/// The `pb::AgentAction` encoding of `a`, computed once per action.
+pub fn action_bytes(a: &AgentAction) -> &[u8] {
+    a.wire.get_or_encode(|| convert::action(a).encode_to_vec())
+}
+
+/// One `StreamActions` push: the actions of `updates` that `keep` accepts (in order), or a
+/// lag notice. Encodes like `pb::StreamActionsResponse`; only ever encoded (decoding one
+/// skips every field).
+pub struct ActionsPush {
+    updates: Updates,
+    keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync>,
+    lagged: u64,
+}
+
+impl ActionsPush {
+    /// The push of `updates`, or `None` when `keep` accepts none of their actions.
+    pub fn actions(
+        updates: Updates,
+        keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync>,
+    ) -> Option<Self> {
+        let push = Self {
+            updates,
+            keep,
+            lagged: 0,
+        };
+        let any = push.iter().next().is_some();
+        any.then_some(push)
+    }
+
+    /// A lag notice: `missed` updates were dropped for this subscriber.
+    pub fn lagged(missed: u64) -> Self {
+        Self {
+            updates: Updates::default(),
+            keep: Arc::new(|_| false),
+            lagged: missed,
+        }
+    }
+
+    /// The same push as the generated message.
+    pub fn to_response(&self) -> pb::StreamActionsResponse {
+        pb::StreamActionsResponse {
+            actions: self.iter().map(convert::action).collect(),
+            lagged: self.lagged,
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &AgentAction> {
+        self.updates.iter().filter_map(|u| match &u.kind {
+            UpdateKind::Event(Event::AgentAction(a)) if (self.keep)(a) => Some(&**a),
+            _ => None,
+        })
+    }
+}
+
+impl std::fmt::Debug for ActionsPush {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActionsPush")
+            .field("actions", &self.iter().count())
+            .field("lagged", &self.lagged)
+            .finish()
+    }
+}
+
+impl Default for ActionsPush {
+    fn default() -> Self {
+        Self::lagged(0)
+    }
+}
+
+impl Message for ActionsPush {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        for a in self.iter() {
+            let bytes = action_bytes(a);
+            buf.put_u8(ACTIONS_FIELD);
+            encode_varint(bytes.len() as u64, buf);
+            buf.put_slice(bytes);
+        }
+        if self.lagged != 0 {
+            buf.put_u8(LAGGED_FIELD);
+            encode_varint(self.lagged, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        let actions: usize = self
+            .iter()
+            .map(|a| {
+                let n = action_bytes(a).len();
+                1 + encoded_len_varint(n as u64) + n
+            })
+            .sum();
+        let lagged = if self.lagged != 0 {
+            1 + encoded_len_varint(self.lagged)
+        } else {
+            0
+        };
+        actions + lagged
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{self, EventKind};
+    use crate::hub::Hub;
+
+    fn action(json: &str) -> UpdateKind {
+        match events::parse(
+            EventKind::AgentAction,
+            json.as_bytes(),
+            2_000_000_000_000_000,
+        ) {
+            Ok(e) => UpdateKind::Event(e),
+            Err(e) => panic!("{json}: {e}"),
+        }
+    }
+
+    /// Published updates as a subscriber receives them.
+    fn received(kinds: Vec<UpdateKind>) -> Updates {
+        let hub = Hub::new(64, 64);
+        let sub = hub.subscribe(None, None).expect("subscribe");
+        let mut follower = crate::hub::Follower::new(sub.live, 1000);
+        hub.publish(kinds);
+        match futures::FutureExt::now_or_never(follower.next()) {
+            Some(crate::hub::Next::Updates(u)) => u,
+            other => panic!("expected updates, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_push_encodes_like_the_generated_response() {
+        let kinds = vec![
+            action(
+                r#"{"id":"a1","agent_name":"x","action_type":"tool_call","correlation_id":"c",
+                   "action_name":"","action_details":{"k":[1,"ü"]},"debug_mode":false,
+                   "duration_ms":0,"project_name":"p","success":true,
+                   "timestamp":"2026-12-01T10:00:00.123456Z"}"#,
+            ),
+            action(r#"{"agent_name":"y","action_type":"error"}"#),
+            action(r#"{"agent_name":"x","action_type":"success","duration_ms":-1.5}"#),
+        ];
+        let keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync> =
+            Arc::new(|a| a.agent_name() == "x");
+        let push = ActionsPush::actions(received(kinds), keep.clone()).expect("two actions");
+        let expected = push.to_response();
+        assert_eq!(expected.actions.len(), 2);
+        assert_eq!(expected.lagged, 0);
+        assert_eq!(push.encoded_len(), expected.encoded_len());
+        let bytes = push.encode_to_vec();
+        assert_eq!(bytes, expected.encode_to_vec());
+        // Encoding again reuses the memo and gives the same bytes.
+        assert_eq!(push.encode_to_vec(), bytes);
+        let decoded = pb::StreamActionsResponse::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn a_lag_notice_encodes_like_the_generated_response() {
+        let push = ActionsPush::lagged(300);
+        let expected = pb::StreamActionsResponse {
+            actions: Vec::new(),
+            lagged: 300,
+        };
+        assert_eq!(push.encode_to_vec(), expected.encode_to_vec());
+        assert_eq!(push.encoded_len(), expected.encoded_len());
+    }
+
+    #[test]
+    fn no_push_when_the_filter_keeps_no_action() {
+        let kinds = vec![action(r#"{"agent_name":"y","action_type":"error"}"#)];
+        assert!(
+            ActionsPush::actions(received(kinds), Arc::new(|a| a.agent_name() == "x")).is_none()
+        );
+    }
+
+    #[test]
+    fn the_memo_is_not_part_of_the_value() {
+        let UpdateKind::Event(Event::AgentAction(a)) =
+            action(r#"{"id":"1","agent_name":"x","action_type":"error"}"#)
+        else {
+            unreachable!()
+        };
+        let fresh = (*a).clone();
+        let encoded = action_bytes(&a).to_vec();
+        assert_eq!(*a, fresh);
+        assert_eq!(action_bytes(&fresh), encoded.as_slice());
+    }
+}
