@@ -13,10 +13,8 @@ use omnibus_proto::consumer::v1::consumer_service_server::{
 };
 use parking_lot::RwLock;
 use std::convert::Infallible;
-use std::task::{Context, Poll};
 use svc_kit::Shutdown;
-use tonic::codegen::{Body as HttpBody, BoxFuture, Service, StdError, http};
-use tonic::server::NamedService;
+use tonic::codegen::{Body as HttpBody, BoxFuture, StdError, http};
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -58,12 +56,7 @@ impl ConsumerApi {
         r: pb::StreamActionsRequest,
     ) -> Result<BoxStream<ActionsPush>, Status> {
         self.check_streams()?;
-        let filter = Filter {
-            agent: r.agent,
-            action_type: r.action_type,
-            correlation_id: r.correlation_id,
-            min_confidence: None,
-        };
+        let filter = Filter::actions(r.agent, r.action_type, r.correlation_id);
         let sub = self
             .hub
             .subscribe(None, filter.agent.as_deref())
@@ -266,6 +259,20 @@ struct Filter {
 }
 
 impl Filter {
+    /// The filters of the action reads and streams.
+    fn actions(
+        agent: Option<String>,
+        action_type: Option<String>,
+        correlation_id: Option<String>,
+    ) -> Self {
+        Self {
+            agent,
+            action_type,
+            correlation_id,
+            min_confidence: None,
+        }
+    }
+
     fn action(&self, a: &crate::events::AgentAction) -> bool {
         self.agent.as_ref().is_none_or(|x| a.agent_name() == x)
             && self
@@ -351,12 +358,7 @@ impl ConsumerService for ConsumerApi {
         let r = request.into_inner();
         let window = self.window("window", &r.window)?;
         let since = window.map_or(Micros::MIN, |w| now_micros() - w);
-        let filter = Filter {
-            agent: r.agent,
-            action_type: r.action_type,
-            correlation_id: r.correlation_id,
-            min_confidence: None,
-        };
+        let filter = Filter::actions(r.agent, r.action_type, r.correlation_id);
         let actions = self
             .state
             .read()
@@ -747,29 +749,21 @@ pub async fn publish_live_updates(
 
 /// The `ConsumerService` as served over gRPC: the generated server, except that
 /// `StreamActions` is answered from shared action encodings ([`crate::wire`]; the same
-/// messages on the wire). Compression and message size limits are the generated server's.
+/// messages on the wire).
+pub type ConsumerRoutes =
+    svc_kit::server::WithMethod<ConsumerServiceServer<ConsumerApi>, StreamActionsEncoded>;
+
+/// The generated server and the encoded `StreamActions` in front of it.
+pub fn routes(api: Arc<ConsumerApi>, args: &svc_kit::ServerArgs) -> ConsumerRoutes {
+    svc_kit::server::WithMethod::new(
+        svc_kit::grpc_service!(ConsumerServiceServer::from_arc(api.clone()), args),
+        StreamActionsEncoded(api),
+        args,
+    )
+}
+
 #[derive(Clone)]
-pub struct ConsumerRoutes {
-    generated: ConsumerServiceServer<ConsumerApi>,
-    api: Arc<ConsumerApi>,
-    codec: svc_kit::server::MethodCodec,
-}
-
-impl ConsumerRoutes {
-    pub fn new(api: Arc<ConsumerApi>, args: &svc_kit::ServerArgs) -> Self {
-        Self {
-            generated: svc_kit::grpc_service!(ConsumerServiceServer::from_arc(api.clone()), args),
-            api,
-            codec: args.method_codec(),
-        }
-    }
-}
-
-impl NamedService for ConsumerRoutes {
-    const NAME: &'static str = <ConsumerServiceServer<ConsumerApi> as NamedService>::NAME;
-}
-
-struct StreamActionsEncoded(Arc<ConsumerApi>);
+pub struct StreamActionsEncoded(Arc<ConsumerApi>);
 
 impl tonic::server::ServerStreamingService<pb::StreamActionsRequest> for StreamActionsEncoded {
     type Response = ActionsPush;
@@ -782,28 +776,23 @@ impl tonic::server::ServerStreamingService<pb::StreamActionsRequest> for StreamA
     }
 }
 
-impl<B> Service<http::Request<B>> for ConsumerRoutes
-where
-    B: HttpBody + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+impl svc_kit::server::Method for StreamActionsEncoded {
+    const PATH: &'static str = "/omnibus.consumer.v1.ConsumerService/StreamActions";
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != "/omnibus.consumer.v1.ConsumerService/StreamActions" {
-            return self.generated.call(request);
-        }
-        let mut grpc = self.codec.grpc(tonic_prost::ProstCodec::<
+    fn call<B>(
+        &self,
+        codec: &svc_kit::server::MethodCodec,
+        request: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let mut grpc = codec.grpc(tonic_prost::ProstCodec::<
             ActionsPush,
             pb::StreamActionsRequest,
         >::default());
-        let method = StreamActionsEncoded(self.api.clone());
+        let method = self.clone();
         Box::pin(async move { Ok(grpc.server_streaming(method, request).await) })
     }
 }

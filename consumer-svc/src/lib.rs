@@ -104,7 +104,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     // Every RPC of ConsumerService is a read.
     let router = svc_kit::server::builder(&settings.server, svc_kit::Scopes::new())?
         .add_service(health_service)
-        .add_service(api::ConsumerRoutes::new(api, &settings.server));
+        .add_service(api::routes(api, &settings.server));
     let router = svc_kit::server::add_reflection(
         router,
         service_names::CONSUMER,

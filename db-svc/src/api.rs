@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
@@ -12,8 +11,7 @@ use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_server::{DatabaseService, DatabaseServiceServer};
 use svc_kit::Shutdown;
 use tokio_stream::StreamExt;
-use tonic::codegen::{Body as HttpBody, BoxFuture, Service, StdError, http};
-use tonic::server::NamedService;
+use tonic::codegen::{Body as HttpBody, BoxFuture, StdError, http};
 use tonic::{Request, Response, Status};
 
 use crate::error::DbError;
@@ -411,29 +409,21 @@ impl DatabaseApi {
 
 /// The `DatabaseService` as served over gRPC: the generated server, except that `Query` is
 /// answered by [`DatabaseApi::query_encoded`] (identical bytes on the wire, without building
-/// a `Struct` per row). Compression and message size limits are the generated server's.
+/// a `Struct` per row).
+pub type DatabaseRoutes =
+    svc_kit::server::WithMethod<DatabaseServiceServer<DatabaseApi>, QueryEncoded>;
+
+/// The generated server and the encoded `Query` in front of it.
+pub fn routes(api: Arc<DatabaseApi>, args: &svc_kit::ServerArgs) -> DatabaseRoutes {
+    svc_kit::server::WithMethod::new(
+        svc_kit::grpc_service!(DatabaseServiceServer::from_arc(api.clone()), args),
+        QueryEncoded(api),
+        args,
+    )
+}
+
 #[derive(Clone)]
-pub struct DatabaseRoutes {
-    generated: DatabaseServiceServer<DatabaseApi>,
-    api: Arc<DatabaseApi>,
-    codec: svc_kit::server::MethodCodec,
-}
-
-impl DatabaseRoutes {
-    pub fn new(api: Arc<DatabaseApi>, args: &svc_kit::ServerArgs) -> Self {
-        Self {
-            generated: svc_kit::grpc_service!(DatabaseServiceServer::from_arc(api.clone()), args),
-            api,
-            codec: args.method_codec(),
-        }
-    }
-}
-
-impl NamedService for DatabaseRoutes {
-    const NAME: &'static str = <DatabaseServiceServer<DatabaseApi> as NamedService>::NAME;
-}
-
-struct QueryEncoded(Arc<DatabaseApi>);
+pub struct QueryEncoded(Arc<DatabaseApi>);
 
 impl tonic::server::UnaryService<pb::QueryRequest> for QueryEncoded {
     type Response = Encoded;
@@ -445,27 +435,20 @@ impl tonic::server::UnaryService<pb::QueryRequest> for QueryEncoded {
     }
 }
 
-impl<B> Service<http::Request<B>> for DatabaseRoutes
-where
-    B: HttpBody + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+impl svc_kit::server::Method for QueryEncoded {
+    const PATH: &'static str = "/omnibus.db.v1.DatabaseService/Query";
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != "/omnibus.db.v1.DatabaseService/Query" {
-            return self.generated.call(request);
-        }
-        let mut grpc = self
-            .codec
-            .grpc(tonic_prost::ProstCodec::<Encoded, pb::QueryRequest>::default());
-        let method = QueryEncoded(self.api.clone());
+    fn call<B>(
+        &self,
+        codec: &svc_kit::server::MethodCodec,
+        request: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let mut grpc = codec.grpc(tonic_prost::ProstCodec::<Encoded, pb::QueryRequest>::default());
+        let method = self.clone();
         Box::pin(async move { Ok(grpc.unary(method, request).await) })
     }
 }

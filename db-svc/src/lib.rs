@@ -181,7 +181,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     let scopes = svc_kit::Scopes::new().writes(service_names::DATABASE, WRITE_METHODS);
     let router = svc_kit::server::builder(&settings.server, scopes)?
         .add_service(health_service)
-        .add_service(api::DatabaseRoutes::new(api, &settings.server));
+        .add_service(api::routes(api, &settings.server));
     let router = svc_kit::server::add_reflection(
         router,
         service_names::DATABASE,

@@ -9,12 +9,17 @@
 //! generated service with [`grpc_service!`](crate::grpc_service) (message sizes,
 //! compression), adds reflection with [`add_reflection`] and runs [`serve`].
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clap::Args;
+
 use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
+use tonic::codegen::{Body as HttpBody, BoxFuture, StdError, http};
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tower::layer::util::{Identity as NoLayer, Stack};
@@ -516,6 +521,79 @@ impl MethodCodec {
         tonic::server::Grpc::new(codec)
             .apply_compression_config(self.accept, self.send)
             .apply_max_message_size_config(Some(self.max_decoding), Some(self.max_encoding))
+    }
+}
+
+/// One method of a generated gRPC service that the service answers itself (e.g. with
+/// responses encoded in advance), mounted in front of the generated server with
+/// [`WithMethod`].
+pub trait Method: Clone + Send + 'static {
+    /// The method's path: `/package.Service/Method`.
+    const PATH: &'static str;
+
+    /// Answers one call of [`Self::PATH`], with the generated server's codec settings.
+    fn call<B>(
+        &self,
+        codec: &MethodCodec,
+        request: http::Request<B>,
+    ) -> BoxFuture<GrpcResponse, Infallible>
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static;
+}
+
+type GrpcResponse = http::Response<tonic::body::Body>;
+
+/// A generated service `S` with the method `M` answered by `M` instead; every other path goes
+/// to `S`. Served under `S`'s name, with the message size and compression settings of
+/// [`grpc_service!`](crate::grpc_service).
+#[derive(Clone)]
+pub struct WithMethod<S, M> {
+    generated: S,
+    method: M,
+    codec: MethodCodec,
+}
+
+impl<S, M> WithMethod<S, M> {
+    pub fn new(generated: S, method: M, args: &ServerArgs) -> Self {
+        Self {
+            generated,
+            method,
+            codec: args.method_codec(),
+        }
+    }
+}
+
+impl<S: NamedService, M> NamedService for WithMethod<S, M> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, M, B> tower::Service<http::Request<B>> for WithMethod<S, M>
+where
+    S: tower::Service<
+            http::Request<B>,
+            Response = GrpcResponse,
+            Error = Infallible,
+            Future = BoxFuture<GrpcResponse, Infallible>,
+        >,
+    M: Method,
+    B: HttpBody + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = GrpcResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<GrpcResponse, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.generated.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() == M::PATH {
+            self.method.call(&self.codec, request)
+        } else {
+            self.generated.call(request)
+        }
     }
 }
 
