@@ -353,6 +353,37 @@ impl ResultColumns {
         decode_cell(row, self.first + i, *ty, name)
     }
 
+    /// The JSON text of cell `i` when column `i` is json or jsonb (`Some(None)` for NULL),
+    /// for writers that transcode it themselves; `None` for other columns.
+    pub fn json_text<'r>(
+        &self,
+        row: &'r PgRow,
+        i: usize,
+    ) -> Result<Option<Option<&'r [u8]>>, DbError> {
+        let (name, ty) = &self.columns[i];
+        if !matches!(ty, ColType::Json | ColType::Jsonb) {
+            return Ok(None);
+        }
+        let malformed = |e: &dyn std::fmt::Display| {
+            DbError::Database(format!("cannot decode column {name}: {e}"))
+        };
+        let raw = row.try_get_raw(self.first + i).map_err(|e| malformed(&e))?;
+        if raw.is_null() {
+            return Ok(Some(None));
+        }
+        let format = raw.format();
+        let bytes = raw.as_bytes().map_err(|e| malformed(&e))?;
+        // jsonb's binary form is a format version (1) followed by the text; json's is the text.
+        let text = match (ty, format) {
+            (ColType::Jsonb, PgValueFormat::Binary) => match bytes.split_first() {
+                Some((1, text)) => text,
+                _ => return Err(malformed(&"unknown jsonb format version")),
+            },
+            _ => bytes,
+        };
+        Ok(Some(Some(text)))
+    }
+
     /// One row as a `Struct` keyed by column name (a repeated name keeps its last value).
     pub fn to_struct(&self, row: &PgRow) -> Result<prost_types::Struct, DbError> {
         let fields = self
@@ -416,7 +447,7 @@ pub enum Cell<'r> {
 }
 
 impl Cell<'_> {
-    fn number(f: f64) -> Self {
+    pub(crate) fn number(f: f64) -> Self {
         if f.is_finite() {
             Cell::Number(f)
         } else {

@@ -13,6 +13,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::{encode_varint, encoded_len_varint};
+use serde::de;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
@@ -44,6 +45,143 @@ pub fn encode_cell(cell: &Cell<'_>, out: &mut Vec<u8>) {
         Cell::Time(t) => encode_string(Rfc3339::new().format(t), out),
         Cell::Text(s) => encode_string(s, out),
         Cell::Json(v) => v.encode_raw(out),
+    }
+}
+
+/// Appends the `Value` message bytes of the JSON document `json` to `out`, straight from the
+/// text (no `Value` tree is built). Objects keep the document's member order; a member that
+/// appears twice appears twice, and a protobuf map reader keeps the last one, as the `Struct`
+/// path does.
+pub fn encode_json(json: &[u8], out: &mut Vec<u8>) -> Result<(), DbError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let written =
+        de::DeserializeSeed::deserialize(JsonToWire(out), &mut de).and_then(|()| de.end());
+    written.map_err(|e| DbError::Database(format!("malformed JSON from the database: {e}")))
+}
+
+const VALUE_STRUCT: u8 = 5 << 3 | 2; // Struct struct_value = 5
+const VALUE_LIST: u8 = 6 << 3 | 2; // ListValue list_value = 6
+const LIST_VALUES: u8 = 1 << 3 | 2; // repeated Value values = 1
+
+/// Starts a length-delimited field whose length is not known yet: one byte is reserved.
+fn open_len(out: &mut Vec<u8>) -> usize {
+    out.push(0);
+    out.len()
+}
+
+/// Writes the length of the field opened at `start`, widening the reserved byte if needed.
+fn close_len(out: &mut Vec<u8>, start: usize) {
+    let len = out.len() - start;
+    if len < 0x80 {
+        out[start - 1] = len as u8;
+    } else {
+        let mut prefix = Vec::with_capacity(4);
+        encode_varint(len as u64, &mut prefix);
+        out.splice(start - 1..start, prefix);
+    }
+}
+
+/// Writes one JSON value as `google.protobuf.Value` bytes.
+struct JsonToWire<'a>(&'a mut Vec<u8>);
+
+impl<'de> de::DeserializeSeed<'de> for JsonToWire<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for JsonToWire<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        encode_cell(&Cell::Null, self.0);
+        Ok(())
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        encode_cell(&Cell::Bool(b), self.0);
+        Ok(())
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<(), E> {
+        encode_cell(&Cell::number(n as f64), self.0);
+        Ok(())
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<(), E> {
+        encode_cell(&Cell::number(n as f64), self.0);
+        Ok(())
+    }
+    fn visit_f64<E>(self, f: f64) -> Result<(), E> {
+        encode_cell(&Cell::number(f), self.0);
+        Ok(())
+    }
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        encode_string(s, self.0);
+        Ok(())
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let out = self.0;
+        out.push(VALUE_LIST);
+        let list = open_len(out);
+        loop {
+            out.push(LIST_VALUES);
+            let item = open_len(out);
+            if seq.next_element_seed(JsonToWire(out))?.is_none() {
+                out.truncate(item - 2);
+                break;
+            }
+            close_len(out, item);
+        }
+        close_len(out, list);
+        Ok(())
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let out = self.0;
+        out.push(VALUE_STRUCT);
+        let fields = open_len(out);
+        loop {
+            out.push(STRUCT_FIELDS);
+            let entry = open_len(out);
+            if map.next_key_seed(KeyToWire(out))?.is_none() {
+                out.truncate(entry - 2);
+                break;
+            }
+            out.push(ENTRY_VALUE);
+            let value = open_len(out);
+            map.next_value_seed(JsonToWire(out))?;
+            close_len(out, value);
+            close_len(out, entry);
+        }
+        close_len(out, fields);
+        Ok(())
+    }
+}
+
+/// Writes an object member's name as the key field of a map entry.
+struct KeyToWire<'a>(&'a mut Vec<u8>);
+
+impl<'de> de::DeserializeSeed<'de> for KeyToWire<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for KeyToWire<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object member name")
+    }
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        self.0.push(ENTRY_KEY);
+        encode_varint(s.len() as u64, self.0);
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
     }
 }
 
@@ -93,7 +231,11 @@ impl RowEncoder {
         self.row.clear();
         for (key, i) in &self.entries {
             self.value.clear();
-            encode_cell(&self.columns.cell(row, *i)?, &mut self.value);
+            match self.columns.json_text(row, *i)? {
+                Some(Some(text)) => encode_json(text, &mut self.value)?,
+                Some(None) => encode_cell(&Cell::Null, &mut self.value),
+                None => encode_cell(&self.columns.cell(row, *i)?, &mut self.value),
+            }
             let entry_len =
                 key.len() + 1 + encoded_len_varint(self.value.len() as u64) + self.value.len();
             self.row.push(STRUCT_FIELDS);
@@ -210,6 +352,48 @@ mod tests {
             encode_cell(&cell, &mut ours);
             let theirs = cell.into_value().encode_to_vec();
             assert_eq!(ours, theirs);
+        }
+    }
+
+    /// JSON documents transcode to the `Value` the `Struct` path builds for them (compared
+    /// decoded: members keep the document's order on the wire).
+    #[test]
+    fn json_transcodes_to_the_same_values() {
+        let long = "x".repeat(300);
+        let many: Vec<String> = (0..200)
+            .map(|i| format!(r#""k{i}": [{i}, "{i}"]"#))
+            .collect();
+        let docs = [
+            "null".to_string(),
+            "true".to_string(),
+            "-0.5".to_string(),
+            "18446744073709551615".to_string(),
+            r#""\u00fc\n\"""#.to_string(),
+            "[]".to_string(),
+            "{}".to_string(),
+            r#"{"a": 1, "b": [true, null, "x", [], {}], "c": {"d": 1.5}, "a": 2}"#.to_string(),
+            format!(r#"{{"long": "{long}", "nested": [[[{{"deep": ["{long}"]}}]]]}}"#),
+            format!("{{{}}}", many.join(",")),
+        ];
+        for doc in &docs {
+            let mut ours = Vec::new();
+            encode_json(doc.as_bytes(), &mut ours).unwrap();
+            let decoded = prost_types::Value::decode(ours.as_slice()).unwrap();
+            let crate::values::ProtoValue(expected) = serde_json::from_str(doc).unwrap();
+            assert_eq!(decoded, expected, "{doc}");
+        }
+        // A scalar or an empty container is written exactly as prost writes it.
+        for doc in ["null", "false", "2", r#""s""#, "[]", "{}", r#"{"k": [1]}"#] {
+            let mut ours = Vec::new();
+            encode_json(doc.as_bytes(), &mut ours).unwrap();
+            let crate::values::ProtoValue(expected) = serde_json::from_str(doc).unwrap();
+            assert_eq!(ours, expected.encode_to_vec(), "{doc}");
+        }
+        for bad in ["", "{", "[1,]", "nul", "1 2"] {
+            assert!(
+                encode_json(bad.as_bytes(), &mut Vec::new()).is_err(),
+                "{bad}"
+            );
         }
     }
 
