@@ -24,7 +24,7 @@ use crate::events::{AgentAction, Event, Micros};
 use crate::hub::{Follower, Hub, Next, Update, UpdateKind, Updates};
 use crate::ingest::{IngestStatus, now_micros};
 use crate::state::State;
-use crate::wire::ActionsPush;
+use crate::wire::{ActionsPush, SubscribePush};
 
 const DEFAULT_LIMIT: usize = 100;
 /// Most updates in one StreamActions / StreamAgentMetrics push.
@@ -49,6 +49,82 @@ fn invalid(field: &str, description: impl Into<String>) -> Status {
 }
 
 impl ConsumerApi {
+    /// `Subscribe`: the snapshot or the resumed backlog, then every update the request's
+    /// channels and filters accept, with lag notices.
+    fn subscribe_stream(
+        &self,
+        r: pb::SubscribeRequest,
+    ) -> Result<BoxStream<SubscribePush>, Status> {
+        self.check_streams()?;
+        let channels = Channels::from_request(&r.channels)?;
+        if let Some(m) = r.min_confidence
+            && !(0.0..=1.0).contains(&m)
+        {
+            return Err(invalid("min_confidence", "must be between 0 and 1"));
+        }
+        let filter = Filter {
+            agent: r.agent,
+            action_type: r.action_type,
+            correlation_id: r.correlation_id,
+            min_confidence: r.min_confidence,
+        };
+        // Subscribing and taking the snapshot under the state's read lock: ingest publishes
+        // while holding the write lock, so the snapshot holds exactly the updates <= last_seq.
+        let (sub, snapshot) = {
+            let state = self.state.read();
+            let sub = self
+                .hub
+                .subscribe(r.resume_after_sequence, filter.agent.as_deref())
+                .map_err(|e| Status::out_of_range(e.to_string()))?;
+            let want_snapshot =
+                r.include_snapshot && (r.resume_after_sequence.is_none() || sub.missed > 0);
+            let snapshot = want_snapshot
+                .then(|| filter_snapshot(self.snapshot(&state, sub.last_seq), &channels, &filter));
+            (sub, snapshot)
+        };
+        let mut initial = Vec::new();
+        match snapshot {
+            Some(mut snap) => {
+                snap.status = Some(self.status());
+                initial.push(SubscribePush::Message(Box::new(pb::SubscribeResponse {
+                    sequence: snap.sequence,
+                    update: Some(pb::subscribe_response::Update::Snapshot(snap)),
+                })));
+            }
+            None => {
+                if sub.missed > 0 {
+                    let last_missed = sub.backlog.first().map_or(sub.last_seq, |u| u.seq - 1);
+                    initial.push(lag_notice(sub.missed, last_missed));
+                }
+                for u in &sub.backlog {
+                    if let Some(m) = subscribe_message(u, &channels, &filter) {
+                        initial.push(m);
+                    }
+                }
+            }
+        }
+        let follower = Follower::new(sub.live, MAX_PUSH);
+        let stream = follow(
+            initial,
+            follower,
+            self.shutdown.clone(),
+            move |feed, out| match feed {
+                Feed::Updates(updates) => {
+                    for u in &updates {
+                        if let Some(m) = subscribe_message(u, &channels, &filter) {
+                            out.push_back(m);
+                        }
+                    }
+                }
+                Feed::Lagged {
+                    missed,
+                    last_missed,
+                } => out.push_back(lag_notice(missed, last_missed)),
+            },
+        );
+        Ok(stream)
+    }
+
     /// `StreamActions`: a push per batch of updates holding actions the request's filters
     /// accept, and lag notices.
     fn actions_stream(
@@ -545,75 +621,12 @@ impl ConsumerService for ConsumerApi {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<BoxStream<pb::SubscribeResponse>>, Status> {
-        self.check_streams()?;
-        let r = request.into_inner();
-        let channels = Channels::from_request(&r.channels)?;
-        if let Some(m) = r.min_confidence
-            && !(0.0..=1.0).contains(&m)
-        {
-            return Err(invalid("min_confidence", "must be between 0 and 1"));
-        }
-        let filter = Filter {
-            agent: r.agent,
-            action_type: r.action_type,
-            correlation_id: r.correlation_id,
-            min_confidence: r.min_confidence,
-        };
-        // Subscribing and taking the snapshot under the state's read lock: ingest publishes
-        // while holding the write lock, so the snapshot holds exactly the updates <= last_seq.
-        let (sub, snapshot) = {
-            let state = self.state.read();
-            let sub = self
-                .hub
-                .subscribe(r.resume_after_sequence, filter.agent.as_deref())
-                .map_err(|e| Status::out_of_range(e.to_string()))?;
-            let want_snapshot =
-                r.include_snapshot && (r.resume_after_sequence.is_none() || sub.missed > 0);
-            let snapshot = want_snapshot
-                .then(|| filter_snapshot(self.snapshot(&state, sub.last_seq), &channels, &filter));
-            (sub, snapshot)
-        };
-        let mut initial = Vec::new();
-        match snapshot {
-            Some(mut snap) => {
-                snap.status = Some(self.status());
-                initial.push(pb::SubscribeResponse {
-                    sequence: snap.sequence,
-                    update: Some(pb::subscribe_response::Update::Snapshot(snap)),
-                });
-            }
-            None => {
-                if sub.missed > 0 {
-                    let last_missed = sub.backlog.first().map_or(sub.last_seq, |u| u.seq - 1);
-                    initial.push(lag_notice(sub.missed, last_missed));
-                }
-                for u in &sub.backlog {
-                    if let Some(m) = subscribe_message(u, &channels, &filter) {
-                        initial.push(m);
-                    }
-                }
-            }
-        }
-        let follower = Follower::new(sub.live, MAX_PUSH);
-        let stream = follow(
-            initial,
-            follower,
-            self.shutdown.clone(),
-            move |feed, out| match feed {
-                Feed::Updates(updates) => {
-                    for u in &updates {
-                        if let Some(m) = subscribe_message(u, &channels, &filter) {
-                            out.push_back(m);
-                        }
-                    }
-                }
-                Feed::Lagged {
-                    missed,
-                    last_missed,
-                } => out.push_back(lag_notice(missed, last_missed)),
-            },
-        );
-        Ok(Response::new(stream))
+        // Served by `ConsumerRoutes` with actions from shared encodings; this generated
+        // entry point gives the same messages, built field by field.
+        let pushes = self.subscribe_stream(request.into_inner())?;
+        Ok(Response::new(Box::pin(
+            pushes.map(|push| push.map(SubscribePush::into_response)),
+        )))
     }
 }
 
@@ -665,20 +678,25 @@ fn filter_snapshot(mut s: pb::Snapshot, ch: &Channels, f: &Filter) -> pb::Snapsh
     s
 }
 
-fn lag_notice(missed: u64, last_missed: u64) -> pb::SubscribeResponse {
-    pb::SubscribeResponse {
+fn lag_notice(missed: u64, last_missed: u64) -> SubscribePush {
+    SubscribePush::Message(Box::new(pb::SubscribeResponse {
         sequence: last_missed,
         update: Some(pb::subscribe_response::Update::Lagged(pb::Lagged {
             missed,
         })),
-    }
+    }))
 }
 
-fn subscribe_message(u: &Update, ch: &Channels, f: &Filter) -> Option<pb::SubscribeResponse> {
+/// The `Subscribe` message of `u`, if the subscription's channels and filters accept it.
+/// Actions are written from their shared encoding (`crate::wire`).
+fn subscribe_message(u: &Update, ch: &Channels, f: &Filter) -> Option<SubscribePush> {
     use pb::subscribe_response::Update as U;
     let update = match &u.kind {
         UpdateKind::Event(Event::AgentAction(a)) if ch.has(pb::Channel::Actions) && f.action(a) => {
-            U::Action(convert::action(a))
+            return Some(SubscribePush::Action {
+                sequence: u.seq,
+                action: a.clone(),
+            });
         }
         UpdateKind::Event(Event::RoutingDecision(d))
             if ch.has(pb::Channel::Routing) && f.decision(d) =>
@@ -705,10 +723,10 @@ fn subscribe_message(u: &Update, ch: &Channels, f: &Filter) -> Option<pb::Subscr
         UpdateKind::Status(s) if ch.has(pb::Channel::System) => U::ConsumerStatus((**s).clone()),
         _ => return None,
     };
-    Some(pb::SubscribeResponse {
+    Some(SubscribePush::Message(Box::new(pb::SubscribeResponse {
         sequence: u.seq,
         update: Some(update),
-    })
+    })))
 }
 
 /// Publishes coalesced agent-metric updates and consumer-status changes until shutdown.
@@ -748,18 +766,55 @@ pub async fn publish_live_updates(
 }
 
 /// The `ConsumerService` as served over gRPC: the generated server, except that
-/// `StreamActions` is answered from shared action encodings ([`crate::wire`]; the same
-/// messages on the wire).
-pub type ConsumerRoutes =
-    svc_kit::server::WithMethod<ConsumerServiceServer<ConsumerApi>, StreamActionsEncoded>;
+/// `StreamActions` and `Subscribe` write actions from their shared encodings
+/// ([`crate::wire`]; the same messages on the wire).
+pub type ConsumerRoutes = svc_kit::server::WithMethod<
+    svc_kit::server::WithMethod<ConsumerServiceServer<ConsumerApi>, StreamActionsEncoded>,
+    SubscribeEncoded,
+>;
 
-/// The generated server and the encoded `StreamActions` in front of it.
+/// The generated server with the encoded `StreamActions` and `Subscribe` in front of it.
 pub fn routes(api: Arc<ConsumerApi>, args: &svc_kit::ServerArgs) -> ConsumerRoutes {
-    svc_kit::server::WithMethod::new(
-        svc_kit::grpc_service!(ConsumerServiceServer::from_arc(api.clone()), args),
-        StreamActionsEncoded(api),
-        args,
-    )
+    let generated = svc_kit::grpc_service!(ConsumerServiceServer::from_arc(api.clone()), args);
+    let with_actions =
+        svc_kit::server::WithMethod::new(generated, StreamActionsEncoded(api.clone()), args);
+    svc_kit::server::WithMethod::new(with_actions, SubscribeEncoded(api), args)
+}
+
+#[derive(Clone)]
+pub struct SubscribeEncoded(Arc<ConsumerApi>);
+
+impl tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeEncoded {
+    type Response = SubscribePush;
+    type ResponseStream = BoxStream<SubscribePush>;
+    type Future = BoxFuture<Response<BoxStream<SubscribePush>>, Status>;
+
+    fn call(&mut self, request: Request<pb::SubscribeRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move {
+            api.subscribe_stream(request.into_inner())
+                .map(Response::new)
+        })
+    }
+}
+
+impl svc_kit::server::Method for SubscribeEncoded {
+    const PATH: &'static str = "/omnibus.consumer.v1.ConsumerService/Subscribe";
+
+    fn call<B>(
+        &self,
+        codec: &svc_kit::server::MethodCodec,
+        request: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
+    where
+        B: HttpBody + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let mut grpc =
+            codec.grpc(tonic_prost::ProstCodec::<SubscribePush, pb::SubscribeRequest>::default());
+        let method = self.clone();
+        Box::pin(async move { Ok(grpc.server_streaming(method, request).await) })
+    }
 }
 
 #[derive(Clone)]

@@ -1,4 +1,5 @@
-//! `StreamActions` pushes written from action encodings shared by every subscriber.
+//! `StreamActions` pushes and `Subscribe` action messages written from action encodings
+//! shared by every subscriber.
 //!
 //! Without this, each of N subscribers converts every action it receives into a
 //! `pb::AgentAction` (a string copy per field) and encodes it: N conversions and encodings
@@ -167,6 +168,89 @@ impl Message for ActionsPush {
     }
 }
 
+/// `uint64 sequence = 1` and `AgentAction action = 3` of `SubscribeResponse`.
+const SEQUENCE_FIELD: u8 = 1 << 3;
+const SUBSCRIBE_ACTION_FIELD: u8 = 3 << 3 | 2;
+
+/// One `Subscribe` message: an action written from its shared encoding, or any other
+/// message as built. Encodes like the equivalent `pb::SubscribeResponse`.
+#[derive(Debug)]
+pub enum SubscribePush {
+    Action {
+        sequence: u64,
+        action: Arc<AgentAction>,
+    },
+    Message(Box<pb::SubscribeResponse>),
+}
+
+impl SubscribePush {
+    /// The same message as the generated type.
+    pub fn into_response(self) -> pb::SubscribeResponse {
+        match self {
+            SubscribePush::Action { sequence, action } => pb::SubscribeResponse {
+                sequence,
+                update: Some(pb::subscribe_response::Update::Action(convert::action(
+                    &action,
+                ))),
+            },
+            SubscribePush::Message(m) => *m,
+        }
+    }
+}
+
+impl Default for SubscribePush {
+    fn default() -> Self {
+        SubscribePush::Message(Box::default())
+    }
+}
+
+impl Message for SubscribePush {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        match self {
+            SubscribePush::Action { sequence, action } => {
+                if *sequence != 0 {
+                    buf.put_u8(SEQUENCE_FIELD);
+                    encode_varint(*sequence, buf);
+                }
+                let bytes = action_bytes(action);
+                buf.put_u8(SUBSCRIBE_ACTION_FIELD);
+                encode_varint(bytes.len() as u64, buf);
+                buf.put_slice(bytes);
+            }
+            SubscribePush::Message(m) => m.encode_raw(buf),
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        match self {
+            SubscribePush::Action { sequence, action } => {
+                let sequence = if *sequence != 0 {
+                    1 + encoded_len_varint(*sequence)
+                } else {
+                    0
+                };
+                let n = action_bytes(action).len();
+                sequence + 1 + encoded_len_varint(n as u64) + n
+            }
+            SubscribePush::Message(m) => m.encoded_len(),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +305,34 @@ mod tests {
         assert_eq!(push.encode_to_vec(), bytes);
         let decoded = pb::StreamActionsResponse::decode(bytes.as_slice()).expect("decodes");
         assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn a_subscribe_action_encodes_like_the_generated_response() {
+        let UpdateKind::Event(Event::AgentAction(a)) = action(
+            r#"{"id":"1","agent_name":"x","action_type":"error","action_details":{"e":"ü"}}"#,
+        ) else {
+            unreachable!()
+        };
+        for sequence in [0, 1, 300, u64::MAX] {
+            let push = SubscribePush::Action {
+                sequence,
+                action: a.clone(),
+            };
+            let bytes = push.encode_to_vec();
+            assert_eq!(bytes.len(), push.encoded_len());
+            let expected = push.into_response();
+            assert_eq!(bytes, expected.encode_to_vec(), "sequence {sequence}");
+        }
+        let other = pb::SubscribeResponse {
+            sequence: 7,
+            update: Some(pb::subscribe_response::Update::Lagged(pb::Lagged {
+                missed: 3,
+            })),
+        };
+        let push = SubscribePush::Message(Box::new(other.clone()));
+        assert_eq!(push.encode_to_vec(), other.encode_to_vec());
+        assert_eq!(push.into_response(), other);
     }
 
     #[test]
