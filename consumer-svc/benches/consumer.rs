@@ -38,6 +38,8 @@ struct Args {
     /// Subscribers decode whole pushes (every field of every action), as a dashboard would,
     /// instead of only each action's timestamp.
     decode_all: bool,
+    /// Subscribers use `Subscribe` (channel actions) instead of `StreamActions`.
+    subscribe: bool,
     memory_events: u64,
     memory_agents: usize,
     memory_chunk: u64,
@@ -52,6 +54,7 @@ fn parse_args() -> Result<Args> {
         fanout_secs: 20,
         filter_agent: false,
         decode_all: false,
+        subscribe: false,
         memory_events: 10_000_000,
         memory_agents: 10_000,
         memory_chunk: 1_000_000,
@@ -67,6 +70,7 @@ fn parse_args() -> Result<Args> {
             "--fanout-secs" => a.fanout_secs = value()?.parse()?,
             "--filter-agent" => a.filter_agent = true,
             "--decode-all" => a.decode_all = true,
+            "--subscribe" => a.subscribe = true,
             "--memory-events" => a.memory_events = value()?.parse()?,
             "--memory-agents" => a.memory_agents = value()?.parse()?,
             "--memory-chunk" => a.memory_chunk = value()?.parse()?,
@@ -625,6 +629,70 @@ async fn push_times(
     Ok(Box::pin(stream))
 }
 
+/// What a fan-out subscriber reads of a `Subscribe` message by default: the action's
+/// timestamp and a lag notice's count (fields 3 and 9).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SubscribeTime {
+    #[prost(message, optional, tag = "3")]
+    action: Option<ActionTime>,
+    #[prost(message, optional, tag = "9")]
+    lagged: Option<pb::Lagged>,
+}
+
+/// Opens a `Subscribe` stream of the actions (the same filter as `request`), each message
+/// reduced to a one-action push.
+async fn subscribe_times(
+    channel: tonic::transport::Channel,
+    request: pb::StreamActionsRequest,
+    decode_all: bool,
+) -> Result<PushStream, tonic::Status> {
+    let request = pb::SubscribeRequest {
+        channels: vec![pb::Channel::Actions as i32],
+        agent: request.agent,
+        ..Default::default()
+    };
+    let push = |action: Option<ActionTime>, lagged: Option<pb::Lagged>| PushTimes {
+        actions: action.into_iter().collect(),
+        lagged: lagged.map_or(0, |l| l.missed),
+    };
+    if decode_all {
+        let stream = ConsumerServiceClient::new(channel)
+            .subscribe(request)
+            .await?
+            .into_inner();
+        return Ok(Box::pin(stream.map(move |m| {
+            m.map(|m| {
+                use pb::subscribe_response::Update;
+                match m.update {
+                    Some(Update::Action(a)) => push(
+                        Some(ActionTime {
+                            timestamp: a.timestamp,
+                        }),
+                        None,
+                    ),
+                    Some(Update::Lagged(l)) => push(None, Some(l)),
+                    _ => push(None, None),
+                }
+            })
+        })));
+    }
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/omnibus.consumer.v1.ConsumerService/Subscribe",
+    );
+    let codec = tonic_prost::ProstCodec::<pb::SubscribeRequest, SubscribeTime>::default();
+    let stream = grpc
+        .server_streaming(tonic::Request::new(request), path, codec)
+        .await?
+        .into_inner();
+    Ok(Box::pin(
+        stream.map(move |m| m.map(|m| push(m.action, m.lagged))),
+    ))
+}
+
 async fn bench_fanout(
     broker: &Broker,
     subscribers: usize,
@@ -632,6 +700,7 @@ async fn bench_fanout(
     secs: u64,
     filter_agent: bool,
     decode_all: bool,
+    subscribe: bool,
 ) -> Result<String> {
     let brokers = broker.addr();
     // Phase 1, the baseline: the same load on fresh topics, read by a bare rdkafka consumer
@@ -689,7 +758,12 @@ async fn bench_fanout(
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
             let (mut n, mut lagged) = (0u64, 0u64);
-            let Ok(mut stream) = push_times(channel, request, decode_all).await else {
+            let opened_stream = if subscribe {
+                subscribe_times(channel, request, decode_all).await
+            } else {
+                push_times(channel, request, decode_all).await
+            };
+            let Ok(mut stream) = opened_stream else {
                 return (h, n, lagged);
             };
             opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -809,13 +883,18 @@ async fn bench_fanout(
     } else {
         String::new()
     };
+    let stream = if subscribe {
+        "Subscribe"
+    } else {
+        "StreamActions"
+    };
     filter_note.push_str(if decode_all {
         ", decoding whole pushes"
     } else {
         ", reading each action's timestamp"
     });
     Ok(format!(
-        "### Fan-out: {subscribers} `StreamActions` subscribers{filter_note}, {:.0} events/s produced for {secs} s ({} events, {actions} actions)\n\n\
+        "### Fan-out: {subscribers} `{stream}` subscribers{filter_note}, {:.0} events/s produced for {secs} s ({} events, {actions} actions)\n\n\
          | metric | value |\n|---|---|\n\
          | produce-to-delivery p50 | **{:.1} ms** |\n| p90 | {:.1} ms |\n| p99 | **{:.1} ms** (target < 50 ms) |\n| max | {:.1} ms |\n\
          | baseline: the same load read by a bare rdkafka consumer of the four topics alone, same run (produce-to-poll) | p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} actions) |\n\
@@ -978,6 +1057,7 @@ async fn main() -> Result<()> {
                 args.fanout_secs,
                 args.filter_agent,
                 args.decode_all,
+                args.subscribe,
             )
             .await?,
         );
