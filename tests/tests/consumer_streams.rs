@@ -55,6 +55,21 @@ async fn stream_actions_delivers_every_action_in_order() {
         .await
         .unwrap()
         .into_inner();
+    // The pushes are assembled from shared encodings in front of the generated server; they
+    // are compressed as the generated server's responses are (--compression, default on).
+    let compressed = client(&svc)
+        .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+        .stream_actions(pb::StreamActionsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        compressed
+            .metadata()
+            .get("grpc-encoding")
+            .and_then(|v| v.to_str().ok()),
+        Some("zstd")
+    );
+    let mut compressed = compressed.into_inner();
     let p = TestProducer::new(&brokers).unwrap();
     let mut g = EventGenerator::new(4, 3);
     let ids = produce_actions(&p, &topics, &mut g, 500);
@@ -75,6 +90,16 @@ async fn stream_actions_delivers_every_action_in_order() {
         }
     }
     assert_eq!(got, ids, "every action, in order");
+    let mut got_compressed = Vec::new();
+    while got_compressed.len() < ids.len() {
+        let msg = tokio::time::timeout_at(deadline.into(), compressed.next())
+            .await
+            .expect("all compressed pushes within the deadline")
+            .expect("stream open")
+            .unwrap();
+        got_compressed.extend(msg.actions.into_iter().map(|a| a.id));
+    }
+    assert_eq!(got_compressed, ids, "the same actions, compressed");
     let want_errors = types.iter().filter(|t| *t == "error").count();
     let mut errors = 0;
     while errors < want_errors {
