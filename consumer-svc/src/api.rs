@@ -2,6 +2,7 @@
 //! three streams over the hub.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,6 @@ use omnibus_proto::consumer::v1::consumer_service_server::{
     ConsumerService, ConsumerServiceServer,
 };
 use parking_lot::RwLock;
-use std::convert::Infallible;
 use svc_kit::Shutdown;
 use tonic::codegen::{Body as HttpBody, BoxFuture, StdError, http};
 use tonic::{Code, Request, Response, Status};

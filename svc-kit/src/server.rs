@@ -16,7 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clap::Args;
-
 use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
 use tonic::codegen::{Body as HttpBody, BoxFuture, StdError, http};
 use tonic::server::NamedService;
