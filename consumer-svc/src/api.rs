@@ -27,8 +27,6 @@ use crate::state::State;
 use crate::wire::{ActionsPush, SubscribePush};
 
 const DEFAULT_LIMIT: usize = 100;
-/// Most updates in one StreamActions / StreamAgentMetrics push.
-const MAX_PUSH: usize = 1000;
 
 pub struct ConsumerApi {
     pub(crate) broker: Arc<BrokerStatus>,
@@ -36,6 +34,9 @@ pub struct ConsumerApi {
     pub(crate) hub: Arc<Hub>,
     pub(crate) ingest: Arc<IngestStatus>,
     pub(crate) real_time: bool,
+    /// Most updates handed to a stream at once (`--max-push`): the largest
+    /// `StreamActions` / `StreamAgentMetrics` push.
+    pub(crate) max_push: usize,
     pub(crate) shutdown: Shutdown,
 }
 
@@ -103,7 +104,7 @@ impl ConsumerApi {
                 }
             }
         }
-        let follower = Follower::new(sub.live, MAX_PUSH);
+        let follower = Follower::new(sub.live, self.max_push);
         let stream = follow(
             initial,
             follower,
@@ -137,7 +138,7 @@ impl ConsumerApi {
             .hub
             .subscribe(None, filter.agent.as_deref())
             .map_err(|e| Status::internal(e.to_string()))?;
-        let follower = Follower::new(sub.live, MAX_PUSH);
+        let follower = Follower::new(sub.live, self.max_push);
         let keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync> =
             Arc::new(move |a| filter.action(a));
         Ok(follow(
@@ -586,7 +587,7 @@ impl ConsumerService for ConsumerApi {
             .iter()
             .map(convert::agent_metrics)
             .collect();
-        let follower = Follower::new(sub.live, MAX_PUSH);
+        let follower = Follower::new(sub.live, self.max_push);
         let first = vec![pb::StreamAgentMetricsResponse {
             agents: initial,
             lagged: 0,

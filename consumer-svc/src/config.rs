@@ -103,6 +103,12 @@ pub struct Config {
     #[arg(long, env = "RESUME_BUFFER", default_value_t = 10_000)]
     pub resume_buffer: usize,
 
+    /// Most updates a stream takes at once from its queue: the largest push of a subscriber
+    /// that is behind (plus up to one batch). Smaller bounds each stream's send buffers
+    /// (memory) at some CPU cost per delivery.
+    #[arg(long, env = "MAX_PUSH", default_value_t = 1000)]
+    pub max_push: usize,
+
     #[command(flatten)]
     pub server: ServerArgs,
 
@@ -130,6 +136,7 @@ pub struct Settings {
     pub agent_metrics_interval: Duration,
     pub subscriber_queue: usize,
     pub resume_buffer: usize,
+    pub max_push: usize,
 }
 
 impl Config {
@@ -178,6 +185,9 @@ impl Config {
         if self.subscriber_queue == 0 {
             return Err("--subscriber-queue must be at least 1".into());
         }
+        if self.max_push == 0 {
+            return Err("--max-push must be at least 1".into());
+        }
         Ok(Settings {
             listen: self.listen,
             brokers,
@@ -194,6 +204,7 @@ impl Config {
             agent_metrics_interval: self.agent_metrics_interval,
             subscriber_queue: self.subscriber_queue,
             resume_buffer: self.resume_buffer,
+            max_push: self.max_push,
         })
     }
 }
@@ -231,6 +242,22 @@ mod tests {
             .validate()
             .unwrap();
         assert_eq!(ok.brokers, "a:1,b:2");
+    }
+
+    #[test]
+    fn stream_limits_default_and_must_be_positive() {
+        let s = parse(&["--kafka-brokers", "a:1"]).validate().unwrap();
+        assert_eq!((s.subscriber_queue, s.max_push), (1024, 1000));
+        let s = parse(&["--kafka-brokers", "a:1", "--max-push", "256"])
+            .validate()
+            .unwrap();
+        assert_eq!(s.max_push, 256);
+        for flag in ["--max-push", "--subscriber-queue"] {
+            let err = parse(&["--kafka-brokers", "a:1", flag, "0"])
+                .validate()
+                .unwrap_err();
+            assert!(err.contains(flag), "{err}");
+        }
     }
 
     #[test]

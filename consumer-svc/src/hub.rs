@@ -580,6 +580,26 @@ mod tests {
         assert_eq!(seqs(f.next().await), vec![4]);
     }
 
+    /// `max_items` (`--max-push`) bounds what one call takes from a backlog: it stops before
+    /// the next batch once it has that many updates, and the rest follows in later calls.
+    #[tokio::test]
+    async fn a_backlog_is_handed_out_in_pieces_of_at_most_max_items_plus_a_batch() {
+        let hub = Hub::new(100, 16);
+        let sub = hub.subscribe(None, None).unwrap();
+        let mut f = Follower::new(sub.live, 3);
+        hub.publish([status(1), status(2)]);
+        hub.publish([status(3), status(4)]);
+        hub.publish([status(5)]);
+        hub.publish([status(6)]);
+        assert_eq!(seqs(f.next().await), vec![1, 2, 3, 4]);
+        assert_eq!(seqs(f.next().await), vec![5, 6]);
+        let mut one = Follower::new(hub.subscribe(None, None).unwrap().live, 1);
+        hub.publish([status(7), status(8)]);
+        hub.publish([status(9)]);
+        assert_eq!(seqs(one.next().await), vec![7, 8]);
+        assert_eq!(seqs(one.next().await), vec![9]);
+    }
+
     #[tokio::test]
     async fn a_slow_subscriber_gets_a_lag_notice_and_never_blocks_the_publisher() {
         let hub = Hub::new(100, 4);

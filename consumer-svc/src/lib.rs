@@ -92,6 +92,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         hub,
         ingest: ingest_status,
         real_time: settings.real_time_events,
+        max_push: settings.max_push,
         shutdown: shutdown.clone(),
     });
     let live = settings.real_time_events.then(|| {
