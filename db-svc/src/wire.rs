@@ -283,6 +283,10 @@ pub struct Encoded(pub Bytes);
 impl Encoded {
     /// `head` (a prost message holding the scalar fields) followed by the pre-encoded rows.
     pub fn with_rows(head: &impl Message, rows: EncodedRows) -> Self {
+        if head.encoded_len() == 0 {
+            // Nothing to put in front (no total asked for): the rows are the message.
+            return Encoded(rows.bytes.freeze());
+        }
         let mut out = BytesMut::with_capacity(head.encoded_len() + rows.bytes.len());
         // Cannot fail: the buffer grows as needed.
         let _ = head.encode(&mut out);
@@ -419,9 +423,19 @@ mod tests {
             rows: Vec::new(),
             total: Some(7),
         };
-        let encoded = Encoded::with_rows(&head, rows);
+        let encoded = Encoded::with_rows(
+            &head,
+            EncodedRows {
+                bytes: rows.bytes.clone(),
+            },
+        );
         let decoded = pb::QueryResponse::decode(encoded.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded.total, Some(7));
+        assert_eq!(decoded.rows, vec![row.clone(), row.clone()]);
+        // Without a total the rows alone are the response.
+        let encoded = Encoded::with_rows(&pb::QueryResponse::default(), rows);
+        let decoded = pb::QueryResponse::decode(encoded.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.total, None);
         assert_eq!(decoded.rows, vec![row.clone(), row]);
     }
 }
