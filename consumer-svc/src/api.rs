@@ -2,7 +2,6 @@
 //! three streams over the hub.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +13,8 @@ use omnibus_proto::consumer::v1::consumer_service_server::{
 };
 use parking_lot::RwLock;
 use svc_kit::Shutdown;
-use tonic::codegen::{Body as HttpBody, BoxFuture, StdError, http};
+use svc_kit::server::{StreamingMethod, WithMethod};
+use tonic::codegen::BoxFuture;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -769,93 +769,76 @@ pub async fn publish_live_updates(
 /// The `ConsumerService` as served over gRPC: the generated server, except that
 /// `StreamActions` and `Subscribe` write actions from their shared encodings
 /// ([`crate::wire`]; the same messages on the wire).
-pub type ConsumerRoutes = svc_kit::server::WithMethod<
-    svc_kit::server::WithMethod<ConsumerServiceServer<ConsumerApi>, StreamActionsEncoded>,
-    SubscribeEncoded,
+pub type ConsumerRoutes = WithMethod<
+    WithMethod<
+        ConsumerServiceServer<ConsumerApi>,
+        StreamingMethod<StreamActionsEncoded, pb::StreamActionsRequest>,
+    >,
+    StreamingMethod<SubscribeEncoded, pb::SubscribeRequest>,
 >;
+
+const STREAM_ACTIONS_PATH: &str = "/omnibus.consumer.v1.ConsumerService/StreamActions";
+const SUBSCRIBE_PATH: &str = "/omnibus.consumer.v1.ConsumerService/Subscribe";
 
 /// The generated server with the encoded `StreamActions` and `Subscribe` in front of it.
 pub fn routes(api: Arc<ConsumerApi>, args: &svc_kit::ServerArgs) -> ConsumerRoutes {
     let generated = svc_kit::grpc_service!(ConsumerServiceServer::from_arc(api.clone()), args);
-    let with_actions =
-        svc_kit::server::WithMethod::new(generated, StreamActionsEncoded(api.clone()), args);
-    svc_kit::server::WithMethod::new(with_actions, SubscribeEncoded(api), args)
+    let actions = StreamingMethod::new(STREAM_ACTIONS_PATH, StreamActionsEncoded(api.clone()));
+    let subscribe = StreamingMethod::new(SUBSCRIBE_PATH, SubscribeEncoded(api));
+    WithMethod::new(WithMethod::new(generated, actions, args), subscribe, args)
 }
 
-#[derive(Clone)]
-pub struct SubscribeEncoded(Arc<ConsumerApi>);
+/// A stream answered from shared encodings, by `ConsumerApi::$stream`.
+macro_rules! encoded_stream {
+    ($name:ident, $request:ty, $push:ty, $stream:ident) => {
+        #[derive(Clone)]
+        pub struct $name(Arc<ConsumerApi>);
 
-impl tonic::server::ServerStreamingService<pb::SubscribeRequest> for SubscribeEncoded {
-    type Response = SubscribePush;
-    type ResponseStream = BoxStream<SubscribePush>;
-    type Future = BoxFuture<Response<BoxStream<SubscribePush>>, Status>;
+        impl tonic::server::ServerStreamingService<$request> for $name {
+            type Response = $push;
+            type ResponseStream = BoxStream<$push>;
+            type Future = BoxFuture<Response<BoxStream<$push>>, Status>;
 
-    fn call(&mut self, request: Request<pb::SubscribeRequest>) -> Self::Future {
-        let api = self.0.clone();
-        Box::pin(async move {
-            api.subscribe_stream(request.into_inner())
-                .map(Response::new)
-        })
-    }
+            fn call(&mut self, request: Request<$request>) -> Self::Future {
+                let api = self.0.clone();
+                Box::pin(async move { api.$stream(request.into_inner()).map(Response::new) })
+            }
+        }
+    };
 }
 
-impl svc_kit::server::Method for SubscribeEncoded {
-    const PATH: &'static str = "/omnibus.consumer.v1.ConsumerService/Subscribe";
-
-    fn call<B>(
-        &self,
-        codec: &svc_kit::server::MethodCodec,
-        request: http::Request<B>,
-    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
-    where
-        B: HttpBody + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static,
-    {
-        let mut grpc =
-            codec.grpc(tonic_prost::ProstCodec::<SubscribePush, pb::SubscribeRequest>::default());
-        let method = self.clone();
-        Box::pin(async move { Ok(grpc.server_streaming(method, request).await) })
-    }
-}
-
-#[derive(Clone)]
-pub struct StreamActionsEncoded(Arc<ConsumerApi>);
-
-impl tonic::server::ServerStreamingService<pb::StreamActionsRequest> for StreamActionsEncoded {
-    type Response = ActionsPush;
-    type ResponseStream = BoxStream<ActionsPush>;
-    type Future = BoxFuture<Response<BoxStream<ActionsPush>>, Status>;
-
-    fn call(&mut self, request: Request<pb::StreamActionsRequest>) -> Self::Future {
-        let api = self.0.clone();
-        Box::pin(async move { api.actions_stream(request.into_inner()).map(Response::new) })
-    }
-}
-
-impl svc_kit::server::Method for StreamActionsEncoded {
-    const PATH: &'static str = "/omnibus.consumer.v1.ConsumerService/StreamActions";
-
-    fn call<B>(
-        &self,
-        codec: &svc_kit::server::MethodCodec,
-        request: http::Request<B>,
-    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
-    where
-        B: HttpBody + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static,
-    {
-        let mut grpc = codec.grpc(tonic_prost::ProstCodec::<
-            ActionsPush,
-            pb::StreamActionsRequest,
-        >::default());
-        let method = self.clone();
-        Box::pin(async move { Ok(grpc.server_streaming(method, request).await) })
-    }
-}
+encoded_stream!(
+    StreamActionsEncoded,
+    pb::StreamActionsRequest,
+    ActionsPush,
+    actions_stream
+);
+encoded_stream!(
+    SubscribeEncoded,
+    pb::SubscribeRequest,
+    SubscribePush,
+    subscribe_stream
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mistyped path would silently leave the method to the generated server.
+    #[test]
+    fn the_encoded_streams_are_server_streaming_methods_of_the_service() {
+        for path in [STREAM_ACTIONS_PATH, SUBSCRIBE_PATH] {
+            assert_eq!(
+                omnibus_proto::method_streaming(path),
+                Some((false, true)),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            omnibus_proto::method_streaming("/omnibus.consumer.v1.ConsumerService/Nope"),
+            None
+        );
+    }
     use crate::events::{self, EventKind};
 
     fn event(kind: EventKind, json: &str) -> UpdateKind {

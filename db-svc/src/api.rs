@@ -1,7 +1,6 @@
 //! The `omnibus.db.v1.DatabaseService` gRPC edge: converts each request into an
 //! [`Operation`], hands it to the [`Executor`], and converts the output back. No SQL here.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +10,7 @@ use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_server::{DatabaseService, DatabaseServiceServer};
 use svc_kit::Shutdown;
 use tokio_stream::StreamExt;
-use tonic::codegen::{Body as HttpBody, BoxFuture, StdError, http};
+use tonic::codegen::BoxFuture;
 use tonic::{Request, Response, Status};
 
 use crate::error::DbError;
@@ -410,14 +409,18 @@ impl DatabaseApi {
 /// The `DatabaseService` as served over gRPC: the generated server, except that `Query` is
 /// answered by [`DatabaseApi::query_encoded`] (identical bytes on the wire, without building
 /// a `Struct` per row).
-pub type DatabaseRoutes =
-    svc_kit::server::WithMethod<DatabaseServiceServer<DatabaseApi>, QueryEncoded>;
+pub type DatabaseRoutes = svc_kit::server::WithMethod<
+    DatabaseServiceServer<DatabaseApi>,
+    svc_kit::server::UnaryMethod<QueryEncoded, pb::QueryRequest>,
+>;
+
+const QUERY_PATH: &str = "/omnibus.db.v1.DatabaseService/Query";
 
 /// The generated server and the encoded `Query` in front of it.
 pub fn routes(api: Arc<DatabaseApi>, args: &svc_kit::ServerArgs) -> DatabaseRoutes {
     svc_kit::server::WithMethod::new(
         svc_kit::grpc_service!(DatabaseServiceServer::from_arc(api.clone()), args),
-        QueryEncoded(api),
+        svc_kit::server::UnaryMethod::new(QUERY_PATH, QueryEncoded(api)),
         args,
     )
 }
@@ -432,24 +435,6 @@ impl tonic::server::UnaryService<pb::QueryRequest> for QueryEncoded {
     fn call(&mut self, request: Request<pb::QueryRequest>) -> Self::Future {
         let api = self.0.clone();
         Box::pin(async move { api.query_encoded(request).await })
-    }
-}
-
-impl svc_kit::server::Method for QueryEncoded {
-    const PATH: &'static str = "/omnibus.db.v1.DatabaseService/Query";
-
-    fn call<B>(
-        &self,
-        codec: &svc_kit::server::MethodCodec,
-        request: http::Request<B>,
-    ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible>
-    where
-        B: HttpBody + Send + 'static,
-        B::Error: Into<StdError> + Send + 'static,
-    {
-        let mut grpc = codec.grpc(tonic_prost::ProstCodec::<Encoded, pb::QueryRequest>::default());
-        let method = self.clone();
-        Box::pin(async move { Ok(grpc.unary(method, request).await) })
     }
 }
 
@@ -493,6 +478,15 @@ mod tests {
         };
         let err = criteria(None, Some(&bad)).unwrap_err();
         assert_eq!(err.violations()[0].field, "filter.condition.op");
+    }
+
+    /// A mistyped path would silently leave `Query` to the generated server.
+    #[test]
+    fn the_encoded_query_is_a_unary_method_of_the_service() {
+        assert_eq!(
+            omnibus_proto::method_streaming(QUERY_PATH),
+            Some((false, false))
+        );
     }
 
     #[test]

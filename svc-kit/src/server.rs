@@ -10,6 +10,7 @@
 //! compression), adds reflection with [`add_reflection`] and runs [`serve`].
 
 use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::task::{Context, Poll};
@@ -525,12 +526,13 @@ impl MethodCodec {
 
 /// One method of a generated gRPC service that the service answers itself (e.g. with
 /// responses encoded in advance), mounted in front of the generated server with
-/// [`WithMethod`].
+/// [`WithMethod`]. [`UnaryMethod`] and [`StreamingMethod`] implement it for tonic's method
+/// services with prost messages.
 pub trait Method: Clone + Send + 'static {
     /// The method's path: `/package.Service/Method`.
-    const PATH: &'static str;
+    fn path(&self) -> &'static str;
 
-    /// Answers one call of [`Self::PATH`], with the generated server's codec settings.
+    /// Answers one call of [`Self::path`], with the generated server's codec settings.
     fn call<B>(
         &self,
         codec: &MethodCodec,
@@ -540,6 +542,75 @@ pub trait Method: Clone + Send + 'static {
         B: HttpBody + Send + 'static,
         B::Error: Into<StdError> + Send + 'static;
 }
+
+/// A unary method answered by a [`tonic::server::UnaryService`] taking `Req`.
+pub struct UnaryMethod<S, Req> {
+    path: &'static str,
+    service: S,
+    request: PhantomData<fn(Req)>,
+}
+
+/// A server-streaming method answered by a [`tonic::server::ServerStreamingService`] taking
+/// `Req`.
+pub struct StreamingMethod<S, Req> {
+    path: &'static str,
+    service: S,
+    request: PhantomData<fn(Req)>,
+}
+
+/// `new`, `Clone` and [`Method`] for the two method kinds; `$call` is tonic's handler for
+/// the kind, `$extra` its further bounds.
+macro_rules! method_kind {
+    ($method:ident, $service:ident, $call:ident, { $($extra:tt)* }) => {
+        impl<S, Req> $method<S, Req> {
+            pub fn new(path: &'static str, service: S) -> Self {
+                Self {
+                    path,
+                    service,
+                    request: PhantomData,
+                }
+            }
+        }
+
+        impl<S: Clone, Req> Clone for $method<S, Req> {
+            fn clone(&self) -> Self {
+                Self::new(self.path, self.service.clone())
+            }
+        }
+
+        impl<S, Req> Method for $method<S, Req>
+        where
+            S: tonic::server::$service<Req> + Clone + Send + 'static,
+            S::Future: Send + 'static,
+            S::Response: prost::Message + Send + 'static,
+            Req: prost::Message + Default + Send + 'static,
+            $($extra)*
+        {
+            fn path(&self) -> &'static str {
+                self.path
+            }
+
+            fn call<B>(
+                &self,
+                codec: &MethodCodec,
+                request: http::Request<B>,
+            ) -> BoxFuture<GrpcResponse, Infallible>
+            where
+                B: HttpBody + Send + 'static,
+                B::Error: Into<StdError> + Send + 'static,
+            {
+                let mut grpc = codec.grpc(tonic_prost::ProstCodec::<S::Response, Req>::default());
+                let service = self.service.clone();
+                Box::pin(async move { Ok(grpc.$call(service, request).await) })
+            }
+        }
+    };
+}
+
+method_kind!(UnaryMethod, UnaryService, unary, {});
+method_kind!(StreamingMethod, ServerStreamingService, server_streaming, {
+    S::ResponseStream: Send + 'static,
+});
 
 type GrpcResponse = http::Response<tonic::body::Body>;
 
@@ -588,7 +659,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() == M::PATH {
+        if request.uri().path() == self.method.path() {
             self.method.call(&self.codec, request)
         } else {
             self.generated.call(request)
