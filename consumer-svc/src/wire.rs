@@ -14,15 +14,45 @@ use std::sync::{Arc, OnceLock};
 use bytes::{Buf, BufMut};
 use omnibus_proto::consumer::v1 as pb;
 use prost::Message;
-use prost::encoding::{DecodeContext, WireType, encode_varint, encoded_len_varint};
+use prost::encoding::{
+    DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len, uint64,
+};
 
 use crate::convert;
 use crate::events::{AgentAction, Event};
 use crate::hub::{UpdateKind, Updates};
 
 /// `repeated AgentAction actions = 1` and `uint64 lagged = 2` of `StreamActionsResponse`.
-const ACTIONS_FIELD: u8 = 1 << 3 | 2;
-const LAGGED_FIELD: u8 = 2 << 3;
+const ACTIONS_FIELD: u32 = 1;
+const LAGGED_FIELD: u32 = 2;
+
+/// Writes `message` (an encoded message) as field `tag`.
+fn put_message(tag: u32, message: &[u8], buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(message.len() as u64, buf);
+    buf.put_slice(message);
+}
+
+/// The encoded length of `message` as field `tag`.
+fn message_len(tag: u32, message: &[u8]) -> usize {
+    key_len(tag) + encoded_len_varint(message.len() as u64) + message.len()
+}
+
+/// Writes a proto3 `uint64` field (nothing when it is 0, as prost does).
+fn put_uint64(tag: u32, value: u64, buf: &mut impl BufMut) {
+    if value != 0 {
+        uint64::encode(tag, &value, buf);
+    }
+}
+
+/// The encoded length of a proto3 `uint64` field.
+fn uint64_len(tag: u32, value: u64) -> usize {
+    if value != 0 {
+        uint64::encoded_len(tag, &value)
+    } else {
+        0
+    }
+}
 
 /// An encoding computed on first use and shared by every clone of the `Arc` holding it.
 /// It is a cache, not part of the value: it compares equal to any other memo, and a clone
@@ -66,6 +96,9 @@ pub struct ActionsPush {
     updates: Updates,
     keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync>,
     lagged: u64,
+    /// The encoded length of the kept actions, found while building the push (`encoded_len`
+    /// is asked before every encoding).
+    actions_len: usize,
 }
 
 impl ActionsPush {
@@ -74,13 +107,17 @@ impl ActionsPush {
         updates: Updates,
         keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync>,
     ) -> Option<Self> {
-        let push = Self {
+        let mut push = Self {
             updates,
             keep,
             lagged: 0,
+            actions_len: 0,
         };
-        let any = push.iter().next().is_some();
-        any.then_some(push)
+        push.actions_len = push
+            .iter()
+            .map(|a| message_len(ACTIONS_FIELD, action_bytes(a)))
+            .sum();
+        (push.actions_len > 0).then_some(push)
     }
 
     /// A lag notice: `missed` updates were dropped for this subscriber.
@@ -89,6 +126,7 @@ impl ActionsPush {
             updates: Updates::default(),
             keep: Arc::new(|_| false),
             lagged: missed,
+            actions_len: 0,
         }
     }
 
@@ -126,15 +164,9 @@ impl Default for ActionsPush {
 impl Message for ActionsPush {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         for a in self.iter() {
-            let bytes = action_bytes(a);
-            buf.put_u8(ACTIONS_FIELD);
-            encode_varint(bytes.len() as u64, buf);
-            buf.put_slice(bytes);
+            put_message(ACTIONS_FIELD, action_bytes(a), buf);
         }
-        if self.lagged != 0 {
-            buf.put_u8(LAGGED_FIELD);
-            encode_varint(self.lagged, buf);
-        }
+        put_uint64(LAGGED_FIELD, self.lagged, buf);
     }
 
     fn merge_field(
@@ -148,19 +180,7 @@ impl Message for ActionsPush {
     }
 
     fn encoded_len(&self) -> usize {
-        let actions: usize = self
-            .iter()
-            .map(|a| {
-                let n = action_bytes(a).len();
-                1 + encoded_len_varint(n as u64) + n
-            })
-            .sum();
-        let lagged = if self.lagged != 0 {
-            1 + encoded_len_varint(self.lagged)
-        } else {
-            0
-        };
-        actions + lagged
+        self.actions_len + uint64_len(LAGGED_FIELD, self.lagged)
     }
 
     fn clear(&mut self) {
@@ -169,8 +189,8 @@ impl Message for ActionsPush {
 }
 
 /// `uint64 sequence = 1` and `AgentAction action = 3` of `SubscribeResponse`.
-const SEQUENCE_FIELD: u8 = 1 << 3;
-const SUBSCRIBE_ACTION_FIELD: u8 = 3 << 3 | 2;
+const SEQUENCE_FIELD: u32 = 1;
+const SUBSCRIBE_ACTION_FIELD: u32 = 3;
 
 /// One `Subscribe` message: an action written from its shared encoding, or any other
 /// message as built. Encodes like the equivalent `pb::SubscribeResponse`.
@@ -208,14 +228,8 @@ impl Message for SubscribePush {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         match self {
             SubscribePush::Action { sequence, action } => {
-                if *sequence != 0 {
-                    buf.put_u8(SEQUENCE_FIELD);
-                    encode_varint(*sequence, buf);
-                }
-                let bytes = action_bytes(action);
-                buf.put_u8(SUBSCRIBE_ACTION_FIELD);
-                encode_varint(bytes.len() as u64, buf);
-                buf.put_slice(bytes);
+                put_uint64(SEQUENCE_FIELD, *sequence, buf);
+                put_message(SUBSCRIBE_ACTION_FIELD, action_bytes(action), buf);
             }
             SubscribePush::Message(m) => m.encode_raw(buf),
         }
@@ -234,13 +248,8 @@ impl Message for SubscribePush {
     fn encoded_len(&self) -> usize {
         match self {
             SubscribePush::Action { sequence, action } => {
-                let sequence = if *sequence != 0 {
-                    1 + encoded_len_varint(*sequence)
-                } else {
-                    0
-                };
-                let n = action_bytes(action).len();
-                sequence + 1 + encoded_len_varint(n as u64) + n
+                uint64_len(SEQUENCE_FIELD, *sequence)
+                    + message_len(SUBSCRIBE_ACTION_FIELD, action_bytes(action))
             }
             SubscribePush::Message(m) => m.encoded_len(),
         }
