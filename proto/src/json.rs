@@ -30,6 +30,18 @@ pub fn message_descriptor(full_name: &str) -> Result<MessageDescriptor, JsonErro
         .ok_or_else(|| JsonError::UnknownType(full_name.to_string()))
 }
 
+/// Whether the gRPC path `/package.Service/Method` names a method of these protos, and if so
+/// whether it streams requests and responses: `Some((client_streaming, server_streaming))`.
+pub fn method_streaming(path: &str) -> Option<(bool, bool)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let pool = POOL.as_ref().ok()?;
+    let method = pool
+        .get_service_by_name(service)?
+        .methods()
+        .find(|m| m.name() == method)?;
+    Some((method.is_client_streaming(), method.is_server_streaming()))
+}
+
 /// Parses proto3 JSON (either camelCase JSON names or the proto field names) into `T`, whose
 /// full proto name is `full_name`. Unknown fields are an error, so typos are caught.
 pub fn from_json<T: prost::Message + Default>(

@@ -22,22 +22,7 @@ pub mod rows;
 /// Encoded `FileDescriptorSet` of every omnibus proto file (for gRPC server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("omnibus_descriptor");
 
-/// Whether the gRPC path `/package.Service/Method` names a method of these protos, and if so
-/// whether it streams requests and responses: `Some((client_streaming, server_streaming))`.
-pub fn method_streaming(path: &str) -> Option<(bool, bool)> {
-    use prost::Message;
-    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).ok()?;
-    set.file.iter().find_map(|file| {
-        let package = file.package();
-        file.service
-            .iter()
-            .filter(|s| format!("{package}.{}", s.name()) == service)
-            .flat_map(|s| &s.method)
-            .find(|m| m.name() == method)
-            .map(|m| (m.client_streaming(), m.server_streaming()))
-    })
-}
+pub use json::method_streaming;
 
 /// Fully-qualified gRPC service names, as used by health checks and reflection.
 pub mod service_names {
