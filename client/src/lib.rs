@@ -12,9 +12,6 @@ pub use omnibus_proto as proto;
 /// A librdkafka client configuration for `brokers` with `settings` (TLS, SASL, ...) applied.
 pub fn kafka_client(brokers: &str, settings: &[KafkaSetting]) -> rdkafka::ClientConfig {
     let mut config = rdkafka::ClientConfig::new();
-    config.set("bootstrap.servers", brokers);
-    for s in settings {
-        config.set(&s.key, &s.value);
-    }
+    kafka_settings::apply(config.set("bootstrap.servers", brokers), settings);
     config
 }

@@ -4,7 +4,8 @@
 //! lower-casing and turning `_` into `.` (`KAFKA_SASL_MECHANISMS` -> `sasl.mechanisms`,
 //! `KAFKA_SSL_CA_LOCATION` -> `ssl.ca.location`), and `key=value` pairs (`--kafka-config`,
 //! env `KAFKA_CONFIG`, `;`-separated) for any other property; the pairs win. Pure: the
-//! services (svc-kit) and the client library and CLI apply them to their own clients.
+//! services (svc-kit) and the client library and CLI apply them to their own clients, with
+//! [`apply`] when the `rdkafka` feature is on.
 
 /// One `key=value` librdkafka property. `Debug` hides the value (it may be a password).
 #[derive(Clone, PartialEq, Eq)]
@@ -75,6 +76,18 @@ pub fn merged(explicit: &[KafkaSetting]) -> Vec<KafkaSetting> {
     let mut all = from_env_vars(std::env::vars());
     all.extend(explicit.iter().filter(|s| !s.key.is_empty()).cloned());
     all
+}
+
+/// Sets `settings` on `config`, in order (feature `rdkafka`).
+#[cfg(feature = "rdkafka")]
+pub fn apply<'c>(
+    config: &'c mut rdkafka::ClientConfig,
+    settings: &[KafkaSetting],
+) -> &'c mut rdkafka::ClientConfig {
+    for setting in settings {
+        config.set(&setting.key, &setting.value);
+    }
+    config
 }
 
 #[cfg(test)]

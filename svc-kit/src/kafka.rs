@@ -36,8 +36,5 @@ pub fn settings() -> &'static [KafkaSetting] {
 
 /// Sets every pass-through property on `config` (an `rdkafka::ClientConfig`).
 pub fn apply(config: &mut rdkafka::ClientConfig) -> &mut rdkafka::ClientConfig {
-    for setting in settings() {
-        config.set(&setting.key, &setting.value);
-    }
-    config
+    kafka_settings::apply(config, settings())
 }
