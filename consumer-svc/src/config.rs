@@ -104,8 +104,8 @@ pub struct Config {
     pub resume_buffer: usize,
 
     /// Most updates a stream takes at once from its queue: the largest push of a subscriber
-    /// that is behind (plus up to one batch). Smaller bounds each stream's send buffers
-    /// (memory) at some CPU cost per delivery.
+    /// that is behind (plus up to one batch). Smaller bounds each stream's encode buffers,
+    /// which grow to its largest push (memory), at some CPU cost per delivery.
     #[arg(long, env = "MAX_PUSH", default_value_t = 1000)]
     pub max_push: usize,
 
