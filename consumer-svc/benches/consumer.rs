@@ -614,19 +614,36 @@ async fn push_times(
             })
         })));
     }
+    let stream = open_stream::<_, PushTimes>(
+        channel,
+        "/omnibus.consumer.v1.ConsumerService/StreamActions",
+        request,
+    )
+    .await?;
+    Ok(Box::pin(stream))
+}
+
+/// Opens the server stream at `path`, decoding each message as `M` (typically a message that
+/// declares only the fields the benchmark reads).
+async fn open_stream<Req, M>(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+    request: Req,
+) -> Result<tonic::Streaming<M>, tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    M: prost::Message + Default + Send + 'static,
+{
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-        "/omnibus.consumer.v1.ConsumerService/StreamActions",
-    );
-    let codec = tonic_prost::ProstCodec::<pb::StreamActionsRequest, PushTimes>::default();
-    let stream = grpc
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let codec = tonic_prost::ProstCodec::<Req, M>::default();
+    Ok(grpc
         .server_streaming(tonic::Request::new(request), path, codec)
         .await?
-        .into_inner();
-    Ok(Box::pin(stream))
+        .into_inner())
 }
 
 /// What a fan-out subscriber reads of a `Subscribe` message by default: the action's
@@ -676,18 +693,12 @@ async fn subscribe_times(
             })
         })));
     }
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+    let stream = open_stream::<_, SubscribeTime>(
+        channel,
         "/omnibus.consumer.v1.ConsumerService/Subscribe",
-    );
-    let codec = tonic_prost::ProstCodec::<pb::SubscribeRequest, SubscribeTime>::default();
-    let stream = grpc
-        .server_streaming(tonic::Request::new(request), path, codec)
-        .await?
-        .into_inner();
+        request,
+    )
+    .await?;
     Ok(Box::pin(
         stream.map(move |m| m.map(|m| push(m.action, m.lagged))),
     ))
