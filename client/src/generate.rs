@@ -288,18 +288,21 @@ pub enum GenerateError {
 }
 
 /// A producer tuned for throughput (batching, lz4 off for tansu compatibility), with
-/// `settings` (TLS, SASL, ...) applied.
+/// `settings` (TLS, SASL, ...) applied last, so they may also override the tuning
+/// (`linger.ms`, ...).
 pub fn producer(
     brokers: &str,
     settings: &[KafkaSetting],
 ) -> Result<ThreadedProducer<DefaultProducerContext>, GenerateError> {
-    Ok(crate::kafka_client(brokers, settings)
+    let mut config = rdkafka::ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
-        .set("message.timeout.ms", "60000")
-        .create()?)
+        .set("message.timeout.ms", "60000");
+    Ok(kafka_settings::apply(&mut config, settings).create()?)
 }
 
 /// Produces events as configured; blocking (call from a thread or `spawn_blocking`).

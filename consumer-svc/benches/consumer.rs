@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
+use omnibus_client::KafkaSetting;
 use omnibus_client::generate::{self, Kind, RunConfig, Topics};
 use omnibus_proto::consumer::v1 as pb;
 use omnibus_proto::consumer::v1::consumer_service_client::ConsumerServiceClient;
@@ -25,7 +26,33 @@ use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio_stream::StreamExt;
 
-const PARTITIONS: i32 = 3;
+/// How the benchmark's topics and load generator are set up, the same for every phase.
+#[derive(Debug)]
+struct Setup {
+    /// Partitions per topic (`--partitions`, default 3).
+    partitions: i32,
+    /// The load generator's `linger.ms` (`--linger-ms`; unset: the generator's own, 5).
+    linger_ms: Option<u32>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            partitions: 3,
+            linger_ms: None,
+        }
+    }
+}
+
+static SETUP: std::sync::OnceLock<Setup> = std::sync::OnceLock::new();
+
+fn setup() -> &'static Setup {
+    SETUP.get_or_init(Setup::default)
+}
+
+fn partitions() -> i32 {
+    setup().partitions
+}
 
 #[derive(Debug)]
 struct Args {
@@ -38,11 +65,16 @@ struct Args {
     /// Subscribers decode whole pushes (every field of every action), as a dashboard would,
     /// instead of only each action's timestamp.
     decode_all: bool,
+    /// Every how-many-th subscriber records latencies (reads each action's timestamp); the
+    /// others count the actions they receive (`--decode-all`: every subscriber decodes and
+    /// records).
+    sample_every: usize,
     /// Subscribers use `Subscribe` (channel actions) instead of `StreamActions`.
     subscribe: bool,
     memory_events: u64,
     memory_agents: usize,
     memory_chunk: u64,
+    setup: Setup,
     only: Vec<String>,
 }
 
@@ -54,10 +86,12 @@ fn parse_args() -> Result<Args> {
         fanout_secs: 20,
         filter_agent: false,
         decode_all: false,
+        sample_every: 10,
         subscribe: false,
         memory_events: 10_000_000,
         memory_agents: 10_000,
         memory_chunk: 1_000_000,
+        setup: Setup::default(),
         only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -70,10 +104,13 @@ fn parse_args() -> Result<Args> {
             "--fanout-secs" => a.fanout_secs = value()?.parse()?,
             "--filter-agent" => a.filter_agent = true,
             "--decode-all" => a.decode_all = true,
+            "--sample-every" => a.sample_every = value()?.parse::<usize>()?.max(1),
             "--subscribe" => a.subscribe = true,
             "--memory-events" => a.memory_events = value()?.parse()?,
             "--memory-agents" => a.memory_agents = value()?.parse()?,
             "--memory-chunk" => a.memory_chunk = value()?.parse()?,
+            "--partitions" => a.setup.partitions = value()?.parse::<i32>()?.max(1),
+            "--linger-ms" => a.setup.linger_ms = Some(value()?.parse()?),
             "--only" => a.only = value()?.split(',').map(str::to_string).collect(),
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other}"),
@@ -302,7 +339,7 @@ async fn create_topics(brokers: &str, prefix: &str) -> Result<Topics> {
     let new: Vec<_> = topics
         .0
         .iter()
-        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
+        .map(|n| NewTopic::new(n, partitions(), TopicReplication::Fixed(1)))
         .collect();
     for r in admin.create_topics(&new, &AdminOptions::new()).await? {
         if let Err((t, e)) = r {
@@ -328,7 +365,14 @@ fn gen_config(brokers: &str, topics: &Topics) -> RunConfig {
         progress: true,
         only: Vec::new(),
         time_spread: None,
-        kafka_settings: Vec::new(),
+        kafka_settings: setup()
+            .linger_ms
+            .map(|ms| KafkaSetting {
+                key: "linger.ms".into(),
+                value: ms.to_string(),
+            })
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -420,7 +464,7 @@ fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duratio
     let consumer: BaseConsumer = bare_config(brokers).create()?;
     let mut tpl = TopicPartitionList::new();
     for t in &topics.0 {
-        for p in 0..PARTITIONS {
+        for p in 0..partitions() {
             // Offset 0, as consumer-svc starts a log it reads from the beginning: the symbolic
             // earliest offset costs librdkafka a ListOffsets round and ~0.5 s before the first
             // message on tansu, which would flatter consumer-svc's ratio.
@@ -460,7 +504,7 @@ fn bare_latency(
     let consumer: BaseConsumer = bare_config(brokers).create()?;
     let mut tpl = TopicPartitionList::new();
     for t in &topics.0 {
-        for p in 0..PARTITIONS {
+        for p in 0..partitions() {
             tpl.add_partition_offset(t, p, Offset::End)?;
         }
     }
@@ -548,13 +592,14 @@ async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
     }
     let per_kind = Kind::ALL.map(|k| report.per_kind[k.index()]);
     Ok(format!(
-        "### Ingest: {total} pre-loaded events (routing {}, actions {}, transformations {}, performance {}), {PARTITIONS} partitions per topic\n\n\
+        "### Ingest: {total} pre-loaded events (routing {}, actions {}, transformations {}, performance {}), {} partitions per topic\n\n\
          | round | bare rdkafka consumer | consumer-svc (process start to all aggregated) | of which: gRPC up / first event aggregated | ratio | CPU: broker (bare run / svc run) / consumer-svc | consumer-svc RSS / peak |\n|---|---|---|---|---|---|---|\n{}\n\n\
          Mean ratio: **{:.2}** (target >= 0.8).\n",
         per_kind[0],
         per_kind[1],
         per_kind[2],
         per_kind[3],
+        partitions(),
         rows.join("\n"),
         ratios.iter().sum::<f64>() / ratios.len() as f64
     ))
@@ -567,10 +612,30 @@ fn agent_name(i: usize) -> String {
     format!("agent-{i:05}")
 }
 
-/// What a fan-out subscriber reads of a `StreamActions` push by default: each action's
-/// timestamp and the lag count. prost skips the other fields without copying them, so the
-/// benchmark process (which shares the 2 cores with the broker and the service) spends its
-/// time on what is measured rather than on building strings nobody reads.
+/// How much of each message a fan-out subscriber decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    /// Whole messages (the generated client), as a dashboard would (`--decode-all`).
+    All,
+    /// Each action's timestamp and the lag count; prost skips the other fields without
+    /// copying them.
+    Timestamps,
+    /// Only how many actions arrived and the lag count: the subscribers that do not sample
+    /// latency (`--sample-every`). Each action is skipped by its length, unread.
+    Count,
+}
+
+/// What a subscriber took from one message.
+#[derive(Debug, Default)]
+struct Received {
+    /// The actions' timestamps (empty with [`Reading::Count`]).
+    timestamps: Vec<prost_types::Timestamp>,
+    actions: u64,
+    lagged: u64,
+}
+
+/// A `StreamActions` push reduced to its actions' timestamps (`AgentAction.timestamp`,
+/// field 11) and the lag count.
 #[derive(Clone, PartialEq, prost::Message)]
 struct PushTimes {
     #[prost(message, repeated, tag = "1")]
@@ -579,48 +644,198 @@ struct PushTimes {
     lagged: u64,
 }
 
-/// `AgentAction.timestamp` (field 11) alone.
 #[derive(Clone, PartialEq, prost::Message)]
 struct ActionTime {
     #[prost(message, optional, tag = "11")]
     timestamp: Option<prost_types::Timestamp>,
 }
 
-type PushStream =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<PushTimes, tonic::Status>> + Send>>;
+/// A `Subscribe` message reduced to its action's timestamp and a lag notice's count (fields
+/// 3 and 9).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SubscribeTime {
+    #[prost(message, optional, tag = "3")]
+    action: Option<ActionTime>,
+    #[prost(message, optional, tag = "9")]
+    lagged: Option<pb::Lagged>,
+}
 
-/// Opens a `StreamActions` stream; with `decode_all` the pushes are decoded whole (the
-/// generated client) and reduced to their timestamps afterwards.
-async fn push_times(
+/// A message decoded for its action count and lag count only. `ACTION` is the tag of the
+/// action field (repeated in a push, once in a `Subscribe` message); `LAGGED` that of the lag
+/// count, a `uint64` (`StreamActions`) or a `Lagged` message (`Subscribe`). Decode-only: the
+/// actions are counted, not kept, so encoding writes only the lag count.
+#[derive(Debug, Default)]
+struct Counted<const ACTION: u32, const LAGGED: u32> {
+    actions: u64,
+    lagged: u64,
+}
+
+/// `StreamActionsResponse`: `actions` = 1, `lagged` = 2 (a `uint64`).
+type PushCount = Counted<1, 2>;
+/// `SubscribeResponse`: `action` = 3, `lagged` = 9 (a `Lagged` message).
+type SubscribeCount = Counted<3, 9>;
+
+impl<const ACTION: u32, const LAGGED: u32> Counted<ACTION, LAGGED> {
+    /// In `Subscribe` the lag count is a message; in a push, a plain `uint64`.
+    const LAG_IS_MESSAGE: bool = ACTION == 3;
+}
+
+impl<const ACTION: u32, const LAGGED: u32> prost::Message for Counted<ACTION, LAGGED> {
+    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+        if self.lagged != 0 {
+            if Self::LAG_IS_MESSAGE {
+                let lagged = pb::Lagged {
+                    missed: self.lagged,
+                };
+                prost::encoding::message::encode(LAGGED, &lagged, buf);
+            } else {
+                prost::encoding::uint64::encode(LAGGED, &self.lagged, buf);
+            }
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        if tag == ACTION {
+            self.actions += 1;
+            prost::encoding::skip_field(wire_type, tag, buf, ctx)
+        } else if tag == LAGGED && Self::LAG_IS_MESSAGE {
+            let mut lagged = pb::Lagged::default();
+            prost::encoding::message::merge(wire_type, &mut lagged, buf, ctx)?;
+            self.lagged += lagged.missed;
+            Ok(())
+        } else if tag == LAGGED {
+            prost::encoding::uint64::merge(wire_type, &mut self.lagged, buf, ctx)
+        } else {
+            prost::encoding::skip_field(wire_type, tag, buf, ctx)
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        match self.lagged {
+            0 => 0,
+            missed if Self::LAG_IS_MESSAGE => {
+                prost::encoding::message::encoded_len(LAGGED, &pb::Lagged { missed })
+            }
+            missed => prost::encoding::uint64::encoded_len(LAGGED, &missed),
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+type ReceivedStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Received, tonic::Status>> + Send>>;
+
+/// Opens a `StreamActions` stream read as `reading` says.
+async fn read_pushes(
     channel: tonic::transport::Channel,
     request: pb::StreamActionsRequest,
-    decode_all: bool,
-) -> Result<PushStream, tonic::Status> {
-    if decode_all {
-        let stream = ConsumerServiceClient::new(channel)
-            .stream_actions(request)
-            .await?
-            .into_inner();
-        return Ok(Box::pin(stream.map(|push| {
-            push.map(|p| PushTimes {
-                actions: p
-                    .actions
-                    .into_iter()
-                    .map(|a| ActionTime {
-                        timestamp: a.timestamp,
-                    })
-                    .collect(),
-                lagged: p.lagged,
-            })
-        })));
-    }
-    let stream = open_stream::<_, PushTimes>(
-        channel,
-        "/omnibus.consumer.v1.ConsumerService/StreamActions",
-        request,
-    )
-    .await?;
-    Ok(Box::pin(stream))
+    reading: Reading,
+) -> Result<ReceivedStream, tonic::Status> {
+    const PATH: &str = "/omnibus.consumer.v1.ConsumerService/StreamActions";
+    let times = |timestamps: Vec<Option<prost_types::Timestamp>>, lagged| Received {
+        actions: timestamps.len() as u64,
+        timestamps: timestamps.into_iter().flatten().collect(),
+        lagged,
+    };
+    Ok(match reading {
+        Reading::All => {
+            let stream = ConsumerServiceClient::new(channel)
+                .stream_actions(request)
+                .await?
+                .into_inner();
+            Box::pin(stream.map(move |push| {
+                push.map(|p| {
+                    times(
+                        p.actions.into_iter().map(|a| a.timestamp).collect(),
+                        p.lagged,
+                    )
+                })
+            }))
+        }
+        Reading::Timestamps => {
+            let stream = open_stream::<_, PushTimes>(channel, PATH, request).await?;
+            Box::pin(stream.map(move |push| {
+                push.map(|p| {
+                    times(
+                        p.actions.into_iter().map(|a| a.timestamp).collect(),
+                        p.lagged,
+                    )
+                })
+            }))
+        }
+        Reading::Count => {
+            let stream = open_stream::<_, PushCount>(channel, PATH, request).await?;
+            Box::pin(stream.map(|push| {
+                push.map(|p| Received {
+                    timestamps: Vec::new(),
+                    actions: p.actions,
+                    lagged: p.lagged,
+                })
+            }))
+        }
+    })
+}
+
+/// Opens a `Subscribe` stream of the actions (the same filter as `request`), read as
+/// `reading` says.
+async fn read_subscribe(
+    channel: tonic::transport::Channel,
+    request: pb::StreamActionsRequest,
+    reading: Reading,
+) -> Result<ReceivedStream, tonic::Status> {
+    const PATH: &str = "/omnibus.consumer.v1.ConsumerService/Subscribe";
+    let request = pb::SubscribeRequest {
+        channels: vec![pb::Channel::Actions as i32],
+        agent: request.agent,
+        ..Default::default()
+    };
+    let one =
+        |action: Option<Option<prost_types::Timestamp>>, lagged: Option<pb::Lagged>| Received {
+            actions: u64::from(action.is_some()),
+            timestamps: action.flatten().into_iter().collect(),
+            lagged: lagged.map_or(0, |l| l.missed),
+        };
+    Ok(match reading {
+        Reading::All => {
+            let stream = ConsumerServiceClient::new(channel)
+                .subscribe(request)
+                .await?
+                .into_inner();
+            Box::pin(stream.map(move |m| {
+                m.map(|m| {
+                    use pb::subscribe_response::Update;
+                    match m.update {
+                        Some(Update::Action(a)) => one(Some(a.timestamp), None),
+                        Some(Update::Lagged(l)) => one(None, Some(l)),
+                        _ => one(None, None),
+                    }
+                })
+            }))
+        }
+        Reading::Timestamps => {
+            let stream = open_stream::<_, SubscribeTime>(channel, PATH, request).await?;
+            Box::pin(stream.map(move |m| m.map(|m| one(m.action.map(|a| a.timestamp), m.lagged))))
+        }
+        Reading::Count => {
+            let stream = open_stream::<_, SubscribeCount>(channel, PATH, request).await?;
+            Box::pin(stream.map(|m| {
+                m.map(|m| Received {
+                    timestamps: Vec::new(),
+                    actions: m.actions,
+                    lagged: m.lagged,
+                })
+            }))
+        }
+    })
 }
 
 /// Opens the server stream at `path`, decoding each message as `M` (typically a message that
@@ -646,64 +861,6 @@ where
         .into_inner())
 }
 
-/// What a fan-out subscriber reads of a `Subscribe` message by default: the action's
-/// timestamp and a lag notice's count (fields 3 and 9).
-#[derive(Clone, PartialEq, prost::Message)]
-struct SubscribeTime {
-    #[prost(message, optional, tag = "3")]
-    action: Option<ActionTime>,
-    #[prost(message, optional, tag = "9")]
-    lagged: Option<pb::Lagged>,
-}
-
-/// Opens a `Subscribe` stream of the actions (the same filter as `request`), each message
-/// reduced to a one-action push.
-async fn subscribe_times(
-    channel: tonic::transport::Channel,
-    request: pb::StreamActionsRequest,
-    decode_all: bool,
-) -> Result<PushStream, tonic::Status> {
-    let request = pb::SubscribeRequest {
-        channels: vec![pb::Channel::Actions as i32],
-        agent: request.agent,
-        ..Default::default()
-    };
-    let push = |action: Option<ActionTime>, lagged: Option<pb::Lagged>| PushTimes {
-        actions: action.into_iter().collect(),
-        lagged: lagged.map_or(0, |l| l.missed),
-    };
-    if decode_all {
-        let stream = ConsumerServiceClient::new(channel)
-            .subscribe(request)
-            .await?
-            .into_inner();
-        return Ok(Box::pin(stream.map(move |m| {
-            m.map(|m| {
-                use pb::subscribe_response::Update;
-                match m.update {
-                    Some(Update::Action(a)) => push(
-                        Some(ActionTime {
-                            timestamp: a.timestamp,
-                        }),
-                        None,
-                    ),
-                    Some(Update::Lagged(l)) => push(None, Some(l)),
-                    _ => push(None, None),
-                }
-            })
-        })));
-    }
-    let stream = open_stream::<_, SubscribeTime>(
-        channel,
-        "/omnibus.consumer.v1.ConsumerService/Subscribe",
-        request,
-    )
-    .await?;
-    Ok(Box::pin(
-        stream.map(move |m| m.map(|m| push(m.action, m.lagged))),
-    ))
-}
-
 async fn bench_fanout(
     broker: &Broker,
     subscribers: usize,
@@ -711,6 +868,7 @@ async fn bench_fanout(
     secs: u64,
     filter_agent: bool,
     decode_all: bool,
+    sample_every: usize,
     subscribe: bool,
 ) -> Result<String> {
     let brokers = broker.addr();
@@ -744,7 +902,7 @@ async fn bench_fanout(
     let svc = Service::start(&brokers, &prefix, &[])?;
     let mut c = svc.client().await?;
     wait_status(&mut c, Duration::from_secs(30), |s| {
-        s.partitions.len() == 4 * PARTITIONS as usize
+        s.partitions.len() == 4 * partitions() as usize
     })
     .await?;
 
@@ -769,10 +927,17 @@ async fn bench_fanout(
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
             let (mut n, mut lagged) = (0u64, 0u64);
-            let opened_stream = if subscribe {
-                subscribe_times(channel, request, decode_all).await
+            let reading = if decode_all {
+                Reading::All
+            } else if i % sample_every == 0 {
+                Reading::Timestamps
             } else {
-                push_times(channel, request, decode_all).await
+                Reading::Count
+            };
+            let opened_stream = if subscribe {
+                read_subscribe(channel, request, reading).await
+            } else {
+                read_pushes(channel, request, reading).await
             };
             let Ok(mut stream) = opened_stream else {
                 return (h, n, lagged);
@@ -785,13 +950,13 @@ async fn bench_fanout(
                 };
                 let Some(Ok(msg)) = msg else { break };
                 lagged += msg.lagged;
-                let now = chrono::Utc::now().timestamp_micros();
-                for a in msg.actions {
-                    if let Some(ts) = a.timestamp {
+                n += msg.actions;
+                if !msg.timestamps.is_empty() {
+                    let now = chrono::Utc::now().timestamp_micros();
+                    for ts in msg.timestamps {
                         let t = ts.seconds * 1_000_000 + i64::from(ts.nanos) / 1000;
                         let _ = h.record((now - t).max(1) as u64);
                     }
-                    n += 1;
                 }
             }
             (h, n, lagged)
@@ -819,7 +984,7 @@ async fn bench_fanout(
     let report = tokio::task::spawn_blocking(move || produce(cfg)).await??;
     let produce_secs = t0.elapsed().as_secs_f64();
     let cpu = (cpu_seconds(svc.pid()) - cpu0) / produce_secs;
-    // The benchmark process: load generator and all subscribers (decoding every delivery).
+    // The benchmark process: load generator and all subscribers.
     let own_cpu = (cpu_seconds(std::process::id()) - own_cpu0) / produce_secs;
     let broker_cpu = (broker.pid().map_or(0.0, cpu_seconds) - broker_cpu0) / produce_secs;
     eprintln!("[fanout] broker CPU {:.0}% of one core", broker_cpu * 100.0);
@@ -899,11 +1064,29 @@ async fn bench_fanout(
     } else {
         "StreamActions"
     };
-    filter_note.push_str(if decode_all {
-        ", decoding whole pushes"
+    let sampled = if decode_all {
+        subscribers
     } else {
-        ", reading each action's timestamp"
+        subscribers.div_ceil(sample_every)
+    };
+    filter_note.push_str(&if decode_all {
+        ", each decoding whole messages and recording every action's latency".to_string()
+    } else if sampled == subscribers {
+        ", each reading every action's timestamp".to_string()
+    } else {
+        format!(
+            "; latency sampled by {sampled} of them (every {sample_every}th reads each action's \
+             timestamp), the others count the actions they receive"
+        )
     });
+    let setup = setup();
+    filter_note.push_str(&format!(
+        "; {} partitions per topic, generator `linger.ms` {}",
+        setup.partitions,
+        setup
+            .linger_ms
+            .map_or("5 (default)".into(), |ms| ms.to_string())
+    ));
     Ok(format!(
         "### Fan-out: {subscribers} `{stream}` subscribers{filter_note}, {:.0} events/s produced for {secs} s ({} events, {actions} actions)\n\n\
          | metric | value |\n|---|---|\n\
@@ -911,7 +1094,7 @@ async fn bench_fanout(
          | baseline: the same load read by a bare rdkafka consumer of the four topics alone, same run (produce-to-poll) | p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} actions) |\n\
          | deliveries | {delivered} of {} expected ({:.2}%), lag notices: {lagged} updates missed |\n\
          | consumer-svc CPU | {:.0}% of one core |\n| consumer-svc RSS / peak | {rss:.0} / {peak:.0} MiB |\n\
-         | benchmark process CPU (generator + subscribers) | {:.0}% of one core, {:.0} deliveries/s decoded |\n",
+         | benchmark process CPU (generator + subscribers) | {:.0}% of one core, {:.0} deliveries/s received |\n",
         report.total() as f64 / produce_secs,
         report.total(),
         ms(0.5),
@@ -942,7 +1125,7 @@ async fn bench_memory(
     let mut svc = Service::start(&broker.addr(), &prefix, &[])?;
     let mut c = svc.client().await?;
     wait_status(&mut c, Duration::from_secs(30), |s| {
-        s.partitions.len() == 4 * PARTITIONS as usize
+        s.partitions.len() == 4 * partitions() as usize
     })
     .await?;
     let start = Instant::now();
@@ -1036,7 +1219,7 @@ async fn memory_chunk(
             .context("waiting for the service to see the emptied broker")?;
         *topics = create_topics(&broker.addr(), prefix).await?;
         wait_status(c, Duration::from_secs(60), |s| {
-            s.partitions.len() == 4 * PARTITIONS as usize && s.connected
+            s.partitions.len() == 4 * partitions() as usize && s.connected
         })
         .await
         .context("waiting for the service to read the recreated topics")?;
@@ -1047,6 +1230,8 @@ async fn memory_chunk(
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
+    eprintln!("[bench] {:?}", args.setup);
+    SETUP.set(args.setup).ok().context("setup set twice")?;
     let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let mut broker = Broker::start()?;
     let mut out = Vec::new();
@@ -1068,6 +1253,7 @@ async fn main() -> Result<()> {
                 args.fanout_secs,
                 args.filter_agent,
                 args.decode_all,
+                args.sample_every,
                 args.subscribe,
             )
             .await?,
