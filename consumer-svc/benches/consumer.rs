@@ -29,8 +29,12 @@ use tokio_stream::StreamExt;
 /// How the benchmark's topics and load generator are set up, the same for every phase.
 #[derive(Debug)]
 struct Setup {
-    /// Partitions per topic (`--partitions`, default 3).
+    /// Partitions per topic of the ingest and memory benchmarks (`--partitions`, default 3).
     partitions: i32,
+    /// Partitions per topic of the fan-out benchmark (`--fanout-partitions`, default 1):
+    /// tansu's memory storage lists every batch a partition holds on each fetch, so at 5,000
+    /// events/s its CPU, and the latency of every consumer, grow with the partition count.
+    fanout_partitions: i32,
     /// The load generator's `linger.ms` (`--linger-ms`; unset: the generator's own, 5).
     linger_ms: Option<u32>,
 }
@@ -39,6 +43,7 @@ impl Default for Setup {
     fn default() -> Self {
         Self {
             partitions: 3,
+            fanout_partitions: 1,
             linger_ms: None,
         }
     }
@@ -48,10 +53,6 @@ static SETUP: std::sync::OnceLock<Setup> = std::sync::OnceLock::new();
 
 fn setup() -> &'static Setup {
     SETUP.get_or_init(Setup::default)
-}
-
-fn partitions() -> i32 {
-    setup().partitions
 }
 
 #[derive(Debug)]
@@ -110,6 +111,7 @@ fn parse_args() -> Result<Args> {
             "--memory-agents" => a.memory_agents = value()?.parse()?,
             "--memory-chunk" => a.memory_chunk = value()?.parse()?,
             "--partitions" => a.setup.partitions = value()?.parse::<i32>()?.max(1),
+            "--fanout-partitions" => a.setup.fanout_partitions = value()?.parse::<i32>()?.max(1),
             "--linger-ms" => a.setup.linger_ms = Some(value()?.parse()?),
             "--only" => a.only = value()?.split(',').map(str::to_string).collect(),
             "--bench" => {} // passed by `cargo bench`
@@ -331,7 +333,14 @@ async fn wait_status(
     }
 }
 
-async fn create_topics(brokers: &str, prefix: &str) -> Result<Topics> {
+/// A benchmark's four topics and their partition count.
+#[derive(Clone, Debug)]
+struct BenchTopics {
+    names: Topics,
+    partitions: i32,
+}
+
+async fn create_topics(brokers: &str, prefix: &str, partitions: i32) -> Result<BenchTopics> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
@@ -339,14 +348,17 @@ async fn create_topics(brokers: &str, prefix: &str) -> Result<Topics> {
     let new: Vec<_> = topics
         .0
         .iter()
-        .map(|n| NewTopic::new(n, partitions(), TopicReplication::Fixed(1)))
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
         .collect();
     for r in admin.create_topics(&new, &AdminOptions::new()).await? {
         if let Err((t, e)) = r {
             bail!("create {t}: {e}");
         }
     }
-    Ok(topics)
+    Ok(BenchTopics {
+        names: topics,
+        partitions,
+    })
 }
 
 fn produce(cfg: RunConfig) -> Result<generate::RunReport> {
@@ -459,12 +471,12 @@ fn bare_config(brokers: &str) -> ClientConfig {
 
 /// The raw limit: a bare rdkafka consumer with the same settings reading every message.
 /// Returns (time to the first message, time to all), both from the consumer's creation.
-fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duration, Duration)> {
+fn bare_consumer(brokers: &str, topics: &BenchTopics, expect: u64) -> Result<(Duration, Duration)> {
     let start = Instant::now();
     let consumer: BaseConsumer = bare_config(brokers).create()?;
     let mut tpl = TopicPartitionList::new();
-    for t in &topics.0 {
-        for p in 0..partitions() {
+    for t in &topics.names.0 {
+        for p in 0..topics.partitions {
             // Offset 0, as consumer-svc starts a log it reads from the beginning: the symbolic
             // earliest offset costs librdkafka a ListOffsets round and ~0.5 s before the first
             // message on tansu, which would flatter consumer-svc's ratio.
@@ -497,19 +509,19 @@ fn bare_consumer(brokers: &str, topics: &Topics, expect: u64) -> Result<(Duratio
 /// measured in the same run.
 fn bare_latency(
     brokers: &str,
-    topics: &Topics,
+    topics: &BenchTopics,
     ready: std::sync::mpsc::Sender<()>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<Histogram<u64>> {
     let consumer: BaseConsumer = bare_config(brokers).create()?;
     let mut tpl = TopicPartitionList::new();
-    for t in &topics.0 {
-        for p in 0..partitions() {
+    for t in &topics.names.0 {
+        for p in 0..topics.partitions {
             tpl.add_partition_offset(t, p, Offset::End)?;
         }
     }
     consumer.assign(&tpl)?;
-    let actions = topics.name(Kind::AgentAction);
+    let actions = topics.names.name(Kind::AgentAction);
     // The end offsets are resolved on the first polls; the topic is empty before the load.
     let _ = consumer.poll(Duration::from_millis(500));
     let _ = ready.send(());
@@ -540,9 +552,9 @@ fn bare_latency(
 async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
     let brokers = broker.addr();
     let prefix = format!("ingest{}.", std::process::id());
-    let topics = create_topics(&brokers, &prefix).await?;
+    let topics = create_topics(&brokers, &prefix, setup().partitions).await?;
     eprintln!("[ingest] pre-loading {events} mixed events");
-    let mut cfg = gen_config(&brokers, &topics);
+    let mut cfg = gen_config(&brokers, &topics.names);
     cfg.total = Some(events);
     let report = tokio::task::spawn_blocking(move || produce(cfg)).await??;
     let total = report.total();
@@ -599,7 +611,7 @@ async fn bench_ingest(broker: &Broker, events: u64) -> Result<String> {
         per_kind[1],
         per_kind[2],
         per_kind[3],
-        partitions(),
+        topics.partitions,
         rows.join("\n"),
         ratios.iter().sum::<f64>() / ratios.len() as f64
     ))
@@ -872,12 +884,17 @@ async fn bench_fanout(
     subscribe: bool,
 ) -> Result<String> {
     let brokers = broker.addr();
+    let partitions = setup().fanout_partitions;
     // Phase 1, the baseline: the same load on fresh topics, read by a bare rdkafka consumer
     // alone (consumer-svc not running), so it measures what the generator, the broker and the
     // Kafka client cost without perturbing phase 2 (a second consumer slows the broker down).
     let bare = {
-        let topics =
-            create_topics(&brokers, &format!("fanout-bare{}.", std::process::id())).await?;
+        let topics = create_topics(
+            &brokers,
+            &format!("fanout-bare{}.", std::process::id()),
+            partitions,
+        )
+        .await?;
         let stop = tokio_util::sync::CancellationToken::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = {
@@ -887,7 +904,7 @@ async fn bench_fanout(
         let _ = tokio::task::spawn_blocking(move || ready_rx.recv_timeout(Duration::from_secs(10)))
             .await;
         eprintln!("[fanout] baseline: a bare consumer alone, producing {rate}/s for {secs}s");
-        let mut cfg = gen_config(&brokers, &topics);
+        let mut cfg = gen_config(&brokers, &topics.names);
         cfg.agents = FANOUT_AGENTS;
         cfg.rate = Some(rate);
         cfg.duration = Some(Duration::from_secs(secs));
@@ -898,11 +915,11 @@ async fn bench_fanout(
     };
     // Phase 2: consumer-svc and the subscribers.
     let prefix = format!("fanout{}.", std::process::id());
-    let topics = create_topics(&brokers, &prefix).await?;
+    let topics = create_topics(&brokers, &prefix, partitions).await?;
     let svc = Service::start(&brokers, &prefix, &[])?;
     let mut c = svc.client().await?;
     wait_status(&mut c, Duration::from_secs(30), |s| {
-        s.partitions.len() == 4 * partitions() as usize
+        s.partitions.len() == 4 * topics.partitions as usize
     })
     .await?;
 
@@ -977,7 +994,7 @@ async fn bench_fanout(
     let own_cpu0 = cpu_seconds(std::process::id());
     let broker_cpu0 = broker.pid().map_or(0.0, cpu_seconds);
     let t0 = Instant::now();
-    let mut cfg = gen_config(&brokers, &topics);
+    let mut cfg = gen_config(&brokers, &topics.names);
     cfg.agents = FANOUT_AGENTS;
     cfg.rate = Some(rate);
     cfg.duration = Some(Duration::from_secs(secs));
@@ -1079,11 +1096,9 @@ async fn bench_fanout(
              timestamp), the others count the actions they receive"
         )
     });
-    let setup = setup();
     filter_note.push_str(&format!(
-        "; {} partitions per topic, generator `linger.ms` {}",
-        setup.partitions,
-        setup
+        "; {partitions} partition(s) per topic, generator `linger.ms` {}",
+        setup()
             .linger_ms
             .map_or("5 (default)".into(), |ms| ms.to_string())
     ));
@@ -1121,11 +1136,11 @@ async fn bench_memory(
     chunk: u64,
 ) -> Result<String> {
     let prefix = format!("memory{}.", std::process::id());
-    let mut topics = create_topics(&broker.addr(), &prefix).await?;
+    let mut topics = create_topics(&broker.addr(), &prefix, setup().partitions).await?;
     let mut svc = Service::start(&broker.addr(), &prefix, &[])?;
     let mut c = svc.client().await?;
     wait_status(&mut c, Duration::from_secs(30), |s| {
-        s.partitions.len() == 4 * partitions() as usize
+        s.partitions.len() == 4 * topics.partitions as usize
     })
     .await?;
     let start = Instant::now();
@@ -1185,13 +1200,13 @@ async fn memory_chunk(
     broker: &mut Broker,
     svc: &Service,
     c: &mut ConsumerServiceClient<tonic::transport::Channel>,
-    topics: &mut Topics,
+    topics: &mut BenchTopics,
     prefix: &str,
     (n, agents, seed): (u64, usize, u64),
     done: &mut u64,
     empty_after: bool,
 ) -> Result<f64> {
-    let mut cfg = gen_config(&broker.addr(), topics);
+    let mut cfg = gen_config(&broker.addr(), &topics.names);
     cfg.total = Some(n);
     cfg.agents = agents;
     cfg.seed = seed;
@@ -1217,9 +1232,9 @@ async fn memory_chunk(
         wait_status(c, Duration::from_secs(60), |s| s.partitions.is_empty())
             .await
             .context("waiting for the service to see the emptied broker")?;
-        *topics = create_topics(&broker.addr(), prefix).await?;
+        *topics = create_topics(&broker.addr(), prefix, topics.partitions).await?;
         wait_status(c, Duration::from_secs(60), |s| {
-            s.partitions.len() == 4 * partitions() as usize && s.connected
+            s.partitions.len() == 4 * topics.partitions as usize && s.connected
         })
         .await
         .context("waiting for the service to read the recreated topics")?;
