@@ -746,6 +746,71 @@ impl<const ACTION: u32, const LAGGED: u32> prost::Message for Counted<ACTION, LA
 type ReceivedStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Received, tonic::Status>> + Send>>;
 
+/// `stream`'s messages as what the subscriber takes from them.
+fn received<M: Into<Received>>(
+    stream: impl tokio_stream::Stream<Item = Result<M, tonic::Status>> + Send + 'static,
+) -> ReceivedStream {
+    Box::pin(stream.map(|m| m.map(Into::into)))
+}
+
+impl Received {
+    fn timestamps(timestamps: Vec<Option<prost_types::Timestamp>>, lagged: u64) -> Self {
+        Self {
+            actions: timestamps.len() as u64,
+            timestamps: timestamps.into_iter().flatten().collect(),
+            lagged,
+        }
+    }
+}
+
+impl From<pb::StreamActionsResponse> for Received {
+    fn from(p: pb::StreamActionsResponse) -> Self {
+        Self::timestamps(
+            p.actions.into_iter().map(|a| a.timestamp).collect(),
+            p.lagged,
+        )
+    }
+}
+
+impl From<PushTimes> for Received {
+    fn from(p: PushTimes) -> Self {
+        Self::timestamps(
+            p.actions.into_iter().map(|a| a.timestamp).collect(),
+            p.lagged,
+        )
+    }
+}
+
+impl From<pb::SubscribeResponse> for Received {
+    fn from(m: pb::SubscribeResponse) -> Self {
+        use pb::subscribe_response::Update;
+        match m.update {
+            Some(Update::Action(a)) => Self::timestamps(vec![a.timestamp], 0),
+            Some(Update::Lagged(l)) => Self::timestamps(Vec::new(), l.missed),
+            _ => Self::default(),
+        }
+    }
+}
+
+impl From<SubscribeTime> for Received {
+    fn from(m: SubscribeTime) -> Self {
+        Self::timestamps(
+            m.action.map(|a| a.timestamp).into_iter().collect(),
+            m.lagged.map_or(0, |l| l.missed),
+        )
+    }
+}
+
+impl<const ACTION: u32, const LAGGED: u32> From<Counted<ACTION, LAGGED>> for Received {
+    fn from(c: Counted<ACTION, LAGGED>) -> Self {
+        Self {
+            timestamps: Vec::new(),
+            actions: c.actions,
+            lagged: c.lagged,
+        }
+    }
+}
+
 /// Opens a `StreamActions` stream read as `reading` says.
 async fn read_pushes(
     channel: tonic::transport::Channel,
@@ -753,47 +818,15 @@ async fn read_pushes(
     reading: Reading,
 ) -> Result<ReceivedStream, tonic::Status> {
     const PATH: &str = "/omnibus.consumer.v1.ConsumerService/StreamActions";
-    let times = |timestamps: Vec<Option<prost_types::Timestamp>>, lagged| Received {
-        actions: timestamps.len() as u64,
-        timestamps: timestamps.into_iter().flatten().collect(),
-        lagged,
-    };
     Ok(match reading {
-        Reading::All => {
-            let stream = ConsumerServiceClient::new(channel)
+        Reading::All => received(
+            ConsumerServiceClient::new(channel)
                 .stream_actions(request)
                 .await?
-                .into_inner();
-            Box::pin(stream.map(move |push| {
-                push.map(|p| {
-                    times(
-                        p.actions.into_iter().map(|a| a.timestamp).collect(),
-                        p.lagged,
-                    )
-                })
-            }))
-        }
-        Reading::Timestamps => {
-            let stream = open_stream::<_, PushTimes>(channel, PATH, request).await?;
-            Box::pin(stream.map(move |push| {
-                push.map(|p| {
-                    times(
-                        p.actions.into_iter().map(|a| a.timestamp).collect(),
-                        p.lagged,
-                    )
-                })
-            }))
-        }
-        Reading::Count => {
-            let stream = open_stream::<_, PushCount>(channel, PATH, request).await?;
-            Box::pin(stream.map(|push| {
-                push.map(|p| Received {
-                    timestamps: Vec::new(),
-                    actions: p.actions,
-                    lagged: p.lagged,
-                })
-            }))
-        }
+                .into_inner(),
+        ),
+        Reading::Timestamps => received(open_stream::<_, PushTimes>(channel, PATH, request).await?),
+        Reading::Count => received(open_stream::<_, PushCount>(channel, PATH, request).await?),
     })
 }
 
@@ -810,43 +843,17 @@ async fn read_subscribe(
         agent: request.agent,
         ..Default::default()
     };
-    let one =
-        |action: Option<Option<prost_types::Timestamp>>, lagged: Option<pb::Lagged>| Received {
-            actions: u64::from(action.is_some()),
-            timestamps: action.flatten().into_iter().collect(),
-            lagged: lagged.map_or(0, |l| l.missed),
-        };
     Ok(match reading {
-        Reading::All => {
-            let stream = ConsumerServiceClient::new(channel)
+        Reading::All => received(
+            ConsumerServiceClient::new(channel)
                 .subscribe(request)
                 .await?
-                .into_inner();
-            Box::pin(stream.map(move |m| {
-                m.map(|m| {
-                    use pb::subscribe_response::Update;
-                    match m.update {
-                        Some(Update::Action(a)) => one(Some(a.timestamp), None),
-                        Some(Update::Lagged(l)) => one(None, Some(l)),
-                        _ => one(None, None),
-                    }
-                })
-            }))
-        }
+                .into_inner(),
+        ),
         Reading::Timestamps => {
-            let stream = open_stream::<_, SubscribeTime>(channel, PATH, request).await?;
-            Box::pin(stream.map(move |m| m.map(|m| one(m.action.map(|a| a.timestamp), m.lagged))))
+            received(open_stream::<_, SubscribeTime>(channel, PATH, request).await?)
         }
-        Reading::Count => {
-            let stream = open_stream::<_, SubscribeCount>(channel, PATH, request).await?;
-            Box::pin(stream.map(|m| {
-                m.map(|m| Received {
-                    timestamps: Vec::new(),
-                    actions: m.actions,
-                    lagged: m.lagged,
-                })
-            }))
-        }
+        Reading::Count => received(open_stream::<_, SubscribeCount>(channel, PATH, request).await?),
     })
 }
 
