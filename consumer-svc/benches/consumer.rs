@@ -880,16 +880,17 @@ where
         .into_inner())
 }
 
-async fn bench_fanout(
-    broker: &Broker,
-    subscribers: usize,
-    rate: f64,
-    secs: u64,
-    filter_agent: bool,
-    decode_all: bool,
-    sample_every: usize,
-    subscribe: bool,
-) -> Result<String> {
+async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
+    let &Args {
+        subscribers,
+        fanout_rate: rate,
+        fanout_secs: secs,
+        filter_agent,
+        decode_all,
+        sample_every,
+        subscribe,
+        ..
+    } = args;
     let brokers = broker.addr();
     let partitions = setup().fanout_partitions;
     // Phase 1, the baseline: the same load on fresh topics, read by a bare rdkafka consumer
@@ -1099,7 +1100,7 @@ async fn bench_fanout(
         ", each reading every action's timestamp".to_string()
     } else {
         format!(
-            "; latency sampled by {sampled} of them (every {sample_every}th reads each action's \
+            "; latency sampled by {sampled} of them (one in {sample_every} reads each action's \
              timestamp), the others count the actions they receive"
         )
     });
@@ -1251,9 +1252,10 @@ async fn memory_chunk(
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = parse_args()?;
-    eprintln!("[bench] {:?}", args.setup);
-    SETUP.set(args.setup).ok().context("setup set twice")?;
+    let mut args = parse_args()?;
+    let setup = std::mem::take(&mut args.setup);
+    eprintln!("[bench] {setup:?}");
+    SETUP.set(setup).ok().context("setup set twice")?;
     let want = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let mut broker = Broker::start()?;
     let mut out = Vec::new();
@@ -1267,19 +1269,7 @@ async fn main() -> Result<()> {
         broker.restart()?; // free the pre-loaded events
     }
     if want("fanout") {
-        out.push(
-            bench_fanout(
-                &broker,
-                args.subscribers,
-                args.fanout_rate,
-                args.fanout_secs,
-                args.filter_agent,
-                args.decode_all,
-                args.sample_every,
-                args.subscribe,
-            )
-            .await?,
-        );
+        out.push(bench_fanout(&broker, &args).await?);
         broker.restart()?;
     }
     if want("memory") {
