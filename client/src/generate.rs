@@ -294,6 +294,10 @@ pub fn producer(
     brokers: &str,
     settings: &[KafkaSetting],
 ) -> Result<ThreadedProducer<DefaultProducerContext>, GenerateError> {
+    Ok(producer_config(brokers, settings).create()?)
+}
+
+fn producer_config(brokers: &str, settings: &[KafkaSetting]) -> rdkafka::ClientConfig {
     let mut config = rdkafka::ClientConfig::new();
     config
         .set("bootstrap.servers", brokers)
@@ -302,7 +306,8 @@ pub fn producer(
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
         .set("message.timeout.ms", "60000");
-    Ok(kafka_settings::apply(&mut config, settings).create()?)
+    kafka_settings::apply(&mut config, settings);
+    config
 }
 
 /// Produces events as configured; blocking (call from a thread or `spawn_blocking`).
@@ -391,6 +396,23 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport, GenerateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operator_settings_override_the_producer_tuning() {
+        let setting = |key: &str, value: &str| KafkaSetting {
+            key: key.into(),
+            value: value.into(),
+        };
+        let tuned = producer_config("127.0.0.1:9092", &[]);
+        assert_eq!(tuned.get("linger.ms"), Some("5"));
+        let config = producer_config(
+            "127.0.0.1:9092",
+            &[setting("linger.ms", "20"), setting("client.id", "load")],
+        );
+        assert_eq!(config.get("linger.ms"), Some("20"));
+        assert_eq!(config.get("client.id"), Some("load"));
+        assert_eq!(config.get("batch.num.messages"), Some("10000"));
+    }
 
     #[test]
     fn requests_have_the_realistic_shape() {
