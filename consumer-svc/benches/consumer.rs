@@ -951,7 +951,7 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
         };
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
-            let (mut n, mut lagged) = (0u64, 0u64);
+            let (mut n, mut lagged, mut messages) = (0u64, 0u64, 0u64);
             let reading = if decode_all {
                 Reading::All
             } else if i % sample_every == 0 {
@@ -965,7 +965,7 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
                 read_pushes(channel, request, reading).await
             };
             let Ok(mut stream) = opened_stream else {
-                return (h, n, lagged);
+                return (h, n, lagged, messages);
             };
             opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             loop {
@@ -976,6 +976,7 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
                 let Some(Ok(msg)) = msg else { break };
                 lagged += msg.lagged;
                 n += msg.actions;
+                messages += 1;
                 if !msg.timestamps.is_empty() {
                     let now = chrono::Utc::now().timestamp_micros();
                     for ts in msg.timestamps {
@@ -984,7 +985,7 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
                     }
                 }
             }
-            (h, n, lagged)
+            (h, n, lagged, messages)
         }));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1058,12 +1059,13 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
     };
     stop.cancel();
     let mut all = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let (mut delivered, mut lagged) = (0u64, 0u64);
+    let (mut delivered, mut lagged, mut messages) = (0u64, 0u64, 0u64);
     for t in tasks {
-        let (h, n, l) = t.await?;
+        let (h, n, l, m) = t.await?;
         all.add(h)?;
         delivered += n;
         lagged += l;
+        messages += m;
     }
     let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
     let bare_ms = |q: f64| bare.value_at_quantile(q) as f64 / 1000.0;
@@ -1116,6 +1118,7 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
          | produce-to-delivery p50 | **{:.1} ms** |\n| p90 | {:.1} ms |\n| p99 | **{:.1} ms** (target < 50 ms) |\n| max | {:.1} ms |\n\
          | baseline: the same load read by a bare rdkafka consumer of the four topics alone, same run (produce-to-poll) | p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} actions) |\n\
          | deliveries | {delivered} of {} expected ({:.2}%), lag notices: {lagged} updates missed |\n\
+         | messages | {messages} ({:.1} per subscriber per second, {:.1} actions each) |\n\
          | consumer-svc CPU | {:.0}% of one core |\n| consumer-svc RSS / peak | {rss:.0} / {peak:.0} MiB |\n\
          | benchmark process CPU (generator + subscribers) | {:.0}% of one core, {:.0} deliveries/s received |\n",
         report.total() as f64 / produce_secs,
@@ -1131,6 +1134,8 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
         bare.len(),
         expected,
         100.0 * delivered as f64 / expected.max(1) as f64,
+        messages as f64 / subscribers.max(1) as f64 / produce_secs,
+        delivered as f64 / messages.max(1) as f64,
         cpu * 100.0,
         own_cpu * 100.0,
         delivered as f64 / produce_secs,
