@@ -11,7 +11,8 @@
 //! default 4, in alternating slices so background load hits both sides alike), and for
 //! profiling one cell: BENCH_ONLY (query, count, insert1, insert100, floor; comma-separated) and
 //! BENCH_CLIENTS (e.g. 16); BENCH_SIDE=svc or direct measures one side only;
-//! BENCH_COALESCE_INSERTS sets db-svc's `--coalesce-inserts` (0 = every insert alone).
+//! BENCH_COALESCE_INSERTS sets db-svc's `--coalesce-inserts` (0 = every insert alone);
+//! BENCH_METRICS_LISTEN (e.g. 127.0.0.1:9901) serves db-svc's Prometheus metrics during the run.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -460,6 +461,11 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
     }
     if let Some(n) = &coalesce_queries {
         args.extend(["--coalesce-queries", n.as_str()]);
+    }
+    // db-svc's Prometheus endpoint, to watch it during a run (e.g. the shared statements' sizes).
+    let metrics_listen = std::env::var("BENCH_METRICS_LISTEN").ok();
+    if let Some(addr) = &metrics_listen {
+        args.extend(["--metrics-listen", addr.as_str()]);
     }
     eprintln!(
         "db-svc --coalesce-inserts {} --coalesce-queries {}",
