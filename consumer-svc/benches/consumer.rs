@@ -674,28 +674,25 @@ struct SubscribeTime {
 
 /// A message decoded for its action count and lag count only. `ACTION` is the tag of the
 /// action field (repeated in a push, once in a `Subscribe` message); `LAGGED` that of the lag
-/// count, a `uint64` (`StreamActions`) or a `Lagged` message (`Subscribe`). Decode-only: the
-/// actions are counted, not kept, so encoding writes only the lag count.
+/// count, a `uint64` or, with `LAG_IS_MESSAGE`, a `Lagged` message. Decode-only: the actions
+/// are counted, not kept, so encoding writes only the lag count.
 #[derive(Debug, Default)]
-struct Counted<const ACTION: u32, const LAGGED: u32> {
+struct Counted<const ACTION: u32, const LAGGED: u32, const LAG_IS_MESSAGE: bool> {
     actions: u64,
     lagged: u64,
 }
 
 /// `StreamActionsResponse`: `actions` = 1, `lagged` = 2 (a `uint64`).
-type PushCount = Counted<1, 2>;
+type PushCount = Counted<1, 2, false>;
 /// `SubscribeResponse`: `action` = 3, `lagged` = 9 (a `Lagged` message).
-type SubscribeCount = Counted<3, 9>;
+type SubscribeCount = Counted<3, 9, true>;
 
-impl<const ACTION: u32, const LAGGED: u32> Counted<ACTION, LAGGED> {
-    /// In `Subscribe` the lag count is a message; in a push, a plain `uint64`.
-    const LAG_IS_MESSAGE: bool = ACTION == 3;
-}
-
-impl<const ACTION: u32, const LAGGED: u32> prost::Message for Counted<ACTION, LAGGED> {
+impl<const ACTION: u32, const LAGGED: u32, const LAG_IS_MESSAGE: bool> prost::Message
+    for Counted<ACTION, LAGGED, LAG_IS_MESSAGE>
+{
     fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
         if self.lagged != 0 {
-            if Self::LAG_IS_MESSAGE {
+            if LAG_IS_MESSAGE {
                 let lagged = pb::Lagged {
                     missed: self.lagged,
                 };
@@ -716,7 +713,7 @@ impl<const ACTION: u32, const LAGGED: u32> prost::Message for Counted<ACTION, LA
         if tag == ACTION {
             self.actions += 1;
             prost::encoding::skip_field(wire_type, tag, buf, ctx)
-        } else if tag == LAGGED && Self::LAG_IS_MESSAGE {
+        } else if tag == LAGGED && LAG_IS_MESSAGE {
             let mut lagged = pb::Lagged::default();
             prost::encoding::message::merge(wire_type, &mut lagged, buf, ctx)?;
             self.lagged += lagged.missed;
@@ -731,7 +728,7 @@ impl<const ACTION: u32, const LAGGED: u32> prost::Message for Counted<ACTION, LA
     fn encoded_len(&self) -> usize {
         match self.lagged {
             0 => 0,
-            missed if Self::LAG_IS_MESSAGE => {
+            missed if LAG_IS_MESSAGE => {
                 prost::encoding::message::encoded_len(LAGGED, &pb::Lagged { missed })
             }
             missed => prost::encoding::uint64::encoded_len(LAGGED, &missed),
@@ -741,6 +738,54 @@ impl<const ACTION: u32, const LAGGED: u32> prost::Message for Counted<ACTION, LA
     fn clear(&mut self) {
         *self = Self::default();
     }
+}
+
+/// Checks the counting readers against generated messages (so a wrong tag shows up as an
+/// error, not as a miscount of deliveries).
+fn check_counted() -> Result<()> {
+    use prost::Message as _;
+    let action = pb::AgentAction {
+        agent_name: "agent-00001".into(),
+        timestamp: Some(prost_types::Timestamp {
+            seconds: 1,
+            nanos: 2,
+        }),
+        ..Default::default()
+    };
+    let push = pb::StreamActionsResponse {
+        actions: vec![action.clone(); 3],
+        lagged: 5,
+    };
+    let counted = PushCount::decode(push.encode_to_vec().as_slice())?;
+    anyhow::ensure!(
+        (counted.actions, counted.lagged) == (3, 5),
+        "PushCount read {counted:?}"
+    );
+    anyhow::ensure!(
+        counted.encode_to_vec()
+            == pb::StreamActionsResponse {
+                actions: vec![],
+                lagged: 5
+            }
+            .encode_to_vec(),
+        "PushCount encodes the lag count as the generated message does"
+    );
+    use pb::subscribe_response::Update;
+    for (update, expected) in [
+        (Update::Action(action), (1, 0)),
+        (Update::Lagged(pb::Lagged { missed: 7 }), (0, 7)),
+    ] {
+        let message = pb::SubscribeResponse {
+            sequence: 9,
+            update: Some(update),
+        };
+        let counted = SubscribeCount::decode(message.encode_to_vec().as_slice())?;
+        anyhow::ensure!(
+            (counted.actions, counted.lagged) == expected,
+            "SubscribeCount read {counted:?}, expected {expected:?}"
+        );
+    }
+    Ok(())
 }
 
 type ReceivedStream =
@@ -801,8 +846,10 @@ impl From<SubscribeTime> for Received {
     }
 }
 
-impl<const ACTION: u32, const LAGGED: u32> From<Counted<ACTION, LAGGED>> for Received {
-    fn from(c: Counted<ACTION, LAGGED>) -> Self {
+impl<const ACTION: u32, const LAGGED: u32, const LAG_IS_MESSAGE: bool>
+    From<Counted<ACTION, LAGGED, LAG_IS_MESSAGE>> for Received
+{
+    fn from(c: Counted<ACTION, LAGGED, LAG_IS_MESSAGE>) -> Self {
         Self {
             timestamps: Vec::new(),
             actions: c.actions,
@@ -891,6 +938,7 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
         subscribe,
         ..
     } = args;
+    check_counted()?;
     let brokers = broker.addr();
     let partitions = setup().fanout_partitions;
     // Phase 1, the baseline: the same load on fresh topics, read by a bare rdkafka consumer
