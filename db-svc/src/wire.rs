@@ -178,17 +178,20 @@ impl<'de> de::Visitor<'de> for KeyToWire<'_> {
         f.write_str("an object member name")
     }
     fn visit_str<E>(self, s: &str) -> Result<(), E> {
-        self.0.push(ENTRY_KEY);
-        encode_varint(s.len() as u64, self.0);
-        self.0.extend_from_slice(s.as_bytes());
+        put_len_delimited(ENTRY_KEY, s.as_bytes(), self.0);
         Ok(())
     }
 }
 
 fn encode_string(s: &str, out: &mut Vec<u8>) {
-    out.push(VALUE_STRING);
-    encode_varint(s.len() as u64, out);
-    out.extend_from_slice(s.as_bytes());
+    put_len_delimited(VALUE_STRING, s.as_bytes(), out);
+}
+
+/// Appends a length-delimited field: its one-byte key (`tag`), the length of `bytes`, `bytes`.
+fn put_len_delimited(tag: u8, bytes: &[u8], out: &mut impl BufMut) {
+    out.put_u8(tag);
+    encode_varint(bytes.len() as u64, out);
+    out.put_slice(bytes);
 }
 
 /// Writes rows of one result set as `Struct` messages in the repeated field `field` of the
@@ -211,9 +214,8 @@ impl RowEncoder {
         let entries = by_name
             .into_iter()
             .map(|(name, i)| {
-                let mut key = vec![ENTRY_KEY];
-                encode_varint(name.len() as u64, &mut key);
-                key.extend_from_slice(name.as_bytes());
+                let mut key = Vec::new();
+                put_len_delimited(ENTRY_KEY, name.as_bytes(), &mut key);
                 (key, i)
             })
             .collect();
@@ -241,13 +243,9 @@ impl RowEncoder {
             self.row.push(STRUCT_FIELDS);
             encode_varint(entry_len as u64, &mut self.row);
             self.row.extend_from_slice(key);
-            self.row.push(ENTRY_VALUE);
-            encode_varint(self.value.len() as u64, &mut self.row);
-            self.row.extend_from_slice(&self.value);
+            put_len_delimited(ENTRY_VALUE, &self.value, &mut self.row);
         }
-        out.put_u8(self.field_tag);
-        encode_varint(self.row.len() as u64, out);
-        out.extend_from_slice(&self.row);
+        put_len_delimited(self.field_tag, &self.row, out);
         Ok(())
     }
 }
