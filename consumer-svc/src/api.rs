@@ -823,6 +823,7 @@ encoded_stream!(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::{self, EventKind};
 
     /// A mistyped path would silently leave the method to the generated server.
     #[test]
@@ -839,7 +840,6 @@ mod tests {
             None
         );
     }
-    use crate::events::{self, EventKind};
 
     fn event(kind: EventKind, json: &str) -> UpdateKind {
         UpdateKind::Event(events::parse(kind, json.as_bytes(), 0).expect("valid event"))
