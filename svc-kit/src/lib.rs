@@ -13,6 +13,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace;
+pub mod write_batching;
 
 pub use auth::Scopes;
 pub use health::Health;
