@@ -72,6 +72,9 @@ struct Args {
     sample_every: usize,
     /// Subscribers use `Subscribe` (channel actions) instead of `StreamActions`.
     subscribe: bool,
+    /// The subscribers' HTTP/2 SETTINGS_MAX_FRAME_SIZE (`--max-frame-size`; unset: 16 KiB,
+    /// the protocol's default): the largest DATA frame the service sends them.
+    max_frame_size: Option<u32>,
     memory_events: u64,
     memory_agents: usize,
     memory_chunk: u64,
@@ -89,6 +92,7 @@ fn parse_args() -> Result<Args> {
         decode_all: false,
         sample_every: 10,
         subscribe: false,
+        max_frame_size: None,
         memory_events: 10_000_000,
         memory_agents: 10_000,
         memory_chunk: 1_000_000,
@@ -107,6 +111,7 @@ fn parse_args() -> Result<Args> {
             "--decode-all" => a.decode_all = true,
             "--sample-every" => a.sample_every = value()?.parse::<usize>()?.max(1),
             "--subscribe" => a.subscribe = true,
+            "--max-frame-size" => a.max_frame_size = Some(value()?.parse()?),
             "--memory-events" => a.memory_events = value()?.parse()?,
             "--memory-agents" => a.memory_agents = value()?.parse()?,
             "--memory-chunk" => a.memory_chunk = value()?.parse()?,
@@ -983,7 +988,8 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
     let per_conn = 50;
     let mut channels = Vec::new();
     for _ in 0..subscribers.div_ceil(per_conn) {
-        let ep = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", svc.port))?;
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", svc.port))?
+            .max_frame_size(args.max_frame_size);
         channels.push(ep.connect().await?);
     }
     let stop = tokio_util::sync::CancellationToken::new();
@@ -1155,10 +1161,13 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
         )
     });
     filter_note.push_str(&format!(
-        "; {partitions} partition(s) per topic, generator `linger.ms` {}",
+        "; {partitions} partition(s) per topic, generator `linger.ms` {}, subscribers' HTTP/2 \
+         max frame size {}",
         setup()
             .linger_ms
-            .map_or("5 (default)".into(), |ms| ms.to_string())
+            .map_or("5 (default)".into(), |ms| ms.to_string()),
+        args.max_frame_size
+            .map_or("16384 (default)".into(), |n| n.to_string())
     ));
     Ok(format!(
         "### Fan-out: {subscribers} `{stream}` subscribers{filter_note}, {:.0} events/s produced for {secs} s ({} events, {actions} actions)\n\n\
