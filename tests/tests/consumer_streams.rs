@@ -143,6 +143,66 @@ async fn stream_actions_delivers_every_action_in_order() {
     }
 }
 
+/// `--batch-writes true`: the frames of many streams on one HTTP/2 connection share socket
+/// writes (svc_kit::write_batching); every stream still gets every action, in order, and
+/// unary calls on the same connection keep working.
+#[tokio::test]
+async fn batched_writes_deliver_every_action_to_every_stream_of_a_connection() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let svc = start_consumer(&brokers, &prefix, &["--batch-writes", "true"])
+        .await
+        .unwrap();
+    // One connection, shared by every stream below.
+    let shared = client(&svc);
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        streams.push(
+            shared
+                .clone()
+                .stream_actions(pb::StreamActionsRequest::default())
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let p = TestProducer::new(&brokers).unwrap();
+    let mut g = EventGenerator::new(4, 3);
+    let ids = produce_actions(&p, &topics, &mut g, 400);
+
+    let deadline = Instant::now() + WAIT;
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < ids.len() {
+            let msg = tokio::time::timeout_at(deadline.into(), stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("stream {i}: every action within the deadline"))
+                .expect("stream open")
+                .unwrap();
+            assert_eq!(msg.lagged, 0, "stream {i}");
+            got.extend(msg.actions.into_iter().map(|a| a.id));
+        }
+        assert_eq!(got, ids, "stream {i}: every action, in order");
+    }
+    let recent = shared
+        .clone()
+        .list_recent_actions(pb::ListRecentActionsRequest {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let produced: HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        recent.actions.len(),
+        10,
+        "a unary read on the same connection"
+    );
+    assert!(recent.actions.iter().all(|a| produced.contains(&a.id)));
+}
+
 #[tokio::test]
 async fn subscribe_sequences_snapshot_and_resume_without_gaps() {
     let brokers = kafka_brokers();
