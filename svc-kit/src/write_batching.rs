@@ -282,6 +282,16 @@ mod tests {
         }
     }
 
+    /// Batching over a recorder that takes at most `per_call` bytes per call and answers
+    /// every other call `Pending`.
+    fn stuttering(per_call: usize) -> BatchedWrites<Recorder> {
+        BatchedWrites::new(Recorder {
+            per_call: Some(per_call),
+            stutter: true,
+            ..Recorder::default()
+        })
+    }
+
     fn written(io: &BatchedWrites<Recorder>) -> Vec<u8> {
         io.get_ref().writes.concat()
     }
@@ -344,11 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn partial_and_pending_writes_lose_nothing() {
-        let mut io = BatchedWrites::new(Recorder {
-            per_call: Some(777),
-            stutter: true,
-            ..Recorder::default()
-        });
+        let mut io = stuttering(777);
         let mut expected = Vec::new();
         for i in 0..200u32 {
             let frame: Vec<u8> = (0..(i * 37 % 5000)).map(|b| (b ^ i) as u8).collect();
@@ -385,11 +391,7 @@ mod tests {
     async fn large_writes_keep_their_order_through_partial_writes() {
         // 300 bytes per call: less than two buffered small frames, so a large write can
         // find that only buffered bytes went out and must take its own into the buffer.
-        let mut io = BatchedWrites::new(Recorder {
-            per_call: Some(300),
-            stutter: true,
-            ..Recorder::default()
-        });
+        let mut io = stuttering(300);
         let mut expected = Vec::new();
         for i in 0..60u32 {
             // Small frames are buffered, large ones written through, in any mix.
