@@ -2,9 +2,9 @@
 //!
 //! h2 hands every DATA frame of 256 bytes or more to the socket as a write of its own and
 //! flushes before it accepts the next frame, so a connection carrying many busy streams (50
-//! `StreamActions` subscribers, each getting a push from the same ingest batch; or a unary
-//! response's headers, data and trailers) costs one write syscall and one TCP segment per
-//! frame, on both ends. [`BatchedWrites`] copies writes into a buffer and, when asked to
+//! `StreamActions` subscribers, each getting a push from the same ingest batch) costs one
+//! write syscall and one TCP segment per frame, on both ends. (A unary response already
+//! leaves in one write.) [`BatchedWrites`] copies writes into a buffer and, when asked to
 //! flush, first yields once to the scheduler: the frames other streams queue in that round
 //! join the same write. This is how grpc-go's loopy writer behaves (it flushes only when its
 //! frame queue is empty). A lone frame waits for one scheduler round, and a full buffer
@@ -126,12 +126,24 @@ impl<T: AsyncWrite + Unpin> BatchedWrites<T> {
         Poll::Ready(Ok(total))
     }
 
-    /// Makes room before accepting more: a full buffer is sent first.
-    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Accepts `slices`: copied into the buffer (after sending a full one), or written
+    /// through when large.
+    fn poll_batched(
+        &mut self,
+        cx: &mut Context<'_>,
+        slices: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        if total >= WRITE_THROUGH {
+            return self.poll_write_through(cx, slices, total);
+        }
         if self.buffered() >= HIGH_WATER {
             ready!(self.poll_send(cx))?;
         }
-        Poll::Ready(Ok(()))
+        for slice in slices {
+            self.buf.extend_from_slice(slice);
+        }
+        Poll::Ready(Ok(total))
     }
 }
 
@@ -145,12 +157,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
         if !this.enabled {
             return Pin::new(&mut this.inner).poll_write(cx, data);
         }
-        if data.len() >= WRITE_THROUGH {
-            return this.poll_write_through(cx, &[IoSlice::new(data)], data.len());
-        }
-        ready!(this.poll_room(cx))?;
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        this.poll_batched(cx, &[IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -162,17 +169,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
         if !this.enabled {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, slices);
         }
-        let total: usize = slices.iter().map(|s| s.len()).sum();
-        if total >= WRITE_THROUGH {
-            return this.poll_write_through(cx, slices, total);
-        }
-        ready!(this.poll_room(cx))?;
-        let mut n = 0;
-        for slice in slices {
-            this.buf.extend_from_slice(slice);
-            n += slice.len();
-        }
-        Poll::Ready(Ok(n))
+        this.poll_batched(cx, slices)
     }
 
     fn is_write_vectored(&self) -> bool {
