@@ -298,9 +298,8 @@ pub fn producer(
 }
 
 fn producer_config(brokers: &str, settings: &[KafkaSetting]) -> rdkafka::ClientConfig {
-    let mut config = rdkafka::ClientConfig::new();
+    let mut config = crate::kafka_client(brokers, &[]);
     config
-        .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
