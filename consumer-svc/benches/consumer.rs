@@ -870,16 +870,10 @@ async fn read_pushes(
     reading: Reading,
 ) -> Result<ReceivedStream, tonic::Status> {
     const PATH: &str = "/omnibus.consumer.v1.ConsumerService/StreamActions";
-    Ok(match reading {
-        Reading::All => received(
-            ConsumerServiceClient::new(channel)
-                .stream_actions(request)
-                .await?
-                .into_inner(),
-        ),
-        Reading::Timestamps => received(open_stream::<_, PushTimes>(channel, PATH, request).await?),
-        Reading::Count => received(open_stream::<_, PushCount>(channel, PATH, request).await?),
-    })
+    read_stream::<_, pb::StreamActionsResponse, PushTimes, PushCount>(
+        channel, PATH, request, reading,
+    )
+    .await
 }
 
 /// Opens a `Subscribe` stream of the actions (the same filter as `request`), read as
@@ -895,17 +889,30 @@ async fn read_subscribe(
         agent: request.agent,
         ..Default::default()
     };
+    read_stream::<_, pb::SubscribeResponse, SubscribeTime, SubscribeCount>(
+        channel, PATH, request, reading,
+    )
+    .await
+}
+
+/// Opens the server stream at `path` and reads its messages as `All` (whole messages),
+/// `Times` (only the timestamps) or `Count` (only the counts), as `reading` says.
+async fn read_stream<Req, All, Times, Count>(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+    request: Req,
+    reading: Reading,
+) -> Result<ReceivedStream, tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    All: prost::Message + Default + Into<Received> + Send + 'static,
+    Times: prost::Message + Default + Into<Received> + Send + 'static,
+    Count: prost::Message + Default + Into<Received> + Send + 'static,
+{
     Ok(match reading {
-        Reading::All => received(
-            ConsumerServiceClient::new(channel)
-                .subscribe(request)
-                .await?
-                .into_inner(),
-        ),
-        Reading::Timestamps => {
-            received(open_stream::<_, SubscribeTime>(channel, PATH, request).await?)
-        }
-        Reading::Count => received(open_stream::<_, SubscribeCount>(channel, PATH, request).await?),
+        Reading::All => received(open_stream::<_, All>(channel, path, request).await?),
+        Reading::Timestamps => received(open_stream::<_, Times>(channel, path, request).await?),
+        Reading::Count => received(open_stream::<_, Count>(channel, path, request).await?),
     })
 }
 
