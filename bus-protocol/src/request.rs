@@ -273,7 +273,14 @@ pub fn parse_request(bytes: &[u8], key: Option<&[u8]>) -> Result<BusRequest, Rej
                     let start = timestamp.ok_or_else(|| {
                         reject(&cid, "payload.timeout_ms needs the envelope timestamp")
                     })?;
-                    Some(start + chrono::Duration::milliseconds(ms.min(i64::MAX as u64) as i64))
+                    // checked: a huge timeout is an error to report, never a panic (the
+                    // request would be redelivered and panic again).
+                    let deadline = i64::try_from(ms)
+                        .ok()
+                        .and_then(chrono::Duration::try_milliseconds)
+                        .and_then(|d| start.checked_add_signed(d))
+                        .ok_or_else(|| reject(&cid, "payload.timeout_ms is out of range"))?;
+                    Some(deadline)
                 }
                 None => None,
             },
@@ -416,6 +423,24 @@ mod tests {
         assert_eq!(
             StructuredOperation::parse("execute_raw"),
             Some(StructuredOperation::ExecuteRaw)
+        );
+    }
+
+    #[test]
+    fn a_timeout_past_the_calendar_is_rejected_not_a_panic() {
+        let v = json!({
+            "event_id": "e", "event_type": "DATABASE_QUERY_REQUESTED", "correlation_id": "c",
+            "timestamp": "2025-11-20T09:15:00Z", "service": "omnibus",
+            "payload": {"operation": "count", "timeout_ms": 10_000_000_000_000_000u64,
+                        "request": {"table": "agent_actions"}}
+        });
+        let r = parse(&v).unwrap_err();
+        assert_eq!(r.correlation_id.as_deref(), Some("c"));
+        assert_eq!(r.code, codes::VALIDATION_ERROR);
+        assert!(
+            r.message.contains("timeout_ms is out of range"),
+            "{}",
+            r.message
         );
     }
 

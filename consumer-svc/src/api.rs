@@ -159,7 +159,8 @@ impl ConsumerApi {
         }
         let d = svc_kit::server::parse_duration(raw).map_err(|e| invalid(field, e))?;
         let retention = self.state.read().config().retention;
-        let w = d.as_micros() as Micros;
+        // Saturating: a window too large for Micros is still longer than the retention.
+        let w = Micros::try_from(d.as_micros()).unwrap_or(Micros::MAX);
         if w > retention {
             return Err(invalid(
                 field,

@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long, env = "DB_RAW_SQL_WRITES", default_value_t = false, action = clap::ArgAction::Set)]
     pub raw_sql_writes: bool,
 
+    /// Run ExecuteRaw statements as this PostgreSQL role (`SET LOCAL ROLE`), so that
+    /// PostgreSQL's own grants bound what raw SQL can read or write, behind the parsed guard.
+    /// db-svc's user must be a member of it; checked when the schema is prepared.
+    #[arg(long, env = "DB_RAW_SQL_ROLE", value_parser = parse_role)]
+    pub raw_sql_role: Option<String>,
+
     /// Group commit for inserts: INSERT statements per table and column list that run at once
     /// before further inserts (without request id or deadline of their own) wait and share one
     /// statement, each still getting its own rows and errors. 0 = every insert alone.
@@ -139,6 +145,7 @@ pub struct Settings {
     pub query_max_limit: u64,
     pub statement_timeout: Duration,
     pub raw_sql_writes: bool,
+    pub raw_sql_role: Option<String>,
     pub coalesce_inserts: usize,
     pub coalesce_queries: usize,
     pub request_log_retention: Duration,
@@ -237,6 +244,7 @@ impl Config {
             query_max_limit: self.query_max_limit,
             statement_timeout: self.statement_timeout,
             raw_sql_writes: self.raw_sql_writes,
+            raw_sql_role: self.raw_sql_role,
             coalesce_inserts: self.coalesce_inserts,
             coalesce_queries: self.coalesce_queries,
             request_log_retention: self.request_log_retention,
@@ -245,6 +253,15 @@ impl Config {
             bus: self.bus.validate()?,
         })
     }
+}
+
+/// A role name as written in `CREATE ROLE` (it is quoted when used, so any text but an empty
+/// one or one with a NUL byte is a name PostgreSQL accepts).
+fn parse_role(raw: &str) -> Result<String, String> {
+    if raw.is_empty() || raw.contains('\0') || raw.len() > 63 {
+        return Err(format!("'{raw}' is not a role name (1-63 bytes, no NUL)"));
+    }
+    Ok(raw.to_string())
 }
 
 #[cfg(test)]
@@ -290,6 +307,17 @@ mod tests {
         let err =
             parse(&["--database-url", "postgres://u@h/db", "--tables", "a;drop"]).unwrap_err();
         assert!(err.contains("DB_SVC_TABLES"), "{err}");
+    }
+
+    #[test]
+    fn the_raw_sql_role_is_optional_and_any_nonempty_name() {
+        let s = parse(&["--database-url", "postgres://u@h/db"]).unwrap();
+        assert_eq!(s.raw_sql_role, None);
+        let url = ["--database-url", "postgres://u@h/db"];
+        let s = parse(&[&url[..], &["--raw-sql-role", "Raw \"reader\""]].concat()).unwrap();
+        assert_eq!(s.raw_sql_role.as_deref(), Some("Raw \"reader\""));
+        assert!(parse(&[&url[..], &["--raw-sql-role", ""]].concat()).is_err());
+        assert!(parse(&[&url[..], &["--raw-sql-role", &"r".repeat(64)]].concat()).is_err());
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub enum DbError {
     /// A raw statement that writes, while raw writes are disabled.
     #[error("{0}")]
     WriteNotAllowed(String),
+    /// PostgreSQL's grants refused the statement (e.g. under `--raw-sql-role`).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The statement timeout (from the gRPC deadline or the default) cancelled the statement.
     #[error("statement timed out: {0}")]
     Timeout(String),
@@ -84,6 +87,7 @@ impl DbError {
             Self::Constraint { .. } => "CONSTRAINT_VIOLATION",
             Self::RequestIdReused { .. } => "REQUEST_ID_REUSED",
             Self::WriteNotAllowed(_) => "WRITE_NOT_ALLOWED",
+            Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::Timeout(_) => "TIMEOUT",
             Self::Retryable(_) => "RETRYABLE",
             Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
@@ -99,7 +103,7 @@ impl DbError {
             | Self::Constraint { .. }
             | Self::RequestIdReused { .. } => Code::FailedPrecondition,
             Self::Conflict { .. } => Code::AlreadyExists,
-            Self::WriteNotAllowed(_) => Code::PermissionDenied,
+            Self::WriteNotAllowed(_) | Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::Retryable(_) => Code::Aborted,
             Self::Unavailable(_) => Code::Unavailable,
@@ -206,6 +210,7 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         }
         "57014" => DbError::Timeout(message),
         "40001" | "40P01" => DbError::Retryable(message),
+        "42501" => DbError::PermissionDenied(message),
         "25006" => DbError::WriteNotAllowed(format!("read-only statement required: {message}")),
         c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
             DbError::Unavailable(message)

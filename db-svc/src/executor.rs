@@ -35,6 +35,8 @@ pub struct Limits {
     pub statement_timeout: Duration,
     /// Whether ExecuteRaw may run INSERT / UPDATE / DELETE.
     pub raw_writes: bool,
+    /// The role ExecuteRaw statements run as (`SET LOCAL ROLE`), if the operator set one.
+    pub raw_role: Option<Arc<str>>,
     /// INSERT statements per table and column list running at once before further plain
     /// inserts wait and share one statement ([`crate::insert_coalescing`]); 0 turns sharing off.
     pub coalesce_inserts: usize,
@@ -407,6 +409,14 @@ impl Executor {
             tx.rollback().await?;
             return Ok(recorded);
         }
+        // After the request-log claim (db-svc's own table, which the role need not reach).
+        if let Some(role) = &self.limits.raw_role {
+            // SET LOCAL ROLE, with the name bound (as PostgREST switches roles).
+            sqlx::query("SELECT set_config('role', $1, true)")
+                .bind(&**role)
+                .execute(&mut *tx)
+                .await?;
+        }
         let typed = raw_params(&mut tx, sql, params).await?;
         let plan = Plan {
             sql: sql.to_string(),
@@ -439,6 +449,11 @@ impl Executor {
         if checked.kind.is_write()
             && let Some(id) = request_id
         {
+            if self.limits.raw_role.is_some() {
+                sqlx::query("SELECT set_config('role', 'none', true)")
+                    .execute(&mut *tx)
+                    .await?;
+            }
             record_result(&mut tx, id, &output).await?;
         }
         tx.commit().await?;
@@ -537,10 +552,16 @@ async fn set_statement_timeout(
     timeout: Duration,
 ) -> Result<(), DbError> {
     sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-        .bind(format!("{}ms", timeout.as_millis()))
+        .bind(format!("{}ms", statement_timeout_ms(timeout)))
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// `timeout` in PostgreSQL's terms: whole milliseconds, at most its largest setting (~24.8
+/// days, i32::MAX ms) - a longer gRPC deadline must not make the statement fail.
+pub fn statement_timeout_ms(timeout: Duration) -> u128 {
+    timeout.as_millis().min(i32::MAX as u128)
 }
 
 async fn count_on<'e, E>(executor: E, plan: &Plan) -> Result<u64, DbError>

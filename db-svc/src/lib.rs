@@ -47,7 +47,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// The connection pool db-svc uses: lazy, UTC session time zone (so `timestamp` columns
 /// filled by now() hold UTC), the default statement timeout as a connection setting.
 pub fn pool(settings: &Settings) -> PgPool {
-    let timeout_ms = settings.statement_timeout.as_millis().to_string();
+    let timeout_ms = executor::statement_timeout_ms(settings.statement_timeout).to_string();
     let options = settings.database.clone().options([
         ("TimeZone", "UTC"),
         ("statement_timeout", timeout_ms.as_str()),
@@ -58,13 +58,32 @@ pub fn pool(settings: &Settings) -> PgPool {
         .connect_lazy_with(options)
 }
 
-/// Migrations (when enabled), then the catalog.
-async fn prepare(pool: &PgPool, catalog: &Catalog, migrate: bool) -> Result<(), String> {
+/// Migrations (when enabled), the raw-SQL role (when set), then the catalog.
+async fn prepare(
+    pool: &PgPool,
+    catalog: &Catalog,
+    migrate: bool,
+    raw_role: Option<&str>,
+) -> Result<(), String> {
     if migrate {
         MIGRATOR
             .run(pool)
             .await
             .map_err(|e| format!("migrations: {e}"))?;
+    }
+    if let Some(role) = raw_role {
+        // Checked here so that a typo is a start-up error, not a failure of every ExecuteRaw.
+        let member: bool = sqlx::query_scalar("SELECT pg_has_role(current_user, $1, 'MEMBER')")
+            .bind(role)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| format!("--raw-sql-role {role}: {e}"))?;
+        if !member {
+            return Err(format!(
+                "--raw-sql-role {role}: db-svc's database user is not a member of that role \
+                 (GRANT {role} TO <db-svc's user>)"
+            ));
+        }
     }
     catalog
         .refresh(pool)
@@ -138,14 +157,15 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         let (probe_pool, pool, catalog) = (pool.clone(), pool.clone(), catalog.clone());
         let purge_pool = pool.clone();
         let migrate = settings.migrate;
+        let raw_role = settings.raw_sql_role.clone();
         let retention = settings.request_log_retention;
         tokio::spawn(db_health::watch_database(
             probe_pool,
             health.clone(),
             shutdown.clone(),
             move || {
-                let (pool, catalog) = (pool.clone(), catalog.clone());
-                async move { prepare(&pool, &catalog, migrate).await }
+                let (pool, catalog, raw_role) = (pool.clone(), catalog.clone(), raw_role.clone());
+                async move { prepare(&pool, &catalog, migrate, raw_role.as_deref()).await }
             },
             move || {
                 let pool = purge_pool.clone();
@@ -162,6 +182,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             max_limit: settings.query_max_limit,
             statement_timeout: settings.statement_timeout,
             raw_writes: settings.raw_sql_writes,
+            raw_role: settings.raw_sql_role.as_deref().map(std::sync::Arc::from),
             coalesce_inserts: settings.coalesce_inserts,
             coalesce_queries: settings.coalesce_queries,
         },

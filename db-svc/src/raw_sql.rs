@@ -5,10 +5,9 @@
 //! PostgreSQL then runs a read-only statement inside a READ ONLY transaction, which catches
 //! anything that still tries to write.
 
-use std::collections::HashSet;
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{Expr, ObjectName, Statement, visit_expressions, visit_relations};
+use sqlparser::ast::{Expr, Ident, ObjectName, Query, Statement, TableFactor, Visit, Visitor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -39,8 +38,12 @@ pub struct RawStatement {
 
 /// Functions that read files, run other SQL text, change settings or touch other sessions.
 fn forbidden_function(name: &str) -> bool {
-    const PREFIXES: [&str; 5] = ["pg_", "lo_", "dblink", "txid_", "query_to_"];
-    const NAMES: [&str; 22] = [
+    const PREFIXES: [&str; 6] = ["pg_", "lo_", "dblink", "txid_", "query_to_", "crosstab"];
+    const NAMES: [&str; 25] = [
+        // These run SQL given as text (tsearch statistics and rewriting, tablefunc).
+        "ts_stat",
+        "ts_rewrite",
+        "connectby",
         "set_config",
         "current_setting",
         "cursor_to_xml",
@@ -114,75 +117,155 @@ pub fn check(sql: &str, served: &[String], allow_writes: bool) -> Result<RawStat
         ));
     }
 
-    // Names that WITH defines are not tables.
-    let mut cte_names = HashSet::new();
-    collect_nested_ctes(statement, &mut cte_names);
-
-    let mut tables = Vec::new();
-    let flow = visit_relations(statement, |relation| {
-        let parts: Vec<String> = relation
-            .0
-            .iter()
-            .filter_map(|p| p.as_ident())
-            .map(|i| i.value.clone())
-            .collect();
-        let (schema, name) = match parts.as_slice() {
-            [name] => (None, name.clone()),
-            [schema, name] => (Some(schema.clone()), name.clone()),
-            _ => return ControlFlow::Break(format!("'{relation}' is not a served table")),
-        };
-        if schema.is_none() && cte_names.contains(&name.to_ascii_lowercase()) {
-            return ControlFlow::Continue(());
-        }
-        if schema.as_deref().is_some_and(|s| s != "public") {
-            return ControlFlow::Break(format!("'{relation}' is not a served table"));
-        }
-        // Unquoted identifiers fold to lower case in PostgreSQL.
-        let folded = name.to_ascii_lowercase();
-        match served.iter().find(|t| **t == name || **t == folded) {
-            Some(t) => {
-                tables.push(t.clone());
-                ControlFlow::Continue(())
-            }
-            None => ControlFlow::Break(format!("'{relation}' is not a served table")),
-        }
-    });
-    if let ControlFlow::Break(message) = flow {
+    let mut guard = Guard {
+        served,
+        scopes: Vec::new(),
+        tables: Vec::new(),
+    };
+    if let ControlFlow::Break(message) = statement.visit(&mut guard) {
         return Err(reject(message));
     }
-    let flow = visit_expressions(statement, |expr| {
-        if let Expr::Function(f) = expr {
-            let name = last_part(&f.name);
-            if forbidden_function(&name) {
-                return ControlFlow::Break(format!("function {name}() is not allowed"));
-            }
-        }
-        ControlFlow::Continue(())
-    });
-    if let ControlFlow::Break(message) = flow {
-        return Err(reject(message));
-    }
+    let mut tables = guard.tables;
     tables.sort();
     tables.dedup();
     Ok(RawStatement { kind, tables })
 }
 
-/// CTEs may sit in sub-queries too; collect every CTE name anywhere in the statement.
-fn collect_nested_ctes(statement: &Statement, out: &mut HashSet<String>) {
-    use sqlparser::ast::{Visit, Visitor};
-    struct Ctes<'a>(&'a mut HashSet<String>);
-    impl Visitor for Ctes<'_> {
-        type Break = ();
-        fn pre_visit_query(&mut self, query: &sqlparser::ast::Query) -> ControlFlow<()> {
-            if let Some(with) = &query.with {
-                for cte in &with.cte_tables {
-                    self.0.insert(cte.alias.name.value.to_ascii_lowercase());
-                }
-            }
-            ControlFlow::Continue(())
+/// Checks every relation a statement names, as PostgreSQL resolves it, and every function it
+/// calls: a name that a WITH
+/// clause in scope defines is that CTE, anything else must be a served table. Scoping matters,
+/// or a CTE named like a private table in one sub-query would let the outer query read the
+/// real table: a query's CTEs are visible in its body and in nested sub-queries, and inside
+/// the WITH list only to the CTEs after them (or to all of them, itself included, under WITH
+/// RECURSIVE) - never outside the query.
+struct Guard<'a> {
+    served: &'a [String],
+    scopes: Vec<Scope>,
+    tables: Vec<String>,
+}
+
+/// One query being visited: the CTE names visible in it so far, and its own WITH list while
+/// that list's definitions are being visited.
+struct Scope {
+    visible: Vec<String>,
+    with: Option<WithList>,
+}
+
+struct WithList {
+    names: Vec<String>,
+    /// Each CTE's query, to recognise when the visitor enters (and leaves) a definition.
+    queries: Vec<*const Query>,
+    recursive: bool,
+}
+
+impl Guard<'_> {
+    fn is_cte(&self, name: &str) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| s.visible.iter().any(|v| v == name))
+    }
+}
+
+impl Visitor for Guard<'_> {
+    type Break = String;
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<String> {
+        let mut visible = Vec::new();
+        // Entering the definition of CTE i of the enclosing query's WITH list?
+        if let Some(with) = self.scopes.last().and_then(|s| s.with.as_ref())
+            && let Some(i) = with.queries.iter().position(|q| std::ptr::eq(*q, query))
+        {
+            let upto = if with.recursive { with.names.len() } else { i };
+            visible.extend_from_slice(&with.names[..upto]);
+        }
+        let with = query.with.as_ref().map(|w| WithList {
+            names: w
+                .cte_tables
+                .iter()
+                .map(|c| resolved(&c.alias.name))
+                .collect(),
+            queries: w
+                .cte_tables
+                .iter()
+                .map(|c| &*c.query as *const Query)
+                .collect(),
+            recursive: w.recursive,
+        });
+        // A query without a WITH list sees its CTEs from the start (there are none); one with
+        // a list gets them once every definition has been visited (post_visit_query).
+        self.scopes.push(Scope { visible, with });
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<String> {
+        self.scopes.pop();
+        // Leaving the last definition of the enclosing WITH list: its body sees every CTE.
+        if let Some(scope) = self.scopes.last_mut()
+            && let Some(with) = scope.with.take_if(|w| {
+                w.queries
+                    .last()
+                    .is_some_and(|last| std::ptr::eq(*last, query))
+            })
+        {
+            scope.visible.extend(with.names);
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Function calls in expressions, and in FROM (`LATERAL f(...)`, which is no expression).
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
+        match expr {
+            Expr::Function(f) => allowed_function(&f.name),
+            _ => ControlFlow::Continue(()),
         }
     }
-    let _ = statement.visit(&mut Ctes(out));
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<String> {
+        match factor {
+            TableFactor::Function { name, .. } => allowed_function(name),
+            _ => ControlFlow::Continue(()),
+        }
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<String> {
+        let parts: Vec<String> = relation
+            .0
+            .iter()
+            .filter_map(|p| p.as_ident())
+            .map(resolved)
+            .collect();
+        let not_served = || ControlFlow::Break(format!("'{relation}' is not a served table"));
+        let name = match parts.as_slice() {
+            [name] if self.is_cte(name) => return ControlFlow::Continue(()),
+            [name] => name,
+            [schema, name] if schema == "public" => name,
+            _ => return not_served(),
+        };
+        match self.served.iter().find(|t| *t == name) {
+            Some(t) => {
+                self.tables.push(t.clone());
+                ControlFlow::Continue(())
+            }
+            None => not_served(),
+        }
+    }
+}
+
+fn allowed_function(name: &ObjectName) -> ControlFlow<String> {
+    let name = last_part(name);
+    if forbidden_function(&name) {
+        return ControlFlow::Break(format!("function {name}() is not allowed"));
+    }
+    ControlFlow::Continue(())
+}
+
+/// The name PostgreSQL resolves an identifier to: unquoted ones fold to lower case, quoted
+/// ones are taken as written (`"PG_AUTHID"` is not `pg_authid`).
+fn resolved(ident: &Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_ascii_lowercase(),
+    }
 }
 
 #[cfg(test)]
@@ -236,8 +319,67 @@ mod tests {
             "",
             "SELEC 1",
             "SELECT * FROM agent_actions WHERE id IN (SELECT id FROM secrets)",
+            // Functions that run SQL given as text.
+            "SELECT ts_stat('SELECT to_tsvector(key) FROM omnibus_request_log')",
+            "SELECT * FROM ts_stat('SELECT to_tsvector(key) FROM omnibus_request_log')",
+            "SELECT ts_rewrite('a'::tsquery, 'SELECT t, s FROM omnibus_request_log')",
+            "SELECT * FROM crosstab('SELECT * FROM omnibus_request_log')",
+            "SELECT a.id FROM agent_actions a, LATERAL pg_read_file('/etc/passwd') f",
+            "SELECT a.id FROM agent_actions a CROSS JOIN LATERAL ts_stat('x') f",
         ] {
             assert!(check(sql, &served(), true).is_err(), "accepted: {sql}");
+        }
+    }
+
+    /// A CTE hides a table only where PostgreSQL would resolve the name to it: in its own
+    /// query (and sub-queries of it), after its definition. Anywhere else the name is the
+    /// real table, and must be a served one.
+    #[test]
+    fn cte_names_shadow_tables_only_in_their_scope() {
+        for sql in [
+            // A CTE of a sub-query does not hide the outer query's table.
+            "SELECT * FROM omnibus_request_log WHERE EXISTS \
+             (WITH omnibus_request_log AS (SELECT 1) SELECT 1 FROM omnibus_request_log)",
+            "SELECT (SELECT 1 FROM (WITH pg_authid AS (SELECT 1) SELECT 1) x), * FROM pg_authid",
+            "SELECT * FROM pg_authid UNION ALL \
+             SELECT * FROM (WITH pg_authid AS (SELECT 1 AS a) SELECT a FROM pg_authid) s",
+            // A non-recursive CTE's own name, inside its definition, is the real table.
+            "WITH pg_authid AS (SELECT * FROM pg_authid) SELECT * FROM pg_authid",
+            // A later CTE is not visible to an earlier one without RECURSIVE.
+            "WITH a AS (SELECT * FROM b), b AS (SELECT 1 AS x) SELECT * FROM a",
+            // Quoted names are case-sensitive: "PG_AUTHID" does not hide pg_authid.
+            "WITH \"PG_AUTHID\" AS (SELECT 1) SELECT * FROM pg_authid",
+            "WITH secrets AS (SELECT 1) SELECT * FROM public.secrets",
+            "SELECT * FROM \"AGENT_ACTIONS\"",
+        ] {
+            assert!(check(sql, &served(), true).is_err(), "accepted: {sql}");
+        }
+        for (sql, tables) in [
+            (
+                "WITH a AS (SELECT * FROM agent_actions), b AS (SELECT * FROM a) SELECT * FROM b",
+                vec!["agent_actions"],
+            ),
+            (
+                "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t WHERE n < 3) \
+                 SELECT * FROM t",
+                vec![],
+            ),
+            (
+                "WITH x AS (SELECT 1) SELECT * FROM agent_actions \
+                 WHERE EXISTS (SELECT 1 FROM x) AND id IN (SELECT id FROM error_events)",
+                vec!["agent_actions", "error_events"],
+            ),
+            (
+                "WITH \"Recent\" AS (SELECT * FROM agent_actions) SELECT * FROM \"Recent\"",
+                vec!["agent_actions"],
+            ),
+            (
+                "WITH recent AS (SELECT * FROM agent_actions) SELECT * FROM RECENT",
+                vec!["agent_actions"],
+            ),
+        ] {
+            let s = check(sql, &served(), false).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(s.tables, tables, "{sql}");
         }
     }
 

@@ -497,10 +497,9 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
             ));
         }
     };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("'{raw}' is not a valid duration"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    // try_from: a value past Duration's range (about 584 billion years) is an error, not a
+    // panic; this parses what clients send.
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{raw}' is not a valid duration"))
 }
 
 /// `d` in the largest unit [`parse_duration`] reads that states it exactly (`24h`, `90m`,
@@ -709,6 +708,9 @@ mod tests {
         );
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("10y").is_err());
+        // Past Duration's range: an error for the caller, never a panic.
+        assert!(parse_duration("6000000000000000h").is_err());
+        assert!(parse_duration(&format!("{}d", "9".repeat(400))).is_err());
     }
 
     #[test]

@@ -221,6 +221,17 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
         "{}",
         err.message()
     );
+    // Windows past any clock's range are errors too, never a panic or a wrapped number.
+    for huge in ["1000000000000h", "6000000000000000h"] {
+        let err = c
+            .list_recent_actions(pb::ListRecentActionsRequest {
+                window: huge.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{huge}");
+    }
     let err = c
         .get_performance_stats(pb::GetPerformanceStatsRequest {
             window: "soon".into(),

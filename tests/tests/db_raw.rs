@@ -119,6 +119,13 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
         "SELECT set_config('default_transaction_read_only', 'off', false)",
         "COPY agent_actions TO STDOUT",
         "not sql at all",
+        // A CTE of a sub-query does not hide the outer query's table from the guard.
+        "SELECT * FROM omnibus_request_log WHERE EXISTS \
+         (WITH omnibus_request_log AS (SELECT 1) SELECT 1 FROM omnibus_request_log)",
+        "WITH \"PG_AUTHID\" AS (SELECT 1) SELECT * FROM pg_authid",
+        // Functions that run SQL given as text, or sit in FROM.
+        "SELECT * FROM ts_stat('SELECT to_tsvector(key) FROM omnibus_request_log')",
+        "SELECT a.id FROM agent_actions a, LATERAL pg_read_file('/etc/passwd') f",
     ] {
         let err = s.client.execute_raw(raw(sql, vec![])).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
@@ -217,4 +224,104 @@ async fn writes_when_the_operator_enables_them_idempotently() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// With `--raw-sql-role`, PostgreSQL's grants bound raw SQL behind the guard: a served table
+/// the role was not granted is PERMISSION_DENIED, and a role db-svc cannot switch to keeps the
+/// service NOT_SERVING (a start-up error, not a failure of every call).
+#[tokio::test]
+async fn a_raw_sql_role_bounds_raw_statements_by_its_grants() {
+    use omnibus_tests::{ServiceSpec, TestDatabase};
+    use sqlx::Connection;
+    use std::time::Duration;
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let role = format!(
+        "omnibus_raw_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut admin = sqlx::PgConnection::connect(&omnibus_tests::admin_database_url())
+        .await
+        .unwrap();
+    // Not a member (the test user is a superuser, a member of every role that exists).
+    let missing_db = TestDatabase::create().await.unwrap();
+    let mut missing = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &missing_db.url)
+        .args(["--raw-sql-role", &role])
+        .spawn()
+        .unwrap();
+    missing
+        .wait_health("", ServingStatus::NotServing, Duration::from_secs(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        missing.health("").await.unwrap(),
+        ServingStatus::NotServing,
+        "a role that does not exist keeps db-svc from serving"
+    );
+    assert!(
+        missing.logs().contains("--raw-sql-role"),
+        "{}",
+        missing.logs()
+    );
+    drop(missing);
+
+    sqlx::query(&format!("CREATE ROLE {role} NOLOGIN"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut s = DbSvc::start(&["--raw-sql-role", &role]).await;
+    seed(&mut s).await;
+    let mut conn = s.sql().await;
+    sqlx::query(&format!("GRANT SELECT ON agent_actions TO {role}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    let reply = s
+        .client
+        .execute_raw(raw(
+            "SELECT count(*) AS n, current_user AS who FROM agent_actions WHERE agent_name LIKE $1",
+            vec![json!("agent-%")],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rows_json(&reply.rows),
+        vec![json!({"n": 5.0, "who": role})],
+        "runs as the role"
+    );
+    // error_events is served, and the guard accepts the statement; the role's grants do not.
+    let err = s
+        .client
+        .execute_raw(raw("SELECT count(*) AS n FROM error_events", vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(error_details(&err).0, "PERMISSION_DENIED");
+    // The structured RPCs keep db-svc's own user.
+    let n = s
+        .client
+        .count(pb::CountRequest {
+            table: "error_events".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(n, 0);
+
+    sqlx::query(&format!("DROP OWNED BY {role}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    drop(s);
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
 }

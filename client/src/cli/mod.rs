@@ -384,10 +384,10 @@ pub fn parse_duration(raw: &str) -> std::result::Result<Duration, String> {
             ));
         }
     };
-    if secs <= 0.0 {
+    if secs.is_nan() || secs <= 0.0 {
         return Err(format!("'{raw}' must be longer than zero"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{raw}' is too long a duration"))
 }
 
 /// Runs the parsed command; the exit code.
