@@ -59,8 +59,9 @@ pub struct Config {
     )]
     pub topic_performance_metrics: String,
 
-    /// How long events are kept, by event time, rounded up to the hour (also how far back a
-    /// start replays).
+    /// How long events are kept, by event time (also how far back a start replays). Expiry
+    /// runs in whole hours: the cutoff is now minus this, rounded down to the hour, so an event
+    /// stays at least this long and less than an hour longer. Windows of reads may not exceed it.
     #[arg(long, env = "RETENTION", value_parser = parse_duration, default_value = "24h")]
     pub retention: Duration,
 

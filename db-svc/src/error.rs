@@ -13,6 +13,10 @@ pub enum DbError {
     /// Bad input: unknown table or column, wrong value type, malformed uuid/timestamp, ...
     #[error("invalid request: {}", describe(.0))]
     Validation(Vec<FieldViolation>),
+    /// PostgreSQL's NOT NULL check refused a row; it names the column, not the row
+    /// ([`crate::ops::locate_not_null`] finds that from the request).
+    #[error("invalid request: {column}: {message}")]
+    NotNull { column: String, message: String },
     /// An update or delete without any condition.
     #[error("{operation} needs a non-empty filter (where or filter)")]
     FilterRequired { operation: &'static str },
@@ -80,7 +84,7 @@ impl DbError {
     /// The stable error code (also the `ErrorInfo.reason` and the bus reply's `error_code`).
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Validation(_) => "VALIDATION_ERROR",
+            Self::Validation(_) | Self::NotNull { .. } => "VALIDATION_ERROR",
             Self::FilterRequired { .. } => "FILTER_REQUIRED",
             Self::TooManyRows { .. } => "TOO_MANY_ROWS",
             Self::Conflict { .. } => "CONFLICT",
@@ -97,7 +101,7 @@ impl DbError {
 
     pub fn grpc_code(&self) -> Code {
         match self {
-            Self::Validation(_) => Code::InvalidArgument,
+            Self::Validation(_) | Self::NotNull { .. } => Code::InvalidArgument,
             Self::FilterRequired { .. }
             | Self::TooManyRows { .. }
             | Self::Constraint { .. }
@@ -112,10 +116,11 @@ impl DbError {
     }
 
     /// Field violations (for BadRequest details), empty for non-validation errors.
-    pub fn violations(&self) -> &[FieldViolation] {
+    pub fn violations(&self) -> Vec<FieldViolation> {
         match self {
-            Self::Validation(v) => v,
-            _ => &[],
+            Self::Validation(v) => v.clone(),
+            Self::NotNull { column, message } => vec![FieldViolation::new(column, message)],
+            _ => Vec::new(),
         }
     }
 
@@ -166,7 +171,7 @@ impl From<DbError> for Status {
             err.metadata().into_iter().collect();
         details.set_error_info(err.code(), ERROR_DOMAIN, metadata);
         if !err.violations().is_empty() {
-            details.set_bad_request(err.violations().to_vec());
+            details.set_bad_request(err.violations());
         }
         Status::with_error_details(err.grpc_code(), err.to_string(), details)
     }
@@ -206,7 +211,7 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         },
         "23502" => {
             let column = pg.and_then(|e| e.column()).unwrap_or("").to_string();
-            DbError::field(column, message)
+            DbError::NotNull { column, message }
         }
         "57014" => DbError::Timeout(message),
         "40001" | "40P01" => DbError::Retryable(message),

@@ -155,20 +155,23 @@ impl Executor {
     /// Runs one operation, recording its latency by operation and outcome (`ok` or the code).
     pub async fn execute(&self, op: Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
         let (started, name) = (std::time::Instant::now(), op.name());
-        let result = self.execute_op(op, ctx).await;
+        let result = self
+            .execute_op(&op, ctx)
+            .await
+            .map_err(|e| ops::locate_not_null(e, &op));
         record_latency(name, started, &result);
         result
     }
 
-    async fn execute_op(&self, op: Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
-        match &op {
+    async fn execute_op(&self, op: &Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
+        match op {
             Operation::Raw(spec) => self.execute_raw(&spec.sql, &spec.params, ctx).await,
             Operation::Query(spec) => {
-                let table = self.table_for(&op).await?;
+                let table = self.table_for(op).await?;
                 self.query(&table, spec, ctx).await
             }
             Operation::Count(spec) => {
-                let table = self.table_for(&op).await?;
+                let table = self.table_for(op).await?;
                 let plan = ops::plan_count(&table, &spec.criteria)?;
                 let count = self.count(plan, ctx.timeout).await?;
                 Ok(OpOutput {
@@ -177,7 +180,7 @@ impl Executor {
                 })
             }
             Operation::Insert(spec) => {
-                let table = self.table_for(&op).await?;
+                let table = self.table_for(op).await?;
                 let values = ops::InsertValues::new(&table, spec)?;
                 // Inserts that need no transaction of their own may share a statement.
                 if let Some(inserts) = &self.inserts
@@ -187,21 +190,21 @@ impl Executor {
                     return inserts.insert(table, values, spec.count_only).await;
                 }
                 let plan = ops::plan_shared_insert(&table, [values], spec.count_only)?;
-                self.write(&op, plan, spec.count_only, None, ctx).await
+                self.write(op, plan, spec.count_only, None, ctx).await
             }
             Operation::Update(spec) => {
-                let plan = ops::plan_update(&*self.table_for(&op).await?, spec)?;
-                self.write(&op, plan, spec.count_only, spec.max_affected, ctx)
+                let plan = ops::plan_update(&*self.table_for(op).await?, spec)?;
+                self.write(op, plan, spec.count_only, spec.max_affected, ctx)
                     .await
             }
             Operation::Delete(spec) => {
-                let plan = ops::plan_delete(&*self.table_for(&op).await?, spec)?;
-                self.write(&op, plan, spec.count_only, spec.max_affected, ctx)
+                let plan = ops::plan_delete(&*self.table_for(op).await?, spec)?;
+                self.write(op, plan, spec.count_only, spec.max_affected, ctx)
                     .await
             }
             Operation::Upsert(spec) => {
-                let plan = ops::plan_upsert(&*self.table_for(&op).await?, spec)?;
-                self.write(&op, plan, spec.count_only, None, ctx).await
+                let plan = ops::plan_upsert(&*self.table_for(op).await?, spec)?;
+                self.write(op, plan, spec.count_only, None, ctx).await
             }
         }
     }

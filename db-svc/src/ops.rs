@@ -695,6 +695,28 @@ fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, Db
     })
 }
 
+/// PostgreSQL names the column of a NOT NULL violation but not the row; the request does:
+/// the first row that leaves the column null or out (the column then had no default), or the
+/// `set` that nulls it. Any other error is returned as it is.
+pub fn locate_not_null(err: DbError, op: &Operation) -> DbError {
+    let DbError::NotNull { column, message } = err else {
+        return err;
+    };
+    let left_null = |r: &JsonRow| r.get(&column).is_none_or(Json::is_null);
+    let path = match op {
+        Operation::Insert(InsertSpec { rows, .. }) | Operation::Upsert(UpsertSpec { rows, .. }) => {
+            rows.iter()
+                .position(left_null)
+                .map(|i| format!("rows[{i}].{column}"))
+        }
+        Operation::Update(spec) if spec.set.get(&column).is_some_and(Json::is_null) => {
+            Some(format!("set.{column}"))
+        }
+        _ => None,
+    };
+    DbError::field(path.unwrap_or(column), message)
+}
+
 /// `INSERT ... DEFAULT VALUES` writes exactly one row.
 fn one_default_row(columns: &[String], rows: usize) -> Result<(), DbError> {
     if columns.is_empty() && rows > 1 {
@@ -1063,6 +1085,54 @@ pub(crate) mod tests {
                 Param::Int8(10)
             ]
         );
+    }
+
+    #[test]
+    fn not_null_violations_are_located_in_the_request() {
+        let not_null = || DbError::NotNull {
+            column: "action_name".into(),
+            message: "null value".into(),
+        };
+        let rows: Vec<JsonRow> = [
+            json!({"action_name": "x"}),
+            json!({"agent_name": "b"}),
+            json!({"action_name": null}),
+        ]
+        .into_iter()
+        .map(|v| v.as_object().cloned().unwrap())
+        .collect();
+        let insert = Operation::Insert(InsertSpec {
+            table: "t".into(),
+            rows: rows.clone(),
+            count_only: false,
+        });
+        let field = |e: DbError| e.violations()[0].field.clone();
+        assert_eq!(
+            field(locate_not_null(not_null(), &insert)),
+            "rows[1].action_name"
+        );
+        let upsert = Operation::Upsert(UpsertSpec {
+            rows: rows[2..].to_vec(),
+            ..Default::default()
+        });
+        assert_eq!(
+            field(locate_not_null(not_null(), &upsert)),
+            "rows[0].action_name"
+        );
+        let update = Operation::Update(UpdateSpec {
+            set: json!({"action_name": null}).as_object().cloned().unwrap(),
+            ..Default::default()
+        });
+        assert_eq!(
+            field(locate_not_null(not_null(), &update)),
+            "set.action_name"
+        );
+        // Nothing in the request leaves it null (a trigger did): the column alone.
+        let update = Operation::Update(UpdateSpec::default());
+        assert_eq!(field(locate_not_null(not_null(), &update)), "action_name");
+        // Other errors pass through.
+        let other = locate_not_null(DbError::field("where.x", "bad"), &insert);
+        assert_eq!(field(other), "where.x");
     }
 
     #[test]

@@ -222,7 +222,8 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         .unwrap_err();
     assert_invalid(&err, "filter.condition.op");
 
-    // NOT NULL violations name the column.
+    // NOT NULL violations name the row and the column: PostgreSQL names only the column, the
+    // request tells which row left it out or null.
     let err = s
         .client
         .insert(insert_req(
@@ -231,7 +232,20 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         ))
         .await
         .unwrap_err();
-    assert_invalid(&err, "action_name");
+    assert_invalid(&err, "rows[0].action_name");
+    let err = s
+        .client
+        .insert(insert_req(
+            "agent_actions",
+            vec![action("a"), action("b"), {
+                let mut row = action("c");
+                row["action_name"] = Json::Null;
+                row
+            }],
+        ))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[2].action_name");
 
     // Out of range for numeric(5,4).
     let err = s
@@ -249,6 +263,33 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         0,
         "nothing was written"
     );
+
+    // An update that would null a NOT NULL column names `set.<column>`; the row is unchanged.
+    s.seed_actions(vec![action("kept")]).await;
+    let err = s
+        .client
+        .update(pb::UpdateRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({"agent_name": "kept"}))),
+            set: Some(to_struct(json!({"action_name": null}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "set.action_name");
+    let reply = s
+        .client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(
+                json!({"agent_name": "kept", "action_name": null}),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.count, 0, "the update was rolled back");
 }
 
 #[tokio::test]
@@ -568,4 +609,127 @@ async fn unreachable_database_is_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
+
+/// A call with `timeout` set as its gRPC deadline.
+fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// The call failed because PostgreSQL's statement timeout fired, soon after its deadline.
+fn assert_timed_out<T: std::fmt::Debug>(result: Result<T, tonic::Status>, started: Instant) {
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(error_details(&err).0, "TIMEOUT", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// The deadline bounds writes and ExecuteRaw as it does Count: statements waiting on a lock
+/// time out within it (DEADLINE_EXCEEDED / TIMEOUT), write nothing and record no request id.
+#[tokio::test]
+async fn deadline_bounds_writes_and_raw_statements() {
+    let mut s = DbSvc::start(&["--statement-timeout", "120s", "--raw-sql-writes", "true"]).await;
+    s.seed_actions(vec![action("a"), action("a")]).await;
+    let deadline = Duration::from_millis(500);
+    let update = pb::UpdateRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(json!({"agent_name": "a"}))),
+        set: Some(to_struct(json!({"agent_name": "updated"}))),
+        request_id: "slow-update".into(),
+        ..Default::default()
+    };
+
+    // SHARE blocks writes.
+    let lock = TableLock::take(&s, "SHARE").await;
+    let started = Instant::now();
+    let result = s
+        .client
+        .update(with_deadline(update.clone(), deadline))
+        .await;
+    assert_timed_out(result, started);
+    let started = Instant::now();
+    let result = s
+        .client
+        .delete(with_deadline(
+            pb::DeleteRequest {
+                table: "agent_actions".into(),
+                r#where: Some(to_struct(json!({"agent_name": "a"}))),
+                count_only: true,
+                ..Default::default()
+            },
+            deadline,
+        ))
+        .await;
+    assert_timed_out(result, started);
+    let started = Instant::now();
+    let result = s
+        .client
+        .execute_raw(with_deadline(
+            pb::ExecuteRawRequest {
+                sql: "UPDATE agent_actions SET agent_name = $1".into(),
+                params: vec![to_value(json!("raw"))],
+                request_id: "slow-raw".into(),
+            },
+            deadline,
+        ))
+        .await;
+    assert_timed_out(result, started);
+    // PostgreSQL gave up on each (none is left waiting for the lock).
+    lock.wait_blocked(&s, 0).await;
+    lock.release().await;
+
+    // ACCESS EXCLUSIVE blocks reads too: a raw query times out the same way.
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let started = Instant::now();
+    let result = s
+        .client
+        .execute_raw(with_deadline(
+            pb::ExecuteRawRequest {
+                sql: "SELECT agent_name, count(*) AS n FROM agent_actions GROUP BY agent_name"
+                    .into(),
+                ..Default::default()
+            },
+            deadline,
+        ))
+        .await;
+    assert_timed_out(result, started);
+    lock.wait_blocked(&s, 0).await;
+    lock.release().await;
+
+    // Nothing was written, no request id recorded.
+    let mut conn = s.sql().await;
+    let agents: Vec<String> =
+        sqlx::query_scalar("SELECT agent_name FROM agent_actions ORDER BY agent_name")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(agents, vec!["a", "a"]);
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM omnibus_request_log")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0);
+
+    // Unblocked, the same calls work (the request id was free) and the raw read answers.
+    let reply = s.client.update(update).await.unwrap().into_inner();
+    assert_eq!((reply.affected, reply.replayed), (2, false));
+    let reply = s
+        .client
+        .execute_raw(with_deadline(
+            pb::ExecuteRawRequest {
+                sql: "SELECT agent_name, count(*) AS n FROM agent_actions GROUP BY agent_name"
+                    .into(),
+                ..Default::default()
+            },
+            Duration::from_secs(10),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rows_json(&reply.rows),
+        vec![json!({"agent_name": "updated", "n": 2.0})]
+    );
 }
