@@ -5,7 +5,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use omnibus_tests::consumer::{create_topics, start_consumer, unique_prefix};
+use omnibus_client::generate::Kind;
+use omnibus_tests::consumer::{
+    TestProducer, create_topics, start_consumer, unique_prefix, wait_status,
+};
 use omnibus_tests::db::DbSvc;
 use omnibus_tests::kafka_brokers;
 
@@ -57,6 +60,25 @@ fn is_stream(cmd: &str) -> bool {
     .any(|m| cmd.contains(m))
 }
 
+/// What a consumer-svc session's output must contain once the test's events are in: the
+/// agent or metric they name, or the status. Open streams without a snapshot may see nothing
+/// new in their two seconds, so only what they must show is checked.
+fn consumer_content(method: &str, cmd: &str) -> Option<&'static str> {
+    let method = method.strip_prefix("omnibus.consumer.v1.ConsumerService/")?;
+    match method {
+        "GetAgentMetrics"
+        | "ListRecentActions"
+        | "ListRoutingDecisions"
+        | "ListTransformations"
+        | "GetSnapshot" => Some("\"coder\""),
+        "Subscribe" if cmd.contains("\"include_snapshot\": true") => Some("\"coder\""),
+        "ListPerformanceMetrics" => Some("\"perf-grpcurl\""),
+        "GetPerformanceStats" => Some("\"totalQueries\""),
+        "GetConsumerStatus" => Some("\"connected\": true"),
+        _ => None,
+    }
+}
+
 #[tokio::test]
 async fn every_grpcurl_session_in_the_examples_runs() {
     let Ok(grpcurl) = std::env::var("OMNIBUS_GRPCURL") else {
@@ -72,10 +94,49 @@ async fn every_grpcurl_session_in_the_examples_runs() {
 
     let db = DbSvc::start(&[]).await;
     let prefix = unique_prefix();
-    create_topics(&kafka_brokers(), &prefix, 1).await.unwrap();
+    let topics = create_topics(&kafka_brokers(), &prefix, 1).await.unwrap();
     let consumer = start_consumer(&kafka_brokers(), &prefix, &[])
         .await
         .unwrap();
+    // One event per topic, matching the examples' filters, so that the reads show content.
+    let now = omnibus_client::generate::isoformat(chrono::Utc::now());
+    let producer = TestProducer::new(&kafka_brokers()).unwrap();
+    for (kind, json) in [
+        (
+            Kind::AgentAction,
+            format!(
+                r#"{{"id":"a1","agent_name":"coder","action_type":"tool_call","action_name":"Read","correlation_id":"c1","timestamp":"{now}"}}"#
+            ),
+        ),
+        (
+            Kind::RoutingDecision,
+            format!(
+                r#"{{"id":"r1","selected_agent":"coder","confidence_score":0.9,"routing_time_ms":12,"correlation_id":"c1","timestamp":"{now}"}}"#
+            ),
+        ),
+        (
+            Kind::Transformation,
+            format!(
+                r#"{{"id":"t1","source_agent":"coder","target_agent":"tester","correlation_id":"c1","timestamp":"{now}"}}"#
+            ),
+        ),
+        (
+            Kind::PerformanceMetric,
+            format!(
+                r#"{{"id":"perf-grpcurl","routing_duration_ms":12,"cache_hit":true,"timestamp":"{now}"}}"#
+            ),
+        ),
+    ] {
+        producer
+            .send(topics.name(kind), "c1", json.as_bytes())
+            .unwrap();
+    }
+    producer.flush().unwrap();
+    wait_status(&consumer, Duration::from_secs(30), "4 events", |s| {
+        s.events_processed >= 4
+    })
+    .await
+    .unwrap();
 
     let mut called = BTreeSet::new();
     for cmd in &commands {
@@ -106,10 +167,14 @@ async fn every_grpcurl_session_in_the_examples_runs() {
             "{cmd}\nstdout: {}\nstderr: {stderr}",
             String::from_utf8_lossy(&out.stdout)
         );
-        if let Some(method) = cmd
+        let method = cmd
             .split_whitespace()
-            .find(|w| w.starts_with("omnibus.") && w.contains('/'))
-        {
+            .find(|w| w.starts_with("omnibus.") && w.contains('/'));
+        if let Some(method) = method {
+            if let Some(want) = consumer_content(method, cmd) {
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(stdout.contains(want), "{cmd}\nwant {want:?} in: {stdout}");
+            }
             called.insert(method.to_string());
         }
     }
