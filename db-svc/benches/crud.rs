@@ -12,7 +12,8 @@
 //! profiling one cell: BENCH_ONLY (query, count, insert1, insert100, floor; comma-separated) and
 //! BENCH_CLIENTS (e.g. 16); BENCH_SIDE=svc or direct measures one side only;
 //! BENCH_COALESCE_INSERTS sets db-svc's `--coalesce-inserts` (0 = every insert alone);
-//! BENCH_METRICS_LISTEN (e.g. 127.0.0.1:9901) serves db-svc's Prometheus metrics during the run.
+//! BENCH_METRICS_LISTEN (e.g. 127.0.0.1:9901) serves db-svc's Prometheus metrics during the run;
+//! BENCH_PLAIN_CHANNELS=1 connects with plain tonic endpoints instead of the Rust client's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -524,10 +525,19 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
     });
     check_same_sql(&pool, &sqls).await?;
 
-    // One gRPC connection per client.
+    // One gRPC connection per client, set up as the Rust client's (`omnibus_client`, which
+    // `DbClient` uses: 1 MiB HTTP/2 frames, so a 100-row response is one DATA frame), or as a
+    // plain tonic endpoint with the protocol's 16 KiB frames (BENCH_PLAIN_CHANNELS=1).
+    let plain = std::env::var("BENCH_PLAIN_CHANNELS").is_ok_and(|v| v == "1");
     let mut channels = Vec::new();
     for _ in 0..*CLIENT_COUNTS.iter().max().unwrap_or(&1) {
-        channels.push(Channel::from_shared(endpoint.clone())?.connect().await?);
+        let endpoint = if plain {
+            Channel::from_shared(endpoint.clone())?
+        } else {
+            omnibus_client::connect::ConnectOptions::default()
+                .endpoint(&endpoint, Duration::from_secs(5))?
+        };
+        channels.push(endpoint.connect().await?);
     }
 
     println!(

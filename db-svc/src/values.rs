@@ -194,7 +194,13 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
                 other => return Err(type_error(ty, other)),
             };
             if ty == ColType::Float4 {
-                Param::Float4(f as f32)
+                // `as` saturates to ±Infinity and flushes to 0: a different value. PostgreSQL
+                // refuses such input as out of range for real, and so does this.
+                let r = f as f32;
+                if (r.is_infinite() && f.is_finite()) || (r == 0.0 && f != 0.0) {
+                    return Err(DbError::field("", format!("{f} is out of range for real")));
+                }
+                Param::Float4(r)
             } else {
                 Param::Float8(f)
             }
@@ -299,7 +305,24 @@ fn exact_decimal(text: &str) -> Option<Decimal> {
 fn number(f: f64) -> Json {
     Number::from_f64(f)
         .map(Json::Number)
-        .unwrap_or_else(|| Json::String(f.to_string()))
+        .unwrap_or_else(|| Json::String(non_finite_text(f).to_string()))
+}
+
+/// The double nearest the decimal that `f` prints as (what PostgreSQL prints for a real):
+/// a real written as 0.1 reads back as 0.1, not as 0.10000000149011612, its exact value.
+fn real_as_double(f: f32) -> f64 {
+    f.to_string().parse().unwrap_or(f.into())
+}
+
+/// PostgreSQL's text of a float that JSON cannot carry as a number.
+pub(crate) fn non_finite_text(f: f64) -> &'static str {
+    if f.is_nan() {
+        "NaN"
+    } else if f > 0.0 {
+        "Infinity"
+    } else {
+        "-Infinity"
+    }
 }
 
 /// The columns of a result set: name and type of each, resolved once per result set rather
@@ -451,8 +474,9 @@ impl Cell<'_> {
         if f.is_finite() {
             Cell::Number(f)
         } else {
-            // JSON numbers cannot carry NaN or the infinities.
-            Cell::Text(f.to_string())
+            // JSON numbers cannot carry NaN or the infinities: PostgreSQL's text of them, as
+            // for numeric.
+            Cell::Text(non_finite_text(f).to_string())
         }
     }
 
@@ -606,7 +630,7 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         ColType::Int2 => get!(i16).map(|n| Cell::Number(n.into())),
         ColType::Int4 => get!(i32).map(|n| Cell::Number(n.into())),
         ColType::Int8 => get!(i64).map(Cell::bigint),
-        ColType::Float4 => get!(f32).map(|f| Cell::number(f.into())),
+        ColType::Float4 => get!(f32).map(|f| Cell::number(real_as_double(f))),
         ColType::Float8 => get!(f64).map(Cell::number),
         ColType::Numeric => {
             // Read as text from the wire form: exact for every value the column holds
@@ -817,6 +841,28 @@ mod tests {
     }
 
     #[test]
+    fn reals_are_range_checked_and_read_back_as_written() {
+        assert_eq!(
+            to_param(ColType::Float4, &json!(0.5)).unwrap(),
+            Param::Float4(0.5)
+        );
+        for out_of_range in [1e300, -1e300, 1e-50] {
+            let err = to_param(ColType::Float4, &json!(out_of_range)).unwrap_err();
+            assert!(err.to_string().contains("out of range for real"), "{err}");
+        }
+        // Doubles are not narrowed, so nothing is out of range for them.
+        assert_eq!(
+            to_param(ColType::Float8, &json!(1e300)).unwrap(),
+            Param::Float8(1e300)
+        );
+        assert_eq!(real_as_double(0.1), 0.1);
+        assert_eq!(real_as_double(f32::MAX), 3.4028235e38);
+        assert_eq!(number(f64::INFINITY), json!("Infinity"));
+        assert_eq!(number(f64::NEG_INFINITY), json!("-Infinity"));
+        assert_eq!(number(f64::NAN), json!("NaN"));
+    }
+
+    #[test]
     fn integers_are_range_checked() {
         assert_eq!(to_param(ColType::Int4, &json!(7)).unwrap(), Param::Int4(7));
         assert_eq!(
@@ -938,7 +984,7 @@ mod tests {
         );
         assert_eq!(
             number_value(f64::INFINITY).kind,
-            Some(Kind::StringValue("inf".into()))
+            Some(Kind::StringValue("Infinity".into()))
         );
         assert_eq!(number_value(2.5).kind, Some(Kind::NumberValue(2.5)));
     }

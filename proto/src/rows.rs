@@ -668,7 +668,7 @@ mod tests {
         let floats: (f64, f64, f32) = from_row(&row(vec![
             ("0", PKind::StringValue("12345678901234567890.5".into())),
             ("1", PKind::StringValue("NaN".into())),
-            ("2", PKind::StringValue("-inf".into())),
+            ("2", PKind::StringValue("-Infinity".into())),
         ]))
         .map(|m: BTreeMap<String, f64>| (m["0"], m["1"], m["2"] as f32))
         .unwrap();

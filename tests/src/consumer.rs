@@ -128,9 +128,11 @@ pub async fn start_consumer(brokers: &str, prefix: &str, extra: &[&str]) -> Resu
         brokers,
         "--topic-prefix",
         prefix,
-        "--agent-metrics-interval",
-        "100ms",
     ]);
+    // Defaults a test may replace (consumer-svc refuses a flag given twice).
+    if !extra.contains(&"--agent-metrics-interval") {
+        spec = spec.args(["--agent-metrics-interval", "100ms"]);
+    }
     if !extra.contains(&"--shutdown-grace") {
         spec = spec.args(["--shutdown-grace", "5s"]);
     }

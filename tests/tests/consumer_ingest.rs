@@ -480,9 +480,20 @@ async fn replay_skips_events_older_than_the_window_even_if_the_broker_misplaces_
         .await
         .unwrap();
         let skipped = topic_status(&s, Kind::AgentAction).skipped_expired;
-        assert!(skipped <= old_n, "{seek}: skipped {skipped}");
-        // Not asserted: skipped == old_n with `earliest`. In some runs tansu did not return the
-        // records produced with old Kafka timestamps at all, so that count is the broker's.
+        if seek == "earliest" {
+            // Every old record is read (from offset 0, not the broker's earliest-offset answer)
+            // and skipped by its event time.
+            assert_eq!(skipped, old_n, "{seek}: every old event skipped");
+        } else {
+            // Not exact: the first record (offset 0, old) is read and skipped; whether the
+            // partition then jumps, and how many old records were fetched with that first one,
+            // depend on the broker's offsets_for_times answer (tansu's comes back at the start
+            // of the log: everything is read) and on how the fetches were cut.
+            assert!(
+                (1..=old_n).contains(&skipped),
+                "{seek}: skipped {skipped} of {old_n}"
+            );
+        }
         // Nothing more arrives later.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let s = omnibus_tests::consumer::status(&svc).await.unwrap();

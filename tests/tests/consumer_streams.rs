@@ -1,18 +1,19 @@
 //! consumer-svc streams against the real broker: every update in order, sequence numbers and
-//! resume, a stalled subscriber not delaying a fast one, real-time events switched off, and
-//! streams ending on graceful shutdown.
+//! resume, agent metrics coalesced per interval, every Subscribe channel and its filters, a
+//! stalled subscriber not delaying a fast one, real-time events switched off, and streams
+//! ending on graceful shutdown.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use omnibus_client::generate::{EventGenerator, Kind, Topics};
+use omnibus_client::generate::{EventGenerator, Kind, Topics, isoformat};
 use omnibus_proto::consumer::v1 as pb;
 use omnibus_proto::consumer::v1::subscribe_response::Update;
 use omnibus_tests::consumer::{
-    TestProducer, client, create_topics, start_consumer, unique_prefix, wait_status,
+    PrivateBroker, TestProducer, client, create_topics, start_consumer, unique_prefix, wait_status,
 };
-use omnibus_tests::kafka_brokers;
+use omnibus_tests::{ServiceProcess, kafka_brokers};
 use tokio_stream::StreamExt;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -432,4 +433,690 @@ async fn streams_end_promptly_on_sigterm() {
     let status = svc.wait_exit(Duration::from_secs(10)).await.unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", svc.logs());
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// The protobuf timestamp consumer-svc reports for an event time sent as `isoformat(t)`
+/// (microsecond precision).
+fn proto_time(t: chrono::DateTime<Utc>) -> prost_types::Timestamp {
+    let micros = t.timestamp_micros();
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1000) as i32,
+    }
+}
+
+fn action_json(id: &str, agent: &str, action_type: &str, correlation_id: Option<&str>) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "id": id,
+        "agent_name": agent,
+        "action_type": action_type,
+        "timestamp": isoformat(Utc::now()),
+    });
+    if let Some(c) = correlation_id {
+        v["correlation_id"] = c.into();
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn decision_json(
+    id: &str,
+    agent: &str,
+    confidence: Option<f64>,
+    routing_time_ms: f64,
+    correlation_id: Option<&str>,
+) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "id": id,
+        "selected_agent": agent,
+        "routing_time_ms": routing_time_ms,
+        "timestamp": isoformat(Utc::now()),
+    });
+    if let Some(c) = confidence {
+        v["confidence_score"] = c.into();
+    }
+    if let Some(c) = correlation_id {
+        v["correlation_id"] = c.into();
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+async fn agent_metrics_of(svc: &ServiceProcess, agent: &str) -> pb::AgentMetrics {
+    let mut agents = client(svc)
+        .get_agent_metrics(pb::GetAgentMetricsRequest {
+            agent: Some(agent.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(agents.len(), 1, "{agent}: {agents:?}");
+    agents.remove(0)
+}
+
+/// The pushes of a StreamAgentMetrics stream with the time each was received.
+struct MetricPushes {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(Instant, pb::StreamAgentMetricsResponse)>,
+    got: Vec<(Instant, pb::StreamAgentMetricsResponse)>,
+}
+
+impl MetricPushes {
+    async fn open(svc: &ServiceProcess) -> Self {
+        let mut stream = client(svc)
+            .stream_agent_metrics(pb::StreamAgentMetricsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        // Read on a task of its own, so a push's receive time does not depend on when the
+        // test gets to it.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(push) = stream.next().await {
+                if tx.send((Instant::now(), push.unwrap())).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            got: Vec::new(),
+        }
+    }
+
+    /// The next push.
+    async fn next(&mut self) -> &pb::StreamAgentMetricsResponse {
+        let push = tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("a push within the deadline")
+            .expect("stream open");
+        self.got.push(push);
+        &self.got.last().unwrap().1
+    }
+
+    /// Reads pushes until one holds an entry for which `done` holds; returns that entry.
+    async fn until(
+        &mut self,
+        what: &str,
+        done: impl Fn(&pb::AgentMetrics) -> bool,
+    ) -> pb::AgentMetrics {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not pushed; pushes so far: {:?}",
+                self.got
+            );
+            if let Some(m) = self.next().await.agents.iter().find(|m| done(m)) {
+                return m.clone();
+            }
+        }
+    }
+
+    /// The agents of the pushes `from..to`, one list per push.
+    fn agents(&self, range: std::ops::Range<usize>) -> Vec<Vec<&str>> {
+        self.got[range]
+            .iter()
+            .map(|(_, p)| p.agents.iter().map(|m| m.agent.as_str()).collect())
+            .collect()
+    }
+}
+
+/// `--agent-metrics-interval`: after the first push (every agent), a push holds only the
+/// agents that changed since the previous one, each once, pushes are at least about the
+/// interval apart, and the last values pushed equal GetAgentMetrics.
+#[tokio::test]
+async fn stream_agent_metrics_pushes_only_changed_agents_at_most_once_per_interval() {
+    const INTERVAL: Duration = Duration::from_secs(2);
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let svc = start_consumer(&brokers, &prefix, &["--agent-metrics-interval", "2s"])
+        .await
+        .unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let (aa, rd) = (
+        topics.name(Kind::AgentAction),
+        topics.name(Kind::RoutingDecision),
+    );
+
+    // agent-c changes before the stream opens, never after. Once its change was published
+    // (seen on Subscribe), it is no longer pending.
+    p.send(aa, "c", &action_json("c-1", "agent-c", "success", None))
+        .unwrap();
+    p.send(
+        rd,
+        "c",
+        &decision_json("c-2", "agent-c", Some(0.5), 5.0, None),
+    )
+    .unwrap();
+    p.flush().unwrap();
+    let mut sub = client(&svc)
+        .subscribe(pb::SubscribeRequest {
+            channels: vec![pb::Channel::Metrics as i32],
+            resume_after_sequence: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let m = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("agent-c's metrics published")
+            .unwrap()
+            .unwrap();
+        if let Some(Update::AgentMetrics(m)) = m.update
+            && m.agent == "agent-c"
+            && (m.total_actions, m.total_requests) == (1, 1)
+        {
+            break;
+        }
+    }
+    drop(sub);
+
+    let mut pushes = MetricPushes::open(&svc).await;
+    let first = pushes.next().await.clone();
+    let c = agent_metrics_of(&svc, "agent-c").await;
+    assert_eq!(first.agents, vec![c.clone()], "the first push: every agent");
+
+    // A burst for agent-a only.
+    let n = 60;
+    for i in 0..n {
+        let action_type = ["success", "error", "tool_call"][i % 3];
+        p.send(
+            aa,
+            "a",
+            &action_json(&format!("a-{i}"), "agent-a", action_type, None),
+        )
+        .unwrap();
+        let confidence = 0.5 + (i % 5) as f64 / 10.0;
+        p.send(
+            rd,
+            "a",
+            &decision_json(
+                &format!("ad-{i}"),
+                "agent-a",
+                Some(confidence),
+                i as f64,
+                None,
+            ),
+        )
+        .unwrap();
+    }
+    p.flush().unwrap();
+    let a_pushed = pushes
+        .until("agent-a's burst", |m| {
+            m.agent == "agent-a" && m.total_actions == n as u64 && m.total_requests == n as u64
+        })
+        .await;
+    assert_eq!((a_pushed.successes, a_pushed.errors), (20, 20));
+    assert_eq!(a_pushed, agent_metrics_of(&svc, "agent-a").await);
+    let a_end = pushes.got.len();
+    // A marker agent: once its push is seen, nothing of agent-a is pending any more (a last
+    // agent-a batch applied while that push was being prepared is published with it, or
+    // before it).
+    p.send(aa, "m", &action_json("m-1", "agent-m", "tool_call", None))
+        .unwrap();
+    p.flush().unwrap();
+    pushes.until("the marker", |m| m.agent == "agent-m").await;
+    let m_end = pushes.got.len();
+
+    // A burst for agent-b only.
+    for i in 0..40 {
+        let action_type = ["success", "tool_call"][i % 2];
+        p.send(
+            aa,
+            "b",
+            &action_json(&format!("b-{i}"), "agent-b", action_type, None),
+        )
+        .unwrap();
+        p.send(
+            rd,
+            "b",
+            &decision_json(&format!("bd-{i}"), "agent-b", Some(0.25), 3.0, None),
+        )
+        .unwrap();
+    }
+    p.flush().unwrap();
+    let b_pushed = pushes
+        .until("agent-b's burst", |m| {
+            m.agent == "agent-b" && m.total_actions == 40 && m.total_requests == 40
+        })
+        .await;
+    assert_eq!(b_pushed.success_rate, Some(1.0));
+    // Anything else pushed later would show here: every push is read for two more intervals.
+    let quiet_until = Instant::now() + INTERVAL * 2 + INTERVAL / 2;
+    while let Ok(Some(push)) = tokio::time::timeout_at(quiet_until.into(), pushes.rx.recv()).await {
+        pushes.got.push(push);
+    }
+
+    let all = pushes.agents(0..pushes.got.len());
+    for (i, agents) in all.iter().enumerate() {
+        let distinct: HashSet<&&str> = agents.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            agents.len(),
+            "push {i} holds an agent twice: {all:?}"
+        );
+        assert_eq!(pushes.got[i].1.lagged, 0, "push {i}");
+    }
+    for (i, agents) in pushes.agents(1..a_end).iter().enumerate() {
+        assert_eq!(
+            agents,
+            &["agent-a"],
+            "push {}: only agent-a changed: {all:?}",
+            i + 1
+        );
+    }
+    for agents in pushes.agents(a_end..m_end) {
+        assert!(
+            agents.iter().all(|a| ["agent-a", "agent-m"].contains(a)),
+            "only agent-a and agent-m changed: {all:?}"
+        );
+    }
+    let after_b = pushes.agents(m_end..pushes.got.len());
+    assert!(!after_b.is_empty());
+    for agents in &after_b {
+        assert_eq!(agents, &["agent-b"], "after the agent-b burst: {all:?}");
+    }
+    // The last values pushed are the current ones.
+    for agent in ["agent-a", "agent-b", "agent-m"] {
+        let last_pushed = pushes
+            .got
+            .iter()
+            .flat_map(|(_, p)| &p.agents)
+            .rfind(|m| m.agent == agent)
+            .unwrap();
+        assert_eq!(last_pushed, &agent_metrics_of(&svc, agent).await, "{agent}");
+    }
+    assert_eq!(
+        agent_metrics_of(&svc, "agent-c").await,
+        c,
+        "agent-c unchanged"
+    );
+    // Coalescing: live pushes at least about the interval apart (slack for a busy machine;
+    // the first push is sent on subscribing, whenever the next tick comes).
+    for w in pushes.got[1..].windows(2) {
+        let gap = w[1].0 - w[0].0;
+        assert!(
+            gap >= INTERVAL * 3 / 4,
+            "two pushes {gap:?} apart with a {INTERVAL:?} interval: {all:?}"
+        );
+    }
+}
+
+/// What a Subscribe stream delivered, in order; checks that sequence numbers strictly
+/// increase.
+struct Received {
+    stream: tonic::Streaming<pb::SubscribeResponse>,
+    got: Vec<pb::SubscribeResponse>,
+}
+
+impl Received {
+    async fn open(svc: &ServiceProcess, request: pb::SubscribeRequest) -> Self {
+        let stream = client(svc).subscribe(request).await.unwrap().into_inner();
+        Self {
+            stream,
+            got: Vec::new(),
+        }
+    }
+
+    /// Reads until `done` holds for everything received so far.
+    async fn until(&mut self, what: &str, done: impl Fn(&[pb::SubscribeResponse]) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done(&self.got) {
+            let m = tokio::time::timeout_at(deadline.into(), self.stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: not received; got {:#?}", self.got))
+                .expect("stream open")
+                .unwrap();
+            if let Some(last) = self.got.last() {
+                assert!(
+                    m.sequence > last.sequence,
+                    "sequence {} after {}: {m:?}",
+                    m.sequence,
+                    last.sequence
+                );
+            }
+            self.got.push(m);
+        }
+    }
+
+    fn updates(&self) -> impl Iterator<Item = (u64, &Update)> {
+        self.got
+            .iter()
+            .map(|m| (m.sequence, m.update.as_ref().expect("an update")))
+    }
+
+    fn statuses(&self) -> Vec<&pb::ConsumerStatus> {
+        self.updates()
+            .filter_map(|(_, u)| match u {
+                Update::ConsumerStatus(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn has_transformation(got: &[pb::SubscribeResponse], id: &str) -> bool {
+    got.iter()
+        .any(|m| matches!(&m.update, Some(Update::Transformation(t)) if t.id == id))
+}
+
+fn has_performance_metric(got: &[pb::SubscribeResponse], id: &str) -> bool {
+    got.iter()
+        .any(|m| matches!(&m.update, Some(Update::PerformanceMetric(p)) if p.id == id))
+}
+
+/// Subscribe end to end for transformations, performance metrics, agent metrics and consumer
+/// status (broker down and back, on a private broker), on one stream with every channel and
+/// on one with two channels only.
+#[tokio::test]
+async fn subscribe_delivers_transformations_performance_agent_metrics_and_status() {
+    let mut broker = PrivateBroker::start().await.unwrap();
+    let prefix = unique_prefix();
+    let topics = create_topics(&broker.addr(), &prefix, 1).await.unwrap();
+    let svc = start_consumer(&broker.addr(), &prefix, &[]).await.unwrap();
+    // From the first update: the status published on start-up included.
+    let mut all = Received::open(
+        &svc,
+        pb::SubscribeRequest {
+            resume_after_sequence: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut two = Received::open(
+        &svc,
+        pb::SubscribeRequest {
+            channels: vec![
+                pb::Channel::Transformations as i32,
+                pb::Channel::Performance as i32,
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let t = Utc::now() - chrono::Duration::seconds(1);
+    let ts = isoformat(t);
+    {
+        let p = TestProducer::new(&broker.addr()).unwrap();
+        p.send(topics.name(Kind::Transformation), "c-t", format!(
+            r#"{{"id":"t1","correlation_id":"c-t","source_agent":"agent-x","target_agent":"agent-y","transformation_reason":"needs tests","confidence_score":0.7,"transformation_duration_ms":12.5,"success":false,"timestamp":"{ts}"}}"#
+        ).as_bytes()).unwrap();
+        p.send(topics.name(Kind::PerformanceMetric), "c-p", format!(
+            r#"{{"id":"p1","correlation_id":"c-p","query_text":"find the bug","routing_duration_ms":8,"cache_hit":true,"candidates_evaluated":3,"trigger_match_strategy":"exact","confidence_components":{{"k":1}},"timestamp":"{ts}"}}"#
+        ).as_bytes()).unwrap();
+        p.send(
+            topics.name(Kind::AgentAction),
+            "c-a",
+            format!(
+                r#"{{"id":"a1","agent_name":"agent-x","action_type":"success","timestamp":"{ts}"}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        p.send(topics.name(Kind::RoutingDecision), "c-d", format!(
+            r#"{{"id":"d1","selected_agent":"agent-x","confidence_score":0.9,"routing_time_ms":4,"timestamp":"{ts}"}}"#
+        ).as_bytes()).unwrap();
+        p.flush().unwrap();
+    }
+    let x_done = |got: &[pb::SubscribeResponse]| {
+        got.iter().any(|m| {
+            matches!(&m.update, Some(Update::AgentMetrics(a))
+                if a.agent == "agent-x" && (a.total_actions, a.total_requests) == (1, 1))
+        })
+    };
+    all.until("every event and agent-x's metrics", |got| {
+        has_transformation(got, "t1")
+            && has_performance_metric(got, "p1")
+            && x_done(got)
+            && got
+                .iter()
+                .any(|m| matches!(&m.update, Some(Update::Action(a)) if a.id == "a1"))
+            && got
+                .iter()
+                .any(|m| matches!(&m.update, Some(Update::RoutingDecision(d)) if d.id == "d1"))
+    })
+    .await;
+    let mut t1 = None;
+    let mut p1 = None;
+    let mut x = None;
+    for (_, u) in all.updates() {
+        match u {
+            Update::Transformation(t) => {
+                assert!(t1.is_none(), "one transformation");
+                t1 = Some(t.clone());
+            }
+            Update::PerformanceMetric(p) => {
+                assert!(p1.is_none(), "one performance metric");
+                p1 = Some(p.clone());
+            }
+            Update::AgentMetrics(m) => {
+                assert_eq!(m.agent, "agent-x", "only agent-x has metrics");
+                x = Some(m.clone());
+            }
+            Update::Action(a) => assert_eq!(a.id, "a1"),
+            Update::RoutingDecision(d) => assert_eq!(d.id, "d1"),
+            Update::ConsumerStatus(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        t1.unwrap(),
+        pb::Transformation {
+            id: "t1".into(),
+            correlation_id: Some("c-t".into()),
+            source_agent: "agent-x".into(),
+            target_agent: "agent-y".into(),
+            transformation_reason: Some("needs tests".into()),
+            confidence_score: Some(0.7),
+            transformation_duration_ms: Some(12.5),
+            success: false,
+            timestamp: Some(proto_time(t)),
+        }
+    );
+    assert_eq!(
+        p1.unwrap(),
+        pb::PerformanceMetric {
+            id: "p1".into(),
+            correlation_id: Some("c-p".into()),
+            query_text: Some("find the bug".into()),
+            routing_duration_ms: Some(8.0),
+            cache_hit: true,
+            candidates_evaluated: Some(3),
+            trigger_match_strategy: "exact".into(),
+            confidence_components_json: Some(r#"{"k":1}"#.into()),
+            timestamp: Some(proto_time(t)),
+        }
+    );
+    let x = x.unwrap();
+    assert_eq!(
+        (x.total_requests, x.total_actions, x.successes, x.errors),
+        (1, 1, 1, 0)
+    );
+    assert_eq!(
+        (x.avg_confidence, x.avg_routing_time_ms, x.success_rate),
+        (Some(0.9), Some(4.0), Some(1.0))
+    );
+    assert_eq!(x.last_seen, Some(proto_time(t)));
+    assert_eq!(x, agent_metrics_of(&svc, "agent-x").await);
+
+    // Consumer status: published on start-up and on every connection change.
+    let is_status = |m: &pb::SubscribeResponse, connected: bool| matches!(&m.update, Some(Update::ConsumerStatus(s)) if s.connected == connected);
+    let before = all.got.len();
+    broker.stop();
+    all.until("the broker down", |got| {
+        got[before..].iter().any(|m| is_status(m, false))
+    })
+    .await;
+    broker.restart().await.unwrap();
+    all.until("the broker back", |got| {
+        got[before..]
+            .iter()
+            .skip_while(|m| !is_status(m, false))
+            .any(|m| is_status(m, true))
+    })
+    .await;
+    let statuses = all.statuses();
+    let flags: Vec<bool> = statuses.iter().map(|s| s.connected).collect();
+    // A start-up status may come first while the first probe was still out.
+    let after_start = flags.strip_prefix(&[false]).unwrap_or(&flags);
+    assert_eq!(
+        after_start,
+        [true, false, true],
+        "a status on start-up and on each change, no repeats"
+    );
+    let down = statuses.iter().rfind(|s| !s.connected).unwrap();
+    assert_eq!(down.events_processed, 4);
+    assert!(down.real_time_events_enabled);
+    assert_eq!(down.retention_seconds, 24 * 3600);
+    assert_eq!(down.agents, 1);
+    let names: Vec<&str> = down.topics.iter().map(|t| t.topic.as_str()).collect();
+    assert_eq!(
+        names,
+        topics.0.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(down.topics.iter().all(|t| t.events_consumed == 1));
+
+    // The broker came back empty: once the topics exist again, events flow on.
+    let topics = create_topics(&broker.addr(), &prefix, 1).await.unwrap();
+    {
+        let p = TestProducer::new(&broker.addr()).unwrap();
+        let ts = isoformat(Utc::now());
+        p.send(
+            topics.name(Kind::PerformanceMetric),
+            "c-p2",
+            format!(r#"{{"id":"p2","timestamp":"{ts}"}}"#).as_bytes(),
+        )
+        .unwrap();
+        p.flush().unwrap();
+    }
+    all.until("p2", |got| has_performance_metric(got, "p2"))
+        .await;
+
+    // Two channels: the same transformation and metrics, with the same sequence numbers, and
+    // nothing else (no actions, decisions, agent metrics or status).
+    two.until("t1, p1 and p2", |got| {
+        has_transformation(got, "t1")
+            && has_performance_metric(got, "p1")
+            && has_performance_metric(got, "p2")
+    })
+    .await;
+    let on_all: Vec<(u64, &Update)> = all
+        .updates()
+        .filter(|(_, u)| matches!(u, Update::Transformation(_) | Update::PerformanceMetric(_)))
+        .collect();
+    let on_two: Vec<(u64, &Update)> = two.updates().collect();
+    assert_eq!(on_two, on_all, "only the channels asked for");
+}
+
+/// Subscribe's `min_confidence` (routing decisions with a confidence at least that) and
+/// `correlation_id` (only actions and decisions carrying it) filters.
+#[tokio::test]
+async fn subscribe_filters_by_min_confidence_and_correlation_id() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let svc = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let err = client(&svc)
+        .subscribe(pb::SubscribeRequest {
+            min_confidence: Some(1.5),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let mut confident = Received::open(
+        &svc,
+        pb::SubscribeRequest {
+            channels: vec![pb::Channel::Routing as i32],
+            min_confidence: Some(0.5),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut correlated = Received::open(
+        &svc,
+        pb::SubscribeRequest {
+            channels: vec![pb::Channel::Actions as i32, pb::Channel::Routing as i32],
+            correlation_id: Some("keep".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let p = TestProducer::new(&brokers).unwrap();
+    let (aa, rd) = (
+        topics.name(Kind::AgentAction),
+        topics.name(Kind::RoutingDecision),
+    );
+    // One partition per topic: each topic's events arrive in this order.
+    for (id, confidence, correlation) in [
+        ("d-low", Some(0.2), Some("keep")),
+        ("d-none", None, None),
+        ("d-edge", Some(0.5), None),
+        ("d-high", Some(0.9), Some("other")),
+        ("d-below", Some(0.49), None),
+        ("d-last", Some(0.95), Some("keep")),
+    ] {
+        p.send(
+            rd,
+            id,
+            &decision_json(id, "agent-r", confidence, 1.0, correlation),
+        )
+        .unwrap();
+    }
+    for (id, correlation) in [
+        ("a-keep-1", Some("keep")),
+        ("a-other", Some("other")),
+        ("a-none", None),
+        ("a-keep-2", Some("keep")),
+        ("a-keep-prefix", Some("keep-not")),
+        ("a-last", Some("keep")),
+    ] {
+        p.send(
+            aa,
+            id,
+            &action_json(id, "agent-r", "tool_call", correlation),
+        )
+        .unwrap();
+    }
+    p.flush().unwrap();
+
+    let ids = |r: &Received| -> Vec<String> {
+        r.updates()
+            .map(|(_, u)| match u {
+                Update::RoutingDecision(d) => d.id.clone(),
+                Update::Action(a) => a.id.clone(),
+                other => panic!("only the channels asked for: {other:?}"),
+            })
+            .collect()
+    };
+    confident
+        .until("d-last", |got| {
+            got.iter()
+                .any(|m| matches!(&m.update, Some(Update::RoutingDecision(d)) if d.id == "d-last"))
+        })
+        .await;
+    assert_eq!(ids(&confident), ["d-edge", "d-high", "d-last"]);
+
+    correlated
+        .until("a-last and d-last", |got| {
+            let has = |id: &str| {
+                got.iter().any(|m| match &m.update {
+                    Some(Update::Action(a)) => a.id == id,
+                    Some(Update::RoutingDecision(d)) => d.id == id,
+                    _ => false,
+                })
+            };
+            has("a-last") && has("d-last")
+        })
+        .await;
+    let got = ids(&correlated);
+    let actions: Vec<&String> = got.iter().filter(|id| id.starts_with("a-")).collect();
+    let decisions: Vec<&String> = got.iter().filter(|id| id.starts_with("d-")).collect();
+    assert_eq!(actions, ["a-keep-1", "a-keep-2", "a-last"]);
+    assert_eq!(decisions, ["d-low", "d-last"]);
 }

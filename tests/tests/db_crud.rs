@@ -3,7 +3,9 @@
 //! time), timestamps filled automatically.
 
 use omnibus_proto::db::v1 as pb;
-use omnibus_tests::db::{DbSvc, action, from_struct, rows_json, to_struct, to_value};
+use omnibus_tests::db::{
+    DbSvc, action, error_details, from_struct, rows_json, to_struct, to_value,
+};
 use serde_json::{Value as Json, json};
 
 fn cond(column: &str, op: pb::Operator, value: Option<Json>) -> pb::Filter {
@@ -1057,4 +1059,586 @@ async fn numerics_read_back_exactly_whatever_their_size() {
         as_text > 8,
         "the random values include ones a double cannot carry"
     );
+}
+
+/// `order_by` places NULLs where it is told, in both directions, on a column that holds them;
+/// unspecified keeps PostgreSQL's default (last ascending, first descending).
+#[tokio::test]
+async fn order_by_nulls_first_and_last_in_both_directions() {
+    let mut s = DbSvc::start(&[]).await;
+    let mut rows = Vec::new();
+    for (name, duration) in [
+        ("a", Some(10)),
+        ("b", None),
+        ("c", Some(30)),
+        ("d", None),
+        ("e", Some(20)),
+    ] {
+        let mut r = action(name);
+        r["duration_ms"] = json!(duration);
+        rows.push(r);
+    }
+    insert(&mut s, "agent_actions", rows).await;
+    use pb::{Direction as D, Nulls as N};
+    for (direction, nulls, want) in [
+        (D::Asc, N::First, ["b", "d", "a", "e", "c"]),
+        (D::Asc, N::Last, ["a", "e", "c", "b", "d"]),
+        (D::Desc, N::First, ["b", "d", "c", "e", "a"]),
+        (D::Desc, N::Last, ["c", "e", "a", "b", "d"]),
+        (D::Unspecified, N::First, ["b", "d", "a", "e", "c"]),
+        (D::Asc, N::Unspecified, ["a", "e", "c", "b", "d"]),
+        (D::Desc, N::Unspecified, ["b", "d", "c", "e", "a"]),
+    ] {
+        let reply = s
+            .client
+            .query(pb::QueryRequest {
+                table: "agent_actions".into(),
+                columns: vec!["agent_name".into(), "duration_ms".into()],
+                order_by: vec![
+                    pb::OrderBy {
+                        column: "duration_ms".into(),
+                        direction: direction as i32,
+                        nulls: nulls as i32,
+                    },
+                    // The NULLs tie: the second term fixes their order.
+                    pb::OrderBy {
+                        column: "agent_name".into(),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let got: Vec<String> = rows_json(&reply.rows)
+            .iter()
+            .map(|r| r["agent_name"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got, want, "{direction:?} {nulls:?}");
+    }
+}
+
+/// A Query without a limit returns the default 100 rows (the total says how many match); a
+/// limit above `--query-max-limit` is refused naming `limit`; StreamQuery is not capped; a
+/// maximum below 100 lowers the default.
+#[tokio::test]
+async fn query_limit_defaults_to_100_and_is_capped_by_the_maximum() {
+    let mut s = DbSvc::start(&["--query-max-limit", "120"]).await;
+    let mut conn = s.sql().await;
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+         SELECT gen_random_uuid(), 'agent-' || lpad(g::text, 3, '0'), 't', 'n' \
+         FROM generate_series(1, 150) g",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let query = |limit: Option<u32>| pb::QueryRequest {
+        table: "agent_actions".into(),
+        columns: vec!["agent_name".into()],
+        order_by: vec![pb::OrderBy {
+            column: "agent_name".into(),
+            ..Default::default()
+        }],
+        limit,
+        ..Default::default()
+    };
+
+    let reply = s
+        .client
+        .query(pb::QueryRequest {
+            include_total: true,
+            ..query(None)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.rows.len(), 100);
+    assert_eq!(reply.total, Some(150));
+    let names = rows_json(&reply.rows);
+    assert_eq!(names[0]["agent_name"], "agent-001");
+    assert_eq!(names[99]["agent_name"], "agent-100");
+    // Without include_total (the shared-read path) the default is the same.
+    let reply = s.client.query(query(None)).await.unwrap().into_inner();
+    assert_eq!(reply.rows.len(), 100);
+
+    // Up to the maximum is fine; beyond it is INVALID_ARGUMENT naming `limit`.
+    let reply = s.client.query(query(Some(120))).await.unwrap().into_inner();
+    assert_eq!(reply.rows.len(), 120);
+    let err = s.client.query(query(Some(121))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        error_details(&err),
+        ("VALIDATION_ERROR".to_string(), vec!["limit".to_string()])
+    );
+
+    // StreamQuery is not capped, with or without a limit.
+    for (limit, want) in [(None, 150), (Some(130), 130)] {
+        let mut stream = s
+            .client
+            .stream_query(pb::StreamQueryRequest {
+                query: Some(query(limit)),
+                batch_size: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut n = 0;
+        while let Some(batch) = stream.message().await.unwrap() {
+            n += batch.rows.len();
+        }
+        assert_eq!(n, want, "stream limit {limit:?}");
+    }
+    drop(conn);
+
+    // A maximum below 100 is also the default.
+    let mut small = DbSvc::start(&["--query-max-limit", "40"]).await;
+    let mut conn = small.sql().await;
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+         SELECT gen_random_uuid(), 'a' || g, 't', 'n' FROM generate_series(1, 60) g",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let reply = small.client.query(query(None)).await.unwrap().into_inner();
+    assert_eq!(reply.rows.len(), 40);
+    let err = small.client.query(query(Some(41))).await.unwrap_err();
+    assert_eq!(error_details(&err).1, vec!["limit"]);
+}
+
+/// The type mapping for types the platform tables do not use (smallint, real, double
+/// precision, date, json), against a table of the test's own: values round-trip through
+/// Insert and Query, filters take them, and wrong values are INVALID_ARGUMENT naming the field.
+#[tokio::test]
+async fn type_mapping_of_smallint_real_double_date_and_json() {
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query(
+            "CREATE TABLE measurements (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+             small smallint, ratio real, precise double precision, day date, doc json)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let mut s = DbSvc::start_on(db, &["--tables", "measurements"]).await;
+
+    let described = s
+        .client
+        .describe_table(pb::DescribeTableRequest {
+            table: "measurements".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .table
+        .unwrap();
+    let types: Vec<(String, String, String)> = described
+        .columns
+        .iter()
+        .map(|c| (c.name.clone(), c.sql_type.clone(), c.json_type.clone()))
+        .collect();
+    let want: Vec<(String, String, String)> = [
+        ("id", "uuid", "string"),
+        ("small", "smallint", "integer"),
+        ("ratio", "real", "number"),
+        ("precise", "double precision", "number"),
+        ("day", "date", "string"),
+        ("doc", "json", "json"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(types, want);
+
+    let (id1, id2, id3) = (
+        "00000000-0000-4000-8000-000000000001",
+        "00000000-0000-4000-8000-000000000002",
+        "00000000-0000-4000-8000-000000000003",
+    );
+    let sent = vec![
+        json!({"id": id1, "small": 32767, "ratio": 1.5, "precise": 0.1,
+               "day": "2024-02-29", "doc": {"a": [1, "x", null, true], "b": {"c": 2.5}}}),
+        json!({"id": id2, "small": -32768, "ratio": -0.25, "precise": -1.25e300,
+               "day": "0001-01-01", "doc": "just a string"}),
+        json!({"id": id3, "small": null, "ratio": null, "precise": null, "day": null, "doc": null}),
+    ];
+    // As the wire has them: every number a double.
+    let want = vec![
+        json!({"id": id1, "small": 32767.0, "ratio": 1.5, "precise": 0.1,
+               "day": "2024-02-29", "doc": {"a": [1.0, "x", null, true], "b": {"c": 2.5}}}),
+        json!({"id": id2, "small": -32768.0, "ratio": -0.25, "precise": -1.25e300,
+               "day": "0001-01-01", "doc": "just a string"}),
+        json!({"id": id3, "small": null, "ratio": null, "precise": null, "day": null, "doc": null}),
+    ];
+    let inserted = insert(&mut s, "measurements", sent).await;
+    assert_eq!(inserted, want);
+    let queried = rows_json(
+        &s.client
+            .query(pb::QueryRequest {
+                table: "measurements".into(),
+                order_by: vec![pb::OrderBy {
+                    column: "id".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows,
+    );
+    assert_eq!(queried, want, "Query reads back what Insert returned");
+
+    // What PostgreSQL holds is what was sent.
+    let mut conn = s.sql().await;
+    let held: (String, String, String, String, String) = sqlx::query_as(
+        "SELECT small::text, ratio::text, precise::text, day::text, doc::text \
+         FROM measurements WHERE id = $1::uuid",
+    )
+    .bind(id1)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(held.0, "32767");
+    assert_eq!(held.1, "1.5");
+    assert_eq!(held.2, "0.1");
+    assert_eq!(held.3, "2024-02-29");
+    let doc: Json = serde_json::from_str(&held.4).unwrap();
+    assert_eq!(doc, json!({"a": [1, "x", null, true], "b": {"c": 2.5}}));
+
+    // Filters take the same typed values.
+    for (filter, want) in [
+        (cond("small", pb::Operator::Lt, Some(json!(0))), 1),
+        (cond("ratio", pb::Operator::Gt, Some(json!(1.25))), 1),
+        (cond("precise", pb::Operator::Eq, Some(json!(0.1))), 1),
+        (cond("day", pb::Operator::Gte, Some(json!("2024-02-29"))), 1),
+        (cond("day", pb::Operator::Lt, Some(json!("2024-02-29"))), 1),
+        (cond("doc", pb::Operator::IsNull, None), 1),
+    ] {
+        let count = s
+            .client
+            .count(pb::CountRequest {
+                table: "measurements".into(),
+                filter: Some(filter.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .count;
+        assert_eq!(count, want, "{filter:?}");
+    }
+
+    // Wrong values: INVALID_ARGUMENT naming rows[i].<column>, nothing written.
+    for (column, value) in [
+        ("small", json!(1.5)),
+        ("small", json!(32768)),
+        ("small", json!(-32769)),
+        ("small", json!("12")),
+        ("ratio", json!("1.5")),
+        ("ratio", json!(true)),
+        ("precise", json!("0.1")),
+        ("day", json!("2024-02-30")),
+        ("day", json!("31/01/2024")),
+        ("day", json!("2024-01-31T00:00:00Z")),
+        ("day", json!(20240131)),
+    ] {
+        let mut row = json!({"small": 1});
+        row[column] = value.clone();
+        let err = s
+            .client
+            .insert(pb::InsertRequest {
+                table: "measurements".into(),
+                rows: vec![to_struct(json!({"small": 2})), to_struct(row)],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{column} = {value}: {err:?}"
+        );
+        assert_eq!(
+            error_details(&err),
+            (
+                "VALIDATION_ERROR".to_string(),
+                vec![format!("rows[1].{column}")]
+            ),
+            "{column} = {value}: {}",
+            err.message()
+        );
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM measurements")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 3, "no failed insert wrote a row");
+}
+
+/// The schema db-svc's migrations create is the reference's (ecosystem-facts §3): every
+/// column of the six platform tables with its type, NOT NULL and default, `id` the primary key
+/// (`gen_random_uuid()` unless noted), `created_at` defaulting to `now()`, and the indexes the
+/// reference lists.
+#[tokio::test]
+async fn migrated_schema_matches_the_reference() {
+    let s = DbSvc::start(&[]).await;
+    let mut conn = s.sql().await;
+    /// (column, type as format_type prints it, NOT NULL, default)
+    type Column = (&'static str, &'static str, bool, Option<&'static str>);
+    const UUID_PK: Column = ("id", "uuid", true, Some("gen_random_uuid()"));
+    const CREATED_AT: Column = (
+        "created_at",
+        "timestamp without time zone",
+        false,
+        Some("now()"),
+    );
+    let num = "numeric(5,4)";
+    // Each table's columns in table order, as the reference lists them.
+    let reference: Vec<(&str, Vec<Column>)> = vec![
+        (
+            "agent_routing_decisions",
+            vec![
+                UUID_PK,
+                ("correlation_id", "uuid", true, None),
+                ("session_id", "text", false, None),
+                ("user_request", "text", false, None),
+                ("user_request_hash", "text", false, None),
+                ("context_snapshot", "jsonb", false, None),
+                ("selected_agent", "text", true, None),
+                ("confidence_score", num, true, None),
+                ("routing_strategy", "text", false, None),
+                ("trigger_confidence", num, false, None),
+                ("context_confidence", num, false, None),
+                ("capability_confidence", num, false, None),
+                ("historical_confidence", num, false, None),
+                ("alternatives", "jsonb", false, None),
+                ("reasoning", "text", false, None),
+                ("routing_time_ms", "integer", false, None),
+                ("cache_hit", "boolean", false, Some("false")),
+                ("selection_validated", "boolean", false, Some("false")),
+                ("actual_success", "boolean", false, None),
+                ("execution_succeeded", "boolean", false, None),
+                ("actual_quality_score", num, false, None),
+                CREATED_AT,
+            ],
+        ),
+        (
+            "agent_actions",
+            vec![
+                UUID_PK,
+                ("correlation_id", "uuid", true, None),
+                ("agent_name", "text", true, None),
+                ("action_type", "text", true, None),
+                ("action_name", "text", true, None),
+                ("action_details", "jsonb", false, Some("'{}'::jsonb")),
+                ("debug_mode", "boolean", false, Some("true")),
+                ("duration_ms", "integer", false, None),
+                CREATED_AT,
+            ],
+        ),
+        (
+            "agent_transformation_events",
+            vec![
+                UUID_PK,
+                ("source_agent", "text", true, None),
+                ("target_agent", "text", true, None),
+                ("transformation_reason", "text", false, None),
+                ("confidence_score", num, false, None),
+                ("transformation_duration_ms", "integer", false, None),
+                ("success", "boolean", false, Some("true")),
+                CREATED_AT,
+                ("project_path", "text", false, None),
+                ("project_name", "text", false, None),
+                ("claude_session_id", "text", false, None),
+            ],
+        ),
+        (
+            "agent_manifest_injections",
+            vec![
+                UUID_PK,
+                ("correlation_id", "uuid", true, None),
+                ("routing_decision_id", "uuid", false, None),
+                ("agent_name", "text", true, None),
+                ("manifest_version", "text", true, None),
+                ("generation_source", "text", true, None),
+                ("is_fallback", "boolean", false, Some("false")),
+                ("patterns_count", "integer", false, Some("0")),
+                ("infrastructure_services", "integer", false, Some("0")),
+                ("debug_intelligence_successes", "integer", false, Some("0")),
+                ("debug_intelligence_failures", "integer", false, Some("0")),
+                ("query_times", "jsonb", true, None),
+                ("total_query_time_ms", "integer", true, None),
+                ("full_manifest_snapshot", "jsonb", true, None),
+                ("agent_execution_success", "boolean", false, None),
+                ("agent_execution_time_ms", "integer", false, None),
+                ("agent_quality_score", num, false, None),
+                CREATED_AT,
+            ],
+        ),
+        (
+            "pattern_lineage_nodes",
+            vec![
+                // "id uuid primary key (no default)".
+                ("id", "uuid", true, None),
+                ("pattern_id", "character varying(255)", true, None),
+                ("pattern_name", "character varying(255)", true, None),
+                ("pattern_type", "character varying(100)", true, None),
+                ("pattern_version", "character varying(50)", true, None),
+                ("lineage_id", "uuid", true, None),
+                ("generation", "integer", true, None),
+                ("pattern_data", "jsonb", true, None),
+                ("metadata", "jsonb", false, None),
+                ("correlation_id", "uuid", true, None),
+                (
+                    "created_at",
+                    "timestamp with time zone",
+                    false,
+                    Some("now()"),
+                ),
+                ("language", "character varying(50)", false, None),
+            ],
+        ),
+        (
+            "pattern_lineage_edges",
+            vec![
+                UUID_PK,
+                ("source_node_id", "uuid", true, None),
+                ("target_node_id", "uuid", true, None),
+                ("edge_type", "text", true, None),
+                ("edge_weight", "numeric(10,6)", false, None),
+                ("transformation_type", "text", false, None),
+                ("metadata", "jsonb", false, None),
+                ("correlation_id", "uuid", false, None),
+                CREATED_AT,
+                ("created_by", "text", false, None),
+            ],
+        ),
+    ];
+    for (table, columns) in &reference {
+        let got: Vec<(String, String, bool, Option<String>)> = sqlx::query_as(
+            "SELECT c.column_name::text, format_type(a.atttypid, a.atttypmod), \
+                    c.is_nullable = 'NO', c.column_default::text \
+             FROM information_schema.columns c \
+             JOIN pg_attribute a ON a.attrelid = format('%I.%I', c.table_schema, c.table_name)::regclass \
+                                AND a.attname = c.column_name \
+             WHERE c.table_schema = current_schema() AND c.table_name = $1 \
+             ORDER BY c.ordinal_position",
+        )
+        .bind(table)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let want: Vec<(String, String, bool, Option<String>)> = columns
+            .iter()
+            .map(|(n, t, nn, d)| (n.to_string(), t.to_string(), *nn, d.map(str::to_string)))
+            .collect();
+        assert_eq!(got, want, "columns of {table}");
+
+        let key: Vec<String> = sqlx::query_scalar(
+            "SELECT a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+             WHERE i.indrelid = $1::regclass AND i.indisprimary",
+        )
+        .bind(table)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(key, vec!["id"], "primary key of {table}");
+    }
+
+    // The indexes the reference lists: a plain btree index on each column.
+    for (table, columns) in [
+        (
+            "agent_routing_decisions",
+            ["selected_agent", "created_at", "correlation_id"],
+        ),
+        (
+            "agent_actions",
+            ["agent_name", "created_at", "correlation_id"],
+        ),
+    ] {
+        let defs: Vec<String> =
+            sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE tablename = $1")
+                .bind(table)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        for column in columns {
+            let suffix = format!(" USING btree ({column})");
+            assert!(
+                defs.iter()
+                    .any(|d| d.starts_with("CREATE INDEX") && d.ends_with(&suffix)),
+                "no index on {table}.{column}: {defs:#?}"
+            );
+        }
+    }
+
+    // The defaults work as the reference means them: a row given none gets a fresh uuid and
+    // the current time.
+    let (id, age): (uuid::Uuid, f64) = sqlx::query_as(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+         VALUES (gen_random_uuid(), 'a', 't', 'n') \
+         RETURNING id, abs(extract(epoch FROM now()::timestamp - created_at))::float8",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(id.get_version_num(), 4);
+    assert!(age < 1.0, "created_at is now(): {age}");
+}
+
+/// A number a `real` cannot hold is refused, as PostgreSQL itself refuses `'1e300'::real`
+/// ("out of range"), rather than stored as Infinity or 0.
+#[tokio::test]
+async fn a_real_out_of_range_is_refused_not_stored_as_infinity() {
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("CREATE TABLE readings (id serial PRIMARY KEY, ratio real)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut s = DbSvc::start_on(db, &["--tables", "readings"]).await;
+    let mut stored = Vec::new();
+    for value in [1e300, -1e300, 1e-50] {
+        match s
+            .client
+            .insert(pb::InsertRequest {
+                table: "readings".into(),
+                rows: vec![to_struct(json!({"ratio": value}))],
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(reply) => stored.push((
+                value,
+                rows_json(&reply.into_inner().rows)[0]["ratio"].clone(),
+            )),
+            Err(err) => {
+                assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+                assert_eq!(error_details(&err).1, vec!["rows[0].ratio"]);
+            }
+        }
+    }
+    assert!(stored.is_empty(), "stored as other values: {stored:?}");
+    // In range, a real reads back as the decimal written (as PostgreSQL prints it), not as
+    // the float's exact binary value (0.10000000149011612).
+    let reply = s
+        .client
+        .insert(pb::InsertRequest {
+            table: "readings".into(),
+            rows: vec![to_struct(json!({"ratio": 0.1}))],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows_json(&reply.into_inner().rows)[0]["ratio"], json!(0.1));
 }

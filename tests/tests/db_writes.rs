@@ -375,3 +375,102 @@ async fn an_insert_whose_caller_gave_up_while_it_waited_is_not_written() {
     assert_eq!(agents, vec!["first", "kept"]);
     assert_eq!(count(&mut s, "agent_actions").await, 2);
 }
+
+async fn agents(s: &DbSvc) -> Vec<String> {
+    let mut conn = s.sql().await;
+    sqlx::query_scalar("SELECT agent_name FROM agent_actions ORDER BY agent_name")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Delete and Upsert replay by request_id as Insert and Update do: the repeat returns the
+/// recorded result, marked replayed, and writes nothing, though a fresh run would have.
+#[tokio::test]
+async fn delete_and_upsert_replay_by_request_id() {
+    let mut s = DbSvc::start(&[]).await;
+    s.seed_actions(vec![action("a"), action("a"), action("b")])
+        .await;
+
+    let delete = pb::DeleteRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(json!({"agent_name": "a"}))),
+        request_id: "del-1".into(),
+        ..Default::default()
+    };
+    let first = s.client.delete(delete.clone()).await.unwrap().into_inner();
+    assert_eq!((first.affected, first.replayed), (2, false));
+    assert_eq!(first.rows.len(), 2);
+    // A new matching row: running the delete again would remove it.
+    s.seed_actions(vec![action("a")]).await;
+    let again = s.client.delete(delete).await.unwrap().into_inner();
+    assert_eq!((again.affected, again.replayed), (2, true));
+    assert_eq!(rows_json(&again.rows), rows_json(&first.rows));
+    assert_eq!(agents(&s).await, vec!["a", "b"], "deleted once");
+
+    // Upsert: the replay carries other content (as a retry built anew might); nothing of it
+    // is written.
+    let id = uuid::Uuid::new_v4().to_string();
+    let upsert = |agent: &str| {
+        let mut row = action(agent);
+        row["id"] = json!(id);
+        pb::UpsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![to_struct(row)],
+            request_id: "up-1".into(),
+            ..Default::default()
+        }
+    };
+    let first = s.client.upsert(upsert("up")).await.unwrap().into_inner();
+    assert_eq!((first.affected, first.replayed), (1, false));
+    assert_eq!(from_struct(&first.rows[0])["agent_name"], "up");
+    let again = s
+        .client
+        .upsert(upsert("changed"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.affected, again.replayed), (1, true));
+    assert_eq!(rows_json(&again.rows), rows_json(&first.rows));
+    assert_eq!(agents(&s).await, vec!["a", "b", "up"], "upserted once");
+    // The same upsert under a new id does write (so the replay above was what kept it out).
+    let fresh = s
+        .client
+        .upsert(pb::UpsertRequest {
+            request_id: "up-2".into(),
+            count_only: true,
+            ..upsert("changed")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((fresh.affected, fresh.replayed), (1, false));
+    assert!(fresh.rows.is_empty());
+    let replayed = s
+        .client
+        .upsert(pb::UpsertRequest {
+            request_id: "up-2".into(),
+            count_only: true,
+            ..upsert("changed again")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((replayed.affected, replayed.replayed), (1, true));
+    assert!(replayed.rows.is_empty());
+    assert_eq!(agents(&s).await, vec!["a", "b", "changed"]);
+    assert_eq!(count(&mut s, "agent_actions").await, 3);
+
+    // One record per id, with the operation it was first used for.
+    let mut conn = s.sql().await;
+    let log: Vec<(String, String)> =
+        sqlx::query_as("SELECT request_id, operation FROM omnibus_request_log ORDER BY 1")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let log: Vec<(&str, &str)> = log.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(
+        log,
+        vec![("del-1", "delete"), ("up-1", "upsert"), ("up-2", "upsert")]
+    );
+}
