@@ -171,9 +171,31 @@ impl Partition {
     }
 }
 
+/// How many parse errors of one topic may still be logged: at most
+/// [`ERROR_LOGS_PER_MINUTE`] per minute, so a flood of bad input cannot flood the log.
 struct ErrorLog {
     window_start: Instant,
     logged: u32,
+}
+
+impl ErrorLog {
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            logged: 0,
+        }
+    }
+
+    /// Whether an error seen at `now` may be logged (it is counted either way).
+    fn allow(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.window_start) >= Duration::from_secs(60) {
+            self.window_start = now;
+            self.logged = 0;
+        }
+        let allowed = self.logged < ERROR_LOGS_PER_MINUTE;
+        self.logged += u32::from(allowed);
+        allowed
+    }
 }
 
 /// Receives librdkafka's statistics: the high watermarks it saw in fetch responses. (Asking
@@ -281,10 +303,7 @@ impl Ingest {
             recreated: HashSet::new(),
             client_replaced: false,
             brokers_down,
-            error_logs: std::array::from_fn(|_| ErrorLog {
-                window_start: Instant::now(),
-                logged: 0,
-            }),
+            error_logs: std::array::from_fn(|_| ErrorLog::new(Instant::now())),
         })
     }
 
@@ -760,13 +779,7 @@ fn parse_batch(
             Ok(event) => parsed.push((k, event)),
             Err(e) => {
                 errors[k] += 1;
-                let log = &mut error_logs[k];
-                if log.window_start.elapsed() >= Duration::from_secs(60) {
-                    log.window_start = Instant::now();
-                    log.logged = 0;
-                }
-                if log.logged < ERROR_LOGS_PER_MINUTE {
-                    log.logged += 1;
+                if error_logs[k].allow(Instant::now()) {
                     tracing::warn!(
                         topic,
                         partition = m.partition(),
@@ -866,6 +879,20 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_errors_are_logged_at_most_ten_times_a_minute() {
+        let start = Instant::now();
+        let mut log = ErrorLog::new(start);
+        let logged = (0..25).filter(|_| log.allow(start)).count();
+        assert_eq!(logged, ERROR_LOGS_PER_MINUTE as usize);
+        assert!(!log.allow(start + Duration::from_secs(59)));
+        // A new minute, a new budget.
+        let next = start + Duration::from_secs(60);
+        assert_eq!((0..25).filter(|_| log.allow(next)).count(), 10);
+        // A clock reading older than the window start does not reset it.
+        assert!(!log.allow(start));
+    }
 
     #[test]
     fn the_window_starts_one_message_before_the_brokers_answer() {
