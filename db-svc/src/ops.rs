@@ -9,7 +9,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::catalog::{ColType, TableInfo};
 use crate::error::DbError;
-use crate::values::{Param, to_param};
+use crate::values::{Param, to_param, to_stored_param};
 
 pub type JsonRow = Map<String, Json>;
 
@@ -676,7 +676,8 @@ fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, Db
             };
             let cell = match row.get(name) {
                 Some(v) => Cell::Value(
-                    to_param(c.ty, v).map_err(|e| e.within(&format!("rows[{i}].{name}")))?,
+                    to_stored_param(c.ty, &c.sql_type, v)
+                        .map_err(|e| e.within(&format!("rows[{i}].{name}")))?,
                 ),
                 None if AUTO_TIMESTAMPS.contains(&name.as_str()) && c.ty.is_timestamp() => {
                     Cell::Now
@@ -877,7 +878,8 @@ pub fn plan_update(table: &TableInfo, spec: &UpdateSpec) -> Result<Plan, DbError
         let Some(v) = spec.set.get(&c.name) else {
             continue;
         };
-        let p = to_param(c.ty, v).map_err(|e| e.within(&format!("set.{}.", c.name)))?;
+        let p = to_stored_param(c.ty, &c.sql_type, v)
+            .map_err(|e| e.within(&format!("set.{}.", c.name)))?;
         if !first {
             b.push(", ");
         }

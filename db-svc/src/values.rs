@@ -174,6 +174,51 @@ fn timestamp(s: &str, allow_naive: bool) -> Result<DateTime<Utc>, DbError> {
     ))
 }
 
+/// [`to_param`] for a value to be stored in a column declared as `sql_type` (`format_type`'s
+/// text): a number too large for a `numeric(p,s)` column is a field error here, as PostgreSQL
+/// reports it without naming the column.
+pub fn to_stored_param(ty: ColType, sql_type: &str, value: &Json) -> Result<Param, DbError> {
+    let param = to_param(ty, value)?;
+    if let Param::Numeric(d) = &param
+        && let Some((precision, scale)) = numeric_typmod(sql_type)
+        && !numeric_fits(d, precision, scale)
+    {
+        return Err(DbError::field(
+            "",
+            format!(
+                "{d} is out of range for {sql_type}: at most {} digit(s) before the point",
+                precision - scale
+            ),
+        ));
+    }
+    Ok(param)
+}
+
+/// The precision and scale of `numeric(p,s)` / `numeric(p)`.
+fn numeric_typmod(sql_type: &str) -> Option<(u32, u32)> {
+    let args = sql_type.strip_prefix("numeric(")?.strip_suffix(')')?;
+    let (p, s) = args.split_once(',').unwrap_or((args, "0"));
+    Some((p.trim().parse().ok()?, s.trim().parse().ok()?))
+}
+
+/// Whether `d`, rounded to `scale` places as PostgreSQL rounds (half away from zero), has at
+/// most `precision - scale` digits before the point.
+fn numeric_fits(d: &Decimal, precision: u32, scale: u32) -> bool {
+    let Some(int_digits) = precision.checked_sub(scale) else {
+        // PostgreSQL 15 allows a scale above the precision: only zero and small fractions.
+        return true;
+    };
+    let rounded = d
+        .round_dp_with_strategy(scale, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
+        .abs()
+        .trunc();
+    // A Decimal has at most 28 integer digits; a limit beyond that holds every value.
+    if int_digits >= 28 {
+        return true;
+    }
+    rounded < Decimal::from_i128_with_scale(10i128.pow(int_digits), 0)
+}
+
 /// Converts a JSON value to a bind parameter for a column of type `ty`. JSON null is SQL NULL.
 /// Errors are field errors with an empty path, for the caller to prefix.
 pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
@@ -860,6 +905,30 @@ mod tests {
         assert_eq!(number(f64::INFINITY), json!("Infinity"));
         assert_eq!(number(f64::NEG_INFINITY), json!("-Infinity"));
         assert_eq!(number(f64::NAN), json!("NaN"));
+    }
+
+    #[test]
+    fn numerics_are_checked_against_their_precision_and_scale() {
+        let stored = |sql_type: &str, v: Json| to_stored_param(ColType::Numeric, sql_type, &v);
+        assert!(stored("numeric(5,4)", json!(9.9999)).is_ok());
+        assert!(stored("numeric(5,4)", json!(-9.9999)).is_ok());
+        // Rounded to 4 places first, as PostgreSQL does: 9.99995 becomes 10.0000.
+        let err = stored("numeric(5,4)", json!("9.99995")).unwrap_err();
+        assert!(
+            err.to_string().contains("out of range for numeric(5,4)"),
+            "{err}"
+        );
+        assert!(stored("numeric(5,4)", json!(12.5)).is_err());
+        assert!(stored("numeric(5,4)", json!("9.99994")).is_ok());
+        assert!(stored("numeric(3)", json!(999)).is_ok());
+        assert!(stored("numeric(3)", json!(999.5)).is_err());
+        assert!(stored("numeric(3,0)", json!(-999.4)).is_ok());
+        assert!(stored("numeric", json!(1e20)).is_ok());
+        assert!(stored("numeric(40,2)", json!("12345678901234567890123456")).is_ok());
+        // Not numeric: unchanged.
+        assert!(stored("integer", json!(5)).is_ok());
+        assert_eq!(numeric_typmod("numeric(10, 2)"), Some((10, 2)));
+        assert_eq!(numeric_typmod("numeric"), None);
     }
 
     #[test]

@@ -256,7 +256,8 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_invalid(&err, "rows[0].confidence_score");
+    assert!(err.message().contains("numeric(5,4)"), "{err:?}");
 
     assert_eq!(
         count(&mut s, "agent_actions").await,
