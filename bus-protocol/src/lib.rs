@@ -44,4 +44,6 @@ pub mod codes {
     pub const WRITE_NOT_ALLOWED: &str = "WRITE_NOT_ALLOWED";
     /// A bug or an unexpected condition in db-svc.
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
+    /// The reply was larger than the bus accepts (its rows were not sent; nothing was undone).
+    pub const REPLY_TOO_LARGE: &str = "REPLY_TOO_LARGE";
 }

@@ -19,7 +19,7 @@ use crate::ops::{
     self, CountSpec, Criteria, DeleteSpec, Filter, InsertSpec, Op, OpOutput, Operation, OrderBy,
     QuerySpec, RawSpec, UpdateSpec, UpsertSpec,
 };
-use crate::values::{proto_to_json, struct_to_json};
+use crate::values::{input_json, input_object};
 use crate::wire::Encoded;
 
 /// Default and maximum rows per StreamQuery message.
@@ -90,11 +90,10 @@ pub fn filter_from_proto(filter: &pb::Filter, path: &str) -> Result<Filter, DbEr
             Filter::Condition {
                 column: c.column.clone(),
                 op,
-                value: c
-                    .value
-                    .as_ref()
-                    .map(proto_to_json)
-                    .unwrap_or(serde_json::Value::Null),
+                value: match &c.value {
+                    Some(v) => input_json(v, &format!("{path}.condition.value"))?,
+                    None => serde_json::Value::Null,
+                },
             }
         }
         Some(Kind::All(list)) => Filter::All(filter_list(list, &format!("{path}.all"))?),
@@ -120,7 +119,10 @@ fn criteria(
     filter: Option<&pb::Filter>,
 ) -> Result<Criteria, DbError> {
     Ok(Criteria {
-        equals: r#where.map(struct_to_json).unwrap_or_default(),
+        equals: match r#where {
+            Some(w) => input_object(w, "where")?,
+            None => Default::default(),
+        },
         filter: match filter.filter(|f| f.kind.is_some()) {
             Some(f) => Some(filter_from_proto(f, "filter")?),
             None => None,
@@ -128,8 +130,11 @@ fn criteria(
     })
 }
 
-fn rows_from_proto(rows: &[prost_types::Struct]) -> Vec<ops::JsonRow> {
-    rows.iter().map(struct_to_json).collect()
+fn rows_from_proto(rows: &[prost_types::Struct]) -> Result<Vec<ops::JsonRow>, Status> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| input_object(r, &format!("rows[{i}]")).map_err(Status::from))
+        .collect()
 }
 
 pub fn query_spec(q: &pb::QueryRequest) -> Result<QuerySpec, DbError> {
@@ -225,7 +230,7 @@ impl DatabaseService for DatabaseApi {
             .run(
                 Operation::Insert(InsertSpec {
                     table: r.table,
-                    rows: rows_from_proto(&r.rows),
+                    rows: rows_from_proto(&r.rows)?,
                     count_only: r.count_only,
                 }),
                 ctx,
@@ -245,7 +250,10 @@ impl DatabaseService for DatabaseApi {
         let op = Operation::Update(UpdateSpec {
             table: r.table.clone(),
             criteria,
-            set: r.set.as_ref().map(struct_to_json).unwrap_or_default(),
+            set: match &r.set {
+                Some(s) => input_object(s, "set").map_err(Status::from)?,
+                None => Default::default(),
+            },
             max_affected: r.max_affected,
             count_only: r.count_only,
         });
@@ -290,7 +298,7 @@ impl DatabaseService for DatabaseApi {
             .run(
                 Operation::Upsert(UpsertSpec {
                     table: r.table,
-                    rows: rows_from_proto(&r.rows),
+                    rows: rows_from_proto(&r.rows)?,
                     conflict_columns: r.conflict_columns,
                     update_columns: r.update_columns,
                     ignore_duplicates: r.ignore_duplicates,
@@ -336,7 +344,12 @@ impl DatabaseService for DatabaseApi {
             .run(
                 Operation::Raw(RawSpec {
                     sql: r.sql,
-                    params: r.params.iter().map(proto_to_json).collect(),
+                    params: r
+                        .params
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| input_json(p, &format!("params[{i}]")))
+                        .collect::<Result<_, _>>()?,
                 }),
                 ctx,
             )

@@ -221,8 +221,13 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
             DbError::Unavailable(message)
         }
         // Data exceptions (out-of-range numbers, bad text), cardinality violations (an upsert
-        // touching one row twice) and, for raw SQL, syntax / undefined objects: the caller's input.
-        c if c.starts_with("22") || c.starts_with("21") || c.starts_with("42") => {
+        // touching one row twice), program limits (a value or statement too large) and, for raw
+        // SQL, syntax / undefined objects: the caller's input.
+        c if c.starts_with("22")
+            || c.starts_with("21")
+            || c.starts_with("42")
+            || c.starts_with("54") =>
+        {
             DbError::field("", message)
         }
         _ => DbError::Database(message),

@@ -436,6 +436,18 @@ impl Executor {
             while let Some(item) = results.try_next().await? {
                 match item {
                     Either::Left(done) => affected += done.rows_affected(),
+                    // Bounded like a Query: a statement that yields more rows than one response
+                    // may carry fails (a write is rolled back) before its rows fill memory.
+                    Either::Right(_) if rows.len() as u64 >= self.limits.max_limit => {
+                        return Err(DbError::field(
+                            "sql",
+                            format!(
+                                "the statement returns more than {} rows (--query-max-limit); \
+                                 add a LIMIT, or read it with StreamQuery",
+                                self.limits.max_limit
+                            ),
+                        ));
+                    }
                     Either::Right(row) => rows.push(decoder.decode(&row)?),
                 }
             }
@@ -482,28 +494,63 @@ impl Executor {
         }
         let plan = ops::plan_query(&table, &spec, spec.limit)?;
         let args = arguments(&plan.params)?;
-        let (tx, rx) = mpsc::channel::<RowBatch>(2);
+        // Two batches in flight, plus a slot kept for the error that ends a stream early: a
+        // full channel (a reader that stopped reading) must not keep that error out.
+        let (tx, rx) = mpsc::channel::<RowBatch>(3);
         let pool = self.pool.clone();
+        let stall = self.stalled_reader_limit();
         tokio::spawn(async move {
-            let result =
-                stream_rows(pool, plan.sql, args, batch_size, timeout, &tx, shutdown).await;
+            let Ok(error_slot) = tx.reserve().await else {
+                return;
+            };
+            let result = stream_rows(
+                pool, plan.sql, args, batch_size, timeout, stall, &tx, shutdown,
+            )
+            .await;
             if let Err(e) = result {
-                let _ = tx.send(Err(e)).await;
+                error_slot.send(Err(e));
             }
         });
         Ok(rx)
     }
 }
 
+/// How long [`Executor::stream`] waits for its reader to take a batch: the statement timeout
+/// (the operator's bound on any one wait), or a minute when statements have none.
+const STALLED_READER_FALLBACK: Duration = Duration::from_secs(60);
+
+impl Executor {
+    fn stalled_reader_limit(&self) -> Duration {
+        match self.limits.statement_timeout {
+            Duration::ZERO => STALLED_READER_FALLBACK,
+            t => t,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one streamed query's whole context, called once
 async fn stream_rows(
     pool: PgPool,
     sql: String,
     args: PgArguments,
     batch_size: usize,
     timeout: Option<Duration>,
+    stall: Duration,
     out: &mpsc::Sender<RowBatch>,
     shutdown: Shutdown,
 ) -> Result<(), DbError> {
+    // A reader that takes no batch for `stall` ends the stream, so that a client which stops
+    // reading (but keeps its connection) cannot hold a pooled connection and a transaction.
+    let send = async |batch: Vec<prost_types::Struct>| -> Result<bool, DbError> {
+        match tokio::time::timeout(stall, out.send(Ok(batch))).await {
+            Ok(sent) => Ok(sent.is_ok()),
+            Err(_) => Err(DbError::Timeout(format!(
+                "the reader took no batch for {}; the stream was ended to free its database \
+                 connection",
+                svc_kit::server::format_duration(stall)
+            ))),
+        }
+    };
     let mut tx = pool.begin_with("BEGIN READ ONLY").await?;
     // A stream may legitimately outlast the default statement timeout: it is bounded by the
     // caller's deadline (if any), by the caller going away, and by shutdown.
@@ -523,7 +570,11 @@ async fn stream_rows(
                     batch.push(decoder.decode(&row)?);
                     if batch.len() >= batch_size {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
-                        if out.send(Ok(full)).await.is_err() {
+                        let sent = tokio::select! {
+                            _ = shutdown.triggered() => return Ok(()),
+                            sent = send(full) => sent?,
+                        };
+                        if !sent {
                             return Ok(());
                         }
                     }
@@ -531,8 +582,8 @@ async fn stream_rows(
                 None => break,
             }
         }
-        if !batch.is_empty() {
-            let _ = out.send(Ok(batch)).await;
+        if !batch.is_empty() && !send(batch).await? {
+            return Ok(());
         }
     }
     tx.commit().await?;
@@ -665,6 +716,7 @@ async fn raw_params(
     sql: &str,
     params: &[Json],
 ) -> Result<Vec<Param>, DbError> {
+    ops::check_bind_limit(params.len(), "params")?;
     let statement = sqlx::Executor::prepare(&mut **tx, sql).await?;
     let types: Vec<ColType> = match statement.parameters() {
         Some(Either::Left(types)) => types

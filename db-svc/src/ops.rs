@@ -286,6 +286,31 @@ impl Builder {
             placeholders: self.placeholders,
         }
     }
+
+    /// The plan, if PostgreSQL can bind its parameters: at most [`MAX_BIND_PARAMS`] per
+    /// statement (beyond that the driver fails the statement as a protocol error, which would
+    /// read as an outage). `field` names what grew too large.
+    fn finish_within_limit(self, field: &str) -> Result<Plan, DbError> {
+        check_bind_limit(self.params.len(), field)?;
+        Ok(self.finish())
+    }
+}
+
+/// PostgreSQL's limit on bind parameters per statement (a 16-bit count in the protocol).
+pub const MAX_BIND_PARAMS: usize = u16::MAX as usize;
+
+/// A field error when `count` values would not fit in one statement.
+pub fn check_bind_limit(count: usize, field: &str) -> Result<(), DbError> {
+    if count > MAX_BIND_PARAMS {
+        return Err(DbError::field(
+            field,
+            format!(
+                "{count} values to bind; PostgreSQL takes at most {MAX_BIND_PARAMS} per \
+                 statement (send fewer rows per request, or shorter IN lists)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn unknown_column(table: &TableInfo, field: &str, column: &str) -> DbError {
@@ -611,7 +636,7 @@ pub fn plan_query(
         b.push(" OFFSET ");
         b.bind(Param::Int8(clamp_i64(spec.offset)));
     }
-    Ok(b.finish())
+    b.finish_within_limit("filter")
 }
 
 fn clamp_i64(v: u64) -> i64 {
@@ -624,7 +649,7 @@ pub fn plan_count(table: &TableInfo, criteria: &Criteria) -> Result<Plan, DbErro
     b.push("SELECT count(*) FROM ");
     b.ident(&table.name);
     where_clause(&mut b, table, criteria)?;
-    Ok(b.finish())
+    b.finish_within_limit("filter")
 }
 
 /// Columns filled with now() when the table has them and the caller did not give them.
@@ -853,7 +878,7 @@ pub fn plan_shared_insert(
     let mut b = Builder::new();
     push_insert(&mut b, table, &columns, rows);
     returning(&mut b, table, count_only);
-    Ok(b.finish())
+    b.finish_within_limit("rows")
 }
 
 /// UPDATE ... SET ... WHERE ... RETURNING. The filter must hold at least one condition.
@@ -898,7 +923,7 @@ pub fn plan_update(table: &TableInfo, spec: &UpdateSpec) -> Result<Plan, DbError
     }
     where_clause(&mut b, table, &spec.criteria)?;
     returning(&mut b, table, spec.count_only);
-    Ok(b.finish())
+    b.finish_within_limit("filter")
 }
 
 /// DELETE ... WHERE ... RETURNING. The filter must hold at least one condition.
@@ -909,7 +934,7 @@ pub fn plan_delete(table: &TableInfo, spec: &DeleteSpec) -> Result<Plan, DbError
     b.ident(&table.name);
     where_clause(&mut b, table, &spec.criteria)?;
     returning(&mut b, table, spec.count_only);
-    Ok(b.finish())
+    b.finish_within_limit("filter")
 }
 
 fn require_filter(operation: &'static str, criteria: &Criteria) -> Result<(), DbError> {
@@ -985,7 +1010,7 @@ pub fn plan_upsert(table: &TableInfo, spec: &UpsertSpec) -> Result<Plan, DbError
         }
     }
     returning(&mut b, table, spec.count_only);
-    Ok(b.finish())
+    b.finish_within_limit("rows")
 }
 
 #[cfg(test)]

@@ -236,6 +236,11 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
         ColType::Float4 | ColType::Float8 => {
             let f = match value {
                 Json::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+                // What these columns read back as when JSON has no number for the value.
+                Json::String(s) => match s.parse::<f64>() {
+                    Ok(f) if !f.is_finite() => f,
+                    _ => return Err(type_error(ty, value)),
+                },
                 other => return Err(type_error(ty, other)),
             };
             if ty == ColType::Float4 {
@@ -800,6 +805,43 @@ pub fn proto_to_json(value: &prost_types::Value) -> Json {
     }
 }
 
+/// [`proto_to_json`] for a client's value at `path`: a NaN or infinite number, which a
+/// protobuf `Value` can carry and JSON cannot, is a field error rather than silently text.
+pub fn input_json(value: &prost_types::Value, path: &str) -> Result<Json, DbError> {
+    check_finite(value, path)?;
+    Ok(proto_to_json(value))
+}
+
+/// [`struct_to_json`] for a client's object at `path` (see [`input_json`]).
+pub fn input_object(s: &prost_types::Struct, path: &str) -> Result<Map<String, Json>, DbError> {
+    for (k, v) in &s.fields {
+        check_finite(v, &format!("{path}.{k}"))?;
+    }
+    Ok(struct_to_json(s))
+}
+
+fn check_finite(value: &prost_types::Value, path: &str) -> Result<(), DbError> {
+    use prost_types::value::Kind;
+    match &value.kind {
+        Some(Kind::NumberValue(f)) if !f.is_finite() => Err(DbError::field(
+            path,
+            format!(
+                "{f} is not a number JSON or PostgreSQL columns other than floats can hold; send NaN or Infinity to a float column as the string \"NaN\" / \"Infinity\""
+            ),
+        )),
+        Some(Kind::ListValue(l)) => l
+            .values
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_finite(v, &format!("{path}[{i}]"))),
+        Some(Kind::StructValue(s)) => s
+            .fields
+            .iter()
+            .try_for_each(|(k, v)| check_finite(v, &format!("{path}.{k}"))),
+        _ => Ok(()),
+    }
+}
+
 /// google.protobuf.Struct -> JSON object.
 pub fn struct_to_json(s: &prost_types::Struct) -> Map<String, Json> {
     s.fields
@@ -901,6 +943,30 @@ mod tests {
             Param::Float8(1e300)
         );
         assert_eq!(real_as_double(0.1), 0.1);
+        // The strings non-finite floats read back as are accepted; other strings are not.
+        assert_eq!(
+            to_param(ColType::Float8, &json!("-Infinity")).unwrap(),
+            Param::Float8(f64::NEG_INFINITY)
+        );
+        assert!(
+            matches!(to_param(ColType::Float4, &json!("NaN")).unwrap(), Param::Float4(f) if f.is_nan())
+        );
+        assert!(to_param(ColType::Float8, &json!("1.5")).is_err());
+        // A non-finite protobuf number is refused with its path.
+        let v = prost_types::Value {
+            kind: Some(prost_types::value::Kind::ListValue(
+                prost_types::ListValue {
+                    values: vec![
+                        number_value(1.0),
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
+                        },
+                    ],
+                },
+            )),
+        };
+        let err = input_json(&v, "params[2]").unwrap_err();
+        assert_eq!(err.violations()[0].field, "params[2][1]");
         assert_eq!(real_as_double(f32::MAX), 3.4028235e38);
         assert_eq!(number(f64::INFINITY), json!("Infinity"));
         assert_eq!(number(f64::NEG_INFINITY), json!("-Infinity"));

@@ -789,3 +789,51 @@ async fn trace_id_travels_from_the_client_through_the_bus_to_the_reply() {
 
     drop(svc);
 }
+
+/// A reply larger than the bus accepts (librdkafka's default `message.max.bytes`, 1 MB) is a
+/// FAILED reply `REPLY_TOO_LARGE` rather than a publish retried forever, and the worker goes
+/// on answering the requests after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_too_large_for_the_bus_fails_and_the_worker_goes_on() {
+    use sqlx::Connection;
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // ~2.5 MB of rows, carried twice in a reply (rows and response).
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name, \
+         action_details) SELECT gen_random_uuid(), 'big', 'tool_call', 'read_file', \
+         jsonb_build_object('pad', repeat('x', 300)) FROM generate_series(1, 5000)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let bus = BusPublisher::connect(topics.client_config(REPLY))
+        .await
+        .unwrap();
+    let query = pb::QueryRequest {
+        table: "agent_actions".into(),
+        limit: Some(5000),
+        ..Default::default()
+    };
+    match bus
+        .call(&query, &uuid::Uuid::new_v4().to_string(), Some(FIRST_REPLY))
+        .await
+    {
+        Err(BusError::Failed(f)) => {
+            assert_eq!(f.error_code, "REPLY_TOO_LARGE", "{f:?}");
+            assert!(f.error.contains("StreamQuery"), "{f:?}");
+        }
+        other => panic!("expected REPLY_TOO_LARGE, got {other:?}"),
+    }
+    let count = pb::CountRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    };
+    let counted = bus
+        .call(&count, &uuid::Uuid::new_v4().to_string(), None)
+        .await
+        .unwrap();
+    assert_eq!(counted.count, 5000);
+}

@@ -734,3 +734,164 @@ async fn deadline_bounds_writes_and_raw_statements() {
         vec![json!({"agent_name": "updated", "n": 2.0})]
     );
 }
+
+/// Input that is legal protobuf but that no statement can carry is refused up front, naming
+/// the field, instead of failing inside PostgreSQL or the driver: NaN and infinite numbers, more
+/// values than one statement can bind, results larger than a response may hold, and values
+/// beyond PostgreSQL's program limits.
+#[tokio::test]
+async fn oversized_and_non_finite_input_is_refused_by_field() {
+    let mut s = DbSvc::start(&["--query-max-limit", "10"]).await;
+    // NaN and infinities: protobuf numbers can carry them, JSON and most columns cannot.
+    let mut row = to_struct(action("a"));
+    row.fields.insert(
+        "duration_ms".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
+        },
+    );
+    let err = s
+        .client
+        .insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![row],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[0].duration_ms");
+    let err = s
+        .client
+        .execute_raw(pb::ExecuteRawRequest {
+            sql: "SELECT $1::float8 AS x".into(),
+            params: vec![prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(f64::INFINITY)),
+            }],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "params[0]");
+
+    // 65,536 values in an IN list: one more than a statement can bind.
+    let many: Vec<Json> = (0..65_536).map(|i| json!(format!("agent-{i}"))).collect();
+    let err = s
+        .client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            filter: Some(cond("agent_name", pb::Operator::In, Json::Array(many))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "filter");
+    assert!(err.message().contains("65535"), "{err:?}");
+    // Rows x columns past the limit in one insert.
+    let rows: Vec<Json> = (0..16_400).map(|i| action(&format!("bulk-{i}"))).collect();
+    let err = s
+        .client
+        .insert(insert_req("agent_actions", rows))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows");
+    assert_eq!(
+        count(&mut s, "agent_actions").await,
+        0,
+        "nothing was written"
+    );
+
+    // A raw statement returning more rows than --query-max-limit fails before they fill memory.
+    let raw = |sql: &str| pb::ExecuteRawRequest {
+        sql: sql.into(),
+        params: vec![],
+        request_id: String::new(),
+    };
+    let ok = s
+        .client
+        .execute_raw(raw("SELECT generate_series(1, 10) AS g"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.rows.len(), 10);
+    let err = s
+        .client
+        .execute_raw(raw("SELECT generate_series(1, 300000000) AS g"))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "sql");
+    assert!(err.message().contains("more than 10 rows"), "{err:?}");
+
+    // PostgreSQL's program limits (SQLSTATE class 54) are the caller's input, not INTERNAL.
+    let err = s
+        .client
+        .execute_raw(raw("SELECT repeat('x', 1073741824) AS huge"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
+
+/// A StreamQuery whose reader stops reading is ended once it has taken no batch for the
+/// statement timeout: its pooled connection and transaction are freed, and a reader that comes
+/// back sees an error after the rows it was sent, never a silently truncated success.
+#[tokio::test]
+async fn a_stalled_stream_reader_frees_its_connection() {
+    let s = DbSvc::start(&["--statement-timeout", "1s"]).await;
+    let mut conn = s.sql().await;
+    // ~6 MB of rows: far more than the HTTP/2 windows and the stream's two batches hold.
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name, \
+         action_details) SELECT gen_random_uuid(), 'stall', 'tool_call', 'read_file', \
+         jsonb_build_object('pad', repeat('x', 200)) FROM generate_series(1, 20000)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut client = s.client.clone();
+    let mut stream = client
+        .stream_query(pb::StreamQueryRequest {
+            query: Some(pb::QueryRequest {
+                table: "agent_actions".into(),
+                ..Default::default()
+            }),
+            batch_size: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first batch");
+    assert_eq!(first.rows.len(), 100);
+    // Stop reading. Within a few seconds no backend of this database is left in a transaction.
+    let database = s.db.name.clone();
+    let in_transaction = || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+             AND pid <> pg_backend_pid() \
+             AND (state LIKE 'idle in transaction%' OR state = 'active')",
+        )
+        .bind(database.clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = in_transaction().fetch_one(&mut conn).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled stream still holds {n} connection(s)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The reader comes back: the batches already sent, then DEADLINE_EXCEEDED.
+    let mut received = 100;
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(batch)) => received += batch.rows.len(),
+            Ok(None) => panic!("the stream ended as a success after {received} of 20000 rows"),
+            Err(status) => break status,
+        }
+    };
+    assert!(received < 20_000, "{received}");
+    assert_eq!(end.code(), Code::DeadlineExceeded, "{end:?}");
+    assert!(end.message().contains("took no batch"), "{end:?}");
+}

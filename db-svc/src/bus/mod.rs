@@ -162,6 +162,7 @@ struct Worker {
 }
 
 /// What a processed message produces.
+#[derive(Clone)]
 enum Outgoing {
     Reply {
         correlation_id: String,
@@ -530,10 +531,44 @@ async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
     }
 }
 
-/// Publishes the reply or dead letter, retrying until the broker acknowledges it.
+/// Publishes the reply or dead letter, retrying until the broker acknowledges it. A message
+/// the producer or broker refuses as too large is permanent, not transient: it is replaced
+/// once by a small one (a FAILED reply `REPLY_TOO_LARGE`, or the dead letter without the
+/// request's payload), or the partition would stall on it forever.
 async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
+    let (topic, key, bytes) = encode_outgoing(worker, &outgoing);
+    let mut message = (topic, key, bytes);
+    let mut replaced = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let (topic, key, bytes) = &message;
+        let mut record = FutureRecord::to(topic).payload(bytes);
+        if !key.is_empty() {
+            record = record.key(key);
+        }
+        match worker.producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => return true,
+            Err((e, _)) if is_too_large(&e) && !replaced => {
+                tracing::warn!(topic = %topic, bytes = bytes.len(), "the reply is too large for the bus ({e}); sending a small one instead");
+                message = encode_outgoing(worker, &too_large(outgoing.clone(), bytes.len()));
+                replaced = true;
+            }
+            Err((e, _)) => {
+                tracing::warn!(topic = %topic, "cannot publish the reply ({e}); retrying");
+                tokio::select! {
+                    _ = worker.shutdown.triggered() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The topic, key and bytes of `outgoing`.
+fn encode_outgoing(worker: &Worker, outgoing: &Outgoing) -> (String, String, Vec<u8>) {
     let topics = &worker.settings.topics;
-    let (topic, key, bytes) = match outgoing {
+    match outgoing {
         Outgoing::Reply {
             correlation_id,
             reply,
@@ -544,35 +579,51 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
                 Reply::Failed(_) => &topics.failed,
             };
             let envelope: Envelope = reply
-                .into_envelope(&correlation_id, &worker.settings.service)
-                .with_traceparent(traceparent);
-            (topic, correlation_id, envelope.to_bytes())
+                .clone()
+                .into_envelope(correlation_id, &worker.settings.service)
+                .with_traceparent(traceparent.clone());
+            (topic.clone(), correlation_id.clone(), envelope.to_bytes())
         }
         Outgoing::DeadLetter { reason, body } => {
             tracing::debug!(%reason, "dead letter");
             (
-                &topics.dead_letter,
+                topics.dead_letter.clone(),
                 String::new(),
-                serde_json::to_vec(&body).unwrap_or_default(),
+                serde_json::to_vec(body).unwrap_or_default(),
             )
         }
-    };
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut record = FutureRecord::to(topic).payload(&bytes);
-        if !key.is_empty() {
-            record = record.key(&key);
-        }
-        match worker.producer.send(record, Duration::from_secs(10)).await {
-            Ok(_) => return true,
-            Err((e, _)) => {
-                tracing::warn!(topic = %topic, "cannot publish the reply ({e}); retrying");
-                tokio::select! {
-                    _ = worker.shutdown.triggered() => return false,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+    }
+}
+
+fn is_too_large(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize)
+    )
+}
+
+/// The small stand-in for an outgoing message of `bytes` bytes that the bus refused.
+fn too_large(outgoing: Outgoing, bytes: usize) -> Outgoing {
+    match outgoing {
+        Outgoing::Reply {
+            correlation_id,
+            traceparent,
+            ..
+        } => Outgoing::Reply {
+            correlation_id,
+            reply: Reply::Failed(FailedPayload::new(
+                codes::REPLY_TOO_LARGE,
+                format!(
+                    "the reply ({bytes} bytes) is larger than the bus accepts; ask for fewer \
+                     rows (limit), or read them over gRPC (StreamQuery)"
+                ),
+            )),
+            traceparent,
+        },
+        Outgoing::DeadLetter { reason, mut body } => {
+            body["payload"] = serde_json::Value::String(format!("omitted: {bytes} bytes"));
+            Outgoing::DeadLetter { reason, body }
         }
     }
 }
