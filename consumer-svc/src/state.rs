@@ -35,6 +35,9 @@ fn fine_start(now: Micros) -> Micros {
     align(now, MINUTE) - HOUR
 }
 
+/// `x` in fixed point (`as` saturates at the i64 range). Sums of these add with saturation:
+/// an absurd value (`"routing_time_ms": 1e300`) pins a sum at its limit for the window
+/// rather than wrapping it around to garbage.
 fn fixed(x: f64) -> i64 {
     (x * SCALE).round() as i64
 }
@@ -107,8 +110,8 @@ impl Bucket for AgentBucket {
         self.successes += o.successes;
         self.errors += o.errors;
         self.actions += o.actions;
-        self.routing_time_sum += o.routing_time_sum;
-        self.confidence_sum += o.confidence_sum;
+        self.routing_time_sum = self.routing_time_sum.saturating_add(o.routing_time_sum);
+        self.confidence_sum = self.confidence_sum.saturating_add(o.confidence_sum);
     }
 }
 
@@ -126,7 +129,7 @@ impl Bucket for PerfBucket {
         self.queries += o.queries;
         self.cache_hits += o.cache_hits;
         self.duration_n += o.duration_n;
-        self.duration_sum += o.duration_sum;
+        self.duration_sum = self.duration_sum.saturating_add(o.duration_sum);
     }
 }
 
@@ -378,11 +381,11 @@ impl State {
                 let b = self.agent_bucket(d.selected_agent(), d.time, now);
                 b.requests += 1;
                 if let Some(ms) = d.routing_time_ms.filter(|x| x.is_finite()) {
-                    b.routing_time_sum += fixed(ms);
+                    b.routing_time_sum = b.routing_time_sum.saturating_add(fixed(ms));
                     b.routing_time_n += 1;
                 }
                 if let Some(c) = d.confidence_score.filter(|x| x.is_finite()) {
-                    b.confidence_sum += fixed(c);
+                    b.confidence_sum = b.confidence_sum.saturating_add(fixed(c));
                     b.confidence_n += 1;
                 }
                 self.decisions.insert(d);
@@ -410,7 +413,7 @@ impl State {
                     b.cache_hits += 1;
                 }
                 if let Some(ms) = m.routing_duration_ms.filter(|x| x.is_finite()) {
-                    b.duration_sum += fixed(ms);
+                    b.duration_sum = b.duration_sum.saturating_add(fixed(ms));
                     b.duration_n += 1;
                 }
                 self.performance.insert(m);
@@ -757,6 +760,36 @@ mod tests {
             assert!(matches!(s.apply(e, NOW), Applied::Aggregated(_)));
         }
         s
+    }
+
+    /// Absurd values pin a sum at its limit rather than wrapping it to a negative average.
+    #[test]
+    fn huge_values_saturate_instead_of_wrapping() {
+        let decision = |id: &str, ms: f64, confidence: f64| {
+            let payload = json(serde_json::json!({
+                "id": id,
+                "selected_agent": "huge",
+                "confidence_score": confidence,
+                "routing_time_ms": ms,
+                "timestamp": iso(NOW - H),
+            }));
+            Event::RoutingDecision(Arc::new(
+                events::parse_routing(&payload, NOW).expect("a valid decision"),
+            ))
+        };
+        let events = [
+            decision("d1", 1e13, 1e13),
+            decision("d2", 1e13, 1e13),
+            decision("d3", 1e300, 1e300),
+            decision("d4", 5.0, 0.5),
+        ];
+        let s = state_with(&events, StateConfig::default());
+        let m = &s.agent_metrics(NOW, None, Some("huge"))[0];
+        assert_eq!(m.total_requests, 4);
+        let avg_ms = m.avg_routing_time_ms.expect("an average");
+        let avg_conf = m.avg_confidence.expect("an average");
+        assert!(avg_ms > 1e12, "pinned high, not wrapped: {avg_ms}");
+        assert!(avg_conf > 1e12, "pinned high, not wrapped: {avg_conf}");
     }
 
     #[test]
