@@ -72,9 +72,16 @@ pub enum BusError {
 }
 
 impl BusError {
-    /// Whether the direct path should be tried instead (the bus did not give an answer).
+    /// Whether the direct path should be tried instead: the bus gave no answer, or db-svc
+    /// answered TIMEOUT (it did nothing: the deadline, judged by db-svc's clock, passed before
+    /// or during execution, so a clock ahead of the client's can cause it). The retry carries
+    /// the same request id, so it cannot write twice.
     pub fn should_fall_back(&self) -> bool {
-        matches!(self, BusError::Timeout { .. } | BusError::Unavailable(_))
+        match self {
+            BusError::Timeout { .. } | BusError::Unavailable(_) => true,
+            BusError::Failed(f) => f.error_code == bus_protocol::codes::TIMEOUT,
+            BusError::Protocol(_) => false,
+        }
     }
 }
 
@@ -358,5 +365,28 @@ async fn read_replies(consumer: Arc<StreamConsumer>, completed_topic: String, pe
             }
             Err(e) => tracing::debug!("ignoring a reply that does not parse: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod fallback_tests {
+    use super::*;
+
+    /// Only answers that prove nothing was done send a write to the direct path.
+    #[test]
+    fn falls_back_when_the_bus_did_nothing() {
+        let failed = |code: &str| BusError::Failed(Box::new(FailedPayload::new(code, "x")));
+        assert!(
+            BusError::Timeout {
+                correlation_id: "c".into(),
+                after: Duration::from_secs(1),
+            }
+            .should_fall_back()
+        );
+        assert!(BusError::Unavailable("down".into()).should_fall_back());
+        assert!(failed(bus_protocol::codes::TIMEOUT).should_fall_back());
+        assert!(!failed("CONFLICT").should_fall_back());
+        assert!(!failed(bus_protocol::codes::VALIDATION_ERROR).should_fall_back());
+        assert!(!BusError::Protocol("bad".into()).should_fall_back());
     }
 }

@@ -85,8 +85,11 @@ impl ConnectOptions {
         addr: &str,
         connect_timeout: Duration,
     ) -> Result<Endpoint, ConnectError> {
-        let tls = self.ca_pem.is_some() || addr.starts_with("https://");
-        if self.ca_pem.is_some() && addr.starts_with("http://") {
+        // Schemes are case-insensitive; tonic speaks TLS only for `https`, so with a CA any
+        // other scheme would send the token in clear.
+        let scheme = addr.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        let tls = self.ca_pem.is_some() || scheme.as_deref() == Some("https");
+        if tls && scheme.as_deref().is_some_and(|s| s != "https") {
             return Err(ConnectError::PlaintextWithCa(addr.to_string()));
         }
         let uri = match addr.split_once("://") {
@@ -168,9 +171,19 @@ mod tests {
             with_ca.endpoint("localhost:50052", timeout),
             Err(ConnectError::Tls { .. })
         ));
-        assert!(matches!(
-            with_ca.endpoint("http://localhost:50052", timeout),
-            Err(ConnectError::PlaintextWithCa(_))
-        ));
+        // Any scheme but https, in any case, would be plaintext: refused with a CA.
+        for addr in [
+            "http://localhost:50052",
+            "HTTP://localhost:50052",
+            "grpc://localhost:50052",
+        ] {
+            assert!(
+                matches!(
+                    with_ca.endpoint(addr, timeout),
+                    Err(ConnectError::PlaintextWithCa(_))
+                ),
+                "{addr}"
+            );
+        }
     }
 }

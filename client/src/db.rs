@@ -185,12 +185,17 @@ impl DbClient {
         F: FnOnce(DatabaseServiceClient<AuthChannel>, R) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R::Response>, tonic::Status>>,
     {
+        // Trimmed, as db-svc reads a correlation id: a reply to " abc" is addressed to "abc",
+        // and a waiter keyed by the untrimmed id would never see it.
         let request_id = match req.request_id_mut() {
-            Some(id) if id.is_empty() => {
+            Some(id) if id.trim().is_empty() => {
                 *id = uuid::Uuid::new_v4().to_string();
                 id.clone()
             }
-            Some(id) => id.clone(),
+            Some(id) => {
+                *id = id.trim().to_string();
+                id.clone()
+            }
             None => String::new(),
         };
         let mut via = Via::Direct;

@@ -325,7 +325,13 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport, GenerateError> {
         }
         if let Some(rate) = cfg.rate {
             // Paced against the start time, so short stalls are caught up.
-            let due = start + Duration::from_secs_f64(sent as f64 / rate);
+            // Checked: a rate slow enough to overflow the clock has no next event.
+            let Some(due) = Duration::try_from_secs_f64(sent as f64 / rate)
+                .ok()
+                .and_then(|d| start.checked_add(d))
+            else {
+                break;
+            };
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);

@@ -20,6 +20,45 @@ impl std::fmt::Debug for KafkaSetting {
     }
 }
 
+/// The clap value parser for `--kafka-config` / `KAFKA_CONFIG`: [`parse_setting`], with an
+/// error that names the problem but not the value. (clap's own error for a bad value repeats
+/// it, and these values are SASL passwords and key passphrases.)
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SettingParser;
+
+impl clap::builder::TypedValueParser for SettingParser {
+    type Value = KafkaSetting;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<KafkaSetting, clap::Error> {
+        let name = arg.map_or("--kafka-config".to_string(), |a| a.to_string());
+        let raw = value.to_str().ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                format!("{name}: a setting is not valid UTF-8\n"),
+            )
+        })?;
+        parse_setting(raw).map_err(|e| {
+            // Only a key that looks like a property name (no secret) helps find the entry.
+            let key = raw.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
+                k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')
+            });
+            let entry = match key {
+                Some(k) => format!("the entry for '{k}'"),
+                None => "an entry".to_string(),
+            };
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("{name}: {e} ({entry}; values are not shown)\n"),
+            )
+        })
+    }
+}
+
 /// A clap value parser for `--kafka-config key=value`.
 pub fn parse_setting(raw: &str) -> Result<KafkaSetting, String> {
     // An empty entry (`KAFKA_CONFIG=` or `a=1;;b=2`) is no setting; `install` drops it.
@@ -93,6 +132,35 @@ pub fn apply<'c>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rejected setting's error never repeats its value (it may be a password).
+    #[test]
+    fn flag_errors_do_not_show_values() {
+        use clap::builder::TypedValueParser;
+        let cmd = clap::Command::new("t");
+        let err = |raw: &str| {
+            SettingParser
+                .parse_ref(&cmd, None, std::ffi::OsStr::new(raw))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("sasl-password=hunter2");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err("bootstrap.servers=secret-host:9092");
+        assert!(
+            !e.contains("secret-host") && e.contains("'bootstrap.servers'"),
+            "{e}"
+        );
+        let e = err("hunter2");
+        assert!(!e.contains("hunter2"), "{e}");
+        let ok = SettingParser
+            .parse_ref(&cmd, None, std::ffi::OsStr::new("sasl.password=hunter2"))
+            .unwrap();
+        assert_eq!(
+            (ok.key.as_str(), ok.value.as_str()),
+            ("sasl.password", "hunter2")
+        );
+    }
 
     #[test]
     fn maps_environment_names() {

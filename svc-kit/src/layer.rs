@@ -73,13 +73,27 @@ pub struct GrpcService<S> {
 }
 
 /// `/package.Service/Method` -> (`package.Service`, `Method`).
+///
+/// Only methods the servers serve keep their names: any other path is `unknown`/`unknown`, so
+/// that a client calling made-up paths cannot add a metrics series (labels) per call.
 pub fn split_path(path: &str) -> (String, String) {
     let trimmed = path.trim_start_matches('/');
     match trimmed.split_once('/') {
-        Some((service, method)) if !service.is_empty() && !method.contains('/') => {
+        Some((service, method)) if is_served(path, service, method) => {
             (service.to_string(), method.to_string())
         }
         _ => ("unknown".to_string(), "unknown".to_string()),
+    }
+}
+
+/// The omnibus services' methods, health and reflection.
+fn is_served(path: &str, service: &str, method: &str) -> bool {
+    match service {
+        "grpc.health.v1.Health" => matches!(method, "Check" | "Watch"),
+        "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection" => {
+            method == "ServerReflectionInfo"
+        }
+        _ => omnibus_proto::method_streaming(path).is_some(),
     }
 }
 
@@ -450,6 +464,23 @@ mod tests {
             ("omnibus.db.v1.DatabaseService".into(), "Insert".into())
         );
         assert_eq!(split_path("/"), ("unknown".into(), "unknown".into()));
+        assert_eq!(
+            split_path("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health".into(), "Check".into())
+        );
+        // Made-up paths share one label set, whatever they are.
+        for made_up in [
+            "/xq1z.Service/Method",
+            "/omnibus.db.v1.DatabaseService/NoSuchMethod",
+            "/grpc.health.v1.Health/Nope",
+            "/a/b/c",
+        ] {
+            assert_eq!(
+                split_path(made_up),
+                ("unknown".into(), "unknown".into()),
+                "{made_up}"
+            );
+        }
         assert_eq!(code_name(Code::ResourceExhausted), "ResourceExhausted");
     }
 }

@@ -167,7 +167,7 @@ pub struct ServerArgs {
     /// A librdkafka property for every Kafka client, `key=value` (repeatable; env `;`-separated),
     /// e.g. security.protocol=SASL_SSL. KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*
     /// variables are passed through too.
-    #[arg(long, env = "KAFKA_CONFIG", value_parser = crate::kafka::parse_setting, value_delimiter = ';', hide_env_values = true)]
+    #[arg(long, env = "KAFKA_CONFIG", value_parser = kafka_settings::SettingParser, value_delimiter = ';', hide_env_values = true)]
     pub kafka_config: Vec<KafkaSetting>,
 }
 

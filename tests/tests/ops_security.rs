@@ -489,3 +489,67 @@ async fn consumer_svc_consumes_from_a_broker_over_tls() {
     let s = omnibus_tests::consumer::status(&untrusting).await.unwrap();
     assert!(!s.connected && s.events_processed == 0, "{s:?}");
 }
+
+/// `omnibus status` succeeds only when its reads work, not merely when health (which needs no
+/// token) says SERVING; and `omnibus tail` gives up at once on a refused token instead of
+/// retrying forever.
+#[tokio::test]
+async fn cli_status_and_tail_fail_on_a_refused_token() {
+    let read = new_token("read");
+    let bad = new_token("bogus");
+    let db = DbSvc::start(&["--auth-read-tokens", &read]).await;
+    let prefix = unique_prefix();
+    create_topics(&kafka_brokers(), &prefix, 1).await.unwrap();
+    let consumer = start_consumer(&kafka_brokers(), &prefix, &["--auth-read-tokens", &read])
+        .await
+        .unwrap();
+    let (c_addr, d_addr) = (consumer.addr.to_string(), db.svc.addr.to_string());
+    let status = |token: &str| {
+        let args = [
+            "--consumer-addr".to_string(),
+            c_addr.clone(),
+            "--db-addr".to_string(),
+            d_addr.clone(),
+            "--token".to_string(),
+            token.to_string(),
+            "status".to_string(),
+        ];
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            omnibus_tests::cli::omnibus(&refs).await.unwrap()
+        }
+    };
+    let good = status(&read).await;
+    assert!(good.ok(), "{}{}", good.stdout, good.stderr);
+    let refused = status(&bad).await;
+    assert_eq!(
+        refused.code,
+        Some(1),
+        "{}{}",
+        refused.stdout,
+        refused.stderr
+    );
+    assert!(!refused.stdout.contains(bad.as_str()) && !refused.stderr.contains(bad.as_str()));
+
+    let tail = tokio::time::timeout(
+        Duration::from_secs(30),
+        omnibus_tests::cli::omnibus(&[
+            "--consumer-addr",
+            &c_addr,
+            "--token",
+            &bad,
+            "tail",
+            "-n",
+            "1",
+        ]),
+    )
+    .await
+    .expect("tail gives up instead of retrying")
+    .unwrap();
+    assert!(!tail.ok(), "{}{}", tail.stdout, tail.stderr);
+    assert!(
+        tail.stderr.contains("nauthenticated") || tail.stderr.contains("token"),
+        "{}",
+        tail.stderr
+    );
+}

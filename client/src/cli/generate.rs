@@ -39,11 +39,17 @@ pub struct GenerateArgs {
     pub quiet: bool,
 }
 
+/// The slowest rate accepted: one event every 1,000 s (slower pacing would overflow the clock
+/// arithmetic long before it mattered).
+const MIN_RATE: f64 = 0.001;
+
 fn parse_rate(raw: &str) -> std::result::Result<f64, String> {
     raw.parse::<f64>()
         .ok()
-        .filter(|r| r.is_finite() && *r > 0.0)
-        .ok_or_else(|| format!("'{raw}' is not a positive number of events per second"))
+        .filter(|r| r.is_finite() && *r >= MIN_RATE)
+        .ok_or_else(|| {
+            format!("'{raw}' is not a number of events per second of at least {MIN_RATE}")
+        })
 }
 
 /// How many events a run will produce, when that is known in advance.
@@ -218,6 +224,15 @@ fn produce(
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn rates_are_positive_and_not_absurdly_slow() {
+        assert_eq!(parse_rate("5000"), Ok(5000.0));
+        assert_eq!(parse_rate("0.001"), Ok(0.001));
+        for bad in ["0", "-1", "1e-20", "NaN", "inf", "fast"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_planned_total_drives_the_bar() {

@@ -77,7 +77,7 @@ pub struct Cli {
         global = true,
         help_heading = "Global options",
         env = "KAFKA_CONFIG",
-        value_parser = kafka_settings::parse_setting,
+        value_parser = kafka_settings::SettingParser,
         value_delimiter = ';',
         hide_env_values = true
     )]

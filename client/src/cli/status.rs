@@ -183,11 +183,14 @@ pub async fn run(cli: &Cli, format: Format) -> Result<ExitCode> {
         out.write_all(screen.as_bytes())?;
         out.flush()?;
     }
-    Ok(if c_ok && d_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    // Healthy is not enough: health needs no token, so the reads must have worked too.
+    Ok(
+        if c_ok && d_ok && consumer_status.is_ok() && tables.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn indent(text: &str) -> String {

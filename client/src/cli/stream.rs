@@ -47,6 +47,18 @@ impl Position {
 
 /// Follows `Subscribe` on `addr` until the receiver is dropped. The first connection has
 /// already been checked by the caller (so "not reachable" is an error at start, a retry later).
+fn is_permanent(code: tonic::Code) -> bool {
+    use tonic::Code as C;
+    matches!(
+        code,
+        C::FailedPrecondition
+            | C::Unauthenticated
+            | C::PermissionDenied
+            | C::Unimplemented
+            | C::InvalidArgument
+    )
+}
+
 pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<Item>) {
     let mut position = Position::default();
     let mut backoff = Duration::from_millis(100);
@@ -85,7 +97,9 @@ pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<I
                 position = Position::default();
                 continue;
             }
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            // Errors that no retry can fix: a bad or missing token, an address that is not
+            // consumer-svc, streams switched off, a bad filter.
+            Err(status) if is_permanent(status.code()) => {
                 let _ = tx
                     .send(Item::Fatal(call_error(Svc::Consumer, &addr, &status)))
                     .await;

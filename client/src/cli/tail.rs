@@ -243,9 +243,14 @@ pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode>
                     ),
                     Format::Table => human_line(kind, &event),
                 };
-                if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                match writeln!(out, "{line}").and_then(|_| out.flush()) {
+                    Ok(()) => {}
                     // The reader went away (`| head`): done.
-                    return Ok(ExitCode::SUCCESS);
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    // A full disk or an I/O error is a failure, not an end.
+                    Err(e) => return Err(e.into()),
                 }
                 shown += 1;
                 if args.count.is_some_and(|n| shown >= n) {
