@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use kafka_settings::KafkaSetting;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use serde_json::{Value, json};
 
 /// The four event kinds, in consumer-svc's order.
@@ -285,16 +285,49 @@ pub enum GenerateError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{0} events were not acknowledged by the broker")]
     Unacknowledged(i32),
+    #[error("{0} events could not be delivered (e.g. the topic refused them); see the log")]
+    Undelivered(u64),
 }
+
+/// Counts messages whose delivery failed: a producer otherwise drops them silently once
+/// `message.timeout.ms` passes or the broker refuses them.
+#[derive(Default)]
+pub struct DeliveryCounter {
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl DeliveryCounter {
+    /// Messages that were not delivered so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl rdkafka::ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            let before = self
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if before == 0 {
+                tracing::warn!("an event was not delivered: {e}");
+            }
+        }
+    }
+}
+
+/// The generator's producer: failed deliveries are counted ([`DeliveryCounter`]).
+pub type EventProducer = ThreadedProducer<DeliveryCounter>;
 
 /// A producer tuned for throughput (batching, lz4 off for tansu compatibility), with
 /// `settings` (TLS, SASL, ...) applied last, so they may also override the tuning
 /// (`linger.ms`, ...).
-pub fn producer(
-    brokers: &str,
-    settings: &[KafkaSetting],
-) -> Result<ThreadedProducer<DefaultProducerContext>, GenerateError> {
-    Ok(producer_config(brokers, settings).create()?)
+pub fn producer(brokers: &str, settings: &[KafkaSetting]) -> Result<EventProducer, GenerateError> {
+    Ok(producer_config(brokers, settings).create_with_context(DeliveryCounter::default())?)
 }
 
 fn producer_config(brokers: &str, settings: &[KafkaSetting]) -> rdkafka::ClientConfig {
@@ -385,6 +418,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport, GenerateError> {
     let left = producer.in_flight_count();
     if left > 0 {
         return Err(GenerateError::Unacknowledged(left));
+    }
+    let failed = producer.context().failed();
+    if failed > 0 {
+        return Err(GenerateError::Undelivered(failed));
     }
     report.elapsed = start.elapsed();
     if cfg.progress {

@@ -315,3 +315,42 @@ async fn generate_feeds_all_four_topics_and_status_shows_both_services() {
         format!("omnibus: consumer-svc at {nobody} is not reachable - is it running?")
     );
 }
+
+/// `omnibus generate` fails when events it produced were not delivered (the broker went away
+/// for longer than `message.timeout.ms`), instead of reporting them as generated.
+#[tokio::test]
+async fn generate_fails_when_events_are_not_delivered() {
+    let mut broker = omnibus_tests::consumer::PrivateBroker::start()
+        .await
+        .unwrap();
+    let prefix = unique_prefix();
+    create_topics(&broker.addr(), &prefix, 1).await.unwrap();
+    let addr = broker.addr();
+    let run = tokio::spawn(async move {
+        omnibus(&[
+            "--brokers",
+            &addr,
+            "--kafka-config",
+            "message.timeout.ms=2000",
+            "generate",
+            "--rate",
+            "200",
+            "--duration",
+            "6s",
+            "--topic-prefix",
+            &prefix,
+            "--quiet",
+        ])
+        .await
+        .unwrap()
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.stop();
+    let out = run.await.unwrap();
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("could not be delivered") || out.stderr.contains("not acknowledged"),
+        "{}",
+        out.stderr
+    );
+}

@@ -217,6 +217,12 @@ fn produce(
             "{left} events were not acknowledged by the broker at {brokers}"
         )));
     }
+    let failed = producer.context().failed();
+    if failed > 0 {
+        return Err(Fail(format!(
+            "{failed} of {sent} events could not be delivered to {brokers} (e.g. a topic refused them)"
+        )));
+    }
     Ok((per_kind, start.elapsed()))
 }
 
