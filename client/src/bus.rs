@@ -127,7 +127,47 @@ bus_message!(
 bus_message!(pb::QueryRequest, pb::QueryResponse, Query, read);
 bus_message!(pb::CountRequest, pb::CountResponse, Count, read);
 
-type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+/// Calls waiting for a reply, by correlation id. Several calls may wait on one id (two writes
+/// with the same request id at once): db-svc answers each request, so each reply goes to the
+/// longest-waiting of them, and each call removes only its own entry.
+#[derive(Default)]
+struct Waiting {
+    by_id: HashMap<String, Vec<(u64, oneshot::Sender<Reply>)>>,
+    next_token: u64,
+}
+
+impl Waiting {
+    fn add(&mut self, correlation_id: &str, tx: oneshot::Sender<Reply>) -> u64 {
+        self.next_token += 1;
+        let token = self.next_token;
+        self.by_id
+            .entry(correlation_id.to_string())
+            .or_default()
+            .push((token, tx));
+        token
+    }
+
+    fn remove(&mut self, correlation_id: &str, token: u64) {
+        if let Some(waiters) = self.by_id.get_mut(correlation_id) {
+            waiters.retain(|(t, _)| *t != token);
+            if waiters.is_empty() {
+                self.by_id.remove(correlation_id);
+            }
+        }
+    }
+
+    /// The sender of the longest-waiting call for `correlation_id`, taken off the list.
+    fn take_first(&mut self, correlation_id: &str) -> Option<oneshot::Sender<Reply>> {
+        let waiters = self.by_id.get_mut(correlation_id)?;
+        let (_, tx) = (!waiters.is_empty()).then(|| waiters.remove(0))?;
+        if waiters.is_empty() {
+            self.by_id.remove(correlation_id);
+        }
+        Some(tx)
+    }
+}
+
+type Pending = Arc<Mutex<Waiting>>;
 
 /// Sends requests over the bus and waits for their replies. Cheap to share (`Arc`).
 pub struct BusPublisher {
@@ -298,10 +338,11 @@ impl BusPublisher {
         )
         .with_traceparent(Some(traceparent.clone()));
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(correlation_id.to_string(), tx);
+        let token = self.pending.lock().add(correlation_id, tx);
         let _guard = PendingGuard {
             pending: &self.pending,
             correlation_id,
+            token,
         };
 
         let bytes = envelope.to_bytes();
@@ -336,11 +377,12 @@ impl BusPublisher {
 struct PendingGuard<'a> {
     pending: &'a Pending,
     correlation_id: &'a str,
+    token: u64,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.pending.lock().remove(self.correlation_id);
+        self.pending.lock().remove(self.correlation_id, self.token);
     }
 }
 
@@ -359,7 +401,8 @@ async fn read_replies(consumer: Arc<StreamConsumer>, completed_topic: String, pe
         };
         match parse_reply(bytes, message.topic() == completed_topic) {
             Ok((correlation_id, reply)) => {
-                if let Some(tx) = pending.lock().remove(&correlation_id) {
+                let waiter = pending.lock().take_first(&correlation_id);
+                if let Some(tx) = waiter {
                     let _ = tx.send(reply);
                 }
             }
@@ -369,8 +412,34 @@ async fn read_replies(consumer: Arc<StreamConsumer>, completed_topic: String, pe
 }
 
 #[cfg(test)]
-mod fallback_tests {
+mod tests {
     use super::*;
+
+    /// Two calls waiting on one correlation id each get a reply, in order, and a call that
+    /// ends removes only its own entry.
+    #[test]
+    fn calls_sharing_a_correlation_id_each_get_a_reply() {
+        let reply = |code: &str| Reply::Failed(FailedPayload::new(code, "x"));
+        let mut w = Waiting::default();
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        let (tx3, mut rx3) = oneshot::channel();
+        let _t1 = w.add("c", tx1);
+        let t2 = w.add("c", tx2);
+        let _t3 = w.add("c", tx3);
+        w.remove("c", t2); // the second call timed out
+        let _ = w.take_first("c").unwrap().send(reply("FIRST"));
+        let _ = w.take_first("c").unwrap().send(reply("SECOND"));
+        assert!(w.take_first("c").is_none());
+        assert!(w.by_id.is_empty(), "no entry left behind");
+        let code = |r: Reply| match r {
+            Reply::Failed(f) => f.error_code,
+            Reply::Completed(_) => String::new(),
+        };
+        assert_eq!(code(rx1.try_recv().unwrap()), "FIRST");
+        assert!(rx2.try_recv().is_err());
+        assert_eq!(code(rx3.try_recv().unwrap()), "SECOND");
+    }
 
     /// Only answers that prove nothing was done send a write to the direct path.
     #[test]
