@@ -110,6 +110,8 @@ pub struct Hub {
 
 struct Inner {
     ring: VecDeque<Update>,
+    /// The sequence before this run's first (its start time, or 0).
+    base: u64,
     last_seq: u64,
     /// Agent-filtered subscribers' channels, by agent.
     routes: foldhash::HashMap<Box<str>, Route>,
@@ -168,18 +170,31 @@ pub enum ResumeError {
         "sequence {requested} has not been published yet (the newest is {newest}); the service may have restarted"
     )]
     FromTheFuture { requested: u64, newest: u64 },
+    #[error(
+        "sequence {requested} is from an earlier run of consumer-svc (this run's sequences start at {first}); start over, with a snapshot"
+    )]
+    EarlierRun { requested: u64, first: u64 },
 }
 
 impl Hub {
     /// `ring` recent updates are kept for resuming; each subscriber may fall `queue` batches
-    /// behind before it loses updates.
+    /// behind before it loses updates. Sequences start at 1.
     pub fn new(ring: usize, queue: usize) -> Self {
+        Self::numbered_after(ring, queue, 0)
+    }
+
+    /// [`Hub::new`] whose first sequence is `base + 1`. The service passes its start time in
+    /// microseconds, so sequences never go backwards across restarts: a resume point from an
+    /// earlier run is below `base` and is refused, instead of landing inside this run's
+    /// numbers and silently skipping its first updates.
+    pub fn numbered_after(ring: usize, queue: usize, base: u64) -> Self {
         let queue = queue.max(1);
         let (tx, _) = broadcast::channel(queue);
         Self {
             inner: Mutex::new(Inner {
                 ring: VecDeque::with_capacity(ring.min(1 << 16)),
-                last_seq: 0,
+                base,
+                last_seq: base,
                 routes: foldhash::HashMap::default(),
                 sweep_at: MIN_SWEEP,
             }),
@@ -273,8 +288,16 @@ impl Hub {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
         let last_seq = inner.last_seq;
+        // 0: from the start of this run (all that is still buffered).
+        let resume_after = resume_after.map(|after| if after == 0 { inner.base } else { after });
         let (backlog, missed) = match resume_after {
             None => (Vec::new(), 0),
+            Some(after) if after < inner.base => {
+                return Err(ResumeError::EarlierRun {
+                    requested: after,
+                    first: inner.base + 1,
+                });
+            }
             Some(after) if after > last_seq => {
                 return Err(ResumeError::FromTheFuture {
                     requested: after,
@@ -779,6 +802,32 @@ mod tests {
         let mut f = Follower::new(sub.live, 100);
         hub.publish([action("b"), action("a")]);
         assert_eq!(seqs(f.next().await), vec![4]);
+    }
+
+    /// Sequences of a run numbered after its start time: resuming from an earlier run (a
+    /// smaller number) is refused, 0 still means this run's start, and the rest is unchanged.
+    #[test]
+    fn resume_points_from_an_earlier_run_are_refused() {
+        let base = 1_764_594_000_000_000;
+        let hub = Hub::numbered_after(100, 16, base);
+        hub.publish([action("a"), action("b")]);
+        assert_eq!(hub.last_seq(), base + 2);
+        assert!(matches!(
+            hub.subscribe(Some(5000), None),
+            Err(ResumeError::EarlierRun { requested: 5000, first }) if first == base + 1
+        ));
+        let all = hub.subscribe(Some(0), None).unwrap();
+        assert_eq!(
+            all.backlog.iter().map(|u| u.seq).collect::<Vec<_>>(),
+            vec![base + 1, base + 2]
+        );
+        assert_eq!(all.missed, 0);
+        let rest = hub.subscribe(Some(base + 1), None).unwrap();
+        assert_eq!(rest.backlog.len(), 1);
+        assert!(matches!(
+            hub.subscribe(Some(base + 3), None),
+            Err(ResumeError::FromTheFuture { .. })
+        ));
     }
 
     #[tokio::test]

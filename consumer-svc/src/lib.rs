@@ -48,13 +48,15 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         max_transformations: settings.max_transformations,
         max_performance: settings.max_performance_metrics,
     })));
-    let hub = Arc::new(hub::Hub::new(
+    let hub = Arc::new(hub::Hub::numbered_after(
         if settings.real_time_events {
             settings.resume_buffer
         } else {
             0
         },
         settings.subscriber_queue,
+        // Sequences continue from this start time (µs): never backwards across restarts.
+        u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0),
     ));
     let ingest_status = Arc::new(ingest::IngestStatus::new(settings.topics.clone()));
     let dirty_agents = Arc::new(Mutex::new(HashSet::new()));

@@ -342,7 +342,12 @@ async fn a_stalled_subscriber_does_not_delay_a_fast_one_and_is_told_it_lagged() 
     }
     assert_eq!(got, want);
 
-    // The stalled one, when it finally reads, finds a lag notice among its messages.
+    // The stalled one, when it finally reads, finds a lag notice among its messages before
+    // it reaches the newest update.
+    let newest = omnibus_tests::consumer::status(&svc)
+        .await
+        .unwrap()
+        .last_sequence;
     let mut lagged = 0;
     let mut last_seq = 0;
     while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), stalled.next()).await {
@@ -352,7 +357,7 @@ async fn a_stalled_subscriber_does_not_delay_a_fast_one_and_is_told_it_lagged() 
         if let Some(Update::Lagged(l)) = m.update {
             lagged += l.missed;
         }
-        if last_seq >= 2000 {
+        if last_seq >= newest {
             break;
         }
     }
@@ -1119,4 +1124,80 @@ async fn subscribe_filters_by_min_confidence_and_correlation_id() {
     let decisions: Vec<&String> = got.iter().filter(|id| id.starts_with("d-")).collect();
     assert_eq!(actions, ["a-keep-1", "a-keep-2", "a-last"]);
     assert_eq!(decisions, ["d-low", "d-last"]);
+}
+
+/// A client that resumes after consumer-svc restarted must not land inside the new run's
+/// numbers and silently skip its first updates: sequences continue from the run's start time,
+/// so the old resume point is refused (OUT_OF_RANGE, start over), even though the restarted
+/// service replayed more updates than the point's number.
+#[tokio::test]
+async fn resuming_across_a_restart_is_refused_not_silently_gapped() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let mut g = EventGenerator::new(3, 11);
+    produce_actions(&p, &topics, &mut g, 30);
+    let first = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    wait_status(&first, WAIT, "30 actions", |s| s.events_processed == 30)
+        .await
+        .unwrap();
+    let old_point = first_sequence_seen(&first).await;
+    drop(first);
+
+    let second = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    wait_status(&second, WAIT, "30 actions replayed", |s| {
+        s.events_processed == 30
+    })
+    .await
+    .unwrap();
+    let status = omnibus_tests::consumer::status(&second).await.unwrap();
+    assert!(
+        status.last_sequence > old_point,
+        "the new run's numbers start above the old run's: {} vs {old_point}",
+        status.last_sequence
+    );
+    let err = client(&second)
+        .subscribe(pb::SubscribeRequest {
+            resume_after_sequence: Some(old_point),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("earlier run"), "{err:?}");
+    // 0 still means "everything buffered from this run's start".
+    let mut all = client(&second)
+        .subscribe(pb::SubscribeRequest {
+            channels: vec![pb::Channel::Actions as i32],
+            resume_after_sequence: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut actions = 0;
+    while actions < 30 {
+        let m = tokio::time::timeout(WAIT, all.next())
+            .await
+            .expect("buffered actions")
+            .unwrap()
+            .unwrap();
+        if let Some(Update::Action(_)) = m.update {
+            actions += 1;
+        }
+    }
+}
+
+/// The sequence of the first update a new subscriber is told about (its snapshot).
+async fn first_sequence_seen(svc: &ServiceProcess) -> u64 {
+    let mut sub = client(svc)
+        .subscribe(pb::SubscribeRequest {
+            include_snapshot: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    sub.next().await.unwrap().unwrap().sequence
 }
