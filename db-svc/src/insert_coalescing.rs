@@ -134,8 +134,10 @@ impl InsertCoalescer {
                     }
                 }
             }
-            // Every insert would fail alike (or time out again, one after the other).
-            Err(e @ (DbError::Unavailable(_) | DbError::Timeout(_))) => {
+            // Every insert would fail alike. (Not a timeout: most likely one row waited on
+            // another transaction's lock; alone, the others go through and only that one
+            // waits again.)
+            Err(e @ DbError::Unavailable(_)) => {
                 for waiter in batch {
                     let _ = waiter.reply.send(Err(e.clone()));
                 }

@@ -474,3 +474,76 @@ async fn delete_and_upsert_replay_by_request_id() {
         vec![("del-1", "delete"), ("up-1", "upsert"), ("up-2", "upsert")]
     );
 }
+
+/// A shared insert that times out because one of its rows waits on another transaction's
+/// lock runs again one by one: the others are written, only the waiting one times out.
+#[tokio::test]
+async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
+    use sqlx::Connection;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut s = DbSvc::start(&[
+        "--coalesce-inserts",
+        "1",
+        "--statement-timeout",
+        "4s",
+        "--metrics-listen",
+        &metrics,
+    ])
+    .await;
+    let with_id = |agent: &str, id: &str| {
+        let mut row = action(agent);
+        row["id"] = json!(id);
+        row
+    };
+    // Another transaction inserts `held` and stays open: inserts of the same key wait on it.
+    let held = uuid::Uuid::new_v4().to_string();
+    let mut other = sqlx::PgConnection::connect(&s.db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query(
+        "INSERT INTO agent_actions (id, correlation_id, agent_name, action_type, action_name) \
+         VALUES ($1::uuid, gen_random_uuid(), 'other', 'tool_call', 'x')",
+    )
+    .bind(&held)
+    .execute(&mut other)
+    .await
+    .unwrap();
+    // The lane's one statement waits on the held key; the next three queue and share.
+    let first = spawn_insert(&s, with_id("first", &held));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted",
+        )
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first insert never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let ok_a = spawn_insert(&s, with_id("ok-a", &uuid::Uuid::new_v4().to_string()));
+    let waits = spawn_insert(&s, with_id("waits", &held));
+    let ok_b = spawn_insert(&s, with_id("ok-b", &uuid::Uuid::new_v4().to_string()));
+    wait_metrics(&metrics, "three inserts waiting", |m| {
+        sample(m, "db_insert_requests_waiting", &[]) == Some(3.0)
+    })
+    .await;
+
+    let timed_out = |r: InsertReply, name: &str| {
+        let e = r.expect_err(name);
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{name}: {e:?}");
+    };
+    timed_out(first.await.unwrap(), "first");
+    for (name, task) in [("ok-a", ok_a), ("ok-b", ok_b)] {
+        let reply = task.await.unwrap().expect(name);
+        assert_eq!(from_struct(&reply.rows[0])["agent_name"], name);
+    }
+    timed_out(waits.await.unwrap(), "waits");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    assert_eq!(count(&mut s, "agent_actions").await, 2);
+}
