@@ -577,17 +577,21 @@ impl ConsumerService for ConsumerApi {
             agent: r.agent,
             ..Default::default()
         };
-        let sub = self
-            .hub
-            .subscribe(None, filter.agent.as_deref())
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let initial: Vec<pb::AgentMetrics> = self
-            .state
-            .read()
-            .agent_metrics(now_micros(), None, filter.agent.as_deref())
-            .iter()
-            .map(convert::agent_metrics)
-            .collect();
+        // Subscribed and read under one read lock, as Subscribe's snapshot: metrics published
+        // after the subscription were computed from this state or a newer one, never older.
+        let (sub, initial) = {
+            let state = self.state.read();
+            let sub = self
+                .hub
+                .subscribe(None, filter.agent.as_deref())
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let initial: Vec<pb::AgentMetrics> = state
+                .agent_metrics(now_micros(), None, filter.agent.as_deref())
+                .iter()
+                .map(convert::agent_metrics)
+                .collect();
+            (sub, initial)
+        };
         let follower = Follower::new(sub.live, self.max_push);
         let first = vec![pb::StreamAgentMetricsResponse {
             agents: initial,
@@ -748,15 +752,17 @@ pub async fn publish_live_updates(
         let changed: Vec<String> = std::mem::take(&mut *dirty.lock()).into_iter().collect();
         if !changed.is_empty() {
             let now = now_micros();
-            let metrics: Vec<UpdateKind> = {
-                let state = api.state.read();
-                changed
-                    .iter()
-                    .flat_map(|a| state.agent_metrics(now, None, Some(a)))
-                    .map(|m| UpdateKind::AgentMetrics(Arc::new(convert::agent_metrics(&m))))
-                    .collect()
-            };
+            // Published under the read lock they were computed under (state, then hub: the
+            // order ingest and Subscribe use): ingest cannot apply newer events in between,
+            // so a subscriber whose snapshot is newer never receives these older figures.
+            let state = api.state.read();
+            let metrics: Vec<UpdateKind> = changed
+                .iter()
+                .flat_map(|a| state.agent_metrics(now, None, Some(a)))
+                .map(|m| UpdateKind::AgentMetrics(Arc::new(convert::agent_metrics(&m))))
+                .collect();
             api.hub.publish(metrics);
+            drop(state);
         }
         let now_connected = api.broker.connected();
         if connected != Some(now_connected) {
