@@ -664,6 +664,56 @@ impl Rfc3339 {
     }
 }
 
+/// PostgreSQL's epoch for timestamps and dates (2000-01-01) in Unix microseconds.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// A timestamp (microseconds since 2000-01-01, `i64::MAX`/`MIN` for ±infinity) or date (days
+/// since 2000-01-01, `i32::MAX`/`MIN` for ±infinity) in binary form. The infinities read as
+/// PostgreSQL writes them, `"infinity"` / `"-infinity"`; None for malformed or out-of-range
+/// bytes.
+fn time_cell<'r>(ty: ColType, bytes: &[u8]) -> Option<Cell<'r>> {
+    let infinity =
+        |positive: bool| Cell::Text(if positive { "infinity" } else { "-infinity" }.to_string());
+    if ty == ColType::Date {
+        let days = i32::from_be_bytes(bytes.try_into().ok()?);
+        return match days {
+            i32::MAX => Some(infinity(true)),
+            i32::MIN => Some(infinity(false)),
+            _ => {
+                let date = NaiveDate::from_ymd_opt(2000, 1, 1)?
+                    .checked_add_signed(chrono::TimeDelta::try_days(days.into())?)?;
+                Some(Cell::Text(date.format("%Y-%m-%d").to_string()))
+            }
+        };
+    }
+    match i64::from_be_bytes(bytes.try_into().ok()?) {
+        i64::MAX => Some(infinity(true)),
+        i64::MIN => Some(infinity(false)),
+        micros => {
+            DateTime::from_timestamp_micros(micros.checked_add(PG_EPOCH_MICROS)?).map(Cell::Time)
+        }
+    }
+}
+
+/// The same from the text form (sessions run with `TimeZone=UTC`).
+fn time_text_cell<'r>(ty: ColType, text: &str) -> Option<Cell<'r>> {
+    if matches!(text, "infinity" | "-infinity") {
+        return Some(Cell::Text(text.to_string()));
+    }
+    match ty {
+        ColType::Date => Some(Cell::Text(
+            NaiveDate::parse_from_str(text, "%Y-%m-%d")
+                .ok()?
+                .format("%Y-%m-%d")
+                .to_string(),
+        )),
+        // `2024-01-31 10:00:00.123456`, with `+00` for timestamptz in a UTC session.
+        _ => NaiveDateTime::parse_from_str(text.trim_end_matches("+00"), "%Y-%m-%d %H:%M:%S%.f")
+            .ok()
+            .map(|t| Cell::Time(t.and_utc())),
+    }
+}
+
 /// Decodes cell `i` of `row` (column `name` of type `ty`) by the type mapping.
 fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<Cell<'r>, DbError> {
     let err = |e: sqlx::Error| DbError::Database(format!("cannot decode column {name}: {e}"));
@@ -704,9 +754,24 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         ColType::Json | ColType::Jsonb => {
             get!(sqlx::types::Json<ProtoValue>).map(|j| Cell::Json(j.0.0))
         }
-        ColType::Timestamptz => get!(DateTime<Utc>).map(Cell::Time),
-        ColType::Timestamp => get!(NaiveDateTime).map(|t| Cell::Time(t.and_utc())),
-        ColType::Date => get!(NaiveDate).map(|d| Cell::Text(d.format("%Y-%m-%d").to_string())),
+        // Read from the wire form here: sqlx's decoders panic on PostgreSQL's infinities.
+        ColType::Timestamptz | ColType::Timestamp | ColType::Date => {
+            let raw = row.try_get_raw(i).map_err(err)?;
+            if raw.is_null() {
+                None
+            } else {
+                let malformed =
+                    || DbError::Database(format!("cannot decode column {name}: malformed {ty:?}"));
+                let bytes = raw.as_bytes().map_err(|_| malformed())?;
+                Some(match raw.format() {
+                    PgValueFormat::Binary => time_cell(ty, bytes).ok_or_else(malformed)?,
+                    PgValueFormat::Text => {
+                        let text = std::str::from_utf8(bytes).map_err(|_| malformed())?;
+                        time_text_cell(ty, text).ok_or_else(malformed)?
+                    }
+                })
+            }
+        }
         ColType::Other => {
             return Err(DbError::field(
                 "",
@@ -995,6 +1060,40 @@ mod tests {
         assert!(stored("integer", json!(5)).is_ok());
         assert_eq!(numeric_typmod("numeric(10, 2)"), Some((10, 2)));
         assert_eq!(numeric_typmod("numeric"), None);
+    }
+
+    #[test]
+    fn times_decode_from_the_wire_form_infinities_included() {
+        let text = |c: Option<Cell<'_>>| match c {
+            Some(Cell::Text(t)) => t,
+            Some(Cell::Time(t)) => Rfc3339::new().format(&t).to_string(),
+            other => panic!("{other:?}"),
+        };
+        let ts = |micros: i64| time_cell(ColType::Timestamptz, &micros.to_be_bytes());
+        assert_eq!(text(ts(0)), "2000-01-01T00:00:00Z");
+        assert_eq!(text(ts(1_500_000)), "2000-01-01T00:00:01.500Z");
+        assert_eq!(text(ts(i64::MAX)), "infinity");
+        assert_eq!(text(ts(i64::MIN)), "-infinity");
+        let date = |days: i32| time_cell(ColType::Date, &days.to_be_bytes());
+        assert_eq!(text(date(0)), "2000-01-01");
+        assert_eq!(text(date(-1)), "1999-12-31");
+        assert_eq!(text(date(i32::MAX)), "infinity");
+        assert_eq!(text(date(i32::MIN)), "-infinity");
+        assert!(
+            time_cell(ColType::Timestamp, &[1, 2, 3]).is_none(),
+            "malformed"
+        );
+        assert_eq!(
+            text(time_text_cell(
+                ColType::Timestamptz,
+                "2024-01-31 10:00:00.25+00"
+            )),
+            "2024-01-31T10:00:00.250Z"
+        );
+        assert_eq!(
+            text(time_text_cell(ColType::Timestamp, "-infinity")),
+            "-infinity"
+        );
     }
 
     #[test]

@@ -1642,3 +1642,71 @@ async fn a_real_out_of_range_is_refused_not_stored_as_infinity() {
         .unwrap();
     assert_eq!(rows_json(&reply.into_inner().rows)[0]["ratio"], json!(0.1));
 }
+
+/// PostgreSQL's infinite timestamps and dates are values a table may hold: every read path
+/// returns them as PostgreSQL writes them (`"infinity"`, `"-infinity"`), next to ordinary
+/// times, instead of failing (sqlx's own decoders panic on them).
+#[tokio::test]
+async fn infinite_timestamps_read_back_as_postgresql_writes_them() {
+    let s = DbSvc::start(&[]).await;
+    let mut conn = s.sql().await;
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name, created_at) \
+         VALUES (gen_random_uuid(), 'inf', 'tool_call', 'a', 'infinity'), \
+                (gen_random_uuid(), 'inf', 'tool_call', 'b', '-infinity'), \
+                (gen_random_uuid(), 'inf', 'tool_call', 'c', '2024-01-31T10:00:00Z')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let by_name = |rows: Vec<Json>| -> Vec<(String, Json)> {
+        let mut v: Vec<(String, Json)> = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r["action_name"].as_str().unwrap().to_string(),
+                    r["created_at"].clone(),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let want = vec![
+        ("a".to_string(), json!("infinity")),
+        ("b".to_string(), json!("-infinity")),
+        ("c".to_string(), json!("2024-01-31T10:00:00Z")),
+    ];
+    let mut client = s.client.clone();
+    let query = pb::QueryRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(json!({"agent_name": "inf"}))),
+        ..Default::default()
+    };
+    let rows = client.query(query.clone()).await.unwrap().into_inner().rows;
+    assert_eq!(by_name(rows_json(&rows)), want, "Query");
+    let mut stream = client
+        .stream_query(pb::StreamQueryRequest {
+            query: Some(query),
+            batch_size: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        streamed.extend(rows_json(&batch.rows));
+    }
+    assert_eq!(by_name(streamed), want, "StreamQuery");
+    let raw = client
+        .execute_raw(pb::ExecuteRawRequest {
+            sql: "SELECT action_name, created_at FROM agent_actions WHERE agent_name = 'inf'"
+                .into(),
+            params: vec![],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_name(rows_json(&raw.rows)), want, "ExecuteRaw");
+}
