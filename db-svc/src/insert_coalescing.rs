@@ -88,9 +88,14 @@ impl InsertCoalescer {
                 record_statement(1);
                 run(&self.pool, &table, [values], count_only).await
             }
+            // The batch's task ended without answering: db-svc is stopping (the batch never
+            // ran) or the task failed, possibly after the statement committed. Not UNAVAILABLE,
+            // which invites a retry that could write the row twice.
             None => receiver.await.unwrap_or_else(|_| {
-                Err(DbError::Unavailable(
-                    "db-svc stopped before the insert ran".into(),
+                Err(DbError::Database(
+                    "the shared insert ended without reporting this insert's outcome (db-svc \
+                     is stopping, or failed); the row may have been written"
+                        .into(),
                 ))
             }),
         }
