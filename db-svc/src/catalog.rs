@@ -91,9 +91,9 @@ pub struct TableInfo {
     pub name: String,
     pub columns: Vec<ColumnInfo>,
     pub primary_key: Vec<String>,
-    /// The table has a rule or a row-level BEFORE INSERT trigger of its own, either of which
-    /// may skip or redirect rows: an INSERT's RETURNING rows then need not match its VALUES
-    /// one for one, so such a table's inserts never share a statement.
+    /// The table has a rule or a row-level BEFORE INSERT trigger (on itself or a partition),
+    /// either of which may skip or redirect rows: an INSERT's RETURNING rows then need not
+    /// match its VALUES one for one, so such a table's inserts never share a statement.
     pub insert_may_skip_rows: bool,
 }
 
@@ -127,7 +127,11 @@ SELECT c.relname::text AS table_name, a.attname::text AS column_name, t.typname:
        pg_get_expr(d.adbin, d.adrelid) AS default_value,
        c.relhasrules OR EXISTS (
          SELECT 1 FROM pg_trigger tg
-         WHERE tg.tgrelid = c.oid AND NOT tg.tgisinternal
+         -- the table and, if it is partitioned, every partition: rows land in those
+         -- (pg_partition_tree lists nothing for a table that is not partitioned)
+         WHERE (tg.tgrelid = c.oid
+                OR tg.tgrelid IN (SELECT relid FROM pg_partition_tree(c.oid::regclass)))
+           AND NOT tg.tgisinternal
            AND tg.tgtype::int & 7 = 7 -- ROW (1) | BEFORE (2) | INSERT (4)
        ) AS insert_may_skip_rows
 FROM pg_class c

@@ -547,3 +547,73 @@ async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     assert_eq!(count(&mut s, "agent_actions").await, 2);
 }
+
+/// Inserts into a table whose rows a `BEFORE INSERT` trigger may skip - on the table or only
+/// on one of its partitions - never share a statement (their RETURNING rows could not be
+/// matched to requests): concurrent inserts, held back by a lock so that they queue, each
+/// get exactly their own outcome.
+#[tokio::test]
+async fn inserts_into_tables_with_skipping_triggers_never_share() {
+    use sqlx::Connection;
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for sql in [
+        "CREATE FUNCTION skip_some() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.body LIKE 'skip%' THEN RETURN NULL; END IF; RETURN NEW; END $$",
+        "CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL)",
+        "CREATE TRIGGER skip_some BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION skip_some()",
+        "CREATE TABLE parted (id int NOT NULL, body text NOT NULL) PARTITION BY RANGE (id)",
+        "CREATE TABLE parted_low PARTITION OF parted FOR VALUES FROM (0) TO (1000)",
+        "CREATE TRIGGER skip_some BEFORE INSERT ON parted_low FOR EACH ROW EXECUTE FUNCTION skip_some()",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    let s = DbSvc::start_on(db, &["--tables", "notes,parted", "--coalesce-inserts", "1"]).await;
+    for table in ["notes", "parted"] {
+        let mut lock = s.sql().await;
+        sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+        sqlx::query(&format!("LOCK TABLE {table} IN SHARE MODE"))
+            .execute(&mut lock)
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let body = if i % 3 == 0 {
+                    format!("skip-{i}")
+                } else {
+                    format!("keep-{i}")
+                };
+                let mut client = s.client.clone();
+                let row = json!({"id": i, "body": body});
+                let table = table.to_string();
+                (
+                    body,
+                    tokio::spawn(async move {
+                        client
+                            .insert(pb::InsertRequest {
+                                table,
+                                rows: vec![to_struct(row)],
+                                ..Default::default()
+                            })
+                            .await
+                            .map(|r| r.into_inner())
+                    }),
+                )
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+        for (body, task) in tasks {
+            let reply = task
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{table} {body}: {e:?}"));
+            if body.starts_with("skip") {
+                assert_eq!((reply.affected, reply.rows.len()), (0, 0), "{table} {body}");
+            } else {
+                assert_eq!(reply.affected, 1, "{table} {body}");
+                assert_eq!(from_struct(&reply.rows[0])["body"], json!(body), "{table}");
+            }
+        }
+    }
+}
