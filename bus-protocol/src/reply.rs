@@ -72,8 +72,9 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// The envelope to publish for this reply.
-    pub fn into_envelope(self, correlation_id: &str, service: &str) -> Envelope {
+    /// The envelope to publish for this reply (by reference: a publisher that must retry or
+    /// replace the message keeps the reply).
+    pub fn envelope(&self, correlation_id: &str, service: &str) -> Envelope {
         match self {
             Reply::Completed(p) => Envelope::new(
                 DATABASE_QUERY_COMPLETED,
@@ -135,7 +136,7 @@ mod tests {
             operation: "INSERT".into(),
             ..Default::default()
         })
-        .into_envelope("c-1", "db-svc");
+        .envelope("c-1", "db-svc");
         let v: Value = serde_json::from_slice(&env.to_bytes()).unwrap();
         assert_eq!(v["event_type"], "DATABASE_QUERY_COMPLETED");
         assert_eq!(v["correlation_id"], "c-1");
@@ -151,7 +152,7 @@ mod tests {
     #[test]
     fn failed_replies_carry_code_error_and_error_message() {
         let env = Reply::Failed(FailedPayload::new("VALIDATION_ERROR", "unknown column x"))
-            .into_envelope("c-2", "db-svc");
+            .envelope("c-2", "db-svc");
         let v: Value = serde_json::from_slice(&env.to_bytes()).unwrap();
         assert_eq!(v["event_type"], "DATABASE_QUERY_FAILED");
         assert_eq!(v["payload"]["error_code"], "VALIDATION_ERROR");

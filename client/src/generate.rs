@@ -323,6 +323,20 @@ impl ProducerContext for DeliveryCounter {
 /// The generator's producer: failed deliveries are counted ([`DeliveryCounter`]).
 pub type EventProducer = ThreadedProducer<DeliveryCounter>;
 
+/// Waits up to `timeout` until everything produced is acknowledged, and fails when some of it
+/// was not, or could not be delivered.
+pub fn settle(producer: &EventProducer, timeout: Duration) -> Result<(), GenerateError> {
+    producer.flush(timeout)?;
+    let left = producer.in_flight_count();
+    if left > 0 {
+        return Err(GenerateError::Unacknowledged(left));
+    }
+    match producer.context().failed() {
+        0 => Ok(()),
+        failed => Err(GenerateError::Undelivered(failed)),
+    }
+}
+
 /// A producer tuned for throughput (batching, lz4 off for tansu compatibility), with
 /// `settings` (TLS, SASL, ...) applied last, so they may also override the tuning
 /// (`linger.ms`, ...).
@@ -414,15 +428,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport, GenerateError> {
             );
         }
     }
-    producer.flush(Duration::from_secs(60))?;
-    let left = producer.in_flight_count();
-    if left > 0 {
-        return Err(GenerateError::Unacknowledged(left));
-    }
-    let failed = producer.context().failed();
-    if failed > 0 {
-        return Err(GenerateError::Undelivered(failed));
-    }
+    settle(&producer, Duration::from_secs(60))?;
     report.elapsed = start.elapsed();
     if cfg.progress {
         eprintln!(

@@ -513,13 +513,9 @@ impl Executor {
         });
         Ok(rx)
     }
-}
 
-/// How long [`Executor::stream`] waits for its reader to take a batch: the statement timeout
-/// (the operator's bound on any one wait), or a minute when statements have none.
-const STALLED_READER_FALLBACK: Duration = Duration::from_secs(60);
-
-impl Executor {
+    /// How long [`Executor::stream`] waits for its reader to take a batch: the statement
+    /// timeout (the operator's bound on any one wait), or a minute when statements have none.
     fn stalled_reader_limit(&self) -> Duration {
         match self.limits.statement_timeout {
             Duration::ZERO => STALLED_READER_FALLBACK,
@@ -527,6 +523,8 @@ impl Executor {
         }
     }
 }
+
+const STALLED_READER_FALLBACK: Duration = Duration::from_secs(60);
 
 #[allow(clippy::too_many_arguments)] // one streamed query's whole context, called once
 async fn stream_rows(

@@ -132,8 +132,8 @@ pub fn check(sql: &str, served: &[String], allow_writes: bool) -> Result<RawStat
 }
 
 /// Checks every relation a statement names, as PostgreSQL resolves it, and every function it
-/// calls: a name that a WITH
-/// clause in scope defines is that CTE, anything else must be a served table. Scoping matters,
+/// calls. A name that a WITH clause in scope defines is that CTE, anything else must be a
+/// served table. Scoping matters,
 /// or a CTE named like a private table in one sub-query would let the outer query read the
 /// real table: a query's CTEs are visible in its body and in nested sub-queries, and inside
 /// the WITH list only to the CTEs after them (or to all of them, itself included, under WITH

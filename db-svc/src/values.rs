@@ -879,9 +879,7 @@ pub fn input_json(value: &prost_types::Value, path: &str) -> Result<Json, DbErro
 
 /// [`struct_to_json`] for a client's object at `path` (see [`input_json`]).
 pub fn input_object(s: &prost_types::Struct, path: &str) -> Result<Map<String, Json>, DbError> {
-    for (k, v) in &s.fields {
-        check_finite(v, &format!("{path}.{k}"))?;
-    }
+    check_fields_finite(s, path)?;
     Ok(struct_to_json(s))
 }
 
@@ -899,12 +897,15 @@ fn check_finite(value: &prost_types::Value, path: &str) -> Result<(), DbError> {
             .iter()
             .enumerate()
             .try_for_each(|(i, v)| check_finite(v, &format!("{path}[{i}]"))),
-        Some(Kind::StructValue(s)) => s
-            .fields
-            .iter()
-            .try_for_each(|(k, v)| check_finite(v, &format!("{path}.{k}"))),
+        Some(Kind::StructValue(s)) => check_fields_finite(s, path),
         _ => Ok(()),
     }
+}
+
+fn check_fields_finite(s: &prost_types::Struct, path: &str) -> Result<(), DbError> {
+    s.fields
+        .iter()
+        .try_for_each(|(k, v)| check_finite(v, &format!("{path}.{k}")))
 }
 
 /// google.protobuf.Struct -> JSON object.

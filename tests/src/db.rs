@@ -60,6 +60,22 @@ impl DbSvc {
     }
 }
 
+/// Inserts `n` agent_actions rows of agent `agent` directly, each with `pad` bytes of
+/// `action_details`: bulk data for tests of large results.
+pub async fn insert_padded_actions(conn: &mut sqlx::PgConnection, agent: &str, pad: i32, n: i32) {
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name, \
+         action_details) SELECT gen_random_uuid(), $1, 'tool_call', 'read_file', \
+         jsonb_build_object('pad', repeat('x', $2)) FROM generate_series(1, $3)",
+    )
+    .bind(agent)
+    .bind(pad)
+    .bind(n)
+    .execute(conn)
+    .await
+    .expect("insert padded agent_actions rows");
+}
+
 /// A JSON object as a protobuf Struct.
 pub fn to_struct(value: Json) -> prost_types::Struct {
     match value {

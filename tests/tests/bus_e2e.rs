@@ -801,14 +801,7 @@ async fn a_reply_too_large_for_the_bus_fails_and_the_worker_goes_on() {
     let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
     // ~2.5 MB of rows, carried twice in a reply (rows and response).
-    sqlx::query(
-        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name, \
-         action_details) SELECT gen_random_uuid(), 'big', 'tool_call', 'read_file', \
-         jsonb_build_object('pad', repeat('x', 300)) FROM generate_series(1, 5000)",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    omnibus_tests::db::insert_padded_actions(&mut conn, "big", 300, 5000).await;
     let bus = BusPublisher::connect(topics.client_config(REPLY))
         .await
         .unwrap();

@@ -838,14 +838,7 @@ async fn a_stalled_stream_reader_frees_its_connection() {
     let s = DbSvc::start(&["--statement-timeout", "1s"]).await;
     let mut conn = s.sql().await;
     // ~6 MB of rows: far more than the HTTP/2 windows and the stream's two batches hold.
-    sqlx::query(
-        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name, \
-         action_details) SELECT gen_random_uuid(), 'stall', 'tool_call', 'read_file', \
-         jsonb_build_object('pad', repeat('x', 200)) FROM generate_series(1, 20000)",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    omnibus_tests::db::insert_padded_actions(&mut conn, "stall", 200, 20000).await;
     let mut client = s.client.clone();
     let mut stream = client
         .stream_query(pb::StreamQueryRequest {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use omnibus_client::generate::{EventGenerator, Kind, Topics, producer};
+use omnibus_client::generate::{EventGenerator, GenerateError, Kind, Topics, producer, settle};
 use rdkafka::producer::{BaseRecord, Producer};
 
 use super::{Cli, Fail, Result, parse_duration};
@@ -208,21 +208,10 @@ fn produce(
         bar.inc(1);
     }
     bar.set_message("flushing");
-    producer
-        .flush(Duration::from_secs(30))
-        .map_err(|_| unreachable())?;
-    let left = producer.in_flight_count();
-    if left > 0 {
-        return Err(Fail(format!(
-            "{left} events were not acknowledged by the broker at {brokers}"
-        )));
-    }
-    let failed = producer.context().failed();
-    if failed > 0 {
-        return Err(Fail(format!(
-            "{failed} of {sent} events could not be delivered to {brokers} (e.g. a topic refused them)"
-        )));
-    }
+    settle(&producer, Duration::from_secs(30)).map_err(|e| match e {
+        GenerateError::Kafka(_) => unreachable(),
+        e => Fail(format!("{e} (of {sent}, to the broker at {brokers})")),
+    })?;
     Ok((per_kind, start.elapsed()))
 }
 

@@ -162,7 +162,6 @@ struct Worker {
 }
 
 /// What a processed message produces.
-#[derive(Clone)]
 enum Outgoing {
     Reply {
         correlation_id: String,
@@ -536,8 +535,7 @@ async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
 /// once by a small one (a FAILED reply `REPLY_TOO_LARGE`, or the dead letter without the
 /// request's payload), or the partition would stall on it forever.
 async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
-    let (topic, key, bytes) = encode_outgoing(worker, &outgoing);
-    let mut message = (topic, key, bytes);
+    let mut message = encode_outgoing(worker, &outgoing);
     let mut replaced = false;
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -550,7 +548,7 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
             Ok(_) => return true,
             Err((e, _)) if is_too_large(&e) && !replaced => {
                 tracing::warn!(topic = %topic, bytes = bytes.len(), "the reply is too large for the bus ({e}); sending a small one instead");
-                message = encode_outgoing(worker, &too_large(outgoing.clone(), bytes.len()));
+                message = encode_outgoing(worker, &too_large(&outgoing, bytes.len()));
                 replaced = true;
             }
             Err((e, _)) => {
@@ -579,8 +577,7 @@ fn encode_outgoing(worker: &Worker, outgoing: &Outgoing) -> (String, String, Vec
                 Reply::Failed(_) => &topics.failed,
             };
             let envelope: Envelope = reply
-                .clone()
-                .into_envelope(correlation_id, &worker.settings.service)
+                .envelope(correlation_id, &worker.settings.service)
                 .with_traceparent(traceparent.clone());
             (topic.clone(), correlation_id.clone(), envelope.to_bytes())
         }
@@ -604,14 +601,14 @@ fn is_too_large(e: &rdkafka::error::KafkaError) -> bool {
 }
 
 /// The small stand-in for an outgoing message of `bytes` bytes that the bus refused.
-fn too_large(outgoing: Outgoing, bytes: usize) -> Outgoing {
+fn too_large(outgoing: &Outgoing, bytes: usize) -> Outgoing {
     match outgoing {
         Outgoing::Reply {
             correlation_id,
             traceparent,
             ..
         } => Outgoing::Reply {
-            correlation_id,
+            correlation_id: correlation_id.clone(),
             reply: Reply::Failed(FailedPayload::new(
                 codes::REPLY_TOO_LARGE,
                 format!(
@@ -619,11 +616,15 @@ fn too_large(outgoing: Outgoing, bytes: usize) -> Outgoing {
                      rows (limit), or read them over gRPC (StreamQuery)"
                 ),
             )),
-            traceparent,
+            traceparent: traceparent.clone(),
         },
-        Outgoing::DeadLetter { reason, mut body } => {
+        Outgoing::DeadLetter { reason, body } => {
+            let mut body = body.clone();
             body["payload"] = serde_json::Value::String(format!("omitted: {bytes} bytes"));
-            Outgoing::DeadLetter { reason, body }
+            Outgoing::DeadLetter {
+                reason: reason.clone(),
+                body,
+            }
         }
     }
 }
