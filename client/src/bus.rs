@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bus_protocol::{
     DATABASE_QUERY_REQUESTED, Envelope, FailedPayload, Reply, StructuredOperation, Topics,
@@ -76,10 +76,17 @@ impl BusError {
     /// answered TIMEOUT (it did nothing: the deadline, judged by db-svc's clock, passed before
     /// or during execution, so a clock ahead of the client's can cause it). The retry carries
     /// the same request id, so it cannot write twice.
+    ///
+    /// REPLY_TOO_LARGE also falls back: db-svc did the operation but its reply did not fit
+    /// on the bus. The retry's same request id makes db-svc return the recorded result over
+    /// gRPC (which carries larger messages) instead of writing again.
     pub fn should_fall_back(&self) -> bool {
         match self {
             BusError::Timeout { .. } | BusError::Unavailable(_) => true,
-            BusError::Failed(f) => f.error_code == bus_protocol::codes::TIMEOUT,
+            BusError::Failed(f) => matches!(
+                f.error_code.as_str(),
+                bus_protocol::codes::TIMEOUT | bus_protocol::codes::REPLY_TOO_LARGE
+            ),
             BusError::Protocol(_) => false,
         }
     }
@@ -218,12 +225,25 @@ impl BusPublisher {
             config.topics.failed.clone(),
         ];
         let probe = consumer.clone();
+        // Finding the reply topics' ends shares one budget, the bus timeout (at most
+        // METADATA_TIMEOUT): a caller with a short timeout learns quickly that the bus is down.
+        let deadline = Instant::now() + config.timeout.min(METADATA_TIMEOUT);
+        let left = move || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(BusError::Unavailable(
+                    "the broker did not answer within the bus timeout".into(),
+                ))
+            } else {
+                Ok(left)
+            }
+        };
         let assignment =
             tokio::task::spawn_blocking(move || -> Result<TopicPartitionList, BusError> {
                 let mut tpl = TopicPartitionList::new();
                 for topic in &topics {
                     let metadata = probe
-                        .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+                        .fetch_metadata(Some(topic), left()?)
                         .map_err(|e| BusError::Unavailable(format!("metadata for {topic}: {e}")))?;
                     let partitions = metadata
                         .topics()
@@ -237,13 +257,14 @@ impl BusPublisher {
                         )));
                     }
                     for partition in partitions {
-                        let (_, high) = probe
-                            .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
-                            .map_err(|e| {
-                                BusError::Unavailable(format!(
-                                    "offsets of {topic}/{partition}: {e}"
-                                ))
-                            })?;
+                        let (_, high) =
+                            probe
+                                .fetch_watermarks(topic, partition, left()?)
+                                .map_err(|e| {
+                                    BusError::Unavailable(format!(
+                                        "offsets of {topic}/{partition}: {e}"
+                                    ))
+                                })?;
                         tpl.add_partition_offset(topic, partition, Offset::Offset(high))
                             .map_err(|e| BusError::Unavailable(e.to_string()))?;
                     }
@@ -317,6 +338,9 @@ impl BusPublisher {
         timeout: Option<Duration>,
         traceparent: Option<&str>,
     ) -> Result<Reply, BusError> {
+        // Trimmed, as db-svc reads correlation ids: a waiter keyed by " abc" would never see
+        // the reply addressed to "abc".
+        let correlation_id = correlation_id.trim();
         let timeout = timeout.unwrap_or(self.config.timeout);
         // The deadline travels with the request: db-svc answers TIMEOUT instead of writing late.
         if let Some(obj) = payload.as_object_mut() {
@@ -401,9 +425,17 @@ async fn read_replies(consumer: Arc<StreamConsumer>, completed_topic: String, pe
         };
         match parse_reply(bytes, message.topic() == completed_topic) {
             Ok((correlation_id, reply)) => {
-                let waiter = pending.lock().take_first(&correlation_id);
-                if let Some(tx) = waiter {
-                    let _ = tx.send(reply);
+                // A waiter whose call just ended (timed out, its guard not yet run) no longer
+                // listens: the reply goes to the next one waiting on the id, if any.
+                let mut reply = reply;
+                loop {
+                    let Some(tx) = pending.lock().take_first(&correlation_id) else {
+                        break;
+                    };
+                    match tx.send(reply) {
+                        Ok(()) => break,
+                        Err(returned) => reply = returned,
+                    }
                 }
             }
             Err(e) => tracing::debug!("ignoring a reply that does not parse: {e}"),
@@ -443,7 +475,7 @@ mod tests {
 
     /// Only answers that prove nothing was done send a write to the direct path.
     #[test]
-    fn falls_back_when_the_bus_did_nothing() {
+    fn falls_back_when_the_bus_gave_no_usable_answer() {
         let failed = |code: &str| BusError::Failed(Box::new(FailedPayload::new(code, "x")));
         assert!(
             BusError::Timeout {
@@ -457,5 +489,7 @@ mod tests {
         assert!(!failed("CONFLICT").should_fall_back());
         assert!(!failed(bus_protocol::codes::VALIDATION_ERROR).should_fall_back());
         assert!(!BusError::Protocol("bad".into()).should_fall_back());
+        // Done, but the reply did not fit on the bus: gRPC returns the recorded result.
+        assert!(failed(bus_protocol::codes::REPLY_TOO_LARGE).should_fall_back());
     }
 }

@@ -182,7 +182,7 @@ impl DbClient {
     ) -> Result<Routed<R::Response>, tonic::Status>
     where
         R: BusRequestMessage,
-        F: FnOnce(DatabaseServiceClient<AuthChannel>, R) -> Fut,
+        F: FnOnce(DatabaseServiceClient<AuthChannel>, tonic::Request<R>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R::Response>, tonic::Status>>,
     {
         // Trimmed, as db-svc reads a correlation id: a reply to " abc" is addressed to "abc",
@@ -199,6 +199,7 @@ impl DbClient {
             None => String::new(),
         };
         let mut via = Via::Direct;
+        let mut fallback_timeout = None;
         if let (WriteMode::BusFirst, Some(bus)) = (self.mode, &self.bus) {
             match bus.call(&req, &request_id, None).await {
                 Ok(response) => {
@@ -211,17 +212,51 @@ impl DbClient {
                 Err(e) if e.should_fall_back() => {
                     tracing::warn!(%request_id, "bus write failed ({e}); falling back to direct gRPC");
                     via = Via::Fallback(e.to_string());
+                    // The fallback gets the bus timeout as its deadline (db-svc turns it into
+                    // the statement timeout), so a write never waits without bound.
+                    fallback_timeout = Some(bus.config().timeout);
                 }
-                Err(e) => return Err(bus_error_to_status(e)),
+                Err(e) => return Err(with_request_id(bus_error_to_status(e), &request_id)),
             }
         }
-        let response = direct(self.grpc(), req).await?.into_inner();
+        let mut request = tonic::Request::new(req);
+        if let Some(timeout) = fallback_timeout {
+            request.set_timeout(timeout);
+        }
+        let response = direct(self.grpc(), request)
+            .await
+            .map_err(|e| with_request_id(e, &request_id))?
+            .into_inner();
         Ok(Routed {
             response,
             via,
             request_id,
         })
     }
+}
+
+/// `status` with the write's request id in its message when the write's outcome is unknown
+/// (no answer, or an internal failure): retrying with that id (`request_id`, the CLI's
+/// `--request-id`) returns the recorded result instead of writing twice.
+fn with_request_id(status: tonic::Status, request_id: &str) -> tonic::Status {
+    use tonic::Code::*;
+    let unknown_outcome = matches!(
+        status.code(),
+        DeadlineExceeded | Unavailable | Cancelled | Unknown | Internal
+    );
+    if request_id.is_empty() || !unknown_outcome {
+        return status;
+    }
+    let message = format!(
+        "{} (request_id {request_id}: retry with it to get the recorded result without writing twice)",
+        status.message()
+    );
+    tonic::Status::with_details_and_metadata(
+        status.code(),
+        message,
+        status.details().to_vec().into(),
+        status.metadata().clone(),
+    )
 }
 
 /// The status the same failure has on the direct path.
@@ -292,16 +327,19 @@ mod tests {
     }
 
     #[test]
-    fn only_missing_answers_fall_back() {
-        assert!(
-            BusError::Timeout {
-                correlation_id: "c".into(),
-                after: Duration::from_secs(1)
-            }
-            .should_fall_back()
-        );
-        assert!(BusError::Unavailable("down".into()).should_fall_back());
-        assert!(!BusError::Failed(Box::new(FailedPayload::new("X", "y"))).should_fall_back());
-        assert!(!BusError::Protocol("p".into()).should_fall_back());
+    fn an_unknown_outcome_names_the_request_id_to_retry_with() {
+        for code in [tonic::Code::DeadlineExceeded, tonic::Code::Unavailable] {
+            let status = with_request_id(tonic::Status::new(code, "no answer"), "req-1");
+            assert_eq!(status.code(), code);
+            assert!(
+                status.message().starts_with("no answer (request_id req-1"),
+                "{status:?}"
+            );
+        }
+        // A definite answer (nothing was written) or no id: the status as it was.
+        let status = with_request_id(tonic::Status::invalid_argument("bad"), "req-1");
+        assert_eq!(status.message(), "bad");
+        let status = with_request_id(tonic::Status::unavailable("down"), "");
+        assert_eq!(status.message(), "down");
     }
 }

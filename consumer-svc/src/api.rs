@@ -63,6 +63,24 @@ impl ConsumerApi {
         {
             return Err(invalid("min_confidence", "must be between 0 and 1"));
         }
+        // Performance metrics have no agent: an agent filter would leave a subscription to
+        // them alone empty forever.
+        let only_performance = [
+            pb::Channel::Actions,
+            pb::Channel::Routing,
+            pb::Channel::Transformations,
+            pb::Channel::Metrics,
+            pb::Channel::System,
+        ]
+        .into_iter()
+        .all(|c| !channels.has(c));
+        if r.agent.is_some() && only_performance {
+            return Err(invalid(
+                "agent",
+                "performance metrics have no agent: with an agent filter, CHANNEL_PERFORMANCE \
+                 alone never delivers anything",
+            ));
+        }
         let filter = Filter {
             agent: r.agent,
             action_type: r.action_type,
@@ -678,6 +696,12 @@ fn filter_snapshot(mut s: pb::Snapshot, ch: &Channels, f: &Filter) -> pb::Snapsh
     if !ch.has(Channel::Performance) || f.agent.is_some() {
         s.performance_metrics.clear();
     }
+    // As on the live side (`subscribe_message`): a correlation id filter applies to them too.
+    s.performance_metrics.retain(|m| {
+        f.correlation_id
+            .as_ref()
+            .is_none_or(|x| m.correlation_id.as_deref() == Some(x.as_str()))
+    });
     if !ch.has(Channel::Performance) {
         s.performance_stats = None;
     }
@@ -758,8 +782,17 @@ pub async fn publish_live_updates(
             let state = api.state.read();
             let metrics: Vec<UpdateKind> = changed
                 .iter()
-                .flat_map(|a| state.agent_metrics(now, None, Some(a)))
-                .map(|m| UpdateKind::AgentMetrics(Arc::new(convert::agent_metrics(&m))))
+                .map(|a| {
+                    // An agent whose events all expired is pushed once with zero counts.
+                    let m = match state.agent_metrics(now, None, Some(a)).pop() {
+                        Some(m) => convert::agent_metrics(&m),
+                        None => pb::AgentMetrics {
+                            agent: a.clone(),
+                            ..Default::default()
+                        },
+                    };
+                    UpdateKind::AgentMetrics(Arc::new(m))
+                })
                 .collect();
             api.hub.publish(metrics);
             drop(state);

@@ -325,7 +325,11 @@ impl Ingest {
                 last_discover = Some(Instant::now());
             }
             if last_prune.elapsed() >= PRUNE_INTERVAL {
-                self.sinks.state.write().prune(now_micros());
+                let expired = self.sinks.state.write().prune(now_micros());
+                // Metric streams get the agents whose figures shrank (or that are gone).
+                if self.cfg.publish && !expired.is_empty() {
+                    self.sinks.dirty_agents.lock().extend(expired);
+                }
                 last_prune = Instant::now();
             }
             let wait = if self.assigned.is_empty() {

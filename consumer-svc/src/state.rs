@@ -104,12 +104,12 @@ impl Bucket for AgentBucket {
         }
     }
     fn merge(&mut self, o: &Self) {
-        self.requests += o.requests;
-        self.routing_time_n += o.routing_time_n;
-        self.confidence_n += o.confidence_n;
-        self.successes += o.successes;
-        self.errors += o.errors;
-        self.actions += o.actions;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.routing_time_n = self.routing_time_n.saturating_add(o.routing_time_n);
+        self.confidence_n = self.confidence_n.saturating_add(o.confidence_n);
+        self.successes = self.successes.saturating_add(o.successes);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.actions = self.actions.saturating_add(o.actions);
         self.routing_time_sum = self.routing_time_sum.saturating_add(o.routing_time_sum);
         self.confidence_sum = self.confidence_sum.saturating_add(o.confidence_sum);
     }
@@ -126,9 +126,9 @@ impl Bucket for PerfBucket {
         }
     }
     fn merge(&mut self, o: &Self) {
-        self.queries += o.queries;
-        self.cache_hits += o.cache_hits;
-        self.duration_n += o.duration_n;
+        self.queries = self.queries.saturating_add(o.queries);
+        self.cache_hits = self.cache_hits.saturating_add(o.cache_hits);
+        self.duration_n = self.duration_n.saturating_add(o.duration_n);
         self.duration_sum = self.duration_sum.saturating_add(o.duration_sum);
     }
 }
@@ -173,17 +173,22 @@ impl<B: Bucket> Series<B> {
 
     /// Merges minute buckets that left the last hour into hour buckets; drops buckets
     /// before `cutoff` (hour-aligned).
-    fn maintain(&mut self, now: Micros, cutoff: Micros) {
+    /// Merges minute buckets older than the last hour into hour buckets and drops buckets
+    /// before `cutoff`; returns whether any was dropped (the window's sums changed).
+    fn maintain(&mut self, now: Micros, cutoff: Micros) -> bool {
         let fine_from = fine_start(now);
         while let Some(b) = self.fine.front().copied().filter(|b| b.start() < fine_from) {
             self.fine.pop_front();
             bucket_mut(&mut self.coarse, align(b.start(), HOUR)).merge(&b);
         }
+        let mut dropped = false;
         while self.coarse.front().is_some_and(|b| b.start() < cutoff) {
             self.coarse.pop_front();
+            dropped = true;
         }
         while self.fine.front().is_some_and(|b| b.start() < cutoff) {
             self.fine.pop_front();
+            dropped = true;
         }
         // Keep the slack of a busy hour from staying allocated forever.
         for q in [&mut self.fine, &mut self.coarse] {
@@ -191,6 +196,7 @@ impl<B: Bucket> Series<B> {
                 q.shrink_to(q.len() + 8);
             }
         }
+        dropped
     }
 
     /// The sum of the buckets starting at or after `from`, if any.
@@ -423,12 +429,15 @@ impl State {
     }
 
     /// Drops everything older than the retention window at `now`; agents left without events
-    /// are removed. Returns how many agents were removed.
-    pub fn prune(&mut self, now: Micros) -> usize {
+    /// are removed. Returns the agents whose metrics changed (events expired), removed ones
+    /// included, so that metric streams can be told.
+    pub fn prune(&mut self, now: Micros) -> Vec<String> {
         let cutoff = self.cutoff_at(now).max(self.cutoff);
-        let before = self.agents.len();
-        self.agents.retain(|_, a| {
-            a.series.maintain(now, cutoff);
+        let mut changed = Vec::new();
+        self.agents.retain(|name, a| {
+            if a.series.maintain(now, cutoff) {
+                changed.push(name.to_string());
+            }
             !a.series.is_empty()
         });
         self.perf.maintain(now, cutoff);
@@ -439,7 +448,7 @@ impl State {
             self.transformations.prune(cutoff);
             self.performance.prune(cutoff);
         }
-        before - self.agents.len()
+        changed
     }
 
     /// Start of the window `window` long ending at `now`: aligned to the minute within the
@@ -898,9 +907,20 @@ mod tests {
             &reference_metrics(&kept, cutoff),
         );
 
-        // An hour later, everything older than the new cutoff is gone, everywhere.
+        // An hour later, everything older than the new cutoff is gone, everywhere, and prune
+        // names exactly the agents whose metrics changed (removed ones included).
         let later = NOW + H;
-        s.prune(later);
+        let before = s.agent_metrics(NOW, None, None);
+        let mut changed = s.prune(later);
+        changed.sort();
+        let after = s.agent_metrics(later, None, None);
+        let differ: Vec<String> = before
+            .iter()
+            .filter(|b| !after.contains(b))
+            .map(|b| b.agent.clone())
+            .collect();
+        assert!(!differ.is_empty());
+        assert_eq!(changed, differ);
         let cutoff = s.cutoff_at(later);
         let kept: Vec<Event> = events
             .iter()
@@ -935,8 +955,9 @@ mod tests {
             s.performance_stats(later, None)
         );
 
-        // Much later: all agents dropped.
-        s.prune(NOW + 10 * H);
+        // Much later: all agents dropped, and named.
+        let left = s.agent_count();
+        assert_eq!(s.prune(NOW + 10 * H).len(), left);
         assert_eq!(s.agent_count(), 0);
         assert_eq!(s.actions().count(), 0);
         assert_eq!(s.performance_stats(NOW + 10 * H, None).total_queries, 0);

@@ -56,6 +56,10 @@ pub enum DbError {
     /// PostgreSQL cannot be reached (or no pooled connection became free in time).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A stored value the API cannot carry (JSON nested deeper than the transcoder's
+    /// limit): the request is valid, the data is not servable as is.
+    #[error("column {column}: {message}")]
+    Unrepresentable { column: String, message: String },
     /// Anything else the database reported.
     #[error("database operation failed: {0}")]
     Database(String),
@@ -95,6 +99,7 @@ impl DbError {
             Self::Timeout(_) => "TIMEOUT",
             Self::Retryable(_) => "RETRYABLE",
             Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
+            Self::Unrepresentable { .. } => "UNREPRESENTABLE_VALUE",
             Self::Database(_) => "DATABASE_OPERATION_FAILED",
         }
     }
@@ -105,7 +110,8 @@ impl DbError {
             Self::FilterRequired { .. }
             | Self::TooManyRows { .. }
             | Self::Constraint { .. }
-            | Self::RequestIdReused { .. } => Code::FailedPrecondition,
+            | Self::RequestIdReused { .. }
+            | Self::Unrepresentable { .. } => Code::FailedPrecondition,
             Self::Conflict { .. } => Code::AlreadyExists,
             Self::WriteNotAllowed(_) | Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Timeout(_) => Code::DeadlineExceeded,
@@ -139,6 +145,7 @@ impl DbError {
             Self::RequestIdReused { recorded, .. } => {
                 vec![("recorded_operation".into(), recorded.clone())]
             }
+            Self::Unrepresentable { column, .. } => vec![("column".into(), column.clone())],
             _ => Vec::new(),
         }
     }

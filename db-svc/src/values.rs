@@ -437,24 +437,12 @@ impl ResultColumns {
         if !matches!(ty, ColType::Json | ColType::Jsonb) {
             return Ok(None);
         }
-        let malformed = |e: &dyn std::fmt::Display| {
-            DbError::Database(format!("cannot decode column {name}: {e}"))
-        };
-        let raw = row.try_get_raw(self.first + i).map_err(|e| malformed(&e))?;
-        if raw.is_null() {
-            return Ok(Some(None));
-        }
-        let format = raw.format();
-        let bytes = raw.as_bytes().map_err(|e| malformed(&e))?;
-        // jsonb's binary form is a format version (1) followed by the text; json's is the text.
-        let text = match (ty, format) {
-            (ColType::Jsonb, PgValueFormat::Binary) => match bytes.split_first() {
-                Some((1, text)) => text,
-                _ => return Err(malformed(&"unknown jsonb format version")),
-            },
-            _ => bytes,
-        };
-        Ok(Some(Some(text)))
+        json_text(row, self.first + i, *ty, name).map(Some)
+    }
+
+    /// The name of result column `i`.
+    pub fn name(&self, i: usize) -> &str {
+        &self.columns[i].0
     }
 
     /// One row as a `Struct` keyed by column name (a repeated name keeps its last value).
@@ -714,6 +702,79 @@ fn time_text_cell<'r>(ty: ColType, text: &str) -> Option<Cell<'r>> {
     }
 }
 
+/// The JSON text of json/jsonb cell `i` of `row` (`None` for NULL).
+fn json_text<'r>(
+    row: &'r PgRow,
+    i: usize,
+    ty: ColType,
+    name: &str,
+) -> Result<Option<&'r [u8]>, DbError> {
+    let malformed =
+        |e: &dyn std::fmt::Display| DbError::Database(format!("cannot decode column {name}: {e}"));
+    let raw = row.try_get_raw(i).map_err(|e| malformed(&e))?;
+    if raw.is_null() {
+        return Ok(None);
+    }
+    let format = raw.format();
+    let bytes = raw.as_bytes().map_err(|e| malformed(&e))?;
+    // jsonb's binary form is a format version (1) followed by the text; json's is the text.
+    match (ty, format) {
+        (ColType::Jsonb, PgValueFormat::Binary) => match bytes.split_first() {
+            Some((1, text)) => Ok(Some(text)),
+            _ => Err(malformed(&"unknown jsonb format version")),
+        },
+        _ => Ok(Some(bytes)),
+    }
+}
+
+/// Deepest JSON nesting the transcoders follow (serde_json stops at its 128th level).
+/// PostgreSQL stores deeper documents; protobuf readers mostly refuse far shallower ones anyway.
+pub const JSON_MAX_DEPTH: usize = 127;
+
+/// How deeply the arrays and objects of the JSON text `json` nest (strings skipped).
+pub fn json_depth(json: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// The error for JSON text of column `name` that did not transcode: a document nested too
+/// deeply for the API is FAILED_PRECONDITION naming the column, anything else is a database
+/// error (PostgreSQL only stores valid JSON).
+pub fn json_error(name: &str, json: &[u8], e: impl std::fmt::Display) -> DbError {
+    let depth = json_depth(json);
+    if depth > JSON_MAX_DEPTH {
+        DbError::Unrepresentable {
+            column: name.to_string(),
+            message: format!(
+                "a JSON value nested {depth} levels deep cannot be returned (at most \
+                 {JSON_MAX_DEPTH}); leave the column out of the projection or select part of it"
+            ),
+        }
+    } else {
+        DbError::Database(format!("cannot decode column {name}: {e}"))
+    }
+}
+
 /// Decodes cell `i` of `row` (column `name` of type `ty`) by the type mapping.
 fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<Cell<'r>, DbError> {
     let err = |e: sqlx::Error| DbError::Database(format!("cannot decode column {name}: {e}"));
@@ -751,9 +812,14 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         }
         ColType::Text => get!(&'r str).map(Cell::Str),
         ColType::Uuid => get!(Uuid).map(Cell::Uuid),
-        ColType::Json | ColType::Jsonb => {
-            get!(sqlx::types::Json<ProtoValue>).map(|j| Cell::Json(j.0.0))
-        }
+        ColType::Json | ColType::Jsonb => match json_text(row, i, ty, name)? {
+            None => None,
+            Some(text) => Some(Cell::Json(
+                serde_json::from_slice::<ProtoValue>(text)
+                    .map_err(|e| json_error(name, text, e))?
+                    .0,
+            )),
+        },
         // Read from the wire form here: sqlx's decoders panic on PostgreSQL's infinities.
         ColType::Timestamptz | ColType::Timestamp | ColType::Date => {
             let raw = row.try_get_raw(i).map_err(err)?;
@@ -1289,5 +1355,42 @@ mod tests {
             unreachable!()
         };
         assert_eq!(Json::Object(struct_to_json(&json_to_struct(map))), v);
+    }
+
+    #[test]
+    fn json_depth_counts_nesting_outside_strings() {
+        assert_eq!(json_depth(b"1"), 0);
+        assert_eq!(json_depth(br#"{"a": [1, {"b": 2}]}"#), 3);
+        assert_eq!(json_depth(br#"["[[[", "\"{{", {}]"#), 2);
+        let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
+        assert_eq!(json_depth(deep.as_bytes()), 129);
+    }
+
+    #[test]
+    fn too_deep_json_is_unrepresentable_other_failures_are_database_errors() {
+        let deep = format!(
+            "{}{}",
+            "[".repeat(JSON_MAX_DEPTH + 1),
+            "]".repeat(JSON_MAX_DEPTH + 1)
+        );
+        let e = serde_json::from_str::<serde_json::Value>(&deep).unwrap_err();
+        match json_error("details", deep.as_bytes(), e) {
+            DbError::Unrepresentable { column, message } => {
+                assert_eq!(column, "details");
+                assert!(message.contains("128 levels"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let ok_depth = format!(
+            "{}{}",
+            "[".repeat(JSON_MAX_DEPTH),
+            "]".repeat(JSON_MAX_DEPTH)
+        );
+        assert!(serde_json::from_str::<ProtoValue>(&ok_depth).is_ok());
+        let e = serde_json::from_str::<serde_json::Value>("[1,").unwrap_err();
+        assert!(matches!(
+            json_error("details", b"[1,", e),
+            DbError::Database(m) if m.contains("details")
+        ));
     }
 }

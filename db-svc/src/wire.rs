@@ -18,7 +18,7 @@ use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use crate::error::DbError;
-use crate::values::{Cell, ResultColumns, Rfc3339};
+use crate::values::{Cell, ResultColumns, Rfc3339, json_error};
 
 /// Field numbers and wire types of `google.protobuf.Struct` / `Value`.
 const STRUCT_FIELDS: u8 = 1 << 3 | 2; // map<string, Value> fields = 1 (length-delimited)
@@ -52,11 +52,9 @@ pub fn encode_cell(cell: &Cell<'_>, out: &mut Vec<u8>) {
 /// text (no `Value` tree is built). Objects keep the document's member order; a member that
 /// appears twice appears twice, and a protobuf map reader keeps the last one, as the `Struct`
 /// path does.
-pub fn encode_json(json: &[u8], out: &mut Vec<u8>) -> Result<(), DbError> {
+pub fn encode_json(json: &[u8], out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(json);
-    let written =
-        de::DeserializeSeed::deserialize(JsonToWire(out), &mut de).and_then(|()| de.end());
-    written.map_err(|e| DbError::Database(format!("malformed JSON from the database: {e}")))
+    de::DeserializeSeed::deserialize(JsonToWire(out), &mut de).and_then(|()| de.end())
 }
 
 const VALUE_STRUCT: u8 = 5 << 3 | 2; // Struct struct_value = 5
@@ -234,7 +232,8 @@ impl RowEncoder {
         for (key, i) in &self.entries {
             self.value.clear();
             match self.columns.json_text(row, *i)? {
-                Some(Some(text)) => encode_json(text, &mut self.value)?,
+                Some(Some(text)) => encode_json(text, &mut self.value)
+                    .map_err(|e| json_error(self.columns.name(*i), text, e))?,
                 Some(None) => encode_cell(&Cell::Null, &mut self.value),
                 None => encode_cell(&self.columns.cell(row, *i)?, &mut self.value),
             }

@@ -830,3 +830,111 @@ async fn a_reply_too_large_for_the_bus_fails_and_the_worker_goes_on() {
         .unwrap();
     assert_eq!(counted.count, 5000);
 }
+
+/// A bus write whose reply is too large for the bus (REPLY_TOO_LARGE: the write happened)
+/// falls back to gRPC with the same request id: the caller gets the recorded result, with
+/// every row, and nothing is written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_reply_is_too_large_for_the_bus_gets_its_result_over_grpc() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let bus = Arc::new(
+        BusPublisher::connect(topics.client_config(REPLY))
+            .await
+            .unwrap(),
+    );
+    let client = DbClient::with_bus(svc.channel(), bus, WriteMode::BusFirst);
+    // ~0.7 MB of request, ~2 MB of reply (the rows come back with their defaults, twice).
+    let rows: Vec<prost_types::Struct> = (0..3000)
+        .map(|_| {
+            let mut row = action("too-large");
+            row.fields.insert(
+                "action_details".into(),
+                omnibus_tests::db::to_value(json!({ "pad": "x".repeat(100) })),
+            );
+            row
+        })
+        .collect();
+    let written = client
+        .insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    match &written.via {
+        Via::Fallback(why) => assert!(why.contains("REPLY_TOO_LARGE"), "{why}"),
+        other => panic!("expected a fallback after REPLY_TOO_LARGE, got {other:?}"),
+    }
+    assert!(
+        written.response.replayed,
+        "the recorded result, not a second write"
+    );
+    assert_eq!(written.response.affected, 3000);
+    assert_eq!(written.response.rows.len(), 3000);
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'too-large'"
+        )
+        .await,
+        3000
+    );
+}
+
+/// The direct fallback carries the bus timeout as its gRPC deadline: with the bus silent and
+/// the table locked, the write ends with DEADLINE_EXCEEDED after about the timeout instead of
+/// waiting for the lock, and the error names the request id to retry with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_direct_fallback_is_bounded_by_the_bus_timeout() {
+    use sqlx::Connection;
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let mut direct_only = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(["--bus", "false"])
+        .spawn()
+        .unwrap();
+    direct_only.wait_serving().await.unwrap();
+    let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("LOCK TABLE agent_actions IN SHARE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+
+    let timeout = Duration::from_millis(1500);
+    let bus = Arc::new(
+        BusPublisher::connect(topics.client_config(timeout))
+            .await
+            .unwrap(),
+    );
+    let client = DbClient::with_bus(direct_only.channel(), bus, WriteMode::BusFirst);
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let started = std::time::Instant::now();
+    let err = client
+        .insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![action("locked-out")],
+            request_id: request_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains(&request_id), "{err:?}");
+    // The bus wait plus the fallback's own deadline, not the lock's lifetime.
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'locked-out'"
+        )
+        .await,
+        0
+    );
+}

@@ -1018,7 +1018,8 @@ async fn subscribe_delivers_transformations_performance_agent_metrics_and_status
 }
 
 /// Subscribe's `min_confidence` (routing decisions with a confidence at least that) and
-/// `correlation_id` (only actions and decisions carrying it) filters.
+/// `correlation_id` (only actions, decisions and performance metrics carrying it, in the
+/// snapshot as live) filters, and an agent filter that could never match refused.
 #[tokio::test]
 async fn subscribe_filters_by_min_confidence_and_correlation_id() {
     let brokers = kafka_brokers();
@@ -1124,6 +1125,70 @@ async fn subscribe_filters_by_min_confidence_and_correlation_id() {
     let decisions: Vec<&String> = got.iter().filter(|id| id.starts_with("d-")).collect();
     assert_eq!(actions, ["a-keep-1", "a-keep-2", "a-last"]);
     assert_eq!(decisions, ["d-low", "d-last"]);
+
+    // Performance metrics: the correlation id filters the snapshot as it filters live pushes.
+    let pm = topics.name(Kind::PerformanceMetric);
+    for (id, correlation) in [
+        ("p-keep", Some("keep")),
+        ("p-other", Some("other")),
+        ("p-none", None),
+    ] {
+        let mut m = serde_json::json!({"id": id, "query_text": "q", "routing_duration_ms": 3.0});
+        if let Some(c) = correlation {
+            m["correlation_id"] = c.into();
+        }
+        p.send(pm, id, &serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+    p.flush().unwrap();
+    wait_status(
+        &svc,
+        Duration::from_secs(30),
+        "3 performance metrics",
+        |st| {
+            st.topics
+                .iter()
+                .any(|t| t.topic == pm && t.events_consumed >= 3)
+        },
+    )
+    .await
+    .unwrap();
+    let mut perf = client(&svc)
+        .subscribe(pb::SubscribeRequest {
+            channels: vec![pb::Channel::Performance as i32],
+            correlation_id: Some("keep".into()),
+            include_snapshot: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = perf.next().await.unwrap().unwrap();
+    let Some(Update::Snapshot(snap)) = first.update else {
+        panic!("a snapshot first: {first:?}");
+    };
+    let ids: Vec<&str> = snap
+        .performance_metrics
+        .iter()
+        .map(|m| m.id.as_str())
+        .collect();
+    assert_eq!(ids, ["p-keep"]);
+
+    // An agent filter with performance metrics alone could never deliver anything.
+    let err = client(&svc)
+        .subscribe(pb::SubscribeRequest {
+            channels: vec![pb::Channel::Performance as i32],
+            agent: Some("agent-r".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    use tonic_types::StatusExt;
+    let details = err.get_error_details();
+    assert_eq!(
+        details.bad_request().expect("BadRequest").field_violations[0].field,
+        "agent"
+    );
 }
 
 /// A client that resumes after consumer-svc restarted must not land inside the new run's

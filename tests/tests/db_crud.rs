@@ -4,7 +4,7 @@
 
 use omnibus_proto::db::v1 as pb;
 use omnibus_tests::db::{
-    DbSvc, action, error_details, from_struct, rows_json, to_struct, to_value,
+    DbSvc, action, error_details, error_metadata, from_struct, rows_json, to_struct, to_value,
 };
 use serde_json::{Value as Json, json};
 
@@ -1709,4 +1709,93 @@ async fn infinite_timestamps_read_back_as_postgresql_writes_them() {
         .unwrap()
         .into_inner();
     assert_eq!(by_name(rows_json(&raw.rows)), want, "ExecuteRaw");
+}
+
+/// PostgreSQL stores JSON nested deeper than db-svc transcodes (127 levels). Reading such a
+/// cell is FAILED_PRECONDITION naming the column, on every read path, and the other rows and
+/// a projection without the column still read normally.
+#[tokio::test]
+async fn json_nested_too_deeply_is_a_precondition_error_naming_the_column() {
+    let s = DbSvc::start(&[]).await;
+    let mut conn = s.sql().await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name, action_details) \
+         VALUES (gen_random_uuid(), 'deep', 'tool_call', 'deep', $1::jsonb), \
+                (gen_random_uuid(), 'shallow', 'tool_call', 'ok', '{\"a\": [1, {\"b\": \"]\"}]}')",
+    )
+    .bind(&deep)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut client = s.client.clone();
+    let query = |agent: &str, columns: Vec<String>| pb::QueryRequest {
+        table: "agent_actions".into(),
+        columns,
+        r#where: Some(to_struct(json!({ "agent_name": agent }))),
+        ..Default::default()
+    };
+    let check = |err: tonic::Status, path: &str| {
+        assert_eq!(
+            err.code(),
+            tonic::Code::FailedPrecondition,
+            "{path}: {err:?}"
+        );
+        assert_eq!(error_details(&err).0, "UNREPRESENTABLE_VALUE", "{path}");
+        assert_eq!(
+            error_metadata(&err, "column").as_deref(),
+            Some("action_details"),
+            "{path}"
+        );
+        assert!(
+            err.message().contains("200 levels"),
+            "{path}: {}",
+            err.message()
+        );
+    };
+    let err = client.query(query("deep", vec![])).await.unwrap_err();
+    check(err, "Query");
+    let mut stream = client
+        .stream_query(pb::StreamQueryRequest {
+            query: Some(query("deep", vec![])),
+            batch_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("StreamQuery ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    check(err, "StreamQuery");
+    let err = client
+        .execute_raw(pb::ExecuteRawRequest {
+            sql: "SELECT action_details FROM agent_actions WHERE agent_name = $1".into(),
+            params: vec![to_value(json!("deep"))],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    check(err, "ExecuteRaw");
+    // Without the column, and for other rows (a bracket inside a string is not nesting).
+    let rows = client
+        .query(query("deep", vec!["action_name".into()]))
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rows_json(&rows), vec![json!({"action_name": "deep"})]);
+    let rows = client
+        .query(query("shallow", vec!["action_details".into()]))
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(
+        rows_json(&rows),
+        vec![json!({"action_details": {"a": [1.0, {"b": "]"}]}})]
+    );
 }
