@@ -341,6 +341,96 @@ fn payload_str(payload: &[u8]) -> Result<&str, ParseError> {
     Ok(std::str::from_utf8(payload)?)
 }
 
+/// Parses `payload` as `T`. An event that sends a field under two of its spellings
+/// (`agent_name` and `agentName`, `confidence_score` and `confidence`) fails serde's derive
+/// with "duplicate field"; only then is it parsed again from a copy holding each field once,
+/// under its snake_case name, with its first non-null value. `deduped` keeps that copy alive
+/// for the borrowed fields of `T`.
+fn parse_raw<'a, T: serde::Deserialize<'a>>(
+    payload: &'a str,
+    aliases: &[(&str, &str)],
+    deduped: &'a mut Option<String>,
+) -> Result<T, ParseError> {
+    match serde_json::from_str(payload) {
+        Ok(raw) => Ok(raw),
+        Err(e) if is_duplicate_field(&e) => {
+            let Some(once) = dedupe_spellings(payload, aliases) else {
+                return Err(e.into());
+            };
+            Ok(serde_json::from_str(deduped.insert(once))?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// serde's derive reports a repeated field (a name and its alias) with this message.
+fn is_duplicate_field(e: &serde_json::Error) -> bool {
+    e.is_data() && e.to_string().starts_with("duplicate field")
+}
+
+/// `name` in snake_case (`routingTimeMs` -> `routing_time_ms`), then through `aliases`.
+fn canonical_name(name: &str, aliases: &[(&str, &str)]) -> String {
+    let mut snake = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            snake.push('_');
+            snake.push(c.to_ascii_lowercase());
+        } else {
+            snake.push(c);
+        }
+    }
+    match aliases.iter().find(|(alias, _)| *alias == snake) {
+        Some((_, name)) => (*name).to_string(),
+        None => snake,
+    }
+}
+
+/// The JSON object `payload` with each field once, under its canonical name, keeping the
+/// first non-null value (null means absent); `None` when `payload` is not an object.
+fn dedupe_spellings(payload: &str, aliases: &[(&str, &str)]) -> Option<String> {
+    /// The members of an object in document order (a map would lose which came first).
+    struct Members(Vec<(String, serde_json::Value)>);
+    impl<'de> serde::Deserialize<'de> for Members {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Members;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Members, A::Error> {
+                    let mut members = Vec::new();
+                    while let Some(member) = map.next_entry()? {
+                        members.push(member);
+                    }
+                    Ok(Members(members))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    let Members(members) = serde_json::from_str(payload).ok()?;
+    let mut once = serde_json::Map::new();
+    for (name, value) in members {
+        let slot = once
+            .entry(canonical_name(&name, aliases))
+            .or_insert(serde_json::Value::Null);
+        if slot.is_null() {
+            *slot = value;
+        }
+    }
+    serde_json::to_string(&once).ok()
+}
+
+/// Names other than a field's camelCase form that the events' fields accept.
+const ROUTING_ALIASES: &[(&str, &str)] = &[("confidence", "confidence_score")];
+const ACTION_ALIASES: &[(&str, &str)] = &[];
+const TRANSFORMATION_ALIASES: &[(&str, &str)] = &[("confidence", "confidence_score")];
+const PERFORMANCE_ALIASES: &[(&str, &str)] = &[("latency_ms", "routing_duration_ms")];
+
 /// A required string field.
 fn required<'s>(field: &'s Str<'_>, name: &'static str) -> Result<&'s str, ParseError> {
     field.as_deref().ok_or(ParseError::MissingField(name))
@@ -410,7 +500,8 @@ struct RawRouting<'a> {
 
 pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, ParseError> {
     let payload = payload_str(payload)?;
-    let raw: RawRouting = serde_json::from_str(payload)?;
+    let mut deduped = None;
+    let raw: RawRouting = parse_raw(payload, ROUTING_ALIASES, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
     let selected_agent = required(&raw.selected_agent, "selected_agent")?;
     let alts = raw.alternatives.as_deref().unwrap_or_default();
@@ -510,7 +601,8 @@ struct RawAction<'a> {
 
 pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseError> {
     let payload = payload_str(payload)?;
-    let raw: RawAction = serde_json::from_str(payload)?;
+    let mut deduped = None;
+    let raw: RawAction = parse_raw(payload, ACTION_ALIASES, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
     let agent_name = required(&raw.agent_name, "agent_name")?;
     let action_type = required(&raw.action_type, "action_type")?;
@@ -578,7 +670,8 @@ struct RawTransformation<'a> {
 
 pub fn parse_transformation(payload: &[u8], now: Micros) -> Result<Transformation, ParseError> {
     let payload = payload_str(payload)?;
-    let raw: RawTransformation = serde_json::from_str(payload)?;
+    let mut deduped = None;
+    let raw: RawTransformation = parse_raw(payload, TRANSFORMATION_ALIASES, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
     let source_agent = required(&raw.source_agent, "source_agent")?;
     let target_agent = required(&raw.target_agent, "target_agent")?;
@@ -637,7 +730,8 @@ struct RawPerformance<'a> {
 
 pub fn parse_performance(payload: &[u8], now: Micros) -> Result<PerformanceMetric, ParseError> {
     let payload = payload_str(payload)?;
-    let raw: RawPerformance = serde_json::from_str(payload)?;
+    let mut deduped = None;
+    let raw: RawPerformance = parse_raw(payload, PERFORMANCE_ALIASES, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, now)?;
     let id = id_or_new(raw.id);
     let strategy = raw.trigger_match_strategy.as_deref().unwrap_or("unknown");
@@ -765,6 +859,54 @@ mod tests {
         assert_eq!(e.routing_strategy(), Some("s"));
         assert_eq!(e.user_request(), Some("u"));
         assert!(!e.id().is_empty(), "a missing id gets a new UUID");
+    }
+
+    #[test]
+    fn a_field_sent_under_two_spellings_keeps_its_first_non_null_value() {
+        let e = parse_routing(
+            br#"{"selected_agent":"x","selectedAgent":"y","confidence_score":null,"confidence":0.9,
+                "confidenceScore":0.1,"alternatives":[{"agent":"z","confidence":0.4}]}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(e.selected_agent(), "x");
+        assert_eq!(e.confidence_score, Some(0.9));
+        assert_eq!(e.alternatives().count(), 1);
+        let a = parse_action(
+            br#"{"agentName":"a","agent_name":"b","action_type":"t","actionType":"u"}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!((a.agent_name(), a.action_type()), ("a", "t"));
+        let t = parse_transformation(
+            br#"{"source_agent":"a","target_agent":"b","confidence":0.5,"confidence_score":0.7}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(t.confidence_score, Some(0.5));
+        let m = parse_performance(
+            br#"{"latencyMs":7,"routing_duration_ms":8,"cache_hit":true,"cacheHit":false}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(m.routing_duration_ms, Some(7.0));
+        assert!(m.cache_hit);
+        // A required field still has to be there under some spelling, with a value.
+        assert!(matches!(
+            parse_action(
+                br#"{"agent_name":null,"agentName":null,"action_type":"t"}"#,
+                NOW
+            ),
+            Err(ParseError::MissingField("agent_name"))
+        ));
+        // Other errors are not retried: a wrong type stays an error.
+        assert!(
+            parse_routing(
+                br#"{"selected_agent":"x","selectedAgent":"y","confidence":"high"}"#,
+                NOW
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -55,6 +55,8 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
     // Transformations: success defaults to true, explicit false kept.
     p.send(tr, "c1", format!(r#"{{"id":"t1","source_agent":"agent-a","target_agent":"agent-b","timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
     p.send(tr, "c2", format!(r#"{{"id":"t2","sourceAgent":"agent-b","targetAgent":"agent-c","success":false,"confidenceScore":0,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
+    // A field under two spellings keeps its first non-null value.
+    p.send(tr, "c3", format!(r#"{{"id":"t3","source_agent":"agent-c","sourceAgent":"agent-x","targetAgent":"agent-d","confidence_score":null,"confidence":0.5,"confidenceScore":0.7,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
     p.send(tr, "x", br#"{"source_agent":"a"}"#).unwrap();
 
     // Performance metrics: defaults, the latency_ms alias, camelCase, a wrong type.
@@ -72,9 +74,9 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
     p.flush().unwrap();
 
     let s = wait_status(&svc, WAIT, "all events, positions refreshed", |s| {
-        s.events_processed == 11
+        s.events_processed == 12
             && s.parse_errors == 7
-            && s.partitions.iter().map(|p| p.high_watermark).sum::<i64>() == 19
+            && s.partitions.iter().map(|p| p.high_watermark).sum::<i64>() == 20
     })
     .await
     .unwrap();
@@ -83,7 +85,7 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
     assert_eq!(topic_status(&s, Kind::AgentAction).events_consumed, 3);
     assert_eq!(topic_status(&s, Kind::AgentAction).parse_errors, 2);
     assert_eq!(topic_status(&s, Kind::AgentAction).skipped_expired, 1);
-    assert_eq!(topic_status(&s, Kind::Transformation).events_consumed, 2);
+    assert_eq!(topic_status(&s, Kind::Transformation).events_consumed, 3);
     assert_eq!(topic_status(&s, Kind::Transformation).parse_errors, 1);
     assert_eq!(topic_status(&s, Kind::PerformanceMetric).events_consumed, 3);
     assert_eq!(topic_status(&s, Kind::PerformanceMetric).parse_errors, 1);
@@ -182,9 +184,15 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
         .unwrap()
         .into_inner()
         .transformations;
-    assert_eq!(transformations.len(), 2);
+    assert_eq!(transformations.len(), 3);
     let t1 = transformations.iter().find(|t| t.id == "t1").unwrap();
     assert!(t1.success, "success defaults to true");
+    let t3 = transformations.iter().find(|t| t.id == "t3").unwrap();
+    assert_eq!(
+        (t3.source_agent.as_str(), t3.target_agent.as_str()),
+        ("agent-c", "agent-d")
+    );
+    assert_eq!(t3.confidence_score, Some(0.5));
     let t2 = transformations.iter().find(|t| t.id == "t2").unwrap();
     assert!(!t2.success);
     assert_eq!(t2.confidence_score, Some(0.0));
