@@ -485,7 +485,17 @@ fn write_filter(
                         return Err(DbError::field(&value_field, "expected a list of values"));
                     };
                     if items.is_empty() {
-                        b.push(if *op == Op::In { "FALSE" } else { "TRUE" });
+                        // `x IN ()` is not SQL. These keep the list forms' three-valued logic:
+                        // false (or, negated, true) for a value, unknown for NULL, so that a
+                        // NULL column matches neither an empty IN nor an empty NOT IN, as it
+                        // matches neither with a non-empty list.
+                        b.push("(");
+                        b.ident(&col.name);
+                        b.push(if *op == Op::In {
+                            " IS NULL AND NULL)"
+                        } else {
+                            " IS NOT NULL OR NULL)"
+                        });
                         return Ok(());
                     }
                     let params = items
@@ -627,6 +637,18 @@ pub fn plan_query(
             Nulls::First => " NULLS FIRST",
             Nulls::Last => " NULLS LAST",
         });
+    }
+    // Ties are broken by the primary key: PostgreSQL's sort is not stable, so rows that
+    // compare equal (every row of one insert shares its created_at) could otherwise repeat or
+    // go missing across OFFSET pages, or come in another order in a shared statement.
+    if !spec.order_by.is_empty() {
+        for pk in &table.primary_key {
+            if !spec.order_by.iter().any(|o| o.column == *pk) {
+                b.push(", ");
+                b.ident(pk);
+                b.push(" ASC");
+            }
+        }
     }
     if let Some(limit) = limit {
         b.push(" LIMIT ");
@@ -944,6 +966,43 @@ fn require_filter(operation: &'static str, criteria: &Criteria) -> Result<(), Db
     Ok(())
 }
 
+/// An upsert that updates on conflict sets each update column from the row's own value; a
+/// row that does not give a column would set it to its default (`EXCLUDED` holds the default
+/// for it) and silently overwrite the stored value. So every row must give the same columns,
+/// and every explicit update column must be among them (an auto-filled `updated_at` aside).
+fn check_upsert_columns(table: &TableInfo, spec: &UpsertSpec) -> Result<(), DbError> {
+    let Some(first) = spec.rows.first() else {
+        return Ok(());
+    };
+    for (i, row) in spec.rows.iter().enumerate().skip(1) {
+        let differs = row.len() != first.len() || row.keys().any(|k| !first.contains_key(k));
+        if differs {
+            let names = |r: &JsonRow| r.keys().cloned().collect::<Vec<_>>().join(", ");
+            return Err(DbError::field(
+                format!("rows[{i}]"),
+                format!(
+                    "every row of an upsert that updates on conflict must give the same columns \
+                     (rows[0]: {}; rows[{i}]: {}): a column a row leaves out would be reset to \
+                     its default on conflict",
+                    names(first),
+                    names(row)
+                ),
+            ));
+        }
+    }
+    for (i, c) in spec.update_columns.iter().enumerate() {
+        let auto_filled =
+            c == "updated_at" && table.column(c).is_some_and(|col| col.ty.is_timestamp());
+        if !first.contains_key(c) && !auto_filled {
+            return Err(DbError::field(
+                format!("update_columns[{i}]"),
+                format!("the rows do not give {c}: updating it would reset it to its default"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// INSERT ... ON CONFLICT (...) DO UPDATE SET c = EXCLUDED.c ... | DO NOTHING, RETURNING.
 pub fn plan_upsert(table: &TableInfo, spec: &UpsertSpec) -> Result<Plan, DbError> {
     let conflict: Vec<String> = if spec.conflict_columns.is_empty() {
@@ -966,6 +1025,9 @@ pub fn plan_upsert(table: &TableInfo, spec: &UpsertSpec) -> Result<Plan, DbError
     for (i, c) in spec.update_columns.iter().enumerate() {
         column(table, &format!("update_columns[{i}]"), c)?;
     }
+    if !spec.ignore_duplicates {
+        check_upsert_columns(table, spec)?;
+    }
     let mut b = Builder::new();
     let auto = write_values(&mut b, table, &spec.rows)?;
     b.push(" ON CONFLICT (");
@@ -979,13 +1041,17 @@ pub fn plan_upsert(table: &TableInfo, spec: &UpsertSpec) -> Result<Plan, DbError
     if spec.ignore_duplicates {
         b.push(" DO NOTHING");
     } else {
+        // By default every column the rows give, except the conflict columns, the primary
+        // key and created_at: an existing row keeps its identity and its creation time.
         let mut update: Vec<String> = if spec.update_columns.is_empty() {
             table
                 .columns
                 .iter()
                 .filter(|c| spec.rows.iter().any(|r| r.contains_key(&c.name)))
                 .map(|c| c.name.clone())
-                .filter(|c| !conflict.contains(c))
+                .filter(|c| {
+                    !conflict.contains(c) && !table.primary_key.contains(c) && c != "created_at"
+                })
                 .collect()
         } else {
             spec.update_columns.clone()
@@ -1315,7 +1381,13 @@ pub(crate) mod tests {
             plan_filter(&t, &cond("agent_name", Op::NotIn, json!([])))
                 .unwrap()
                 .sql,
-            "TRUE"
+            "(\"agent_name\" IS NOT NULL OR NULL)"
+        );
+        assert_eq!(
+            plan_filter(&t, &cond("agent_name", Op::In, json!([])))
+                .unwrap()
+                .sql,
+            "(\"agent_name\" IS NULL AND NULL)"
         );
         assert_eq!(
             plan_filter(&t, &cond("action_details", Op::Contains, json!({"k": 1})))

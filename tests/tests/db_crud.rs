@@ -251,6 +251,15 @@ async fn every_filter_operator() {
             vec!["a2"],
         ),
         (cond("agent_name", O::In, Some(json!([]))), vec![]),
+        // Empty lists keep the NULL rule of the others: a NULL column matches neither.
+        (
+            cond("duration_ms", O::NotIn, Some(json!([]))),
+            vec!["B3", "a1", "a2"],
+        ),
+        (
+            negate(cond("duration_ms", O::In, Some(json!([])))),
+            vec!["B3", "a1", "a2"],
+        ),
         (
             cond("agent_name", O::Like, Some(json!("a%"))),
             vec!["a1", "a2"],
@@ -1798,4 +1807,118 @@ async fn json_nested_too_deeply_is_a_precondition_error_naming_the_column() {
         rows_json(&rows),
         vec![json!({"action_details": {"a": [1.0, {"b": "]"}]}})]
     );
+}
+
+/// An upsert that updates on conflict never resets what a row did not give: rows with
+/// different columns, and update columns no row gives, are field errors; by default the
+/// primary key and created_at of an existing row are kept (a conflict on another unique key
+/// does not re-key the row).
+#[tokio::test]
+async fn upsert_never_resets_columns_a_row_did_not_give() {
+    let s = DbSvc::start(&[]).await;
+    let mut client = s.client.clone();
+    let mut a = action("kept");
+    a["id"] = json!(uuid::Uuid::new_v4().to_string());
+    a["duration_ms"] = json!(5);
+    let mut b = action("other");
+    b["id"] = json!(uuid::Uuid::new_v4().to_string());
+    let upsert = |rows: Vec<Json>, update_columns: Vec<&str>| pb::UpsertRequest {
+        table: "agent_actions".into(),
+        rows: rows.into_iter().map(to_struct).collect(),
+        update_columns: update_columns.into_iter().map(String::from).collect(),
+        ..Default::default()
+    };
+    let err = client
+        .upsert(upsert(vec![a.clone(), b.clone()], vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(error_details(&err).1, vec!["rows[1]"]);
+    let err = client
+        .upsert(upsert(vec![b.clone()], vec!["duration_ms"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(error_details(&err).1, vec!["update_columns[0]"]);
+    // With ignore_duplicates nothing is updated, so differing rows are fine.
+    let reply = client
+        .upsert(pb::UpsertRequest {
+            ignore_duplicates: true,
+            ..upsert(vec![a.clone(), b.clone()], vec![])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.affected, 2);
+
+    // A conflict on (pattern_id, pattern_version) with the default update list: the stored
+    // node keeps its id and created_at, and takes the new name.
+    let node = |name: &str, created_at: &str| {
+        json!({
+            "id": uuid::Uuid::new_v4().to_string(),
+            "pattern_id": "p", "pattern_name": name, "pattern_type": "t",
+            "pattern_version": "1", "lineage_id": uuid::Uuid::new_v4().to_string(),
+            "generation": 1, "pattern_data": {}, "correlation_id": uuid::Uuid::new_v4().to_string(),
+            "created_at": created_at,
+        })
+    };
+    let upsert_node = |row: Json| pb::UpsertRequest {
+        table: "pattern_lineage_nodes".into(),
+        rows: vec![to_struct(row)],
+        conflict_columns: vec!["pattern_id".into(), "pattern_version".into()],
+        ..Default::default()
+    };
+    let first = client
+        .upsert(upsert_node(node("one", "2026-01-01T00:00:00Z")))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .upsert(upsert_node(node("two", "2026-06-01T00:00:00Z")))
+        .await
+        .unwrap()
+        .into_inner();
+    let (first, second) = (from_struct(&first.rows[0]), from_struct(&second.rows[0]));
+    assert_eq!(second["pattern_name"], json!("two"));
+    assert_eq!(
+        second["id"], first["id"],
+        "the existing row keeps its primary key"
+    );
+    assert_eq!(second["created_at"], json!("2026-01-01T00:00:00Z"));
+}
+
+/// Rows that tie on every ordering term (one insert gives them the same created_at) come in
+/// primary-key order, so offset pages neither repeat nor skip rows.
+#[tokio::test]
+async fn offset_pages_over_tied_rows_are_stable() {
+    let mut s = DbSvc::start(&[]).await;
+    let rows: Vec<Json> = (0..30).map(|_| action("tied")).collect();
+    insert(&mut s, "agent_actions", rows).await;
+    let page = |offset: u64| pb::QueryRequest {
+        table: "agent_actions".into(),
+        columns: vec!["id".into()],
+        order_by: vec![pb::OrderBy {
+            column: "created_at".into(),
+            direction: pb::Direction::Desc as i32,
+            ..Default::default()
+        }],
+        limit: Some(7),
+        offset,
+        ..Default::default()
+    };
+    let mut client = s.client.clone();
+    let mut seen = Vec::new();
+    for offset in (0..30).step_by(7) {
+        let rows = client.query(page(offset)).await.unwrap().into_inner().rows;
+        seen.extend(
+            rows_json(&rows)
+                .into_iter()
+                .map(|r| r["id"].as_str().unwrap().to_string()),
+        );
+    }
+    let mut sorted = seen.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted, "ties in primary-key order");
+    sorted.dedup();
+    assert_eq!(sorted.len(), 30, "every row once");
 }
