@@ -195,7 +195,9 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 impl BusPublisher {
     /// Creates the producer and the reply consumer, assigned to the reply topics' current end.
     pub async fn connect(config: BusConfig) -> Result<Self, BusError> {
-        let unavailable = |e: rdkafka::error::KafkaError| BusError::Unavailable(e.to_string());
+        let unavailable = |e: rdkafka::error::KafkaError| {
+            BusError::Unavailable(kafka_settings::describe_error(&e))
+        };
         let producer: FutureProducer = kafka_client(&config.brokers, &config.kafka_settings)
             .set("acks", "all")
             .set("enable.idempotence", "false")

@@ -76,6 +76,9 @@ pub struct ConnectOptions {
     /// The name the certificate must carry, when it is not the address's host.
     pub tls_domain: Option<String>,
     pub bearer: Bearer,
+    /// Deadline of each call until its response starts (a unary call's answer, a stream's
+    /// opening; not the stream's length). `None`: no deadline of its own.
+    pub request_timeout: Option<Duration>,
 }
 
 impl ConnectOptions {
@@ -102,6 +105,11 @@ impl ConnectOptions {
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .max_frame_size(MAX_FRAME_SIZE);
+        if let Some(timeout) = self.request_timeout {
+            // A peer that accepts the connection but never answers HTTP/2 (a wrong port)
+            // would otherwise keep a call waiting forever.
+            endpoint = endpoint.timeout(timeout);
+        }
         if tls {
             let mut config = ClientTlsConfig::new();
             if let Some(pem) = &self.ca_pem {

@@ -281,7 +281,8 @@ impl RunReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
-    #[error("Kafka: {0}")]
+    // Never the error's own text: a rejected setting's value may be a password.
+    #[error("Kafka: {}", kafka_settings::describe_error(.0))]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{0} events were not acknowledged by the broker")]
     Unacknowledged(i32),

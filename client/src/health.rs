@@ -15,10 +15,21 @@ pub enum HealthError {
         addr: String,
         source: tonic::transport::Error,
     },
-    #[error("{addr} did not answer the health check: {status}")]
+    #[error("{addr} did not answer the health check: {}", describe(status))]
     Call { addr: String, status: tonic::Status },
     #[error(transparent)]
     Connect(#[from] crate::connect::ConnectError),
+}
+
+/// `status` as one readable phrase (its Display is a Debug-style dump with the source chain).
+fn describe(status: &tonic::Status) -> String {
+    match (status.code(), status.message()) {
+        (tonic::Code::Unknown, "transport error") => {
+            "no gRPC answer (transport error) - is that the right address?".into()
+        }
+        (code, "") => code.description().to_string(),
+        (code, message) => format!("{}: {message}", code.description()),
+    }
 }
 
 /// Asks `addr` for the status of `service` (`""` = whole server).

@@ -2,6 +2,7 @@
 
 mod cli;
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,7 +15,8 @@ async fn main() -> ExitCode {
         // An empty message is a closed stdout: nothing left to say.
         Err(e) if e.0.is_empty() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("omnibus: {e}");
+            // Not eprintln!: a closed stderr must not turn a failure into a panic.
+            let _ = writeln!(std::io::stderr(), "omnibus: {e}");
             ExitCode::FAILURE
         }
     }

@@ -43,7 +43,10 @@ pub async fn watch_broker(
             match client {
                 Ok(c) => c.fetch_metadata(None, PROBE_TIMEOUT).is_ok(),
                 Err(e) => {
-                    tracing::error!("cannot create the Kafka client: {e}");
+                    tracing::error!(
+                        "cannot create the Kafka client: {}",
+                        svc_kit::kafka::describe_error(&e)
+                    );
                     false
                 }
             }

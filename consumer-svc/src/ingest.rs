@@ -510,7 +510,10 @@ impl Ingest {
                 self.consumer = fresh;
                 self.client_replaced = true;
             }
-            Err(e) => tracing::warn!("cannot create a fresh Kafka client: {e}"),
+            Err(e) => tracing::warn!(
+                "cannot create a fresh Kafka client: {}",
+                svc_kit::kafka::describe_error(&e)
+            ),
         }
     }
 

@@ -80,7 +80,8 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             status: ingest_status.clone(),
             dirty_agents: dirty_agents.clone(),
         },
-    )?;
+    )
+    .map_err(|e| anyhow::anyhow!("Kafka client: {}", svc_kit::kafka::describe_error(&e)))?;
     let ingest_thread = {
         let shutdown = shutdown.clone();
         std::thread::Builder::new()

@@ -129,9 +129,41 @@ pub fn apply<'c>(
     config
 }
 
+/// `e` as text that never shows a setting's value: librdkafka's configuration errors
+/// (`KafkaError::ClientConfig`) carry the rejected value, which may be a password (feature
+/// `rdkafka`).
+#[cfg(feature = "rdkafka")]
+pub fn describe_error(e: &rdkafka::error::KafkaError) -> String {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, description, key, _value) => {
+            format!("invalid Kafka setting {key}: {description}")
+        }
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A configuration error names the setting, never its value.
+    #[cfg(feature = "rdkafka")]
+    #[test]
+    fn kafka_config_errors_do_not_show_values() {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("sasl.pasword", "hunter2");
+        let e = config
+            .create::<rdkafka::producer::BaseProducer>()
+            .err()
+            .expect("an unknown property is refused");
+        assert!(
+            e.to_string().contains("hunter2"),
+            "librdkafka's own text does"
+        );
+        let shown = describe_error(&e);
+        assert!(shown.contains("sasl.pasword"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
 
     /// A rejected setting's error never repeats its value (it may be a password).
     #[test]

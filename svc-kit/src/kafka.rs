@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-pub use kafka_settings::{KafkaSetting, from_env_vars};
+pub use kafka_settings::{KafkaSetting, describe_error, from_env_vars};
 
 static SETTINGS: OnceLock<Vec<KafkaSetting>> = OnceLock::new();
 

@@ -612,3 +612,78 @@ async fn a_db_svc_with_tls_and_tokens_is_reached_with_ca_cert_and_token() {
         .unwrap();
     assert!(out.stderr.contains("use https://"), "{}", out.stderr);
 }
+
+/// Wrong addresses and bad settings are one clear sentence and exit 1, never a hang, a
+/// Debug dump or a secret: a port that accepts TCP but never answers HTTP/2 (the broker)
+/// ends after `--timeout`; one that answers something else (PostgreSQL) is named as not
+/// gRPC, by `db` and by `health`; a rejected Kafka setting is named without its value; a
+/// malformed JSON value for a jsonb column is refused, not stored as a string.
+#[tokio::test]
+async fn wrong_addresses_and_bad_values_are_clear_errors() {
+    let brokers = omnibus_tests::kafka_brokers();
+    let silent = brokers.split(',').next().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let out = omnibus(&["--timeout", "2s", "--db-addr", &silent, "db", "tables"])
+        .await
+        .unwrap();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("did not answer within --timeout"),
+        "{out:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+
+    let postgres = "127.0.0.1:5432";
+    let out = omnibus(&["--db-addr", postgres, "db", "tables"])
+        .await
+        .unwrap();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("does not speak gRPC"), "{out:?}");
+    let out = omnibus(&["health", postgres]).await.unwrap();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("is that the right address?"), "{out:?}");
+    assert!(!out.stderr.contains("source:"), "no Debug dump: {out:?}");
+
+    let out = omnibus(&[
+        "--brokers",
+        &brokers,
+        "--kafka-config",
+        "sasl.pasword=hunter2",
+        "generate",
+        "--count",
+        "1",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("sasl.pasword"), "{out:?}");
+    assert!(
+        !out.stderr.contains("hunter2"),
+        "the value is never shown: {out:?}"
+    );
+
+    let svc = DbSvc::start(&[]).await;
+    let addr = svc.svc.addr.to_string();
+    let out = omnibus(&[
+        "--db-addr",
+        &addr,
+        "db",
+        "insert",
+        "agent_actions",
+        "agent_name=coder",
+        "action_type=tool_call",
+        "action_name=read_file",
+        &format!("correlation_id={CORR}"),
+        "action_details={bad",
+    ])
+    .await
+    .unwrap();
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("not valid JSON"), "{out:?}");
+    let out = db(&addr, &["count", "agent_actions", "--json"]).await;
+    assert_eq!(
+        out.json_lines(),
+        vec![json!({"count": 0})],
+        "nothing was written"
+    );
+}

@@ -354,3 +354,32 @@ async fn generate_fails_when_events_are_not_delivered() {
         out.stderr
     );
 }
+
+/// `tail -n 0` shows nothing and exits 0 at once, even while events are buffered.
+#[tokio::test]
+async fn tail_with_a_count_of_zero_shows_nothing() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let consumer = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let now = isoformat(chrono::Utc::now());
+    p.send(
+        topics.name(Kind::AgentAction),
+        "k",
+        format!(r#"{{"agent_name":"a","action_type":"tool_call","timestamp":"{now}"}}"#).as_bytes(),
+    )
+    .unwrap();
+    p.flush().unwrap();
+    wait_status(&consumer, Duration::from_secs(30), "one action", |s| {
+        s.events_processed == 1
+    })
+    .await
+    .unwrap();
+    let addr = consumer.addr.to_string();
+    let out = omnibus(&["--consumer-addr", &addr, "tail", "actions", "-n", "0"])
+        .await
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout, "", "{out:?}");
+}

@@ -622,7 +622,9 @@ fn print_rows(
 fn summary(out: &mut impl Write, format: Format, line: &str) -> Result<()> {
     match format {
         Format::Table => writeln!(out, "{line}")?,
-        Format::Json => eprintln!("{line}"),
+        Format::Json => {
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
     }
     Ok(())
 }
@@ -683,7 +685,8 @@ async fn write_client(cli: &Cli, db: &Db, w: &WriteArgs) -> DbClient {
     let client = match BusPublisher::connect(config).await {
         Ok(bus) => DbClient::with_bus(db.channel.clone(), Arc::new(bus), WriteMode::BusFirst),
         Err(e) => {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "omnibus: the event bus at {} is not usable ({e}); writing directly over gRPC",
                 cli.brokers
             );

@@ -251,9 +251,13 @@ pub fn typed_value(raw: &Raw, json_type: Option<&str>) -> Result<Value, String> 
             "false" | "f" | "no" | "0" => Ok(Value::Bool(false)),
             _ => Err(format!("'{t}' is not true or false")),
         },
-        Some("json") => {
-            Ok(serde_json::from_str(t).unwrap_or_else(|_| Value::String(raw.text.clone())))
-        }
+        // A bare word is a JSON string for convenience, but what starts like an object or a
+        // list must be one: storing a typo as a string would hide it.
+        Some("json") => match serde_json::from_str(t) {
+            Ok(v) => Ok(v),
+            Err(e) if t.starts_with(['{', '[']) => Err(format!("'{t}' is not valid JSON: {e}")),
+            Err(_) => Ok(Value::String(raw.text.clone())),
+        },
         _ => Ok(guess(t)),
     }
 }
@@ -726,6 +730,10 @@ mod tests {
         assert_eq!(t("yes", Some("boolean")), json!(true));
         assert!(typed_value(&raw("maybe"), Some("boolean")).is_err());
         assert_eq!(t("{\"a\":[1]}", Some("json")), json!({"a": [1]}));
+        assert_eq!(t("hello", Some("json")), json!("hello"));
+        let bad = typed_value(&raw("{bad"), Some("json")).unwrap_err();
+        assert!(bad.contains("not valid JSON"), "{bad}");
+        assert!(typed_value(&raw("[1,"), Some("json")).is_err());
         assert_eq!(t("null", Some("string")), Value::Null);
         assert_eq!(t("12", None), json!(12));
         assert_eq!(t("coder", None), json!("coder"));

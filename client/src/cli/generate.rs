@@ -2,6 +2,7 @@
 //! come from the load generator core (`omnibus_client::generate::EventGenerator`); this module
 //! adds the pacing, the progress bar and Ctrl-C.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,7 +120,8 @@ pub async fn run(cli: &Cli, args: &GenerateArgs) -> Result<ExitCode> {
     bar.finish_and_clear();
     let (per_kind, elapsed) = result?;
     let n: u64 = per_kind.iter().sum();
-    eprintln!(
+    let _ = writeln!(
+        std::io::stderr(),
         "generated {n} events in {:.1}s ({:.0}/s): {} routing decisions, {} actions, {} transformations, {} performance metrics",
         elapsed.as_secs_f64(),
         n as f64 / elapsed.as_secs_f64().max(1e-9),
@@ -149,7 +151,7 @@ fn produce(
             "the Kafka broker at {brokers} is not reachable - is it running?"
         ))
     };
-    let producer = producer(brokers, kafka_settings).map_err(|e| Fail(format!("Kafka: {e}")))?;
+    let producer = producer(brokers, kafka_settings).map_err(|e| Fail(e.to_string()))?;
     // Ask for the topics first: a missing topic or broker is one clear error, not a silent queue.
     for kind in Kind::ALL {
         let topic = topics.name(kind);

@@ -112,6 +112,18 @@ pub struct Cli {
     )]
     pub tls_domain: Option<String>,
 
+    /// Deadline of each call until the service answers (for streams: until the stream opens),
+    /// so a wrong or hung address is an error, not a wait.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "OMNIBUS_TIMEOUT",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
+    pub timeout: std::time::Duration,
+
     /// Print JSON lines (the default when stdout is not a terminal).
     #[arg(
         long,
@@ -286,9 +298,20 @@ pub fn call_error(svc: Svc, addr: &str, status: &tonic::Status) -> Fail {
         {
             unreachable(svc, addr)
         }
-        Code::DeadlineExceeded if msg.is_empty() => {
-            Fail(format!("{} at {addr} did not answer in time", svc.name()))
+        // tonic's own deadline (--timeout) says "Timeout expired".
+        Code::DeadlineExceeded | Code::Cancelled
+            if msg.is_empty() || msg.eq_ignore_ascii_case("timeout expired") =>
+        {
+            Fail(format!(
+                "{} at {addr} did not answer within --timeout - is that the right address?",
+                svc.name()
+            ))
         }
+        // Something accepted the connection but does not speak gRPC over HTTP/2.
+        Code::Unknown if msg == "transport error" => Fail(format!(
+            "{} at {addr} does not speak gRPC - is that the right address?",
+            svc.name()
+        )),
         Code::Unimplemented => Fail(format!(
             "{} at {addr} does not implement this call - is that the right address?",
             svc.name()
@@ -323,6 +346,7 @@ fn connect_options_of(cli: &Cli) -> Result<ConnectOptions> {
         ca_pem,
         tls_domain: cli.tls_domain.clone(),
         bearer,
+        request_timeout: Some(cli.timeout),
     })
 }
 

@@ -1,6 +1,7 @@
 //! `omnibus status` (both services on one screen) and `omnibus health` (a container check).
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -215,15 +216,16 @@ pub async fn health(cli: &Cli, args: &HealthArgs) -> Result<ExitCode> {
     .await
     {
         Ok(ServingStatus::Serving) => {
-            println!("{addr}: SERVING");
+            writeln!(std::io::stdout(), "{addr}: SERVING")?;
             Ok(ExitCode::SUCCESS)
         }
         Ok(other) => {
-            println!("{addr}: {}", other.as_str_name());
+            writeln!(std::io::stdout(), "{addr}: {}", other.as_str_name())?;
             Ok(ExitCode::FAILURE)
         }
         Err(e) => {
-            eprintln!("omnibus: {e}");
+            // A closed stderr leaves only the exit code to tell.
+            let _ = writeln!(std::io::stderr(), "omnibus: {e}");
             Ok(ExitCode::FAILURE)
         }
     }

@@ -204,6 +204,10 @@ pub fn human_line(kind: &str, e: &Map<String, Value>) -> String {
 pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode> {
     // Fail fast with one sentence when consumer-svc is not there at all.
     connect(Svc::Consumer, &cli.consumer_addr).await?;
+    if args.count == Some(0) {
+        // Nothing to show (the address was checked).
+        return Ok(ExitCode::SUCCESS);
+    }
     let (tx, mut rx) = mpsc::channel(1024);
     let req = request(args.kind, &args.conditions, false);
     tokio::spawn(stream::follow(cli.consumer_addr.clone(), req, tx));
@@ -257,7 +261,9 @@ pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode>
                     break;
                 }
             }
-            Item::Notice(n) => eprintln!("omnibus tail: {n}"),
+            Item::Notice(n) => {
+                let _ = writeln!(std::io::stderr(), "omnibus tail: {n}");
+            }
             Item::Connected(_) => {}
             Item::Fatal(e) => return Err(e),
         }

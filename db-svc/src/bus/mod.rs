@@ -198,7 +198,7 @@ pub async fn run(
         .set("linger.ms", "1")
         .set("compression.type", "lz4")
         .create()
-        .map_err(|e| format!("bus producer: {e}"))?;
+        .map_err(|e| format!("bus producer: {}", svc_kit::kafka::describe_error(&e)))?;
     tracing::info!(
         topic = %settings.topics.request,
         group = %settings.group_id,
@@ -335,7 +335,7 @@ fn subscribe(
         .create_with_context(BusContext {
             brokers_down: brokers_down.clone(),
         })
-        .map_err(|e| format!("bus consumer: {e}"))?;
+        .map_err(|e| format!("bus consumer: {}", svc_kit::kafka::describe_error(&e)))?;
     consumer
         .subscribe(&[&settings.topics.request])
         .map_err(|e| format!("subscribe to {}: {e}", settings.topics.request))?;
