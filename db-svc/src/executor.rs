@@ -353,7 +353,12 @@ impl Executor {
         max_affected: Option<u64>,
         ctx: &ExecContext,
     ) -> Result<OpOutput, DbError> {
-        if self.write_is_plain(ctx, max_affected) {
+        // Updates and deletes may return any number of rows: they run in a transaction so that
+        // more than one response may carry is refused and rolled back, not committed and lost.
+        let returning_cap = (!count_only
+            && matches!(op, Operation::Update(_) | Operation::Delete(_)))
+        .then_some(self.limits.max_limit);
+        if returning_cap.is_none() && self.write_is_plain(ctx, max_affected) {
             return run_write(&self.pool, &plan, count_only).await;
         }
         let timeout = self.tighter_timeout(ctx.timeout);
@@ -368,7 +373,10 @@ impl Executor {
             tx.rollback().await?;
             return Ok(recorded);
         }
-        let output = run_write(&mut *tx, &plan, count_only).await?;
+        let output = match returning_cap {
+            Some(cap) => run_write_capped(&mut *tx, &plan, cap).await?,
+            None => run_write(&mut *tx, &plan, count_only).await?,
+        };
         if let Some(max) = max_affected
             && output.affected > max
         {
@@ -650,6 +658,36 @@ where
             ..Default::default()
         })
     }
+}
+
+/// [`run_write`] returning rows, failing (for the caller to roll back) once the statement
+/// returns more than `cap` rows, before they fill memory.
+async fn run_write_capped(
+    tx: &mut sqlx::PgConnection,
+    plan: &Plan,
+    cap: u64,
+) -> Result<OpOutput, DbError> {
+    let mut rows = Vec::new();
+    let mut stream = sqlx::query_with(&plan.sql, arguments(&plan.params)?).fetch(&mut *tx);
+    while let Some(row) = stream.try_next().await? {
+        if rows.len() as u64 >= cap {
+            return Err(DbError::field(
+                "count_only",
+                format!(
+                    "the write would return more than {cap} rows (--query-max-limit); nothing \
+                     was changed: set count_only, or narrow the filter"
+                ),
+            ));
+        }
+        rows.push(row);
+    }
+    drop(stream);
+    let rows = decode_rows(&rows)?;
+    Ok(OpOutput {
+        affected: rows.len() as u64,
+        rows,
+        ..Default::default()
+    })
 }
 
 /// Claims `request_id` in the request log. Returns the recorded output if an earlier request

@@ -1922,3 +1922,90 @@ async fn offset_pages_over_tied_rows_are_stable() {
     sorted.dedup();
     assert_eq!(sorted.len(), 30, "every row once");
 }
+
+/// Update and Delete return their rows only up to `--query-max-limit`: a write that would
+/// return more is INVALID_ARGUMENT on `count_only` and rolled back (never committed with a
+/// response too large to send); with `count_only` it runs.
+#[tokio::test]
+async fn update_and_delete_returning_too_many_rows_roll_back() {
+    let mut s = DbSvc::start(&["--query-max-limit", "5"]).await;
+    insert(
+        &mut s,
+        "agent_actions",
+        (0..8).map(|_| action("many")).collect(),
+    )
+    .await;
+    let filter = || Some(to_struct(json!({"agent_name": "many"})));
+    let mut client = s.client.clone();
+    let err = client
+        .update(pb::UpdateRequest {
+            table: "agent_actions".into(),
+            r#where: filter(),
+            set: Some(to_struct(json!({"action_type": "changed"}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(error_details(&err).1, vec!["count_only"]);
+    let err = client
+        .delete(pb::DeleteRequest {
+            table: "agent_actions".into(),
+            r#where: filter(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // Nothing changed.
+    let count = |action_type: &str| pb::CountRequest {
+        table: "agent_actions".into(),
+        r#where: Some(to_struct(
+            json!({"agent_name": "many", "action_type": action_type}),
+        )),
+        ..Default::default()
+    };
+    assert_eq!(
+        client
+            .count(count("tool_call"))
+            .await
+            .unwrap()
+            .into_inner()
+            .count,
+        8
+    );
+    // Within the limit, or with count_only, the writes run.
+    let updated = client
+        .update(pb::UpdateRequest {
+            table: "agent_actions".into(),
+            r#where: filter(),
+            set: Some(to_struct(json!({"action_type": "changed"}))),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.affected, 8);
+    let deleted = client
+        .delete(pb::DeleteRequest {
+            table: "agent_actions".into(),
+            r#where: filter(),
+            max_affected: Some(8),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deleted.affected, 8);
+    assert_eq!(
+        client
+            .count(count("changed"))
+            .await
+            .unwrap()
+            .into_inner()
+            .count,
+        0
+    );
+}
