@@ -14,6 +14,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+/// How many requests of a failed shared statement run alone at the same time (each needs a
+/// pooled connection; the rest wait their turn).
+pub const RERUN_CONCURRENCY: usize = 8;
+
 /// How many requests, and how much of their weight (an insert's bind parameters, a query's
 /// rows), one shared statement may carry.
 #[derive(Clone, Copy, Debug)]

@@ -148,19 +148,23 @@ impl InsertCoalescer {
                 }
             }
             Err(_) => {
-                // Something in one of the inserts: each runs alone for its own outcome.
-                for Waiter {
-                    table,
-                    values,
-                    reply,
-                } in batch
-                {
-                    if reply.is_closed() {
-                        continue;
-                    }
-                    record_statement(1);
-                    let _ = reply.send(run(&self.pool, &table, [values], count_only).await);
-                }
+                // Something in one of the inserts: each runs alone for its own outcome, all at
+                // once, so that one insert waiting on a lock again does not hold up the others.
+                let alone = batch.into_iter().filter(|w| !w.reply.is_closed()).map(
+                    |Waiter {
+                         table,
+                         values,
+                         reply,
+                     }| async move {
+                        record_statement(1);
+                        let _ = reply.send(run(&self.pool, &table, [values], count_only).await);
+                    },
+                );
+                use futures::StreamExt as _;
+                futures::stream::iter(alone)
+                    .buffer_unordered(coalescing::RERUN_CONCURRENCY)
+                    .collect::<()>()
+                    .await;
             }
         }
     }

@@ -476,7 +476,8 @@ async fn delete_and_upsert_replay_by_request_id() {
 }
 
 /// A shared insert that times out because one of its rows waits on another transaction's
-/// lock runs again one by one: the others are written, only the waiting one times out.
+/// lock runs again insert by insert, side by side: the others are written at once, only the
+/// waiting one times out.
 #[tokio::test]
 async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
     use sqlx::Connection;
@@ -543,6 +544,9 @@ async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
         let reply = task.await.unwrap().expect(name);
         assert_eq!(from_struct(&reply.rows[0])["agent_name"], name);
     }
+    // The reruns run side by side: ok-b (after `waits` in the batch) did not wait for the
+    // statement timeout of `waits`, which is still waiting on the lock.
+    assert!(!waits.is_finished(), "ok-b was held up by the waiting insert");
     timed_out(waits.await.unwrap(), "waits");
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     assert_eq!(count(&mut s, "agent_actions").await, 2);
