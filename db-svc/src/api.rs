@@ -54,10 +54,10 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
 }
 
 fn context<T>(request: &Request<T>, request_id: &str) -> ExecContext {
-    ExecContext {
-        timeout: grpc_timeout(request.metadata()),
-        request_id: (!request_id.is_empty()).then(|| request_id.to_string()),
-    }
+    ExecContext::within(
+        grpc_timeout(request.metadata()),
+        (!request_id.is_empty()).then(|| request_id.to_string()),
+    )
 }
 
 /// Converts a proto filter tree; `path` names it in field errors.

@@ -4,7 +4,7 @@
 //! needs one. Every transport (gRPC today, the bus later) goes through [`Executor::execute`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use serde_json::Value as Json;
@@ -47,10 +47,27 @@ pub struct Limits {
 /// Per-request context from the transport.
 #[derive(Clone, Debug, Default)]
 pub struct ExecContext {
-    /// Time left until the caller's deadline.
-    pub timeout: Option<Duration>,
+    /// The caller's deadline. Time spent waiting (for a pooled connection, a catalog read, a
+    /// shared statement) counts against it: the statement timeout is what is left.
+    pub deadline: Option<Instant>,
     /// Idempotency key of a write.
     pub request_id: Option<String>,
+}
+
+impl ExecContext {
+    /// A context whose deadline is `timeout` from now.
+    pub fn within(timeout: Option<Duration>, request_id: Option<String>) -> Self {
+        Self {
+            deadline: timeout.map(|t| Instant::now() + t),
+            request_id,
+        }
+    }
+
+    /// Time left until the deadline, if there is one.
+    pub fn time_left(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
 }
 
 #[derive(Clone)]
@@ -142,10 +159,34 @@ impl Executor {
     fn tighter_timeout(&self, timeout: Option<Duration>) -> Option<Duration> {
         // PostgreSQL gives up a little before the caller does, so the caller still receives
         // the answer (DEADLINE_EXCEEDED, code TIMEOUT) rather than its own cancellation.
-        let t = timeout?;
-        let t = t.saturating_sub((t / 10).min(Duration::from_millis(50)));
+        let t = before_the_caller(timeout?);
         let default = self.limits.statement_timeout;
         (default.is_zero() || t < default).then_some(t.max(Duration::from_millis(1)))
+    }
+
+    /// Starts a transaction with `begin` for a request: the wait for a pooled connection is
+    /// bounded by the request's deadline, and the statement timeout is then set from the
+    /// time left (when it is shorter than the default).
+    async fn begin_within(
+        &self,
+        ctx: &ExecContext,
+        begin: &'static str,
+    ) -> Result<sqlx::Transaction<'static, Postgres>, DbError> {
+        let acquire = self.pool.begin_with(begin);
+        let mut tx = match ctx.time_left() {
+            Some(left) => tokio::time::timeout(before_the_caller(left), acquire)
+                .await
+                .map_err(|_| {
+                    DbError::Timeout(
+                        "the deadline passed while waiting for a database connection".into(),
+                    )
+                })??,
+            None => acquire.await?,
+        };
+        if let Some(t) = self.tighter_timeout(ctx.time_left()) {
+            set_statement_timeout(&mut tx, t).await?;
+        }
+        Ok(tx)
     }
 
     async fn table_for(&self, op: &Operation) -> Result<Arc<TableInfo>, DbError> {
@@ -173,7 +214,7 @@ impl Executor {
             Operation::Count(spec) => {
                 let table = self.table_for(op).await?;
                 let plan = ops::plan_count(&table, &spec.criteria)?;
-                let count = self.count(plan, ctx.timeout).await?;
+                let count = self.count(plan, ctx).await?;
                 Ok(OpOutput {
                     affected: count,
                     ..Default::default()
@@ -238,7 +279,7 @@ impl Executor {
         } else {
             None
         };
-        let timeout = self.tighter_timeout(ctx.timeout);
+        let timeout = self.tighter_timeout(ctx.time_left());
         if timeout.is_none() && total_plan.is_none() {
             let paging = ops::paging_params(spec, Some(limit));
             if let Some(queries) = &self.queries
@@ -254,15 +295,12 @@ impl Executor {
         let args = arguments(&plan.params)?;
         // One transaction, so rows and total come from the same snapshot
         // (REPEATABLE READ) and share the deadline.
-        let mut tx = self.pool.begin().await?;
-        if total_plan.is_some() {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(t) = timeout {
-            set_statement_timeout(&mut tx, t).await?;
-        }
+        let begin = if total_plan.is_some() {
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        } else {
+            "BEGIN"
+        };
+        let mut tx = self.begin_within(ctx, begin).await?;
         let rows = sqlx::query_with(&plan.sql, args)
             .fetch_all(&mut *tx)
             .await?;
@@ -310,8 +348,8 @@ impl Executor {
         result
     }
 
-    async fn count(&self, plan: Plan, timeout: Option<Duration>) -> Result<u64, DbError> {
-        match self.tighter_timeout(timeout) {
+    async fn count(&self, plan: Plan, ctx: &ExecContext) -> Result<u64, DbError> {
+        match self.tighter_timeout(ctx.time_left()) {
             // Counts of one shape share statements like queries do (one row each).
             None => match &self.queries {
                 Some(queries) if queries.can_share(&plan, 0, 1) => {
@@ -325,9 +363,8 @@ impl Executor {
                 }
                 _ => count_on(&self.pool, &plan).await,
             },
-            Some(t) => {
-                let mut tx = self.pool.begin().await?;
-                set_statement_timeout(&mut tx, t).await?;
+            Some(_) => {
+                let mut tx = self.begin_within(ctx, "BEGIN").await?;
                 let n = count_on(&mut *tx, &plan).await?;
                 tx.commit().await?;
                 Ok(n)
@@ -338,7 +375,7 @@ impl Executor {
     /// Whether a write needs no transaction of its own: no deadline shorter than the default
     /// statement timeout, no request id to record, no `max_affected` to check.
     fn write_is_plain(&self, ctx: &ExecContext, max_affected: Option<u64>) -> bool {
-        self.tighter_timeout(ctx.timeout).is_none()
+        self.tighter_timeout(ctx.time_left()).is_none()
             && ctx.request_id.as_deref().is_none_or(str::is_empty)
             && max_affected.is_none()
     }
@@ -361,12 +398,8 @@ impl Executor {
         if returning_cap.is_none() && self.write_is_plain(ctx, max_affected) {
             return run_write(&self.pool, &plan, count_only).await;
         }
-        let timeout = self.tighter_timeout(ctx.timeout);
         let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
-        let mut tx = self.pool.begin().await?;
-        if let Some(t) = timeout {
-            set_statement_timeout(&mut tx, t).await?;
-        }
+        let mut tx = self.begin_within(ctx, "BEGIN").await?;
         if let Some(id) = request_id
             && let Some(recorded) = claim_request(&mut tx, id, op.name(), op.table()).await?
         {
@@ -374,7 +407,7 @@ impl Executor {
             return Ok(recorded);
         }
         let output = match returning_cap {
-            Some(cap) => run_write_capped(&mut *tx, &plan, cap).await?,
+            Some(cap) => run_write_capped(&mut tx, &plan, cap).await?,
             None => run_write(&mut *tx, &plan, count_only).await?,
         };
         if let Some(max) = max_affected
@@ -402,16 +435,13 @@ impl Executor {
         ctx: &ExecContext,
     ) -> Result<OpOutput, DbError> {
         let checked = raw_sql::check(sql, self.catalog.served(), self.limits.raw_writes)?;
-        let timeout = self.tighter_timeout(ctx.timeout);
         let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
-        let mut tx = if checked.kind.is_write() {
-            self.pool.begin().await?
+        let begin = if checked.kind.is_write() {
+            "BEGIN"
         } else {
-            self.pool.begin_with("BEGIN READ ONLY").await?
+            "BEGIN READ ONLY"
         };
-        if let Some(t) = timeout {
-            set_statement_timeout(&mut tx, t).await?;
-        }
+        let mut tx = self.begin_within(ctx, begin).await?;
         let table = checked.tables.first().cloned().unwrap_or_default();
         if checked.kind.is_write()
             && let Some(id) = request_id
@@ -616,6 +646,12 @@ async fn set_statement_timeout(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// A little less than `left` (a tenth, at most 50 ms): db-svc gives up first, so the caller
+/// still receives its answer (DEADLINE_EXCEEDED, code TIMEOUT) rather than its own cancellation.
+fn before_the_caller(left: Duration) -> Duration {
+    left.saturating_sub((left / 10).min(Duration::from_millis(50)))
 }
 
 /// `timeout` in PostgreSQL's terms: whole milliseconds, at most its largest setting (~24.8

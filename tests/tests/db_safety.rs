@@ -888,3 +888,38 @@ async fn a_stalled_stream_reader_frees_its_connection() {
     assert_eq!(end.code(), Code::DeadlineExceeded, "{end:?}");
     assert!(end.message().contains("took no batch"), "{end:?}");
 }
+
+/// A request's deadline counts from its arrival: time spent waiting for a pooled connection
+/// is taken from it, and db-svc answers DEADLINE_EXCEEDED with its own TIMEOUT reason just
+/// before the caller's deadline, instead of the wait running past it.
+#[tokio::test]
+async fn waiting_for_a_connection_counts_against_the_deadline() {
+    let s = DbSvc::start(&["--db-max-connections", "1"]).await;
+    // The pool's one connection runs a count that waits on a table lock.
+    let lock = omnibus_tests::db::TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let mut busy = s.client.clone();
+    let holder = tokio::spawn(async move {
+        busy.count(pb::CountRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+    });
+    lock.wait_blocked(&s, 1).await;
+    let mut request = tonic::Request::new(pb::CountRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let started = Instant::now();
+    let err = s.client.clone().count(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(
+        error_details(&err).0,
+        "TIMEOUT",
+        "db-svc's own answer: {err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    lock.release().await;
+    assert_eq!(holder.await.unwrap().unwrap().into_inner().count, 0);
+}

@@ -546,7 +546,10 @@ async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
     }
     // The reruns run side by side: ok-b (after `waits` in the batch) did not wait for the
     // statement timeout of `waits`, which is still waiting on the lock.
-    assert!(!waits.is_finished(), "ok-b was held up by the waiting insert");
+    assert!(
+        !waits.is_finished(),
+        "ok-b was held up by the waiting insert"
+    );
     timed_out(waits.await.unwrap(), "waits");
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     assert_eq!(count(&mut s, "agent_actions").await, 2);

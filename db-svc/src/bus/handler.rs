@@ -232,10 +232,10 @@ impl Handler {
                 ),
             )));
         }
-        let ctx = ExecContext {
-            timeout: remaining,
-            request_id: checked.kind.is_write().then(|| correlation_id.to_string()),
-        };
+        let ctx = ExecContext::within(
+            remaining,
+            checked.kind.is_write().then(|| correlation_id.to_string()),
+        );
         let out: OpOutput = self
             .sql_executor
             .execute(
