@@ -27,6 +27,17 @@ fn action(agent: &str) -> prost_types::Struct {
     }))
 }
 
+/// db-svc serving gRPC only: nobody answers the bus.
+async fn grpc_only_db_svc(db: &TestDatabase) -> omnibus_tests::ServiceProcess {
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(["--bus", "false"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    svc
+}
+
 async fn count_rows(db: &TestDatabase, sql: &str) -> i64 {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
@@ -478,13 +489,7 @@ async fn a_redelivered_request_is_applied_once() {
 async fn fallback_to_direct_grpc_never_writes_twice() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    // db-svc serving gRPC only: nobody answers the bus.
-    let mut direct_only = ServiceSpec::new("db-svc")
-        .env("DATABASE_URL", &db.url)
-        .args(["--bus", "false"])
-        .spawn()
-        .unwrap();
-    direct_only.wait_serving().await.unwrap();
+    let direct_only = grpc_only_db_svc(&db).await;
 
     let bus = Arc::new(
         BusPublisher::connect(topics.client_config(Duration::from_millis(1500)))
@@ -892,12 +897,7 @@ async fn the_direct_fallback_is_bounded_by_the_bus_timeout() {
     use sqlx::Connection;
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let mut direct_only = ServiceSpec::new("db-svc")
-        .env("DATABASE_URL", &db.url)
-        .args(["--bus", "false"])
-        .spawn()
-        .unwrap();
-    direct_only.wait_serving().await.unwrap();
+    let direct_only = grpc_only_db_svc(&db).await;
     let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
     sqlx::query("LOCK TABLE agent_actions IN SHARE MODE")
@@ -924,7 +924,15 @@ async fn the_direct_fallback_is_bounded_by_the_bus_timeout() {
         .await
         .unwrap_err();
     let took = started.elapsed();
-    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    // db-svc's answer (DEADLINE_EXCEEDED, just before the deadline) or, on a loaded machine,
+    // the client's own deadline (tonic reports it as CANCELLED "Timeout expired").
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
     assert!(err.message().contains(&request_id), "{err:?}");
     // The bus wait plus the fallback's own deadline, not the lock's lifetime.
     assert!(took < Duration::from_secs(15), "took {took:?}");
