@@ -352,7 +352,11 @@ fn producer_config(brokers: &str, settings: &[KafkaSetting]) -> rdkafka::ClientC
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
-        .set("message.timeout.ms", "60000");
+        .set("message.timeout.ms", "60000")
+        // A mistyped topic prefix is an error, not a set of new topics on a broker that
+        // creates topics on request (librdkafka's producers ask for that by default, and even
+        // the existence check below would create them).
+        .set("allow.auto.create.topics", "false");
     kafka_settings::apply(&mut config, settings);
     config
 }

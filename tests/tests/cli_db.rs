@@ -662,6 +662,28 @@ async fn wrong_addresses_and_bad_values_are_clear_errors() {
         "the value is never shown: {out:?}"
     );
 
+    // A mistyped topic prefix is refused, and the check does not create the topics: the
+    // second attempt is refused too.
+    let prefix = format!("typo{}.", uuid::Uuid::new_v4().simple());
+    for attempt in 1..=2 {
+        let out = omnibus(&[
+            "--brokers",
+            &brokers,
+            "generate",
+            "--topic-prefix",
+            &prefix,
+            "--count",
+            "1",
+        ])
+        .await
+        .unwrap();
+        assert_eq!(out.code, Some(1), "attempt {attempt}: {out:?}");
+        assert!(
+            out.stderr.contains("does not exist"),
+            "attempt {attempt}: {out:?}"
+        );
+    }
+
     let svc = DbSvc::start(&[]).await;
     let addr = svc.svc.addr.to_string();
     let out = omnibus(&[

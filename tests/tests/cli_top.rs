@@ -109,3 +109,30 @@ async fn top_shows_live_agents_and_quits_on_q() {
         "the screen is restored:\n{screen}"
     );
 }
+
+/// A stream error no reconnect can fix (streams switched off) closes the dashboard and `top`
+/// fails with the reason, as `tail` does, instead of showing "reconnecting" forever.
+#[tokio::test]
+async fn top_fails_when_the_stream_cannot_be_opened() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let _topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let consumer = start_consumer(&brokers, &prefix, &["--enable-real-time-events", "false"])
+        .await
+        .unwrap();
+    let cmd = format!(
+        "{} --consumer-addr {} top; echo \"top exited with $?\"; sleep 60",
+        bin_path("omnibus").display(),
+        consumer.addr
+    );
+    let tmux = Tmux::start(&cmd, 140, 40).unwrap();
+    let screen = tmux
+        .wait_screen(WAIT, "top exiting", |s| s.contains("top exited with"))
+        .await
+        .unwrap();
+    assert!(screen.contains("top exited with 1"), "{screen}");
+    assert!(
+        screen.to_lowercase().contains("disabled"),
+        "the reason is shown:\n{screen}"
+    );
+}

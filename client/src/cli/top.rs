@@ -51,6 +51,9 @@ pub struct Dashboard {
     current_second: u64,
     pub totals: [u64; 4],
     pub sequence: u64,
+    /// An error no reconnect can fix (a refused token, streams switched off): the dashboard
+    /// closes and `top` fails with it, as `tail` does.
+    pub fatal: Option<String>,
 }
 
 impl Dashboard {
@@ -358,7 +361,7 @@ pub async fn run(cli: &Cli, args: &TopArgs) -> Result<ExitCode> {
                     Item::Notice(n) => d.notice = n,
                     Item::Connected(c) => d.connected = c,
                     Item::Fatal(e) => {
-                        d.notice = e.0;
+                        d.fatal = Some(e.0);
                         d.connected = false;
                     }
                 }
@@ -397,6 +400,9 @@ pub async fn run(cli: &Cli, args: &TopArgs) -> Result<ExitCode> {
                 {
                     let mut d = dash.lock();
                     d.tick(now_s());
+                    if d.fatal.is_some() {
+                        return Ok(());
+                    }
                     terminal.draw(|f| draw(f, &d))?;
                 }
                 if event::poll(refresh)?
@@ -419,6 +425,9 @@ pub async fn run(cli: &Cli, args: &TopArgs) -> Result<ExitCode> {
     follower.abort();
     feeder.abort();
     poller.abort();
+    if let Some(e) = dash.lock().fatal.take() {
+        return Err(Fail(e));
+    }
     match result {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),
         Ok(Err(e)) => Err(Fail(format!("the terminal failed: {e}"))),
