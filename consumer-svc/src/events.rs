@@ -315,7 +315,12 @@ impl Event {
 
 /// Parses one message payload of a topic carrying `kind`. `now` is the receive time: the
 /// event time when the event has none, and the clamp for event times in the future.
-pub fn parse(kind: EventKind, payload: &[u8], now: Micros) -> Result<Event, ParseError> {
+pub fn parse(
+    kind: EventKind,
+    payload: &[u8],
+    arrival: impl Into<Arrival>,
+) -> Result<Event, ParseError> {
+    let now = arrival.into();
     Ok(match kind {
         EventKind::RoutingDecision => {
             Event::RoutingDecision(Arc::new(parse_routing(payload, now)?))
@@ -441,17 +446,38 @@ fn id_or_new(id: Str<'_>) -> Cow<'_, str> {
     id.unwrap_or_else(|| Cow::Owned(uuid::Uuid::new_v4().to_string()))
 }
 
-/// `timestamp`, else `createdAt`, else the receive time; never later than the receive time.
+/// When a message arrived: the receive time, and the Kafka record's own timestamp (set by its
+/// producer or the broker), which is the event time of an event that carries none. A replica
+/// replaying the window later thus gives such an event the time it had the first time, not
+/// the replay's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    pub now: Micros,
+    pub record_time: Option<Micros>,
+}
+
+/// A message without a record timestamp, received at the given time.
+impl From<Micros> for Arrival {
+    fn from(now: Micros) -> Self {
+        Arrival {
+            now,
+            record_time: None,
+        }
+    }
+}
+
+/// `timestamp`, else `createdAt`, else the record's timestamp, else the receive time; never
+/// later than the receive time.
 fn event_time(
     timestamp: Option<TimeValue>,
     created_at: Option<TimeValue>,
-    now: Micros,
+    arrival: Arrival,
 ) -> Result<Micros, ParseError> {
     let t = match timestamp.or(created_at) {
         Some(t) => t.to_micros()?,
-        None => now,
+        None => arrival.record_time.unwrap_or(arrival.now),
     };
-    Ok(t.min(now))
+    Ok(t.min(arrival.now))
 }
 
 #[derive(Deserialize)]
@@ -498,7 +524,11 @@ struct RawRouting<'a> {
     created_at: Option<TimeValue>,
 }
 
-pub fn parse_routing(payload: &[u8], now: Micros) -> Result<RoutingDecision, ParseError> {
+pub fn parse_routing(
+    payload: &[u8],
+    arrival: impl Into<Arrival>,
+) -> Result<RoutingDecision, ParseError> {
+    let now = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
     let raw: RawRouting = parse_raw(payload, ROUTING_ALIASES, &mut deduped)?;
@@ -599,7 +629,11 @@ struct RawAction<'a> {
     created_at: Option<TimeValue>,
 }
 
-pub fn parse_action(payload: &[u8], now: Micros) -> Result<AgentAction, ParseError> {
+pub fn parse_action(
+    payload: &[u8],
+    arrival: impl Into<Arrival>,
+) -> Result<AgentAction, ParseError> {
+    let now = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
     let raw: RawAction = parse_raw(payload, ACTION_ALIASES, &mut deduped)?;
@@ -668,7 +702,11 @@ struct RawTransformation<'a> {
     created_at: Option<TimeValue>,
 }
 
-pub fn parse_transformation(payload: &[u8], now: Micros) -> Result<Transformation, ParseError> {
+pub fn parse_transformation(
+    payload: &[u8],
+    arrival: impl Into<Arrival>,
+) -> Result<Transformation, ParseError> {
+    let now = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
     let raw: RawTransformation = parse_raw(payload, TRANSFORMATION_ALIASES, &mut deduped)?;
@@ -728,7 +766,11 @@ struct RawPerformance<'a> {
     created_at: Option<TimeValue>,
 }
 
-pub fn parse_performance(payload: &[u8], now: Micros) -> Result<PerformanceMetric, ParseError> {
+pub fn parse_performance(
+    payload: &[u8],
+    arrival: impl Into<Arrival>,
+) -> Result<PerformanceMetric, ParseError> {
+    let now = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
     let raw: RawPerformance = parse_raw(payload, PERFORMANCE_ALIASES, &mut deduped)?;

@@ -782,7 +782,11 @@ fn parse_batch(
             },
         }
         let kind = EventKind::ALL[k];
-        match events::parse(kind, m.payload().unwrap_or_default(), now) {
+        let arrival = events::Arrival {
+            now,
+            record_time: m.timestamp().to_millis().map(|ms| ms.saturating_mul(1000)),
+        };
+        match events::parse(kind, m.payload().unwrap_or_default(), arrival) {
             Ok(event) => parsed.push((k, event)),
             Err(e) => {
                 errors[k] += 1;

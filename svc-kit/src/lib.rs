@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod connection_age;
 pub mod health;
 pub mod kafka;
 pub mod layer;

@@ -26,6 +26,7 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tower::layer::util::{Identity as NoLayer, Stack};
 
 use crate::auth::{Scopes, Secret, Tokens};
+use crate::connection_age::Aged;
 use crate::kafka::KafkaSetting;
 use crate::layer::{AuthConfig, GrpcLayer};
 use crate::write_batching::BatchedWrites;
@@ -336,9 +337,10 @@ pub fn builder(args: &ServerArgs, scopes: Scopes) -> Result<GrpcServer, ServeErr
         server = server.timeout(timeout);
     }
     if let Some(age) = nonzero(args.max_connection_age) {
-        server = server
-            .max_connection_age(age)
-            .max_connection_age_grace(args.max_connection_age_grace);
+        // Only the age: tonic then sends a GOAWAY at it. Given a grace as well, it would send
+        // none and drop the connection at age + grace; `serve` enforces the grace instead
+        // (`connection_age::Aged`).
+        server = server.max_connection_age(age);
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let identity = Identity::from_pem(
@@ -416,9 +418,10 @@ pub async fn serve(
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!(%local, tls = args.tls_cert.is_some(), "gRPC server listening");
     let batch_writes = args.batch_writes;
+    let life = nonzero(args.max_connection_age).map(|age| age + args.max_connection_age_grace);
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .map_ok(move |tcp| BatchedWrites::with_batching(tcp, batch_writes));
+        .map_ok(move |tcp| Aged::new(BatchedWrites::with_batching(tcp, batch_writes), life));
 
     let drain_signal = {
         let shutdown = shutdown.clone();

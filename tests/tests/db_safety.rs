@@ -923,3 +923,53 @@ async fn waiting_for_a_connection_counts_against_the_deadline() {
     lock.release().await;
     assert_eq!(holder.await.unwrap().unwrap().into_inner().count, 0);
 }
+
+/// `--max-connection-age` sends a GOAWAY at the age: an idle connection then closes, so the
+/// next call opens a new one and is not cut when the old connection's grace ends; a call in
+/// flight on a connection keeps it until age + grace, and is cut then.
+#[tokio::test]
+async fn connection_age_sends_goaway_and_ends_connections_after_the_grace() {
+    let s = DbSvc::start(&[
+        "--max-connection-age",
+        "1s",
+        "--max-connection-age-grace",
+        "2s",
+    ])
+    .await;
+    let lock = omnibus_tests::db::TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let count = |channel: tonic::transport::Channel| {
+        let mut client = pb::database_service_client::DatabaseServiceClient::new(channel);
+        tokio::spawn(async move {
+            client
+                .count(pb::CountRequest {
+                    table: "agent_actions".into(),
+                    ..Default::default()
+                })
+                .await
+        })
+    };
+    // Two connections opened now: one busy from the start, one idle until after the age.
+    let busy = s.svc.channel();
+    let idle = s.svc.channel();
+    let mut probe = pb::database_service_client::DatabaseServiceClient::new(idle.clone());
+    probe
+        .list_tables(pb::ListTablesRequest {})
+        .await
+        .expect("the idle connection is up");
+    let started = Instant::now();
+    let early = count(busy);
+    lock.wait_blocked(&s, 1).await;
+    tokio::time::sleep(Duration::from_millis(1800).saturating_sub(started.elapsed())).await;
+    let late = count(idle);
+    lock.wait_blocked(&s, 2).await;
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(started.elapsed())).await;
+    lock.release().await;
+    let late = late.await.unwrap();
+    assert_eq!(
+        late.unwrap().into_inner().count,
+        0,
+        "the call made after the age"
+    );
+    let early = early.await.unwrap();
+    assert!(early.is_err(), "cut at age + grace: {early:?}");
+}
