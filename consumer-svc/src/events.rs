@@ -904,6 +904,25 @@ mod tests {
     }
 
     #[test]
+    fn an_event_without_a_time_takes_the_record_time_clamped_to_now() {
+        let arrival = |record_time| Arrival {
+            now: NOW,
+            record_time,
+        };
+        let untimed = br#"{"agent_name":"a","action_type":"x"}"#;
+        let a = parse_action(untimed, arrival(Some(NOW - 7_000_000))).unwrap();
+        assert_eq!(a.time, NOW - 7_000_000);
+        assert_eq!(parse_action(untimed, arrival(None)).unwrap().time, NOW);
+        // A record time in the future is clamped like an event time.
+        assert_eq!(parse_action(untimed, arrival(Some(NOW + 1))).unwrap().time, NOW);
+        // The event's own time wins.
+        let timed = br#"{"agent_name":"a","action_type":"x","timestamp":"2025-11-20T09:15:00Z"}"#;
+        let own = parse_action(timed, arrival(Some(NOW - 7_000_000))).unwrap().time;
+        assert_eq!(own, parse_action(timed, NOW).unwrap().time);
+        assert_ne!(own, NOW - 7_000_000);
+    }
+
+    #[test]
     fn a_field_sent_under_two_spellings_keeps_its_first_non_null_value() {
         let e = parse_routing(
             br#"{"selected_agent":"x","selectedAgent":"y","confidence_score":null,"confidence":0.9,

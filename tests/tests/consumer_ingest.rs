@@ -513,3 +513,59 @@ async fn replay_skips_events_older_than_the_window_even_if_the_broker_misplaces_
         );
     }
 }
+
+/// An event without `timestamp` or `createdAt` takes its Kafka record's timestamp as its event
+/// time (not the time it is read), so a replica that replays it later places it where one
+/// that read it live did; one whose record is older than the window is skipped as expired.
+#[tokio::test]
+async fn an_event_without_a_time_takes_its_record_timestamp() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let aa = topics.name(Kind::AgentAction);
+    let two_hours_ago = Utc::now().timestamp_millis() - 2 * 3600 * 1000;
+    let two_days_ago = Utc::now().timestamp_millis() - 48 * 3600 * 1000;
+    let event = |id: &str| {
+        format!(r#"{{"id":"{id}","agent_name":"untimed","action_type":"success"}}"#)
+    };
+    p.send_at(aa, "k", event("recent").as_bytes(), Some(two_hours_ago))
+        .unwrap();
+    p.send_at(aa, "k", event("ancient").as_bytes(), Some(two_days_ago))
+        .unwrap();
+    p.flush().unwrap();
+    let svc = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let s = wait_status(&svc, WAIT, "both read", |s| {
+        topic_status(s, Kind::AgentAction).events_consumed
+            + topic_status(s, Kind::AgentAction).skipped_expired
+            == 2
+    })
+    .await
+    .unwrap();
+    assert_eq!(topic_status(&s, Kind::AgentAction).skipped_expired, 1);
+    let mut c = client(&svc);
+    let actions = c
+        .list_recent_actions(pb::ListRecentActionsRequest {
+            agent: Some("untimed".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert_eq!(actions.len(), 1);
+    assert_eq!(actions[0].id, "recent");
+    let t = actions[0].timestamp.clone().unwrap();
+    let ms = t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+    assert_eq!(ms, two_hours_ago, "the record's timestamp");
+    let last_hour = c
+        .get_agent_metrics(pb::GetAgentMetricsRequest {
+            agent: Some("untimed".into()),
+            window: "1h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert!(last_hour.is_empty(), "not in the last hour: {last_hour:?}");
+}
