@@ -914,10 +914,15 @@ mod tests {
         assert_eq!(a.time, NOW - 7_000_000);
         assert_eq!(parse_action(untimed, arrival(None)).unwrap().time, NOW);
         // A record time in the future is clamped like an event time.
-        assert_eq!(parse_action(untimed, arrival(Some(NOW + 1))).unwrap().time, NOW);
+        assert_eq!(
+            parse_action(untimed, arrival(Some(NOW + 1))).unwrap().time,
+            NOW
+        );
         // The event's own time wins.
         let timed = br#"{"agent_name":"a","action_type":"x","timestamp":"2025-11-20T09:15:00Z"}"#;
-        let own = parse_action(timed, arrival(Some(NOW - 7_000_000))).unwrap().time;
+        let own = parse_action(timed, arrival(Some(NOW - 7_000_000)))
+            .unwrap()
+            .time;
         assert_eq!(own, parse_action(timed, NOW).unwrap().time);
         assert_ne!(own, NOW - 7_000_000);
     }

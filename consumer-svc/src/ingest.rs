@@ -426,6 +426,8 @@ impl Ingest {
                     Ok((_, high)) if high < *next => {
                         self.assigned.remove(&(*k, *p));
                         self.recreated.insert(*k);
+                        // Its position was the old log's: not shown until read again.
+                        self.sinks.status.partitions.lock().remove(&(*k, *p));
                     }
                     _ => {
                         let _ = live.add_partition_offset(&topic, *p, Offset::Offset(*next));

@@ -86,7 +86,11 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         let shutdown = shutdown.clone();
         std::thread::Builder::new()
             .name("ingest".into())
-            .spawn(move || ingest.run(shutdown))?
+            .spawn(move || {
+                // A panic here would leave the service serving frozen aggregates as healthy.
+                let _stop = svc_kit::shutdown::TriggerOnPanic(shutdown.clone());
+                ingest.run(shutdown)
+            })?
     };
 
     let api = Arc::new(api::ConsumerApi {
@@ -129,9 +133,13 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         let _ = live.await;
     }
     // The ingest thread notices within one poll interval.
-    let _ = tokio::task::spawn_blocking(move || ingest_thread.join()).await;
+    let ingest_result = tokio::task::spawn_blocking(move || ingest_thread.join()).await;
     tracing::info!("consumer-svc stopped");
-    Ok(())
+    match ingest_result {
+        Ok(Ok(())) => Ok(()),
+        // Exit non-zero, so that a supervisor restarts the service (which then replays).
+        _ => Err(anyhow::anyhow!("the ingest thread panicked")),
+    }
 }
 
 /// Copies the ingest counters, partition positions and stream state into the metrics registry

@@ -46,6 +46,19 @@ impl Shutdown {
     }
 }
 
+/// Triggers `0` if it is dropped by a panic: a worker thread that dies must stop the process
+/// (so that it is restarted) rather than leave it serving stale state.
+pub struct TriggerOnPanic(pub Shutdown);
+
+impl Drop for TriggerOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("a worker thread panicked; shutting down");
+            self.0.trigger();
+        }
+    }
+}
+
 #[cfg(unix)]
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
@@ -70,4 +83,29 @@ async fn wait_for_signal() -> &'static str {
 async fn wait_for_signal() -> &'static str {
     let _ = tokio::signal::ctrl_c().await;
     "ctrl-c"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_worker_triggers_the_shutdown_a_returning_one_does_not() {
+        let shutdown = Shutdown::new();
+        let ok = shutdown.clone();
+        std::thread::spawn(move || {
+            let _guard = TriggerOnPanic(ok);
+        })
+        .join()
+        .unwrap();
+        assert!(!shutdown.is_triggered());
+        let dying = shutdown.clone();
+        let died = std::thread::spawn(move || {
+            let _guard = TriggerOnPanic(dying);
+            panic!("worker failure");
+        })
+        .join();
+        assert!(died.is_err());
+        assert!(shutdown.is_triggered());
+    }
 }

@@ -526,9 +526,8 @@ async fn an_event_without_a_time_takes_its_record_timestamp() {
     let aa = topics.name(Kind::AgentAction);
     let two_hours_ago = Utc::now().timestamp_millis() - 2 * 3600 * 1000;
     let two_days_ago = Utc::now().timestamp_millis() - 48 * 3600 * 1000;
-    let event = |id: &str| {
-        format!(r#"{{"id":"{id}","agent_name":"untimed","action_type":"success"}}"#)
-    };
+    let event =
+        |id: &str| format!(r#"{{"id":"{id}","agent_name":"untimed","action_type":"success"}}"#);
     p.send_at(aa, "k", event("recent").as_bytes(), Some(two_hours_ago))
         .unwrap();
     p.send_at(aa, "k", event("ancient").as_bytes(), Some(two_days_ago))
@@ -555,7 +554,7 @@ async fn an_event_without_a_time_takes_its_record_timestamp() {
         .actions;
     assert_eq!(actions.len(), 1);
     assert_eq!(actions[0].id, "recent");
-    let t = actions[0].timestamp.clone().unwrap();
+    let t = actions[0].timestamp.unwrap();
     let ms = t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
     assert_eq!(ms, two_hours_ago, "the record's timestamp");
     let last_hour = c
