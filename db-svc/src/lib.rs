@@ -40,6 +40,9 @@ pub const WRITE_METHODS: &[&str] = &["Insert", "Update", "Delete", "Upsert", "Ex
 pub const DEFAULT_QUERY_LIMIT: u64 = 100;
 
 /// Runs the service until SIGTERM/SIGINT.
+/// How long shutdown waits for busy database connections to be returned.
+const POOL_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     run_until(settings, Shutdown::on_signals()).await
 }
@@ -222,7 +225,18 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         let _ = worker.await;
     }
     let _ = watcher.await;
-    pool.close().await;
+    // close() waits for every checked-out connection; a statement still running after the
+    // server's grace (its caller already gone) must not hold the exit past the orchestrator's
+    // stop timeout. Dropping the pool then ends the connections; PostgreSQL cancels their work.
+    if tokio::time::timeout(POOL_CLOSE_WAIT, pool.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?POOL_CLOSE_WAIT,
+            "database connections still busy; closing them anyway"
+        );
+    }
     tracing::info!("db-svc stopped");
     Ok(())
 }

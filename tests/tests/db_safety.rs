@@ -973,3 +973,36 @@ async fn connection_age_sends_goaway_and_ends_connections_after_the_grace() {
     let early = early.await.unwrap();
     assert!(early.is_err(), "cut at age + grace: {early:?}");
 }
+
+/// SIGTERM with a statement still running (a count held by a table lock): db-svc drains for
+/// its grace, stops waiting for the busy connection shortly after, and exits 0, well within
+/// an orchestrator's stop timeout, rather than waiting for the statement.
+#[tokio::test]
+async fn sigterm_does_not_wait_for_a_statement_still_running() {
+    let mut s = DbSvc::start(&[]).await;
+    let lock = omnibus_tests::db::TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let mut client = s.client.clone();
+    let held = tokio::spawn(async move {
+        client
+            .count(pb::CountRequest {
+                table: "agent_actions".into(),
+                ..Default::default()
+            })
+            .await
+    });
+    lock.wait_blocked(&s, 1).await;
+    let started = Instant::now();
+    s.svc.terminate().unwrap();
+    let status = s.svc.wait_exit(Duration::from_secs(20)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "exited after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        held.await.unwrap().is_err(),
+        "the held call did not complete"
+    );
+    drop(lock);
+}
