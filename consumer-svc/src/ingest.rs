@@ -435,7 +435,11 @@ impl Ingest {
                 }
             }
             if let Err(e) = self.consumer.incremental_assign(&live) {
-                tracing::warn!("assign on the fresh client: {e}");
+                // Still the fresh client's first assignment: the next discover tries it again
+                // (the partitions stay in `assigned` with their positions, so nothing is
+                // re-read from the start, and nothing is left unread).
+                tracing::warn!("assign on the fresh client: {e}; retrying");
+                self.client_replaced = true;
             }
         }
         let mut present: HashMap<usize, Vec<i32>> = HashMap::new();
