@@ -31,7 +31,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(brokers = %settings.brokers, "consumer-svc starting");
     settings.server.install_process_globals();
-    let (health, health_service) = Health::new(service_names::CONSUMER).await;
+    let (health, health_service) = Health::new(service_names::CONSUMER, &shutdown).await;
     let status = Arc::new(broker::BrokerStatus::default());
 
     let probe = tokio::spawn(broker::watch_broker(

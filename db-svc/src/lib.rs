@@ -150,7 +150,7 @@ fn start_bus_worker(
 pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     tracing::info!(database = %settings.database_display, tables = ?settings.tables, "db-svc starting");
     settings.server.install_process_globals();
-    let (health, health_service) = Health::new(service_names::DATABASE).await;
+    let (health, health_service) = Health::new(service_names::DATABASE, &shutdown).await;
 
     // Lazy: db-svc starts (NOT_SERVING) even while PostgreSQL is down, and recovers by itself.
     let pool = pool(&settings);

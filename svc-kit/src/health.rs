@@ -1,11 +1,20 @@
 //! The standard `grpc.health.v1` service with one status per gRPC service plus the overall
 //! server status (`""`), kept equal: a service is only as healthy as its dependencies.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
+use futures::StreamExt as _;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::{Health as HealthApi, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
+
+use crate::Shutdown;
 
 const UNKNOWN: u8 = 0;
 const SERVING: u8 = 1;
@@ -26,14 +35,18 @@ pub struct Health {
 
 impl Health {
     /// Creates the reporter and the health gRPC service to mount. Starts NOT_SERVING: the
-    /// service reports SERVING only once its dependencies have answered.
+    /// service reports SERVING only once its dependencies have answered. `Watch` streams end
+    /// when `shutdown` starts (after the NOT_SERVING it causes), so that they do not hold the
+    /// drain for its whole grace period.
     pub async fn new(
         service: &'static str,
-    ) -> (
-        Self,
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    ) {
-        let (reporter, server) = tonic_health::server::health_reporter();
+        shutdown: &Shutdown,
+    ) -> (Self, HealthServer<WatchesEnd>) {
+        let reporter = HealthReporter::new();
+        let server = HealthServer::new(WatchesEnd {
+            inner: HealthService::from_health_reporter(reporter.clone()),
+            shutdown: shutdown.clone(),
+        });
         let health = Self {
             reporter,
             service,
@@ -68,5 +81,42 @@ impl Health {
 
     pub fn is_serving(&self) -> bool {
         self.current.load(Ordering::SeqCst) == SERVING
+    }
+}
+
+/// tonic-health's service, except that `Watch` streams end once shutdown has started: its own
+/// streams end only when the reporter is dropped, which never happens before the process
+/// exits, so one watching client kept every shutdown waiting for the whole grace period.
+pub struct WatchesEnd {
+    inner: HealthService,
+    shutdown: Shutdown,
+}
+
+/// Time for the NOT_SERVING that shutdown sets to reach the watchers before their streams end.
+const LAST_WATCH_UPDATE: Duration = Duration::from_millis(200);
+
+#[tonic::async_trait]
+impl HealthApi for WatchesEnd {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static>>;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let updates = self.inner.watch(request).await?.into_inner();
+        let shutdown = self.shutdown.clone();
+        let ended = async move {
+            shutdown.triggered().await;
+            tokio::time::sleep(LAST_WATCH_UPDATE).await;
+        };
+        Ok(Response::new(Box::pin(updates.take_until(ended))))
     }
 }

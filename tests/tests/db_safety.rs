@@ -1006,3 +1006,40 @@ async fn sigterm_does_not_wait_for_a_statement_still_running() {
     );
     drop(lock);
 }
+
+/// A client watching health (`grpc.health.v1.Health/Watch`) sees NOT_SERVING on SIGTERM, then
+/// its stream ends, so it does not hold the drain for the whole grace period.
+#[tokio::test]
+async fn health_watchers_see_not_serving_and_do_not_hold_shutdown() {
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(["--shutdown-grace", "30s", "--bus", "false"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(svc.channel());
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let started = Instant::now();
+    svc.terminate().unwrap();
+    let mut seen = Vec::new();
+    while let Ok(Some(update)) = watch.message().await {
+        seen.push(update.status());
+    }
+    assert_eq!(seen.last(), Some(&ServingStatus::NotServing), "{seen:?}");
+    let status = svc.wait_exit(Duration::from_secs(25)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "exited after {:?} (grace 30 s)",
+        started.elapsed()
+    );
+}
