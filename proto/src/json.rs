@@ -62,12 +62,41 @@ pub fn from_json<T: prost::Message + Default>(
         })
 }
 
+/// [`to_json`] with every field written, default values included (`false`, `0`, `""`, empty
+/// lists): for output people read field by field, where a missing `"nullable": false` would
+/// look like an unknown.
+pub fn to_json_with_defaults<T: prost::Message>(
+    full_name: &str,
+    message: &T,
+    proto_names: bool,
+) -> Result<serde_json::Value, JsonError> {
+    serialize(
+        full_name,
+        message,
+        SerializeOptions::new()
+            .use_proto_field_name(proto_names)
+            .skip_default_fields(false),
+    )
+}
+
 /// Renders `message` as proto3 JSON. `proto_names` keeps the `.proto` field names
 /// (snake_case) instead of the lowerCamelCase JSON names.
 pub fn to_json<T: prost::Message>(
     full_name: &str,
     message: &T,
     proto_names: bool,
+) -> Result<serde_json::Value, JsonError> {
+    serialize(
+        full_name,
+        message,
+        SerializeOptions::new().use_proto_field_name(proto_names),
+    )
+}
+
+fn serialize<T: prost::Message>(
+    full_name: &str,
+    message: &T,
+    options: SerializeOptions,
 ) -> Result<serde_json::Value, JsonError> {
     let descriptor = message_descriptor(full_name)?;
     let mut dynamic = DynamicMessage::new(descriptor);
@@ -77,7 +106,6 @@ pub fn to_json<T: prost::Message>(
             message: full_name.to_string(),
             reason: e.to_string(),
         })?;
-    let options = SerializeOptions::new().use_proto_field_name(proto_names);
     dynamic
         .serialize_with_options(serde_json::value::Serializer, &options)
         .map_err(|e| JsonError::Transcode {

@@ -370,6 +370,18 @@ async fn query_insert_update_delete_count_raw_and_the_catalog() {
             .iter()
             .any(|c| c["name"] == "duration_ms" && c["json_type"] == "integer")
     );
+    // Default values are written too: a NOT NULL column says so.
+    let column = |name: &str| {
+        desc["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(column("agent_name")["nullable"], json!(false));
+    assert_eq!(column("duration_ms")["nullable"], json!(true));
     let out = db(&addr, &["describe", "agent_actions", "--output", "table"]).await;
     assert!(
         out.stdout

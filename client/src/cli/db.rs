@@ -340,7 +340,12 @@ pub async fn run(cli: &Cli, cmd: &DbCommand, format: Format) -> Result<ExitCode>
             match format {
                 Format::Json => {
                     let json =
-                        omnibus_proto::json::to_json("omnibus.db.v1.TableDescription", &desc, true)
+                        // Every field, so a NOT NULL column shows `"nullable": false`.
+                        omnibus_proto::json::to_json_with_defaults(
+                            "omnibus.db.v1.TableDescription",
+                            &desc,
+                            true,
+                        )
                             .map_err(|e| Fail(e.to_string()))?;
                     writeln!(out, "{json}")?;
                 }
