@@ -185,8 +185,8 @@ impl DbClient {
         F: FnOnce(DatabaseServiceClient<AuthChannel>, tonic::Request<R>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R::Response>, tonic::Status>>,
     {
-        // Trimmed, as db-svc reads a correlation id: a reply to " abc" is addressed to "abc",
-        // and a waiter keyed by the untrimmed id would never see it.
+        // Trimmed, as db-svc reads request ids: the id sent, reported back and named in errors
+        // is the one db-svc records.
         let request_id = match req.request_id_mut() {
             Some(id) if id.trim().is_empty() => {
                 *id = uuid::Uuid::new_v4().to_string();

@@ -313,24 +313,24 @@ impl Event {
     }
 }
 
-/// Parses one message payload of a topic carrying `kind`. `now` is the receive time: the
-/// event time when the event has none, and the clamp for event times in the future.
+/// Parses one message payload of a topic carrying `kind`. `arrival` gives the event time of an
+/// event that has none (see [`Arrival`]) and the clamp for event times in the future.
 pub fn parse(
     kind: EventKind,
     payload: &[u8],
     arrival: impl Into<Arrival>,
 ) -> Result<Event, ParseError> {
-    let now = arrival.into();
+    let arrival = arrival.into();
     Ok(match kind {
         EventKind::RoutingDecision => {
-            Event::RoutingDecision(Arc::new(parse_routing(payload, now)?))
+            Event::RoutingDecision(Arc::new(parse_routing(payload, arrival)?))
         }
-        EventKind::AgentAction => Event::AgentAction(Arc::new(parse_action(payload, now)?)),
+        EventKind::AgentAction => Event::AgentAction(Arc::new(parse_action(payload, arrival)?)),
         EventKind::Transformation => {
-            Event::Transformation(Arc::new(parse_transformation(payload, now)?))
+            Event::Transformation(Arc::new(parse_transformation(payload, arrival)?))
         }
         EventKind::PerformanceMetric => {
-            Event::PerformanceMetric(Arc::new(parse_performance(payload, now)?))
+            Event::PerformanceMetric(Arc::new(parse_performance(payload, arrival)?))
         }
     })
 }
@@ -528,11 +528,11 @@ pub fn parse_routing(
     payload: &[u8],
     arrival: impl Into<Arrival>,
 ) -> Result<RoutingDecision, ParseError> {
-    let now = arrival.into();
+    let arrival = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
     let raw: RawRouting = parse_raw(payload, ROUTING_ALIASES, &mut deduped)?;
-    let time = event_time(raw.timestamp, raw.created_at, now)?;
+    let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let selected_agent = required(&raw.selected_agent, "selected_agent")?;
     let alts = raw.alternatives.as_deref().unwrap_or_default();
     if alts.iter().any(|a| a.agent.is_none()) {
@@ -633,11 +633,11 @@ pub fn parse_action(
     payload: &[u8],
     arrival: impl Into<Arrival>,
 ) -> Result<AgentAction, ParseError> {
-    let now = arrival.into();
+    let arrival = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
     let raw: RawAction = parse_raw(payload, ACTION_ALIASES, &mut deduped)?;
-    let time = event_time(raw.timestamp, raw.created_at, now)?;
+    let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let agent_name = required(&raw.agent_name, "agent_name")?;
     let action_type = required(&raw.action_type, "action_type")?;
     let id = id_or_new(raw.id);
@@ -706,11 +706,11 @@ pub fn parse_transformation(
     payload: &[u8],
     arrival: impl Into<Arrival>,
 ) -> Result<Transformation, ParseError> {
-    let now = arrival.into();
+    let arrival = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
     let raw: RawTransformation = parse_raw(payload, TRANSFORMATION_ALIASES, &mut deduped)?;
-    let time = event_time(raw.timestamp, raw.created_at, now)?;
+    let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let source_agent = required(&raw.source_agent, "source_agent")?;
     let target_agent = required(&raw.target_agent, "target_agent")?;
     let id = id_or_new(raw.id);
@@ -770,11 +770,11 @@ pub fn parse_performance(
     payload: &[u8],
     arrival: impl Into<Arrival>,
 ) -> Result<PerformanceMetric, ParseError> {
-    let now = arrival.into();
+    let arrival = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
     let raw: RawPerformance = parse_raw(payload, PERFORMANCE_ALIASES, &mut deduped)?;
-    let time = event_time(raw.timestamp, raw.created_at, now)?;
+    let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let id = id_or_new(raw.id);
     let strategy = raw.trigger_match_strategy.as_deref().unwrap_or("unknown");
     let components = raw_json(raw.confidence_components);

@@ -171,10 +171,9 @@ impl<B: Bucket> Series<B> {
         }
     }
 
-    /// Merges minute buckets that left the last hour into hour buckets; drops buckets
-    /// before `cutoff` (hour-aligned).
-    /// Merges minute buckets older than the last hour into hour buckets and drops buckets
-    /// before `cutoff`; returns whether any was dropped (the window's sums changed).
+    /// Merges minute buckets that left the last hour into hour buckets and drops buckets
+    /// before `cutoff` (hour-aligned); returns whether any was dropped (the window's sums
+    /// changed).
     fn maintain(&mut self, now: Micros, cutoff: Micros) -> bool {
         let fine_from = fine_start(now);
         while let Some(b) = self.fine.front().copied().filter(|b| b.start() < fine_from) {

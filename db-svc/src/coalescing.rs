@@ -16,7 +16,18 @@ use parking_lot::Mutex;
 
 /// How many requests of a failed shared statement run alone at the same time (each needs a
 /// pooled connection; the rest wait their turn).
-pub const RERUN_CONCURRENCY: usize = 8;
+const RERUN_CONCURRENCY: usize = 8;
+
+/// Runs the requests of a failed shared statement, each alone, [`RERUN_CONCURRENCY`] at a
+/// time: one slow request (most likely the one that failed the batch) does not hold up the
+/// others.
+pub async fn rerun_alone(reruns: impl IntoIterator<Item = impl Future<Output = ()>>) {
+    use futures::StreamExt as _;
+    futures::stream::iter(reruns)
+        .buffer_unordered(RERUN_CONCURRENCY)
+        .collect::<()>()
+        .await;
+}
 
 /// How many requests, and how much of their weight (an insert's bind parameters, a query's
 /// rows), one shared statement may carry.

@@ -396,7 +396,7 @@ impl Executor {
             && matches!(op, Operation::Update(_) | Operation::Delete(_)))
         .then_some(self.limits.max_limit);
         if returning_cap.is_none() && self.write_is_plain(ctx, max_affected) {
-            return run_write(&self.pool, &plan, count_only).await;
+            return run_write(&self.pool, &plan, count_only, None).await;
         }
         let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
         let mut tx = self.begin_within(ctx, "BEGIN").await?;
@@ -406,10 +406,7 @@ impl Executor {
             tx.rollback().await?;
             return Ok(recorded);
         }
-        let output = match returning_cap {
-            Some(cap) => run_write_capped(&mut tx, &plan, cap).await?,
-            None => run_write(&mut *tx, &plan, count_only).await?,
-        };
+        let output = run_write(&mut *tx, &plan, count_only, returning_cap).await?;
         if let Some(max) = max_affected
             && output.affected > max
         {
@@ -671,10 +668,14 @@ where
     Ok(n.max(0) as u64)
 }
 
+/// Runs a write's statement: the count alone with `count_only`, else the returned rows, of which
+/// there may be at most `row_cap` (more fails before they fill memory; run it in a transaction
+/// so that the failure rolls the write back).
 pub(crate) async fn run_write<'e, E>(
     executor: E,
     plan: &Plan,
     count_only: bool,
+    row_cap: Option<u64>,
 ) -> Result<OpOutput, DbError>
 where
     E: sqlx::Executor<'e, Database = Postgres>,
@@ -682,31 +683,17 @@ where
     let query = sqlx::query_with(&plan.sql, arguments(&plan.params)?);
     if count_only {
         let done = query.execute(executor).await?;
-        Ok(OpOutput {
+        return Ok(OpOutput {
             affected: done.rows_affected(),
             ..Default::default()
-        })
-    } else {
-        let rows = decode_rows(&query.fetch_all(executor).await?)?;
-        Ok(OpOutput {
-            affected: rows.len() as u64,
-            rows,
-            ..Default::default()
-        })
+        });
     }
-}
-
-/// [`run_write`] returning rows, failing (for the caller to roll back) once the statement
-/// returns more than `cap` rows, before they fill memory.
-async fn run_write_capped(
-    tx: &mut sqlx::PgConnection,
-    plan: &Plan,
-    cap: u64,
-) -> Result<OpOutput, DbError> {
     let mut rows = Vec::new();
-    let mut stream = sqlx::query_with(&plan.sql, arguments(&plan.params)?).fetch(&mut *tx);
+    let mut stream = query.fetch(executor);
     while let Some(row) = stream.try_next().await? {
-        if rows.len() as u64 >= cap {
+        if let Some(cap) = row_cap
+            && rows.len() as u64 >= cap
+        {
             return Err(DbError::field(
                 "count_only",
                 format!(

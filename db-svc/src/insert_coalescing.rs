@@ -148,8 +148,7 @@ impl InsertCoalescer {
                 }
             }
             Err(_) => {
-                // Something in one of the inserts: each runs alone for its own outcome, all at
-                // once, so that one insert waiting on a lock again does not hold up the others.
+                // Something in one of the inserts: each runs alone for its own outcome.
                 let alone = batch.into_iter().filter(|w| !w.reply.is_closed()).map(
                     |Waiter {
                          table,
@@ -160,11 +159,7 @@ impl InsertCoalescer {
                         let _ = reply.send(run(&self.pool, &table, [values], count_only).await);
                     },
                 );
-                use futures::StreamExt as _;
-                futures::stream::iter(alone)
-                    .buffer_unordered(coalescing::RERUN_CONCURRENCY)
-                    .collect::<()>()
-                    .await;
+                coalescing::rerun_alone(alone).await;
             }
         }
     }
@@ -177,7 +172,8 @@ async fn run(
     count_only: bool,
 ) -> Result<OpOutput, DbError> {
     let plan = ops::plan_shared_insert(table, parts, count_only)?;
-    crate::executor::run_write(pool, &plan, count_only).await
+    // Inserts return at most the rows they were given.
+    crate::executor::run_write(pool, &plan, count_only, None).await
 }
 
 /// Hands each insert of a shared statement its own part of the result, in VALUES order.

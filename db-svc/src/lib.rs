@@ -39,10 +39,10 @@ pub const WRITE_METHODS: &[&str] = &["Insert", "Update", "Delete", "Upsert", "Ex
 /// Rows a Query returns when it names no limit.
 pub const DEFAULT_QUERY_LIMIT: u64 = 100;
 
-/// Runs the service until SIGTERM/SIGINT.
 /// How long shutdown waits for busy database connections to be returned.
 const POOL_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Runs the service until SIGTERM/SIGINT.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     run_until(settings, Shutdown::on_signals()).await
 }

@@ -168,19 +168,14 @@ impl QueryCoalescer {
                 }
             }
             Err(_) => {
-                // Each query alone, several at a time: one slow query (the one that failed the
-                // batch, most likely) does not hold up the others.
-                use futures::StreamExt as _;
+                // Each query alone, for its own outcome.
                 let reruns = batch.into_iter().filter(|w| !w.reply.is_closed()).map(
                     |Waiter { plan, reply }| async move {
                         record_statement(1);
                         let _ = reply.send(alone(&self.pool, &plan).await);
                     },
                 );
-                futures::stream::iter(reruns)
-                    .buffer_unordered(coalescing::RERUN_CONCURRENCY)
-                    .collect::<()>()
-                    .await;
+                coalescing::rerun_alone(reruns).await;
             }
         }
     }
