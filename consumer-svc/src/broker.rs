@@ -1,4 +1,5 @@
-//! Broker reachability: a metadata request on a short interval drives the health status.
+//! Readiness: a metadata request on a short interval checks that the broker answers; the
+//! service is SERVING while it does and the start-up replay is over.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,6 +8,8 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use svc_kit::{Health, Shutdown};
+
+use crate::ingest::IngestStatus;
 
 /// Whether the broker answered the latest probe.
 #[derive(Debug, Default)]
@@ -23,10 +26,12 @@ impl BrokerStatus {
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Probes the broker until shutdown, updating `status` and `health`.
+/// Probes the broker until shutdown, updating `status` and `health` (which also waits for
+/// the end of the replay `ingest` reports).
 pub async fn watch_broker(
     brokers: String,
     status: Arc<BrokerStatus>,
+    ingest: Arc<IngestStatus>,
     health: Health,
     shutdown: Shutdown,
 ) {
@@ -57,11 +62,19 @@ pub async fn watch_broker(
             tracing::warn!(%brokers, "Kafka broker is not reachable");
         }
         if !shutdown.is_triggered() {
-            health.set_serving(ok, "Kafka broker unreachable").await;
+            let replaying = ingest.replaying();
+            let reason = if !ok {
+                "Kafka broker unreachable"
+            } else {
+                "replaying the retention window"
+            };
+            health.set_serving(ok && !replaying, reason).await;
         }
         tokio::select! {
             _ = shutdown.triggered() => return,
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            // Ready as soon as the replay is over, not at the next probe.
+            _ = ingest.replay_over.notified(), if ingest.replaying() => {}
         }
     }
 }

@@ -347,19 +347,20 @@ fn payload_str(payload: &[u8]) -> Result<&str, ParseError> {
 }
 
 /// Parses `payload` as `T`. An event that sends a field under two of its spellings
-/// (`agent_name` and `agentName`, `confidence_score` and `confidence`) fails serde's derive
-/// with "duplicate field"; only then is it parsed again from a copy holding each field once,
-/// under its snake_case name, with its first non-null value. `deduped` keeps that copy alive
-/// for the borrowed fields of `T`.
+/// (`agent_name` and `agentName`, `confidence_score` and `confidence`), at the top or inside
+/// an entry of an array such as `alternatives`, fails serde's derive with "duplicate field";
+/// only then is it parsed again from a copy holding each field once, under its snake_case
+/// name, with its first non-null value. `deduped` keeps that copy alive for the borrowed
+/// fields of `T`.
 fn parse_raw<'a, T: serde::Deserialize<'a>>(
     payload: &'a str,
-    aliases: &[(&str, &str)],
+    spellings: &Spellings,
     deduped: &'a mut Option<String>,
 ) -> Result<T, ParseError> {
     match serde_json::from_str(payload) {
         Ok(raw) => Ok(raw),
         Err(e) if is_duplicate_field(&e) => {
-            let Some(once) = dedupe_spellings(payload, aliases) else {
+            let Some(once) = dedupe_spellings(payload, spellings) else {
                 return Err(e.into());
             };
             Ok(serde_json::from_str(deduped.insert(once))?)
@@ -371,6 +372,14 @@ fn parse_raw<'a, T: serde::Deserialize<'a>>(
 /// serde's derive reports a repeated field (a name and its alias) with this message.
 fn is_duplicate_field(e: &serde_json::Error) -> bool {
     e.is_data() && e.to_string().starts_with("duplicate field")
+}
+
+/// The names an object's fields go by.
+struct Spellings {
+    /// Names other than a field's camelCase form, to the field's name.
+    aliases: &'static [(&'static str, &'static str)],
+    /// Fields holding arrays of objects with spellings of their own.
+    arrays: &'static [(&'static str, &'static Spellings)],
 }
 
 /// `name` in snake_case (`routingTimeMs` -> `routing_time_ms`), then through `aliases`.
@@ -390,51 +399,96 @@ fn canonical_name(name: &str, aliases: &[(&str, &str)]) -> String {
     }
 }
 
-/// The JSON object `payload` with each field once, under its canonical name, keeping the
-/// first non-null value (null means absent); `None` when `payload` is not an object.
-fn dedupe_spellings(payload: &str, aliases: &[(&str, &str)]) -> Option<String> {
-    /// The members of an object in document order (a map would lose which came first).
-    struct Members(Vec<(String, serde_json::Value)>);
-    impl<'de> serde::Deserialize<'de> for Members {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> serde::de::Visitor<'de> for V {
-                type Value = Members;
-                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                    f.write_str("a JSON object")
-                }
-                fn visit_map<A: serde::de::MapAccess<'de>>(
-                    self,
-                    mut map: A,
-                ) -> Result<Members, A::Error> {
-                    let mut members = Vec::new();
-                    while let Some(member) = map.next_entry()? {
-                        members.push(member);
-                    }
-                    Ok(Members(members))
-                }
+/// The members of a JSON object in document order (a map would lose which came first), their
+/// values left as text.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
             }
-            d.deserialize_map(V)
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members<'de>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
         }
+        d.deserialize_map(V)
     }
-    let Members(members) = serde_json::from_str(payload).ok()?;
-    let mut once = serde_json::Map::new();
-    for (name, value) in members {
-        let slot = once
-            .entry(canonical_name(&name, aliases))
-            .or_insert(serde_json::Value::Null);
-        if slot.is_null() {
-            *slot = value;
-        }
-    }
-    serde_json::to_string(&once).ok()
 }
 
-/// Names other than a field's camelCase form that the events' fields accept.
-const ROUTING_ALIASES: &[(&str, &str)] = &[("confidence", "confidence_score")];
-const ACTION_ALIASES: &[(&str, &str)] = &[];
-const TRANSFORMATION_ALIASES: &[(&str, &str)] = &[("confidence", "confidence_score")];
-const PERFORMANCE_ALIASES: &[(&str, &str)] = &[("latency_ms", "routing_duration_ms")];
+/// The JSON object `payload` with each field once, under its canonical name, keeping the
+/// first non-null value (null means absent), and the same inside the entries of `spellings`'
+/// arrays; `None` when `payload` is not an object.
+fn dedupe_spellings(payload: &str, spellings: &Spellings) -> Option<String> {
+    let Members(members) = serde_json::from_str(payload).ok()?;
+    let mut once: Vec<(String, &RawValue)> = Vec::with_capacity(members.len());
+    for (name, value) in members {
+        let name = canonical_name(&name, spellings.aliases);
+        match once.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) if slot.1.get() == "null" => slot.1 = value,
+            Some(_) => {}
+            None => once.push((name, value)),
+        }
+    }
+    let mut out = String::with_capacity(payload.len());
+    out.push('{');
+    for (i, (name, value)) in once.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(name).ok()?);
+        out.push(':');
+        let entries = spellings.arrays.iter().find(|(n, _)| n == name);
+        let array = entries.and_then(|(_, inner)| {
+            // Entries that are not objects stay as they are (the parse then reports them).
+            let items: Vec<&RawValue> = serde_json::from_str(value.get()).ok()?;
+            let items: Vec<String> = items
+                .iter()
+                .map(|item| {
+                    dedupe_spellings(item.get(), inner).unwrap_or_else(|| item.get().to_string())
+                })
+                .collect();
+            Some(format!("[{}]", items.join(",")))
+        });
+        match array {
+            Some(array) => out.push_str(&array),
+            None => out.push_str(value.get()),
+        }
+    }
+    out.push('}');
+    Some(out)
+}
+
+const ROUTING: Spellings = Spellings {
+    aliases: &[("confidence", "confidence_score")],
+    arrays: &[("alternatives", &ALTERNATIVE)],
+};
+const ALTERNATIVE: Spellings = Spellings {
+    aliases: &[("agent_name", "agent"), ("confidence_score", "confidence")],
+    arrays: &[],
+};
+const ACTION: Spellings = Spellings {
+    aliases: &[],
+    arrays: &[],
+};
+const TRANSFORMATION: Spellings = Spellings {
+    aliases: &[("confidence", "confidence_score")],
+    arrays: &[],
+};
+const PERFORMANCE: Spellings = Spellings {
+    aliases: &[("latency_ms", "routing_duration_ms")],
+    arrays: &[],
+};
 
 /// A required string field.
 fn required<'s>(field: &'s Str<'_>, name: &'static str) -> Result<&'s str, ParseError> {
@@ -531,7 +585,7 @@ pub fn parse_routing(
     let arrival = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
-    let raw: RawRouting = parse_raw(payload, ROUTING_ALIASES, &mut deduped)?;
+    let raw: RawRouting = parse_raw(payload, &ROUTING, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let selected_agent = required(&raw.selected_agent, "selected_agent")?;
     let alts = raw.alternatives.as_deref().unwrap_or_default();
@@ -636,7 +690,7 @@ pub fn parse_action(
     let arrival = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
-    let raw: RawAction = parse_raw(payload, ACTION_ALIASES, &mut deduped)?;
+    let raw: RawAction = parse_raw(payload, &ACTION, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let agent_name = required(&raw.agent_name, "agent_name")?;
     let action_type = required(&raw.action_type, "action_type")?;
@@ -709,7 +763,7 @@ pub fn parse_transformation(
     let arrival = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
-    let raw: RawTransformation = parse_raw(payload, TRANSFORMATION_ALIASES, &mut deduped)?;
+    let raw: RawTransformation = parse_raw(payload, &TRANSFORMATION, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let source_agent = required(&raw.source_agent, "source_agent")?;
     let target_agent = required(&raw.target_agent, "target_agent")?;
@@ -773,7 +827,7 @@ pub fn parse_performance(
     let arrival = arrival.into();
     let payload = payload_str(payload)?;
     let mut deduped = None;
-    let raw: RawPerformance = parse_raw(payload, PERFORMANCE_ALIASES, &mut deduped)?;
+    let raw: RawPerformance = parse_raw(payload, &PERFORMANCE, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let id = id_or_new(raw.id);
     let strategy = raw.trigger_match_strategy.as_deref().unwrap_or("unknown");
@@ -973,6 +1027,33 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn an_alternative_sent_under_two_spellings_keeps_its_first_non_null_value() {
+        // Alone (no duplicate at the top) and together with one at the top.
+        for top in [
+            r#""selected_agent":"x""#,
+            r#""selected_agent":"x","selectedAgent":"y""#,
+        ] {
+            let json = format!(
+                r#"{{{top},"alternatives":[{{"agent":"a","agentName":"b","confidence_score":null,
+                    "confidence":0.4,"confidenceScore":0.3,"reasoning":"r\"q"}},"not an object"],
+                    "routingTimeMs":5}}"#
+            );
+            let err = parse_routing(json.as_bytes(), NOW);
+            // The second entry is not an object: still an error, as without duplicates.
+            assert!(err.is_err(), "{json}");
+            let json = json.replace(r#","not an object""#, "");
+            let e = parse_routing(json.as_bytes(), NOW).unwrap();
+            assert_eq!(e.selected_agent(), "x");
+            assert_eq!(e.routing_time_ms, Some(5.0));
+            let alts: Vec<_> = e.alternatives().collect();
+            assert_eq!(alts.len(), 1);
+            assert_eq!(alts[0].agent, "a");
+            assert_eq!(alts[0].confidence, Some(0.4));
+            assert_eq!(alts[0].reasoning, Some("r\"q"));
+        }
     }
 
     #[test]

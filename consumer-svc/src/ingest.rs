@@ -23,7 +23,7 @@
 //! librdkafka's statistics, i.e. from fetch responses: tansu's ListOffsets "latest" answer can
 //! lag the log, so it is used for nothing that matters.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -33,11 +33,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 use svc_kit::Shutdown;
 
 use crate::events::{self, EventKind, Micros};
 use crate::hub::{Hub, UpdateKind};
+use crate::replay_progress::{Key, ReplayProgress};
 use crate::state::{Applied, State};
 
 /// Messages applied per state lock at most.
@@ -99,6 +101,11 @@ pub struct IngestStatus {
     pub topics: [String; 4],
     pub counters: [TopicCounters; 4],
     pub partitions: Mutex<BTreeMap<(usize, i32), PartitionPosition>>,
+    /// Locked after `partitions` when both are held.
+    replay: Mutex<ReplayProgress>,
+    replayed: AtomicBool,
+    /// Woken once, when the start-up replay is over.
+    pub replay_over: tokio::sync::Notify,
 }
 
 impl IngestStatus {
@@ -111,6 +118,34 @@ impl IngestStatus {
             topics,
             counters,
             partitions: Mutex::new(BTreeMap::new()),
+            replay: Mutex::new(ReplayProgress::default()),
+            replayed: AtomicBool::new(false),
+            replay_over: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Whether the start-up replay of the retention window is still running (see
+    /// [`crate::replay_progress`]); the service is NOT_SERVING meanwhile.
+    pub fn replaying(&self) -> bool {
+        !self.replayed.load(Ordering::Acquire)
+    }
+
+    /// Checks the replay against `positions` (the locked partition map).
+    fn advance_replay(&self, positions: &BTreeMap<(usize, i32), PartitionPosition>) {
+        if !self.replaying() {
+            return;
+        }
+        let over = self
+            .replay
+            .lock()
+            .advance(|key| positions.get(key).map(|p| p.next));
+        if over {
+            tracing::info!(
+                events = self.events_processed(),
+                "start-up replay over: the retention window is rebuilt"
+            );
+            self.replayed.store(true, Ordering::Release);
+            self.replay_over.notify_one();
         }
     }
 
@@ -231,8 +266,15 @@ impl ClientContext for IngestContext {
                 if let Some(pos) = positions.get_mut(&(k, *id)) {
                     pos.high = p.hi_offset;
                 }
+                if self.status.replaying() {
+                    self.status
+                        .replay
+                        .lock()
+                        .watermarks((k, *id), p.lo_offset, p.hi_offset);
+                }
             }
         }
+        self.status.advance_replay(&positions);
     }
 }
 
@@ -375,10 +417,6 @@ impl Ingest {
         tracing::info!("ingest stopped");
     }
 
-    fn kind_of(&self, topic: &str) -> Option<usize> {
-        self.cfg.topics.iter().position(|t| t == topic)
-    }
-
     /// Finds new partitions, topics that vanished, and partitions whose data was lost.
     fn discover(&mut self) {
         let metadata = match self.consumer.fetch_metadata(None, KAFKA_TIMEOUT) {
@@ -391,6 +429,26 @@ impl Ingest {
                 return;
             }
         };
+        let listing: [Listed; 4] = std::array::from_fn(|k| {
+            let topic = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == self.cfg.topics[k]);
+            Listed::of(topic.map(|t| {
+                (
+                    t.error().map(RDKafkaErrorCode::from),
+                    t.partitions().iter().map(|p| p.id()).collect(),
+                )
+            }))
+        });
+        for (k, l) in listing.iter().enumerate() {
+            if let Listed::Unsettled(code) = l {
+                tracing::warn!(
+                    topic = %self.cfg.topics[k],
+                    "metadata: {code}; the topic's partitions are kept as they are until it answers"
+                );
+            }
+        }
         // A fresh client has nothing assigned until the block below assigns what is present.
         let fresh_client = std::mem::take(&mut self.client_replaced);
         if fresh_client {
@@ -403,22 +461,11 @@ impl Ingest {
                 .map(|(key, part)| (*key, part.next))
                 .collect();
             self.assigned.retain(|_, part| part.next >= 0);
-            // Only those still on the broker; vanished ones are handled as usual below.
-            let present: HashSet<(String, i32)> = metadata
-                .topics()
-                .iter()
-                .filter(|t| t.error().is_none())
-                .flat_map(|t| {
-                    t.partitions()
-                        .iter()
-                        .map(move |p| (t.name().to_string(), p.id()))
-                })
-                .collect();
             let mut live = TopicPartitionList::new();
             for ((k, p), next) in &kept {
                 let topic = self.cfg.topics[*k].clone();
-                if !present.contains(&(topic.clone(), *p)) {
-                    continue; // vanished: handled as usual below
+                if listing[*k].vanished(*p) {
+                    continue; // handled as usual below
                 }
                 // A log that ends before our position was recreated while the broker was
                 // away: read it from the beginning, like a topic seen missing.
@@ -428,6 +475,7 @@ impl Ingest {
                         self.recreated.insert(*k);
                         // Its position was the old log's: not shown until read again.
                         self.sinks.status.partitions.lock().remove(&(*k, *p));
+                        self.sinks.status.replay.lock().forget((*k, *p));
                     }
                     _ => {
                         let _ = live.add_partition_offset(&topic, *p, Offset::Offset(*next));
@@ -442,22 +490,17 @@ impl Ingest {
                 self.client_replaced = true;
             }
         }
-        let mut present: HashMap<usize, Vec<i32>> = HashMap::new();
-        for topic in metadata.topics() {
-            if topic.error().is_some() {
-                continue;
-            }
-            if let Some(kind) = self.kind_of(topic.name()) {
-                present.insert(kind, topic.partitions().iter().map(|p| p.id()).collect());
-            }
+        // The first complete answer lists what the start-up replay must read.
+        if listing.iter().all(|l| !matches!(l, Listed::Unsettled(_))) {
+            self.sinks.status.replay.lock().begin(
+                listing
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(k, l)| l.partitions().iter().map(move |p| (k, *p))),
+            );
         }
+        let (gone, new) = partition_changes(&listing, self.assigned.keys().copied());
         // Vanished topics (a broker that restarted empty): forget their partitions.
-        let gone: Vec<(usize, i32)> = self
-            .assigned
-            .keys()
-            .filter(|(k, p)| present.get(k).is_none_or(|ps| !ps.contains(p)))
-            .copied()
-            .collect();
         if !gone.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for (k, p) in &gone {
@@ -465,6 +508,7 @@ impl Ingest {
                 self.assigned.remove(&(*k, *p));
                 self.recreated.insert(*k);
                 self.sinks.status.partitions.lock().remove(&(*k, *p));
+                self.sinks.status.replay.lock().forget((*k, *p));
             }
             tracing::warn!(
                 partitions = gone.len(),
@@ -475,16 +519,6 @@ impl Ingest {
                 tracing::warn!("unassign: {e}");
             }
         }
-        // New partitions.
-        let mut new: Vec<(usize, i32)> = Vec::new();
-        for (k, ps) in &present {
-            for p in ps {
-                if !self.assigned.contains_key(&(*k, *p)) {
-                    new.push((*k, *p));
-                }
-            }
-        }
-        new.sort();
         if !new.is_empty() {
             self.assign(&new);
         }
@@ -496,6 +530,7 @@ impl Ingest {
                 high: -1,
             });
         }
+        self.sinks.status.advance_replay(&positions);
     }
 
     /// Swaps in a fresh librdkafka client while the broker is unreachable. A broker that comes
@@ -663,6 +698,75 @@ impl Ingest {
             }
         }
     }
+}
+
+/// What one metadata answer says about a topic.
+#[derive(Clone, Debug, PartialEq)]
+enum Listed {
+    /// Listed, with these partitions.
+    Partitions(Vec<i32>),
+    /// Not there: absent from the answer, or named with "unknown topic".
+    Missing,
+    /// Named with another error (e.g. no leader during an election): nothing can be concluded,
+    /// so its partitions are neither dropped nor added.
+    Unsettled(RDKafkaErrorCode),
+}
+
+impl Listed {
+    /// From the topic's entry in the answer, if any: its error and its partitions.
+    fn of(entry: Option<(Option<RDKafkaErrorCode>, Vec<i32>)>) -> Self {
+        match entry {
+            None => Listed::Missing,
+            Some((None, partitions)) => Listed::Partitions(partitions),
+            Some((
+                Some(
+                    RDKafkaErrorCode::UnknownTopicOrPartition
+                    | RDKafkaErrorCode::UnknownTopic
+                    | RDKafkaErrorCode::UnknownTopicId,
+                ),
+                _,
+            )) => Listed::Missing,
+            Some((Some(code), _)) => Listed::Unsettled(code),
+        }
+    }
+
+    fn partitions(&self) -> &[i32] {
+        match self {
+            Listed::Partitions(ps) => ps,
+            _ => &[],
+        }
+    }
+
+    /// Whether `partition` is known to be gone.
+    fn vanished(&self, partition: i32) -> bool {
+        match self {
+            Listed::Partitions(ps) => !ps.contains(&partition),
+            Listed::Missing => true,
+            Listed::Unsettled(_) => false,
+        }
+    }
+}
+
+/// Partitions to drop (known to be gone) and to add (listed, not assigned), sorted.
+fn partition_changes(
+    listing: &[Listed; 4],
+    assigned: impl Iterator<Item = Key>,
+) -> (Vec<Key>, Vec<Key>) {
+    let assigned: HashSet<Key> = assigned.collect();
+    let mut gone: Vec<_> = assigned
+        .iter()
+        .filter(|(k, p)| listing[*k].vanished(*p))
+        .copied()
+        .collect();
+    let mut new: Vec<_> = listing
+        .iter()
+        .enumerate()
+        .flat_map(|(k, l)| l.partitions().iter().map(move |p| (k, *p)))
+        .filter(|key| !assigned.contains(key))
+        .collect();
+    gone.sort_unstable();
+    new.sort_unstable();
+    (gone, new)
 }
 
 /// Where the window starts in a partition, given the broker's `offsets_for_times` answer and
@@ -856,6 +960,7 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
                 pos.high = pos.high.max(next);
             }
         }
+        sinks.status.advance_replay(&positions);
     }
     for k in 0..4 {
         let c = &sinks.status.counters[k];
@@ -896,6 +1001,32 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_missing_topic_loses_its_partitions() {
+        use RDKafkaErrorCode as E;
+        let listing = [
+            // Listed with partitions 0 and 2 (1 is gone, 2 is new).
+            Listed::of(Some((None, vec![0, 2]))),
+            // Absent from the answer: deleted (a broker that restarted empty).
+            Listed::of(None),
+            // Named "unknown": deleted too.
+            Listed::of(Some((Some(E::UnknownTopicOrPartition), vec![]))),
+            // No leader during an election: nothing is concluded, nothing re-read later.
+            Listed::of(Some((Some(E::LeaderNotAvailable), vec![]))),
+        ];
+        assert_eq!(listing[1], Listed::Missing);
+        assert_eq!(listing[2], Listed::Missing);
+        assert_eq!(listing[3], Listed::Unsettled(E::LeaderNotAvailable));
+        let assigned = [(0, 0), (0, 1), (1, 0), (2, 0), (3, 0), (3, 1)];
+        let (gone, new) = partition_changes(&listing, assigned.into_iter());
+        assert_eq!(gone, vec![(0, 1), (1, 0), (2, 0)]);
+        assert_eq!(new, vec![(0, 2)]);
+        // Nothing assigned yet: every listed partition is new, an unsettled topic adds none.
+        let (gone, new) = partition_changes(&listing, std::iter::empty());
+        assert!(gone.is_empty());
+        assert_eq!(new, vec![(0, 0), (0, 2)]);
+    }
 
     #[test]
     fn parse_errors_are_logged_at_most_ten_times_a_minute() {

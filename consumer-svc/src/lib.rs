@@ -8,6 +8,7 @@ pub mod convert;
 pub mod events;
 pub mod hub;
 pub mod ingest;
+pub mod replay_progress;
 pub mod state;
 pub mod timestamp;
 pub mod wire;
@@ -34,13 +35,6 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     let (health, health_service) = Health::new(service_names::CONSUMER, &shutdown).await;
     let status = Arc::new(broker::BrokerStatus::default());
 
-    let probe = tokio::spawn(broker::watch_broker(
-        settings.brokers.clone(),
-        status.clone(),
-        health.clone(),
-        shutdown.clone(),
-    ));
-
     let state = Arc::new(RwLock::new(state::State::new(state::StateConfig {
         retention: settings.retention.as_micros() as i64,
         max_actions: settings.max_actions,
@@ -59,6 +53,13 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0),
     ));
     let ingest_status = Arc::new(ingest::IngestStatus::new(settings.topics.clone()));
+    let probe = tokio::spawn(broker::watch_broker(
+        settings.brokers.clone(),
+        status.clone(),
+        ingest_status.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
     let dirty_agents = Arc::new(Mutex::new(HashSet::new()));
     tracing::info!(topics = ?settings.topics, retention = ?settings.retention, "consuming");
     svc_kit::metrics::spawn_sampler(std::time::Duration::from_secs(1), shutdown.clone(), {

@@ -16,8 +16,9 @@ use tokio::sync::mpsc;
 use crate::catalog::{Catalog, ColType, TableInfo};
 use crate::coalescing::BatchLimits;
 use crate::error::DbError;
+use crate::fingerprint;
 use crate::insert_coalescing::InsertCoalescer;
-use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RecordedOutput};
+use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RawSpec, RecordedOutput};
 use crate::query_coalescing::{FetchedRows, QueryCoalescer};
 use crate::raw_sql;
 use crate::values::{Param, StructRows, arguments, decode_rows, decode_rows_from, to_param};
@@ -206,7 +207,7 @@ impl Executor {
 
     async fn execute_op(&self, op: &Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
         match op {
-            Operation::Raw(spec) => self.execute_raw(&spec.sql, &spec.params, ctx).await,
+            Operation::Raw(spec) => self.execute_raw(op, spec, ctx).await,
             Operation::Query(spec) => {
                 let table = self.table_for(op).await?;
                 self.query(&table, spec, ctx).await
@@ -401,7 +402,8 @@ impl Executor {
         let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
         let mut tx = self.begin_within(ctx, "BEGIN").await?;
         if let Some(id) = request_id
-            && let Some(recorded) = claim_request(&mut tx, id, op.name(), op.table()).await?
+            && let Some(recorded) =
+                claim_request(&mut tx, id, op.name(), op.table(), fingerprint::of(op)).await?
         {
             tx.rollback().await?;
             return Ok(recorded);
@@ -424,13 +426,15 @@ impl Executor {
         Ok(output)
     }
 
-    /// ExecuteRaw: guard, type the parameters from PostgreSQL's own inference, run.
+    /// ExecuteRaw: guard, type the parameters from PostgreSQL's own inference, run. `spec` is
+    /// `op`'s (an idempotent write records the fingerprint of the whole operation).
     async fn execute_raw(
         &self,
-        sql: &str,
-        params: &[Json],
+        op: &Operation,
+        spec: &RawSpec,
         ctx: &ExecContext,
     ) -> Result<OpOutput, DbError> {
+        let (sql, params) = (spec.sql.as_str(), spec.params.as_slice());
         let checked = raw_sql::check(sql, self.catalog.served(), self.limits.raw_writes)?;
         let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
         let begin = if checked.kind.is_write() {
@@ -442,7 +446,8 @@ impl Executor {
         let table = checked.tables.first().cloned().unwrap_or_default();
         if checked.kind.is_write()
             && let Some(id) = request_id
-            && let Some(recorded) = claim_request(&mut tx, id, "raw", &table).await?
+            && let Some(recorded) =
+                claim_request(&mut tx, id, "raw", &table, fingerprint::of(op)).await?
         {
             tx.rollback().await?;
             return Ok(recorded);
@@ -713,42 +718,65 @@ where
     })
 }
 
-/// Claims `request_id` in the request log. Returns the recorded output if an earlier request
-/// with this id already committed. A concurrent request with the same id waits here (row
-/// lock of the primary key) until the first one commits or rolls back.
+/// Claims `request_id` in the request log for a write (`operation` on `table`, with its
+/// [`fingerprint`]). Returns the recorded output if an earlier request with this id already
+/// committed the same write; a different write under that id is refused. A concurrent request
+/// with the same id waits here (row lock of the primary key) until the first one commits or
+/// rolls back.
 async fn claim_request(
     tx: &mut sqlx::Transaction<'static, Postgres>,
     request_id: &str,
     operation: &str,
     table: &str,
+    fingerprint: [u8; 32],
 ) -> Result<Option<OpOutput>, DbError> {
     let claimed = sqlx::query(
-        "INSERT INTO omnibus_request_log (request_id, operation, table_name) VALUES ($1, $2, $3) \
-         ON CONFLICT (request_id) DO NOTHING",
+        "INSERT INTO omnibus_request_log (request_id, operation, table_name, fingerprint) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (request_id) DO NOTHING",
     )
     .bind(request_id)
     .bind(operation)
     .bind(table)
+    .bind(&fingerprint[..])
     .execute(&mut **tx)
     .await?;
     if claimed.rows_affected() == 1 {
         return Ok(None);
     }
     let row = sqlx::query(
-        "SELECT operation, table_name, result FROM omnibus_request_log WHERE request_id = $1",
+        "SELECT operation, table_name, fingerprint, result FROM omnibus_request_log \
+         WHERE request_id = $1",
     )
     .bind(request_id)
     .fetch_one(&mut **tx)
     .await?;
     let recorded_op: String = row.try_get(0)?;
     let recorded_table: String = row.try_get(1)?;
+    // None: recorded before fingerprints were (operation and table still have to match).
+    let recorded_fingerprint: Option<Vec<u8>> = row.try_get(2)?;
+    let what = |op: &str, table: &str| {
+        if table.is_empty() {
+            op.to_string()
+        } else {
+            format!("{op} on {table}")
+        }
+    };
     if recorded_op != operation || recorded_table != table {
         return Err(DbError::RequestIdReused {
             request_id: request_id.to_string(),
-            recorded: format!("{recorded_op} on {recorded_table}"),
+            recorded: what(&recorded_op, &recorded_table),
         });
     }
-    let result: Option<sqlx::types::Json<RecordedOutput>> = row.try_get(2)?;
+    if recorded_fingerprint.is_some_and(|f| f != fingerprint) {
+        return Err(DbError::RequestIdReused {
+            request_id: request_id.to_string(),
+            recorded: format!(
+                "a different {} (same operation and table, other values); nothing was written",
+                what(&recorded_op, &recorded_table)
+            ),
+        });
+    }
+    let result: Option<sqlx::types::Json<RecordedOutput>> = row.try_get(3)?;
     let mut output: OpOutput = result
         .map(|j| j.0.into())
         .ok_or_else(|| DbError::Database(format!("request {request_id} has no recorded result")))?;

@@ -13,6 +13,7 @@ pub mod config;
 pub mod db_health;
 pub mod error;
 pub mod executor;
+pub mod fingerprint;
 pub mod insert_coalescing;
 pub mod ops;
 pub mod pg_numeric;

@@ -69,23 +69,35 @@ async fn query_insert_update_delete_count_raw_and_the_catalog() {
         "{}",
         out.stdout
     );
-    // The same request id again: replayed, not written twice.
-    let again = db(
-        &addr,
-        &[
-            "insert",
-            "agent_actions",
-            "agent_name=coder",
-            "action_type=tool_call",
-            "action_name=read_file",
-            &format!("correlation_id={CORR}"),
-            "duration_ms=12",
-            "--request-id",
-            "cli-insert-1",
-        ],
-    )
-    .await;
+    // The same command again: replayed, not written twice.
+    let insert = [
+        "insert",
+        "agent_actions",
+        "agent_name=coder",
+        "action_type=tool_call",
+        "action_name=read_file",
+        &format!("correlation_id={CORR}"),
+        "duration_ms=12",
+        r#"action_details={"path":"src/main.rs"}"#,
+        "--request-id",
+        "cli-insert-1",
+    ];
+    let again = db(&addr, &insert).await;
     assert!(again.stderr.contains("replayed"), "{}", again.stderr);
+    // Another row under that id is refused, and says why.
+    let mut other = insert.to_vec();
+    other.retain(|a| !a.starts_with("action_details="));
+    let refused = omnibus(&[&["--db-addr", addr.as_str(), "db"][..], &other[..]].concat())
+        .await
+        .unwrap();
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("request_id cli-insert-1 was already used for a different insert"),
+        "{}",
+        refused.stderr
+    );
 
     // Several rows as JSON, piped output = JSON lines, summary on stderr.
     let rows = [
@@ -541,7 +553,7 @@ async fn a_db_svc_with_tls_and_tokens_is_reached_with_ca_cert_and_token() {
     loop {
         let out = run(secured(&["health", "db"])).await;
         if out.ok() {
-            assert!(out.stdout.contains("SERVING"), "{}", out.stdout);
+            assert_eq!(out.json_lines()[0]["status"], "SERVING", "{}", out.stdout);
             break;
         }
         assert!(
@@ -655,6 +667,17 @@ async fn wrong_addresses_and_bad_values_are_clear_errors() {
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("is that the right address?"), "{out:?}");
     assert!(!out.stderr.contains("source:"), "no Debug dump: {out:?}");
+    // Piped, health is a JSON line too, naming the failure.
+    let line = &out.json_lines()[0];
+    assert_eq!(line["address"], postgres, "{line}");
+    assert!(line["status"].is_null(), "{line}");
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .contains("is that the right address?"),
+        "{line}"
+    );
 
     let out = omnibus(&[
         "--brokers",

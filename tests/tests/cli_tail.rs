@@ -197,6 +197,19 @@ async fn generate_feeds_all_four_topics_and_status_shows_both_services() {
                 "{}",
                 out.stderr
             );
+            // Piped: the summary is also a JSON line on stdout.
+            let summary = &out.json_lines()[0];
+            assert_eq!(summary["events"].to_string(), count, "{summary}");
+            let kinds: u64 = [
+                "routing_decisions",
+                "actions",
+                "transformations",
+                "performance_metrics",
+            ]
+            .iter()
+            .map(|k| summary[k].as_u64().unwrap())
+            .sum();
+            assert_eq!(kinds.to_string(), count, "{summary}");
         }
     };
     // Small batches until the tail (live events only) shows one: then it is subscribed.

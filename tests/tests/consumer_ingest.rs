@@ -14,6 +14,7 @@ use omnibus_tests::consumer::{
 };
 use omnibus_tests::kafka_brokers;
 use serde_json::Value;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -418,9 +419,13 @@ async fn aggregates_match_a_reference_and_a_restart_rebuilds_them() {
         let again = start_consumer(&brokers, &prefix, &["--replay-seek", seek])
             .await
             .unwrap();
-        wait_status(&again, WAIT, "replayed", |s| s.events_processed == total)
-            .await
-            .unwrap();
+        // SERVING only once the replay is over: the view is complete from the first read.
+        let s = omnibus_tests::consumer::status(&again).await.unwrap();
+        assert_eq!(
+            s.events_processed, total,
+            "at SERVING, --replay-seek {seek}"
+        );
+        assert!(!s.replaying);
         let after = snapshot_of(
             client(&again)
                 .get_snapshot(pb::GetSnapshotRequest {})
@@ -430,6 +435,63 @@ async fn aggregates_match_a_reference_and_a_restart_rebuilds_them() {
         );
         assert_eq!(before, after, "replay with --replay-seek {seek}");
     }
+}
+
+/// A replica reports SERVING only after its start-up replay: a load balancer never sends a
+/// dashboard to one whose view is still being rebuilt.
+#[tokio::test]
+async fn a_replica_is_not_serving_until_its_replay_is_over() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 3).await.unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let mut generator = EventGenerator::new(50, 11);
+    // Enough that reading them takes a while after the broker first answers.
+    let total = 60_000u64;
+    for _ in 0..total {
+        let e = generator.next_event(Utc::now());
+        p.send(topics.name(e.kind), &e.key, &e.payload).unwrap();
+    }
+    p.flush().unwrap();
+
+    let mut svc = omnibus_tests::ServiceSpec::new("consumer-svc")
+        .args([
+            "--kafka-brokers",
+            brokers.as_str(),
+            "--topic-prefix",
+            &prefix,
+        ])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen_replaying = false;
+    loop {
+        assert!(svc.is_running(), "{}", svc.logs());
+        assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
+        let Ok(health) = svc.health("").await else {
+            continue; // not listening yet
+        };
+        let s = omnibus_tests::consumer::status(&svc).await.unwrap();
+        if health == ServingStatus::Serving {
+            // The status was read after SERVING was seen: the replay is over and complete.
+            assert!(!s.replaying, "{s:?}");
+            assert_eq!(s.events_processed, total, "{s:?}");
+            break;
+        }
+        seen_replaying |= s.replaying;
+        if s.events_processed < total {
+            assert!(s.replaying, "replay not over, yet not reported: {s:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(seen_replaying, "the replay was never reported in progress");
+    // The command-line status names it.
+    let addr = svc.addr.to_string();
+    let out =
+        omnibus_tests::cli::omnibus(&["--consumer-addr", &addr, "status", "--output", "table"])
+            .await
+            .unwrap();
+    assert!(out.stdout.contains("replay  over"), "{}", out.stdout);
 }
 
 #[tokio::test]

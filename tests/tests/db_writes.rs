@@ -34,23 +34,31 @@ fn insert_with_id(request_id: &str, agent: &str) -> pb::InsertRequest {
 #[tokio::test]
 async fn a_repeated_request_id_replays_the_recorded_result() {
     let mut s = DbSvc::start(&[]).await;
-    let first = s
-        .client
-        .insert(insert_with_id("req-1", "a"))
-        .await
-        .unwrap()
-        .into_inner();
+    let request = insert_with_id("req-1", "a");
+    let first = s.client.insert(request.clone()).await.unwrap().into_inner();
     assert!(!first.replayed);
-    // The retry carries different content (a new correlation id): it must not write.
-    let second = s
-        .client
-        .insert(insert_with_id("req-1", "a"))
-        .await
-        .unwrap()
-        .into_inner();
+    // The retry: the recorded result, nothing written again.
+    let second = s.client.insert(request).await.unwrap().into_inner();
     assert!(second.replayed);
     assert_eq!(rows_json(&second.rows), rows_json(&first.rows));
     assert_eq!(second.affected, 1);
+    assert_eq!(count(&mut s, "agent_actions").await, 1);
+    // Another row under the same id (here a new correlation id) is a different write: refused,
+    // not answered with the first one's result as if it had been written.
+    let err = s
+        .client
+        .insert(insert_with_id("req-1", "a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let (reason, _) = error_details(&err);
+    assert_eq!(reason, "REQUEST_ID_REUSED");
+    assert!(
+        err.message()
+            .contains("a different insert on agent_actions"),
+        "{}",
+        err.message()
+    );
     assert_eq!(count(&mut s, "agent_actions").await, 1);
 
     // Updates and deletes too: a replay returns the recorded result even though the data
@@ -146,14 +154,13 @@ async fn a_repeated_request_id_replays_the_recorded_result() {
 #[tokio::test]
 async fn concurrent_requests_with_one_id_write_once() {
     let s = DbSvc::start(&[]).await;
+    // One request sent 16 times at once (a client's retries racing its first attempt).
+    let request = insert_with_id("same-id", "racer");
     let mut tasks = Vec::new();
-    for i in 0..16 {
-        let mut client = s.client.clone();
+    for _ in 0..16 {
+        let (mut client, request) = (s.client.clone(), request.clone());
         tasks.push(tokio::spawn(async move {
-            client
-                .insert(insert_with_id("same-id", &format!("racer-{i}")))
-                .await
-                .map(|r| r.into_inner())
+            client.insert(request).await.map(|r| r.into_inner())
         }));
     }
     let mut replies = Vec::new();
@@ -408,12 +415,12 @@ async fn delete_and_upsert_replay_by_request_id() {
     assert_eq!(rows_json(&again.rows), rows_json(&first.rows));
     assert_eq!(agents(&s).await, vec!["a", "b"], "deleted once");
 
-    // Upsert: the replay carries other content (as a retry built anew might); nothing of it
-    // is written.
-    let id = uuid::Uuid::new_v4().to_string();
+    // Upsert: the replay is the recorded result; other content under the same id is refused.
+    let (id, correlation) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     let upsert = |agent: &str| {
         let mut row = action(agent);
         row["id"] = json!(id);
+        row["correlation_id"] = json!(correlation);
         pb::UpsertRequest {
             table: "agent_actions".into(),
             rows: vec![to_struct(row)],
@@ -424,14 +431,12 @@ async fn delete_and_upsert_replay_by_request_id() {
     let first = s.client.upsert(upsert("up")).await.unwrap().into_inner();
     assert_eq!((first.affected, first.replayed), (1, false));
     assert_eq!(from_struct(&first.rows[0])["agent_name"], "up");
-    let again = s
-        .client
-        .upsert(upsert("changed"))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = s.client.upsert(upsert("up")).await.unwrap().into_inner();
     assert_eq!((again.affected, again.replayed), (1, true));
     assert_eq!(rows_json(&again.rows), rows_json(&first.rows));
+    let err = s.client.upsert(upsert("changed")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(error_details(&err).0, "REQUEST_ID_REUSED");
     assert_eq!(agents(&s).await, vec!["a", "b", "up"], "upserted once");
     // The same upsert under a new id does write (so the replay above was what kept it out).
     let fresh = s
@@ -451,7 +456,7 @@ async fn delete_and_upsert_replay_by_request_id() {
         .upsert(pb::UpsertRequest {
             request_id: "up-2".into(),
             count_only: true,
-            ..upsert("changed again")
+            ..upsert("changed")
         })
         .await
         .unwrap()

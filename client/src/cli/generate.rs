@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use omnibus_client::generate::{EventGenerator, GenerateError, Kind, Topics, producer, settle};
 use rdkafka::producer::{BaseRecord, Producer};
 
+use super::output::Format;
 use super::{Cli, Fail, Result, parse_duration};
 
 #[derive(Args, Debug)]
@@ -26,8 +27,9 @@ pub struct GenerateArgs {
     /// Stop after this many events. Without --count or --duration: until Ctrl-C.
     #[arg(long)]
     pub count: Option<u64>,
-    /// Distinct agent names (agent-00000, agent-00001, ...).
-    #[arg(long, default_value_t = 8)]
+    /// Distinct agent names (agent-00000, agent-00001, ...), at least 1.
+    #[arg(long, default_value_t = 8,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub agents: usize,
     /// Random seed (the same seed gives the same events, apart from timestamps).
     #[arg(long)]
@@ -120,6 +122,17 @@ pub async fn run(cli: &Cli, args: &GenerateArgs) -> Result<ExitCode> {
     bar.finish_and_clear();
     let (per_kind, elapsed) = result?;
     let n: u64 = per_kind.iter().sum();
+    if cli.format() == Format::Json {
+        let summary = serde_json::json!({
+            "events": n,
+            "seconds": elapsed.as_secs_f64(),
+            "routing_decisions": per_kind[Kind::RoutingDecision.index()],
+            "actions": per_kind[Kind::AgentAction.index()],
+            "transformations": per_kind[Kind::Transformation.index()],
+            "performance_metrics": per_kind[Kind::PerformanceMetric.index()],
+        });
+        writeln!(std::io::stdout(), "{summary}")?;
+    }
     let _ = writeln!(
         std::io::stderr(),
         "generated {n} events in {:.1}s ({:.0}/s): {} routing decisions, {} actions, {} transformations, {} performance metrics",
@@ -250,5 +263,16 @@ mod tests {
         );
         assert_eq!(planned(&parse(&["--rate", "50"])), None);
         assert_eq!(planned(&parse(&["--duration", "10s"])), None);
+    }
+
+    #[test]
+    fn at_least_one_agent() {
+        let parse = |agents: &str| {
+            super::super::Cli::try_parse_from(["omnibus", "generate", "--agents", agents])
+        };
+        assert!(parse("1").is_ok());
+        let err = parse("0").unwrap_err().to_string();
+        assert!(err.contains("--agents"), "{err}");
+        assert!(parse("-3").is_err());
     }
 }

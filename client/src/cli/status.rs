@@ -57,6 +57,14 @@ pub fn render_consumer(s: &cpb::ConsumerStatus) -> String {
                 "NOT connected".into()
             },
         ),
+        (
+            "replay",
+            if s.replaying {
+                "in progress (NOT_SERVING until it is over)".into()
+            } else {
+                "over".into()
+            },
+        ),
         ("events", s.events_processed.to_string()),
         ("last event", ts(&s.last_event_time)),
         ("parse errors", s.parse_errors.to_string()),
@@ -207,63 +215,39 @@ pub async fn health(cli: &Cli, args: &HealthArgs) -> Result<ExitCode> {
         "db" => cli.db_addr.clone(),
         other => other.to_string(),
     };
-    match omnibus_client::health::check_with(
+    let answer = omnibus_client::health::check_with(
         &addr,
         &args.service,
         args.timeout,
         super::connect_options(),
     )
-    .await
-    {
-        Ok(ServingStatus::Serving) => {
-            writeln!(std::io::stdout(), "{addr}: SERVING")?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Ok(other) => {
-            writeln!(std::io::stdout(), "{addr}: {}", other.as_str_name())?;
-            Ok(ExitCode::FAILURE)
-        }
-        Err(e) => {
-            // A closed stderr leaves only the exit code to tell.
-            let _ = writeln!(std::io::stderr(), "omnibus: {e}");
-            Ok(ExitCode::FAILURE)
-        }
+    .await;
+    let serving = matches!(answer, Ok(ServingStatus::Serving));
+    let status = answer.as_ref().ok().map(|s| s.as_str_name());
+    let error = answer.as_ref().err().map(ToString::to_string);
+    let line = match (cli.format(), status) {
+        (Format::Json, _) => Some(
+            json!({
+                "address": addr,
+                "service": args.service,
+                "status": status,
+                "error": error,
+            })
+            .to_string(),
+        ),
+        (Format::Table, Some(status)) => Some(format!("{addr}: {status}")),
+        (Format::Table, None) => None,
+    };
+    if let Some(line) = line {
+        writeln!(std::io::stdout(), "{line}")?;
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn consumer_status_screen_sums_lag_per_topic() {
-        let s = cpb::ConsumerStatus {
-            connected: true,
-            events_processed: 42,
-            topics: vec![cpb::TopicStatus {
-                topic: "agent-actions".into(),
-                events_consumed: 40,
-                ..Default::default()
-            }],
-            partitions: vec![
-                cpb::PartitionStatus {
-                    topic: "agent-actions".into(),
-                    partition: 0,
-                    lag: 3,
-                    ..Default::default()
-                },
-                cpb::PartitionStatus {
-                    topic: "agent-actions".into(),
-                    partition: 1,
-                    lag: 4,
-                    ..Default::default()
-                },
-            ],
-            ..Default::default()
-        };
-        let text = render_consumer(&s);
-        assert!(text.contains("7 messages over 2 partitions"), "{text}");
-        let line = text.lines().find(|l| l.contains("agent-actions")).unwrap();
-        assert!(line.contains("40") && line.contains(" 7 "), "{line}");
+    if let Some(e) = error {
+        // A closed stderr leaves only the exit code to tell.
+        let _ = writeln!(std::io::stderr(), "omnibus: {e}");
     }
+    Ok(if serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
