@@ -228,7 +228,9 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     let _ = watcher.await;
     // close() waits for every checked-out connection; a statement still running after the
     // server's grace (its caller already gone) must not hold the exit past the orchestrator's
-    // stop timeout. Dropping the pool then ends the connections; PostgreSQL cancels their work.
+    // stop timeout. Dropping the pool then closes the connections; PostgreSQL ends the
+    // statement when it notices (at once for a running query, when its wait ends for one
+    // blocked on a lock, or with the server's client_connection_check_interval).
     if tokio::time::timeout(POOL_CLOSE_WAIT, pool.close())
         .await
         .is_err()
