@@ -73,7 +73,7 @@ pub async fn watch_broker(
         tokio::select! {
             _ = shutdown.triggered() => return,
             _ = tokio::time::sleep(PROBE_INTERVAL) => {}
-            // Ready as soon as the replay is over, not at the next probe.
+            // When the replay ends, probe again at once rather than after the interval.
             _ = ingest.replay_over.notified(), if ingest.replaying() => {}
         }
     }

@@ -71,6 +71,12 @@ pub struct Config {
     #[arg(long, env = "REPLAY_SEEK", value_enum, default_value_t = ReplaySeek::Timestamp)]
     pub replay_seek: ReplaySeek,
 
+    /// The replica is NOT_SERVING until its start-up replay is over; after this long it reports
+    /// SERVING anyway, with a warning (a partition that cannot be read to its end, e.g. one
+    /// whose topic the broker keeps answering with an error, must not keep it out for good).
+    #[arg(long, env = "REPLAY_TIMEOUT", value_parser = parse_duration, default_value = "10m")]
+    pub replay_timeout: Duration,
+
     /// Recent actions kept.
     #[arg(long, env = "MAX_ACTIONS", default_value_t = 1000)]
     pub max_actions: usize,
@@ -129,6 +135,7 @@ pub struct Settings {
     pub topics: [String; 4],
     pub retention: Duration,
     pub replay_seek: ReplaySeek,
+    pub replay_timeout: Duration,
     pub max_actions: usize,
     pub max_routing_decisions: usize,
     pub max_transformations: usize,
@@ -197,6 +204,7 @@ impl Config {
             topics,
             retention: self.retention,
             replay_seek: self.replay_seek,
+            replay_timeout: self.replay_timeout,
             max_actions: self.max_actions,
             max_routing_decisions: self.max_routing_decisions,
             max_transformations: self.max_transformations,

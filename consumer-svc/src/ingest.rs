@@ -52,6 +52,9 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(3);
 /// A log that really starts later (retention) answers out-of-range, and librdkafka then resets
 /// to the earliest offset (`auto.offset.reset`).
 const FIRST: Offset = Offset::Offset(0);
+/// Metadata answers with an unsettled topic after which the start-up replay is planned
+/// without it (one answer every `DISCOVER_INTERVAL`).
+const UNSETTLED_ANSWERS_FOR_REPLAY: u32 = 5;
 /// Parse errors logged per topic per minute at most (all are counted).
 const ERROR_LOGS_PER_MINUTE: u32 = 10;
 
@@ -128,6 +131,28 @@ impl IngestStatus {
     /// [`crate::replay_progress`]); the service is NOT_SERVING meanwhile.
     pub fn replaying(&self) -> bool {
         !self.replayed.load(Ordering::Acquire)
+    }
+
+    /// Ends the replay wait: `--replay-timeout` elapsed first (logged with what was left).
+    pub fn give_up_replay(&self) {
+        if !self.replaying() {
+            return;
+        }
+        let behind: Vec<String> = {
+            let positions = self.partitions.lock();
+            let replay = self.replay.lock();
+            replay
+                .unfinished(|key| positions.get(key).map(|p| p.next))
+                .into_iter()
+                .map(|(k, p)| format!("{}[{p}]", self.topics[k]))
+                .collect()
+        };
+        tracing::warn!(
+            ?behind,
+            "start-up replay not over within --replay-timeout; reporting SERVING anyway"
+        );
+        self.replayed.store(true, Ordering::Release);
+        self.replay_over.notify_one();
     }
 
     /// Checks the replay against `positions` (the locked partition map).
@@ -293,6 +318,8 @@ pub struct Ingest {
     /// Shared with the client context: every broker is down.
     brokers_down: Arc<AtomicBool>,
     error_logs: [ErrorLog; 4],
+    /// Metadata answers so far in which some topic was unsettled (see `Listed`).
+    unsettled_answers: u32,
 }
 
 fn consumer_config(brokers: &str) -> ClientConfig {
@@ -346,6 +373,7 @@ impl Ingest {
             client_replaced: false,
             brokers_down,
             error_logs: std::array::from_fn(|_| ErrorLog::new(Instant::now())),
+            unsettled_answers: 0,
         })
     }
 
@@ -468,9 +496,17 @@ impl Ingest {
                     continue; // handled as usual below
                 }
                 // A log that ends before our position was recreated while the broker was
-                // away: read it from the beginning, like a topic seen missing.
-                match self.consumer.fetch_watermarks(&topic, *p, KAFKA_TIMEOUT) {
-                    Ok((_, high)) if high < *next => {
+                // away: read it from the beginning, like a topic seen missing. (An unsettled
+                // topic is not asked: it would only time out; it resumes at its position.)
+                let watermarks = match &listing[*k] {
+                    Listed::Unsettled(_) => None,
+                    _ => self
+                        .consumer
+                        .fetch_watermarks(&topic, *p, KAFKA_TIMEOUT)
+                        .ok(),
+                };
+                match watermarks {
+                    Some((_, high)) if high < *next => {
                         self.assigned.remove(&(*k, *p));
                         self.recreated.insert(*k);
                         // Its position was the old log's: not shown until read again.
@@ -490,8 +526,11 @@ impl Ingest {
                 self.client_replaced = true;
             }
         }
-        // The first complete answer lists what the start-up replay must read.
-        if listing.iter().all(|l| !matches!(l, Listed::Unsettled(_))) {
+        // The first complete answer lists what the start-up replay must read; a topic that
+        // stays unsettled over several answers is left out of it.
+        let unsettled = listing.iter().any(|l| matches!(l, Listed::Unsettled(_)));
+        self.unsettled_answers += u32::from(unsettled);
+        if !unsettled || self.unsettled_answers >= UNSETTLED_ANSWERS_FOR_REPLAY {
             self.sinks.status.replay.lock().begin(
                 listing
                     .iter()
@@ -1001,6 +1040,25 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_replay_wait_can_be_given_up() {
+        let status = IngestStatus::new(std::array::from_fn(|k| format!("t{k}")));
+        status.replay.lock().begin([(0, 0)]);
+        status
+            .partitions
+            .lock()
+            .insert((0, 0), PartitionPosition { next: 3, high: 9 });
+        status.advance_replay(&status.partitions.lock());
+        assert!(status.replaying(), "no watermark yet");
+        status.give_up_replay();
+        assert!(!status.replaying());
+        // The waiter is woken even though it was not waiting yet (a stored permit).
+        assert!(
+            futures::FutureExt::now_or_never(status.replay_over.notified()).is_some(),
+            "no wake-up stored"
+        );
+    }
 
     #[test]
     fn only_a_missing_topic_loses_its_partitions() {

@@ -83,6 +83,20 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         },
     )
     .map_err(|e| anyhow::anyhow!("Kafka client: {}", svc_kit::kafka::describe_error(&e)))?;
+    // The replay wait is bounded (--replay-timeout).
+    tokio::spawn({
+        let (status, shutdown, timeout) = (
+            ingest_status.clone(),
+            shutdown.clone(),
+            settings.replay_timeout,
+        );
+        async move {
+            tokio::select! {
+                _ = shutdown.triggered() => {}
+                _ = tokio::time::sleep(timeout) => status.give_up_replay(),
+            }
+        }
+    });
     let ingest_thread = {
         let shutdown = shutdown.clone();
         std::thread::Builder::new()

@@ -31,6 +31,16 @@ struct Target {
     start: i64,
 }
 
+impl Target {
+    /// Whether a partition read up to `next` (the next offset to read) is done.
+    fn reached(&self, next: Option<i64>) -> bool {
+        match self.end {
+            None => false,
+            Some(end) => end <= 0 || self.start >= end || next.is_some_and(|n| n >= end),
+        }
+    }
+}
+
 impl ReplayProgress {
     /// The partitions present at start-up (the first metadata answer); later calls do nothing.
     pub fn begin(&mut self, partitions: impl IntoIterator<Item = Key>) {
@@ -71,16 +81,25 @@ impl ReplayProgress {
         self.done
     }
 
+    /// The partitions not read to their target yet (sorted), for the log.
+    pub fn unfinished(&self, next: impl Fn(&Key) -> Option<i64>) -> Vec<Key> {
+        let mut left: Vec<Key> = self
+            .targets
+            .iter()
+            .filter(|(key, t)| !t.reached(next(key)))
+            .map(|(key, _)| *key)
+            .collect();
+        left.sort_unstable();
+        left
+    }
+
     /// Checks the read positions (`next`: the next offset to read of a partition) against the
     /// targets; returns true exactly once, when the replay becomes over.
     pub fn advance(&mut self, next: impl Fn(&Key) -> Option<i64>) -> bool {
         if self.done || !self.begun {
             return false;
         }
-        let over = self.targets.iter().all(|(key, t)| match t.end {
-            None => false,
-            Some(end) => end <= 0 || t.start >= end || next(key).is_some_and(|n| n >= end),
-        });
+        let over = self.targets.iter().all(|(key, t)| t.reached(next(key)));
         self.done = over;
         over
     }
@@ -123,6 +142,10 @@ mod tests {
         assert!(!r.advance(positions(&[((0, 0), 100), ((1, 0), 49)])));
         // New events arrive: the target stays where it was first reported.
         r.watermarks((1, 0), 0, 80);
+        assert_eq!(
+            r.unfinished(positions(&[((0, 0), 100), ((1, 0), 49)])),
+            vec![(1, 0)]
+        );
         assert!(r.advance(positions(&[((0, 0), 100), ((1, 0), 50)])));
     }
 

@@ -35,11 +35,18 @@ pub enum DbError {
     /// A foreign-key, check or exclusion constraint rejected the write.
     #[error("constraint {constraint} violated: {message}")]
     Constraint { constraint: String, message: String },
-    /// The request id was first used for a different operation.
-    #[error("request_id {request_id} was already used for {recorded}")]
+    /// The request id was first used for a different write: another operation or table, or
+    /// (`same_operation`) the same operation on the same table with other values.
+    #[error(
+        "request_id {request_id} was already used for {}{recorded}{}",
+        if *same_operation { "a different " } else { "" },
+        if *same_operation { " (same operation and table, other values); nothing was written" } else { "" }
+    )]
     RequestIdReused {
         request_id: String,
+        /// What it was first used for: `insert on agent_actions`.
         recorded: String,
+        same_operation: bool,
     },
     /// A raw statement that writes, while raw writes are disabled.
     #[error("{0}")]
@@ -142,9 +149,22 @@ impl DbError {
                 ("would_affect".into(), would_affect.to_string()),
                 ("max_affected".into(), max.to_string()),
             ],
-            Self::RequestIdReused { recorded, .. } => {
-                vec![("recorded_operation".into(), recorded.clone())]
-            }
+            Self::RequestIdReused {
+                recorded,
+                same_operation,
+                ..
+            } => vec![
+                ("recorded_operation".into(), recorded.clone()),
+                (
+                    "mismatch".into(),
+                    if *same_operation {
+                        "values"
+                    } else {
+                        "operation"
+                    }
+                    .into(),
+                ),
+            ],
             Self::Unrepresentable { column, .. } => vec![("column".into(), column.clone())],
             _ => Vec::new(),
         }

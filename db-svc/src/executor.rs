@@ -761,19 +761,12 @@ async fn claim_request(
             format!("{op} on {table}")
         }
     };
-    if recorded_op != operation || recorded_table != table {
+    let same_operation = recorded_op == operation && recorded_table == table;
+    if !same_operation || recorded_fingerprint.is_some_and(|f| f != fingerprint) {
         return Err(DbError::RequestIdReused {
             request_id: request_id.to_string(),
             recorded: what(&recorded_op, &recorded_table),
-        });
-    }
-    if recorded_fingerprint.is_some_and(|f| f != fingerprint) {
-        return Err(DbError::RequestIdReused {
-            request_id: request_id.to_string(),
-            recorded: format!(
-                "a different {} (same operation and table, other values); nothing was written",
-                what(&recorded_op, &recorded_table)
-            ),
+            same_operation,
         });
     }
     let result: Option<sqlx::types::Json<RecordedOutput>> = row.try_get(3)?;

@@ -469,6 +469,7 @@ async fn a_replica_is_not_serving_until_its_replay_is_over() {
         assert!(svc.is_running(), "{}", svc.logs());
         assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
         let Ok(health) = svc.health("").await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
             continue; // not listening yet
         };
         let s = omnibus_tests::consumer::status(&svc).await.unwrap();

@@ -2,7 +2,7 @@
 //! statement (group commit).
 use omnibus_proto::db::v1 as pb;
 use omnibus_tests::db::{
-    DbSvc, TableLock, action, error_details, from_struct, rows_json, to_struct,
+    DbSvc, TableLock, action, error_details, error_metadata, from_struct, rows_json, to_struct,
 };
 use omnibus_tests::free_port;
 use omnibus_tests::ops::{sample, wait_metrics};
@@ -59,6 +59,11 @@ async fn a_repeated_request_id_replays_the_recorded_result() {
         "{}",
         err.message()
     );
+    assert_eq!(
+        error_metadata(&err, "recorded_operation").as_deref(),
+        Some("insert on agent_actions")
+    );
+    assert_eq!(error_metadata(&err, "mismatch").as_deref(), Some("values"));
     assert_eq!(count(&mut s, "agent_actions").await, 1);
 
     // Updates and deletes too: a replay returns the recorded result even though the data
@@ -88,6 +93,10 @@ async fn a_repeated_request_id_replays_the_recorded_result() {
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(error_details(&err).0, "REQUEST_ID_REUSED");
+    assert_eq!(
+        error_metadata(&err, "mismatch").as_deref(),
+        Some("operation")
+    );
     assert_eq!(count(&mut s, "agent_actions").await, 1);
 
     // A failed write records nothing: the corrected retry with the same id goes through.

@@ -251,3 +251,51 @@ pub async fn health(cli: &Cli, args: &HealthArgs) -> Result<ExitCode> {
         ExitCode::FAILURE
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_status_screen_sums_lag_per_topic() {
+        let s = cpb::ConsumerStatus {
+            connected: true,
+            events_processed: 42,
+            topics: vec![cpb::TopicStatus {
+                topic: "agent-actions".into(),
+                events_consumed: 40,
+                ..Default::default()
+            }],
+            partitions: vec![
+                cpb::PartitionStatus {
+                    topic: "agent-actions".into(),
+                    partition: 0,
+                    lag: 3,
+                    ..Default::default()
+                },
+                cpb::PartitionStatus {
+                    topic: "agent-actions".into(),
+                    partition: 1,
+                    lag: 4,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let text = render_consumer(&s);
+        assert!(text.contains("7 messages over 2 partitions"), "{text}");
+        let line = text.lines().find(|l| l.contains("agent-actions")).unwrap();
+        assert!(line.contains("40") && line.contains(" 7 "), "{line}");
+    }
+
+    #[test]
+    fn the_replay_line_says_whether_the_view_is_complete() {
+        let mut s = cpb::ConsumerStatus {
+            replaying: true,
+            ..Default::default()
+        };
+        assert!(render_consumer(&s).contains("replay  in progress"));
+        s.replaying = false;
+        assert!(render_consumer(&s).contains("replay  over"));
+    }
+}
