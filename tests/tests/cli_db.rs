@@ -31,24 +31,20 @@ async fn query_insert_update_delete_count_raw_and_the_catalog() {
 
     // insert from COLUMN=VALUE pairs, typed by the column (duration_ms a number, the jsonb
     // parsed); the table output on request, the summary under it.
-    let out = db(
-        &addr,
-        &[
-            "insert",
-            "agent_actions",
-            "agent_name=coder",
-            "action_type=tool_call",
-            "action_name=read_file",
-            &format!("correlation_id={CORR}"),
-            "duration_ms=12",
-            r#"action_details={"path":"src/main.rs"}"#,
-            "--output",
-            "table",
-            "--request-id",
-            "cli-insert-1",
-        ],
-    )
-    .await;
+    let correlation = format!("correlation_id={CORR}");
+    let insert = [
+        "insert",
+        "agent_actions",
+        "agent_name=coder",
+        "action_type=tool_call",
+        "action_name=read_file",
+        &correlation,
+        "duration_ms=12",
+        r#"action_details={"path":"src/main.rs"}"#,
+        "--request-id",
+        "cli-insert-1",
+    ];
+    let out = db(&addr, &[&insert[..], &["--output", "table"]].concat()).await;
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert!(
         lines[0].contains("agent_name") && lines[0].contains("duration_ms"),
@@ -70,18 +66,6 @@ async fn query_insert_update_delete_count_raw_and_the_catalog() {
         out.stdout
     );
     // The same command again: replayed, not written twice.
-    let insert = [
-        "insert",
-        "agent_actions",
-        "agent_name=coder",
-        "action_type=tool_call",
-        "action_name=read_file",
-        &format!("correlation_id={CORR}"),
-        "duration_ms=12",
-        r#"action_details={"path":"src/main.rs"}"#,
-        "--request-id",
-        "cli-insert-1",
-    ];
     let again = db(&addr, &insert).await;
     assert!(again.stderr.contains("replayed"), "{}", again.stderr);
     // Another row under that id is refused, and says why.
