@@ -25,7 +25,7 @@ pub struct ReplayProgress {
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Target {
-    /// End of the log when first reported (-1 until then).
+    /// End of the log when first reported (None until then).
     end: Option<i64>,
     /// Log start offset, latest report (-1 unknown).
     start: i64,
