@@ -65,16 +65,7 @@ impl ConsumerApi {
         }
         // Performance metrics have no agent: an agent filter would leave a subscription to
         // them alone empty forever.
-        let only_performance = [
-            pb::Channel::Actions,
-            pb::Channel::Routing,
-            pb::Channel::Transformations,
-            pb::Channel::Metrics,
-            pb::Channel::System,
-        ]
-        .into_iter()
-        .all(|c| !channels.has(c));
-        if r.agent.is_some() && only_performance {
+        if r.agent.is_some() && channels.only(pb::Channel::Performance) {
             return Err(invalid(
                 "agent",
                 "performance metrics have no agent: with an agent filter, CHANNEL_PERFORMANCE \
@@ -405,29 +396,41 @@ impl Filter {
     }
 }
 
-/// Which Subscribe channels are on, indexed by `pb::Channel`.
-#[derive(Clone, Copy)]
-struct Channels([bool; 8]);
+/// The channels a subscription asked for: one bit per `pb::Channel` value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Channels(u64);
 
 impl Channels {
+    const ALL: Self = Self(u64::MAX);
+
+    fn bit(c: pb::Channel) -> u64 {
+        1u64.checked_shl(c as u32).unwrap_or(0)
+    }
+
     fn from_request(raw: &[i32]) -> Result<Self, Status> {
-        let mut on = [false; 8];
         if raw.is_empty() {
-            return Ok(Self([true; 8]));
+            return Ok(Self::ALL);
         }
+        let mut on = 0;
         for &c in raw {
             match pb::Channel::try_from(c) {
-                Ok(pb::Channel::All) => return Ok(Self([true; 8])),
+                Ok(pb::Channel::All) => return Ok(Self::ALL),
                 Ok(pb::Channel::Unspecified) | Err(_) => {
                     return Err(invalid("channels", format!("unknown channel {c}")));
                 }
-                Ok(ch) => on[ch as usize] = true,
+                Ok(ch) => on |= Self::bit(ch),
             }
         }
         Ok(Self(on))
     }
+
     fn has(&self, c: pb::Channel) -> bool {
-        self.0[c as usize]
+        self.0 & Self::bit(c) != 0
+    }
+
+    /// Whether `c` is the one channel asked for.
+    fn only(&self, c: pb::Channel) -> bool {
+        self.0 == Self::bit(c)
     }
 }
 
@@ -864,6 +867,25 @@ encoded_stream!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channels_are_read_as_a_set() {
+        use pb::Channel as C;
+        let all = Channels::from_request(&[]).unwrap();
+        assert!(all.has(C::Performance) && all.has(C::System) && !all.only(C::Performance));
+        assert_eq!(
+            Channels::from_request(&[C::Actions as i32, C::All as i32]).unwrap(),
+            all
+        );
+        let perf = Channels::from_request(&[C::Performance as i32, C::Performance as i32]).unwrap();
+        assert!(perf.only(C::Performance) && perf.has(C::Performance) && !perf.has(C::Actions));
+        let two = Channels::from_request(&[C::Performance as i32, C::Metrics as i32]).unwrap();
+        assert!(!two.only(C::Performance) && two.has(C::Metrics));
+        for bad in [0, 99, -1] {
+            let e = Channels::from_request(&[bad]).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
     use crate::events::{self, EventKind};
 
     /// A mistyped path would silently leave the method to the generated server.
