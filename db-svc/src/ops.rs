@@ -674,8 +674,19 @@ pub fn plan_count(table: &TableInfo, criteria: &Criteria) -> Result<Plan, DbErro
     b.finish_within_limit("filter")
 }
 
-/// Columns filled with now() when the table has them and the caller did not give them.
-const AUTO_TIMESTAMPS: [&str; 2] = ["created_at", "updated_at"];
+/// Set to now() by updates (and upserts that update) when the table has it as a timestamp
+/// and the caller did not give it.
+const UPDATED_AT: &str = "updated_at";
+/// Columns filled with now() by inserts when the table has them and the caller did not give
+/// them.
+const AUTO_TIMESTAMPS: [&str; 2] = ["created_at", UPDATED_AT];
+
+/// Whether `table` has an `updated_at` timestamp that db-svc moves on every update.
+fn has_auto_updated_at(table: &TableInfo) -> bool {
+    table
+        .column(UPDATED_AT)
+        .is_some_and(|c| c.ty.is_timestamp())
+}
 
 #[derive(Clone)]
 enum Cell {
@@ -935,12 +946,9 @@ pub fn plan_update(table: &TableInfo, spec: &UpdateSpec) -> Result<Plan, DbError
         b.push(" = ");
         b.bind(p);
     }
-    if let Some(c) = table.column("updated_at")
-        && c.ty.is_timestamp()
-        && !spec.set.contains_key("updated_at")
-    {
+    if has_auto_updated_at(table) && !spec.set.contains_key(UPDATED_AT) {
         b.push(", ");
-        b.ident(&c.name);
+        b.ident(UPDATED_AT);
         b.push(" = now()");
     }
     where_clause(&mut b, table, &spec.criteria)?;
@@ -991,8 +999,7 @@ fn check_upsert_columns(table: &TableInfo, spec: &UpsertSpec) -> Result<(), DbEr
         }
     }
     for (i, c) in spec.update_columns.iter().enumerate() {
-        let auto_filled =
-            c == "updated_at" && table.column(c).is_some_and(|col| col.ty.is_timestamp());
+        let auto_filled = c == UPDATED_AT && has_auto_updated_at(table);
         if !first.contains_key(c) && !auto_filled {
             return Err(DbError::field(
                 format!("update_columns[{i}]"),
@@ -1058,8 +1065,8 @@ pub fn plan_upsert(table: &TableInfo, spec: &UpsertSpec) -> Result<Plan, DbError
         };
         // An auto-filled updated_at moves on update; an auto-filled created_at keeps the
         // original row's value.
-        if auto.iter().any(|c| c == "updated_at") && !update.iter().any(|c| c == "updated_at") {
-            update.push("updated_at".into());
+        if auto.iter().any(|c| c == UPDATED_AT) && !update.iter().any(|c| c == UPDATED_AT) {
+            update.push(UPDATED_AT.into());
         }
         if update.is_empty() {
             // Nothing to change, but DO UPDATE (unlike DO NOTHING) still returns the row.
