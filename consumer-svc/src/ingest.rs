@@ -19,9 +19,13 @@
 //! Broker restarts with empty storage: a topic that disappears has its partitions dropped and,
 //! when it is created again, read from the beginning; a partition whose log restarted below our
 //! position is reset to the earliest offset by librdkafka (`auto.offset.reset`, on the broker's
-//! out-of-range answer). Aggregates already held are kept. High watermarks (lag) come from
-//! librdkafka's statistics, i.e. from fetch responses: tansu's ListOffsets "latest" answer can
-//! lag the log, so it is used for nothing that matters.
+//! out-of-range answer). After an outage that replaced the client, a partition goes on from
+//! its position when the message just before it is found again (fetched by a short-lived
+//! client); only then is the log known to be the one we read, since tansu answers a fetch past
+//! the end with nothing, and its ListOffsets "latest" answer can lag the log by a batch (it is
+//! asked only when that message is not found, and a log ending before our position is then
+//! read from the beginning). Aggregates already held are kept. High watermarks (lag) come
+//! from librdkafka's statistics, i.e. from fetch responses.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -47,6 +51,9 @@ const BATCH: usize = 2000;
 const DISCOVER_INTERVAL: Duration = Duration::from_secs(2);
 const PRUNE_INTERVAL: Duration = Duration::from_secs(1);
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a fresh client looks for the messages before its positions (see
+/// `Ingest::logs_still_holding`).
+const PROBE_WAIT: Duration = Duration::from_secs(3);
 /// "From the beginning" as offset 0 rather than the symbolic earliest offset: tansu answers the
 /// earliest-offset lookup wrongly after records with old timestamps (past the start of the log).
 /// A log that really starts later (retention) answers out-of-range, and librdkafka then resets
@@ -490,15 +497,24 @@ impl Ingest {
                 .collect();
             self.assigned.retain(|_, part| part.next >= 0);
             let mut live = TopicPartitionList::new();
+            let settled: Vec<((usize, i32), i64)> = kept
+                .iter()
+                .filter(|((k, _), _)| matches!(listing[*k], Listed::Partitions(_)))
+                .copied()
+                .collect();
+            let intact = self.logs_still_holding(&settled);
             for ((k, p), next) in &kept {
                 let topic = self.cfg.topics[*k].clone();
                 if listing[*k].vanished(*p) {
                     continue; // handled as usual below
                 }
                 // A log that ends before our position was recreated while the broker was
-                // away: read it from the beginning, like a topic seen missing. (An unsettled
-                // topic is not asked: it would only time out; it resumes at its position.)
+                // away: read it from the beginning, like a topic seen missing. The message
+                // before our position, found again, proves the log intact; only without it is
+                // the broker's "latest" offset asked (tansu's can lag the log). An unsettled
+                // topic is not asked at all: it would only time out; it resumes at its position.
                 let watermarks = match &listing[*k] {
+                    _ if intact.contains(&(*k, *p)) => None,
                     Listed::Unsettled(_) => None,
                     _ => self
                         .consumer
@@ -507,6 +523,13 @@ impl Ingest {
                 };
                 match watermarks {
                     Some((_, high)) if high < *next => {
+                        tracing::warn!(
+                            %topic,
+                            partition = *p,
+                            high,
+                            next = *next,
+                            "the log ends before our position: recreated while the broker was away; will re-read it from the beginning"
+                        );
                         self.assigned.remove(&(*k, *p));
                         self.recreated.insert(*k);
                         // Its position was the old log's: not shown until read again.
@@ -570,6 +593,67 @@ impl Ingest {
             });
         }
         self.sinks.status.advance_replay(&positions);
+    }
+
+    /// Which of `positions` (partition, next offset to read) still have the message just
+    /// before that position in their log, found by fetching it with a short-lived client. This
+    /// is the exact test of "the log was not recreated shorter": tansu's ListOffsets "latest"
+    /// answer can lag the log by a batch, and it answers a fetch past the end with nothing
+    /// rather than out-of-range. Partitions not answered within `PROBE_WAIT` are left out (the
+    /// caller then asks for the watermarks).
+    fn logs_still_holding(&self, positions: &[((usize, i32), i64)]) -> HashSet<(usize, i32)> {
+        let mut found = HashSet::new();
+        let mut tpl = TopicPartitionList::new();
+        for ((k, p), next) in positions {
+            if *next == 0 {
+                found.insert((*k, *p)); // nothing read: nothing to lose or repeat
+            } else if let Err(e) =
+                tpl.add_partition_offset(&self.cfg.topics[*k], *p, Offset::Offset(next - 1))
+            {
+                tracing::debug!("probe offset: {e}");
+            }
+        }
+        if tpl.count() == 0 {
+            return found;
+        }
+        let mut config = consumer_config(&self.cfg.brokers);
+        config
+            .set("client.id", "consumer-svc-position-probe")
+            // A position before the log start (retention) is an error here, not a reset.
+            .set("auto.offset.reset", "error")
+            .set("statistics.interval.ms", "0");
+        let probe: BaseConsumer = match config.create() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("position probe: {}", svc_kit::kafka::describe_error(&e));
+                return found;
+            }
+        };
+        if let Err(e) = probe.assign(&tpl) {
+            tracing::warn!("position probe: {e}");
+            return found;
+        }
+        let deadline = Instant::now() + PROBE_WAIT;
+        let wanted = positions.len();
+        while found.len() < wanted && Instant::now() < deadline {
+            match probe.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let Some(k) = self.cfg.topics.iter().position(|t| t == m.topic()) else {
+                        continue;
+                    };
+                    let key = (k, m.partition());
+                    if positions
+                        .iter()
+                        .any(|(p, next)| *p == key && m.offset() >= next - 1)
+                    {
+                        found.insert(key);
+                    }
+                }
+                Some(Err(e)) => tracing::debug!("position probe: {e}"),
+                None => {}
+            }
+        }
+        found
     }
 
     /// Swaps in a fresh librdkafka client while the broker is unreachable. A broker that comes

@@ -20,7 +20,13 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(std::net::TcpListener::bind("127.0.0.1:0")?, target)
+    }
+
+    /// On a listener bound beforehand (so that its address can be advertised by `target`).
+    pub fn start_on(listener: std::net::TcpListener, target: SocketAddr) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
         let addr = listener.local_addr()?;
         let up = Arc::new(AtomicBool::new(true));
         let (generation, _) = watch::channel(0u64);

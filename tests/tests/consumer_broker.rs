@@ -108,3 +108,68 @@ async fn broker_restarting_empty_is_survived_and_every_new_event_counted() {
     .unwrap();
     assert_eq!(again.events_processed, s.events_processed);
 }
+
+/// A broker that is unreachable for a while but keeps its logs (a network cut, here a proxy
+/// that drops every connection): consumer-svc replaces its Kafka client and, when the broker
+/// answers again, goes on from its positions - nothing is read twice, though tansu's
+/// ListOffsets "latest" answer lags a log whose last batch holds several records.
+// The proxy runs on the test's runtime while a producer's flush blocks a thread of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_to_a_broker_that_kept_its_logs_reads_nothing_twice() {
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let via = front.local_addr().unwrap().to_string();
+    let broker = PrivateBroker::start_advertising(Some(via.clone()))
+        .await
+        .unwrap();
+    let proxy =
+        omnibus_tests::proxy::Proxy::start_on(front, broker.addr().parse().unwrap()).unwrap();
+    let prefix = unique_prefix();
+    let topics = create_topics(&via, &prefix, 1).await.unwrap();
+    let mut svc = start_consumer(&via, &prefix, &[]).await.unwrap();
+    let mut g = EventGenerator::new(4, 9);
+    // One flush: the records go in few, large batches.
+    let (before, _) = {
+        let p = TestProducer::new(&via).unwrap();
+        produce(&p, &topics, &mut g, 400)
+    };
+    wait_status(&svc, WAIT, "first events", |s| s.events_processed == before)
+        .await
+        .unwrap();
+
+    proxy.down();
+    wait_status(&svc, WAIT, "disconnected", |s| !s.connected)
+        .await
+        .unwrap();
+    // Long enough for librdkafka to report every broker down (the client is then replaced).
+    let deadline = std::time::Instant::now() + WAIT;
+    while !svc.logs().contains("replaced the Kafka client") {
+        assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.up();
+    wait_status(&svc, WAIT, "reconnected", |s| s.connected)
+        .await
+        .unwrap();
+    svc.wait_health(CONSUMER, ServingStatus::Serving, WAIT)
+        .await
+        .unwrap();
+    let (after, _) = {
+        let p = TestProducer::new(&via).unwrap();
+        produce(&p, &topics, &mut g, 50)
+    };
+    wait_status(&svc, WAIT, "the new events", |s| {
+        s.events_processed >= before + after
+    })
+    .await
+    .unwrap();
+    omnibus_tests::consumer::assert_stays(&svc, Duration::from_secs(5), "read once", |s| {
+        s.events_processed == before + after
+    })
+    .await
+    .unwrap();
+    assert!(
+        !svc.logs().contains("re-read"),
+        "a partition was re-read:\n{}",
+        svc.logs()
+    );
+}
