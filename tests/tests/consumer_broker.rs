@@ -34,6 +34,16 @@ fn produce(
     (total, decisions)
 }
 
+/// Waits until the service sees the broker again and reports SERVING.
+async fn wait_reconnected(svc: &mut omnibus_tests::ServiceProcess) {
+    wait_status(svc, WAIT, "reconnected", |s| s.connected)
+        .await
+        .unwrap();
+    svc.wait_health(CONSUMER, ServingStatus::Serving, WAIT)
+        .await
+        .unwrap();
+}
+
 async fn total_requests(svc: &omnibus_tests::ServiceProcess) -> u64 {
     client(svc)
         .get_agent_metrics(pb::GetAgentMetricsRequest::default())
@@ -80,12 +90,7 @@ async fn broker_restarting_empty_is_survived_and_every_new_event_counted() {
 
     // Back, empty: topics must be recreated; fewer events than before, so offsets went back.
     broker.restart().await.unwrap();
-    wait_status(&svc, WAIT, "reconnected", |s| s.connected)
-        .await
-        .unwrap();
-    svc.wait_health(CONSUMER, ServingStatus::Serving, WAIT)
-        .await
-        .unwrap();
+    wait_reconnected(&mut svc).await;
     let topics = create_topics(&broker.addr(), &prefix, 2).await.unwrap();
     let (after, decisions_after) = {
         let p = TestProducer::new(&broker.addr()).unwrap();
@@ -147,12 +152,7 @@ async fn a_cut_to_a_broker_that_kept_its_logs_reads_nothing_twice() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     proxy.up();
-    wait_status(&svc, WAIT, "reconnected", |s| s.connected)
-        .await
-        .unwrap();
-    svc.wait_health(CONSUMER, ServingStatus::Serving, WAIT)
-        .await
-        .unwrap();
+    wait_reconnected(&mut svc).await;
     let (after, _) = {
         let p = TestProducer::new(&via).unwrap();
         produce(&p, &topics, &mut g, 50)
