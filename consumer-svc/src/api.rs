@@ -230,7 +230,7 @@ impl ConsumerApi {
             last_sequence: self.hub.last_seq(),
             retention_seconds: (state.config().retention / 1_000_000) as u64,
             agents: state.agent_count() as u64,
-            replaying: ingest.replaying(),
+            replaying: Some(ingest.replaying()),
         }
     }
 

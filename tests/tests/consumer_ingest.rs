@@ -425,7 +425,7 @@ async fn aggregates_match_a_reference_and_a_restart_rebuilds_them() {
             s.events_processed, total,
             "at SERVING, --replay-seek {seek}"
         );
-        assert!(!s.replaying);
+        assert_eq!(s.replaying, Some(false));
         let after = snapshot_of(
             client(&again)
                 .get_snapshot(pb::GetSnapshotRequest {})
@@ -475,13 +475,17 @@ async fn a_replica_is_not_serving_until_its_replay_is_over() {
         let s = omnibus_tests::consumer::status(&svc).await.unwrap();
         if health == ServingStatus::Serving {
             // The status was read after SERVING was seen: the replay is over and complete.
-            assert!(!s.replaying, "{s:?}");
+            assert_eq!(s.replaying, Some(false), "{s:?}");
             assert_eq!(s.events_processed, total, "{s:?}");
             break;
         }
-        seen_replaying |= s.replaying;
+        seen_replaying |= s.replaying == Some(true);
         if s.events_processed < total {
-            assert!(s.replaying, "replay not over, yet not reported: {s:?}");
+            assert_eq!(
+                s.replaying,
+                Some(true),
+                "replay not over, yet not reported: {s:?}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -59,10 +59,10 @@ pub fn render_consumer(s: &cpb::ConsumerStatus) -> String {
         ),
         (
             "replay",
-            if s.replaying {
-                "in progress (NOT_SERVING until it is over)".into()
-            } else {
-                "over".into()
+            match s.replaying {
+                Some(true) => "in progress (NOT_SERVING until it is over)".into(),
+                Some(false) => "over".into(),
+                None => "not reported (an older consumer-svc)".into(),
             },
         ),
         ("events", s.events_processed.to_string()),
@@ -291,11 +291,13 @@ mod tests {
     #[test]
     fn the_replay_line_says_whether_the_view_is_complete() {
         let mut s = cpb::ConsumerStatus {
-            replaying: true,
+            replaying: Some(true),
             ..Default::default()
         };
         assert!(render_consumer(&s).contains("replay  in progress"));
-        s.replaying = false;
+        s.replaying = Some(false);
         assert!(render_consumer(&s).contains("replay  over"));
+        s.replaying = None;
+        assert!(render_consumer(&s).contains("replay  not reported"));
     }
 }
