@@ -154,12 +154,21 @@ impl IngestStatus {
                 .map(|(k, p)| format!("{}[{p}]", self.topics[k]))
                 .collect()
         };
-        tracing::warn!(
-            ?behind,
-            "start-up replay not over within --replay-timeout; reporting SERVING anyway"
-        );
-        self.replayed.store(true, Ordering::Release);
-        self.replay_over.notify_one();
+        if self.end_replay() {
+            tracing::warn!(
+                ?behind,
+                "start-up replay not over within --replay-timeout; reporting SERVING anyway"
+            );
+        }
+    }
+
+    /// Marks the replay over and wakes the readiness probe; true for the one call that did.
+    fn end_replay(&self) -> bool {
+        let first = !self.replayed.swap(true, Ordering::AcqRel);
+        if first {
+            self.replay_over.notify_one();
+        }
+        first
     }
 
     /// Checks the replay against `positions` (the locked partition map).
@@ -171,13 +180,11 @@ impl IngestStatus {
             .replay
             .lock()
             .advance(|key| positions.get(key).map(|p| p.next));
-        if over {
+        if over && self.end_replay() {
             tracing::info!(
                 events = self.events_processed(),
                 "start-up replay over: the retention window is rebuilt"
             );
-            self.replayed.store(true, Ordering::Release);
-            self.replay_over.notify_one();
         }
     }
 
@@ -288,7 +295,7 @@ impl ClientContext for IngestContext {
     fn stats(&self, statistics: Statistics) {
         let mut positions = self.status.partitions.lock();
         for (name, topic) in &statistics.topics {
-            let Some(k) = self.topics.iter().position(|t| t == name) else {
+            let Some(k) = kind_of(&self.topics, name) else {
                 continue;
             };
             for (id, p) in &topic.partitions {
@@ -530,11 +537,7 @@ impl Ingest {
                             next = *next,
                             "the log ends before our position: recreated while the broker was away; will re-read it from the beginning"
                         );
-                        self.assigned.remove(&(*k, *p));
-                        self.recreated.insert(*k);
-                        // Its position was the old log's: not shown until read again.
-                        self.sinks.status.partitions.lock().remove(&(*k, *p));
-                        self.sinks.status.replay.lock().forget((*k, *p));
+                        self.forget_log((*k, *p));
                     }
                     _ => {
                         let _ = live.add_partition_offset(&topic, *p, Offset::Offset(*next));
@@ -567,10 +570,7 @@ impl Ingest {
             let mut tpl = TopicPartitionList::new();
             for (k, p) in &gone {
                 tpl.add_partition(&self.cfg.topics[*k], *p);
-                self.assigned.remove(&(*k, *p));
-                self.recreated.insert(*k);
-                self.sinks.status.partitions.lock().remove(&(*k, *p));
-                self.sinks.status.replay.lock().forget((*k, *p));
+                self.forget_log((*k, *p));
             }
             tracing::warn!(
                 partitions = gone.len(),
@@ -593,6 +593,16 @@ impl Ingest {
             });
         }
         self.sinks.status.advance_replay(&positions);
+    }
+
+    /// Drops a partition whose log is gone (its topic vanished, or the log was recreated): its
+    /// topic is read from the beginning when the partition is assigned again, its old position
+    /// is no longer shown, and it no longer counts for the start-up replay.
+    fn forget_log(&mut self, key: Key) {
+        self.assigned.remove(&key);
+        self.recreated.insert(key.0);
+        self.sinks.status.partitions.lock().remove(&key);
+        self.sinks.status.replay.lock().forget(key);
     }
 
     /// Which of `positions` (partition, next offset to read) still have the message just
@@ -638,7 +648,7 @@ impl Ingest {
         while found.len() < wanted && Instant::now() < deadline {
             match probe.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    let Some(k) = self.cfg.topics.iter().position(|t| t == m.topic()) else {
+                    let Some(k) = kind_of(&self.cfg.topics, m.topic()) else {
                         continue;
                     };
                     let key = (k, m.partition());
@@ -823,6 +833,11 @@ impl Ingest {
     }
 }
 
+/// The kind index of the topic named `name` among `topics` (indexed by `EventKind::index()`).
+fn kind_of(topics: &[String; 4], name: &str) -> Option<usize> {
+    topics.iter().position(|t| t == name)
+}
+
 /// What one metadata answer says about a topic.
 #[derive(Clone, Debug, PartialEq)]
 enum Listed {
@@ -969,7 +984,7 @@ fn parse_batch(
         let k = match last_topic {
             Some((t, k)) if t == topic => k,
             _ => {
-                let Some(k) = cfg.topics.iter().position(|t| t == topic) else {
+                let Some(k) = kind_of(&cfg.topics, topic) else {
                     continue;
                 };
                 last_topic = Some((topic, k));
