@@ -121,8 +121,16 @@ impl TestProducer {
     }
 }
 
-/// Starts consumer-svc on `brokers` reading the topics under `prefix`.
+/// Starts consumer-svc on `brokers` reading the topics under `prefix`, and waits until it is
+/// SERVING (its start-up replay over).
 pub async fn start_consumer(brokers: &str, prefix: &str, extra: &[&str]) -> Result<ServiceProcess> {
+    let mut svc = spawn_consumer(brokers, prefix, extra)?;
+    svc.wait_serving().await?;
+    Ok(svc)
+}
+
+/// Spawns consumer-svc as [`start_consumer`] does, without waiting for anything.
+pub fn spawn_consumer(brokers: &str, prefix: &str, extra: &[&str]) -> Result<ServiceProcess> {
     let mut spec = ServiceSpec::new("consumer-svc").args([
         "--kafka-brokers",
         brokers,
@@ -136,9 +144,7 @@ pub async fn start_consumer(brokers: &str, prefix: &str, extra: &[&str]) -> Resu
     if !extra.contains(&"--shutdown-grace") {
         spec = spec.args(["--shutdown-grace", "5s"]);
     }
-    let mut svc = spec.args(extra.iter().copied()).spawn()?;
-    svc.wait_serving().await?;
-    Ok(svc)
+    spec.args(extra.iter().copied()).spawn()
 }
 
 pub fn client(svc: &ServiceProcess) -> ConsumerServiceClient<Channel> {

@@ -454,15 +454,7 @@ async fn a_replica_is_not_serving_until_its_replay_is_over() {
     }
     p.flush().unwrap();
 
-    let mut svc = omnibus_tests::ServiceSpec::new("consumer-svc")
-        .args([
-            "--kafka-brokers",
-            brokers.as_str(),
-            "--topic-prefix",
-            &prefix,
-        ])
-        .spawn()
-        .unwrap();
+    let mut svc = omnibus_tests::consumer::spawn_consumer(&brokers, &prefix, &[]).unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     let mut seen_replaying = false;
     loop {
