@@ -334,6 +334,9 @@ pub struct Ingest {
     error_logs: [ErrorLog; 4],
     /// Metadata answers so far in which some topic was unsettled (see `Listed`).
     unsettled_answers: u32,
+    /// A partition was assigned or moved since the last idle poll: librdkafka's application
+    /// positions may still be the old ones (see [`Ingest::note_skipped_offsets`]).
+    repositioned: bool,
 }
 
 fn consumer_config(brokers: &str) -> ClientConfig {
@@ -388,6 +391,7 @@ impl Ingest {
             brokers_down,
             error_logs: std::array::from_fn(|_| ErrorLog::new(Instant::now())),
             unsettled_answers: 0,
+            repositioned: false,
         })
     }
 
@@ -436,6 +440,7 @@ impl Ingest {
                 timeout = Duration::ZERO;
             }
             if msgs.is_empty() {
+                self.note_skipped_offsets();
                 continue;
             }
             let (parsed, moves) = parse_batch(
@@ -457,6 +462,39 @@ impl Ingest {
             }
         }
         tracing::info!("ingest stopped");
+    }
+
+    /// Moves the shown positions past offsets librdkafka consumed without delivering them:
+    /// transaction markers (the commit or abort record a transactional producer ends each
+    /// transaction with) and the events of aborted transactions. Without this a log ending
+    /// with a marker would never look fully read: its lag would stay at 1 and the start-up
+    /// replay would wait for `--replay-timeout`. Called after a poll returned nothing, so
+    /// every message polled so far has been applied; skipped once after a partition was
+    /// assigned or moved, while librdkafka may still report the position it had before.
+    fn note_skipped_offsets(&mut self) {
+        if std::mem::take(&mut self.repositioned) || self.assigned.is_empty() {
+            return;
+        }
+        let Ok(app) = self.consumer.position() else {
+            return;
+        };
+        let mut positions = self.sinks.status.partitions.lock();
+        let mut moved = false;
+        for e in app.elements() {
+            let (Offset::Offset(at), Some(k)) = (e.offset(), kind_of(&self.cfg.topics, e.topic()))
+            else {
+                continue;
+            };
+            if let Some(pos) = positions.get_mut(&(k, e.partition()))
+                && skipped_to(pos, at)
+            {
+                pos.next = at;
+                moved = true;
+            }
+        }
+        if moved {
+            self.sinks.status.advance_replay(&positions);
+        }
     }
 
     /// Finds new partitions, topics that vanished, and partitions whose data was lost.
@@ -544,6 +582,7 @@ impl Ingest {
                     }
                 }
             }
+            self.repositioned = true;
             if let Err(e) = self.consumer.incremental_assign(&live) {
                 // Still the fresh client's first assignment: the next discover tries it again
                 // (the partitions stay in `assigned` with their positions, so nothing is
@@ -706,6 +745,7 @@ impl Ingest {
             }
             self.assigned.insert((k, p), Partition::from_start(probe));
         }
+        self.repositioned = true;
         if let Err(e) = self.consumer.incremental_assign(&tpl) {
             tracing::warn!("assign: {e}");
             for key in new {
@@ -805,6 +845,7 @@ impl Ingest {
         let topic = self.cfg.topics[key.0].clone();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&topic, key.1);
+        self.repositioned = true;
         if let Err(e) = self.consumer.incremental_unassign(&tpl) {
             tracing::warn!("unassign: {e}");
         }
@@ -950,6 +991,13 @@ struct Moves {
     target_ms: Option<i64>,
     /// Failed seek verifications: resume reading at the offset.
     resume: Vec<((usize, i32), i64)>,
+}
+
+/// Whether librdkafka's application position `at` moves the shown position `pos` forward:
+/// only ahead of what was read, and never past the end the broker reported (a position
+/// beyond it would be one left over from a longer, earlier log).
+fn skipped_to(pos: &PartitionPosition, at: i64) -> bool {
+    at > pos.next && pos.high >= 0 && at <= pos.high
 }
 
 /// One polled batch, parsed: what applying it needs.
@@ -1139,6 +1187,19 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_offsets_move_a_position_only_forward_and_within_the_log() {
+        let at = |next, high| PartitionPosition { next, high };
+        // A commit marker at offset 40 ends the log (high watermark 41).
+        assert!(skipped_to(&at(40, 41), 41));
+        // Nothing read yet, a log of aborted events and their marker only.
+        assert!(skipped_to(&at(-1, 12), 12));
+        assert!(!skipped_to(&at(41, 41), 41), "already there");
+        assert!(!skipped_to(&at(41, 50), 30), "behind what was read");
+        assert!(!skipped_to(&at(0, 5), 900), "left over from a longer log");
+        assert!(!skipped_to(&at(0, -1), 3), "end not reported yet");
+    }
 
     #[test]
     fn the_replay_wait_can_be_given_up() {

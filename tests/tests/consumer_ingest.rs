@@ -627,3 +627,66 @@ async fn an_event_without_a_time_takes_its_record_timestamp() {
         .agents;
     assert!(last_hour.is_empty(), "not in the last hour: {last_hour:?}");
 }
+
+/// A transactional producer ends its log with a commit marker, an offset no consumer ever
+/// receives: the replay must count it as read (else SERVING would wait for
+/// `--replay-timeout`), the lag must reach 0, and an aborted transaction's events must not
+/// be aggregated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_ending_with_a_transaction_marker_is_replayed_at_once() {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let actions = topics.name(Kind::AgentAction).to_string();
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("transactional.id", format!("{prefix}txn"))
+        .set("linger.ms", "1")
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout).unwrap();
+    let mut generator = EventGenerator::new(5, 3);
+    let mut send = |n: usize| {
+        let mut sent = 0;
+        while sent < n {
+            let e = generator.next_event(Utc::now());
+            if e.kind == Kind::AgentAction {
+                producer
+                    .send(BaseRecord::to(&actions).key(&e.key).payload(&e.payload))
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+                sent += 1;
+            }
+        }
+    };
+    let committed = 40;
+    producer.begin_transaction().unwrap();
+    send(25);
+    producer.abort_transaction(timeout).unwrap();
+    producer.begin_transaction().unwrap();
+    send(committed);
+    producer.commit_transaction(timeout).unwrap();
+
+    // Default --replay-timeout (10 min): SERVING must come from the replay itself.
+    let mut svc = omnibus_tests::consumer::spawn_consumer(&brokers, &prefix, &[]).unwrap();
+    svc.wait_health("", ServingStatus::Serving, WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", svc.logs()));
+    let s = omnibus_tests::consumer::status(&svc).await.unwrap();
+    assert_eq!(s.replaying, Some(false), "{s:?}");
+    let t = topic_status(&s, Kind::AgentAction);
+    assert_eq!(
+        t.events_consumed, committed as u64,
+        "aborted events aggregated: {s:?}"
+    );
+    let lags: Vec<i64> = s
+        .partitions
+        .iter()
+        .filter(|p| p.topic == actions)
+        .map(|p| p.lag)
+        .collect();
+    assert_eq!(lags, vec![0], "{s:?}");
+}
