@@ -306,10 +306,19 @@ impl ClientContext for IngestContext {
                     pos.high = p.hi_offset;
                 }
                 if self.status.replaying() {
+                    // The replay reads up to what is readable: under read_committed
+                    // (librdkafka's default) the last stable offset, so a transaction still
+                    // open at start-up does not hold it. librdkafka reports that end as
+                    // `ls_offset` (the high watermark when the broker gives none).
+                    let readable = if p.ls_offset >= 0 {
+                        p.ls_offset
+                    } else {
+                        p.hi_offset
+                    };
                     self.status
                         .replay
                         .lock()
-                        .watermarks((k, *id), p.lo_offset, p.hi_offset);
+                        .watermarks((k, *id), p.lo_offset, readable);
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use omnibus_client::generate::{Kind, Topics};
+use omnibus_client::generate::{EventGenerator, Kind, Topics};
 use omnibus_proto::consumer::v1 as pb;
 use omnibus_proto::consumer::v1::consumer_service_client::ConsumerServiceClient;
 use rdkafka::ClientConfig;
@@ -118,6 +118,56 @@ impl TestProducer {
             );
         }
         Ok(())
+    }
+}
+
+/// A transactional producer of agent-action events (its own `transactional.id`), for the
+/// tests of commit markers and of transactions still open.
+pub struct TxnActions {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+    generator: EventGenerator,
+}
+
+impl TxnActions {
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    pub fn new(brokers: &str, topic: &str, transactional_id: &str) -> Result<Self> {
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("transactional.id", transactional_id)
+            .set("linger.ms", "1")
+            .create()?;
+        producer.init_transactions(Self::TIMEOUT)?;
+        Ok(Self {
+            producer,
+            topic: topic.to_string(),
+            generator: EventGenerator::new(5, 3),
+        })
+    }
+
+    pub fn begin(&self) -> Result<()> {
+        Ok(self.producer.begin_transaction()?)
+    }
+
+    /// Sends `n` action events in the open transaction and waits until the broker has them.
+    pub fn send(&mut self, n: usize) -> Result<()> {
+        let mut sent = 0;
+        while sent < n {
+            let e = self.generator.next_event(chrono::Utc::now());
+            if e.kind != Kind::AgentAction {
+                continue;
+            }
+            self.producer
+                .send(BaseRecord::to(&self.topic).key(&e.key).payload(&e.payload))
+                .map_err(|(e, _)| anyhow::anyhow!("produce to {}: {e}", self.topic))?;
+            sent += 1;
+        }
+        Ok(self.producer.flush(Self::TIMEOUT)?)
+    }
+
+    pub fn commit(&self) -> Result<()> {
+        Ok(self.producer.commit_transaction(Self::TIMEOUT)?)
     }
 }
 
