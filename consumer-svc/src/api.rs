@@ -411,17 +411,19 @@ impl Channels {
         if raw.is_empty() {
             return Ok(Self::ALL);
         }
+        // Every entry is checked, wherever CHANNEL_ALL stands in the list.
         let mut on = 0;
+        let mut all = false;
         for &c in raw {
             match pb::Channel::try_from(c) {
-                Ok(pb::Channel::All) => return Ok(Self::ALL),
+                Ok(pb::Channel::All) => all = true,
                 Ok(pb::Channel::Unspecified) | Err(_) => {
                     return Err(invalid("channels", format!("unknown channel {c}")));
                 }
                 Ok(ch) => on |= Self::bit(ch),
             }
         }
-        Ok(Self(on))
+        Ok(if all { Self::ALL } else { Self(on) })
     }
 
     fn has(&self, c: pb::Channel) -> bool {
@@ -884,6 +886,11 @@ mod tests {
         for bad in [0, 99, -1] {
             let e = Channels::from_request(&[bad]).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+            // Before or after CHANNEL_ALL, an unknown channel is an error.
+            for list in [[C::All as i32, bad], [bad, C::All as i32]] {
+                let e = Channels::from_request(&list).unwrap_err();
+                assert_eq!(e.code(), tonic::Code::InvalidArgument, "{list:?}");
+            }
         }
     }
     use crate::events::{self, EventKind};

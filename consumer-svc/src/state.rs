@@ -87,13 +87,41 @@ struct PerfBucket {
     duration_sum: i64,
 }
 
+/// A window's sums of [`AgentBucket`]s: the counts widened to u64, so that 24 busy hours
+/// (over 2^32 events of one agent) do not stop at what one bucket can count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AgentTotals {
+    requests: u64,
+    routing_time_n: u64,
+    confidence_n: u64,
+    successes: u64,
+    errors: u64,
+    actions: u64,
+    routing_time_sum: i64,
+    confidence_sum: i64,
+}
+
+/// A window's sums of [`PerfBucket`]s, widened like [`AgentTotals`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PerfTotals {
+    queries: u64,
+    cache_hits: u64,
+    duration_n: u64,
+    duration_sum: i64,
+}
+
+/// A bucket's u32 counts saturate at 2^32 - 1: one agent's (or the performance topic's)
+/// events in one hour, 1.19 M a second sustained for the hour, beyond what ingest reaches.
 trait Bucket: Copy + Default {
+    type Total: Default;
     fn start(&self) -> Micros;
     fn starting(start: Micros) -> Self;
     fn merge(&mut self, other: &Self);
+    fn add_to(&self, total: &mut Self::Total);
 }
 
 impl Bucket for AgentBucket {
+    type Total = AgentTotals;
     fn start(&self) -> Micros {
         self.start
     }
@@ -113,9 +141,20 @@ impl Bucket for AgentBucket {
         self.routing_time_sum = self.routing_time_sum.saturating_add(o.routing_time_sum);
         self.confidence_sum = self.confidence_sum.saturating_add(o.confidence_sum);
     }
+    fn add_to(&self, t: &mut AgentTotals) {
+        t.requests += u64::from(self.requests);
+        t.routing_time_n += u64::from(self.routing_time_n);
+        t.confidence_n += u64::from(self.confidence_n);
+        t.successes += u64::from(self.successes);
+        t.errors += u64::from(self.errors);
+        t.actions += u64::from(self.actions);
+        t.routing_time_sum = t.routing_time_sum.saturating_add(self.routing_time_sum);
+        t.confidence_sum = t.confidence_sum.saturating_add(self.confidence_sum);
+    }
 }
 
 impl Bucket for PerfBucket {
+    type Total = PerfTotals;
     fn start(&self) -> Micros {
         self.start
     }
@@ -130,6 +169,12 @@ impl Bucket for PerfBucket {
         self.cache_hits = self.cache_hits.saturating_add(o.cache_hits);
         self.duration_n = self.duration_n.saturating_add(o.duration_n);
         self.duration_sum = self.duration_sum.saturating_add(o.duration_sum);
+    }
+    fn add_to(&self, t: &mut PerfTotals) {
+        t.queries += u64::from(self.queries);
+        t.cache_hits += u64::from(self.cache_hits);
+        t.duration_n += u64::from(self.duration_n);
+        t.duration_sum = t.duration_sum.saturating_add(self.duration_sum);
     }
 }
 
@@ -199,12 +244,12 @@ impl<B: Bucket> Series<B> {
     }
 
     /// The sum of the buckets starting at or after `from`, if any.
-    fn sum_from(&self, from: Micros) -> Option<B> {
-        let mut sum = B::starting(from);
+    fn sum_from(&self, from: Micros) -> Option<B::Total> {
+        let mut sum = B::Total::default();
         let mut any = false;
         for q in [&self.coarse, &self.fine] {
             for b in q.iter().rev().take_while(|b| b.start() >= from) {
-                sum.merge(b);
+                b.add_to(&mut sum);
                 any = true;
             }
         }
@@ -384,24 +429,24 @@ impl State {
         match event {
             Event::RoutingDecision(d) => {
                 let b = self.agent_bucket(d.selected_agent(), d.time, now);
-                b.requests += 1;
+                b.requests = b.requests.saturating_add(1);
                 if let Some(ms) = d.routing_time_ms.filter(|x| x.is_finite()) {
                     b.routing_time_sum = b.routing_time_sum.saturating_add(fixed(ms));
-                    b.routing_time_n += 1;
+                    b.routing_time_n = b.routing_time_n.saturating_add(1);
                 }
                 if let Some(c) = d.confidence_score.filter(|x| x.is_finite()) {
                     b.confidence_sum = b.confidence_sum.saturating_add(fixed(c));
-                    b.confidence_n += 1;
+                    b.confidence_n = b.confidence_n.saturating_add(1);
                 }
                 self.decisions.insert(d);
                 Applied::Aggregated(Some(d.selected_agent()))
             }
             Event::AgentAction(a) => {
                 let b = self.agent_bucket(a.agent_name(), a.time, now);
-                b.actions += 1;
+                b.actions = b.actions.saturating_add(1);
                 match a.action_type() {
-                    "success" => b.successes += 1,
-                    "error" => b.errors += 1,
+                    "success" => b.successes = b.successes.saturating_add(1),
+                    "error" => b.errors = b.errors.saturating_add(1),
                     _ => {}
                 }
                 self.actions.insert(a);
@@ -413,13 +458,13 @@ impl State {
             }
             Event::PerformanceMetric(m) => {
                 let b = self.perf.bucket(m.time, now);
-                b.queries += 1;
+                b.queries = b.queries.saturating_add(1);
                 if m.cache_hit {
-                    b.cache_hits += 1;
+                    b.cache_hits = b.cache_hits.saturating_add(1);
                 }
                 if let Some(ms) = m.routing_duration_ms.filter(|x| x.is_finite()) {
                     b.duration_sum = b.duration_sum.saturating_add(fixed(ms));
-                    b.duration_n += 1;
+                    b.duration_n = b.duration_n.saturating_add(1);
                 }
                 self.performance.insert(m);
                 Applied::Aggregated(None)
@@ -470,17 +515,17 @@ impl State {
 
     fn metrics_of(&self, name: &str, agent: &Agent, from: Micros) -> Option<AgentMetrics> {
         let sum = agent.series.sum_from(from)?;
-        let avg = |s: i64, n: u32| (n > 0).then(|| s as f64 / SCALE / n as f64);
-        let decided = sum.successes as u64 + sum.errors as u64;
+        let avg = |s: i64, n: u64| (n > 0).then(|| s as f64 / SCALE / n as f64);
+        let decided = sum.successes + sum.errors;
         Some(AgentMetrics {
             agent: name.to_owned(),
-            total_requests: sum.requests.into(),
+            total_requests: sum.requests,
             avg_routing_time_ms: avg(sum.routing_time_sum, sum.routing_time_n),
             avg_confidence: avg(sum.confidence_sum, sum.confidence_n),
             success_rate: (decided > 0).then(|| sum.successes as f64 / decided as f64),
-            successes: sum.successes.into(),
-            errors: sum.errors.into(),
-            total_actions: sum.actions.into(),
+            successes: sum.successes,
+            errors: sum.errors,
+            total_actions: sum.actions,
             last_seen: agent.last_seen,
         })
     }
@@ -518,8 +563,8 @@ impl State {
         let from = self.window_start(now, window);
         let sum = self.perf.sum_from(from).unwrap_or_default();
         let (q, hits, sum, n) = (
-            u64::from(sum.queries),
-            u64::from(sum.cache_hits),
+            sum.queries,
+            sum.cache_hits,
             sum.duration_sum,
             sum.duration_n,
         );
@@ -563,6 +608,33 @@ mod tests {
 
     const H: Micros = 3600 * 1_000_000;
     const NOW: Micros = 1_764_000_000_000_000;
+
+    #[test]
+    fn window_sums_count_past_what_one_bucket_holds() {
+        // Two busy hours, each near a bucket's limit: their sum needs more than 32 bits.
+        let full = u32::MAX - 1;
+        let hour = |start| PerfBucket {
+            start,
+            queries: full,
+            cache_hits: full / 2,
+            duration_n: full,
+            duration_sum: i64::from(full) * 1_000_000,
+        };
+        let series = Series::<PerfBucket> {
+            fine: VecDeque::new(),
+            coarse: VecDeque::from([hour(NOW - 2 * H), hour(NOW - H)]),
+        };
+        let sum = series.sum_from(NOW - 2 * H).unwrap();
+        assert_eq!(sum.queries, 2 * u64::from(full));
+        assert_eq!(sum.cache_hits, u64::from(full / 2) * 2);
+        assert_eq!(sum.duration_n, 2 * u64::from(full));
+        assert_eq!(
+            sum.duration_sum / sum.duration_n as i64,
+            1_000_000,
+            "1 ms each"
+        );
+        assert_eq!(series.sum_from(NOW - H).unwrap().queries, u64::from(full));
+    }
 
     /// A small deterministic PRNG (xorshift) so the tests need no extra crate.
     struct Rng(u64);
