@@ -109,7 +109,9 @@ fn type_error(ty: ColType, got: &Json) -> DbError {
     DbError::field("", format!("expected {want}, got {kind}"))
 }
 
-/// 2^53: integers up to this magnitude are exact as doubles (protobuf `Value` numbers).
+/// 2^53: the first integer a double cannot tell from its neighbour (2^53 + 1 rounds to it).
+/// Only integers below it in magnitude (JavaScript's safe integers) travel exactly as
+/// protobuf `Value` numbers.
 const EXACT_INT: u64 = 1 << 53;
 
 fn integer(ty: ColType, value: &Json, min: i64, max: i64) -> Result<i64, DbError> {
@@ -123,7 +125,7 @@ fn integer(ty: ColType, value: &Json, min: i64, max: i64) -> Result<i64, DbError
                 if f.fract() != 0.0 || !f.is_finite() {
                     return Err(DbError::field("", format!("{n} is not an integer")));
                 }
-                if f.abs() > EXACT_INT as f64 {
+                if f.abs() >= EXACT_INT as f64 {
                     // The double may already be a rounding of the integer the caller meant.
                     let hint = if ty == ColType::Int8 {
                         "; send a bigint this large as a decimal string"
@@ -133,7 +135,7 @@ fn integer(ty: ColType, value: &Json, min: i64, max: i64) -> Result<i64, DbError
                     return Err(DbError::field(
                         "",
                         format!(
-                            "{n} is beyond ±2^53, where a number is not an exact integer{hint}"
+                            "{n} is outside ±(2^53 - 1): as a double it may be the rounding of another integer{hint}"
                         ),
                     ));
                 }
@@ -266,8 +268,10 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
             // `from_str` would round away digits beyond the 28 a `Decimal` carries: refuse
             // such a value rather than store something else than was sent.
             let d = exact_decimal(&text).ok_or_else(|| {
-                let why = if Decimal::from_str(&text).is_ok() {
-                    "has more than the 28 significant digits db-svc carries exactly"
+                let is_number = Decimal::from_str(&text).is_ok()
+                    || text.parse::<f64>().is_ok_and(f64::is_finite);
+                let why = if is_number {
+                    "has more than the 28 significant digits (or decimal places) db-svc carries exactly"
                 } else {
                     "is not a decimal number"
                 };
@@ -343,7 +347,7 @@ fn exact_decimal(text: &str) -> Option<Decimal> {
     let m = Decimal::from_str_exact(mantissa).ok()?;
     let exponent: i64 = exponent.parse().ok()?;
     // m * 10^exponent: lower the scale while it lasts, then scale the integer mantissa up.
-    let scale = i64::from(m.scale()) - exponent;
+    let scale = i64::from(m.scale()).checked_sub(exponent)?;
     if scale >= 0 {
         Decimal::try_from_i128_with_scale(m.mantissa(), u32::try_from(scale).ok()?).ok()
     } else {
@@ -518,10 +522,11 @@ impl Cell<'_> {
         }
     }
 
-    /// A bigint: a number while a double holds it exactly (|n| <= 2^53), beyond that its
-    /// decimal text, as proto3's JSON mapping writes int64 (a double would silently round it).
+    /// A bigint: a number while it is a safe integer (|n| < 2^53), beyond that its decimal
+    /// text, as proto3's JSON mapping writes int64 (a double would round it, or be read as the
+    /// rounding of another integer).
     fn bigint(n: i64) -> Self {
-        if n.unsigned_abs() <= EXACT_INT {
+        if n.unsigned_abs() < EXACT_INT {
             Cell::Number(n as f64)
         } else {
             Cell::Text(n.to_string())
@@ -1229,6 +1234,12 @@ mod tests {
             Param::Numeric(Decimal::from_str("0.0000001").unwrap())
         );
         assert_eq!(exact_decimal("1e"), None);
+        // Exponents far outside any Decimal: refused, never an arithmetic overflow.
+        assert_eq!(exact_decimal("1e-9223372036854775808"), None);
+        assert_eq!(exact_decimal("1e9223372036854775807"), None);
+        assert_eq!(exact_decimal("1e-30"), None, "29+ decimal places");
+        let e = to_param(ColType::Numeric, &json!("1e-30")).unwrap_err();
+        assert!(e.to_string().contains("decimal places"), "{e}");
         // 28 significant digits are kept; a 29th would be rounded away, so it is refused.
         let exact = "1234567890.123456789012345678";
         assert_eq!(
@@ -1328,13 +1339,18 @@ mod tests {
     fn bigints_beyond_doubles_become_decimal_strings() {
         use prost_types::value::Kind;
         let kind = |n: i64| Cell::bigint(n).into_value().kind;
-        let exact = 9_007_199_254_740_992i64; // 2^53
-        assert_eq!(kind(exact), Some(Kind::NumberValue(exact as f64)));
-        assert_eq!(kind(-exact), Some(Kind::NumberValue(-exact as f64)));
+        let safe = 9_007_199_254_740_991i64; // 2^53 - 1
+        assert_eq!(kind(safe), Some(Kind::NumberValue(safe as f64)));
+        assert_eq!(kind(-safe), Some(Kind::NumberValue(-safe as f64)));
         assert_eq!(kind(0), Some(Kind::NumberValue(0.0)));
+        // 2^53 is a double, but so is the rounding of 2^53 + 1: text from there on.
         assert_eq!(
-            kind(exact + 1),
-            Some(Kind::StringValue("9007199254740993".into()))
+            kind(safe + 1),
+            Some(Kind::StringValue("9007199254740992".into()))
+        );
+        assert_eq!(
+            kind(-safe - 1),
+            Some(Kind::StringValue("-9007199254740992".into()))
         );
         assert_eq!(
             kind(i64::MIN),
@@ -1345,7 +1361,14 @@ mod tests {
             to_param(ColType::Int8, &json!(i64::MAX.to_string())).unwrap(),
             Param::Int8(i64::MAX)
         );
-        assert!(to_param(ColType::Int8, &json!(exact as f64 * 2.0)).is_err());
+        assert_eq!(
+            to_param(ColType::Int8, &json!(safe as f64)).unwrap(),
+            Param::Int8(safe)
+        );
+        // 9007199254740993 sent as a number arrives as the double 2^53: refused, not rounded.
+        for n in [2f64.powi(53), -(2f64.powi(53)), 2f64.powi(54)] {
+            assert!(to_param(ColType::Int8, &json!(n)).is_err(), "{n}");
+        }
     }
 
     #[test]

@@ -359,6 +359,28 @@ mod tests {
     /// JSON documents transcode to the `Value` the `Struct` path builds for them (compared
     /// decoded: members keep the document's order on the wire).
     #[test]
+    fn jsonb_doubles_come_back_exactly() {
+        // 17-digit doubles as Python's repr and ryu write them, and as PostgreSQL prints jsonb
+        // numbers; a best-effort parse is 1 ULP off for the first.
+        for x in [
+            21.489705265908874,
+            0.30000000000000004,
+            1e-7,
+            123456.78901234567,
+        ] {
+            let text = format!("{x:?}");
+            let mut ours = Vec::new();
+            encode_json(text.as_bytes(), &mut ours).unwrap();
+            let decoded = prost_types::Value::decode(ours.as_slice()).unwrap();
+            assert_eq!(
+                decoded.kind,
+                Some(prost_types::value::Kind::NumberValue(x)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn json_transcodes_to_the_same_values() {
         let long = "x".repeat(300);
         let many: Vec<String> = (0..200)

@@ -325,7 +325,8 @@ async fn type_mapping_both_ways() {
         "pattern_version": "1.0.0",
         "lineage_id": uuid::Uuid::new_v4().to_string(),
         "generation": 3,
-        "pattern_data": {"a": {"b": [1, 2.5, null, true, "s"]}},
+        // A 17-digit double (as Python's repr writes it) comes back exactly, not 1 ULP off.
+        "pattern_data": {"a": {"b": [1, 2.5, null, true, "s", 21.489705265908874]}},
         "metadata": null,
         "correlation_id": correlation,
         "created_at": "2024-01-31T12:00:00.123456+02:00",
@@ -336,10 +337,21 @@ async fn type_mapping_both_ways() {
     let back = &back[0];
     assert_eq!(back["id"], json!(node_id));
     assert_eq!(back["generation"], json!(3.0));
-    assert_eq!(
-        back["pattern_data"],
-        json!({"a": {"b": [1.0, 2.5, null, true, "s"]}})
-    );
+    let pattern_data = json!({"a": {"b": [1.0, 2.5, null, true, "s", 21.489705265908874]}});
+    assert_eq!(back["pattern_data"], pattern_data);
+    // And through Query's own row encoding.
+    let rows = s
+        .client
+        .query(pb::QueryRequest {
+            table: "pattern_lineage_nodes".into(),
+            r#where: Some(to_struct(json!({"id": node_id}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rows_json(&rows)[0]["pattern_data"], pattern_data);
     assert_eq!(back["metadata"], Json::Null);
     assert_eq!(back["created_at"], json!("2024-01-31T10:00:00.123456Z"));
 
@@ -834,9 +846,10 @@ async fn typed_rows_read_into_the_callers_struct() {
     );
 }
 
-/// A bigint beyond ±2^53 (where a double rounds) goes out as its decimal text, exactly, in
-/// generic rows and typed rows alike; it comes back in, and filters, as that text. So does a
-/// numeric with more digits than a double keeps.
+/// A bigint outside ±(2^53 - 1) (where a double rounds, or is the rounding of another
+/// integer) goes out as its decimal text, exactly, in generic rows and typed rows alike; it
+/// comes back in, and filters, as that text. So does a numeric with more digits than a
+/// double keeps.
 #[tokio::test]
 async fn bigints_beyond_doubles_round_trip_exactly() {
     let db = omnibus_tests::TestDatabase::create().await.unwrap();
@@ -857,7 +870,7 @@ async fn bigints_beyond_doubles_round_trip_exactly() {
         "counters",
         vec![
             json!({"id": 1, "n": big, "amount": "1234567890123456789.012345678"}),
-            json!({"id": 2, "n": 9_007_199_254_740_992i64 as f64, "amount": 0.5}),
+            json!({"id": 2, "n": 9_007_199_254_740_991i64 as f64, "amount": 0.5}),
             json!({"id": "-9223372036854775808", "n": null}),
         ],
     )
@@ -870,7 +883,7 @@ async fn bigints_beyond_doubles_round_trip_exactly() {
     );
     assert_eq!(
         back[1],
-        json!({"id": 2.0, "n": 9_007_199_254_740_992.0, "amount": 0.5})
+        json!({"id": 2.0, "n": 9_007_199_254_740_991.0, "amount": 0.5})
     );
     assert_eq!(
         back[2],
@@ -940,24 +953,28 @@ async fn bigints_beyond_doubles_round_trip_exactly() {
             },
             Counter {
                 id: 2,
-                n: Some(9_007_199_254_740_992),
+                n: Some(9_007_199_254_740_991),
                 amount: Some(0.5),
             },
         ]
     );
 
-    // A double that cannot be the integer meant is refused, naming the field.
-    let err = s
-        .client
-        .insert(pb::InsertRequest {
-            table: "counters".into(),
-            rows: vec![to_struct(json!({"id": 3, "n": 1e17}))],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("decimal string"), "{err:?}");
+    // A double that may not be the integer meant is refused, naming the field: 2^53 is
+    // what 9007199254740993 sent as a JSON number (grpcurl, any proto3 JSON client) becomes.
+    for n in [1e17, 9_007_199_254_740_992.0] {
+        let err = s
+            .client
+            .insert(pb::InsertRequest {
+                table: "counters".into(),
+                rows: vec![to_struct(json!({"id": 3, "n": n}))],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{n}: {err:?}");
+        assert!(err.message().contains("decimal string"), "{err:?}");
+        assert!(err.message().contains("n"), "{err:?}");
+    }
     // A numeric with more digits than db-svc carries exactly is refused, not rounded.
     let err = s
         .client

@@ -230,8 +230,9 @@ pub fn typed_value(raw: &Raw, json_type: Option<&str>) -> Result<Value, String> 
         Some("integer") | Some("number") => t
             .parse::<i64>()
             .ok()
-            // Beyond 2^53 a JSON number loses digits: bigint takes the decimal string.
-            .filter(|i| i.unsigned_abs() <= 1 << 53)
+            // Outside the safe integers, ±(2^53 - 1), a JSON number may lose digits (and
+            // db-svc refuses it): bigint takes the decimal string.
+            .filter(|i| i.unsigned_abs() < 1 << 53)
             .map(Value::from)
             .ok_or(())
             .or_else(|_| {
