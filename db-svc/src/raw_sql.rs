@@ -7,7 +7,9 @@
 
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{Expr, Ident, ObjectName, Query, Statement, TableFactor, Visit, Visitor};
+use sqlparser::ast::{
+    Expr, Ident, ObjectName, Query, SetExpr, Statement, TableFactor, Visit, Visitor,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -97,6 +99,15 @@ pub fn check(sql: &str, served: &[String], allow_writes: bool) -> Result<RawStat
                 && s.into.is_some()
             {
                 return Err(reject("SELECT INTO creates a table; not allowed"));
+            }
+            if modifies_data(statement) {
+                // A WITH clause may hold INSERT / UPDATE / DELETE, and a WITH list may precede
+                // one. Refused even with raw writes on: the guard resolves names in a query as
+                // CTEs first, which a write target never is.
+                return Err(reject(
+                    "INSERT / UPDATE / DELETE inside a query (a WITH clause) is not supported; \
+                     send the write as a statement of its own",
+                ));
             }
             RawKind::Query
         }
@@ -251,6 +262,31 @@ impl Visitor for Guard<'_> {
     }
 }
 
+/// Whether a query holds a data-modifying statement anywhere (in a CTE, or as the body a WITH
+/// list precedes).
+fn modifies_data(statement: &Statement) -> bool {
+    struct Finder;
+    impl Visitor for Finder {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            match query.body.as_ref() {
+                SetExpr::Insert(_)
+                | SetExpr::Update(_)
+                | SetExpr::Delete(_)
+                | SetExpr::Merge(_) => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }
+        }
+        fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+            match statement {
+                Statement::Query(_) => ControlFlow::Continue(()),
+                _ => ControlFlow::Break(()),
+            }
+        }
+    }
+    statement.visit(&mut Finder).is_break()
+}
+
 fn allowed_function(name: &ObjectName) -> ControlFlow<String> {
     let name = last_part(name);
     if forbidden_function(&name) {
@@ -381,6 +417,33 @@ mod tests {
             let s = check(sql, &served(), false).unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert_eq!(s.tables, tables, "{sql}");
         }
+    }
+
+    #[test]
+    fn writes_inside_a_query_are_refused_with_or_without_the_flag() {
+        for sql in [
+            "WITH d AS (DELETE FROM agent_actions WHERE id = $1 RETURNING *) SELECT count(*) FROM d",
+            "WITH s AS (SELECT 1) INSERT INTO agent_actions (agent_name) VALUES ($1)",
+            "WITH u AS (UPDATE agent_actions SET agent_name = $1 RETURNING id) SELECT * FROM u",
+            // A CTE named like the target must not pass the target off as the CTE.
+            "WITH secrets AS (SELECT 1) DELETE FROM secrets",
+            "SELECT * FROM agent_actions WHERE id IN \
+             (SELECT id FROM (WITH d AS (DELETE FROM agent_actions RETURNING id) SELECT id FROM d) x)",
+        ] {
+            for writes in [false, true] {
+                let err = check(sql, &served(), writes).unwrap_err();
+                assert!(matches!(err, DbError::Validation(_)), "{sql}: {err:?}");
+                assert!(err.to_string().contains("inside a query"), "{sql}: {err}");
+            }
+        }
+        // Reads with WITH are still reads.
+        let s = check(
+            "WITH a AS (SELECT * FROM agent_actions) SELECT count(*) FROM a",
+            &served(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(s.kind, RawKind::Query);
     }
 
     #[test]

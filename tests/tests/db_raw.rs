@@ -140,7 +140,7 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
         assert_eq!(err.code(), Code::PermissionDenied, "{sql}: {err:?}");
         assert_eq!(error_details(&err).0, "WRITE_NOT_ALLOWED");
     }
-    // A write hidden in a query: the parser sees a SELECT, the READ ONLY transaction refuses.
+    // A write hidden in a query: the guard finds it.
     let err = s
         .client
         .execute_raw(raw(
@@ -149,7 +149,17 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
         ))
         .await
         .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("inside a query"), "{err:?}");
+    // What the guard lets through as a read still runs READ ONLY: PostgreSQL refuses to take
+    // row locks there.
+    let err = s
+        .client
+        .execute_raw(raw("SELECT id FROM agent_actions FOR UPDATE", vec![]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(error_details(&err).0, "WRITE_NOT_ALLOWED");
     let n = s
         .client
         .count(pb::CountRequest {
@@ -224,6 +234,27 @@ async fn writes_when_the_operator_enables_them_idempotently() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // A write inside a query is refused as such, with the flag on too, and changes nothing
+    // (a CTE named like an unserved table must not pass it off as the CTE).
+    for sql in [
+        "WITH d AS (DELETE FROM agent_actions RETURNING *) SELECT count(*) FROM d",
+        "WITH omnibus_request_log AS (SELECT 1) DELETE FROM omnibus_request_log",
+    ] {
+        let err = s.client.execute_raw(raw(sql, vec![])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
+        assert!(err.message().contains("inside a query"), "{err:?}");
+    }
+    let left = s
+        .client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(left, 3, "five seeded, two deleted above");
 }
 
 /// With `--raw-sql-role`, PostgreSQL's grants bound raw SQL behind the guard: a served table
