@@ -67,6 +67,12 @@ pub enum DbError {
     /// limit): the request is valid, the data is not servable as is.
     #[error("column {column}: {message}")]
     Unrepresentable { column: String, message: String },
+    /// PostgreSQL does not know a column, table or type as the statement names it: for a
+    /// structured operation, the table changed after db-svc read its catalog (a column
+    /// dropped, renamed or retyped), and the executor reads it again and retries once; for raw
+    /// SQL, the author's mistake. Either way the caller sees INVALID_ARGUMENT.
+    #[error("invalid request: {0}")]
+    SchemaChanged(String),
     /// Anything else the database reported.
     #[error("database operation failed: {0}")]
     Database(String),
@@ -95,7 +101,9 @@ impl DbError {
     /// The stable error code (also the `ErrorInfo.reason` and the bus reply's `error_code`).
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Validation(_) | Self::NotNull { .. } => "VALIDATION_ERROR",
+            Self::Validation(_) | Self::NotNull { .. } | Self::SchemaChanged(_) => {
+                "VALIDATION_ERROR"
+            }
             Self::FilterRequired { .. } => "FILTER_REQUIRED",
             Self::TooManyRows { .. } => "TOO_MANY_ROWS",
             Self::Conflict { .. } => "CONFLICT",
@@ -113,7 +121,9 @@ impl DbError {
 
     pub fn grpc_code(&self) -> Code {
         match self {
-            Self::Validation(_) | Self::NotNull { .. } => Code::InvalidArgument,
+            Self::Validation(_) | Self::NotNull { .. } | Self::SchemaChanged(_) => {
+                Code::InvalidArgument
+            }
             Self::FilterRequired { .. }
             | Self::TooManyRows { .. }
             | Self::Constraint { .. }
@@ -133,6 +143,7 @@ impl DbError {
         match self {
             Self::Validation(v) => v.clone(),
             Self::NotNull { column, message } => vec![FieldViolation::new(column, message)],
+            Self::SchemaChanged(message) => vec![FieldViolation::new("", message)],
             _ => Vec::new(),
         }
     }
@@ -244,6 +255,8 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         "40001" | "40P01" => DbError::Retryable(message),
         "42501" => DbError::PermissionDenied(message),
         "25006" => DbError::WriteNotAllowed(format!("read-only statement required: {message}")),
+        // Undefined column or table, a value (or operator) of another type than the column's.
+        "42703" | "42P01" | "42804" | "42883" => DbError::SchemaChanged(message),
         c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
             DbError::Unavailable(message)
         }

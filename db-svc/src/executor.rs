@@ -190,6 +190,32 @@ impl Executor {
         Ok(tx)
     }
 
+    /// Whether `result` failed on a table that changed after its catalog was read (a column
+    /// dropped, renamed or retyped: PostgreSQL no longer knows a name the statement took from
+    /// the catalog), in which case the table has just been read again and the operation,
+    /// which changed nothing (its transaction rolled back), may run once more.
+    async fn reread_after<T>(
+        &self,
+        result: &Result<T, DbError>,
+        table: &str,
+        arrived: std::time::Instant,
+    ) -> bool {
+        if !matches!(result, Err(DbError::SchemaChanged(_))) {
+            return false;
+        }
+        match self
+            .catalog
+            .refresh_on_miss(&self.pool, table, arrived)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(table, "table changed since its catalog was read; retrying");
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     async fn table_for(&self, op: &Operation) -> Result<Arc<TableInfo>, DbError> {
         self.table(op.table(), &ops::mentioned_columns(op)).await
     }
@@ -197,10 +223,12 @@ impl Executor {
     /// Runs one operation, recording its latency by operation and outcome (`ok` or the code).
     pub async fn execute(&self, op: Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
         let (started, name) = (std::time::Instant::now(), op.name());
-        let result = self
-            .execute_op(&op, ctx)
-            .await
-            .map_err(|e| ops::locate_not_null(e, &op));
+        let mut result = self.execute_op(&op, ctx).await;
+        if !matches!(op, Operation::Raw(_)) && self.reread_after(&result, op.table(), started).await
+        {
+            result = self.execute_op(&op, ctx).await;
+        }
+        let result = result.map_err(|e| ops::locate_not_null(e, &op));
         record_latency(name, started, &result);
         result
     }
@@ -338,13 +366,16 @@ impl Executor {
         field: u8,
     ) -> Result<(EncodedRows, Option<u64>), DbError> {
         let started = std::time::Instant::now();
-        let result = async {
+        let attempt = || async {
             let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
             let (fetched, total) = self.fetch_query(&table, &spec, ctx).await?;
             let rows = EncodedRows::encode(&fetched.rows, fetched.first_column, field)?;
             Ok((rows, total))
+        };
+        let mut result = attempt().await;
+        if self.reread_after(&result, &spec.table, started).await {
+            result = attempt().await;
         }
-        .await;
         record_latency("query", started, &result);
         result
     }
@@ -539,15 +570,28 @@ impl Executor {
         let (tx, rx) = mpsc::channel::<RowBatch>(3);
         let pool = self.pool.clone();
         let stall = self.stalled_reader_limit();
+        let catalog = self.catalog.clone();
         tokio::spawn(async move {
             let Ok(error_slot) = tx.reserve().await else {
                 return;
             };
             let result = stream_rows(
-                pool, plan.sql, args, batch_size, timeout, stall, &tx, shutdown,
+                pool.clone(),
+                plan.sql,
+                args,
+                batch_size,
+                timeout,
+                stall,
+                &tx,
+                shutdown,
             )
             .await;
             if let Err(e) = result {
+                // Rows may already have gone out, so this stream is not retried; the table is
+                // read again so that the caller's next request runs on what it is now.
+                if matches!(e, DbError::SchemaChanged(_)) {
+                    let _ = catalog.refresh_table(&pool, &spec.table).await;
+                }
                 error_slot.send(Err(e));
             }
         });

@@ -2026,3 +2026,114 @@ async fn update_and_delete_returning_too_many_rows_roll_back() {
         0
     );
 }
+
+/// A column dropped or renamed while db-svc runs: the next request that trips on the old
+/// catalog makes db-svc read the table again and runs once more on what the table is now,
+/// with no restart; a request naming the old column then gets a field error.
+#[tokio::test]
+async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("CREATE TABLE notes (id bigint PRIMARY KEY, body text, extra text)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut s = DbSvc::start_on(db, &["--tables", "notes"]).await;
+    let back = insert(
+        &mut s,
+        "notes",
+        vec![json!({"id": 1, "body": "a", "extra": "x"})],
+    )
+    .await;
+    assert_eq!(back, vec![json!({"id": 1.0, "body": "a", "extra": "x"})]);
+    let query_all = |s: &mut DbSvc| {
+        let mut client = s.client.clone();
+        async move {
+            client
+                .query(pb::QueryRequest {
+                    table: "notes".into(),
+                    order_by: vec![pb::OrderBy {
+                        column: "id".into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .map(|r| rows_json(&r.into_inner().rows))
+        }
+    };
+    let mut conn = s.sql().await;
+    sqlx::query("ALTER TABLE notes DROP COLUMN extra")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // Every column of the old catalog would be selected: the first try fails, the second runs.
+    assert_eq!(
+        query_all(&mut s).await.unwrap(),
+        vec![json!({"id": 1.0, "body": "a"})]
+    );
+    // Inserts return their rows the same way.
+    assert_eq!(
+        insert(&mut s, "notes", vec![json!({"id": 2, "body": "b"})]).await,
+        vec![json!({"id": 2.0, "body": "b"})]
+    );
+
+    sqlx::query("ALTER TABLE notes RENAME COLUMN body TO text_body")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    // Counting on the old name: read again, the column is gone, and the field is named.
+    let err = s
+        .client
+        .count(pb::CountRequest {
+            table: "notes".into(),
+            r#where: Some(to_struct(json!({"body": "a"}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(error_details(&err).1, vec!["where.body"], "{err:?}");
+    assert_eq!(
+        query_all(&mut s).await.unwrap(),
+        vec![
+            json!({"id": 1.0, "text_body": "a"}),
+            json!({"id": 2.0, "text_body": "b"})
+        ]
+    );
+
+    // StreamQuery cannot retry (rows may be out already): the stream that trips fails, and the
+    // next one runs on the table as it is.
+    sqlx::query("ALTER TABLE notes DROP COLUMN text_body")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let stream_all = |s: &mut DbSvc| {
+        let mut client = s.client.clone();
+        async move {
+            let mut stream = client
+                .stream_query(pb::StreamQueryRequest {
+                    query: Some(pb::QueryRequest {
+                        table: "notes".into(),
+                        ..Default::default()
+                    }),
+                    batch_size: 10,
+                })
+                .await?
+                .into_inner();
+            let mut rows = Vec::new();
+            while let Some(batch) = stream.message().await? {
+                rows.extend(rows_json(&batch.rows));
+            }
+            Ok::<_, tonic::Status>(rows)
+        }
+    };
+    let err = stream_all(&mut s).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let mut rows = stream_all(&mut s).await.unwrap();
+    rows.sort_by(|a, b| a["id"].as_f64().partial_cmp(&b["id"].as_f64()).unwrap());
+    assert_eq!(rows, vec![json!({"id": 1.0}), json!({"id": 2.0})]);
+}
