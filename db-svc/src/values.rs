@@ -382,11 +382,25 @@ pub(crate) fn non_finite_text(f: f64) -> &'static str {
 /// The columns of a result set: name and type of each, resolved once per result set rather
 /// than once per cell.
 pub struct ResultColumns {
-    columns: Vec<(String, ColType)>,
+    columns: Vec<ResultColumn>,
     /// Index of the first column that belongs to the result (a shared query's rows start with
     /// the request ordinal, which is not part of it).
     first: usize,
 }
+
+/// A result column: its name, its type by the mapping, and whether it is `char(n)`, whose
+/// blank padding PostgreSQL treats as insignificant and drops when it turns the value into
+/// any other string type (`c::text`); it is dropped here too, so the string a client reads
+/// back is one it can filter by (a filter value is bound as text).
+#[derive(Debug)]
+struct ResultColumn {
+    name: String,
+    ty: ColType,
+    padded: bool,
+}
+
+/// `bpchar`, the type of `char(n)` (sqlx names it "CHAR", like the one-byte `"char"`).
+const BPCHAR_OID: sqlx::postgres::types::Oid = sqlx::postgres::types::Oid(1042);
 
 impl ResultColumns {
     /// The columns of rows shaped like `row`: a field error names a column whose type has no
@@ -413,7 +427,11 @@ impl ResultColumns {
                         ),
                     ));
                 }
-                Ok((column.name().to_string(), ty))
+                Ok(ResultColumn {
+                    name: column.name().to_string(),
+                    ty,
+                    padded: column.type_info().oid() == Some(BPCHAR_OID),
+                })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { columns, first })
@@ -421,13 +439,16 @@ impl ResultColumns {
 
     /// Column names, in result order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.columns.iter().map(|(n, _)| n.as_str())
+        self.columns.iter().map(|c| c.name.as_str())
     }
 
     /// Cell `i` of `row` (a row of this result set) by the type mapping.
     pub fn cell<'r>(&self, row: &'r PgRow, i: usize) -> Result<Cell<'r>, DbError> {
-        let (name, ty) = &self.columns[i];
-        decode_cell(row, self.first + i, *ty, name)
+        let c = &self.columns[i];
+        match decode_cell(row, self.first + i, c.ty, &c.name)? {
+            Cell::Str(s) if c.padded => Ok(Cell::Str(s.trim_end_matches(' '))),
+            cell => Ok(cell),
+        }
     }
 
     /// The JSON text of cell `i` when column `i` is json or jsonb (`Some(None)` for NULL),
@@ -437,16 +458,16 @@ impl ResultColumns {
         row: &'r PgRow,
         i: usize,
     ) -> Result<Option<Option<&'r [u8]>>, DbError> {
-        let (name, ty) = &self.columns[i];
-        if !matches!(ty, ColType::Json | ColType::Jsonb) {
+        let c = &self.columns[i];
+        if !matches!(c.ty, ColType::Json | ColType::Jsonb) {
             return Ok(None);
         }
-        json_text(row, self.first + i, *ty, name).map(Some)
+        json_text(row, self.first + i, c.ty, &c.name).map(Some)
     }
 
     /// The name of result column `i`.
     pub fn name(&self, i: usize) -> &str {
-        &self.columns[i].0
+        &self.columns[i].name
     }
 
     /// One row as a `Struct` keyed by column name (a repeated name keeps its last value).
@@ -455,7 +476,7 @@ impl ResultColumns {
             .columns
             .iter()
             .enumerate()
-            .map(|(i, (name, _))| Ok((name.clone(), self.cell(row, i)?.into_value())))
+            .map(|(i, c)| Ok((c.name.clone(), self.cell(row, i)?.into_value())))
             .collect::<Result<_, DbError>>()?;
         Ok(prost_types::Struct { fields })
     }

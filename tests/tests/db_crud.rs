@@ -2137,3 +2137,61 @@ async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
     rows.sort_by(|a, b| a["id"].as_f64().partial_cmp(&b["id"].as_f64()).unwrap());
     assert_eq!(rows, vec![json!({"id": 1.0}), json!({"id": 2.0})]);
 }
+
+/// `char(n)` reads back without its blank padding, as PostgreSQL's own `::text` gives it, so
+/// the string a client reads is one it can filter, update and delete by.
+#[tokio::test]
+async fn char_n_values_read_back_as_they_filter() {
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("CREATE TABLE codes (id int PRIMARY KEY, code char(5), label varchar(10))")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let mut s = DbSvc::start_on(db, &["--tables", "codes"]).await;
+    let back = insert(
+        &mut s,
+        "codes",
+        vec![json!({"id": 1, "code": "ab", "label": "x  "})],
+    )
+    .await;
+    // varchar keeps what was written, spaces included; char(n) drops its padding.
+    assert_eq!(back, vec![json!({"id": 1.0, "code": "ab", "label": "x  "})]);
+    let rows = s
+        .client
+        .query(pb::QueryRequest {
+            table: "codes".into(),
+            r#where: Some(to_struct(json!({"code": back[0]["code"]}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(
+        rows_json(&rows),
+        vec![json!({"id": 1.0, "code": "ab", "label": "x  "})]
+    );
+    let updated = s
+        .client
+        .update(pb::UpdateRequest {
+            table: "codes".into(),
+            r#where: Some(to_struct(json!({"code": "ab"}))),
+            set: Some(to_struct(json!({"label": "y"}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.affected, 1);
+    // What the column holds is still the padded value.
+    let mut conn = s.sql().await;
+    let bytes: i32 = sqlx::query_scalar("SELECT octet_length(code) FROM codes")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(bytes, 5);
+}
