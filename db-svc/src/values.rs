@@ -796,6 +796,15 @@ pub fn json_error(name: &str, json: &[u8], e: impl std::fmt::Display) -> DbError
                  {JSON_MAX_DEPTH}); leave the column out of the projection or select part of it"
             ),
         }
+    } else if e.to_string().starts_with("number out of range") {
+        // jsonb numbers are numerics: PostgreSQL holds 1e400, a double cannot.
+        DbError::Unrepresentable {
+            column: name.to_string(),
+            message: "a JSON number beyond a double's range (about ±1.8e308) cannot be \
+                      returned as a number; leave the column out of the projection, or read it \
+                      as text with ExecuteRaw (col::text)"
+                .to_string(),
+        }
     } else {
         DbError::Database(format!("cannot decode column {name}: {e}"))
     }
@@ -1436,5 +1445,20 @@ mod tests {
             json_error("details", b"[1,", e),
             DbError::Database(m) if m.contains("details")
         ));
+        // A number jsonb holds (a numeric) but a double cannot, on both read paths.
+        let huge = br#"{"x": [1e400]}"#;
+        let Err(parsed) = serde_json::from_slice::<ProtoValue>(huge) else {
+            panic!("1e400 parsed as a double")
+        };
+        let transcoded = crate::wire::encode_json(huge, &mut Vec::new()).unwrap_err();
+        for e in [parsed, transcoded] {
+            match json_error("details", huge, e) {
+                DbError::Unrepresentable { column, message } => {
+                    assert_eq!(column, "details");
+                    assert!(message.contains("double's range"), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }
