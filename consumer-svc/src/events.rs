@@ -350,8 +350,8 @@ fn payload_str(payload: &[u8]) -> Result<&str, ParseError> {
 /// (`agent_name` and `agentName`, `confidence_score` and `confidence`), at the top or inside
 /// an entry of an array such as `alternatives`, fails serde's derive with "duplicate field";
 /// only then is it parsed again from a copy holding each field once, under its snake_case
-/// name, with its first non-null value. `deduped` keeps that copy alive for the borrowed
-/// fields of `T`.
+/// name, with its first non-null value (and Python's bare `NaN` / `Infinity` as null).
+/// `deduped` keeps that copy alive for the borrowed fields of `T`.
 fn parse_raw<'a, T: serde::Deserialize<'a>>(
     payload: &'a str,
     spellings: &Spellings,
@@ -359,14 +359,51 @@ fn parse_raw<'a, T: serde::Deserialize<'a>>(
 ) -> Result<T, ParseError> {
     match serde_json::from_str(payload) {
         Ok(raw) => Ok(raw),
-        Err(e) if is_duplicate_field(&e) => {
-            let Some(once) = dedupe_spellings(payload, spellings) else {
+        Err(e) => {
+            // Python's json.dumps writes a float NaN or infinity as a bare `NaN` / `Infinity`,
+            // which is not JSON: such a number is read as absent (null), as aggregation would
+            // skip it anyway, rather than losing the whole event. (Either problem may be the
+            // one serde meets first, so both are fixed in one copy.)
+            let fixed = non_finite_as_null(payload);
+            if fixed.is_none() && !is_duplicate_field(&e) {
+                return Err(e.into());
+            }
+            let text = fixed.as_deref().unwrap_or(payload);
+            let Some(once) = dedupe_spellings(text, spellings).or(fixed) else {
                 return Err(e.into());
             };
             Ok(serde_json::from_str(deduped.insert(once))?)
         }
-        Err(e) => Err(e.into()),
     }
+}
+
+/// `payload` with every bare `NaN`, `Infinity` and `-Infinity` outside strings replaced by
+/// `null`; `None` when it has none.
+fn non_finite_as_null(payload: &str) -> Option<String> {
+    const TOKENS: [&str; 3] = ["-Infinity", "Infinity", "NaN"];
+    let mut out = String::with_capacity(payload.len());
+    let (mut in_string, mut escaped, mut replaced) = (false, false, false);
+    let mut rest = payload;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(token) = TOKENS.iter().find(|t| rest.starts_with(**t)) {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            replaced = true;
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    replaced.then_some(out)
 }
 
 /// serde's derive reports a repeated field (a name and its alias) with this message.
@@ -1100,6 +1137,41 @@ mod tests {
         assert_eq!(m.routing_duration_ms, Some(0.0));
         assert_eq!(m.trigger_match_strategy(), "");
         assert_eq!(m.candidates_evaluated, Some(0));
+    }
+
+    #[test]
+    fn python_nan_and_infinity_are_absent_values_not_lost_events() {
+        let e = parse_routing(
+            br#"{"selected_agent":"a","confidence_score":NaN,"routing_time_ms":Infinity,"reasoning":"NaN \" Infinity","alternatives":[{"agent":"b","confidence":-Infinity}]}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(e.selected_agent(), "a");
+        assert_eq!(e.confidence_score, None);
+        assert_eq!(e.routing_time_ms, None);
+        assert_eq!(
+            e.reasoning(),
+            Some("NaN \" Infinity"),
+            "strings are left alone"
+        );
+        let a = parse_action(
+            br#"{"agentName":"a","actionType":"x","agent_name":"a2","duration_ms":NaN,"action_details":{"score":NaN}}"#,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            a.agent_name(),
+            "a",
+            "two spellings, first kept, after the fix-up"
+        );
+        assert_eq!(a.duration_ms, None);
+        assert_eq!(a.action_details_json(), Some(r#"{"score":null}"#));
+        assert_eq!(non_finite_as_null(r#"{"a":"NaN"}"#), None);
+        // Anything else that is not JSON is still an error.
+        assert!(matches!(
+            parse_action(br#"{"agent_name":"a","action_type":"x","n":nan}"#, NOW),
+            Err(ParseError::Json(_))
+        ));
     }
 
     #[test]
