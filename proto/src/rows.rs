@@ -443,6 +443,11 @@ struct ValueDeserializer<'de> {
     kind: Kind<'de>,
 }
 
+/// A number offered to the visitor as an integer: integral, exact as a double, and not -0.0.
+fn is_integral(n: f64) -> bool {
+    n.fract() == 0.0 && n.abs() <= EXACT_INT && !(n == 0.0 && n.is_sign_negative())
+}
+
 impl<'de> Deserializer<'de> for ValueDeserializer<'de> {
     type Error = RowError;
 
@@ -450,8 +455,9 @@ impl<'de> Deserializer<'de> for ValueDeserializer<'de> {
         match self.kind {
             Kind::Null => visitor.visit_unit(),
             // Integral numbers go out as integers: integer fields accept them, float fields
-            // accept integers too, and `serde_json::Value` keeps `5` rather than `5.0`.
-            Kind::Number(n) if n.fract() == 0.0 && n.abs() <= EXACT_INT => {
+            // accept integers too, and `serde_json::Value` keeps `5` rather than `5.0`. Not
+            // -0.0, which no integer carries.
+            Kind::Number(n) if is_integral(n) => {
                 if n >= 0.0 {
                     visitor.visit_u64(n as u64)
                 } else {
@@ -547,7 +553,7 @@ mod tests {
     fn to_json(value: &Value) -> serde_json::Value {
         match &value.kind {
             None | Some(PKind::NullValue(_)) => serde_json::Value::Null,
-            Some(PKind::NumberValue(n)) if n.fract() == 0.0 && n.abs() <= EXACT_INT => {
+            Some(PKind::NumberValue(n)) if is_integral(*n) => {
                 if *n >= 0.0 {
                     json!(*n as u64)
                 } else {
@@ -627,6 +633,24 @@ mod tests {
         let ok: BTreeMap<String, f64> =
             from_row(&row(vec![("n", PKind::NumberValue(2.0))])).unwrap();
         assert_eq!(ok["n"], 2.0);
+    }
+
+    #[test]
+    fn negative_zero_keeps_its_sign() {
+        let bytes = row(vec![("x", PKind::NumberValue(-0.0))]);
+        let floats: BTreeMap<String, f64> = from_row(&bytes).unwrap();
+        assert!(floats["x"] == 0.0 && floats["x"].is_sign_negative());
+        let json: BTreeMap<String, serde_json::Value> = from_row(&bytes).unwrap();
+        assert!(
+            json["x"].as_f64().is_some_and(f64::is_sign_negative),
+            "{json:?}"
+        );
+        // As serde_json reads `-0.0`: a float, which an integer field does not take.
+        assert!(from_row::<BTreeMap<String, i64>>(&bytes).is_err());
+        assert_eq!(
+            serde_json::from_str::<i64>("-0.0").is_err(),
+            from_row::<BTreeMap<String, i64>>(&bytes).is_err()
+        );
     }
 
     #[test]

@@ -304,7 +304,16 @@ fn types_of(desc: &pb::TableDescription) -> (ColumnTypes, Vec<String>) {
     let types = desc
         .columns
         .iter()
-        .map(|c| (c.name.clone(), c.json_type.clone()))
+        .map(|c| {
+            // numeric is exact in db-svc only from decimal text: the CLI must not round a
+            // literal through a double on the way (see `filter::typed_value`).
+            let ty = if c.sql_type.starts_with("numeric") {
+                filter::DECIMAL.to_string()
+            } else {
+                c.json_type.clone()
+            };
+            (c.name.clone(), ty)
+        })
         .collect();
     let order = desc.columns.iter().map(|c| c.name.clone()).collect();
     (types, order)

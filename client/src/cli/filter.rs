@@ -215,8 +215,47 @@ fn split_list(inner: &str) -> Result<Vec<Raw>, String> {
     Ok(items)
 }
 
+/// The CLI's type for a `numeric` column (its db-svc JSON type is `number`, as for doubles).
+pub const DECIMAL: &str = "decimal";
+
+/// Whether the decimal literal `t` is the value of the double it parses to, as that double's
+/// shortest form writes it (`0.30000000000000004` is; `12345678901234567.89` is not): then
+/// sending the double changes nothing.
+fn exact_as_double(t: &str) -> bool {
+    match t.parse::<f64>() {
+        Ok(f) if f.is_finite() => decimal_parts(t) == decimal_parts(&format!("{f:e}")),
+        _ => false,
+    }
+}
+
+/// A decimal literal as (negative, significant digits, exponent) with value
+/// 0.digits x 10^exponent; zero is (false, "", 0). None if it is not a decimal literal.
+fn decimal_parts(t: &str) -> Option<(bool, String, i64)> {
+    let (mantissa, exponent) = match t.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().ok()?),
+        None => (t, 0),
+    };
+    let (negative, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mantissa.strip_prefix('+').unwrap_or(mantissa)),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if !(int.chars().chain(frac.chars())).all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    let leading = digits.len() - digits.trim_start_matches('0').len();
+    let significant = digits.trim_start_matches('0').trim_end_matches('0');
+    if significant.is_empty() {
+        return Some((false, String::new(), 0));
+    }
+    let exponent = exponent.checked_add(i64::try_from(int.len()).ok()?)? - leading as i64;
+    Some((negative, significant.to_string(), exponent))
+}
+
 /// The JSON value for `raw` in a column whose db-svc JSON type is `json_type`
-/// (`string`, `integer`, `number`, `boolean`, `json`; `None` = unknown, guess).
+/// (`string`, `integer`, `number`, `boolean`, `json`, or [`DECIMAL`] for numeric; `None` =
+/// unknown, guess).
 pub fn typed_value(raw: &Raw, json_type: Option<&str>) -> Result<Value, String> {
     let t = raw.text.as_str();
     if raw.quoted {
@@ -247,6 +286,13 @@ pub fn typed_value(raw: &Raw, json_type: Option<&str>) -> Result<Value, String> 
             })
             // numeric/bigint also take decimal strings; let db-svc judge the rest.
             .or_else(|_| Ok(Value::String(raw.text.clone()))),
+        // Exactly as typed: a safe integer as a number, anything else as the decimal text
+        // db-svc keeps exactly (a double would round `12345678901234567.89`).
+        Some(DECIMAL) => Ok(t
+            .parse::<i64>()
+            .ok()
+            .filter(|i| i.unsigned_abs() < 1 << 53)
+            .map_or_else(|| Value::String(raw.text.clone()), Value::from)),
         Some("boolean") => match t.to_ascii_lowercase().as_str() {
             "true" | "t" | "yes" | "1" => Ok(Value::Bool(true)),
             "false" | "f" | "no" | "0" => Ok(Value::Bool(false)),
@@ -264,14 +310,20 @@ pub fn typed_value(raw: &Raw, json_type: Option<&str>) -> Result<Value, String> 
 }
 
 /// A literal's most likely JSON value: a number, true/false, a JSON object/array, else text.
+/// A number a double would not carry exactly (a safe integer, or as many digits as a double
+/// keeps) stays its text, which db-svc reads exactly where the type takes text (numeric,
+/// bigint) and refuses where it does not, rather than receiving a rounded value.
 pub fn guess(t: &str) -> Value {
     if let Ok(i) = t.parse::<i64>() {
-        return Value::from(i);
+        if i.unsigned_abs() < 1 << 53 {
+            return Value::from(i);
+        }
+        return Value::String(t.to_string());
     }
     if let Some(n) = t
         .parse::<f64>()
         .ok()
-        .filter(|f| f.is_finite())
+        .filter(|f| f.is_finite() && exact_as_double(t))
         .and_then(serde_json::Number::from_f64)
     {
         return Value::Number(n);
@@ -437,7 +489,8 @@ pub fn value_to_json(v: &prost_types::Value) -> Value {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(*b),
         Some(Kind::NumberValue(n)) => {
-            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+            // -0.0 keeps its sign (no integer carries it).
+            if n.fract() == 0.0 && n.abs() < 9.0e15 && !(*n == 0.0 && n.is_sign_negative()) {
                 Value::from(*n as i64)
             } else {
                 serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number)
@@ -729,6 +782,24 @@ mod tests {
             json!("123456789012345678901")
         );
         assert_eq!(t("yes", Some("boolean")), json!(true));
+        // numeric: exactly as typed, never rounded through a double.
+        assert_eq!(t("12", Some(DECIMAL)), json!(12));
+        assert_eq!(t("0.9512", Some(DECIMAL)), json!("0.9512"));
+        assert_eq!(
+            t("12345678901234567.89", Some(DECIMAL)),
+            json!("12345678901234567.89")
+        );
+        // Raw parameters: a literal a double would round stays text.
+        assert_eq!(guess("0.30000000000000004"), json!(0.30000000000000004));
+        assert_eq!(guess("1.5e3"), json!(1500.0));
+        assert_eq!(guess("-0.000120"), json!(-0.00012));
+        assert_eq!(guess("12345678901234567.89"), json!("12345678901234567.89"));
+        assert_eq!(
+            guess("12345678901234567890123"),
+            json!("12345678901234567890123")
+        );
+        assert_eq!(guess("9007199254740993"), json!("9007199254740993"));
+        assert_eq!(guess("9007199254740991"), json!(9_007_199_254_740_991i64));
         assert!(typed_value(&raw("maybe"), Some("boolean")).is_err());
         assert_eq!(t("{\"a\":[1]}", Some("json")), json!({"a": [1]}));
         assert_eq!(t("hello", Some("json")), json!("hello"));

@@ -286,6 +286,12 @@ pub fn unreachable(svc: Svc, addr: &str) -> Fail {
 }
 
 /// The sentence for a failed call.
+/// What tonic answers when the peer accepted the connection but does not speak gRPC over
+/// HTTP/2 (a database port, a web server).
+pub fn not_grpc(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unknown && status.message().trim() == "transport error"
+}
+
 pub fn call_error(svc: Svc, addr: &str, status: &tonic::Status) -> Fail {
     use tonic::Code;
     let msg = status.message().trim();
@@ -308,7 +314,7 @@ pub fn call_error(svc: Svc, addr: &str, status: &tonic::Status) -> Fail {
             ))
         }
         // Something accepted the connection but does not speak gRPC over HTTP/2.
-        Code::Unknown if msg == "transport error" => Fail(format!(
+        _ if not_grpc(status) => Fail(format!(
             "{} at {addr} does not speak gRPC - is that the right address?",
             svc.name()
         )),

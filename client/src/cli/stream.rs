@@ -98,8 +98,9 @@ pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<I
                 continue;
             }
             // Errors that no retry can fix: a bad or missing token, an address that is not
-            // consumer-svc, streams switched off, a bad filter.
-            Err(status) if is_permanent(status.code()) => {
+            // consumer-svc (or no gRPC server at all, when it never answered one), streams
+            // switched off, a bad filter.
+            Err(status) if is_permanent(status.code()) || (first && super::not_grpc(&status)) => {
                 let _ = tx
                     .send(Item::Fatal(call_error(Svc::Consumer, &addr, &status)))
                     .await;
