@@ -946,3 +946,67 @@ async fn the_direct_fallback_is_bounded_by_the_bus_timeout() {
         0
     );
 }
+
+/// A request whose correlation id alone makes every reply too large for the bus (echoed in
+/// the reply's key and body) is left unanswered and committed: it does not hold its
+/// partition's offsets back forever, and later requests are committed past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_no_reply_can_carry_is_committed_not_retried_forever() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let group = group();
+    let svc = start_db_svc(&db, &topics, &group, &[]).await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
+    // ~600 KB of id: the request fits the bus, a reply carrying it twice does not.
+    let huge = "c".repeat(600_000);
+    let env = omniclaude_envelope(&huge, "QUERY", None, "SELECT 1", json!([]));
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    let c = uuid::Uuid::new_v4().to_string();
+    let env = omniclaude_envelope(&c, "QUERY", None, "SELECT 1", json!([]));
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    tap.reply_for(&c, FIRST_REPLY).unwrap();
+
+    // Both requests are committed (the group's committed offsets add up to 2).
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", omnibus_tests::kafka_brokers())
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let metadata = reader
+        .fetch_metadata(Some(&t.request), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition(&t.request, p.id());
+    }
+    let deadline = std::time::Instant::now() + REPLY;
+    let committed = loop {
+        let offsets = reader
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap();
+        let sum: i64 = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .sum();
+        if sum >= 2 || std::time::Instant::now() > deadline {
+            break sum;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(committed, 2, "{}", svc.logs());
+    assert!(
+        svc.logs().contains("left unanswered and committed"),
+        "{}",
+        svc.logs()
+    );
+}

@@ -533,7 +533,9 @@ async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
 /// Publishes the reply or dead letter, retrying until the broker acknowledges it. A message
 /// the producer or broker refuses as too large is permanent, not transient: it is replaced
 /// once by a small one (a FAILED reply `REPLY_TOO_LARGE`, or the dead letter without the
-/// request's payload), or the partition would stall on it forever.
+/// request's payload), or the partition would stall on it forever. When even that is too
+/// large (what is left is the request's own correlation id or key, echoed), the request is
+/// left unanswered and its offset committed: no reply can carry it.
 async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
     let mut message = encode_outgoing(worker, &outgoing);
     let mut replaced = false;
@@ -550,6 +552,17 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
                 tracing::warn!(topic = %topic, bytes = bytes.len(), "the reply is too large for the bus ({e}); sending a small one instead");
                 message = encode_outgoing(worker, &too_large(&outgoing, bytes.len()));
                 replaced = true;
+            }
+            Err((e, _)) if is_too_large(&e) => {
+                tracing::error!(
+                    topic = %topic,
+                    bytes = bytes.len(),
+                    key_bytes = key.len(),
+                    "even the small stand-in is too large for the bus ({e}): the request's \
+                     correlation id or key alone is; it is left unanswered and committed"
+                );
+                svc_kit::metrics::counter!("db_bus_unanswerable_total").increment(1);
+                return true;
             }
             Err((e, _)) => {
                 tracing::warn!(topic = %topic, "cannot publish the reply ({e}); retrying");
