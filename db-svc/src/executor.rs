@@ -762,6 +762,20 @@ where
     })
 }
 
+impl Executor {
+    /// Whether a write under `request_id` has committed and recorded its result (so a repeat
+    /// is answered from the request log, without writing).
+    pub async fn is_recorded(&self, request_id: &str) -> Result<bool, DbError> {
+        let recorded: Option<bool> = sqlx::query_scalar(
+            "SELECT result IS NOT NULL FROM omnibus_request_log WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(recorded.unwrap_or(false))
+    }
+}
+
 /// Claims `request_id` in the request log for a write (`operation` on `table`, with its
 /// [`fingerprint`]). Returns the recorded output if an earlier request with this id already
 /// committed the same write; a different write under that id is refused. A concurrent request

@@ -1010,3 +1010,69 @@ async fn a_request_no_reply_can_carry_is_committed_not_retried_forever() {
         svc.logs()
     );
 }
+
+/// A write delivered after its deadline: if its id already committed (a redelivery after the
+/// reply, or after a crash between commit and reply), the reply is the recorded result,
+/// replayed; only a write never applied is refused as TIMEOUT, with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_redelivery_of_an_applied_write_is_replayed_not_timed_out() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
+    let late_envelope = |id: &str, agent: &str| {
+        let insert = pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![action(agent)],
+            request_id: id.to_string(),
+            ..Default::default()
+        };
+        let json =
+            omnibus_proto::json::to_json("omnibus.db.v1.InsertRequest", &insert, true).unwrap();
+        // Sent a minute ago with a 1 s deadline: long past.
+        let sent = chrono::Utc::now() - chrono::Duration::seconds(60);
+        (
+            insert,
+            json!({
+                "event_type": "DATABASE_QUERY_REQUESTED",
+                "correlation_id": id,
+                "timestamp": sent.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string(),
+                "payload": {"operation": "INSERT", "request": json, "timeout_ms": 1000},
+            }),
+        )
+    };
+
+    // Applied over gRPC first, then its late bus copy arrives.
+    let applied = uuid::Uuid::new_v4().to_string();
+    let (insert, env) = late_envelope(&applied, "late-applied");
+    let first = DbClient::direct(svc.channel())
+        .insert(insert)
+        .await
+        .unwrap();
+    assert!(!first.response.replayed);
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    let reply = tap.reply_for(&applied, FIRST_REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+    assert_eq!(reply.json["payload"]["replayed"], json!(true), "{reply:?}");
+
+    // Never applied: TIMEOUT, and nothing written.
+    let never = uuid::Uuid::new_v4().to_string();
+    let (_, env) = late_envelope(&never, "late-never");
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    let reply = tap.reply_for(&never, REPLY).unwrap();
+    assert_eq!(reply.topic, t.failed, "{reply:?}");
+    assert_eq!(reply.json["payload"]["error_code"], "TIMEOUT", "{reply:?}");
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name LIKE 'late-%'"
+        )
+        .await,
+        1
+    );
+}
