@@ -140,8 +140,9 @@ fn start_bus_worker(
         sql_writes: bus.sql_writes,
     };
     let shutdown = shutdown.clone();
+    let drain = settings.server.shutdown_grace;
     Some(tokio::spawn(async move {
-        if let Err(e) = bus::run(bus, handler, shutdown.clone()).await {
+        if let Err(e) = bus::run(bus, handler, shutdown.clone(), drain).await {
             tracing::error!("event-bus worker failed: {e}");
         }
     }))

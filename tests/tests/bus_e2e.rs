@@ -1076,3 +1076,67 @@ async fn a_late_redelivery_of_an_applied_write_is_replayed_not_timed_out() {
         1
     );
 }
+
+/// SIGTERM with a bus request still running (held by a table lock): the worker drains for
+/// `--shutdown-grace`, not a fixed 10 s, so db-svc exits within its documented bound and the
+/// request stays uncommitted, to be redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_drain_is_bounded_by_the_shutdown_grace() {
+    use sqlx::Connection;
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    // The test topics' db-svc runs with --shutdown-grace 3s.
+    let mut svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("LOCK TABLE agent_actions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let c = uuid::Uuid::new_v4().to_string();
+    let env = omniclaude_envelope(
+        &c,
+        "QUERY",
+        None,
+        "SELECT count(*) FROM agent_actions",
+        json!([]),
+    );
+    produce(
+        &topics.topics.request,
+        None,
+        &serde_json::to_vec(&env).unwrap(),
+        "none",
+    )
+    .await
+    .unwrap();
+    // Wait until the request's statement waits on the lock.
+    let mut probe = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let deadline = std::time::Instant::now() + FIRST_REPLY;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = std::time::Instant::now();
+    svc.terminate().unwrap();
+    let status = svc.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "{status:?}: {}", svc.logs());
+    // 3 s of grace, at most 2 s for busy database connections, and slack for a loaded machine
+    // (the fixed 10 s drain it replaces would exceed it).
+    assert!(
+        started.elapsed() < Duration::from_millis(8500),
+        "exited after {:?}: {}",
+        started.elapsed(),
+        svc.logs()
+    );
+    drop(lock);
+}

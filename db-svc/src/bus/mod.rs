@@ -176,18 +176,19 @@ enum Outgoing {
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// Time given to answer a request past its deadline from the request log.
 const REPLAY_BUDGET: Duration = Duration::from_secs(5);
 /// The bus consumer is replaced at most this often while brokers stay unreachable.
 const REPLACE_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Runs the worker until shutdown. Returns an error only when the Kafka clients cannot be
+/// Runs the worker until shutdown, then lets in-flight requests finish for at most `drain`
+/// (the server's `--shutdown-grace`). Returns an error only when the Kafka clients cannot be
 /// created (bad settings); broker outages are waited out.
 pub async fn run(
     settings: BusSettings,
     handler: Handler,
     shutdown: Shutdown,
+    drain: Duration,
 ) -> Result<(), String> {
     let brokers_down = Arc::new(AtomicBool::new(false));
     let mut consumer = subscribe(&settings, &brokers_down)?;
@@ -272,13 +273,11 @@ pub async fn run(
     }
 
     // Shutdown: let in-flight requests finish (bounded), then commit what they completed.
-    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(
-            "bus requests still running after {DRAIN_LIMIT:?}; they will be redelivered"
+            "bus requests still running after {drain:?} (--shutdown-grace); they will be redelivered"
         );
         tasks.abort_all();
     }
