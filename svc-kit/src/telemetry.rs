@@ -63,7 +63,10 @@ fn otel_provider(args: &LogArgs) -> Option<SdkTracerProvider> {
     {
         Ok(exporter) => exporter,
         Err(e) => {
-            eprintln!("OTLP exporter for {endpoint} not started: {e}");
+            eprintln!(
+                "OTLP exporter for {} not started: {e}",
+                crate::config::redact_url(endpoint)
+            );
             return None;
         }
     };
@@ -125,6 +128,8 @@ pub fn init(args: &LogArgs) {
     // A second init (tests) keeps the first subscriber; that is fine.
     let _ = result;
     if otel_enabled() {
-        tracing::info!(endpoint = %args.otlp_endpoint.trim(), "exporting spans over OTLP/gRPC");
+        // The endpoint may carry credentials (`https://user:token@collector:4317`).
+        let endpoint = crate::config::redact_url(args.otlp_endpoint.trim());
+        tracing::info!(%endpoint, "exporting spans over OTLP/gRPC");
     }
 }
