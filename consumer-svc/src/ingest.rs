@@ -479,7 +479,8 @@ impl Ingest {
     /// with a marker would never look fully read: its lag would stay at 1 and the start-up
     /// replay would wait for `--replay-timeout`. Called after a poll returned nothing, so
     /// every message polled so far has been applied; skipped once after a partition was
-    /// assigned or moved, while librdkafka may still report the position it had before.
+    /// assigned or moved, while librdkafka may still report the position it had before, and
+    /// never for a partition whose timestamp seek is still to be verified.
     fn note_skipped_offsets(&mut self) {
         if std::mem::take(&mut self.repositioned) || self.assigned.is_empty() {
             return;
@@ -494,7 +495,12 @@ impl Ingest {
             else {
                 continue;
             };
-            if let Some(pos) = positions.get_mut(&(k, e.partition()))
+            let key = (k, e.partition());
+            // A timestamp seek still waiting for its verifying message may have landed on a
+            // marker: stepping past it would end the replay before the seek is checked.
+            let verifying = self.assigned.get(&key).is_none_or(|p| p.verify.is_some());
+            if !verifying
+                && let Some(pos) = positions.get_mut(&key)
                 && skipped_to(pos, at)
             {
                 pos.next = at;
