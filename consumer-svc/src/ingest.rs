@@ -27,7 +27,7 @@
 //! read from the beginning). Aggregates already held are kept. High watermarks (lag) come
 //! from librdkafka's statistics, i.e. from fetch responses.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -512,6 +512,32 @@ impl Ingest {
         }
     }
 
+    /// The broker's latest offset of each of `parts`, asked in one ListOffsets round (not one
+    /// blocking call per partition); partitions without an answer are left out.
+    fn latest_offsets(&self, parts: &[(usize, i32)]) -> HashMap<(usize, i32), i64> {
+        if parts.is_empty() {
+            return HashMap::new();
+        }
+        let mut query = TopicPartitionList::new();
+        for &(k, p) in parts {
+            // Only fails for a negative offset other than the symbolic ones: not this one.
+            let _ = query.add_partition_offset(&self.cfg.topics[k], p, Offset::End);
+        }
+        let Ok(answer) = self.consumer.offsets_for_times(query, KAFKA_TIMEOUT) else {
+            return HashMap::new();
+        };
+        parts
+            .iter()
+            .filter_map(|&(k, p)| {
+                let e = answer.find_partition(&self.cfg.topics[k], p)?;
+                match (e.error(), e.offset()) {
+                    (Ok(()), Offset::Offset(high)) => Some(((k, p), high)),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
     /// Finds new partitions, topics that vanished, and partitions whose data was lost.
     fn discover(&mut self) {
         let metadata = match self.consumer.fetch_metadata(None, KAFKA_TIMEOUT) {
@@ -563,26 +589,25 @@ impl Ingest {
                 .copied()
                 .collect();
             let intact = self.logs_still_holding(&settled);
+            // A log that ends before our position was recreated while the broker was away:
+            // read it from the beginning, like a topic seen missing. The message before our
+            // position, found again, proves the log intact; only without it is the broker's
+            // "latest" offset asked (tansu's can lag the log), for all such partitions in one
+            // request. An unsettled topic is not asked at all: it would only time out; it
+            // resumes at its position.
+            let unproven: Vec<(usize, i32)> = settled
+                .iter()
+                .map(|(key, _)| *key)
+                .filter(|key| !intact.contains(key))
+                .collect();
+            let latest = self.latest_offsets(&unproven);
             for ((k, p), next) in &kept {
                 let topic = self.cfg.topics[*k].clone();
                 if listing[*k].vanished(*p) {
                     continue; // handled as usual below
                 }
-                // A log that ends before our position was recreated while the broker was
-                // away: read it from the beginning, like a topic seen missing. The message
-                // before our position, found again, proves the log intact; only without it is
-                // the broker's "latest" offset asked (tansu's can lag the log). An unsettled
-                // topic is not asked at all: it would only time out; it resumes at its position.
-                let watermarks = match &listing[*k] {
-                    _ if intact.contains(&(*k, *p)) => None,
-                    Listed::Unsettled(_) => None,
-                    _ => self
-                        .consumer
-                        .fetch_watermarks(&topic, *p, KAFKA_TIMEOUT)
-                        .ok(),
-                };
-                match watermarks {
-                    Some((_, high)) if high < *next => {
+                match latest.get(&(*k, *p)) {
+                    Some(&high) if high < *next => {
                         tracing::warn!(
                             %topic,
                             partition = *p,
@@ -601,9 +626,12 @@ impl Ingest {
             if let Err(e) = self.consumer.incremental_assign(&live) {
                 // Still the fresh client's first assignment: the next discover tries it again
                 // (the partitions stay in `assigned` with their positions, so nothing is
-                // re-read from the start, and nothing is left unread).
+                // re-read from the start, and nothing is left unread). Nothing else is
+                // assigned meanwhile, or the retry would ask for partitions the client
+                // already has, and fail the same way every time.
                 tracing::warn!("assign on the fresh client: {e}; retrying");
                 self.client_replaced = true;
+                return;
             }
         }
         // The first complete answer lists what the start-up replay must read; a topic that
