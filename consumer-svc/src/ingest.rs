@@ -227,7 +227,7 @@ struct Partition {
 
 /// A timestamp seek to check: the first message read must be at `offset` and older than
 /// `before_ms`; otherwise reading resumes at `resume`, where it was before the seek.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Verify {
     offset: i64,
     before_ms: i64,
@@ -480,7 +480,8 @@ impl Ingest {
     /// replay would wait for `--replay-timeout`. Called after a poll returned nothing, so
     /// every message polled so far has been applied; skipped once after a partition was
     /// assigned or moved, while librdkafka may still report the position it had before, and
-    /// never for a partition whose timestamp seek is still to be verified.
+    /// never for a partition whose timestamp seek is still to be verified (one that landed on
+    /// a marker is undone instead).
     fn note_skipped_offsets(&mut self) {
         if std::mem::take(&mut self.repositioned) || self.assigned.is_empty() {
             return;
@@ -490,17 +491,22 @@ impl Ingest {
         };
         let mut positions = self.sinks.status.partitions.lock();
         let mut moved = false;
+        let mut unverifiable = Vec::new();
         for e in app.elements() {
             let (Offset::Offset(at), Some(k)) = (e.offset(), kind_of(&self.cfg.topics, e.topic()))
             else {
                 continue;
             };
             let key = (k, e.partition());
-            // A timestamp seek still waiting for its verifying message may have landed on a
-            // marker: stepping past it would end the replay before the seek is checked.
-            let verifying = self.assigned.get(&key).is_none_or(|p| p.verify.is_some());
-            if !verifying
-                && let Some(pos) = positions.get_mut(&key)
+            match self.assigned.get(&key).map(|p| after_skip(p.verify, at)) {
+                None | Some(AfterSkip::Wait) => continue,
+                Some(AfterSkip::Undo(v)) => {
+                    unverifiable.push((key, v));
+                    continue;
+                }
+                Some(AfterSkip::Follow) => {}
+            }
+            if let Some(pos) = positions.get_mut(&key)
                 && skipped_to(pos, at)
             {
                 pos.next = at;
@@ -509,6 +515,17 @@ impl Ingest {
         }
         if moved {
             self.sinks.status.advance_replay(&positions);
+        }
+        drop(positions);
+        for ((k, p), v) in unverifiable {
+            tracing::info!(
+                topic = %self.cfg.topics[k],
+                partition = p,
+                offset = v.offset,
+                resume = v.resume,
+                "the timestamp seek landed on a transaction marker and cannot be verified; reading on from where it was"
+            );
+            self.reassign_at((k, p), v.resume, None);
         }
     }
 
@@ -1036,6 +1053,28 @@ struct Moves {
     resume: Vec<((usize, i32), i64)>,
 }
 
+/// What librdkafka's application position `at`, past offsets it did not deliver, means for a
+/// partition whose timestamp seek is `verify` (if any).
+#[derive(Debug, PartialEq)]
+enum AfterSkip {
+    /// No seek to verify: the shown position may follow.
+    Follow,
+    /// The seek's verifying message is still to come: nothing moves.
+    Wait,
+    /// The offset to verify was passed without a message there (the seek landed on a
+    /// transaction marker): the seek cannot be checked, so it is undone as a failed check is,
+    /// reading on from where it was; never trusted.
+    Undo(Verify),
+}
+
+fn after_skip(verify: Option<Verify>, at: i64) -> AfterSkip {
+    match verify {
+        None => AfterSkip::Follow,
+        Some(v) if at > v.offset => AfterSkip::Undo(v),
+        Some(_) => AfterSkip::Wait,
+    }
+}
+
 /// Whether librdkafka's application position `at` moves the shown position `pos` forward:
 /// only ahead of what was read, and never past the end the broker reported (a position
 /// beyond it would be one left over from a longer, earlier log).
@@ -1230,6 +1269,27 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seek_whose_offset_was_skipped_is_undone() {
+        let v = Verify {
+            offset: 40,
+            before_ms: 0,
+            resume: 7,
+        };
+        assert_eq!(after_skip(None, 41), AfterSkip::Follow);
+        assert_eq!(after_skip(Some(v), 40), AfterSkip::Wait, "not passed yet");
+        assert_eq!(
+            after_skip(Some(v), -1001),
+            AfterSkip::Wait,
+            "no position yet"
+        );
+        // The marker at 40 was passed without a message: back to 7, not on from 41.
+        match after_skip(Some(v), 41) {
+            AfterSkip::Undo(u) => assert_eq!((u.offset, u.resume), (40, 7)),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn skipped_offsets_move_a_position_only_forward_and_within_the_log() {
