@@ -18,6 +18,22 @@ pub struct DbSvc {
 }
 
 impl DbSvc {
+    /// db-svc on a fresh database where `ddl` (one or more statements) created its own
+    /// tables, serving `tables` (comma-separated).
+    pub async fn start_with(ddl: &str, tables: &str) -> Self {
+        use sqlx::Connection;
+        let db = TestDatabase::create().await.expect("test database");
+        let mut conn = sqlx::PgConnection::connect(&db.url)
+            .await
+            .expect("connect to the test database");
+        sqlx::raw_sql(ddl)
+            .execute(&mut conn)
+            .await
+            .expect("create the test tables");
+        drop(conn);
+        Self::start_on(db, &["--tables", tables]).await
+    }
+
     /// Starts db-svc with `args` and waits until it is SERVING.
     pub async fn start(args: &[&str]) -> Self {
         let db = TestDatabase::create().await.expect("create test database");

@@ -638,19 +638,12 @@ async fn catalog_lists_describes_and_learns_new_columns() {
 #[tokio::test]
 async fn updated_at_is_maintained_on_a_configured_table() {
     // The served set is configuration: an extra table with updated_at.
-    let db = omnibus_tests::TestDatabase::create().await.unwrap();
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        sqlx::query(
-            "CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL, \
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL, \
              created_at timestamptz, updated_at timestamptz)",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
-    let mut s = DbSvc::start_on(db, &["--tables", "notes,agent_actions"]).await;
+        "notes,agent_actions",
+    )
+    .await;
     let row = insert(&mut s, "notes", vec![json!({"body": "x"})])
         .await
         .remove(0);
@@ -852,18 +845,11 @@ async fn typed_rows_read_into_the_callers_struct() {
 /// double keeps.
 #[tokio::test]
 async fn bigints_beyond_doubles_round_trip_exactly() {
-    let db = omnibus_tests::TestDatabase::create().await.unwrap();
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        sqlx::query(
-            "CREATE TABLE counters (id bigint PRIMARY KEY, n bigint, amount numeric(30,10))",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
-    let mut s = DbSvc::start_on(db, &["--tables", "counters"]).await;
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE counters (id bigint PRIMARY KEY, n bigint, amount numeric(30,10))",
+        "counters",
+    )
+    .await;
     let big = "9007199254740993"; // 2^53 + 1: a double would read 9007199254740992
     let back = insert(
         &mut s,
@@ -1239,19 +1225,12 @@ async fn query_limit_defaults_to_100_and_is_capped_by_the_maximum() {
 /// Insert and Query, filters take them, and wrong values are INVALID_ARGUMENT naming the field.
 #[tokio::test]
 async fn type_mapping_of_smallint_real_double_date_and_json() {
-    let db = omnibus_tests::TestDatabase::create().await.unwrap();
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        sqlx::query(
-            "CREATE TABLE measurements (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE measurements (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), \
              small smallint, ratio real, precise double precision, day date, doc json)",
-        )
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    }
-    let mut s = DbSvc::start_on(db, &["--tables", "measurements"]).await;
+        "measurements",
+    )
+    .await;
 
     let described = s
         .client
@@ -1623,16 +1602,11 @@ async fn migrated_schema_matches_the_reference() {
 /// ("out of range"), rather than stored as Infinity or 0.
 #[tokio::test]
 async fn a_real_out_of_range_is_refused_not_stored_as_infinity() {
-    let db = omnibus_tests::TestDatabase::create().await.unwrap();
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        sqlx::query("CREATE TABLE readings (id serial PRIMARY KEY, ratio real)")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
-    let mut s = DbSvc::start_on(db, &["--tables", "readings"]).await;
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE readings (id serial PRIMARY KEY, ratio real)",
+        "readings",
+    )
+    .await;
     let mut stored = Vec::new();
     for value in [1e300, -1e300, 1e-50] {
         match s
@@ -2032,16 +2006,11 @@ async fn update_and_delete_returning_too_many_rows_roll_back() {
 /// with no restart; a request naming the old column then gets a field error.
 #[tokio::test]
 async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
-    let db = omnibus_tests::TestDatabase::create().await.unwrap();
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        sqlx::query("CREATE TABLE notes (id bigint PRIMARY KEY, body text, extra text)")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
-    let mut s = DbSvc::start_on(db, &["--tables", "notes"]).await;
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE notes (id bigint PRIMARY KEY, body text, extra text)",
+        "notes",
+    )
+    .await;
     let back = insert(
         &mut s,
         "notes",
@@ -2142,16 +2111,11 @@ async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
 /// the string a client reads is one it can filter, update and delete by.
 #[tokio::test]
 async fn char_n_values_read_back_as_they_filter() {
-    let db = omnibus_tests::TestDatabase::create().await.unwrap();
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        sqlx::query("CREATE TABLE codes (id int PRIMARY KEY, code char(5), label varchar(10))")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
-    let mut s = DbSvc::start_on(db, &["--tables", "codes"]).await;
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE codes (id int PRIMARY KEY, code char(5), label varchar(10))",
+        "codes",
+    )
+    .await;
     let back = insert(
         &mut s,
         "codes",
