@@ -1021,15 +1021,18 @@ async fn a_late_redelivery_of_an_applied_write_is_replayed_not_timed_out() {
     let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
+    // `request_id` differs from the correlation id and is spelled as protobuf's JSON writes it
+    // by default (`requestId`, as Python's MessageToJson does).
     let late_envelope = |id: &str, agent: &str| {
         let insert = pb::InsertRequest {
             table: "agent_actions".into(),
             rows: vec![action(agent)],
-            request_id: id.to_string(),
+            request_id: format!("req-{id}"),
             ..Default::default()
         };
         let json =
-            omnibus_proto::json::to_json("omnibus.db.v1.InsertRequest", &insert, true).unwrap();
+            omnibus_proto::json::to_json("omnibus.db.v1.InsertRequest", &insert, false).unwrap();
+        assert!(json.get("requestId").is_some(), "{json}");
         // Sent a minute ago with a 1 s deadline: long past.
         let sent = chrono::Utc::now() - chrono::Duration::seconds(60);
         (

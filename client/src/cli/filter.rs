@@ -249,7 +249,9 @@ fn decimal_parts(t: &str) -> Option<(bool, String, i64)> {
     if significant.is_empty() {
         return Some((false, String::new(), 0));
     }
-    let exponent = exponent.checked_add(i64::try_from(int.len()).ok()?)? - leading as i64;
+    let exponent = exponent
+        .checked_add(i64::try_from(int.len()).ok()?)?
+        .checked_sub(i64::try_from(leading).ok()?)?;
     Some((negative, significant.to_string(), exponent))
 }
 
@@ -800,6 +802,11 @@ mod tests {
         );
         assert_eq!(guess("9007199254740993"), json!("9007199254740993"));
         assert_eq!(guess("9007199254740991"), json!(9_007_199_254_740_991i64));
+        // An exponent at the edge of i64: no overflow, just text.
+        assert_eq!(
+            guess("0.01e-9223372036854775808"),
+            json!("0.01e-9223372036854775808")
+        );
         assert!(typed_value(&raw("maybe"), Some("boolean")).is_err());
         assert_eq!(t("{\"a\":[1]}", Some("json")), json!({"a": [1]}));
         assert_eq!(t("hello", Some("json")), json!("hello"));

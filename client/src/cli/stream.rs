@@ -59,7 +59,12 @@ fn is_permanent(code: tonic::Code) -> bool {
     )
 }
 
+/// "Not gRPC" answers (`Unknown`, "transport error") before the stream ever opened after which
+/// the address is taken to be no gRPC server (one alone could be a reset connection).
+const NOT_GRPC_ANSWERS: u32 = 3;
+
 pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<Item>) {
+    let mut not_grpc_answers = 0;
     let mut position = Position::default();
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
@@ -85,6 +90,9 @@ pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<I
         // The snapshot is the starting state; a resume replays updates instead.
         request.include_snapshot = base.include_snapshot && first;
         let reply = ConsumerServiceClient::new(channel).subscribe(request).await;
+        if first && matches!(&reply, Err(status) if super::not_grpc(status)) {
+            not_grpc_answers += 1;
+        }
         let mut stream = match reply {
             Ok(r) => r.into_inner(),
             Err(status) if status.code() == tonic::Code::OutOfRange => {
@@ -100,7 +108,7 @@ pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<I
             // Errors that no retry can fix: a bad or missing token, an address that is not
             // consumer-svc (or no gRPC server at all, when it never answered one), streams
             // switched off, a bad filter.
-            Err(status) if is_permanent(status.code()) || (first && super::not_grpc(&status)) => {
+            Err(status) if is_permanent(status.code()) || not_grpc_answers >= NOT_GRPC_ANSWERS => {
                 let _ = tx
                     .send(Item::Fatal(call_error(Svc::Consumer, &addr, &status)))
                     .await;

@@ -41,17 +41,23 @@ pub enum Attempt {
 impl Handler {
     /// Runs `request` once. `remaining` is the time left before its deadline, if it has one.
     /// Whether the write `request` asks for was already committed under its idempotency key
-    /// (the request's own `request_id`, else its correlation id): then it is answered from
-    /// the request log, whatever its deadline.
-    pub async fn already_applied(&self, request: &BusRequest) -> bool {
+    /// (the request's own `request_id`, in either spelling proto3 JSON accepts, else its
+    /// correlation id): then it is answered from the request log, whatever its deadline. An
+    /// error means the request log could not be read: unknown, not "no".
+    pub async fn already_applied(&self, request: &BusRequest) -> Result<bool, DbError> {
         let own = match &request.body {
-            RequestBody::Structured(s) => s.request.get("request_id").and_then(Value::as_str),
+            RequestBody::Structured(s) => ["request_id", "requestId"]
+                .iter()
+                .find_map(|name| s.request.get(*name).and_then(Value::as_str)),
             RequestBody::Sql(_) => None,
         };
         let id = own
             .filter(|id| !id.is_empty())
             .unwrap_or(&request.correlation_id);
-        !id.is_empty() && self.sql_executor.is_recorded(id).await.unwrap_or(false)
+        if id.is_empty() {
+            return Ok(false);
+        }
+        self.sql_executor.is_recorded(id).await
     }
 
     pub async fn attempt(&self, request: &BusRequest, remaining: Option<Duration>) -> Attempt {

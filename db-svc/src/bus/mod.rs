@@ -503,16 +503,28 @@ async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
                     Ok(left) if !left.is_zero() => Some(left),
                     // A write already committed under this id (a redelivery after its reply,
                     // or after a crash between commit and reply) is replayed from the request
-                    // log, which writes nothing: "nothing was done" would be false.
-                    _ if worker.handler.already_applied(request).await => Some(REPLAY_BUDGET),
-                    _ => {
-                        return Some(Reply::Failed(FailedPayload::new(
-                            codes::TIMEOUT,
-                            format!(
-                                "the request's deadline ({deadline}) passed before it could be executed; nothing was done"
-                            ),
-                        )));
-                    }
+                    // log, which writes nothing: "nothing was done" would be false. While the
+                    // log cannot be read, the request waits like any other.
+                    _ => match worker.handler.already_applied(request).await {
+                        Ok(true) => Some(REPLAY_BUDGET),
+                        Ok(false) => {
+                            return Some(Reply::Failed(FailedPayload::new(
+                                codes::TIMEOUT,
+                                format!(
+                                    "the request's deadline ({deadline}) passed before it could be executed; nothing was done"
+                                ),
+                            )));
+                        }
+                        Err(e) => {
+                            let why = e.to_string();
+                            if !wait_for_database(worker, backoff, &mut warned, request, &why).await
+                            {
+                                return None;
+                            }
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            continue;
+                        }
+                    },
                 }
             }
             None => None,
@@ -520,18 +532,32 @@ async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
         match worker.handler.attempt(request, remaining).await {
             Attempt::Done(reply) => return Some(reply),
             Attempt::Retry(why) => {
-                if !warned {
-                    tracing::warn!(correlation_id = %request.correlation_id, "database unavailable ({why}); the request waits and is retried");
-                    warned = true;
-                }
                 let pause = remaining.map_or(backoff, |left| backoff.min(left));
-                tokio::select! {
-                    _ = worker.shutdown.triggered() => return None,
-                    _ = tokio::time::sleep(pause) => {}
+                if !wait_for_database(worker, pause, &mut warned, request, &why).await {
+                    return None;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+/// Waits `pause` while the database is unavailable, warning once per request; false when
+/// shutdown interrupted the wait.
+async fn wait_for_database(
+    worker: &Worker,
+    pause: Duration,
+    warned: &mut bool,
+    request: &BusRequest,
+    why: &str,
+) -> bool {
+    if !*warned {
+        tracing::warn!(correlation_id = %request.correlation_id, "database unavailable ({why}); the request waits and is retried");
+        *warned = true;
+    }
+    tokio::select! {
+        _ = worker.shutdown.triggered() => false,
+        _ = tokio::time::sleep(pause) => true,
     }
 }
 
