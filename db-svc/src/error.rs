@@ -255,8 +255,12 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         "40001" | "40P01" => DbError::Retryable(message),
         "42501" => DbError::PermissionDenied(message),
         "25006" => DbError::WriteNotAllowed(format!("read-only statement required: {message}")),
-        // Undefined column or table, a value (or operator) of another type than the column's.
+        // Undefined column or table, a value (or operator) of another type than the column's,
+        // a statement prepared before its table's column types changed.
         "42703" | "42P01" | "42804" | "42883" => DbError::SchemaChanged(message),
+        "0A000" if message.contains("cached plan must not change result type") => {
+            DbError::SchemaChanged(message)
+        }
         c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
             DbError::Unavailable(message)
         }

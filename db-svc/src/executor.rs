@@ -203,6 +203,8 @@ impl Executor {
         if !matches!(result, Err(DbError::SchemaChanged(_))) {
             return false;
         }
+        // The retry must not meet statements prepared for the old table again.
+        crate::stale_plans::mark_changed();
         match self
             .catalog
             .refresh_on_miss(&self.pool, table, arrived)
@@ -590,6 +592,7 @@ impl Executor {
                 // Rows may already have gone out, so this stream is not retried; the table is
                 // read again so that the caller's next request runs on what it is now.
                 if matches!(e, DbError::SchemaChanged(_)) {
+                    crate::stale_plans::mark_changed();
                     let _ = catalog.refresh_table(&pool, &spec.table).await;
                 }
                 error_slot.send(Err(e));

@@ -19,6 +19,7 @@ pub mod ops;
 pub mod pg_numeric;
 pub mod query_coalescing;
 pub mod raw_sql;
+pub mod stale_plans;
 pub mod values;
 pub mod wire;
 
@@ -56,9 +57,17 @@ pub fn pool(settings: &Settings) -> PgPool {
         ("TimeZone", "UTC"),
         ("statement_timeout", timeout_ms.as_str()),
     ]);
+    // Connections whose prepared statements predate a schema change are retired (see
+    // `stale_plans`); one atomic load per acquire and release otherwise.
     PgPoolOptions::new()
         .max_connections(settings.db_max_connections)
         .acquire_timeout(settings.db_acquire_timeout)
+        .before_acquire(|_, meta| {
+            Box::pin(async move { Ok(!stale_plans::predates_change(meta.age)) })
+        })
+        .after_release(|_, meta| {
+            Box::pin(async move { Ok(!stale_plans::predates_change(meta.age)) })
+        })
         .connect_lazy_with(options)
 }
 

@@ -21,6 +21,11 @@ impl DbSvc {
     /// db-svc on a fresh database where `ddl` (one or more statements) created its own
     /// tables, serving `tables` (comma-separated).
     pub async fn start_with(ddl: &str, tables: &str) -> Self {
+        Self::start_with_args(ddl, &["--tables", tables]).await
+    }
+
+    /// [`DbSvc::start_with`] with db-svc's arguments given whole.
+    pub async fn start_with_args(ddl: &str, args: &[&str]) -> Self {
         use sqlx::Connection;
         let db = TestDatabase::create().await.expect("test database");
         let mut conn = sqlx::PgConnection::connect(&db.url)
@@ -31,7 +36,7 @@ impl DbSvc {
             .await
             .expect("create the test tables");
         drop(conn);
-        Self::start_on(db, &["--tables", tables]).await
+        Self::start_on(db, args).await
     }
 
     /// Starts db-svc with `args` and waits until it is SERVING.

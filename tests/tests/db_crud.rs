@@ -2001,14 +2001,16 @@ async fn update_and_delete_returning_too_many_rows_roll_back() {
     );
 }
 
-/// A column dropped or renamed while db-svc runs: the next request that trips on the old
-/// catalog makes db-svc read the table again and runs once more on what the table is now,
-/// with no restart; a request naming the old column then gets a field error.
+/// A column dropped, renamed or retyped while db-svc runs: the next request that trips on the
+/// old catalog makes db-svc read the table again and runs once more on what the table is now
+/// (on a connection without statements prepared for the old table), with no restart; a
+/// request naming the old column then gets a field error.
 #[tokio::test]
 async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
-    let mut s = DbSvc::start_with(
+    // One pooled connection: the statements it prepared are met again after every change.
+    let mut s = DbSvc::start_with_args(
         "CREATE TABLE notes (id bigint PRIMARY KEY, body text, extra text)",
-        "notes",
+        &["--tables", "notes", "--db-max-connections", "1"],
     )
     .await;
     let back = insert(
@@ -2066,6 +2068,20 @@ async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert_eq!(error_details(&err).1, vec!["where.body"], "{err:?}");
+    assert_eq!(
+        query_all(&mut s).await.unwrap(),
+        vec![
+            json!({"id": 1.0, "text_body": "a"}),
+            json!({"id": 2.0, "text_body": "b"})
+        ]
+    );
+
+    // Retyped: the same SQL, prepared for bigint on the one connection ("cached plan must not
+    // change result type"), now runs on a fresh connection.
+    sqlx::query("ALTER TABLE notes ALTER COLUMN id TYPE int")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(
         query_all(&mut s).await.unwrap(),
         vec![
