@@ -27,6 +27,10 @@ fn describe(status: &tonic::Status) -> String {
         (tonic::Code::Unknown, "transport error") => {
             "no gRPC answer (transport error) - is that the right address?".into()
         }
+        // What a peer that reads the HTTP/2 preface and hangs up gives, depending on timing.
+        (tonic::Code::Cancelled, "operation was canceled") => {
+            "the connection closed without a gRPC answer - is that the right address?".into()
+        }
         (code, "") => code.description().to_string(),
         (code, message) => format!("{}: {message}", code.description()),
     }

@@ -333,14 +333,10 @@ async fn generate_feeds_all_four_topics_and_status_shows_both_services() {
     let pg = "127.0.0.1:5432";
     let out = omnibus(&["--consumer-addr", pg, "tail"]).await.unwrap();
     assert_eq!(out.code, Some(1), "{out:?}");
-    assert_eq!(
-        out.stderr.trim().lines().last(),
-        Some(
-            format!(
-                "omnibus: consumer-svc at {pg} does not speak gRPC - is that the right address?"
-            )
-            .as_str()
-        ),
+    let last = out.stderr.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("omnibus: consumer-svc at {pg} "))
+            && last.ends_with("- is that the right address?"),
         "{out:?}"
     );
 }

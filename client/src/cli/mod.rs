@@ -292,6 +292,13 @@ pub fn not_grpc(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unknown && status.message().trim() == "transport error"
 }
 
+/// What tonic answers when the peer hung up before any gRPC answer (a non-gRPC peer that
+/// closes after reading the HTTP/2 preface; which of this and [`not_grpc`] comes depends on
+/// timing).
+pub fn closed_without_answer(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled && status.message().trim() == "operation was canceled"
+}
+
 pub fn call_error(svc: Svc, addr: &str, status: &tonic::Status) -> Fail {
     use tonic::Code;
     let msg = status.message().trim();
@@ -316,6 +323,11 @@ pub fn call_error(svc: Svc, addr: &str, status: &tonic::Status) -> Fail {
         // Something accepted the connection but does not speak gRPC over HTTP/2.
         _ if not_grpc(status) => Fail(format!(
             "{} at {addr} does not speak gRPC - is that the right address?",
+            svc.name()
+        )),
+        // The same, when the peer hung up first (which of the two comes depends on timing).
+        _ if closed_without_answer(status) => Fail(format!(
+            "{} at {addr} closed the connection without a gRPC answer - is that the right address?",
             svc.name()
         )),
         Code::Unimplemented => Fail(format!(

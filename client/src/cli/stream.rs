@@ -59,8 +59,9 @@ fn is_permanent(code: tonic::Code) -> bool {
     )
 }
 
-/// "Not gRPC" answers (`Unknown`, "transport error") before the stream ever opened after which
-/// the address is taken to be no gRPC server (one alone could be a reset connection).
+/// "Not gRPC" answers (a transport error, or a connection closed without an answer) before the
+/// stream ever opened after which the address is taken to be no gRPC server (one alone could
+/// be a reset connection).
 const NOT_GRPC_ANSWERS: u32 = 3;
 
 pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<Item>) {
@@ -90,7 +91,9 @@ pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<I
         // The snapshot is the starting state; a resume replays updates instead.
         request.include_snapshot = base.include_snapshot && first;
         let reply = ConsumerServiceClient::new(channel).subscribe(request).await;
-        if first && matches!(&reply, Err(status) if super::not_grpc(status)) {
+        if first
+            && matches!(&reply, Err(status) if super::not_grpc(status) || super::closed_without_answer(status))
+        {
             not_grpc_answers += 1;
         }
         let mut stream = match reply {
