@@ -72,6 +72,20 @@ impl DbSvc {
             .expect("seed agent_actions");
     }
 
+    /// Rows in `table`, counted by db-svc (`Count` without a filter).
+    pub async fn count_all(&self, table: &str) -> u64 {
+        self.client
+            .clone()
+            .count(omnibus_proto::db::v1::CountRequest {
+                table: table.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("count")
+            .into_inner()
+            .count
+    }
+
     /// A direct connection to the test database (for checks behind db-svc's back).
     pub async fn sql(&self) -> sqlx::PgConnection {
         use sqlx::Connection;

@@ -196,16 +196,7 @@ async fn insert_query_update_delete_count_round_trip() {
         .into_inner();
     assert_eq!(reply.affected, 2);
     assert_eq!(reply.rows.len(), 2);
-    let left = s
-        .client
-        .count(pb::CountRequest {
-            table: "agent_actions".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let left = s.count_all("agent_actions").await;
     assert_eq!(left, 2);
 }
 
@@ -2068,13 +2059,11 @@ async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert_eq!(error_details(&err).1, vec!["where.body"], "{err:?}");
-    assert_eq!(
-        query_all(&mut s).await.unwrap(),
-        vec![
-            json!({"id": 1.0, "text_body": "a"}),
-            json!({"id": 2.0, "text_body": "b"})
-        ]
-    );
+    let renamed = vec![
+        json!({"id": 1.0, "text_body": "a"}),
+        json!({"id": 2.0, "text_body": "b"}),
+    ];
+    assert_eq!(query_all(&mut s).await.unwrap(), renamed);
 
     // Retyped: the same SQL, prepared for bigint on the one connection ("cached plan must not
     // change result type"), now runs on a fresh connection.
@@ -2082,13 +2071,7 @@ async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
         .execute(&mut conn)
         .await
         .unwrap();
-    assert_eq!(
-        query_all(&mut s).await.unwrap(),
-        vec![
-            json!({"id": 1.0, "text_body": "a"}),
-            json!({"id": 2.0, "text_body": "b"})
-        ]
-    );
+    assert_eq!(query_all(&mut s).await.unwrap(), renamed);
 
     // StreamQuery cannot retry (rows may be out already): the stream that trips fails, and the
     // next one runs on the table as it is.

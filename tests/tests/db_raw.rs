@@ -160,16 +160,7 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert_eq!(error_details(&err).0, "WRITE_NOT_ALLOWED");
-    let n = s
-        .client
-        .count(pb::CountRequest {
-            table: "agent_actions".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let n = s.count_all("agent_actions").await;
     assert_eq!(n, 5);
 }
 
@@ -244,16 +235,7 @@ async fn writes_when_the_operator_enables_them_idempotently() {
         assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
         assert!(err.message().contains("inside a query"), "{err:?}");
     }
-    let left = s
-        .client
-        .count(pb::CountRequest {
-            table: "agent_actions".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let left = s.count_all("agent_actions").await;
     assert_eq!(left, 3, "five seeded, two deleted above");
 }
 
@@ -333,16 +315,7 @@ async fn a_raw_sql_role_bounds_raw_statements_by_its_grants() {
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     assert_eq!(error_details(&err).0, "PERMISSION_DENIED");
     // The structured RPCs keep db-svc's own user.
-    let n = s
-        .client
-        .count(pb::CountRequest {
-            table: "error_events".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count;
+    let n = s.count_all("error_events").await;
     assert_eq!(n, 0);
 
     sqlx::query(&format!("DROP OWNED BY {role}"))

@@ -31,18 +31,6 @@ fn insert_req(table: &str, rows: Vec<Json>) -> pb::InsertRequest {
     }
 }
 
-async fn count(s: &mut DbSvc, table: &str) -> u64 {
-    s.client
-        .count(pb::CountRequest {
-            table: table.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .count
-}
-
 fn assert_invalid(status: &tonic::Status, field: &str) {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let (reason, fields) = error_details(status);
@@ -259,11 +247,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     assert_invalid(&err, "rows[0].confidence_score");
     assert!(err.message().contains("numeric(5,4)"), "{err:?}");
 
-    assert_eq!(
-        count(&mut s, "agent_actions").await,
-        0,
-        "nothing was written"
-    );
+    assert_eq!(s.count_all("agent_actions").await, 0, "nothing was written");
 
     // An update that would null a NOT NULL column names `set.<column>`; the row is unchanged.
     s.seed_actions(vec![action("kept")]).await;
@@ -380,7 +364,7 @@ async fn updates_and_deletes_cannot_run_away() {
         .await
         .unwrap_err();
     assert_eq!(error_details(&err).0, "TOO_MANY_ROWS");
-    assert_eq!(count(&mut s, "agent_actions").await, 4, "nothing deleted");
+    assert_eq!(s.count_all("agent_actions").await, 4, "nothing deleted");
     let reply = s
         .client
         .delete(pb::DeleteRequest {
@@ -393,7 +377,7 @@ async fn updates_and_deletes_cannot_run_away() {
         .unwrap()
         .into_inner();
     assert_eq!(reply.affected, 3);
-    assert_eq!(count(&mut s, "agent_actions").await, 1);
+    assert_eq!(s.count_all("agent_actions").await, 1);
 }
 
 #[tokio::test]
@@ -418,7 +402,7 @@ async fn constraint_violations_name_the_constraint() {
         Some("agent_actions_pkey")
     );
     assert_eq!(
-        count(&mut s, "agent_actions").await,
+        s.count_all("agent_actions").await,
         1,
         "one statement, one transaction"
     );
@@ -547,7 +531,7 @@ async fn injection_attempts_change_nothing() {
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
     }
-    assert_eq!(count(&mut s, "agent_actions").await, 2);
+    assert_eq!(s.count_all("agent_actions").await, 2);
 }
 
 #[tokio::test]
@@ -577,7 +561,7 @@ async fn deadline_becomes_the_statement_timeout() {
     lock.release().await;
 
     // Without a deadline the same call works.
-    assert_eq!(count(&mut s, "agent_actions").await, 0);
+    assert_eq!(s.count_all("agent_actions").await, 0);
 }
 
 #[tokio::test]
@@ -794,11 +778,7 @@ async fn oversized_and_non_finite_input_is_refused_by_field() {
         .await
         .unwrap_err();
     assert_invalid(&err, "rows");
-    assert_eq!(
-        count(&mut s, "agent_actions").await,
-        0,
-        "nothing was written"
-    );
+    assert_eq!(s.count_all("agent_actions").await, 0, "nothing was written");
 
     // A raw statement returning more rows than --query-max-limit fails before they fill memory.
     let raw = |sql: &str| pb::ExecuteRawRequest {
