@@ -529,29 +529,34 @@ impl Ingest {
         }
     }
 
+    /// One ListOffsets round for all of `parts` at `at`: a timestamp, or (as Kafka's
+    /// ListOffsets reads -2 and -1) `Offset::Beginning` / `Offset::End` for the first and
+    /// latest offsets.
+    fn list_offsets(
+        &self,
+        parts: &[(usize, i32)],
+        at: Offset,
+    ) -> rdkafka::error::KafkaResult<TopicPartitionList> {
+        let mut query = TopicPartitionList::new();
+        for &(k, p) in parts {
+            // Only fails for a negative offset other than the symbolic ones: not these.
+            let _ = query.add_partition_offset(&self.cfg.topics[k], p, at);
+        }
+        self.consumer.offsets_for_times(query, KAFKA_TIMEOUT)
+    }
+
     /// The broker's latest offset of each of `parts`, asked in one ListOffsets round (not one
     /// blocking call per partition); partitions without an answer are left out.
     fn latest_offsets(&self, parts: &[(usize, i32)]) -> HashMap<(usize, i32), i64> {
         if parts.is_empty() {
             return HashMap::new();
         }
-        let mut query = TopicPartitionList::new();
-        for &(k, p) in parts {
-            // Only fails for a negative offset other than the symbolic ones: not this one.
-            let _ = query.add_partition_offset(&self.cfg.topics[k], p, Offset::End);
-        }
-        let Ok(answer) = self.consumer.offsets_for_times(query, KAFKA_TIMEOUT) else {
+        let Ok(answer) = self.list_offsets(parts, Offset::End) else {
             return HashMap::new();
         };
         parts
             .iter()
-            .filter_map(|&(k, p)| {
-                let e = answer.find_partition(&self.cfg.topics[k], p)?;
-                match (e.error(), e.offset()) {
-                    (Ok(()), Offset::Offset(high)) => Some(((k, p), high)),
-                    _ => None,
-                }
-            })
+            .filter_map(|&(k, p)| Some(((k, p), offset_in(&answer, &self.cfg.topics[k], p)?)))
             .collect()
     }
 
@@ -847,15 +852,7 @@ impl Ingest {
     /// `fetch_watermarks`). Partitions without a usable answer are left out.
     fn replay_starts(&self, parts: &[(usize, i32)], target_ms: i64) -> Vec<((usize, i32), i64)> {
         let mut out = Vec::new();
-        let list = |at: Offset| {
-            let mut query = TopicPartitionList::new();
-            for &(k, p) in parts {
-                // Only fails for a negative offset other than the symbolic ones: not these.
-                let _ = query.add_partition_offset(&self.cfg.topics[k], p, at);
-            }
-            self.consumer.offsets_for_times(query, KAFKA_TIMEOUT)
-        };
-        // Timestamps -2 and -1 are the earliest and latest offsets in Kafka's ListOffsets.
+        let list = |at: Offset| self.list_offsets(parts, at);
         let (low, high, at_cutoff) = std::thread::scope(|s| {
             let low = s.spawn(|| list(Offset::Beginning));
             let high = s.spawn(|| list(Offset::End));
@@ -878,14 +875,6 @@ impl Ingest {
                 );
                 return out;
             }
-        };
-        let offset_in = |list: &TopicPartitionList, topic: &str, p: i32| {
-            list.find_partition(topic, p)
-                .filter(|e| e.error().is_ok())
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                })
         };
         for &(k, p) in parts {
             let topic = &self.cfg.topics[k];
@@ -1051,6 +1040,16 @@ struct Moves {
     target_ms: Option<i64>,
     /// Failed seek verifications: resume reading at the offset.
     resume: Vec<((usize, i32), i64)>,
+}
+
+/// The offset a ListOffsets answer gives `topic`/`p`, if it gives one without an error.
+fn offset_in(list: &TopicPartitionList, topic: &str, p: i32) -> Option<i64> {
+    list.find_partition(topic, p)
+        .filter(|e| e.error().is_ok())
+        .and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
 }
 
 /// What librdkafka's application position `at`, past offsets it did not deliver, means for a

@@ -190,32 +190,24 @@ impl Executor {
         Ok(tx)
     }
 
-    /// Whether `result` failed on a table that changed after its catalog was read (a column
-    /// dropped, renamed or retyped: PostgreSQL no longer knows a name the statement took from
-    /// the catalog), in which case the table has just been read again and the operation,
-    /// which changed nothing (its transaction rolled back), may run once more.
-    async fn reread_after<T>(
+    /// Runs `attempt`, and once more when it failed on a table that changed after its catalog
+    /// was read (a column dropped, renamed or retyped: PostgreSQL no longer knows a name or
+    /// type the statement took from the catalog). The failed attempt changed nothing (its
+    /// transaction rolled back); the table has been read again meanwhile.
+    async fn once_more_if_changed<T, F: Future<Output = Result<T, DbError>>>(
         &self,
-        result: &Result<T, DbError>,
         table: &str,
-        arrived: std::time::Instant,
-    ) -> bool {
-        if !matches!(result, Err(DbError::SchemaChanged(_))) {
-            return false;
-        }
-        // The retry must not meet statements prepared for the old table again.
-        crate::stale_plans::mark_changed();
-        match self
-            .catalog
-            .refresh_on_miss(&self.pool, table, arrived)
-            .await
+        arrived: Instant,
+        attempt: impl Fn() -> F,
+    ) -> Result<T, DbError> {
+        let result = attempt().await;
+        if matches!(result, Err(DbError::SchemaChanged(_)))
+            && reread_changed_table(&self.catalog, &self.pool, table, arrived).await
         {
-            Ok(_) => {
-                tracing::info!(table, "table changed since its catalog was read; retrying");
-                true
-            }
-            Err(_) => false,
+            tracing::info!(table, "table changed since its catalog was read; retrying");
+            return attempt().await;
         }
+        result
     }
 
     async fn table_for(&self, op: &Operation) -> Result<Arc<TableInfo>, DbError> {
@@ -224,12 +216,15 @@ impl Executor {
 
     /// Runs one operation, recording its latency by operation and outcome (`ok` or the code).
     pub async fn execute(&self, op: Operation, ctx: &ExecContext) -> Result<OpOutput, DbError> {
-        let (started, name) = (std::time::Instant::now(), op.name());
-        let mut result = self.execute_op(&op, ctx).await;
-        if !matches!(op, Operation::Raw(_)) && self.reread_after(&result, op.table(), started).await
-        {
-            result = self.execute_op(&op, ctx).await;
-        }
+        let (started, name) = (Instant::now(), op.name());
+        // Raw SQL names what its author wrote: its errors are the author's, never retried.
+        let result = match op {
+            Operation::Raw(_) => self.execute_op(&op, ctx).await,
+            _ => {
+                self.once_more_if_changed(op.table(), started, || self.execute_op(&op, ctx))
+                    .await
+            }
+        };
         let result = result.map_err(|e| ops::locate_not_null(e, &op));
         record_latency(name, started, &result);
         result
@@ -279,6 +274,18 @@ impl Executor {
                 self.write(op, plan, spec.count_only, None, ctx).await
             }
         }
+    }
+
+    /// Whether a write under `request_id` has committed and recorded its result (so a repeat
+    /// is answered from the request log, without writing).
+    pub async fn is_recorded(&self, request_id: &str) -> Result<bool, DbError> {
+        let recorded: Option<bool> = sqlx::query_scalar(
+            "SELECT result IS NOT NULL FROM omnibus_request_log WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(recorded.unwrap_or(false))
     }
 
     fn effective_limit(&self, spec: &QuerySpec) -> Result<u64, DbError> {
@@ -367,17 +374,15 @@ impl Executor {
         ctx: &ExecContext,
         field: u8,
     ) -> Result<(EncodedRows, Option<u64>), DbError> {
-        let started = std::time::Instant::now();
-        let attempt = || async {
-            let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
-            let (fetched, total) = self.fetch_query(&table, &spec, ctx).await?;
-            let rows = EncodedRows::encode(&fetched.rows, fetched.first_column, field)?;
-            Ok((rows, total))
-        };
-        let mut result = attempt().await;
-        if self.reread_after(&result, &spec.table, started).await {
-            result = attempt().await;
-        }
+        let started = Instant::now();
+        let result = self
+            .once_more_if_changed(&spec.table, started, || async {
+                let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
+                let (fetched, total) = self.fetch_query(&table, &spec, ctx).await?;
+                let rows = EncodedRows::encode(&fetched.rows, fetched.first_column, field)?;
+                Ok((rows, total))
+            })
+            .await;
         record_latency("query", started, &result);
         result
     }
@@ -558,6 +563,7 @@ impl Executor {
         timeout: Option<Duration>,
         shutdown: Shutdown,
     ) -> Result<mpsc::Receiver<RowBatch>, DbError> {
+        let arrived = Instant::now();
         let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
         if spec.include_total {
             return Err(DbError::field(
@@ -592,8 +598,7 @@ impl Executor {
                 // Rows may already have gone out, so this stream is not retried; the table is
                 // read again so that the caller's next request runs on what it is now.
                 if matches!(e, DbError::SchemaChanged(_)) {
-                    crate::stale_plans::mark_changed();
-                    let _ = catalog.refresh_table(&pool, &spec.table).await;
+                    reread_changed_table(&catalog, &pool, &spec.table, arrived).await;
                 }
                 error_slot.send(Err(e));
             }
@@ -765,18 +770,17 @@ where
     })
 }
 
-impl Executor {
-    /// Whether a write under `request_id` has committed and recorded its result (so a repeat
-    /// is answered from the request log, without writing).
-    pub async fn is_recorded(&self, request_id: &str) -> Result<bool, DbError> {
-        let recorded: Option<bool> = sqlx::query_scalar(
-            "SELECT result IS NOT NULL FROM omnibus_request_log WHERE request_id = $1",
-        )
-        .bind(request_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(recorded.unwrap_or(false))
-    }
+/// After a statement tripped on a changed table: retires the pooled connections whose
+/// prepared statements belong to the old table (see `stale_plans`) and reads the table again
+/// (coalesced with other requests that tripped at the same time); false if it cannot be read.
+async fn reread_changed_table(
+    catalog: &Catalog,
+    pool: &PgPool,
+    table: &str,
+    arrived: Instant,
+) -> bool {
+    crate::stale_plans::mark_changed();
+    catalog.refresh_on_miss(pool, table, arrived).await.is_ok()
 }
 
 /// Claims `request_id` in the request log for a write (`operation` on `table`, with its

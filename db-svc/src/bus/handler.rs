@@ -39,7 +39,6 @@ pub enum Attempt {
 }
 
 impl Handler {
-    /// Runs `request` once. `remaining` is the time left before its deadline, if it has one.
     /// Whether the write `request` asks for was already committed under its idempotency key
     /// (the request's own `request_id`, in either spelling proto3 JSON accepts, else its
     /// correlation id): then it is answered from the request log, whatever its deadline. An
@@ -60,6 +59,7 @@ impl Handler {
         self.sql_executor.is_recorded(id).await
     }
 
+    /// Runs `request` once. `remaining` is the time left before its deadline, if it has one.
     pub async fn attempt(&self, request: &BusRequest, remaining: Option<Duration>) -> Attempt {
         let started = Instant::now();
         let result = match &request.body {
