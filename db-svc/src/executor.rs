@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use serde_json::Value as Json;
-use sqlx::postgres::PgArguments;
+use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Either, PgPool, Postgres, Row, Statement as _};
 use svc_kit::Shutdown;
 use tokio::sync::mpsc;
@@ -737,13 +737,52 @@ pub(crate) async fn run_write<'e, E>(
 where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
+    execute_write(executor, plan, count_only, row_cap)
+        .await?
+        .decode()
+}
+
+/// What a write statement gave back, before its rows are turned into API values. Kept apart
+/// because a failure to decode them comes after the statement ran (and, outside a
+/// transaction, committed): running it again would write twice.
+pub(crate) enum Written {
+    Count(u64),
+    Rows(Vec<PgRow>),
+}
+
+impl Written {
+    pub(crate) fn decode(self) -> Result<OpOutput, DbError> {
+        match self {
+            Written::Count(affected) => Ok(OpOutput {
+                affected,
+                ..Default::default()
+            }),
+            Written::Rows(rows) => {
+                let rows = decode_rows(&rows)?;
+                Ok(OpOutput {
+                    affected: rows.len() as u64,
+                    rows,
+                    ..Default::default()
+                })
+            }
+        }
+    }
+}
+
+/// Runs a write statement; its rows (unless `count_only`) stay undecoded.
+pub(crate) async fn execute_write<'e, E>(
+    executor: E,
+    plan: &Plan,
+    count_only: bool,
+    row_cap: Option<u64>,
+) -> Result<Written, DbError>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
     let query = sqlx::query_with(&plan.sql, arguments(&plan.params)?);
     if count_only {
         let done = query.execute(executor).await?;
-        return Ok(OpOutput {
-            affected: done.rows_affected(),
-            ..Default::default()
-        });
+        return Ok(Written::Count(done.rows_affected()));
     }
     let mut rows = Vec::new();
     let mut stream = query.fetch(executor);
@@ -761,13 +800,7 @@ where
         }
         rows.push(row);
     }
-    drop(stream);
-    let rows = decode_rows(&rows)?;
-    Ok(OpOutput {
-        affected: rows.len() as u64,
-        rows,
-        ..Default::default()
-    })
+    Ok(Written::Rows(rows))
 }
 
 /// After a statement tripped on a changed table: retires the pooled connections whose

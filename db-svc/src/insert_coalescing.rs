@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use crate::catalog::TableInfo;
 use crate::coalescing::{self, BatchLimits, Coalescer, Lanes};
 use crate::error::DbError;
+use crate::executor::Written;
 use crate::ops::{self, InsertValues, OpOutput};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -121,11 +122,16 @@ impl InsertCoalescer {
         }
         let table = batch[0].table.clone();
         let parts = batch.iter().map(|w| w.values.clone());
-        let shared = run(&self.pool, &table, parts, count_only).await;
+        let shared = execute(&self.pool, &table, parts, count_only).await;
         match shared {
-            Ok(output) => {
+            Ok(written) => {
+                // The statement ran (and committed): whatever fails from here on is everyone's
+                // answer, never a reason to insert again.
                 let counts: Vec<usize> = batch.iter().map(|w| w.values.row_count()).collect();
-                match split_output(output, &counts, count_only) {
+                let split = written
+                    .decode()
+                    .and_then(|output| split_output(output, &counts, count_only));
+                match split {
                     Ok(outputs) => {
                         for (waiter, output) in batch.into_iter().zip(outputs) {
                             let _ = waiter.reply.send(Ok(output));
@@ -165,15 +171,25 @@ impl InsertCoalescer {
     }
 }
 
+/// Runs the insert of `parts`; an error means PostgreSQL refused it and nothing was written.
+async fn execute(
+    pool: &PgPool,
+    table: &TableInfo,
+    parts: impl IntoIterator<Item = InsertValues>,
+    count_only: bool,
+) -> Result<Written, DbError> {
+    let plan = ops::plan_shared_insert(table, parts, count_only)?;
+    // Inserts return at most the rows they were given.
+    crate::executor::execute_write(pool, &plan, count_only, None).await
+}
+
 async fn run(
     pool: &PgPool,
     table: &TableInfo,
     parts: impl IntoIterator<Item = InsertValues>,
     count_only: bool,
 ) -> Result<OpOutput, DbError> {
-    let plan = ops::plan_shared_insert(table, parts, count_only)?;
-    // Inserts return at most the rows they were given.
-    crate::executor::run_write(pool, &plan, count_only, None).await
+    execute(pool, table, parts, count_only).await?.decode()
 }
 
 /// Hands each insert of a shared statement its own part of the result, in VALUES order.

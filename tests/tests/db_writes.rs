@@ -354,6 +354,45 @@ async fn a_bad_insert_in_a_shared_statement_fails_alone() {
     .await;
 }
 
+/// A shared insert that PostgreSQL ran (and committed) but whose returned rows db-svc cannot
+/// read (a column retyped behind its back to a type without a mapping) fails for every
+/// insert in it and is never run again insert by insert: each row is written once.
+#[tokio::test]
+async fn a_shared_insert_whose_rows_cannot_be_read_back_is_not_written_twice() {
+    let (mut s, metrics) = one_insert_at_a_time().await;
+    let mut conn = s.sql().await;
+    sqlx::query("ALTER TABLE agent_actions ALTER COLUMN duration_ms TYPE point USING NULL")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let lock = TableLock::take(&s, "SHARE").await;
+    let first = spawn_insert(&s, action("first"));
+    lock.wait_blocked(&s, 1).await;
+    let shared: Vec<_> = (0..4)
+        .map(|i| spawn_insert(&s, action(&format!("shared-{i}"))))
+        .collect();
+    wait_metrics(&metrics, "four inserts waiting", |m| {
+        sample(m, "db_insert_requests_waiting", &[]) == Some(4.0)
+    })
+    .await;
+    lock.release().await;
+
+    for task in std::iter::once(first).chain(shared) {
+        let e = task
+            .await
+            .unwrap()
+            .expect_err("the rows cannot be returned");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("duration_ms"), "{e:?}");
+    }
+    // Written once each: the first alone, the other four in one shared statement.
+    assert_eq!(count(&mut s, "agent_actions").await, 5);
+    wait_metrics(&metrics, "no statement run again", |m| {
+        requests_per_statement(m) == (2.0, 5.0)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_insert_whose_caller_gave_up_while_it_waited_is_not_written() {
     let (mut s, metrics) = one_insert_at_a_time().await;
