@@ -132,6 +132,7 @@ pub fn check(sql: &str, served: &[String], allow_writes: bool) -> Result<RawStat
         served,
         scopes: Vec::new(),
         tables: Vec::new(),
+        function_next: false,
     };
     if let ControlFlow::Break(message) = statement.visit(&mut guard) {
         return Err(reject(message));
@@ -153,6 +154,8 @@ struct Guard<'a> {
     served: &'a [String],
     scopes: Vec<Scope>,
     tables: Vec<String>,
+    /// The next relation visited is the name of a function called in FROM.
+    function_next: bool,
 }
 
 /// One query being visited: the CTE names visible in it so far, and its own WITH list while
@@ -181,6 +184,18 @@ impl Visitor for Guard<'_> {
     type Break = String;
 
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<String> {
+        // `TABLE name` keeps its name as bare text (quoting lost), so it cannot be resolved
+        // as PostgreSQL would; the SELECT form can.
+        if let Some(t) = table_body(&query.body) {
+            let table = [t.schema_name.as_deref(), t.table_name.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(".");
+            return ControlFlow::Break(format!(
+                "'TABLE {table}' is not supported; write SELECT * FROM {table}"
+            ));
+        }
         let mut visible = Vec::new();
         // Entering the definition of CTE i of the enclosing query's WITH list?
         if let Some(with) = self.scopes.last().and_then(|s| s.with.as_ref())
@@ -234,11 +249,25 @@ impl Visitor for Guard<'_> {
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<String> {
         match factor {
             TableFactor::Function { name, .. } => allowed_function(name),
+            // `FROM f(...)`: a function call, whatever a CTE in scope is called (PostgreSQL
+            // never resolves a name with arguments to a CTE). Its name is visited next, as a
+            // relation, and must not be taken for one.
+            TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } => {
+                self.function_next = true;
+                allowed_function(name)
+            }
             _ => ControlFlow::Continue(()),
         }
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<String> {
+        if std::mem::take(&mut self.function_next) {
+            return ControlFlow::Continue(());
+        }
         let parts: Vec<String> = relation
             .0
             .iter()
@@ -259,6 +288,15 @@ impl Visitor for Guard<'_> {
             }
             None => not_served(),
         }
+    }
+}
+
+/// The `TABLE name` shorthand in a query body, alone or in a set operation.
+fn table_body(body: &SetExpr) -> Option<&sqlparser::ast::Table> {
+    match body {
+        SetExpr::Table(t) => Some(t),
+        SetExpr::SetOperation { left, right, .. } => table_body(left).or_else(|| table_body(right)),
+        _ => None,
     }
 }
 
@@ -362,6 +400,21 @@ mod tests {
             "SELECT * FROM crosstab('SELECT * FROM omnibus_request_log')",
             "SELECT a.id FROM agent_actions a, LATERAL pg_read_file('/etc/passwd') f",
             "SELECT a.id FROM agent_actions a CROSS JOIN LATERAL ts_stat('x') f",
+            // `TABLE x` reads a table too, alone, in a set operation, a sub-query or a CTE.
+            "TABLE omnibus_request_log",
+            "WITH x AS (SELECT 1) TABLE omnibus_request_log",
+            "SELECT * FROM (TABLE public.omnibus_request_log) t",
+            "SELECT * FROM agent_actions WHERE id IN (TABLE other_schema.secrets)",
+            "SELECT id FROM agent_actions UNION ALL TABLE secrets",
+            "WITH t AS (TABLE agent_actions) SELECT * FROM t",
+            // A function called in FROM is a function, whatever a CTE is named.
+            "WITH query_to_xml AS (SELECT 1) \
+             SELECT * FROM query_to_xml('select * from omnibus_request_log', true, false, '')",
+            "WITH set_config AS (SELECT 1) SELECT * FROM set_config('TimeZone', 'UTC', false)",
+            "WITH pg_sleep AS (SELECT 1) SELECT * FROM pg_sleep(10)",
+            "WITH agent_actions AS (SELECT 1) SELECT * FROM pg_catalog.pg_sleep(10)",
+            "SELECT * FROM agent_actions a, \
+             (WITH dblink AS (SELECT 1) SELECT * FROM dblink('x', 'y')) d",
         ] {
             assert!(check(sql, &served(), true).is_err(), "accepted: {sql}");
         }
@@ -417,6 +470,47 @@ mod tests {
             let s = check(sql, &served(), false).unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert_eq!(s.tables, tables, "{sql}");
         }
+    }
+
+    #[test]
+    fn functions_in_from_are_checked_like_functions_elsewhere() {
+        for (sql, tables) in [
+            ("SELECT * FROM generate_series(1, 3) AS g(n)", vec![]),
+            (
+                "SELECT a.id FROM agent_actions a, unnest($1::text[]) AS u(name) \
+                 WHERE a.agent_name = u.name",
+                vec!["agent_actions"],
+            ),
+            // The arguments are checked too.
+            (
+                "SELECT * FROM generate_series(1, (SELECT count(*) FROM error_events)) g",
+                vec!["error_events"],
+            ),
+        ] {
+            let s = check(sql, &served(), false).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(s.tables, tables, "{sql}");
+        }
+        let err = check(
+            "SELECT * FROM generate_series(1, (SELECT count(*) FROM secrets)) g",
+            &served(),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("'secrets' is not a served table"),
+            "{err}"
+        );
+        let err = check(
+            "SELECT * FROM agent_actions UNION TABLE agent_actions",
+            &served(),
+            false,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("write SELECT * FROM agent_actions"),
+            "{err}"
+        );
     }
 
     #[test]
