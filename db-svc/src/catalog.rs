@@ -97,6 +97,13 @@ pub struct TableInfo {
     pub insert_may_skip_rows: bool,
 }
 
+impl ColumnInfo {
+    /// A `char(n)` column: its values are padded with blanks to their length.
+    pub fn is_blank_padded(&self) -> bool {
+        self.sql_type == "character" || self.sql_type.starts_with("character(")
+    }
+}
+
 impl TableInfo {
     pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
         self.columns.iter().find(|c| c.name == name)
@@ -122,7 +129,11 @@ pub fn needs_refresh(last_started: Option<Instant>, arrived: Instant) -> bool {
 }
 
 const COLUMNS_SQL: &str = "\
-SELECT c.relname::text AS table_name, a.attname::text AS column_name, t.typname::text AS type_name,
+SELECT c.relname::text AS table_name, a.attname::text AS column_name,
+       -- the one-byte \"char\" (oid 18; not char(n), which is bpchar): spelled as sqlx does,
+       -- so that it reads as text and is not written through a text parameter (which it
+       -- would cut to its first byte)
+       CASE WHEN t.oid = 18 THEN '\"char\"' ELSE t.typname::text END AS type_name,
        format_type(a.atttypid, a.atttypmod) AS sql_type, NOT a.attnotnull AS nullable,
        pg_get_expr(d.adbin, d.adrelid) AS default_value,
        c.relhasrules OR EXISTS (

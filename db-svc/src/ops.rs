@@ -534,6 +534,10 @@ fn write_filter(
                     }
                     let p = scalar(value)?;
                     b.ident(&col.name);
+                    if col.is_blank_padded() {
+                        // char(n) LIKE counts the padding, which reads drop: match as read.
+                        b.push("::text");
+                    }
                     b.push(if *op == Op::Like { " LIKE " } else { " ILIKE " });
                     b.bind(p);
                 }

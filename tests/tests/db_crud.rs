@@ -2094,6 +2094,47 @@ async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
     assert_eq!(rows, vec![json!({"id": 1.0}), json!({"id": 2.0})]);
 }
 
+/// The one-byte `"char"` type (not `char(n)`) has no mapping: it reads as its text and is
+/// not writable, rather than being written through a text parameter that PostgreSQL would
+/// cut to its first byte.
+#[tokio::test]
+async fn the_one_byte_char_type_reads_as_text_and_is_not_written() {
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE flags (id int PRIMARY KEY, flag \"char\")",
+        "flags",
+    )
+    .await;
+    let err = s
+        .client
+        .insert(pb::InsertRequest {
+            table: "flags".into(),
+            rows: vec![to_struct(json!({"id": 1, "flag": "abc"}))],
+            ..Default::default()
+        })
+        .await
+        .expect_err("not writable");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(s.count_all("flags").await, 0);
+    let back = insert(&mut s, "flags", vec![json!({"id": 1})]).await;
+    assert_eq!(back, vec![json!({"id": 1.0, "flag": null})]);
+    let mut conn = s.sql().await;
+    sqlx::query("UPDATE flags SET flag = 'z'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let rows = s
+        .client
+        .query(pb::QueryRequest {
+            table: "flags".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(rows_json(&rows), vec![json!({"id": 1.0, "flag": "z"})]);
+}
+
 /// `char(n)` reads back without its blank padding, as PostgreSQL's own `::text` gives it, so
 /// the string a client reads is one it can filter, update and delete by.
 #[tokio::test]
@@ -2126,6 +2167,21 @@ async fn char_n_values_read_back_as_they_filter() {
         rows_json(&rows),
         vec![json!({"id": 1.0, "code": "ab", "label": "x  "})]
     );
+    // LIKE matches the value as read too (PostgreSQL's own char(n) LIKE counts the padding).
+    for (op, pattern) in [(pb::Operator::Like, "ab"), (pb::Operator::Ilike, "AB")] {
+        let rows = s
+            .client
+            .query(pb::QueryRequest {
+                table: "codes".into(),
+                filter: Some(cond("code", op, Some(json!(pattern)))),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        assert_eq!(rows.len(), 1, "{op:?} {pattern}");
+    }
     let updated = s
         .client
         .update(pb::UpdateRequest {
