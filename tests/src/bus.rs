@@ -78,6 +78,11 @@ impl BusTopics {
             "6s",
             "--shutdown-grace",
             "3s",
+            // Not OmniClaude's 5 s: a request produced while a new worker still joins its
+            // group (or, in the broker-restart test, while the group forms again) must not
+            // time out on a loaded machine; the default's own test sends an old timestamp.
+            "--bus-default-timeout",
+            "10m",
         ]
         .iter()
         .map(|s| s.to_string())

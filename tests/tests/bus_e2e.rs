@@ -381,6 +381,32 @@ async fn bad_requests_get_failed_replies_or_dead_letters() {
         0
     );
 
+    // No deadline of its own (as OmniClaude sends it), but sent longer ago than
+    // --bus-default-timeout (10 min in these tests, OmniClaude's 5 s by default): its sender
+    // has given up and written directly, so executing it now would write twice.
+    let c = uuid::Uuid::new_v4().to_string();
+    let mut env = omniclaude_envelope(
+        &c,
+        "INSERT",
+        None,
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) VALUES ($1, 'given-up', 'x', 'y')",
+        json!([uuid::Uuid::new_v4().to_string()]),
+    );
+    let sent = chrono::Utc::now() - chrono::Duration::minutes(20);
+    env["timestamp"] = json!(sent.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string());
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    assert_eq!(failed_code(&mut tap, &c, REPLY), "TIMEOUT");
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'given-up'"
+        )
+        .await,
+        0
+    );
+
     // No correlation id anywhere: dead-letter topic, with the reason.
     let marker = uuid::Uuid::new_v4().to_string();
     let env = json!({"event_type": "DATABASE_QUERY_REQUESTED", "payload": {"marker": marker}});

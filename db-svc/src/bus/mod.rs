@@ -99,6 +99,14 @@ pub struct BusArgs {
     #[arg(long, env = "DB_BUS_SESSION_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub bus_session_timeout: Duration,
 
+    /// How long a request without a deadline of its own may wait before it is answered
+    /// TIMEOUT instead of being executed, counted from its envelope `timestamp` (from its
+    /// receipt when it has none, or one in the future). OmniClaude's requests carry no
+    /// deadline, and its client gives up after 5 s and writes to PostgreSQL directly: a
+    /// write executed later would be applied twice. 0 waits indefinitely.
+    #[arg(long, env = "DB_BUS_DEFAULT_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub bus_default_timeout: Duration,
+
     /// `service` field of the replies.
     #[arg(long, env = "DB_BUS_SERVICE_NAME", default_value = "omnibus-db-svc")]
     pub bus_service_name: String,
@@ -114,6 +122,8 @@ pub struct BusSettings {
     pub sql_writes: bool,
     pub session_timeout: Duration,
     pub service: String,
+    /// The deadline of requests without one, from their timestamp (None: no deadline).
+    pub default_timeout: Option<Duration>,
 }
 
 impl BusArgs {
@@ -147,6 +157,8 @@ impl BusArgs {
             sql_writes: self.bus_sql_writes,
             session_timeout: self.bus_session_timeout,
             service: self.bus_service_name,
+            default_timeout: (!self.bus_default_timeout.is_zero())
+                .then_some(self.bus_default_timeout),
         }))
     }
 }
@@ -411,7 +423,14 @@ async fn process(
 ) -> bool {
     let started = std::time::Instant::now();
     let outgoing = match parse_request(payload.unwrap_or_default(), key) {
-        Ok(request) => {
+        Ok(mut request) => {
+            if request.deadline.is_none() {
+                request.deadline = default_deadline(
+                    request.timestamp,
+                    chrono::Utc::now(),
+                    worker.settings.default_timeout,
+                );
+            }
             // The request's trace (envelope field, else Kafka header) or a new one.
             let trace_id = request
                 .traceparent
@@ -488,6 +507,18 @@ async fn process(
             .record(started.elapsed().as_secs_f64());
     }
     delivered
+}
+
+/// The deadline of a request that carries none: `timeout` after it was sent (its timestamp,
+/// or `now` for one without a timestamp or with one in the future, a clock ahead of ours).
+fn default_deadline(
+    sent: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+    timeout: Option<Duration>,
+) -> Option<bus_protocol::Deadline> {
+    let timeout = chrono::Duration::from_std(timeout?).ok()?;
+    let start = sent.map_or(now, |t| t.min(now));
+    start.checked_add_signed(timeout)
 }
 
 /// Executes with retries while the database is unavailable. None = shutdown interrupted it
@@ -670,5 +701,38 @@ fn too_large(outgoing: &Outgoing, bytes: usize) -> Outgoing {
                 body,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn a_request_without_a_deadline_gets_one_from_when_it_was_sent() {
+        let now = Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).unwrap();
+        let five = Some(Duration::from_secs(5));
+        let sent = now - chrono::Duration::seconds(3);
+        assert_eq!(
+            default_deadline(Some(sent), now, five),
+            Some(sent + chrono::Duration::seconds(5))
+        );
+        // Sent long ago: already past.
+        let old = now - chrono::Duration::minutes(1);
+        assert!(default_deadline(Some(old), now, five).is_some_and(|d| d < now));
+        // No timestamp, or one from a clock ahead of ours: counted from receipt.
+        let receipt = Some(now + chrono::Duration::seconds(5));
+        assert_eq!(default_deadline(None, now, five), receipt);
+        assert_eq!(
+            default_deadline(Some(now + chrono::Duration::hours(1)), now, five),
+            receipt
+        );
+        // 0 (None): no deadline; a huge timeout is no deadline rather than a panic.
+        assert_eq!(default_deadline(Some(sent), now, None), None);
+        assert_eq!(
+            default_deadline(Some(sent), now, Some(Duration::from_secs(u64::MAX))),
+            None
+        );
     }
 }
