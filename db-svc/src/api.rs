@@ -350,6 +350,7 @@ impl DatabaseService for DatabaseApi {
                         .enumerate()
                         .map(|(i, p)| input_json(p, &format!("params[{i}]")))
                         .collect::<Result<_, _>>()?,
+                    page: Default::default(),
                 }),
                 ctx,
             )

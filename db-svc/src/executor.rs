@@ -18,7 +18,7 @@ use crate::coalescing::BatchLimits;
 use crate::error::DbError;
 use crate::fingerprint;
 use crate::insert_coalescing::InsertCoalescer;
-use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RawSpec, RecordedOutput};
+use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RawPage, RawSpec, RecordedOutput};
 use crate::query_coalescing::{FetchedRows, QueryCoalescer};
 use crate::raw_sql;
 use crate::values::{Param, StructRows, arguments, decode_rows, decode_rows_from, to_param};
@@ -507,6 +507,13 @@ impl Executor {
         let mut rows = Vec::new();
         let mut affected = 0u64;
         let mut decoder = StructRows::default();
+        // A write returns all its rows; a query only its page.
+        let page = if checked.kind.is_write() {
+            RawPage::default()
+        } else {
+            spec.page
+        };
+        let (mut skip, take) = (page.offset, page.limit.unwrap_or(u64::MAX));
         {
             #[allow(deprecated)] // fetch_many is the one call that yields rows and counts
             let mut results =
@@ -514,6 +521,10 @@ impl Executor {
             while let Some(item) = results.try_next().await? {
                 match item {
                     Either::Left(done) => affected += done.rows_affected(),
+                    Either::Right(_) if skip > 0 => skip -= 1,
+                    // The page is full: the rest is not read (the read-only transaction ends
+                    // with the statement unfinished, which changes nothing).
+                    Either::Right(_) if rows.len() as u64 >= take => break,
                     // Bounded like a Query: a statement that yields more rows than one response
                     // may carry fails (a write is rolled back) before its rows fill memory.
                     Either::Right(_) if rows.len() as u64 >= self.limits.max_limit => {

@@ -291,6 +291,7 @@ mod tests {
             of(&Operation::Raw(RawSpec {
                 sql: sql.into(),
                 params: vec![json!(p)],
+                page: Default::default(),
             }))
         };
         assert_ne!(raw("ab", "c"), raw("a", "bc"));

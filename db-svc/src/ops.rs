@@ -144,6 +144,17 @@ pub struct CountSpec {
 pub struct RawSpec {
     pub sql: String,
     pub params: Vec<Json>,
+    /// For a query: the part of its result wanted (the bus protocol's `offset` / `limit`).
+    /// Rows before it are skipped undecoded and reading stops after it, so a large result
+    /// paged this way neither fills memory nor trips `--query-max-limit`.
+    pub page: RawPage,
+}
+
+/// Rows `offset..offset + limit` of a raw query's result (default: all of them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawPage {
+    pub offset: u64,
+    pub limit: Option<u64>,
 }
 
 /// Every db operation, whatever the transport.

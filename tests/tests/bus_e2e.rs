@@ -180,6 +180,77 @@ async fn structured_operations_round_trip_over_the_bus() {
     }
 }
 
+/// OmniClaude pages a QUERY with `limit` / `offset` beside its SQL: the page is cut while the
+/// result is read, so a result larger than --query-max-limit still answers a small page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_omniclaude_query_page_is_cut_while_reading() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &group(), &["--query-max-limit", "5"])
+        .await
+        .unwrap();
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+         SELECT gen_random_uuid(), 'agent-' || lpad(n::text, 2, '0'), 'x', 'y' \
+         FROM generate_series(1, 20) n",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    let sql = "SELECT agent_name FROM agent_actions WHERE action_type = $1 ORDER BY agent_name";
+    let query = |limit: Value, offset: Value| {
+        let mut env = omniclaude_envelope(
+            &uuid::Uuid::new_v4().to_string(),
+            "QUERY",
+            Some("agent_actions"),
+            sql,
+            json!(["x"]),
+        );
+        env["payload"]["limit"] = limit;
+        env["payload"]["offset"] = offset;
+        env
+    };
+    let ask = |env: Value| {
+        let topic = t.request.clone();
+        async move {
+            let cid = env["correlation_id"].as_str().unwrap().to_string();
+            produce(&topic, None, &serde_json::to_vec(&env).unwrap(), "gzip")
+                .await
+                .unwrap();
+            cid
+        }
+    };
+    let cid = ask(query(json!(3), json!(4))).await;
+    let reply = tap.reply_for(&cid, FIRST_REPLY).unwrap();
+    assert_eq!(
+        reply.json["payload"]["rows"],
+        json!([{"agent_name": "agent-05"}, {"agent_name": "agent-06"}, {"agent_name": "agent-07"}]),
+        "{reply:?}"
+    );
+    assert_eq!(reply.json["payload"]["row_count"], 3);
+    // The last rows, past the first --query-max-limit of them.
+    let cid = ask(query(json!(5), json!(18))).await;
+    let reply = tap.reply_for(&cid, REPLY).unwrap();
+    assert_eq!(
+        reply.json["payload"]["rows"],
+        json!([{"agent_name": "agent-19"}, {"agent_name": "agent-20"}]),
+        "{reply:?}"
+    );
+    // Unpaged, the whole result is more than one reply may carry.
+    let cid = ask(query(Value::Null, Value::Null)).await;
+    let reply = tap.reply_for(&cid, REPLY).unwrap();
+    assert_eq!(
+        reply.json["event_type"], "DATABASE_QUERY_FAILED",
+        "{reply:?}"
+    );
+    assert_eq!(reply.json["payload"]["error_code"], "VALIDATION_ERROR");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omniclaude_envelopes_get_the_replies_that_client_expects() {
     let db = TestDatabase::create().await.unwrap();

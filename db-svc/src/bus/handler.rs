@@ -18,7 +18,7 @@ use tonic_types::StatusExt;
 use crate::api::DatabaseApi;
 use crate::error::DbError;
 use crate::executor::{ExecContext, Executor};
-use crate::ops::{OpOutput, Operation, RawSpec};
+use crate::ops::{OpOutput, Operation, RawPage, RawSpec};
 use crate::raw_sql::{self, RawKind};
 
 /// What executes bus requests.
@@ -262,20 +262,21 @@ impl Handler {
                 Operation::Raw(RawSpec {
                     sql: sql.query.clone(),
                     params: sql.params.clone(),
+                    // The SQL is authoritative; limit/offset, when given, page its result.
+                    page: if sql.operation_type == SqlOperation::Query {
+                        RawPage {
+                            offset: sql.offset.unwrap_or(0),
+                            limit: sql.limit,
+                        }
+                    } else {
+                        RawPage::default()
+                    },
                 }),
                 &ctx,
             )
             .await
             .map_err(Status::from)?;
-        let mut rows = out.rows;
-        if sql.operation_type == SqlOperation::Query {
-            // The SQL is authoritative; limit/offset, when given, page its result.
-            let offset = sql.offset.unwrap_or(0).min(rows.len() as u64) as usize;
-            rows.drain(..offset);
-            if let Some(limit) = sql.limit {
-                rows.truncate(limit as usize);
-            }
-        }
+        let rows = out.rows;
         Ok(CompletedPayload {
             row_count: rows.len() as u64,
             rows_affected: if sql.operation_type == SqlOperation::Query {
