@@ -201,7 +201,11 @@ impl DbClient {
         let mut via = Via::Direct;
         let mut fallback_timeout = None;
         if let (WriteMode::BusFirst, Some(bus)) = (self.mode, &self.bus) {
-            match bus.call(&req, &request_id, None).await {
+            // A correlation id of its own per call: two calls that share a request id (or a
+            // late reply to an earlier attempt) must not take each other's replies. The
+            // request id inside the request is what makes the write idempotent.
+            let correlation_id = uuid::Uuid::new_v4().to_string();
+            match bus.call(&req, &correlation_id, None).await {
                 Ok(response) => {
                     return Ok(Routed {
                         response,

@@ -1240,3 +1240,59 @@ async fn the_bus_drain_is_bounded_by_the_shutdown_grace() {
     );
     drop(lock);
 }
+
+/// Two calls that share a request id but not their rows each get their own answer over the
+/// bus: the write that won gets its own row back, the other REQUEST_ID_REUSED. Each call has
+/// a correlation id of its own, so neither can take the other's reply (the two replies come
+/// on different topics, in either order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_sharing_a_request_id_each_get_their_own_reply() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let bus = Arc::new(
+        BusPublisher::connect(topics.client_config(FIRST_REPLY))
+            .await
+            .unwrap(),
+    );
+    let client = DbClient::with_bus(svc.channel(), bus, WriteMode::BusFirst);
+    for round in 0..4 {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let calls: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|name| {
+                let client = client.clone();
+                let request = pb::InsertRequest {
+                    table: "agent_actions".into(),
+                    rows: vec![action(&format!("{name}-{round}"))],
+                    request_id: request_id.clone(),
+                    ..Default::default()
+                };
+                (
+                    name,
+                    tokio::spawn(async move { client.insert(request).await }),
+                )
+            })
+            .collect();
+        let mut written = 0;
+        for (name, call) in calls {
+            match call.await.unwrap() {
+                Ok(w) => {
+                    written += 1;
+                    assert!(matches!(w.via, Via::Bus), "{:?}", w.via);
+                    let row = omnibus_tests::db::from_struct(&w.response.rows[0]);
+                    assert_eq!(row["agent_name"], format!("{name}-{round}"), "{row}");
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{name}: {e:?}");
+                    assert!(e.message().contains("REQUEST_ID_REUSED"), "{name}: {e:?}");
+                }
+            }
+        }
+        assert_eq!(written, 1, "round {round}");
+    }
+    assert_eq!(
+        count_rows(&db, "SELECT count(*) FROM agent_actions").await,
+        4
+    );
+}
