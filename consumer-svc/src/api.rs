@@ -88,14 +88,24 @@ impl ConsumerApi {
                 .map_err(|e| Status::out_of_range(e.to_string()))?;
             let want_snapshot =
                 r.include_snapshot && (r.resume_after_sequence.is_none() || sub.missed > 0);
-            let snapshot = want_snapshot
-                .then(|| filter_snapshot(self.snapshot(&state, sub.last_seq), &channels, &filter));
+            let snapshot = want_snapshot.then(|| {
+                let mut snap =
+                    filter_snapshot(self.snapshot(&state, sub.last_seq), &channels, &filter);
+                // Read with the rest (a status read later could be newer than the snapshot's
+                // sequence), and only for subscribers of status updates.
+                snap.status = channels
+                    .has(pb::Channel::System)
+                    .then(|| pb::ConsumerStatus {
+                        last_sequence: sub.last_seq,
+                        ..self.status_with(&state)
+                    });
+                snap
+            });
             (sub, snapshot)
         };
         let mut initial = Vec::new();
         match snapshot {
-            Some(mut snap) => {
-                snap.status = Some(self.status());
+            Some(snap) => {
                 initial.push(SubscribePush::Message(Box::new(pb::SubscribeResponse {
                     sequence: snap.sequence,
                     update: Some(pb::subscribe_response::Update::Snapshot(snap)),
@@ -186,6 +196,11 @@ impl ConsumerApi {
     }
 
     pub(crate) fn status(&self) -> pb::ConsumerStatus {
+        self.status_with(&self.state.read())
+    }
+
+    /// The status, with the state's figures read from `state` (held by the caller).
+    fn status_with(&self, state: &State) -> pb::ConsumerStatus {
         let ingest = &self.ingest;
         let topics = crate::events::EventKind::ALL
             .iter()
@@ -218,7 +233,6 @@ impl ConsumerApi {
                 },
             })
             .collect();
-        let state = self.state.read();
         pb::ConsumerStatus {
             connected: self.broker.connected(),
             events_processed: ingest.events_processed(),
@@ -556,11 +570,14 @@ impl ConsumerService for ConsumerApi {
         &self,
         _request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
-        let mut snapshot = {
+        let snapshot = {
             let state = self.state.read();
-            self.snapshot(&state, self.hub.last_seq())
+            let status = self.status_with(&state);
+            pb::Snapshot {
+                status: Some(status),
+                ..self.snapshot(&state, self.hub.last_seq())
+            }
         };
-        snapshot.status = Some(self.status());
         Ok(Response::new(pb::GetSnapshotResponse {
             snapshot: Some(snapshot),
         }))
@@ -621,27 +638,36 @@ impl ConsumerService for ConsumerApi {
             agents: initial,
             lagged: 0,
         }];
+        let state = self.state.clone();
         let stream = follow(
             first,
             follower,
             self.shutdown.clone(),
             move |feed, out| match feed {
                 Feed::Updates(updates) => {
-                    let agents: Vec<pb::AgentMetrics> = updates
-                        .iter()
-                        .filter_map(|u| match &u.kind {
-                            UpdateKind::AgentMetrics(m) if filter.metrics(m) => Some((**m).clone()),
-                            _ => None,
-                        })
-                        .collect();
+                    let agents = latest_per_agent(updates.iter().filter_map(|u| match &u.kind {
+                        UpdateKind::AgentMetrics(m) if filter.metrics(m) => Some(&**m),
+                        _ => None,
+                    }));
                     if !agents.is_empty() {
                         out.push_back(pb::StreamAgentMetricsResponse { agents, lagged: 0 });
                     }
                 }
-                Feed::Lagged { missed, .. } => out.push_back(pb::StreamAgentMetricsResponse {
-                    agents: Vec::new(),
-                    lagged: missed,
-                }),
+                // The dropped updates may have held the last figures of an agent that will
+                // not change again (or of one whose events expired): the lag notice carries
+                // every followed agent's current figures, as the first message did.
+                Feed::Lagged { missed, .. } => {
+                    let agents = state
+                        .read()
+                        .agent_metrics(now_micros(), None, filter.agent.as_deref())
+                        .iter()
+                        .map(convert::agent_metrics)
+                        .collect();
+                    out.push_back(pb::StreamAgentMetricsResponse {
+                        agents,
+                        lagged: missed,
+                    });
+                }
             },
         );
         Ok(Response::new(stream))
@@ -658,6 +684,23 @@ impl ConsumerService for ConsumerApi {
             pushes.map(|push| push.map(SubscribePush::into_response)),
         )))
     }
+}
+
+/// Each agent's newest figures, in the order of their last update: a push drained from
+/// several publisher ticks carries an agent once.
+fn latest_per_agent<'a>(
+    metrics: impl Iterator<Item = &'a pb::AgentMetrics>,
+) -> Vec<pb::AgentMetrics> {
+    let all: Vec<&pb::AgentMetrics> = metrics.collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut newest_first: Vec<pb::AgentMetrics> = all
+        .into_iter()
+        .rev()
+        .filter(|m| seen.insert(m.agent.as_str()))
+        .cloned()
+        .collect();
+    newest_first.reverse();
+    newest_first
 }
 
 /// The parts of a snapshot a subscription asked for (its channels and filters).
@@ -708,7 +751,7 @@ fn filter_snapshot(mut s: pb::Snapshot, ch: &Channels, f: &Filter) -> pb::Snapsh
             .as_ref()
             .is_none_or(|x| m.correlation_id.as_deref() == Some(x.as_str()))
     });
-    if !ch.has(Channel::Performance) {
+    if !ch.has(Channel::Performance) || f.agent.is_some() {
         s.performance_stats = None;
     }
     s
@@ -869,6 +912,22 @@ encoded_stream!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metrics_push_carries_each_agent_once_with_its_newest_figures() {
+        let m = |agent: &str, total: u64| pb::AgentMetrics {
+            agent: agent.into(),
+            total_requests: total,
+            ..Default::default()
+        };
+        let drained = [m("a", 1), m("b", 1), m("a", 2), m("c", 1), m("b", 3)];
+        let pushed: Vec<(String, u64)> = latest_per_agent(drained.iter())
+            .into_iter()
+            .map(|m| (m.agent, m.total_requests))
+            .collect();
+        assert_eq!(pushed, [("a".into(), 2), ("c".into(), 1), ("b".into(), 3)]);
+        assert!(latest_per_agent(std::iter::empty()).is_empty());
+    }
 
     #[test]
     fn channels_are_read_as_a_set() {

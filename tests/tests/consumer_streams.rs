@@ -233,8 +233,11 @@ async fn subscribe_sequences_snapshot_and_resume_without_gaps() {
     let snap_ids: HashSet<String> = snap.actions.iter().map(|a| a.id.clone()).collect();
     assert_eq!(snap_ids, early.iter().cloned().collect());
     assert!(
-        snap.agents.is_empty() && snap.performance_metrics.is_empty(),
-        "the snapshot holds only the channels asked for"
+        snap.agents.is_empty()
+            && snap.performance_metrics.is_empty()
+            && snap.performance_stats.is_none()
+            && snap.status.is_none(),
+        "the snapshot holds only the channels asked for: {snap:?}"
     );
     assert_eq!(first.sequence, snap.sequence);
 
@@ -1172,6 +1175,30 @@ async fn subscribe_filters_by_min_confidence_and_correlation_id() {
         .map(|m| m.id.as_str())
         .collect();
     assert_eq!(ids, ["p-keep"]);
+    assert!(snap.performance_stats.is_some(), "{snap:?}");
+    // With an agent filter, performance data (which has no agent) is left out of the
+    // snapshot as it is of the live updates: the metrics and their stats.
+    let first = client(&svc)
+        .subscribe(pb::SubscribeRequest {
+            channels: vec![pb::Channel::Performance as i32, pb::Channel::Actions as i32],
+            agent: Some("agent-r".into()),
+            include_snapshot: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(Update::Snapshot(snap)) = first.update else {
+        panic!("a snapshot first: {first:?}");
+    };
+    assert!(
+        snap.performance_metrics.is_empty() && snap.performance_stats.is_none(),
+        "{snap:?}"
+    );
 
     // An agent filter with performance metrics alone could never deliver anything.
     let err = client(&svc)
@@ -1264,5 +1291,12 @@ async fn first_sequence_seen(svc: &ServiceProcess) -> u64 {
         .await
         .unwrap()
         .into_inner();
-    sub.next().await.unwrap().unwrap().sequence
+    let first = sub.next().await.unwrap().unwrap();
+    let Some(Update::Snapshot(snap)) = &first.update else {
+        panic!("a snapshot first: {first:?}");
+    };
+    // Every channel, CHANNEL_SYSTEM included: the status, read with the snapshot.
+    let status = snap.status.as_ref().expect("the consumer status");
+    assert_eq!(status.last_sequence, first.sequence);
+    first.sequence
 }
