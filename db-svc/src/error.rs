@@ -63,6 +63,10 @@ pub enum DbError {
     /// PostgreSQL cannot be reached (or no pooled connection became free in time).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// PostgreSQL ran out of something the statement needs (memory, disk, its temp file
+    /// limit): trying the same statement again at once would fail again.
+    #[error("database resources exhausted: {0}")]
+    ResourceExhausted(String),
     /// A stored value the API cannot carry (JSON nested deeper than the transcoder's
     /// limit): the request is valid, the data is not servable as is.
     #[error("column {column}: {message}")]
@@ -114,6 +118,7 @@ impl DbError {
             Self::Timeout(_) => "TIMEOUT",
             Self::Retryable(_) => "RETRYABLE",
             Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
+            Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
             Self::Unrepresentable { .. } => "UNREPRESENTABLE_VALUE",
             Self::Database(_) => "DATABASE_OPERATION_FAILED",
         }
@@ -134,6 +139,7 @@ impl DbError {
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::Retryable(_) => Code::Aborted,
             Self::Unavailable(_) => Code::Unavailable,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Database(_) => Code::Internal,
         }
     }
@@ -252,7 +258,8 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
             DbError::NotNull { column, message }
         }
         "57014" => DbError::Timeout(message),
-        "40001" | "40P01" => DbError::Retryable(message),
+        // A lock not granted (NOWAIT, lock_timeout): a conflict with another transaction.
+        "40001" | "40P01" | "55P03" => DbError::Retryable(message),
         "42501" => DbError::PermissionDenied(message),
         "25006" => DbError::WriteNotAllowed(format!("read-only statement required: {message}")),
         // Undefined column or table, a value (or operator) of another type than the column's,
@@ -261,16 +268,21 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         "0A000" if message.contains("cached plan must not change result type") => {
             DbError::SchemaChanged(message)
         }
-        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") => {
+        // Too many connections is PostgreSQL being busy; the rest of class 53 (out of memory,
+        // disk full, a configured limit such as temp_file_limit) is this statement's size.
+        c if c.starts_with("08") || c == "53300" || c.starts_with("57P") => {
             DbError::Unavailable(message)
         }
+        c if c.starts_with("53") => DbError::ResourceExhausted(message),
         // Data exceptions (out-of-range numbers, bad text), cardinality violations (an upsert
-        // touching one row twice), program limits (a value or statement too large) and, for raw
-        // SQL, syntax / undefined objects: the caller's input.
+        // touching one row twice), program limits (a value or statement too large),
+        // unsupported features and, for raw SQL, syntax / undefined objects: the caller's
+        // input.
         c if c.starts_with("22")
             || c.starts_with("21")
             || c.starts_with("42")
-            || c.starts_with("54") =>
+            || c.starts_with("54")
+            || c == "0A000" =>
         {
             DbError::field("", message)
         }

@@ -329,3 +329,50 @@ async fn a_raw_sql_role_bounds_raw_statements_by_its_grants() {
         .await
         .unwrap();
 }
+
+/// Database errors that are the statement's own get the status that says so: a feature
+/// PostgreSQL does not support is the author's input (INVALID_ARGUMENT), and a statement
+/// that exceeds a resource limit (here `temp_file_limit`) is RESOURCE_EXHAUSTED - not
+/// UNAVAILABLE, which would have clients (and the bus worker) retry it as it is.
+#[tokio::test]
+async fn a_statement_over_a_resource_limit_is_resource_exhausted_not_unavailable() {
+    let mut s = DbSvc::start_with_args(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET temp_file_limit = %L', \
+         current_database(), '64kB'); END $$",
+        &[],
+    )
+    .await;
+    let err = s
+        .client
+        .execute_raw(raw(
+            "SELECT count(*) FROM (SELECT * FROM generate_series(1, 1000000) g \
+             ORDER BY g DESC) s",
+            vec![],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(error_details(&err).0, "RESOURCE_EXHAUSTED");
+    assert!(err.message().contains("temp_file_limit"), "{err:?}");
+
+    let err = s
+        .client
+        .execute_raw(raw(
+            "SELECT CASE WHEN true THEN generate_series(1, 2) END",
+            vec![],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Small statements still run.
+    let ok = s
+        .client
+        .execute_raw(raw(
+            "SELECT count(*) AS n FROM generate_series(1, 10)",
+            vec![],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rows_json(&ok.rows), vec![json!({"n": 10.0})]);
+}
