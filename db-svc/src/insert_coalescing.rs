@@ -61,7 +61,7 @@ impl InsertCoalescer {
     pub fn can_share(&self, table: &TableInfo, values: &InsertValues) -> bool {
         !table.insert_may_skip_rows
             && !values.columns().is_empty()
-            && values.param_count() <= self.max_request_weight
+            && weight(values) <= self.max_request_weight
     }
 
     /// Inserts `values` (checked against `table`), alone or in a shared statement.
@@ -77,8 +77,8 @@ impl InsertCoalescer {
             count_only,
         };
         let (reply, receiver) = oneshot::channel();
-        let params = values.param_count();
-        let admitted = coalescing::admit(self, key, values, params, |values| Waiter {
+        let weight = weight(&values);
+        let admitted = coalescing::admit(self, key, values, weight, |values| Waiter {
             table: table.clone(),
             values,
             reply,
@@ -171,6 +171,12 @@ impl InsertCoalescer {
     }
 }
 
+/// What an insert adds to a shared statement: its bound values, or its rows when they bind
+/// fewer (a row of defaults and `now()` binds nothing, yet a million of them are not free).
+fn weight(values: &InsertValues) -> usize {
+    values.param_count().max(values.row_count())
+}
+
 /// Runs the insert of `parts`; an error means PostgreSQL refused it and nothing was written.
 async fn execute(
     pool: &PgPool,
@@ -259,6 +265,35 @@ mod tests {
             },
         );
         s
+    }
+
+    #[tokio::test]
+    async fn rows_of_defaults_weigh_as_rows_not_as_nothing() {
+        let table = crate::ops::tests::actions();
+        let insert = |rows: Vec<serde_json::Value>| {
+            let spec = crate::ops::InsertSpec {
+                table: "agent_actions".into(),
+                rows: rows
+                    .into_iter()
+                    .map(|r| r.as_object().cloned().unwrap_or_default())
+                    .collect(),
+                count_only: true,
+            };
+            InsertValues::new(&table, &spec).unwrap()
+        };
+        // Only created_at / updated_at (now()): nothing bound, yet 1,000 rows.
+        let defaults = insert(vec![serde_json::json!({}); 1_000]);
+        assert_eq!(defaults.param_count(), 0);
+        assert_eq!(weight(&defaults), 1_000);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://localhost/none")
+            .unwrap();
+        let c = InsertCoalescer::new(pool, BatchLimits::inserts(2));
+        assert!(!c.can_share(&table, &defaults), "too many rows to share");
+        let two = insert(vec![
+            serde_json::json!({"agent_name": "a", "duration_ms": 1}),
+        ]);
+        assert_eq!(weight(&two), 2);
     }
 
     #[test]

@@ -55,6 +55,11 @@ impl FetchedRows {
     }
 }
 
+/// Filter values a query may have and still share a statement: each becomes a column of the
+/// `unnest` (PostgreSQL allows at most 1,664 in a row), and a long IN list is no dashboard
+/// query anyway.
+const MAX_SHARED_FILTER_VALUES: usize = 100;
+
 /// What queries must have in common to share a statement.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct LaneKey {
@@ -91,6 +96,7 @@ impl QueryCoalescer {
             return false;
         };
         plan.placeholders.len() == plan.params.len()
+            && per_request <= MAX_SHARED_FILTER_VALUES
             && limit <= self.max_request_weight as u64
             && plan.params[..per_request].iter().all(has_array_form)
             && plan.params[per_request..]
@@ -444,6 +450,27 @@ mod tests {
         };
         let p = plan(&json, 100);
         assert!(!c.can_share(&p, paging_params(&json, Some(100)), 100));
+        // An IN list longer than a shared statement's row of arrays takes runs alone.
+        let in_list = |n: usize| QuerySpec {
+            criteria: Criteria {
+                filter: Some(crate::ops::Filter::Condition {
+                    column: "agent_name".into(),
+                    op: crate::ops::Op::In,
+                    value: (0..n).map(|i| format!("agent-{i}")).collect(),
+                }),
+                ..Default::default()
+            },
+            ..by_agent("a", 0)
+        };
+        for (n, shares) in [(MAX_SHARED_FILTER_VALUES - 2, true), (2_000, false)] {
+            let spec = in_list(n);
+            let p = plan(&spec, 100);
+            assert_eq!(
+                c.can_share(&p, paging_params(&spec, Some(100)), 100),
+                shares,
+                "{n} values"
+            );
+        }
     }
 
     #[test]
