@@ -865,7 +865,22 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
                     || DbError::Database(format!("cannot decode column {name}: malformed {ty:?}"));
                 let bytes = raw.as_bytes().map_err(|_| malformed())?;
                 Some(match raw.format() {
-                    PgValueFormat::Binary => time_cell(ty, bytes).ok_or_else(malformed)?,
+                    PgValueFormat::Binary => match time_cell(ty, bytes) {
+                        Some(cell) => cell,
+                        // Well-formed, but PostgreSQL's range (to 294276 AD for timestamps,
+                        // 5874897 AD for dates) reaches past what the API's times carry.
+                        None if bytes.len() == if ty == ColType::Date { 4 } else { 8 } => {
+                            return Err(DbError::Unrepresentable {
+                                column: name.to_string(),
+                                message: format!(
+                                    "a {ty:?} beyond year 262143, the latest the API's times \
+                                     carry; leave the column out of the projection, or read \
+                                     it with ExecuteRaw as ::text"
+                                ),
+                            });
+                        }
+                        None => return Err(malformed()),
+                    },
                     PgValueFormat::Text => {
                         let text = std::str::from_utf8(bytes).map_err(|_| malformed())?;
                         time_text_cell(ty, text).ok_or_else(malformed)?

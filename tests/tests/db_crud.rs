@@ -1690,6 +1690,59 @@ async fn infinite_timestamps_read_back_as_postgresql_writes_them() {
     assert_eq!(by_name(rows_json(&raw.rows)), want, "ExecuteRaw");
 }
 
+/// PostgreSQL's dates and timestamps reach further than the API's times (year 262143):
+/// reading one beyond is FAILED_PRECONDITION naming the column, not INTERNAL, and the column
+/// still reads as text through ExecuteRaw.
+#[tokio::test]
+async fn dates_beyond_the_apis_range_are_a_precondition_error_naming_the_column() {
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE far (id int PRIMARY KEY, d date, t timestamp); \
+         INSERT INTO far VALUES (1, '270000-01-01', NULL), (2, NULL, '270000-01-01 00:00'), \
+         (3, '2026-12-02', '2026-12-02 10:00')",
+        "far",
+    )
+    .await;
+    for (id, column) in [(1, "d"), (2, "t")] {
+        let err = s
+            .client
+            .query(pb::QueryRequest {
+                table: "far".into(),
+                r#where: Some(to_struct(json!({ "id": id }))),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert_eq!(error_details(&err).0, "UNREPRESENTABLE_VALUE");
+        assert_eq!(error_metadata(&err, "column").as_deref(), Some(column));
+    }
+    let rows = s
+        .client
+        .query(pb::QueryRequest {
+            table: "far".into(),
+            r#where: Some(to_struct(json!({ "id": 3 }))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(
+        rows_json(&rows),
+        vec![json!({"id": 3.0, "d": "2026-12-02", "t": "2026-12-02T10:00:00Z"})]
+    );
+    let raw = s
+        .client
+        .execute_raw(pb::ExecuteRawRequest {
+            sql: "SELECT d::text AS d FROM far WHERE id = 1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rows_json(&raw.rows), vec![json!({"d": "270000-01-01"})]);
+}
+
 /// PostgreSQL stores JSON nested deeper than db-svc transcodes (127 levels). Reading such a
 /// cell is FAILED_PRECONDITION naming the column, on every read path, and the other rows and
 /// a projection without the column still read normally.
