@@ -160,15 +160,24 @@ fn integer(ty: ColType, value: &Json, min: i64, max: i64) -> Result<i64, DbError
 /// Parses an RFC 3339 timestamp (or, for `timestamp` columns, an offset-less ISO 8601 one,
 /// taken as UTC).
 fn timestamp(s: &str, allow_naive: bool) -> Result<DateTime<Utc>, DbError> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    if allow_naive {
-        for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
-            if let Ok(t) = NaiveDateTime::parse_from_str(s, fmt) {
-                return Ok(t.and_utc());
-            }
-        }
+    let parsed = DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            allow_naive.then(|| {
+                ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+                    .iter()
+                    .find_map(|fmt| NaiveDateTime::parse_from_str(s, fmt).ok())
+                    .map(|t| t.and_utc())
+            })?
+        });
+    if let Some(t) = parsed {
+        // PostgreSQL keeps microseconds and rounds finer fractions (Java's and Go's clocks
+        // write nanoseconds); the binary encoding would cut them off instead.
+        use chrono::DurationRound;
+        return t
+            .duration_round(chrono::TimeDelta::microseconds(1))
+            .map_err(|_| DbError::field("", format!("'{s}' is out of range")));
     }
     Err(DbError::field(
         "",
@@ -973,8 +982,12 @@ pub fn proto_to_json(value: &prost_types::Value) -> Json {
         None | Some(Kind::NullValue(_)) => Json::Null,
         Some(Kind::BoolValue(b)) => Json::Bool(*b),
         Some(Kind::NumberValue(f)) => {
-            // Integral doubles become JSON integers, so 3.0 reads as 3 everywhere.
-            if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 {
+            // Integral doubles become JSON integers, so 3.0 reads as 3 everywhere (but -0.0
+            // keeps its sign: it is not the integer 0 to a float column).
+            if f.fract() == 0.0
+                && f.abs() < 9.007_199_254_740_992e15
+                && !(*f == 0.0 && f.is_sign_negative())
+            {
                 Json::from(*f as i64)
             } else {
                 number(*f)
@@ -1254,6 +1267,51 @@ mod tests {
         assert!(to_param(ColType::Timestamp, &json!("2024-01-31T12:00:00")).is_ok());
         assert!(to_param(ColType::Timestamp, &json!("yesterday")).is_err());
         assert!(to_param(ColType::Date, &json!("2024-02-30")).is_err());
+        // Finer than microseconds: rounded, as PostgreSQL rounds its text input.
+        for (sent, stored) in [
+            (
+                "2024-01-31T12:00:00.0000009Z",
+                "2024-01-31T12:00:00.000001Z",
+            ),
+            (
+                "2024-01-31T12:00:00.1234564Z",
+                "2024-01-31T12:00:00.123456Z",
+            ),
+            ("2024-01-31T23:59:59.9999996Z", "2024-02-01T00:00:00Z"),
+        ] {
+            assert_eq!(
+                to_param(ColType::Timestamptz, &json!(sent)).unwrap(),
+                Param::Timestamptz(stored.parse().unwrap()),
+                "{sent}"
+            );
+        }
+        assert_eq!(
+            to_param(ColType::Timestamp, &json!("2024-01-31 12:00:00.0000009")).unwrap(),
+            Param::Timestamp("2024-01-31T12:00:00.000001".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn negative_zero_keeps_its_sign_on_the_way_in() {
+        let v = prost_types::Value {
+            kind: Some(prost_types::value::Kind::NumberValue(-0.0)),
+        };
+        let json = proto_to_json(&v);
+        assert!(
+            json.as_f64()
+                .is_some_and(|f| f == 0.0 && f.is_sign_negative()),
+            "{json}"
+        );
+        match to_param(ColType::Float8, &json).unwrap() {
+            Param::Float8(f) => assert!(f == 0.0 && f.is_sign_negative()),
+            other => panic!("{other:?}"),
+        }
+        // An integer column still takes it as 0.
+        assert_eq!(to_param(ColType::Int4, &json).unwrap(), Param::Int4(0));
+        let zero = prost_types::Value {
+            kind: Some(prost_types::value::Kind::NumberValue(0.0)),
+        };
+        assert_eq!(proto_to_json(&zero), json!(0));
     }
 
     #[test]
