@@ -231,15 +231,24 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let permits = Arc::new(Semaphore::new(worker.settings.concurrency));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, i32, i64)>();
+    // Finished messages, tagged with the consumer generation that received them.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, (String, i32, i64))>();
     let mut tracker = CommitTracker::default();
+    // A replaced consumer starts a new generation with a fresh tracker: offsets the old one
+    // received belong to a log that may be gone (a broker back empty restarts at 0), and
+    // committing them through the new member could move the group past requests never read.
+    // Requests of the old generation still finish and reply; a redelivery of one is answered
+    // from the request log.
+    let mut generation = 0u64;
     let mut tasks = JoinSet::new();
 
     loop {
         tokio::select! {
             _ = shutdown.triggered() => break,
-            Some((topic, partition, offset)) = done_rx.recv() => {
-                commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset);
+            Some((g, (topic, partition, offset))) = done_rx.recv() => {
+                if g == generation {
+                    commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset);
+                }
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             permit = permits.clone().acquire_owned() => {
@@ -248,8 +257,10 @@ pub async fn run(
                 let message = loop {
                     tokio::select! {
                         _ = shutdown.triggered() => break None,
-                        Some((topic, partition, offset)) = done_rx.recv() => {
-                            commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset);
+                        Some((g, (topic, partition, offset))) = done_rx.recv() => {
+                            if g == generation {
+                                commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset);
+                            }
                         }
                         Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                         m = consumer.recv() => match m {
@@ -263,6 +274,8 @@ pub async fn run(
                                 {
                                     consumer = replace_consumer(consumer, &worker.settings, &brokers_down)?;
                                     replaced = Some(std::time::Instant::now());
+                                    generation += 1;
+                                    tracker = CommitTracker::default();
                                 }
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                             }
@@ -273,11 +286,12 @@ pub async fn run(
                 let origin = (message.topic().to_string(), message.partition(), message.offset());
                 tracker.received(&origin.0, origin.1, origin.2);
                 let (worker, done_tx) = (worker.clone(), done_tx.clone());
+                let received_in = generation;
                 tasks.spawn(async move {
                     let delivered = process(&worker, message.key(), message.payload(), traceparent_header(&message), &origin).await;
                     drop(permit);
                     if delivered {
-                        let _ = done_tx.send(origin);
+                        let _ = done_tx.send((received_in, origin));
                     }
                 });
             }
@@ -293,7 +307,10 @@ pub async fn run(
         );
         tasks.abort_all();
     }
-    while let Ok((topic, partition, offset)) = done_rx.try_recv() {
+    while let Ok((g, (topic, partition, offset))) = done_rx.try_recv() {
+        if g != generation {
+            continue;
+        }
         if let Some(next) = tracker.finished(&topic, partition, offset) {
             commit(&consumer, &topic, partition, next, CommitMode::Sync);
         }
