@@ -555,11 +555,19 @@ impl Cell<'_> {
     /// A bigint: a number while it is a safe integer (|n| < 2^53), beyond that its decimal
     /// text, as proto3's JSON mapping writes int64 (a double would round it, or be read as the
     /// rounding of another integer).
-    fn bigint(n: i64) -> Self {
+    pub(crate) fn bigint(n: i64) -> Self {
         if n.unsigned_abs() < EXACT_INT {
             Cell::Number(n as f64)
         } else {
             Cell::Text(n.to_string())
+        }
+    }
+
+    /// A JSON integer too large for an i64 is never a safe integer: its decimal text.
+    pub(crate) fn json_u64(n: u64) -> Self {
+        match i64::try_from(n) {
+            Ok(n) => Self::bigint(n),
+            Err(_) => Cell::Text(n.to_string()),
         }
     }
 
@@ -936,11 +944,12 @@ impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
     fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
         Ok(Cell::Bool(b).into_value())
     }
+    // Integers beyond a double's exact range come back as decimal text, as bigint columns do.
     fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
-        Ok(number_value(n as f64))
+        Ok(Cell::bigint(n).into_value())
     }
     fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
-        Ok(number_value(n as f64))
+        Ok(Cell::json_u64(n).into_value())
     }
     fn visit_f64<E>(self, f: f64) -> Result<Self::Value, E> {
         Ok(number_value(f))
@@ -1490,6 +1499,28 @@ mod tests {
         assert_eq!(json_depth(br#"["[[[", "\"{{", {}]"#), 2);
         let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
         assert_eq!(json_depth(deep.as_bytes()), 129);
+    }
+
+    #[test]
+    fn json_integers_beyond_a_doubles_exact_range_read_as_decimal_text() {
+        use prost::Message;
+        let doc = br#"{"ok": 9007199254740991, "big": 9007199254740993, "neg": -9007199254740993, "huge": 18446744073709551615, "f": 1.5}"#;
+        let ProtoValue(parsed) = serde_json::from_slice::<ProtoValue>(doc).unwrap();
+        let mut bytes = Vec::new();
+        crate::wire::encode_json(doc, &mut bytes).unwrap();
+        let transcoded = prost_types::Value::decode(bytes.as_slice()).unwrap();
+        for value in [parsed, transcoded] {
+            assert_eq!(
+                proto_to_json(&value),
+                json!({
+                    "ok": 9007199254740991i64,
+                    "big": "9007199254740993",
+                    "neg": "-9007199254740993",
+                    "huge": "18446744073709551615",
+                    "f": 1.5
+                })
+            );
+        }
     }
 
     #[test]

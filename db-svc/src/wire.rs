@@ -104,12 +104,13 @@ impl<'de> de::Visitor<'de> for JsonToWire<'_> {
         encode_cell(&Cell::Bool(b), self.0);
         Ok(())
     }
+    // Integers beyond a double's exact range as decimal text, as bigint columns.
     fn visit_i64<E>(self, n: i64) -> Result<(), E> {
-        encode_cell(&Cell::number(n as f64), self.0);
+        encode_cell(&Cell::bigint(n), self.0);
         Ok(())
     }
     fn visit_u64<E>(self, n: u64) -> Result<(), E> {
-        encode_cell(&Cell::number(n as f64), self.0);
+        encode_cell(&Cell::json_u64(n), self.0);
         Ok(())
     }
     fn visit_f64<E>(self, f: f64) -> Result<(), E> {
