@@ -469,12 +469,17 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
 fn dedupe_spellings(payload: &str, spellings: &Spellings) -> Option<String> {
     let Members(members) = serde_json::from_str(payload).ok()?;
     let mut once: Vec<(String, &RawValue)> = Vec::with_capacity(members.len());
+    // Where each name went in `once`: a hostile payload of many members stays linear.
+    let mut at: foldhash::HashMap<String, usize> = Default::default();
     for (name, value) in members {
         let name = canonical_name(&name, spellings.aliases);
-        match once.iter_mut().find(|(n, _)| *n == name) {
-            Some(slot) if slot.1.get() == "null" => slot.1 = value,
+        match at.get(&name) {
+            Some(&i) if once[i].1.get() == "null" => once[i].1 = value,
             Some(_) => {}
-            None => once.push((name, value)),
+            None => {
+                at.insert(name.clone(), once.len());
+                once.push((name, value));
+            }
         }
     }
     let mut out = String::with_capacity(payload.len());
@@ -893,8 +898,8 @@ pub fn parse_performance(
     })
 }
 
-/// A timestamp as sent: ISO 8601 text (with or without offset; no offset means UTC) or a
-/// number of epoch milliseconds (seconds when it is small enough to be seconds).
+/// A timestamp as sent: ISO 8601 text (with or without offset; no offset means UTC) or an
+/// epoch number in seconds, milliseconds, microseconds or nanoseconds (told by magnitude).
 #[derive(Debug)]
 enum TimeValue {
     Text(String),
@@ -911,11 +916,17 @@ impl TimeValue {
 }
 
 fn number_to_micros(n: f64) -> Micros {
-    // Below 1e11 a number is epoch seconds (year 5138 in ms terms), else milliseconds.
-    if n.abs() < 1e11 {
+    // The unit by magnitude: each bound is year 5138 in the unit below it, so no date of this
+    // era is ambiguous. Epoch seconds, milliseconds, microseconds, nanoseconds.
+    let a = n.abs();
+    if a < 1e11 {
         (n * 1e6) as Micros
-    } else {
+    } else if a < 1e14 {
         (n * 1e3) as Micros
+    } else if a < 1e17 {
+        n as Micros
+    } else {
+        (n / 1e3) as Micros
     }
 }
 
@@ -925,7 +936,7 @@ impl<'de> Deserialize<'de> for TimeValue {
         impl<'de> Visitor<'de> for V {
             type Value = TimeValue;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an ISO 8601 timestamp or epoch milliseconds")
+                f.write_str("an ISO 8601 timestamp or an epoch number")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<TimeValue, E> {
                 // Parsed right away so the borrowed text needs no copy when valid.
@@ -1210,6 +1221,22 @@ mod tests {
     }
 
     #[test]
+    fn many_members_under_two_spellings_parse_in_linear_time() {
+        // A duplicated field sends the parse through the spelling repair; with 200,000 other
+        // members a quadratic repair would take minutes.
+        let mut json = String::from(r#"{"agent_name":"a","agentName":"a","action_type":"x""#);
+        for i in 0..200_000 {
+            json.push_str(&format!(r#","m{i}":0"#));
+        }
+        json.push('}');
+        let started = std::time::Instant::now();
+        let a = parse_action(json.as_bytes(), NOW).unwrap();
+        assert_eq!(a.agent_name(), "a");
+        // Generous (debug build, shared machine): linear work takes well under a second.
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+
+    #[test]
     fn timestamps() {
         // Naive isoformat is UTC; createdAt is the fallback; numbers are epoch ms or s.
         let a = parse_action(
@@ -1236,6 +1263,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.time, 1_763_630_100_000_000);
+        // Microseconds and nanoseconds too (they were read as milliseconds, far in the
+        // future, and clamped to now).
+        for raw in [
+            "1763630100123456",
+            "1763630100123456000",
+            "1763630100.123456",
+        ] {
+            let json = format!(r#"{{"agent_name":"a","action_type":"x","timestamp":{raw}}}"#);
+            let a = parse_action(json.as_bytes(), NOW).unwrap();
+            assert!(
+                (a.time - 1_763_630_100_123_456).abs() <= 1,
+                "{raw}: {}",
+                a.time
+            );
+        }
         // The future is clamped to the receive time.
         let a = parse_action(
             br#"{"agent_name":"a","action_type":"x","timestamp":"2999-01-01T00:00:00Z"}"#,

@@ -35,11 +35,26 @@ fn fine_start(now: Micros) -> Micros {
     align(now, MINUTE) - HOUR
 }
 
-/// `x` in fixed point (`as` saturates at the i64 range). Sums of these add with saturation:
-/// an absurd value (`"routing_time_ms": 1e300`) pins a sum at its limit for the window
-/// rather than wrapping it around to garbage.
+/// `x` in fixed point (`as` saturates at the i64 range). Sums of these add with saturation,
+/// as a last guard: the values averaged are bounded first ([`confidence`], [`duration_ms`]).
 fn fixed(x: f64) -> i64 {
     (x * SCALE).round() as i64
+}
+
+/// The longest duration an average takes in: a day. A longer one (or a negative one) is a
+/// producer's bug, and a single `1e300` would otherwise pin its sums for the whole window
+/// (and make them depend on the order events arrive in).
+const MAX_DURATION_MS: f64 = 86_400_000.0;
+
+/// A confidence the averages take in: a probability (a `95` meant as a percentage, or NaN,
+/// stays in the event as sent, but out of the average).
+fn confidence(c: Option<f64>) -> Option<f64> {
+    c.filter(|c| (0.0..=1.0).contains(c))
+}
+
+/// A duration the averages take in (see [`MAX_DURATION_MS`]).
+fn duration_ms(ms: Option<f64>) -> Option<f64> {
+    ms.filter(|ms| (0.0..=MAX_DURATION_MS).contains(ms))
 }
 
 #[derive(Clone, Debug)]
@@ -430,11 +445,11 @@ impl State {
             Event::RoutingDecision(d) => {
                 let b = self.agent_bucket(d.selected_agent(), d.time, now);
                 b.requests = b.requests.saturating_add(1);
-                if let Some(ms) = d.routing_time_ms.filter(|x| x.is_finite()) {
+                if let Some(ms) = duration_ms(d.routing_time_ms) {
                     b.routing_time_sum = b.routing_time_sum.saturating_add(fixed(ms));
                     b.routing_time_n = b.routing_time_n.saturating_add(1);
                 }
-                if let Some(c) = d.confidence_score.filter(|x| x.is_finite()) {
+                if let Some(c) = confidence(d.confidence_score) {
                     b.confidence_sum = b.confidence_sum.saturating_add(fixed(c));
                     b.confidence_n = b.confidence_n.saturating_add(1);
                 }
@@ -462,7 +477,7 @@ impl State {
                 if m.cache_hit {
                     b.cache_hits = b.cache_hits.saturating_add(1);
                 }
-                if let Some(ms) = m.routing_duration_ms.filter(|x| x.is_finite()) {
+                if let Some(ms) = duration_ms(m.routing_duration_ms) {
                     b.duration_sum = b.duration_sum.saturating_add(fixed(ms));
                     b.duration_n = b.duration_n.saturating_add(1);
                 }
@@ -844,7 +859,7 @@ mod tests {
 
     /// Absurd values pin a sum at its limit rather than wrapping it to a negative average.
     #[test]
-    fn huge_values_saturate_instead_of_wrapping() {
+    fn implausible_values_stay_out_of_the_averages() {
         let decision = |id: &str, ms: f64, confidence: f64| {
             let payload = json(serde_json::json!({
                 "id": id,
@@ -859,17 +874,30 @@ mod tests {
         };
         let events = [
             decision("d1", 1e13, 1e13),
-            decision("d2", 1e13, 1e13),
-            decision("d3", 1e300, 1e300),
+            decision("d2", -1e300, 95.0),
+            decision("d3", 1e300, -0.5),
             decision("d4", 5.0, 0.5),
+            decision("d5", 86_400_000.0, 1.0),
+            decision("d6", -1.0, 0.0),
         ];
         let s = state_with(&events, StateConfig::default());
         let m = &s.agent_metrics(NOW, None, Some("huge"))[0];
-        assert_eq!(m.total_requests, 4);
-        let avg_ms = m.avg_routing_time_ms.expect("an average");
-        let avg_conf = m.avg_confidence.expect("an average");
-        assert!(avg_ms > 1e12, "pinned high, not wrapped: {avg_ms}");
-        assert!(avg_conf > 1e12, "pinned high, not wrapped: {avg_conf}");
+        // Every decision counts; only plausible values are averaged, in any order.
+        assert_eq!(m.total_requests, 6);
+        assert_eq!(m.avg_routing_time_ms, Some((5.0 + 86_400_000.0) / 2.0));
+        assert_eq!(m.avg_confidence, Some((0.5 + 1.0 + 0.0) / 3.0));
+        let mut reversed = events.clone();
+        reversed.reverse();
+        let r =
+            &state_with(&reversed, StateConfig::default()).agent_metrics(NOW, None, Some("huge"))
+                [0];
+        assert_eq!(
+            (r.avg_routing_time_ms, r.avg_confidence),
+            (m.avg_routing_time_ms, m.avg_confidence)
+        );
+        // The events themselves keep what was sent.
+        let listed: Vec<Option<f64>> = s.decisions().map(|d| d.confidence_score).collect();
+        assert!(listed.contains(&Some(95.0)), "{listed:?}");
     }
 
     #[test]
