@@ -660,9 +660,18 @@ async fn stream_rows(
         let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
         let mut batch = Vec::with_capacity(batch_size);
         let mut decoder = StructRows::default();
+        // Cut short by shutdown, a stream must not end as if complete: its messages carry no
+        // end marker, so only a non-OK status tells the client it lacks rows.
+        let cut = || {
+            DbError::Unavailable(
+                "db-svc is shutting down: the stream ended before its last row; run the query \
+                 again"
+                    .into(),
+            )
+        };
         loop {
             let next = tokio::select! {
-                _ = shutdown.triggered() => return Ok(()),
+                _ = shutdown.triggered() => return Err(cut()),
                 _ = out.closed() => return Ok(()),
                 next = rows.try_next() => next?,
             };
@@ -672,7 +681,7 @@ async fn stream_rows(
                     if batch.len() >= batch_size {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
                         let sent = tokio::select! {
-                            _ = shutdown.triggered() => return Ok(()),
+                            _ = shutdown.triggered() => return Err(cut()),
                             sent = send(full) => sent?,
                         };
                         if !sent {

@@ -1076,7 +1076,12 @@ pub fn json_into_proto(value: Json) -> prost_types::Value {
     let kind = match value {
         Json::Null => Kind::NullValue(0),
         Json::Bool(b) => Kind::BoolValue(b),
-        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        // Integers as the row decoders give them (beyond a double's exact range: text).
+        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => return Cell::bigint(i).into_value(),
+            (None, Some(u)) => return Cell::json_u64(u).into_value(),
+            _ => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        },
         Json::String(s) => Kind::StringValue(s),
         Json::Array(a) => Kind::ListValue(prost_types::ListValue {
             values: a.into_iter().map(json_into_proto).collect(),
@@ -1395,8 +1400,13 @@ mod tests {
             proto_to_json(&v),
             json!({"a": 2, "b": [true, null, "x"], "c": {"d": 1.5}})
         );
+        // Beyond a double's exact range: the decimal text, on both paths.
         let ProtoValue(big) = serde_json::from_str("18446744073709551615").unwrap();
-        assert_eq!(big, number_value(18446744073709551615u64 as f64));
+        assert_eq!(big, Cell::Text("18446744073709551615".into()).into_value());
+        assert_eq!(
+            json_into_proto(serde_json::from_str("18446744073709551615").unwrap()),
+            big
+        );
     }
 
     #[test]

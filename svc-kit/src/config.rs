@@ -56,17 +56,32 @@ pub fn fail(message: impl std::fmt::Display) -> ! {
     std::process::exit(EXIT_CONFIG)
 }
 
-/// A connection URL with any password replaced by `***`, safe to log.
+/// A URL with its credentials - user, password, query string (an API key travels in any of
+/// them: `https://KEY@collector`, `?api_key=`) - replaced by `***`, safe to log.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
+            if !url.username().is_empty() {
+                let _ = url.set_username("***");
+            }
             if url.password().is_some() {
                 let _ = url.set_password(Some("***"));
+            }
+            if url.query().is_some() {
+                url.set_query(Some("***"));
             }
             url.to_string()
         }
         Err(_) => "<unparsable url>".to_string(),
     }
+}
+
+/// `message` (an error a library wrote about `raw`, a URL) with `raw` redacted in it.
+pub fn redact_url_in(message: &str, raw: &str) -> String {
+    if raw.is_empty() {
+        return message.to_string();
+    }
+    message.replace(raw, &redact_url(raw))
 }
 
 /// Parses a comma-separated `host:port` list (Kafka bootstrap servers), naming `setting` in
@@ -115,10 +130,26 @@ mod tests {
     fn redacts_passwords() {
         assert_eq!(
             redact_url("postgres://u:s3cret@db:5432/x"),
-            "postgres://u:***@db:5432/x"
+            "postgres://***:***@db:5432/x"
         );
-        assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(
+            redact_url("https://APIKEY@collector:4317"),
+            "https://***@collector:4317/"
+        );
+        assert_eq!(
+            redact_url("https://collector:4317/v1?api_key=s3cret"),
+            "https://collector:4317/v1?***"
+        );
+        assert_eq!(
+            redact_url("http://collector:4317"),
+            "http://collector:4317/"
+        );
         assert!(!redact_url("not a url s3cret").contains("s3cret"));
+        let raw = "https://u:s3cret@collector:4317";
+        let said = format!("endpoint '{raw}' uses HTTPS but no TLS feature is enabled");
+        let shown = redact_url_in(&said, raw);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("collector:4317"), "{shown}");
     }
 
     #[test]

@@ -63,9 +63,11 @@ fn otel_provider(args: &LogArgs) -> Option<SdkTracerProvider> {
     {
         Ok(exporter) => exporter,
         Err(e) => {
+            // The library's message may quote the endpoint whole, credentials included.
             eprintln!(
-                "OTLP exporter for {} not started: {e}",
-                crate::config::redact_url(endpoint)
+                "OTLP exporter for {} not started: {}",
+                crate::config::redact_url(endpoint),
+                crate::config::redact_url_in(&e.to_string(), endpoint)
             );
             return None;
         }
@@ -131,5 +133,21 @@ pub fn init(args: &LogArgs) {
         // The endpoint may carry credentials (`https://user:token@collector:4317`).
         let endpoint = crate::config::redact_url(args.otlp_endpoint.trim());
         tracing::info!(%endpoint, "exporting spans over OTLP/gRPC");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_otlp::WithExportConfig;
+
+    /// Collectors behind TLS (every hosted one) need the exporter's own TLS features; without
+    /// them building it for an `https://` endpoint fails and spans are silently not exported.
+    #[tokio::test]
+    async fn an_https_collector_endpoint_builds_an_exporter() {
+        let built = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint("https://collector.invalid:4317")
+            .build();
+        assert!(built.is_ok(), "{:?}", built.err());
     }
 }

@@ -1023,3 +1023,49 @@ async fn health_watchers_see_not_serving_and_do_not_hold_shutdown() {
         started.elapsed()
     );
 }
+
+/// A `StreamQuery` cut short by SIGTERM ends with UNAVAILABLE, never with OK: its messages
+/// carry no end marker, so an OK status would pass the rows received off as the whole result.
+#[tokio::test]
+async fn a_stream_query_cut_by_shutdown_ends_with_an_error_not_ok() {
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(["--shutdown-grace", "10s", "--bus", "false"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        omnibus_tests::db::insert_padded_actions(&mut conn, "many", 500, 20_000).await;
+    }
+    let mut client = pb::database_service_client::DatabaseServiceClient::new(svc.channel());
+    let mut stream = client
+        .stream_query(pb::StreamQueryRequest {
+            query: Some(pb::QueryRequest {
+                table: "agent_actions".into(),
+                ..Default::default()
+            }),
+            batch_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first batch");
+    assert_eq!(first.rows.len(), 10);
+    svc.terminate().unwrap();
+    let mut rows = first.rows.len();
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(batch)) => rows += batch.rows.len(),
+            other => break other,
+        }
+    };
+    let err = end.expect_err("a stream cut short must not end OK");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("shutting down"), "{err:?}");
+    assert!(rows < 20_000, "the stream was cut ({rows} rows)");
+    let status = svc.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
