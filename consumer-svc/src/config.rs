@@ -187,6 +187,18 @@ impl Config {
         if self.retention < Duration::from_secs(3600) {
             return Err("--retention must be at least 1h (it is kept to the hour)".into());
         }
+        // Event times are i64 microseconds; a century is far past any window worth keeping
+        // in memory, and far below where the arithmetic would wrap.
+        if self.retention > Duration::from_secs(100 * 365 * 86_400) {
+            return Err("--retention must be at most 100 years (36500d)".into());
+        }
+        if self.replay_timeout.is_zero() {
+            return Err(
+                "--replay-timeout must be more than 0 (0 would report SERVING before the \
+                 start-up replay)"
+                    .into(),
+            );
+        }
         if self.agent_metrics_interval < Duration::from_millis(10) {
             return Err("--agent-metrics-interval must be at least 10ms".into());
         }
@@ -267,6 +279,25 @@ mod tests {
                 .unwrap_err();
             assert!(err.contains(flag), "{err}");
         }
+    }
+
+    #[test]
+    fn retention_and_replay_timeout_are_bounded() {
+        for (flag, value, says) in [
+            ("--retention", "30m", "at least 1h"),
+            ("--retention", "300000000d", "at most 100 years"),
+            ("--replay-timeout", "0", "more than 0"),
+        ] {
+            let err = parse(&["--kafka-brokers", "a:1", flag, value])
+                .validate()
+                .unwrap_err();
+            assert!(err.contains(says), "{flag} {value}: {err}");
+        }
+        assert!(
+            parse(&["--kafka-brokers", "a:1", "--retention", "7d"])
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

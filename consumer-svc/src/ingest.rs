@@ -223,6 +223,34 @@ struct Partition {
     /// After a timestamp seek: what the first message read must show.
     verify: Option<Verify>,
     next: i64,
+    /// The last message read, to recognise the log again after the broker was away.
+    last: Option<Fingerprint>,
+    /// Not assigned on the client (an assignment failed): assigned again at `next` by the
+    /// next discover, never read again from the start.
+    unassigned: bool,
+}
+
+/// A message recognised by its offset and a digest of its timestamp, key and payload: a log
+/// recreated while the broker was away holds other messages at the same offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    offset: i64,
+    digest: u64,
+}
+
+impl Fingerprint {
+    fn of(m: &impl Message) -> Self {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        // Fixed seeds: the digest is compared within this process only.
+        let mut h = foldhash::quality::FixedState::with_seed(0x006f_6d6e_6962_7573).build_hasher();
+        m.timestamp().to_millis().hash(&mut h);
+        m.key().hash(&mut h);
+        m.payload().hash(&mut h);
+        Fingerprint {
+            offset: m.offset(),
+            digest: h.finish(),
+        }
+    }
 }
 
 /// A timestamp seek to check: the first message read must be at `offset` and older than
@@ -241,6 +269,8 @@ impl Partition {
             probe,
             verify: None,
             next: 0,
+            last: None,
+            unassigned: false,
         }
     }
 }
@@ -338,6 +368,11 @@ pub struct Ingest {
     /// The broker stopped answering: the client was replaced and every partition must be
     /// assigned again on the fresh client once metadata comes back.
     client_replaced: bool,
+    /// Partitions read before the client was replaced and not assigned on the fresh one yet:
+    /// each waits for its topic to answer settled, then resumes at its position if its log
+    /// still holds the last message read, or is read again from the start if the log was
+    /// recreated.
+    unverified: Vec<Key>,
     /// Shared with the client context: every broker is down.
     brokers_down: Arc<AtomicBool>,
     error_logs: [ErrorLog; 4],
@@ -397,6 +432,7 @@ impl Ingest {
             assigned: foldhash::HashMap::default(),
             recreated: HashSet::new(),
             client_replaced: false,
+            unverified: Vec::new(),
             brokers_down,
             error_logs: std::array::from_fn(|_| ErrorLog::new(Instant::now())),
             unsettled_answers: 0,
@@ -586,74 +622,36 @@ impl Ingest {
         });
         for (k, l) in listing.iter().enumerate() {
             if let Listed::Unsettled(code) = l {
+                let why = code.map_or_else(
+                    || "listed without partitions".to_string(),
+                    |c| c.to_string(),
+                );
                 tracing::warn!(
                     topic = %self.cfg.topics[k],
-                    "metadata: {code}; the topic's partitions are kept as they are until it answers"
+                    "metadata: {why}; the topic's partitions are kept as they are until it answers"
                 );
             }
         }
-        // A fresh client has nothing assigned until the block below assigns what is present.
-        let fresh_client = std::mem::take(&mut self.client_replaced);
-        if fresh_client {
-            // The fresh client has no assignment: every partition is assigned again below,
-            // those we had read from at their next offset.
-            let kept: Vec<((usize, i32), i64)> = self
-                .assigned
-                .iter()
-                .filter(|(_, part)| part.next >= 0)
-                .map(|(key, part)| (*key, part.next))
-                .collect();
+        // A fresh client has nothing assigned: every partition read so far waits to be
+        // verified and assigned again at its position (see `resume_unverified`).
+        if std::mem::take(&mut self.client_replaced) {
             self.assigned.retain(|_, part| part.next >= 0);
-            let mut live = TopicPartitionList::new();
-            let settled: Vec<((usize, i32), i64)> = kept
-                .iter()
-                .filter(|((k, _), _)| matches!(listing[*k], Listed::Partitions(_)))
-                .copied()
-                .collect();
-            let intact = self.logs_still_holding(&settled);
-            // A log that ends before our position was recreated while the broker was away:
-            // read it from the beginning, like a topic seen missing. The message before our
-            // position, found again, proves the log intact; only without it is the broker's
-            // "latest" offset asked (tansu's can lag the log), for all such partitions in one
-            // request. An unsettled topic is not asked at all: it would only time out; it
-            // resumes at its position.
-            let unproven: Vec<(usize, i32)> = settled
-                .iter()
-                .map(|(key, _)| *key)
-                .filter(|key| !intact.contains(key))
-                .collect();
-            let latest = self.latest_offsets(&unproven);
-            for ((k, p), next) in &kept {
-                let topic = self.cfg.topics[*k].clone();
-                if listing[*k].vanished(*p) {
-                    continue; // handled as usual below
-                }
-                match latest.get(&(*k, *p)) {
-                    Some(&high) if high < *next => {
-                        tracing::warn!(
-                            %topic,
-                            partition = *p,
-                            high,
-                            next = *next,
-                            "the log ends before our position: recreated while the broker was away; will re-read it from the beginning"
-                        );
-                        self.forget_log((*k, *p));
-                    }
-                    _ => {
-                        let _ = live.add_partition_offset(&topic, *p, Offset::Offset(*next));
-                    }
-                }
-            }
-            self.repositioned = true;
-            if let Err(e) = self.consumer.incremental_assign(&live) {
-                // Still the fresh client's first assignment: the next discover tries it again
-                // (the partitions stay in `assigned` with their positions, so nothing is
-                // re-read from the start, and nothing is left unread). Nothing else is
-                // assigned meanwhile, or the retry would ask for partitions the client
-                // already has, and fail the same way every time.
-                tracing::warn!("assign on the fresh client: {e}; retrying");
-                self.client_replaced = true;
-                return;
+            self.unverified = self.assigned.keys().copied().collect();
+            self.unverified.sort_unstable();
+        }
+        if !self.resume_unverified(&listing) {
+            return;
+        }
+        // Partitions whose assignment failed: again, at their positions.
+        let retry: Vec<(Key, i64)> = self
+            .assigned
+            .iter()
+            .filter(|(key, part)| part.unassigned && !self.unverified.contains(key))
+            .map(|(key, part)| (*key, part.next))
+            .collect();
+        for (key, next) in retry {
+            if !listing[key.0].vanished(key.1) {
+                self.reassign_at(key, next, None);
             }
         }
         // The first complete answer lists what the start-up replay must read; a topic that
@@ -672,16 +670,23 @@ impl Ingest {
         // Vanished topics (a broker that restarted empty): forget their partitions.
         if !gone.is_empty() {
             let mut tpl = TopicPartitionList::new();
-            for (k, p) in &gone {
-                tpl.add_partition(&self.cfg.topics[*k], *p);
-                self.forget_log((*k, *p));
+            for key in &gone {
+                // Ones the client does not have cannot be unassigned (librdkafka refuses).
+                let on_client = self.assigned.get(key).is_some_and(|part| !part.unassigned)
+                    && !self.unverified.contains(key);
+                if on_client {
+                    tpl.add_partition(&self.cfg.topics[key.0], key.1);
+                }
+                self.unverified.retain(|k| k != key);
+                self.forget_log(*key);
             }
             tracing::warn!(
                 partitions = gone.len(),
                 "topic partitions disappeared; will re-read them from the beginning when they return"
             );
-            // On a fresh client they were never assigned (librdkafka refuses to unassign them).
-            if !fresh_client && let Err(e) = self.consumer.incremental_unassign(&tpl) {
+            if tpl.count() > 0
+                && let Err(e) = self.consumer.incremental_unassign(&tpl)
+            {
                 tracing::warn!("unassign: {e}");
             }
         }
@@ -709,26 +714,98 @@ impl Ingest {
         self.sinks.status.replay.lock().forget(key);
     }
 
-    /// Which of `positions` (partition, next offset to read) still have the message just
-    /// before that position in their log, found by fetching it with a short-lived client. This
-    /// is the exact test of "the log was not recreated shorter": tansu's ListOffsets "latest"
-    /// answer can lag the log by a batch, and it answers a fetch past the end with nothing
-    /// rather than out-of-range. Partitions not answered within `PROBE_WAIT` are left out (the
-    /// caller then asks for the watermarks).
-    fn logs_still_holding(&self, positions: &[((usize, i32), i64)]) -> HashSet<(usize, i32)> {
+    /// Assigns the unverified partitions whose topics answer settled: each resumes at its
+    /// position when its log still holds the last message read, and is read again from the
+    /// start when the log was recreated (it holds another message there, or ends before the
+    /// position). Partitions of unsettled topics wait for a later answer: assigned blind, a
+    /// recreated log would sit unread until it passed the old position and then be read
+    /// from there, its first events never counted. False when the assignment failed (tried
+    /// again at the next discover).
+    fn resume_unverified(&mut self, listing: &[Listed; 4]) -> bool {
+        let ready: Vec<(Key, i64, Option<Fingerprint>)> = self
+            .unverified
+            .iter()
+            .filter(|(k, p)| {
+                matches!(listing[*k], Listed::Partitions(_)) && !listing[*k].vanished(*p)
+            })
+            .filter_map(|key| {
+                let part = self.assigned.get(key)?;
+                Some((*key, part.next, part.last))
+            })
+            .collect();
+        if ready.is_empty() {
+            return true;
+        }
+        let (intact, recreated) = self.logs_still_holding(&ready);
+        // Only without an answer from the probe is the broker's "latest" offset asked (tansu's
+        // can lag the log), for all such partitions in one request.
+        let unproven: Vec<Key> = ready
+            .iter()
+            .map(|(key, _, _)| *key)
+            .filter(|key| !intact.contains(key) && !recreated.contains(key))
+            .collect();
+        let latest = self.latest_offsets(&unproven);
+        let mut live = TopicPartitionList::new();
+        let mut assigned = Vec::new();
+        for (key, next, _) in &ready {
+            let topic = self.cfg.topics[key.0].clone();
+            let ends_before = matches!(latest.get(key), Some(&high) if high < *next);
+            if recreated.contains(key) || ends_before {
+                tracing::warn!(
+                    %topic,
+                    partition = key.1,
+                    next = *next,
+                    "the log no longer holds what was read: recreated while the broker was away; will re-read it from the beginning"
+                );
+                self.forget_log(*key);
+            } else {
+                let _ = live.add_partition_offset(&topic, key.1, Offset::Offset(*next));
+                assigned.push(*key);
+            }
+        }
+        self.repositioned = true;
+        if let Err(e) = self.consumer.incremental_assign(&live) {
+            // The partitions stay unverified with their positions: nothing is re-read from
+            // the start, and nothing is left unread. Nothing else is assigned meanwhile, or
+            // the retry would ask for partitions the client already has.
+            tracing::warn!("assign on the fresh client: {e}; retrying");
+            self.unverified
+                .retain(|key| self.assigned.contains_key(key));
+            return false;
+        }
+        let done: HashSet<Key> = ready.iter().map(|(key, _, _)| *key).collect();
+        self.unverified.retain(|key| !done.contains(key));
+        true
+    }
+
+    /// Which of `positions` (partition, next offset to read, last message read) still hold
+    /// that message (`.0`), and which hold another one at its offset (`.1`: the log was
+    /// recreated), found by fetching it with a short-lived client. This is the exact test:
+    /// tansu's ListOffsets "latest" answer can lag the log by a batch, it answers a fetch past
+    /// the end with nothing rather than out-of-range, and a log recreated while the broker was
+    /// away may already have grown past the old position. Without a fingerprint (nothing read
+    /// in this run) any message at or after the one before the position counts as intact.
+    /// Partitions not answered within `PROBE_WAIT` are in neither set (the caller then asks
+    /// for the watermarks).
+    fn logs_still_holding(
+        &self,
+        positions: &[(Key, i64, Option<Fingerprint>)],
+    ) -> (HashSet<Key>, HashSet<Key>) {
         let mut found = HashSet::new();
+        let mut recreated = HashSet::new();
         let mut tpl = TopicPartitionList::new();
-        for ((k, p), next) in positions {
+        for ((k, p), next, last) in positions {
+            let at = last.map_or(next - 1, |f| f.offset);
             if *next == 0 {
                 found.insert((*k, *p)); // nothing read: nothing to lose or repeat
             } else if let Err(e) =
-                tpl.add_partition_offset(&self.cfg.topics[*k], *p, Offset::Offset(next - 1))
+                tpl.add_partition_offset(&self.cfg.topics[*k], *p, Offset::Offset(at))
             {
                 tracing::debug!("probe offset: {e}");
             }
         }
         if tpl.count() == 0 {
-            return found;
+            return (found, recreated);
         }
         let mut config = consumer_config(&self.cfg.brokers);
         config
@@ -740,34 +817,47 @@ impl Ingest {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("position probe: {}", svc_kit::kafka::describe_error(&e));
-                return found;
+                return (found, recreated);
             }
         };
         if let Err(e) = probe.assign(&tpl) {
             tracing::warn!("position probe: {e}");
-            return found;
+            return (found, recreated);
         }
         let deadline = Instant::now() + PROBE_WAIT;
         let wanted = positions.len();
-        while found.len() < wanted && Instant::now() < deadline {
+        while found.len() + recreated.len() < wanted && Instant::now() < deadline {
             match probe.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     let Some(k) = kind_of(&self.cfg.topics, m.topic()) else {
                         continue;
                     };
                     let key = (k, m.partition());
-                    if positions
-                        .iter()
-                        .any(|(p, next)| *p == key && m.offset() >= next - 1)
-                    {
-                        found.insert(key);
+                    if found.contains(&key) || recreated.contains(&key) {
+                        continue;
+                    }
+                    let Some((_, next, last)) = positions.iter().find(|(p, _, _)| *p == key) else {
+                        continue;
+                    };
+                    match last {
+                        Some(f) if m.offset() == f.offset && Fingerprint::of(&m) == *f => {
+                            found.insert(key);
+                        }
+                        // Another message where ours was, or ours gone from before it.
+                        Some(_) => {
+                            recreated.insert(key);
+                        }
+                        None if m.offset() >= next - 1 => {
+                            found.insert(key);
+                        }
+                        None => {}
                     }
                 }
                 Some(Err(e)) => tracing::debug!("position probe: {e}"),
                 None => {}
             }
         }
-        found
+        (found, recreated)
     }
 
     /// Swaps in a fresh librdkafka client while the broker is unreachable. A broker that comes
@@ -905,18 +995,27 @@ impl Ingest {
         {
             match self.consumer.incremental_assign(&tpl) {
                 Ok(()) => {
+                    let last = self.assigned.get(&key).and_then(|p| p.last);
                     self.assigned.insert(
                         key,
                         Partition {
                             probe: false,
                             verify,
                             next: offset,
+                            last,
+                            unassigned: false,
                         },
                     );
                 }
                 Err(e) => {
-                    tracing::warn!("assign: {e}");
-                    self.assigned.remove(&key);
+                    // Kept with its position: the next discover assigns it there again
+                    // (forgetting it would read it again from the start).
+                    tracing::warn!("assign: {e}; retrying at the next discover");
+                    if let Some(part) = self.assigned.get_mut(&key) {
+                        part.next = offset;
+                        part.verify = None;
+                        part.unassigned = true;
+                    }
                 }
             }
         }
@@ -935,9 +1034,10 @@ enum Listed {
     Partitions(Vec<i32>),
     /// Not there: absent from the answer, or named with "unknown topic".
     Missing,
-    /// Named with another error (e.g. no leader during an election): nothing can be concluded,
-    /// so its partitions are neither dropped nor added.
-    Unsettled(RDKafkaErrorCode),
+    /// Named with another error (e.g. no leader during an election), or listed without any
+    /// partition (no topic has none; a broker still creating it): nothing can be concluded,
+    /// so its partitions are neither dropped nor added. `None`: no error code.
+    Unsettled(Option<RDKafkaErrorCode>),
 }
 
 impl Listed {
@@ -945,6 +1045,7 @@ impl Listed {
     fn of(entry: Option<(Option<RDKafkaErrorCode>, Vec<i32>)>) -> Self {
         match entry {
             None => Listed::Missing,
+            Some((None, partitions)) if partitions.is_empty() => Listed::Unsettled(None),
             Some((None, partitions)) => Listed::Partitions(partitions),
             Some((
                 Some(
@@ -954,7 +1055,7 @@ impl Listed {
                 ),
                 _,
             )) => Listed::Missing,
-            Some((Some(code), _)) => Listed::Unsettled(code),
+            Some((Some(code), _)) => Listed::Unsettled(Some(code)),
         }
     }
 
@@ -1106,9 +1207,11 @@ fn parse_batch(
     let mut errors = [0u64; 4];
     let mut parsed = Vec::with_capacity(msgs.len());
     let mut positions: Vec<((usize, i32), i64)> = Vec::new();
+    // The last message read of each partition touched (its index in `msgs`).
+    let mut lasts: Vec<((usize, i32), usize)> = Vec::new();
     // Messages come in runs of one partition: remember the last one's topic and index.
     let mut last_topic: Option<(&str, usize)> = None;
-    for m in msgs {
+    for (i, m) in msgs.iter().enumerate() {
         let topic = m.topic();
         let k = match last_topic {
             Some((t, k)) if t == topic => k,
@@ -1158,6 +1261,13 @@ fn parse_batch(
                 None => positions.push((key, part.next)),
             },
         }
+        match lasts.last_mut() {
+            Some((last, at)) if *last == key => *at = i,
+            _ => match lasts.iter_mut().find(|(p, _)| *p == key) {
+                Some((_, at)) => *at = i,
+                None => lasts.push((key, i)),
+            },
+        }
         let kind = EventKind::ALL[k];
         let arrival = events::Arrival {
             now,
@@ -1176,6 +1286,12 @@ fn parse_batch(
                     );
                 }
             }
+        }
+    }
+    // One digest per partition and batch, not per message.
+    for (key, i) in lasts {
+        if let Some(part) = assigned.get_mut(&key) {
+            part.last = Some(Fingerprint::of(&msgs[i]));
         }
     }
     (
@@ -1337,7 +1453,9 @@ mod tests {
         ];
         assert_eq!(listing[1], Listed::Missing);
         assert_eq!(listing[2], Listed::Missing);
-        assert_eq!(listing[3], Listed::Unsettled(E::LeaderNotAvailable));
+        assert_eq!(listing[3], Listed::Unsettled(Some(E::LeaderNotAvailable)));
+        // Listed without partitions: unsettled too, not emptied.
+        assert_eq!(Listed::of(Some((None, vec![]))), Listed::Unsettled(None));
         let assigned = [(0, 0), (0, 1), (1, 0), (2, 0), (3, 0), (3, 1)];
         let (gone, new) = partition_changes(&listing, assigned.into_iter());
         assert_eq!(gone, vec![(0, 1), (1, 0), (2, 0)]);

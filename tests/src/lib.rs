@@ -227,12 +227,26 @@ impl ServiceProcess {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) -> Result<()> {
+        self.signal("TERM")
+    }
+
+    /// Freezes the process (SIGSTOP): it sees nothing of the world until [`Self::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> Result<()> {
         let status = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status()?;
         if !status.success() {
-            bail!("kill -TERM {} failed", self.child.id());
+            bail!("kill -{name} {} failed", self.child.id());
         }
         Ok(())
     }

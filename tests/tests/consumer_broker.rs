@@ -114,6 +114,61 @@ async fn broker_restarting_empty_is_survived_and_every_new_event_counted() {
     assert_eq!(again.events_processed, s.events_processed);
 }
 
+/// A broker that comes back empty and whose recreated logs have grown past the old positions
+/// before consumer-svc looks again (here it is frozen meanwhile): the logs hold other
+/// messages at those offsets, so they are read from the start - none of their first events
+/// is skipped, and none counted twice.
+#[tokio::test]
+async fn a_recreated_log_longer_than_the_old_one_is_read_from_its_start() {
+    let mut broker = PrivateBroker::start().await.unwrap();
+    let prefix = unique_prefix();
+    let topics = create_topics(&broker.addr(), &prefix, 1).await.unwrap();
+    let svc = start_consumer(&broker.addr(), &prefix, &[]).await.unwrap();
+    let mut g = EventGenerator::new(6, 11);
+    let (before, decisions_before) = {
+        let p = TestProducer::new(&broker.addr()).unwrap();
+        produce(&p, &topics, &mut g, 200)
+    };
+    wait_status(&svc, WAIT, "first events", |s| s.events_processed == before)
+        .await
+        .unwrap();
+
+    broker.stop();
+    wait_status(&svc, WAIT, "disconnected", |s| !s.connected)
+        .await
+        .unwrap();
+    // Once the client was replaced, freeze the service while the broker comes back empty and
+    // its logs are written again, longer than before.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !svc.logs().contains("replaced the Kafka client") {
+        assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    svc.pause().unwrap();
+    broker.restart().await.unwrap();
+    let topics = create_topics(&broker.addr(), &prefix, 1).await.unwrap();
+    let (after, decisions_after) = {
+        let p = TestProducer::new(&broker.addr()).unwrap();
+        produce(&p, &topics, &mut g, 400)
+    };
+    svc.resume().unwrap();
+    let s = wait_status(&svc, WAIT, "every event after the restart", |s| {
+        s.events_processed == before + after
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", svc.logs()));
+    assert_eq!(
+        total_requests(&svc).await,
+        decisions_before + decisions_after
+    );
+    let again = wait_status(&svc, WAIT, "positions settled", |s| {
+        s.partitions.iter().all(|p| p.lag == 0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(again.events_processed, s.events_processed);
+}
+
 /// A broker that is unreachable for a while but keeps its logs (a network cut, here a proxy
 /// that drops every connection): consumer-svc replaces its Kafka client and, when the broker
 /// answers again, goes on from its positions - nothing is read twice, though tansu's
