@@ -62,7 +62,26 @@ fn context<T>(request: &Request<T>, request_id: &str) -> ExecContext {
 
 /// Converts a proto filter tree; `path` names it in field errors.
 pub fn filter_from_proto(filter: &pb::Filter, path: &str) -> Result<Filter, DbError> {
+    filter_node(filter, path, false)
+}
+
+/// A node of a filter tree. An empty filter (no kind) or an empty `all` / `any` list means
+/// "no filter" only as the whole tree: nested, it would be a constant (TRUE or FALSE) that
+/// turns the tree into something else than it reads - `any: [{}, c]` holds for every row,
+/// yet counts as a condition for the Update / Delete guard. So it is refused there.
+fn filter_node(filter: &pb::Filter, path: &str, nested: bool) -> Result<Filter, DbError> {
     use pb::filter::Kind;
+    let empty_list = matches!(
+        &filter.kind,
+        Some(Kind::All(l) | Kind::Any(l)) if l.filters.is_empty()
+    );
+    if nested && (filter.kind.is_none() || empty_list) {
+        return Err(DbError::field(
+            path,
+            "an empty filter (no condition, or an empty all / any list) inside a filter tree \
+             is not allowed: it is a constant TRUE or FALSE; leave it out",
+        ));
+    }
     Ok(match &filter.kind {
         None => Filter::All(Vec::new()),
         Some(Kind::Condition(c)) => {
@@ -98,9 +117,10 @@ pub fn filter_from_proto(filter: &pb::Filter, path: &str) -> Result<Filter, DbEr
         }
         Some(Kind::All(list)) => Filter::All(filter_list(list, &format!("{path}.all"))?),
         Some(Kind::Any(list)) => Filter::Any(filter_list(list, &format!("{path}.any"))?),
-        Some(Kind::Negate(inner)) => Filter::Not(Box::new(filter_from_proto(
+        Some(Kind::Negate(inner)) => Filter::Not(Box::new(filter_node(
             inner,
             &format!("{path}.negate"),
+            true,
         )?)),
     })
 }
@@ -109,7 +129,7 @@ fn filter_list(list: &pb::FilterList, path: &str) -> Result<Vec<Filter>, DbError
     list.filters
         .iter()
         .enumerate()
-        .map(|(i, f)| filter_from_proto(f, &format!("{path}.filters[{i}]")))
+        .map(|(i, f)| filter_node(f, &format!("{path}.filters[{i}]"), true))
         .collect()
 }
 
@@ -492,6 +512,48 @@ mod tests {
         };
         let err = criteria(None, Some(&bad)).unwrap_err();
         assert_eq!(err.violations()[0].field, "filter.condition.op");
+    }
+
+    #[test]
+    fn empty_filters_inside_a_tree_are_refused() {
+        use pb::filter::Kind;
+        let cond = pb::Filter {
+            kind: Some(Kind::Condition(pb::Condition {
+                column: "agent_name".into(),
+                op: pb::Operator::Eq as i32,
+                value: Some(crate::values::json_to_proto(&serde_json::json!("a"))),
+            })),
+        };
+        let list = |filters: Vec<pb::Filter>| pb::FilterList { filters };
+        let empty_all = pb::Filter {
+            kind: Some(Kind::All(list(vec![]))),
+        };
+        for (tree, field) in [
+            // `any: [{}, c]` would hold for every row.
+            (
+                Kind::Any(list(vec![pb::Filter::default(), cond.clone()])),
+                "filter.any.filters[0]",
+            ),
+            (
+                Kind::Any(list(vec![cond.clone(), empty_all.clone()])),
+                "filter.any.filters[1]",
+            ),
+            (
+                Kind::Negate(Box::new(pb::Filter {
+                    kind: Some(Kind::Any(list(vec![]))),
+                })),
+                "filter.negate",
+            ),
+        ] {
+            let err = criteria(None, Some(&pb::Filter { kind: Some(tree) })).unwrap_err();
+            assert_eq!(err.violations()[0].field, field, "{err}");
+        }
+        // As the whole tree, empty still means "no filter".
+        assert_eq!(criteria(None, Some(&empty_all)).unwrap().conditions(), 0);
+        let nested = pb::Filter {
+            kind: Some(Kind::All(list(vec![cond.clone(), cond]))),
+        };
+        assert_eq!(criteria(None, Some(&nested)).unwrap().conditions(), 2);
     }
 
     /// A mistyped path would silently leave `Query` to the generated server.

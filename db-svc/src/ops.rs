@@ -487,7 +487,7 @@ fn write_filter(
                         _ => " <= ",
                     };
                     let p = scalar(value)?;
-                    b.ident(&col.name);
+                    compared_column(b, col);
                     b.push(sym);
                     b.bind(p);
                 }
@@ -523,7 +523,7 @@ fn write_filter(
                                 .map_err(|e| e.within(&format!("{value_field}[{i}]")))
                         })
                         .collect::<Result<Vec<_>, _>>()?;
-                    b.ident(&col.name);
+                    compared_column(b, col);
                     b.push(if *op == Op::In { " IN (" } else { " NOT IN (" });
                     for (i, p) in params.into_iter().enumerate() {
                         if i > 0 {
@@ -587,6 +587,15 @@ fn write_filter(
     Ok(())
 }
 
+/// A column as a comparison or an ordering uses it: `json` has neither equality nor an order
+/// in PostgreSQL, so it is compared as `jsonb` (values are bound as jsonb anyway).
+fn compared_column(b: &mut Builder, col: &crate::catalog::ColumnInfo) {
+    b.ident(&col.name);
+    if col.ty == ColType::Json {
+        b.push("::jsonb");
+    }
+}
+
 /// ` WHERE <equals...> AND <filter>`, nothing when the criteria are empty. Shorthand
 /// conditions are reported as `where.<column>` in field errors.
 fn where_clause(b: &mut Builder, table: &TableInfo, criteria: &Criteria) -> Result<(), DbError> {
@@ -596,7 +605,7 @@ fn where_clause(b: &mut Builder, table: &TableInfo, criteria: &Criteria) -> Resu
         let col = column(table, &field, name)?;
         b.push(if first { " WHERE " } else { " AND " });
         first = false;
-        b.ident(&col.name);
+        compared_column(b, col);
         if value.is_null() {
             b.push(" IS NULL");
         } else {
@@ -642,7 +651,7 @@ pub fn plan_query(
     for (i, o) in spec.order_by.iter().enumerate() {
         let c = column(table, &format!("order_by[{i}].column"), &o.column)?;
         b.push(if i == 0 { " ORDER BY " } else { ", " });
-        b.ident(&c.name);
+        compared_column(&mut b, c);
         b.push(match o.direction {
             Direction::Asc => " ASC",
             Direction::Desc => " DESC",

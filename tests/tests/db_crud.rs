@@ -2147,6 +2147,72 @@ async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
     assert_eq!(rows, vec![json!({"id": 1.0}), json!({"id": 2.0})]);
 }
 
+/// A `json` column (not `jsonb`) filters and orders like a `jsonb` one: PostgreSQL has no
+/// equality or order for `json` itself, so it is compared as `jsonb`.
+#[tokio::test]
+async fn json_columns_filter_and_order_as_jsonb() {
+    let mut s =
+        DbSvc::start_with("CREATE TABLE docs (id int PRIMARY KEY, body json)", "docs").await;
+    insert(
+        &mut s,
+        "docs",
+        vec![
+            json!({"id": 1, "body": {"a": 2}}),
+            json!({"id": 2, "body": {"a": 1}}),
+            json!({"id": 3, "body": [1, 2]}),
+        ],
+    )
+    .await;
+    let ids = |rows: &[prost_types::Struct]| -> Vec<f64> {
+        rows_json(rows)
+            .iter()
+            .map(|r| r["id"].as_f64().unwrap())
+            .collect()
+    };
+    let mut client = s.client.clone();
+    let rows = client
+        .query(pb::QueryRequest {
+            table: "docs".into(),
+            filter: Some(cond("body", pb::Operator::Eq, Some(json!({"a": 1})))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(ids(&rows), vec![2.0]);
+    let rows = client
+        .query(pb::QueryRequest {
+            table: "docs".into(),
+            r#where: Some(to_struct(json!({"body": [1, 2]}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(ids(&rows), vec![3.0]);
+    let rows = client
+        .query(pb::QueryRequest {
+            table: "docs".into(),
+            filter: Some(cond(
+                "body",
+                pb::Operator::In,
+                Some(json!([{"a": 2}, {"a": 1}])),
+            )),
+            order_by: vec![pb::OrderBy {
+                column: "body".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(ids(&rows), vec![2.0, 1.0]);
+}
+
 /// The one-byte `"char"` type (not `char(n)`) has no mapping: it reads as its text and is
 /// not writable, rather than being written through a text parameter that PostgreSQL would
 /// cut to its first byte.
