@@ -67,6 +67,10 @@ impl Interceptor for Bearer {
 /// third off the receiving side's CPU per delivery in the fan-out benchmark (BENCHMARKS.md).
 pub const MAX_FRAME_SIZE: u32 = 1 << 20;
 
+/// HTTP/2 ping interval on open calls, and how long a ping may go unanswered.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How to reach the services: TLS trust and the token.
 #[derive(Clone, Debug, Default)]
 pub struct ConnectOptions {
@@ -104,7 +108,14 @@ impl ConnectOptions {
             .map_err(|_| ConnectError::BadAddress(addr.to_string()))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
-            .max_frame_size(MAX_FRAME_SIZE);
+            .max_frame_size(MAX_FRAME_SIZE)
+            // A stream from a host that vanished (no FIN, no RST) would otherwise wait
+            // forever: HTTP/2 pings notice it within half a minute. "While idle" too: hyper
+            // counts a connection whose only call is a response stream as idle, and never
+            // pinged a silent `tail` (tested by freezing the server).
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         if let Some(timeout) = self.request_timeout {
             // A peer that accepts the connection but never answers HTTP/2 (a wrong port)
             // would otherwise keep a call waiting forever.

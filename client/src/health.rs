@@ -52,22 +52,38 @@ pub async fn check_with(
     timeout: Duration,
     options: &ConnectOptions,
 ) -> Result<ServingStatus, HealthError> {
-    let endpoint = options.endpoint(addr, timeout)?.timeout(timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| HealthError::Unreachable {
-            addr: addr.to_string(),
-            source,
-        })?;
-    let reply = HealthClient::new(options.authenticate(channel))
-        .check(HealthCheckRequest {
-            service: service.to_string(),
-        })
-        .await
-        .map_err(|status| HealthError::Call {
-            addr: addr.to_string(),
-            status,
-        })?;
-    Ok(reply.into_inner().status())
+    let endpoint = options.endpoint(addr, timeout)?;
+    // One deadline for connecting and asking together, not one for each.
+    let answer = tokio::time::timeout(timeout, async {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| HealthError::Unreachable {
+                addr: addr.to_string(),
+                source,
+            })?;
+        HealthClient::new(options.authenticate(channel))
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .map_err(|status| HealthError::Call {
+                addr: addr.to_string(),
+                status,
+            })
+    })
+    .await
+    .map_err(|_| HealthError::Call {
+        addr: addr.to_string(),
+        status: tonic::Status::deadline_exceeded(format!(
+            "no answer within {}",
+            humantime_secs(timeout)
+        )),
+    })??;
+    Ok(answer.into_inner().status())
+}
+
+/// `3s`, `1.5s`: a timeout as people write it.
+fn humantime_secs(d: Duration) -> String {
+    format!("{}s", d.as_secs_f64())
 }

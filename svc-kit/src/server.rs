@@ -165,9 +165,10 @@ pub struct ServerArgs {
     #[arg(long, env = "METRICS_LISTEN", value_parser = parse_optional_addr, default_value = "")]
     pub metrics_listen: OptionalAddr,
 
-    /// A librdkafka property for every Kafka client, `key=value` (repeatable; env `;`-separated),
-    /// e.g. security.protocol=SASL_SSL. KAFKA_SECURITY_PROTOCOL, KAFKA_SASL_*, KAFKA_SSL_*
-    /// variables are passed through too.
+    /// A librdkafka property for every Kafka client, `key=value` (repeatable; a `;` separates
+    /// settings, in the flag too), e.g. security.protocol=SASL_SSL. KAFKA_SECURITY_PROTOCOL,
+    /// KAFKA_SASL_*, KAFKA_SSL_* variables are passed through whole (put a value holding a `;`
+    /// there).
     #[arg(long, env = "KAFKA_CONFIG", value_parser = kafka_settings::SettingParser, value_delimiter = ';', hide_env_values = true)]
     pub kafka_config: Vec<KafkaSetting>,
 }

@@ -640,6 +640,22 @@ async fn wrong_addresses_and_bad_values_are_clear_errors() {
         "{out:?}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    // `health` has one deadline for connecting and asking: `--timeout` wherever it is
+    // written (3 s by default), never the 30 s of the other calls.
+    for args in [
+        vec!["health", silent.as_str(), "--timeout", "1.5s"],
+        vec!["--timeout", "1.5s", "health", silent.as_str()],
+        vec!["health", silent.as_str()],
+    ] {
+        let out = omnibus(&args).await.unwrap();
+        assert_eq!(out.code, Some(1), "{out:?}");
+        let within = if args.len() == 2 {
+            "within 3s"
+        } else {
+            "within 1.5s"
+        };
+        assert!(out.stderr.contains(within), "{args:?}: {out:?}");
+    }
 
     // PostgreSQL's port: not gRPC. Depending on timing the client sees a transport error or a
     // connection closed without an answer; both say which address to check.

@@ -408,3 +408,59 @@ async fn tail_with_a_count_of_zero_shows_nothing() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.stdout, "", "{out:?}");
 }
+
+/// A consumer-svc that stops answering without closing its connection (its host vanished;
+/// here the process is frozen) is noticed by HTTP/2 pings: `tail` says the connection was
+/// lost and reconnects once the service answers again, instead of waiting forever.
+#[tokio::test]
+async fn tail_notices_a_server_that_stops_answering_without_closing() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let consumer = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let producer = TestProducer::new(&brokers).unwrap();
+    let actions = topics.name(Kind::AgentAction).to_string();
+    let addr = consumer.addr.to_string();
+    let mut tail = Following::spawn(&["--consumer-addr", &addr, "tail", "actions"]).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = action("agent-a", "warmup", 10);
+        producer.send(&actions, "k", &body).unwrap();
+        producer.flush().unwrap();
+        if tail
+            .wait_stdout(Duration::from_millis(500), "warm-up", |l| !l.is_empty())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tail never showed an event"
+        );
+    }
+    consumer.pause().unwrap();
+    // Pings every 20 s, 10 s to answer: lost within about half a minute.
+    let lost = std::time::Instant::now() + Duration::from_secs(90);
+    while !tail
+        .stderr
+        .snapshot()
+        .iter()
+        .any(|l| l.contains("connection to consumer-svc lost"))
+    {
+        if std::time::Instant::now() > lost {
+            consumer.resume().unwrap();
+            panic!("tail never noticed: {:?}", tail.stderr.snapshot());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    consumer.resume().unwrap();
+    let (_, body) = action("agent-a", "after", 10);
+    producer.send(&actions, "k", &body).unwrap();
+    producer.flush().unwrap();
+    tail.wait_stdout(Duration::from_secs(60), "an event after the freeze", |l| {
+        l.iter().any(|l| l.contains(r#""action_name":"after""#))
+    })
+    .await
+    .unwrap();
+}

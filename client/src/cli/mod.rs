@@ -69,9 +69,10 @@ pub struct Cli {
     )]
     pub brokers: String,
 
-    /// Extra librdkafka property `key=value` for `generate` and `db --via bus` (repeatable),
-    /// after those of `KAFKA_SECURITY_PROTOCOL`, `KAFKA_SASL_*` and `KAFKA_SSL_*` (as the
-    /// services read them); values are never printed.
+    /// Extra librdkafka property `key=value` for `generate` and `db --via bus` (repeatable; a
+    /// `;` separates settings, in the flag too), after those of `KAFKA_SECURITY_PROTOCOL`,
+    /// `KAFKA_SASL_*` and `KAFKA_SSL_*` (as the services read them; a value holding a `;` goes
+    /// there); values are never printed.
     #[arg(
         long,
         global = true,
@@ -113,16 +114,16 @@ pub struct Cli {
     pub tls_domain: Option<String>,
 
     /// Deadline of each call until the service answers (for streams: until the stream opens),
-    /// so a wrong or hung address is an error, not a wait.
+    /// so a wrong or hung address is an error, not a wait [default: 30s; 3s for `health` and
+    /// the health checks of `status`].
     #[arg(
         long,
         global = true,
         help_heading = "Global options",
         env = "OMNIBUS_TIMEOUT",
-        default_value = "30s",
         value_parser = parse_duration
     )]
-    pub timeout: std::time::Duration,
+    pub timeout: Option<std::time::Duration>,
 
     /// Print JSON lines (the default when stdout is not a terminal).
     #[arg(
@@ -233,9 +234,19 @@ pub struct HealthArgs {
     /// Health service name to ask about ("" = the whole server).
     #[arg(long, default_value = "")]
     pub service: String,
-    /// How long to wait for an answer (seconds, or 500ms / 3s / 1m).
-    #[arg(long, default_value = "3", value_parser = parse_duration)]
-    pub timeout: Duration,
+}
+
+impl Cli {
+    /// The deadline of a call (`--timeout`, 30 s by default).
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(Duration::from_secs(30))
+    }
+
+    /// The deadline of a health check (`--timeout`, 3 s by default: a probe answers at once
+    /// or not at all).
+    pub fn health_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(Duration::from_secs(3))
+    }
 }
 
 /// A failure, as the one sentence the user sees.
@@ -364,7 +375,7 @@ fn connect_options_of(cli: &Cli) -> Result<ConnectOptions> {
         ca_pem,
         tls_domain: cli.tls_domain.clone(),
         bearer,
-        request_timeout: Some(cli.timeout),
+        request_timeout: Some(cli.call_timeout()),
     })
 }
 

@@ -20,14 +20,8 @@ const CONSUMER_SERVICE: &str = "omnibus.consumer.v1.ConsumerService";
 const DB_SERVICE: &str = "omnibus.db.v1.DatabaseService";
 
 /// One service's health, as text: SERVING, NOT_SERVING, or why it did not answer.
-async fn health_of(svc: Svc, addr: &str, service: &str) -> (bool, String) {
-    match omnibus_client::health::check_with(
-        addr,
-        service,
-        Duration::from_secs(3),
-        super::connect_options(),
-    )
-    .await
+async fn health_of(svc: Svc, addr: &str, service: &str, timeout: Duration) -> (bool, String) {
+    match omnibus_client::health::check_with(addr, service, timeout, super::connect_options()).await
     {
         Ok(ServingStatus::Serving) => (true, "SERVING".into()),
         Ok(other) => (false, other.as_str_name().to_string()),
@@ -123,8 +117,14 @@ pub fn render_consumer(s: &cpb::ConsumerStatus) -> String {
 }
 
 pub async fn run(cli: &Cli, format: Format) -> Result<ExitCode> {
-    let (c_ok, c_health) = health_of(Svc::Consumer, &cli.consumer_addr, CONSUMER_SERVICE).await;
-    let (d_ok, d_health) = health_of(Svc::Db, &cli.db_addr, DB_SERVICE).await;
+    let (c_ok, c_health) = health_of(
+        Svc::Consumer,
+        &cli.consumer_addr,
+        CONSUMER_SERVICE,
+        cli.health_timeout(),
+    )
+    .await;
+    let (d_ok, d_health) = health_of(Svc::Db, &cli.db_addr, DB_SERVICE, cli.health_timeout()).await;
     let consumer_status = match connect(Svc::Consumer, &cli.consumer_addr).await {
         Ok(ch) => ConsumerServiceClient::new(ch)
             .get_consumer_status(cpb::GetConsumerStatusRequest {})
@@ -218,7 +218,7 @@ pub async fn health(cli: &Cli, args: &HealthArgs) -> Result<ExitCode> {
     let answer = omnibus_client::health::check_with(
         &addr,
         &args.service,
-        args.timeout,
+        cli.health_timeout(),
         super::connect_options(),
     )
     .await;
