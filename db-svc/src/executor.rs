@@ -434,7 +434,12 @@ impl Executor {
         let returning_cap = (!count_only
             && matches!(op, Operation::Update(_) | Operation::Delete(_)))
         .then_some(self.limits.max_limit);
-        if returning_cap.is_none() && self.write_is_plain(ctx, max_affected) {
+        // An upsert's update branch returns stored values, which may not decode (a jsonb
+        // number beyond a double, say): its rows are decoded before it commits, so such a
+        // failure leaves nothing written that the caller is told failed.
+        let decode_before_commit =
+            returning_cap.is_some() || (!count_only && matches!(op, Operation::Upsert(_)));
+        if !decode_before_commit && self.write_is_plain(ctx, max_affected) {
             return run_write(&self.pool, &plan, count_only, None).await;
         }
         let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
@@ -446,17 +451,19 @@ impl Executor {
             tx.rollback().await?;
             return Ok(recorded);
         }
-        let output = run_write(&mut *tx, &plan, count_only, returning_cap).await?;
+        let written = execute_write(&mut *tx, &plan, count_only, returning_cap).await?;
         if let Some(max) = max_affected
-            && output.affected > max
+            && written.affected() > max
         {
             tx.rollback().await?;
             return Err(DbError::TooManyRows {
                 operation: op.name(),
-                would_affect: output.affected,
+                would_affect: written.affected(),
                 max,
             });
         }
+        // A failure here drops the transaction: rolled back.
+        let output = written.decode()?;
         if let Some(id) = request_id {
             record_result(&mut tx, id, &output).await?;
         }
@@ -768,11 +775,32 @@ where
 pub(crate) enum Written {
     Count(u64),
     Rows(Vec<PgRow>),
+    /// More rows than `cap` came back (`total` of them): too many for one response.
+    OverCap {
+        total: u64,
+        cap: u64,
+    },
 }
 
 impl Written {
+    /// Rows the statement wrote.
+    pub(crate) fn affected(&self) -> u64 {
+        match self {
+            Written::Count(n) => *n,
+            Written::Rows(rows) => rows.len() as u64,
+            Written::OverCap { total, .. } => *total,
+        }
+    }
+
     pub(crate) fn decode(self) -> Result<OpOutput, DbError> {
         match self {
+            Written::OverCap { cap, .. } => Err(DbError::field(
+                "count_only",
+                format!(
+                    "the write would return more than {cap} rows (--query-max-limit); nothing \
+                     was changed: set count_only, or narrow the filter"
+                ),
+            )),
             Written::Count(affected) => Ok(OpOutput {
                 affected,
                 ..Default::default()
@@ -805,22 +833,20 @@ where
         return Ok(Written::Count(done.rows_affected()));
     }
     let mut rows = Vec::new();
+    let mut total = 0u64;
     let mut stream = query.fetch(executor);
     while let Some(row) = stream.try_next().await? {
-        if let Some(cap) = row_cap
-            && rows.len() as u64 >= cap
-        {
-            return Err(DbError::field(
-                "count_only",
-                format!(
-                    "the write would return more than {cap} rows (--query-max-limit); nothing \
-                     was changed: set count_only, or narrow the filter"
-                ),
-            ));
+        // Past the cap the rows are only counted: the caller's max_affected, when it is
+        // lower, is the answer that explains the refusal.
+        total += 1;
+        if row_cap.is_none_or(|cap| total <= cap) {
+            rows.push(row);
         }
-        rows.push(row);
     }
-    Ok(Written::Rows(rows))
+    Ok(match row_cap {
+        Some(cap) if total > cap => Written::OverCap { total, cap },
+        _ => Written::Rows(rows),
+    })
 }
 
 /// After a statement tripped on a changed table: retires the pooled connections whose

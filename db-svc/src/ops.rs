@@ -1105,6 +1105,13 @@ pub fn plan_upsert(table: &TableInfo, spec: &UpsertSpec) -> Result<Plan, DbError
             b.push(" = EXCLUDED.");
             b.ident(c);
         }
+        // updated_at moves on every update, as Update sets it unless `set` names it: also
+        // when the rows give it but `update_columns` leave it out.
+        if table.column(UPDATED_AT).is_some() && !update.iter().any(|c| c == UPDATED_AT) {
+            b.push(", ");
+            b.ident(UPDATED_AT);
+            b.push(" = now()");
+        }
     }
     returning(&mut b, table, spec.count_only);
     b.finish_within_limit("rows")
@@ -1396,6 +1403,29 @@ pub(crate) mod tests {
         .unwrap();
         assert!(
             plan.sql.ends_with("ON CONFLICT (\"id\") DO NOTHING"),
+            "{}",
+            plan.sql
+        );
+        // Rows that give updated_at, with update_columns leaving it out: it still moves.
+        let plan = plan_upsert(
+            &actions(),
+            &UpsertSpec {
+                table: "agent_actions".into(),
+                rows: vec![row(json!({
+                    "id": uuid::Uuid::nil().to_string(),
+                    "agent_name": "b",
+                    "updated_at": "2024-01-01T00:00:00Z"
+                }))],
+                update_columns: vec!["agent_name".into()],
+                count_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            plan.sql.ends_with(
+                "DO UPDATE SET \"agent_name\" = EXCLUDED.\"agent_name\", \"updated_at\" = now()"
+            ),
             "{}",
             plan.sql
         );

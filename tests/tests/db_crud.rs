@@ -1743,6 +1743,47 @@ async fn dates_beyond_the_apis_range_are_a_precondition_error_naming_the_column(
     assert_eq!(rows_json(&raw.rows), vec![json!({"d": "270000-01-01"})]);
 }
 
+/// An Upsert whose returned row cannot be read back (its stored jsonb holds a number beyond a
+/// double, written by another tool) fails without writing: the rows are decoded before the
+/// commit, so the caller is never told "failed" about a change that stayed.
+#[tokio::test]
+async fn an_upsert_that_cannot_return_its_row_changes_nothing() {
+    let mut s = DbSvc::start(&[]).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut conn = s.sql().await;
+    sqlx::query(
+        "INSERT INTO agent_actions (id, correlation_id, agent_name, action_type, action_name, \
+         action_details) VALUES ($1::uuid, gen_random_uuid(), 'before', 'x', 'y', \
+         '{\"big\": 1e400}')",
+    )
+    .bind(&id)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let err = s
+        .client
+        .upsert(pb::UpsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![to_struct(json!({
+                "id": id, "correlation_id": uuid::Uuid::new_v4().to_string(),
+                "agent_name": "after", "action_type": "x", "action_name": "y"
+            }))],
+            update_columns: vec!["agent_name".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(error_details(&err).0, "UNREPRESENTABLE_VALUE");
+    let name: String =
+        sqlx::query_scalar("SELECT agent_name FROM agent_actions WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(name, "before", "rolled back");
+}
+
 /// PostgreSQL stores JSON nested deeper than db-svc transcodes (127 levels). Reading such a
 /// cell is FAILED_PRECONDITION naming the column, on every read path, and the other rows and
 /// a projection without the column still read normally.
@@ -1980,6 +2021,21 @@ async fn update_and_delete_returning_too_many_rows_roll_back() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // With a max_affected below the rows it would touch, that is the answer (it says why,
+    // and how many), not the response size.
+    let err = client
+        .update(pb::UpdateRequest {
+            table: "agent_actions".into(),
+            r#where: filter(),
+            set: Some(to_struct(json!({"action_type": "changed"}))),
+            max_affected: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(error_details(&err).0, "TOO_MANY_ROWS");
+    assert_eq!(error_metadata(&err, "would_affect").as_deref(), Some("8"));
     // Nothing changed.
     let count = |action_type: &str| pb::CountRequest {
         table: "agent_actions".into(),
