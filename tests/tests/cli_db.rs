@@ -268,7 +268,12 @@ async fn query_insert_update_delete_count_raw_and_the_catalog() {
         ],
     )
     .await;
-    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    // No rows: the count is the result, one JSON line a script can read.
+    let lines = out.json_lines();
+    assert_eq!(lines.len(), 1, "{}", out.stdout);
+    assert_eq!(lines[0]["affected"], 1, "{}", out.stdout);
+    assert_eq!(lines[0]["replayed"], false, "{}", out.stdout);
+    assert!(lines[0]["request_id"].is_string(), "{}", out.stdout);
     assert!(out.stderr.contains("deleted 1 row"), "{}", out.stderr);
 
     // upsert on the primary key: the second run updates the same row.

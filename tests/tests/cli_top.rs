@@ -136,3 +136,41 @@ async fn top_fails_when_the_stream_cannot_be_opened() {
         "the reason is shown:\n{screen}"
     );
 }
+
+/// SIGTERM (a `kill`, as SIGHUP from a closed window) ends the dashboard like `q`: the
+/// terminal is restored, not left in raw mode on the alternate screen.
+#[tokio::test]
+async fn top_restores_the_terminal_on_sigterm() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let _topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let consumer = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let addr = consumer.addr.to_string();
+    let cmd = format!(
+        "{} --consumer-addr {addr} top; echo \"top exited with $?\"; sleep 60",
+        bin_path("omnibus").display()
+    );
+    let tmux = Tmux::start(&cmd, 140, 40).unwrap();
+    tmux.wait_screen(WAIT, "the dashboard", |s| s.contains("omnibus top"))
+        .await
+        .unwrap();
+    let killed = std::process::Command::new("pkill")
+        .args(["-TERM", "-f", &format!("consumer-addr {addr} top$")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no omnibus top process found");
+    let screen = tmux
+        .wait_screen(WAIT, "top exiting", |s| s.contains("top exited with"))
+        .await
+        .unwrap();
+    assert!(
+        !screen.contains("omnibus top - consumer-svc"),
+        "the screen is restored:\n{screen}"
+    );
+    // Raw mode off: the shell's echo works again (typed text shows on the screen).
+    tmux.send_keys("echo restored-$((40+2))").unwrap();
+    tmux.send_keys("Enter").unwrap();
+    tmux.wait_screen(WAIT, "the shell line echoed", |s| s.contains("restored-"))
+        .await
+        .unwrap();
+}

@@ -655,9 +655,18 @@ fn rows_of(
     for (i, text) in json_rows.iter().enumerate() {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| Fail(format!("--row {}: not valid JSON ({e})", i + 1)))?;
-        let Value::Object(o) = v else {
+        let Value::Object(mut o) = v else {
             return Err(Fail(format!("--row {}: expected a JSON object", i + 1)));
         };
+        // An integer beyond a double's exact range goes as its decimal text (db-svc reads it
+        // exactly where the column takes it), not rounded on the way through a double.
+        for value in o.values_mut() {
+            if let Value::Number(n) = value
+                && (n.is_i64() || n.is_u64())
+            {
+                *value = filter::guess(&n.to_string());
+            }
+        }
         rows.push(filter::json_to_struct(&o));
     }
     if rows.is_empty() {
@@ -731,6 +740,18 @@ fn written<T>(
         Via::Direct => "over gRPC".to_string(),
         Via::Fallback(reason) => format!("over gRPC after the bus failed: {reason}"),
     };
+    if w.count_only && format == Format::Json {
+        // No rows to print: the count is the result, as a line a script can read.
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "affected": affected,
+                "request_id": routed.request_id,
+                "replayed": replayed,
+            })
+        )?;
+    }
     let mut line = format!(
         "{verb} {} {via}, request id {}",
         output::plural(affected, "row"),

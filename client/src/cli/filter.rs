@@ -129,7 +129,14 @@ pub fn parse_condition(expr: &str) -> Result<Condition, FilterError> {
     for (sym, op) in SYMBOLS {
         if let Some(after) = rest.strip_prefix(sym) {
             let value = parse_scalar(after.trim()).map_err(|r| bad_value(&r))?;
-            return Ok(cond(column, *op, vec![value]));
+            // `col=null` is "is null" (as in the where shorthand), for every command alike:
+            // db's typing and tail's matching, which would otherwise look for the text "null".
+            let null = !value.quoted && value.text.eq_ignore_ascii_case("null");
+            return Ok(match op {
+                Op::Eq if null => cond(column, Op::IsNull, Vec::new()),
+                Op::Neq if null => cond(column, Op::IsNotNull, Vec::new()),
+                _ => cond(column, *op, vec![value]),
+            });
         }
     }
     if rest.is_empty() {
@@ -221,6 +228,17 @@ pub const DECIMAL: &str = "decimal";
 /// Whether the decimal literal `t` is the value of the double it parses to, as that double's
 /// shortest form writes it (`0.30000000000000004` is; `12345678901234567.89` is not): then
 /// sending the double changes nothing.
+/// Whether `t` is written as a number is (an integer part without leading zeros, no `+`);
+/// text that does not look like a number at all passes too (the parse decides).
+fn number_as_written(t: &str) -> bool {
+    let unsigned = t.strip_prefix('-').unwrap_or(t);
+    if unsigned.starts_with('+') {
+        return false;
+    }
+    let int = unsigned.split(['.', 'e', 'E']).next().unwrap_or_default();
+    !(int.len() > 1 && int.starts_with('0') && int.chars().all(|c| c.is_ascii_digit()))
+}
+
 fn exact_as_double(t: &str) -> bool {
     match t.parse::<f64>() {
         Ok(f) if f.is_finite() => decimal_parts(t) == decimal_parts(&format!("{f:e}")),
@@ -316,6 +334,11 @@ pub fn typed_value(raw: &Raw, json_type: Option<&str>) -> Result<Value, String> 
 /// keeps) stays its text, which db-svc reads exactly where the type takes text (numeric,
 /// bigint) and refuses where it does not, rather than receiving a rounded value.
 pub fn guess(t: &str) -> Value {
+    // `007`, `+5`: written so, they are codes or labels, not numbers (a number would lose
+    // what makes them so).
+    if !number_as_written(t) {
+        return Value::String(t.to_string());
+    }
     if let Ok(i) = t.parse::<i64>() {
         if i.unsigned_abs() < 1 << 53 {
             return Value::from(i);
@@ -702,6 +725,28 @@ mod tests {
     }
 
     #[test]
+    fn equal_to_an_unquoted_null_is_is_null_for_every_command() {
+        let c = parse_condition("correlation_id=null").unwrap();
+        assert_eq!((c.op, c.values.len()), (Op::IsNull, 0));
+        let c = parse_condition("correlation_id != NULL").unwrap();
+        assert_eq!((c.op, c.values.len()), (Op::IsNotNull, 0));
+        // Quoted, it is the text.
+        let c = parse_condition("correlation_id='null'").unwrap();
+        assert_eq!(c.op, Op::Eq);
+        let event = serde_json::json!({"id": "1", "correlation_id": null});
+        let event = event.as_object().unwrap();
+        assert!(matches(
+            &[parse_condition("correlation_id=null").unwrap()],
+            event
+        ));
+        assert!(!matches(
+            &[parse_condition("correlation_id!=null").unwrap()],
+            event
+        ));
+        assert!(matches(&[parse_condition("missing=null").unwrap()], event));
+    }
+
+    #[test]
     fn word_operators_and_lists() {
         let c = parse_condition("agent_name in (coder, tester,'a,b')").unwrap();
         assert_eq!(c.op, Op::In);
@@ -802,6 +847,13 @@ mod tests {
         );
         assert_eq!(guess("9007199254740993"), json!("9007199254740993"));
         assert_eq!(guess("9007199254740991"), json!(9_007_199_254_740_991i64));
+        // Written unlike a number (leading zeros, a plus sign): kept as typed.
+        for code in ["007", "-007", "+5", "00.5", "01e3"] {
+            assert_eq!(guess(code), json!(code), "{code}");
+        }
+        for number in ["0", "-0.5", "0.5", "10", "0e0"] {
+            assert!(guess(number).is_number(), "{number}");
+        }
         // An exponent at the edge of i64: no overflow, just text.
         assert_eq!(
             guess("0.01e-9223372036854775808"),

@@ -203,9 +203,15 @@ fn produce(
         let mut record = BaseRecord::to(topics.name(event.kind))
             .key(&event.key)
             .payload(&event.payload);
+        let mut queued = true;
         loop {
             match producer.send(record) {
                 Ok(()) => break,
+                // A full queue (a broker gone quiet) must not hold off Ctrl-C.
+                Err(_) if stop.load(Ordering::Relaxed) => {
+                    queued = false;
+                    break;
+                }
                 Err((
                     rdkafka::error::KafkaError::MessageProduction(
                         rdkafka::types::RDKafkaErrorCode::QueueFull,
@@ -217,6 +223,9 @@ fn produce(
                 }
                 Err((e, _)) => return Err(Fail(format!("Kafka refused an event: {e}"))),
             }
+        }
+        if !queued {
+            break;
         }
         per_kind[event.kind.index()] += 1;
         sent += 1;

@@ -392,15 +392,35 @@ pub async fn run(cli: &Cli, args: &TopArgs) -> Result<ExitCode> {
     };
 
     let refresh = args.refresh;
+    // SIGTERM / SIGHUP (a `kill`, a closed terminal window) end the dashboard like `q`, so the
+    // terminal is restored instead of left in raw mode on the alternate screen.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let signals = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
     let ui = {
         let dash = dash.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut terminal = ratatui::init();
+            let mut terminal = ratatui::try_init().inspect_err(|_| ratatui::restore())?;
             let result = (|| loop {
                 {
                     let mut d = dash.lock();
                     d.tick(now_s());
-                    if d.fatal.is_some() {
+                    if d.fatal.is_some() || stop.load(std::sync::atomic::Ordering::Relaxed) {
                         return Ok(());
                     }
                     terminal.draw(|f| draw(f, &d))?;
@@ -425,6 +445,7 @@ pub async fn run(cli: &Cli, args: &TopArgs) -> Result<ExitCode> {
     follower.abort();
     feeder.abort();
     poller.abort();
+    signals.abort();
     if let Some(e) = dash.lock().fatal.take() {
         return Err(Fail(e));
     }
