@@ -52,7 +52,11 @@ pub async fn check_with(
     timeout: Duration,
     options: &ConnectOptions,
 ) -> Result<ServingStatus, HealthError> {
-    let endpoint = options.endpoint(addr, timeout)?;
+    // The call's own timeout (`options`' request timeout, which may equal `timeout`) is
+    // pushed past the deadline below, so that one answers, with one message.
+    let endpoint = options
+        .endpoint(addr, timeout)?
+        .timeout(timeout.saturating_mul(2));
     // One deadline for connecting and asking together, not one for each.
     let answer = tokio::time::timeout(timeout, async {
         let channel = endpoint

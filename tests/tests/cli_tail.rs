@@ -30,6 +30,30 @@ fn action(agent: &str, name: &str, duration: u64) -> (String, Vec<u8>) {
     (id, serde_json::to_vec(&body).unwrap())
 }
 
+/// Sends warm-up actions (agent-a, `warmup`, 10 ms) until `tail` shows one: its subscription
+/// is live from then on. Returns how many were sent.
+async fn warm_up(tail: &mut Following, producer: &TestProducer, topic: &str) -> usize {
+    let mut warm = 0;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = action("agent-a", "warmup", 10);
+        producer.send(topic, "k", &body).unwrap();
+        producer.flush().unwrap();
+        warm += 1;
+        if tail
+            .wait_stdout(Duration::from_millis(500), "warm-up", |l| !l.is_empty())
+            .await
+            .is_ok()
+        {
+            return warm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tail never showed an event"
+        );
+    }
+}
+
 fn parsed(lines: &[String]) -> Vec<Value> {
     lines
         .iter()
@@ -60,25 +84,7 @@ async fn tail_filters_and_resumes_after_a_dropped_connection_without_gaps() {
     ])
     .unwrap();
     // The subscription is live once a warm-up event shows; from then on nothing may be missed.
-    let mut warm = 0;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = action("agent-a", "warmup", 10);
-        producer.send(&actions, "k", &body).unwrap();
-        producer.flush().unwrap();
-        warm += 1;
-        if tail
-            .wait_stdout(Duration::from_millis(500), "warm-up", |l| !l.is_empty())
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tail never showed an event"
-        );
-    }
+    let warm = warm_up(&mut tail, &producer, &actions).await;
     // Warm-ups may keep arriving for a moment; the batches are counted by their names.
     let batched = |l: &[String]| {
         l.iter()
@@ -422,23 +428,7 @@ async fn tail_notices_a_server_that_stops_answering_without_closing() {
     let actions = topics.name(Kind::AgentAction).to_string();
     let addr = consumer.addr.to_string();
     let mut tail = Following::spawn(&["--consumer-addr", &addr, "tail", "actions"]).unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = action("agent-a", "warmup", 10);
-        producer.send(&actions, "k", &body).unwrap();
-        producer.flush().unwrap();
-        if tail
-            .wait_stdout(Duration::from_millis(500), "warm-up", |l| !l.is_empty())
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tail never showed an event"
-        );
-    }
+    warm_up(&mut tail, &producer, &actions).await;
     consumer.pause().unwrap();
     // Pings every 20 s, 10 s to answer: lost within about half a minute.
     let lost = std::time::Instant::now() + Duration::from_secs(90);

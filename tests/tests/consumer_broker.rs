@@ -44,6 +44,19 @@ async fn wait_reconnected(svc: &mut omnibus_tests::ServiceProcess) {
         .unwrap();
 }
 
+/// Waits until the service saw the broker gone and, once librdkafka reported every broker
+/// down, replaced its Kafka client.
+async fn wait_client_replaced(svc: &omnibus_tests::ServiceProcess) {
+    wait_status(svc, WAIT, "disconnected", |s| !s.connected)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !svc.logs().contains("replaced the Kafka client") {
+        assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn total_requests(svc: &omnibus_tests::ServiceProcess) -> u64 {
     client(svc)
         .get_agent_metrics(pb::GetAgentMetricsRequest::default())
@@ -134,16 +147,9 @@ async fn a_recreated_log_longer_than_the_old_one_is_read_from_its_start() {
         .unwrap();
 
     broker.stop();
-    wait_status(&svc, WAIT, "disconnected", |s| !s.connected)
-        .await
-        .unwrap();
     // Once the client was replaced, freeze the service while the broker comes back empty and
     // its logs are written again, longer than before.
-    let deadline = std::time::Instant::now() + WAIT;
-    while !svc.logs().contains("replaced the Kafka client") {
-        assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_client_replaced(&svc).await;
     svc.pause().unwrap();
     broker.restart().await.unwrap();
     let topics = create_topics(&broker.addr(), &prefix, 1).await.unwrap();
@@ -197,15 +203,7 @@ async fn a_cut_to_a_broker_that_kept_its_logs_reads_nothing_twice() {
         .unwrap();
 
     proxy.down();
-    wait_status(&svc, WAIT, "disconnected", |s| !s.connected)
-        .await
-        .unwrap();
-    // Long enough for librdkafka to report every broker down (the client is then replaced).
-    let deadline = std::time::Instant::now() + WAIT;
-    while !svc.logs().contains("replaced the Kafka client") {
-        assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_client_replaced(&svc).await;
     proxy.up();
     wait_reconnected(&mut svc).await;
     let (after, _) = {

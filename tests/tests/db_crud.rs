@@ -2219,54 +2219,37 @@ async fn json_columns_filter_and_order_as_jsonb() {
         ],
     )
     .await;
-    let ids = |rows: &[prost_types::Struct]| -> Vec<f64> {
-        rows_json(rows)
-            .iter()
-            .map(|r| r["id"].as_f64().unwrap())
-            .collect()
+    let ids = |request: pb::QueryRequest| {
+        let mut client = s.client.clone();
+        async move {
+            let rows = client.query(request).await.unwrap().into_inner().rows;
+            rows_json(&rows)
+                .iter()
+                .map(|r| r["id"].as_f64().unwrap())
+                .collect::<Vec<f64>>()
+        }
     };
-    let mut client = s.client.clone();
-    let rows = client
-        .query(pb::QueryRequest {
-            table: "docs".into(),
-            filter: Some(cond("body", pb::Operator::Eq, Some(json!({"a": 1})))),
+    let docs = |filter: Option<pb::Filter>, r#where: Option<Json>| pb::QueryRequest {
+        table: "docs".into(),
+        filter,
+        r#where: r#where.map(to_struct),
+        ..Default::default()
+    };
+    let eq = cond("body", pb::Operator::Eq, Some(json!({"a": 1})));
+    assert_eq!(ids(docs(Some(eq), None)).await, vec![2.0]);
+    assert_eq!(
+        ids(docs(None, Some(json!({"body": [1, 2]})))).await,
+        vec![3.0]
+    );
+    let one_of = cond("body", pb::Operator::In, Some(json!([{"a": 2}, {"a": 1}])));
+    let ordered = pb::QueryRequest {
+        order_by: vec![pb::OrderBy {
+            column: "body".into(),
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .rows;
-    assert_eq!(ids(&rows), vec![2.0]);
-    let rows = client
-        .query(pb::QueryRequest {
-            table: "docs".into(),
-            r#where: Some(to_struct(json!({"body": [1, 2]}))),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .rows;
-    assert_eq!(ids(&rows), vec![3.0]);
-    let rows = client
-        .query(pb::QueryRequest {
-            table: "docs".into(),
-            filter: Some(cond(
-                "body",
-                pb::Operator::In,
-                Some(json!([{"a": 2}, {"a": 1}])),
-            )),
-            order_by: vec![pb::OrderBy {
-                column: "body".into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .rows;
-    assert_eq!(ids(&rows), vec![2.0, 1.0]);
+        }],
+        ..docs(Some(one_of), None)
+    };
+    assert_eq!(ids(ordered).await, vec![2.0, 1.0]);
 }
 
 /// The one-byte `"char"` type (not `char(n)`) has no mapping: it reads as its text and is
