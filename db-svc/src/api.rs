@@ -234,7 +234,8 @@ impl DatabaseService for DatabaseApi {
             .executor
             .stream(spec, batch as usize, timeout, self.shutdown.clone())
             .await
-            .map_err(Status::from)?;
+            // The query sits in the request's `query` field: name its fields so.
+            .map_err(|e| Status::from(e.within("query.")))?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|batch| {
             batch
                 .map(|rows| pb::StreamQueryResponse { rows })

@@ -730,6 +730,8 @@ async fn stream_query_sends_every_row_in_batches() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // Field paths start at the request: the query is its `query` field.
+    assert_eq!(error_details(&err).1, vec!["query.columns[0]"], "{err:?}");
 }
 
 /// The Rust client's typed rows (`DbClient::query_rows` + `decode_rows`) read the same values
