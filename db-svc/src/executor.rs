@@ -190,6 +190,19 @@ impl Executor {
         Ok(tx)
     }
 
+    /// Before a transaction's next statement: the statement timeout becomes what is left of
+    /// the caller's deadline, so the statements together (not each) stay within it.
+    async fn time_left_for_next(
+        &self,
+        tx: &mut sqlx::Transaction<'static, Postgres>,
+        ctx: &ExecContext,
+    ) -> Result<(), DbError> {
+        if let Some(t) = self.tighter_timeout(ctx.time_left()) {
+            set_statement_timeout(tx, t).await?;
+        }
+        Ok(())
+    }
+
     /// Runs `attempt`, and once more when it failed on a table that changed after its catalog
     /// was read (a column dropped, renamed or retyped: PostgreSQL no longer knows a name or
     /// type the statement took from the catalog). The failed attempt changed nothing (its
@@ -343,7 +356,10 @@ impl Executor {
             .fetch_all(&mut *tx)
             .await?;
         let total = match &total_plan {
-            Some(p) => Some(count_on(&mut *tx, p).await?),
+            Some(p) => {
+                self.time_left_for_next(&mut tx, ctx).await?;
+                Some(count_on(&mut *tx, p).await?)
+            }
             None => None,
         };
         tx.commit().await?;
@@ -451,6 +467,10 @@ impl Executor {
             tx.rollback().await?;
             return Ok(recorded);
         }
+        if request_id.is_some() {
+            // The claim may have waited on a concurrent request with the same id.
+            self.time_left_for_next(&mut tx, ctx).await?;
+        }
         let written = execute_write(&mut *tx, &plan, count_only, returning_cap).await?;
         if let Some(max) = max_affected
             && written.affected() > max
@@ -465,6 +485,7 @@ impl Executor {
         // A failure here drops the transaction: rolled back.
         let output = written.decode()?;
         if let Some(id) = request_id {
+            self.time_left_for_next(&mut tx, ctx).await?;
             record_result(&mut tx, id, &output).await?;
         }
         tx.commit().await?;
