@@ -775,6 +775,11 @@ impl Ingest {
         }
         let done: HashSet<Key> = ready.iter().map(|(key, _, _)| *key).collect();
         self.unverified.retain(|key| !done.contains(key));
+        for key in assigned {
+            if let Some(part) = self.assigned.get_mut(&key) {
+                part.unassigned = false;
+            }
+        }
         true
     }
 

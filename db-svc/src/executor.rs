@@ -532,6 +532,10 @@ impl Executor {
             params: typed,
             placeholders: Vec::new(),
         };
+        if request_id.is_some() && checked.kind.is_write() {
+            // The claim may have waited on a concurrent request with the same id.
+            self.time_left_for_next(&mut tx, ctx).await?;
+        }
         let mut rows = Vec::new();
         let mut affected = 0u64;
         let mut decoder = StructRows::default();
@@ -586,6 +590,7 @@ impl Executor {
                     .execute(&mut *tx)
                     .await?;
             }
+            self.time_left_for_next(&mut tx, ctx).await?;
             record_result(&mut tx, id, &output).await?;
         }
         tx.commit().await?;
@@ -606,7 +611,7 @@ impl Executor {
         let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
         if spec.include_total {
             return Err(DbError::field(
-                "query.include_total",
+                "include_total",
                 "not supported by StreamQuery; use Count",
             ));
         }

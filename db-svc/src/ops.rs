@@ -1107,7 +1107,7 @@ pub fn plan_upsert(table: &TableInfo, spec: &UpsertSpec) -> Result<Plan, DbError
         }
         // updated_at moves on every update, as Update sets it unless `set` names it: also
         // when the rows give it but `update_columns` leave it out.
-        if table.column(UPDATED_AT).is_some() && !update.iter().any(|c| c == UPDATED_AT) {
+        if has_auto_updated_at(table) && !update.iter().any(|c| c == UPDATED_AT) {
             b.push(", ");
             b.ident(UPDATED_AT);
             b.push(" = now()");
@@ -1426,6 +1426,30 @@ pub(crate) mod tests {
             plan.sql.ends_with(
                 "DO UPDATE SET \"agent_name\" = EXCLUDED.\"agent_name\", \"updated_at\" = now()"
             ),
+            "{}",
+            plan.sql
+        );
+        // An updated_at that is no timestamp (epoch milliseconds, say) is the caller's.
+        let mut epoch = actions();
+        if let Some(c) = epoch.columns.iter_mut().find(|c| c.name == UPDATED_AT) {
+            c.ty = ColType::Int8;
+            c.sql_type = "bigint".into();
+        }
+        let plan = plan_upsert(
+            &epoch,
+            &UpsertSpec {
+                table: "agent_actions".into(),
+                rows: vec![row(
+                    json!({"id": uuid::Uuid::nil().to_string(), "agent_name": "b"}),
+                )],
+                count_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            plan.sql
+                .ends_with("DO UPDATE SET \"agent_name\" = EXCLUDED.\"agent_name\""),
             "{}",
             plan.sql
         );

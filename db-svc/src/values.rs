@@ -173,11 +173,14 @@ fn timestamp(s: &str, allow_naive: bool) -> Result<DateTime<Utc>, DbError> {
         });
     if let Some(t) = parsed {
         // PostgreSQL keeps microseconds and rounds finer fractions (Java's and Go's clocks
-        // write nanoseconds); the binary encoding would cut them off instead.
-        use chrono::DurationRound;
+        // write nanoseconds); the binary encoding would cut them off instead. By hand, from
+        // the sub-second part alone: chrono's duration_round needs the time as i64
+        // nanoseconds, which ends in 2262 (and `9999-12-31` is a common "no end").
+        let rem = i64::from(t.timestamp_subsec_nanos() % 1000);
+        let step = if rem >= 500 { 1000 - rem } else { -rem };
         return t
-            .duration_round(chrono::TimeDelta::microseconds(1))
-            .map_err(|_| DbError::field("", format!("'{s}' is out of range")));
+            .checked_add_signed(chrono::TimeDelta::nanoseconds(step))
+            .ok_or_else(|| DbError::field("", format!("'{s}' is out of range")));
     }
     Err(DbError::field(
         "",
@@ -1303,6 +1306,15 @@ mod tests {
             to_param(ColType::Timestamp, &json!("2024-01-31 12:00:00.0000009")).unwrap(),
             Param::Timestamp("2024-01-31T12:00:00.000001".parse().unwrap())
         );
+        // Far dates ("no end", "the beginning") still go through, rounded or not.
+        for far in [
+            "9999-12-31T23:59:59Z",
+            "9999-12-31T23:59:59.9999999Z",
+            "0001-01-01T00:00:00Z",
+            "3000-01-01T00:00:00.0000004Z",
+        ] {
+            assert!(to_param(ColType::Timestamptz, &json!(far)).is_ok(), "{far}");
+        }
     }
 
     #[test]

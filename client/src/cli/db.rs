@@ -658,10 +658,17 @@ fn rows_of(
         let Value::Object(mut o) = v else {
             return Err(Fail(format!("--row {}: expected a JSON object", i + 1)));
         };
-        // An integer beyond a double's exact range goes as its decimal text (db-svc reads it
-        // exactly where the column takes it), not rounded on the way through a double.
-        for value in o.values_mut() {
-            if let Value::Number(n) = value
+        // An integer beyond a double's exact range, for an integer or numeric column, goes as
+        // its decimal text (db-svc reads it exactly there), not rounded through a double.
+        // Other columns keep the number (jsonb keeps a number; a float column takes only
+        // numbers).
+        for (column, value) in o.iter_mut() {
+            let exact_column = matches!(
+                types.get(column).map(String::as_str),
+                Some("integer" | filter::DECIMAL)
+            );
+            if exact_column
+                && let Value::Number(n) = value
                 && (n.is_i64() || n.is_u64())
             {
                 *value = filter::guess(&n.to_string());
