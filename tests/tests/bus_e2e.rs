@@ -47,6 +47,23 @@ async fn count_rows(db: &TestDatabase, sql: &str) -> i64 {
         .expect("count")
 }
 
+/// A test database, db-svc with its bus worker, and a client that writes over the bus first
+/// (waiting `reply_timeout` for each reply).
+async fn bus_first(
+    reply_timeout: Duration,
+) -> (TestDatabase, omnibus_tests::ServiceProcess, DbClient) {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let bus = Arc::new(
+        BusPublisher::connect(topics.client_config(reply_timeout))
+            .await
+            .unwrap(),
+    );
+    let client = DbClient::with_bus(svc.channel(), bus, WriteMode::BusFirst);
+    (db, svc, client)
+}
+
 fn group() -> String {
     format!("db-svc-{}", uuid::Uuid::new_v4().simple())
 }
@@ -938,15 +955,7 @@ async fn a_reply_too_large_for_the_bus_fails_and_the_worker_goes_on() {
 /// every row, and nothing is written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_reply_is_too_large_for_the_bus_gets_its_result_over_grpc() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
-    let bus = Arc::new(
-        BusPublisher::connect(topics.client_config(REPLY))
-            .await
-            .unwrap(),
-    );
-    let client = DbClient::with_bus(svc.channel(), bus, WriteMode::BusFirst);
+    let (db, _svc, client) = bus_first(REPLY).await;
     // ~0.7 MB of request, ~2 MB of reply (the rows come back with their defaults, twice).
     let rows: Vec<prost_types::Struct> = (0..3000)
         .map(|_| {
@@ -1247,15 +1256,7 @@ async fn the_bus_drain_is_bounded_by_the_shutdown_grace() {
 /// on different topics, in either order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_sharing_a_request_id_each_get_their_own_reply() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
-    let bus = Arc::new(
-        BusPublisher::connect(topics.client_config(FIRST_REPLY))
-            .await
-            .unwrap(),
-    );
-    let client = DbClient::with_bus(svc.channel(), bus, WriteMode::BusFirst);
+    let (db, _svc, client) = bus_first(FIRST_REPLY).await;
     for round in 0..4 {
         let request_id = uuid::Uuid::new_v4().to_string();
         let calls: Vec<_> = ["a", "b"]
