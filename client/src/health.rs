@@ -80,14 +80,9 @@ pub async fn check_with(
     .map_err(|_| HealthError::Call {
         addr: addr.to_string(),
         status: tonic::Status::deadline_exceeded(format!(
-            "no answer within {}",
-            humantime_secs(timeout)
+            "no answer within {}s",
+            timeout.as_secs_f64()
         )),
     })??;
     Ok(answer.into_inner().status())
-}
-
-/// `3s`, `1.5s`: a timeout as people write it.
-fn humantime_secs(d: Duration) -> String {
-    format!("{}s", d.as_secs_f64())
 }

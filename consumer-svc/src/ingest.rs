@@ -225,9 +225,20 @@ struct Partition {
     next: i64,
     /// The last message read, to recognise the log again after the broker was away.
     last: Option<Fingerprint>,
-    /// Not assigned on the client (an assignment failed): assigned again at `next` by the
-    /// next discover, never read again from the start.
-    unassigned: bool,
+    /// Whether the client has it, and if not, what assigns it again.
+    on_client: OnClient,
+}
+
+/// Whether a partition is assigned on the Kafka client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnClient {
+    Yes,
+    /// An assignment failed: the next discover assigns it again at `next` (never from the
+    /// start).
+    Retry,
+    /// Read before the client was replaced: assigned on the fresh one once its topic answers
+    /// settled and its log proves intact (see [`Ingest::resume_unverified`]).
+    Unverified,
 }
 
 /// A message recognised by its offset and a digest of its timestamp, key and payload: a log
@@ -270,7 +281,7 @@ impl Partition {
             verify: None,
             next: 0,
             last: None,
-            unassigned: false,
+            on_client: OnClient::Yes,
         }
     }
 }
@@ -368,11 +379,6 @@ pub struct Ingest {
     /// The broker stopped answering: the client was replaced and every partition must be
     /// assigned again on the fresh client once metadata comes back.
     client_replaced: bool,
-    /// Partitions read before the client was replaced and not assigned on the fresh one yet:
-    /// each waits for its topic to answer settled, then resumes at its position if its log
-    /// still holds the last message read, or is read again from the start if the log was
-    /// recreated.
-    unverified: Vec<Key>,
     /// Shared with the client context: every broker is down.
     brokers_down: Arc<AtomicBool>,
     error_logs: [ErrorLog; 4],
@@ -432,7 +438,6 @@ impl Ingest {
             assigned: foldhash::HashMap::default(),
             recreated: HashSet::new(),
             client_replaced: false,
-            unverified: Vec::new(),
             brokers_down,
             error_logs: std::array::from_fn(|_| ErrorLog::new(Instant::now())),
             unsettled_answers: 0,
@@ -636,8 +641,9 @@ impl Ingest {
         // verified and assigned again at its position (see `resume_unverified`).
         if std::mem::take(&mut self.client_replaced) {
             self.assigned.retain(|_, part| part.next >= 0);
-            self.unverified = self.assigned.keys().copied().collect();
-            self.unverified.sort_unstable();
+            for part in self.assigned.values_mut() {
+                part.on_client = OnClient::Unverified;
+            }
         }
         if !self.resume_unverified(&listing) {
             return;
@@ -646,7 +652,7 @@ impl Ingest {
         let retry: Vec<(Key, i64)> = self
             .assigned
             .iter()
-            .filter(|(key, part)| part.unassigned && !self.unverified.contains(key))
+            .filter(|(_, part)| part.on_client == OnClient::Retry)
             .map(|(key, part)| (*key, part.next))
             .collect();
         for (key, next) in retry {
@@ -672,12 +678,13 @@ impl Ingest {
             let mut tpl = TopicPartitionList::new();
             for key in &gone {
                 // Ones the client does not have cannot be unassigned (librdkafka refuses).
-                let on_client = self.assigned.get(key).is_some_and(|part| !part.unassigned)
-                    && !self.unverified.contains(key);
-                if on_client {
+                if self
+                    .assigned
+                    .get(key)
+                    .is_some_and(|part| part.on_client == OnClient::Yes)
+                {
                     tpl.add_partition(&self.cfg.topics[key.0], key.1);
                 }
-                self.unverified.retain(|k| k != key);
                 self.forget_log(*key);
             }
             tracing::warn!(
@@ -723,15 +730,14 @@ impl Ingest {
     /// again at the next discover).
     fn resume_unverified(&mut self, listing: &[Listed; 4]) -> bool {
         let ready: Vec<(Key, i64, Option<Fingerprint>)> = self
-            .unverified
+            .assigned
             .iter()
-            .filter(|(k, p)| {
-                matches!(listing[*k], Listed::Partitions(_)) && !listing[*k].vanished(*p)
+            .filter(|((k, p), part)| {
+                part.on_client == OnClient::Unverified
+                    && matches!(listing[*k], Listed::Partitions(_))
+                    && !listing[*k].vanished(*p)
             })
-            .filter_map(|key| {
-                let part = self.assigned.get(key)?;
-                Some((*key, part.next, part.last))
-            })
+            .map(|(key, part)| (*key, part.next, part.last))
             .collect();
         if ready.is_empty() {
             return true;
@@ -746,7 +752,7 @@ impl Ingest {
             .collect();
         let latest = self.latest_offsets(&unproven);
         let mut live = TopicPartitionList::new();
-        let mut assigned = Vec::new();
+        let mut intact_keys = Vec::new();
         for (key, next, _) in &ready {
             let topic = self.cfg.topics[key.0].clone();
             let ends_before = matches!(latest.get(key), Some(&high) if high < *next);
@@ -760,7 +766,7 @@ impl Ingest {
                 self.forget_log(*key);
             } else {
                 let _ = live.add_partition_offset(&topic, key.1, Offset::Offset(*next));
-                assigned.push(*key);
+                intact_keys.push(*key);
             }
         }
         self.repositioned = true;
@@ -769,15 +775,11 @@ impl Ingest {
             // the start, and nothing is left unread. Nothing else is assigned meanwhile, or
             // the retry would ask for partitions the client already has.
             tracing::warn!("assign on the fresh client: {e}; retrying");
-            self.unverified
-                .retain(|key| self.assigned.contains_key(key));
             return false;
         }
-        let done: HashSet<Key> = ready.iter().map(|(key, _, _)| *key).collect();
-        self.unverified.retain(|key| !done.contains(key));
-        for key in assigned {
+        for key in intact_keys {
             if let Some(part) = self.assigned.get_mut(&key) {
-                part.unassigned = false;
+                part.on_client = OnClient::Yes;
             }
         }
         true
@@ -1008,7 +1010,7 @@ impl Ingest {
                             verify,
                             next: offset,
                             last,
-                            unassigned: false,
+                            on_client: OnClient::Yes,
                         },
                     );
                 }
@@ -1019,7 +1021,7 @@ impl Ingest {
                     if let Some(part) = self.assigned.get_mut(&key) {
                         part.next = offset;
                         part.verify = None;
-                        part.unassigned = true;
+                        part.on_client = OnClient::Retry;
                     }
                 }
             }

@@ -184,9 +184,7 @@ impl Executor {
                 })??,
             None => acquire.await?,
         };
-        if let Some(t) = self.tighter_timeout(ctx.time_left()) {
-            set_statement_timeout(&mut tx, t).await?;
-        }
+        self.time_left_for_next(&mut tx, ctx).await?;
         Ok(tx)
     }
 
