@@ -7,15 +7,21 @@
 //! 3. bearer-token authentication ([`crate::auth`]): UNAUTHENTICATED / PERMISSION_DENIED,
 //!    logged with the method and peer, never the token;
 //! 4. the request size limit: a request message whose length prefix exceeds
-//!    `--max-recv-message-size` fails with RESOURCE_EXHAUSTED before it is buffered.
+//!    `--max-recv-message-size` fails with RESOURCE_EXHAUSTED before it is buffered;
+//! 5. panic containment: a handler (or response stream) that panics answers its caller
+//!    INTERNAL, and the panic is logged, instead of resetting the stream with no status (which
+//!    clients report as CANCELLED or UNKNOWN). The server and every other call carry on.
 
+use std::any::Any;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
+use futures::FutureExt;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tonic::{Code, Status};
@@ -257,8 +263,15 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(
             async move {
-                let response = inner.call(request).await?;
                 let mut observation = observation;
+                let response = match AssertUnwindSafe(inner.call(request)).catch_unwind().await {
+                    Ok(response) => response?,
+                    Err(panic) => {
+                        let status = panicked(&*panic, &path);
+                        observation.finish(status.code());
+                        return Ok(status.into_http::<Body>());
+                    }
+                };
                 let header_code = status_code_in(response.headers());
                 // Trailers-only (an error before any message): the status is final now, and
                 // hyper may drop the empty body without polling it.
@@ -270,6 +283,8 @@ where
                         inner: body,
                         header_code,
                         observation,
+                        path,
+                        panicked: false,
                     })
                 }))
             }
@@ -286,7 +301,29 @@ pin_project_lite::pin_project! {
         inner: Body,
         header_code: Option<Code>,
         observation: Observation,
+        path: String,
+        // The inner body panicked: its state is unknown, it is never polled again.
+        panicked: bool,
     }
+}
+
+/// The text a panic was raised with (`panic!("...")`), for the log.
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
+}
+
+/// The status a caller gets when its handler panicked. The panic's text goes to the log
+/// only: it may name internals, and the caller can do nothing with it.
+fn panicked(payload: &(dyn Any + Send), path: &str) -> Status {
+    let what = panic_message(payload);
+    tracing::error!(method = %path, panic = %what, "a handler panicked; the call fails with INTERNAL");
+    Status::internal(
+        "the server failed while handling this call (an internal error, logged on the server)",
+    )
 }
 
 impl HttpBody for ObservedBody {
@@ -298,7 +335,24 @@ impl HttpBody for ObservedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+        if *this.panicked {
+            return Poll::Ready(None);
+        }
+        let mut inner = this.inner;
+        let frame =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll_frame(cx))) {
+                Ok(poll) => ready!(poll),
+                Err(panic) => {
+                    *this.panicked = true;
+                    let status = panicked(&*panic, this.path);
+                    this.observation.finish(status.code());
+                    // Headers may be out already: the status goes in the trailers.
+                    let mut trailers = http::HeaderMap::new();
+                    // Cannot fail: a fixed code and an ASCII message.
+                    let _ = status.add_header(&mut trailers);
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            };
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(trailers) = frame.trailers_ref() {
@@ -316,7 +370,7 @@ impl HttpBody for ObservedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.panicked || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -482,5 +536,65 @@ mod tests {
             );
         }
         assert_eq!(code_name(Code::ResourceExhausted), "ResourceExhausted");
+    }
+
+    /// A handler that panics: the caller gets INTERNAL in trailers-only headers.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal() {
+        let handler = tower::service_fn(|_: http::Request<Body>| async {
+            if true {
+                panic!("handler bug");
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        });
+        let mut svc = GrpcLayer::new(None, 1 << 20).layer(handler);
+        let request = http::Request::builder()
+            .uri("/omnibus.db.v1.DatabaseService/Query")
+            .body(Body::empty())
+            .unwrap();
+        let response = svc.call(request).await.unwrap();
+        assert_eq!(status_code_in(response.headers()), Some(Code::Internal));
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert!(
+            !status.message().contains("handler bug"),
+            "the panic text stays in the log: {status:?}"
+        );
+    }
+
+    /// A response stream that panics after a message: the message is delivered, then the
+    /// stream ends with INTERNAL in its trailers, and the body is never polled again.
+    #[tokio::test]
+    async fn a_stream_that_panics_ends_with_internal_trailers() {
+        use http_body_util::BodyExt;
+
+        struct PanicsAfterOne(bool);
+        impl HttpBody for PanicsAfterOne {
+            type Data = Bytes;
+            type Error = Status;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+                // The first poll yields a message, the second panics.
+                assert!(!self.0, "the handler's stream fails");
+                self.0 = true;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\0")))))
+            }
+        }
+        let handler = tower::service_fn(|_: http::Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(PanicsAfterOne(false))))
+        });
+        let mut svc = GrpcLayer::new(None, 1 << 20).layer(handler);
+        let request = http::Request::builder()
+            .uri("/omnibus.consumer.v1.ConsumerService/StreamActions")
+            .body(Body::empty())
+            .unwrap();
+        let mut body = svc.call(request).await.unwrap().into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.data_ref().map(|d| d.len()), Some(5));
+        let second = body.frame().await.unwrap().unwrap();
+        let trailers = second.trailers_ref().expect("trailers after the panic");
+        assert_eq!(status_code_in(trailers), Some(Code::Internal));
+        assert!(body.frame().await.is_none(), "the stream has ended");
     }
 }

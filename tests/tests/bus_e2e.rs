@@ -1058,7 +1058,6 @@ async fn the_direct_fallback_is_bounded_by_the_bus_timeout() {
 /// partition's offsets back forever, and later requests are committed past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_no_reply_can_carry_is_committed_not_retried_forever() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
     let group = group();
@@ -1079,36 +1078,7 @@ async fn a_request_no_reply_can_carry_is_committed_not_retried_forever() {
     tap.reply_for(&c, FIRST_REPLY).unwrap();
 
     // Both requests are committed (the group's committed offsets add up to 2).
-    let reader: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", omnibus_tests::kafka_brokers())
-        .set("group.id", &group)
-        .create()
-        .unwrap();
-    let metadata = reader
-        .fetch_metadata(Some(&t.request), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        tpl.add_partition(&t.request, p.id());
-    }
-    let deadline = std::time::Instant::now() + REPLY;
-    let committed = loop {
-        let offsets = reader
-            .committed_offsets(tpl.clone(), Duration::from_secs(10))
-            .unwrap();
-        let sum: i64 = offsets
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                rdkafka::Offset::Offset(o) => Some(o),
-                _ => None,
-            })
-            .sum();
-        if sum >= 2 || std::time::Instant::now() > deadline {
-            break sum;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let committed = committed_total(&group, &t.request, 2);
     assert_eq!(committed, 2, "{}", svc.logs());
     assert!(
         svc.logs().contains("left unanswered and committed"),
@@ -1295,5 +1265,90 @@ async fn calls_sharing_a_request_id_each_get_their_own_reply() {
     assert_eq!(
         count_rows(&db, "SELECT count(*) FROM agent_actions").await,
         4
+    );
+}
+
+/// The sum of `group`'s committed offsets over `topic`'s partitions, once it reaches `want`
+/// (or whatever it is after the reply timeout).
+fn committed_total(group: &str, topic: &str, want: i64) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", omnibus_tests::kafka_brokers())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let metadata = reader
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition(topic, p.id());
+    }
+    let deadline = std::time::Instant::now() + REPLY;
+    loop {
+        let offsets = reader
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap();
+        let sum: i64 = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .sum();
+        if sum >= want || std::time::Instant::now() > deadline {
+            return sum;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A request whose execution panics (a bug; here a fail point) is answered INTERNAL_ERROR and
+/// committed like any other: the worker goes on serving, and the request does not hold back
+/// the commits of the requests after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_panics_is_answered_and_committed() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let group = group();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .env("OMNIBUS_FAILPOINT", "bus-panic")
+        .args(topics.db_svc_args(&group))
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
+    let panics = format!("failpoint-panic-{}", uuid::Uuid::new_v4());
+    let fine = uuid::Uuid::new_v4().to_string();
+    for cid in [&panics, &fine] {
+        let env = omniclaude_envelope(cid, "QUERY", None, "SELECT 1 AS one", json!([]));
+        produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+            .await
+            .unwrap();
+    }
+
+    let reply = tap.reply_for(&panics, FIRST_REPLY).unwrap();
+    assert_eq!(
+        reply.json["event_type"], "DATABASE_QUERY_FAILED",
+        "{reply:?}"
+    );
+    assert_eq!(reply.json["payload"]["error_code"], "INTERNAL_ERROR");
+    assert!(
+        !reply.json.to_string().contains("fail point"),
+        "the panic's text stays in the log: {reply:?}"
+    );
+    let reply = tap.reply_for(&fine, FIRST_REPLY).unwrap();
+    assert_eq!(
+        reply.json["event_type"], "DATABASE_QUERY_COMPLETED",
+        "{reply:?}"
+    );
+    assert_eq!(committed_total(&group, &t.request, 2), 2, "{}", svc.logs());
+    assert!(
+        svc.logs().contains("bus request panicked"),
+        "{}",
+        svc.logs()
     );
 }

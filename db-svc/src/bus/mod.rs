@@ -12,6 +12,7 @@
 pub mod commit;
 pub mod handler;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use bus_protocol::{
     BusRequest, Envelope, FailedPayload, Reply, Topics, codes, now_rfc3339, parse_request,
 };
 use clap::{ArgAction, Args};
+use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -166,11 +168,33 @@ impl BusArgs {
 /// Everything a request task needs.
 struct Worker {
     settings: BusSettings,
-    /// `OMNIBUS_FAILPOINT=bus-after-execute` (tests only): abort after executing a request.
-    crash_after_execute: bool,
+    /// `OMNIBUS_FAILPOINT` (tests only).
+    failpoint: Option<Failpoint>,
     handler: Handler,
     producer: FutureProducer,
     shutdown: Shutdown,
+}
+
+/// Faults the end-to-end tests inject through `OMNIBUS_FAILPOINT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failpoint {
+    /// `bus-after-execute`: abort the process after executing a request, before its reply.
+    AbortAfterExecute,
+    /// `bus-panic`: panic while executing a request whose correlation id starts with
+    /// [`PANIC_PREFIX`].
+    Panic,
+}
+
+const PANIC_PREFIX: &str = "failpoint-panic";
+
+impl Failpoint {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "bus-after-execute" => Some(Self::AbortAfterExecute),
+            "bus-panic" => Some(Self::Panic),
+            _ => None,
+        }
+    }
 }
 
 /// What a processed message produces.
@@ -221,11 +245,12 @@ pub async fn run(
         "event-bus worker started"
     );
 
-    let crash_after_execute =
-        std::env::var("OMNIBUS_FAILPOINT").is_ok_and(|f| f == "bus-after-execute");
+    let failpoint = std::env::var("OMNIBUS_FAILPOINT")
+        .ok()
+        .and_then(|f| Failpoint::parse(&f));
     let worker = Arc::new(Worker {
         settings,
-        crash_after_execute,
+        failpoint,
         handler,
         producer,
         shutdown: shutdown.clone(),
@@ -461,8 +486,38 @@ async fn process(
                 correlation_id = %request.correlation_id,
                 trace_id = %trace_id
             );
-            let Some(reply) = execute(worker, &request).instrument(span.clone()).await else {
-                return false;
+            // A panic while executing (a bug) is contained to its request: it is answered
+            // INTERNAL_ERROR and its offset committed like any other, instead of the task dying
+            // with the offset in flight, which would hold back every later commit of the
+            // partition and leave the caller waiting for its timeout.
+            let executed = AssertUnwindSafe(async {
+                if worker.failpoint == Some(Failpoint::Panic)
+                    && request.correlation_id.starts_with(PANIC_PREFIX)
+                {
+                    panic!("fail point bus-panic");
+                }
+                execute(worker, &request).await
+            })
+            .catch_unwind()
+            .instrument(span.clone())
+            .await;
+            let reply = match executed {
+                Ok(Some(reply)) => reply,
+                Ok(None) => return false,
+                Err(panic) => span.in_scope(|| {
+                    tracing::error!(
+                        panic = %svc_kit::layer::panic_message(&*panic),
+                        "bus request panicked; answered INTERNAL_ERROR"
+                    );
+                    Reply::Failed(FailedPayload::new(
+                        codes::INTERNAL_ERROR,
+                        "db-svc failed while executing this request (an internal error, logged \
+                         on the server); whether a write took effect is unknown: resend it with \
+                         the same request id, and a write that was applied is replayed, not \
+                         repeated"
+                            .to_string(),
+                    ))
+                }),
             };
             span.in_scope(|| {
                 tracing::debug!(
@@ -470,7 +525,7 @@ async fn process(
                     "bus request answered"
                 )
             });
-            if worker.crash_after_execute {
+            if worker.failpoint == Some(Failpoint::AbortAfterExecute) {
                 // Fail point for the redelivery test: die between the write and the reply/commit.
                 tracing::error!(correlation_id = %request.correlation_id, "fail point bus-after-execute: aborting");
                 std::process::abort();
