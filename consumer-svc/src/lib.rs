@@ -53,12 +53,15 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0),
     ));
     let ingest_status = Arc::new(ingest::IngestStatus::new(settings.topics.clone()));
-    let probe = tokio::spawn(broker::watch_broker(
-        settings.brokers.clone(),
-        status.clone(),
-        ingest_status.clone(),
-        health.clone(),
+    let probe = tokio::spawn(svc_kit::shutdown::stop_on_panic(
         shutdown.clone(),
+        broker::watch_broker(
+            settings.brokers.clone(),
+            status.clone(),
+            ingest_status.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ),
     ));
     let dirty_agents = Arc::new(Mutex::new(HashSet::new()));
     tracing::info!(topics = ?settings.topics, retention = ?settings.retention, "consuming");
@@ -118,10 +121,9 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         shutdown: shutdown.clone(),
     });
     let live = settings.real_time_events.then(|| {
-        tokio::spawn(api::publish_live_updates(
-            api.clone(),
-            dirty_agents,
-            settings.agent_metrics_interval,
+        tokio::spawn(svc_kit::shutdown::stop_on_panic(
+            shutdown.clone(),
+            api::publish_live_updates(api.clone(), dirty_agents, settings.agent_metrics_interval),
         ))
     });
     // Every RPC of ConsumerService is a read.
@@ -143,17 +145,23 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     .await?;
 
     shutdown.trigger();
-    let _ = probe.await;
-    if let Some(live) = live {
-        let _ = live.await;
-    }
+    let probe_result = probe.await;
+    let live_result = match live {
+        Some(live) => live.await,
+        None => Ok(()),
+    };
     // The ingest thread notices within one poll interval.
     let ingest_result = tokio::task::spawn_blocking(move || ingest_thread.join()).await;
     tracing::info!("consumer-svc stopped");
-    match ingest_result {
-        Ok(Ok(())) => Ok(()),
-        // Exit non-zero, so that a supervisor restarts the service (which then replays).
-        _ => Err(anyhow::anyhow!("the ingest thread panicked")),
+    // Exit non-zero after a panic, so that a supervisor restarts the service (which replays).
+    let died = [
+        (!matches!(ingest_result, Ok(Ok(())))).then_some("the ingest thread"),
+        probe_result.is_err().then_some("the broker probe"),
+        live_result.is_err().then_some("the live-update publisher"),
+    ];
+    match died.into_iter().flatten().collect::<Vec<_>>() {
+        d if d.is_empty() => Ok(()),
+        d => Err(anyhow::anyhow!("{} panicked", d.join(" and "))),
     }
 }
 

@@ -290,8 +290,49 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
     }
 }
 
+/// Runs `work` (a task of its own, e.g. a streamed query) and turns a panic inside it - a
+/// bug - into an INTERNAL error for its caller, logged with `what`. Without it the task would
+/// end silently and its reader see a clean end of stream: a truncated result as a whole one.
+pub async fn contain_panic<T>(
+    what: &str,
+    work: impl Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            tracing::error!(
+                panic = %svc_kit::layer::panic_message(&*panic),
+                "{what} panicked; its caller gets INTERNAL"
+            );
+            Err(DbError::Database(format!(
+                "{what} failed inside db-svc (an internal error, logged on the server); \
+                 anything sent before this error is not the whole result"
+            )))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[tokio::test]
+    async fn a_panic_becomes_an_internal_error_not_a_clean_end() {
+        let ok = contain_panic("work", async { Ok::<_, DbError>(7) }).await;
+        assert_eq!(ok.unwrap(), 7);
+        let failed = contain_panic("StreamQuery", async {
+            if true {
+                panic!("a bug");
+            }
+            Ok::<u8, DbError>(0)
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(failed, DbError::Database(_)), "{failed:?}");
+        assert_eq!(Status::from(failed.clone()).code(), Code::Internal);
+        assert!(failed.to_string().contains("StreamQuery"), "{failed}");
+        assert!(!failed.to_string().contains("a bug"), "{failed}");
+    }
     use super::*;
 
     #[test]

@@ -625,15 +625,18 @@ impl Executor {
             let Ok(error_slot) = tx.reserve().await else {
                 return;
             };
-            let result = stream_rows(
-                pool.clone(),
-                plan.sql,
-                args,
-                batch_size,
-                timeout,
-                stall,
-                &tx,
-                shutdown,
+            let result = crate::error::contain_panic(
+                "StreamQuery",
+                stream_rows(
+                    pool.clone(),
+                    plan.sql,
+                    args,
+                    batch_size,
+                    timeout,
+                    stall,
+                    &tx,
+                    shutdown,
+                ),
             )
             .await;
             if let Err(e) = result {

@@ -150,11 +150,14 @@ fn start_bus_worker(
     };
     let shutdown = shutdown.clone();
     let drain = settings.server.shutdown_grace;
-    Some(tokio::spawn(async move {
-        if let Err(e) = bus::run(bus, handler, shutdown.clone(), drain).await {
-            tracing::error!("event-bus worker failed: {e}");
-        }
-    }))
+    Some(tokio::spawn(svc_kit::shutdown::stop_on_panic(
+        shutdown.clone(),
+        async move {
+            if let Err(e) = bus::run(bus, handler, shutdown.clone(), drain).await {
+                tracing::error!("event-bus worker failed: {e}");
+            }
+        },
+    )))
 }
 
 /// Runs the service until `shutdown` fires.
@@ -173,18 +176,22 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         let migrate = settings.migrate;
         let raw_role = settings.raw_sql_role.clone();
         let retention = settings.request_log_retention;
-        tokio::spawn(db_health::watch_database(
-            probe_pool,
-            health.clone(),
+        tokio::spawn(svc_kit::shutdown::stop_on_panic(
             shutdown.clone(),
-            move || {
-                let (pool, catalog, raw_role) = (pool.clone(), catalog.clone(), raw_role.clone());
-                async move { prepare(&pool, &catalog, migrate, raw_role.as_deref()).await }
-            },
-            move || {
-                let pool = purge_pool.clone();
-                async move { purge_request_log(&pool, retention).await }
-            },
+            db_health::watch_database(
+                probe_pool,
+                health.clone(),
+                shutdown.clone(),
+                move || {
+                    let (pool, catalog, raw_role) =
+                        (pool.clone(), catalog.clone(), raw_role.clone());
+                    async move { prepare(&pool, &catalog, migrate, raw_role.as_deref()).await }
+                },
+                move || {
+                    let pool = purge_pool.clone();
+                    async move { purge_request_log(&pool, retention).await }
+                },
+            ),
         ))
     };
 
@@ -232,10 +239,11 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     .await?;
 
     shutdown.trigger();
-    if let Some(worker) = bus_worker {
-        let _ = worker.await;
-    }
-    let _ = watcher.await;
+    let worker_result = match bus_worker {
+        Some(worker) => worker.await,
+        None => Ok(()),
+    };
+    let watcher_result = watcher.await;
     // close() waits for every checked-out connection; a statement still running after the
     // server's grace (its caller already gone) must not hold the exit past the orchestrator's
     // stop timeout. Dropping the pool then closes the connections; PostgreSQL ends the
@@ -251,5 +259,10 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         );
     }
     tracing::info!("db-svc stopped");
-    Ok(())
+    // Exit non-zero after a panic, so that a supervisor restarts the service.
+    match (worker_result, watcher_result) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(_), _) => Err(anyhow::anyhow!("the event-bus worker panicked")),
+        (_, Err(_)) => Err(anyhow::anyhow!("the database watcher panicked")),
+    }
 }

@@ -53,10 +53,19 @@ pub struct TriggerOnPanic(pub Shutdown);
 impl Drop for TriggerOnPanic {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            tracing::error!("a worker thread panicked; shutting down");
+            tracing::error!("a worker thread or task panicked; shutting down");
             self.0.trigger();
         }
     }
+}
+
+/// `work`, stopping the process's `shutdown` if it panics: for background tasks whose death
+/// must not leave the service serving frozen state (broker status, pushed metrics, a bus
+/// worker gone quiet) as healthy. The caller exits non-zero when the task's handle reports
+/// the panic.
+pub async fn stop_on_panic<F: std::future::Future>(shutdown: Shutdown, work: F) -> F::Output {
+    let _stop = TriggerOnPanic(shutdown);
+    work.await
 }
 
 #[cfg(unix)]
@@ -88,6 +97,22 @@ async fn wait_for_signal() -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guard also works inside a task: a panic unwinds through the future, which drops it.
+    /// A task that returns leaves the shutdown alone.
+    #[tokio::test]
+    async fn a_panicking_task_triggers_the_shutdown() {
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(stop_on_panic(shutdown.clone(), async {
+            tokio::task::yield_now().await;
+            panic!("background task failure");
+        }));
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(shutdown.is_triggered());
+        let calm = Shutdown::new();
+        assert_eq!(stop_on_panic(calm.clone(), async { 5 }).await, 5);
+        assert!(!calm.is_triggered());
+    }
 
     #[test]
     fn a_panicking_worker_triggers_the_shutdown_a_returning_one_does_not() {
