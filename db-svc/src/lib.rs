@@ -260,9 +260,12 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     }
     tracing::info!("db-svc stopped");
     // Exit non-zero after a panic, so that a supervisor restarts the service.
-    match (worker_result, watcher_result) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(_), _) => Err(anyhow::anyhow!("the event-bus worker panicked")),
-        (_, Err(_)) => Err(anyhow::anyhow!("the database watcher panicked")),
+    let died = [
+        worker_result.is_err().then_some("the event-bus worker"),
+        watcher_result.is_err().then_some("the database watcher"),
+    ];
+    match died.into_iter().flatten().collect::<Vec<_>>() {
+        d if d.is_empty() => Ok(()),
+        d => Err(anyhow::anyhow!("{} panicked", d.join(" and "))),
     }
 }

@@ -264,7 +264,9 @@ where
         Box::pin(
             async move {
                 let mut observation = observation;
-                let response = match AssertUnwindSafe(inner.call(request)).catch_unwind().await {
+                // `call` itself inside the guarded future: its synchronous part may panic too.
+                let call = async move { inner.call(request).await };
+                let response = match AssertUnwindSafe(call).catch_unwind().await {
                     Ok(response) => response?,
                     Err(panic) => {
                         let status = panicked(&*panic, &path);

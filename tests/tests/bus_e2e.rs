@@ -1305,8 +1305,9 @@ fn committed_total(group: &str, topic: &str, want: i64) -> i64 {
 }
 
 /// A request whose execution panics (a bug; here a fail point) is answered INTERNAL_ERROR and
-/// committed like any other: the worker goes on serving, and the request does not hold back
-/// the commits of the requests after it.
+/// committed like any other; one whose task panics after the execution (no reply to give) is
+/// committed unanswered. The worker goes on serving, and neither holds back the commits of
+/// the requests after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_that_panics_is_answered_and_committed() {
     let db = TestDatabase::create().await.unwrap();
@@ -1321,9 +1322,10 @@ async fn a_request_that_panics_is_answered_and_committed() {
     svc.wait_serving().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
-    let panics = format!("failpoint-panic-{}", uuid::Uuid::new_v4());
+    let panics = format!("failpoint-panic-execute-{}", uuid::Uuid::new_v4());
+    let unanswered = format!("failpoint-panic-reply-{}", uuid::Uuid::new_v4());
     let fine = uuid::Uuid::new_v4().to_string();
-    for cid in [&panics, &fine] {
+    for cid in [&panics, &unanswered, &fine] {
         let env = omniclaude_envelope(cid, "QUERY", None, "SELECT 1 AS one", json!([]));
         produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
             .await
@@ -1345,10 +1347,15 @@ async fn a_request_that_panics_is_answered_and_committed() {
         reply.json["event_type"], "DATABASE_QUERY_COMPLETED",
         "{reply:?}"
     );
-    assert_eq!(committed_total(&group, &t.request, 2), 2, "{}", svc.logs());
+    assert_eq!(committed_total(&group, &t.request, 3), 3, "{}", svc.logs());
     assert!(
-        svc.logs().contains("bus request panicked"),
-        "{}",
-        svc.logs()
+        tap.replies_by_correlation().get(&unanswered).is_none(),
+        "no reply for the request whose reply panicked"
+    );
+    let logs = svc.logs();
+    assert!(logs.contains("bus request panicked;"), "{logs}");
+    assert!(
+        logs.contains("bus request panicked outside its execution"),
+        "{logs}"
     );
 }

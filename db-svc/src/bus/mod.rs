@@ -181,11 +181,13 @@ enum Failpoint {
     /// `bus-after-execute`: abort the process after executing a request, before its reply.
     AbortAfterExecute,
     /// `bus-panic`: panic while executing a request whose correlation id starts with
-    /// [`PANIC_PREFIX`].
+    /// [`PANIC_IN_EXECUTE`], or before sending the reply to one starting with
+    /// [`PANIC_BEFORE_REPLY`].
     Panic,
 }
 
-const PANIC_PREFIX: &str = "failpoint-panic";
+const PANIC_IN_EXECUTE: &str = "failpoint-panic-execute";
+const PANIC_BEFORE_REPLY: &str = "failpoint-panic-reply";
 
 impl Failpoint {
     fn parse(name: &str) -> Option<Self> {
@@ -313,8 +315,22 @@ pub async fn run(
                 let (worker, done_tx) = (worker.clone(), done_tx.clone());
                 let received_in = generation;
                 tasks.spawn(async move {
-                    let delivered = process(&worker, message.key(), message.payload(), traceparent_header(&message), &origin).await;
+                    let processed = AssertUnwindSafe(process(&worker, message.key(), message.payload(), traceparent_header(&message), &origin))
+                        .catch_unwind()
+                        .await;
                     drop(permit);
+                    // A panic outside the execution (parsing, encoding or sending the reply)
+                    // has no reply to give: the request is committed unanswered (its caller
+                    // times out and falls back) rather than held in flight, which would stop
+                    // every later commit of the partition, or redelivered into the same panic.
+                    let delivered = processed.unwrap_or_else(|panic| {
+                        tracing::error!(
+                            topic = %origin.0, partition = origin.1, offset = origin.2,
+                            panic = %svc_kit::layer::panic_message(&*panic),
+                            "bus request panicked outside its execution; left unanswered and committed"
+                        );
+                        true
+                    });
                     if delivered {
                         let _ = done_tx.send((received_in, origin));
                     }
@@ -492,7 +508,7 @@ async fn process(
             // partition and leave the caller waiting for its timeout.
             let executed = AssertUnwindSafe(async {
                 if worker.failpoint == Some(Failpoint::Panic)
-                    && request.correlation_id.starts_with(PANIC_PREFIX)
+                    && request.correlation_id.starts_with(PANIC_IN_EXECUTE)
                 {
                     panic!("fail point bus-panic");
                 }
@@ -571,6 +587,12 @@ async fn process(
         Outgoing::Reply { .. } => "failed",
         Outgoing::DeadLetter { .. } => "dead_letter",
     };
+    if worker.failpoint == Some(Failpoint::Panic)
+        && let Outgoing::Reply { correlation_id, .. } = &outgoing
+        && correlation_id.starts_with(PANIC_BEFORE_REPLY)
+    {
+        panic!("fail point bus-panic before the reply");
+    }
     let delivered = deliver(worker, outgoing).await;
     if delivered {
         // From receipt to the broker's ack of the reply: the worker's share of a round trip.
