@@ -245,6 +245,7 @@ impl ConsumerApi {
             retention_seconds: (state.config().retention / 1_000_000) as u64,
             agents: state.agent_count() as u64,
             replaying: Some(ingest.replaying()),
+            agent_events_untracked: state.agent_events_untracked(),
         }
     }
 

@@ -93,6 +93,12 @@ pub struct Config {
     #[arg(long, env = "MAX_PERFORMANCE_METRICS", default_value_t = 200)]
     pub max_performance_metrics: usize,
 
+    /// Agents whose metrics are kept at once (more than 0); routing decisions and actions of
+    /// further agents still count and stay in the recent buffers, but get no agent metrics
+    /// until a slot frees (status: agent_events_untracked).
+    #[arg(long, env = "MAX_AGENTS", default_value_t = crate::state::DEFAULT_MAX_AGENTS)]
+    pub max_agents: usize,
+
     /// Serve the streaming RPCs (StreamActions, StreamAgentMetrics, Subscribe).
     #[arg(long, env = "ENABLE_REAL_TIME_EVENTS", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_real_time_events: bool,
@@ -140,6 +146,7 @@ pub struct Settings {
     pub max_routing_decisions: usize,
     pub max_transformations: usize,
     pub max_performance_metrics: usize,
+    pub max_agents: usize,
     pub real_time_events: bool,
     pub agent_metrics_interval: Duration,
     pub subscriber_queue: usize,
@@ -208,6 +215,9 @@ impl Config {
         if self.max_push == 0 {
             return Err("--max-push must be at least 1".into());
         }
+        if self.max_agents == 0 {
+            return Err("--max-agents must be at least 1".into());
+        }
         Ok(Settings {
             listen: self.listen,
             brokers,
@@ -221,6 +231,7 @@ impl Config {
             max_routing_decisions: self.max_routing_decisions,
             max_transformations: self.max_transformations,
             max_performance_metrics: self.max_performance_metrics,
+            max_agents: self.max_agents,
             real_time_events: self.enable_real_time_events,
             agent_metrics_interval: self.agent_metrics_interval,
             subscriber_queue: self.subscriber_queue,
@@ -273,7 +284,8 @@ mod tests {
             .validate()
             .unwrap();
         assert_eq!(s.max_push, 256);
-        for flag in ["--max-push", "--subscriber-queue"] {
+        assert_eq!(s.max_agents, crate::state::DEFAULT_MAX_AGENTS);
+        for flag in ["--max-push", "--subscriber-queue", "--max-agents"] {
             let err = parse(&["--kafka-brokers", "a:1", flag, "0"])
                 .validate()
                 .unwrap_err();

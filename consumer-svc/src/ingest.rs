@@ -1312,6 +1312,12 @@ fn parse_batch(
     )
 }
 
+/// Whether a count went from `before` to `after` past 1, 10, 100, ...: a warning on each
+/// such step is logged a bounded number of times whatever the rate.
+fn crossed_power_of_ten(before: u64, after: u64) -> bool {
+    after > before && (before == 0 || after.ilog10() > before.ilog10())
+}
+
 /// Applies one parsed batch under a single state lock and publishes it.
 fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
     let Parsed {
@@ -1327,6 +1333,7 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
     // Held until the batch is published: a snapshot taken under the read lock then holds
     // exactly the updates up to the hub's last sequence.
     let mut state = sinks.state.write();
+    let untracked_before = state.agent_events_untracked();
     for (k, event) in events {
         match state.apply(&event, now) {
             Applied::Aggregated(_) => {
@@ -1338,6 +1345,15 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
             }
             Applied::Expired => expired[k] += 1,
         }
+    }
+    let untracked = state.agent_events_untracked();
+    if crossed_power_of_ten(untracked_before, untracked) {
+        tracing::warn!(
+            untracked,
+            max_agents = state.config().max_agents,
+            "events of agents beyond --max-agents, or with names over 256 bytes, get no agent \
+             metrics (logged at 1, 10, 100, ... such events)"
+        );
     }
     {
         // Positions now; high watermarks come from librdkafka's statistics (what we have read
@@ -1390,6 +1406,28 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn warnings_step_by_powers_of_ten() {
+        let steps: Vec<(u64, u64)> = vec![
+            (0, 1),
+            (1, 9),
+            (9, 10),
+            (10, 99),
+            (99, 250),
+            (250, 251),
+            (5, 5),
+            (0, 0),
+        ];
+        let logged: Vec<bool> = steps
+            .iter()
+            .map(|&(b, a)| crossed_power_of_ten(b, a))
+            .collect();
+        assert_eq!(
+            logged,
+            [true, false, true, false, true, false, false, false]
+        );
+    }
     use super::*;
 
     #[test]

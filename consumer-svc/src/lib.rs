@@ -41,6 +41,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         max_decisions: settings.max_routing_decisions,
         max_transformations: settings.max_transformations,
         max_performance: settings.max_performance_metrics,
+        max_agents: settings.max_agents,
     })));
     let hub = Arc::new(hub::Hub::numbered_after(
         if settings.real_time_events {

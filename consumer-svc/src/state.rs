@@ -65,6 +65,8 @@ pub struct StateConfig {
     pub max_decisions: usize,
     pub max_transformations: usize,
     pub max_performance: usize,
+    /// Agents whose metrics are kept at once (see [`State::agent_events_untracked`]).
+    pub max_agents: usize,
 }
 
 impl Default for StateConfig {
@@ -75,9 +77,19 @@ impl Default for StateConfig {
             max_decisions: 1000,
             max_transformations: 100,
             max_performance: 200,
+            max_agents: DEFAULT_MAX_AGENTS,
         }
     }
 }
+
+/// Default of `--max-agents`: an agent costs up to ~5 KB (a bucket per minute of the last
+/// hour and per hour of the window, at the 24 h default), so the agents' metrics stay within
+/// ~250 MB whatever the producers send.
+pub const DEFAULT_MAX_AGENTS: usize = 50_000;
+
+/// Longest agent name whose metrics are kept: a name is a key held as long as the agent has
+/// events in the window, so a producer bug writing payloads into it must not fill the memory.
+pub const MAX_AGENT_NAME_BYTES: usize = 256;
 
 /// Counters of one agent in one minute or hour (48 bytes: u32 counts, i64 fixed-point sums).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -396,6 +408,8 @@ pub struct State {
     perf: Series<PerfBucket>,
     /// Aligned cutoff of the last prune: nothing older is kept or accepted.
     cutoff: Micros,
+    /// Events whose agent's metrics were not kept (see [`State::agent_events_untracked`]).
+    untracked: u64,
 }
 
 impl State {
@@ -408,8 +422,18 @@ impl State {
             agents: foldhash::HashMap::default(),
             perf: Series::default(),
             cutoff: Micros::MIN,
+            untracked: 0,
             cfg,
         }
+    }
+
+    /// Routing decisions and actions, since start-up, whose agent's metrics were not kept: a
+    /// new agent while `max_agents` others have events in the window, or a name longer than
+    /// [`MAX_AGENT_NAME_BYTES`]. The events themselves are still counted and kept in the
+    /// recent buffers; only the per-agent metrics miss them. A slot frees when an agent's
+    /// last event leaves the window.
+    pub fn agent_events_untracked(&self) -> u64 {
+        self.untracked
     }
 
     pub fn config(&self) -> &StateConfig {
@@ -426,14 +450,19 @@ impl State {
         time < self.cutoff.max(self.cutoff_at(now))
     }
 
-    fn agent_bucket(&mut self, agent: &str, time: Micros, now: Micros) -> &mut AgentBucket {
+    /// The bucket of `agent` for `time`; `None` (counted) when the agent is not tracked.
+    fn agent_bucket(&mut self, agent: &str, time: Micros, now: Micros) -> Option<&mut AgentBucket> {
         // Look up first: no allocation for a known agent.
         if !self.agents.contains_key(agent) {
+            if agent.len() > MAX_AGENT_NAME_BYTES || self.agents.len() >= self.cfg.max_agents {
+                self.untracked += 1;
+                return None;
+            }
             self.agents.insert(agent.to_owned(), Agent::default());
         }
         let a = self.agents.get_mut(agent).expect("inserted above");
         a.last_seen = a.last_seen.max(time);
-        a.series.bucket(time, now)
+        Some(a.series.bucket(time, now))
     }
 
     /// Aggregates one event, unless it is older than the retention window at `now`.
@@ -443,29 +472,39 @@ impl State {
         }
         match event {
             Event::RoutingDecision(d) => {
-                let b = self.agent_bucket(d.selected_agent(), d.time, now);
-                b.requests = b.requests.saturating_add(1);
-                if let Some(ms) = duration_ms(d.routing_time_ms) {
-                    b.routing_time_sum = b.routing_time_sum.saturating_add(fixed(ms));
-                    b.routing_time_n = b.routing_time_n.saturating_add(1);
-                }
-                if let Some(c) = confidence(d.confidence_score) {
-                    b.confidence_sum = b.confidence_sum.saturating_add(fixed(c));
-                    b.confidence_n = b.confidence_n.saturating_add(1);
-                }
+                let tracked = match self.agent_bucket(d.selected_agent(), d.time, now) {
+                    Some(b) => {
+                        b.requests = b.requests.saturating_add(1);
+                        if let Some(ms) = duration_ms(d.routing_time_ms) {
+                            b.routing_time_sum = b.routing_time_sum.saturating_add(fixed(ms));
+                            b.routing_time_n = b.routing_time_n.saturating_add(1);
+                        }
+                        if let Some(c) = confidence(d.confidence_score) {
+                            b.confidence_sum = b.confidence_sum.saturating_add(fixed(c));
+                            b.confidence_n = b.confidence_n.saturating_add(1);
+                        }
+                        true
+                    }
+                    None => false,
+                };
                 self.decisions.insert(d);
-                Applied::Aggregated(Some(d.selected_agent()))
+                Applied::Aggregated(tracked.then(|| d.selected_agent()))
             }
             Event::AgentAction(a) => {
-                let b = self.agent_bucket(a.agent_name(), a.time, now);
-                b.actions = b.actions.saturating_add(1);
-                match a.action_type() {
-                    "success" => b.successes = b.successes.saturating_add(1),
-                    "error" => b.errors = b.errors.saturating_add(1),
-                    _ => {}
-                }
+                let tracked = match self.agent_bucket(a.agent_name(), a.time, now) {
+                    Some(b) => {
+                        b.actions = b.actions.saturating_add(1);
+                        match a.action_type() {
+                            "success" => b.successes = b.successes.saturating_add(1),
+                            "error" => b.errors = b.errors.saturating_add(1),
+                            _ => {}
+                        }
+                        true
+                    }
+                    None => false,
+                };
                 self.actions.insert(a);
-                Applied::Aggregated(Some(a.agent_name()))
+                Applied::Aggregated(tracked.then(|| a.agent_name()))
             }
             Event::Transformation(t) => {
                 self.transformations.insert(t);
@@ -977,6 +1016,63 @@ mod tests {
         assert_eq!(ids(&a), ids(&b));
         let ids = |s: &State| s.decisions().map(|x| x.id().to_owned()).collect::<Vec<_>>();
         assert_eq!(ids(&a), ids(&b));
+    }
+
+    /// Past `max_agents`, a new agent's events count and stay in the buffers but get no
+    /// metrics; so does an overlong name. A slot frees when an agent leaves the window.
+    #[test]
+    fn agents_beyond_the_limit_are_counted_not_tracked() {
+        let cfg = StateConfig {
+            retention: 2 * H,
+            max_agents: 2,
+            ..Default::default()
+        };
+        let mut s = State::new(cfg);
+        let long = "x".repeat(MAX_AGENT_NAME_BYTES + 1);
+        let events = [
+            action("1", "alpha", "success", NOW - 3 * H / 2),
+            action("2", "beta", "success", NOW - 60_000_000),
+            action("3", "gamma", "error", NOW - 50_000_000),
+            action("4", "alpha", "error", NOW - 40_000_000),
+            action("5", &long, "success", NOW - 30_000_000),
+        ];
+        let applied: Vec<Applied> = events.iter().map(|e| s.apply(e, NOW)).collect();
+        assert_eq!(
+            applied[2],
+            Applied::Aggregated(None),
+            "gamma: over the limit"
+        );
+        assert_eq!(
+            applied[3],
+            Applied::Aggregated(Some("alpha")),
+            "known agents go on"
+        );
+        assert_eq!(applied[4], Applied::Aggregated(None), "name too long");
+        assert_eq!(s.agent_events_untracked(), 2);
+        let names: Vec<String> = s
+            .agent_metrics(NOW, None, None)
+            .into_iter()
+            .map(|m| m.agent)
+            .collect();
+        assert_eq!(names, ["alpha", "beta"]);
+        assert_eq!(s.actions().count(), 5, "every action is kept in the buffer");
+
+        // An hour on, alpha's first action has left the window, but alpha and beta still
+        // have events in it: gamma still gets no slot...
+        s.prune(NOW + H);
+        assert_eq!(s.agent_count(), 2);
+        assert_eq!(
+            s.apply(&action("6", "gamma", "success", NOW + H), NOW + H),
+            Applied::Aggregated(None)
+        );
+        // ...until every event of alpha and beta has expired: then gamma gets a slot.
+        s.prune(NOW + 3 * H);
+        assert_eq!(s.agent_count(), 0);
+        assert_eq!(
+            s.apply(&action("7", "gamma", "success", NOW + 3 * H), NOW + 3 * H),
+            Applied::Aggregated(Some("gamma"))
+        );
+        assert_eq!(s.agent_events_untracked(), 3);
     }
 
     #[test]

@@ -280,3 +280,58 @@ async fn buffer_sizes_are_set_by_flags_and_keep_the_newest_events() {
         (n as u64, n as u64)
     );
 }
+
+/// `--max-agents`: past the limit, a new agent's events are counted (events_processed, the
+/// recent buffers) but get no agent metrics, and the status says how many; an agent name over
+/// 256 bytes likewise.
+#[tokio::test]
+async fn agents_beyond_max_agents_are_counted_not_tracked() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let svc = start_consumer(&brokers, &prefix, &["--max-agents", "2"])
+        .await
+        .unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let long = "n".repeat(257);
+    let agents = ["agent-a", "agent-b", "agent-c", "agent-a", long.as_str()];
+    for (i, agent) in agents.iter().enumerate() {
+        let v = json!({
+            "id": format!("a{i}"),
+            "agent_name": agent,
+            "action_type": "success",
+            "timestamp": isoformat(at(i as i64)),
+        });
+        p.send(
+            topics.name(Kind::AgentAction),
+            "k",
+            &serde_json::to_vec(&v).unwrap(),
+        )
+        .unwrap();
+    }
+    p.flush().unwrap();
+    let status = wait_status(&svc, WAIT, "all events", |s| s.events_processed == 5)
+        .await
+        .unwrap();
+    assert_eq!(status.agent_events_untracked, 2, "{status:?}");
+    assert_eq!(status.agents, 2, "{status:?}");
+    let mut c = client(&svc);
+    let metrics = c
+        .get_agent_metrics(pb::GetAgentMetricsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let names: Vec<(&str, u64)> = metrics
+        .iter()
+        .map(|m| (m.agent.as_str(), m.total_actions))
+        .collect();
+    assert_eq!(names, [("agent-a", 2), ("agent-b", 1)]);
+    let actions = c
+        .list_recent_actions(pb::ListRecentActionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert_eq!(actions.len(), 5, "every action is kept in the buffer");
+}

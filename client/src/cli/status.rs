@@ -66,7 +66,16 @@ pub fn render_consumer(s: &cpb::ConsumerStatus) -> String {
             "lag",
             format!("{lag} messages over {} partitions", s.partitions.len()),
         ),
-        ("agents", s.agents.to_string()),
+        (
+            "agents",
+            match s.agent_events_untracked {
+                0 => s.agents.to_string(),
+                n => format!(
+                    "{} ({n} events of agents past --max-agents not tracked)",
+                    s.agents
+                ),
+            },
+        ),
         ("sequence", s.last_sequence.to_string()),
         (
             "streams",
