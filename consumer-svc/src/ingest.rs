@@ -1336,11 +1336,13 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
     let untracked_before = state.agent_events_untracked();
     for (k, event) in events {
         match state.apply(&event, now) {
-            Applied::Aggregated(_) => {
+            Applied::Aggregated(agent) => {
+                // Only a tracked agent (within --max-agents) has metrics to push.
+                let tracked = agent.is_some();
                 consumed[k] += 1;
                 newest[k] = newest[k].max(event.time());
                 if cfg.publish {
-                    applied.push(event);
+                    applied.push((event, tracked));
                 }
             }
             Applied::Expired => expired[k] += 1,
@@ -1385,7 +1387,7 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
         {
             let mut set = sinks.dirty_agents.lock();
             let mut last: Option<&str> = None;
-            for e in &applied {
+            for (e, _) in applied.iter().filter(|(_, tracked)| *tracked) {
                 let agent = match e {
                     events::Event::RoutingDecision(d) => d.selected_agent(),
                     events::Event::AgentAction(a) => a.agent_name(),
@@ -1399,7 +1401,7 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
         }
         sinks
             .hub
-            .publish(applied.into_iter().map(UpdateKind::Event));
+            .publish(applied.into_iter().map(|(e, _)| UpdateKind::Event(e)));
     }
     drop(state);
 }

@@ -289,9 +289,18 @@ async fn agents_beyond_max_agents_are_counted_not_tracked() {
     let brokers = kafka_brokers();
     let prefix = unique_prefix();
     let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
-    let svc = start_consumer(&brokers, &prefix, &["--max-agents", "2"])
+    let svc = start_consumer(
+        &brokers,
+        &prefix,
+        &["--max-agents", "2", "--agent-metrics-interval", "50ms"],
+    )
+    .await
+    .unwrap();
+    let mut pushes = client(&svc)
+        .stream_agent_metrics(pb::StreamAgentMetricsRequest::default())
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
     let p = TestProducer::new(&brokers).unwrap();
     let long = "n".repeat(257);
     let agents = ["agent-a", "agent-b", "agent-c", "agent-a", long.as_str()];
@@ -334,4 +343,30 @@ async fn agents_beyond_max_agents_are_counted_not_tracked() {
         .into_inner()
         .actions;
     assert_eq!(actions.len(), 5, "every action is kept in the buffer");
+
+    // Metric pushes name the tracked agents only: read them until both have come, then for
+    // several more intervals.
+    let mut pushed = std::collections::BTreeSet::new();
+    let mut quiet_until = None;
+    loop {
+        let wait = match quiet_until {
+            Some(t) => t - tokio::time::Instant::now(),
+            None => WAIT,
+        };
+        match tokio::time::timeout(wait, pushes.message()).await {
+            Ok(push) => {
+                let push = push.unwrap().expect("the stream stays open");
+                pushed.extend(push.agents.into_iter().map(|m| m.agent));
+            }
+            Err(_) if quiet_until.is_some() => break,
+            Err(_) => panic!("no metric pushes for agent-a and agent-b: {pushed:?}"),
+        }
+        if quiet_until.is_none() && pushed.contains("agent-a") && pushed.contains("agent-b") {
+            quiet_until = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+        }
+    }
+    assert_eq!(
+        pushed.into_iter().collect::<Vec<_>>(),
+        ["agent-a", "agent-b"]
+    );
 }
