@@ -1408,6 +1408,7 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn warnings_step_by_powers_of_ten() {
@@ -1430,7 +1431,6 @@ mod tests {
             [true, false, true, false, true, false, false, false]
         );
     }
-    use super::*;
 
     #[test]
     fn a_seek_whose_offset_was_skipped_is_undone() {

@@ -155,15 +155,12 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     let ingest_result = tokio::task::spawn_blocking(move || ingest_thread.join()).await;
     tracing::info!("consumer-svc stopped");
     // Exit non-zero after a panic, so that a supervisor restarts the service (which replays).
-    let died = [
-        (!matches!(ingest_result, Ok(Ok(())))).then_some("the ingest thread"),
-        probe_result.is_err().then_some("the broker probe"),
-        live_result.is_err().then_some("the live-update publisher"),
-    ];
-    match died.into_iter().flatten().collect::<Vec<_>>() {
-        d if d.is_empty() => Ok(()),
-        d => Err(anyhow::anyhow!("{} panicked", d.join(" and "))),
-    }
+    svc_kit::shutdown::exit_after(&[
+        ("the ingest thread", !matches!(ingest_result, Ok(Ok(())))),
+        ("the broker probe", probe_result.is_err()),
+        ("the live-update publisher", live_result.is_err()),
+    ])
+    .map_err(anyhow::Error::msg)
 }
 
 /// Copies the ingest counters, partition positions and stream state into the metrics registry

@@ -472,37 +472,33 @@ impl State {
         }
         match event {
             Event::RoutingDecision(d) => {
-                let tracked = match self.agent_bucket(d.selected_agent(), d.time, now) {
-                    Some(b) => {
-                        b.requests = b.requests.saturating_add(1);
-                        if let Some(ms) = duration_ms(d.routing_time_ms) {
-                            b.routing_time_sum = b.routing_time_sum.saturating_add(fixed(ms));
-                            b.routing_time_n = b.routing_time_n.saturating_add(1);
-                        }
-                        if let Some(c) = confidence(d.confidence_score) {
-                            b.confidence_sum = b.confidence_sum.saturating_add(fixed(c));
-                            b.confidence_n = b.confidence_n.saturating_add(1);
-                        }
-                        true
+                let bucket = self.agent_bucket(d.selected_agent(), d.time, now);
+                let tracked = bucket.is_some();
+                if let Some(b) = bucket {
+                    b.requests = b.requests.saturating_add(1);
+                    if let Some(ms) = duration_ms(d.routing_time_ms) {
+                        b.routing_time_sum = b.routing_time_sum.saturating_add(fixed(ms));
+                        b.routing_time_n = b.routing_time_n.saturating_add(1);
                     }
-                    None => false,
-                };
+                    if let Some(c) = confidence(d.confidence_score) {
+                        b.confidence_sum = b.confidence_sum.saturating_add(fixed(c));
+                        b.confidence_n = b.confidence_n.saturating_add(1);
+                    }
+                }
                 self.decisions.insert(d);
                 Applied::Aggregated(tracked.then(|| d.selected_agent()))
             }
             Event::AgentAction(a) => {
-                let tracked = match self.agent_bucket(a.agent_name(), a.time, now) {
-                    Some(b) => {
-                        b.actions = b.actions.saturating_add(1);
-                        match a.action_type() {
-                            "success" => b.successes = b.successes.saturating_add(1),
-                            "error" => b.errors = b.errors.saturating_add(1),
-                            _ => {}
-                        }
-                        true
+                let bucket = self.agent_bucket(a.agent_name(), a.time, now);
+                let tracked = bucket.is_some();
+                if let Some(b) = bucket {
+                    b.actions = b.actions.saturating_add(1);
+                    match a.action_type() {
+                        "success" => b.successes = b.successes.saturating_add(1),
+                        "error" => b.errors = b.errors.saturating_add(1),
+                        _ => {}
                     }
-                    None => false,
-                };
+                }
                 self.actions.insert(a);
                 Applied::Aggregated(tracked.then(|| a.agent_name()))
             }

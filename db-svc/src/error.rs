@@ -297,14 +297,10 @@ pub async fn contain_panic<T>(
     what: &str,
     work: impl Future<Output = Result<T, DbError>>,
 ) -> Result<T, DbError> {
-    use futures::FutureExt;
-    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+    match svc_kit::panic::catch_panic(work).await {
         Ok(result) => result,
         Err(panic) => {
-            tracing::error!(
-                panic = %svc_kit::layer::panic_message(&*panic),
-                "{what} panicked; its caller gets INTERNAL"
-            );
+            tracing::error!(%panic, "{what} panicked; its caller gets INTERNAL");
             Err(DbError::Database(format!(
                 "{what} failed inside db-svc (an internal error, logged on the server); \
                  anything sent before this error is not the whole result"
@@ -315,6 +311,7 @@ pub async fn contain_panic<T>(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[tokio::test]
     async fn a_panic_becomes_an_internal_error_not_a_clean_end() {
@@ -333,7 +330,6 @@ mod tests {
         assert!(failed.to_string().contains("StreamQuery"), "{failed}");
         assert!(!failed.to_string().contains("a bug"), "{failed}");
     }
-    use super::*;
 
     #[test]
     fn status_carries_code_and_field_details() {

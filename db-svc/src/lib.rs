@@ -260,12 +260,9 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     }
     tracing::info!("db-svc stopped");
     // Exit non-zero after a panic, so that a supervisor restarts the service.
-    let died = [
-        worker_result.is_err().then_some("the event-bus worker"),
-        watcher_result.is_err().then_some("the database watcher"),
-    ];
-    match died.into_iter().flatten().collect::<Vec<_>>() {
-        d if d.is_empty() => Ok(()),
-        d => Err(anyhow::anyhow!("{} panicked", d.join(" and "))),
-    }
+    svc_kit::shutdown::exit_after(&[
+        ("the event-bus worker", worker_result.is_err()),
+        ("the database watcher", watcher_result.is_err()),
+    ])
+    .map_err(anyhow::Error::msg)
 }

@@ -12,7 +12,6 @@
 //!    INTERNAL, and the panic is logged, instead of resetting the stream with no status (which
 //!    clients report as CANCELLED or UNKNOWN). The server and every other call carry on.
 
-use std::any::Any;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -21,7 +20,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
-use futures::FutureExt;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tonic::{Code, Status};
@@ -29,6 +27,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::auth::{self, Decision, Scopes, Tokens};
+use crate::panic::{catch_panic, panic_message};
 
 /// Authentication settings: tokens and which RPCs are writes.
 #[derive(Clone, Debug)]
@@ -265,11 +264,10 @@ where
             async move {
                 let mut observation = observation;
                 // `call` itself inside the guarded future: its synchronous part may panic too.
-                let call = async move { inner.call(request).await };
-                let response = match AssertUnwindSafe(call).catch_unwind().await {
+                let response = match catch_panic(async move { inner.call(request).await }).await {
                     Ok(response) => response?,
-                    Err(panic) => {
-                        let status = panicked(&*panic, &path);
+                    Err(what) => {
+                        let status = panicked(&what, &path);
                         observation.finish(status.code());
                         return Ok(status.into_http::<Body>());
                     }
@@ -309,19 +307,9 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// The text a panic was raised with (`panic!("...")`), for the log.
-pub fn panic_message(payload: &(dyn Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_string())
-}
-
 /// The status a caller gets when its handler panicked. The panic's text goes to the log
 /// only: it may name internals, and the caller can do nothing with it.
-fn panicked(payload: &(dyn Any + Send), path: &str) -> Status {
-    let what = panic_message(payload);
+fn panicked(what: &str, path: &str) -> Status {
     tracing::error!(method = %path, panic = %what, "a handler panicked; the call fails with INTERNAL");
     Status::internal(
         "the server failed while handling this call (an internal error, logged on the server)",
@@ -346,7 +334,7 @@ impl HttpBody for ObservedBody {
                 Ok(poll) => ready!(poll),
                 Err(panic) => {
                     *this.panicked = true;
-                    let status = panicked(&*panic, this.path);
+                    let status = panicked(&panic_message(&*panic), this.path);
                     this.observation.finish(status.code());
                     // Headers may be out already: the status goes in the trailers.
                     let mut trailers = http::HeaderMap::new();

@@ -10,6 +10,7 @@ pub mod health;
 pub mod kafka;
 pub mod layer;
 pub mod metrics;
+pub mod panic;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

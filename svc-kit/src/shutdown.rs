@@ -68,6 +68,21 @@ pub async fn stop_on_panic<F: std::future::Future>(shutdown: Shutdown, work: F) 
     work.await
 }
 
+/// The process's result after its parts stopped: `Err` naming every part (`(name,
+/// panicked)`) that died of a panic, so that the process exits non-zero and its supervisor
+/// restarts it.
+pub fn exit_after(parts: &[(&str, bool)]) -> Result<(), String> {
+    let died: Vec<&str> = parts
+        .iter()
+        .filter(|(_, panicked)| *panicked)
+        .map(|(name, _)| *name)
+        .collect();
+    match died.is_empty() {
+        true => Ok(()),
+        false => Err(format!("{} panicked", died.join(" and "))),
+    }
+}
+
 #[cfg(unix)]
 async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
@@ -112,6 +127,15 @@ mod tests {
         let calm = Shutdown::new();
         assert_eq!(stop_on_panic(calm.clone(), async { 5 }).await, 5);
         assert!(!calm.is_triggered());
+    }
+
+    #[test]
+    fn the_exit_names_every_part_that_panicked() {
+        assert_eq!(exit_after(&[("a", false), ("b", false)]), Ok(()));
+        assert_eq!(
+            exit_after(&[("the probe", true), ("b", false), ("the worker", true)]),
+            Err("the probe and the worker panicked".to_string())
+        );
     }
 
     #[test]

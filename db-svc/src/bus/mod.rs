@@ -12,7 +12,6 @@
 pub mod commit;
 pub mod handler;
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -21,13 +20,13 @@ use bus_protocol::{
     BusRequest, Envelope, FailedPayload, Reply, Topics, codes, now_rfc3339, parse_request,
 };
 use clap::{ArgAction, Args};
-use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use svc_kit::Shutdown;
+use svc_kit::panic::catch_panic;
 use svc_kit::server::parse_duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -315,9 +314,7 @@ pub async fn run(
                 let (worker, done_tx) = (worker.clone(), done_tx.clone());
                 let received_in = generation;
                 tasks.spawn(async move {
-                    let processed = AssertUnwindSafe(process(&worker, message.key(), message.payload(), traceparent_header(&message), &origin))
-                        .catch_unwind()
-                        .await;
+                    let processed = catch_panic(process(&worker, message.key(), message.payload(), traceparent_header(&message), &origin)).await;
                     drop(permit);
                     // A panic outside the execution (parsing, encoding or sending the reply)
                     // has no reply to give: the request is committed unanswered (its caller
@@ -326,7 +323,7 @@ pub async fn run(
                     let delivered = processed.unwrap_or_else(|panic| {
                         tracing::error!(
                             topic = %origin.0, partition = origin.1, offset = origin.2,
-                            panic = %svc_kit::layer::panic_message(&*panic),
+                            %panic,
                             "bus request panicked outside its execution; left unanswered and committed"
                         );
                         true
@@ -506,7 +503,7 @@ async fn process(
             // INTERNAL_ERROR and its offset committed like any other, instead of the task dying
             // with the offset in flight, which would hold back every later commit of the
             // partition and leave the caller waiting for its timeout.
-            let executed = AssertUnwindSafe(async {
+            let executed = catch_panic(async {
                 if worker.failpoint == Some(Failpoint::Panic)
                     && request.correlation_id.starts_with(PANIC_IN_EXECUTE)
                 {
@@ -514,17 +511,13 @@ async fn process(
                 }
                 execute(worker, &request).await
             })
-            .catch_unwind()
             .instrument(span.clone())
             .await;
             let reply = match executed {
                 Ok(Some(reply)) => reply,
                 Ok(None) => return false,
                 Err(panic) => span.in_scope(|| {
-                    tracing::error!(
-                        panic = %svc_kit::layer::panic_message(&*panic),
-                        "bus request panicked; answered INTERNAL_ERROR"
-                    );
+                    tracing::error!(%panic, "bus request panicked; answered INTERNAL_ERROR");
                     Reply::Failed(FailedPayload::new(
                         codes::INTERNAL_ERROR,
                         "db-svc failed while executing this request (an internal error, logged \
