@@ -71,7 +71,7 @@ pub fn render_consumer(s: &cpb::ConsumerStatus) -> String {
             match s.agent_events_untracked {
                 0 => s.agents.to_string(),
                 n => format!(
-                    "{} ({n} events of agents past --max-agents not tracked)",
+                    "{} ({n} events of agents past --max-agents or with names over 256 bytes not tracked)",
                     s.agents
                 ),
             },
