@@ -10,9 +10,17 @@
 //! CROSS JOIN LATERAL (<the query, reading its filter values from k>) AS s
 //! ```
 //!
-//! with each filter parameter bound as one array holding every request's value. PostgreSQL runs
-//! it as a nested loop, the query once per request, in one round trip with one parse and one
-//! plan; each request gets the rows of its ordinal, in the query's own order.
+//! with each filter parameter bound as one array holding every request's value, and the rows
+//! ordered by `k.i`. PostgreSQL runs it as a nested loop, the query once per request, in one
+//! round trip with one parse and one plan; each request gets the rows of its ordinal, in the
+//! query's own order. (The function scan yields the ordinals in order, so the ORDER BY costs
+//! no sort; a test checks the plan.)
+//!
+//! Each request is answered as soon as its rows are complete, i.e. when the first row of a
+//! later ordinal arrives, not when the whole statement has finished: its reply is encoded
+//! and sent while PostgreSQL still runs the requests after it. Waiting for the whole batch
+//! made the requests move in waves (PostgreSQL busy while the service idled, then the
+//! reverse) that left part of the machine idle.
 //!
 //! No request sees older data than it would alone: a query only joins a batch that has not
 //! started, so the statement's snapshot is taken after every request in it arrived. If a
@@ -25,9 +33,11 @@
 //!
 //! `Count`s share statements the same way (their query is `SELECT count(*) ...`, one row each).
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use futures::TryStreamExt;
 use parking_lot::Mutex;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Arguments, PgPool, Row};
@@ -155,27 +165,25 @@ impl QueryCoalescer {
             return;
         }
         let plans: Vec<&Plan> = batch.iter().map(|w| &w.plan).collect();
-        let shared = match shared_statement(&plans, paging) {
-            Some((sql, args)) => run_shared(&self.pool, &sql, args, batch.len()).await,
+        let statement = shared_statement(&plans, paging);
+        let mut waiting: VecDeque<Waiter> = batch.into();
+        let shared = match statement {
+            Some((sql, args)) => run_shared(&self.pool, &sql, args, &mut waiting).await,
             // The requests disagree on a parameter's type (the catalog changed between them).
             None => Err(DbError::Database("parameters of different types".into())),
         };
         match shared {
-            Ok(parts) => {
-                for (waiter, rows) in batch.into_iter().zip(parts) {
-                    let _ = waiter.reply.send(Ok(FetchedRows::new(rows, 1)));
-                }
-            }
-            // Every query would fail alike. (A timeout is not such a failure: the statement
-            // timeout bounded the whole batch, while each query alone gets all of it.)
+            Ok(()) => {}
+            // Every query still waiting would fail alike. (A timeout is not such a failure: the
+            // statement timeout bounded the whole batch, while each query alone gets all of it.)
             Err(e @ DbError::Unavailable(_)) => {
-                for waiter in batch {
+                for waiter in waiting {
                     let _ = waiter.reply.send(Err(e.clone()));
                 }
             }
             Err(_) => {
-                // Each query alone, for its own outcome.
-                let reruns = batch.into_iter().filter(|w| !w.reply.is_closed()).map(
+                // Each query not yet answered alone, for its own outcome.
+                let reruns = waiting.into_iter().filter(|w| !w.reply.is_closed()).map(
                     |Waiter { plan, reply }| async move {
                         record_statement(1);
                         let _ = reply.send(alone(&self.pool, &plan).await);
@@ -211,17 +219,29 @@ async fn alone(pool: &PgPool, plan: &Plan) -> Result<FetchedRows, DbError> {
     Ok(FetchedRows::new(rows, 0))
 }
 
+/// Runs a shared statement for `waiting` (in ordinal order), answering each request as soon
+/// as its rows are complete. On an error, `waiting` holds the requests not answered yet.
 async fn run_shared(
     pool: &PgPool,
     sql: &str,
     args: PgArguments,
-    requests: usize,
-) -> Result<Vec<Vec<PgRow>>, DbError> {
-    let rows = sqlx::query_with(sql, args).fetch_all(pool).await?;
-    split_rows(rows, requests, |row| {
-        row.try_get::<i64, _>(0)
-            .map_err(|e| DbError::Database(format!("shared query ordinal: {e}")))
-    })
+    waiting: &mut VecDeque<Waiter>,
+) -> Result<(), DbError> {
+    let answer = |waiting: &mut VecDeque<Waiter>, rows: Vec<PgRow>| {
+        if let Some(w) = waiting.pop_front() {
+            let _ = w.reply.send(Ok(FetchedRows::new(rows, 1)));
+        }
+    };
+    let mut dealer = Dealer::new(waiting.len());
+    let mut rows = sqlx::query_with(sql, args).fetch(pool);
+    while let Some(row) = rows.try_next().await? {
+        let ordinal = row
+            .try_get::<i64, _>(0)
+            .map_err(|e| DbError::Database(format!("shared query ordinal: {e}")))?;
+        dealer.push(ordinal, row, |rows| answer(waiting, rows))?;
+    }
+    dealer.finish(|rows| answer(waiting, rows));
+    Ok(())
 }
 
 /// The shared statement of a batch of plans of one shape, with its arguments: one array per
@@ -266,29 +286,64 @@ pub fn shared_sql(plan: &Plan, per_request: usize) -> String {
         copied = span.end;
     }
     sql.push_str(&plan.sql[copied..]);
-    sql.push_str(") AS s");
+    sql.push_str(") AS s ORDER BY k.i");
     sql
 }
 
-/// Hands each of `requests` requests its rows, by the 1-based ordinal `ordinal` reads from a
-/// row, keeping the rows' order within each request.
-pub fn split_rows<T>(
-    rows: Vec<T>,
+/// Hands the rows of a shared statement for `requests` requests to them in request order, as
+/// the rows arrive: rows come ordered by their 1-based ordinal, so the first row of a later
+/// ordinal completes every request before it. An ordinal out of range, or lower than one
+/// already seen (which would mean an answer already given was incomplete), is an error.
+#[derive(Debug)]
+pub struct Dealer<T> {
     requests: usize,
-    ordinal: impl Fn(&T) -> Result<i64, DbError>,
-) -> Result<Vec<Vec<T>>, DbError> {
-    let mut parts: Vec<Vec<T>> = (0..requests).map(|_| Vec::new()).collect();
-    for row in rows {
-        let i = ordinal(&row)?;
-        let part = usize::try_from(i - 1)
-            .ok()
-            .and_then(|i| parts.get_mut(i))
-            .ok_or_else(|| {
-                DbError::Database(format!("shared query returned ordinal {i} of {requests}"))
-            })?;
-        part.push(row);
+    /// The 0-based index of the request whose rows are being collected.
+    current: usize,
+    rows: Vec<T>,
+}
+
+impl<T> Dealer<T> {
+    pub fn new(requests: usize) -> Self {
+        Self {
+            requests,
+            current: 0,
+            rows: Vec::new(),
+        }
     }
-    Ok(parts)
+
+    /// Takes the next row, of request `ordinal`; `done` gets the rows of each request this
+    /// row completes, in request order.
+    pub fn push(
+        &mut self,
+        ordinal: i64,
+        row: T,
+        mut done: impl FnMut(Vec<T>),
+    ) -> Result<(), DbError> {
+        let index = usize::try_from(ordinal - 1)
+            .ok()
+            .filter(|&i| i < self.requests && i >= self.current)
+            .ok_or_else(|| {
+                DbError::Database(format!(
+                    "shared query returned ordinal {ordinal} of {} after {}",
+                    self.requests,
+                    self.current + 1
+                ))
+            })?;
+        while self.current < index {
+            done(std::mem::take(&mut self.rows));
+            self.current += 1;
+        }
+        self.rows.push(row);
+        Ok(())
+    }
+
+    /// The rows have ended: `done` gets the rows of every request not completed yet.
+    pub fn finish(mut self, mut done: impl FnMut(Vec<T>)) {
+        while self.current < self.requests {
+            done(std::mem::take(&mut self.rows));
+            self.current += 1;
+        }
+    }
 }
 
 fn has_array_form(p: &Param) -> bool {
@@ -373,7 +428,7 @@ mod tests {
             ),
             "{sql}"
         );
-        assert!(sql.ends_with(" LIMIT $3 OFFSET $4) AS s"), "{sql}");
+        assert!(sql.ends_with(" LIMIT $3 OFFSET $4) AS s ORDER BY k.i"), "{sql}");
         assert!(sql.contains("\"agent_name\" = k.p") && sql.contains("\"duration_ms\" = k.p"));
         // Every placeholder of the plan was replaced or kept, none invented.
         for n in 1..=4 {
@@ -395,25 +450,53 @@ mod tests {
         assert_eq!(
             shared_sql(&p, 1),
             "SELECT k.i, s.* FROM unnest($1) WITH ORDINALITY AS k(p1, i) CROSS JOIN LATERAL \
-             (SELECT \"a$1\" FROM \"t\" WHERE \"a$1\" = k.p1 LIMIT $2) AS s"
+             (SELECT \"a$1\" FROM \"t\" WHERE \"a$1\" = k.p1 LIMIT $2) AS s ORDER BY k.i"
         );
     }
 
+    /// Marks the requests [`Dealer::finish`] answers.
+    const AT_END: usize = usize::MAX;
+
+    /// Deals `rows` to 3 requests, recording when each request is answered: the index of the
+    /// row that completed it, or `AT_END`.
+    fn deal(rows: &[(i64, char)]) -> Result<Vec<(usize, Vec<char>)>, DbError> {
+        let mut answered = Vec::new();
+        let mut dealer = Dealer::new(3);
+        for (n, &(ordinal, row)) in rows.iter().enumerate() {
+            dealer.push(ordinal, row, |rows| answered.push((n, rows)))?;
+        }
+        dealer.finish(|rows| answered.push((AT_END, rows)));
+        Ok(answered)
+    }
+
     #[test]
-    fn rows_go_back_to_their_request_in_order() {
-        let rows = vec![(1, 'a'), (3, 'x'), (1, 'b'), (3, 'y'), (3, 'z')];
-        let parts = split_rows(rows, 3, |r| Ok(r.0)).unwrap();
+    fn each_request_is_answered_as_soon_as_a_later_ordinal_arrives() {
+        let answered = deal(&[(1, 'a'), (1, 'b'), (3, 'x'), (3, 'y')]).unwrap();
         assert_eq!(
-            parts,
+            answered,
             vec![
-                vec![(1, 'a'), (1, 'b')],
-                vec![],
-                vec![(3, 'x'), (3, 'y'), (3, 'z')]
+                // The first row of ordinal 3 (the third row) completes requests 1 and 2.
+                (2, vec!['a', 'b']),
+                (2, vec![]),
+                // The last request at the end of the rows.
+                (AT_END, vec!['x', 'y']),
             ]
         );
-        for bad in [0, 4, -1] {
-            let err = split_rows(vec![(bad, 'q')], 3, |r| Ok(r.0)).unwrap_err();
-            assert!(err.to_string().contains("ordinal"), "{err}");
+        // No rows at all: every request answered empty at the end.
+        assert_eq!(deal(&[]).unwrap(), vec![(AT_END, vec![]); 3]);
+    }
+
+    #[test]
+    fn an_ordinal_out_of_range_or_going_back_is_an_error() {
+        for rows in [
+            &[(0, 'q')][..],
+            &[(4, 'q')],
+            &[(-1, 'q')],
+            &[(2, 'a'), (1, 'b')],
+            &[(1, 'a'), (3, 'b'), (2, 'c')],
+        ] {
+            let err = deal(rows).unwrap_err();
+            assert!(err.to_string().contains("ordinal"), "{rows:?}: {err}");
         }
     }
 

@@ -279,3 +279,51 @@ async fn identical_queries_without_filter_values_share_one_run() {
     })
     .await;
 }
+
+/// A shared statement's rows are ordered by request (`ORDER BY k.i`), so that each request can
+/// be answered as soon as a later one's rows begin; PostgreSQL must get that order from the
+/// function scan, without a sort above the join (a sort is not stable: it could reorder a
+/// request's own rows, and it would hold every row until the statement ends). The statements
+/// are those db-svc writes for these shapes (`shared_sql`'s unit tests pin the text).
+#[tokio::test]
+async fn shared_statements_are_ordered_by_request_without_a_sort() {
+    let (s, _metrics) = one_query_at_a_time().await;
+    let mut conn = s.sql().await;
+    sqlx::query("ANALYZE agent_actions")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let lateral = |inner: &str| {
+        format!(
+            "SELECT k.i, s.* FROM unnest($1) WITH ORDINALITY AS k(p1, i) \
+             CROSS JOIN LATERAL ({inner}) AS s ORDER BY k.i"
+        )
+    };
+    let shapes = [
+        "SELECT \"agent_name\", \"duration_ms\", \"id\" FROM \"agent_actions\" \
+         WHERE \"agent_name\" = k.p1 LIMIT $2 OFFSET $3",
+        "SELECT \"agent_name\", \"duration_ms\", \"id\" FROM \"agent_actions\" \
+         WHERE \"agent_name\" = k.p1 ORDER BY \"duration_ms\" DESC NULLS LAST, \"id\" ASC \
+         LIMIT $2 OFFSET $3",
+        "SELECT * FROM \"agent_actions\" WHERE \"agent_name\" = k.p1 \
+         ORDER BY \"created_at\" DESC LIMIT $2 OFFSET $3",
+        "SELECT count(*) FROM \"agent_actions\" WHERE \"agent_name\" = k.p1 LIMIT $2 OFFSET $3",
+    ];
+    let agents: Vec<String> = (0..16).map(|a| format!("agent-{a}")).collect();
+    for inner in shapes {
+        let sql = format!("EXPLAIN (FORMAT JSON) {}", lateral(inner));
+        let (plan,): (Json,) = sqlx::query_as(&sql)
+            .bind(&agents)
+            .bind(100i64)
+            .bind(0i64)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("{inner}: {e}"));
+        let root = &plan[0]["Plan"];
+        assert_eq!(root["Node Type"], "Nested Loop", "{inner}: {plan:#}");
+        assert_eq!(
+            root["Plans"][0]["Node Type"], "Function Scan",
+            "{inner}: {plan:#}"
+        );
+    }
+}
