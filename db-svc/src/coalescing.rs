@@ -168,6 +168,12 @@ pub trait Coalescer: Send + Sync + Sized + 'static {
         batch: Vec<Self::Waiter>,
     ) -> impl Future<Output = ()> + Send;
 
+    /// Answers a batch that will never run because db-svc is stopping (UNAVAILABLE: nothing
+    /// of it was run, another replica can take it). A batch that was running when it ended
+    /// without answering - it panicked - is not abandoned: its callers see their reply
+    /// channel closed, and answer for a failure inside db-svc.
+    fn abandon(&self, batch: Vec<Self::Waiter>);
+
     /// How many requests wait, over all lanes (for a gauge).
     fn report_waiting(&self, waiting: usize);
 }
@@ -212,16 +218,24 @@ impl<C: Coalescer> Drop for Slot<C> {
             next
         };
         let Some(batch) = next else { return };
-        // Outside a runtime (shutting down) the batch is dropped and its callers see
-        // UNAVAILABLE.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let slot = Slot {
-                coalescer: self.coalescer.clone(),
-                key: self.key.clone(),
-            };
-            // The slot moves into the task and passes on when the batch is done.
-            runtime.spawn(async move { slot.coalescer.run_batch(&slot.key, batch).await });
-        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Outside a runtime: db-svc is shutting down.
+            self.coalescer.abandon(batch);
+            return;
+        };
+        let slot = Slot {
+            coalescer: self.coalescer.clone(),
+            key: self.key.clone(),
+        };
+        // The slot moves into the task and passes on when the batch is done, or when it
+        // unwinds from a panic (logged here; the callers left unanswered see their reply
+        // channel closed).
+        runtime.spawn(async move {
+            let run = slot.coalescer.run_batch(&slot.key, batch);
+            if let Err(panic) = svc_kit::panic::catch_panic(run).await {
+                tracing::error!(%panic, "a shared statement panicked; its unanswered callers get INTERNAL");
+            }
+        });
     }
 }
 
@@ -229,7 +243,7 @@ impl<C: Coalescer> Drop for Slot<C> {
 mod tests {
     use super::*;
 
-    fn lanes(max_in_flight: usize) -> Lanes<&'static str, u32> {
+    fn lanes<W>(max_in_flight: usize) -> Lanes<&'static str, W> {
         Lanes::new(BatchLimits {
             max_in_flight,
             max_weight: 10,
@@ -240,7 +254,7 @@ mod tests {
 
     #[test]
     fn requests_run_at_once_until_the_lane_is_busy() {
-        let mut l = lanes(2);
+        let mut l = lanes::<u32>(2);
         assert!(l.try_start(&"t"));
         assert!(l.try_start(&"t"));
         assert!(!l.try_start(&"t"), "two running: the third waits");
@@ -264,6 +278,96 @@ mod tests {
         assert_eq!(l.waiting(), 0);
         assert_eq!(l.finish(&"t"), None, "nothing waits: the slot is freed");
         assert!(l.try_start(&"t"), "and taken again at once");
+    }
+
+    type Reply = tokio::sync::oneshot::Sender<Result<u32, &'static str>>;
+
+    /// Answers each request with its number, panics on a batch holding 13, and abandons with
+    /// "stopping".
+    struct Echo {
+        lanes: Mutex<Lanes<&'static str, (u32, Reply)>>,
+    }
+
+    impl Coalescer for Echo {
+        type Key = &'static str;
+        type Waiter = (u32, Reply);
+
+        fn lanes(&self) -> &Mutex<Lanes<&'static str, (u32, Reply)>> {
+            &self.lanes
+        }
+
+        async fn run_batch(&self, _: &&'static str, batch: Vec<(u32, Reply)>) {
+            if batch.iter().any(|(n, _)| *n == 13) {
+                panic!("unlucky");
+            }
+            for (n, reply) in batch {
+                let _ = reply.send(Ok(n));
+            }
+        }
+
+        fn abandon(&self, batch: Vec<(u32, Reply)>) {
+            for (_, reply) in batch {
+                let _ = reply.send(Err("stopping"));
+            }
+        }
+
+        fn report_waiting(&self, _: usize) {}
+    }
+
+    fn echo() -> Arc<Echo> {
+        Arc::new(Echo {
+            lanes: Mutex::new(lanes(1)),
+        })
+    }
+
+    /// Admits request `n`: the slot when it is free, else the receiver of its answer.
+    fn enter(
+        c: &Arc<Echo>,
+        n: u32,
+    ) -> Result<Slot<Echo>, tokio::sync::oneshot::Receiver<Result<u32, &'static str>>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        match admit(c, "t", n, 1, |n| (n, reply)) {
+            Some((slot, _)) => Ok(slot),
+            None => Err(answer),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_panics_leaves_its_callers_a_closed_channel_and_frees_its_slot() {
+        let c = echo();
+        let Ok(slot) = enter(&c, 1) else {
+            panic!("a free slot")
+        };
+        let (Err(unlucky), Err(other)) = (enter(&c, 13), enter(&c, 2)) else {
+            panic!("the slot is taken")
+        };
+        drop(slot);
+        // The batch [13, 2] panicked: neither was answered; nothing else was brought down.
+        assert!(unlucky.await.is_err());
+        assert!(other.await.is_err());
+        // Its slot passed on: the lane is free again.
+        let Ok(_slot) = enter(&c, 3) else {
+            panic!("the panicked batch's slot was freed")
+        };
+        let Err(after) = enter(&c, 4) else {
+            panic!("the slot is taken")
+        };
+        drop(_slot);
+        assert_eq!(after.await, Ok(Ok(4)));
+    }
+
+    #[test]
+    fn a_batch_that_cannot_run_because_db_svc_stops_is_abandoned_with_an_answer() {
+        // No runtime here, as when db-svc's runtime is shutting down.
+        let c = echo();
+        let Ok(slot) = enter(&c, 1) else {
+            panic!("a free slot")
+        };
+        let Err(mut waiting) = enter(&c, 2) else {
+            panic!("the slot is taken")
+        };
+        drop(slot);
+        assert_eq!(waiting.try_recv(), Ok(Err("stopping")));
     }
 
     #[test]

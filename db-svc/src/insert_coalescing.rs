@@ -89,13 +89,15 @@ impl InsertCoalescer {
                 record_statement(1);
                 run(&self.pool, &table, [values], count_only).await
             }
-            // The batch's task ended without answering: db-svc is stopping (the batch never
-            // ran) or the task failed, possibly after the statement committed. Not UNAVAILABLE,
-            // which invites a retry that could write the row twice.
+            // The batch's task ended without answering: it panicked (logged where it ran),
+            // possibly after the statement committed. Not UNAVAILABLE, which invites a retry
+            // that could write the row twice. (A batch that never ran because db-svc is
+            // stopping is answered UNAVAILABLE by `abandon`.)
             None => receiver.await.unwrap_or_else(|_| {
                 Err(DbError::Database(
-                    "the shared insert ended without reporting this insert's outcome (db-svc \
-                     is stopping, or failed); the row may have been written"
+                    "the shared insert failed inside db-svc without reporting this insert's \
+                     outcome (an internal error, logged on the server); the row may have been \
+                     written"
                         .into(),
                 ))
             }),
@@ -241,6 +243,14 @@ impl Coalescer for InsertCoalescer {
 
     async fn run_batch(&self, key: &LaneKey, batch: Vec<Waiter>) {
         self.share(batch, key.count_only).await
+    }
+
+    fn abandon(&self, batch: Vec<Waiter>) {
+        for waiter in batch {
+            let _ = waiter.reply.send(Err(DbError::Unavailable(
+                "db-svc is stopping; the insert did not run and nothing was written".into(),
+            )));
+        }
     }
 
     fn report_waiting(&self, waiting: usize) {

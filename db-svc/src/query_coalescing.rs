@@ -140,9 +140,13 @@ impl QueryCoalescer {
                 record_statement(1);
                 alone(&self.pool, &plan).await
             }
+            // The batch ended without answering: it panicked (logged where it ran). A stopping
+            // db-svc answers UNAVAILABLE instead (`abandon`).
             None => receiver.await.unwrap_or_else(|_| {
-                Err(DbError::Unavailable(
-                    "db-svc stopped before the query ran".into(),
+                Err(DbError::Database(
+                    "the shared statement of this query failed inside db-svc (an internal \
+                     error, logged on the server)"
+                        .into(),
                 ))
             }),
         }
@@ -205,6 +209,14 @@ impl Coalescer for QueryCoalescer {
 
     async fn run_batch(&self, key: &LaneKey, batch: Vec<Waiter>) {
         self.share(batch, key.paging.len()).await
+    }
+
+    fn abandon(&self, batch: Vec<Waiter>) {
+        for waiter in batch {
+            let _ = waiter.reply.send(Err(DbError::Unavailable(
+                "db-svc is stopping; the query did not run".into(),
+            )));
+        }
     }
 
     fn report_waiting(&self, waiting: usize) {
@@ -428,7 +440,10 @@ mod tests {
             ),
             "{sql}"
         );
-        assert!(sql.ends_with(" LIMIT $3 OFFSET $4) AS s ORDER BY k.i"), "{sql}");
+        assert!(
+            sql.ends_with(" LIMIT $3 OFFSET $4) AS s ORDER BY k.i"),
+            "{sql}"
+        );
         assert!(sql.contains("\"agent_name\" = k.p") && sql.contains("\"duration_ms\" = k.p"));
         // Every placeholder of the plan was replaced or kept, none invented.
         for n in 1..=4 {
