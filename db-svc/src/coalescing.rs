@@ -218,24 +218,48 @@ impl<C: Coalescer> Drop for Slot<C> {
             next
         };
         let Some(batch) = next else { return };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let unstarted = Unstarted {
+            slot: Slot {
+                coalescer: self.coalescer.clone(),
+                key: self.key.clone(),
+            },
+            batch: Some(batch),
+        };
+        match tokio::runtime::Handle::try_current() {
+            // The slot moves into the task and passes on when the batch is done.
+            Ok(runtime) => drop(runtime.spawn(unstarted.run())),
             // Outside a runtime: db-svc is shutting down.
-            self.coalescer.abandon(batch);
-            return;
-        };
-        let slot = Slot {
-            coalescer: self.coalescer.clone(),
-            key: self.key.clone(),
-        };
-        // The slot moves into the task and passes on when the batch is done, or when it
-        // unwinds from a panic (logged here; the callers left unanswered see their reply
-        // channel closed).
-        runtime.spawn(async move {
-            let run = slot.coalescer.run_batch(&slot.key, batch);
-            if let Err(panic) = svc_kit::panic::catch_panic(run).await {
-                tracing::error!(%panic, "a shared statement panicked; its unanswered callers get INTERNAL");
-            }
-        });
+            Err(_) => drop(unstarted),
+        }
+    }
+}
+
+/// A batch that took over a slot, on its way to the task that runs it. Dropped before that
+/// task started it - db-svc is stopping, and its runtime drops new tasks unpolled - it
+/// answers its callers with [`Coalescer::abandon`], and its slot passes on to the lane's next
+/// waiting batch, which goes the same way.
+struct Unstarted<C: Coalescer> {
+    slot: Slot<C>,
+    batch: Option<Vec<C::Waiter>>,
+}
+
+impl<C: Coalescer> Unstarted<C> {
+    async fn run(mut self) {
+        let batch = self.batch.take().unwrap_or_default();
+        let run = self.slot.coalescer.run_batch(&self.slot.key, batch);
+        // A panic leaves the callers it had not answered with a closed reply channel, which
+        // they answer for as a failure inside db-svc.
+        if let Err(panic) = svc_kit::panic::catch_panic(run).await {
+            tracing::error!(%panic, "a shared statement panicked; its unanswered callers get INTERNAL");
+        }
+    }
+}
+
+impl<C: Coalescer> Drop for Unstarted<C> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            self.slot.coalescer.abandon(batch);
+        }
     }
 }
 
@@ -332,6 +356,8 @@ mod tests {
         }
     }
 
+    /// A regression guard for the contract the callers rely on: a batch that panics leaves
+    /// the callers it had not answered a closed reply channel, and its slot passes on.
     #[tokio::test]
     async fn a_batch_that_panics_leaves_its_callers_a_closed_channel_and_frees_its_slot() {
         let c = echo();
@@ -357,17 +383,45 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_that_cannot_run_because_db_svc_stops_is_abandoned_with_an_answer() {
-        // No runtime here, as when db-svc's runtime is shutting down.
+    fn every_batch_that_cannot_run_because_db_svc_stops_is_abandoned_with_an_answer() {
+        // No runtime here, as when db-svc's runtime has shut down.
         let c = echo();
         let Ok(slot) = enter(&c, 1) else {
             panic!("a free slot")
         };
-        let Err(mut waiting) = enter(&c, 2) else {
-            panic!("the slot is taken")
-        };
+        // Two waiting batches: [2, 3, 4] (3 requests at most) and [5].
+        let mut waiting: Vec<_> = (2..=5).filter_map(|n| enter(&c, n).err()).collect();
+        assert_eq!(waiting.len(), 4);
         drop(slot);
-        assert_eq!(waiting.try_recv(), Ok(Err("stopping")));
+        for w in &mut waiting {
+            assert_eq!(w.try_recv(), Ok(Err("stopping")));
+        }
+        assert!(
+            c.lanes.lock().lanes.is_empty(),
+            "the lane is free, not stuck"
+        );
+        // And in a runtime that stops before the batch's task ever ran.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let mut unrun = {
+            let _in_runtime = runtime.enter();
+            let Ok(slot) = enter(&c, 6) else {
+                panic!("a free slot")
+            };
+            let Err(waiting) = enter(&c, 7) else {
+                panic!("the slot is taken")
+            };
+            // Spawns the batch's task, which this runtime never polls.
+            drop(slot);
+            waiting
+        };
+        drop(runtime);
+        assert_eq!(unrun.try_recv(), Ok(Err("stopping")));
+        assert!(
+            c.lanes.lock().lanes.is_empty(),
+            "the lane is free, not stuck"
+        );
     }
 
     #[test]

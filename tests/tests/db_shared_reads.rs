@@ -284,7 +284,9 @@ async fn identical_queries_without_filter_values_share_one_run() {
 /// be answered as soon as a later one's rows begin; PostgreSQL must get that order from the
 /// function scan, without a sort above the join (a sort is not stable: it could reorder a
 /// request's own rows, and it would hold every row until the statement ends). The statements
-/// are those db-svc writes for these shapes (`shared_sql`'s unit tests pin the text).
+/// have the form db-svc writes for these shapes (`shared_sql`'s and the planner's unit tests
+/// pin the text), and are checked with the values bound (a custom plan) and as a prepared
+/// statement's generic plan, which PostgreSQL switches to after a few runs.
 #[tokio::test]
 async fn shared_statements_are_ordered_by_request_without_a_sort() {
     let (s, _metrics) = one_query_at_a_time().await;
@@ -293,37 +295,83 @@ async fn shared_statements_are_ordered_by_request_without_a_sort() {
         .execute(&mut conn)
         .await
         .unwrap();
-    let lateral = |inner: &str| {
-        format!(
-            "SELECT k.i, s.* FROM unnest($1) WITH ORDINALITY AS k(p1, i) \
-             CROSS JOIN LATERAL ({inner}) AS s ORDER BY k.i"
-        )
-    };
-    let shapes = [
-        "SELECT \"agent_name\", \"duration_ms\", \"id\" FROM \"agent_actions\" \
-         WHERE \"agent_name\" = k.p1 LIMIT $2 OFFSET $3",
-        "SELECT \"agent_name\", \"duration_ms\", \"id\" FROM \"agent_actions\" \
-         WHERE \"agent_name\" = k.p1 ORDER BY \"duration_ms\" DESC NULLS LAST, \"id\" ASC \
-         LIMIT $2 OFFSET $3",
-        "SELECT * FROM \"agent_actions\" WHERE \"agent_name\" = k.p1 \
-         ORDER BY \"created_at\" DESC LIMIT $2 OFFSET $3",
-        "SELECT count(*) FROM \"agent_actions\" WHERE \"agent_name\" = k.p1 LIMIT $2 OFFSET $3",
+    // (the query reading its filter value from k, its paging values as $2, $3)
+    let shapes: [(&str, &[i64]); 4] = [
+        (
+            "SELECT \"agent_name\", \"duration_ms\", \"id\" FROM \"agent_actions\" \
+             WHERE \"agent_name\" = k.p1 LIMIT $2",
+            &[100],
+        ),
+        (
+            "SELECT \"agent_name\", \"duration_ms\", \"id\" FROM \"agent_actions\" \
+             WHERE \"agent_name\" = k.p1 ORDER BY \"duration_ms\" DESC NULLS LAST, \"id\" ASC \
+             LIMIT $2 OFFSET $3",
+            &[100, 1],
+        ),
+        (
+            "SELECT \"id\", \"agent_name\", \"created_at\" FROM \"agent_actions\" \
+             WHERE \"agent_name\" = k.p1 ORDER BY \"created_at\" DESC NULLS LAST, \"id\" ASC \
+             LIMIT $2",
+            &[100],
+        ),
+        (
+            "SELECT count(*) FROM \"agent_actions\" WHERE \"agent_name\" = k.p1",
+            &[],
+        ),
     ];
     let agents: Vec<String> = (0..16).map(|a| format!("agent-{a}")).collect();
-    for inner in shapes {
-        let sql = format!("EXPLAIN (FORMAT JSON) {}", lateral(inner));
-        let (plan,): (Json,) = sqlx::query_as(&sql)
-            .bind(&agents)
-            .bind(100i64)
-            .bind(0i64)
+    let check = |inner: &str, how: &str, plan: &Json| {
+        let root = &plan[0]["Plan"];
+        assert_eq!(root["Node Type"], "Nested Loop", "{how} {inner}: {plan:#}");
+        assert_eq!(
+            root["Plans"][0]["Node Type"], "Function Scan",
+            "{how} {inner}: {plan:#}"
+        );
+    };
+    for (n, (inner, paging)) in shapes.into_iter().enumerate() {
+        let shared = format!(
+            "SELECT k.i, s.* FROM unnest($1) WITH ORDINALITY AS k(p1, i) \
+             CROSS JOIN LATERAL ({inner}) AS s ORDER BY k.i"
+        );
+        let explain = format!("EXPLAIN (FORMAT JSON) {shared}");
+        let mut custom = sqlx::query_as::<_, (Json,)>(&explain).bind(&agents);
+        for p in paging {
+            custom = custom.bind(p);
+        }
+        let (plan,) = custom
             .fetch_one(&mut conn)
             .await
             .unwrap_or_else(|e| panic!("{inner}: {e}"));
-        let root = &plan[0]["Plan"];
-        assert_eq!(root["Node Type"], "Nested Loop", "{inner}: {plan:#}");
-        assert_eq!(
-            root["Plans"][0]["Node Type"], "Function Scan",
-            "{inner}: {plan:#}"
-        );
+        check(inner, "custom plan", &plan);
+
+        let types: Vec<&str> = std::iter::once("text[]")
+            .chain(paging.iter().map(|_| "int8"))
+            .collect();
+        sqlx::raw_sql(&format!(
+            "PREPARE shared_{n}({}) AS {shared}",
+            types.join(", ")
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{inner}: {e}"));
+        let args: Vec<String> = std::iter::once(format!("'{{{}}}'", agents.join(",")))
+            .chain(paging.iter().map(|p| p.to_string()))
+            .collect();
+        sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let (plan,): (Json,) = sqlx::query_as(&format!(
+            "EXPLAIN (FORMAT JSON) EXECUTE shared_{n}({})",
+            args.join(", ")
+        ))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{inner}: {e}"));
+        check(inner, "generic plan", &plan);
+        sqlx::raw_sql("RESET plan_cache_mode")
+            .execute(&mut conn)
+            .await
+            .unwrap();
     }
 }
