@@ -92,14 +92,16 @@ async fn queries_that_arrive_while_one_runs_share_a_statement_and_get_their_own_
     let first = spawn_query(&s, slowest("agent-0"));
     lock.wait_blocked(&s, 1).await;
     // The shape's one statement is stuck: these wait in db-svc, then share one statement.
-    // Agent 3 twice, and one agent without rows.
-    let agents: Vec<String> = (0..AGENTS)
+    // Agent 3 twice, and agents without rows among the others (their requests are answered
+    // empty when a later request's rows arrive) and last.
+    let mut agents: Vec<String> = (0..AGENTS)
         .map(|a| format!("agent-{a}"))
         .chain(["agent-3".into(), "nobody".into()])
         .collect();
+    agents.insert(4, "no-one".into());
     let shared: Vec<_> = agents.iter().map(|a| spawn_query(&s, slowest(a))).collect();
-    wait_metrics(&metrics, "twelve queries waiting", |m| {
-        sample(m, "db_query_requests_waiting", &[]) == Some(12.0)
+    wait_metrics(&metrics, "thirteen queries waiting", |m| {
+        sample(m, "db_query_requests_waiting", &[]) == Some(13.0)
     })
     .await;
     lock.release().await;
@@ -108,7 +110,7 @@ async fn queries_that_arrive_while_one_runs_share_a_statement_and_get_their_own_
     for (agent, task) in agents.iter().zip(shared) {
         let rows = task.await.unwrap();
         assert_eq!(rows, expected(&s, Some(agent)).await, "{agent}");
-        let want = if agent == "nobody" {
+        let want = if agent.starts_with("no") {
             0
         } else {
             2 + agent[6..].parse::<usize>().unwrap() % 5
@@ -116,7 +118,7 @@ async fn queries_that_arrive_while_one_runs_share_a_statement_and_get_their_own_
         assert_eq!(rows.len(), want.min(3), "{agent}");
     }
     let body = wait_metrics(&metrics, "two statements", |m| {
-        requests_per_statement(m) == (2.0, 13.0)
+        requests_per_statement(m) == (2.0, 14.0)
     })
     .await;
     assert!(body.contains("db_query_requests_waiting 0"), "{body}");
