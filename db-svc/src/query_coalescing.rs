@@ -19,16 +19,17 @@
 //! Each request is answered as soon as its rows are complete, i.e. when the first row of a
 //! later ordinal reaches db-svc, not when the whole statement has finished: its reply is
 //! encoded and sent while PostgreSQL still runs the requests after it. (PostgreSQL sends rows
-//! in chunks of about 8 KiB, so small results, counts among them, still arrive together.) Waiting for the whole batch
-//! made the requests move in waves (PostgreSQL busy while the service idled, then the
-//! reverse) that left part of the machine idle.
+//! in chunks of about 8 KiB, so small results, counts among them, still arrive together.)
+//! Waiting for the whole batch made the requests move in waves (PostgreSQL busy while the
+//! service idled, then the reverse) that left part of the machine idle.
 //!
 //! No request sees older data than it would alone: a query only joins a batch that has not
 //! started, so the statement's snapshot is taken after every request in it arrived. If a
 //! shared statement fails with anything but an unreachable database (including the statement
 //! timeout, which bounded the whole batch), its queries not answered yet run again one by one,
-//! so each gets its own answer (on a newer snapshot; those answered keep the shared one). Queries without filter values are identical within a lane: a waiting batch
-//! of them runs the query once and every request gets that result. Queries with a deadline of
+//! so each gets its own answer (on a newer snapshot; those answered keep the shared one).
+//! Queries without filter values are identical within a lane: a waiting batch of them runs
+//! the query once and every request gets that result. Queries with a deadline of
 //! their own or an exact total (each needs its own transaction), with a value that has no
 //! array form here (json, NULL) or asking for more than 1,000 rows run alone.
 //!
@@ -342,17 +343,20 @@ impl<T> Dealer<T> {
                     self.current + 1
                 ))
             })?;
-        while self.current < index {
-            done(std::mem::take(&mut self.rows));
-            self.current += 1;
-        }
+        self.complete_before(index, &mut done);
         self.rows.push(row);
         Ok(())
     }
 
     /// The rows have ended: `done` gets the rows of every request not completed yet.
     pub fn finish(mut self, mut done: impl FnMut(Vec<T>)) {
-        while self.current < self.requests {
+        self.complete_before(self.requests, &mut done);
+    }
+
+    /// Completes every request before index `end`: the one collecting gets its rows, those
+    /// after it none.
+    fn complete_before(&mut self, end: usize, done: &mut impl FnMut(Vec<T>)) {
+        while self.current < end {
             done(std::mem::take(&mut self.rows));
             self.current += 1;
         }
