@@ -37,10 +37,15 @@ impl DatabaseApi {
     }
 }
 
-/// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), the caller's deadline.
+/// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), the caller's deadline. A
+/// value the gRPC spec does not allow (more than 8 digits, a sign, another unit) is no
+/// deadline, as tonic's own timeout layer treats it.
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -485,8 +490,39 @@ mod tests {
         assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(250)));
         m.insert("grpc-timeout", "3S".parse().unwrap());
         assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(3)));
-        m.insert("grpc-timeout", "x".parse().unwrap());
-        assert_eq!(grpc_timeout(&m), None);
+        m.insert("grpc-timeout", "99999999H".parse().unwrap());
+        assert_eq!(
+            grpc_timeout(&m),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        for bad in [
+            "x",
+            "S",
+            "+5S",
+            "-5S",
+            "5s",
+            "123456789m",
+            "9999999999999999H",
+        ] {
+            m.insert("grpc-timeout", bad.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_longest_deadline_a_caller_can_send_does_not_overflow() {
+        let longest = Duration::from_secs(99_999_999 * 3600);
+        let ctx = ExecContext::within(Some(longest), None);
+        assert!(
+            ctx.time_left()
+                .is_some_and(|left| left > Duration::from_secs(3600))
+        );
+        // Beyond what an Instant can hold: no deadline rather than a panic.
+        assert!(
+            ExecContext::within(Some(Duration::MAX), None)
+                .deadline
+                .is_none()
+        );
     }
 
     #[test]

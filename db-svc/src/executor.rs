@@ -56,10 +56,11 @@ pub struct ExecContext {
 }
 
 impl ExecContext {
-    /// A context whose deadline is `timeout` from now.
+    /// A context whose deadline is `timeout` from now (none if that is past what an
+    /// `Instant` can hold).
     pub fn within(timeout: Option<Duration>, request_id: Option<String>) -> Self {
         Self {
-            deadline: timeout.map(|t| Instant::now() + t),
+            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
             request_id,
         }
     }

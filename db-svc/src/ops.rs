@@ -239,7 +239,7 @@ impl From<RecordedOutput> for OpOutput {
             rows: r
                 .rows
                 .into_iter()
-                .map(crate::values::json_into_struct)
+                .map(crate::values::recorded_into_struct)
                 .collect(),
             affected: r.affected,
             total: r.total,

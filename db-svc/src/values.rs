@@ -1073,33 +1073,32 @@ pub fn json_to_proto(value: &Json) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-/// JSON -> google.protobuf.Value, consuming the JSON (no string copies).
-pub fn json_into_proto(value: Json) -> prost_types::Value {
+/// A recorded result back into the `Value` it was recorded from (see `ops::RecordedOutput`),
+/// consuming the JSON (no string copies). Every number in a recorded result was a
+/// `NumberValue` (a bigint beyond a double's exact range was already text), so every number
+/// is one again, whatever its size: jsonb prints the double 1e16 as the integer
+/// 10000000000000000, which must not come back as a bigint's decimal text.
+pub fn recorded_into_proto(value: Json) -> prost_types::Value {
     use prost_types::value::Kind;
     let kind = match value {
         Json::Null => Kind::NullValue(0),
         Json::Bool(b) => Kind::BoolValue(b),
-        // Integers as the row decoders give them (beyond a double's exact range: text).
-        Json::Number(n) => match (n.as_i64(), n.as_u64()) {
-            (Some(i), _) => return Cell::bigint(i).into_value(),
-            (None, Some(u)) => return Cell::json_u64(u).into_value(),
-            _ => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
-        },
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
         Json::String(s) => Kind::StringValue(s),
         Json::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(json_into_proto).collect(),
+            values: a.into_iter().map(recorded_into_proto).collect(),
         }),
-        Json::Object(o) => Kind::StructValue(json_into_struct(o)),
+        Json::Object(o) => Kind::StructValue(recorded_into_struct(o)),
     };
     prost_types::Value { kind: Some(kind) }
 }
 
-/// JSON object -> google.protobuf.Struct, consuming the object.
-pub fn json_into_struct(map: Map<String, Json>) -> prost_types::Struct {
+/// [`recorded_into_proto`] for a recorded row.
+pub fn recorded_into_struct(map: Map<String, Json>) -> prost_types::Struct {
     prost_types::Struct {
         fields: map
             .into_iter()
-            .map(|(k, v)| (k, json_into_proto(v)))
+            .map(|(k, v)| (k, recorded_into_proto(v)))
             .collect(),
     }
 }
@@ -1406,7 +1405,7 @@ mod tests {
         let doc = r#"{"a": 1, "b": [true, null, "x"], "c": {"d": 1.5}, "a": 2}"#;
         let ProtoValue(v) = serde_json::from_str(doc).unwrap();
         // Same result as through serde_json (a repeated key keeps its last value).
-        let via_json = json_into_proto(serde_json::from_str(doc).unwrap());
+        let via_json = json_to_proto(&serde_json::from_str(doc).unwrap());
         assert_eq!(v, via_json);
         assert_eq!(
             proto_to_json(&v),
@@ -1415,10 +1414,65 @@ mod tests {
         // Beyond a double's exact range: the decimal text, on both paths.
         let ProtoValue(big) = serde_json::from_str("18446744073709551615").unwrap();
         assert_eq!(big, Cell::Text("18446744073709551615".into()).into_value());
+    }
+
+    #[test]
+    fn a_recorded_result_reads_back_as_the_values_it_was_recorded_from() {
+        use prost_types::value::Kind;
+        let number = |f: f64| prost_types::Value {
+            kind: Some(Kind::NumberValue(f)),
+        };
+        let text = |s: &str| prost_types::Value {
+            kind: Some(Kind::StringValue(s.into())),
+        };
+        let row = prost_types::Struct {
+            fields: [
+                ("small", number(-3.0)),
+                ("half", number(1.5)),
+                ("past_exact", number(1e16)),
+                ("huge", number(1e300)),
+                ("big_id", text("9007199254740993")),
+                (
+                    "doc",
+                    prost_types::Value {
+                        kind: Some(Kind::ListValue(prost_types::ListValue {
+                            values: vec![number(2f64.powi(60)), text("x")],
+                        })),
+                    },
+                ),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        };
+        // Recorded as JSON and stored as jsonb, which prints every number as a decimal: the
+        // double 1e16 comes back as the integer 10000000000000000.
+        fn as_jsonb_prints(v: Json) -> Json {
+            match v {
+                Json::Number(n) => match n.as_f64() {
+                    Some(f) if f.fract() == 0.0 && f.abs() < 1.8e19 => {
+                        serde_json::from_str(&format!("{f:.0}")).unwrap()
+                    }
+                    _ => Json::Number(n),
+                },
+                Json::Array(a) => Json::Array(a.into_iter().map(as_jsonb_prints).collect()),
+                Json::Object(o) => Json::Object(
+                    o.into_iter()
+                        .map(|(k, v)| (k, as_jsonb_prints(v)))
+                        .collect(),
+                ),
+                other => other,
+            }
+        }
+        let recorded = as_jsonb_prints(Json::Object(struct_to_json(&row)));
         assert_eq!(
-            json_into_proto(serde_json::from_str("18446744073709551615").unwrap()),
-            big
+            recorded["past_exact"].as_u64(),
+            Some(10_000_000_000_000_000)
         );
+        let Json::Object(back) = recorded else {
+            unreachable!()
+        };
+        assert_eq!(recorded_into_struct(back), row);
     }
 
     #[test]

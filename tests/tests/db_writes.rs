@@ -612,6 +612,46 @@ async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
 /// on one of its partitions - never share a statement (their RETURNING rows could not be
 /// matched to requests): concurrent inserts, held back by a lock so that they queue, each
 /// get exactly their own outcome.
+/// A replay answers with the very values of the first answer, numbers included: the recorded
+/// result is jsonb, which prints the double 1e16 as the integer 10000000000000000, and that
+/// must come back as the number it was, not as a bigint's decimal text.
+#[tokio::test]
+async fn a_replay_returns_numbers_as_numbers_whatever_their_size() {
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE readings (id bigint PRIMARY KEY, precise double precision, \
+             amount numeric, ratio real, doc jsonb)",
+        "readings",
+    )
+    .await;
+    let request = pb::InsertRequest {
+        table: "readings".into(),
+        rows: vec![
+            to_struct(
+                json!({"id": 1, "precise": 1e16, "amount": 12345678901234567890u64,
+                "ratio": 0.1, "doc": {"big": 1e16, "list": [1.5, 2e20]}}),
+            ),
+            to_struct(
+                json!({"id": "9007199254740993", "precise": 1e300, "amount": -1e17,
+                "ratio": -3, "doc": [9007199254740993u64]}),
+            ),
+            to_struct(
+                json!({"id": 2, "precise": "NaN", "amount": 0.5, "ratio": null,
+                "doc": null}),
+            ),
+        ],
+        request_id: "req-numbers".into(),
+        ..Default::default()
+    };
+    let first = s.client.insert(request.clone()).await.unwrap().into_inner();
+    assert!(!first.replayed);
+    assert_eq!(first.rows.len(), 3);
+    let second = s.client.insert(request).await.unwrap().into_inner();
+    assert!(second.replayed);
+    assert_eq!(second.rows, first.rows);
+    assert_eq!(rows_json(&second.rows)[0]["precise"], json!(1e16));
+    assert_eq!(count(&mut s, "readings").await, 3);
+}
+
 #[tokio::test]
 async fn inserts_into_tables_with_skipping_triggers_never_share() {
     use sqlx::Connection;
