@@ -10,7 +10,7 @@ use futures::TryStreamExt;
 use serde_json::Value as Json;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Either, PgPool, Postgres, Row, Statement as _};
-use svc_kit::Shutdown;
+use svc_kit::{Health, Shutdown};
 use tokio::sync::mpsc;
 
 use crate::catalog::{Catalog, ColType, TableInfo};
@@ -79,13 +79,15 @@ pub struct Executor {
     limits: Arc<Limits>,
     inserts: Option<Arc<InsertCoalescer>>,
     queries: Option<Arc<QueryCoalescer>>,
+    health: Health,
 }
 
 /// A batch of a streamed query, or the error that ended the stream.
 pub type RowBatch = Result<Vec<prost_types::Struct>, DbError>;
 
 impl Executor {
-    pub fn new(pool: PgPool, catalog: Catalog, limits: Limits) -> Self {
+    /// `health` is db-svc's, which the database probe sets (see [`crate::db_health`]).
+    pub fn new(pool: PgPool, catalog: Catalog, limits: Limits, health: Health) -> Self {
         let inserts = (limits.coalesce_inserts > 0).then(|| {
             InsertCoalescer::new(pool.clone(), BatchLimits::inserts(limits.coalesce_inserts))
         });
@@ -98,6 +100,7 @@ impl Executor {
             limits: Arc::new(limits),
             inserts,
             queries,
+            health,
         }
     }
 
@@ -109,8 +112,18 @@ impl Executor {
         &self.limits
     }
 
-    /// The catalog entry of `name`: a field error if it is not served or does not exist.
-    async fn table(&self, name: &str, columns: &[&str]) -> Result<Arc<TableInfo>, DbError> {
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The catalog entry of `name`: a field error if it is not served or does not exist. A
+    /// catalog read it needs counts against `time_left`, the caller's deadline.
+    async fn table(
+        &self,
+        name: &str,
+        columns: &[&str],
+        time_left: Option<Duration>,
+    ) -> Result<Arc<TableInfo>, DbError> {
         if !self.catalog.is_served(name) {
             return Err(DbError::field(
                 "table",
@@ -127,11 +140,14 @@ impl Executor {
         }
         // A column (or table) the cache does not know: it may have been added since.
         let arrived = std::time::Instant::now();
-        match self
-            .catalog
-            .refresh_on_miss(&self.pool, name, arrived)
-            .await?
-        {
+        let read = self.catalog.refresh_on_miss(&self.pool, name, arrived);
+        let read = match time_left {
+            Some(left) => tokio::time::timeout(before_the_caller(left), read)
+                .await
+                .map_err(|_| self.no_connection_before_the_deadline("reading the catalog"))?,
+            None => read.await,
+        };
+        match read? {
             Some(info) => Ok(info),
             None => Err(DbError::field(
                 "table",
@@ -143,7 +159,7 @@ impl Executor {
     /// Describes a served table, read fresh from the catalog.
     pub async fn describe(&self, name: &str) -> Result<Arc<TableInfo>, DbError> {
         if !self.catalog.is_served(name) {
-            return self.table(name, &[]).await;
+            return self.table(name, &[], None).await;
         }
         self.catalog
             .refresh_table(&self.pool, name)
@@ -179,14 +195,27 @@ impl Executor {
             Some(left) => tokio::time::timeout(before_the_caller(left), acquire)
                 .await
                 .map_err(|_| {
-                    DbError::Timeout(
-                        "the deadline passed while waiting for a database connection".into(),
-                    )
+                    self.no_connection_before_the_deadline("waiting for a database connection")
                 })??,
             None => acquire.await?,
         };
         self.time_left_for_next(&mut tx, ctx).await?;
         Ok(tx)
+    }
+
+    /// The error of a request whose deadline passed while `waiting`. While the database
+    /// probe finds PostgreSQL unreachable (or no connection is open at all), that is the
+    /// reason: UNAVAILABLE, as the same request without a deadline gets once sqlx stops
+    /// retrying refused connections at the pool's acquire timeout, which a short deadline
+    /// cuts off. Otherwise the connections were all busy or slow: DEADLINE_EXCEEDED.
+    fn no_connection_before_the_deadline(&self, waiting: &str) -> DbError {
+        if self.pool.size() == 0 || !self.health.is_serving() {
+            DbError::Unavailable(format!(
+                "PostgreSQL is not reachable: no answer before the deadline ({waiting})"
+            ))
+        } else {
+            DbError::Timeout(format!("the deadline passed while {waiting}"))
+        }
     }
 
     /// Before a transaction's next statement: the statement timeout becomes what is left of
@@ -222,8 +251,13 @@ impl Executor {
         result
     }
 
-    async fn table_for(&self, op: &Operation) -> Result<Arc<TableInfo>, DbError> {
-        self.table(op.table(), &ops::mentioned_columns(op)).await
+    async fn table_for(
+        &self,
+        op: &Operation,
+        ctx: &ExecContext,
+    ) -> Result<Arc<TableInfo>, DbError> {
+        self.table(op.table(), &ops::mentioned_columns(op), ctx.time_left())
+            .await
     }
 
     /// Runs one operation, recording its latency by operation and outcome (`ok` or the code).
@@ -246,11 +280,11 @@ impl Executor {
         match op {
             Operation::Raw(spec) => self.execute_raw(op, spec, ctx).await,
             Operation::Query(spec) => {
-                let table = self.table_for(op).await?;
+                let table = self.table_for(op, ctx).await?;
                 self.query(&table, spec, ctx).await
             }
             Operation::Count(spec) => {
-                let table = self.table_for(op).await?;
+                let table = self.table_for(op, ctx).await?;
                 let plan = ops::plan_count(&table, &spec.criteria)?;
                 let count = self.count(plan, ctx).await?;
                 Ok(OpOutput {
@@ -259,7 +293,7 @@ impl Executor {
                 })
             }
             Operation::Insert(spec) => {
-                let table = self.table_for(op).await?;
+                let table = self.table_for(op, ctx).await?;
                 let values = ops::InsertValues::new(&table, spec)?;
                 // Inserts that need no transaction of their own may share a statement.
                 if let Some(inserts) = &self.inserts
@@ -272,17 +306,17 @@ impl Executor {
                 self.write(op, plan, spec.count_only, None, ctx).await
             }
             Operation::Update(spec) => {
-                let plan = ops::plan_update(&*self.table_for(op).await?, spec)?;
+                let plan = ops::plan_update(&*self.table_for(op, ctx).await?, spec)?;
                 self.write(op, plan, spec.count_only, spec.max_affected, ctx)
                     .await
             }
             Operation::Delete(spec) => {
-                let plan = ops::plan_delete(&*self.table_for(op).await?, spec)?;
+                let plan = ops::plan_delete(&*self.table_for(op, ctx).await?, spec)?;
                 self.write(op, plan, spec.count_only, spec.max_affected, ctx)
                     .await
             }
             Operation::Upsert(spec) => {
-                let plan = ops::plan_upsert(&*self.table_for(op).await?, spec)?;
+                let plan = ops::plan_upsert(&*self.table_for(op, ctx).await?, spec)?;
                 self.write(op, plan, spec.count_only, None, ctx).await
             }
         }
@@ -392,7 +426,9 @@ impl Executor {
         let started = Instant::now();
         let result = self
             .once_more_if_changed(&spec.table, started, || async {
-                let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
+                let table = self
+                    .table(&spec.table, &ops::query_columns(&spec), ctx.time_left())
+                    .await?;
                 let (fetched, total) = self.fetch_query(&table, &spec, ctx).await?;
                 let rows = EncodedRows::encode(&fetched.rows, fetched.first_column, field)?;
                 Ok((rows, total))
@@ -607,7 +643,9 @@ impl Executor {
         shutdown: Shutdown,
     ) -> Result<mpsc::Receiver<RowBatch>, DbError> {
         let arrived = Instant::now();
-        let table = self.table(&spec.table, &ops::query_columns(&spec)).await?;
+        let table = self
+            .table(&spec.table, &ops::query_columns(&spec), timeout)
+            .await?;
         if spec.include_total {
             return Err(DbError::field(
                 "include_total",

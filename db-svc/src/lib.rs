@@ -145,7 +145,12 @@ fn start_bus_worker(
     };
     let handler = bus::Handler {
         api,
-        sql_executor: Executor::new(pool.clone(), executor.catalog().clone(), limits),
+        sql_executor: Executor::new(
+            pool.clone(),
+            executor.catalog().clone(),
+            limits,
+            executor.health().clone(),
+        ),
         sql_writes: bus.sql_writes,
     };
     let shutdown = shutdown.clone();
@@ -207,6 +212,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             coalesce_inserts: settings.coalesce_inserts,
             coalesce_queries: settings.coalesce_queries,
         },
+        health.clone(),
     );
     let api = std::sync::Arc::new(api::DatabaseApi::new(executor.clone(), shutdown.clone()));
     svc_kit::metrics::spawn_sampler(std::time::Duration::from_secs(1), shutdown.clone(), {

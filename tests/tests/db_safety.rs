@@ -594,6 +594,30 @@ async fn unreachable_database_is_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // A deadline shorter than the pool's acquire timeout cuts the connection attempts short:
+    // still UNAVAILABLE (the database is down), not DEADLINE_EXCEEDED.
+    let deadline = Duration::from_millis(700);
+    let err = client
+        .insert(with_deadline(
+            insert_req("agent_actions", vec![action("a")]),
+            deadline,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(error_details(&err).0, "DATABASE_UNAVAILABLE");
+    let err = client
+        .count(with_deadline(
+            pb::CountRequest {
+                table: "agent_actions".into(),
+                ..Default::default()
+            },
+            deadline,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }
 
 /// A call with `timeout` set as its gRPC deadline.
