@@ -243,13 +243,16 @@ impl Catalog {
         let mut loaded = load(pool, &[table.to_string()]).await?;
         let info = loaded.remove(table);
         let mut tables = self.tables.write();
-        match &info {
-            Some(info) => {
-                tables.insert(table.to_string(), info.clone());
-            }
-            None => {
-                tables.remove(table);
-            }
+        let previous = match &info {
+            Some(info) => tables.insert(table.to_string(), info.clone()),
+            None => tables.remove(table),
+        };
+        // Statements prepared for the table as it was are refused now ("cached plan must not
+        // change result type"): connections opened until now are retired. Only on a real
+        // change, so that a request failing on its own (ordering by a type without an
+        // ordering operator) cannot make db-svc drop its connections.
+        if previous.is_some_and(|p| info.as_ref() != Some(&p)) {
+            crate::stale_plans::mark_changed();
         }
         Ok(info)
     }

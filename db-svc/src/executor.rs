@@ -915,16 +915,17 @@ where
     })
 }
 
-/// After a statement tripped on a changed table: retires the pooled connections whose
-/// prepared statements belong to the old table (see `stale_plans`) and reads the table again
-/// (coalesced with other requests that tripped at the same time); false if it cannot be read.
+/// After a statement tripped on what may be a changed table: reads the table again
+/// (coalesced with other requests that tripped at the same time), which retires the pooled
+/// connections whose prepared statements belong to the old table if it did change (see
+/// `stale_plans`); false if it cannot be read.
 async fn reread_changed_table(
     catalog: &Catalog,
     pool: &PgPool,
     table: &str,
     arrived: Instant,
 ) -> bool {
-    crate::stale_plans::mark_changed();
+    // The catalog retires the connections when the table did change (`refresh_table`).
     catalog.refresh_on_miss(pool, table, arrived).await.is_ok()
 }
 

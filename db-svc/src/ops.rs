@@ -651,6 +651,12 @@ pub fn plan_query(
     for (i, o) in spec.order_by.iter().enumerate() {
         let c = column(table, &format!("order_by[{i}].column"), &o.column)?;
         b.push(if i == 0 { " ORDER BY " } else { ", " });
+        if c.ty == ColType::Other {
+            // Qualified: a bare name would be the select list's text of the column (ORDER BY
+            // prefers output columns), which orders intervals, inets or arrays as strings.
+            b.ident(&table.name);
+            b.push(".");
+        }
         compared_column(&mut b, c);
         b.push(match o.direction {
             Direction::Asc => " ASC",

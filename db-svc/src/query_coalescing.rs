@@ -282,13 +282,14 @@ fn shared_statement(plans: &[&Plan], paging: usize) -> Option<(String, PgArgumen
 /// columns `p1..pn` of the unnested arrays `$1..$n`; the paging parameters after them keep
 /// their numbers.
 pub fn shared_sql(plan: &Plan, per_request: usize) -> String {
+    let k = key_alias(&plan.sql);
     let mut sql = String::with_capacity(plan.sql.len() + 96 + 12 * per_request);
-    sql.push_str("SELECT k.i, s.* FROM unnest(");
+    let _ = write!(sql, "SELECT {k}.i, s.* FROM unnest(");
     for j in 1..=per_request {
         let sep = if j > 1 { ", " } else { "" };
         let _ = write!(sql, "{sep}${j}");
     }
-    sql.push_str(") WITH ORDINALITY AS k(");
+    let _ = write!(sql, ") WITH ORDINALITY AS {k}(");
     for j in 1..=per_request {
         let _ = write!(sql, "p{j}, ");
     }
@@ -296,12 +297,26 @@ pub fn shared_sql(plan: &Plan, per_request: usize) -> String {
     let mut copied = 0;
     for (j, span) in plan.placeholders.iter().take(per_request).enumerate() {
         sql.push_str(&plan.sql[copied..span.start]);
-        let _ = write!(sql, "k.p{}", j + 1);
+        let _ = write!(sql, "{k}.p{}", j + 1);
         copied = span.end;
     }
     sql.push_str(&plan.sql[copied..]);
-    sql.push_str(") AS s ORDER BY k.i");
+    let _ = write!(sql, ") AS s ORDER BY {k}.i");
     sql
+}
+
+/// The alias of the unnested parameters: `k`, unless the plan names a table (or column) `k`,
+/// whose range variable inside the LATERAL subquery would hide it (`k.p1` would then be that
+/// table's column `p1`). The plan writes every identifier quoted, so a quoted `"k"` is the
+/// only way it can name one.
+fn key_alias(plan_sql: &str) -> String {
+    let mut alias = String::from("k");
+    let mut n = 0u32;
+    while plan_sql.contains(&format!("\"{alias}\"")) {
+        n += 1;
+        alias = format!("k{n}");
+    }
+    alias
 }
 
 /// Hands the rows of a shared statement for `requests` requests to them in request order, as
@@ -455,6 +470,18 @@ mod tests {
             assert_eq!(sql.matches(&format!("${n}")).count(), 1, "{sql}");
         }
         assert!(!sql.contains("$5"));
+    }
+
+    #[test]
+    fn the_parameters_alias_differs_from_every_name_the_plan_quotes() {
+        assert_eq!(key_alias(r#"SELECT "id" FROM "t" WHERE "p1" = $1"#), "k");
+        assert_eq!(key_alias(r#"SELECT "id" FROM "k" WHERE "p1" = $1"#), "k1");
+        assert_eq!(
+            key_alias(r#"SELECT "k1" FROM "k" WHERE "k2" = $1 AND "kk" = $2"#),
+            "k3"
+        );
+        // Names that merely contain k are no clash.
+        assert_eq!(key_alias(r#"SELECT "k p" FROM "ak" WHERE "x" = $1"#), "k");
     }
 
     #[test]

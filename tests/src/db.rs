@@ -197,19 +197,25 @@ pub fn action(agent: &str) -> Json {
     })
 }
 
-/// Holds statements on agent_actions back inside PostgreSQL: an open transaction holding a
-/// table lock until `release`. `SHARE` blocks writes, `ACCESS EXCLUSIVE` reads as well.
-pub struct TableLock(sqlx::PgConnection);
+/// Holds statements on a table (agent_actions unless [`TableLock::take_on`]) back inside
+/// PostgreSQL: an open transaction holding a table lock until `release`. `SHARE` blocks
+/// writes, `ACCESS EXCLUSIVE` reads as well.
+pub struct TableLock(sqlx::PgConnection, String);
 
 impl TableLock {
     pub async fn take(s: &DbSvc, mode: &str) -> Self {
+        Self::take_on(s, "agent_actions", mode).await
+    }
+
+    /// Locks `table` (a plain lower-case name) in `mode`.
+    pub async fn take_on(s: &DbSvc, table: &str, mode: &str) -> Self {
         let mut conn = s.sql().await;
         sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
-        sqlx::query(&format!("LOCK TABLE agent_actions IN {mode} MODE"))
+        sqlx::query(&format!("LOCK TABLE \"{table}\" IN {mode} MODE"))
             .execute(&mut conn)
             .await
             .unwrap();
-        Self(conn)
+        Self(conn, table.to_string())
     }
 
     /// Waits until exactly `n` statements queue for the lock (0: none is left waiting).
@@ -219,8 +225,9 @@ impl TableLock {
         loop {
             let blocked: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = 'agent_actions' AND NOT l.granted",
+                 WHERE c.relname = $1 AND NOT l.granted",
             )
+            .bind(&self.1)
             .fetch_one(&mut probe)
             .await
             .unwrap();

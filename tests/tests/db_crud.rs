@@ -2091,6 +2091,103 @@ async fn update_and_delete_returning_too_many_rows_roll_back() {
     );
 }
 
+/// A column of a type outside the mapping is read as its text, but ordered as its type:
+/// intervals by length, not as strings ("10 days" < "2 days"), with or without a projection.
+#[tokio::test]
+async fn columns_read_as_text_are_ordered_by_their_own_type() {
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE waits (id int PRIMARY KEY, d interval); \
+         INSERT INTO waits VALUES (1, '10 days'), (2, '2 days'), (3, '1 day'), (4, NULL)",
+        "waits",
+    )
+    .await;
+    for columns in [vec![], vec!["d".to_string()]] {
+        let rows = s
+            .client
+            .query(pb::QueryRequest {
+                table: "waits".into(),
+                columns: columns.clone(),
+                order_by: vec![pb::OrderBy {
+                    column: "d".into(),
+                    direction: pb::Direction::Desc as i32,
+                    nulls: pb::Nulls::Last as i32,
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        let d: Vec<Json> = rows_json(&rows).iter().map(|r| r["d"].clone()).collect();
+        assert_eq!(
+            d,
+            vec![
+                json!("10 days"),
+                json!("2 days"),
+                json!("1 day"),
+                Json::Null
+            ],
+            "{columns:?}"
+        );
+    }
+}
+
+/// Ordering by a column whose type has no ordering operator (xml) is the request's own error,
+/// INVALID_ARGUMENT; db-svc reads the table again to be sure it did not change, finds it the
+/// same, and keeps its pooled connections (retiring them on every such request would let any
+/// client make db-svc reconnect to PostgreSQL at will).
+#[tokio::test]
+async fn ordering_by_a_type_without_an_ordering_operator_keeps_the_connections() {
+    let mut s = DbSvc::start_with_args(
+        "CREATE TABLE docs (id int PRIMARY KEY, body xml); \
+         INSERT INTO docs VALUES (1, '<a/>'), (2, '<b/>')",
+        &["--tables", "docs", "--db-max-connections", "2"],
+    )
+    .await;
+    // Projected, the column is read as text and ORDER BY takes that output column; here it is
+    // not, so PostgreSQL orders by the xml itself.
+    let query = |column: &str| pb::QueryRequest {
+        table: "docs".into(),
+        columns: vec!["id".into()],
+        order_by: vec![pb::OrderBy {
+            column: column.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let ids = |rows: &[prost_types::Struct]| -> Vec<Json> {
+        rows_json(rows).iter().map(|r| r["id"].clone()).collect()
+    };
+    let rows = s.client.query(query("id")).await.unwrap().into_inner().rows;
+    assert_eq!(ids(&rows), vec![json!(1.0), json!(2.0)]);
+    let mut conn = s.sql().await;
+    async fn backends(conn: &mut sqlx::PgConnection) -> Vec<i32> {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() ORDER BY pid",
+        )
+        .fetch_all(conn)
+        .await
+        .unwrap()
+    }
+    let before = backends(&mut conn).await;
+    assert!(!before.is_empty());
+    for _ in 0..3 {
+        let err = s.client.query(query("body")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("xml"), "{err:?}");
+    }
+    for _ in 0..4 {
+        let rows = s.client.query(query("id")).await.unwrap().into_inner().rows;
+        assert_eq!(ids(&rows), vec![json!(1.0), json!(2.0)]);
+    }
+    let after = backends(&mut conn).await;
+    assert!(
+        before.iter().all(|pid| after.contains(pid)),
+        "db-svc's connections were replaced: {before:?} -> {after:?}"
+    );
+}
+
 /// A column dropped, renamed or retyped while db-svc runs: the next request that trips on the
 /// old catalog makes db-svc read the table again and runs once more on what the table is now
 /// (on a connection without statements prepared for the old table), with no restart; a

@@ -124,6 +124,58 @@ async fn queries_that_arrive_while_one_runs_share_a_statement_and_get_their_own_
     assert!(body.contains("db_query_requests_waiting 0"), "{body}");
 }
 
+/// A served table named `k`, with a column `p1`: the shared statement's own alias for the
+/// unnested parameters (`k`, columns `p1..`) must not be hidden by the table's name inside the
+/// subquery, where `"p1" = k.p1` would compare the column with itself and give every request
+/// every row.
+#[tokio::test]
+async fn a_table_named_like_the_shared_statements_alias_still_gets_its_own_rows() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let s = DbSvc::start_with_args(
+        "CREATE TABLE k (id int PRIMARY KEY, p1 text NOT NULL); \
+         INSERT INTO k SELECT n, chr(97 + n % 3) FROM generate_series(1, 9) n",
+        &[
+            "--tables",
+            "k",
+            "--coalesce-queries",
+            "1",
+            "--metrics-listen",
+            &metrics,
+        ],
+    )
+    .await;
+    let by_p1 = |p1: &str| pb::QueryRequest {
+        table: "k".into(),
+        r#where: Some(to_struct(json!({ "p1": p1 }))),
+        order_by: vec![pb::OrderBy {
+            column: "id".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let ids =
+        |rows: Vec<Json>| -> Vec<f64> { rows.iter().map(|r| r["id"].as_f64().unwrap()).collect() };
+    let lock = TableLock::take_on(&s, "k", "ACCESS EXCLUSIVE").await;
+    let first = spawn_query(&s, by_p1("a"));
+    lock.wait_blocked(&s, 1).await;
+    let keys = ["b", "c", "a", "none"];
+    let shared: Vec<_> = keys.iter().map(|p1| spawn_query(&s, by_p1(p1))).collect();
+    wait_metrics(&metrics, "four queries waiting", |m| {
+        sample(m, "db_query_requests_waiting", &[]) == Some(4.0)
+    })
+    .await;
+    lock.release().await;
+    assert_eq!(ids(first.await.unwrap()), vec![3.0, 6.0, 9.0]);
+    let want: [&[f64]; 4] = [&[1.0, 4.0, 7.0], &[2.0, 5.0, 8.0], &[3.0, 6.0, 9.0], &[]];
+    for ((p1, task), want) in keys.iter().zip(shared).zip(want) {
+        assert_eq!(ids(task.await.unwrap()), want, "{p1}");
+    }
+    wait_metrics(&metrics, "two statements", |m| {
+        requests_per_statement(m) == (2.0, 5.0)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn different_shapes_and_limits_never_share() {
     let (s, metrics) = one_query_at_a_time().await;
