@@ -537,19 +537,44 @@ fn required<'s>(field: &'s Str<'_>, name: &'static str) -> Result<&'s str, Parse
     field.as_deref().ok_or(ParseError::MissingField(name))
 }
 
-/// The id, or a fresh UUID when the event has none.
-fn id_or_new(id: Str<'_>) -> Cow<'_, str> {
-    id.unwrap_or_else(|| Cow::Owned(uuid::Uuid::new_v4().to_string()))
+/// The event's id, or, when it has none, one derived from the message (its topic's kind,
+/// its place in the log, its record timestamp and its bytes): every replica, and every replay
+/// after a restart, gives the same message the same id, as a random one would not.
+fn id_or_derived<'a>(
+    id: Str<'a>,
+    kind: EventKind,
+    payload: &[u8],
+    arrival: Arrival,
+) -> Cow<'a, str> {
+    id.unwrap_or_else(|| Cow::Owned(derived_id(kind, payload, arrival).to_string()))
 }
 
-/// When a message arrived: the receive time, and the Kafka record's own timestamp (set by its
-/// producer or the broker), which is the event time of an event that carries none. A replica
-/// replaying the window later thus gives such an event the time it had the first time, not
-/// the replay's.
+/// A version 8 (custom) UUID from a SHA-256 of the message.
+fn derived_id(kind: EventKind, payload: &[u8], arrival: Arrival) -> uuid::Uuid {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update([kind as u8]);
+    let (partition, offset) = arrival.position.unwrap_or((-1, -1));
+    hash.update(partition.to_le_bytes());
+    hash.update(offset.to_le_bytes());
+    hash.update(arrival.record_time.unwrap_or(-1).to_le_bytes());
+    hash.update(payload);
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// When and where a message arrived: the receive time, the Kafka record's own timestamp (set
+/// by its producer or the broker), and its partition and offset. The record time is the event
+/// time of an event that carries none, and the latest time an event can have (see
+/// [`event_time`]), so a replica replaying the window later gives the event the time it had
+/// the first time, not the replay's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Arrival {
     pub now: Micros,
     pub record_time: Option<Micros>,
+    pub position: Option<(i32, i64)>,
 }
 
 /// A message without a record timestamp, received at the given time.
@@ -558,12 +583,17 @@ impl From<Micros> for Arrival {
         Arrival {
             now,
             record_time: None,
+            position: None,
         }
     }
 }
 
 /// `timestamp`, else `createdAt`, else the record's timestamp, else the receive time; never
-/// later than the receive time.
+/// later than the record's timestamp, when the message was sent (to the end of its
+/// millisecond: record timestamps are whole milliseconds). That bound is the same on every
+/// replay. A message without a record timestamp, or with one in the future (its producer's
+/// clock ahead of ours), is bounded by the receive time instead, which a later replay does
+/// not share.
 fn event_time(
     timestamp: Option<TimeValue>,
     created_at: Option<TimeValue>,
@@ -573,7 +603,11 @@ fn event_time(
         Some(t) => t.to_micros()?,
         None => arrival.record_time.unwrap_or(arrival.now),
     };
-    Ok(t.min(arrival.now))
+    let sent = arrival
+        .record_time
+        .filter(|&r| r <= arrival.now)
+        .map(|r| r.saturating_add(999));
+    Ok(t.min(sent.unwrap_or(arrival.now)))
 }
 
 #[derive(Deserialize)]
@@ -634,7 +668,12 @@ pub fn parse_routing(
     if alts.iter().any(|a| a.agent.is_none()) {
         return Err(ParseError::MissingField("alternatives[].agent"));
     }
-    let id = id_or_new(raw.id);
+    let id = id_or_derived(
+        raw.id,
+        EventKind::RoutingDecision,
+        payload.as_bytes(),
+        arrival,
+    );
     let context = raw_json(raw.context);
     let alternatives_len = alts
         .iter()
@@ -736,7 +775,7 @@ pub fn parse_action(
     let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let agent_name = required(&raw.agent_name, "agent_name")?;
     let action_type = required(&raw.action_type, "action_type")?;
-    let id = id_or_new(raw.id);
+    let id = id_or_derived(raw.id, EventKind::AgentAction, payload.as_bytes(), arrival);
     let details = raw_json(raw.action_details);
     let (
         t,
@@ -809,7 +848,12 @@ pub fn parse_transformation(
     let time = event_time(raw.timestamp, raw.created_at, arrival)?;
     let source_agent = required(&raw.source_agent, "source_agent")?;
     let target_agent = required(&raw.target_agent, "target_agent")?;
-    let id = id_or_new(raw.id);
+    let id = id_or_derived(
+        raw.id,
+        EventKind::Transformation,
+        payload.as_bytes(),
+        arrival,
+    );
     let (t, [source_agent, target_agent, id], [correlation_id, transformation_reason]) =
         TextBuf::pack(
             0,
@@ -871,7 +915,12 @@ pub fn parse_performance(
     let mut deduped = None;
     let raw: RawPerformance = parse_raw(payload, &PERFORMANCE, &mut deduped)?;
     let time = event_time(raw.timestamp, raw.created_at, arrival)?;
-    let id = id_or_new(raw.id);
+    let id = id_or_derived(
+        raw.id,
+        EventKind::PerformanceMetric,
+        payload.as_bytes(),
+        arrival,
+    );
     let strategy = raw.trigger_match_strategy.as_deref().unwrap_or("unknown");
     let components = raw_json(raw.confidence_components);
     let (t, [id, trigger_match_strategy], [correlation_id, query_text, confidence_components_json]) =
@@ -1002,7 +1051,7 @@ mod tests {
         assert_eq!(e.routing_time_ms, Some(3.5));
         assert_eq!(e.routing_strategy(), Some("s"));
         assert_eq!(e.user_request(), Some("u"));
-        assert!(!e.id().is_empty(), "a missing id gets a new UUID");
+        assert!(!e.id().is_empty(), "a missing id gets a derived UUID");
     }
 
     #[test]
@@ -1010,6 +1059,7 @@ mod tests {
         let arrival = |record_time| Arrival {
             now: NOW,
             record_time,
+            position: None,
         };
         let untimed = br#"{"agent_name":"a","action_type":"x"}"#;
         let a = parse_action(untimed, arrival(Some(NOW - 7_000_000))).unwrap();
@@ -1027,6 +1077,72 @@ mod tests {
             .time;
         assert_eq!(own, parse_action(timed, NOW).unwrap().time);
         assert_ne!(own, NOW - 7_000_000);
+    }
+
+    /// An event stamped later than its record was sent is clamped to the record's time (to
+    /// the end of its millisecond), which is the same when a restarted replica replays it
+    /// long after, when the event's time is no longer in the future.
+    #[test]
+    fn an_event_time_after_its_record_is_clamped_alike_live_and_on_replay() {
+        let sent = NOW - 2_000_000;
+        let ahead = br#"{"agent_name":"a","action_type":"x","timestamp":"2999-01-01T00:00:00Z"}"#;
+        let at = |now| Arrival {
+            now,
+            record_time: Some(sent),
+            position: Some((0, 7)),
+        };
+        let live = parse_action(ahead, at(NOW)).unwrap().time;
+        let replayed = parse_action(ahead, at(NOW + 3_600_000_000)).unwrap().time;
+        assert_eq!(live, sent + 999);
+        assert_eq!(replayed, live);
+        // Microseconds within the record's millisecond are kept.
+        let within = format!(
+            r#"{{"agent_name":"a","action_type":"x","timestamp":{}}}"#,
+            (sent + 500) as f64 / 1e6
+        );
+        let t = parse_action(within.as_bytes(), at(NOW)).unwrap().time;
+        assert!((sent..=sent + 999).contains(&t), "{t}");
+        // A record stamped in the future (the producer's clock ahead): the receive time.
+        let early = Arrival {
+            now: NOW,
+            record_time: Some(NOW + 5_000_000),
+            position: None,
+        };
+        assert_eq!(parse_action(ahead, early).unwrap().time, NOW);
+    }
+
+    /// An event without an id gets one derived from the message: the same on every replica
+    /// and every replay, different for another message.
+    #[test]
+    fn a_missing_id_is_derived_from_the_message() {
+        let untimed = br#"{"agent_name":"a","action_type":"x"}"#;
+        let at = |offset, now| Arrival {
+            now,
+            record_time: Some(NOW - 1_000_000),
+            position: Some((2, offset)),
+        };
+        let id = |payload: &[u8], arrival| parse_action(payload, arrival).unwrap().id().to_string();
+        let first = id(untimed, at(40, NOW));
+        let parsed = uuid::Uuid::parse_str(&first).unwrap();
+        assert_eq!(parsed.get_version(), Some(uuid::Version::Custom));
+        assert_eq!(id(untimed, at(40, NOW + 86_400_000_000)), first);
+        // The same bytes at another offset (sent twice) are two events.
+        assert_ne!(id(untimed, at(41, NOW)), first);
+        assert_ne!(
+            id(br#"{"agent_name":"b","action_type":"x"}"#, at(40, NOW)),
+            first
+        );
+        // Another topic's message at the same place.
+        let routing = parse_routing(br#"{"selected_agent":"a"}"#, at(40, NOW)).unwrap();
+        assert_ne!(routing.id(), first);
+        // An id of its own is kept.
+        assert_eq!(
+            id(
+                br#"{"id":"own","agent_name":"a","action_type":"x"}"#,
+                at(40, NOW)
+            ),
+            "own"
+        );
     }
 
     #[test]

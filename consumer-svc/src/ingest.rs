@@ -1279,6 +1279,7 @@ fn parse_batch(
         let arrival = events::Arrival {
             now,
             record_time: m.timestamp().to_millis().map(|ms| ms.saturating_mul(1000)),
+            position: Some((m.partition(), m.offset())),
         };
         match events::parse(kind, m.payload().unwrap_or_default(), arrival) {
             Ok(event) => parsed.push((k, event)),

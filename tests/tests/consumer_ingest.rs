@@ -13,7 +13,7 @@ use omnibus_tests::consumer::{
     unique_prefix, wait_status,
 };
 use omnibus_tests::kafka_brokers;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -329,6 +329,19 @@ async fn aggregates_match_a_reference_and_a_restart_rebuilds_them() {
         p.send(topics.name(e.kind), &e.key, &e.payload).unwrap();
         produced.push((e.kind, serde_json::from_slice::<Value>(&e.payload).unwrap()));
     }
+    // Actions without an id (twice the same bytes: two events), and one stamped ten minutes
+    // ahead: a restarted replica must give them the same ids and times as this one.
+    let ahead = (Utc::now() + chrono::Duration::minutes(10)).to_rfc3339();
+    for payload in [
+        json!({"agent_name": "idless", "action_type": "success"}),
+        json!({"agent_name": "idless", "action_type": "success"}),
+        json!({"agent_name": "idless", "action_type": "error", "timestamp": ahead}),
+    ] {
+        let bytes = serde_json::to_vec(&payload).unwrap();
+        p.send(topics.name(Kind::AgentAction), "idless", &bytes)
+            .unwrap();
+        produced.push((Kind::AgentAction, payload));
+    }
     p.flush().unwrap();
     let total = produced.len() as u64;
     wait_status(&first, WAIT, "all events", |s| s.events_processed == total)
@@ -383,6 +396,30 @@ async fn aggregates_match_a_reference_and_a_restart_rebuilds_them() {
         .sum();
     let all: u64 = got.iter().map(|m| m.total_requests).sum();
     assert!(hour > 0 && hour < all, "1h {hour} vs all {all}");
+
+    // The actions without an id: three events with three ids, the one stamped ahead no later
+    // than it was sent.
+    let idless = client(&first)
+        .list_recent_actions(pb::ListRecentActionsRequest {
+            agent: Some("idless".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert_eq!(idless.len(), 3);
+    let ids: std::collections::BTreeSet<&str> = idless.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids.len(), 3, "{idless:?}");
+    let latest = idless
+        .iter()
+        .filter_map(|a| a.timestamp)
+        .map(|t| t.seconds)
+        .max();
+    assert!(
+        latest.is_some_and(|t| t <= Utc::now().timestamp()),
+        "{idless:?}"
+    );
 
     let snapshot_of = |s: pb::GetSnapshotResponse| {
         let s = s.snapshot.unwrap();
