@@ -274,6 +274,17 @@ struct Verify {
 }
 
 impl Partition {
+    /// The next offset as the status shows it: -1 (unknown) while a partition read from the
+    /// start has read nothing, since its log may start anywhere (retention), and a position
+    /// of 0 would count the whole log as lag.
+    fn shown_next(&self) -> i64 {
+        if self.last.is_none() && self.next == 0 {
+            -1
+        } else {
+            self.next
+        }
+    }
+
     /// Read from the first offset; `probe`: seek forward if the log starts before the cutoff.
     fn from_start(probe: bool) -> Self {
         Partition {
@@ -704,7 +715,7 @@ impl Ingest {
         let mut positions = self.sinks.status.partitions.lock();
         for (key, part) in &self.assigned {
             positions.entry(*key).or_insert(PartitionPosition {
-                next: part.next,
+                next: part.shown_next(),
                 high: -1,
             });
         }
@@ -1465,6 +1476,22 @@ mod tests {
         assert!(!skipped_to(&at(41, 50), 30), "behind what was read");
         assert!(!skipped_to(&at(0, 5), 900), "left over from a longer log");
         assert!(!skipped_to(&at(0, -1), 3), "end not reported yet");
+    }
+
+    #[test]
+    fn a_partition_that_has_read_nothing_shows_no_position() {
+        let mut part = Partition::from_start(false);
+        assert_eq!(part.shown_next(), -1);
+        // Moved by a seek or a skip before any message: that position is known.
+        part.next = 5_000_000;
+        assert_eq!(part.shown_next(), 5_000_000);
+        // A message read at offset 0.
+        part.next = 1;
+        part.last = Some(Fingerprint {
+            offset: 0,
+            digest: 7,
+        });
+        assert_eq!(part.shown_next(), 1);
     }
 
     #[test]
