@@ -22,16 +22,33 @@ pub enum ConnectError {
     PlaintextWithCa(String),
     #[error("the token is not usable as an HTTP header value (printable ASCII, no line breaks)")]
     BadToken,
-    #[error("TLS settings for {addr}: {source}")]
+    #[error("TLS settings for {addr}: {}", reason(.source))]
     Tls {
         addr: String,
         source: tonic::transport::Error,
     },
 }
 
+/// What went wrong in a tonic transport error: its Display is only "transport error", the
+/// reason (a CA file without a certificate, say) is its source.
+fn reason(e: &tonic::transport::Error) -> String {
+    std::error::Error::source(e).map_or_else(|| e.to_string(), ToString::to_string)
+}
+
 /// Adds `authorization: Bearer <token>` to every request; does nothing without a token.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+/// Never the token: `ConnectOptions` and the channels that carry a `Bearer` are printed with
+/// `{:?}` in logs.
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(_) => f.write_str("Bearer(***)"),
+            None => f.write_str("Bearer(none)"),
+        }
+    }
+}
 
 impl Bearer {
     /// No token (the service runs without authentication).
@@ -40,9 +57,11 @@ impl Bearer {
     }
 
     pub fn new(token: &str) -> Result<Self, ConnectError> {
-        let value = format!("Bearer {}", token.trim())
+        let mut value: MetadataValue<Ascii> = format!("Bearer {}", token.trim())
             .parse()
             .map_err(|_| ConnectError::BadToken)?;
+        // Kept out of HPACK's dynamic table and out of tonic's own Debug output.
+        value.set_sensitive(true);
         Ok(Self(Some(value)))
     }
 }
@@ -163,6 +182,24 @@ mod tests {
             Bearer::new("two\nlines"),
             Err(ConnectError::BadToken)
         ));
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let bearer = Bearer::new("s3cret-token-0123456789").unwrap();
+        let options = ConnectOptions {
+            bearer: bearer.clone(),
+            ..Default::default()
+        };
+        for shown in [format!("{bearer:?}"), format!("{options:?}")] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("Bearer(***)"), "{shown}");
+        }
+        let mut with_token = bearer;
+        let request = with_token.call(tonic::Request::new(())).unwrap();
+        let sent = format!("{:?}", request.metadata());
+        assert!(!sent.contains("s3cret"), "{sent}");
+        assert_eq!(format!("{:?}", Bearer::none()), "Bearer(none)");
     }
 
     #[test]

@@ -15,6 +15,6 @@ async fn main() {
     svc_kit::telemetry::init(&config.log);
     if let Err(e) = consumer_svc::run(config).await {
         tracing::error!("consumer-svc failed: {e:#}");
-        std::process::exit(1);
+        std::process::exit(svc_kit::server::exit_code(&*e));
     }
 }

@@ -13,6 +13,6 @@ async fn main() {
     svc_kit::telemetry::init(&settings.log);
     if let Err(e) = db_svc::run(settings).await {
         tracing::error!("db-svc failed: {e:#}");
-        std::process::exit(1);
+        std::process::exit(svc_kit::server::exit_code(&*e));
     }
 }

@@ -59,7 +59,18 @@ pub fn fail(message: impl std::fmt::Display) -> ! {
 /// A URL with its credentials - user, password, query string (an API key travels in any of
 /// them: `https://KEY@collector`, `?api_key=`) - replaced by `***`, safe to log.
 pub fn redact_url(raw: &str) -> String {
+    // Without a scheme (`user:key@collector:4317`, which the OTLP exporter accepts and
+    // completes), `user` would parse as the scheme and the rest stay an opaque, unredacted
+    // path: such a URL is read with a stand-in scheme, shown without it.
+    if !raw.contains("://") {
+        let shown = redact_url(&format!("http://{raw}"));
+        return match shown.strip_prefix("http://") {
+            Some(rest) => rest.to_string(),
+            None => shown,
+        };
+    }
     match url::Url::parse(raw) {
+        Ok(url) if url.cannot_be_a_base() => "<unparsable url>".to_string(),
         Ok(mut url) => {
             if !url.username().is_empty() {
                 let _ = url.set_username("***");
@@ -145,6 +156,13 @@ mod tests {
             "http://collector:4317/"
         );
         assert!(!redact_url("not a url s3cret").contains("s3cret"));
+        // No scheme: the OTLP exporter adds one, and the credentials are still hidden.
+        assert_eq!(
+            redact_url("user:s3cret@collector:4317"),
+            "***:***@collector:4317/"
+        );
+        assert_eq!(redact_url("collector:4317"), "collector:4317/");
+        assert!(!redact_url("mailto:s3cret@x").contains("s3cret"));
         let raw = "https://u:s3cret@collector:4317";
         let said = format!("endpoint '{raw}' uses HTTPS but no TLS feature is enabled");
         let shown = redact_url_in(&said, raw);

@@ -31,6 +31,11 @@ pub struct Health {
     reporter: HealthReporter,
     service: &'static str,
     current: Arc<AtomicU8>,
+    /// Held for each whole update (the status and both reporter entries), so that updates
+    /// land in order; true once the server drains, after which nothing sets SERVING again (a
+    /// probe that read "not shutting down" just before would otherwise undo the drain's
+    /// NOT_SERVING).
+    draining: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Health {
@@ -51,6 +56,7 @@ impl Health {
             reporter,
             service,
             current: Arc::new(AtomicU8::new(UNKNOWN)),
+            draining: Arc::default(),
         };
         health.set_serving(false, "starting").await;
         health
@@ -60,8 +66,21 @@ impl Health {
         (health, server)
     }
 
-    /// Sets both the service's and the overall status; logs transitions only.
+    /// Sets both the service's and the overall status; logs transitions only. Once the
+    /// server drains ([`Health::drain`]) the status stays NOT_SERVING.
     pub async fn set_serving(&self, serving: bool, reason: &str) {
+        let draining = self.draining.lock().await;
+        self.update(serving && !*draining, reason).await;
+    }
+
+    /// The server stops taking work: NOT_SERVING from now on, whatever the probes find.
+    pub async fn drain(&self) {
+        let mut draining = self.draining.lock().await;
+        *draining = true;
+        self.update(false, "shutting down").await;
+    }
+
+    async fn update(&self, serving: bool, reason: &str) {
         let (code, status) = if serving {
             (SERVING, ServingStatus::Serving)
         } else {
@@ -118,5 +137,45 @@ impl HealthApi for WatchesEnd {
             tokio::time::sleep(LAST_WATCH_UPDATE).await;
         };
         Ok(Response::new(Box::pin(updates.take_until(ended))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a `Check` of `service` answers.
+    async fn checked(health: &Health, service: &str) -> i32 {
+        let api = HealthService::from_health_reporter(health.reporter.clone());
+        let request = Request::new(HealthCheckRequest {
+            service: service.into(),
+        });
+        match api.check(request).await {
+            Ok(response) => response.into_inner().status,
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn once_draining_no_probe_sets_serving_again() {
+        let shutdown = Shutdown::new();
+        let (health, _server) = Health::new("test.Service", &shutdown).await;
+        health.set_serving(true, "").await;
+        assert!(health.is_serving());
+        assert_eq!(checked(&health, "").await, ServingStatus::Serving as i32);
+        health.drain().await;
+        // A probe that found its dependency up, a moment too late.
+        health.set_serving(true, "").await;
+        assert!(!health.is_serving());
+        for service in ["", "test.Service"] {
+            assert_eq!(
+                checked(&health, service).await,
+                ServingStatus::NotServing as i32
+            );
+        }
+        assert_eq!(
+            checked(&health, LIVENESS).await,
+            ServingStatus::Serving as i32
+        );
     }
 }

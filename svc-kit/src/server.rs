@@ -302,6 +302,26 @@ pub enum ServeError {
     Auth(String),
 }
 
+impl ServeError {
+    /// The process exit status for this error: a TLS or token setting that turns out unusable
+    /// only when the server is built (a PEM file without a key) is a configuration error like
+    /// the ones found at start-up ([`crate::config::EXIT_CONFIG`]); the rest are 1.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServeError::Tls(_) | ServeError::Auth(_) => crate::config::EXIT_CONFIG,
+            _ => 1,
+        }
+    }
+}
+
+/// The exit status for a service's fatal error: that of the [`ServeError`] in its chain, if
+/// any (see [`ServeError::exit_code`]), else 1.
+pub fn exit_code(e: &(dyn std::error::Error + 'static)) -> i32 {
+    std::iter::successors(Some(e), |e| e.source())
+        .find_map(|e| e.downcast_ref::<ServeError>())
+        .map_or(1, ServeError::exit_code)
+}
+
 fn read_pem(what: &str, path: &PathBuf) -> Result<Vec<u8>, ServeError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ServeError::Tls(format!("cannot read {what} {}: {e}", path.display())))?;
@@ -355,9 +375,12 @@ pub fn builder(args: &ServerArgs, scopes: Scopes) -> Result<GrpcServer, ServeErr
                 ca,
             )?));
         }
-        server = server
-            .tls_config(tls)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
+        server = server.tls_config(tls).map_err(|e| {
+            // tonic's Display is only "transport error": the reason is its source.
+            let why =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            ServeError::Tls(why)
+        })?;
         tracing::info!(cert = %cert.display(), mutual = args.tls_client_ca.is_some(), "TLS on");
     }
     Ok(server.layer(GrpcLayer::new(auth, args.max_recv_message_size)))
@@ -419,7 +442,8 @@ pub async fn serve(
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!(%local, tls = args.tls_cert.is_some(), "gRPC server listening");
     let batch_writes = args.batch_writes;
-    let life = nonzero(args.max_connection_age).map(|age| age + args.max_connection_age_grace);
+    let life = nonzero(args.max_connection_age)
+        .map(|age| age.saturating_add(args.max_connection_age_grace));
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .map_ok(move |tcp| Aged::new(BatchedWrites::with_batching(tcp, batch_writes), life));
@@ -429,7 +453,7 @@ pub async fn serve(
         let health = health.clone();
         async move {
             shutdown.triggered().await;
-            health.set_serving(false, "shutting down").await;
+            health.drain().await;
         }
     };
     let server = router.serve_with_incoming_shutdown(incoming, drain_signal);

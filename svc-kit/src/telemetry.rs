@@ -29,7 +29,13 @@ pub struct LogArgs {
     pub log_format: LogFormat,
 
     /// OTLP/gRPC collector to export spans to, e.g. http://otel-collector:4317 (empty = off).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", default_value = "")]
+    // It may carry credentials: `--help` does not show its value.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub otlp_endpoint: String,
 
     /// `service.name` of the exported spans (default: the program's name).

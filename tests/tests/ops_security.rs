@@ -226,6 +226,30 @@ async fn consumer_svc_accepts_read_tokens_from_a_file_for_every_rpc() {
     assert!(first.is_some());
 }
 
+/// `--help` lists each setting's environment variable, but never the value of one that may
+/// hold a secret: the database URL and password, the tokens, the OTLP endpoint (which may carry
+/// an API key), librdkafka's settings (SASL passwords).
+#[test]
+fn help_never_shows_the_value_of_a_secret_setting() {
+    let env = [
+        ("DATABASE_URL", "postgres://u:secret-db-url@db/x"),
+        ("POSTGRES_PASSWORD", "secret-pg-password"),
+        ("AUTH_READ_TOKENS", "secret-read-token-123456789"),
+        ("AUTH_WRITE_TOKENS", "secret-write-token-123456789"),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "https://key:secret-otlp@collector:4317",
+        ),
+        ("KAFKA_CONFIG", "sasl.password=secret-sasl"),
+    ];
+    for bin in ["db-svc", "consumer-svc"] {
+        let (status, out) = run_to_exit(bin, &["--help"], &env).unwrap();
+        assert_eq!(status.code(), Some(0), "{out}");
+        assert!(out.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{out}");
+        assert!(!out.contains("secret"), "{bin}: {out}");
+    }
+}
+
 #[test]
 fn bad_token_settings_fail_at_start_up_without_echoing_the_token() {
     let dir = std::env::temp_dir().join(format!("omnibus-ops-{}", uuid::Uuid::new_v4().simple()));
@@ -266,6 +290,27 @@ fn bad_token_settings_fail_at_start_up_without_echoing_the_token() {
     assert_eq!(status.code(), Some(78), "{out}");
     assert!(out.contains("/nonexistent/cert.pem"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
+
+    // PEM files that only tonic finds unusable (the certificate given as the key): still a
+    // configuration error, with the reason rather than tonic's bare "transport error".
+    let cert = TestCert::generate().unwrap();
+    let cert_path = cert.cert_path.to_str().unwrap();
+    let (status, out) = run_to_exit(
+        "db-svc",
+        &[
+            "--database-url",
+            "postgres://u@127.0.0.1:1/db",
+            "--tls-cert",
+            cert_path,
+            "--tls-key",
+            cert_path,
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(status.code(), Some(78), "{out}");
+    assert!(out.contains("TLS: "), "{out}");
+    assert!(!out.contains("TLS: transport error"), "{out}");
 }
 
 async fn tls_channel(port: u16, ca_pem: &str) -> Channel {
