@@ -55,6 +55,14 @@ impl CommitTracker {
         })
     }
 
+    /// Forgets a partition taken away by a rebalance: its new owner commits it from now on,
+    /// and a commit from here of a request that finishes late could move the group's offset
+    /// back below what the new owner committed (the broker checks the member, not who owns
+    /// the partition). If it comes back, tracking starts afresh where reading resumes.
+    pub fn forget(&mut self, topic: &str, partition: i32) {
+        self.partitions.remove(&(topic.to_string(), partition));
+    }
+
     /// Messages received and not finished, over all partitions.
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(|p| p.in_flight.len()).sum()
@@ -101,6 +109,25 @@ mod tests {
         // The broker restarted empty: offsets begin at 0 again.
         t.received("t", 0, 0);
         assert_eq!(t.finished("t", 0, 0), Some(1));
+    }
+
+    #[test]
+    fn a_revoked_partition_commits_nothing_more_and_starts_afresh_when_back() {
+        let mut t = CommitTracker::default();
+        for o in 10..16 {
+            t.received("t", 0, o);
+        }
+        t.received("t", 1, 3);
+        t.forget("t", 0);
+        // Requests of the revoked partition finish late: no commit (another replica owns it).
+        for o in 10..16 {
+            assert_eq!(t.finished("t", 0, o), None);
+        }
+        assert_eq!(t.finished("t", 1, 3), Some(4), "other partitions go on");
+        // Assigned back, at the new owner's committed offset.
+        t.received("t", 0, 201);
+        assert_eq!(t.finished("t", 0, 201), Some(202));
+        assert_eq!(t.in_flight(), 0);
     }
 
     #[test]

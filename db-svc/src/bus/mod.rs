@@ -20,7 +20,9 @@ use bus_protocol::{
     BusRequest, Envelope, FailedPayload, Reply, Topics, codes, now_rfc3339, parse_request,
 };
 use clap::{ArgAction, Args};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
@@ -310,6 +312,7 @@ pub async fn run(
                 };
                 let Some(message) = message else { break };
                 let origin = (message.topic().to_string(), message.partition(), message.offset());
+                consumer.context().forget_revoked(&mut tracker);
                 tracker.received(&origin.0, origin.1, origin.2);
                 let (worker, done_tx) = (worker.clone(), done_tx.clone());
                 let received_in = generation;
@@ -357,9 +360,22 @@ pub async fn run(
     Ok(())
 }
 
-/// Flags librdkafka's "all brokers down" for the worker loop.
+/// Flags librdkafka's "all brokers down" for the worker loop, and collects the partitions a
+/// rebalance takes away, which the loop stops committing ([`CommitTracker::forget`]).
 pub struct BusContext {
     brokers_down: Arc<AtomicBool>,
+    revoked: parking_lot::Mutex<Vec<(String, i32)>>,
+}
+
+impl BusContext {
+    /// Makes `tracker` forget the partitions revoked since the last call. Called before each
+    /// tracker update: librdkafka runs the rebalance callback inside `recv`, before it hands
+    /// out any message of the new assignment.
+    fn forget_revoked(&self, tracker: &mut CommitTracker) {
+        for (topic, partition) in self.revoked.lock().drain(..) {
+            tracker.forget(&topic, partition);
+        }
+    }
 }
 
 impl ClientContext for BusContext {
@@ -371,7 +387,18 @@ impl ClientContext for BusContext {
     }
 }
 
-impl ConsumerContext for BusContext {}
+impl ConsumerContext for BusContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            self.revoked.lock().extend(
+                partitions
+                    .elements()
+                    .iter()
+                    .map(|p| (p.topic().to_string(), p.partition())),
+            );
+        }
+    }
+}
 
 type BusConsumer = StreamConsumer<BusContext>;
 
@@ -402,6 +429,7 @@ fn subscribe(
         .set("fetch.min.bytes", "1")
         .create_with_context(BusContext {
             brokers_down: brokers_down.clone(),
+            revoked: parking_lot::Mutex::default(),
         })
         .map_err(|e| format!("bus consumer: {}", svc_kit::kafka::describe_error(&e)))?;
     consumer
@@ -438,6 +466,7 @@ fn commit_if_advanced(
     partition: i32,
     offset: i64,
 ) {
+    consumer.context().forget_revoked(tracker);
     if let Some(next) = tracker.finished(topic, partition, offset) {
         commit(consumer, topic, partition, next, CommitMode::Async);
     }
