@@ -125,23 +125,36 @@ async fn stream_actions_delivers_every_action_in_order() {
     let before: u64 = first.agents.iter().map(|a| a.total_actions).sum();
     assert_eq!(before, 500);
     produce_actions(&p, &topics, &mut g, 10);
-    let mut seen = 0;
-    while seen < 510 {
+    // The pushes alone (the latest figures of each agent they carried) reach the new total,
+    // and then equal what the unary read reports.
+    let mut pushed: std::collections::BTreeMap<String, pb::AgentMetrics> = first
+        .agents
+        .into_iter()
+        .map(|a| (a.agent.clone(), a))
+        .collect();
+    while pushed.values().map(|a| a.total_actions).sum::<u64>() < 510 {
         let push = tokio::time::timeout(WAIT, metrics.next())
             .await
             .unwrap()
             .unwrap()
             .unwrap();
-        // Changed agents only; their totals grow to the full count.
-        let totals = client(&svc)
-            .get_agent_metrics(pb::GetAgentMetricsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .agents;
-        seen = totals.iter().map(|a| a.total_actions).sum();
+        // Changed agents only.
         assert!(!push.agents.is_empty());
+        assert!(push.agents.len() <= 10, "{} agents", push.agents.len());
+        for a in push.agents {
+            pushed.insert(a.agent.clone(), a);
+        }
     }
+    let totals: std::collections::BTreeMap<String, pb::AgentMetrics> = client(&svc)
+        .get_agent_metrics(pb::GetAgentMetricsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .into_iter()
+        .map(|a| (a.agent.clone(), a))
+        .collect();
+    assert_eq!(pushed, totals);
 }
 
 /// `--batch-writes true`: the frames of many streams on one HTTP/2 connection share socket

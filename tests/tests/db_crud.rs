@@ -1198,6 +1198,7 @@ async fn query_limit_defaults_to_100_and_is_capped_by_the_maximum() {
     let reply = small.client.query(query(None)).await.unwrap().into_inner();
     assert_eq!(reply.rows.len(), 40);
     let err = small.client.query(query(Some(41))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert_eq!(error_details(&err).1, vec!["limit"]);
 }
 

@@ -941,15 +941,17 @@ async fn connection_age_sends_goaway_and_ends_connections_after_the_grace() {
     ])
     .await;
     let lock = omnibus_tests::db::TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    // A count, and when it ended.
     let count = |channel: tonic::transport::Channel| {
         let mut client = pb::database_service_client::DatabaseServiceClient::new(channel);
         tokio::spawn(async move {
-            client
+            let result = client
                 .count(pb::CountRequest {
                     table: "agent_actions".into(),
                     ..Default::default()
                 })
-                .await
+                .await;
+            (result, Instant::now())
         })
     };
     // Two connections opened now: one busy from the start, one idle until after the age.
@@ -968,14 +970,21 @@ async fn connection_age_sends_goaway_and_ends_connections_after_the_grace() {
     lock.wait_blocked(&s, 2).await;
     tokio::time::sleep(Duration::from_secs(4).saturating_sub(started.elapsed())).await;
     lock.release().await;
-    let late = late.await.unwrap();
+    let (late, _) = late.await.unwrap();
     assert_eq!(
         late.unwrap().into_inner().count,
         0,
         "the call made after the age"
     );
-    let early = early.await.unwrap();
+    // Cut at age + grace (3 s after its connection opened, just before `started`), not at
+    // the age, and not left to finish when the lock went at 4 s.
+    let (early, ended) = early.await.unwrap();
     assert!(early.is_err(), "cut at age + grace: {early:?}");
+    let cut = ended.duration_since(started);
+    assert!(
+        cut >= Duration::from_millis(2500) && cut < Duration::from_secs(4),
+        "cut after {cut:?}"
+    );
 }
 
 /// SIGTERM with a statement still running (a count held by a table lock): db-svc drains for

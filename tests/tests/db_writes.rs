@@ -113,16 +113,19 @@ async fn a_repeated_request_id_replays_the_recorded_result() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = s
+    let corrected = s
         .client
         .insert(pb::InsertRequest {
             table: "agent_actions".into(),
             rows: vec![to_struct(action("c")), to_struct(action("c"))],
-            request_id: "req-4".into(),
+            request_id: "req-3".into(),
             ..Default::default()
         })
-        .await;
-    assert!(err.is_ok());
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(corrected.affected, 2);
+    assert!(!corrected.replayed);
     let mut dup = action("d");
     dup["id"] = json!(uuid::Uuid::new_v4().to_string());
     let err = s
@@ -157,7 +160,7 @@ async fn a_repeated_request_id_replays_the_recorded_result() {
             .fetch_all(&mut conn)
             .await
             .unwrap();
-    assert_eq!(ids, vec!["req-1", "req-2", "req-4", "req-5"]);
+    assert_eq!(ids, vec!["req-1", "req-2", "req-3", "req-5"]);
 }
 
 #[tokio::test]
@@ -701,7 +704,28 @@ async fn inserts_into_tables_with_skipping_triggers_never_share() {
                 )
             })
             .collect();
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // All twelve reach PostgreSQL as statements of their own and wait on the lock (with
+        // sharing, fewer statements would wait: the rest would queue inside db-svc).
+        let mut probe = s.sql().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let blocked: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = $1 AND NOT l.granted",
+            )
+            .bind(table)
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
+            if blocked == 12 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{table}: {blocked} statements waiting, not 12"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
         for (body, task) in tasks {
             let reply = task

@@ -147,10 +147,10 @@ async fn tokens_gate_reads_and_writes_on_db_svc() {
         .into_inner()
         .status();
     assert_eq!(status, ServingStatus::Serving);
-    let listed = omnibus_tests::grpcurl(&["-plaintext", &svc.svc.addr.to_string(), "list"]).await;
-    if let Ok(out) = listed {
-        assert!(out.success && out.stdout.contains(DATABASE), "{out:?}");
-    }
+    let out = omnibus_tests::grpcurl(&["-plaintext", &svc.svc.addr.to_string(), "list"])
+        .await
+        .expect("grpcurl (OMNIBUS_GRPCURL, installed by scripts/dev-services)");
+    assert!(out.success && out.stdout.contains(DATABASE), "{out:?}");
 
     // Rejections are logged (method, code, trace id) without any token.
     let logs = svc.svc.logs();
@@ -196,20 +196,22 @@ async fn consumer_svc_accepts_read_tokens_from_a_file_for_every_rpc() {
     .await
     .unwrap();
 
-    let anonymous = ConsumerServiceClient::new(svc.channel())
-        .get_consumer_status(cpb::GetConsumerStatusRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    // Every RPC: refused without the token, answered with it.
+    let mut plain = ConsumerServiceClient::new(svc.channel());
+    for (rpc, result) in every_consumer_rpc(&mut plain, None).await {
+        let err = result.expect_err(rpc);
+        assert_eq!(err.code(), Code::Unauthenticated, "{rpc}: {err:?}");
+    }
+    let answered = every_consumer_rpc(&mut plain, Some(&read)).await;
+    assert_eq!(answered.len(), 11);
+    for (rpc, result) in answered {
+        result.unwrap_or_else(|e| panic!("{rpc} with a read token: {e:?}"));
+    }
 
     let mut client = ConsumerServiceClient::with_interceptor(
         svc.channel(),
         Bearer::new(&read).expect("a valid token"),
     );
-    client
-        .get_consumer_status(cpb::GetConsumerStatusRequest {})
-        .await
-        .expect("status with a read token");
     // A stream with a read token opens (the first message is its snapshot).
     let mut stream = client
         .subscribe(cpb::SubscribeRequest {
@@ -224,6 +226,93 @@ async fn consumer_svc_accepts_read_tokens_from_a_file_for_every_rpc() {
         .expect("first stream message in time")
         .expect("stream ok");
     assert!(first.is_some());
+}
+
+/// Calls every ConsumerService RPC once (streams: opened), with `token` as the bearer token
+/// if given; the outcome of each, by name.
+async fn every_consumer_rpc(
+    client: &mut ConsumerServiceClient<Channel>,
+    token: Option<&str>,
+) -> Vec<(&'static str, Result<(), tonic::Status>)> {
+    fn req<M>(message: M, token: Option<&str>) -> tonic::Request<M> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().expect("ASCII token");
+            request.metadata_mut().insert("authorization", value);
+        }
+        request
+    }
+    fn ok<T>(result: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
+        result.map(|_| ())
+    }
+    vec![
+        (
+            "GetAgentMetrics",
+            ok(client
+                .get_agent_metrics(req(cpb::GetAgentMetricsRequest::default(), token))
+                .await),
+        ),
+        (
+            "ListRecentActions",
+            ok(client
+                .list_recent_actions(req(cpb::ListRecentActionsRequest::default(), token))
+                .await),
+        ),
+        (
+            "ListRoutingDecisions",
+            ok(client
+                .list_routing_decisions(req(cpb::ListRoutingDecisionsRequest::default(), token))
+                .await),
+        ),
+        (
+            "ListTransformations",
+            ok(client
+                .list_transformations(req(cpb::ListTransformationsRequest::default(), token))
+                .await),
+        ),
+        (
+            "ListPerformanceMetrics",
+            ok(client
+                .list_performance_metrics(req(cpb::ListPerformanceMetricsRequest::default(), token))
+                .await),
+        ),
+        (
+            "GetPerformanceStats",
+            ok(client
+                .get_performance_stats(req(cpb::GetPerformanceStatsRequest::default(), token))
+                .await),
+        ),
+        (
+            "GetSnapshot",
+            ok(client
+                .get_snapshot(req(cpb::GetSnapshotRequest {}, token))
+                .await),
+        ),
+        (
+            "GetConsumerStatus",
+            ok(client
+                .get_consumer_status(req(cpb::GetConsumerStatusRequest {}, token))
+                .await),
+        ),
+        (
+            "StreamActions",
+            ok(client
+                .stream_actions(req(cpb::StreamActionsRequest::default(), token))
+                .await),
+        ),
+        (
+            "StreamAgentMetrics",
+            ok(client
+                .stream_agent_metrics(req(cpb::StreamAgentMetricsRequest::default(), token))
+                .await),
+        ),
+        (
+            "Subscribe",
+            ok(client
+                .subscribe(req(cpb::SubscribeRequest::default(), token))
+                .await),
+        ),
+    ]
 }
 
 /// `--help` lists each setting's environment variable, but never the value of one that may
