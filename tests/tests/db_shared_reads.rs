@@ -334,69 +334,133 @@ async fn identical_queries_without_filter_values_share_one_run() {
     .await;
 }
 
+/// The text of the shared statement db-svc sends for requests made by `spawn` (one per agent):
+/// a first request runs alone and waits on a table lock while three more queue in db-svc and
+/// then share one statement. `pg_stat_activity` keeps a connection's last statement after it
+/// ends, so the text is read there, as the one statement of that form not in `seen` (the
+/// texts of earlier shapes, still shown by their connections).
+async fn shared_statement_of<T: Send + 'static>(
+    s: &DbSvc,
+    metrics: &str,
+    seen: &[String],
+    spawn: impl Fn(&str) -> JoinHandle<T>,
+) -> String {
+    let lock = TableLock::take(s, "ACCESS EXCLUSIVE").await;
+    let first = spawn("agent-0");
+    lock.wait_blocked(s, 1).await;
+    let rest: Vec<_> = (1..4).map(|a| spawn(&format!("agent-{a}"))).collect();
+    wait_metrics(metrics, "three queries waiting", |m| {
+        sample(m, "db_query_requests_waiting", &[]) == Some(3.0)
+    })
+    .await;
+    lock.release().await;
+    first.await.unwrap();
+    for task in rest {
+        task.await.unwrap();
+    }
+    let mut probe = s.sql().await;
+    let texts: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT query FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND query LIKE '%WITH ORDINALITY%'",
+    )
+    .fetch_all(&mut probe)
+    .await
+    .unwrap();
+    let new: Vec<String> = texts.into_iter().filter(|t| !seen.contains(t)).collect();
+    assert_eq!(new.len(), 1, "{new:#?}");
+    new.into_iter().next().unwrap_or_default()
+}
+
 /// A shared statement's rows are ordered by request (`ORDER BY k.i`), so that each request can
 /// be answered as soon as a later one's rows begin; PostgreSQL must get that order from the
 /// function scan, without a sort above the join (a sort is not stable: it could reorder a
 /// request's own rows, and it would hold every row until the statement ends). The statements
-/// have the form db-svc writes for these shapes (`shared_sql`'s and the planner's unit tests
-/// pin the text), and are checked with the values bound (a custom plan) and as a prepared
-/// statement's generic plan, which PostgreSQL switches to after a few runs.
+/// are the ones db-svc sends for four shapes (read from `pg_stat_activity`), checked with the
+/// values bound (a custom plan) and as a prepared statement's generic plan, which PostgreSQL
+/// switches to after a few runs.
 #[tokio::test]
 async fn shared_statements_are_ordered_by_request_without_a_sort() {
-    let (s, _metrics) = one_query_at_a_time().await;
+    let (s, metrics) = one_query_at_a_time().await;
     let mut conn = s.sql().await;
     sqlx::query("ANALYZE agent_actions")
         .execute(&mut conn)
         .await
         .unwrap();
-    // (the query reading its filter value from k, its paging values as $2, $3)
-    let shapes: [(&str, &[i64]); 4] = [
-        (
-            "SELECT \"agent_name\", \"duration_ms\", \"id\" FROM \"agent_actions\" \
-             WHERE \"agent_name\" = k.p1 LIMIT $2",
-            &[100],
-        ),
-        (
-            "SELECT \"agent_name\", \"duration_ms\", \"id\" FROM \"agent_actions\" \
-             WHERE \"agent_name\" = k.p1 ORDER BY \"duration_ms\" DESC NULLS LAST, \"id\" ASC \
-             LIMIT $2 OFFSET $3",
-            &[100, 1],
-        ),
-        (
-            "SELECT \"id\", \"agent_name\", \"created_at\" FROM \"agent_actions\" \
-             WHERE \"agent_name\" = k.p1 ORDER BY \"created_at\" DESC NULLS LAST, \"id\" ASC \
-             LIMIT $2",
-            &[100],
-        ),
-        (
-            "SELECT count(*) FROM \"agent_actions\" WHERE \"agent_name\" = k.p1",
-            &[],
-        ),
-    ];
+    let by_agent =
+        |agent: &str, columns: &[&str], order: Option<&str>, offset: u64| pb::QueryRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({ "agent_name": agent }))),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            order_by: order
+                .map(|column| pb::OrderBy {
+                    column: column.into(),
+                    direction: pb::Direction::Desc as i32,
+                    nulls: pb::Nulls::Last as i32,
+                })
+                .into_iter()
+                .collect(),
+            offset,
+            ..Default::default()
+        };
+    let columns = ["agent_name", "duration_ms", "id"];
+    // Each shape's statement, and the paging values it binds after the array ($2, $3).
+    let mut seen: Vec<String> = Vec::new();
+    let sql = shared_statement_of(&s, &metrics, &seen, |a| {
+        spawn_query(&s, by_agent(a, &columns, None, 0))
+    })
+    .await;
+    seen.push(sql);
+    let sql = shared_statement_of(&s, &metrics, &seen, |a| {
+        spawn_query(&s, by_agent(a, &columns, Some("duration_ms"), 1))
+    })
+    .await;
+    seen.push(sql);
+    let sql = shared_statement_of(&s, &metrics, &seen, |a| {
+        spawn_query(
+            &s,
+            by_agent(
+                a,
+                &["id", "agent_name", "created_at"],
+                Some("created_at"),
+                0,
+            ),
+        )
+    })
+    .await;
+    seen.push(sql);
+    let sql = shared_statement_of(&s, &metrics, &seen, |a| spawn_count(&s, Some(a))).await;
+    seen.push(sql);
+    let paging: [&[i64]; 4] = [&[100], &[100, 1], &[100], &[]];
+    let shapes: Vec<(String, &[i64])> = seen.into_iter().zip(paging).collect();
     let agents: Vec<String> = (0..16).map(|a| format!("agent-{a}")).collect();
-    let check = |inner: &str, how: &str, plan: &Json| {
+    let check = |shared: &str, how: &str, plan: &Json| {
         let root = &plan[0]["Plan"];
-        assert_eq!(root["Node Type"], "Nested Loop", "{how} {inner}: {plan:#}");
+        assert_eq!(root["Node Type"], "Nested Loop", "{how} {shared}: {plan:#}");
         assert_eq!(
             root["Plans"][0]["Node Type"], "Function Scan",
-            "{how} {inner}: {plan:#}"
+            "{how} {shared}: {plan:#}"
         );
     };
-    for (n, (inner, paging)) in shapes.into_iter().enumerate() {
-        let shared = format!(
-            "SELECT k.i, s.* FROM unnest($1) WITH ORDINALITY AS k(p1, i) \
-             CROSS JOIN LATERAL ({inner}) AS s ORDER BY k.i"
+    for (n, (shared, paging)) in shapes.iter().enumerate() {
+        let shared = shared.as_str();
+        // One array for the one filter value, then the paging values.
+        for p in 1..=1 + paging.len() {
+            assert!(shared.contains(&format!("${p}")), "${p}: {shared}");
+        }
+        assert!(
+            !shared.contains(&format!("${}", paging.len() + 2)),
+            "{shared}"
         );
         let explain = format!("EXPLAIN (FORMAT JSON) {shared}");
         let mut custom = sqlx::query_as::<_, (Json,)>(&explain).bind(&agents);
-        for p in paging {
+        for p in paging.iter() {
             custom = custom.bind(p);
         }
         let (plan,) = custom
             .fetch_one(&mut conn)
             .await
-            .unwrap_or_else(|e| panic!("{inner}: {e}"));
-        check(inner, "custom plan", &plan);
+            .unwrap_or_else(|e| panic!("{shared}: {e}"));
+        check(shared, "custom plan", &plan);
 
         let types: Vec<&str> = std::iter::once("text[]")
             .chain(paging.iter().map(|_| "int8"))
@@ -407,7 +471,7 @@ async fn shared_statements_are_ordered_by_request_without_a_sort() {
         ))
         .execute(&mut conn)
         .await
-        .unwrap_or_else(|e| panic!("{inner}: {e}"));
+        .unwrap_or_else(|e| panic!("{shared}: {e}"));
         let args: Vec<String> = std::iter::once(format!("'{{{}}}'", agents.join(",")))
             .chain(paging.iter().map(|p| p.to_string()))
             .collect();
@@ -421,8 +485,8 @@ async fn shared_statements_are_ordered_by_request_without_a_sort() {
         ))
         .fetch_one(&mut conn)
         .await
-        .unwrap_or_else(|e| panic!("{inner}: {e}"));
-        check(inner, "generic plan", &plan);
+        .unwrap_or_else(|e| panic!("{shared}: {e}"));
+        check(shared, "generic plan", &plan);
         sqlx::raw_sql("RESET plan_cache_mode")
             .execute(&mut conn)
             .await
