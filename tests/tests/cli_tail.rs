@@ -408,11 +408,18 @@ async fn tail_with_a_count_of_zero_shows_nothing() {
     .await
     .unwrap();
     let addr = consumer.addr.to_string();
+    let started = std::time::Instant::now();
     let out = omnibus(&["--consumer-addr", &addr, "tail", "actions", "-n", "0"])
         .await
         .unwrap();
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.stdout, "", "{out:?}");
+    // At once: not following the stream (which would only end at the harness's 60 s limit).
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// A consumer-svc that stops answering without closing its connection (its host vanished;
