@@ -2092,44 +2092,6 @@ async fn update_and_delete_returning_too_many_rows_roll_back() {
     );
 }
 
-/// A configured table that does not exist yet is listed, refused with a field error naming
-/// it, and served as soon as it is created (no restart).
-#[tokio::test]
-async fn a_configured_table_is_served_once_it_is_created() {
-    let mut s = DbSvc::start_with("SELECT 1", "later").await;
-    let listed = s
-        .client
-        .list_tables(pb::ListTablesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .tables;
-    assert_eq!(listed, vec!["later".to_string()]);
-    let query = pb::QueryRequest {
-        table: "later".into(),
-        ..Default::default()
-    };
-    let err = s.client.query(query.clone()).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    assert_eq!(error_details(&err).1, vec!["table"], "{err:?}");
-    assert!(
-        err.message().contains("does not exist in the database"),
-        "{err:?}"
-    );
-
-    let mut conn = s.sql().await;
-    sqlx::query("CREATE TABLE later (id int PRIMARY KEY, body text)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(
-        insert(&mut s, "later", vec![json!({"id": 1, "body": "now"})]).await,
-        vec![json!({"id": 1.0, "body": "now"})]
-    );
-    let rows = s.client.query(query).await.unwrap().into_inner().rows;
-    assert_eq!(rows_json(&rows), vec![json!({"id": 1.0, "body": "now"})]);
-}
-
 /// A column of a type outside the mapping is read as its text, but ordered as its type:
 /// intervals by length, not as strings ("10 days" < "2 days"), with or without a projection.
 #[tokio::test]

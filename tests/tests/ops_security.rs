@@ -242,76 +242,51 @@ async fn every_consumer_rpc(
         }
         request
     }
-    fn ok<T>(result: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
-        result.map(|_| ())
+    // (name, method, request message) -> (name, outcome)
+    macro_rules! call {
+        ($name:literal, $method:ident, $message:expr) => {
+            (
+                $name,
+                client.$method(req($message, token)).await.map(|_| ()),
+            )
+        };
     }
     vec![
-        (
-            "GetAgentMetrics",
-            ok(client
-                .get_agent_metrics(req(cpb::GetAgentMetricsRequest::default(), token))
-                .await),
-        ),
-        (
-            "ListRecentActions",
-            ok(client
-                .list_recent_actions(req(cpb::ListRecentActionsRequest::default(), token))
-                .await),
-        ),
-        (
+        call!("GetAgentMetrics", get_agent_metrics, Default::default()),
+        call!("ListRecentActions", list_recent_actions, Default::default()),
+        call!(
             "ListRoutingDecisions",
-            ok(client
-                .list_routing_decisions(req(cpb::ListRoutingDecisionsRequest::default(), token))
-                .await),
+            list_routing_decisions,
+            Default::default()
         ),
-        (
+        call!(
             "ListTransformations",
-            ok(client
-                .list_transformations(req(cpb::ListTransformationsRequest::default(), token))
-                .await),
+            list_transformations,
+            Default::default()
         ),
-        (
+        call!(
             "ListPerformanceMetrics",
-            ok(client
-                .list_performance_metrics(req(cpb::ListPerformanceMetricsRequest::default(), token))
-                .await),
+            list_performance_metrics,
+            Default::default()
         ),
-        (
+        call!(
             "GetPerformanceStats",
-            ok(client
-                .get_performance_stats(req(cpb::GetPerformanceStatsRequest::default(), token))
-                .await),
+            get_performance_stats,
+            Default::default()
         ),
-        (
-            "GetSnapshot",
-            ok(client
-                .get_snapshot(req(cpb::GetSnapshotRequest {}, token))
-                .await),
-        ),
-        (
+        call!("GetSnapshot", get_snapshot, cpb::GetSnapshotRequest {}),
+        call!(
             "GetConsumerStatus",
-            ok(client
-                .get_consumer_status(req(cpb::GetConsumerStatusRequest {}, token))
-                .await),
+            get_consumer_status,
+            cpb::GetConsumerStatusRequest {}
         ),
-        (
-            "StreamActions",
-            ok(client
-                .stream_actions(req(cpb::StreamActionsRequest::default(), token))
-                .await),
-        ),
-        (
+        call!("StreamActions", stream_actions, Default::default()),
+        call!(
             "StreamAgentMetrics",
-            ok(client
-                .stream_agent_metrics(req(cpb::StreamAgentMetricsRequest::default(), token))
-                .await),
+            stream_agent_metrics,
+            Default::default()
         ),
-        (
-            "Subscribe",
-            ok(client
-                .subscribe(req(cpb::SubscribeRequest::default(), token))
-                .await),
-        ),
+        call!("Subscribe", subscribe, cpb::SubscribeRequest::default()),
     ]
 }
 
