@@ -1,12 +1,42 @@
-//! Database reachability drives the health status: `SELECT 1` on a short interval. The first
-//! time PostgreSQL answers, the schema is prepared (migrations, catalog); the service reports
-//! SERVING only once that has succeeded.
+//! Database reachability drives the health status: `SELECT 1` on a short interval, over a
+//! connection of the probe's own (through the pool, a pool busy with long statements would
+//! pass for an unreachable database). The first time PostgreSQL answers, the schema is
+//! prepared (migrations, catalog); the service reports SERVING only once that has succeeded.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use svc_kit::{Health, Shutdown};
+
+/// Whether PostgreSQL answered the last probe (false until the first answer). Requests read it
+/// to tell an outage from a busy pool when their deadline passes waiting for a connection.
+#[derive(Clone, Debug, Default)]
+pub struct Reachability(Arc<AtomicBool>);
+
+impl Reachability {
+    pub fn is_reachable(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, reachable: bool) {
+        self.0.store(reachable, Ordering::Relaxed);
+    }
+}
+
+/// `SELECT 1` over `conn`, opening it first if there is none; a connection that failed is
+/// dropped (the next probe opens a fresh one).
+async fn probe(pool: &PgPool, conn: &mut Option<PgConnection>) -> Result<(), sqlx::Error> {
+    let mut open = match conn.take() {
+        Some(open) => open,
+        None => PgConnection::connect_with(&pool.connect_options()).await?,
+    };
+    sqlx::query("SELECT 1").execute(&mut open).await?;
+    *conn = Some(open);
+    Ok(())
+}
 
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -20,6 +50,7 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
 pub async fn watch_database<P, PF, H, HF>(
     pool: PgPool,
     health: Health,
+    reachability: Reachability,
     shutdown: Shutdown,
     prepare: P,
     housekeeping: H,
@@ -32,15 +63,19 @@ pub async fn watch_database<P, PF, H, HF>(
     let mut last_error: Option<String> = None;
     let mut ready = false;
     let mut last_housekeeping: Option<Instant> = None;
+    let mut conn: Option<PgConnection> = None;
     loop {
-        let result =
-            tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&pool)).await;
+        let result = tokio::time::timeout(PROBE_TIMEOUT, probe(&pool, &mut conn)).await;
         let mut error = match result {
-            Ok(Ok(_)) => None,
+            Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
+            Err(_) => {
+                conn = None;
+                Some(format!("no answer within {PROBE_TIMEOUT:?}"))
+            }
         };
         let reachable = error.is_none();
+        reachability.set(reachable);
         if reachable && !ready {
             match prepare().await {
                 Ok(()) => ready = true,

@@ -239,6 +239,12 @@ impl From<sqlx::Error> for DbError {
     }
 }
 
+/// PostgreSQL's refusal of a statement prepared before its table's column types changed
+/// (SQLSTATE 0A000, which it shares with other unsupported features: told by the message).
+pub fn is_stale_plan(message: &str) -> bool {
+    message.contains("cached plan must not change result type")
+}
+
 fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
     let pg = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
     let message = db.message().to_string();
@@ -265,9 +271,7 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         // Undefined column or table, a value (or operator) of another type than the column's,
         // a statement prepared before its table's column types changed.
         "42703" | "42P01" | "42804" | "42883" => DbError::SchemaChanged(message),
-        "0A000" if message.contains("cached plan must not change result type") => {
-            DbError::SchemaChanged(message)
-        }
+        "0A000" if is_stale_plan(&message) => DbError::SchemaChanged(message),
         // Too many connections is PostgreSQL being busy; the rest of class 53 (out of memory,
         // disk full, a configured limit such as temp_file_limit) is this statement's size.
         c if c.starts_with("08") || c == "53300" || c.starts_with("57P") => {

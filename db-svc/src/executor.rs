@@ -10,11 +10,12 @@ use futures::TryStreamExt;
 use serde_json::Value as Json;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::{Either, PgPool, Postgres, Row, Statement as _};
-use svc_kit::{Health, Shutdown};
+use svc_kit::Shutdown;
 use tokio::sync::mpsc;
 
 use crate::catalog::{Catalog, ColType, TableInfo};
 use crate::coalescing::BatchLimits;
+use crate::db_health::Reachability;
 use crate::error::DbError;
 use crate::fingerprint;
 use crate::insert_coalescing::InsertCoalescer;
@@ -79,15 +80,15 @@ pub struct Executor {
     limits: Arc<Limits>,
     inserts: Option<Arc<InsertCoalescer>>,
     queries: Option<Arc<QueryCoalescer>>,
-    health: Health,
+    reachability: Reachability,
 }
 
 /// A batch of a streamed query, or the error that ended the stream.
 pub type RowBatch = Result<Vec<prost_types::Struct>, DbError>;
 
 impl Executor {
-    /// `health` is db-svc's, which the database probe sets (see [`crate::db_health`]).
-    pub fn new(pool: PgPool, catalog: Catalog, limits: Limits, health: Health) -> Self {
+    /// `reachability` is set by the database probe (see [`crate::db_health`]).
+    pub fn new(pool: PgPool, catalog: Catalog, limits: Limits, reachability: Reachability) -> Self {
         let inserts = (limits.coalesce_inserts > 0).then(|| {
             InsertCoalescer::new(pool.clone(), BatchLimits::inserts(limits.coalesce_inserts))
         });
@@ -100,7 +101,7 @@ impl Executor {
             limits: Arc::new(limits),
             inserts,
             queries,
-            health,
+            reachability,
         }
     }
 
@@ -112,8 +113,8 @@ impl Executor {
         &self.limits
     }
 
-    pub fn health(&self) -> &Health {
-        &self.health
+    pub fn reachability(&self) -> &Reachability {
+        &self.reachability
     }
 
     /// The catalog entry of `name`: a field error if it is not served or does not exist. A
@@ -204,12 +205,12 @@ impl Executor {
     }
 
     /// The error of a request whose deadline passed while `waiting`. While the database
-    /// probe finds PostgreSQL unreachable (or no connection is open at all), that is the
-    /// reason: UNAVAILABLE, as the same request without a deadline gets once sqlx stops
-    /// retrying refused connections at the pool's acquire timeout, which a short deadline
-    /// cuts off. Otherwise the connections were all busy or slow: DEADLINE_EXCEEDED.
+    /// probe finds PostgreSQL unreachable, that is the reason: UNAVAILABLE, as the same
+    /// request without a deadline gets once sqlx stops retrying refused connections at the
+    /// pool's acquire timeout, which a short deadline cuts off. Otherwise the connections
+    /// were all busy or slow: DEADLINE_EXCEEDED.
     fn no_connection_before_the_deadline(&self, waiting: &str) -> DbError {
-        if self.pool.size() == 0 || !self.health.is_serving() {
+        if !self.reachability.is_reachable() {
             DbError::Unavailable(format!(
                 "PostgreSQL is not reachable: no answer before the deadline ({waiting})"
             ))
@@ -242,8 +243,8 @@ impl Executor {
         attempt: impl Fn() -> F,
     ) -> Result<T, DbError> {
         let result = attempt().await;
-        if matches!(result, Err(DbError::SchemaChanged(_)))
-            && reread_changed_table(&self.catalog, &self.pool, table, arrived).await
+        if let Err(DbError::SchemaChanged(message)) = &result
+            && reread_changed_table(&self.catalog, &self.pool, table, arrived, message).await
         {
             tracing::info!(table, "table changed since its catalog was read; retrying");
             return attempt().await;
@@ -681,8 +682,8 @@ impl Executor {
             if let Err(e) = result {
                 // Rows may already have gone out, so this stream is not retried; the table is
                 // read again so that the caller's next request runs on what it is now.
-                if matches!(e, DbError::SchemaChanged(_)) {
-                    reread_changed_table(&catalog, &pool, &spec.table, arrived).await;
+                if let DbError::SchemaChanged(message) = &e {
+                    reread_changed_table(&catalog, &pool, &spec.table, arrived, message).await;
                 }
                 error_slot.send(Err(e));
             }
@@ -915,17 +916,23 @@ where
     })
 }
 
-/// After a statement tripped on what may be a changed table: reads the table again
-/// (coalesced with other requests that tripped at the same time), which retires the pooled
-/// connections whose prepared statements belong to the old table if it did change (see
-/// `stale_plans`); false if it cannot be read.
+/// After a statement tripped on what may be a changed table (`error`, PostgreSQL's message):
+/// reads the table again (coalesced with other requests that tripped at the same time), and
+/// retires the pooled connections whose prepared statements belong to the old table when it
+/// did change or PostgreSQL said so (see `stale_plans`); false if it cannot be read.
 async fn reread_changed_table(
     catalog: &Catalog,
     pool: &PgPool,
     table: &str,
     arrived: Instant,
+    error: &str,
 ) -> bool {
-    // The catalog retires the connections when the table did change (`refresh_table`).
+    if crate::error::is_stale_plan(error) {
+        // The connection's prepared statement predates a change the catalog need not show
+        // (a collation, say): the connections opened until now are retired regardless.
+        crate::stale_plans::mark_changed();
+    }
+    // Otherwise the catalog retires them if the table did change (`refresh_table`).
     catalog.refresh_on_miss(pool, table, arrived).await.is_ok()
 }
 

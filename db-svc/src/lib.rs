@@ -149,7 +149,7 @@ fn start_bus_worker(
             pool.clone(),
             executor.catalog().clone(),
             limits,
-            executor.health().clone(),
+            executor.reachability().clone(),
         ),
         sql_writes: bus.sql_writes,
     };
@@ -174,6 +174,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     // Lazy: db-svc starts (NOT_SERVING) even while PostgreSQL is down, and recovers by itself.
     let pool = pool(&settings);
     let catalog = Catalog::new(settings.tables.clone());
+    let reachability = db_health::Reachability::default();
 
     let watcher = {
         let (probe_pool, pool, catalog) = (pool.clone(), pool.clone(), catalog.clone());
@@ -186,6 +187,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             db_health::watch_database(
                 probe_pool,
                 health.clone(),
+                reachability.clone(),
                 shutdown.clone(),
                 move || {
                     let (pool, catalog, raw_role) =
@@ -212,7 +214,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             coalesce_inserts: settings.coalesce_inserts,
             coalesce_queries: settings.coalesce_queries,
         },
-        health.clone(),
+        reachability,
     );
     let api = std::sync::Arc::new(api::DatabaseApi::new(executor.clone(), shutdown.clone()));
     svc_kit::metrics::spawn_sampler(std::time::Duration::from_secs(1), shutdown.clone(), {

@@ -675,6 +675,11 @@ pub fn plan_query(
         for pk in &table.primary_key {
             if !spec.order_by.iter().any(|o| o.column == *pk) {
                 b.push(", ");
+                if table.column(pk).is_some_and(|c| c.ty == ColType::Other) {
+                    // As above: the key itself, not the select list's text of it.
+                    b.ident(&table.name);
+                    b.push(".");
+                }
                 b.ident(pk);
                 b.push(" ASC");
             }

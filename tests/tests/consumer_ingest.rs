@@ -425,7 +425,11 @@ async fn aggregates_match_a_reference_and_a_restart_rebuilds_them() {
         let s = s.snapshot.unwrap();
         (
             s.agents,
-            s.actions.into_iter().map(|a| a.id).collect::<Vec<_>>(),
+            // Ids and event times: the same on a replica that replays the window later.
+            s.actions
+                .into_iter()
+                .map(|a| (a.id, a.timestamp))
+                .collect::<Vec<_>>(),
             s.routing_decisions
                 .into_iter()
                 .map(|a| a.id)

@@ -895,7 +895,8 @@ async fn a_stalled_stream_reader_frees_its_connection() {
 
 /// A request's deadline counts from its arrival: time spent waiting for a pooled connection
 /// is taken from it, and db-svc answers DEADLINE_EXCEEDED with its own TIMEOUT reason just
-/// before the caller's deadline, instead of the wait running past it.
+/// before the caller's deadline, instead of the wait running past it - also after the pool
+/// has been busy for longer than a health probe waits (a busy pool is not an outage).
 #[tokio::test]
 async fn waiting_for_a_connection_counts_against_the_deadline() {
     let s = DbSvc::start(&["--db-max-connections", "1"]).await;
@@ -924,6 +925,24 @@ async fn waiting_for_a_connection_counts_against_the_deadline() {
         "db-svc's own answer: {err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(3));
+
+    // Long enough for several health probes (3 s timeout, every 2 s): a pool busy with a long
+    // statement is not an outage. The probe has a connection of its own, so db-svc stays
+    // SERVING and a short deadline is still DEADLINE_EXCEEDED, not UNAVAILABLE.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let status = s
+        .svc
+        .health(omnibus_proto::service_names::DATABASE)
+        .await
+        .unwrap();
+    assert_eq!(status, ServingStatus::Serving);
+    let mut request = tonic::Request::new(pb::CountRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let err = s.client.clone().count(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     lock.release().await;
     assert_eq!(holder.await.unwrap().unwrap().into_inner().count, 0);
 }

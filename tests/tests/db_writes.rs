@@ -611,10 +611,6 @@ async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
     assert_eq!(count(&mut s, "agent_actions").await, 2);
 }
 
-/// Inserts into a table whose rows a `BEFORE INSERT` trigger may skip - on the table or only
-/// on one of its partitions - never share a statement (their RETURNING rows could not be
-/// matched to requests): concurrent inserts, held back by a lock so that they queue, each
-/// get exactly their own outcome.
 /// A replay answers with the very values of the first answer, numbers included: the recorded
 /// result is jsonb, which prints the double 1e16 as the integer 10000000000000000, and that
 /// must come back as the number it was, not as a bigint's decimal text.
@@ -655,6 +651,10 @@ async fn a_replay_returns_numbers_as_numbers_whatever_their_size() {
     assert_eq!(count(&mut s, "readings").await, 3);
 }
 
+/// Inserts into a table whose rows a `BEFORE INSERT` trigger may skip - on the table or only
+/// on one of its partitions - never share a statement (their RETURNING rows could not be
+/// matched to requests): concurrent inserts, held back by a lock so that they queue, each
+/// get exactly their own outcome.
 #[tokio::test]
 async fn inserts_into_tables_with_skipping_triggers_never_share() {
     use sqlx::Connection;

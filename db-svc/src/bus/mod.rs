@@ -348,6 +348,8 @@ pub async fn run(
         );
         tasks.abort_all();
     }
+    // A partition revoked by the last `recv` must not be committed from here either.
+    consumer.context().forget_revoked(&mut tracker);
     while let Ok((g, (topic, partition, offset))) = done_rx.try_recv() {
         if g != generation {
             continue;
