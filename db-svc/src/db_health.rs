@@ -26,13 +26,17 @@ impl Reachability {
     }
 }
 
-/// `SELECT 1` over `conn`, opening it first if there is none; a connection that failed is
-/// dropped (the next probe opens a fresh one).
+/// `SELECT 1` over `conn`, kept between probes. When it fails, or there is none, over a fresh
+/// connection (kept if it answers): a session killed while idle (a DBA's job, a proxy) is not
+/// an outage.
 async fn probe(pool: &PgPool, conn: &mut Option<PgConnection>) -> Result<(), sqlx::Error> {
-    let mut open = match conn.take() {
-        Some(open) => open,
-        None => PgConnection::connect_with(&pool.connect_options()).await?,
-    };
+    if let Some(mut open) = conn.take()
+        && sqlx::query("SELECT 1").execute(&mut open).await.is_ok()
+    {
+        *conn = Some(open);
+        return Ok(());
+    }
+    let mut open = PgConnection::connect_with(&pool.connect_options()).await?;
     sqlx::query("SELECT 1").execute(&mut open).await?;
     *conn = Some(open);
     Ok(())
@@ -69,10 +73,7 @@ pub async fn watch_database<P, PF, H, HF>(
         let mut error = match result {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => {
-                conn = None;
-                Some(format!("no answer within {PROBE_TIMEOUT:?}"))
-            }
+            Err(_) => Some(format!("no answer within {PROBE_TIMEOUT:?}")),
         };
         let reachable = error.is_none();
         reachability.set(reachable);

@@ -123,3 +123,53 @@ async fn migrations_can_be_disabled() {
         .into_inner();
     assert_eq!(reply.affected, 1);
 }
+
+/// The health probe keeps a connection of its own; a session killed while idle (a DBA's job,
+/// a proxy) is not an outage: the probe opens a fresh one and db-svc stays SERVING.
+#[tokio::test]
+async fn a_killed_probe_session_is_not_an_outage() {
+    let s = DbSvc::start(&[]).await;
+    let mut conn = s.sql().await;
+    async fn probe_pid(conn: &mut sqlx::PgConnection) -> Option<i32> {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND query = 'SELECT 1'",
+        )
+        .fetch_optional(conn)
+        .await
+        .unwrap()
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Some(pid) = probe_pid(&mut conn).await {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no probe session");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(killed);
+    // Three probe rounds (every 2 s), watched closely: never NOT_SERVING.
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(6) {
+        let status = s
+            .svc
+            .health(omnibus_proto::service_names::DATABASE)
+            .await
+            .unwrap();
+        assert_eq!(
+            status,
+            ServingStatus::Serving,
+            "after {:?}",
+            watched.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The probe is back on a session of its own.
+    let again = probe_pid(&mut conn).await;
+    assert!(again.is_some_and(|p| p != pid), "{again:?}");
+}
