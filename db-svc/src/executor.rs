@@ -142,13 +142,10 @@ impl Executor {
         // A column (or table) the cache does not know: it may have been added since.
         let arrived = std::time::Instant::now();
         let read = self.catalog.refresh_on_miss(&self.pool, name, arrived);
-        let read = match time_left {
-            Some(left) => tokio::time::timeout(before_the_caller(left), read)
-                .await
-                .map_err(|_| self.no_connection_before_the_deadline("reading the catalog"))?,
-            None => read.await,
-        };
-        match read? {
+        match self
+            .before_the_deadline(time_left, "reading the catalog", read)
+            .await??
+        {
             Some(info) => Ok(info),
             None => Err(DbError::field(
                 "table",
@@ -192,16 +189,32 @@ impl Executor {
         begin: &'static str,
     ) -> Result<sqlx::Transaction<'static, Postgres>, DbError> {
         let acquire = self.pool.begin_with(begin);
-        let mut tx = match ctx.time_left() {
-            Some(left) => tokio::time::timeout(before_the_caller(left), acquire)
-                .await
-                .map_err(|_| {
-                    self.no_connection_before_the_deadline("waiting for a database connection")
-                })??,
-            None => acquire.await?,
-        };
+        let mut tx = self
+            .before_the_deadline(
+                ctx.time_left(),
+                "waiting for a database connection",
+                acquire,
+            )
+            .await??;
         self.time_left_for_next(&mut tx, ctx).await?;
         Ok(tx)
+    }
+
+    /// `wait` (for a connection, a catalog read), bounded by `time_left` of the caller's
+    /// deadline when it has one; the deadline passing first is the error of
+    /// [`Executor::no_connection_before_the_deadline`].
+    async fn before_the_deadline<T>(
+        &self,
+        time_left: Option<Duration>,
+        waiting: &str,
+        wait: impl Future<Output = T>,
+    ) -> Result<T, DbError> {
+        match time_left {
+            Some(left) => tokio::time::timeout(before_the_caller(left), wait)
+                .await
+                .map_err(|_| self.no_connection_before_the_deadline(waiting)),
+            None => Ok(wait.await),
+        }
     }
 
     /// The error of a request whose deadline passed while `waiting`. While the database

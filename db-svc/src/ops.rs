@@ -596,6 +596,17 @@ fn compared_column(b: &mut Builder, col: &crate::catalog::ColumnInfo) {
     }
 }
 
+/// A column as an ORDER BY key. One read as text is qualified: a bare name would be the
+/// select list's `::text` of it (ORDER BY prefers output columns), which orders intervals,
+/// inets or arrays as strings.
+fn order_key(b: &mut Builder, table: &TableInfo, col: &crate::catalog::ColumnInfo) {
+    if col.ty == ColType::Other {
+        b.ident(&table.name);
+        b.push(".");
+    }
+    compared_column(b, col);
+}
+
 /// ` WHERE <equals...> AND <filter>`, nothing when the criteria are empty. Shorthand
 /// conditions are reported as `where.<column>` in field errors.
 fn where_clause(b: &mut Builder, table: &TableInfo, criteria: &Criteria) -> Result<(), DbError> {
@@ -651,13 +662,7 @@ pub fn plan_query(
     for (i, o) in spec.order_by.iter().enumerate() {
         let c = column(table, &format!("order_by[{i}].column"), &o.column)?;
         b.push(if i == 0 { " ORDER BY " } else { ", " });
-        if c.ty == ColType::Other {
-            // Qualified: a bare name would be the select list's text of the column (ORDER BY
-            // prefers output columns), which orders intervals, inets or arrays as strings.
-            b.ident(&table.name);
-            b.push(".");
-        }
-        compared_column(&mut b, c);
+        order_key(&mut b, table, c);
         b.push(match o.direction {
             Direction::Asc => " ASC",
             Direction::Desc => " DESC",
@@ -675,12 +680,10 @@ pub fn plan_query(
         for pk in &table.primary_key {
             if !spec.order_by.iter().any(|o| o.column == *pk) {
                 b.push(", ");
-                if table.column(pk).is_some_and(|c| c.ty == ColType::Other) {
-                    // As above: the key itself, not the select list's text of it.
-                    b.ident(&table.name);
-                    b.push(".");
+                match table.column(pk) {
+                    Some(c) => order_key(&mut b, table, c),
+                    None => b.ident(pk),
                 }
-                b.ident(pk);
                 b.push(" ASC");
             }
         }

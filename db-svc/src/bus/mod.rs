@@ -275,7 +275,8 @@ pub async fn run(
             _ = shutdown.triggered() => break,
             Some((g, (topic, partition, offset))) = done_rx.recv() => {
                 if g == generation {
-                    commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset);
+                    let mode = CommitMode::Async;
+                    commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset, mode);
                 }
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -287,7 +288,10 @@ pub async fn run(
                         _ = shutdown.triggered() => break None,
                         Some((g, (topic, partition, offset))) = done_rx.recv() => {
                             if g == generation {
-                                commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset);
+                                let mode = CommitMode::Async;
+                                commit_if_advanced(
+                                    &consumer, &mut tracker, &topic, partition, offset, mode,
+                                );
                             }
                         }
                         Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -348,14 +352,16 @@ pub async fn run(
         );
         tasks.abort_all();
     }
-    // A partition revoked by the last `recv` must not be committed from here either.
-    consumer.context().forget_revoked(&mut tracker);
     while let Ok((g, (topic, partition, offset))) = done_rx.try_recv() {
-        if g != generation {
-            continue;
-        }
-        if let Some(next) = tracker.finished(&topic, partition, offset) {
-            commit(&consumer, &topic, partition, next, CommitMode::Sync);
+        if g == generation {
+            commit_if_advanced(
+                &consumer,
+                &mut tracker,
+                &topic,
+                partition,
+                offset,
+                CommitMode::Sync,
+            );
         }
     }
     tracing::info!("event-bus worker stopped");
@@ -461,16 +467,19 @@ fn replace_consumer(
     Ok(fresh)
 }
 
+/// Records `offset` as finished and commits how far the partition got, if that moved - never
+/// for a partition a rebalance took away (it is forgotten first).
 fn commit_if_advanced(
     consumer: &BusConsumer,
     tracker: &mut CommitTracker,
     topic: &str,
     partition: i32,
     offset: i64,
+    mode: CommitMode,
 ) {
     consumer.context().forget_revoked(tracker);
     if let Some(next) = tracker.finished(topic, partition, offset) {
-        commit(consumer, topic, partition, next, CommitMode::Async);
+        commit(consumer, topic, partition, next, mode);
     }
 }
 
