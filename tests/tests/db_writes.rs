@@ -673,12 +673,7 @@ async fn inserts_into_tables_with_skipping_triggers_never_share() {
     }
     let s = DbSvc::start_on(db, &["--tables", "notes,parted", "--coalesce-inserts", "1"]).await;
     for table in ["notes", "parted"] {
-        let mut lock = s.sql().await;
-        sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
-        sqlx::query(&format!("LOCK TABLE {table} IN SHARE MODE"))
-            .execute(&mut lock)
-            .await
-            .unwrap();
+        let lock = TableLock::take_on(&s, table, "SHARE").await;
         let tasks: Vec<_> = (0..12)
             .map(|i| {
                 let body = if i % 3 == 0 {
@@ -706,27 +701,8 @@ async fn inserts_into_tables_with_skipping_triggers_never_share() {
             .collect();
         // All twelve reach PostgreSQL as statements of their own and wait on the lock (with
         // sharing, fewer statements would wait: the rest would queue inside db-svc).
-        let mut probe = s.sql().await;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let blocked: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = $1 AND NOT l.granted",
-            )
-            .bind(table)
-            .fetch_one(&mut probe)
-            .await
-            .unwrap();
-            if blocked == 12 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{table}: {blocked} statements waiting, not 12"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+        lock.wait_blocked(&s, 12).await;
+        lock.release().await;
         for (body, task) in tasks {
             let reply = task
                 .await
