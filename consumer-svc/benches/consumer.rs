@@ -37,6 +37,10 @@ struct Setup {
     fanout_partitions: i32,
     /// The load generator's `linger.ms` (`--linger-ms`; unset: the generator's own, 5).
     linger_ms: Option<u32>,
+    /// `fetch.wait.max.ms` of consumer-svc (`--kafka-config`) and of the bare consumers
+    /// (`--fetch-wait-ms`; unset: consumer-svc's default, 20). tansu answers a fetch only
+    /// when this wait has passed, so it bounds every consumer's latency.
+    fetch_wait_ms: Option<u32>,
 }
 
 impl Default for Setup {
@@ -45,6 +49,7 @@ impl Default for Setup {
             partitions: 3,
             fanout_partitions: 1,
             linger_ms: None,
+            fetch_wait_ms: None,
         }
     }
 }
@@ -118,6 +123,7 @@ fn parse_args() -> Result<Args> {
             "--partitions" => a.setup.partitions = value()?.parse::<i32>()?.max(1),
             "--fanout-partitions" => a.setup.fanout_partitions = value()?.parse::<i32>()?.max(1),
             "--linger-ms" => a.setup.linger_ms = Some(value()?.parse()?),
+            "--fetch-wait-ms" => a.setup.fetch_wait_ms = Some(value()?.parse()?),
             "--only" => a.only = value()?.split(',').map(str::to_string).collect(),
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other}"),
@@ -258,6 +264,12 @@ impl Service {
             .args(["--kafka-brokers", brokers, "--topic-prefix", prefix])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(extra)
+            .args(setup().fetch_wait_ms.iter().flat_map(|ms| {
+                [
+                    "--kafka-config".to_string(),
+                    format!("fetch.wait.max.ms={ms}"),
+                ]
+            }))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -465,7 +477,10 @@ fn bare_config(brokers: &str) -> ClientConfig {
         .set("group.id", "bench-bare-unused")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "20")
+        .set(
+            "fetch.wait.max.ms",
+            setup().fetch_wait_ms.unwrap_or(20).to_string(),
+        )
         .set("queued.min.messages", "200000")
         .set("queued.max.messages.kbytes", "32768")
         .set("fetch.queue.backoff.ms", "10")
@@ -1168,11 +1183,14 @@ async fn bench_fanout(broker: &Broker, args: &Args) -> Result<String> {
         )
     });
     filter_note.push_str(&format!(
-        "; {partitions} partition(s) per topic, generator `linger.ms` {}, subscribers' HTTP/2 \
-         max frame size {}",
+        "; {partitions} partition(s) per topic, generator `linger.ms` {}, consumers' \
+         `fetch.wait.max.ms` {}, subscribers' HTTP/2 max frame size {}",
         setup()
             .linger_ms
             .map_or("5 (default)".into(), |ms| ms.to_string()),
+        setup()
+            .fetch_wait_ms
+            .map_or("20 (default)".into(), |ms| ms.to_string()),
         args.max_frame_size
             .map_or("16384 (default)".into(), |n| n.to_string())
     ));

@@ -400,17 +400,12 @@ pub struct Ingest {
     repositioned: bool,
 }
 
-fn consumer_config(brokers: &str) -> ClientConfig {
+/// The ingest consumer's settings: its tuning, then the operator's pass-through settings
+/// (`--kafka-config`, `KAFKA_*`), which may change the tuning (e.g. `fetch.wait.max.ms`), then
+/// the settings the ingest loop relies on, which they cannot change.
+fn consumer_config(brokers: &str, operator: &[svc_kit::kafka::KafkaSetting]) -> ClientConfig {
     let mut c = ClientConfig::new();
-    svc_kit::kafka::apply(&mut c);
-    c.set("bootstrap.servers", brokers)
-        // Needed by librdkafka's API but never joined: partitions are assigned directly.
-        .set("group.id", "consumer-svc-unused")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("client.id", "consumer-svc")
+    c.set("client.id", "consumer-svc")
         // Throughput: big fetches and a deep pre-fetch queue; latency: short broker waits.
         // The pre-fetch queue is capped at 32 MiB: it is resident memory while a backlog is
         // replayed (256 MiB let the resident size swing past 250 MiB during the memory
@@ -427,8 +422,17 @@ fn consumer_config(brokers: &str) -> ClientConfig {
         .set("fetch.max.bytes", "67108864")
         .set("reconnect.backoff.max.ms", "1000")
         .set("topic.metadata.refresh.interval.ms", "5000")
-        .set("statistics.interval.ms", "1000")
         .set("log_level", "3");
+    svc_kit::kafka::apply_these(&mut c, operator);
+    c.set("bootstrap.servers", brokers)
+        // Needed by librdkafka's API but never joined: partitions are assigned directly.
+        .set("group.id", "consumer-svc-unused")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        // High watermarks (lag, the end of the start-up replay) come from the statistics.
+        .set("statistics.interval.ms", "1000");
     c
 }
 
@@ -441,7 +445,8 @@ impl Ingest {
             brokers_down: brokers_down.clone(),
         };
         let consumer: BaseConsumer<IngestContext> =
-            consumer_config(&cfg.brokers).create_with_context(context)?;
+            consumer_config(&cfg.brokers, svc_kit::kafka::settings())
+                .create_with_context(context)?;
         Ok(Self {
             cfg,
             sinks,
@@ -825,7 +830,7 @@ impl Ingest {
         if tpl.count() == 0 {
             return (found, recreated);
         }
-        let mut config = consumer_config(&self.cfg.brokers);
+        let mut config = consumer_config(&self.cfg.brokers, svc_kit::kafka::settings());
         config
             .set("client.id", "consumer-svc-position-probe")
             // A position before the log start (retention) is an error here, not a reset.
@@ -888,7 +893,9 @@ impl Ingest {
             status: self.sinks.status.clone(),
             brokers_down: self.brokers_down.clone(),
         };
-        match consumer_config(&self.cfg.brokers).create_with_context(context) {
+        match consumer_config(&self.cfg.brokers, svc_kit::kafka::settings())
+            .create_with_context(context)
+        {
             Ok(fresh) => {
                 tracing::warn!(
                     "broker unreachable ({cause}); replaced the Kafka client, positions kept"
@@ -1421,6 +1428,31 @@ fn apply_parsed(cfg: &IngestConfig, sinks: &Sinks, batch: Parsed) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operators_change_the_tuning_but_not_what_ingest_relies_on() {
+        let setting = |key: &str, value: &str| svc_kit::kafka::KafkaSetting {
+            key: key.into(),
+            value: value.into(),
+        };
+        let defaults = consumer_config("b:9092", &[]);
+        assert_eq!(defaults.get("fetch.wait.max.ms"), Some("20"));
+        let operator = [
+            setting("fetch.wait.max.ms", "5"),
+            setting("security.protocol", "SSL"),
+            setting("enable.auto.commit", "true"),
+            setting("group.id", "theirs"),
+            setting("auto.offset.reset", "latest"),
+            setting("bootstrap.servers", "elsewhere:9092"),
+        ];
+        let c = consumer_config("b:9092", &operator);
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("5"));
+        assert_eq!(c.get("security.protocol"), Some("SSL"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("group.id"), Some("consumer-svc-unused"));
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(c.get("bootstrap.servers"), Some("b:9092"));
+    }
 
     #[test]
     fn warnings_step_by_powers_of_ten() {

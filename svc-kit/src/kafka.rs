@@ -38,3 +38,12 @@ pub fn settings() -> &'static [KafkaSetting] {
 pub fn apply(config: &mut rdkafka::ClientConfig) -> &mut rdkafka::ClientConfig {
     kafka_settings::apply(config, settings())
 }
+
+/// Sets `these` (e.g. [`settings`]) on `config`, in order: for a client whose own tuning the
+/// operator may change, applied after that tuning.
+pub fn apply_these<'c>(
+    config: &'c mut rdkafka::ClientConfig,
+    these: &[KafkaSetting],
+) -> &'c mut rdkafka::ClientConfig {
+    kafka_settings::apply(config, these)
+}

@@ -232,13 +232,7 @@ pub async fn run(
     let brokers_down = Arc::new(AtomicBool::new(false));
     let mut consumer = subscribe(&settings, &brokers_down)?;
     let mut replaced: Option<std::time::Instant> = None;
-    let producer: FutureProducer = svc_kit::kafka::apply(&mut ClientConfig::new())
-        .set("bootstrap.servers", &settings.brokers)
-        .set("client.id", "db-svc-bus")
-        .set("acks", "all")
-        // 1 ms of batching: little latency, far fewer produce requests under load.
-        .set("linger.ms", "1")
-        .set("compression.type", "lz4")
+    let producer: FutureProducer = producer_config(&settings, svc_kit::kafka::settings())
         .create()
         .map_err(|e| format!("bus producer: {}", svc_kit::kafka::describe_error(&e)))?;
     tracing::info!(
@@ -410,15 +404,40 @@ impl ConsumerContext for BusContext {
 
 type BusConsumer = StreamConsumer<BusContext>;
 
-/// A consumer in the worker's group, subscribed to the request topic.
-fn subscribe(
+/// The reply producer's settings: its tuning, then the operator's pass-through settings
+/// (which may change it), then what the replies rely on.
+fn producer_config(
     settings: &BusSettings,
-    brokers_down: &Arc<AtomicBool>,
-) -> Result<BusConsumer, String> {
-    let consumer: BusConsumer = svc_kit::kafka::apply(&mut ClientConfig::new())
+    operator: &[svc_kit::kafka::KafkaSetting],
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("client.id", "db-svc-bus")
+        // 1 ms of batching: little latency, far fewer produce requests under load.
+        .set("linger.ms", "1")
+        .set("compression.type", "lz4");
+    svc_kit::kafka::apply_these(&mut config, operator)
+        .set("bootstrap.servers", &settings.brokers)
+        .set("acks", "all");
+    config
+}
+
+/// The request consumer's settings: its tuning, then the operator's pass-through settings
+/// (which may change it), then what the worker's commits and its flags rely on.
+fn consumer_config(
+    settings: &BusSettings,
+    operator: &[svc_kit::kafka::KafkaSetting],
+) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("client.id", "db-svc-bus")
+        // Request/reply latency: a short fetch wait bounds how long an idle fetch can sit on a
+        // broker that does not wake long polls; librdkafka still batches under load.
+        .set("fetch.wait.max.ms", "2")
+        .set("fetch.min.bytes", "1");
+    svc_kit::kafka::apply_these(&mut config, operator)
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group_id)
-        .set("client.id", "db-svc-bus")
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set(
@@ -430,11 +449,16 @@ fn subscribe(
             (settings.session_timeout.as_millis() / 4)
                 .max(100)
                 .to_string(),
-        )
-        // Request/reply latency: a short fetch wait bounds how long an idle fetch can sit on a
-        // broker that does not wake long polls; librdkafka still batches under load.
-        .set("fetch.wait.max.ms", "2")
-        .set("fetch.min.bytes", "1")
+        );
+    config
+}
+
+/// A consumer in the worker's group, subscribed to the request topic.
+fn subscribe(
+    settings: &BusSettings,
+    brokers_down: &Arc<AtomicBool>,
+) -> Result<BusConsumer, String> {
+    let consumer: BusConsumer = consumer_config(settings, svc_kit::kafka::settings())
         .create_with_context(BusContext {
             brokers_down: brokers_down.clone(),
             revoked: parking_lot::Mutex::default(),
@@ -835,6 +859,64 @@ fn too_large(outgoing: &Outgoing, bytes: usize) -> Outgoing {
 mod tests {
     use super::*;
     use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn operators_change_the_tuning_but_not_what_the_worker_relies_on() {
+        let setting = |key: &str, value: &str| svc_kit::kafka::KafkaSetting {
+            key: key.into(),
+            value: value.into(),
+        };
+        let settings = BusSettings {
+            brokers: "b:9092".into(),
+            topics: Topics::default(),
+            group_id: "db-svc".into(),
+            concurrency: 8,
+            sql_writes: false,
+            session_timeout: Duration::from_secs(10),
+            service: "db-svc".into(),
+            default_timeout: None,
+        };
+        let operator = [
+            setting("fetch.wait.max.ms", "50"),
+            setting("linger.ms", "5"),
+            setting("client.id", "mine"),
+            setting("sasl.username", "u"),
+            setting("group.id", "theirs"),
+            setting("enable.auto.commit", "true"),
+            setting("auto.offset.reset", "latest"),
+            setting("acks", "1"),
+            setting("bootstrap.servers", "elsewhere:9092"),
+        ];
+        let c = consumer_config(&settings, &operator);
+        for (key, value) in [
+            ("fetch.wait.max.ms", "50"),
+            ("client.id", "mine"),
+            ("sasl.username", "u"),
+            ("group.id", "db-svc"),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("bootstrap.servers", "b:9092"),
+            ("session.timeout.ms", "10000"),
+        ] {
+            assert_eq!(c.get(key), Some(value), "consumer {key}");
+        }
+        let p = producer_config(&settings, &operator);
+        for (key, value) in [
+            ("linger.ms", "5"),
+            ("client.id", "mine"),
+            ("sasl.username", "u"),
+            ("acks", "all"),
+            ("bootstrap.servers", "b:9092"),
+        ] {
+            assert_eq!(p.get(key), Some(value), "producer {key}");
+        }
+        // Without operator settings, the tuning.
+        assert_eq!(
+            consumer_config(&settings, &[]).get("fetch.wait.max.ms"),
+            Some("2")
+        );
+        assert_eq!(producer_config(&settings, &[]).get("linger.ms"), Some("1"));
+    }
 
     #[test]
     fn a_request_without_a_deadline_gets_one_from_when_it_was_sent() {
