@@ -79,6 +79,21 @@ pub async fn omnibus_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<Cli
     })
 }
 
+/// Runs `omnibus args...` with its stdout a pipe nobody reads (closed before it writes, as
+/// `omnibus ... | head -0` would); returns its exit code.
+pub async fn omnibus_stdout_closed(args: &[&str]) -> Result<Option<i32>> {
+    let mut child = command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn omnibus")?;
+    drop(child.stdout.take());
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .context("omnibus did not finish within 60 s")??;
+    Ok(status.code())
+}
+
 /// A long-running `omnibus` (e.g. `tail`) whose output lines are collected as they come.
 pub struct Following {
     child: Child,

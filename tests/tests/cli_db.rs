@@ -2,7 +2,7 @@
 //! real broker for `--via bus`).
 
 use omnibus_tests::bus::{BusTopics, start_db_svc};
-use omnibus_tests::cli::{CliOutput, omnibus};
+use omnibus_tests::cli::{CliOutput, omnibus, omnibus_stdout_closed};
 use omnibus_tests::db::DbSvc;
 use omnibus_tests::ops::{TestCert, new_token};
 use omnibus_tests::{TestDatabase, free_port};
@@ -437,6 +437,23 @@ async fn errors_are_one_clear_sentence() {
         format!("omnibus: db-svc at {nobody} is not reachable - is it running?")
     );
     assert!(out.stdout.is_empty());
+}
+
+/// `health` and `status` answer with their exit status: a closed stdout (the JSON line
+/// cannot be written) must not turn a failed check into success.
+#[tokio::test]
+async fn a_failed_check_fails_even_when_stdout_is_closed() {
+    let nobody = format!("127.0.0.1:{}", free_port());
+    for args in [
+        vec!["--db-addr", &nobody, "health", "db"],
+        vec!["--consumer-addr", &nobody, "--db-addr", &nobody, "status"],
+    ] {
+        let code = omnibus_stdout_closed(&args).await.unwrap();
+        assert_eq!(code, Some(1), "{args:?}");
+        // With stdout open the same check fails the same way (the JSON says why).
+        let out = omnibus(&args).await.unwrap();
+        assert_eq!(out.code, Some(1), "{args:?}: {}{}", out.stdout, out.stderr);
+    }
 }
 
 #[tokio::test]

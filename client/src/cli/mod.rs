@@ -313,11 +313,16 @@ pub fn closed_without_answer(status: &tonic::Status) -> bool {
 pub fn call_error(svc: Svc, addr: &str, status: &tonic::Status) -> Fail {
     use tonic::Code;
     let msg = status.message().trim();
+    // A status tonic made from a transport failure keeps that failure as its source; one the
+    // service sent has none. (db-svc's own UNAVAILABLE, "database unavailable: no database
+    // connection ...", is about PostgreSQL, and a write's may name its request id.)
+    let from_transport = std::error::Error::source(status).is_some();
     match status.code() {
         Code::Unavailable
-            if msg.contains("transport")
-                || msg.contains("connect")
-                || msg.contains("tcp")
+            if (from_transport
+                && (msg.contains("transport")
+                    || msg.contains("connect")
+                    || msg.contains("tcp")))
                 || msg.is_empty() =>
         {
             unreachable(svc, addr)
@@ -607,15 +612,26 @@ mod tests {
 
     #[test]
     fn errors_are_one_sentence() {
-        let e = call_error(
-            Svc::Db,
-            "127.0.0.1:50052",
-            &tonic::Status::unavailable("error trying to connect: tcp connect error"),
-        );
+        // What tonic makes of a refused connection: the transport error is its source.
+        let mut refused = tonic::Status::unavailable("error trying to connect: tcp connect error");
+        refused.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        let e = call_error(Svc::Db, "127.0.0.1:50052", &refused);
         assert_eq!(
             e.0,
             "db-svc at 127.0.0.1:50052 is not reachable - is it running?"
         );
+        // db-svc answering that PostgreSQL is down, or that a write's outcome is unknown, is
+        // not db-svc being unreachable; the request id stays in the sentence.
+        for sent in [
+            "database unavailable: no database connection became available in time",
+            "database unavailable: connection reset (request_id r-1: retry with it to get the \
+             recorded result without writing twice)",
+        ] {
+            let e = call_error(Svc::Db, "a:1", &tonic::Status::unavailable(sent));
+            assert_eq!(e.0, format!("db-svc: {sent}"));
+        }
         let e = call_error(
             Svc::Db,
             "a:1",

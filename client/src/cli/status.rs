@@ -195,11 +195,12 @@ pub async fn run(cli: &Cli, format: Format) -> Result<ExitCode> {
             }
         }
     }
+    // A closed stdout (`omnibus status | head -0`) must not hide a failure: the exit status
+    // is the answer, so the write's error is dropped rather than returned.
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        out.write_all(screen.as_bytes())?;
-        out.flush()?;
+        let _ = out.write_all(screen.as_bytes()).and_then(|()| out.flush());
     }
     // Healthy is not enough: health needs no token, so the reads must have worked too.
     Ok(
@@ -248,7 +249,8 @@ pub async fn health(cli: &Cli, args: &HealthArgs) -> Result<ExitCode> {
         (Format::Table, None) => None,
     };
     if let Some(line) = line {
-        writeln!(std::io::stdout(), "{line}")?;
+        // As in `status`: a closed stdout leaves the exit status to tell.
+        let _ = writeln!(std::io::stdout(), "{line}");
     }
     if let Some(e) = error {
         // A closed stderr leaves only the exit code to tell.
