@@ -221,6 +221,22 @@ impl From<DbError> for Status {
     }
 }
 
+/// An error of a raw read, which runs in a READ ONLY transaction of db-svc's own: PostgreSQL
+/// refusing a write there (SQLSTATE 25006: `SELECT ... FOR UPDATE`, a function that writes)
+/// is the statement's fault, not the server's state.
+pub fn raw_read_error(err: sqlx::Error) -> DbError {
+    let read_only = err
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "25006");
+    match err {
+        sqlx::Error::Database(db) if read_only => {
+            DbError::WriteNotAllowed(format!("read-only statement required: {}", db.message()))
+        }
+        other => DbError::from(other),
+    }
+}
+
 impl From<sqlx::Error> for DbError {
     fn from(err: sqlx::Error) -> Self {
         use sqlx::Error as E;
@@ -267,7 +283,11 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         // A lock not granted (NOWAIT, lock_timeout): a conflict with another transaction.
         "40001" | "40P01" | "55P03" => DbError::Retryable(message),
         "42501" => DbError::PermissionDenied(message),
-        "25006" => DbError::WriteNotAllowed(format!("read-only statement required: {message}")),
+        // A write on a server that takes none (a hot standby after a failover, or
+        // default_transaction_read_only): transient, for a retry against the new primary.
+        // (A raw read's own READ ONLY transaction refusing a write is WRITE_NOT_ALLOWED:
+        // `raw_read_error`.)
+        "25006" => DbError::Unavailable(format!("the database accepts no writes: {message}")),
         // Undefined column or table, a value (or operator) of another type than the column's,
         // a statement prepared before its table's column types changed.
         "42703" | "42P01" | "42804" | "42883" => DbError::SchemaChanged(message),

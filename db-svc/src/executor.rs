@@ -599,7 +599,14 @@ impl Executor {
             #[allow(deprecated)] // fetch_many is the one call that yields rows and counts
             let mut results =
                 sqlx::query_with(&plan.sql, arguments(&plan.params)?).fetch_many(&mut *tx);
-            while let Some(item) = results.try_next().await? {
+            let is_write = checked.kind.is_write();
+            while let Some(item) = results.try_next().await.map_err(|e| {
+                if is_write {
+                    DbError::from(e)
+                } else {
+                    crate::error::raw_read_error(e)
+                }
+            })? {
                 match item {
                     Either::Left(done) => affected += done.rows_affected(),
                     Either::Right(_) if skip > 0 => skip -= 1,
@@ -1022,6 +1029,25 @@ async fn record_result(
 }
 
 /// Types raw parameters by what PostgreSQL infers for `$1..$n` in the statement.
+/// Rows cross the API as maps keyed by column name, so two result columns of one name
+/// (`SELECT count(*), count(DISTINCT x)`, `SELECT a.id, b.id`) would keep only one value.
+/// Such a statement is refused, before it runs, with the name to alias.
+fn distinct_result_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), DbError> {
+    let mut seen = std::collections::HashSet::new();
+    for name in names {
+        if !seen.insert(name) {
+            return Err(DbError::field(
+                "sql",
+                format!(
+                    "the result has more than one column named '{name}', and rows are keyed by \
+                     column name; give them distinct names with AS"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn raw_params(
     tx: &mut sqlx::Transaction<'static, Postgres>,
     sql: &str,
@@ -1029,6 +1055,7 @@ async fn raw_params(
 ) -> Result<Vec<Param>, DbError> {
     ops::check_bind_limit(params.len(), "params")?;
     let statement = sqlx::Executor::prepare(&mut **tx, sql).await?;
+    distinct_result_names(statement.columns().iter().map(sqlx::Column::name))?;
     let types: Vec<ColType> = match statement.parameters() {
         Some(Either::Left(types)) => types
             .iter()

@@ -250,9 +250,13 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
         ColType::Float4 | ColType::Float8 => {
             let f = match value {
                 Json::Number(n) => n.as_f64().unwrap_or(f64::NAN),
-                // What these columns read back as when JSON has no number for the value.
-                Json::String(s) => match s.parse::<f64>() {
-                    Ok(f) if !f.is_finite() => f,
+                // What these columns read back as when JSON has no number for the value. Only
+                // those three: Rust's parser would also take "1e400" (an overflow, as
+                // Infinity) and "inf".
+                Json::String(s) => match s.trim() {
+                    "NaN" => f64::NAN,
+                    "Infinity" => f64::INFINITY,
+                    "-Infinity" => f64::NEG_INFINITY,
                     _ => return Err(type_error(ty, value)),
                 },
                 other => return Err(type_error(ty, other)),
@@ -283,7 +287,8 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
                 let is_number = Decimal::from_str(&text).is_ok()
                     || text.parse::<f64>().is_ok_and(f64::is_finite);
                 let why = if is_number {
-                    "has more than the 28 significant digits (or decimal places) db-svc carries exactly"
+                    "is not carried exactly by db-svc (at most 28 significant digits and 28 \
+                     decimal places, magnitude below 7.9e28)"
                 } else {
                     "is not a decimal number"
                 };
@@ -1385,6 +1390,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("28 significant digits"), "{err}");
+        // One significant digit, but beyond a Decimal's magnitude: the message says so.
+        let err = to_param(ColType::Numeric, &json!("1e29"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("magnitude below 7.9e28"), "{err}");
+    }
+
+    #[test]
+    fn float_columns_take_only_the_three_strings_they_read_back_as() {
+        for ty in [ColType::Float4, ColType::Float8] {
+            for (text, want) in [
+                ("NaN", f64::NAN),
+                ("Infinity", f64::INFINITY),
+                ("-Infinity", f64::NEG_INFINITY),
+            ] {
+                let got = match to_param(ty, &json!(text)).unwrap() {
+                    Param::Float4(f) => f64::from(f),
+                    Param::Float8(f) => f,
+                    other => panic!("{other:?}"),
+                };
+                assert!(got == want || (got.is_nan() && want.is_nan()), "{text}");
+            }
+            // An overflow is not Infinity, and other spellings or numbers as text are not taken.
+            for bad in ["1e400", "-1e400", "inf", "nan", "infinity", "1.5", ""] {
+                let e = to_param(ty, &json!(bad)).unwrap_err();
+                assert!(matches!(e, DbError::Validation(_)), "{bad}: {e:?}");
+            }
+        }
     }
 
     #[test]

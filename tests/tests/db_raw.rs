@@ -101,6 +101,35 @@ async fn reads_with_bound_parameters() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(error_details(&err).1, vec!["params"]);
+
+    // Rows are keyed by column name: two result columns of one name would lose a value, so
+    // the statement is refused (even when it would return no row) and names the column.
+    for sql in [
+        "SELECT count(*), count(DISTINCT agent_name) FROM agent_actions",
+        "SELECT a.id, b.id FROM agent_actions a JOIN agent_actions b ON a.id = b.id WHERE false",
+    ] {
+        let err = s.client.execute_raw(raw(sql, vec![])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{sql}");
+        assert_eq!(error_details(&err).1, vec!["sql"], "{sql}");
+        assert!(
+            err.message().contains("more than one column named"),
+            "{err:?}"
+        );
+    }
+    let reply = s
+        .client
+        .execute_raw(raw(
+            "SELECT count(*) AS n, count(DISTINCT agent_name) AS agents FROM agent_actions \
+             WHERE correlation_id = $1",
+            vec![json!(correlation)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        rows_json(&reply.rows),
+        vec![json!({"n": 5.0, "agents": 5.0})]
+    );
 }
 
 #[tokio::test]

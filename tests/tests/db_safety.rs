@@ -1121,3 +1121,55 @@ async fn a_stream_query_cut_by_shutdown_ends_with_an_error_not_ok() {
     let status = svc.wait_exit(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A write on a database that takes none (a hot standby after a failover, or
+/// `default_transaction_read_only`) is UNAVAILABLE, for a retry against the new primary, not
+/// PERMISSION_DENIED (which the bus and clients treat as final).
+#[tokio::test]
+async fn a_write_to_a_read_only_database_is_unavailable() {
+    let s = DbSvc::start(&[]).await;
+    let mut conn = s.sql().await;
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{}\" SET default_transaction_read_only = on",
+        s.db.name
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    // db-svc's sessions started before the setting: end them, so that new ones take it.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&s.db.name)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut client = s.client.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        let err = client
+            .insert(insert_req("agent_actions", vec![action("ro")]))
+            .await
+            .unwrap_err();
+        // A call may first meet a session that was just ended; that is UNAVAILABLE too, but
+        // not the answer under test.
+        if err.message().contains("accepts no writes") {
+            break err;
+        }
+        assert!(Instant::now() < deadline, "{err:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(error_details(&err).0, "DATABASE_UNAVAILABLE");
+    // Reads still work.
+    let reply = client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.count, 0);
+}
