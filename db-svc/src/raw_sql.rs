@@ -38,10 +38,27 @@ pub struct RawStatement {
     pub tables: Vec<String>,
 }
 
-/// Functions that read files, run other SQL text, change settings or touch other sessions.
+/// Functions that read files, run other SQL text, change settings or session state, write
+/// index pages even in a READ ONLY transaction, or read whole relations (extensions'
+/// inspection functions) or touch other sessions.
 fn forbidden_function(name: &str) -> bool {
-    const PREFIXES: [&str; 6] = ["pg_", "lo_", "dblink", "txid_", "query_to_", "crosstab"];
-    const NAMES: [&str; 25] = [
+    const PREFIXES: [&str; 11] = [
+        "pg_",
+        "lo_",
+        "dblink",
+        "txid_",
+        "query_to_",
+        "crosstab",
+        // pgstattuple / pgrowlocks / pageinspect-style inspection, index maintenance.
+        "pgstat",
+        "pgrowlocks",
+        "brin_",
+        "gin_",
+        "xpath_table",
+    ];
+    const NAMES: [&str; 26] = [
+        // Changes the session's random-number state, which the pooled connection keeps.
+        "setseed",
         // These run SQL given as text (tsearch statistics and rewriting, tablefunc).
         "ts_stat",
         "ts_rewrite",
@@ -415,6 +432,14 @@ mod tests {
             "WITH agent_actions AS (SELECT 1) SELECT * FROM pg_catalog.pg_sleep(10)",
             "SELECT * FROM agent_actions a, \
              (WITH dblink AS (SELECT 1) SELECT * FROM dblink('x', 'y')) d",
+            // Session state a pooled connection keeps; index pages written even READ ONLY;
+            // extensions reading whole relations.
+            "SELECT setseed(0.5)",
+            "SELECT gin_clean_pending_list('agent_actions_idx'::regclass)",
+            "SELECT brin_summarize_new_values('agent_actions_idx'::regclass)",
+            "SELECT * FROM pgstattuple('omnibus_request_log')",
+            "SELECT * FROM pgrowlocks('agent_actions')",
+            "SELECT * FROM xpath_table('id', 'x', 'omnibus_request_log', '/a', 'true')",
         ] {
             assert!(check(sql, &served(), true).is_err(), "accepted: {sql}");
         }
