@@ -205,7 +205,34 @@ pub fn to_stored_param(ty: ColType, sql_type: &str, value: &Json) -> Result<Para
             ),
         ));
     }
+    if let Param::Text(text) = &param
+        && let Some(limit) = char_limit(sql_type)
+        && too_long(text, limit)
+    {
+        return Err(DbError::field(
+            "",
+            format!(
+                "value too long for {sql_type}: {} characters",
+                text.chars().count()
+            ),
+        ));
+    }
     Ok(param)
+}
+
+/// The length limit of `character varying(n)` / `character(n)`.
+fn char_limit(sql_type: &str) -> Option<usize> {
+    let args = sql_type
+        .strip_prefix("character varying(")
+        .or_else(|| sql_type.strip_prefix("character("))?
+        .strip_suffix(')')?;
+    args.trim().parse().ok()
+}
+
+/// Whether PostgreSQL refuses `text` for a column of `limit` characters: it is longer, and
+/// not only by trailing blanks (those PostgreSQL cuts off silently).
+fn too_long(text: &str, limit: usize) -> bool {
+    text.chars().skip(limit).any(|c| c != ' ')
 }
 
 /// The precision and scale of `numeric(p,s)` / `numeric(p)`.
@@ -1209,6 +1236,27 @@ mod tests {
         assert!(stored("numeric(40,2)", json!("12345678901234567890123456")).is_ok());
         // Not numeric: unchanged.
         assert!(stored("integer", json!(5)).is_ok());
+        // Text longer than varchar(n) / char(n) is refused here, where the field is known
+        // (PostgreSQL's error names neither row nor column); trailing blanks are cut, as
+        // PostgreSQL cuts them; characters, not bytes, count.
+        let text = |sql_type: &str, v: &str| to_stored_param(ColType::Text, sql_type, &json!(v));
+        let err = text("character varying(3)", "abcd").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("value too long for character varying(3): 4 characters"),
+            "{err}"
+        );
+        assert!(text("character varying(3)", "abc").is_ok());
+        assert!(text("character varying(3)", "abc   ").is_ok());
+        assert!(text("character varying(3)", "ab  x").is_err());
+        assert!(text("character varying(3)", "äöü").is_ok());
+        assert!(text("character(2)", "abc").is_err());
+        assert!(text("character(2)", "ab").is_ok());
+        assert!(text("character varying", &"x".repeat(10_000)).is_ok());
+        assert!(text("text", &"x".repeat(10_000)).is_ok());
+        assert_eq!(char_limit("character varying(255)"), Some(255));
+        assert_eq!(char_limit("character(1)"), Some(1));
+        assert_eq!(char_limit("character varying"), None);
         assert_eq!(numeric_typmod("numeric(10, 2)"), Some((10, 2)));
         assert_eq!(numeric_typmod("numeric"), None);
     }

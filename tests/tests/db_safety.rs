@@ -247,6 +247,33 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     assert_invalid(&err, "rows[0].confidence_score");
     assert!(err.message().contains("numeric(5,4)"), "{err:?}");
 
+    // Longer than varchar(n): PostgreSQL's error names neither row nor column; db-svc's does.
+    let node = |name: String| {
+        json!({"id": uuid::Uuid::new_v4().to_string(), "pattern_id": "p",
+               "pattern_name": name, "pattern_type": "t", "pattern_version": uuid::Uuid::new_v4().to_string(),
+               "lineage_id": uuid::Uuid::new_v4().to_string(), "generation": 1,
+               "pattern_data": {}, "correlation_id": uuid::Uuid::new_v4().to_string()})
+    };
+    let err = s
+        .client
+        .insert(insert_req(
+            "pattern_lineage_nodes",
+            vec![
+                node("short".into()),
+                node("x".repeat(256)),
+                node("y".into()),
+            ],
+        ))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[1].pattern_name");
+    assert!(
+        err.message()
+            .contains("character varying(255): 256 characters"),
+        "{err:?}"
+    );
+    assert_eq!(s.count_all("pattern_lineage_nodes").await, 0);
+
     assert_eq!(s.count_all("agent_actions").await, 0, "nothing was written");
 
     // An update that would null a NOT NULL column names `set.<column>`; the row is unchanged.
