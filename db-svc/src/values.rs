@@ -157,10 +157,24 @@ fn integer(ty: ColType, value: &Json, min: i64, max: i64) -> Result<i64, DbError
     Ok(n)
 }
 
+/// A timestamp whose year is outside 0000-9999, in the ISO 8601 expanded form db-svc writes
+/// for it (`+10000-01-01T00:00:00Z`, `-0001-...`; RFC 3339 has four-digit years only), so
+/// that such a value read back can be sent back (a filter, paging by value).
+fn signed_year(s: &str) -> Option<DateTime<chrono::FixedOffset>> {
+    if !s.starts_with(['+', '-']) {
+        return None;
+    }
+    let offset_z = s
+        .strip_suffix(['Z', 'z'])
+        .map(|rest| format!("{rest}+00:00"));
+    DateTime::parse_from_str(offset_z.as_deref().unwrap_or(s), "%Y-%m-%dT%H:%M:%S%.f%:z").ok()
+}
+
 /// Parses an RFC 3339 timestamp (or, for `timestamp` columns, an offset-less ISO 8601 one,
 /// taken as UTC).
 fn timestamp(s: &str, allow_naive: bool) -> Result<DateTime<Utc>, DbError> {
     let parsed = DateTime::parse_from_rfc3339(s)
+        .or_else(|e| signed_year(s).ok_or(e))
         .map(|t| t.with_timezone(&Utc))
         .ok()
         .or_else(|| {
@@ -1167,6 +1181,39 @@ mod tests {
             let t = DateTime::from_timestamp(secs, nanos).unwrap();
             let mut formatter = Rfc3339::new();
             proptest::prop_assert_eq!(formatter.format(&t), rfc3339(t));
+        }
+
+        /// Every timestamp db-svc writes (PostgreSQL's microseconds, 4713 BC to beyond year
+        /// 250000: signed years outside 0000-9999) reads back as the same instant.
+        #[test]
+        fn timestamps_read_back_as_written(
+            secs in -210_866_803_200i64..8_000_000_000_000,
+            micros in 0u32..1_000_000,
+        ) {
+            let t = DateTime::from_timestamp(secs, micros * 1000).unwrap();
+            let text = Rfc3339::new().format(&t).to_string();
+            proptest::prop_assert_eq!(timestamp(&text, false).ok(), Some(t), "{}", text);
+        }
+    }
+
+    #[test]
+    fn years_outside_four_digits_are_read_in_their_signed_form() {
+        for (text, want) in [
+            ("+10000-01-01T00:00:00Z", "+10000-01-01T00:00:00+00:00"),
+            (
+                "-0001-12-31T23:59:59.5+01:00",
+                "-0001-12-31T22:59:59.500+00:00",
+            ),
+        ] {
+            let t = timestamp(text, false).unwrap();
+            assert_eq!(t.to_rfc3339(), want, "{text}");
+        }
+        for bad in [
+            "+2024-01-31",
+            "+ 10000-01-01T00:00:00Z",
+            "10000-01-01T00:00:00Z",
+        ] {
+            assert!(timestamp(bad, false).is_err(), "{bad}");
         }
     }
 
