@@ -23,7 +23,7 @@ use crate::convert;
 use crate::events::{AgentAction, Event, Micros};
 use crate::hub::{Follower, Hub, Next, Update, UpdateKind, Updates};
 use crate::ingest::{IngestStatus, now_micros};
-use crate::state::State;
+use crate::state::{State, plausible_confidence};
 use crate::wire::{ActionsPush, SubscribePush};
 
 const DEFAULT_LIMIT: usize = 100;
@@ -393,9 +393,13 @@ impl Filter {
                 .correlation_id
                 .as_ref()
                 .is_none_or(|x| d.correlation_id() == Some(x.as_str()))
-            && self
-                .min_confidence
-                .is_none_or(|m| d.confidence_score.is_some_and(|c| c >= m))
+            && self.confidence(d.confidence_score)
+    }
+    /// Whether a decision's confidence passes `min_confidence`: only a plausible one can (as
+    /// in the averages), so a `95` meant as a percentage does not pass 0.99.
+    fn confidence(&self, c: Option<f64>) -> bool {
+        self.min_confidence
+            .is_none_or(|m| plausible_confidence(c).is_some_and(|c| c >= m))
     }
     fn transformation(&self, t: &crate::events::Transformation) -> bool {
         self.agent
@@ -729,8 +733,7 @@ fn filter_snapshot(mut s: pb::Snapshot, ch: &Channels, f: &Filter) -> pb::Snapsh
             && f.correlation_id
                 .as_ref()
                 .is_none_or(|x| d.correlation_id.as_deref() == Some(x.as_str()))
-            && f.min_confidence
-                .is_none_or(|m| d.confidence_score.is_some_and(|c| c >= m))
+            && f.confidence(d.confidence_score)
     });
     if !ch.has(Channel::Transformations) {
         s.transformations.clear();
@@ -1040,5 +1043,120 @@ mod tests {
             kind: kinds[6].clone(),
         };
         assert!(subscribe_message(&u, &all, &Filter::default()).is_some());
+    }
+
+    /// An API over `state` with streams on and no broker or ingest behind it.
+    fn api_over(state: State) -> ConsumerApi {
+        ConsumerApi {
+            broker: Arc::new(BrokerStatus::default()),
+            state: Arc::new(RwLock::new(state)),
+            hub: Arc::new(Hub::new(100, 16)),
+            ingest: Arc::new(IngestStatus::new(Default::default())),
+            real_time: true,
+            max_push: 100,
+            shutdown: Shutdown::new(),
+        }
+    }
+
+    /// A confidence outside [0, 1] (a `95` meant as a percentage) is not a probability: it is
+    /// out of the averages, and it passes no `min_confidence`, in ListRoutingDecisions,
+    /// Subscribe's snapshot and its live updates alike.
+    #[tokio::test]
+    async fn min_confidence_passes_only_plausible_confidences() {
+        use pb::subscribe_response::Update as U;
+        let now = now_micros();
+        let decision = |id: &str, confidence: &str| {
+            let payload =
+                format!(r#"{{"id":"{id}","selected_agent":"x","confidence_score":{confidence}}}"#);
+            events::parse(EventKind::RoutingDecision, payload.as_bytes(), now)
+                .expect("a valid decision")
+        };
+        // One event time: listed newest first means by id, descending.
+        let sent = [
+            decision("a", "95"),
+            decision("b", "1.5"),
+            decision("c", "-0.5"),
+            decision("d", "1"),
+            decision("e", "0.995"),
+            decision("f", "0.5"),
+            decision("g", "null"),
+            decision("h", "0"),
+        ];
+        let mut state = State::new(Default::default());
+        for e in &sent {
+            state.apply(e, now);
+        }
+        let api = api_over(state);
+        let cases: [(f64, &[&str]); 3] = [
+            (0.99, &["e", "d"]),
+            (0.0, &["h", "f", "e", "d"]),
+            (1.0, &["d"]),
+        ];
+        let ids = |ds: Vec<pb::RoutingDecision>| ds.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        let mut streams = Vec::new();
+        for (min, want) in cases {
+            let listed = api
+                .list_routing_decisions(Request::new(pb::ListRoutingDecisionsRequest {
+                    min_confidence: Some(min),
+                    ..Default::default()
+                }))
+                .await
+                .expect("a valid request")
+                .into_inner()
+                .decisions;
+            assert_eq!(ids(listed), want, "ListRoutingDecisions, min {min}");
+            let mut stream = api
+                .subscribe_stream(pb::SubscribeRequest {
+                    channels: vec![pb::Channel::Routing as i32],
+                    min_confidence: Some(min),
+                    include_snapshot: true,
+                    ..Default::default()
+                })
+                .expect("a valid request");
+            let first = stream.next().await.expect("a snapshot").expect("no error");
+            let Some(U::Snapshot(snapshot)) = first.into_response().update else {
+                panic!("the snapshot first");
+            };
+            assert_eq!(ids(snapshot.routing_decisions), want, "snapshot, min {min}");
+            streams.push((min, want, stream));
+        }
+        // Live, in the order published (as ingest publishes them), then an end mark.
+        let end = decision("z", "1");
+        api.hub
+            .publish(sent.iter().chain([&end]).cloned().map(UpdateKind::Event));
+        for (min, want, mut stream) in streams {
+            let mut live = Vec::new();
+            while live.last().is_none_or(|id| id != "z") {
+                let push = stream
+                    .next()
+                    .await
+                    .expect("live updates")
+                    .expect("no error");
+                match push.into_response().update {
+                    Some(U::RoutingDecision(d)) => live.push(d.id),
+                    other => panic!("{other:?}"),
+                }
+            }
+            let mut want: Vec<&str> = want.iter().rev().copied().collect();
+            want.push("z");
+            assert_eq!(live, want, "live, min {min}");
+        }
+        // Nor one that is not finite (the parser reads the bare `NaN` and `Infinity` as
+        // absent, but the rule does not rest on that).
+        let odd = pb::Snapshot {
+            routing_decisions: [f64::NAN, f64::INFINITY]
+                .map(|c| pb::RoutingDecision {
+                    confidence_score: Some(c),
+                    ..Default::default()
+                })
+                .into(),
+            ..Default::default()
+        };
+        let filter = Filter {
+            min_confidence: Some(0.0),
+            ..Default::default()
+        };
+        let kept = filter_snapshot(odd, &Channels::ALL, &filter).routing_decisions;
+        assert!(kept.is_empty(), "{kept:?}");
     }
 }

@@ -35,10 +35,40 @@ fn fine_start(now: Micros) -> Micros {
     align(now, MINUTE) - HOUR
 }
 
-/// `x` in fixed point (`as` saturates at the i64 range). Sums of these add with saturation,
-/// as a last guard: the values averaged are bounded first ([`confidence`], [`duration_ms`]).
-fn fixed(x: f64) -> i64 {
-    (x * SCALE).round() as i64
+/// `x` in fixed point. Only bounded, non-negative values are averaged
+/// ([`plausible_confidence`], [`duration_ms`]): a confidence is at most 1e6 here, a duration at
+/// most 8.64e13 (a day), which is why durations are summed in more than 64 bits ([`Sum96`]).
+fn fixed(x: f64) -> u64 {
+    (x * SCALE).round() as u64
+}
+
+/// The mean of `n` fixed-point values summing to `sum`. Divided as integers first: the
+/// quotient (at most a day in fixed point) converts to an f64 exactly, so the mean is as
+/// precise as an f64 however large the sum (n days average to exactly a day).
+fn mean(sum: u128, n: u64) -> Option<f64> {
+    let n = u128::from(n);
+    (n > 0).then(|| ((sum / n) as f64 + (sum % n) as f64 / n as f64) / SCALE)
+}
+
+/// A bucket's sum of fixed-point durations. An i64 held only ~106,752 durations of a day (an
+/// accepted value) and then saturated; 96 bits hold 2^32 of them (what a bucket counts) 200,000
+/// times over, so the saturation left is only a last guard. Three u32 rather than a u128: 4-byte
+/// aligned, 12 bytes, so it grows [`AgentBucket`] by 8 bytes and [`PerfBucket`] not at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Sum96([u32; 3]);
+
+impl Sum96 {
+    const MAX: u128 = (1 << 96) - 1;
+
+    fn get(self) -> u128 {
+        let [lo, mid, hi] = self.0.map(u128::from);
+        lo | mid << 32 | hi << 64
+    }
+
+    fn add(&mut self, x: u128) {
+        let s = self.get().saturating_add(x).min(Self::MAX);
+        self.0 = [s as u32, (s >> 32) as u32, (s >> 64) as u32];
+    }
 }
 
 /// The longest duration an average takes in: a day. A longer one (or a negative one) is a
@@ -48,7 +78,7 @@ const MAX_DURATION_MS: f64 = 86_400_000.0;
 
 /// A confidence the averages take in: a probability (a `95` meant as a percentage, or NaN,
 /// stays in the event as sent, but out of the average).
-fn confidence(c: Option<f64>) -> Option<f64> {
+pub(crate) fn plausible_confidence(c: Option<f64>) -> Option<f64> {
     c.filter(|c| (0.0..=1.0).contains(c))
 }
 
@@ -82,16 +112,17 @@ impl Default for StateConfig {
     }
 }
 
-/// Default of `--max-agents`: an agent costs up to ~5 KB (a bucket per minute of the last
-/// hour and per hour of the window, at the 24 h default), so the agents' metrics stay within
-/// ~250 MB whatever the producers send.
+/// Default of `--max-agents`: an agent costs up to ~5.5 KB (a 56-byte bucket per minute of the
+/// last hour and per hour of the window, at the 24 h default, in queues of 64 and 32 slots), so
+/// the agents' metrics stay within ~280 MB whatever the producers send.
 pub const DEFAULT_MAX_AGENTS: usize = 50_000;
 
 /// Longest agent name whose metrics are kept: a name is a key held as long as the agent has
 /// events in the window, so a producer bug writing payloads into it must not fill the memory.
 pub const MAX_AGENT_NAME_BYTES: usize = 256;
 
-/// Counters of one agent in one minute or hour (48 bytes: u32 counts, i64 fixed-point sums).
+/// Counters of one agent in one minute or hour (56 bytes: u32 counts, fixed-point sums of
+/// durations in 96 bits and of confidences in a u64, which holds 2^32 of them 4,000 times over).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct AgentBucket {
     start: Micros,
@@ -101,17 +132,18 @@ struct AgentBucket {
     successes: u32,
     errors: u32,
     actions: u32,
-    routing_time_sum: i64,
-    confidence_sum: i64,
+    routing_time_sum: Sum96,
+    confidence_sum: u64,
 }
 
+/// Counters of performance metrics in one minute or hour (32 bytes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct PerfBucket {
     start: Micros,
     queries: u32,
     cache_hits: u32,
     duration_n: u32,
-    duration_sum: i64,
+    duration_sum: Sum96,
 }
 
 /// A window's sums of [`AgentBucket`]s: the counts widened to u64, so that 24 busy hours
@@ -124,8 +156,8 @@ struct AgentTotals {
     successes: u64,
     errors: u64,
     actions: u64,
-    routing_time_sum: i64,
-    confidence_sum: i64,
+    routing_time_sum: u128,
+    confidence_sum: u64,
 }
 
 /// A window's sums of [`PerfBucket`]s, widened like [`AgentTotals`].
@@ -134,7 +166,7 @@ struct PerfTotals {
     queries: u64,
     cache_hits: u64,
     duration_n: u64,
-    duration_sum: i64,
+    duration_sum: u128,
 }
 
 /// A bucket's u32 counts saturate at 2^32 - 1: one agent's (or the performance topic's)
@@ -165,7 +197,7 @@ impl Bucket for AgentBucket {
         self.successes = self.successes.saturating_add(o.successes);
         self.errors = self.errors.saturating_add(o.errors);
         self.actions = self.actions.saturating_add(o.actions);
-        self.routing_time_sum = self.routing_time_sum.saturating_add(o.routing_time_sum);
+        self.routing_time_sum.add(o.routing_time_sum.get());
         self.confidence_sum = self.confidence_sum.saturating_add(o.confidence_sum);
     }
     fn add_to(&self, t: &mut AgentTotals) {
@@ -175,7 +207,8 @@ impl Bucket for AgentBucket {
         t.successes += u64::from(self.successes);
         t.errors += u64::from(self.errors);
         t.actions += u64::from(self.actions);
-        t.routing_time_sum = t.routing_time_sum.saturating_add(self.routing_time_sum);
+        // A u128 takes 2^32 buckets' 96-bit sums.
+        t.routing_time_sum += self.routing_time_sum.get();
         t.confidence_sum = t.confidence_sum.saturating_add(self.confidence_sum);
     }
 }
@@ -195,13 +228,13 @@ impl Bucket for PerfBucket {
         self.queries = self.queries.saturating_add(o.queries);
         self.cache_hits = self.cache_hits.saturating_add(o.cache_hits);
         self.duration_n = self.duration_n.saturating_add(o.duration_n);
-        self.duration_sum = self.duration_sum.saturating_add(o.duration_sum);
+        self.duration_sum.add(o.duration_sum.get());
     }
     fn add_to(&self, t: &mut PerfTotals) {
         t.queries += u64::from(self.queries);
         t.cache_hits += u64::from(self.cache_hits);
         t.duration_n += u64::from(self.duration_n);
-        t.duration_sum = t.duration_sum.saturating_add(self.duration_sum);
+        t.duration_sum += self.duration_sum.get();
     }
 }
 
@@ -364,20 +397,26 @@ impl<T: Timed> Recent<T> {
         }
     }
 
+    /// Keeps `item` if it is among the `cap` newest, unless its (time, id) is already held: a
+    /// redelivery (a producer's retry) is listed once, the copy that came first.
     fn insert(&mut self, item: &Arc<T>) {
         if self.cap == 0 {
             return;
         }
         let key = item.key();
         if self.items.len() >= self.cap && self.items.front().is_some_and(|f| f.key() >= key) {
-            return; // older than everything kept
+            return; // older than everything kept, or the oldest kept again
         }
-        // Usually the newest: append; otherwise find the place from the back.
+        // Usually the newest: append; otherwise find the place by binary search.
         let pos = if self.items.back().is_none_or(|b| b.key() <= key) {
             self.items.len()
         } else {
             self.items.partition_point(|x| x.key() <= key)
         };
+        // Sorted: an equal key would be just before the place.
+        if pos > 0 && self.items[pos - 1].key() == key {
+            return;
+        }
         self.items.insert(pos, item.clone());
         if self.items.len() > self.cap {
             self.items.pop_front();
@@ -477,10 +516,10 @@ impl State {
                 if let Some(b) = bucket {
                     b.requests = b.requests.saturating_add(1);
                     if let Some(ms) = duration_ms(d.routing_time_ms) {
-                        b.routing_time_sum = b.routing_time_sum.saturating_add(fixed(ms));
+                        b.routing_time_sum.add(fixed(ms).into());
                         b.routing_time_n = b.routing_time_n.saturating_add(1);
                     }
-                    if let Some(c) = confidence(d.confidence_score) {
+                    if let Some(c) = plausible_confidence(d.confidence_score) {
                         b.confidence_sum = b.confidence_sum.saturating_add(fixed(c));
                         b.confidence_n = b.confidence_n.saturating_add(1);
                     }
@@ -513,7 +552,7 @@ impl State {
                     b.cache_hits = b.cache_hits.saturating_add(1);
                 }
                 if let Some(ms) = duration_ms(m.routing_duration_ms) {
-                    b.duration_sum = b.duration_sum.saturating_add(fixed(ms));
+                    b.duration_sum.add(fixed(ms).into());
                     b.duration_n = b.duration_n.saturating_add(1);
                 }
                 self.performance.insert(m);
@@ -565,13 +604,12 @@ impl State {
 
     fn metrics_of(&self, name: &str, agent: &Agent, from: Micros) -> Option<AgentMetrics> {
         let sum = agent.series.sum_from(from)?;
-        let avg = |s: i64, n: u64| (n > 0).then(|| s as f64 / SCALE / n as f64);
         let decided = sum.successes + sum.errors;
         Some(AgentMetrics {
             agent: name.to_owned(),
             total_requests: sum.requests,
-            avg_routing_time_ms: avg(sum.routing_time_sum, sum.routing_time_n),
-            avg_confidence: avg(sum.confidence_sum, sum.confidence_n),
+            avg_routing_time_ms: mean(sum.routing_time_sum, sum.routing_time_n),
+            avg_confidence: mean(sum.confidence_sum.into(), sum.confidence_n),
             success_rate: (decided > 0).then(|| sum.successes as f64 / decided as f64),
             successes: sum.successes,
             errors: sum.errors,
@@ -622,7 +660,7 @@ impl State {
             total_queries: q,
             cache_hits: hits,
             cache_hit_rate: (q > 0).then(|| hits as f64 / q as f64),
-            avg_routing_duration_ms: (n > 0).then(|| sum as f64 / SCALE / n as f64),
+            avg_routing_duration_ms: mean(sum, n),
         }
     }
 
@@ -661,14 +699,20 @@ mod tests {
 
     #[test]
     fn window_sums_count_past_what_one_bucket_holds() {
-        // Two busy hours, each near a bucket's limit: their sum needs more than 32 bits.
+        // Two busy hours, each near a bucket's limit: their sum needs more than 32 bits, and
+        // their durations (a day each) more than 64 in a bucket.
         let full = u32::MAX - 1;
-        let hour = |start| PerfBucket {
-            start,
-            queries: full,
-            cache_hits: full / 2,
-            duration_n: full,
-            duration_sum: i64::from(full) * 1_000_000,
+        let day = fixed(MAX_DURATION_MS);
+        let hour = |start| {
+            let mut duration_sum = Sum96::default();
+            duration_sum.add(u128::from(full) * u128::from(day));
+            PerfBucket {
+                start,
+                queries: full,
+                cache_hits: full / 2,
+                duration_n: full,
+                duration_sum,
+            }
         };
         let series = Series::<PerfBucket> {
             fine: VecDeque::new(),
@@ -679,11 +723,25 @@ mod tests {
         assert_eq!(sum.cache_hits, u64::from(full / 2) * 2);
         assert_eq!(sum.duration_n, 2 * u64::from(full));
         assert_eq!(
-            sum.duration_sum / sum.duration_n as i64,
-            1_000_000,
-            "1 ms each"
+            mean(sum.duration_sum, sum.duration_n),
+            Some(MAX_DURATION_MS),
+            "a day each"
         );
         assert_eq!(series.sum_from(NOW - H).unwrap().queries, u64::from(full));
+        // The last guard: a bucket's sum stops at 2^96 - 1 rather than wrapping.
+        let mut s = Sum96::default();
+        s.add(Sum96::MAX - 1);
+        assert_eq!(s.get(), Sum96::MAX - 1);
+        s.add(day.into());
+        assert_eq!(s.get(), Sum96::MAX);
+    }
+
+    /// What an agent's memory is made of (see [`DEFAULT_MAX_AGENTS`]).
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn buckets_stay_small() {
+        assert_eq!(size_of::<AgentBucket>(), 56);
+        assert_eq!(size_of::<PerfBucket>(), 32);
     }
 
     /// A small deterministic PRNG (xorshift) so the tests need no extra crate.
@@ -1176,6 +1234,115 @@ mod tests {
         assert_eq!(s.agent_metrics(NOW, None, None)[0].total_actions, kept);
         let last_hour = &s.agent_metrics(NOW, Some(H), None)[0];
         assert_eq!(last_hour.total_actions, 61);
+    }
+
+    /// A day (the longest duration averaged) is 8.64e13 in fixed point: ~106,752 of them
+    /// filled an i64 sum, in one bucket or across the buckets of a window, and pinned the
+    /// average far below a day.
+    #[test]
+    fn averages_of_the_longest_durations_stay_exact_at_any_count() {
+        const DAY_MS: f64 = 86_400_000.0;
+        let decision = |i: usize, agent: &str, time: Micros| {
+            let payload = format!(
+                r#"{{"id":"d{i}","selected_agent":"{agent}","routing_time_ms":{DAY_MS},"confidence_score":1}}"#
+            );
+            let d = events::parse_routing(payload.as_bytes(), time).expect("a valid decision");
+            Event::RoutingDecision(Arc::new(d))
+        };
+        let metric = |i: usize, time: Micros| {
+            let payload = format!(r#"{{"id":"m{i}","routing_duration_ms":{DAY_MS}}}"#);
+            let m = events::parse_performance(payload.as_bytes(), time).expect("a valid metric");
+            Event::PerformanceMetric(Arc::new(m))
+        };
+        let mut s = State::new(StateConfig {
+            max_decisions: 10,
+            max_performance: 10,
+            ..Default::default()
+        });
+        // "one": 110,000 in one hour bucket. "two": 55,000 in each of two hour buckets (each
+        // fits alone; their window sum did not). Performance metrics the same way.
+        let placed = [
+            ("one", NOW - 5 * H + MINUTE, 110_000),
+            ("two", NOW - 3 * H + MINUTE, 55_000),
+            ("two", NOW - 2 * H + MINUTE, 55_000),
+        ];
+        let mut i = 0;
+        for (agent, time, n) in placed {
+            for _ in 0..n {
+                i += 1;
+                for e in [decision(i, agent, time), metric(i, time)] {
+                    assert!(matches!(s.apply(&e, NOW), Applied::Aggregated(_)));
+                }
+            }
+        }
+        for agent in ["two", "one"] {
+            let m = &s.agent_metrics(NOW, None, Some(agent))[0];
+            assert_eq!(m.avg_routing_time_ms, Some(DAY_MS), "{agent}");
+            assert_eq!(m.avg_confidence, Some(1.0), "{agent}");
+        }
+        for window in [Some(4 * H), None] {
+            let stats = s.performance_stats(NOW, window);
+            assert_eq!(stats.avg_routing_duration_ms, Some(DAY_MS), "{window:?}");
+        }
+        assert_eq!(s.performance_stats(NOW, Some(4 * H)).total_queries, 110_000);
+    }
+
+    /// A redelivered event (a producer's retry: the same id and event time) is listed once,
+    /// wherever it falls in the buffer, and the buffer still holds the N newest events
+    /// whatever the order; the metrics count every delivery.
+    #[test]
+    fn a_redelivered_event_is_listed_once() {
+        let cfg = StateConfig {
+            max_actions: 4,
+            max_decisions: 4,
+            ..Default::default()
+        };
+        let decision = |id: &str, time: Micros| {
+            let payload = format!(r#"{{"id":"{id}","selected_agent":"alpha"}}"#);
+            let d = events::parse_routing(payload.as_bytes(), time).expect("a valid decision");
+            Event::RoutingDecision(Arc::new(d))
+        };
+        // Each delivery parsed anew, as ingest does: equal events, not the same Arc.
+        let deliveries = |ids: &[(&str, Micros)]| -> Vec<Event> {
+            ids.iter()
+                .flat_map(|&(id, t)| [action(id, "alpha", "success", t), decision(id, t)])
+                .collect()
+        };
+        let (t1, t2, t3) = (NOW - 3 * MINUTE, NOW - 2 * MINUTE, NOW - MINUTE);
+        let sent = deliveries(&[
+            ("x", t1),
+            ("y", t3),
+            ("x", t1), // before the newest: found by the search
+            ("y", t3), // the newest again: the append path
+            ("z", t2),
+            ("w", t1), // the same time, another id: an event of its own
+            ("x", t1), // in a full buffer
+        ]);
+        let listed = |s: &State| {
+            let actions: Vec<(Micros, String)> =
+                s.actions().map(|a| (a.time, a.id().to_owned())).collect();
+            let decisions: Vec<(Micros, String)> =
+                s.decisions().map(|d| (d.time, d.id().to_owned())).collect();
+            assert_eq!(actions, decisions);
+            actions
+        };
+        let s = state_with(&sent, cfg.clone());
+        let want = [(t3, "y"), (t2, "z"), (t1, "x"), (t1, "w")].map(|(t, id)| (t, id.to_owned()));
+        assert_eq!(listed(&s), want);
+        let mut reversed = sent.clone();
+        reversed.reverse();
+        assert_eq!(listed(&state_with(&reversed, cfg)), want);
+        let m = &s.agent_metrics(NOW, None, None)[0];
+        assert_eq!((m.total_actions, m.total_requests), (7, 7));
+        // Once the buffer has let it go, a late copy is older than everything kept.
+        let mut s = State::new(StateConfig {
+            max_actions: 1,
+            ..Default::default()
+        });
+        for e in deliveries(&[("x", t1), ("y", t2), ("x", t1)]) {
+            s.apply(&e, NOW);
+        }
+        assert_eq!(s.actions().map(|a| a.id()).collect::<Vec<_>>(), ["y"]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! consumer-svc unary reads against the real broker: the agent filters of ListTransformations
-//! (source or target) and ListRoutingDecisions (selected agent), and buffer sizes set by flags
-//! (the N newest events by event time, newest first).
+//! (source or target) and ListRoutingDecisions (selected agent, plausible minimum confidence),
+//! a redelivered decision listed once, and buffer sizes set by flags (the N newest events by
+//! event time, newest first).
 
 use std::time::Duration;
 
@@ -46,15 +47,19 @@ async fn list_transformations_and_routing_decisions_filter_by_agent() {
         )
         .unwrap();
     }
-    // Decisions: the alternatives name other agents, which the filter must not match.
+    // Decisions: the alternatives name other agents, which the filter must not match. d6's
+    // confidence is a percentage; d1 is delivered twice (a producer's retry).
     let decisions = [
         ("d1", "agent-a", 0.9, "agent-b"),
         ("d2", "agent-b", 0.8, "agent-a"),
         ("d3", "agent-a", 0.3, "agent-c"),
         ("d4", "agent-c", 0.7, "agent-a"),
         ("d5", "agent-a", 0.6, "agent-b"),
+        ("d6", "agent-a", 95.0, "agent-b"),
     ];
-    for (i, (id, agent, confidence, alternative)) in decisions.iter().enumerate() {
+    let redelivered = std::iter::once((0, &decisions[0]));
+    for (i, (id, agent, confidence, alternative)) in decisions.iter().enumerate().chain(redelivered)
+    {
         let v = json!({
             "id": id,
             "selected_agent": agent,
@@ -70,7 +75,7 @@ async fn list_transformations_and_routing_decisions_filter_by_agent() {
         .unwrap();
     }
     p.flush().unwrap();
-    wait_status(&svc, WAIT, "all events", |s| s.events_processed == 10)
+    wait_status(&svc, WAIT, "all events", |s| s.events_processed == 12)
         .await
         .unwrap();
     let mut c = client(&svc);
@@ -120,14 +125,35 @@ async fn list_transformations_and_routing_decisions_filter_by_agent() {
         .map(|d| d.id)
         .collect()
     };
-    assert_eq!(list_d(None, None).await, ["d5", "d4", "d3", "d2", "d1"]);
+    // d1 once, though delivered twice.
+    assert_eq!(
+        list_d(None, None).await,
+        ["d6", "d5", "d4", "d3", "d2", "d1"]
+    );
     // Only decisions that selected the agent, not those that merely considered it.
-    assert_eq!(list_d(Some("agent-a"), None).await, ["d5", "d3", "d1"]);
+    assert_eq!(
+        list_d(Some("agent-a"), None).await,
+        ["d6", "d5", "d3", "d1"]
+    );
     assert_eq!(list_d(Some("agent-b"), None).await, ["d2"]);
     assert_eq!(list_d(Some("agent-c"), None).await, ["d4"]);
     assert!(list_d(Some("agent-z"), None).await.is_empty());
-    // Both filters at once.
+    // Both filters at once; a confidence outside [0, 1] passes no minimum.
     assert_eq!(list_d(Some("agent-a"), Some(0.6)).await, ["d5", "d1"]);
+    assert_eq!(list_d(None, Some(0.9)).await, ["d1"]);
+    // The metrics count every delivery, and average the plausible confidences.
+    let metrics = client(&svc)
+        .get_agent_metrics(pb::GetAgentMetricsRequest {
+            agent: Some("agent-a".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(metrics[0].total_requests, 5);
+    let avg = metrics[0].avg_confidence.unwrap();
+    assert!((avg - (0.9 + 0.9 + 0.3 + 0.6) / 4.0).abs() < 1e-9, "{avg}");
 }
 
 /// `--max-actions`, `--max-routing-decisions`, `--max-transformations` and
