@@ -17,6 +17,7 @@ use bus_protocol::{
 use kafka_settings::KafkaSetting;
 use omnibus_proto::db::v1 as pb;
 use parking_lot::Mutex;
+use prost_reflect::{DeserializeOptions, DynamicMessage};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -312,8 +313,7 @@ impl BusPublisher {
                 let response = done.response.ok_or_else(|| {
                     BusError::Protocol("a structured request's reply has no `response`".into())
                 })?;
-                omnibus_proto::json::from_json(op.response_message(), &response)
-                    .map_err(|e| BusError::Protocol(e.to_string()))
+                decode_response(op.response_message(), &response)
             }
             Reply::Failed(failed) => Err(BusError::Failed(Box::new(failed))),
         }
@@ -347,7 +347,7 @@ impl BusPublisher {
         // The deadline travels with the request: db-svc answers TIMEOUT instead of writing late.
         if let Some(obj) = payload.as_object_mut() {
             obj.entry("timeout_ms")
-                .or_insert(serde_json::json!(timeout.as_millis() as u64));
+                .or_insert(serde_json::json!(timeout_ms(timeout)));
         }
         let traceparent = traceparent.map(str::to_string).unwrap_or_else(|| {
             format!(
@@ -397,6 +397,33 @@ impl BusPublisher {
             }),
         }
     }
+}
+
+/// The `timeout_ms` a request carries for the bus timeout `timeout`: at most
+/// [`crate::MAX_DEADLINE`] (the milliseconds of `Duration::MAX` do not fit a u64, and db-svc
+/// refuses a deadline past its calendar), which is no deadline in practice either.
+fn timeout_ms(timeout: Duration) -> u64 {
+    u64::try_from(timeout.min(crate::MAX_DEADLINE).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The gRPC response message carried (as proto3 JSON) by a structured reply.
+///
+/// Fields (and enum values) this client does not know are skipped, as a protobuf client skips
+/// them on the direct path: a reply from a newer db-svc reports a write that happened, and
+/// refusing it would report that write as failed (without a fallback, as a bad reply proves
+/// nothing about whether it was done). Requests are still parsed strictly by db-svc.
+fn decode_response<T: prost::Message + Default>(
+    full_name: &str,
+    response: &serde_json::Value,
+) -> Result<T, BusError> {
+    let protocol = |e: &dyn std::fmt::Display| BusError::Protocol(format!("{full_name}: {e}"));
+    let descriptor =
+        omnibus_proto::json::message_descriptor(full_name).map_err(|e| protocol(&e))?;
+    let options = DeserializeOptions::new().deny_unknown_fields(false);
+    DynamicMessage::deserialize_with_options(descriptor, response, &options)
+        .map_err(|e| protocol(&e))?
+        .transcode_to::<T>()
+        .map_err(|e| protocol(&e))
 }
 
 /// Removes a pending entry however the call ends (reply, timeout, error, cancellation).
@@ -473,6 +500,46 @@ mod tests {
         assert_eq!(code(rx1.try_recv().unwrap()), "FIRST");
         assert!(rx2.try_recv().is_err());
         assert_eq!(code(rx3.try_recv().unwrap()), "SECOND");
+    }
+
+    /// A bus timeout too long for any deadline (`Duration::MAX`) is sent as the longest one
+    /// gRPC carries, which db-svc accepts, not as a wrapped or out-of-range number.
+    #[test]
+    fn the_deadline_sent_is_at_most_what_grpc_carries() {
+        let longest = 99_999_999u64 * 3600 * 1000;
+        assert_eq!(timeout_ms(Duration::MAX), longest);
+        assert_eq!(
+            timeout_ms(Duration::from_secs(u64::MAX / 1000 + 1)),
+            longest
+        );
+        assert_eq!(timeout_ms(Duration::from_millis(1500)), 1500);
+    }
+
+    /// A reply from a newer db-svc, whose response message has a field this client does not
+    /// know, still decodes: the write happened, and an error would report it as failed.
+    #[test]
+    fn replies_with_fields_this_client_does_not_know_decode() {
+        let response = serde_json::json!({
+            "rows": [{"agent_name": "coder"}],
+            "affected": 1,
+            "replayed": true,
+            "a_field_from_a_newer_db_svc": {"nested": [1, 2]},
+            "anotherNewField": "x",
+        });
+        let decoded: pb::InsertResponse =
+            decode_response(StructuredOperation::Insert.response_message(), &response).unwrap();
+        assert_eq!(decoded.affected, 1);
+        assert!(decoded.replayed);
+        assert_eq!(decoded.rows.len(), 1);
+        // Known fields are still checked: a value of the wrong type is a bad reply.
+        let wrong = serde_json::json!({"affected": "many"});
+        assert!(matches!(
+            decode_response::<pb::InsertResponse>(
+                StructuredOperation::Insert.response_message(),
+                &wrong
+            ),
+            Err(BusError::Protocol(_))
+        ));
     }
 
     /// Only answers that prove nothing was done send a write to the direct path.

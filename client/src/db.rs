@@ -225,7 +225,8 @@ impl DbClient {
         }
         let mut request = tonic::Request::new(req);
         if let Some(timeout) = fallback_timeout {
-            request.set_timeout(timeout);
+            // Bounded: tonic panics encoding a deadline past what `grpc-timeout` holds.
+            request.set_timeout(timeout.min(crate::MAX_DEADLINE));
         }
         let response = direct(self.grpc(), request)
             .await
@@ -320,6 +321,14 @@ mod tests {
             "bad",
         ))));
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    /// The longest deadline is one tonic can send (a longer one panics there).
+    #[test]
+    fn the_longest_deadline_is_one_grpc_carries() {
+        let mut request = tonic::Request::new(());
+        request.set_timeout(Duration::MAX.min(crate::MAX_DEADLINE));
+        assert_eq!(request.metadata().get("grpc-timeout").unwrap(), "99999999H");
     }
 
     #[test]

@@ -6,6 +6,8 @@ pub mod db;
 pub mod generate;
 pub mod health;
 
+use std::time::Duration;
+
 pub use kafka_settings::{self, KafkaSetting};
 pub use omnibus_proto as proto;
 
@@ -15,3 +17,9 @@ pub fn kafka_client(brokers: &str, settings: &[KafkaSetting]) -> rdkafka::Client
     kafka_settings::apply(config.set("bootstrap.servers", brokers), settings);
     config
 }
+
+/// The longest deadline a call carries: 99,999,999 hours (about 11,400 years). gRPC's
+/// `grpc-timeout` header holds at most 8 digits of its largest unit, and tonic panics when
+/// asked to send a longer one; a longer timeout (up to `Duration::MAX`) means no deadline in
+/// practice, so it is shortened to this rather than refused.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(99_999_999 * 3600);

@@ -1000,6 +1000,71 @@ async fn a_write_whose_reply_is_too_large_for_the_bus_gets_its_result_over_grpc(
     );
 }
 
+/// A bus timeout longer than any deadline gRPC carries (tonic panics encoding one past
+/// 99,999,999 hours) is sent as the longest one: the bus write goes through, and the direct
+/// fallback after REPLY_TOO_LARGE carries it as its deadline instead of panicking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_timeout_past_what_grpc_carries_is_shortened_not_a_panic() {
+    // Nothing here may wait as long as the timeouts it is given.
+    let bounded = Duration::from_secs(120);
+    let (db, _svc, client) = bus_first(Duration::from_secs(5_000_000 * 86_400)).await;
+    let written = tokio::time::timeout(
+        bounded,
+        client.insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows: (0..3000)
+                .map(|_| {
+                    let mut row = action("long-timeout");
+                    row.fields.insert(
+                        "action_details".into(),
+                        omnibus_tests::db::to_value(json!({ "pad": "x".repeat(100) })),
+                    );
+                    row
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("bounded")
+    .unwrap();
+    match &written.via {
+        Via::Fallback(why) => assert!(why.contains("REPLY_TOO_LARGE"), "{why}"),
+        other => panic!("expected a fallback after REPLY_TOO_LARGE, got {other:?}"),
+    }
+    assert_eq!(written.response.affected, 3000);
+
+    // Duration::MAX: its milliseconds do not fit the envelope's timeout_ms.
+    let topics = BusTopics::create().await.unwrap();
+    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let bus = Arc::new(
+        BusPublisher::connect(topics.client_config(Duration::MAX))
+            .await
+            .unwrap(),
+    );
+    let client = DbClient::with_bus(svc.channel(), bus, WriteMode::BusFirst);
+    let written = tokio::time::timeout(
+        bounded,
+        client.insert(pb::InsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![action("longest-timeout")],
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("bounded")
+    .unwrap();
+    assert_eq!(written.via, Via::Bus);
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name IN ('long-timeout', 'longest-timeout')"
+        )
+        .await,
+        3001
+    );
+}
+
 /// The direct fallback carries the bus timeout as its gRPC deadline: with the bus silent and
 /// the table locked, the write ends with DEADLINE_EXCEEDED after about the timeout instead of
 /// waiting for the lock, and the error names the request id to retry with.

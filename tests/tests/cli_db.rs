@@ -772,3 +772,65 @@ async fn wrong_addresses_and_bad_values_are_clear_errors() {
         "nothing was written"
     );
 }
+
+/// `--row` integers beyond 64 bits (which serde_json reads as doubles) and numeric values a
+/// double cannot carry reach numeric columns exactly, as do safe integers in a bigint one.
+#[tokio::test]
+async fn row_numbers_reach_numeric_columns_unrounded() {
+    let svc = DbSvc::start_with(
+        "CREATE TABLE ledger (id bigint PRIMARY KEY, amount numeric, exact numeric(30, 2))",
+        "ledger",
+    )
+    .await;
+    let addr = svc.svc.addr.to_string();
+    db(
+        &addr,
+        &[
+            "insert",
+            "ledger",
+            "--row",
+            r#"{"id": 9007199254740993, "amount": 123456789012345678901, "exact": 12345678901234567.89}"#,
+            "--row",
+            r#"{"id": -9007199254740993, "amount": -9876543210987654321098765432, "exact": 0.5}"#,
+            "--count-only",
+        ],
+    )
+    .await;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&svc.db.url).await.unwrap();
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT id::text, amount::text, exact::text FROM ledger ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let want = [
+        ("-9007199254740993", "-9876543210987654321098765432", "0.50"),
+        (
+            "9007199254740993",
+            "123456789012345678901",
+            "12345678901234567.89",
+        ),
+    ]
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()));
+    assert_eq!(rows, want);
+}
+
+/// A duration no deadline can carry is a usage error (exit 2), not a panic mid-write.
+#[tokio::test]
+async fn an_absurd_bus_timeout_is_a_usage_error() {
+    let out = omnibus(&[
+        "db",
+        "insert",
+        "agent_actions",
+        "agent_name=x",
+        "--via",
+        "bus",
+        "--bus-timeout",
+        "5000000d",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("--bus-timeout"), "{out:?}");
+    assert!(out.stderr.contains("at most 365d"), "{out:?}");
+}

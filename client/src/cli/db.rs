@@ -1,5 +1,6 @@
 //! `omnibus db ...`: the db-svc subcommands.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use omnibus_client::connect::AuthChannel;
 use omnibus_client::db::{DbClient, Routed, Via, WriteMode};
 use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tonic::transport::Channel;
 
@@ -653,27 +655,7 @@ fn rows_of(
         rows.push(assignments(values, types)?);
     }
     for (i, text) in json_rows.iter().enumerate() {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| Fail(format!("--row {}: not valid JSON ({e})", i + 1)))?;
-        let Value::Object(mut o) = v else {
-            return Err(Fail(format!("--row {}: expected a JSON object", i + 1)));
-        };
-        // An integer beyond a double's exact range, for an integer or numeric column, goes as
-        // its decimal text (db-svc reads it exactly there), not rounded through a double.
-        // Other columns keep the number (jsonb keeps a number; a float column takes only
-        // numbers).
-        for (column, value) in o.iter_mut() {
-            let exact_column = matches!(
-                types.get(column).map(String::as_str),
-                Some("integer" | filter::DECIMAL)
-            );
-            if exact_column
-                && let Value::Number(n) = value
-                && (n.is_i64() || n.is_u64())
-            {
-                *value = filter::guess(&n.to_string());
-            }
-        }
+        let o = json_row(text, types).map_err(|e| Fail(format!("--row {}: {e}", i + 1)))?;
         rows.push(filter::json_to_struct(&o));
     }
     if rows.is_empty() {
@@ -682,6 +664,48 @@ fn rows_of(
         ));
     }
     Ok(rows)
+}
+
+/// One `--row` (a JSON object) as the row to send, its values typed for the columns `types`.
+fn json_row(text: &str, types: &ColumnTypes) -> std::result::Result<Map<String, Value>, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
+    let Value::Object(mut o) = v else {
+        return Err("expected a JSON object".into());
+    };
+    // A number a double does not carry exactly (an integer beyond ±(2^53 - 1), a decimal with
+    // more digits than a double keeps), for an integer or numeric column, goes as its decimal
+    // text (db-svc reads it exactly there), not rounded through a double. serde_json has
+    // already made a double of it (an integer beyond 64 bits too: `arbitrary_precision` would
+    // change `Value` for the whole workspace), so the digits come from the text as written.
+    // Other columns keep the number (jsonb keeps a number; a float column takes only
+    // numbers).
+    let literals = member_number_literals(text);
+    for (column, value) in o.iter_mut() {
+        let exact_column = matches!(
+            types.get(column).map(String::as_str),
+            Some("integer" | filter::DECIMAL)
+        );
+        if exact_column
+            && value.is_number()
+            && let Some(literal) = literals.get(column.as_str())
+        {
+            *value = filter::guess(literal);
+        }
+    }
+    Ok(o)
+}
+
+/// The text of each top-level member's value in `text` (a JSON object), by member name (the
+/// last one for a repeated name, as serde_json keeps it); empty if `text` is not an object.
+fn member_number_literals(text: &str) -> HashMap<String, &str> {
+    serde_json::from_str::<HashMap<String, &RawValue>>(text)
+        .map(|members| {
+            members
+                .into_iter()
+                .map(|(name, raw)| (name, raw.get()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn assignments(values: &[(String, Raw)], types: &ColumnTypes) -> Result<prost_types::Struct> {
@@ -768,4 +792,92 @@ fn written<T>(
         line.push_str(" (replayed: an earlier request with this id already did it)");
     }
     summary(out, format, &line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn types() -> ColumnTypes {
+        [
+            ("big", "integer"),
+            ("amount", filter::DECIMAL),
+            ("score", "number"),
+            ("details", "json"),
+            ("name", "string"),
+        ]
+        .into_iter()
+        .map(|(c, t)| (c.to_string(), t.to_string()))
+        .collect()
+    }
+
+    /// The README's promise: for an integer or numeric column, an integer beyond
+    /// ±(2^53 - 1) is sent as its decimal text, never rounded - beyond 64 bits too, where
+    /// serde_json reads the literal as a double.
+    #[test]
+    fn row_integers_beyond_a_double_are_sent_exactly() {
+        let row = json_row(
+            r#"{"big": 123456789012345678901, "amount": -123456789012345678901234567890}"#,
+            &types(),
+        )
+        .unwrap();
+        assert_eq!(row["big"], json!("123456789012345678901"));
+        assert_eq!(row["amount"], json!("-123456789012345678901234567890"));
+        // Within 64 bits, as before.
+        let row = json_row(
+            r#"{"big": 9007199254740993, "amount": 18446744073709551615}"#,
+            &types(),
+        )
+        .unwrap();
+        assert_eq!(row["big"], json!("9007199254740993"));
+        assert_eq!(row["amount"], json!("18446744073709551615"));
+        // A numeric column's decimal with more digits than a double keeps stays exact too.
+        let row = json_row(r#"{"amount": 12345678901234567.89}"#, &types()).unwrap();
+        assert_eq!(row["amount"], json!("12345678901234567.89"));
+    }
+
+    /// What a double carries exactly stays a JSON number, and only the top-level values of
+    /// integer and numeric columns are touched.
+    #[test]
+    fn row_numbers_a_double_carries_stay_numbers() {
+        let row = json_row(
+            r#"{"big": 12, "amount": 0.5, "score": 123456789012345678901,
+                "details": {"big": 123456789012345678901}, "name": "x", "other": -1.5e3}"#,
+            &types(),
+        )
+        .unwrap();
+        assert_eq!(row["big"], json!(12));
+        assert_eq!(row["amount"], json!(0.5));
+        assert!(row["score"].is_f64(), "a float column takes numbers");
+        assert!(row["details"]["big"].is_number(), "jsonb keeps a number");
+        assert_eq!(row["name"], json!("x"));
+        assert_eq!(row["other"], json!(-1500.0));
+    }
+
+    /// The literal is found by member name however the JSON is written: escaped names,
+    /// strings that look like JSON, nested values, repeated names (the last one counts, as
+    /// serde_json keeps it).
+    #[test]
+    fn row_literals_are_matched_to_their_member() {
+        let text = r#" { "n\"ote": "{\"big\": 1, \"amount\": 2}, [", "nested": [{"big": 3}, 4],
+            "\u0062ig" : 123456789012345678901 ,"amount":1,"amount":98765432109876543210987} "#;
+        let row = json_row(text, &types()).unwrap();
+        assert_eq!(row["big"], json!("123456789012345678901"));
+        assert_eq!(row["amount"], json!("98765432109876543210987"));
+        let row = json_row(r#"{"big": 123456789012345678901, "big": 7}"#, &types()).unwrap();
+        assert_eq!(row["big"], json!(7));
+        let row = json_row(r#"{"big": 123456789012345678901, "big": "7"}"#, &types()).unwrap();
+        assert_eq!(row["big"], json!("7"));
+        let row = json_row(r#"{"名前": "値", "big": 123456789012345678901}"#, &types()).unwrap();
+        assert_eq!(row["big"], json!("123456789012345678901"));
+    }
+
+    #[test]
+    fn rows_that_are_not_json_objects_are_refused() {
+        let e = json_row("{bad", &types()).unwrap_err();
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = json_row("[1]", &types()).unwrap_err();
+        assert!(e.contains("expected a JSON object"), "{e}");
+    }
 }

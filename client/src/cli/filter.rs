@@ -295,7 +295,9 @@ pub fn typed_value(raw: &Raw, json_type: Option<&str>) -> Result<Value, String> 
             .map(Value::from)
             .ok_or(())
             .or_else(|_| {
-                if t.parse::<i128>().is_ok() {
+                // Any integer literal, however long (i128 alone would let a longer one be
+                // rounded through the double below).
+                if is_integer_literal(t) {
                     return Err(());
                 }
                 t.parse::<f64>()
@@ -327,6 +329,12 @@ pub fn typed_value(raw: &Raw, json_type: Option<&str>) -> Result<Value, String> 
         },
         _ => Ok(guess(t)),
     }
+}
+
+/// Whether `t` is an integer written as digits, with an optional sign.
+fn is_integer_literal(t: &str) -> bool {
+    let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// A literal's most likely JSON value: a number, true/false, a JSON object/array, else text.
@@ -828,6 +836,12 @@ mod tests {
             t("123456789012345678901", Some("integer")),
             json!("123456789012345678901")
         );
+        // Beyond i128 too: an integer literal is never rounded through a double.
+        let huge = "-1234567890123456789012345678901234567890";
+        assert_eq!(t(huge, Some("integer")), json!(huge));
+        assert_eq!(t(huge, Some("number")), json!(huge));
+        assert_eq!(t("1e3", Some("integer")), json!(1000.0));
+        assert_eq!(t(huge, Some(DECIMAL)), json!(huge));
         assert_eq!(t("yes", Some("boolean")), json!(true));
         // numeric: exactly as typed, never rounded through a double.
         assert_eq!(t("12", Some(DECIMAL)), json!(12));

@@ -418,7 +418,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// `500ms`, `3s`, `2m`, `1h`, `1d`, or a bare number of seconds.
+/// The longest duration a flag takes. Longer is a typo rather than a wish (a timeout past it
+/// is no timeout in practice), and beyond 99,999,999 hours a deadline cannot be sent at all
+/// (tonic panics encoding it).
+const MAX_DURATION_DAYS: u64 = 365;
+
+/// `500ms`, `3s`, `2m`, `1h`, `1d`, or a bare number of seconds; more than zero and at most
+/// [`MAX_DURATION_DAYS`].
 pub fn parse_duration(raw: &str) -> std::result::Result<Duration, String> {
     let s = raw.trim();
     let split = s
@@ -445,7 +451,20 @@ pub fn parse_duration(raw: &str) -> std::result::Result<Duration, String> {
     if secs.is_nan() || secs <= 0.0 {
         return Err(format!("'{raw}' must be longer than zero"));
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{raw}' is too long a duration"))
+    // Compared as seconds before converting: `Duration` itself cannot hold every f64.
+    if secs > (MAX_DURATION_DAYS * 86_400) as f64 {
+        return Err(format!(
+            "'{raw}' is too long a duration (at most {MAX_DURATION_DAYS}d)"
+        ));
+    }
+    match Duration::try_from_secs_f64(secs) {
+        // Below a nanosecond: zero once converted.
+        Ok(d) if d.is_zero() => Err(format!("'{raw}' must be longer than zero")),
+        Ok(d) => Ok(d),
+        Err(_) => Err(format!(
+            "'{raw}' is not a duration (e.g. 500ms, 30s, 2m, 1h)"
+        )),
+    }
 }
 
 /// Runs the parsed command; the exit code.
@@ -608,6 +627,37 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3 weeks").is_err());
+        assert_eq!(
+            parse_duration("365d").unwrap(),
+            Duration::from_secs(365 * 86400)
+        );
+        // Longer is a typo, and past 99,999,999 hours tonic panics encoding the deadline.
+        for absurd in ["366d", "5000000d", "99999999999999999999999h"] {
+            let e = parse_duration(absurd).unwrap_err();
+            assert!(e.contains("at most 365d"), "{absurd}: {e}");
+        }
+        // Rounded to nothing is zero.
+        assert!(parse_duration("0.0000000001").is_err());
+    }
+
+    /// Every flag that takes a duration refuses an absurd one as a usage error, before
+    /// anything is sent.
+    #[test]
+    fn absurd_durations_are_usage_errors() {
+        for args in [
+            &["db", "insert", "t", "a=1", "--bus-timeout", "5000000d"][..],
+            &["--timeout", "5000000d", "db", "tables"],
+            &["top", "--refresh", "5000000d"],
+            &["generate", "--duration", "5000000d"],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}"
+            );
+            assert!(e.to_string().contains("at most 365d"), "{args:?}: {e}");
+        }
     }
 
     #[test]
