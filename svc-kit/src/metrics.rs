@@ -29,6 +29,13 @@ pub use metrics::{
 
 use crate::{Health, Shutdown};
 
+/// How long a metrics client has to send its request headers (hyper's default without a
+/// timer is forever: an idle or half-sent connection would hold a descriptor for good).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pause after a failed accept (out of descriptors fails them all at once).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Histogram buckets (seconds) for every `*_seconds` metric: 0.5 ms to 60 s.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -134,7 +141,10 @@ pub async fn bind(
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
+                        // Out of descriptors (EMFILE) fails every accept at once: pause rather
+                        // than spin a core until some close.
                         tracing::debug!(error = %e, "metrics endpoint: accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 },
@@ -146,7 +156,10 @@ pub async fn bind(
                     async move { Ok::<_, Infallible>(response) }
                 });
             tokio::spawn(async move {
+                // A client that never finishes its request headers is dropped.
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service);
                 if let Err(e) = connection.await {

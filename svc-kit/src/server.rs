@@ -32,6 +32,9 @@ use crate::layer::{AuthConfig, GrpcLayer};
 use crate::write_batching::BatchedWrites;
 use crate::{Health, Shutdown};
 
+/// How long a TLS client has to complete its handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The server type every service uses: tonic's, with the [`GrpcLayer`] in front.
 pub type GrpcServer = Server<Stack<GrpcLayer, NoLayer>>;
 /// A router built from a [`GrpcServer`].
@@ -82,16 +85,18 @@ pub struct ServerArgs {
     #[arg(long, env = "GRPC_MAX_SEND_MESSAGE_SIZE", value_parser = parse_bytes, default_value = "64MiB")]
     pub max_send_message_size: usize,
 
-    /// HTTP/2 streams (concurrent calls, open streams included) per connection.
-    #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    /// HTTP/2 streams (concurrent calls, open streams included) per connection (at least 1:
+    /// 0 would let no call in).
+    #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
 
     /// Requests handled at once per connection; more wait for a slot (0 = no limit).
     #[arg(long, env = "GRPC_CONCURRENCY_PER_CONNECTION", default_value_t = 256)]
     pub concurrency_per_connection: usize,
 
-    /// Timeout of a call until its response starts (unary calls; a stream's first message),
-    /// answered CANCELLED; a shorter client deadline wins (0 = none).
+    /// Timeout of a call until its response starts (a unary call's answer; a stream's start,
+    /// not its messages), answered CANCELLED; a shorter client deadline wins (0 = none).
     #[arg(long, env = "GRPC_REQUEST_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub request_timeout: Duration,
 
@@ -99,8 +104,9 @@ pub struct ServerArgs {
     #[arg(long, env = "GRPC_KEEPALIVE_INTERVAL", value_parser = parse_duration, default_value = "30s")]
     pub keepalive_interval: Duration,
 
-    /// How long to wait for a keepalive ping's acknowledgement before closing the connection.
-    #[arg(long, env = "GRPC_KEEPALIVE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    /// How long to wait for a keepalive ping's acknowledgement before closing the connection
+    /// (more than 0; pings are switched off with the interval).
+    #[arg(long, env = "GRPC_KEEPALIVE_TIMEOUT", value_parser = parse_positive_duration, default_value = "10s")]
     pub keepalive_timeout: Duration,
 
     /// Gather each connection's small HTTP/2 frames into one write per scheduler round instead
@@ -214,7 +220,13 @@ impl ServerArgs {
                 "AUTH_WRITE_TOKENS",
             ),
         ] {
-            for secret in list.iter().filter(|s| !s.0.is_empty()) {
+            let given: Vec<_> = list.iter().filter(|s| !s.0.is_empty()).collect();
+            if given.is_empty() && !list.is_empty() {
+                // Set but blank (an emptied secret): no token, so it adds no protection; say
+                // so louder than the "authentication off" line.
+                tracing::warn!("{name} is set but holds no token; it adds none");
+            }
+            for secret in given {
                 tokens
                     .add(&secret.0, scope)
                     .map_err(|e| format!("{name}: {e}"))?;
@@ -350,7 +362,7 @@ pub fn builder(args: &ServerArgs, scopes: Scopes) -> Result<GrpcServer, ServeErr
     let mut server = Server::builder()
         .max_concurrent_streams(args.max_concurrent_streams)
         .http2_keepalive_interval(nonzero(args.keepalive_interval))
-        .http2_keepalive_timeout(nonzero(args.keepalive_timeout));
+        .http2_keepalive_timeout(Some(args.keepalive_timeout));
     if args.concurrency_per_connection > 0 {
         server = server.concurrency_limit_per_connection(args.concurrency_per_connection);
     }
@@ -368,7 +380,10 @@ pub fn builder(args: &ServerArgs, scopes: Scopes) -> Result<GrpcServer, ServeErr
             read_pem("certificate", cert)?,
             read_pem("private key", key)?,
         );
-        let mut tls = ServerTlsConfig::new().identity(identity);
+        // A peer that stalls in the handshake is dropped (tonic's default waits forever).
+        let mut tls = ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
         if let Some(ca) = &args.tls_client_ca {
             tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read_pem(
                 "client CA",
@@ -504,6 +519,15 @@ pub fn parse_bytes(raw: &str) -> Result<usize, String> {
 }
 
 /// Parses durations such as `500ms`, `10s`, `5m`, `24h`, `7d` (a bare number is seconds).
+/// [`parse_duration`] for a setting where 0 has no meaning.
+pub fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
+    let d = parse_duration(raw)?;
+    if d.is_zero() {
+        return Err(format!("'{raw}' must be more than 0"));
+    }
+    Ok(d)
+}
+
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
     let split = raw
@@ -762,6 +786,30 @@ mod tests {
             std::iter::once("svc").chain(args.iter().copied()),
         )
         .map(|c| c.server)
+    }
+
+    /// Settings where 0 would silently mean something else: no call let in (0 streams), or
+    /// tonic's own 20 s (a keepalive timeout of 0) are refused at start-up.
+    #[test]
+    fn zero_is_refused_where_it_has_no_meaning() {
+        assert!(parse(&["--max-concurrent-streams", "0"]).is_err());
+        assert_eq!(
+            parse(&["--max-concurrent-streams", "1"])
+                .unwrap()
+                .max_concurrent_streams,
+            1
+        );
+        assert!(parse(&["--keepalive-timeout", "0"]).is_err());
+        assert!(parse(&["--keepalive-timeout", "0s"]).is_err());
+        assert_eq!(
+            parse(&["--keepalive-timeout", "500ms"])
+                .unwrap()
+                .keepalive_timeout,
+            Duration::from_millis(500)
+        );
+        // Where 0 means off, it still does.
+        assert!(parse(&["--keepalive-interval", "0"]).is_ok());
+        assert!(parse(&["--request-timeout", "0"]).is_ok());
     }
 
     #[test]
