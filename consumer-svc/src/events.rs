@@ -346,19 +346,50 @@ fn payload_str(payload: &[u8]) -> Result<&str, ParseError> {
     Ok(std::str::from_utf8(payload)?)
 }
 
-/// Parses `payload` as `T`. An event that sends a field under two of its spellings
-/// (`agent_name` and `agentName`, `confidence_score` and `confidence`), at the top or inside
-/// an entry of an array such as `alternatives`, fails serde's derive with "duplicate field";
-/// only then is it parsed again from a copy holding each field once, under its snake_case
-/// name, with its first non-null value (and Python's bare `NaN` / `Infinity` as null).
-/// `deduped` keeps that copy alive for the borrowed fields of `T`.
+/// A `T` (one of the `Raw*` structs) read from a JSON object only. serde's derive also reads a
+/// struct from a sequence of its fields in declaration order, and serde_json offers one for a
+/// JSON array: with every field defaulted, `[]` on the performance topic would be a query and
+/// `[null,null,null,"x"]` a routing decision for agent `x`. Asking for a map makes any other
+/// JSON value an "invalid type" error, as for other malformed events; `T` then reads the
+/// object's members as its derive does (borrowing, aliases, duplicate-field detection).
+struct Object<T>(T);
+
+impl<T> std::ops::Deref for Object<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Object<T>, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// Parses `payload`, a JSON object (see [`Object`]), as `T`. An event that sends a field under
+/// two of its spellings (`agent_name` and `agentName`, `confidence_score` and `confidence`), at
+/// the top or inside an entry of an array such as `alternatives`, fails serde's derive with
+/// "duplicate field"; only then is it parsed again from a copy holding each field once, under
+/// its snake_case name, with its first non-null value (and Python's bare `NaN` / `Infinity` as
+/// null). `deduped` keeps that copy alive for the borrowed fields of `T`.
 fn parse_raw<'a, T: serde::Deserialize<'a>>(
     payload: &'a str,
     spellings: &Spellings,
     deduped: &'a mut Option<String>,
 ) -> Result<T, ParseError> {
-    match serde_json::from_str(payload) {
-        Ok(raw) => Ok(raw),
+    match serde_json::from_str::<Object<T>>(payload) {
+        Ok(Object(raw)) => Ok(raw),
         Err(e) => {
             // Python's json.dumps writes a float NaN or infinity as a bare `NaN` / `Infinity`,
             // which is not JSON: such a number is read as absent (null), as aggregation would
@@ -372,7 +403,8 @@ fn parse_raw<'a, T: serde::Deserialize<'a>>(
             let Some(once) = dedupe_spellings(text, spellings).or(fixed) else {
                 return Err(e.into());
             };
-            Ok(serde_json::from_str(deduped.insert(once))?)
+            let Object(raw) = serde_json::from_str(deduped.insert(once))?;
+            Ok(raw)
         }
     }
 }
@@ -635,7 +667,7 @@ struct RawRouting<'a> {
     #[serde(borrow, default, alias = "routingStrategy")]
     routing_strategy: Str<'a>,
     #[serde(borrow, default)]
-    alternatives: Option<Vec<RawAlternative<'a>>>,
+    alternatives: Option<Vec<Object<RawAlternative<'a>>>>,
     #[serde(borrow, default)]
     reasoning: Str<'a>,
     #[serde(default, alias = "routingTimeMs")]
@@ -1394,6 +1426,17 @@ mod tests {
                 a.time
             );
         }
+        // ISO 8601 offsets without a colon (strftime's `%z`) or minutes, after a `T` too.
+        for t in [
+            "2025-11-20T09:15:00+0000",
+            "2025-11-20T09:15:00+00",
+            "2025-11-20T10:15:00+0100",
+            "2025-11-20 04:15:00-05",
+        ] {
+            let json = format!(r#"{{"agent_name":"a","action_type":"x","createdAt":"{t}"}}"#);
+            let a = parse_action(json.as_bytes(), NOW).unwrap();
+            assert_eq!(a.time, ts("2025-11-20T09:15:00Z"), "{t}");
+        }
         // The future is clamped to the receive time.
         let a = parse_action(
             br#"{"agent_name":"a","action_type":"x","timestamp":"2999-01-01T00:00:00Z"}"#,
@@ -1455,6 +1498,72 @@ mod tests {
             ),
             Err(ParseError::Json(_))
         ));
+    }
+
+    /// serde's derive also reads a struct from a JSON array of its fields in order, and every
+    /// field here is optional: `[]` was a performance metric, `[null,null,null,"x"]` a routing
+    /// decision for agent `x`. Only an object is an event, on every topic.
+    #[test]
+    fn a_payload_that_is_not_an_object_is_an_error() {
+        let arrays: [(EventKind, &[u8]); 8] = [
+            (EventKind::PerformanceMetric, b"[]"),
+            (EventKind::PerformanceMetric, br#"["id","c","q",12.5,true]"#),
+            (EventKind::RoutingDecision, br#"[null,null,null,"x"]"#),
+            (EventKind::RoutingDecision, b" \n[null, null, null, \"x\"] "),
+            (EventKind::AgentAction, br#"["i","c","a","success"]"#),
+            (EventKind::Transformation, br#"["i","c","a","b"]"#),
+            // With a duplicate or a bare NaN, which sends the parse through its repairs.
+            (
+                EventKind::AgentAction,
+                br#"["i","c","a","success",null,null,null,NaN]"#,
+            ),
+            (EventKind::Transformation, br#"["i","c","a","b",null,NaN]"#),
+        ];
+        for (kind, payload) in arrays {
+            let text = String::from_utf8_lossy(payload);
+            match parse(kind, payload, NOW) {
+                Err(ParseError::Json(e)) => {
+                    assert!(e.to_string().contains("object"), "{kind:?} {text}: {e}")
+                }
+                other => panic!("{kind:?} {text}: {other:?}"),
+            }
+        }
+        // Nor is any other JSON value.
+        for kind in EventKind::ALL {
+            for payload in ["null", "1", r#""x""#, "true"] {
+                assert!(
+                    matches!(
+                        parse(kind, payload.as_bytes(), NOW),
+                        Err(ParseError::Json(_))
+                    ),
+                    "{kind:?} {payload}"
+                );
+            }
+        }
+        // An alternative is an object too: `["z"]` is not an alternative for agent `z`.
+        for alternatives in [r#"[["z"]]"#, r#"[["z",0.5]]"#, r#"[{"agent":"y"},["z"]]"#] {
+            for top in [
+                r#""selected_agent":"x""#,
+                r#""selected_agent":"x","selectedAgent":"y""#,
+            ] {
+                let json = format!(r#"{{{top},"alternatives":{alternatives}}}"#);
+                assert!(
+                    matches!(
+                        parse_routing(json.as_bytes(), NOW),
+                        Err(ParseError::Json(_))
+                    ),
+                    "{json}"
+                );
+            }
+        }
+        // Objects still parse, with whitespace around them, and nested arrays inside them.
+        let e = parse(
+            EventKind::RoutingDecision,
+            b" {\"selected_agent\":\"x\",\"context\":[1,[2]],\"alternatives\":[{\"agent\":\"z\"}]}\n",
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(e.kind(), EventKind::RoutingDecision);
     }
 
     #[test]

@@ -64,6 +64,13 @@ const FIRST: Offset = Offset::Offset(0);
 const UNSETTLED_ANSWERS_FOR_REPLAY: u32 = 5;
 /// Parse errors logged per topic per minute at most (all are counted).
 const ERROR_LOGS_PER_MINUTE: u32 = 10;
+/// How often the positions are checked for offsets librdkafka passed without delivering them
+/// (see `Ingest::note_skipped_offsets`) while messages keep coming; an empty poll checks too.
+const SKIPPED_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// How long after a partition was assigned or moved librdkafka's application positions are
+/// not trusted: its fetcher may not have taken the change yet, and may still report the
+/// position the partition had before (see `Ingest::note_skipped_offsets`).
+const REPOSITION_SETTLE: Duration = Duration::from_millis(200);
 
 /// How partitions are positioned on start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -395,9 +402,9 @@ pub struct Ingest {
     error_logs: [ErrorLog; 4],
     /// Metadata answers so far in which some topic was unsettled (see `Listed`).
     unsettled_answers: u32,
-    /// A partition was assigned or moved since the last idle poll: librdkafka's application
-    /// positions may still be the old ones (see [`Ingest::note_skipped_offsets`]).
-    repositioned: bool,
+    /// When a partition was last assigned or moved: librdkafka's application positions may
+    /// still be the old ones for a while (see [`Ingest::note_skipped_offsets`]).
+    repositioned: Option<Instant>,
 }
 
 /// The ingest consumer's settings: its tuning, then the operator's pass-through settings
@@ -457,7 +464,7 @@ impl Ingest {
             brokers_down,
             error_logs: std::array::from_fn(|_| ErrorLog::new(Instant::now())),
             unsettled_answers: 0,
-            repositioned: false,
+            repositioned: None,
         })
     }
 
@@ -470,6 +477,7 @@ impl Ingest {
     pub fn run(mut self, shutdown: Shutdown) {
         let mut last_discover: Option<Instant> = None;
         let mut last_prune = Instant::now();
+        let mut skip_check = SkipCheck::new(Instant::now());
         while !shutdown.is_triggered() {
             if self.brokers_down.swap(false, Ordering::Relaxed) && !self.client_replaced {
                 self.replace_client(&"all brokers down");
@@ -506,6 +514,7 @@ impl Ingest {
                 timeout = Duration::ZERO;
             }
             if msgs.is_empty() {
+                skip_check.done(Instant::now());
                 self.note_skipped_offsets();
                 continue;
             }
@@ -526,6 +535,11 @@ impl Ingest {
             for (key, offset) in moves.resume {
                 self.reassign_at(key, offset, None);
             }
+            // Not only when idle: a partition whose log ends with a marker would otherwise
+            // never look read while any other partition keeps delivering.
+            if skip_check.due(Instant::now()) {
+                self.note_skipped_offsets();
+            }
         }
         tracing::info!("ingest stopped");
     }
@@ -534,15 +548,21 @@ impl Ingest {
     /// transaction markers (the commit or abort record a transactional producer ends each
     /// transaction with) and the events of aborted transactions. Without this a log ending
     /// with a marker would never look fully read: its lag would stay at 1 and the start-up
-    /// replay would wait for `--replay-timeout`. Called after a poll returned nothing, so
-    /// every message polled so far has been applied; skipped once after a partition was
-    /// assigned or moved, while librdkafka may still report the position it had before, and
-    /// never for a partition whose timestamp seek is still to be verified (one that landed on
-    /// a marker is undone instead).
+    /// replay would wait for `--replay-timeout`. Called after a poll returned nothing, and
+    /// every `SKIPPED_CHECK_INTERVAL` after a batch was applied while messages keep coming
+    /// (else a quiet partition's final marker would go unnoticed for as long as any other
+    /// partition delivers a message every 100 ms): either way every message polled so far has
+    /// been applied, so librdkafka's application position of a partition is past what was
+    /// read only by offsets it consumed without delivering them. Skipped for
+    /// `REPOSITION_SETTLE` after a partition was assigned or moved, while librdkafka may
+    /// still report the position it had before, and never for a partition whose timestamp
+    /// seek is still to be verified (one that landed on a marker is undone instead). Cheap:
+    /// one read of the client's positions and one lock of the status.
     fn note_skipped_offsets(&mut self) {
-        if std::mem::take(&mut self.repositioned) || self.assigned.is_empty() {
+        if self.assigned.is_empty() || !settled(self.repositioned, Instant::now()) {
             return;
         }
+        self.repositioned = None;
         let Ok(app) = self.consumer.position() else {
             return;
         };
@@ -785,7 +805,7 @@ impl Ingest {
                 intact_keys.push(*key);
             }
         }
-        self.repositioned = true;
+        self.repositioned = Some(Instant::now());
         if let Err(e) = self.consumer.incremental_assign(&live) {
             // The partitions stay unverified with their positions: nothing is re-read from
             // the start, and nothing is left unread. Nothing else is assigned meanwhile, or
@@ -925,7 +945,7 @@ impl Ingest {
             }
             self.assigned.insert((k, p), Partition::from_start(probe));
         }
-        self.repositioned = true;
+        self.repositioned = Some(Instant::now());
         if let Err(e) = self.consumer.incremental_assign(&tpl) {
             tracing::warn!("assign: {e}");
             for key in new {
@@ -1009,7 +1029,7 @@ impl Ingest {
         let topic = self.cfg.topics[key.0].clone();
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&topic, key.1);
-        self.repositioned = true;
+        self.repositioned = Some(Instant::now());
         if let Err(e) = self.consumer.incremental_unassign(&tpl) {
             tracing::warn!("unassign: {e}");
         }
@@ -1176,6 +1196,39 @@ fn offset_in(list: &TopicPartitionList, topic: &str, p: i32) -> Option<i64> {
             Offset::Offset(o) => Some(o),
             _ => None,
         })
+}
+
+/// When the next check for skipped offsets is due while messages keep coming (an empty poll
+/// checks anyway, and counts as one).
+#[derive(Debug)]
+struct SkipCheck {
+    last: Instant,
+}
+
+impl SkipCheck {
+    fn new(now: Instant) -> Self {
+        Self { last: now }
+    }
+
+    /// A check was made at `now`.
+    fn done(&mut self, now: Instant) {
+        self.last = now;
+    }
+
+    /// Whether a check is due at `now`, after a batch; if so it counts as made.
+    fn due(&mut self, now: Instant) -> bool {
+        let due = now.saturating_duration_since(self.last) >= SKIPPED_CHECK_INTERVAL;
+        if due {
+            self.done(now);
+        }
+        due
+    }
+}
+
+/// Whether librdkafka's application positions can be trusted at `now`, the last assignment or
+/// move having been made at `repositioned` (if any).
+fn settled(repositioned: Option<Instant>, now: Instant) -> bool {
+    repositioned.is_none_or(|t| now.saturating_duration_since(t) >= REPOSITION_SETTLE)
 }
 
 /// What librdkafka's application position `at`, past offsets it did not deliver, means for a
@@ -1508,6 +1561,42 @@ mod tests {
         assert!(!skipped_to(&at(41, 50), 30), "behind what was read");
         assert!(!skipped_to(&at(0, 5), 900), "left over from a longer log");
         assert!(!skipped_to(&at(0, -1), 3), "end not reported yet");
+    }
+
+    /// A partition whose log ends with a transaction marker looks read only once its position
+    /// is checked; that check came only after an empty poll, which never comes while any
+    /// other partition delivers a message every 100 ms. It is also due after a batch now.
+    #[test]
+    fn skipped_offsets_are_checked_while_messages_keep_coming() {
+        let start = Instant::now();
+        let ms = |n| start + Duration::from_millis(n);
+        let mut check = SkipCheck::new(start);
+        // A batch every 20 ms, never an empty poll.
+        let due: Vec<u64> = (1..=40)
+            .map(|i| i * 20)
+            .filter(|&t| check.due(ms(t)))
+            .collect();
+        assert_eq!(due, [260, 520, 780], "at most every SKIPPED_CHECK_INTERVAL");
+        // An empty poll checks, and the next check after a batch waits a full interval again.
+        check.done(ms(900));
+        assert!(!check.due(ms(1100)));
+        assert!(check.due(ms(1150)));
+        // A clock reading older than the last check is not due (no underflow).
+        assert!(!check.due(start));
+    }
+
+    #[test]
+    fn positions_are_not_trusted_right_after_a_partition_moved() {
+        let start = Instant::now();
+        assert!(settled(None, start), "nothing moved");
+        assert!(!settled(Some(start), start));
+        assert!(!settled(Some(start), start + REPOSITION_SETTLE / 2));
+        assert!(settled(Some(start), start + REPOSITION_SETTLE));
+        // Moved "after" now (a check made before the move's time was read): not settled.
+        assert!(!settled(Some(start + REPOSITION_SETTLE), start));
+        // The settle time is shorter than the interval: a partition moved by a batch is
+        // checked at the next due check, not one later.
+        assert!(REPOSITION_SETTLE <= SKIPPED_CHECK_INTERVAL);
     }
 
     #[test]

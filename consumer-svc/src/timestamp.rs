@@ -8,7 +8,8 @@
 
 use crate::events::Micros;
 
-/// Parses RFC 3339 / Python `isoformat()` output; a naive time is taken as UTC.
+/// Parses RFC 3339 / Python `isoformat()` output, with a `T` or a space between date and time
+/// and the offset as `Z`, `+HH:MM`, `+HHMM` or `+HH`; a naive time is taken as UTC.
 pub fn parse_iso8601(s: &str) -> Option<Micros> {
     // The fixed layout never has surrounding whitespace, so it is tried before trimming (which
     // scans for Unicode whitespace at both ends).
@@ -18,7 +19,9 @@ pub fn parse_iso8601(s: &str) -> Option<Micros> {
     })
 }
 
-/// The general path: chrono's RFC 3339 parser, then the naive and space-separated layouts.
+/// The general path: chrono's RFC 3339 parser, then the naive layouts, then either separator
+/// with an offset in any of ISO 8601's forms: `+HH:MM`, `+HHMM` (strftime's `%z`) or `+HH`
+/// (RFC 3339 takes only the first, after a `T` or a space).
 fn with_chrono(s: &str) -> Option<Micros> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Some(t.timestamp_micros());
@@ -28,13 +31,14 @@ fn with_chrono(s: &str) -> Option<Micros> {
             return Some(t.and_utc().timestamp_micros());
         }
     }
-    // Python's isoformat with a space separator and an offset.
-    chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%:z")
-        .ok()
+    // `%#z`: chrono's `%:z` (colon optional), minutes optional too.
+    ["%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z"]
+        .into_iter()
+        .find_map(|fmt| chrono::DateTime::parse_from_str(s, fmt).ok())
         .map(|t| t.timestamp_micros())
 }
 
-/// `YYYY-MM-DD(T| )HH:MM:SS[.f{1,9}][Z|(+|-)HH:MM]`, or `None` to let chrono decide.
+/// `YYYY-MM-DD(T| )HH:MM:SS[.f{1,9}][Z|(+|-)HH[[:]MM]]`, or `None` to let chrono decide.
 fn fixed_layout(b: &[u8]) -> Option<Micros> {
     if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
         return None;
@@ -67,21 +71,26 @@ fn fixed_layout(b: &[u8]) -> Option<Micros> {
         micros = digits(kept)? * 10i64.pow(6 - kept.len() as u32);
         rest = &frac[n..];
     }
-    let offset_secs = match rest {
-        [] | [b'Z'] => 0,
-        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
-            let h = digits(&[*h1, *h2])?;
-            let m = digits(&[*m1, *m2])?;
-            if h > 23 || m > 59 {
-                return None;
-            }
-            let secs = h * 3600 + m * 60;
-            if *sign == b'-' { -secs } else { secs }
+    let (sign, h, m) = match rest {
+        [] | [b'Z'] => (b'+', [b'0'; 2], [b'0'; 2]),
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] | [sign @ (b'+' | b'-'), h1, h2, m1, m2] => {
+            (*sign, [*h1, *h2], [*m1, *m2])
         }
+        [sign @ (b'+' | b'-'), h1, h2] => (*sign, [*h1, *h2], [b'0'; 2]),
         _ => return None,
     };
+    let (h, m) = (digits(&h)?, digits(&m)?);
+    if h > 23 || m > 59 {
+        return None;
+    }
+    let offset_secs = if sign == b'-' {
+        -(h * 3600 + m * 60)
+    } else {
+        h * 3600 + m * 60
+    };
     // A naive time with the space separator and no offset is chrono's second naive layout;
-    // with an offset it is the `%:z` layout: both covered above, same value.
+    // with an offset (after either separator) it is a `%#z` layout: both covered above, same
+    // value.
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
     Some(secs * 1_000_000 + micros)
@@ -136,6 +145,8 @@ mod tests {
             ("2025-11-20 09:15:00Z", 1_763_630_100_000_000),
             ("2025-11-20 10:15:00.25+01:00", 1_763_630_100_250_000),
             ("0000-03-01T00:00:00Z", -62_162_035_200_000_000),
+            ("2025-11-20T10:15:00+0100", 1_763_630_100_000_000),
+            ("2025-11-20 04:15:00.5-05", 1_763_630_100_500_000),
         ] {
             assert_eq!(fixed_layout(s.as_bytes()), Some(want), "{s}");
             assert_eq!(with_chrono(s), Some(want), "chrono disagrees on {s}");
@@ -148,7 +159,8 @@ mod tests {
             "2025-02-29T00:00:00Z",            // not a leap year
             "2025-11-20T23:59:60Z",            // leap second
             "2025-11-20T09:15:00.Z",           // empty fraction
-            "2025-11-20T09:15:00+0100",        // offset without a colon
+            "2025-11-20T09:15:00+010",         // three offset digits
+            "2025-11-20T09:15:00+0160",        // offset minutes out of range
             "2025-11-20t09:15:00z",            // lower case
             "2025-11-20T24:00:00Z",            // hour 24
             "2025-11-20T09:15:00.0000000001Z", // ten fraction digits
@@ -174,6 +186,39 @@ mod tests {
         );
     }
 
+    /// ISO 8601's basic (`+0100`, strftime's `%z`) and hour-only (`+01`) offsets, after either
+    /// separator: the `T` forms were rejected while the space forms were read.
+    #[test]
+    fn offsets_without_a_colon_or_minutes_are_read_after_either_separator() {
+        for (offset, secs) in [
+            ("+0000", 0),
+            ("-0000", 0),
+            ("+00", 0),
+            ("+0100", 3600),
+            ("+01", 3600),
+            ("-0530", -19_800),
+            ("-05", -18_000),
+            ("+2359", 86_340),
+        ] {
+            for sep in ['T', ' '] {
+                for frac in ["", ".25"] {
+                    let s = format!("2025-11-20{sep}09:15:00{frac}{offset}");
+                    let micros = if frac.is_empty() { 0 } else { 250_000 };
+                    let want = 1_763_630_100_000_000 + micros - secs * 1_000_000;
+                    assert_eq!(parse_iso8601(&s), Some(want), "{s}");
+                    assert_eq!(with_chrono(&s), Some(want), "chrono path: {s}");
+                }
+            }
+        }
+        // Still not offsets: a single hour digit, three digits, minutes out of range.
+        for offset in ["+1", "+010", "+0160", "+01:60", "+01000"] {
+            for sep in ['T', ' '] {
+                let s = format!("2025-11-20{sep}09:15:00{offset}");
+                assert_eq!(parse_iso8601(&s), None, "{s}");
+            }
+        }
+    }
+
     fn piece(n: u32, width: usize) -> String {
         format!("{n:0width$}")
     }
@@ -187,7 +232,8 @@ mod tests {
             sep in prop::sample::select(vec!['T', ' ', 't', 'x']),
             frac in prop::option::of("[0-9]{0,11}"),
             zone in prop::sample::select(vec!["", "Z", "z", "+00:00", "-00:00", "+05:30",
-                "-11:45", "+23:59", "+24:00", "+0100", "+01:60"]),
+                "-11:45", "+23:59", "+24:00", "+0100", "+01:60", "-0530", "+2359", "+2400",
+                "+0160", "+05", "-11", "+24", "+1", "+010", "+01:", "+01:3"]),
         ) {
             let mut s = format!(
                 "{}-{}-{}{sep}{}:{}:{}",
@@ -208,7 +254,8 @@ mod tests {
                 && i64::from(day) <= days_in_month(i64::from(year), i64::from(month))
                 && hour < 24 && minute < 60 && second < 60
                 && sep == 'T' && frac.as_ref().is_none_or(|f| (1..=9).contains(&f.len()))
-                && matches!(zone, "Z" | "+00:00" | "-00:00" | "+05:30" | "-11:45" | "+23:59");
+                && matches!(zone, "Z" | "+00:00" | "-00:00" | "+05:30" | "-11:45" | "+23:59"
+                    | "+0100" | "-0530" | "+2359" | "+05" | "-11");
             if valid {
                 prop_assert!(fixed_layout(s.as_bytes()).is_some(), "{}", s);
             }

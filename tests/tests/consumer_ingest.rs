@@ -70,26 +70,32 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
     .unwrap();
     p.send(pm, "c3", format!(r#"{{"id":"p3","routingDurationMs":0,"cacheHit":false,"triggerMatchStrategy":"","candidatesEvaluated":0,"timestamp":"{now_ts}"}}"#).as_bytes()).unwrap();
     p.send(pm, "x", br#"{"cache_hit":"yes"}"#).unwrap();
+    // A JSON array is not an event, though serde's derive reads a struct from one (its
+    // fields in order): one per topic, each an error.
+    p.send(pm, "x", b"[]").unwrap();
+    p.send(rd, "x", br#"[null,null,null,"x"]"#).unwrap();
+    p.send(aa, "x", br#"["i","c","a","success"]"#).unwrap();
+    p.send(tr, "x", br#"["i","c","a","b"]"#).unwrap();
     // An event from outside the retention window is skipped, not counted as an error.
     p.send(aa, "old", format!(r#"{{"id":"a-old","agent_name":"agent-old","action_type":"success","timestamp":"{ts}"}}"#).as_bytes()).unwrap();
     p.flush().unwrap();
 
     let s = wait_status(&svc, WAIT, "all events, positions refreshed", |s| {
         s.events_processed == 12
-            && s.parse_errors == 7
-            && s.partitions.iter().map(|p| p.high_watermark).sum::<i64>() == 20
+            && s.parse_errors == 11
+            && s.partitions.iter().map(|p| p.high_watermark).sum::<i64>() == 24
     })
     .await
     .unwrap();
     assert_eq!(topic_status(&s, Kind::RoutingDecision).events_consumed, 3);
-    assert_eq!(topic_status(&s, Kind::RoutingDecision).parse_errors, 3);
+    assert_eq!(topic_status(&s, Kind::RoutingDecision).parse_errors, 4);
     assert_eq!(topic_status(&s, Kind::AgentAction).events_consumed, 3);
-    assert_eq!(topic_status(&s, Kind::AgentAction).parse_errors, 2);
+    assert_eq!(topic_status(&s, Kind::AgentAction).parse_errors, 3);
     assert_eq!(topic_status(&s, Kind::AgentAction).skipped_expired, 1);
     assert_eq!(topic_status(&s, Kind::Transformation).events_consumed, 3);
-    assert_eq!(topic_status(&s, Kind::Transformation).parse_errors, 1);
+    assert_eq!(topic_status(&s, Kind::Transformation).parse_errors, 2);
     assert_eq!(topic_status(&s, Kind::PerformanceMetric).events_consumed, 3);
-    assert_eq!(topic_status(&s, Kind::PerformanceMetric).parse_errors, 1);
+    assert_eq!(topic_status(&s, Kind::PerformanceMetric).parse_errors, 2);
     assert!(s.connected);
     assert_eq!(
         s.partitions.len(),
@@ -129,6 +135,10 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
     );
     assert_eq!(only.avg_confidence, None);
     assert!(!by_name.contains_key("agent-old"));
+    assert!(
+        !by_name.contains_key("x") && !by_name.contains_key("a"),
+        "{by_name:?}"
+    );
 
     let actions = c
         .list_recent_actions(pb::ListRecentActionsRequest {
@@ -740,4 +750,72 @@ async fn an_open_transaction_does_not_hold_the_replay() {
     .await
     .unwrap();
     assert_eq!(lags(&s, &actions), vec![0], "{s:?}");
+}
+
+/// A transactional producer's partition that goes quiet ends with a commit marker, while
+/// another topic keeps receiving events (here ~100 a second). The marker must count as read
+/// all the same: it was noticed only after a poll that came back empty, which a steady stream
+/// elsewhere never lets happen, so the replay waited for `--replay-timeout` (10 min) and the
+/// quiet partition showed lag 1 for as long as the stream went on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_transactional_partition_is_replayed_while_others_keep_delivering() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let actions = topics.name(Kind::AgentAction).to_string();
+    let metrics = topics.name(Kind::PerformanceMetric).to_string();
+    let mut p = TxnActions::new(&brokers, &actions, &format!("{prefix}txn")).unwrap();
+    p.begin().unwrap();
+    p.send(30).unwrap();
+    p.commit().unwrap();
+
+    // The steady stream, from before the replica starts until the test is done.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let stream = {
+        let (stop, sent, brokers) = (stop.clone(), sent.clone(), brokers.clone());
+        std::thread::spawn(move || {
+            let producer = TestProducer::new(&brokers).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let n = sent.fetch_add(1, Ordering::Relaxed);
+                let event = format!(r#"{{"id":"m{n}","routing_duration_ms":1}}"#);
+                producer.send(&metrics, "k", event.as_bytes()).unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            producer.flush().unwrap();
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Default --replay-timeout (10 min): SERVING must come from the replay itself, and soon
+    // (the statistics that fix the replay's targets come every second).
+    let mut svc = omnibus_tests::consumer::spawn_consumer(&brokers, &prefix, &[]).unwrap();
+    let serving = svc
+        .wait_health("", ServingStatus::Serving, Duration::from_secs(30))
+        .await;
+    let s = omnibus_tests::consumer::status(&svc).await;
+    let streaming = !stream.is_finished();
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+    serving.unwrap_or_else(|e| panic!("{e}: {s:?}\n{}", svc.logs()));
+    assert!(streaming, "the stream stopped early");
+    let s = s.unwrap();
+    assert_eq!(s.replaying, Some(false), "{s:?}");
+    assert_eq!(
+        topic_status(&s, Kind::AgentAction).events_consumed,
+        30,
+        "{s:?}"
+    );
+    assert_eq!(lags(&s, &actions), vec![0], "{s:?}");
+    // Everything streamed is read too.
+    let total = sent.load(Ordering::Relaxed);
+    wait_status(&svc, WAIT, "the whole stream read", |s| {
+        topic_status(s, Kind::PerformanceMetric).events_consumed == total
+            && s.partitions.iter().all(|p| p.lag == 0)
+    })
+    .await
+    .unwrap();
 }
