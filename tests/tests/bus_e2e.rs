@@ -389,7 +389,17 @@ async fn bad_requests_get_failed_replies_or_dead_letters() {
         let p = &r.json["payload"];
         assert!(p["error"].as_str().is_some_and(|e| !e.is_empty()), "{r:?}");
         assert_eq!(p["error"], p["error_message"]);
-        p["error_code"].as_str().unwrap().to_string()
+        // Every error_code has one gRPC code and retryability, whether the worker answers
+        // (unparsable request, deadline passed) or the executor does (SQL guard).
+        let code = p["error_code"].as_str().unwrap().to_string();
+        let (grpc_code, retryable) = match code.as_str() {
+            "VALIDATION_ERROR" | "OPERATION_MISMATCH" => ("INVALID_ARGUMENT", false),
+            "TIMEOUT" => ("DEADLINE_EXCEEDED", true),
+            other => panic!("unexpected error_code {other}: {r:?}"),
+        };
+        assert_eq!(p["grpc_code"], grpc_code, "{r:?}");
+        assert_eq!(p["retryable"], retryable, "{r:?}");
+        code
     };
 
     // A warm-up that also checks an unknown table: VALIDATION_ERROR.
@@ -1226,6 +1236,108 @@ async fn a_late_redelivery_of_an_applied_write_is_replayed_not_timed_out() {
     );
 }
 
+/// A write whose deadline passes during its attempt - here while its request-log claim waits
+/// on the row of its request id, held by another transaction - although that id had already
+/// committed is answered with the recorded result, like a late redelivery, not TIMEOUT
+/// "nothing was done".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applied_write_whose_deadline_passes_during_its_attempt_is_replayed() {
+    use sqlx::Connection;
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    // Warm-up: the worker has joined its group, so the request below starts at once.
+    let warm = uuid::Uuid::new_v4().to_string();
+    let env = omniclaude_envelope(&warm, "QUERY", None, "SELECT 1 AS one", json!([]));
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+    tap.reply_for(&warm, FIRST_REPLY).unwrap();
+
+    // Applied over gRPC.
+    let request_id = format!("req-{}", uuid::Uuid::new_v4());
+    let insert = pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![action("applied-during")],
+        request_id: request_id.clone(),
+        ..Default::default()
+    };
+    let first = DbClient::direct(svc.channel())
+        .insert(insert.clone())
+        .await
+        .unwrap();
+    assert!(!first.response.replayed);
+
+    // A transaction updates the id's request-log row and keeps it: the bus copy's claim waits.
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("UPDATE omnibus_request_log SET result = result WHERE request_id = $1")
+        .bind(&request_id)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let cid = uuid::Uuid::new_v4().to_string();
+    let json = omnibus_proto::json::to_json("omnibus.db.v1.InsertRequest", &insert, false).unwrap();
+    let now = chrono::Utc::now();
+    let deadline = now + chrono::Duration::seconds(4);
+    let rfc3339 =
+        |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string();
+    let env = json!({
+        "event_type": "DATABASE_QUERY_REQUESTED",
+        "correlation_id": cid,
+        "timestamp": rfc3339(now),
+        "payload": {"operation": "INSERT", "request": json, "deadline": rfc3339(deadline)},
+    });
+    produce(&t.request, None, &serde_json::to_vec(&env).unwrap(), "none")
+        .await
+        .unwrap();
+
+    // The attempt started before the deadline: its claim waits on the held row.
+    let mut probe = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%omnibus_request_log%'",
+        )
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            chrono::Utc::now() < deadline - chrono::Duration::milliseconds(500),
+            "the bus request did not reach the request log before its deadline: {}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Held past the deadline (the statement timeout ends that attempt), then released.
+    let past = (deadline - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(past + Duration::from_millis(1500)).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+
+    let reply = tap.reply_for(&cid, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+    assert_eq!(reply.json["payload"]["replayed"], json!(true), "{reply:?}");
+    assert_eq!(
+        reply.json["payload"]["rows_affected"],
+        json!(1),
+        "{reply:?}"
+    );
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'applied-during'"
+        )
+        .await,
+        1
+    );
+}
+
 /// SIGTERM with a bus request still running (held by a table lock): the worker drains for
 /// `--shutdown-grace`, not a fixed 10 s, so db-svc exits within its documented bound and the
 /// request stays uncommitted, to be redelivered.
@@ -1411,6 +1523,8 @@ async fn a_request_that_panics_is_answered_and_committed() {
         "{reply:?}"
     );
     assert_eq!(reply.json["payload"]["error_code"], "INTERNAL_ERROR");
+    assert_eq!(reply.json["payload"]["grpc_code"], "INTERNAL", "{reply:?}");
+    assert_eq!(reply.json["payload"]["retryable"], false, "{reply:?}");
     assert!(
         !reply.json.to_string().contains("fail point"),
         "the panic's text stays in the log: {reply:?}"

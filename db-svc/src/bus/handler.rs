@@ -59,6 +59,18 @@ impl Handler {
         self.sql_executor.is_recorded(id).await
     }
 
+    /// Whether `request` may write, and so may have been applied under its idempotency key by
+    /// another delivery of it (a query or count is never recorded).
+    pub fn may_write(request: &BusRequest) -> bool {
+        match &request.body {
+            RequestBody::Structured(s) => !matches!(
+                s.operation,
+                StructuredOperation::Query | StructuredOperation::Count
+            ),
+            RequestBody::Sql(sql) => sql.operation_type != SqlOperation::Query,
+        }
+    }
+
     /// Runs `request` once. `remaining` is the time left before its deadline, if it has one.
     pub async fn attempt(&self, request: &BusRequest, remaining: Option<Duration>) -> Attempt {
         let started = Instant::now();
@@ -336,8 +348,56 @@ fn coded(code: Code, reason: &str, message: String) -> Status {
     Status::with_error_details(code, message, details)
 }
 
+/// A FAILED payload with `error_code` `code`. Its `grpc_code` and `retryable` follow from the
+/// code alone ([`grpc_code_of`]), so a code means the same whichever part of db-svc answers
+/// with it: the executor (through [`failed_from_status`]) or the worker itself (a request it
+/// cannot parse, one past its deadline, a panic, a reply too large for the bus).
+pub fn failed(code: &str, message: impl Into<String>) -> FailedPayload {
+    let mut failed = FailedPayload::new(code, message);
+    if let Some(grpc) = grpc_code_of(code) {
+        failed.grpc_code = grpc_code_name(grpc).to_string();
+        failed.retryable = retryable(grpc);
+    }
+    failed
+}
+
+/// The gRPC code each `error_code` of a FAILED reply has on the direct path (the one
+/// `DbError::grpc_code` gives the same failure). None for `REPLY_TOO_LARGE`, which has no
+/// direct-path counterpart, and for a code db-svc does not give.
+pub fn grpc_code_of(error_code: &str) -> Option<Code> {
+    Some(match error_code {
+        codes::VALIDATION_ERROR | codes::OPERATION_MISMATCH => Code::InvalidArgument,
+        "NOT_FOUND" => Code::NotFound,
+        "CONFLICT" => Code::AlreadyExists,
+        "FILTER_REQUIRED"
+        | "TOO_MANY_ROWS"
+        | "CONSTRAINT_VIOLATION"
+        | "REQUEST_ID_REUSED"
+        | "UNREPRESENTABLE_VALUE"
+        | "PRECONDITION_FAILED" => Code::FailedPrecondition,
+        codes::WRITE_NOT_ALLOWED | "PERMISSION_DENIED" => Code::PermissionDenied,
+        codes::TIMEOUT => Code::DeadlineExceeded,
+        "RETRYABLE" => Code::Aborted,
+        "DATABASE_UNAVAILABLE" => Code::Unavailable,
+        "RESOURCE_EXHAUSTED" => Code::ResourceExhausted,
+        "DATABASE_OPERATION_FAILED" | codes::INTERNAL_ERROR => Code::Internal,
+        _ => return None,
+    })
+}
+
+/// Whether sending the same request again may succeed: the database was unavailable, the
+/// transaction was aborted, or the deadline passed.
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
+    )
+}
+
 /// The FAILED payload for a gRPC status: `error_code` is the status's `ErrorInfo.reason` (the
-/// stable code db-svc puts on every error), else derived from the gRPC code.
+/// stable code db-svc puts on every error), else derived from the gRPC code; `grpc_code` and
+/// `retryable` are those of the error code ([`failed`]), or of the status for a code
+/// [`grpc_code_of`] does not know.
 pub fn failed_from_status(status: &Status) -> FailedPayload {
     let details = status.get_error_details();
     let code = details
@@ -345,12 +405,11 @@ pub fn failed_from_status(status: &Status) -> FailedPayload {
         .map(|i| i.reason.clone())
         .filter(|r| !r.is_empty())
         .unwrap_or_else(|| code_for(status.code()).to_string());
-    let mut failed = FailedPayload::new(&code, status.message());
-    failed.grpc_code = grpc_code_name(status.code()).to_string();
-    failed.retryable = matches!(
-        status.code(),
-        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
-    );
+    let mut failed = failed(&code, status.message());
+    if grpc_code_of(&code).is_none() {
+        failed.grpc_code = grpc_code_name(status.code()).to_string();
+        failed.retryable = retryable(status.code());
+    }
     if let Some(bad) = details.bad_request() {
         let violations: Vec<Value> = bad
             .field_violations
@@ -370,6 +429,8 @@ fn code_for(code: Code) -> &'static str {
         Code::FailedPrecondition => "PRECONDITION_FAILED",
         Code::PermissionDenied => codes::WRITE_NOT_ALLOWED,
         Code::DeadlineExceeded => codes::TIMEOUT,
+        Code::Aborted => "RETRYABLE",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
         Code::Unavailable => "DATABASE_UNAVAILABLE",
         _ => codes::INTERNAL_ERROR,
     }
@@ -437,6 +498,164 @@ mod tests {
             "down".into()
         ))));
         assert!(!is_transient(&Status::invalid_argument("x")));
+    }
+
+    #[test]
+    fn every_error_code_has_the_grpc_code_the_direct_path_gives_it() {
+        let violations = vec![tonic_types::FieldViolation::new("f", "bad")];
+        let all = [
+            DbError::Validation(violations),
+            DbError::NotNull {
+                column: "c".into(),
+                message: "m".into(),
+            },
+            DbError::FilterRequired {
+                operation: "delete",
+            },
+            DbError::TooManyRows {
+                operation: "update",
+                would_affect: 2,
+                max: 1,
+            },
+            DbError::Conflict {
+                constraint: "pk".into(),
+                message: "m".into(),
+            },
+            DbError::Constraint {
+                constraint: "fk".into(),
+                message: "m".into(),
+            },
+            DbError::RequestIdReused {
+                request_id: "r".into(),
+                recorded: "insert on t".into(),
+                same_operation: true,
+            },
+            DbError::WriteNotAllowed("m".into()),
+            DbError::PermissionDenied("m".into()),
+            DbError::Timeout("m".into()),
+            DbError::Retryable("m".into()),
+            DbError::Unavailable("m".into()),
+            DbError::ResourceExhausted("m".into()),
+            DbError::Unrepresentable {
+                column: "c".into(),
+                message: "m".into(),
+            },
+            DbError::SchemaChanged("m".into()),
+            DbError::Database("m".into()),
+        ];
+        for e in all {
+            // A new variant is to be added to `all` (and to `grpc_code_of`).
+            match &e {
+                DbError::Validation(_)
+                | DbError::NotNull { .. }
+                | DbError::FilterRequired { .. }
+                | DbError::TooManyRows { .. }
+                | DbError::Conflict { .. }
+                | DbError::Constraint { .. }
+                | DbError::RequestIdReused { .. }
+                | DbError::WriteNotAllowed(_)
+                | DbError::PermissionDenied(_)
+                | DbError::Timeout(_)
+                | DbError::Retryable(_)
+                | DbError::Unavailable(_)
+                | DbError::ResourceExhausted(_)
+                | DbError::Unrepresentable { .. }
+                | DbError::SchemaChanged(_)
+                | DbError::Database(_) => {}
+            }
+            assert_eq!(grpc_code_of(e.code()), Some(e.grpc_code()), "{}", e.code());
+            let from_executor = failed_from_status(&Status::from(e.clone()));
+            let built = failed(e.code(), "x");
+            assert_eq!(
+                (from_executor.grpc_code.as_str(), from_executor.retryable),
+                (built.grpc_code.as_str(), built.retryable),
+                "{}",
+                e.code()
+            );
+        }
+        // Statuses without a db-svc code get one whose gRPC code is always the same.
+        for code in [
+            Code::Cancelled,
+            Code::Unknown,
+            Code::InvalidArgument,
+            Code::DeadlineExceeded,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::ResourceExhausted,
+            Code::FailedPrecondition,
+            Code::Aborted,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::Unavailable,
+            Code::DataLoss,
+            Code::Unauthenticated,
+        ] {
+            let f = failed_from_status(&Status::new(code, "x"));
+            let same = failed(&f.error_code, "x");
+            assert!(!f.grpc_code.is_empty(), "{code:?}");
+            assert_eq!(
+                (f.grpc_code.as_str(), f.retryable),
+                (same.grpc_code.as_str(), same.retryable),
+                "{code:?} -> {}",
+                f.error_code
+            );
+        }
+        let timeout = failed(codes::TIMEOUT, "x");
+        assert_eq!(
+            (timeout.grpc_code.as_str(), timeout.retryable),
+            ("DEADLINE_EXCEEDED", true)
+        );
+        let too_large = failed(codes::REPLY_TOO_LARGE, "x");
+        assert_eq!(
+            (too_large.grpc_code.as_str(), too_large.retryable),
+            ("", false)
+        );
+    }
+
+    #[test]
+    fn only_queries_and_counts_never_write() {
+        let request = |payload: Value| {
+            let envelope = serde_json::json!({
+                "event_type": "DATABASE_QUERY_REQUESTED",
+                "correlation_id": "c",
+                "payload": payload,
+            });
+            bus_protocol::parse_request(&serde_json::to_vec(&envelope).unwrap(), None).unwrap()
+        };
+        for (payload, writes) in [
+            (
+                serde_json::json!({"operation": "QUERY", "request": {}}),
+                false,
+            ),
+            (
+                serde_json::json!({"operation": "COUNT", "request": {}}),
+                false,
+            ),
+            (
+                serde_json::json!({"operation": "INSERT", "request": {}}),
+                true,
+            ),
+            (
+                serde_json::json!({"operation": "EXECUTE_RAW", "request": {}}),
+                true,
+            ),
+            (
+                serde_json::json!({"operation_type": "QUERY", "query": "SELECT 1"}),
+                false,
+            ),
+            (
+                serde_json::json!({"operation_type": "DELETE", "query": "DELETE FROM t"}),
+                true,
+            ),
+        ] {
+            assert_eq!(
+                Handler::may_write(&request(payload.clone())),
+                writes,
+                "{payload}"
+            );
+        }
     }
 
     #[test]

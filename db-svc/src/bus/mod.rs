@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bus_protocol::{
-    BusRequest, Envelope, FailedPayload, Reply, Topics, codes, now_rfc3339, parse_request,
-};
+use bus_protocol::{BusRequest, Envelope, Reply, Topics, codes, now_rfc3339, parse_request};
 use clap::{ArgAction, Args};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -36,8 +34,8 @@ use tracing::Instrument;
 
 pub use handler::Handler;
 
-use crate::bus::commit::CommitTracker;
-use crate::bus::handler::Attempt;
+use crate::bus::commit::{CommitTracker, Epoch};
+use crate::bus::handler::{Attempt, failed};
 
 /// Event-bus settings of db-svc.
 #[derive(Clone, Debug, Args)]
@@ -217,6 +215,8 @@ enum Outgoing {
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Time given to answer a request past its deadline from the request log.
 const REPLAY_BUDGET: Duration = Duration::from_secs(5);
+/// Time given to read the request log after an attempt ended in TIMEOUT (one indexed row).
+const APPLIED_CHECK: Duration = Duration::from_secs(2);
 /// The bus consumer is replaced at most this often while brokers stay unreachable.
 const REPLACE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -229,8 +229,7 @@ pub async fn run(
     shutdown: Shutdown,
     drain: Duration,
 ) -> Result<(), String> {
-    let brokers_down = Arc::new(AtomicBool::new(false));
-    let mut consumer = subscribe(&settings, &brokers_down)?;
+    let mut consumer = subscribe(&settings)?;
     let mut replaced: Option<std::time::Instant> = None;
     let producer: FutureProducer = producer_config(&settings, svc_kit::kafka::settings())
         .create()
@@ -253,8 +252,9 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let permits = Arc::new(Semaphore::new(worker.settings.concurrency));
-    // Finished messages, tagged with the consumer generation that received them.
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, (String, i32, i64))>();
+    // Finished messages, tagged with the consumer generation and the log epoch
+    // ([`CommitTracker::received`]) they were received in.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Epoch, (String, i32, i64))>();
     let mut tracker = CommitTracker::default();
     // A replaced consumer starts a new generation with a fresh tracker: offsets the old one
     // received belong to a log that may be gone (a broker back empty restarts at 0), and
@@ -267,10 +267,10 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.triggered() => break,
-            Some((g, (topic, partition, offset))) = done_rx.recv() => {
+            Some((g, epoch, (topic, partition, offset))) = done_rx.recv() => {
                 if g == generation {
                     let mode = CommitMode::Async;
-                    commit_if_advanced(&consumer, &mut tracker, &topic, partition, offset, mode);
+                    commit_if_advanced(&consumer, &mut tracker, &topic, partition, epoch, offset, mode);
                 }
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -278,13 +278,29 @@ pub async fn run(
                 let Ok(permit) = permit else { break };
                 // Hold the permit while waiting for a message; keep committing meanwhile.
                 let message = loop {
+                    // A consumer whose brokers all went down is replaced, at most every
+                    // REPLACE_INTERVAL: an outage reported sooner (librdkafka reports it
+                    // once) stays pending until then, and nothing is committed through that
+                    // consumer meanwhile (`commit_if_advanced`).
+                    let now = std::time::Instant::now();
+                    if take_replacement(&consumer.context().brokers_down, replaced, now) {
+                        consumer = replace_consumer(consumer, &worker.settings)?;
+                        replaced = Some(now);
+                        generation += 1;
+                        tracker = CommitTracker::default();
+                    }
+                    // When that is due: the brokers may be back by then, and no error comes.
+                    let due = consumer
+                        .context()
+                        .outage_pending()
+                        .then(|| replaced.map_or(now, |t| t + REPLACE_INTERVAL));
                     tokio::select! {
                         _ = shutdown.triggered() => break None,
-                        Some((g, (topic, partition, offset))) = done_rx.recv() => {
+                        Some((g, epoch, (topic, partition, offset))) = done_rx.recv() => {
                             if g == generation {
                                 let mode = CommitMode::Async;
                                 commit_if_advanced(
-                                    &consumer, &mut tracker, &topic, partition, offset, mode,
+                                    &consumer, &mut tracker, &topic, partition, epoch, offset, mode,
                                 );
                             }
                         }
@@ -293,25 +309,16 @@ pub async fn run(
                             Ok(m) => break Some(m.detach()),
                             Err(e) => {
                                 tracing::warn!("bus consumer: {e}");
-                                // Once per outage (a fresh client in a still-dead cluster
-                                // reports the same), and at most every REPLACE_INTERVAL.
-                                if brokers_down.swap(false, Ordering::Relaxed)
-                                    && replaced.is_none_or(|t| t.elapsed() >= REPLACE_INTERVAL)
-                                {
-                                    consumer = replace_consumer(consumer, &worker.settings, &brokers_down)?;
-                                    replaced = Some(std::time::Instant::now());
-                                    generation += 1;
-                                    tracker = CommitTracker::default();
-                                }
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                             }
                         },
+                        _ = tokio::time::sleep_until(due.unwrap_or(now).into()), if due.is_some() => {}
                     }
                 };
                 let Some(message) = message else { break };
                 let origin = (message.topic().to_string(), message.partition(), message.offset());
                 consumer.context().forget_revoked(&mut tracker);
-                tracker.received(&origin.0, origin.1, origin.2);
+                let epoch = tracker.received(&origin.0, origin.1, origin.2);
                 let (worker, done_tx) = (worker.clone(), done_tx.clone());
                 let received_in = generation;
                 tasks.spawn(async move {
@@ -330,7 +337,7 @@ pub async fn run(
                         true
                     });
                     if delivered {
-                        let _ = done_tx.send((received_in, origin));
+                        let _ = done_tx.send((received_in, epoch, origin));
                     }
                 });
             }
@@ -346,13 +353,14 @@ pub async fn run(
         );
         tasks.abort_all();
     }
-    while let Ok((g, (topic, partition, offset))) = done_rx.try_recv() {
+    while let Ok((g, epoch, (topic, partition, offset))) = done_rx.try_recv() {
         if g == generation {
             commit_if_advanced(
                 &consumer,
                 &mut tracker,
                 &topic,
                 partition,
+                epoch,
                 offset,
                 CommitMode::Sync,
             );
@@ -363,13 +371,27 @@ pub async fn run(
 }
 
 /// Flags librdkafka's "all brokers down" for the worker loop, and collects the partitions a
-/// rebalance takes away, which the loop stops committing ([`CommitTracker::forget`]).
+/// rebalance takes away, which the loop stops committing ([`CommitTracker::forget`]). One per
+/// consumer: a replaced one's reports (while it closes) do not count for its successor.
+#[derive(Default)]
 pub struct BusContext {
-    brokers_down: Arc<AtomicBool>,
+    /// Every broker went down after this consumer had been assigned partitions: it may come
+    /// back to a log that is gone at positions it holds, so it is to be replaced. Set until
+    /// then (librdkafka reports an outage once, when the last broker goes down).
+    brokers_down: AtomicBool,
+    /// Whether this consumer has been assigned partitions. Before that it holds no positions
+    /// and an outage needs no replacement: a fresh consumer in a cluster that is still down
+    /// reports one too, and replacing it every REPLACE_INTERVAL would only churn clients.
+    assigned: AtomicBool,
     revoked: parking_lot::Mutex<Vec<(String, i32)>>,
 }
 
 impl BusContext {
+    /// An outage was reported and the consumer has not been replaced yet.
+    fn outage_pending(&self) -> bool {
+        self.brokers_down.load(Ordering::Relaxed)
+    }
+
     /// Makes `tracker` forget the partitions revoked since the last call. Called before each
     /// tracker update: librdkafka runs the rebalance callback inside `recv`, before it hands
     /// out any message of the new assignment.
@@ -382,7 +404,9 @@ impl BusContext {
 
 impl ClientContext for BusContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if let KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) = error {
+        if let KafkaError::Global(RDKafkaErrorCode::AllBrokersDown) = error
+            && self.assigned.load(Ordering::Relaxed)
+        {
             self.brokers_down.store(true, Ordering::Relaxed);
         }
         tracing::error!("librdkafka: {error}: {reason}");
@@ -390,6 +414,12 @@ impl ClientContext for BusContext {
 }
 
 impl ConsumerContext for BusContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.assigned.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
             self.revoked.lock().extend(
@@ -454,20 +484,27 @@ fn consumer_config(
 }
 
 /// A consumer in the worker's group, subscribed to the request topic.
-fn subscribe(
-    settings: &BusSettings,
-    brokers_down: &Arc<AtomicBool>,
-) -> Result<BusConsumer, String> {
+fn subscribe(settings: &BusSettings) -> Result<BusConsumer, String> {
     let consumer: BusConsumer = consumer_config(settings, svc_kit::kafka::settings())
-        .create_with_context(BusContext {
-            brokers_down: brokers_down.clone(),
-            revoked: parking_lot::Mutex::default(),
-        })
+        .create_with_context(BusContext::default())
         .map_err(|e| format!("bus consumer: {}", svc_kit::kafka::describe_error(&e)))?;
     consumer
         .subscribe(&[&settings.topics.request])
         .map_err(|e| format!("subscribe to {}: {e}", settings.topics.request))?;
     Ok(consumer)
+}
+
+/// Whether to replace the consumer now: an outage was reported (`brokers_down`) and the last
+/// replacement, if any, was at least REPLACE_INTERVAL ago. The report is taken only then: one
+/// that comes sooner waits for its turn instead of being lost (librdkafka reports an outage
+/// once, so a broker that flaps would otherwise leave the consumer at its old positions).
+fn take_replacement(
+    brokers_down: &AtomicBool,
+    replaced: Option<std::time::Instant>,
+    now: std::time::Instant,
+) -> bool {
+    replaced.is_none_or(|t| now.saturating_duration_since(t) >= REPLACE_INTERVAL)
+        && brokers_down.swap(false, Ordering::Relaxed)
 }
 
 /// Swaps in a fresh consumer while every broker is unreachable. A broker that comes back
@@ -477,12 +514,8 @@ fn subscribe(
 /// with new ids). The fresh client joins the group again and starts from the committed
 /// offsets, or from the beginning when there are none; against a broker that kept its data
 /// it simply resumes, and anything redelivered is answered from the request log.
-fn replace_consumer(
-    old: BusConsumer,
-    settings: &BusSettings,
-    brokers_down: &Arc<AtomicBool>,
-) -> Result<BusConsumer, String> {
-    let fresh = subscribe(settings, brokers_down)?;
+fn replace_consumer(old: BusConsumer, settings: &BusSettings) -> Result<BusConsumer, String> {
+    let fresh = subscribe(settings)?;
     tracing::warn!(
         "all brokers down; replaced the bus consumer (it rejoins the group when they return)"
     );
@@ -492,17 +525,23 @@ fn replace_consumer(
 }
 
 /// Records `offset` as finished and commits how far the partition got, if that moved - never
-/// for a partition a rebalance took away (it is forgotten first).
+/// for a partition a rebalance took away (it is forgotten first), and nothing through a
+/// consumer whose brokers all went down: it is about to be replaced, and its positions may be
+/// those of a log that is gone (its successor starts from what was committed before).
 fn commit_if_advanced(
     consumer: &BusConsumer,
     tracker: &mut CommitTracker,
     topic: &str,
     partition: i32,
+    epoch: Epoch,
     offset: i64,
     mode: CommitMode,
 ) {
+    if consumer.context().outage_pending() {
+        return;
+    }
     consumer.context().forget_revoked(tracker);
-    if let Some(next) = tracker.finished(topic, partition, offset) {
+    if let Some(next) = tracker.finished(topic, partition, epoch, offset) {
         commit(consumer, topic, partition, next, mode);
     }
 }
@@ -582,14 +621,7 @@ async fn process(
                 Ok(None) => return false,
                 Err(panic) => span.in_scope(|| {
                     tracing::error!(%panic, "bus request panicked; answered INTERNAL_ERROR");
-                    Reply::Failed(FailedPayload::new(
-                        codes::INTERNAL_ERROR,
-                        "db-svc failed while executing this request (an internal error, logged \
-                         on the server); whether a write took effect is unknown: resend it with \
-                         the same request id, and a write that was applied is replayed, not \
-                         repeated"
-                            .to_string(),
-                    ))
+                    panicked()
                 }),
             };
             span.in_scope(|| {
@@ -614,7 +646,7 @@ async fn process(
                 tracing::info!(%correlation_id, reason = %rejection.message, "bus request rejected");
                 Outgoing::Reply {
                     correlation_id,
-                    reply: Reply::Failed(FailedPayload::new(rejection.code, rejection.message)),
+                    reply: rejected(rejection.code, rejection.message),
                     traceparent: header_traceparent.map(str::to_string),
                 }
             }
@@ -674,29 +706,32 @@ fn default_deadline(
 
 /// Executes with retries while the database is unavailable. None = shutdown interrupted it
 /// (the request stays uncommitted and will be redelivered).
+///
+/// A write already committed under its id (a redelivery after its reply, a crash between
+/// commit and reply, a concurrent duplicate) is replayed from the request log, which writes
+/// nothing, whatever its deadline: TIMEOUT says "nothing was done", which would be false.
+/// That is checked when the deadline passed before an attempt, and when one ends in TIMEOUT
+/// (the deadline passed while it waited for a connection, on the request-log row of a
+/// duplicate that then committed, or in a slow replay). While the log cannot be read, the
+/// request waits like any other.
 async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
+    // The request log holds this write's result: replay it, with REPLAY_BUDGET.
+    let mut replay = false;
     loop {
         let remaining = match request.deadline {
+            _ if replay => Some(REPLAY_BUDGET),
             Some(deadline) => {
                 let left = deadline - chrono::Utc::now();
                 match left.to_std() {
                     Ok(left) if !left.is_zero() => Some(left),
-                    // A write already committed under this id (a redelivery after its reply,
-                    // or after a crash between commit and reply) is replayed from the request
-                    // log, which writes nothing: "nothing was done" would be false. While the
-                    // log cannot be read, the request waits like any other.
                     _ => match worker.handler.already_applied(request).await {
-                        Ok(true) => Some(REPLAY_BUDGET),
-                        Ok(false) => {
-                            return Some(Reply::Failed(FailedPayload::new(
-                                codes::TIMEOUT,
-                                format!(
-                                    "the request's deadline ({deadline}) passed before it could be executed; nothing was done"
-                                ),
-                            )));
+                        Ok(true) => {
+                            replay = true;
+                            Some(REPLAY_BUDGET)
                         }
+                        Ok(false) => return Some(deadline_passed(deadline)),
                         Err(e) => {
                             let why = e.to_string();
                             if !wait_for_database(worker, backoff, &mut warned, request, &why).await
@@ -711,17 +746,59 @@ async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
             }
             None => None,
         };
-        match worker.handler.attempt(request, remaining).await {
-            Attempt::Done(reply) => return Some(reply),
-            Attempt::Retry(why) => {
-                let pause = remaining.map_or(backoff, |left| backoff.min(left));
-                if !wait_for_database(worker, pause, &mut warned, request, &why).await {
-                    return None;
+        let why = match worker.handler.attempt(request, remaining).await {
+            Attempt::Done(Reply::Failed(timeout))
+                if timeout.error_code == codes::TIMEOUT && Handler::may_write(request) =>
+            {
+                if replay {
+                    "the replay from the request log timed out".to_string()
+                } else {
+                    let check = worker.handler.already_applied(request);
+                    match tokio::time::timeout(APPLIED_CHECK, check).await {
+                        Ok(Ok(false)) => return Some(Reply::Failed(timeout)),
+                        Ok(Ok(true)) => {
+                            replay = true;
+                            continue;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "the request log could not be read in time".to_string(),
+                    }
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            Attempt::Done(reply) => return Some(reply),
+            Attempt::Retry(why) => why,
+        };
+        let pause = remaining.map_or(backoff, |left| backoff.min(left));
+        if !wait_for_database(worker, pause, &mut warned, request, &why).await {
+            return None;
         }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The reply to a request whose deadline passed before it could be executed.
+fn deadline_passed(deadline: bus_protocol::Deadline) -> Reply {
+    Reply::Failed(failed(
+        codes::TIMEOUT,
+        format!(
+            "the request's deadline ({deadline}) passed before it could be executed; nothing was done"
+        ),
+    ))
+}
+
+/// The reply to a request whose execution panicked.
+fn panicked() -> Reply {
+    Reply::Failed(failed(
+        codes::INTERNAL_ERROR,
+        "db-svc failed while executing this request (an internal error, logged on the server); \
+         whether a write took effect is unknown: resend it with the same request id, and a \
+         write that was applied is replayed, not repeated",
+    ))
+}
+
+/// The reply to a request that could not be parsed (but has a correlation id).
+fn rejected(code: &str, message: String) -> Reply {
+    Reply::Failed(failed(code, message))
 }
 
 /// Waits `pause` while the database is unavailable, warning once per request; false when
@@ -835,7 +912,7 @@ fn too_large(outgoing: &Outgoing, bytes: usize) -> Outgoing {
             ..
         } => Outgoing::Reply {
             correlation_id: correlation_id.clone(),
-            reply: Reply::Failed(FailedPayload::new(
+            reply: Reply::Failed(failed(
                 codes::REPLY_TOO_LARGE,
                 format!(
                     "the reply ({bytes} bytes) is larger than the bus accepts; ask for fewer \
@@ -858,6 +935,7 @@ fn too_large(outgoing: &Outgoing, bytes: usize) -> Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bus_protocol::FailedPayload;
     use chrono::{TimeZone, Utc};
 
     #[test]
@@ -916,6 +994,102 @@ mod tests {
             Some("2")
         );
         assert_eq!(producer_config(&settings, &[]).get("linger.ms"), Some("1"));
+    }
+
+    #[test]
+    fn an_outage_refused_by_the_rate_limit_replaces_the_consumer_once_it_allows() {
+        let start = std::time::Instant::now();
+        let down = AtomicBool::new(true);
+        assert!(take_replacement(&down, None, start), "the first outage");
+        // The broker flaps: down again 10 s after that replacement (reported once).
+        down.store(true, Ordering::Relaxed);
+        let replaced = Some(start);
+        assert!(!take_replacement(
+            &down,
+            replaced,
+            start + Duration::from_secs(10)
+        ));
+        assert!(!take_replacement(
+            &down,
+            replaced,
+            start + Duration::from_secs(29)
+        ));
+        // Past the interval, without another report: the outage is still to be acted on.
+        assert!(take_replacement(&down, replaced, start + REPLACE_INTERVAL));
+        assert!(
+            !take_replacement(&down, replaced, start + REPLACE_INTERVAL),
+            "once per report"
+        );
+        // No outage reported: never.
+        assert!(!take_replacement(
+            &down,
+            None,
+            start + Duration::from_secs(100)
+        ));
+    }
+
+    #[test]
+    fn only_a_consumer_that_held_partitions_is_replaced_after_an_outage() {
+        let down = || KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        // A fresh consumer in a cluster still down: no positions, nothing to replace.
+        let fresh = BusContext::default();
+        fresh.error(down(), "1/1 brokers are down");
+        assert!(!fresh.outage_pending());
+        let assigned = BusContext::default();
+        assigned.assigned.store(true, Ordering::Relaxed);
+        assigned.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "x",
+        );
+        assert!(!assigned.outage_pending(), "one broker is not all of them");
+        assigned.error(down(), "1/1 brokers are down");
+        assert!(assigned.outage_pending());
+    }
+
+    #[test]
+    fn worker_built_failures_mean_what_the_same_code_means_from_the_executor() {
+        use crate::bus::handler::failed_from_status;
+        use crate::error::DbError;
+        let failed = |reply: Reply| match reply {
+            Reply::Failed(f) => f,
+            Reply::Completed(c) => panic!("{c:?}"),
+        };
+        let same = |worker: FailedPayload, executor: FailedPayload| {
+            assert_eq!(worker.error_code, executor.error_code);
+            assert_eq!(
+                (worker.grpc_code.as_str(), worker.retryable),
+                (executor.grpc_code.as_str(), executor.retryable),
+                "{}",
+                worker.error_code
+            );
+            assert!(!worker.grpc_code.is_empty(), "{}", worker.error_code);
+        };
+        let past = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
+        same(
+            failed(deadline_passed(past)),
+            failed_from_status(&DbError::Timeout("x".into()).into()),
+        );
+        let rejection = bus_protocol::parse_request(b"{not json", Some(b"cid")).unwrap_err();
+        same(
+            failed(rejected(rejection.code, rejection.message)),
+            failed_from_status(&DbError::field("x", "bad").into()),
+        );
+        same(
+            failed(panicked()),
+            failed_from_status(&tonic::Status::internal("x")),
+        );
+        // No direct-path counterpart: always the same, and not worth resending as is.
+        let outgoing = Outgoing::Reply {
+            correlation_id: "c".into(),
+            reply: Reply::Completed(Default::default()),
+            traceparent: None,
+        };
+        let Outgoing::Reply { reply, .. } = too_large(&outgoing, 2_000_000) else {
+            unreachable!()
+        };
+        let f = failed(reply);
+        assert_eq!(f.error_code, codes::REPLY_TOO_LARGE);
+        assert!(!f.retryable);
     }
 
     #[test]
