@@ -10,8 +10,13 @@ use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce_on, start_
 use omnibus_tests::consumer::PrivateBroker;
 use serde_json::json;
 
-/// Sends one OmniClaude INSERT over the bus and returns the reply's event type.
-async fn insert_over_bus(topics: &BusTopics, agent: &str, timeout: Duration) -> String {
+/// Sends one OmniClaude INSERT over the bus and returns the reply's event type (an error when
+/// none came in `timeout`).
+async fn insert_over_bus(
+    topics: &BusTopics,
+    agent: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let cid = uuid::Uuid::new_v4().to_string();
     let envelope = omniclaude_envelope(
         &cid,
@@ -32,11 +37,11 @@ async fn insert_over_bus(topics: &BusTopics, agent: &str, timeout: Duration) -> 
     )
     .await
     .unwrap();
-    let reply = tap.reply_for(&cid, timeout).unwrap();
-    reply.json["event_type"]
+    let reply = tap.reply_for(&cid, timeout)?;
+    Ok(reply.json["event_type"]
         .as_str()
         .unwrap_or_default()
-        .to_string()
+        .to_string())
 }
 
 #[tokio::test]
@@ -52,25 +57,32 @@ async fn bus_worker_answers_after_the_broker_restarts_empty() {
     )
     .await
     .unwrap();
+    let reply = insert_over_bus(&topics, "before", Duration::from_secs(30)).await;
     assert_eq!(
-        insert_over_bus(&topics, "before", Duration::from_secs(30)).await,
-        "DATABASE_QUERY_COMPLETED"
+        reply.as_deref().ok(),
+        Some("DATABASE_QUERY_COMPLETED"),
+        "{reply:?}; db-svc log:\n{}",
+        svc.logs()
     );
 
     broker.restart().await.unwrap();
     topics.recreate().await.unwrap();
     // The group must be formed again on the empty broker: allow it time, then expect every
     // request to be answered.
+    let reply = insert_over_bus(&topics, "after", Duration::from_secs(90)).await;
     assert_eq!(
-        insert_over_bus(&topics, "after", Duration::from_secs(90)).await,
-        "DATABASE_QUERY_COMPLETED",
-        "db-svc log:\n{}",
+        reply.as_deref().ok(),
+        Some("DATABASE_QUERY_COMPLETED"),
+        "{reply:?}; db-svc log:\n{}",
         svc.logs()
     );
     for _ in 0..3 {
+        let reply = insert_over_bus(&topics, "after", Duration::from_secs(30)).await;
         assert_eq!(
-            insert_over_bus(&topics, "after", Duration::from_secs(30)).await,
-            "DATABASE_QUERY_COMPLETED"
+            reply.as_deref().ok(),
+            Some("DATABASE_QUERY_COMPLETED"),
+            "{reply:?}; db-svc log:\n{}",
+            svc.logs()
         );
     }
     assert!(svc.is_running(), "db-svc exited:\n{}", svc.logs());
