@@ -35,6 +35,10 @@ use crate::{Health, Shutdown};
 /// How long a TLS client has to complete its handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client has to send the HTTP/2 preface (or the start of its TLS hello) after
+/// connecting (`connection_age::Aged::with_opening`).
+pub const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The server type every service uses: tonic's, with the [`GrpcLayer`] in front.
 pub type GrpcServer = Server<Stack<GrpcLayer, NoLayer>>;
 /// A router built from a [`GrpcServer`].
@@ -461,7 +465,10 @@ pub async fn serve(
         .map(|age| age.saturating_add(args.max_connection_age_grace));
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .map_ok(move |tcp| Aged::new(BatchedWrites::with_batching(tcp, batch_writes), life));
+        .map_ok(move |tcp| {
+            Aged::new(BatchedWrites::with_batching(tcp, batch_writes), life)
+                .with_opening(OPENING_TIMEOUT)
+        });
 
     let drain_signal = {
         let shutdown = shutdown.clone();

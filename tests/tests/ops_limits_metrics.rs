@@ -196,3 +196,39 @@ async fn readyz_is_503_while_the_database_is_unreachable() {
     );
     assert!(svc.is_running());
 }
+
+/// A connection that is opened and left silent (no HTTP/2 preface) is closed by the server
+/// within its opening time (10 s) instead of holding a descriptor for ever; a client that
+/// speaks is unaffected.
+#[tokio::test]
+async fn a_silent_connection_is_closed_without_a_preface() {
+    use tokio::io::AsyncReadExt;
+    let svc = DbSvc::start(&[]).await;
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(svc.svc.addr).await.unwrap();
+    let mut buf = [0u8; 1024];
+    // The server may write its SETTINGS first; read until it closes.
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open after 30 s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "closed after {:?}, before the opening time",
+        started.elapsed()
+    );
+    let mut client = svc.client.clone();
+    client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a client that speaks");
+}
