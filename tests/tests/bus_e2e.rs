@@ -1546,3 +1546,48 @@ async fn a_request_that_panics_is_answered_and_committed() {
         "{logs}"
     );
 }
+
+/// A request topic created after db-svc started (compose starts db-svc before anything has
+/// produced to it) is served within seconds: the worker's consumer refreshes its metadata
+/// every 5 s, not after librdkafka's default 5 minutes.
+#[tokio::test]
+async fn a_request_topic_created_after_start_is_served_within_seconds() {
+    let db = TestDatabase::create().await.unwrap();
+    let mut topics = BusTopics::create().await.unwrap();
+    let prefix = omnibus_tests::TestTopics::fresh_prefix();
+    topics.topics.request = format!("{prefix}db.requested");
+    let group = format!("g-{}", uuid::Uuid::new_v4().simple());
+    let svc = start_db_svc(&db, &topics, &group, &[]).await.unwrap();
+    // Long enough for the consumer to have looked the topic up and found it missing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    omnibus_tests::TestTopics::create_on(
+        &topics.brokers,
+        &prefix,
+        &["db.requested"],
+        omnibus_tests::bus::PARTITIONS,
+    )
+    .await
+    .unwrap();
+    let t = &topics.topics;
+    let mut tap = Tap::new_on(&topics.brokers, &[&t.completed, &t.failed]).unwrap();
+    let cid = uuid::Uuid::new_v4().to_string();
+    let env = omniclaude_envelope(
+        &cid,
+        "QUERY",
+        Some("agent_actions"),
+        "SELECT id FROM agent_actions WHERE agent_name = $1",
+        json!(["nobody"]),
+    );
+    produce(
+        &t.request,
+        Some(&cid),
+        &serde_json::to_vec(&env).unwrap(),
+        "none",
+    )
+    .await
+    .unwrap();
+    // The group join after the topic appears takes a few seconds on tansu; 5 minutes would
+    // be the default refresh.
+    let reply = tap.reply_for(&cid, Duration::from_secs(40));
+    assert!(reply.is_ok(), "{reply:?}; db-svc log:\n{}", svc.logs());
+}

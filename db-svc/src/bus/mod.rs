@@ -464,7 +464,11 @@ fn consumer_config(
         // Request/reply latency: a short fetch wait bounds how long an idle fetch can sit on a
         // broker that does not wake long polls; librdkafka still batches under load.
         .set("fetch.wait.max.ms", "2")
-        .set("fetch.min.bytes", "1");
+        .set("fetch.min.bytes", "1")
+        // A request topic that does not exist yet when db-svc starts (nothing has produced to
+        // it), or that is recreated, is found at the next metadata refresh: librdkafka's
+        // default waits 5 minutes.
+        .set("topic.metadata.refresh.interval.ms", "5000");
     svc_kit::kafka::apply_these(&mut config, operator)
         .set("bootstrap.servers", &settings.brokers)
         .set("group.id", &settings.group_id)
@@ -992,6 +996,10 @@ mod tests {
         assert_eq!(
             consumer_config(&settings, &[]).get("fetch.wait.max.ms"),
             Some("2")
+        );
+        assert_eq!(
+            consumer_config(&settings, &[]).get("topic.metadata.refresh.interval.ms"),
+            Some("5000")
         );
         assert_eq!(producer_config(&settings, &[]).get("linger.ms"), Some("1"));
     }
