@@ -401,8 +401,13 @@ impl DatabaseService for DatabaseApi {
         &self,
         request: Request<pb::DescribeTableRequest>,
     ) -> Rpc<pb::DescribeTableResponse> {
+        let time_left = grpc_timeout(request.metadata());
         let name = request.into_inner().table;
-        let info = self.executor.describe(&name).await.map_err(Status::from)?;
+        let info = self
+            .executor
+            .describe(&name, time_left)
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(pb::DescribeTableResponse {
             table: Some(pb::TableDescription {
                 name: info.name.clone(),

@@ -140,6 +140,17 @@ impl Executor {
             return Ok(info);
         }
         // A column (or table) the cache does not know: it may have been added since.
+        self.fresh_table(name, time_left).await
+    }
+
+    /// A served table as the catalog has it now: read by a catalog read that started after
+    /// this call (shared with concurrent callers, see `Catalog::refresh_on_miss`), waited for
+    /// no longer than `time_left`.
+    async fn fresh_table(
+        &self,
+        name: &str,
+        time_left: Option<Duration>,
+    ) -> Result<Arc<TableInfo>, DbError> {
         let arrived = std::time::Instant::now();
         let read = self.catalog.refresh_on_miss(&self.pool, name, arrived);
         match self
@@ -154,20 +165,17 @@ impl Executor {
         }
     }
 
-    /// Describes a served table, read fresh from the catalog.
-    pub async fn describe(&self, name: &str) -> Result<Arc<TableInfo>, DbError> {
+    /// Describes a served table, read fresh from the catalog (within `time_left`, the
+    /// caller's deadline; concurrent calls share one read).
+    pub async fn describe(
+        &self,
+        name: &str,
+        time_left: Option<Duration>,
+    ) -> Result<Arc<TableInfo>, DbError> {
         if !self.catalog.is_served(name) {
-            return self.table(name, &[], None).await;
+            return self.table(name, &[], time_left).await;
         }
-        self.catalog
-            .refresh_table(&self.pool, name)
-            .await?
-            .ok_or_else(|| {
-                DbError::field(
-                    "table",
-                    format!("table '{name}' does not exist in the database"),
-                )
-            })
+        self.fresh_table(name, time_left).await
     }
 
     /// The statement timeout to set for a request, when its deadline is shorter than the
