@@ -2,9 +2,10 @@
 //!
 //! A `google.protobuf.Struct` per row costs a map node, a key string and a value per cell to
 //! build, then again to walk while encoding and to free. Here each PostgreSQL row is written
-//! once, directly as the bytes of a `Struct` inside the response's repeated `rows` field. The
-//! bytes are exactly what prost would write for the same `Struct` (fields in key order), so
-//! clients see an ordinary `QueryResponse`; [`Encoded`] carries them through tonic's prost
+//! once, directly as the bytes of a `Struct` inside the response's repeated `rows` field. A
+//! row's cells are written as prost writes them (columns in key order); the members of a
+//! nested jsonb object keep the document's order (PostgreSQL's: shorter keys first), which
+//! decodes to the same map, so clients see an ordinary `QueryResponse`; [`Encoded`] carries them through tonic's prost
 //! codec, and the service descriptor (reflection, grpcurl) is unchanged.
 //!
 //! Protobuf messages may be concatenated: parsing `a ++ b` merges them, appending repeated
