@@ -754,23 +754,36 @@ async fn stream_rows(
             ))),
         }
     };
-    let mut tx = pool.begin_with("BEGIN READ ONLY").await?;
+    // Cut short by shutdown, a stream must not end as if complete: its messages carry no end
+    // marker, so only a non-OK status tells the client it lacks rows.
+    let cut = || {
+        DbError::Unavailable(
+            "db-svc is shutting down: the stream ended before its last row; run the query again"
+                .into(),
+        )
+    };
+    let started = std::time::Instant::now();
+    // A caller that goes away while every pooled connection is busy stops waiting for one.
+    let mut tx = tokio::select! {
+        _ = shutdown.triggered() => return Err(cut()),
+        _ = out.closed() => return Ok(()),
+        tx = pool.begin_with("BEGIN READ ONLY") => tx?,
+    };
     // A stream may legitimately outlast the default statement timeout: it is bounded by the
-    // caller's deadline (if any), by the caller going away, and by shutdown.
-    set_statement_timeout(&mut tx, timeout.unwrap_or(Duration::ZERO)).await?;
+    // caller's deadline (if any; what is left of it after the wait for a connection), by the
+    // caller going away, and by shutdown.
+    let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
+    // (Under a millisecond is none left: a statement_timeout of 0 would mean no limit.)
+    if left.is_some_and(|l| l < Duration::from_millis(1)) {
+        return Err(DbError::Timeout(
+            "the deadline passed while waiting for a database connection".into(),
+        ));
+    }
+    set_statement_timeout(&mut tx, left.unwrap_or(Duration::ZERO)).await?;
     {
         let mut rows = sqlx::query_with(&sql, args).fetch(&mut *tx);
         let mut batch = Vec::with_capacity(batch_size);
         let mut decoder = StructRows::default();
-        // Cut short by shutdown, a stream must not end as if complete: its messages carry no
-        // end marker, so only a non-OK status tells the client it lacks rows.
-        let cut = || {
-            DbError::Unavailable(
-                "db-svc is shutting down: the stream ended before its last row; run the query \
-                 again"
-                    .into(),
-            )
-        };
         loop {
             let next = tokio::select! {
                 _ = shutdown.triggered() => return Err(cut()),
