@@ -36,7 +36,7 @@ pub fn settings() -> &'static [KafkaSetting] {
 
 /// Sets every pass-through property on `config` (an `rdkafka::ClientConfig`).
 pub fn apply(config: &mut rdkafka::ClientConfig) -> &mut rdkafka::ClientConfig {
-    kafka_settings::apply(config, settings())
+    apply_these(config, settings())
 }
 
 /// Sets `these` (e.g. [`settings`]) on `config`, in order: for a client whose own tuning the

@@ -679,7 +679,7 @@ fn json_row(text: &str, types: &ColumnTypes) -> std::result::Result<Map<String, 
     // change `Value` for the whole workspace), so the digits come from the text as written.
     // Other columns keep the number (jsonb keeps a number; a float column takes only
     // numbers).
-    let literals = member_number_literals(text);
+    let literals = member_texts(text);
     for (column, value) in o.iter_mut() {
         let exact_column = matches!(
             types.get(column).map(String::as_str),
@@ -697,7 +697,7 @@ fn json_row(text: &str, types: &ColumnTypes) -> std::result::Result<Map<String, 
 
 /// The text of each top-level member's value in `text` (a JSON object), by member name (the
 /// last one for a repeated name, as serde_json keeps it); empty if `text` is not an object.
-fn member_number_literals(text: &str) -> HashMap<String, &str> {
+fn member_texts(text: &str) -> HashMap<String, &str> {
     serde_json::from_str::<HashMap<String, &RawValue>>(text)
         .map(|members| {
             members

@@ -7,6 +7,7 @@
 //! every receipt is tagged with the epoch of the log it came from, and a finish counts only
 //! in the epoch it was received in.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 /// Tracks, per partition, the offsets in flight and the last offset committed.
@@ -37,48 +38,37 @@ struct Partition {
 }
 
 impl CommitTracker {
-    fn new_epoch(&mut self) -> u64 {
-        self.next_epoch += 1;
-        self.next_epoch
-    }
-
     /// Records that `offset` was received. Messages of a partition arrive in offset order, so
     /// an offset at or below one already received means the log went back (restarted empty,
     /// recreated, truncated): what is in flight at or above it was another log's and no longer
     /// counts, and commits follow the log from here. Returns the epoch to pass to
     /// [`CommitTracker::finished`].
     pub fn received(&mut self, topic: &str, partition: i32, offset: i64) -> Epoch {
-        let key = (topic.to_string(), partition);
-        let rewound = self
-            .partitions
-            .get(&key)
-            .is_some_and(|p| offset <= p.last_received);
-        if rewound || !self.partitions.contains_key(&key) {
-            let epoch = self.new_epoch();
-            match self.partitions.get_mut(&key) {
-                Some(p) => {
+        let next_epoch = &mut self.next_epoch;
+        let mut new_epoch = || {
+            *next_epoch += 1;
+            *next_epoch
+        };
+        let p = match self.partitions.entry((topic.to_string(), partition)) {
+            Entry::Occupied(entry) => {
+                let p = entry.into_mut();
+                if offset <= p.last_received {
                     // Offsets in flight below `offset` are still this log's (a truncation
                     // keeps them): they go on holding the commit back. The others are gone.
                     p.in_flight.split_off(&offset);
-                    p.epoch = epoch;
+                    p.epoch = new_epoch();
                     p.committed = p.committed.min(offset);
-                    p.last_received = offset - 1;
                 }
-                None => {
-                    // Where reading starts counts as committed: only progress past it is.
-                    self.partitions.insert(
-                        key.clone(),
-                        Partition {
-                            in_flight: BTreeMap::new(),
-                            epoch,
-                            last_received: offset - 1,
-                            committed: offset,
-                        },
-                    );
-                }
+                p
             }
-        }
-        let p = self.partitions.get_mut(&key).expect("tracked above");
+            // Where reading starts counts as committed: only progress past it is.
+            Entry::Vacant(entry) => entry.insert(Partition {
+                in_flight: BTreeMap::new(),
+                epoch: new_epoch(),
+                last_received: offset - 1,
+                committed: offset,
+            }),
+        };
         p.in_flight.insert(offset, p.epoch);
         p.last_received = offset;
         Epoch(p.epoch)
