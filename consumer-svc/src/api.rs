@@ -49,6 +49,25 @@ fn invalid(field: &str, description: impl Into<String>) -> Status {
     )
 }
 
+/// Longest `agent`, `action_type` or `correlation_id` filter, in bytes. A stream keeps its
+/// filter (and an agent filter, a route in the hub) for as long as it lives, so the bound
+/// keeps what a subscriber can pin small; no real name or id comes near it.
+pub(crate) const MAX_FILTER_BYTES: usize = 1024;
+
+/// `value` of the filter `field`, refused when longer than [`MAX_FILTER_BYTES`].
+fn filter_text(field: &str, value: Option<String>) -> Result<Option<String>, Status> {
+    match value {
+        Some(v) if v.len() > MAX_FILTER_BYTES => Err(invalid(
+            field,
+            format!(
+                "{} bytes is longer than the {MAX_FILTER_BYTES} a filter may have",
+                v.len()
+            ),
+        )),
+        v => Ok(v),
+    }
+}
+
 impl ConsumerApi {
     /// `Subscribe`: the snapshot or the resumed backlog, then every update the request's
     /// channels and filters accept, with lag notices.
@@ -73,9 +92,9 @@ impl ConsumerApi {
             ));
         }
         let filter = Filter {
-            agent: r.agent,
-            action_type: r.action_type,
-            correlation_id: r.correlation_id,
+            agent: filter_text("agent", r.agent)?,
+            action_type: filter_text("action_type", r.action_type)?,
+            correlation_id: filter_text("correlation_id", r.correlation_id)?,
             min_confidence: r.min_confidence,
         };
         // Subscribing and taking the snapshot under the state's read lock: ingest publishes
@@ -104,6 +123,7 @@ impl ConsumerApi {
             (sub, snapshot)
         };
         let mut initial = Vec::new();
+        let mut backlog = Vec::new();
         match snapshot {
             Some(snap) => {
                 initial.push(SubscribePush::Message(Box::new(pb::SubscribeResponse {
@@ -116,16 +136,13 @@ impl ConsumerApi {
                     let last_missed = sub.backlog.first().map_or(sub.last_seq, |u| u.seq - 1);
                     initial.push(lag_notice(sub.missed, last_missed));
                 }
-                for u in &sub.backlog {
-                    if let Some(m) = subscribe_message(u, &channels, &filter) {
-                        initial.push(m);
-                    }
-                }
+                backlog = Updates::pieces(sub.backlog, self.max_push);
             }
         }
         let follower = Follower::new(sub.live, self.max_push);
         let stream = follow(
             initial,
+            backlog,
             follower,
             self.shutdown.clone(),
             move |feed, out| match feed {
@@ -152,7 +169,11 @@ impl ConsumerApi {
         r: pb::StreamActionsRequest,
     ) -> Result<BoxStream<ActionsPush>, Status> {
         self.check_streams()?;
-        let filter = Filter::actions(r.agent, r.action_type, r.correlation_id);
+        let filter = Filter::actions(
+            filter_text("agent", r.agent)?,
+            filter_text("action_type", r.action_type)?,
+            filter_text("correlation_id", r.correlation_id)?,
+        );
         let sub = self
             .hub
             .subscribe(None, filter.agent.as_deref())
@@ -161,6 +182,7 @@ impl ConsumerApi {
         let keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync> =
             Arc::new(move |a| filter.action(a));
         Ok(follow(
+            Vec::new(),
             Vec::new(),
             follower,
             self.shutdown.clone(),
@@ -303,6 +325,8 @@ enum Feed {
 
 struct FollowState<T, F> {
     queued: VecDeque<T>,
+    /// A resumed backlog still to go through `map`, a piece at a time.
+    backlog: VecDeque<Updates>,
     follower: Follower,
     shutdown: Shutdown,
     map: F,
@@ -310,13 +334,20 @@ struct FollowState<T, F> {
 
 /// A response stream: `initial` messages first, then live updates mapped by `map`, ending
 /// when the server shuts down.
-fn follow<T, F>(initial: Vec<T>, follower: Follower, shutdown: Shutdown, map: F) -> BoxStream<T>
+fn follow<T, F>(
+    initial: Vec<T>,
+    backlog: Vec<Updates>,
+    follower: Follower,
+    shutdown: Shutdown,
+    map: F,
+) -> BoxStream<T>
 where
     T: Send + 'static,
     F: FnMut(Feed, &mut VecDeque<T>) + Send + 'static,
 {
     let st = FollowState {
         queued: initial.into(),
+        backlog: backlog.into(),
         follower,
         shutdown,
         map,
@@ -328,6 +359,12 @@ where
             }
             if let Some(item) = st.queued.pop_front() {
                 return Some((Ok(item), st));
+            }
+            // Converted as it is sent: a thousand resuming subscribers must not each hold a
+            // converted copy of the whole ring before they read.
+            if let Some(piece) = st.backlog.pop_front() {
+                (st.map)(Feed::Updates(piece), &mut st.queued);
+                continue;
             }
             let next = tokio::select! {
                 biased;
@@ -463,10 +500,11 @@ impl ConsumerService for ConsumerApi {
     ) -> Result<Response<pb::GetAgentMetricsResponse>, Status> {
         let r = request.into_inner();
         let window = self.window("window", &r.window)?;
+        let agent = filter_text("agent", r.agent)?;
         let agents = self
             .state
             .read()
-            .agent_metrics(now_micros(), window, r.agent.as_deref());
+            .agent_metrics(now_micros(), window, agent.as_deref());
         Ok(Response::new(pb::GetAgentMetricsResponse {
             agents: agents.iter().map(convert::agent_metrics).collect(),
         }))
@@ -479,7 +517,11 @@ impl ConsumerService for ConsumerApi {
         let r = request.into_inner();
         let window = self.window("window", &r.window)?;
         let since = window.map_or(Micros::MIN, |w| now_micros() - w);
-        let filter = Filter::actions(r.agent, r.action_type, r.correlation_id);
+        let filter = Filter::actions(
+            filter_text("agent", r.agent)?,
+            filter_text("action_type", r.action_type)?,
+            filter_text("correlation_id", r.correlation_id)?,
+        );
         let actions = self
             .state
             .read()
@@ -504,7 +546,7 @@ impl ConsumerService for ConsumerApi {
         }
         let since = window.map_or(Micros::MIN, |w| now_micros() - w);
         let filter = Filter {
-            agent: r.agent,
+            agent: filter_text("agent", r.agent)?,
             min_confidence: r.min_confidence,
             ..Default::default()
         };
@@ -527,7 +569,7 @@ impl ConsumerService for ConsumerApi {
     ) -> Result<Response<pb::ListTransformationsResponse>, Status> {
         let r = request.into_inner();
         let filter = Filter {
-            agent: r.agent,
+            agent: filter_text("agent", r.agent)?,
             ..Default::default()
         };
         let transformations = self
@@ -577,10 +619,16 @@ impl ConsumerService for ConsumerApi {
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let snapshot = {
             let state = self.state.read();
-            let status = self.status_with(&state);
+            // One sequence for both: the metrics publisher may publish (under a read lock of
+            // its own) between two reads of it.
+            let sequence = self.hub.last_seq();
+            let status = pb::ConsumerStatus {
+                last_sequence: sequence,
+                ..self.status_with(&state)
+            };
             pb::Snapshot {
                 status: Some(status),
-                ..self.snapshot(&state, self.hub.last_seq())
+                ..self.snapshot(&state, sequence)
             }
         };
         Ok(Response::new(pb::GetSnapshotResponse {
@@ -620,7 +668,7 @@ impl ConsumerService for ConsumerApi {
         self.check_streams()?;
         let r = request.into_inner();
         let filter = Filter {
-            agent: r.agent,
+            agent: filter_text("agent", r.agent)?,
             ..Default::default()
         };
         // Subscribed and read under one read lock, as Subscribe's snapshot: metrics published
@@ -646,6 +694,7 @@ impl ConsumerService for ConsumerApi {
         let state = self.state.clone();
         let stream = follow(
             first,
+            Vec::new(),
             follower,
             self.shutdown.clone(),
             move |feed, out| match feed {
@@ -931,6 +980,16 @@ mod tests {
             .collect();
         assert_eq!(pushed, [("a".into(), 2), ("c".into(), 1), ("b".into(), 3)]);
         assert!(latest_per_agent(std::iter::empty()).is_empty());
+    }
+
+    #[test]
+    fn text_filters_are_bounded() {
+        let at = "x".repeat(MAX_FILTER_BYTES);
+        assert_eq!(filter_text("agent", Some(at.clone())).unwrap(), Some(at));
+        assert_eq!(filter_text("agent", None).unwrap(), None);
+        let e = filter_text("agent", Some("é".repeat(MAX_FILTER_BYTES / 2 + 1))).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("agent: 1026 bytes"), "{e:?}");
     }
 
     #[test]

@@ -11,6 +11,9 @@ use svc_kit::{ServerArgs, telemetry::LogArgs};
 use crate::events::EventKind;
 use crate::ingest::ReplaySeek;
 
+/// Largest `--subscriber-queue`: the broadcast ring allocates its slots up front.
+pub const MAX_SUBSCRIBER_QUEUE: usize = 65_536;
+
 /// consumer-svc: consumes agent events from Kafka and serves live aggregations over gRPC.
 #[derive(Clone, Debug, Parser)]
 #[command(version, about)]
@@ -108,7 +111,8 @@ pub struct Config {
     pub agent_metrics_interval: Duration,
 
     /// Per-subscriber queue, in batches (one ingest batch's updates, at most 256 each); a
-    /// subscriber further behind gets a lag notice.
+    /// subscriber further behind gets a lag notice. Rounded up to a power of two (the
+    /// broadcast ring's size), at most 65536.
     #[arg(long, env = "SUBSCRIBER_QUEUE", default_value_t = 1024)]
     pub subscriber_queue: usize,
 
@@ -209,8 +213,10 @@ impl Config {
         if self.agent_metrics_interval < Duration::from_millis(10) {
             return Err("--agent-metrics-interval must be at least 10ms".into());
         }
-        if self.subscriber_queue == 0 {
-            return Err("--subscriber-queue must be at least 1".into());
+        if !(1..=MAX_SUBSCRIBER_QUEUE).contains(&self.subscriber_queue) {
+            return Err(format!(
+                "--subscriber-queue must be between 1 and {MAX_SUBSCRIBER_QUEUE}"
+            ));
         }
         if self.max_push == 0 {
             return Err("--max-push must be at least 1".into());
@@ -234,7 +240,8 @@ impl Config {
             max_agents: self.max_agents,
             real_time_events: self.enable_real_time_events,
             agent_metrics_interval: self.agent_metrics_interval,
-            subscriber_queue: self.subscriber_queue,
+            // What the broadcast channel really holds: it rounds its capacity up so.
+            subscriber_queue: self.subscriber_queue.next_power_of_two(),
             resume_buffer: self.resume_buffer,
             max_push: self.max_push,
         })
@@ -291,6 +298,15 @@ mod tests {
                 .unwrap_err();
             assert!(err.contains(flag), "{err}");
         }
+        // The queue is what the broadcast ring really holds: a power of two, bounded.
+        let s = parse(&["--kafka-brokers", "a:1", "--subscriber-queue", "1025"])
+            .validate()
+            .unwrap();
+        assert_eq!(s.subscriber_queue, 2048);
+        let err = parse(&["--kafka-brokers", "a:1", "--subscriber-queue", "65537"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("between 1 and 65536"), "{err}");
     }
 
     #[test]

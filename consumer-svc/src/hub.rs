@@ -395,6 +395,19 @@ impl Updates {
         self.len == 0
     }
 
+    /// A backlog handed out `size` updates at a time (each piece shares the updates, it does
+    /// not copy them), so a resuming subscriber converts it as it sends rather than up front.
+    pub fn pieces(backlog: Vec<Update>, size: usize) -> Vec<Updates> {
+        backlog
+            .chunks(size.max(1))
+            .map(|piece| {
+                let mut updates = Updates::default();
+                updates.push(Arc::from(piece), 0);
+                updates
+            })
+            .collect()
+    }
+
     fn push(&mut self, batch: Batch, from: usize) {
         let n = batch.len().saturating_sub(from);
         if n > 0 {
@@ -601,6 +614,28 @@ mod tests {
         assert_eq!(seqs(f.next().await), vec![1, 2, 3]);
         hub.publish([status(4)]);
         assert_eq!(seqs(f.next().await), vec![4]);
+    }
+
+    /// A resumed backlog is handed to the stream in pieces of `size`, in order, sharing the
+    /// ring's updates.
+    #[test]
+    fn a_resumed_backlog_goes_out_in_pieces_in_order() {
+        let hub = Hub::new(100, 16);
+        for i in 1..=5 {
+            hub.publish([status(i)]);
+        }
+        let sub = hub.subscribe(Some(0), None).unwrap();
+        let pieces = Updates::pieces(sub.backlog, 2);
+        let got: Vec<Vec<u64>> = pieces
+            .iter()
+            .map(|p| p.iter().map(|u| u.seq).collect())
+            .collect();
+        assert_eq!(got, [vec![1, 2], vec![3, 4], vec![5]]);
+        assert_eq!(
+            pieces.iter().map(Updates::len).collect::<Vec<_>>(),
+            [2, 2, 1]
+        );
+        assert!(Updates::pieces(Vec::new(), 2).is_empty());
     }
 
     /// `max_items` (`--max-push`) bounds what one call takes from a backlog: it stops before

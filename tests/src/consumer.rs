@@ -25,6 +25,35 @@ pub const TOPIC_BASES: [&str; 4] = [
     "router-performance-metrics",
 ];
 
+/// Waits until partition 0 of `topic` on `brokers` holds a message (its high watermark is
+/// past 0): something was produced and acknowledged there.
+pub async fn wait_produced(brokers: &str, topic: &str, timeout: Duration) -> Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!("wait-produced-{}", uuid::Uuid::new_v4()),
+        )
+        .create()?;
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok((_, high)) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(2))
+                && high > 0
+            {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                bail!("nothing was produced to {topic} within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await?
+}
+
 /// Creates the four topics under `prefix` on `brokers`.
 pub async fn create_topics(brokers: &str, prefix: &str, partitions: i32) -> Result<Topics> {
     create_topics_with(

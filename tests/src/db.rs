@@ -224,8 +224,12 @@ impl TableLock {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let blocked: i64 = sqlx::query_scalar(
+                // Of this database only (a database copied from a template has the same
+                // table oids as the other tests' copies).
                 "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = $1 AND NOT l.granted",
+                 WHERE c.relname = $1 AND NOT l.granted \
+                   AND l.database = (SELECT oid FROM pg_database \
+                                     WHERE datname = current_database())",
             )
             .bind(&self.1)
             .fetch_one(&mut probe)

@@ -47,6 +47,15 @@ pub fn admin_database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// `host:port` of the PostgreSQL server the tests use (from [`admin_database_url`]): an
+/// address that answers, but not with gRPC.
+pub fn postgres_addr() -> String {
+    use std::str::FromStr;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&admin_database_url())
+        .expect("DATABASE_URL is a PostgreSQL URL");
+    format!("{}:{}", options.get_host(), options.get_port())
+}
+
 /// The workspace's target directory, where `cargo build --bins` put the service binaries.
 fn target_dir() -> PathBuf {
     // current_exe = target/<profile>/deps/<test>-<hash>

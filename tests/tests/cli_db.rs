@@ -681,7 +681,8 @@ async fn wrong_addresses_and_bad_values_are_clear_errors() {
 
     // PostgreSQL's port: not gRPC. Depending on timing the client sees a transport error or a
     // connection closed without an answer; both say which address to check.
-    let postgres = "127.0.0.1:5432";
+    let postgres = omnibus_tests::postgres_addr();
+    let postgres = postgres.as_str();
     let out = omnibus(&["--db-addr", postgres, "db", "tables"])
         .await
         .unwrap();

@@ -336,7 +336,8 @@ async fn generate_feeds_all_four_topics_and_status_shows_both_services() {
     // tail against something that is not a gRPC server (PostgreSQL's port): after a few tries
     // (one such answer could be a reset connection), one sentence and exit 1, not retries
     // forever.
-    let pg = "127.0.0.1:5432";
+    let pg = omnibus_tests::postgres_addr();
+    let pg = pg.as_str();
     let out = omnibus(&["--consumer-addr", pg, "tail"]).await.unwrap();
     assert_eq!(out.code, Some(1), "{out:?}");
     let last = out.stderr.trim().lines().last().unwrap_or_default();
@@ -355,7 +356,7 @@ async fn generate_fails_when_events_are_not_delivered() {
         .await
         .unwrap();
     let prefix = unique_prefix();
-    create_topics(&broker.addr(), &prefix, 1).await.unwrap();
+    let topics = create_topics(&broker.addr(), &prefix, 1).await.unwrap();
     let addr = broker.addr();
     let run = tokio::spawn(async move {
         omnibus(&[
@@ -375,7 +376,14 @@ async fn generate_fails_when_events_are_not_delivered() {
         .await
         .unwrap()
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once it is producing (not before it has even reached the broker), the broker goes.
+    omnibus_tests::consumer::wait_produced(
+        &broker.addr(),
+        topics.name(Kind::AgentAction),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     broker.stop();
     let out = run.await.unwrap();
     assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);

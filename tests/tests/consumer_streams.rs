@@ -585,7 +585,9 @@ impl MetricPushes {
 /// `--agent-metrics-interval`: after the first push (every agent), a push holds only the
 /// agents that changed since the previous one, each once, pushes are at least about the
 /// interval apart, and the last values pushed equal GetAgentMetrics.
-#[tokio::test]
+// Multi-threaded: the pushes' receive times come from a reader task that must keep running
+// while the test thread blocks in a producer's flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_agent_metrics_pushes_only_changed_agents_at_most_once_per_interval() {
     const INTERVAL: Duration = Duration::from_secs(2);
     let brokers = kafka_brokers();
@@ -1050,6 +1052,51 @@ async fn subscribe_filters_by_min_confidence_and_correlation_id() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    // Text filters longer than 1,024 bytes are refused, naming the field, in streams and
+    // reads alike (a stream would keep its filter for as long as it lives).
+    let long = "a".repeat(1025);
+    let named = |err: tonic::Status, field: &str| {
+        use tonic_types::StatusExt;
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        let fields: Vec<String> = err
+            .get_details_bad_request()
+            .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+            .unwrap_or_default();
+        assert_eq!(fields, [field], "{err:?}");
+    };
+    let err = client(&svc)
+        .subscribe(pb::SubscribeRequest {
+            agent: Some(long.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    named(err, "agent");
+    let err = client(&svc)
+        .stream_actions(pb::StreamActionsRequest {
+            correlation_id: Some(long.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    named(err, "correlation_id");
+    let err = client(&svc)
+        .list_recent_actions(pb::ListRecentActionsRequest {
+            action_type: Some(long.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    named(err, "action_type");
+    let at_the_limit = client(&svc)
+        .list_recent_actions(pb::ListRecentActionsRequest {
+            agent: Some(long[1..].to_string()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(at_the_limit.actions.is_empty());
 
     let mut confident = Received::open(
         &svc,

@@ -569,7 +569,10 @@ async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted",
+            // Of this test's database only: tests in parallel wait on locks of their own.
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'transactionid' AND NOT l.granted \
+               AND a.datname = current_database()",
         )
         .fetch_one(&mut other)
         .await

@@ -17,11 +17,19 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1alpha;
 
+/// consumer-svc on topics of its own (empty ones: the shared broker's default topics may hold
+/// whatever a demo left there, and replaying them is not what these tests are about).
 async fn start_consumer() -> ServiceProcess {
+    let prefix = omnibus_tests::consumer::unique_prefix();
+    omnibus_tests::consumer::create_topics(&kafka_brokers(), &prefix, 1)
+        .await
+        .expect("create the test's topics");
     let mut svc = ServiceSpec::new("consumer-svc")
         .args([
             "--kafka-brokers",
             &kafka_brokers(),
+            "--topic-prefix",
+            &prefix,
             "--shutdown-grace",
             "30s",
         ])

@@ -594,8 +594,24 @@ async fn consumer_svc_consumes_from_a_broker_over_tls() {
         ])
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let s = omnibus_tests::consumer::status(&untrusting).await.unwrap();
+    // Wait until it has tried the broker (its log reports the refused certificate) and
+    // answers reads, rather than for a fixed time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let tried = untrusting
+            .logs()
+            .to_ascii_lowercase()
+            .contains("certificate verify failed");
+        if tried && let Ok(s) = omnibus_tests::consumer::status(&untrusting).await {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no certificate failure reported:\n{}",
+            untrusting.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(!s.connected && s.events_processed == 0, "{s:?}");
 }
 
