@@ -687,10 +687,7 @@ impl ConsumerService for ConsumerApi {
             (sub, initial)
         };
         let follower = Follower::new(sub.live, self.max_push);
-        let first = vec![pb::StreamAgentMetricsResponse {
-            agents: initial,
-            lagged: 0,
-        }];
+        let first = metrics_pushes(initial, 0);
         let state = self.state.clone();
         let stream = follow(
             first,
@@ -704,7 +701,7 @@ impl ConsumerService for ConsumerApi {
                         _ => None,
                     }));
                     if !agents.is_empty() {
-                        out.push_back(pb::StreamAgentMetricsResponse { agents, lagged: 0 });
+                        out.extend(metrics_pushes(agents, 0));
                     }
                 }
                 // The dropped updates may have held the last figures of an agent that will
@@ -717,10 +714,7 @@ impl ConsumerService for ConsumerApi {
                         .iter()
                         .map(convert::agent_metrics)
                         .collect();
-                    out.push_back(pb::StreamAgentMetricsResponse {
-                        agents,
-                        lagged: missed,
-                    });
+                    out.extend(metrics_pushes(agents, missed));
                 }
             },
         );
@@ -738,6 +732,35 @@ impl ConsumerService for ConsumerApi {
             pushes.map(|push| push.map(SubscribePush::into_response)),
         )))
     }
+}
+
+/// `agents` as `StreamAgentMetrics` pushes of at most [`crate::wire::MAX_PUSH_BYTES`] each
+/// (every agent's figures, at the start or after a lag notice, can be far more than a
+/// client accepts in one message), the first carrying `lagged`; one push even when empty.
+fn metrics_pushes(
+    agents: Vec<pb::AgentMetrics>,
+    lagged: u64,
+) -> Vec<pb::StreamAgentMetricsResponse> {
+    let mut pushes = vec![pb::StreamAgentMetricsResponse {
+        agents: Vec::new(),
+        lagged,
+    }];
+    let mut len = 0;
+    for m in agents {
+        let n = prost::Message::encoded_len(&m) + 8;
+        let last = pushes.last_mut().expect("one push at least");
+        if len > 0 && len + n > crate::wire::MAX_PUSH_BYTES {
+            pushes.push(pb::StreamAgentMetricsResponse {
+                agents: vec![m],
+                lagged: 0,
+            });
+            len = n;
+        } else {
+            last.agents.push(m);
+            len += n;
+        }
+    }
+    pushes
 }
 
 /// Each agent's newest figures, in the order of their last update: a push drained from
@@ -980,6 +1003,28 @@ mod tests {
             .collect();
         assert_eq!(pushed, [("a".into(), 2), ("c".into(), 1), ("b".into(), 3)]);
         assert!(latest_per_agent(std::iter::empty()).is_empty());
+    }
+
+    #[test]
+    fn metrics_pushes_stay_within_the_byte_bound() {
+        let agents: Vec<pb::AgentMetrics> = (0..30_000)
+            .map(|i| pb::AgentMetrics {
+                agent: format!("agent-{i:05}-{}", "x".repeat(40)),
+                total_requests: i,
+                ..Default::default()
+            })
+            .collect();
+        let pushes = metrics_pushes(agents.clone(), 7);
+        assert!(pushes.len() > 1, "{} pushes", pushes.len());
+        for (i, p) in pushes.iter().enumerate() {
+            assert!(prost::Message::encoded_len(p) <= crate::wire::MAX_PUSH_BYTES);
+            assert_eq!(p.lagged, if i == 0 { 7 } else { 0 });
+        }
+        let joined: Vec<_> = pushes.into_iter().flat_map(|p| p.agents).collect();
+        assert_eq!(joined, agents);
+        let empty = metrics_pushes(Vec::new(), 0);
+        assert_eq!(empty.len(), 1);
+        assert!(empty[0].agents.is_empty());
     }
 
     #[test]

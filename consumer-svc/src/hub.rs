@@ -372,13 +372,14 @@ fn route(routes: &mut foldhash::HashMap<Box<str>, Route>, update: &Update) {
 /// subscriber (no per-update copy or reference count per subscriber).
 #[derive(Debug, Default)]
 pub struct Updates {
-    /// Each batch with the index of its first update not delivered before.
-    parts: Vec<(Batch, usize)>,
+    /// Each batch with the range of its updates handed out here (from its first update not
+    /// delivered before).
+    parts: Vec<(Batch, std::ops::Range<usize>)>,
     len: usize,
 }
 
-fn tail(part: &(Batch, usize)) -> &[Update] {
-    part.0.get(part.1..).unwrap_or_default()
+fn tail(part: &(Batch, std::ops::Range<usize>)) -> &[Update] {
+    part.0.get(part.1.clone()).unwrap_or_default()
 }
 
 impl Updates {
@@ -409,20 +410,48 @@ impl Updates {
     }
 
     fn push(&mut self, batch: Batch, from: usize) {
-        let n = batch.len().saturating_sub(from);
+        let to = batch.len();
+        let n = to.saturating_sub(from);
         if n > 0 {
             self.len += n;
-            self.parts.push((batch, from));
+            self.parts.push((batch, from..to));
         }
+    }
+
+    /// Splits off the updates from position `at` (in sequence order) on; `self` keeps the
+    /// ones before it. Shares the batches, as the rest of `Updates` does.
+    pub fn split_off(&mut self, at: usize) -> Updates {
+        let mut rest = Updates::default();
+        // Parts before `i` stay whole; part `i`, if any, holds or starts at position `at`.
+        let (mut i, mut seen) = (0, 0);
+        while let Some((_, range)) = self.parts.get(i) {
+            if seen + range.len() > at {
+                break;
+            }
+            seen += range.len();
+            i += 1;
+        }
+        if let Some((batch, range)) = self.parts.get_mut(i) {
+            let cut = range.start + (at - seen);
+            if cut > range.start {
+                rest.parts.push((batch.clone(), cut..range.end));
+                range.end = cut;
+                i += 1;
+            }
+        }
+        rest.parts.extend(self.parts.drain(i..));
+        rest.len = rest.parts.iter().map(|(_, r)| r.len()).sum();
+        self.len -= rest.len;
+        rest
     }
 }
 
 impl<'a> IntoIterator for &'a Updates {
     type Item = &'a Update;
     type IntoIter = std::iter::FlatMap<
-        std::slice::Iter<'a, (Batch, usize)>,
+        std::slice::Iter<'a, (Batch, std::ops::Range<usize>)>,
         &'a [Update],
-        fn(&'a (Batch, usize)) -> &'a [Update],
+        fn(&'a (Batch, std::ops::Range<usize>)) -> &'a [Update],
     >;
     fn into_iter(self) -> Self::IntoIter {
         self.parts.iter().flat_map(tail)
@@ -614,6 +643,40 @@ mod tests {
         assert_eq!(seqs(f.next().await), vec![1, 2, 3]);
         hub.publish([status(4)]);
         assert_eq!(seqs(f.next().await), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn updates_split_anywhere_keep_their_order() {
+        let hub = Hub::new(100, 16);
+        let sub = hub.subscribe(None, None).unwrap();
+        let mut f = Follower::new(sub.live, 1000);
+        hub.publish([status(1), status(2), status(3)]);
+        hub.publish([status(4)]);
+        hub.publish([status(5), status(6)]);
+        let Next::Updates(all) = f.next().await else {
+            panic!("expected updates")
+        };
+        let seqs_of = |u: &Updates| u.iter().map(|u| u.seq).collect::<Vec<_>>();
+        for at in 0..=7 {
+            let mut head = Updates::default();
+            for part in &all.parts {
+                head.parts.push(part.clone());
+            }
+            head.len = all.len();
+            let rest = head.split_off(at);
+            let cut = at.min(6);
+            assert_eq!(
+                seqs_of(&head),
+                (1..=cut as u64).collect::<Vec<_>>(),
+                "at {at}"
+            );
+            assert_eq!(
+                seqs_of(&rest),
+                ((cut as u64 + 1)..=6).collect::<Vec<_>>(),
+                "at {at}"
+            );
+            assert_eq!((head.len(), rest.len()), (cut, 6 - cut), "at {at}");
+        }
     }
 
     /// A resumed backlog is handed to the stream in pieces of `size`, in order, sharing the

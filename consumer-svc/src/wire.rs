@@ -101,9 +101,58 @@ pub struct ActionsPush {
     actions_len: usize,
 }
 
+/// Largest push, in encoded bytes, unless one action alone is larger. gRPC clients refuse
+/// messages over 4 MiB by default (tonic, grpc-go, grpc-java): a subscriber that is behind,
+/// taking `--max-push` large actions at once, must not be sent one it cannot read.
+pub const MAX_PUSH_BYTES: usize = 1 << 20;
+
 impl ActionsPush {
-    /// The push of `updates`, or `None` when `keep` accepts none of their actions.
+    /// The pushes of `updates`: their actions that `keep` accepts, in order, in as few
+    /// pushes of at most [`MAX_PUSH_BYTES`] as they fit in (none when `keep` accepts none).
     pub fn actions(
+        updates: Updates,
+        keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync>,
+    ) -> Vec<Self> {
+        Self::split_at(updates, keep, MAX_PUSH_BYTES)
+    }
+
+    fn split_at(
+        updates: Updates,
+        keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync>,
+        max_bytes: usize,
+    ) -> Vec<Self> {
+        let Some(push) = Self::one(updates, keep.clone()) else {
+            return Vec::new();
+        };
+        if push.actions_len <= max_bytes {
+            return vec![push];
+        }
+        // Where each push after the first starts, as positions in `updates`.
+        let (mut starts, mut len) = (Vec::new(), 0);
+        for (position, u) in push.updates.iter().enumerate() {
+            if let UpdateKind::Event(Event::AgentAction(a)) = &u.kind
+                && keep(a)
+            {
+                let n = message_len(ACTIONS_FIELD, action_bytes(a));
+                if len > 0 && len + n > max_bytes {
+                    starts.push(position);
+                    len = 0;
+                }
+                len += n;
+            }
+        }
+        let mut rest = push.updates;
+        let mut pieces: Vec<Updates> = starts.iter().rev().map(|&at| rest.split_off(at)).collect();
+        pieces.push(rest);
+        pieces
+            .into_iter()
+            .rev()
+            .filter_map(|piece| Self::one(piece, keep.clone()))
+            .collect()
+    }
+
+    /// The push of `updates`, or `None` when `keep` accepts none of their actions.
+    fn one(
         updates: Updates,
         keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync>,
     ) -> Option<Self> {
@@ -279,14 +328,76 @@ mod tests {
 
     /// Published updates as a subscriber receives them.
     fn received(kinds: Vec<UpdateKind>) -> Updates {
+        received_in(vec![kinds])
+    }
+
+    /// What a subscriber receives of `batches`, published one after another.
+    fn received_in(batches: Vec<Vec<UpdateKind>>) -> Updates {
         let hub = Hub::new(64, 64);
         let sub = hub.subscribe(None, None).expect("subscribe");
         let mut follower = crate::hub::Follower::new(sub.live, 1000);
-        hub.publish(kinds);
+        for kinds in batches {
+            hub.publish(kinds);
+        }
         match futures::FutureExt::now_or_never(follower.next()) {
             Some(crate::hub::Next::Updates(u)) => u,
             other => panic!("expected updates, got {other:?}"),
         }
+    }
+
+    /// Pushes larger than the byte bound are split: every kept action once, in order, each
+    /// push within the bound unless one action alone exceeds it, across batch boundaries.
+    #[test]
+    fn large_pushes_are_split_by_bytes_in_order() {
+        let act = |i: usize, agent: &str, size: usize| {
+            action(&format!(
+                r#"{{"id":"{i}","agent_name":"{agent}","action_type":"t","action_name":"{}"}}"#,
+                "n".repeat(size)
+            ))
+        };
+        let batches = vec![
+            (0..5).map(|i| act(i, "x", 300)).collect(),
+            vec![act(5, "y", 300), act(6, "x", 2000), act(7, "x", 10)],
+            (8..12)
+                .map(|i| act(i, if i == 9 { "y" } else { "x" }, 300))
+                .collect(),
+        ];
+        let keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync> =
+            Arc::new(|a| a.agent_name() == "x");
+        let whole = ActionsPush::split_at(received_in(batches.clone()), keep.clone(), usize::MAX);
+        assert_eq!(whole.len(), 1);
+        let all = whole[0].to_response().actions;
+        assert_eq!(all.len(), 10);
+        let max = 1000;
+        let pushes = ActionsPush::split_at(received_in(batches), keep, max);
+        assert!(pushes.len() >= 4, "{} pushes", pushes.len());
+        let len = |a: &pb::AgentAction| message_len(ACTIONS_FIELD, &a.encode_to_vec());
+        for (i, p) in pushes.iter().enumerate() {
+            let bytes = p.encode_to_vec();
+            assert_eq!(bytes, p.to_response().encode_to_vec());
+            let actions = p.to_response().actions;
+            assert!(
+                bytes.len() <= max || actions.len() == 1,
+                "{} bytes",
+                bytes.len()
+            );
+            if actions.iter().any(|a| a.id == "6") {
+                assert_eq!(actions.len(), 1, "the 2 KB action goes alone");
+            }
+            // As full as it could be: the next push's first action did not fit.
+            if let Some(next) = pushes.get(i + 1) {
+                let first = len(&next.to_response().actions[0]);
+                assert!(
+                    bytes.len() + first > max,
+                    "push {i} could have taken one more"
+                );
+            }
+        }
+        let joined: Vec<_> = pushes
+            .iter()
+            .flat_map(|p| p.to_response().actions)
+            .collect();
+        assert_eq!(joined, all);
     }
 
     #[test]
@@ -303,7 +414,9 @@ mod tests {
         ];
         let keep: Arc<dyn Fn(&AgentAction) -> bool + Send + Sync> =
             Arc::new(|a| a.agent_name() == "x");
-        let push = ActionsPush::actions(received(kinds), keep.clone()).expect("two actions");
+        let mut pushes = ActionsPush::actions(received(kinds), keep.clone());
+        assert_eq!(pushes.len(), 1, "small actions go in one push");
+        let push = pushes.remove(0);
         let expected = push.to_response();
         assert_eq!(expected.actions.len(), 2);
         assert_eq!(expected.lagged, 0);
@@ -359,7 +472,7 @@ mod tests {
     fn no_push_when_the_filter_keeps_no_action() {
         let kinds = vec![action(r#"{"agent_name":"y","action_type":"error"}"#)];
         assert!(
-            ActionsPush::actions(received(kinds), Arc::new(|a| a.agent_name() == "x")).is_none()
+            ActionsPush::actions(received(kinds), Arc::new(|a| a.agent_name() == "x")).is_empty()
         );
     }
 
