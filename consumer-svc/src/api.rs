@@ -28,6 +28,7 @@ use crate::wire::{ActionsPush, SubscribePush};
 
 const DEFAULT_LIMIT: usize = 100;
 
+#[derive(Clone)]
 pub struct ConsumerApi {
     pub(crate) broker: Arc<BrokerStatus>,
     pub(crate) state: Arc<RwLock<State>>,
@@ -124,6 +125,9 @@ impl ConsumerApi {
         };
         let mut initial = Vec::new();
         let mut backlog = Vec::new();
+        // Metrics and status published up to this sequence are older than the figures a lag
+        // notice was followed by.
+        let mut superseded = 0;
         match snapshot {
             Some(snap) => {
                 initial.push(SubscribePush::Message(Box::new(pb::SubscribeResponse {
@@ -134,12 +138,16 @@ impl ConsumerApi {
             None => {
                 if sub.missed > 0 {
                     let last_missed = sub.backlog.first().map_or(sub.last_seq, |u| u.seq - 1);
-                    initial.push(lag_notice(sub.missed, last_missed));
+                    let mut notice = VecDeque::from([lag_notice(sub.missed, last_missed)]);
+                    superseded =
+                        self.refresh_after_lag(&channels, &filter, last_missed, &mut notice);
+                    initial.extend(notice);
                 }
                 backlog = Updates::pieces(sub.backlog, self.max_push);
             }
         }
         let follower = Follower::new(sub.live, self.max_push);
+        let api = self.clone();
         let stream = follow(
             initial,
             backlog,
@@ -148,6 +156,11 @@ impl ConsumerApi {
             move |feed, out| match feed {
                 Feed::Updates(updates) => {
                     for u in &updates {
+                        let refreshed =
+                            matches!(u.kind, UpdateKind::AgentMetrics(_) | UpdateKind::Status(_));
+                        if refreshed && u.seq <= superseded {
+                            continue;
+                        }
                         if let Some(m) = subscribe_message(u, &channels, &filter) {
                             out.push_back(m);
                         }
@@ -156,10 +169,54 @@ impl ConsumerApi {
                 Feed::Lagged {
                     missed,
                     last_missed,
-                } => out.push_back(lag_notice(missed, last_missed)),
+                } => {
+                    out.push_back(lag_notice(missed, last_missed));
+                    // The missed updates may have held an agent's last change or a change of
+                    // the connection, which nothing would send again: the current figures
+                    // follow the notice (with its sequence), as in StreamAgentMetrics.
+                    superseded = api.refresh_after_lag(&channels, &filter, last_missed, out);
+                }
             },
         );
         Ok(stream)
+    }
+
+    /// After a `Subscribe` lag notice: the current metrics of the followed agents and the
+    /// current status, as the subscription's channels ask, numbered `sequence` (the notice's).
+    /// Returns the hub's sequence they correspond to (read under the state's read lock, under
+    /// which updates are published).
+    fn refresh_after_lag(
+        &self,
+        channels: &Channels,
+        filter: &Filter,
+        sequence: u64,
+        out: &mut VecDeque<SubscribePush>,
+    ) -> u64 {
+        use pb::subscribe_response::Update as U;
+        let (metrics, system) = (
+            channels.has(pb::Channel::Metrics),
+            channels.has(pb::Channel::System),
+        );
+        let state = self.state.read();
+        let last_seq = self.hub.last_seq();
+        let message = |update| {
+            SubscribePush::Message(Box::new(pb::SubscribeResponse {
+                sequence,
+                update: Some(update),
+            }))
+        };
+        if metrics {
+            for m in state.agent_metrics(now_micros(), None, filter.agent.as_deref()) {
+                out.push_back(message(U::AgentMetrics(convert::agent_metrics(&m))));
+            }
+        }
+        if system {
+            out.push_back(message(U::ConsumerStatus(pb::ConsumerStatus {
+                last_sequence: last_seq,
+                ..self.status_with(&state)
+            })));
+        }
+        last_seq
     }
 
     /// `StreamActions`: a push per batch of updates holding actions the request's filters
@@ -688,7 +745,9 @@ impl ConsumerService for ConsumerApi {
         };
         let follower = Follower::new(sub.live, self.max_push);
         let first = metrics_pushes(initial, 0);
-        let state = self.state.clone();
+        let (state, hub) = (self.state.clone(), self.hub.clone());
+        // Figures published up to this sequence are older than those a lag notice carried.
+        let mut superseded = 0;
         let stream = follow(
             first,
             Vec::new(),
@@ -697,7 +756,9 @@ impl ConsumerService for ConsumerApi {
             move |feed, out| match feed {
                 Feed::Updates(updates) => {
                     let agents = latest_per_agent(updates.iter().filter_map(|u| match &u.kind {
-                        UpdateKind::AgentMetrics(m) if filter.metrics(m) => Some(&**m),
+                        UpdateKind::AgentMetrics(m) if u.seq > superseded && filter.metrics(m) => {
+                            Some(&**m)
+                        }
                         _ => None,
                     }));
                     if !agents.is_empty() {
@@ -708,12 +769,17 @@ impl ConsumerService for ConsumerApi {
                 // not change again (or of one whose events expired): the lag notice carries
                 // every followed agent's current figures, as the first message did.
                 Feed::Lagged { missed, .. } => {
+                    // Under the read lock, so the figures are those of sequence `superseded`
+                    // (updates are published under it too): the chunks still queued for this
+                    // stream, published before, must not follow them with older figures.
+                    let state = state.read();
+                    superseded = hub.last_seq();
                     let agents = state
-                        .read()
                         .agent_metrics(now_micros(), None, filter.agent.as_deref())
                         .iter()
                         .map(convert::agent_metrics)
                         .collect();
+                    drop(state);
                     out.extend(metrics_pushes(agents, missed));
                 }
             },
@@ -925,8 +991,12 @@ pub async fn publish_live_updates(
         let now_connected = api.broker.connected();
         if connected != Some(now_connected) {
             connected = Some(now_connected);
-            api.hub
-                .publish([UpdateKind::Status(Arc::new(api.status()))]);
+            // Read and published under the state's read lock, as the metrics above: a
+            // Subscribe snapshot (taken under it too) is never followed by older counters.
+            let state = api.state.read();
+            let status = api.status_with(&state);
+            api.hub.publish([UpdateKind::Status(Arc::new(status))]);
+            drop(state);
         }
     }
 }
@@ -1160,6 +1230,138 @@ mod tests {
             max_push: 100,
             shutdown: Shutdown::new(),
         }
+    }
+
+    /// After a `StreamAgentMetrics` lag notice (which carries every agent's current figures),
+    /// figures published before it and still queued for the stream are not pushed: they are
+    /// older than the notice's.
+    #[tokio::test]
+    async fn a_metrics_lag_notice_is_not_followed_by_older_figures() {
+        use futures::FutureExt;
+        let now = now_micros();
+        let mut state = State::new(Default::default());
+        let decision = events::parse(
+            EventKind::RoutingDecision,
+            br#"{"id":"1","selected_agent":"a","routing_time_ms":5}"#,
+            now,
+        )
+        .expect("a valid decision");
+        state.apply(&decision, now);
+        let mut api = api_over(state);
+        api.hub = Arc::new(Hub::new(100, 1));
+        let mut stream = api
+            .stream_agent_metrics(Request::new(pb::StreamAgentMetricsRequest::default()))
+            .await
+            .expect("streams are on")
+            .into_inner();
+        let first = stream
+            .next()
+            .await
+            .expect("a first push")
+            .expect("no error");
+        assert_eq!(first.agents.len(), 1);
+        let m = |agent: &str, total: u64| {
+            UpdateKind::AgentMetrics(Arc::new(pb::AgentMetrics {
+                agent: agent.into(),
+                total_requests: total,
+                ..Default::default()
+            }))
+        };
+        // A queue of one batch: the first two are dropped, the third is kept for after the
+        // notice, and it was published before the notice's figures were read.
+        api.hub.publish([m("a", 5)]);
+        api.hub.publish([m("b", 1)]);
+        api.hub.publish([m("a", 6)]);
+        let notice = stream
+            .next()
+            .await
+            .expect("a lag notice")
+            .expect("no error");
+        assert_eq!(notice.lagged, 2);
+        let current: Vec<_> = notice
+            .agents
+            .iter()
+            .map(|m| (&*m.agent, m.total_requests))
+            .collect();
+        assert_eq!(current, [("a", 1)], "the state's figures");
+        assert!(
+            stream.next().now_or_never().is_none(),
+            "nothing older follows the notice"
+        );
+        api.hub.publish([m("a", 7)]);
+        let next = stream.next().await.expect("a push").expect("no error");
+        assert_eq!(next.agents[0].total_requests, 7);
+    }
+
+    /// A `Subscribe` lag notice is followed by the current metrics of the followed agents and
+    /// the current status (the missed updates may have held their last change), with the
+    /// notice's sequence; queued figures older than those are not sent after them.
+    #[tokio::test]
+    async fn a_subscribe_lag_notice_is_followed_by_current_metrics_and_status() {
+        use futures::FutureExt;
+        use pb::subscribe_response::Update as U;
+        let now = now_micros();
+        let mut state = State::new(Default::default());
+        let decision = events::parse(
+            EventKind::RoutingDecision,
+            br#"{"id":"1","selected_agent":"a","routing_time_ms":5}"#,
+            now,
+        )
+        .expect("a valid decision");
+        state.apply(&decision, now);
+        let mut api = api_over(state);
+        api.hub = Arc::new(Hub::new(100, 1));
+        let mut stream = api
+            .subscribe_stream(pb::SubscribeRequest {
+                channels: vec![pb::Channel::Metrics as i32, pb::Channel::System as i32],
+                ..Default::default()
+            })
+            .expect("a valid request");
+        let m = |agent: &str, total: u64| {
+            UpdateKind::AgentMetrics(Arc::new(pb::AgentMetrics {
+                agent: agent.into(),
+                total_requests: total,
+                ..Default::default()
+            }))
+        };
+        api.hub.publish([m("a", 5)]);
+        api.hub.publish([m("b", 1)]);
+        api.hub.publish([m("a", 6)]);
+        let mut next = async || {
+            stream
+                .next()
+                .await
+                .expect("a message")
+                .expect("no error")
+                .into_response()
+        };
+        let notice = next().await;
+        assert_eq!(notice.update, Some(U::Lagged(pb::Lagged { missed: 2 })));
+        let metrics = next().await;
+        assert_eq!(metrics.sequence, notice.sequence);
+        let Some(U::AgentMetrics(a)) = metrics.update else {
+            panic!("metrics after the notice: {metrics:?}")
+        };
+        assert_eq!(
+            (a.agent.as_str(), a.total_requests),
+            ("a", 1),
+            "the state's figures"
+        );
+        let status = next().await;
+        assert_eq!(status.sequence, notice.sequence);
+        let Some(U::ConsumerStatus(s)) = status.update else {
+            panic!("the status after the metrics: {status:?}")
+        };
+        assert_eq!(s.last_sequence, 3);
+        assert!(
+            stream.next().now_or_never().is_none(),
+            "the older queued figures are not sent"
+        );
+        api.hub.publish([m("a", 7)]);
+        let newer = stream.next().await.expect("a message").expect("no error");
+        let newer = newer.into_response();
+        assert_eq!(newer.sequence, 4);
+        assert!(matches!(newer.update, Some(U::AgentMetrics(m)) if m.total_requests == 7));
     }
 
     /// A confidence outside [0, 1] (a `95` meant as a percentage) is not a probability: it is

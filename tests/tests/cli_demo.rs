@@ -34,8 +34,6 @@ async fn demo_follows_live_events_and_ctrl_c_stops_everything() {
     let db_addr = format!("127.0.0.1:{}", free_port());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bin_dir = bin_path("omnibus").parent().unwrap().to_path_buf();
-    // A database of the test's own: the demo's db-svc migrates and serves it.
-    let db = omnibus_tests::TestDatabase::create().await.unwrap();
 
     let mut child = tokio::process::Command::from({
         let mut c = Command::new(root.join("scripts/demo"));
@@ -44,7 +42,8 @@ async fn demo_follows_live_events_and_ctrl_c_stops_everything() {
     })
     .env("KAFKA_BROKERS", &brokers)
     .env("KAFKA_TOPIC_PREFIX", &prefix)
-    .env("DATABASE_URL", &db.url)
+    // No DATABASE_URL of the test's own: the demo's `dev-services up` would record it as the
+    // shared one (.dev/env), and it is dropped when the test ends.
     .env("OMNIBUS_CONSUMER_ADDR", &consumer_addr)
     .env("OMNIBUS_DB_ADDR", &db_addr)
     .env("OMNIBUS_BIN_DIR", &bin_dir)
