@@ -90,7 +90,11 @@ impl Executor {
     /// `reachability` is set by the database probe (see [`crate::db_health`]).
     pub fn new(pool: PgPool, catalog: Catalog, limits: Limits, reachability: Reachability) -> Self {
         let inserts = (limits.coalesce_inserts > 0).then(|| {
-            InsertCoalescer::new(pool.clone(), BatchLimits::inserts(limits.coalesce_inserts))
+            InsertCoalescer::new(
+                pool.clone(),
+                catalog.clone(),
+                BatchLimits::inserts(limits.coalesce_inserts),
+            )
         });
         let queries = (limits.coalesce_queries > 0).then(|| {
             QueryCoalescer::new(pool.clone(), BatchLimits::queries(limits.coalesce_queries))
@@ -260,12 +264,11 @@ impl Executor {
     async fn once_more_if_changed<T, F: Future<Output = Result<T, DbError>>>(
         &self,
         table: &str,
-        arrived: Instant,
         attempt: impl Fn() -> F,
     ) -> Result<T, DbError> {
         let result = attempt().await;
         if let Err(DbError::SchemaChanged(message)) = &result
-            && reread_changed_table(&self.catalog, &self.pool, table, arrived, message).await
+            && reread_changed_table(&self.catalog, &self.pool, table, message).await
         {
             tracing::info!(table, "table changed since its catalog was read; retrying");
             return attempt().await;
@@ -289,11 +292,12 @@ impl Executor {
         let result = match op {
             Operation::Raw(_) => self.execute_op(&op, ctx).await,
             _ => {
-                self.once_more_if_changed(op.table(), started, || self.execute_op(&op, ctx))
+                self.once_more_if_changed(op.table(), || self.execute_op(&op, ctx))
                     .await
             }
         };
-        let result = result.map_err(|e| ops::locate_not_null(e, &op));
+        let result = result
+            .map_err(|e| ops::locate_not_null(e, &op, self.catalog.cached(op.table()).as_deref()));
         record_latency(name, started, &result);
         result
     }
@@ -347,6 +351,10 @@ impl Executor {
     /// Whether a write under `request_id` has committed and recorded its result (so a repeat
     /// is answered from the request log, without writing).
     pub async fn is_recorded(&self, request_id: &str) -> Result<bool, DbError> {
+        if check_request_id(request_id).is_err() {
+            // Refused before any write, so never recorded (and PostgreSQL would refuse a NUL).
+            return Ok(false);
+        }
         let recorded: Option<bool> = sqlx::query_scalar(
             "SELECT result IS NOT NULL FROM omnibus_request_log WHERE request_id = $1",
         )
@@ -447,7 +455,7 @@ impl Executor {
     ) -> Result<(EncodedRows, Option<u64>), DbError> {
         let started = Instant::now();
         let result = self
-            .once_more_if_changed(&spec.table, started, || async {
+            .once_more_if_changed(&spec.table, || async {
                 let table = self
                     .table(&spec.table, &ops::query_columns(&spec), ctx.time_left())
                     .await?;
@@ -516,6 +524,9 @@ impl Executor {
             return run_write(&self.pool, &plan, count_only, None).await;
         }
         let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
+        if let Some(id) = request_id {
+            check_request_id(id)?;
+        }
         let mut tx = self.begin_within(ctx, "BEGIN").await?;
         if let Some(id) = request_id
             && let Some(recorded) =
@@ -560,6 +571,11 @@ impl Executor {
         let (sql, params) = (spec.sql.as_str(), spec.params.as_slice());
         let checked = raw_sql::check(sql, self.catalog.served(), self.limits.raw_writes)?;
         let request_id = ctx.request_id.as_deref().filter(|r| !r.is_empty());
+        if checked.kind.is_write()
+            && let Some(id) = request_id
+        {
+            check_request_id(id)?;
+        }
         let begin = if checked.kind.is_write() {
             "BEGIN"
         } else {
@@ -671,7 +687,6 @@ impl Executor {
         timeout: Option<Duration>,
         shutdown: Shutdown,
     ) -> Result<mpsc::Receiver<RowBatch>, DbError> {
-        let arrived = Instant::now();
         let table = self
             .table(&spec.table, &ops::query_columns(&spec), timeout)
             .await?;
@@ -711,7 +726,7 @@ impl Executor {
                 // Rows may already have gone out, so this stream is not retried; the table is
                 // read again so that the caller's next request runs on what it is now.
                 if let DbError::SchemaChanged(message) = &e {
-                    reread_changed_table(&catalog, &pool, &spec.table, arrived, message).await;
+                    reread_changed_table(&catalog, &pool, &spec.table, message).await;
                 }
                 error_slot.send(Err(e));
             }
@@ -961,20 +976,45 @@ where
 /// reads the table again (coalesced with other requests that tripped at the same time), and
 /// retires the pooled connections whose prepared statements belong to the old table when it
 /// did change or PostgreSQL said so (see `stale_plans`); false if it cannot be read.
-async fn reread_changed_table(
-    catalog: &Catalog,
-    pool: &PgPool,
-    table: &str,
-    arrived: Instant,
-    error: &str,
-) -> bool {
+async fn reread_changed_table(catalog: &Catalog, pool: &PgPool, table: &str, error: &str) -> bool {
+    // Now, not when the request arrived: a catalog read that started in between may predate
+    // the change the statement tripped on (a DDL that committed after it), so only a read
+    // that started after the failure can be shared.
+    let failed = Instant::now();
     if crate::error::is_stale_plan(error) {
         // The connection's prepared statement predates a change the catalog need not show
         // (a collation, say): the connections opened until now are retired regardless.
         crate::stale_plans::mark_changed();
     }
     // Otherwise the catalog retires them if the table did change (`refresh_table`).
-    catalog.refresh_on_miss(pool, table, arrived).await.is_ok()
+    catalog.refresh_on_miss(pool, table, failed).await.is_ok()
+}
+
+/// The longest `request_id` a write may carry, in bytes: a key far longer would not fit the
+/// request log's index (PostgreSQL refuses index entries over ~2.7 KB, SQLSTATE 54000). As
+/// long as the `correlation_id` filters consumer-svc takes, since a bus write's correlation id
+/// is its request id when it names none.
+pub const MAX_REQUEST_ID_BYTES: usize = 1024;
+
+/// A `request_id` the request log can hold, else a field error naming it (checked before the
+/// write, so that PostgreSQL's refusal, naming no field, never comes up).
+fn check_request_id(id: &str) -> Result<(), DbError> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(DbError::field(
+            "request_id",
+            format!(
+                "{} bytes long; at most {MAX_REQUEST_ID_BYTES} bytes",
+                id.len()
+            ),
+        ));
+    }
+    if id.contains('\0') {
+        return Err(DbError::field(
+            "request_id",
+            "contains the NUL character (U+0000), which PostgreSQL text cannot store",
+        ));
+    }
+    Ok(())
 }
 
 /// Claims `request_id` in the request log for a write (`operation` on `table`, with its

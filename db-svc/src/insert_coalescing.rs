@@ -14,14 +14,19 @@
 //! an unreachable database fails them all at once. An insert whose caller went away while it
 //! waited is dropped before the statement is built. Tables whose rules or BEFORE INSERT
 //! triggers may skip rows never share statements (their RETURNING rows cannot be matched up).
+//! The catalog shows such a trigger only once it reads the table again, so a shared statement
+//! runs in a transaction of its own: if its rows do not match its inserts one for one (or
+//! cannot be read back), it is rolled back, the table is read again (its later inserts run
+//! alone), and its inserts run one by one.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 
-use crate::catalog::TableInfo;
+use crate::catalog::{Catalog, TableInfo};
 use crate::coalescing::{self, BatchLimits, Coalescer, Lanes};
 use crate::error::DbError;
 use crate::executor::Written;
@@ -43,14 +48,17 @@ pub struct Waiter {
 /// See the module documentation.
 pub struct InsertCoalescer {
     pool: PgPool,
+    /// Read again when a shared statement's rows do not match its inserts.
+    catalog: Catalog,
     max_request_weight: usize,
     lanes: Mutex<Lanes<LaneKey, Waiter>>,
 }
 
 impl InsertCoalescer {
-    pub fn new(pool: PgPool, limits: BatchLimits) -> Arc<Self> {
+    pub fn new(pool: PgPool, catalog: Catalog, limits: BatchLimits) -> Arc<Self> {
         Arc::new(Self {
             pool,
+            catalog,
             max_request_weight: limits.max_request_weight,
             lanes: Mutex::new(Lanes::new(limits)),
         })
@@ -123,54 +131,115 @@ impl InsertCoalescer {
             return;
         }
         let table = batch[0].table.clone();
+        let counts: Vec<usize> = batch.iter().map(|w| w.values.row_count()).collect();
         let parts = batch.iter().map(|w| w.values.clone());
-        let shared = execute(&self.pool, &table, parts, count_only).await;
-        match shared {
-            Ok(written) => {
-                // The statement ran (and committed): whatever fails from here on is everyone's
-                // answer, never a reason to insert again.
-                let counts: Vec<usize> = batch.iter().map(|w| w.values.row_count()).collect();
-                let split = written
-                    .decode()
-                    .and_then(|output| split_output(output, &counts, count_only));
-                match split {
-                    Ok(outputs) => {
-                        for (waiter, output) in batch.into_iter().zip(outputs) {
-                            let _ = waiter.reply.send(Ok(output));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(table = %table.name, error = %e, "shared insert");
-                        for waiter in batch {
-                            let _ = waiter.reply.send(Err(e.clone()));
-                        }
-                    }
+        match self
+            .execute_shared(&table, parts, &counts, count_only)
+            .await
+        {
+            Ok(outputs) => {
+                for (waiter, output) in batch.into_iter().zip(outputs) {
+                    let _ = waiter.reply.send(Ok(output));
                 }
             }
             // Every insert would fail alike. (Not a timeout: most likely one row waited on
             // another transaction's lock; alone, the others go through and only that one
             // waits again.)
-            Err(e @ DbError::Unavailable(_)) => {
+            Err(Shared::Refused(e @ DbError::Unavailable(_))) | Err(Shared::Unknown(e)) => {
                 for waiter in batch {
                     let _ = waiter.reply.send(Err(e.clone()));
                 }
             }
-            Err(_) => {
-                // Something in one of the inserts: each runs alone for its own outcome.
-                let alone = batch.into_iter().filter(|w| !w.reply.is_closed()).map(
-                    |Waiter {
-                         table,
-                         values,
-                         reply,
-                     }| async move {
-                        record_statement(1);
-                        let _ = reply.send(run(&self.pool, &table, [values], count_only).await);
-                    },
+            // Something in one of the inserts: each runs alone for its own outcome.
+            Err(Shared::Refused(_)) => self.rerun_alone(batch, count_only).await,
+            Err(Shared::Unmatched(e)) => {
+                // Most likely a trigger or rule created since the table was read: read it
+                // again, so that its next inserts do not share (`can_share`).
+                tracing::warn!(
+                    table = %table.name, error = %e,
+                    "shared insert rolled back; its inserts run alone"
                 );
-                coalescing::rerun_alone(alone).await;
+                if let Err(e) = self
+                    .catalog
+                    .refresh_on_miss(&self.pool, &table.name, Instant::now())
+                    .await
+                {
+                    tracing::warn!(table = %table.name, error = %e, "reading the table again");
+                }
+                self.rerun_alone(batch, count_only).await
             }
         }
     }
+
+    /// Runs the inserts of `parts` (of `counts` rows each) as one statement in a transaction,
+    /// committed only once its result is split into one output per insert.
+    async fn execute_shared(
+        &self,
+        table: &TableInfo,
+        parts: impl IntoIterator<Item = InsertValues>,
+        counts: &[usize],
+        count_only: bool,
+    ) -> Result<Vec<OpOutput>, Shared> {
+        let plan = ops::plan_shared_insert(table, parts, count_only).map_err(Shared::Refused)?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| Shared::Refused(e.into()))?;
+        // Inserts return at most the rows they were given. (On an error the dropped
+        // transaction rolls back.)
+        let written = crate::executor::execute_write(&mut *tx, &plan, count_only, None)
+            .await
+            .map_err(Shared::Refused)?;
+        let outputs = match written
+            .decode()
+            .and_then(|output| split_output(output, counts, count_only))
+        {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                // Never committed, whether the ROLLBACK gets through or the connection dies.
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back a shared insert");
+                }
+                return Err(Shared::Unmatched(e));
+            }
+        };
+        tx.commit().await.map_err(|e| match e {
+            // PostgreSQL answered (a deferred constraint failed, say): rolled back.
+            sqlx::Error::Database(_) => Shared::Refused(e.into()),
+            // Not UNAVAILABLE, which invites a retry that could write the rows twice.
+            e => Shared::Unknown(DbError::Database(format!(
+                "the shared insert's COMMIT got no answer ({e}): the row may have been written"
+            ))),
+        })?;
+        Ok(outputs)
+    }
+
+    /// Runs each insert of a shared statement that wrote nothing alone, for its own outcome.
+    async fn rerun_alone(&self, batch: Vec<Waiter>, count_only: bool) {
+        let alone = batch.into_iter().filter(|w| !w.reply.is_closed()).map(
+            |Waiter {
+                 table,
+                 values,
+                 reply,
+             }| async move {
+                record_statement(1);
+                let _ = reply.send(run(&self.pool, &table, [values], count_only).await);
+            },
+        );
+        coalescing::rerun_alone(alone).await;
+    }
+}
+
+/// Why a shared insert answered none of its inserts.
+enum Shared {
+    /// PostgreSQL refused it (or it never reached PostgreSQL): nothing was written.
+    Refused(DbError),
+    /// It ran, but its result could not be handed out one output per insert (fewer rows than
+    /// given, rows that cannot be read): rolled back, nothing was written.
+    Unmatched(DbError),
+    /// Whether it committed is unknown.
+    Unknown(DbError),
 }
 
 /// What an insert adds to a shared statement: its bound values, or its rows when they bind
@@ -213,10 +282,10 @@ pub fn split_output(
         output.rows.len()
     };
     if got != expected {
-        // Only a rule or trigger that skips rows does this; such tables are not shared.
+        // Only a rule or trigger that skips rows does this (one the catalog did not show).
         return Err(DbError::Database(format!(
-            "a shared insert of {expected} rows reported {got}; the rows were written, but \
-             cannot be matched to their requests"
+            "a shared insert of {expected} rows reported {got}: its rows cannot be matched to \
+             their requests"
         )));
     }
     let mut rows = output.rows.into_iter();
@@ -298,7 +367,7 @@ mod tests {
         let pool = sqlx::postgres::PgPoolOptions::new()
             .connect_lazy("postgres://localhost/none")
             .unwrap();
-        let c = InsertCoalescer::new(pool, BatchLimits::inserts(2));
+        let c = InsertCoalescer::new(pool, Catalog::new(Vec::new()), BatchLimits::inserts(2));
         assert!(!c.can_share(&table, &defaults), "too many rows to share");
         let two = insert(vec![
             serde_json::json!({"agent_name": "a", "duration_ms": 1}),

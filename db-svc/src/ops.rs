@@ -719,6 +719,11 @@ const UPDATED_AT: &str = "updated_at";
 /// them.
 const AUTO_TIMESTAMPS: [&str; 2] = ["created_at", UPDATED_AT];
 
+/// Whether inserts fill `c` with now() when a row leaves it out.
+fn is_auto_timestamp(c: &crate::catalog::ColumnInfo) -> bool {
+    AUTO_TIMESTAMPS.contains(&c.name.as_str()) && c.ty.is_timestamp()
+}
+
 /// Whether `table` has an `updated_at` timestamp that db-svc moves on every update.
 fn has_auto_updated_at(table: &TableInfo) -> bool {
     table
@@ -757,7 +762,7 @@ fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, Db
         let given = rows.iter().any(|r| r.contains_key(&c.name));
         if given {
             columns.push(c.name.clone());
-        } else if AUTO_TIMESTAMPS.contains(&c.name.as_str()) && c.ty.is_timestamp() {
+        } else if is_auto_timestamp(c) {
             columns.push(c.name.clone());
             auto.push(c.name.clone());
         }
@@ -775,9 +780,7 @@ fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, Db
                     to_stored_param(c.ty, &c.sql_type, v)
                         .map_err(|e| e.within(&format!("rows[{i}].{name}")))?,
                 ),
-                None if AUTO_TIMESTAMPS.contains(&name.as_str()) && c.ty.is_timestamp() => {
-                    Cell::Now
-                }
+                None if is_auto_timestamp(c) => Cell::Now,
                 None => Cell::Default,
             };
             cells.push(cell);
@@ -793,17 +796,24 @@ fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, Db
 }
 
 /// PostgreSQL names the column of a NOT NULL violation but not the row; the request does:
-/// the first row that leaves the column null or out (the column then had no default), or the
-/// `set` that nulls it. Any other error is returned as it is.
-pub fn locate_not_null(err: DbError, op: &Operation) -> DbError {
+/// the first row that sends the column as null, else the first that leaves it out if that
+/// leaves it null (`table`, the catalog entry, shows no default and db-svc fills in nothing;
+/// unknown counts as null), or the `set` that nulls it. Any other error is returned as it is.
+pub fn locate_not_null(err: DbError, op: &Operation, table: Option<&TableInfo>) -> DbError {
     let DbError::NotNull { column, message } = err else {
         return err;
     };
-    let left_null = |r: &JsonRow| r.get(&column).is_none_or(Json::is_null);
+    // A left-out cell is DEFAULT (or now()), not null: a row that sends null is the culprit.
+    let left_out_is_null = table
+        .and_then(|t| t.column(&column))
+        .is_none_or(|c| c.default.is_none() && !is_auto_timestamp(c));
     let path = match op {
         Operation::Insert(InsertSpec { rows, .. }) | Operation::Upsert(UpsertSpec { rows, .. }) => {
+            let sent_null = |r: &JsonRow| r.get(&column).is_some_and(Json::is_null);
+            let left_out = |r: &JsonRow| left_out_is_null && !r.contains_key(&column);
             rows.iter()
-                .position(left_null)
+                .position(sent_null)
+                .or_else(|| rows.iter().position(left_out))
                 .map(|i| format!("rows[{i}].{column}"))
         }
         Operation::Update(spec) if spec.set.get(&column).is_some_and(Json::is_null) => {
@@ -1252,31 +1262,68 @@ pub(crate) mod tests {
             count_only: false,
         });
         let field = |e: DbError| e.violations()[0].field.clone();
+        // The row that sends null, not the one before it that leaves the column out.
         assert_eq!(
-            field(locate_not_null(not_null(), &insert)),
-            "rows[1].action_name"
+            field(locate_not_null(not_null(), &insert, None)),
+            "rows[2].action_name"
         );
         let upsert = Operation::Upsert(UpsertSpec {
-            rows: rows[2..].to_vec(),
+            rows: rows[..2].to_vec(),
             ..Default::default()
         });
+        // No row sends null: one that leaves out a column without a default (or without a
+        // catalog entry to tell).
         assert_eq!(
-            field(locate_not_null(not_null(), &upsert)),
-            "rows[0].action_name"
+            field(locate_not_null(not_null(), &upsert, None)),
+            "rows[1].action_name"
+        );
+        let mut table = actions();
+        table.columns.push(ColumnInfo {
+            name: "action_name".into(),
+            ty: ColType::Text,
+            sql_type: "text".into(),
+            nullable: false,
+            default: None,
+        });
+        assert_eq!(
+            field(locate_not_null(not_null(), &upsert, Some(&table))),
+            "rows[1].action_name"
+        );
+        // With a default, leaving it out gives a value: no row is to blame.
+        table.columns.last_mut().unwrap().default = Some("'x'::text".into());
+        assert_eq!(
+            field(locate_not_null(not_null(), &upsert, Some(&table))),
+            "action_name"
+        );
+        assert_eq!(
+            field(locate_not_null(not_null(), &insert, Some(&table))),
+            "rows[2].action_name"
+        );
+        // Nor does leaving out a timestamp db-svc fills with now().
+        let created = || DbError::NotNull {
+            column: "created_at".into(),
+            message: "null value".into(),
+        };
+        assert_eq!(
+            field(locate_not_null(created(), &insert, Some(&actions()))),
+            "created_at"
         );
         let update = Operation::Update(UpdateSpec {
             set: json!({"action_name": null}).as_object().cloned().unwrap(),
             ..Default::default()
         });
         assert_eq!(
-            field(locate_not_null(not_null(), &update)),
+            field(locate_not_null(not_null(), &update, None)),
             "set.action_name"
         );
         // Nothing in the request leaves it null (a trigger did): the column alone.
         let update = Operation::Update(UpdateSpec::default());
-        assert_eq!(field(locate_not_null(not_null(), &update)), "action_name");
+        assert_eq!(
+            field(locate_not_null(not_null(), &update, None)),
+            "action_name"
+        );
         // Other errors pass through.
-        let other = locate_not_null(DbError::field("where.x", "bad"), &insert);
+        let other = locate_not_null(DbError::field("where.x", "bad"), &insert, None);
         assert_eq!(field(other), "where.x");
     }
 

@@ -206,6 +206,12 @@ fn timestamp(s: &str, allow_naive: bool) -> Result<DateTime<Utc>, DbError> {
 /// text): a number too large for a `numeric(p,s)` column is a field error here, as PostgreSQL
 /// reports it without naming the column.
 pub fn to_stored_param(ty: ColType, sql_type: &str, value: &Json) -> Result<Param, DbError> {
+    // Before `to_param`, which lets null through as a null of any type: a null bound as text
+    // to an interval or enum column is PostgreSQL's type error, which names no field and
+    // reads as a table changed behind db-svc's back (a catalog read and a retry for nothing).
+    if ty == ColType::Other {
+        return Err(unsupported_type());
+    }
     let param = to_param(ty, value)?;
     if let Param::Numeric(d) = &param
         && let Some((precision, scale)) = numeric_typmod(sql_type)
@@ -368,13 +374,15 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
             ),
             other => return Err(type_error(ty, other)),
         },
-        ColType::Other => {
-            return Err(DbError::field(
-                "",
-                "this column's type is not supported for writes or filters",
-            ));
-        }
+        ColType::Other => return Err(unsupported_type()),
     })
+}
+
+fn unsupported_type() -> DbError {
+    DbError::field(
+        "",
+        "this column's type is not supported for writes or filters",
+    )
 }
 
 /// PostgreSQL's text (and jsonb's strings) cannot hold U+0000; caught here so the error names
@@ -1526,6 +1534,9 @@ mod tests {
             Param::Jsonb(json!({"a": [1, 2]}))
         );
         assert!(to_param(ColType::Other, &json!("x")).is_err());
+        // Nor written as null: bound as text, it would not be an interval or an enum.
+        let null = to_stored_param(ColType::Other, "interval", &Json::Null).unwrap_err();
+        assert_eq!(null.violations()[0].field, "");
     }
 
     #[test]

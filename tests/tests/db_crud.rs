@@ -2303,6 +2303,80 @@ async fn a_changed_table_is_read_again_when_a_statement_trips_on_it() {
     assert_eq!(rows, vec![json!({"id": 1.0}), json!({"id": 2.0})]);
 }
 
+/// A request that trips on a table changed by a DDL that committed while it waited gets a
+/// catalog read that started after it failed: one that started after the request arrived
+/// but before the DDL committed (a DescribeTable in between) still shows the old table, and
+/// sharing it would run the retry on that stale catalog.
+#[tokio::test]
+async fn a_retry_after_a_schema_change_never_reuses_a_read_that_predates_the_change() {
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE notes (id bigint PRIMARY KEY, body text, extra text)",
+        "notes",
+    )
+    .await;
+    insert(
+        &mut s,
+        "notes",
+        vec![json!({"id": 1, "body": "a", "extra": "x"})],
+    )
+    .await;
+    // The DDL holds its lock, uncommitted: the query below waits for it.
+    let mut ddl = s.sql().await;
+    for sql in ["BEGIN", "ALTER TABLE notes DROP COLUMN extra"] {
+        sqlx::query(sql).execute(&mut ddl).await.unwrap();
+    }
+    let mut client = s.client.clone();
+    let query = tokio::spawn(async move {
+        client
+            .query(pb::QueryRequest {
+                table: "notes".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| rows_json(&r.into_inner().rows))
+    });
+    let mut probe = s.sql().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+             WHERE c.relname = 'notes' AND NOT l.granted \
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the query never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // A catalog read after the query arrived, before the DROP commits: the old table.
+    let described = s
+        .client
+        .describe_table(pb::DescribeTableRequest {
+            table: "notes".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .table
+        .unwrap();
+    assert!(described.columns.iter().any(|c| c.name == "extra"));
+    sqlx::query("COMMIT").execute(&mut ddl).await.unwrap();
+    assert_eq!(
+        query
+            .await
+            .unwrap()
+            .expect("the retry runs on the table as it is"),
+        vec![json!({"id": 1.0, "body": "a"})]
+    );
+}
+
 /// A `json` column (not `jsonb`) filters and orders like a `jsonb` one: PostgreSQL has no
 /// equality or order for `json` itself, so it is compared as `jsonb`.
 #[tokio::test]

@@ -234,6 +234,34 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         .await
         .unwrap_err();
     assert_invalid(&err, "rows[2].action_name");
+    // A row that leaves out a column with a default (severity: 'error') gets the default: the
+    // row that sends null is named, in inserts and upserts alike.
+    let rows = || {
+        vec![
+            json!({"id": uuid::Uuid::new_v4().to_string(), "error_type": "a", "error_message": "m"}),
+            json!({"id": uuid::Uuid::new_v4().to_string(), "error_type": "b", "error_message": "m",
+                   "severity": null}),
+        ]
+    };
+    let err = s
+        .client
+        .insert(insert_req("error_events", rows()))
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[1].severity");
+    let err = s
+        .client
+        .upsert(pb::UpsertRequest {
+            table: "error_events".into(),
+            rows: rows().into_iter().map(to_struct).collect(),
+            // (Rows that update on conflict must all give the same columns.)
+            ignore_duplicates: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "rows[1].severity");
+    assert_eq!(s.count_all("error_events").await, 0);
 
     // Out of range for numeric(5,4).
     let err = s
@@ -303,6 +331,67 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         .into_inner();
     // (`action_name` is NOT NULL, so counting nulls could never fail: count the kept value.)
     assert_eq!(reply.count, 1, "the row keeps its action_name");
+}
+
+/// A column whose type has no mapping (interval, an enum) is not writable, not even as null:
+/// refused up front naming the field, as a value is, instead of PostgreSQL's type error
+/// (which names no field and made db-svc read the catalog again and retry for nothing).
+#[tokio::test]
+async fn unsupported_columns_are_refused_in_writes_even_as_null() {
+    let mut s = DbSvc::start_with(
+        "CREATE TYPE mood AS ENUM ('ok', 'sad'); \
+         CREATE TABLE waits (id int PRIMARY KEY, d interval, m mood); \
+         INSERT INTO waits VALUES (1, '1 day', 'ok')",
+        "waits",
+    )
+    .await;
+    for (column, value) in [("d", Json::Null), ("m", Json::Null), ("m", json!("sad"))] {
+        let err = s
+            .client
+            .insert(insert_req(
+                "waits",
+                vec![json!({"id": 2}), json!({"id": 3, column: value})],
+            ))
+            .await
+            .unwrap_err();
+        assert_invalid(&err, &format!("rows[1].{column}"));
+        let err = s
+            .client
+            .upsert(pb::UpsertRequest {
+                table: "waits".into(),
+                rows: vec![to_struct(json!({"id": 1, column: value}))],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&err, &format!("rows[0].{column}"));
+        let err = s
+            .client
+            .update(pb::UpdateRequest {
+                table: "waits".into(),
+                r#where: Some(to_struct(json!({"id": 1}))),
+                set: Some(to_struct(json!({column: value}))),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&err, &format!("set.{column}"));
+    }
+    let rows = s
+        .client
+        .query(pb::QueryRequest {
+            table: "waits".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rows;
+    assert_eq!(
+        rows_json(&rows),
+        vec![json!({"id": 1.0, "d": "1 day", "m": "ok"})],
+        "nothing written"
+    );
 }
 
 #[tokio::test]

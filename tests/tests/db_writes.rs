@@ -255,6 +255,64 @@ fn spawn_insert(s: &DbSvc, row: Json) -> JoinHandle<InsertReply> {
     })
 }
 
+/// A request_id the request log cannot hold (longer than 1,024 bytes - past ~2.7 KB its
+/// index refuses it - or with a NUL) is INVALID_ARGUMENT naming `request_id`, for every
+/// write and raw writes, and nothing is written; one of 1,024 bytes works and replays.
+#[tokio::test]
+async fn request_ids_the_request_log_cannot_hold_are_refused_by_field() {
+    let mut s = DbSvc::start(&["--raw-sql-writes", "true"]).await;
+    let invalid = |err: &tonic::Status| {
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(
+            error_details(err),
+            (
+                "VALIDATION_ERROR".to_string(),
+                vec!["request_id".to_string()]
+            ),
+            "{err:?}"
+        );
+    };
+    for id in ["x".repeat(1025), "x".repeat(3000), "a\0b".to_string()] {
+        invalid(&s.client.insert(insert_with_id(&id, "a")).await.unwrap_err());
+        let update = pb::UpdateRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({"agent_name": "a"}))),
+            set: Some(to_struct(json!({"agent_name": "b"}))),
+            request_id: id.clone(),
+            ..Default::default()
+        };
+        invalid(&s.client.update(update).await.unwrap_err());
+        let delete = pb::DeleteRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({"agent_name": "a"}))),
+            request_id: id.clone(),
+            ..Default::default()
+        };
+        invalid(&s.client.delete(delete).await.unwrap_err());
+        let upsert = pb::UpsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![to_struct(action("a"))],
+            request_id: id.clone(),
+            ..Default::default()
+        };
+        invalid(&s.client.upsert(upsert).await.unwrap_err());
+        let raw = pb::ExecuteRawRequest {
+            sql: "INSERT INTO agent_actions (correlation_id, agent_name, action_type, \
+                  action_name) VALUES (gen_random_uuid(), 'raw', 't', 'n')"
+                .into(),
+            request_id: id.clone(),
+            ..Default::default()
+        };
+        invalid(&s.client.execute_raw(raw).await.unwrap_err());
+    }
+    assert_eq!(count(&mut s, "agent_actions").await, 0, "nothing written");
+    let longest = insert_with_id(&"x".repeat(1024), "a");
+    let first = s.client.insert(longest.clone()).await.unwrap().into_inner();
+    let again = s.client.insert(longest).await.unwrap().into_inner();
+    assert_eq!((first.replayed, again.replayed), (false, true));
+    assert_eq!(count(&mut s, "agent_actions").await, 1);
+}
+
 /// db-svc with one INSERT statement per table at a time (so the next inserts must wait and
 /// share), and the address of its metrics.
 async fn one_insert_at_a_time() -> (DbSvc, String) {
@@ -357,9 +415,9 @@ async fn a_bad_insert_in_a_shared_statement_fails_alone() {
     .await;
 }
 
-/// A shared insert that PostgreSQL ran (and committed) but whose returned rows db-svc cannot
-/// read (a column retyped behind its back to a type without a mapping) fails for every
-/// insert in it and is never run again insert by insert: each row is written once.
+/// A shared insert that PostgreSQL ran but whose returned rows db-svc cannot read (a column
+/// retyped behind its back to a type without a mapping) is rolled back and its inserts run
+/// alone, each failing as it would alone: each row is written once.
 #[tokio::test]
 async fn a_shared_insert_whose_rows_cannot_be_read_back_is_not_written_twice() {
     let (mut s, metrics) = one_insert_at_a_time().await;
@@ -388,10 +446,11 @@ async fn a_shared_insert_whose_rows_cannot_be_read_back_is_not_written_twice() {
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains("duration_ms"), "{e:?}");
     }
-    // Written once each: the first alone, the other four in one shared statement.
+    // Written once each: the first alone, the other four alone after the shared statement
+    // of the four was rolled back.
     assert_eq!(count(&mut s, "agent_actions").await, 5);
-    wait_metrics(&metrics, "no statement run again", |m| {
-        requests_per_statement(m) == (2.0, 5.0)
+    wait_metrics(&metrics, "the shared statement and the four alone", |m| {
+        requests_per_statement(m) == (6.0, 9.0)
     })
     .await;
 }
@@ -652,6 +711,104 @@ async fn a_replay_returns_numbers_as_numbers_whatever_their_size() {
     assert_eq!(second.rows, first.rows);
     assert_eq!(rows_json(&second.rows)[0]["precise"], json!(1e16));
     assert_eq!(count(&mut s, "readings").await, 3);
+}
+
+/// A `BEFORE INSERT` trigger that skips rows, created while db-svc runs (its catalog does not
+/// show it yet): the shared insert that returns fewer rows than it was given is rolled back,
+/// the table is read again, and its inserts run alone, each getting its own answer with
+/// every kept row written once; from then on the table's inserts never share.
+#[tokio::test]
+async fn a_skipping_trigger_created_while_db_svc_runs_rolls_a_shared_insert_back() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let s = DbSvc::start_with_args(
+        "CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL)",
+        &[
+            "--tables",
+            "notes",
+            "--coalesce-inserts",
+            "1",
+            "--metrics-listen",
+            &metrics,
+        ],
+    )
+    .await;
+    let mut conn = s.sql().await;
+    for sql in [
+        "CREATE FUNCTION skip_some() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.body LIKE 'skip%' THEN RETURN NULL; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER skip_some BEFORE INSERT ON notes FOR EACH ROW EXECUTE FUNCTION skip_some()",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    let spawn = |body: String| {
+        let mut client = s.client.clone();
+        let row = json!({ "body": body });
+        let task = tokio::spawn(async move {
+            client
+                .insert(pb::InsertRequest {
+                    table: "notes".into(),
+                    rows: vec![to_struct(row)],
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner())
+        });
+        (body, task)
+    };
+    let body = |round: u32, i: u32| {
+        if i.is_multiple_of(3) {
+            format!("skip-{round}-{i}")
+        } else {
+            format!("keep-{round}-{i}")
+        }
+    };
+    let check = |(body, reply): (String, InsertReply)| {
+        let reply = reply.unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        if body.starts_with("skip") {
+            assert_eq!((reply.affected, reply.rows.len()), (0, 0), "{body}");
+        } else {
+            assert_eq!(reply.affected, 1, "{body}");
+            assert_eq!(from_struct(&reply.rows[0])["body"], json!(body));
+        }
+    };
+    let lock = TableLock::take_on(&s, "notes", "SHARE").await;
+    let first = spawn(body(1, 1));
+    lock.wait_blocked(&s, 1).await;
+    let shared: Vec<_> = (2..11).map(|i| spawn(body(1, i))).collect();
+    wait_metrics(&metrics, "nine inserts waiting", |m| {
+        sample(m, "db_insert_requests_waiting", &[]) == Some(9.0)
+    })
+    .await;
+    lock.release().await;
+    for (body, task) in std::iter::once(first).chain(shared) {
+        check((body, task.await.unwrap()));
+    }
+    // 1 (first) + 1 shared statement of 9, rolled back + 9 alone.
+    wait_metrics(&metrics, "the shared statement and the nine alone", |m| {
+        requests_per_statement(m) == (11.0, 19.0)
+    })
+    .await;
+
+    // Read again, the table is known to skip rows: its inserts no longer share.
+    let lock = TableLock::take_on(&s, "notes", "SHARE").await;
+    let tasks: Vec<_> = (0..6).map(|i| spawn(body(2, i))).collect();
+    lock.wait_blocked(&s, 6).await;
+    lock.release().await;
+    for (body, task) in tasks {
+        check((body, task.await.unwrap()));
+    }
+
+    let stored: Vec<String> = sqlx::query_scalar("SELECT body FROM notes ORDER BY body")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let mut kept: Vec<String> = (1..11)
+        .map(|i| body(1, i))
+        .chain((0..6).map(|i| body(2, i)))
+        .filter(|b| b.starts_with("keep"))
+        .collect();
+    kept.sort();
+    assert_eq!(stored, kept, "every kept row once, no skipped one");
 }
 
 /// Inserts into a table whose rows a `BEFORE INSERT` trigger may skip - on the table or only
