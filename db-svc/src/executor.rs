@@ -44,6 +44,9 @@ pub struct Limits {
     pub coalesce_inserts: usize,
     /// The same for plain queries of one shape ([`crate::query_coalescing`]); 0 turns it off.
     pub coalesce_queries: usize,
+    /// The largest response the server sends (`--max-send-message-size`): an `ExecuteRaw`
+    /// result that grows past it fails while it is read, before it fills memory.
+    pub max_response_bytes: usize,
 }
 
 /// Per-request context from the transport.
@@ -76,6 +79,8 @@ impl ExecContext {
 #[derive(Clone)]
 pub struct Executor {
     pool: PgPool,
+    /// `ExecuteRaw`'s own connections ([`crate::raw_pool`]).
+    raw_pool: PgPool,
     catalog: Catalog,
     limits: Arc<Limits>,
     inserts: Option<Arc<InsertCoalescer>>,
@@ -100,6 +105,7 @@ impl Executor {
             QueryCoalescer::new(pool.clone(), BatchLimits::queries(limits.coalesce_queries))
         });
         Self {
+            raw_pool: crate::raw_pool(&pool),
             pool,
             catalog,
             limits: Arc::new(limits),
@@ -107,6 +113,10 @@ impl Executor {
             queries,
             reachability,
         }
+    }
+
+    pub fn raw_pool(&self) -> &PgPool {
+        &self.raw_pool
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -200,7 +210,17 @@ impl Executor {
         ctx: &ExecContext,
         begin: &'static str,
     ) -> Result<sqlx::Transaction<'static, Postgres>, DbError> {
-        let acquire = self.pool.begin_with(begin);
+        self.begin_on(&self.pool, ctx, begin).await
+    }
+
+    /// [`Executor::begin_within`] on `pool`.
+    async fn begin_on(
+        &self,
+        pool: &PgPool,
+        ctx: &ExecContext,
+        begin: &'static str,
+    ) -> Result<sqlx::Transaction<'static, Postgres>, DbError> {
+        let acquire = pool.begin_with(begin);
         let mut tx = self
             .before_the_deadline(
                 ctx.time_left(),
@@ -581,7 +601,7 @@ impl Executor {
         } else {
             "BEGIN READ ONLY"
         };
-        let mut tx = self.begin_within(ctx, begin).await?;
+        let mut tx = self.begin_on(&self.raw_pool, ctx, begin).await?;
         let table = checked.tables.first().cloned().unwrap_or_default();
         if checked.kind.is_write()
             && let Some(id) = request_id
@@ -610,7 +630,7 @@ impl Executor {
             self.time_left_for_next(&mut tx, ctx).await?;
         }
         let mut rows = Vec::new();
-        let mut affected = 0u64;
+        let (mut affected, mut bytes) = (0u64, 0usize);
         let mut decoder = StructRows::default();
         // A write returns all its rows; a query only its page.
         let page = if checked.kind.is_write() {
@@ -649,7 +669,23 @@ impl Executor {
                             ),
                         ));
                     }
-                    Either::Right(row) => rows.push(decoder.decode(&row)?),
+                    Either::Right(row) => {
+                        let row = decoder.decode(&row)?;
+                        // Rows are counted above; their size too (`repeat()` makes any size).
+                        bytes += prost::Message::encoded_len(&row) + 8;
+                        if bytes > self.limits.max_response_bytes {
+                            return Err(DbError::field(
+                                "sql",
+                                format!(
+                                    "the statement's rows come to more than the {} bytes a \
+                                     response may carry (--max-send-message-size); select \
+                                     fewer or smaller values, or read them with StreamQuery",
+                                    self.limits.max_response_bytes
+                                ),
+                            ));
+                        }
+                        rows.push(row);
+                    }
                 }
             }
         }

@@ -57,11 +57,42 @@ pub fn pool(settings: &Settings) -> PgPool {
         ("TimeZone", "UTC"),
         ("statement_timeout", timeout_ms.as_str()),
     ]);
+    pool_of(
+        options,
+        settings.db_max_connections,
+        settings.db_acquire_timeout,
+    )
+}
+
+/// `ExecuteRaw`'s connections, apart from the others: the same settings, a quarter as many
+/// (at least one), each keeping at most one prepared statement. Every distinct raw SQL text
+/// is a prepared statement on the connection it ran on; in the main pool up to 100 of them
+/// would stay planned on each connection (a long text of many expressions plans into a
+/// gigabyte), and raw SQL would push the service's own statements out of the cache.
+pub fn raw_pool(pool: &PgPool) -> PgPool {
+    let options = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .statement_cache_capacity(1);
+    let pool_options = pool.options();
+    pool_of(
+        options,
+        (pool_options.get_max_connections() / 4).max(1),
+        pool_options.get_acquire_timeout(),
+    )
+}
+
+fn pool_of(
+    options: sqlx::postgres::PgConnectOptions,
+    max: u32,
+    acquire_timeout: std::time::Duration,
+) -> PgPool {
     // Connections whose prepared statements predate a schema change are retired (see
     // `stale_plans`); one atomic load per acquire and release otherwise.
     PgPoolOptions::new()
-        .max_connections(settings.db_max_connections)
-        .acquire_timeout(settings.db_acquire_timeout)
+        .max_connections(max)
+        .acquire_timeout(acquire_timeout)
         .before_acquire(|_, meta| {
             Box::pin(async move { Ok(!stale_plans::predates_change(meta.age)) })
         })
@@ -213,6 +244,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             raw_role: settings.raw_sql_role.as_deref().map(std::sync::Arc::from),
             coalesce_inserts: settings.coalesce_inserts,
             coalesce_queries: settings.coalesce_queries,
+            max_response_bytes: settings.server.max_send_message_size,
         },
         reachability,
     );
@@ -257,7 +289,8 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     // stop timeout. Dropping the pool then closes the connections; PostgreSQL ends the
     // statement when it notices (at once for a running query, when its wait ends for one
     // blocked on a lock, or with the server's client_connection_check_interval).
-    if tokio::time::timeout(POOL_CLOSE_WAIT, pool.close())
+    let closing = futures::future::join(pool.close(), executor.raw_pool().close());
+    if tokio::time::timeout(POOL_CLOSE_WAIT, closing)
         .await
         .is_err()
     {

@@ -8,10 +8,11 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Expr, Ident, ObjectName, Query, SetExpr, Statement, TableFactor, Visit, Visitor,
+    Expr, Ident, ObjectName, Query, SetExpr, Statement, TableFactor, TypedString, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::error::DbError;
 
@@ -42,8 +43,11 @@ pub struct RawStatement {
 /// index pages even in a READ ONLY transaction, or read whole relations (extensions'
 /// inspection functions) or touch other sessions.
 fn forbidden_function(name: &str) -> bool {
-    const PREFIXES: [&str; 11] = [
+    const PREFIXES: [&str; 13] = [
         "pg_",
+        // Name lookups that tell which relations, types and functions exist anywhere.
+        "to_reg",
+        "currtid",
         "lo_",
         "dblink",
         "txid_",
@@ -56,7 +60,10 @@ fn forbidden_function(name: &str) -> bool {
         "gin_",
         "xpath_table",
     ];
-    const NAMES: [&str; 26] = [
+    const NAMES: [&str; 28] = [
+        // The database's name and the schemas on the search path (as current_database).
+        "current_catalog",
+        "current_schemas",
         // Changes the session's random-number state, which the pooled connection keeps.
         "setseed",
         // These run SQL given as text (tsearch statistics and rewriting, tablefunc).
@@ -101,8 +108,51 @@ fn reject(message: impl Into<String>) -> DbError {
     DbError::field("sql", message)
 }
 
+/// Longest SQL text `ExecuteRaw` takes. Its plan is kept on the connection it ran on (one raw
+/// statement per connection, see `executor`), and a long text of many expressions plans into
+/// far more memory than its size.
+pub const MAX_RAW_SQL_BYTES: usize = 64 * 1024;
+
+/// `ONLY` unquoted, which sqlparser does not know: it reads `FROM ONLY (t)` as a call of a
+/// function `only` and `FROM ONLY t` as a table `only` named `t`, where PostgreSQL reads the
+/// table `t` - which the guard would then never check.
+fn is_bare_only(name: &ObjectName) -> bool {
+    name.0
+        .iter()
+        .filter_map(|p| p.as_ident())
+        .any(|i| i.quote_style.is_none() && i.value.eq_ignore_ascii_case("only"))
+}
+
+/// Refuses text that sqlparser and PostgreSQL split into tokens differently. PostgreSQL ends
+/// an operator where `--` or `/*` starts (a comment); sqlparser's PostgreSQL dialect reads
+/// `>--` as one operator, so what follows - for PostgreSQL a comment, then more SQL on the
+/// next line - could be a string literal to the guard, and SQL it never checked would run.
+fn same_tokens_as_postgres(sql: &str) -> Result<(), DbError> {
+    let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
+        .tokenize()
+        .map_err(|e| reject(format!("cannot parse SQL: {e}")))?;
+    for token in &tokens {
+        if let Token::CustomBinaryOperator(op) = token
+            && (op.contains("--") || op.contains("/*"))
+        {
+            return Err(reject(format!(
+                "the operator '{op}' runs into a comment, which PostgreSQL reads differently: \
+                 put a space before the '--' or '/*'"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks `sql` against the served tables. `allow_writes` is the operator's flag.
 pub fn check(sql: &str, served: &[String], allow_writes: bool) -> Result<RawStatement, DbError> {
+    if sql.len() > MAX_RAW_SQL_BYTES {
+        return Err(reject(format!(
+            "the SQL text is {} bytes, more than the {MAX_RAW_SQL_BYTES} allowed",
+            sql.len()
+        )));
+    }
+    same_tokens_as_postgres(sql)?;
     let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
         .map_err(|e| reject(format!("cannot parse SQL: {e}")))?;
     let statement = match statements.as_slice() {
@@ -259,6 +309,23 @@ impl Visitor for Guard<'_> {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
         match expr {
             Expr::Function(f) => allowed_function(&f.name),
+            // `current_catalog` takes no parentheses.
+            Expr::Identifier(i)
+                if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("current_catalog") =>
+            {
+                ControlFlow::Break("current_catalog is not allowed in raw SQL".into())
+            }
+            // `'t'::regclass` and the like look any relation, type or function up by name.
+            Expr::Cast { data_type, .. } | Expr::TypedString(TypedString { data_type, .. })
+                if data_type
+                    .to_string()
+                    .to_ascii_lowercase()
+                    .starts_with("reg") =>
+            {
+                ControlFlow::Break(format!(
+                    "casts to {data_type} (a catalog lookup by name) are not allowed in raw SQL"
+                ))
+            }
             _ => ControlFlow::Continue(()),
         }
     }
@@ -282,6 +349,9 @@ impl Visitor for Guard<'_> {
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<String> {
+        if is_bare_only(relation) {
+            return ControlFlow::Break(only_refused());
+        }
         if std::mem::take(&mut self.function_next) {
             return ControlFlow::Continue(());
         }
@@ -342,7 +412,16 @@ fn modifies_data(statement: &Statement) -> bool {
     statement.visit(&mut Finder).is_break()
 }
 
+fn only_refused() -> String {
+    "ONLY is not supported in raw SQL (name the table alone; served tables have no \
+     inheritance children)"
+        .into()
+}
+
 fn allowed_function(name: &ObjectName) -> ControlFlow<String> {
+    if is_bare_only(name) {
+        return ControlFlow::Break(only_refused());
+    }
     let name = last_part(name);
     if forbidden_function(&name) {
         return ControlFlow::Break(format!("function {name}() is not allowed"));
@@ -365,6 +444,22 @@ mod tests {
 
     fn served() -> Vec<String> {
         vec!["agent_actions".into(), "error_events".into()]
+    }
+
+    /// Where sqlparser and PostgreSQL agree on a comment, it is no operator of its own.
+    #[test]
+    fn comments_after_an_operator_read_alike_are_accepted() {
+        for sql in [
+            "SELECT 1 WHERE 2 != -- x\n 1",
+            "SELECT 1 WHERE 2 !=-- x\n 1",
+            "SELECT 1 WHERE 2 > /* x */ 1",
+            "SELECT 1 - -1",
+        ] {
+            assert!(check(sql, &served(), false).is_ok(), "refused: {sql}");
+        }
+        let long = format!("SELECT 1{}", " ".repeat(MAX_RAW_SQL_BYTES));
+        let e = check(&long, &served(), false).unwrap_err();
+        assert!(e.to_string().contains("more than the 65536 allowed"), "{e}");
     }
 
     #[test]
@@ -440,6 +535,25 @@ mod tests {
             "SELECT * FROM pgstattuple('omnibus_request_log')",
             "SELECT * FROM pgrowlocks('agent_actions')",
             "SELECT * FROM xpath_table('id', 'x', 'omnibus_request_log', '/a', 'true')",
+            // An operator running into a comment: to sqlparser the next line is a string, to
+            // PostgreSQL it is SQL (here reading pg_authid).
+            "SELECT 'x' AS a WHERE 2 >-- '\n1 UNION ALL SELECT rolname::text FROM pg_authid --'",
+            "SELECT 'x' AS a WHERE 2 </* '\n*/ 1 UNION ALL SELECT rolname::text FROM pg_authid --'",
+            // ONLY, which sqlparser reads as a function or a table named `only`.
+            "SELECT rolname::text FROM ONLY (pg_authid)",
+            "SELECT * FROM agent_actions a, ONLY(pg_class)",
+            "WITH \"only\" AS (SELECT 1) SELECT * FROM ONLY pg_authid",
+            "UPDATE ONLY (other.secret_t) SET x = $1 RETURNING x",
+            "DELETE FROM ONLY (omnibus_request_log)",
+            "SELECT * FROM ONLY agent_actions",
+            // Lookups that tell which relations exist anywhere.
+            "SELECT to_regclass('other.secret_t')::text",
+            "SELECT i::regclass::text FROM generate_series(16384, 70000) i",
+            "SELECT 'pg_authid'::regclass",
+            "SELECT CAST('x' AS regtype)",
+            "SELECT current_catalog",
+            "SELECT current_schemas(true)",
+            "SELECT currtid2('agent_actions', '(0,1)'::tid)",
         ] {
             assert!(check(sql, &served(), true).is_err(), "accepted: {sql}");
         }

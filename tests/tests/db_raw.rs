@@ -155,6 +155,13 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
         // Functions that run SQL given as text, or sit in FROM.
         "SELECT * FROM ts_stat('SELECT to_tsvector(key) FROM omnibus_request_log')",
         "SELECT a.id FROM agent_actions a, LATERAL pg_read_file('/etc/passwd') f",
+        // Read differently by the SQL parser and by PostgreSQL (for it, the second line is
+        // SQL reading pg_authid; for the parser, a string), or ONLY, which the parser reads
+        // as a function: each was a way to every table.
+        "SELECT 'x' AS a WHERE 2 >-- '\n1 UNION ALL SELECT rolname::text FROM pg_authid --'",
+        "SELECT rolname::text AS r FROM ONLY (pg_authid)",
+        "WITH \"only\" AS (SELECT 1) SELECT * FROM ONLY pg_authid",
+        "SELECT to_regclass('pg_authid')::text",
     ] {
         let err = s.client.execute_raw(raw(sql, vec![])).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");
@@ -191,6 +198,35 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
     assert_eq!(error_details(&err).0, "WRITE_NOT_ALLOWED");
     let n = s.count_all("agent_actions").await;
     assert_eq!(n, 5);
+}
+
+/// A raw result is bounded by bytes as well as rows: one that would not fit in a response
+/// fails while it is read, instead of filling memory first.
+#[tokio::test]
+async fn a_raw_result_larger_than_a_response_fails_naming_sql() {
+    let mut s = DbSvc::start(&["--max-send-message-size", "1MiB"]).await;
+    let err = s
+        .client
+        .execute_raw(raw(
+            "SELECT repeat('x', 400000) AS a FROM generate_series(1, 3)",
+            vec![],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(error_details(&err).1, vec!["sql"]);
+    assert!(err.message().contains("--max-send-message-size"), "{err:?}");
+    // Within the bound, the same statement answers.
+    let reply = s
+        .client
+        .execute_raw(raw(
+            "SELECT repeat('x', 400000) AS a FROM generate_series(1, 2)",
+            vec![],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.rows.len(), 2);
 }
 
 #[tokio::test]
