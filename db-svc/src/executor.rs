@@ -670,7 +670,8 @@ impl Executor {
                         ));
                     }
                     Either::Right(row) => {
-                        let row = decoder.decode(&row)?;
+                        // A result column without a mapping is the statement's doing.
+                        let row = decoder.decode(&row).map_err(|e| e.within("sql."))?;
                         // Rows are counted above; their size too (`repeat()` makes any size).
                         bytes += prost::Message::encoded_len(&row) + 8;
                         if bytes > self.limits.max_response_bytes {

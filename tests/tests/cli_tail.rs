@@ -394,6 +394,37 @@ async fn generate_fails_when_events_are_not_delivered() {
     );
 }
 
+/// A `--where` that no followed event could satisfy exits 1 at once with one sentence (it
+/// used to wait for ever, showing nothing), before any connection is tried.
+#[tokio::test]
+async fn tail_refuses_a_condition_no_event_could_satisfy() {
+    let nobody = format!("127.0.0.1:{}", free_port());
+    for (cond, says) in [
+        ("agentname=a", "no 'actions' event has a field 'agentname'"),
+        (
+            "duration_ms>abc",
+            "'duration_ms' is a number, so 'abc' can never compare with it",
+        ),
+    ] {
+        let out = omnibus(&[
+            "--consumer-addr",
+            &nobody,
+            "tail",
+            "actions",
+            "--where",
+            cond,
+        ])
+        .await
+        .unwrap();
+        assert_eq!(out.code, Some(1), "{cond}: {out:?}");
+        assert!(out.stderr.contains(says), "{cond}: {out:?}");
+        assert!(
+            !out.stderr.contains("not reachable"),
+            "checked first: {out:?}"
+        );
+    }
+}
+
 /// `tail -n 0` shows nothing and exits 0 at once, even while events are buffered.
 #[tokio::test]
 async fn tail_with_a_count_of_zero_shows_nothing() {

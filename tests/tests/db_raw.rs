@@ -201,7 +201,7 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
 }
 
 /// A raw result is bounded by bytes as well as rows: one that would not fit in a response
-/// fails while it is read, instead of filling memory first.
+/// fails while it is read, instead of filling memory first. Result problems name `sql`.
 #[tokio::test]
 async fn a_raw_result_larger_than_a_response_fails_naming_sql() {
     let mut s = DbSvc::start(&["--max-send-message-size", "1MiB"]).await;
@@ -227,6 +227,18 @@ async fn a_raw_result_larger_than_a_response_fails_naming_sql() {
         .unwrap()
         .into_inner();
     assert_eq!(reply.rows.len(), 2);
+    // A result column of a type without a mapping is the statement's: named on `sql`.
+    let err = s
+        .client
+        .execute_raw(raw("SELECT interval '1 hour' AS age", vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(error_details(&err).1, vec!["sql"], "{err:?}");
+    assert!(
+        err.message().contains("column age has unsupported type"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]

@@ -48,6 +48,97 @@ fn parse_where(raw: &str) -> std::result::Result<Condition, String> {
     filter::parse_condition(raw).map_err(|e| e.to_string())
 }
 
+/// The messages `kind` follows (proto full names).
+fn followed(kind: Kind) -> &'static [&'static str] {
+    const ACTION: &str = "omnibus.consumer.v1.AgentAction";
+    const ROUTING: &str = "omnibus.consumer.v1.RoutingDecision";
+    const TRANSFORMATION: &str = "omnibus.consumer.v1.Transformation";
+    const PERFORMANCE: &str = "omnibus.consumer.v1.PerformanceMetric";
+    const METRICS: &str = "omnibus.consumer.v1.AgentMetrics";
+    const STATUS: &str = "omnibus.consumer.v1.ConsumerStatus";
+    match kind {
+        Kind::Actions => &[ACTION],
+        Kind::Routing => &[ROUTING],
+        Kind::Transformations => &[TRANSFORMATION],
+        Kind::Performance => &[PERFORMANCE],
+        Kind::Metrics => &[METRICS],
+        Kind::All => &[
+            ACTION,
+            ROUTING,
+            TRANSFORMATION,
+            PERFORMANCE,
+            METRICS,
+            STATUS,
+        ],
+    }
+}
+
+/// Refuses a condition that no followed event could satisfy - a field none of them has, or
+/// an order comparison of a numeric field with something that is not a number - since tail
+/// would then wait for ever, showing nothing.
+pub fn check_conditions(kind: Kind, conditions: &[Condition]) -> std::result::Result<(), String> {
+    use prost_reflect::Kind as K;
+    let messages: Vec<_> = followed(kind)
+        .iter()
+        .filter_map(|name| omnibus_proto::json::message_descriptor(name).ok())
+        .collect();
+    let what = kind
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string());
+    for c in conditions {
+        if c.column == "agent" {
+            continue; // whichever agent field an event has
+        }
+        let fields: Vec<_> = messages
+            .iter()
+            .filter_map(|m| m.get_field_by_name(&c.column))
+            .collect();
+        if fields.is_empty() {
+            let mut names: Vec<String> = messages
+                .iter()
+                .flat_map(|m| m.fields().map(|f| f.name().to_string()))
+                .collect();
+            names.sort();
+            names.dedup();
+            return Err(format!(
+                "no '{what}' event has a field '{}'; they have: agent, {}",
+                c.column,
+                names.join(", ")
+            ));
+        }
+        let numeric = fields.iter().all(|f| {
+            !f.is_list()
+                && matches!(
+                    f.kind(),
+                    K::Double
+                        | K::Float
+                        | K::Int32
+                        | K::Int64
+                        | K::Uint32
+                        | K::Uint64
+                        | K::Sint32
+                        | K::Sint64
+                        | K::Fixed32
+                        | K::Fixed64
+                        | K::Sfixed32
+                        | K::Sfixed64
+                )
+        });
+        let ordered = matches!(c.op, Op::Gt | Op::Gte | Op::Lt | Op::Lte);
+        if numeric
+            && ordered
+            && let Some(v) = c.values.first()
+            && (v.quoted || v.text.trim().parse::<f64>().is_err())
+        {
+            return Err(format!(
+                "'{}' is a number, so '{}' can never compare with it",
+                c.column, v.text
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The Subscribe request for `kind`, with the conditions consumer-svc can apply itself pushed
 /// down (the rest, and these again, are checked here).
 pub fn request(
@@ -202,6 +293,7 @@ pub fn human_line(kind: &str, e: &Map<String, Value>) -> String {
 }
 
 pub async fn run(cli: &Cli, args: &TailArgs, format: Format) -> Result<ExitCode> {
+    check_conditions(args.kind, &args.conditions).map_err(Fail)?;
     // Fail fast with one sentence when consumer-svc is not there at all.
     connect(Svc::Consumer, &cli.consumer_addr).await?;
     if args.count == Some(0) {
@@ -316,6 +408,54 @@ mod tests {
         assert!(r.first_time("c"));
         assert!(r.first_time("a"), "a left the window");
         assert!(!r.first_time("c"));
+    }
+
+    #[test]
+    fn conditions_no_followed_event_could_satisfy_are_refused() {
+        let conds = |list: &[&str]| -> Vec<Condition> {
+            list.iter()
+                .map(|e| filter::parse_condition(e).unwrap())
+                .collect()
+        };
+        for (kind, ok) in [
+            (
+                Kind::Actions,
+                &["agent=a", "agent_name=a", "duration_ms>5", "success=true"][..],
+            ),
+            (
+                Kind::Routing,
+                &["selected_agent=a", "confidence_score>=0.5"],
+            ),
+            (
+                Kind::All,
+                &["agent_name=a", "selected_agent=b", "events_processed>1"],
+            ),
+            (Kind::Metrics, &["total_requests>3", "agent=x"]),
+        ] {
+            assert_eq!(
+                check_conditions(kind, &conds(ok)),
+                Ok(()),
+                "{kind:?} {ok:?}"
+            );
+        }
+        let e = check_conditions(Kind::Actions, &conds(&["agentname=a"])).unwrap_err();
+        assert!(
+            e.starts_with("no 'actions' event has a field 'agentname'"),
+            "{e}"
+        );
+        assert!(e.contains("agent_name"), "{e}");
+        assert!(check_conditions(Kind::Routing, &conds(&["agent_name=a"])).is_err());
+        let e = check_conditions(Kind::Actions, &conds(&["duration_ms>abc"])).unwrap_err();
+        assert_eq!(
+            e,
+            "'duration_ms' is a number, so 'abc' can never compare with it"
+        );
+        assert!(check_conditions(Kind::Actions, &conds(&["duration_ms>'5'"])).is_err());
+        // Equality with text is left alone (it simply never holds for a number).
+        assert_eq!(
+            check_conditions(Kind::Actions, &conds(&["duration_ms=x"])),
+            Ok(())
+        );
     }
 
     #[test]
