@@ -889,10 +889,26 @@ async fn set_statement_timeout(
     Ok(())
 }
 
-/// A little less than `left` (a tenth, at most 50 ms): db-svc gives up first, so the caller
-/// still receives its answer (DEADLINE_EXCEEDED, code TIMEOUT) rather than its own cancellation.
+/// A little less than `left` (a tenth, at most 250 ms): db-svc gives up first, so the caller
+/// still receives its answer (DEADLINE_EXCEEDED, code TIMEOUT) rather than its own
+/// cancellation. The margin covers PostgreSQL's error, db-svc's reply and the way back on a
+/// busy machine (50 ms did not, on CI's two shared cores).
 fn before_the_caller(left: Duration) -> Duration {
-    left.saturating_sub((left / 10).min(Duration::from_millis(50)))
+    left.saturating_sub((left / 10).min(Duration::from_millis(250)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn db_svc_gives_up_a_tenth_before_the_caller_at_most_250_ms() {
+        let ms = Duration::from_millis;
+        assert_eq!(before_the_caller(ms(500)), ms(450));
+        assert_eq!(before_the_caller(ms(2500)), ms(2250));
+        assert_eq!(before_the_caller(Duration::from_secs(60)), ms(59_750));
+        assert_eq!(before_the_caller(Duration::ZERO), Duration::ZERO);
+    }
 }
 
 /// `timeout` in PostgreSQL's terms: whole milliseconds, at most its largest setting (~24.8

@@ -15,9 +15,9 @@
 //! waited is dropped before the statement is built. Tables whose rules or BEFORE INSERT
 //! triggers may skip rows never share statements (their RETURNING rows cannot be matched up).
 //! The catalog shows such a trigger only once it reads the table again, so a shared statement
-//! runs in a transaction of its own: if its rows do not match its inserts one for one (or
-//! cannot be read back), it is rolled back, the table is read again (its later inserts run
-//! alone), and its inserts run one by one.
+//! checks its own result: one that would insert fewer rows than it was given fails (and, one
+//! statement, writes nothing); the table is read again (its later inserts run alone), and its
+//! inserts run one by one.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -145,7 +145,13 @@ impl InsertCoalescer {
             // Every insert would fail alike. (Not a timeout: most likely one row waited on
             // another transaction's lock; alone, the others go through and only that one
             // waits again.)
-            Err(Shared::Refused(e @ DbError::Unavailable(_))) | Err(Shared::Unknown(e)) => {
+            Err(Shared::Refused(e @ DbError::Unavailable(_))) => {
+                for waiter in batch {
+                    let _ = waiter.reply.send(Err(e.clone()));
+                }
+            }
+            Err(Shared::Written(e)) => {
+                tracing::error!(table = %table.name, error = %e, "shared insert");
                 for waiter in batch {
                     let _ = waiter.reply.send(Err(e.clone()));
                 }
@@ -157,7 +163,7 @@ impl InsertCoalescer {
                 // again, so that its next inserts do not share (`can_share`).
                 tracing::warn!(
                     table = %table.name, error = %e,
-                    "shared insert rolled back; its inserts run alone"
+                    "shared insert refused itself (it would skip rows); its inserts run alone"
                 );
                 if let Err(e) = self
                     .catalog
@@ -171,8 +177,10 @@ impl InsertCoalescer {
         }
     }
 
-    /// Runs the inserts of `parts` (of `counts` rows each) as one statement in a transaction,
-    /// committed only once its result is split into one output per insert.
+    /// Runs the inserts of `parts` (of `counts` rows each) as one statement that checks its
+    /// own result (`ops::plan_checked_shared_insert`): one that would insert fewer rows than it was
+    /// given fails, and being one statement, writes nothing. No transaction of its own: its
+    /// BEGIN and COMMIT round trips cost about a tenth of the shared inserts' throughput.
     async fn execute_shared(
         &self,
         table: &TableInfo,
@@ -180,39 +188,23 @@ impl InsertCoalescer {
         counts: &[usize],
         count_only: bool,
     ) -> Result<Vec<OpOutput>, Shared> {
-        let plan = ops::plan_shared_insert(table, parts, count_only).map_err(Shared::Refused)?;
-        let mut tx = self
-            .pool
-            .begin()
+        let plan =
+            ops::plan_checked_shared_insert(table, parts, count_only).map_err(Shared::Refused)?;
+        let written = crate::executor::execute_write(&self.pool, &plan, count_only, None)
             .await
-            .map_err(|e| Shared::Refused(e.into()))?;
-        // Inserts return at most the rows they were given. (On an error the dropped
-        // transaction rolls back.)
-        let written = crate::executor::execute_write(&mut *tx, &plan, count_only, None)
-            .await
-            .map_err(Shared::Refused)?;
-        let outputs = match written
+            .map_err(|e| {
+                if ops::is_shared_insert_mismatch(&e) {
+                    Shared::Unmatched(e)
+                } else {
+                    Shared::Refused(e)
+                }
+            })?;
+        // It ran and committed: whatever fails from here on is everyone's answer, never a
+        // reason to insert again.
+        written
             .decode()
             .and_then(|output| split_output(output, counts, count_only))
-        {
-            Ok(outputs) => outputs,
-            Err(e) => {
-                // Never committed, whether the ROLLBACK gets through or the connection dies.
-                if let Err(rollback) = tx.rollback().await {
-                    tracing::warn!(error = %rollback, "rolling back a shared insert");
-                }
-                return Err(Shared::Unmatched(e));
-            }
-        };
-        tx.commit().await.map_err(|e| match e {
-            // PostgreSQL answered (a deferred constraint failed, say): rolled back.
-            sqlx::Error::Database(_) => Shared::Refused(e.into()),
-            // Not UNAVAILABLE, which invites a retry that could write the rows twice.
-            e => Shared::Unknown(DbError::Database(format!(
-                "the shared insert's COMMIT got no answer ({e}): the row may have been written"
-            ))),
-        })?;
-        Ok(outputs)
+            .map_err(Shared::Written)
     }
 
     /// Runs each insert of a shared statement that wrote nothing alone, for its own outcome.
@@ -235,11 +227,12 @@ impl InsertCoalescer {
 enum Shared {
     /// PostgreSQL refused it (or it never reached PostgreSQL): nothing was written.
     Refused(DbError),
-    /// It ran, but its result could not be handed out one output per insert (fewer rows than
-    /// given, rows that cannot be read): rolled back, nothing was written.
+    /// It refused itself: it would have inserted fewer rows than it was given, so its rows
+    /// could not be matched to their inserts. Nothing was written.
     Unmatched(DbError),
-    /// Whether it committed is unknown.
-    Unknown(DbError),
+    /// It was written, but its rows cannot be read back (a column retyped behind db-svc's
+    /// back): every insert in it gets the error.
+    Written(DbError),
 }
 
 /// What an insert adds to a shared statement: its bound values, or its rows when they bind

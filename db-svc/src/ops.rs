@@ -941,6 +941,47 @@ pub fn plan_shared_insert(
     parts: impl IntoIterator<Item = InsertValues>,
     count_only: bool,
 ) -> Result<Plan, DbError> {
+    let (columns, rows) = shared_rows(parts)?;
+    let mut b = Builder::new();
+    push_insert(&mut b, table, &columns, rows);
+    returning(&mut b, table, count_only);
+    b.finish_within_limit("rows")
+}
+
+/// [`plan_shared_insert`] for inserts that really share it: a statement that fails itself
+/// unless it inserts one row per row given. The INSERT is a data-modifying CTE whose rows are
+/// selected only when its count matches; otherwise the cast of a message to boolean fails the
+/// statement, which, being one statement, then writes nothing (a rule or a trigger that skips
+/// rows would leave rows that cannot be matched to their inserts). The cast depends on
+/// count(*), so it is not folded at plan time; the CTE scan keeps RETURNING's order.
+pub fn plan_checked_shared_insert(
+    table: &TableInfo,
+    parts: impl IntoIterator<Item = InsertValues>,
+    count_only: bool,
+) -> Result<Plan, DbError> {
+    let (columns, rows) = shared_rows(parts)?;
+    let n = rows.len();
+    let mut b = Builder::new();
+    b.push("WITH omnibus_shared_insert AS (");
+    push_insert(&mut b, table, &columns, rows);
+    if count_only {
+        b.push(" RETURNING 1) SELECT 1 FROM omnibus_shared_insert");
+    } else {
+        returning(&mut b, table, false);
+        b.push(") SELECT omnibus_shared_insert.* FROM omnibus_shared_insert");
+    }
+    b.push(&format!(
+        " WHERE (SELECT CASE WHEN count(*) = {n} THEN true ELSE \
+         ('{SHARED_INSERT_MISMATCH} of {n} rows would insert ' || count(*))::boolean END \
+         FROM omnibus_shared_insert)"
+    ));
+    b.finish_within_limit("rows")
+}
+
+/// The columns and rows of inserts that share a statement (all with the same columns).
+fn shared_rows(
+    parts: impl IntoIterator<Item = InsertValues>,
+) -> Result<(Vec<String>, Vec<Vec<Cell>>), DbError> {
     let mut parts = parts.into_iter().peekable();
     let columns = match parts.peek() {
         Some(first) => first.columns.clone(),
@@ -956,10 +997,19 @@ pub fn plan_shared_insert(
         rows.extend(part.rows);
     }
     one_default_row(&columns, rows.len())?;
-    let mut b = Builder::new();
-    push_insert(&mut b, table, &columns, rows);
-    returning(&mut b, table, count_only);
-    b.finish_within_limit("rows")
+    Ok((columns, rows))
+}
+
+/// The start of the message of a shared insert that refused itself ([`plan_checked_shared_insert`]).
+const SHARED_INSERT_MISMATCH: &str = "omnibus: a shared insert";
+
+/// Whether `e` is a shared insert refusing itself: it would have inserted fewer rows than it
+/// was given (a rule or a trigger that skips rows).
+pub fn is_shared_insert_mismatch(e: &DbError) -> bool {
+    let message = e.to_string();
+    // A rule created since the table was read: PostgreSQL refuses rules on an INSERT in WITH.
+    message.contains(SHARED_INSERT_MISMATCH)
+        || message.contains("rules are not supported for data-modifying statements in WITH")
 }
 
 /// UPDATE ... SET ... WHERE ... RETURNING. The filter must hold at least one condition.
@@ -1374,6 +1424,50 @@ pub(crate) mod tests {
              VALUES ($1, $2, now(), now()), ($3, DEFAULT, now(), now())"
         );
         assert_eq!(plan.params.len(), 3);
+    }
+
+    /// Inserts that really share a statement get one that fails itself unless it inserts a
+    /// row per row given; values stay bound.
+    #[test]
+    fn a_checked_shared_insert_counts_its_rows() {
+        let spec = |agent: &str, count_only| InsertSpec {
+            table: "agent_actions".into(),
+            rows: vec![row(json!({"agent_name": agent}))],
+            count_only,
+        };
+        let parts = |count_only| {
+            ["a", "b", "c"].map(|a| InsertValues::new(&actions(), &spec(a, count_only)).unwrap())
+        };
+        let plan = plan_checked_shared_insert(&actions(), parts(true), true).unwrap();
+        assert_eq!(
+            plan.sql,
+            "WITH omnibus_shared_insert AS (INSERT INTO \"agent_actions\" \
+             (\"agent_name\", \"created_at\", \"updated_at\") \
+             VALUES ($1, now(), now()), ($2, now(), now()), ($3, now(), now()) RETURNING 1) \
+             SELECT 1 FROM omnibus_shared_insert WHERE (SELECT CASE WHEN count(*) = 3 THEN true \
+             ELSE ('omnibus: a shared insert of 3 rows would insert ' || count(*))::boolean END \
+             FROM omnibus_shared_insert)"
+        );
+        assert_eq!(plan.params.len(), 3);
+        let plan = plan_checked_shared_insert(&actions(), parts(false), false).unwrap();
+        let plain = plan_shared_insert(&actions(), parts(false), false).unwrap();
+        assert!(
+            plan.sql
+                .starts_with(&format!("WITH omnibus_shared_insert AS ({})", plain.sql))
+        );
+        assert!(
+            plan.sql
+                .contains(") SELECT omnibus_shared_insert.* FROM omnibus_shared_insert")
+        );
+        assert!(is_shared_insert_mismatch(&DbError::field(
+            "",
+            "invalid input syntax for type boolean: \"omnibus: a shared insert of 3 rows would \
+             insert 2\""
+        )));
+        assert!(!is_shared_insert_mismatch(&DbError::field(
+            "rows[0].x",
+            "too long"
+        )));
     }
 
     #[test]

@@ -661,7 +661,8 @@ async fn deadline_becomes_the_statement_timeout() {
         table: "agent_actions".into(),
         ..Default::default()
     });
-    request.set_timeout(Duration::from_millis(500));
+    // Long enough that db-svc's margin (a tenth, here 250 ms) covers a busy machine's reply.
+    request.set_timeout(Duration::from_millis(2500));
     let started = Instant::now();
     let err = s.client.count(request).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
@@ -670,7 +671,7 @@ async fn deadline_becomes_the_statement_timeout() {
         "TIMEOUT",
         "PostgreSQL's statement timeout fired"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(10));
 
     // PostgreSQL itself gave up on the statement (no waiting query left behind), long before
     // the 120 s default would have.
