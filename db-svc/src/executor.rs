@@ -897,20 +897,6 @@ fn before_the_caller(left: Duration) -> Duration {
     left.saturating_sub((left / 10).min(Duration::from_millis(250)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn db_svc_gives_up_a_tenth_before_the_caller_at_most_250_ms() {
-        let ms = Duration::from_millis;
-        assert_eq!(before_the_caller(ms(500)), ms(450));
-        assert_eq!(before_the_caller(ms(2500)), ms(2250));
-        assert_eq!(before_the_caller(Duration::from_secs(60)), ms(59_750));
-        assert_eq!(before_the_caller(Duration::ZERO), Duration::ZERO);
-    }
-}
-
 /// `timeout` in PostgreSQL's terms: whole milliseconds, at most its largest setting (~24.8
 /// days, i32::MAX ms) - a longer gRPC deadline must not make the statement fail.
 pub fn statement_timeout_ms(timeout: Duration) -> u128 {
@@ -1212,4 +1198,18 @@ async fn raw_params(
             to_param(*ty, value).map_err(|e| e.within(&format!("params[{i}]")))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn db_svc_gives_up_a_tenth_before_the_caller_at_most_250_ms() {
+        let ms = Duration::from_millis;
+        assert_eq!(before_the_caller(ms(500)), ms(450));
+        assert_eq!(before_the_caller(ms(2500)), ms(2250));
+        assert_eq!(before_the_caller(Duration::from_secs(60)), ms(59_750));
+        assert_eq!(before_the_caller(Duration::ZERO), Duration::ZERO);
+    }
 }
