@@ -1232,12 +1232,9 @@ mod tests {
         }
     }
 
-    /// After a `StreamAgentMetrics` lag notice (which carries every agent's current figures),
-    /// figures published before it and still queued for the stream are not pushed: they are
-    /// older than the notice's.
-    #[tokio::test]
-    async fn a_metrics_lag_notice_is_not_followed_by_older_figures() {
-        use futures::FutureExt;
+    /// An API whose subscribers' queues hold one batch (the second publish in a row makes
+    /// them lag), over a state where agent `a` made one routing decision.
+    fn lagging_api() -> ConsumerApi {
         let now = now_micros();
         let mut state = State::new(Default::default());
         let decision = events::parse(
@@ -1247,8 +1244,28 @@ mod tests {
         )
         .expect("a valid decision");
         state.apply(&decision, now);
-        let mut api = api_over(state);
-        api.hub = Arc::new(Hub::new(100, 1));
+        ConsumerApi {
+            hub: Arc::new(Hub::new(100, 1)),
+            ..api_over(state)
+        }
+    }
+
+    /// An agent-metrics update with `total` requests.
+    fn metrics_update(agent: &str, total: u64) -> UpdateKind {
+        UpdateKind::AgentMetrics(Arc::new(pb::AgentMetrics {
+            agent: agent.into(),
+            total_requests: total,
+            ..Default::default()
+        }))
+    }
+
+    /// After a `StreamAgentMetrics` lag notice (which carries every agent's current figures),
+    /// figures published before it and still queued for the stream are not pushed: they are
+    /// older than the notice's.
+    #[tokio::test]
+    async fn a_metrics_lag_notice_is_not_followed_by_older_figures() {
+        use futures::FutureExt;
+        let api = lagging_api();
         let mut stream = api
             .stream_agent_metrics(Request::new(pb::StreamAgentMetricsRequest::default()))
             .await
@@ -1260,13 +1277,7 @@ mod tests {
             .expect("a first push")
             .expect("no error");
         assert_eq!(first.agents.len(), 1);
-        let m = |agent: &str, total: u64| {
-            UpdateKind::AgentMetrics(Arc::new(pb::AgentMetrics {
-                agent: agent.into(),
-                total_requests: total,
-                ..Default::default()
-            }))
-        };
+        let m = metrics_update;
         // A queue of one batch: the first two are dropped, the third is kept for after the
         // notice, and it was published before the notice's figures were read.
         api.hub.publish([m("a", 5)]);
@@ -1300,30 +1311,14 @@ mod tests {
     async fn a_subscribe_lag_notice_is_followed_by_current_metrics_and_status() {
         use futures::FutureExt;
         use pb::subscribe_response::Update as U;
-        let now = now_micros();
-        let mut state = State::new(Default::default());
-        let decision = events::parse(
-            EventKind::RoutingDecision,
-            br#"{"id":"1","selected_agent":"a","routing_time_ms":5}"#,
-            now,
-        )
-        .expect("a valid decision");
-        state.apply(&decision, now);
-        let mut api = api_over(state);
-        api.hub = Arc::new(Hub::new(100, 1));
+        let api = lagging_api();
         let mut stream = api
             .subscribe_stream(pb::SubscribeRequest {
                 channels: vec![pb::Channel::Metrics as i32, pb::Channel::System as i32],
                 ..Default::default()
             })
             .expect("a valid request");
-        let m = |agent: &str, total: u64| {
-            UpdateKind::AgentMetrics(Arc::new(pb::AgentMetrics {
-                agent: agent.into(),
-                total_requests: total,
-                ..Default::default()
-            }))
-        };
+        let m = metrics_update;
         api.hub.publish([m("a", 5)]);
         api.hub.publish([m("b", 1)]);
         api.hub.publish([m("a", 6)]);
