@@ -1007,9 +1007,11 @@ const SHARED_INSERT_MISMATCH: &str = "omnibus: a shared insert";
 /// was given (a rule or a trigger that skips rows).
 pub fn is_shared_insert_mismatch(e: &DbError) -> bool {
     let message = e.to_string();
-    // A rule created since the table was read: PostgreSQL refuses rules on an INSERT in WITH.
+    // A rule created since the table was read: PostgreSQL refuses rules on an INSERT in WITH
+    // (a DO ALSO rule), or RETURNING from a table with a DO INSTEAD rule.
     message.contains(SHARED_INSERT_MISMATCH)
         || message.contains("rules are not supported for data-modifying statements in WITH")
+        || message.contains("cannot perform INSERT RETURNING on relation")
 }
 
 /// UPDATE ... SET ... WHERE ... RETURNING. The filter must hold at least one condition.

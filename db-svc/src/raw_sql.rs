@@ -93,7 +93,10 @@ fn forbidden_function(name: &str) -> bool {
         "inet_server_port",
         "current_database",
     ];
-    PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
+    // `regclass('t')` and the like: the lookup types called as functions.
+    PREFIXES.iter().any(|p| name.starts_with(p))
+        || NAMES.contains(&name)
+        || LOOKUP_TYPES.contains(&name)
 }
 
 fn last_part(name: &ObjectName) -> String {
@@ -123,16 +126,17 @@ fn is_bare_only(name: &ObjectName) -> bool {
         .any(|i| i.quote_style.is_none() && i.value.eq_ignore_ascii_case("only"))
 }
 
-/// Refuses text that sqlparser and PostgreSQL split into tokens differently. PostgreSQL ends
-/// an operator where `--` or `/*` starts (a comment); sqlparser's PostgreSQL dialect reads
-/// `>--` as one operator, so what follows - for PostgreSQL a comment, then more SQL on the
-/// next line - could be a string literal to the guard, and SQL it never checked would run.
+/// Refuses text that sqlparser and PostgreSQL split into tokens differently. If the two
+/// disagree on where a string, a quoted identifier or a comment starts, what is a string to
+/// the guard could be SQL to PostgreSQL, and SQL it never checked would run. Known cases:
+/// PostgreSQL ends an operator where `--` or `/*` starts, sqlparser reads `>--` as one
+/// operator; sqlparser reads `?` with the character after it (`?'` hides a quote).
 fn same_tokens_as_postgres(sql: &str) -> Result<(), DbError> {
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
-        .tokenize()
+        .tokenize_with_location()
         .map_err(|e| reject(format!("cannot parse SQL: {e}")))?;
-    for token in &tokens {
-        if let Token::CustomBinaryOperator(op) = token
+    for t in &tokens {
+        if let Token::CustomBinaryOperator(op) = &t.token
             && (op.contains("--") || op.contains("/*"))
         {
             return Err(reject(format!(
@@ -141,7 +145,174 @@ fn same_tokens_as_postgres(sql: &str) -> Result<(), DbError> {
             )));
         }
     }
+    let chars: Vec<char> = sql.chars().collect();
+    // Char index of each line's start (sqlparser's locations are 1-based lines and columns).
+    let mut line_starts = vec![0];
+    line_starts.extend(
+        chars
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c == '\n')
+            .map(|(i, _)| i + 1),
+    );
+    let parser_starts: Vec<usize> = tokens
+        .iter()
+        .filter(|t| is_literal_or_comment(&t.token))
+        .filter_map(|t| {
+            let line = usize::try_from(t.span.start.line).ok()?.checked_sub(1)?;
+            let column = usize::try_from(t.span.start.column).ok()?.checked_sub(1)?;
+            Some(line_starts.get(line)? + column)
+        })
+        .collect();
+    if parser_starts != postgres_literal_starts(&chars) {
+        return Err(reject(
+            "the SQL parser and PostgreSQL would read this text differently (where a string, \
+             a quoted name or a comment starts); put spaces around operators next to quotes \
+             or comments",
+        ));
+    }
     Ok(())
+}
+
+/// A string literal, a quoted identifier or a comment.
+fn is_literal_or_comment(token: &Token) -> bool {
+    use sqlparser::tokenizer::Whitespace;
+    match token {
+        Token::Word(w) => w.quote_style.is_some(),
+        Token::Whitespace(w) => matches!(
+            w,
+            Whitespace::SingleLineComment { .. } | Whitespace::MultiLineComment(_)
+        ),
+        Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_)
+        | Token::TripleSingleQuotedString(_)
+        | Token::TripleDoubleQuotedString(_)
+        | Token::DollarQuotedString(_)
+        | Token::SingleQuotedByteStringLiteral(_)
+        | Token::DoubleQuotedByteStringLiteral(_)
+        | Token::TripleSingleQuotedByteStringLiteral(_)
+        | Token::TripleDoubleQuotedByteStringLiteral(_)
+        | Token::SingleQuotedRawStringLiteral(_)
+        | Token::DoubleQuotedRawStringLiteral(_)
+        | Token::TripleSingleQuotedRawStringLiteral(_)
+        | Token::TripleDoubleQuotedRawStringLiteral(_)
+        | Token::NationalStringLiteral(_)
+        | Token::EscapedStringLiteral(_)
+        | Token::UnicodeStringLiteral(_)
+        | Token::HexStringLiteral(_) => true,
+        _ => false,
+    }
+}
+
+/// Where strings, quoted identifiers and comments start in `sql`, as PostgreSQL's lexer reads
+/// it (standard_conforming_strings on): `'...'` (`''` inside), `E'...'` (backslash escapes),
+/// `B'...'` / `X'...'` / `N'...'` / `U&'...'` from their prefix, `$tag$...$tag$`, `"..."`
+/// (`""` inside) and `U&"..."`, `--` to the end of the line, nested `/* */`.
+fn postgres_literal_starts(sql: &[char]) -> Vec<usize> {
+    let ident = |c: char| c.is_alphanumeric() || c == '_' || c == '$' || !c.is_ascii();
+    let at = |i: usize| sql.get(i).copied();
+    // Past a quoted run whose opening quote is just before `i`, closed by `quote` (doubled
+    // inside), with backslash escapes when `escapes`.
+    let close = |mut i: usize, quote: char, escapes: bool| {
+        while let Some(c) = at(i) {
+            if escapes && c == '\\' {
+                i += 2;
+            } else if c == quote {
+                if at(i + 1) == Some(quote) {
+                    i += 2;
+                } else {
+                    return i + 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        i
+    };
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while let Some(c) = at(i) {
+        let next = at(i + 1);
+        match c {
+            '-' if next == Some('-') => {
+                starts.push(i);
+                while at(i).is_some_and(|c| c != '\n' && c != '\r') {
+                    i += 1;
+                }
+            }
+            '/' if next == Some('*') => {
+                starts.push(i);
+                let mut depth = 0;
+                while let Some(c) = at(i) {
+                    if c == '/' && at(i + 1) == Some('*') {
+                        depth += 1;
+                        i += 2;
+                    } else if c == '*' && at(i + 1) == Some('/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            '\'' | '"' => {
+                starts.push(i);
+                i = close(i + 1, c, false);
+            }
+            '$' if next.is_some_and(|n| n.is_ascii_digit()) => {
+                i += 1;
+                while at(i).is_some_and(|c| c.is_ascii_digit()) {
+                    i += 1;
+                }
+            }
+            '$' => {
+                // `$tag$` (tag: an identifier without `$`, or empty) opens a dollar quote.
+                let mut end = i + 1;
+                while at(end).is_some_and(|c| c != '$' && ident(c)) {
+                    end += 1;
+                }
+                if at(end) == Some('$') {
+                    let tag: Vec<char> = sql[i..=end].to_vec();
+                    starts.push(i);
+                    let mut j = end + 1;
+                    i = loop {
+                        match sql.get(j..j + tag.len()) {
+                            Some(window) if window == tag.as_slice() => break j + tag.len(),
+                            Some(_) => j += 1,
+                            None => break sql.len(),
+                        }
+                    };
+                } else {
+                    i += 1;
+                }
+            }
+            _ if ident(c) => {
+                // A prefixed string (`E'`, `B'`, `X'`, `N'`, `U&'`, `U&"`) starts at its prefix.
+                let prefixed = match (c.to_ascii_uppercase(), next) {
+                    ('E', Some('\'')) => Some((i + 2, '\'', true)),
+                    ('B' | 'X' | 'N', Some('\'')) => Some((i + 2, '\'', false)),
+                    ('U', Some('&')) => match at(i + 2) {
+                        Some(q @ ('\'' | '"')) => Some((i + 3, q, false)),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some((from, quote, escapes)) = prefixed {
+                    starts.push(i);
+                    i = close(from, quote, escapes);
+                } else {
+                    while at(i).is_some_and(ident) {
+                        i += 1;
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    starts
 }
 
 /// Checks `sql` against the served tables. `allow_writes` is the operator's flag.
@@ -317,10 +488,7 @@ impl Visitor for Guard<'_> {
             }
             // `'t'::regclass` and the like look any relation, type or function up by name.
             Expr::Cast { data_type, .. } | Expr::TypedString(TypedString { data_type, .. })
-                if data_type
-                    .to_string()
-                    .to_ascii_lowercase()
-                    .starts_with("reg") =>
+                if is_lookup_type(&data_type.to_string()) =>
             {
                 ControlFlow::Break(format!(
                     "casts to {data_type} (a catalog lookup by name) are not allowed in raw SQL"
@@ -412,6 +580,28 @@ fn modifies_data(statement: &Statement) -> bool {
     statement.visit(&mut Finder).is_break()
 }
 
+/// The object-identifier types that look catalog objects up by name (and their arrays),
+/// however written: `regclass`, `pg_catalog.regclass`, `"regclass"`, `_regclass`,
+/// `regclass[]`. (`regconfig` and `regdictionary`, which name text search settings, are fine.)
+const LOOKUP_TYPES: [&str; 9] = [
+    "regclass",
+    "regtype",
+    "regproc",
+    "regprocedure",
+    "regoper",
+    "regoperator",
+    "regnamespace",
+    "regrole",
+    "regcollation",
+];
+
+fn is_lookup_type(written: &str) -> bool {
+    let name = written.replace('"', "").to_ascii_lowercase();
+    let name = name.rsplit('.').next().unwrap_or_default();
+    let name = name.trim_end_matches("[]").trim_start_matches('_');
+    LOOKUP_TYPES.contains(&name)
+}
+
 fn only_refused() -> String {
     "ONLY is not supported in raw SQL (name the table alone; served tables have no \
      inheritance children)"
@@ -454,6 +644,13 @@ mod tests {
             "SELECT 1 WHERE 2 !=-- x\n 1",
             "SELECT 1 WHERE 2 > /* x */ 1",
             "SELECT 1 - -1",
+            // Strings, names and comments PostgreSQL and the parser read alike.
+            "SELECT 'it''s', E'it\\'s', $$a 'b' -- c$$, $t$x$t$ AS \"odd \"\"name\"\"\" \
+             FROM agent_actions /* a /* nested */ comment */ WHERE agent_name = $1 -- end",
+            "SELECT id FROM agent_actions WHERE action_details ? 'key' AND action_details ?| \
+             array['a', 'b']",
+            "SELECT to_tsvector('english'::regconfig, agent_name) FROM agent_actions",
+            "SELECT U&'d\\0061t\\+000061' AS u, x'1f' AS h",
         ] {
             assert!(check(sql, &served(), false).is_ok(), "refused: {sql}");
         }
@@ -539,6 +736,15 @@ mod tests {
             // PostgreSQL it is SQL (here reading pg_authid).
             "SELECT 'x' AS a WHERE 2 >-- '\n1 UNION ALL SELECT rolname::text FROM pg_authid --'",
             "SELECT 'x' AS a WHERE 2 </* '\n*/ 1 UNION ALL SELECT rolname::text FROM pg_authid --'",
+            // sqlparser reads `?` with the character after it: `?'` hides a quote from it.
+            "SELECT 'x' AS a WHERE '{}'::jsonb ?'' UNION ALL SELECT rolname::text FROM pg_authid --'",
+            "SELECT 'x' AS a WHERE '{}'::jsonb ?-- '\n'' UNION ALL SELECT rolname::text FROM pg_authid --'",
+            // The lookup types however written, and called as functions.
+            "SELECT i::oid::\"regclass\"::text FROM generate_series(1259, 1262) i",
+            "SELECT 'pg_authid'::pg_catalog.regclass",
+            "SELECT '{pg_authid}'::_regclass",
+            "SELECT regclass('pg_authid')",
+            "SELECT regrole('postgres')",
             // ONLY, which sqlparser reads as a function or a table named `only`.
             "SELECT rolname::text FROM ONLY (pg_authid)",
             "SELECT * FROM agent_actions a, ONLY(pg_class)",

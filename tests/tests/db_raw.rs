@@ -162,6 +162,8 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
         "SELECT rolname::text AS r FROM ONLY (pg_authid)",
         "WITH \"only\" AS (SELECT 1) SELECT * FROM ONLY pg_authid",
         "SELECT to_regclass('pg_authid')::text",
+        "SELECT 'x' AS a WHERE '{}'::jsonb ?'' UNION ALL SELECT rolname::text FROM pg_authid --'",
+        "SELECT regclass('pg_authid')::text",
     ] {
         let err = s.client.execute_raw(raw(sql, vec![])).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");

@@ -30,9 +30,29 @@ pub enum Item {
 pub struct Position {
     /// The last sequence number received (None before the first message).
     pub last: Option<u64>,
+    /// The sequence of a lag notice just received: the current metrics and status that
+    /// follow it carry the same one.
+    lag_notice: Option<u64>,
 }
 
 impl Position {
+    /// Records a `Subscribe` message; false for a duplicate (at or before the position),
+    /// except the refreshed metrics and status that follow a lag notice with its sequence.
+    pub fn accept(&mut self, msg: &pb::SubscribeResponse) -> bool {
+        use pb::subscribe_response::Update as U;
+        if matches!(msg.update, Some(U::Lagged(_))) {
+            let new = self.advance(msg.sequence);
+            self.lag_notice = new.then_some(msg.sequence);
+            return new;
+        }
+        let refresh = matches!(msg.update, Some(U::AgentMetrics(_) | U::ConsumerStatus(_)));
+        if refresh && self.lag_notice == Some(msg.sequence) {
+            return true;
+        }
+        self.lag_notice = None;
+        self.advance(msg.sequence)
+    }
+
     /// Records a message; returns false when it is at or before the position (a duplicate).
     pub fn advance(&mut self, sequence: u64) -> bool {
         match self.last {
@@ -150,7 +170,7 @@ pub async fn follow(addr: String, base: pb::SubscribeRequest, tx: mpsc::Sender<I
                             )))
                             .await;
                     }
-                    if (position.advance(msg.sequence) || is_snapshot(&msg))
+                    if (position.accept(&msg) || is_snapshot(&msg))
                         && tx.send(Item::Update(Box::new(msg))).await.is_err()
                     {
                         return;
@@ -200,6 +220,28 @@ pub fn event_json<T: prost::Message>(full_name: &str, message: &T) -> Map<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refresh_after_a_lag_notice_is_kept_duplicates_are_not() {
+        use pb::subscribe_response::Update as U;
+        let msg = |sequence, update| pb::SubscribeResponse {
+            sequence,
+            update: Some(update),
+        };
+        let metrics = || U::AgentMetrics(pb::AgentMetrics::default());
+        let mut p = Position::default();
+        assert!(p.accept(&msg(5, metrics())));
+        assert!(!p.accept(&msg(5, metrics())), "a duplicate");
+        assert!(p.accept(&msg(9, U::Lagged(pb::Lagged { missed: 3 }))));
+        assert!(p.accept(&msg(9, metrics())), "the refresh after the notice");
+        assert!(p.accept(&msg(9, U::ConsumerStatus(Default::default()))));
+        assert!(p.accept(&msg(10, metrics())));
+        assert!(
+            !p.accept(&msg(9, metrics())),
+            "no longer right after the notice"
+        );
+        assert_eq!(p.last, Some(10));
+    }
 
     #[test]
     fn positions_drop_duplicates_after_a_resume() {

@@ -128,7 +128,7 @@ pub fn check_conditions(kind: Kind, conditions: &[Condition]) -> std::result::Re
         if numeric
             && ordered
             && let Some(v) = c.values.first()
-            && (v.quoted || v.text.trim().parse::<f64>().is_err())
+            && v.text.trim().parse::<f64>().is_err()
         {
             return Err(format!(
                 "'{}' is a number, so '{}' can never compare with it",
@@ -450,7 +450,11 @@ mod tests {
             e,
             "'duration_ms' is a number, so 'abc' can never compare with it"
         );
-        assert!(check_conditions(Kind::Actions, &conds(&["duration_ms>'5'"])).is_err());
+        // Quoted or not, a number compares (as the matcher reads it).
+        assert_eq!(
+            check_conditions(Kind::Actions, &conds(&["duration_ms>'5'"])),
+            Ok(())
+        );
         // Equality with text is left alone (it simply never holds for a number).
         assert_eq!(
             check_conditions(Kind::Actions, &conds(&["duration_ms=x"])),
