@@ -93,10 +93,8 @@ impl ConsumerApi {
             ));
         }
         let filter = Filter {
-            agent: filter_text("agent", r.agent)?,
-            action_type: filter_text("action_type", r.action_type)?,
-            correlation_id: filter_text("correlation_id", r.correlation_id)?,
             min_confidence: r.min_confidence,
+            ..Filter::checked(r.agent, r.action_type, r.correlation_id)?
         };
         // Subscribing and taking the snapshot under the state's read lock: ingest publishes
         // while holding the write lock, so the snapshot holds exactly the updates <= last_seq.
@@ -206,8 +204,8 @@ impl ConsumerApi {
             }))
         };
         if metrics {
-            for m in state.agent_metrics(now_micros(), None, filter.agent.as_deref()) {
-                out.push_back(message(U::AgentMetrics(convert::agent_metrics(&m))));
+            for m in followed_metrics(&state, filter) {
+                out.push_back(message(U::AgentMetrics(m)));
             }
         }
         if system {
@@ -226,11 +224,7 @@ impl ConsumerApi {
         r: pb::StreamActionsRequest,
     ) -> Result<BoxStream<ActionsPush>, Status> {
         self.check_streams()?;
-        let filter = Filter::actions(
-            filter_text("agent", r.agent)?,
-            filter_text("action_type", r.action_type)?,
-            filter_text("correlation_id", r.correlation_id)?,
-        );
+        let filter = Filter::checked(r.agent, r.action_type, r.correlation_id)?;
         let sub = self
             .hub
             .subscribe(None, filter.agent.as_deref())
@@ -456,18 +450,19 @@ struct Filter {
 }
 
 impl Filter {
-    /// The filters of the action reads and streams.
-    fn actions(
+    /// A request's text filters, each at most [`MAX_FILTER_BYTES`] (else INVALID_ARGUMENT
+    /// naming it); no minimum confidence.
+    fn checked(
         agent: Option<String>,
         action_type: Option<String>,
         correlation_id: Option<String>,
-    ) -> Self {
-        Self {
-            agent,
-            action_type,
-            correlation_id,
+    ) -> Result<Self, Status> {
+        Ok(Self {
+            agent: filter_text("agent", agent)?,
+            action_type: filter_text("action_type", action_type)?,
+            correlation_id: filter_text("correlation_id", correlation_id)?,
             min_confidence: None,
-        }
+        })
     }
 
     fn action(&self, a: &crate::events::AgentAction) -> bool {
@@ -557,11 +552,11 @@ impl ConsumerService for ConsumerApi {
     ) -> Result<Response<pb::GetAgentMetricsResponse>, Status> {
         let r = request.into_inner();
         let window = self.window("window", &r.window)?;
-        let agent = filter_text("agent", r.agent)?;
+        let filter = Filter::checked(r.agent, None, None)?;
         let agents = self
             .state
             .read()
-            .agent_metrics(now_micros(), window, agent.as_deref());
+            .agent_metrics(now_micros(), window, filter.agent.as_deref());
         Ok(Response::new(pb::GetAgentMetricsResponse {
             agents: agents.iter().map(convert::agent_metrics).collect(),
         }))
@@ -574,11 +569,7 @@ impl ConsumerService for ConsumerApi {
         let r = request.into_inner();
         let window = self.window("window", &r.window)?;
         let since = window.map_or(Micros::MIN, |w| now_micros() - w);
-        let filter = Filter::actions(
-            filter_text("agent", r.agent)?,
-            filter_text("action_type", r.action_type)?,
-            filter_text("correlation_id", r.correlation_id)?,
-        );
+        let filter = Filter::checked(r.agent, r.action_type, r.correlation_id)?;
         let actions = self
             .state
             .read()
@@ -603,9 +594,8 @@ impl ConsumerService for ConsumerApi {
         }
         let since = window.map_or(Micros::MIN, |w| now_micros() - w);
         let filter = Filter {
-            agent: filter_text("agent", r.agent)?,
             min_confidence: r.min_confidence,
-            ..Default::default()
+            ..Filter::checked(r.agent, None, None)?
         };
         let decisions = self
             .state
@@ -625,10 +615,7 @@ impl ConsumerService for ConsumerApi {
         request: Request<pb::ListTransformationsRequest>,
     ) -> Result<Response<pb::ListTransformationsResponse>, Status> {
         let r = request.into_inner();
-        let filter = Filter {
-            agent: filter_text("agent", r.agent)?,
-            ..Default::default()
-        };
+        let filter = Filter::checked(r.agent, None, None)?;
         let transformations = self
             .state
             .read()
@@ -724,10 +711,7 @@ impl ConsumerService for ConsumerApi {
     ) -> Result<Response<BoxStream<pb::StreamAgentMetricsResponse>>, Status> {
         self.check_streams()?;
         let r = request.into_inner();
-        let filter = Filter {
-            agent: filter_text("agent", r.agent)?,
-            ..Default::default()
-        };
+        let filter = Filter::checked(r.agent, None, None)?;
         // Subscribed and read under one read lock, as Subscribe's snapshot: metrics published
         // after the subscription were computed from this state or a newer one, never older.
         let (sub, initial) = {
@@ -736,11 +720,7 @@ impl ConsumerService for ConsumerApi {
                 .hub
                 .subscribe(None, filter.agent.as_deref())
                 .map_err(|e| Status::internal(e.to_string()))?;
-            let initial: Vec<pb::AgentMetrics> = state
-                .agent_metrics(now_micros(), None, filter.agent.as_deref())
-                .iter()
-                .map(convert::agent_metrics)
-                .collect();
+            let initial = followed_metrics(&state, &filter);
             (sub, initial)
         };
         let follower = Follower::new(sub.live, self.max_push);
@@ -774,11 +754,7 @@ impl ConsumerService for ConsumerApi {
                     // stream, published before, must not follow them with older figures.
                     let state = state.read();
                     superseded = hub.last_seq();
-                    let agents = state
-                        .agent_metrics(now_micros(), None, filter.agent.as_deref())
-                        .iter()
-                        .map(convert::agent_metrics)
-                        .collect();
+                    let agents = followed_metrics(&state, &filter);
                     drop(state);
                     out.extend(metrics_pushes(agents, missed));
                 }
@@ -800,33 +776,39 @@ impl ConsumerService for ConsumerApi {
     }
 }
 
+/// The current metrics of the agents `filter` follows (all without an agent filter).
+fn followed_metrics(state: &State, filter: &Filter) -> Vec<pb::AgentMetrics> {
+    state
+        .agent_metrics(now_micros(), None, filter.agent.as_deref())
+        .iter()
+        .map(convert::agent_metrics)
+        .collect()
+}
+
 /// `agents` as `StreamAgentMetrics` pushes of at most [`crate::wire::MAX_PUSH_BYTES`] each
 /// (every agent's figures, at the start or after a lag notice, can be far more than a
 /// client accepts in one message), the first carrying `lagged`; one push even when empty.
 fn metrics_pushes(
-    agents: Vec<pb::AgentMetrics>,
+    mut agents: Vec<pb::AgentMetrics>,
     lagged: u64,
 ) -> Vec<pb::StreamAgentMetricsResponse> {
-    let mut pushes = vec![pb::StreamAgentMetricsResponse {
-        agents: Vec::new(),
-        lagged,
-    }];
-    let mut len = 0;
-    for m in agents {
-        let n = prost::Message::encoded_len(&m) + 8;
-        let last = pushes.last_mut().expect("one push at least");
-        if len > 0 && len + n > crate::wire::MAX_PUSH_BYTES {
-            pushes.push(pb::StreamAgentMetricsResponse {
-                agents: vec![m],
-                lagged: 0,
-            });
-            len = n;
-        } else {
-            last.agents.push(m);
-            len += n;
-        }
-    }
-    pushes
+    let lens = agents.iter().map(|m| prost::Message::encoded_len(m) + 8);
+    let starts = crate::wire::push_starts(lens, crate::wire::MAX_PUSH_BYTES);
+    let mut groups: Vec<_> = starts
+        .iter()
+        .rev()
+        .map(|&at| agents.split_off(at))
+        .collect();
+    groups.push(agents);
+    groups
+        .into_iter()
+        .rev()
+        .enumerate()
+        .map(|(i, agents)| pb::StreamAgentMetricsResponse {
+            agents,
+            lagged: if i == 0 { lagged } else { 0 },
+        })
+        .collect()
 }
 
 /// Each agent's newest figures, in the order of their last update: a push drained from

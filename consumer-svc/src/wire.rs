@@ -20,7 +20,7 @@ use prost::encoding::{
 
 use crate::convert;
 use crate::events::{AgentAction, Event};
-use crate::hub::{UpdateKind, Updates};
+use crate::hub::{Update, UpdateKind, Updates};
 
 /// `repeated AgentAction actions = 1` and `uint64 lagged = 2` of `StreamActionsResponse`.
 const ACTIONS_FIELD: u32 = 1;
@@ -106,6 +106,32 @@ pub struct ActionsPush {
 /// taking `--max-push` large actions at once, must not be sent one it cannot read.
 pub const MAX_PUSH_BYTES: usize = 1 << 20;
 
+/// Items of encoded lengths `lens`, in order, grouped greedily into pushes of at most `max`
+/// bytes (an item longer than that alone): where each push after the first starts. Items of
+/// length 0 (left out of the push) stay with the push before them.
+pub fn push_starts(lens: impl IntoIterator<Item = usize>, max: usize) -> Vec<usize> {
+    let (mut starts, mut len) = (Vec::new(), 0);
+    for (position, n) in lens.into_iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        if len > 0 && len + n > max {
+            starts.push(position);
+            len = 0;
+        }
+        len += n;
+    }
+    starts
+}
+
+/// The action `u` carries, when `keep` accepts it.
+fn kept<'u>(u: &'u Update, keep: &dyn Fn(&AgentAction) -> bool) -> Option<&'u AgentAction> {
+    match &u.kind {
+        UpdateKind::Event(Event::AgentAction(a)) if keep(a) => Some(&**a),
+        _ => None,
+    }
+}
+
 impl ActionsPush {
     /// The pushes of `updates`: their actions that `keep` accepts, in order, in as few
     /// pushes of at most [`MAX_PUSH_BYTES`] as they fit in (none when `keep` accepts none).
@@ -127,20 +153,11 @@ impl ActionsPush {
         if push.actions_len <= max_bytes {
             return vec![push];
         }
-        // Where each push after the first starts, as positions in `updates`.
-        let (mut starts, mut len) = (Vec::new(), 0);
-        for (position, u) in push.updates.iter().enumerate() {
-            if let UpdateKind::Event(Event::AgentAction(a)) = &u.kind
-                && keep(a)
-            {
-                let n = message_len(ACTIONS_FIELD, action_bytes(a));
-                if len > 0 && len + n > max_bytes {
-                    starts.push(position);
-                    len = 0;
-                }
-                len += n;
-            }
-        }
+        let lens = push
+            .updates
+            .iter()
+            .map(|u| kept(u, &*keep).map_or(0, |a| message_len(ACTIONS_FIELD, action_bytes(a))));
+        let starts = push_starts(lens, max_bytes);
         let mut rest = push.updates;
         let mut pieces: Vec<Updates> = starts.iter().rev().map(|&at| rest.split_off(at)).collect();
         pieces.push(rest);
@@ -188,10 +205,7 @@ impl ActionsPush {
     }
 
     fn iter(&self) -> impl Iterator<Item = &AgentAction> {
-        self.updates.iter().filter_map(|u| match &u.kind {
-            UpdateKind::Event(Event::AgentAction(a)) if (self.keep)(a) => Some(&**a),
-            _ => None,
-        })
+        self.updates.iter().filter_map(|u| kept(u, &*self.keep))
     }
 }
 
@@ -343,6 +357,15 @@ mod tests {
             Some(crate::hub::Next::Updates(u)) => u,
             other => panic!("expected updates, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn pushes_are_filled_greedily_in_order() {
+        assert!(push_starts([], 10).is_empty());
+        assert_eq!(push_starts([4, 4, 4, 4], 10), [2]);
+        // One item longer than the bound goes alone; left-out items (0) stay where they are.
+        assert_eq!(push_starts([3, 0, 20, 0, 0, 3, 3], 10), [2, 5]);
+        assert_eq!(push_starts([0, 0, 11, 11], 10), [3]);
     }
 
     /// Pushes larger than the byte bound are split: every kept action once, in order, each

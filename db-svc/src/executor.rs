@@ -94,6 +94,29 @@ pub type RowBatch = Result<Vec<prost_types::Struct>, DbError>;
 impl Executor {
     /// `reachability` is set by the database probe (see [`crate::db_health`]).
     pub fn new(pool: PgPool, catalog: Catalog, limits: Limits, reachability: Reachability) -> Self {
+        let raw_pool = crate::raw_pool(&pool);
+        Self::on(pool, raw_pool, catalog, limits, reachability)
+    }
+
+    /// An executor with other `limits` on this one's connections, catalog and probe (the
+    /// bus's, for its own raw-SQL policy): no second pool of raw connections.
+    pub fn with_limits(&self, limits: Limits) -> Self {
+        Self::on(
+            self.pool.clone(),
+            self.raw_pool.clone(),
+            self.catalog.clone(),
+            limits,
+            self.reachability.clone(),
+        )
+    }
+
+    fn on(
+        pool: PgPool,
+        raw_pool: PgPool,
+        catalog: Catalog,
+        limits: Limits,
+        reachability: Reachability,
+    ) -> Self {
         let inserts = (limits.coalesce_inserts > 0).then(|| {
             InsertCoalescer::new(
                 pool.clone(),
@@ -105,8 +128,8 @@ impl Executor {
             QueryCoalescer::new(pool.clone(), BatchLimits::queries(limits.coalesce_queries))
         });
         Self {
-            raw_pool: crate::raw_pool(&pool),
             pool,
+            raw_pool,
             catalog,
             limits: Arc::new(limits),
             inserts,
@@ -125,10 +148,6 @@ impl Executor {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
-    }
-
-    pub fn reachability(&self) -> &Reachability {
-        &self.reachability
     }
 
     /// The catalog entry of `name`: a field error if it is not served or does not exist. A

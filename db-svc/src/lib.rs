@@ -158,7 +158,6 @@ async fn purge_request_log(pool: &PgPool, retention: std::time::Duration) {
 /// form) and gets an executor whose raw-SQL write policy is the bus's (SQL form).
 fn start_bus_worker(
     settings: &Settings,
-    pool: &PgPool,
     executor: &Executor,
     api: std::sync::Arc<api::DatabaseApi>,
     shutdown: &Shutdown,
@@ -176,12 +175,7 @@ fn start_bus_worker(
     };
     let handler = bus::Handler {
         api,
-        sql_executor: Executor::new(
-            pool.clone(),
-            executor.catalog().clone(),
-            limits,
-            executor.reachability().clone(),
-        ),
+        sql_executor: executor.with_limits(limits),
         sql_writes: bus.sql_writes,
     };
     let shutdown = shutdown.clone();
@@ -259,7 +253,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             gauge!("db_pool_max_connections").set(f64::from(max));
         }
     });
-    let bus_worker = start_bus_worker(&settings, &pool, &executor, api.clone(), &shutdown);
+    let bus_worker = start_bus_worker(&settings, &executor, api.clone(), &shutdown);
     let scopes = svc_kit::Scopes::new().writes(service_names::DATABASE, WRITE_METHODS);
     let router = svc_kit::server::builder(&settings.server, scopes)?
         .add_service(health_service)

@@ -135,16 +135,6 @@ fn same_tokens_as_postgres(sql: &str) -> Result<(), DbError> {
     let tokens = Tokenizer::new(&PostgreSqlDialect {}, sql)
         .tokenize_with_location()
         .map_err(|e| reject(format!("cannot parse SQL: {e}")))?;
-    for t in &tokens {
-        if let Token::CustomBinaryOperator(op) = &t.token
-            && (op.contains("--") || op.contains("/*"))
-        {
-            return Err(reject(format!(
-                "the operator '{op}' runs into a comment, which PostgreSQL reads differently: \
-                 put a space before the '--' or '/*'"
-            )));
-        }
-    }
     let chars: Vec<char> = sql.chars().collect();
     // Char index of each line's start (sqlparser's locations are 1-based lines and columns).
     let mut line_starts = vec![0];
