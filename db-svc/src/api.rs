@@ -37,30 +37,25 @@ impl DatabaseApi {
     }
 }
 
-/// Parses the `grpc-timeout` header (`<digits><H|M|S|m|u|n>`), the caller's deadline. A
-/// value the gRPC spec does not allow (more than 8 digits, a sign, another unit) is no
-/// deadline, as tonic's own timeout layer treats it.
+/// The caller's deadline from the `grpc-timeout` header of a request (see
+/// [`svc_kit::deadline::parse_grpc_timeout`]).
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let raw = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = raw.split_at(raw.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+    svc_kit::deadline::parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// Time left until the request's deadline: the one the server's layer set from the call's
+/// arrival (the shorter of `grpc-timeout` and `--request-timeout`), else, for a request that
+/// did not come through it (the bus's), its `grpc-timeout`.
+pub fn time_left<T>(request: &Request<T>) -> Option<Duration> {
+    match request.extensions().get::<svc_kit::deadline::Deadline>() {
+        Some(deadline) => Some(deadline.time_left()),
+        None => grpc_timeout(request.metadata()),
     }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 fn context<T>(request: &Request<T>, request_id: &str) -> ExecContext {
     ExecContext::within(
-        grpc_timeout(request.metadata()),
+        time_left(request),
         (!request_id.is_empty()).then(|| request_id.to_string()),
     )
 }
@@ -220,7 +215,7 @@ impl DatabaseService for DatabaseApi {
         &self,
         request: Request<pb::StreamQueryRequest>,
     ) -> Rpc<StreamOf<pb::StreamQueryResponse>> {
-        let timeout = grpc_timeout(request.metadata());
+        let timeout = time_left(&request);
         let r = request.into_inner();
         let q = r.query.unwrap_or_default();
         let batch = match r.batch_size {
@@ -401,7 +396,7 @@ impl DatabaseService for DatabaseApi {
         &self,
         request: Request<pb::DescribeTableRequest>,
     ) -> Rpc<pb::DescribeTableResponse> {
-        let time_left = grpc_timeout(request.metadata());
+        let time_left = time_left(&request);
         let name = request.into_inner().table;
         let info = self
             .executor
@@ -488,30 +483,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_grpc_timeouts() {
-        let mut m = tonic::metadata::MetadataMap::new();
-        assert_eq!(grpc_timeout(&m), None);
-        m.insert("grpc-timeout", "250m".parse().unwrap());
-        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(250)));
-        m.insert("grpc-timeout", "3S".parse().unwrap());
-        assert_eq!(grpc_timeout(&m), Some(Duration::from_secs(3)));
-        m.insert("grpc-timeout", "99999999H".parse().unwrap());
-        assert_eq!(
-            grpc_timeout(&m),
-            Some(Duration::from_secs(99_999_999 * 3600))
-        );
-        for bad in [
-            "x",
-            "S",
-            "+5S",
-            "-5S",
-            "5s",
-            "123456789m",
-            "9999999999999999H",
-        ] {
-            m.insert("grpc-timeout", bad.parse().unwrap());
-            assert_eq!(grpc_timeout(&m), None, "{bad}");
-        }
+    fn the_layers_deadline_wins_over_the_header() {
+        let mut request = Request::new(());
+        assert_eq!(time_left(&request), None);
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "30S".parse().unwrap());
+        // A request that did not come through the layer (the bus's): its header.
+        assert_eq!(time_left(&request), Some(Duration::from_secs(30)));
+        // The layer's deadline counts from the call's arrival, `--request-timeout` included.
+        request.extensions_mut().insert(svc_kit::deadline::Deadline(
+            std::time::Instant::now() + Duration::from_secs(1),
+        ));
+        let left = time_left(&request).unwrap();
+        assert!(left <= Duration::from_secs(1), "{left:?}");
     }
 
     #[test]

@@ -211,8 +211,15 @@ impl std::str::FromStr for Secret {
 
 /// RPCs reachable without a token: health (probes, load balancers) and reflection (grpcurl;
 /// switch it off with `--reflection false`).
+/// Exact paths: a prefix would also exempt whatever else came to be served under it.
 pub fn is_exempt(path: &str) -> bool {
-    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+    matches!(
+        path,
+        "/grpc.health.v1.Health/Check"
+            | "/grpc.health.v1.Health/Watch"
+            | "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+            | "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )
 }
 
 /// The outcome of checking one request.
@@ -326,6 +333,18 @@ mod tests {
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         ] {
             assert_eq!(check(&t, &s, exempt, None), Decision::Exempt);
+        }
+        // Only those methods: other paths under the same names need a token.
+        for guarded in [
+            "/grpc.health.v1.Health/Other",
+            "/grpc.reflection.v1.ServerReflection/Other",
+            "/grpc.reflection.other.Service/Method",
+            "/grpc.health.v1.Health/Check/",
+        ] {
+            assert!(
+                matches!(check(&t, &s, guarded, None), Decision::Unauthenticated(_)),
+                "{guarded}"
+            );
         }
     }
 

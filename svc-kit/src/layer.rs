@@ -8,7 +8,11 @@
 //!    logged with the method and peer, never the token;
 //! 4. the request size limit: a request message whose length prefix exceeds
 //!    `--max-recv-message-size` fails with RESOURCE_EXHAUSTED before it is buffered;
-//! 5. panic containment: a handler (or response stream) that panics answers its caller
+//! 5. the call's deadline and its connection's call slots ([`crate::deadline`]): a call waits
+//!    for one of `--concurrency-per-connection` slots, then runs until its response starts,
+//!    both within the shorter of its `grpc-timeout` and `--request-timeout` from its arrival,
+//!    else DEADLINE_EXCEEDED; the handler finds the [`Deadline`] in the request's extensions;
+//! 6. panic containment: a handler (or response stream) that panics answers its caller
 //!    INTERNAL, and the panic is logged, instead of resetting the stream with no status (which
 //!    clients report as CANCELLED or UNKNOWN). The server and every other call carry on.
 
@@ -17,7 +21,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -27,6 +31,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::auth::{self, Decision, Scopes, Tokens};
+use crate::deadline::{self, Deadline};
 use crate::panic::{catch_panic, panic_message};
 
 /// Authentication settings: tokens and which RPCs are writes.
@@ -40,6 +45,8 @@ pub struct AuthConfig {
 struct Shared {
     auth: Option<AuthConfig>,
     max_recv_message_size: usize,
+    /// `--request-timeout` (none: only the caller's deadline).
+    request_timeout: Option<Duration>,
 }
 
 /// See the module documentation.
@@ -51,11 +58,16 @@ pub struct GrpcLayer {
 impl GrpcLayer {
     /// `auth: None` lets every request through; metrics are recorded when a recorder is
     /// installed ([`crate::metrics::install`]).
-    pub fn new(auth: Option<AuthConfig>, max_recv_message_size: usize) -> Self {
+    pub fn new(
+        auth: Option<AuthConfig>,
+        max_recv_message_size: usize,
+        request_timeout: Option<Duration>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 auth,
                 max_recv_message_size,
+                request_timeout,
             }),
         }
     }
@@ -182,18 +194,6 @@ impl Drop for Observation {
     }
 }
 
-fn peer(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    extensions
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
-        .or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(|i| i.get_ref().remote_addr())
-        })
-}
-
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 impl<S> Service<http::Request<Body>> for GrpcService<S>
@@ -210,7 +210,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let arrival = Instant::now();
         let path = request.uri().path().to_string();
         let (service, method) = split_path(&path);
         let span = crate::trace::request_span(request.headers(), &service, &method);
@@ -240,21 +241,37 @@ where
                 }
             };
             if let Some(status) = rejection {
-                let peer = peer(request.extensions());
-                span.in_scope(|| {
-                    tracing::warn!(
-                        method = %path,
-                        peer = ?peer,
-                        code = code_name(status.code()),
-                        reason = status.message(),
-                        "request rejected"
-                    )
-                });
+                if let Some(unlogged) = REJECTIONS.may_log(Instant::now()) {
+                    let peer = deadline::peer(request.extensions());
+                    span.in_scope(|| {
+                        tracing::warn!(
+                            method = %clipped(&path),
+                            peer = ?peer,
+                            code = code_name(status.code()),
+                            reason = status.message(),
+                            unlogged_before = unlogged,
+                            "request rejected"
+                        )
+                    });
+                }
                 observation.finish(status.code());
                 return Box::pin(async move { Ok(status.into_http::<Body>()) });
             }
         }
 
+        let request_timeout = self.shared.request_timeout;
+        let deadline = Deadline::of_call(
+            arrival,
+            request
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok()),
+            request_timeout,
+        );
+        if let Some(deadline) = deadline {
+            request.extensions_mut().insert(deadline);
+        }
+        let slots = deadline::slots(request.extensions());
         let limit = self.shared.max_recv_message_size;
         let request = request.map(|body| Body::new(LimitedBody::new(body, limit)));
         // The clone that was driven to readiness handles this call; keep a fresh one.
@@ -263,10 +280,25 @@ where
         Box::pin(
             async move {
                 let mut observation = observation;
+                let passed = |observation: &mut Observation, waiting: bool| {
+                    let status = deadline_passed(waiting, request_timeout);
+                    observation.finish(status.code());
+                    Ok(status.into_http::<Body>())
+                };
+                // Held until the response starts, as tonic's own limit did.
+                let _slot = match slots {
+                    None => None,
+                    Some(slots) => match within(deadline, slots.acquire_owned()).await {
+                        Some(permit) => permit.ok(),
+                        None => return passed(&mut observation, true),
+                    },
+                };
                 // `call` itself inside the guarded future: its synchronous part may panic too.
-                let response = match catch_panic(async move { inner.call(request).await }).await {
-                    Ok(response) => response?,
-                    Err(what) => {
+                let call = catch_panic(async move { inner.call(request).await });
+                let response = match within(deadline, call).await {
+                    None => return passed(&mut observation, false),
+                    Some(Ok(response)) => response?,
+                    Some(Err(what)) => {
                         let status = panicked(&what, &path);
                         observation.finish(status.code());
                         return Ok(status.into_http::<Body>());
@@ -291,6 +323,81 @@ where
             .instrument(span),
         )
     }
+}
+
+/// Rejected calls logged per second at most (the metrics count them all): callers without a
+/// token must not be able to fill the log.
+const REJECTIONS_LOGGED_PER_SECOND: u32 = 10;
+
+static REJECTIONS: LogBudget = LogBudget::new(REJECTIONS_LOGGED_PER_SECOND);
+
+/// A budget of log lines per second, shared by a process's calls.
+struct LogBudget {
+    per_second: u32,
+    /// The current second's start, lines logged in it, and lines refused since the last one
+    /// logged.
+    window: std::sync::Mutex<Option<(Instant, u32, u64)>>,
+}
+
+impl LogBudget {
+    const fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            window: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether a line may be logged at `now`: if so, how many were refused before it.
+    fn may_log(&self, now: Instant) -> Option<u64> {
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, logged, refused) = window.get_or_insert((now, 0, 0));
+        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
+            (*start, *logged) = (now, 0);
+        }
+        if *logged < self.per_second {
+            *logged += 1;
+            Some(std::mem::take(refused))
+        } else {
+            *refused += 1;
+            None
+        }
+    }
+}
+
+/// A caller-chosen path, cut for the log (a path may be kilobytes long).
+fn clipped(path: &str) -> &str {
+    const MAX: usize = 200;
+    if path.len() <= MAX {
+        return path;
+    }
+    let mut end = MAX;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
+/// `work`'s output, or none if `deadline` passes first.
+async fn within<F: Future>(deadline: Option<Deadline>, work: F) -> Option<F::Output> {
+    match deadline {
+        Some(Deadline(at)) => tokio::time::timeout_at(at.into(), work).await.ok(),
+        None => Some(work.await),
+    }
+}
+
+/// The answer of a call whose deadline passed before its response started.
+fn deadline_passed(waiting_for_a_slot: bool, request_timeout: Option<Duration>) -> Status {
+    let limit = request_timeout.map_or_else(String::new, |t| {
+        format!(", or the server's --request-timeout of {t:?}")
+    });
+    let while_ = if waiting_for_a_slot {
+        " while the call waited for one of its connection's slots (--concurrency-per-connection)"
+    } else {
+        " before the call's response started"
+    };
+    Status::deadline_exceeded(format!(
+        "deadline exceeded{while_}: the caller's grpc-timeout{limit}, counted from the call's arrival"
+    ))
 }
 
 pin_project_lite::pin_project! {
@@ -528,6 +635,135 @@ mod tests {
         assert_eq!(code_name(Code::ResourceExhausted), "ResourceExhausted");
     }
 
+    #[test]
+    fn rejections_are_logged_at_most_ten_a_second_and_the_rest_are_counted() {
+        let budget = LogBudget::new(REJECTIONS_LOGGED_PER_SECOND);
+        let t0 = Instant::now();
+        for _ in 0..REJECTIONS_LOGGED_PER_SECOND {
+            assert_eq!(budget.may_log(t0), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(budget.may_log(t0 + Duration::from_millis(999)), None);
+        }
+        // The next second: logged again, with the count of those refused.
+        assert_eq!(budget.may_log(t0 + Duration::from_secs(1)), Some(5));
+        assert_eq!(budget.may_log(t0 + Duration::from_secs(1)), Some(0));
+    }
+
+    #[test]
+    fn paths_are_clipped_for_the_log_on_a_character_boundary() {
+        assert_eq!(clipped("/a.B/C"), "/a.B/C");
+        let long = format!("/{}", "é".repeat(300));
+        let cut = clipped(&long);
+        assert!(cut.len() <= 200 && long.starts_with(cut), "{}", cut.len());
+    }
+
+    /// A call's deadline runs from its arrival, through its wait for a connection slot:
+    /// a call that cannot get one in time answers DEADLINE_EXCEEDED, and one that gets
+    /// one finds the deadline in its extensions.
+    #[tokio::test]
+    async fn deadlines_count_from_arrival_and_cover_the_wait_for_a_slot() {
+        use crate::deadline::SlotsInfo;
+        use tonic::transport::server::TcpConnectInfo;
+
+        let (release, released) = tokio::sync::watch::channel(false);
+        let handler = tower::service_fn(move |request: http::Request<Body>| {
+            let mut released = released.clone();
+            async move {
+                let deadline = request.extensions().get::<Deadline>().copied();
+                if request.uri().path().ends_with("/Query") {
+                    // Holds its slot until released.
+                    let _ = released.wait_for(|r| *r).await;
+                }
+                let mut response = http::Response::new(Body::empty());
+                response.extensions_mut().insert(deadline);
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        let mut svc = GrpcLayer::new(None, 1 << 20, Some(Duration::from_secs(60))).layer(handler);
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let call = |path: &str, timeout: Option<&str>| {
+            let mut request = http::Request::builder().uri(path);
+            if let Some(t) = timeout {
+                request = request.header("grpc-timeout", t);
+            }
+            let mut request = request.body(Body::empty()).unwrap();
+            request.extensions_mut().insert(SlotsInfo {
+                inner: TcpConnectInfo {
+                    local_addr: None,
+                    remote_addr: None,
+                },
+                slots: Some(slots.clone()),
+            });
+            request
+        };
+        // The one slot, taken.
+        let busy = tokio::spawn(svc.call(call("/omnibus.db.v1.DatabaseService/Query", None)));
+        tokio::task::yield_now().await;
+        while slots.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = Instant::now();
+        let waited = svc
+            .call(call("/omnibus.db.v1.DatabaseService/Count", Some("300m")))
+            .await
+            .unwrap();
+        assert_eq!(
+            status_code_in(waited.headers()),
+            Some(Code::DeadlineExceeded)
+        );
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        release.send(true).unwrap();
+        let first = busy.await.unwrap().unwrap();
+        assert_eq!(
+            status_code_in(first.headers()),
+            None,
+            "answered by its handler"
+        );
+        // The server's limit applies without a caller's deadline ...
+        let at = first
+            .extensions()
+            .get::<Option<Deadline>>()
+            .copied()
+            .flatten();
+        let left = at.expect("a deadline").time_left();
+        assert!(left > Duration::from_secs(50) && left <= Duration::from_secs(60));
+        // ... and a shorter caller's deadline wins.
+        let second = svc
+            .call(call("/omnibus.db.v1.DatabaseService/Count", Some("5S")))
+            .await
+            .unwrap();
+        let at = second
+            .extensions()
+            .get::<Option<Deadline>>()
+            .copied()
+            .flatten();
+        assert!(at.expect("a deadline").time_left() <= Duration::from_secs(5));
+    }
+
+    /// A handler that outlives the call's deadline: DEADLINE_EXCEEDED (tonic's timeout
+    /// answered CANCELLED, the code of a caller that went away).
+    #[tokio::test]
+    async fn a_handler_past_the_deadline_answers_deadline_exceeded() {
+        let handler = tower::service_fn(|_: http::Request<Body>| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        });
+        let mut svc =
+            GrpcLayer::new(None, 1 << 20, Some(Duration::from_millis(200))).layer(handler);
+        let request = http::Request::builder()
+            .uri("/omnibus.db.v1.DatabaseService/Query")
+            .body(Body::empty())
+            .unwrap();
+        let response = svc.call(request).await.unwrap();
+        assert_eq!(
+            status_code_in(response.headers()),
+            Some(Code::DeadlineExceeded)
+        );
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert!(status.message().contains("--request-timeout"), "{status:?}");
+    }
+
     /// A handler that panics: the caller gets INTERNAL in trailers-only headers.
     #[tokio::test]
     async fn a_panicking_handler_answers_internal() {
@@ -537,7 +773,7 @@ mod tests {
             }
             Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
         });
-        let mut svc = GrpcLayer::new(None, 1 << 20).layer(handler);
+        let mut svc = GrpcLayer::new(None, 1 << 20, None).layer(handler);
         let request = http::Request::builder()
             .uri("/omnibus.db.v1.DatabaseService/Query")
             .body(Body::empty())
@@ -574,7 +810,7 @@ mod tests {
         let handler = tower::service_fn(|_: http::Request<Body>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(Body::new(PanicsAfterOne(false))))
         });
-        let mut svc = GrpcLayer::new(None, 1 << 20).layer(handler);
+        let mut svc = GrpcLayer::new(None, 1 << 20, None).layer(handler);
         let request = http::Request::builder()
             .uri("/omnibus.consumer.v1.ConsumerService/StreamActions")
             .body(Body::empty())

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod config;
 pub mod connection_age;
+pub mod deadline;
 pub mod health;
 pub mod kafka;
 pub mod layer;

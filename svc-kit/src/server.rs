@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clap::Args;
-use futures::TryStreamExt;
+use futures::{StreamExt as _, TryStreamExt};
 use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
 use tonic::codegen::{Body as HttpBody, BoxFuture, StdError, http};
 use tonic::server::NamedService;
@@ -27,6 +27,7 @@ use tower::layer::util::{Identity as NoLayer, Stack};
 
 use crate::auth::{Scopes, Secret, Tokens};
 use crate::connection_age::Aged;
+use crate::deadline::WithSlots;
 use crate::kafka::KafkaSetting;
 use crate::layer::{AuthConfig, GrpcLayer};
 use crate::write_batching::BatchedWrites;
@@ -99,8 +100,9 @@ pub struct ServerArgs {
     #[arg(long, env = "GRPC_CONCURRENCY_PER_CONNECTION", default_value_t = 256)]
     pub concurrency_per_connection: usize,
 
-    /// Timeout of a call until its response starts (a unary call's answer; a stream's start,
-    /// not its messages), answered CANCELLED; a shorter client deadline wins (0 = none).
+    /// Timeout of a call from its arrival until its response starts (a unary call's answer; a
+    /// stream's start, not its messages), answered DEADLINE_EXCEEDED; a shorter client
+    /// deadline wins (0 = none).
     #[arg(long, env = "GRPC_REQUEST_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub request_timeout: Duration,
 
@@ -367,12 +369,8 @@ pub fn builder(args: &ServerArgs, scopes: Scopes) -> Result<GrpcServer, ServeErr
         .max_concurrent_streams(args.max_concurrent_streams)
         .http2_keepalive_interval(nonzero(args.keepalive_interval))
         .http2_keepalive_timeout(Some(args.keepalive_timeout));
-    if args.concurrency_per_connection > 0 {
-        server = server.concurrency_limit_per_connection(args.concurrency_per_connection);
-    }
-    if let Some(timeout) = nonzero(args.request_timeout) {
-        server = server.timeout(timeout);
-    }
+    // `--concurrency-per-connection` and `--request-timeout` are the layer's
+    // (`crate::deadline`): tonic's would start a call's timer only once it has a slot.
     if let Some(age) = nonzero(args.max_connection_age) {
         // Only the age: tonic then sends a GOAWAY at it. Given a grace as well, it would send
         // none and drop the connection at age + grace; `serve` enforces the grace instead
@@ -402,8 +400,15 @@ pub fn builder(args: &ServerArgs, scopes: Scopes) -> Result<GrpcServer, ServeErr
         })?;
         tracing::info!(cert = %cert.display(), mutual = args.tls_client_ca.is_some(), "TLS on");
     }
-    Ok(server.layer(GrpcLayer::new(auth, args.max_recv_message_size)))
+    Ok(server.layer(GrpcLayer::new(
+        auth,
+        args.max_recv_message_size,
+        nonzero(args.request_timeout),
+    )))
 }
+
+/// The pause after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
@@ -461,13 +466,26 @@ pub async fn serve(
     let local = listener.local_addr().unwrap_or(addr);
     tracing::info!(%local, tls = args.tls_cert.is_some(), "gRPC server listening");
     let batch_writes = args.batch_writes;
+    let per_connection = args.concurrency_per_connection;
     let life = nonzero(args.max_connection_age)
         .map(|age| age.saturating_add(args.max_connection_age_grace));
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .map_ok(move |tcp| {
-            Aged::new(BatchedWrites::with_batching(tcp, batch_writes), life)
-                .with_opening(OPENING_TIMEOUT)
+            WithSlots::new(
+                Aged::new(BatchedWrites::with_batching(tcp, batch_writes), life)
+                    .with_opening(OPENING_TIMEOUT),
+                per_connection,
+            )
+        })
+        .then(|accepted| async move {
+            // tonic retries a failed accept at once: out of descriptors (EMFILE), that spins
+            // a core and logs nothing above trace. Pause instead, and say so.
+            if let Err(e) = &accepted {
+                tracing::warn!(error = %e, "accepting a connection failed; retrying in 100 ms");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+            }
+            accepted
         });
 
     let drain_signal = {

@@ -14,14 +14,28 @@ impl Shutdown {
         Self::default()
     }
 
-    /// Creates the handle and spawns a task that triggers it on SIGTERM or SIGINT.
+    /// Creates the handle and spawns a task that triggers it on SIGTERM or SIGINT. A second
+    /// signal ends the process at once (exit status 128 + the signal's number), for an
+    /// operator who will not wait for the grace period: tokio keeps its handlers installed,
+    /// so without this only SIGKILL would.
     pub fn on_signals() -> Self {
         let shutdown = Self::new();
         let trigger = shutdown.clone();
         tokio::spawn(async move {
-            let signal = wait_for_signal().await;
-            tracing::info!(signal, "shutdown requested");
+            let mut signals = Signals::new();
+            let (signal, _) = signals.next().await;
+            tracing::info!(
+                signal,
+                "shutdown requested (a second signal stops the process at once)"
+            );
             trigger.trigger();
+            let (signal, code) = signals.next().await;
+            tracing::warn!(
+                signal,
+                "second signal: exiting without finishing the shutdown"
+            );
+            crate::telemetry::flush();
+            std::process::exit(code);
         });
         shutdown
     }
@@ -83,30 +97,42 @@ pub fn exit_after(parts: &[(&str, bool)]) -> Result<(), String> {
     }
 }
 
-#[cfg(unix)]
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        _ => {
-            // Without signal handlers we can still stop on Ctrl-C.
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
+/// SIGTERM and SIGINT, as they come: each with its name and the exit status it implies.
+struct Signals {
+    #[cfg(unix)]
+    handlers: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }
 
-#[cfg(not(unix))]
-async fn wait_for_signal() -> &'static str {
-    let _ = tokio::signal::ctrl_c().await;
-    "ctrl-c"
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let handlers = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(term), Ok(int)) => Some((term, int)),
+                _ => None,
+            };
+            Self { handlers }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    async fn next(&mut self) -> (&'static str, i32) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.handlers {
+            return tokio::select! {
+                _ = term.recv() => ("SIGTERM", 128 + 15),
+                _ = int.recv() => ("SIGINT", 128 + 2),
+            };
+        }
+        // Without signal handlers we can still stop on Ctrl-C.
+        let _ = tokio::signal::ctrl_c().await;
+        ("SIGINT", 128 + 2)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,130 @@
+//! Deadlines and signals on a running server: `--request-timeout` answers DEADLINE_EXCEEDED
+//! and becomes db-svc's statement timeout, the wait for a connection's call slot counts
+//! against the deadline, and a second SIGTERM ends a draining process at once.
+
+use std::time::{Duration, Instant};
+
+use omnibus_proto::db::v1 as pb;
+use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
+use omnibus_tests::db::{DbSvc, TableLock};
+use omnibus_tests::{ServiceSpec, TestDatabase};
+use tonic::Code;
+
+/// db-svc (no bus) on a fresh database with `args`.
+async fn db_svc(args: &[&str]) -> DbSvc {
+    let db = TestDatabase::create().await.expect("test database");
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(["--bus", "false"])
+        .args(args.iter().copied())
+        .spawn()
+        .expect("spawn db-svc");
+    svc.wait_serving().await.expect("db-svc SERVING");
+    let client = DatabaseServiceClient::new(svc.channel());
+    DbSvc { db, svc, client }
+}
+
+fn count() -> pb::CountRequest {
+    pb::CountRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    }
+}
+
+/// A call without a deadline of its own, held by a lock past `--request-timeout`: db-svc
+/// answers DEADLINE_EXCEEDED (tonic's timeout answered CANCELLED, the code of a caller that
+/// went away) and PostgreSQL stops working on it (the request timeout is the statement's
+/// limit too; before, the statement waited out db-svc's 30 s statement timeout).
+#[tokio::test]
+async fn the_request_timeout_is_deadline_exceeded_and_ends_the_statement() {
+    let s = db_svc(&["--request-timeout", "2s"]).await;
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let mut client = s.client.clone();
+    let started = Instant::now();
+    let held = tokio::spawn(async move { client.count(count()).await });
+    lock.wait_blocked(&s, 1).await;
+    let status = held
+        .await
+        .unwrap()
+        .expect_err("held past the request timeout");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    tokio::time::timeout(Duration::from_secs(5), lock.wait_blocked(&s, 0))
+        .await
+        .expect("the statement no longer waits in PostgreSQL");
+}
+
+/// With one call slot per connection, a second call on the same connection waits for it with
+/// its deadline already running: it ends within the request timeout of its own arrival
+/// (tonic's limit started the timer only once the call had a slot: about twice that). A call
+/// on another connection is served meanwhile (the limit is really per connection).
+#[tokio::test]
+async fn the_wait_for_a_call_slot_counts_against_the_deadline() {
+    let s = db_svc(&[
+        "--request-timeout",
+        "3s",
+        "--concurrency-per-connection",
+        "1",
+    ])
+    .await;
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let mut client = s.client.clone();
+    let held = tokio::spawn(async move { client.count(count()).await });
+    lock.wait_blocked(&s, 1).await;
+
+    let mut other = DatabaseServiceClient::new(s.svc.channel());
+    let tables = other
+        .list_tables(pb::ListTablesRequest {})
+        .await
+        .expect("another connection is served");
+    assert!(!tables.into_inner().tables.is_empty());
+
+    // Waits for the held call's slot, then for the lock.
+    let mut same = s.client.clone();
+    let started = Instant::now();
+    let waited = same.count(count()).await.expect_err("held by the lock");
+    let took = started.elapsed();
+    assert_eq!(waited.code(), Code::DeadlineExceeded, "{waited:?}");
+    assert!(
+        took < Duration::from_millis(4500),
+        "3 s from its arrival, not from getting a slot: {took:?}"
+    );
+    let first = held.await.unwrap().expect_err("held by the lock");
+    assert_eq!(first.code(), Code::DeadlineExceeded, "{first:?}");
+    drop(lock);
+}
+
+/// SIGTERM starts a drain that a call still running holds for the grace period (120 s here);
+/// a second SIGTERM ends the process at once with status 143 (128 + SIGTERM).
+#[tokio::test]
+async fn a_second_sigterm_stops_a_draining_process_at_once() {
+    let mut s = db_svc(&["--shutdown-grace", "120s"]).await;
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let mut client = s.client.clone();
+    let held = tokio::spawn(async move { client.count(count()).await });
+    lock.wait_blocked(&s, 1).await;
+
+    s.svc.terminate().unwrap();
+    assert!(
+        s.svc.wait_exit(Duration::from_secs(2)).await.is_err(),
+        "still draining after the first signal"
+    );
+    let started = Instant::now();
+    s.svc.terminate().unwrap();
+    let status = s
+        .svc
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exits after the second signal");
+    assert_eq!(status.code(), Some(143), "log:\n{}", s.svc.logs());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        held.await.unwrap().is_err(),
+        "the held call did not complete"
+    );
+    drop(lock);
+}
