@@ -381,10 +381,21 @@ struct FollowState<T, F> {
     follower: Follower,
     shutdown: Shutdown,
     map: F,
+    /// The shutdown status has been sent: the stream is over.
+    ended: bool,
+}
+
+/// How a stream ends when the server shuts down: UNAVAILABLE, which clients and meshes retry
+/// (on another replica), rather than OK, which reads as "finished" and stops a follower.
+fn shutting_down() -> Status {
+    Status::unavailable(
+        "consumer-svc is shutting down: reconnect (Subscribe resumes with \
+         resume_after_sequence set to the last sequence received)",
+    )
 }
 
 /// A response stream: `initial` messages first, then live updates mapped by `map`, ending
-/// when the server shuts down.
+/// with UNAVAILABLE when the server shuts down.
 fn follow<T, F>(
     initial: Vec<T>,
     backlog: Vec<Updates>,
@@ -402,11 +413,16 @@ where
         follower,
         shutdown,
         map,
+        ended: false,
     };
     Box::pin(futures::stream::unfold(st, |mut st| async move {
         loop {
-            if st.shutdown.is_triggered() {
+            if st.ended {
                 return None;
+            }
+            if st.shutdown.is_triggered() {
+                st.ended = true;
+                return Some((Err(shutting_down()), st));
             }
             if let Some(item) = st.queued.pop_front() {
                 return Some((Ok(item), st));
@@ -419,7 +435,7 @@ where
             }
             let next = tokio::select! {
                 biased;
-                _ = st.shutdown.triggered() => return None,
+                _ = st.shutdown.triggered() => continue,
                 next = st.follower.next() => next,
             };
             match next {

@@ -421,7 +421,7 @@ async fn real_time_events_can_be_switched_off() {
 }
 
 #[tokio::test]
-async fn streams_end_promptly_on_sigterm() {
+async fn streams_end_promptly_with_unavailable_on_sigterm() {
     let brokers = kafka_brokers();
     let prefix = unique_prefix();
     create_topics(&brokers, &prefix, 1).await.unwrap();
@@ -441,16 +441,28 @@ async fn streams_end_promptly_on_sigterm() {
         .into_inner();
     svc.terminate().unwrap();
     let started = Instant::now();
+    // Each ends with UNAVAILABLE (retried by clients and meshes, on another replica), not
+    // OK (which reads as "finished").
     let end = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut last = Vec::new();
+        let mut ending = None;
         while let Some(m) = actions.next().await {
-            m.unwrap();
+            ending = m.err();
         }
+        last.push(ending.take());
         while let Some(m) = sub.next().await {
-            m.unwrap();
+            ending = m.err();
         }
+        last.push(ending);
+        last
     })
     .await;
-    assert!(end.is_ok(), "streams still open after SIGTERM");
+    let last = end.expect("streams still open after SIGTERM");
+    for status in last {
+        let status = status.expect("the stream ended with an error status, not OK");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("shutting down"), "{status:?}");
+    }
     let status = svc.wait_exit(Duration::from_secs(10)).await.unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", svc.logs());
     assert!(started.elapsed() < Duration::from_secs(10));
