@@ -50,7 +50,8 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Probes PostgreSQL until shutdown and reports the result as the service's health.
 /// `prepare` runs (again, until it succeeds) whenever PostgreSQL answers and it has not yet
-/// succeeded; `housekeeping` runs about hourly once ready.
+/// succeeded; `housekeeping` runs about hourly once ready, beside the probes (a long cleanup
+/// must not freeze the health status). Neither holds up the shutdown.
 pub async fn watch_database<P, PF, H, HF>(
     pool: PgPool,
     health: Health,
@@ -68,6 +69,7 @@ pub async fn watch_database<P, PF, H, HF>(
     let mut ready = false;
     let mut last_housekeeping: Option<Instant> = None;
     let mut conn: Option<PgConnection> = None;
+    let mut cleaning: Option<std::pin::Pin<Box<HF>>> = None;
     loop {
         let result = tokio::time::timeout(PROBE_TIMEOUT, probe(&pool, &mut conn)).await;
         let mut error = match result {
@@ -78,7 +80,11 @@ pub async fn watch_database<P, PF, H, HF>(
         let reachable = error.is_none();
         reachability.set(reachable);
         if reachable && !ready {
-            match prepare().await {
+            let prepared = tokio::select! {
+                prepared = prepare() => prepared,
+                _ = shutdown.triggered() => return,
+            };
+            match prepared {
                 Ok(()) => ready = true,
                 Err(e) => error = Some(format!("preparing the schema failed: {e}")),
             }
@@ -98,9 +104,10 @@ pub async fn watch_database<P, PF, H, HF>(
         }
         if ready
             && error.is_none()
+            && cleaning.is_none()
             && last_housekeeping.is_none_or(|t| t.elapsed() >= HOUSEKEEPING_INTERVAL)
         {
-            housekeeping().await;
+            cleaning = Some(Box::pin(housekeeping()));
             last_housekeeping = Some(Instant::now());
         }
         last_error = error;
@@ -109,9 +116,86 @@ pub async fn watch_database<P, PF, H, HF>(
         } else {
             STARTING_INTERVAL
         };
-        tokio::select! {
-            _ = shutdown.triggered() => return,
-            _ = tokio::time::sleep(interval) => {}
+        let sleep = tokio::time::sleep(interval);
+        tokio::pin!(sleep);
+        loop {
+            let cleaned = tokio::select! {
+                _ = shutdown.triggered() => return,
+                _ = &mut sleep => break,
+                _ = async { cleaning.as_mut().expect("guarded").await }, if cleaning.is_some() => true,
+            };
+            if cleaned {
+                cleaning = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PostgreSQL of the machine (the tests' `DATABASE_URL`, else the default local one).
+    fn pool() -> PgPool {
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy(&url)
+            .expect("a PostgreSQL URL")
+    }
+
+    /// A preparation or a cleanup that does not finish (a network partition mid-statement
+    /// waits for TCP's timeout, minutes) neither freezes the health status nor holds up the
+    /// shutdown.
+    #[tokio::test]
+    async fn a_hung_preparation_or_cleanup_does_not_hold_the_shutdown_or_the_probes() {
+        for hang_in_prepare in [true, false] {
+            let shutdown = Shutdown::new();
+            let (health, _) = Health::new("omnibus.db.v1.DatabaseService", &shutdown).await;
+            let reachability = Reachability::default();
+            let cleanups = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let started = cleanups.clone();
+            let watcher = tokio::spawn(watch_database(
+                pool(),
+                health.clone(),
+                reachability.clone(),
+                shutdown.clone(),
+                move || async move {
+                    if hang_in_prepare {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(())
+                },
+                move || {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<()>()
+                },
+            ));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            if hang_in_prepare {
+                while !reachability.is_reachable() {
+                    assert!(Instant::now() < deadline, "PostgreSQL never answered");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            } else {
+                // Ready, the cleanup started and hangs, and the probes go on: health stays
+                // SERVING through more than one probe interval.
+                while !(health.is_serving() && cleanups.load(Ordering::SeqCst) == 1) {
+                    assert!(Instant::now() < deadline, "never ready");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                reachability.set(false);
+                tokio::time::sleep(PROBE_INTERVAL + Duration::from_millis(500)).await;
+                assert!(
+                    reachability.is_reachable(),
+                    "the probes go on beside the cleanup"
+                );
+            }
+            shutdown.trigger();
+            tokio::time::timeout(Duration::from_secs(5), watcher)
+                .await
+                .expect("the watcher stops at the shutdown")
+                .unwrap();
         }
     }
 }
