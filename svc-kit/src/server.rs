@@ -78,6 +78,12 @@ pub struct ServerArgs {
     #[arg(long, env = "SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
 
+    /// After SIGTERM/SIGINT, how long to go on serving new calls while health reports
+    /// NOT_SERVING, before the drain starts: time for load balancers that poll health (Envoy's
+    /// active health checks, Compose setups) to stop routing here (0 = drain at once).
+    #[arg(long, env = "SHUTDOWN_DELAY", value_parser = parse_duration, default_value = "0s")]
+    pub shutdown_delay: Duration,
+
     /// Serve gRPC server reflection (v1 and v1alpha), so grpcurl works without proto files.
     #[arg(long, env = "GRPC_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
@@ -488,12 +494,17 @@ pub async fn serve(
             accepted
         });
 
+    let delay = args.shutdown_delay;
     let drain_signal = {
         let shutdown = shutdown.clone();
         let health = health.clone();
         async move {
             shutdown.triggered().await;
             health.drain().await;
+            if !delay.is_zero() {
+                tracing::info!(?delay, "NOT_SERVING; still accepting calls until the drain");
+                tokio::time::sleep(delay).await;
+            }
         }
     };
     let server = router.serve_with_incoming_shutdown(incoming, drain_signal);
@@ -502,7 +513,10 @@ pub async fn serve(
     let grace = args.shutdown_grace;
     tokio::select! {
         result = &mut server => result?,
-        _ = async { shutdown.triggered().await; tokio::time::sleep(grace).await } => {
+        _ = async {
+            shutdown.triggered().await;
+            tokio::time::sleep(delay.saturating_add(grace)).await;
+        } => {
             tracing::warn!(?grace, "grace period elapsed; closing the remaining connections");
         }
     }

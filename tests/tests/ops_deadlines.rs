@@ -128,3 +128,52 @@ async fn a_second_sigterm_stops_a_draining_process_at_once() {
     );
     drop(lock);
 }
+
+/// `--shutdown-delay`: after SIGTERM, health reports NOT_SERVING while new connections and
+/// calls are still served, for the delay; then the drain, and exit 0.
+#[tokio::test]
+async fn the_shutdown_delay_serves_not_serving_before_the_drain() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let mut s = db_svc(&["--shutdown-delay", "3s"]).await;
+    s.svc.terminate().unwrap();
+    let started = Instant::now();
+    let mut health = HealthClient::new(s.svc.channel());
+    loop {
+        let status = health
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("health answers during the delay")
+            .into_inner()
+            .status();
+        if status == ServingStatus::NotServing {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "still SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new connection is still accepted and served.
+    let counted = DatabaseServiceClient::new(s.svc.channel())
+        .count(count())
+        .await
+        .expect("served during the delay");
+    assert_eq!(counted.into_inner().count, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the checks ran within the delay: {:?}",
+        started.elapsed()
+    );
+    let status = s
+        .svc
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits after the delay");
+    assert_eq!(status.code(), Some(0), "log:\n{}", s.svc.logs());
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
