@@ -1353,7 +1353,22 @@ fn parse_batch(
             position: Some((m.partition(), m.offset())),
         };
         match events::parse(kind, m.payload().unwrap_or_default(), arrival) {
-            Ok(event) => parsed.push((k, event)),
+            Ok(event) => {
+                if let events::Event::RoutingDecision(d) = &event
+                    && d.dropped_alternatives > 0
+                    && error_logs[k].allow(Instant::now())
+                {
+                    tracing::warn!(
+                        topic,
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        dropped = d.dropped_alternatives,
+                        "kept a routing decision without its unusable alternatives (not an \
+                         object, no agent or a field of the wrong type)"
+                    );
+                }
+                parsed.push((k, event))
+            }
             Err(e) => {
                 errors[k] += 1;
                 if error_logs[k].allow(Instant::now()) {

@@ -264,6 +264,87 @@ async fn parses_every_topic_and_counts_bad_input_per_topic() {
     assert_eq!(violation.field, "window");
 }
 
+/// A routing decision with an unusable alternative (no agent, null, a bare string) is kept
+/// without it, counted in `total_requests` and listed (it was a parse error, lost); an empty
+/// `timestamp` gives way to `createdAt`.
+#[tokio::test]
+async fn unusable_alternatives_and_an_empty_timestamp_do_not_lose_the_event() {
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let svc = start_consumer(&brokers, &prefix, &[]).await.unwrap();
+    let p = TestProducer::new(&brokers).unwrap();
+    let now = Utc::now() - chrono::Duration::minutes(5);
+    let now_ts = omnibus_client::generate::isoformat(now);
+    let rd = topics.name(Kind::RoutingDecision);
+    let aa = topics.name(Kind::AgentAction);
+    for (id, alternatives) in [
+        ("no-agent", r#"[{"confidence":0.4,"reasoning":"x"}]"#),
+        ("strings", r#"["b","c"]"#),
+        ("null", r#"[null,{"agent":"d","confidence":0.2}]"#),
+    ] {
+        let json = format!(
+            r#"{{"id":"{id}","selected_agent":"alt-agent","alternatives":{alternatives},"timestamp":"{now_ts}"}}"#
+        );
+        p.send(rd, id, json.as_bytes()).unwrap();
+    }
+    let action = format!(
+        r#"{{"id":"empty-ts","agent_name":"alt-agent","action_type":"success","timestamp":"","createdAt":"{now_ts}"}}"#
+    );
+    p.send(aa, "a", action.as_bytes()).unwrap();
+    p.flush().unwrap();
+
+    let s = wait_status(&svc, WAIT, "all four read", |s| {
+        s.events_processed + s.parse_errors == 4
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.parse_errors, 0, "{s:?}");
+    let mut c = client(&svc);
+    let metrics = c
+        .get_agent_metrics(pb::GetAgentMetricsRequest {
+            agent: Some("alt-agent".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(metrics[0].total_requests, 3);
+    assert_eq!(metrics[0].successes, 1);
+    let decisions = c
+        .list_routing_decisions(pb::ListRoutingDecisionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .decisions;
+    let mut alternatives: Vec<_> = decisions
+        .iter()
+        .map(|d| {
+            let agents: Vec<_> = d.alternatives.iter().map(|a| a.agent.as_str()).collect();
+            (d.id.as_str(), agents)
+        })
+        .collect();
+    alternatives.sort();
+    assert_eq!(
+        alternatives,
+        [
+            ("no-agent", vec![]),
+            ("null", vec!["d"]),
+            ("strings", vec![])
+        ]
+    );
+    let actions = c
+        .list_recent_actions(pb::ListRecentActionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .actions;
+    assert_eq!(actions.len(), 1);
+    let t = actions[0].timestamp.unwrap();
+    assert_eq!(t.seconds, now.timestamp(), "the createdAt time");
+}
+
 /// Expected metrics computed in the test from the produced JSON.
 #[derive(Debug, Default)]
 struct Expected {
