@@ -99,6 +99,8 @@ pub trait BusRequestMessage: prost::Message + Default + Clone + Send + 'static {
     type Response: prost::Message + Default + Send + 'static;
     /// The idempotency key, for writes.
     fn request_id_mut(&mut self) -> Option<&mut String>;
+    /// The idempotency key as it is, for writes.
+    fn request_id(&self) -> Option<&str>;
 }
 
 macro_rules! bus_message {
@@ -109,6 +111,9 @@ macro_rules! bus_message {
             fn request_id_mut(&mut self) -> Option<&mut String> {
                 Some(&mut self.request_id)
             }
+            fn request_id(&self) -> Option<&str> {
+                Some(&self.request_id)
+            }
         }
     };
     ($req:ty, $resp:ty, $op:ident, read) => {
@@ -116,6 +121,9 @@ macro_rules! bus_message {
             const OPERATION: StructuredOperation = StructuredOperation::$op;
             type Response = $resp;
             fn request_id_mut(&mut self) -> Option<&mut String> {
+                None
+            }
+            fn request_id(&self) -> Option<&str> {
                 None
             }
         }
@@ -297,6 +305,12 @@ impl BusPublisher {
     }
 
     /// Sends `request` (structured form) with `correlation_id` and waits for the reply.
+    ///
+    /// The correlation id must be unique per call: replies are matched by it alone. A write
+    /// without a `request_id` is sent with a fresh one, so each call is a write of its own
+    /// (db-svc would otherwise key it by the correlation id). To retry a write safely (over
+    /// the bus or gRPC), give it a `request_id` and send the same one again, as
+    /// [`crate::db::DbClient`] does.
     pub async fn call<R: BusRequestMessage>(
         &self,
         request: &R,
@@ -304,19 +318,13 @@ impl BusPublisher {
         timeout: Option<Duration>,
     ) -> Result<R::Response, BusError> {
         let op = R::OPERATION;
+        let with_id = with_request_id(request);
+        let request = with_id.as_ref().unwrap_or(request);
         let json = omnibus_proto::json::to_json(op.request_message(), request, true)
             .map_err(|e| BusError::Protocol(e.to_string()))?;
         let payload = serde_json::json!({ "operation": op.as_str(), "request": json });
         let reply = self.request(payload, correlation_id, timeout).await?;
-        match reply {
-            Reply::Completed(done) => {
-                let response = done.response.ok_or_else(|| {
-                    BusError::Protocol("a structured request's reply has no `response`".into())
-                })?;
-                decode_response(op.response_message(), &response)
-            }
-            Reply::Failed(failed) => Err(BusError::Failed(Box::new(failed))),
-        }
+        structured_response(op, reply)
     }
 
     /// Sends a raw request payload and waits for the reply (a fresh trace).
@@ -396,6 +404,44 @@ impl BusPublisher {
                 after: timeout,
             }),
         }
+    }
+}
+
+/// A copy of `request` with a fresh request id, when it is a write without one.
+fn with_request_id<R: BusRequestMessage>(request: &R) -> Option<R> {
+    if request.request_id()?.trim().is_empty() {
+        let mut request = request.clone();
+        if let Some(id) = request.request_id_mut() {
+            *id = uuid::Uuid::new_v4().to_string();
+        }
+        return Some(request);
+    }
+    None
+}
+
+/// The response a structured `op` request's reply carries. A reply for another operation
+/// (the correlation id was reused by a different call) is a protocol error, not an answer.
+fn structured_response<T: prost::Message + Default>(
+    op: StructuredOperation,
+    reply: Reply,
+) -> Result<T, BusError> {
+    match reply {
+        Reply::Completed(done) => {
+            // Empty: a db-svc that does not name it; ours always does.
+            if !done.operation.is_empty() && done.operation != op.as_str() {
+                return Err(BusError::Protocol(format!(
+                    "the reply is for a {} request, not {} (correlation ids must be unique \
+                     per request)",
+                    done.operation,
+                    op.as_str()
+                )));
+            }
+            let response = done.response.ok_or_else(|| {
+                BusError::Protocol("a structured request's reply has no `response`".into())
+            })?;
+            decode_response(op.response_message(), &response)
+        }
+        Reply::Failed(failed) => Err(BusError::Failed(Box::new(failed))),
     }
 }
 
@@ -539,6 +585,58 @@ mod tests {
                 &wrong
             ),
             Err(BusError::Protocol(_))
+        ));
+    }
+
+    /// A write sent without a request id gets a fresh one per call (a retry of it is a new
+    /// write unless the caller names the id); one that has an id, and a read, go as they are.
+    #[test]
+    fn a_write_without_a_request_id_gets_a_fresh_one() {
+        let insert = pb::InsertRequest::default();
+        let a = with_request_id(&insert).expect("an id is added");
+        let b = with_request_id(&insert).expect("an id is added");
+        assert!(!a.request_id.is_empty());
+        assert_ne!(a.request_id, b.request_id);
+        let blank = pb::UpdateRequest {
+            request_id: "  ".into(),
+            ..Default::default()
+        };
+        assert!(
+            !with_request_id(&blank)
+                .unwrap()
+                .request_id
+                .trim()
+                .is_empty()
+        );
+        let named = pb::InsertRequest {
+            request_id: "mine".into(),
+            ..Default::default()
+        };
+        assert!(with_request_id(&named).is_none(), "kept as it is");
+        assert!(with_request_id(&pb::QueryRequest::default()).is_none());
+    }
+
+    /// A reply for another operation than the one sent is not taken as its answer.
+    #[test]
+    fn a_reply_for_another_operation_is_a_protocol_error() {
+        let completed = |operation: &str| {
+            Reply::Completed(bus_protocol::CompletedPayload {
+                operation: operation.into(),
+                response: Some(serde_json::json!({"affected": 1})),
+                ..Default::default()
+            })
+        };
+        let insert =
+            |reply| structured_response::<pb::InsertResponse>(StructuredOperation::Insert, reply);
+        assert_eq!(insert(completed("INSERT")).unwrap().affected, 1);
+        assert_eq!(insert(completed("")).unwrap().affected, 1, "not named");
+        match insert(completed("DELETE")) {
+            Err(BusError::Protocol(why)) => assert!(why.contains("DELETE"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            insert(Reply::Failed(FailedPayload::new("CONFLICT", "x"))),
+            Err(BusError::Failed(_))
         ));
     }
 

@@ -155,13 +155,15 @@ async fn purge_request_log(pool: &PgPool, retention: std::time::Duration) {
 }
 
 /// Starts the event-bus worker when it is configured. It shares the gRPC handler (structured
-/// form) and gets an executor whose raw-SQL write policy is the bus's (SQL form).
+/// form) and gets an executor whose raw-SQL write policy is the bus's (SQL form). A worker
+/// that fails (its Kafka clients cannot be created) stops the process, which then exits
+/// non-zero: db-svc must not go on reporting SERVING with nobody answering the bus.
 fn start_bus_worker(
     settings: &Settings,
     executor: &Executor,
     api: std::sync::Arc<api::DatabaseApi>,
     shutdown: &Shutdown,
-) -> Option<tokio::task::JoinHandle<()>> {
+) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
     let Some(bus) = settings.bus.clone() else {
         tracing::warn!("event-bus worker off (no KAFKA_BROKERS, or --bus=false): gRPC only");
         return None;
@@ -173,9 +175,15 @@ fn start_bus_worker(
         coalesce_queries: 0,
         ..executor.limits().clone()
     };
+    // SQL-form writes may return only as many rows as a reply carries: refused before commit.
+    let write_limits = Limits {
+        max_response_bytes: bus::sql_write_reply_bytes(&bus).min(limits.max_response_bytes),
+        ..limits.clone()
+    };
     let handler = bus::Handler {
         api,
         sql_executor: executor.with_limits(limits),
+        sql_write_executor: executor.with_limits(write_limits),
         sql_writes: bus.sql_writes,
     };
     let shutdown = shutdown.clone();
@@ -183,9 +191,12 @@ fn start_bus_worker(
     Some(tokio::spawn(svc_kit::shutdown::stop_on_panic(
         shutdown.clone(),
         async move {
-            if let Err(e) = bus::run(bus, handler, shutdown.clone(), drain).await {
-                tracing::error!("event-bus worker failed: {e}");
+            let result = bus::run(bus, handler, shutdown.clone(), drain).await;
+            if let Err(e) = &result {
+                tracing::error!("event-bus worker failed: {e}; shutting down");
+                shutdown.trigger();
             }
+            result
         },
     )))
 }
@@ -275,7 +286,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     shutdown.trigger();
     let worker_result = match bus_worker {
         Some(worker) => worker.await,
-        None => Ok(()),
+        None => Ok(Ok(())),
     };
     let watcher_result = watcher.await;
     // close() waits for every checked-out connection; a statement still running after the
@@ -299,5 +310,9 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         ("the event-bus worker", worker_result.is_err()),
         ("the database watcher", watcher_result.is_err()),
     ])
-    .map_err(anyhow::Error::msg)
+    .map_err(anyhow::Error::msg)?;
+    if let Ok(Err(e)) = worker_result {
+        anyhow::bail!("the event-bus worker failed: {e}");
+    }
+    Ok(())
 }

@@ -28,6 +28,12 @@ pub struct Handler {
     pub api: Arc<DatabaseApi>,
     /// An executor whose raw-SQL policy is the bus's (writes allowed unless switched off).
     pub sql_executor: Executor,
+    /// The same for SQL-form writes, with `max_response_bytes` set to what a bus reply can
+    /// carry ([`super::sql_write_reply_bytes`]): a write returning more rows than that is
+    /// refused and rolled back before it commits. Once committed, a reply too large for the
+    /// bus could only be a REPLY_TOO_LARGE stand-in, and the SQL form's caller (OmniClaude),
+    /// which has no request id to get the recorded result with, would write again directly.
+    pub sql_write_executor: Executor,
     /// Whether the SQL form may write (`--bus-sql-writes`).
     pub sql_writes: bool,
 }
@@ -268,8 +274,14 @@ impl Handler {
             remaining,
             checked.kind.is_write().then(|| correlation_id.to_string()),
         );
-        let out: OpOutput = self
-            .sql_executor
+        // Reads keep the gRPC limit: one too large for the bus commits nothing, and its
+        // REPLY_TOO_LARGE says to ask for fewer rows.
+        let executor = if checked.kind.is_write() {
+            &self.sql_write_executor
+        } else {
+            &self.sql_executor
+        };
+        let out: OpOutput = executor
             .execute(
                 Operation::Raw(RawSpec {
                     sql: sql.query.clone(),
@@ -287,7 +299,10 @@ impl Handler {
                 &ctx,
             )
             .await
-            .map_err(Status::from)?;
+            .map_err(|e| {
+                let bus_limit = executor.limits().max_response_bytes;
+                Status::from(as_bus_reply_limit(e, checked.kind.is_write(), bus_limit))
+            })?;
         let rows = out.rows;
         Ok(CompletedPayload {
             row_count: rows.len() as u64,
@@ -302,6 +317,32 @@ impl Handler {
             replayed: out.replayed,
             response: None,
         })
+    }
+}
+
+/// The executor's refusal of a write whose rows exceed `limit` (worded for gRPC's
+/// `--max-send-message-size`), reworded for the bus, whose limit it was; other errors as they
+/// are.
+fn as_bus_reply_limit(e: DbError, is_write: bool, limit: usize) -> DbError {
+    let refused = format!("the statement's rows come to more than the {limit} bytes");
+    match &e {
+        DbError::Validation(v)
+            if is_write
+                && v.len() == 1
+                && v[0].field == "sql"
+                && v[0].description.starts_with(&refused) =>
+        {
+            DbError::field(
+                "sql",
+                format!(
+                    "the statement's rows come to more than the {limit} bytes a bus reply \
+                     carries of them (half the producer's message.max.bytes, less room for the \
+                     envelope); nothing was written: return fewer or smaller columns \
+                     (RETURNING), or write fewer rows per request"
+                ),
+            )
+        }
+        _ => e,
     }
 }
 

@@ -92,7 +92,9 @@ pub struct BusArgs {
     #[arg(long, env = "DB_BUS_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub bus_concurrency: u32,
 
-    /// Whether SQL-form requests (OmniClaude) may write. Structured writes are always allowed.
+    /// Whether SQL-form requests (OmniClaude) may write. Structured INSERT, UPDATE, DELETE
+    /// and UPSERT are always allowed; a structured EXECUTE_RAW write follows
+    /// `--raw-sql-writes`, as over gRPC.
     #[arg(long, env = "DB_BUS_SQL_WRITES", default_value_t = true, action = ArgAction::Set)]
     pub bus_sql_writes: bool,
 
@@ -164,6 +166,28 @@ impl BusArgs {
     }
 }
 
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// Room kept in a reply for its envelope (ids, timestamps, counts, keys).
+const ENVELOPE_ROOM: usize = 16 * 1024;
+
+/// The bytes of rows (as the executor counts them: their protobuf size) an SQL-form write may
+/// return: half of what the reply producer's `message.max.bytes` leaves after the envelope.
+/// Half, because the reply carries them as JSON text, which can be larger (numbers written
+/// out, escaped quotes); rows that still grow past the bus's limit get REPLY_TOO_LARGE.
+pub fn sql_write_reply_bytes(settings: &BusSettings) -> usize {
+    let producer = producer_config(settings, svc_kit::kafka::settings());
+    reply_row_bytes(producer.get("message.max.bytes"))
+}
+
+fn reply_row_bytes(message_max_bytes: Option<&str>) -> usize {
+    let max = message_max_bytes
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
+    let room = (max / 4).min(ENVELOPE_ROOM);
+    (max - room) / 2
+}
+
 /// Everything a request task needs.
 struct Worker {
     settings: BusSettings,
@@ -172,6 +196,8 @@ struct Worker {
     handler: Handler,
     producer: FutureProducer,
     shutdown: Shutdown,
+    /// Replies the bus refuses for good ([`give_up`]).
+    give_up_log: LogThrottle,
 }
 
 /// Faults the end-to-end tests inject through `OMNIBUS_FAILPOINT`.
@@ -219,6 +245,13 @@ const REPLAY_BUDGET: Duration = Duration::from_secs(5);
 const APPLIED_CHECK: Duration = Duration::from_secs(2);
 /// The bus consumer is replaced at most this often while brokers stay unreachable.
 const REPLACE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a dead letter is retried before the request it reports is committed without it.
+const DEAD_LETTER_PATIENCE: Duration = Duration::from_secs(60);
+/// The most often a refused reply is logged.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Bounds of the time a write must leave its reply before the deadline ([`reply_margin`]).
+const MIN_REPLY_MARGIN: Duration = Duration::from_millis(500);
+const MAX_REPLY_MARGIN: Duration = Duration::from_secs(5);
 
 /// Runs the worker until shutdown, then lets in-flight requests finish for at most `drain`
 /// (the server's `--shutdown-grace`). Returns an error only when the Kafka clients cannot be
@@ -250,6 +283,7 @@ pub async fn run(
         handler,
         producer,
         shutdown: shutdown.clone(),
+        give_up_log: LogThrottle::default(),
     });
     let permits = Arc::new(Semaphore::new(worker.settings.concurrency));
     // Finished messages, tagged with the consumer generation and the log epoch
@@ -284,10 +318,11 @@ pub async fn run(
                     // consumer meanwhile (`commit_if_advanced`).
                     let now = std::time::Instant::now();
                     if take_replacement(&consumer.context().brokers_down, replaced, now) {
-                        consumer = replace_consumer(consumer, &worker.settings)?;
                         replaced = Some(now);
-                        generation += 1;
-                        tracker = CommitTracker::default();
+                        if replace_consumer(&mut consumer, || subscribe(&worker.settings)) {
+                            generation += 1;
+                            tracker = CommitTracker::default();
+                        }
                     }
                     // When that is due: the brokers may be back by then, and no error comes.
                     let due = consumer
@@ -518,14 +553,36 @@ fn take_replacement(
 /// with new ids). The fresh client joins the group again and starts from the committed
 /// offsets, or from the beginning when there are none; against a broker that kept its data
 /// it simply resumes, and anything redelivered is answered from the request log.
-fn replace_consumer(old: BusConsumer, settings: &BusSettings) -> Result<BusConsumer, String> {
-    let fresh = subscribe(settings)?;
-    tracing::warn!(
-        "all brokers down; replaced the bus consumer (it rejoins the group when they return)"
-    );
-    // Closing a group member may wait for the unreachable coordinator: not on this task.
-    tokio::task::spawn_blocking(move || drop(old));
-    Ok(fresh)
+///
+/// True when it was replaced. When the fresh one cannot be created, the old one is kept (the
+/// worker goes on rather than dying with its requests in flight) and the outage stays
+/// pending: the replacement is tried again after REPLACE_INTERVAL.
+fn replace_consumer(
+    consumer: &mut BusConsumer,
+    fresh: impl FnOnce() -> Result<BusConsumer, String>,
+) -> bool {
+    match fresh() {
+        Ok(fresh) => {
+            let old = std::mem::replace(consumer, fresh);
+            tracing::warn!(
+                "all brokers down; replaced the bus consumer (it rejoins the group when they return)"
+            );
+            // Closing a group member may wait for the unreachable coordinator: not on this task.
+            tokio::task::spawn_blocking(move || drop(old));
+            true
+        }
+        Err(e) => {
+            tracing::error!(
+                "all brokers down, and a fresh bus consumer cannot be created ({e}); keeping \
+                 the current one and trying again in {REPLACE_INTERVAL:?}"
+            );
+            consumer
+                .context()
+                .brokers_down
+                .store(true, Ordering::Relaxed);
+            false
+        }
+    }
 }
 
 /// Records `offset` as finished and commits how far the partition got, if that moved - never
@@ -584,15 +641,18 @@ async fn process(
     origin: &(String, i32, i64),
 ) -> bool {
     let started = std::time::Instant::now();
+    let received = chrono::Utc::now();
     let outgoing = match parse_request(payload.unwrap_or_default(), key) {
         Ok(mut request) => {
             if request.deadline.is_none() {
-                request.deadline = default_deadline(
-                    request.timestamp,
-                    chrono::Utc::now(),
-                    worker.settings.default_timeout,
-                );
+                request.deadline =
+                    default_deadline(request.timestamp, received, worker.settings.default_timeout);
             }
+            let margin = if Handler::may_write(&request) {
+                reply_margin(request.deadline, request.timestamp, received)
+            } else {
+                Duration::ZERO
+            };
             // The request's trace (envelope field, else Kafka header) or a new one.
             let trace_id = request
                 .traceparent
@@ -616,7 +676,7 @@ async fn process(
                 {
                     panic!("fail point bus-panic");
                 }
-                execute(worker, &request).await
+                execute(worker, &request, margin).await
             })
             .instrument(span.clone())
             .await;
@@ -718,7 +778,13 @@ fn default_deadline(
 /// (the deadline passed while it waited for a connection, on the request-log row of a
 /// duplicate that then committed, or in a slow replay). While the log cannot be read, the
 /// request waits like any other.
-async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
+///
+/// A write must also be done `margin` before its deadline ([`reply_margin`]): one with less
+/// time left is not started (its reply would reach the caller after it gave up and, for
+/// OmniClaude, wrote directly), and an attempt's statements end that much earlier. A read
+/// past its deadline is answered TIMEOUT at once: it cannot have written anything, so there
+/// is no request log to read (which would wait while the database is down).
+async fn execute(worker: &Worker, request: &BusRequest, margin: Duration) -> Option<Reply> {
     let mut backoff = Duration::from_millis(100);
     let mut warned = false;
     // The request log holds this write's result: replay it, with REPLAY_BUDGET.
@@ -726,28 +792,27 @@ async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
     loop {
         let remaining = match request.deadline {
             _ if replay => Some(REPLAY_BUDGET),
-            Some(deadline) => {
-                let left = deadline - chrono::Utc::now();
-                match left.to_std() {
-                    Ok(left) if !left.is_zero() => Some(left),
-                    _ => match worker.handler.already_applied(request).await {
-                        Ok(true) => {
-                            replay = true;
-                            Some(REPLAY_BUDGET)
-                        }
-                        Ok(false) => return Some(deadline_passed(deadline)),
-                        Err(e) => {
-                            let why = e.to_string();
-                            if !wait_for_database(worker, backoff, &mut warned, request, &why).await
-                            {
-                                return None;
-                            }
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
-                            continue;
-                        }
-                    },
+            Some(deadline) => match attempt_budget(deadline, chrono::Utc::now(), margin) {
+                Some(left) => Some(left),
+                None if !Handler::may_write(request) => {
+                    return Some(deadline_passed(deadline, margin));
                 }
-            }
+                None => match worker.handler.already_applied(request).await {
+                    Ok(true) => {
+                        replay = true;
+                        Some(REPLAY_BUDGET)
+                    }
+                    Ok(false) => return Some(deadline_passed(deadline, margin)),
+                    Err(e) => {
+                        let why = e.to_string();
+                        if !wait_for_database(worker, backoff, &mut warned, request, &why).await {
+                            return None;
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                },
+            },
             None => None,
         };
         let why = match worker.handler.attempt(request, remaining).await {
@@ -780,14 +845,48 @@ async fn execute(worker: &Worker, request: &BusRequest) -> Option<Reply> {
     }
 }
 
-/// The reply to a request whose deadline passed before it could be executed.
-fn deadline_passed(deadline: bus_protocol::Deadline) -> Reply {
-    Reply::Failed(failed(
-        codes::TIMEOUT,
+/// The time an attempt may take: what is left before `deadline` less `margin`; None when
+/// nothing is.
+fn attempt_budget(
+    deadline: bus_protocol::Deadline,
+    now: chrono::DateTime<chrono::Utc>,
+    margin: Duration,
+) -> Option<Duration> {
+    let left = (deadline - now).to_std().ok()?;
+    left.checked_sub(margin).filter(|left| !left.is_zero())
+}
+
+/// The time a write's reply is given to reach its caller before the deadline: a tenth of the
+/// request's whole timeout (from when it was sent, or received if later or unknown, to its
+/// deadline), at least MIN_REPLY_MARGIN and at most MAX_REPLY_MARGIN. Zero without a deadline.
+fn reply_margin(
+    deadline: Option<bus_protocol::Deadline>,
+    sent: Option<chrono::DateTime<chrono::Utc>>,
+    received: chrono::DateTime<chrono::Utc>,
+) -> Duration {
+    let Some(deadline) = deadline else {
+        return Duration::ZERO;
+    };
+    let start = sent.map_or(received, |t| t.min(received));
+    let timeout = (deadline - start).to_std().unwrap_or_default();
+    (timeout / 10).clamp(MIN_REPLY_MARGIN, MAX_REPLY_MARGIN)
+}
+
+/// The reply to a request whose deadline passed (or, for a write, came within `margin`)
+/// before it could be executed.
+fn deadline_passed(deadline: bus_protocol::Deadline, margin: Duration) -> Reply {
+    let message = if margin.is_zero() {
         format!(
             "the request's deadline ({deadline}) passed before it could be executed; nothing was done"
-        ),
-    ))
+        )
+    } else {
+        format!(
+            "the request's deadline ({deadline}) was less than {} ms away before it could be \
+             executed, too close for a write and its reply; nothing was done",
+            margin.as_millis()
+        )
+    };
+    Reply::Failed(failed(codes::TIMEOUT, message))
 }
 
 /// The reply to a request whose execution panicked.
@@ -830,24 +929,39 @@ async fn wait_for_database(
 /// request's payload), or the partition would stall on it forever. When even that is too
 /// large (what is left is the request's own correlation id or key, echoed), the request is
 /// left unanswered and its offset committed: no reply can carry it.
+///
+/// Other refusals that no retry can change (the topic does not exist or may not be written,
+/// the broker refuses the record: [`Refusal::Permanent`]) leave the request unanswered and
+/// committed too, logged (at most every LOG_EVERY) and counted: retried, they would hold a
+/// processing slot and every later commit of the partition forever, and again after a restart.
+/// A dead letter (diagnostics of a request nobody waits for) is given up after
+/// DEAD_LETTER_PATIENCE of failures of any kind: a dead-letter topic that refuses it in a
+/// way librdkafka retries until `message.timeout.ms` (a compacted one refusing a record without
+/// a key, on brokers that report it as a corrupt message) must not stall the requests either.
 async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
     let mut message = encode_outgoing(worker, &outgoing);
     let mut replaced = false;
     let mut backoff = Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let dead_letter = matches!(outgoing, Outgoing::DeadLetter { .. });
     loop {
         let (topic, key, bytes) = &message;
         let mut record = FutureRecord::to(topic).payload(bytes);
         if !key.is_empty() {
             record = record.key(key);
         }
-        match worker.producer.send(record, Duration::from_secs(10)).await {
+        let e = match worker.producer.send(record, Duration::from_secs(10)).await {
             Ok(_) => return true,
-            Err((e, _)) if is_too_large(&e) && !replaced => {
+            Err((e, _)) => e,
+        };
+        match refusal(&e) {
+            Refusal::TooLarge if !replaced => {
                 tracing::warn!(topic = %topic, bytes = bytes.len(), "the reply is too large for the bus ({e}); sending a small one instead");
                 message = encode_outgoing(worker, &too_large(&outgoing, bytes.len()));
                 replaced = true;
+                continue;
             }
-            Err((e, _)) if is_too_large(&e) => {
+            Refusal::TooLarge => {
                 tracing::error!(
                     topic = %topic,
                     bytes = bytes.len(),
@@ -858,7 +972,20 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
                 svc_kit::metrics::counter!("db_bus_unanswerable_total").increment(1);
                 return true;
             }
-            Err((e, _)) => {
+            Refusal::Permanent => {
+                give_up(worker, topic, &e, "the bus refuses it");
+                return true;
+            }
+            Refusal::Transient if dead_letter && started.elapsed() >= DEAD_LETTER_PATIENCE => {
+                give_up(
+                    worker,
+                    topic,
+                    &e,
+                    "a dead letter, still refused after retries",
+                );
+                return true;
+            }
+            Refusal::Transient => {
                 tracing::warn!(topic = %topic, "cannot publish the reply ({e}); retrying");
                 tokio::select! {
                     _ = worker.shutdown.triggered() => return false,
@@ -867,6 +994,76 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+/// Leaves a request unanswered (its offset is committed): logged at most every LOG_EVERY
+/// (with how many went unlogged; a missing reply topic refuses every reply), always counted.
+fn give_up(worker: &Worker, topic: &str, e: &KafkaError, why: &str) {
+    svc_kit::metrics::counter!("db_bus_unanswerable_total").increment(1);
+    if let Some(unlogged) = worker.give_up_log.allow(std::time::Instant::now()) {
+        tracing::error!(
+            topic,
+            unlogged,
+            "cannot publish the reply or dead letter ({e}): {why}; the request is left \
+             unanswered and committed (db_bus_unanswerable_total counts them)"
+        );
+    }
+}
+
+/// What a failed publish means for the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// Larger than the producer or broker accepts: a smaller message may go through.
+    TooLarge,
+    /// The same message will be refused again however long it is retried.
+    Permanent,
+    /// The broker is unreachable, busy or electing a leader: retried.
+    Transient,
+}
+
+fn refusal(e: &KafkaError) -> Refusal {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge) => {
+            Refusal::TooLarge
+        }
+        // librdkafka reports a topic or partition missing from the cluster only after
+        // waiting `topic.metadata.propagation.max.ms` for it (30 s) on a fresh topic.
+        Some(
+            C::UnknownTopic
+            | C::UnknownPartition
+            | C::UnknownTopicOrPartition
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidRecord
+            | C::InvalidRequiredAcks
+            | C::UnsupportedForMessageFormat
+            | C::PolicyViolation
+            | C::BadMessage,
+        ) => Refusal::Permanent,
+        _ => Refusal::Transient,
+    }
+}
+
+/// At most one log line every LOG_EVERY, counting the ones it held back.
+#[derive(Default)]
+struct LogThrottle {
+    last: parking_lot::Mutex<Option<std::time::Instant>>,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    /// Some(lines held back since the last one) when a line may be logged now.
+    fn allow(&self, now: std::time::Instant) -> Option<u64> {
+        let mut last = self.last.lock();
+        if last.is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.held_back.swap(0, Ordering::Relaxed))
     }
 }
 
@@ -897,14 +1094,6 @@ fn encode_outgoing(worker: &Worker, outgoing: &Outgoing) -> (String, String, Vec
             )
         }
     }
-}
-
-fn is_too_large(e: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize)
-    )
 }
 
 /// The small stand-in for an outgoing message of `bytes` bytes that the bus refused.
@@ -1074,7 +1263,7 @@ mod tests {
         };
         let past = Utc.with_ymd_and_hms(2020, 1, 1, 0, 0, 0).unwrap();
         same(
-            failed(deadline_passed(past)),
+            failed(deadline_passed(past, Duration::ZERO)),
             failed_from_status(&DbError::Timeout("x".into()).into()),
         );
         let rejection = bus_protocol::parse_request(b"{not json", Some(b"cid")).unwrap_err();
@@ -1098,6 +1287,158 @@ mod tests {
         let f = failed(reply);
         assert_eq!(f.error_code, codes::REPLY_TOO_LARGE);
         assert!(!f.retryable);
+    }
+
+    #[test]
+    fn refusals_no_retry_can_change_are_permanent() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let produce = |code| refusal(&KafkaError::MessageProduction(code));
+        for code in [
+            C::UnknownTopic,
+            C::UnknownPartition,
+            C::UnknownTopicOrPartition,
+            C::TopicAuthorizationFailed,
+            C::ClusterAuthorizationFailed,
+            C::InvalidRecord,
+            C::InvalidTopic,
+            C::PolicyViolation,
+        ] {
+            assert_eq!(produce(code), Refusal::Permanent, "{code:?}");
+        }
+        for code in [
+            C::MessageSizeTooLarge,
+            C::InvalidMessageSize,
+            C::MessageBatchTooLarge,
+        ] {
+            assert_eq!(produce(code), Refusal::TooLarge, "{code:?}");
+        }
+        // What a broker outage, a leader election or a full queue looks like: waited out.
+        for code in [
+            C::MessageTimedOut,
+            C::AllBrokersDown,
+            C::BrokerTransportFailure,
+            C::NotLeaderForPartition,
+            C::LeaderNotAvailable,
+            C::NotEnoughReplicas,
+            C::QueueFull,
+            C::RequestTimedOut,
+            C::InvalidMessage,
+        ] {
+            assert_eq!(produce(code), Refusal::Transient, "{code:?}");
+        }
+        assert_eq!(refusal(&KafkaError::Canceled), Refusal::Transient);
+    }
+
+    #[test]
+    fn a_refusal_repeated_for_every_reply_is_logged_once_per_interval() {
+        let throttle = LogThrottle::default();
+        let start = std::time::Instant::now();
+        assert_eq!(throttle.allow(start), Some(0));
+        for i in 1..=5 {
+            assert_eq!(throttle.allow(start + Duration::from_secs(i)), None);
+        }
+        assert_eq!(
+            throttle.allow(start + LOG_EVERY),
+            Some(5),
+            "with the count held back"
+        );
+        assert_eq!(throttle.allow(start + LOG_EVERY), None);
+    }
+
+    #[tokio::test]
+    async fn a_consumer_that_cannot_be_replaced_is_kept_and_replaced_later() {
+        let settings = BusSettings {
+            brokers: "127.0.0.1:1".into(),
+            topics: Topics::default(),
+            group_id: "db-svc-test".into(),
+            concurrency: 1,
+            sql_writes: false,
+            session_timeout: Duration::from_secs(10),
+            service: "db-svc".into(),
+            default_timeout: None,
+        };
+        let mut consumer = subscribe(&settings).unwrap();
+        consumer.context().assigned.store(true, Ordering::Relaxed);
+        let (down, now) = (&consumer.context().brokers_down, std::time::Instant::now());
+        down.store(true, Ordering::Relaxed);
+        assert!(take_replacement(down, None, now));
+        let kept: *const BusContext = consumer.context().as_ref();
+        assert!(!replace_consumer(&mut consumer, || Err("no client".into())));
+        assert!(
+            std::ptr::eq(kept, consumer.context().as_ref()),
+            "the old one kept"
+        );
+        // Still pending: tried again once the interval has passed, not before.
+        let down = &consumer.context().brokers_down;
+        assert!(!take_replacement(
+            down,
+            Some(now),
+            now + Duration::from_secs(1)
+        ));
+        assert!(take_replacement(down, Some(now), now + REPLACE_INTERVAL));
+        assert!(replace_consumer(&mut consumer, || subscribe(&settings)));
+        assert!(!std::ptr::eq(kept, consumer.context().as_ref()), "replaced");
+    }
+
+    #[test]
+    fn a_write_needs_its_reply_margin_left_to_start() {
+        let now = Utc.with_ymd_and_hms(2026, 12, 2, 12, 0, 0).unwrap();
+        let ms = chrono::Duration::milliseconds;
+        // OmniClaude's 5 s: half a second; a 20 s timeout: 2 s; bounded both ways.
+        assert_eq!(
+            reply_margin(Some(now + ms(5000)), Some(now), now),
+            MIN_REPLY_MARGIN
+        );
+        assert_eq!(
+            reply_margin(Some(now + ms(20_000)), Some(now - ms(3000)), now),
+            Duration::from_millis(2300)
+        );
+        assert_eq!(
+            reply_margin(Some(now + ms(3_600_000)), Some(now), now),
+            MAX_REPLY_MARGIN
+        );
+        assert_eq!(
+            reply_margin(Some(now + ms(20_000)), None, now),
+            Duration::from_secs(2),
+            "from its receipt"
+        );
+        assert_eq!(reply_margin(None, Some(now), now), Duration::ZERO);
+        // The budget of an attempt is what is left less the margin; nothing is too late.
+        let deadline = now + ms(1500);
+        assert_eq!(
+            attempt_budget(deadline, now, MIN_REPLY_MARGIN),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            attempt_budget(deadline, now + ms(1000), MIN_REPLY_MARGIN),
+            None
+        );
+        assert_eq!(
+            attempt_budget(deadline, now + ms(1200), MIN_REPLY_MARGIN),
+            None
+        );
+        // A read (no margin) runs until the deadline itself.
+        assert_eq!(
+            attempt_budget(deadline, now + ms(1200), Duration::ZERO),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(
+            attempt_budget(deadline, now + ms(2000), Duration::ZERO),
+            None
+        );
+    }
+
+    #[test]
+    fn sql_writes_return_what_a_reply_can_carry() {
+        // librdkafka's default: about half a megabyte of rows.
+        assert_eq!(reply_row_bytes(None), (1_000_000 - ENVELOPE_ROOM) / 2);
+        assert_eq!(
+            reply_row_bytes(Some("4000000")),
+            (4_000_000 - ENVELOPE_ROOM) / 2
+        );
+        // A tiny limit keeps three quarters of itself; an unreadable one is the default.
+        assert_eq!(reply_row_bytes(Some("1000")), 375);
+        assert_eq!(reply_row_bytes(Some("lots")), reply_row_bytes(None));
     }
 
     #[test]

@@ -1,0 +1,351 @@
+//! The bus worker's refusals, end to end against the real broker and PostgreSQL: replies the
+//! broker refuses for good, SQL-form writes whose rows no reply can carry, writes with too
+//! little time left, reads past their deadline while PostgreSQL is down, and a worker that
+//! cannot start.
+
+use std::time::Duration;
+
+use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce, start_db_svc};
+use omnibus_tests::{ServiceSpec, TestDatabase};
+use serde_json::{Value, json};
+
+/// The first request may wait for the worker's consumer-group join.
+const FIRST_REPLY: Duration = Duration::from_secs(40);
+const REPLY: Duration = Duration::from_secs(20);
+
+fn group() -> String {
+    format!("db-svc-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+}
+
+async fn count_rows(db: &TestDatabase, sql: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("count")
+}
+
+async fn send(topic: &str, envelope: &Value) {
+    produce(topic, None, &serde_json::to_vec(envelope).unwrap(), "none")
+        .await
+        .unwrap();
+}
+
+/// Sends a query and waits for its reply: the worker has joined its group.
+async fn warm_up(tap: &mut Tap, topic: &str) {
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        topic,
+        &omniclaude_envelope(&c, "QUERY", None, "SELECT 1 AS one", json!([])),
+    )
+    .await;
+    tap.reply_for(&c, FIRST_REPLY).unwrap();
+}
+
+/// The sum of `group`'s committed offsets on `topic`, once it reaches `want` (or after REPLY).
+fn committed_total(group: &str, topic: &str, want: i64) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", omnibus_tests::kafka_brokers())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let metadata = reader
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition(topic, p.id());
+    }
+    let deadline = std::time::Instant::now() + REPLY;
+    loop {
+        let offsets = reader
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .unwrap();
+        let sum: i64 = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .sum();
+        if sum >= want || std::time::Instant::now() > deadline {
+            return sum;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A failed-reply topic and a dead-letter topic that do not exist (and are not created on
+/// demand): the replies and dead letters the broker refuses for good are given up, logged and
+/// the requests committed, instead of being retried forever with the partition's later
+/// commits held back behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_the_broker_refuses_for_good_are_committed_not_retried_forever() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let group = group();
+    let t = topics.topics.clone();
+    let missing = format!("omnibus-missing-{}", uuid::Uuid::new_v4().simple());
+    let mut args = topics.db_svc_args(&group);
+    for (flag, topic) in [("--failed-topic", "failed"), ("--dead-letter-topic", "dlq")] {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1] = format!("{missing}.{topic}");
+    }
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(args)
+        // The topics are not created by the replies, and found missing within a second.
+        .args([
+            "--kafka-config",
+            "allow.auto.create.topics=false",
+            "--kafka-config",
+            "topic.metadata.propagation.max.ms=1000",
+        ])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    let mut tap = Tap::new(&[&t.completed]).unwrap();
+    warm_up(&mut tap, &t.request).await;
+
+    // A FAILED reply (to the missing topic), a dead letter (no correlation id: to the missing
+    // topic), then a request answered on the completed topic.
+    let bad = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &omniclaude_envelope(
+            &bad,
+            "QUERY",
+            None,
+            "SELECT * FROM no_such_table",
+            json!([]),
+        ),
+    )
+    .await;
+    send(
+        &t.request,
+        &json!({"event_type": "DATABASE_QUERY_REQUESTED", "payload": {}}),
+    )
+    .await;
+    let good = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &omniclaude_envelope(&good, "QUERY", None, "SELECT 1 AS one", json!([])),
+    )
+    .await;
+    tap.reply_for(&good, REPLY).unwrap();
+
+    // All four requests are committed, the two unanswerable ones included.
+    let committed = committed_total(&group, &t.request, 4);
+    assert_eq!(committed, 4, "{}", svc.logs());
+    assert!(
+        svc.logs().contains("the bus refuses it"),
+        "the refusal is logged:\n{}",
+        svc.logs()
+    );
+}
+
+/// An SQL-form write whose returned rows are more than a bus reply carries is refused and
+/// rolled back before it commits: OmniClaude, with no request id to fetch a recorded result
+/// with, would otherwise be told REPLY_TOO_LARGE for a write that happened, and write again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_commits() {
+    use sqlx::Connection;
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // ~2 MB of action_details, returned by the update below.
+    omnibus_tests::db::insert_padded_actions(&mut conn, "big-write", 2000, 1000).await;
+    warm_up(&mut tap, &t.request).await;
+
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &omniclaude_envelope(
+            &c,
+            "UPDATE",
+            Some("agent_actions"),
+            "UPDATE agent_actions SET action_name = 'updated' WHERE agent_name = $1 \
+             RETURNING action_details",
+            json!(["big-write"]),
+        ),
+    )
+    .await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.failed, "{reply:?}");
+    let payload = &reply.json["payload"];
+    assert_eq!(payload["error_code"], "VALIDATION_ERROR", "{reply:?}");
+    let error = payload["error"].as_str().unwrap();
+    assert!(
+        error.contains("bus reply") && error.contains("nothing was written"),
+        "{error}"
+    );
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE action_name = 'updated'"
+        )
+        .await,
+        0,
+        "rolled back"
+    );
+
+    // A write returning little, and a read of more than the write limit, still go through.
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &omniclaude_envelope(
+            &c,
+            "UPDATE",
+            Some("agent_actions"),
+            "UPDATE agent_actions SET action_name = 'updated' WHERE agent_name = $1 RETURNING id",
+            json!(["big-write"]),
+        ),
+    )
+    .await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+    assert_eq!(reply.json["payload"]["rows_affected"], json!(1000));
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &omniclaude_envelope(
+            &c,
+            "QUERY",
+            Some("agent_actions"),
+            "SELECT action_details FROM agent_actions WHERE agent_name = $1 LIMIT 300",
+            json!(["big-write"]),
+        ),
+    )
+    .await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "~600 KB of rows: {reply:?}");
+    assert_eq!(reply.json["payload"]["row_count"], json!(300));
+}
+
+/// A write picked up with less time left than its reply needs (a tenth of its timeout, at
+/// least 500 ms) is answered TIMEOUT without writing: executed, its reply would reach the
+/// caller after it gave up and wrote directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_with_too_little_time_left_is_not_started() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    warm_up(&mut tap, &t.request).await;
+
+    // A 20 s timeout (a 2 s margin), sent `ago` before now.
+    let insert = |agent: &str, ago: chrono::Duration| {
+        let c = uuid::Uuid::new_v4().to_string();
+        let mut env = omniclaude_envelope(
+            &c,
+            "INSERT",
+            None,
+            "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+             VALUES ($1, $2, 'x', 'y')",
+            json!([uuid::Uuid::new_v4().to_string(), agent]),
+        );
+        env["timestamp"] = json!(rfc3339(chrono::Utc::now() - ago));
+        env["payload"]["timeout_ms"] = json!(20_000);
+        (c, env)
+    };
+    // About 1.5 s left: enough to insert a row, not enough to be sure the reply is in time.
+    let (late, env) = insert("too-late", chrono::Duration::milliseconds(18_500));
+    send(&t.request, &env).await;
+    let reply = tap.reply_for(&late, REPLY).unwrap();
+    assert_eq!(reply.topic, t.failed, "{reply:?}");
+    assert_eq!(reply.json["payload"]["error_code"], "TIMEOUT", "{reply:?}");
+    // With the whole timeout left, the same write goes through.
+    let (in_time, env) = insert("in-time", chrono::Duration::zero());
+    send(&t.request, &env).await;
+    let reply = tap.reply_for(&in_time, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name IN ('too-late', 'in-time')"
+        )
+        .await,
+        1
+    );
+    let written = count_rows(
+        &db,
+        "SELECT count(*) FROM agent_actions WHERE agent_name = 'in-time'",
+    )
+    .await;
+    assert_eq!(written, 1);
+}
+
+/// A read past its deadline is answered TIMEOUT at once, also while PostgreSQL is
+/// unreachable: it cannot have written anything, so there is no request log to wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_past_its_deadline_is_answered_at_once_while_the_database_is_down() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let pg: std::net::SocketAddr = {
+        let url = url::Url::parse(&db.url).unwrap();
+        format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+            .parse()
+            .unwrap()
+    };
+    let proxy = omnibus_tests::proxy::Proxy::start(pg).await.unwrap();
+    let mut via_proxy = url::Url::parse(&db.url).unwrap();
+    via_proxy.set_port(Some(proxy.addr.port())).unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", via_proxy.as_str())
+        .args(topics.db_svc_args(&group()))
+        .args(["--db-acquire-timeout", "1s"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    warm_up(&mut tap, &t.request).await;
+
+    proxy.down();
+    let c = uuid::Uuid::new_v4().to_string();
+    let mut env = omniclaude_envelope(&c, "QUERY", None, "SELECT 1 AS one", json!([]));
+    env["payload"]["deadline"] = json!("2020-01-01T00:00:00Z");
+    let sent = std::time::Instant::now();
+    send(&t.request, &env).await;
+    let reply = tap.reply_for(&c, Duration::from_secs(10));
+    let took = sent.elapsed();
+    proxy.up();
+    let reply = reply.unwrap_or_else(|e| panic!("{e}: {}", svc.logs()));
+    assert_eq!(reply.json["payload"]["error_code"], "TIMEOUT", "{reply:?}");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+}
+
+/// A bus worker that cannot start (librdkafka refuses its settings) stops db-svc, which exits
+/// non-zero, instead of serving gRPC as healthy with nobody answering the bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_worker_that_cannot_start_stops_db_svc_with_an_error() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(topics.db_svc_args(&group()))
+        .args(["--kafka-config", "no.such.property=1"])
+        .spawn()
+        .unwrap();
+    let status = svc
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", svc.logs()));
+    assert!(!status.success(), "{status:?}: {}", svc.logs());
+    let logs = svc.logs();
+    assert!(
+        logs.contains("event-bus worker failed") && logs.contains("no.such.property"),
+        "{logs}"
+    );
+}
