@@ -192,14 +192,33 @@ fn timestamp(s: &str, allow_naive: bool) -> Result<DateTime<Utc>, DbError> {
         // nanoseconds, which ends in 2262 (and `9999-12-31` is a common "no end").
         let rem = i64::from(t.timestamp_subsec_nanos() % 1000);
         let step = if rem >= 500 { 1000 - rem } else { -rem };
-        return t
+        let t = t
             .checked_add_signed(chrono::TimeDelta::nanoseconds(step))
-            .ok_or_else(|| DbError::field("", format!("'{s}' is out of range")));
+            .ok_or_else(|| DbError::field("", format!("'{s}' is out of range")))?;
+        // PostgreSQL's latest timestamp (294276 AD) lies beyond chrono's (262143), which the
+        // parsers already refuse; its earliest is checked here.
+        if t < pg_min_date().and_time(chrono::NaiveTime::MIN).and_utc() {
+            return Err(before_pg_min(s));
+        }
+        return Ok(t);
     }
     Err(DbError::field(
         "",
         format!("'{s}' is not an RFC 3339 timestamp (e.g. 2024-01-31T12:00:00Z)"),
     ))
+}
+
+/// PostgreSQL's first date and timestamp: 4714-11-24 BC (Julian day 0), year -4713 in ISO
+/// 8601's signed years. Its last date (5874897 AD) is beyond chrono's, as is its last timestamp.
+fn pg_min_date() -> NaiveDate {
+    NaiveDate::from_ymd_opt(-4713, 11, 24).unwrap_or(NaiveDate::MIN)
+}
+
+fn before_pg_min(s: &str) -> DbError {
+    DbError::field(
+        "",
+        format!("'{s}' is before PostgreSQL's earliest date, 4714-11-24 BC (-4713-11-24)"),
+    )
 }
 
 /// [`to_param`] for a value to be stored in a column declared as `sql_type` (`format_type`'s
@@ -217,12 +236,15 @@ pub fn to_stored_param(ty: ColType, sql_type: &str, value: &Json) -> Result<Para
         && let Some((precision, scale)) = numeric_typmod(sql_type)
         && !numeric_fits(d, precision, scale)
     {
+        let digits = precision - scale;
+        let limit = if digits > 0 {
+            format!("at most {digits} digit(s) before the point")
+        } else {
+            format!("it must round to an absolute value below 10^{digits}")
+        };
         return Err(DbError::field(
             "",
-            format!(
-                "{d} is out of range for {sql_type}: at most {} digit(s) before the point",
-                precision - scale
-            ),
+            format!("{d} is out of range for {sql_type}: {limit}"),
         ));
     }
     if let Param::Text(text) = &param
@@ -237,8 +259,24 @@ pub fn to_stored_param(ty: ColType, sql_type: &str, value: &Json) -> Result<Para
             ),
         ));
     }
+    // PostgreSQL's text -> name cast cuts a longer value to 63 bytes without a word.
+    if let Param::Text(text) = &param
+        && sql_type == "name"
+        && text.len() > NAME_MAX_BYTES
+    {
+        return Err(DbError::field(
+            "",
+            format!(
+                "value too long for name: {} bytes (at most {NAME_MAX_BYTES})",
+                text.len()
+            ),
+        ));
+    }
     Ok(param)
 }
+
+/// The longest `name` PostgreSQL keeps (NAMEDATALEN - 1), in bytes.
+const NAME_MAX_BYTES: usize = 63;
 
 /// The length limit of `character varying(n)` / `character(n)`.
 fn char_limit(sql_type: &str) -> Option<usize> {
@@ -255,29 +293,36 @@ fn too_long(text: &str, limit: usize) -> bool {
     text.chars().skip(limit).any(|c| c != ' ')
 }
 
-/// The precision and scale of `numeric(p,s)` / `numeric(p)`.
-fn numeric_typmod(sql_type: &str) -> Option<(u32, u32)> {
+/// The precision and scale of `numeric(p,s)` / `numeric(p)`. Since PostgreSQL 15 the scale
+/// may be negative (`numeric(5,-2)` rounds to hundreds) or above the precision.
+fn numeric_typmod(sql_type: &str) -> Option<(i64, i64)> {
     let args = sql_type.strip_prefix("numeric(")?.strip_suffix(')')?;
     let (p, s) = args.split_once(',').unwrap_or((args, "0"));
     Some((p.trim().parse().ok()?, s.trim().parse().ok()?))
 }
 
-/// Whether `d`, rounded to `scale` places as PostgreSQL rounds (half away from zero), has at
-/// most `precision - scale` digits before the point.
-fn numeric_fits(d: &Decimal, precision: u32, scale: u32) -> bool {
-    let Some(int_digits) = precision.checked_sub(scale) else {
-        // PostgreSQL 15 allows a scale above the precision: only zero and small fractions.
-        return true;
+/// Whether `d`, rounded to `scale` places as PostgreSQL rounds (half away from zero; a
+/// negative scale rounds to tens, hundreds, ...), is below 10^(precision - scale) in magnitude,
+/// which is what `numeric(precision, scale)` requires. Counted in integers: `d` * 10^scale,
+/// rounded, must have at most `precision` digits.
+fn numeric_fits(d: &Decimal, precision: i64, scale: i64) -> bool {
+    let digits = |n: u128| n.checked_ilog10().map_or(0, |l| i64::from(l) + 1);
+    // d = m / 10^d.scale(), with m below 2^96 (< 10^29).
+    let m = d.mantissa().unsigned_abs();
+    let shift = scale - i64::from(d.scale());
+    let scaled_digits = if m == 0 {
+        0
+    } else if shift >= 0 {
+        digits(m) + shift
+    } else if shift < -38 {
+        // 10^39 would not fit a u128; m / 10^39 rounds to 0 anyway.
+        0
+    } else {
+        let unit = 10u128.pow(u32::try_from(-shift).unwrap_or(38));
+        let (q, r) = (m / unit, m % unit);
+        digits(if r >= unit - r { q + 1 } else { q })
     };
-    let rounded = d
-        .round_dp_with_strategy(scale, rust_decimal::RoundingStrategy::MidpointAwayFromZero)
-        .abs()
-        .trunc();
-    // A Decimal has at most 28 integer digits; a limit beyond that holds every value.
-    if int_digits >= 28 {
-        return true;
-    }
-    rounded < Decimal::from_i128_with_scale(10i128.pow(int_digits), 0)
+    scaled_digits <= precision
 }
 
 /// Converts a JSON value to a bind parameter for a column of type `ty`. JSON null is SQL NULL.
@@ -322,6 +367,19 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
         }
         ColType::Numeric => {
             let text = match value {
+                // A double this large is an integer that may be the rounding of another one
+                // (2^60 would also print as 1152921504606847000), as for bigint.
+                Json::Number(n)
+                    if n.is_f64() && n.as_f64().is_some_and(|f| f.abs() >= EXACT_INT as f64) =>
+                {
+                    return Err(DbError::field(
+                        "",
+                        format!(
+                            "{n} is outside ±(2^53 - 1): as a double it may be the rounding of \
+                             another number; send a numeric this large as a decimal string"
+                        ),
+                    ));
+                }
                 // serde_json prints the shortest text that reads back as the same double:
                 // 0.95 stays 0.95 rather than 0.9499999999999999555910790149937.
                 Json::Number(n) => n.to_string(),
@@ -357,6 +415,19 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
         },
         // Both are sent as jsonb (sqlx's `Json`), which refuses U+0000 in strings.
         ColType::Json | ColType::Jsonb if has_nul(value) => return Err(nul_error()),
+        // Stored, it could not be read back (see `VALUE_MAX_LEVELS`).
+        ColType::Json | ColType::Jsonb if value_levels(value) > VALUE_MAX_LEVELS => {
+            return Err(DbError::field(
+                "",
+                format!(
+                    "a JSON value nested {} levels deep is nested too deeply: it would need {} \
+                     nested protobuf messages, at most {VALUE_MAX_LEVELS} fit in a response \
+                     (an object level takes 3, a list level 2)",
+                    value_depth(value),
+                    value_levels(value)
+                ),
+            ));
+        }
         ColType::Json => Param::Json(value.clone()),
         ColType::Jsonb => Param::Jsonb(value.clone()),
         ColType::Timestamptz => match value {
@@ -368,10 +439,14 @@ pub fn to_param(ty: ColType, value: &Json) -> Result<Param, DbError> {
             other => return Err(type_error(ty, other)),
         },
         ColType::Date => match value {
-            Json::String(s) => Param::Date(
-                NaiveDate::parse_from_str(s, "%Y-%m-%d")
-                    .map_err(|_| DbError::field("", format!("'{s}' is not a YYYY-MM-DD date")))?,
-            ),
+            Json::String(s) => {
+                let date = NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                    .map_err(|_| DbError::field("", format!("'{s}' is not a YYYY-MM-DD date")))?;
+                if date < pg_min_date() {
+                    return Err(before_pg_min(s));
+                }
+                Param::Date(date)
+            }
             other => return Err(type_error(ty, other)),
         },
         ColType::Other => return Err(unsupported_type()),
@@ -827,13 +902,42 @@ fn json_text<'r>(
     }
 }
 
-/// Deepest JSON nesting the transcoders follow (serde_json stops at its 128th level).
-/// PostgreSQL stores deeper documents; protobuf readers mostly refuse far shallower ones anyway.
-pub const JSON_MAX_DEPTH: usize = 127;
+/// How many protobuf messages deep a decoder may go: prost's `RECURSION_LIMIT`, and the
+/// default of the Java, C++, C# and Python (upb) runtimes. A response that nests deeper is
+/// refused whole by such a client, as a decode error that names nothing.
+const PROTOBUF_MAX_DEPTH: usize = 100;
 
-/// How deeply the arrays and objects of the JSON text `json` nest (strings skipped).
-pub fn json_depth(json: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+/// The messages a response wraps around a column's `Value`: the response itself is not
+/// counted, then the row's `Struct` (1), its map entry (2) and the `Value` (3). The same for
+/// every response that carries rows (`rows` is field 1 of each), and for request rows.
+const COLUMN_VALUE_DEPTH: usize = 3;
+
+/// Kept free below the limit: a runtime that counts one or two levels more still decodes.
+const DEPTH_MARGIN: usize = 2;
+
+/// How many nested protobuf messages a column value may take, its own `Value` included (see
+/// [`json_levels`]): 96, about 31 nested objects or 47 nested lists. Deeper JSON is refused
+/// on output (UNREPRESENTABLE_VALUE naming the column) and on input.
+pub const VALUE_MAX_LEVELS: usize = PROTOBUF_MAX_DEPTH - (COLUMN_VALUE_DEPTH - 1) - DEPTH_MARGIN;
+
+/// The error a transcoder stops with past [`VALUE_MAX_LEVELS`]; [`json_error`] names it.
+pub(crate) const TOO_DEEP: &str = "nested too deeply";
+
+/// Protobuf message levels of each JSON container kind: a list is a `Value` holding a
+/// `ListValue` whose items are `Value`s (2 per level); an object is a `Value` holding a
+/// `Struct` whose members are map entries holding `Value`s (3 per level).
+pub(crate) const LIST_LEVELS: usize = 2;
+pub(crate) const OBJECT_LEVELS: usize = 3;
+
+/// How deeply the JSON text `json` nests (strings skipped): its arrays and objects, and the
+/// protobuf messages its `google.protobuf.Value` nests (the outer `Value` is level 1; an empty
+/// list or object still has its `ListValue` / `Struct`).
+pub fn json_levels(json: &[u8]) -> (usize, usize) {
+    let mut open: Vec<usize> = Vec::new();
+    // The level of a `Value` starting here.
+    let mut level = 1;
+    let (mut depth, mut levels) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
     for &b in json {
         if in_string {
             match (escaped, b) {
@@ -845,29 +949,70 @@ pub fn json_depth(json: &[u8]) -> usize {
             continue;
         }
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
+                levels = levels.max(level + 1);
+                let cost = if b == b'[' {
+                    LIST_LEVELS
+                } else {
+                    OBJECT_LEVELS
+                };
+                open.push(cost);
+                level += cost;
+                depth = depth.max(open.len());
             }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
+            b']' | b'}' => level -= open.pop().unwrap_or(0),
+            b' ' | b'\t' | b'\n' | b'\r' | b',' | b':' => {}
+            // A string (a member name counts as its value, which follows), number or literal.
+            b'"' => {
+                in_string = true;
+                levels = levels.max(level);
+            }
+            _ => levels = levels.max(level),
         }
     }
-    max
+    (depth, levels)
+}
+
+/// How deeply the arrays and objects of `value` nest (the first half of [`json_levels`]).
+fn value_depth(value: &Json) -> usize {
+    match value {
+        Json::Array(items) => 1 + items.iter().map(value_depth).max().unwrap_or(0),
+        Json::Object(map) => 1 + map.values().map(value_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The protobuf message levels of `value` (the second half of [`json_levels`]); an empty list
+/// or object is its `Value` and its `ListValue` / `Struct`.
+fn value_levels(value: &Json) -> usize {
+    match value {
+        Json::Array(items) => items
+            .iter()
+            .map(|v| LIST_LEVELS + value_levels(v))
+            .max()
+            .unwrap_or(2),
+        Json::Object(map) => map
+            .values()
+            .map(|v| OBJECT_LEVELS + value_levels(v))
+            .max()
+            .unwrap_or(2),
+        _ => 1,
+    }
 }
 
 /// The error for JSON text of column `name` that did not transcode: a document nested too
 /// deeply for the API is FAILED_PRECONDITION naming the column, anything else is a database
 /// error (PostgreSQL only stores valid JSON).
 pub fn json_error(name: &str, json: &[u8], e: impl std::fmt::Display) -> DbError {
-    let depth = json_depth(json);
-    if depth > JSON_MAX_DEPTH {
+    let (depth, levels) = json_levels(json);
+    if levels > VALUE_MAX_LEVELS {
         DbError::Unrepresentable {
             column: name.to_string(),
             message: format!(
-                "a JSON value nested {depth} levels deep cannot be returned (at most \
-                 {JSON_MAX_DEPTH}); leave the column out of the projection or select part of it"
+                "a JSON value nested {depth} levels deep cannot be returned: it needs {levels} \
+                 nested protobuf messages, at most {VALUE_MAX_LEVELS} fit in a response (an \
+                 object level takes 3, a list level 2; protobuf readers stop at \
+                 {PROTOBUF_MAX_DEPTH}); leave the column out of the projection or select part of it"
             ),
         }
     } else if e.to_string().starts_with("number out of range") {
@@ -973,18 +1118,35 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
 }
 
 /// A JSON document deserialized straight into a `google.protobuf.Value` (jsonb columns),
-/// without building a `serde_json::Value` first.
+/// without building a `serde_json::Value` first. Deeper than [`VALUE_MAX_LEVELS`] is an
+/// error ([`TOO_DEEP`]).
 pub struct ProtoValue(pub prost_types::Value);
 
 impl<'de> serde::Deserialize<'de> for ProtoValue {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer
-            .deserialize_any(ProtoValueVisitor)
+        serde::de::DeserializeSeed::deserialize(ProtoValueVisitor { level: 1 }, deserializer)
             .map(ProtoValue)
     }
 }
 
-struct ProtoValueVisitor;
+/// Reads one `Value` that sits `level` protobuf messages deep (the column's own is 1).
+struct ProtoValueVisitor {
+    level: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ProtoValueVisitor {
+    type Value = prost_types::Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Self::Value, D::Error> {
+        if self.level > VALUE_MAX_LEVELS {
+            return Err(serde::de::Error::custom(TOO_DEEP));
+        }
+        deserializer.deserialize_any(self)
+    }
+}
 
 impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
     type Value = prost_types::Value;
@@ -1018,8 +1180,15 @@ impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
         Ok(Cell::Text(s).into_value())
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        // The ListValue, even an empty one.
+        if self.level + 1 > VALUE_MAX_LEVELS {
+            return Err(serde::de::Error::custom(TOO_DEEP));
+        }
+        let item = || ProtoValueVisitor {
+            level: self.level + LIST_LEVELS,
+        };
         let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(ProtoValue(v)) = seq.next_element()? {
+        while let Some(v) = seq.next_element_seed(item())? {
             values.push(v);
         }
         Ok(prost_types::Value {
@@ -1029,8 +1198,15 @@ impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
         })
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        // The Struct, even an empty one.
+        if self.level + 1 > VALUE_MAX_LEVELS {
+            return Err(serde::de::Error::custom(TOO_DEEP));
+        }
         let mut fields = std::collections::BTreeMap::new();
-        while let Some((k, ProtoValue(v))) = map.next_entry::<String, ProtoValue>()? {
+        while let Some(k) = map.next_key::<String>()? {
+            let v = map.next_value_seed(ProtoValueVisitor {
+                level: self.level + OBJECT_LEVELS,
+            })?;
             fields.insert(k, v);
         }
         Ok(prost_types::Value {
@@ -1287,7 +1463,7 @@ mod tests {
         assert!(stored("numeric(3)", json!(999)).is_ok());
         assert!(stored("numeric(3)", json!(999.5)).is_err());
         assert!(stored("numeric(3,0)", json!(-999.4)).is_ok());
-        assert!(stored("numeric", json!(1e20)).is_ok());
+        assert!(stored("numeric", json!("1e20")).is_ok());
         assert!(stored("numeric(40,2)", json!("12345678901234567890123456")).is_ok());
         // Not numeric: unchanged.
         assert!(stored("integer", json!(5)).is_ok());
@@ -1313,7 +1489,122 @@ mod tests {
         assert_eq!(char_limit("character(1)"), Some(1));
         assert_eq!(char_limit("character varying"), None);
         assert_eq!(numeric_typmod("numeric(10, 2)"), Some((10, 2)));
+        assert_eq!(numeric_typmod("numeric(5,-2)"), Some((5, -2)));
         assert_eq!(numeric_typmod("numeric"), None);
+    }
+
+    /// Every value PostgreSQL would refuse for `numeric(p,s)` is refused here, naming the
+    /// field: 29 integer digits (a Decimal holds them), negative scales, scales above the
+    /// precision. Bounds as PostgreSQL 15 reports them ("must round to an absolute value
+    /// less than 10^7").
+    #[test]
+    fn numeric_bounds_match_postgresql_for_every_typmod() {
+        let fits = |sql_type: &str, v: &str| {
+            to_stored_param(ColType::Numeric, sql_type, &json!(v)).is_ok()
+        };
+        // 29 digits before the point: a Decimal holds them, numeric(30,2) does not.
+        assert!(!fits("numeric(30,2)", "10000000000000000000000000000"));
+        assert!(fits("numeric(30,2)", "9999999999999999999999999999"));
+        assert!(fits("numeric(31,2)", "10000000000000000000000000000"));
+        assert!(fits("numeric(29)", "79228162514264337593543950335"));
+        assert!(!fits("numeric(28)", "79228162514264337593543950335"));
+        // Rounded to hundreds, below 10^7.
+        assert!(fits("numeric(5,-2)", "9999949"));
+        assert!(fits("numeric(5,-2)", "-9999949.99"));
+        assert!(!fits("numeric(5,-2)", "9999950"));
+        assert!(!fits("numeric(5,-2)", "-10000000"));
+        // Five places, below 10^-3.
+        assert!(fits("numeric(2,5)", "0.000994"));
+        assert!(fits("numeric(2,5)", "0.00099499"));
+        assert!(!fits("numeric(2,5)", "0.000995"));
+        assert!(!fits("numeric(2,5)", "1"));
+        assert!(fits("numeric(2,5)", "0"));
+        let e = to_stored_param(ColType::Numeric, "numeric(2,5)", &json!("0.5")).unwrap_err();
+        assert!(e.to_string().contains("below 10^-3"), "{e}");
+        let e = to_stored_param(ColType::Numeric, "numeric(5,-2)", &json!(1e7)).unwrap_err();
+        assert!(e.to_string().contains("7 digit(s)"), "{e}");
+        // Extreme scales: no overflow, and a tiny value rounds to zero.
+        assert!(fits("numeric(1,-1000)", "79228162514264337593543950335"));
+        assert!(fits("numeric(1000,1000)", "0.1"));
+        assert!(!fits("numeric(1000,1000)", "1"));
+        assert!(!fits("numeric(1,1000)", "0.0000000000000000000000000001"));
+    }
+
+    /// A double at or beyond 2^53 may be the rounding of another integer (2^60 prints as
+    /// 1152921504606847000): refused for numeric as for bigint; its decimal text is exact.
+    #[test]
+    fn numerics_refuse_doubles_beyond_the_safe_integers() {
+        for n in [2f64.powi(53), -(2f64.powi(60)), 1e20, 1.5e300] {
+            let e = to_param(ColType::Numeric, &json!(n)).unwrap_err();
+            assert!(e.to_string().contains("decimal string"), "{n}: {e}");
+        }
+        let safe = 2f64.powi(53) - 1.0;
+        assert_eq!(
+            to_param(ColType::Numeric, &json!(safe)).unwrap(),
+            Param::Numeric(Decimal::from(9_007_199_254_740_991i64))
+        );
+        assert_eq!(
+            to_param(ColType::Numeric, &json!("1152921504606846976")).unwrap(),
+            Param::Numeric(Decimal::from(1u64 << 60))
+        );
+        // An exact integer (not a double) is its own decimal text.
+        assert_eq!(
+            to_param(ColType::Numeric, &json!(1u64 << 60)).unwrap(),
+            Param::Numeric(Decimal::from(1u64 << 60))
+        );
+    }
+
+    /// PostgreSQL's text -> name cast would cut the value to 63 bytes silently.
+    #[test]
+    fn names_longer_than_63_bytes_are_refused() {
+        let name = |v: &str| to_stored_param(ColType::Text, "name", &json!(v));
+        assert!(name(&"x".repeat(63)).is_ok());
+        let e = name(&"x".repeat(64)).unwrap_err();
+        assert!(e.to_string().contains("64 bytes (at most 63)"), "{e}");
+        // Bytes, not characters: 32 two-byte characters.
+        assert!(name(&"ä".repeat(32)).is_err());
+        assert!(name(&"ä".repeat(31)).is_ok());
+        assert!(to_stored_param(ColType::Text, "text", &json!("x".repeat(64))).is_ok());
+    }
+
+    /// PostgreSQL's first date and timestamp is 4714-11-24 BC; earlier is a field error here,
+    /// not PostgreSQL's "out of range" naming nothing.
+    #[test]
+    fn times_before_postgresqls_first_day_are_refused() {
+        for (ty, ok, early) in [
+            (ColType::Date, "-4713-11-24", "-4713-11-23"),
+            (
+                ColType::Timestamptz,
+                "-4713-11-24T00:00:00Z",
+                "-4713-11-23T23:59:59.999999Z",
+            ),
+            (
+                ColType::Timestamp,
+                "-4713-11-24T00:00:00Z",
+                "-4713-11-24T00:59:59+01:00",
+            ),
+        ] {
+            assert!(to_param(ty, &json!(ok)).is_ok(), "{ty:?} {ok}");
+            let e = to_param(ty, &json!(early)).unwrap_err();
+            assert!(
+                e.to_string().contains("4714-11-24 BC"),
+                "{ty:?} {early}: {e}"
+            );
+        }
+        // Far below: the same error, not a panic; rounding up into the first day is fine.
+        assert!(to_param(ColType::Date, &json!("-200000-01-01")).is_err());
+        assert!(
+            to_param(
+                ColType::Timestamptz,
+                &json!("-4713-11-23T23:59:59.9999996Z")
+            )
+            .is_ok()
+        );
+        // PostgreSQL's maxima (294276 AD, 5874897 AD) are beyond what chrono reads at all.
+        assert!(to_param(ColType::Timestamptz, &json!("+200000-12-31T00:00:00Z")).is_ok());
+        assert!(to_param(ColType::Timestamptz, &json!("+294277-01-01T00:00:00Z")).is_err());
+        assert!(to_param(ColType::Date, &json!("+200000-12-31")).is_ok());
+        assert!(to_param(ColType::Date, &json!("+5874898-01-01")).is_err());
     }
 
     #[test]
@@ -1708,12 +1999,50 @@ mod tests {
     }
 
     #[test]
-    fn json_depth_counts_nesting_outside_strings() {
-        assert_eq!(json_depth(b"1"), 0);
-        assert_eq!(json_depth(br#"{"a": [1, {"b": 2}]}"#), 3);
-        assert_eq!(json_depth(br#"["[[[", "\"{{", {}]"#), 2);
+    fn json_levels_count_protobuf_messages_outside_strings() {
+        assert_eq!(json_levels(b"1"), (0, 1));
+        assert_eq!(json_levels(b"[]"), (1, 2));
+        assert_eq!(json_levels(b"{}"), (1, 2));
+        assert_eq!(json_levels(b"[1]"), (1, 3));
+        assert_eq!(json_levels(br#"{"a": 1}"#), (1, 4));
+        // Value > Struct > entry > Value > ListValue > Value > Struct > entry > Value.
+        assert_eq!(json_levels(br#"{"a": [1, {"b": 2}]}"#), (3, 9));
+        assert_eq!(json_levels(br#"["[[[", "\"{{", {}]"#), (2, 4));
         let deep = format!("{}{}", "[".repeat(129), "]".repeat(129));
-        assert_eq!(json_depth(deep.as_bytes()), 129);
+        assert_eq!(json_levels(deep.as_bytes()), (129, 2 * 129));
+        for doc in [
+            json!(1),
+            json!([]),
+            json!({"a": [1, {"b": 2}], "c": {}}),
+            json!([[[]], {"x": {"y": [null]}}]),
+        ] {
+            let text = doc.to_string();
+            assert_eq!(
+                json_levels(text.as_bytes()),
+                (value_depth(&doc), value_levels(&doc)),
+                "{text}"
+            );
+        }
+    }
+
+    /// Nested `n` times as `{"a": ...}` around `inner`.
+    fn objects(n: usize, inner: &str) -> String {
+        format!("{}{inner}{}", r#"{"a": "#.repeat(n), "}".repeat(n))
+    }
+
+    #[test]
+    fn json_deeper_than_a_response_holds_is_refused_on_input() {
+        // 31 objects around a scalar: 94 levels; 32: 97.
+        let ok: Json = serde_json::from_str(&objects(31, "[1]")).unwrap();
+        assert_eq!(value_levels(&ok), VALUE_MAX_LEVELS);
+        assert!(to_stored_param(ColType::Jsonb, "jsonb", &ok).is_ok());
+        let deep: Json = serde_json::from_str(&objects(31, "[[]]")).unwrap();
+        assert_eq!(value_levels(&deep), VALUE_MAX_LEVELS + 1);
+        for ty in [ColType::Json, ColType::Jsonb] {
+            let e = to_param(ty, &deep).unwrap_err();
+            assert_eq!(e.violations()[0].field, "");
+            assert!(e.to_string().contains("nested 33 levels deep"), "{e}");
+        }
     }
 
     #[test]
@@ -1740,25 +2069,29 @@ mod tests {
 
     #[test]
     fn too_deep_json_is_unrepresentable_other_failures_are_database_errors() {
-        let deep = format!(
-            "{}{}",
-            "[".repeat(JSON_MAX_DEPTH + 1),
-            "]".repeat(JSON_MAX_DEPTH + 1)
+        let at_limit = objects(31, "[1]");
+        let too_deep = objects(31, "[[]]");
+        let ProtoValue(v) = serde_json::from_str(&at_limit).unwrap();
+        assert_eq!(
+            proto_to_json(&v),
+            serde_json::from_str::<Json>(&at_limit).unwrap()
         );
-        let e = serde_json::from_str::<serde_json::Value>(&deep).unwrap_err();
-        match json_error("details", deep.as_bytes(), e) {
+        let e = serde_json::from_str::<ProtoValue>(&too_deep).err().unwrap();
+        match json_error("details", too_deep.as_bytes(), e) {
             DbError::Unrepresentable { column, message } => {
                 assert_eq!(column, "details");
-                assert!(message.contains("128 levels"), "{message}");
+                assert!(message.contains("33 levels deep"), "{message}");
+                assert!(message.contains("97 nested protobuf messages"), "{message}");
             }
             other => panic!("{other:?}"),
         }
-        let ok_depth = format!(
-            "{}{}",
-            "[".repeat(JSON_MAX_DEPTH),
-            "]".repeat(JSON_MAX_DEPTH)
-        );
-        assert!(serde_json::from_str::<ProtoValue>(&ok_depth).is_ok());
+        // Deeper than serde_json follows at all: the same error.
+        let deeper = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let e = serde_json::from_str::<ProtoValue>(&deeper).err().unwrap();
+        assert!(matches!(
+            json_error("details", deeper.as_bytes(), e),
+            DbError::Unrepresentable { message, .. } if message.contains("200 levels deep")
+        ));
         let e = serde_json::from_str::<serde_json::Value>("[1,").unwrap_err();
         assert!(matches!(
             json_error("details", b"[1,", e),

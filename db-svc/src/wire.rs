@@ -19,7 +19,10 @@ use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use crate::error::DbError;
-use crate::values::{Cell, ResultColumns, Rfc3339, json_error};
+use crate::values::{
+    Cell, LIST_LEVELS, OBJECT_LEVELS, ResultColumns, Rfc3339, TOO_DEEP, VALUE_MAX_LEVELS,
+    json_error,
+};
 
 /// Field numbers and wire types of `google.protobuf.Struct` / `Value`.
 const STRUCT_FIELDS: u8 = 1 << 3 | 2; // map<string, Value> fields = 1 (length-delimited)
@@ -52,10 +55,10 @@ pub fn encode_cell(cell: &Cell<'_>, out: &mut Vec<u8>) {
 /// Appends the `Value` message bytes of the JSON document `json` to `out`, straight from the
 /// text (no `Value` tree is built). Objects keep the document's member order; a member that
 /// appears twice appears twice, and a protobuf map reader keeps the last one, as the `Struct`
-/// path does.
+/// path does. Nested deeper than `VALUE_MAX_LEVELS` protobuf messages is an error, as there.
 pub fn encode_json(json: &[u8], out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(json);
-    de::DeserializeSeed::deserialize(JsonToWire(out), &mut de).and_then(|()| de.end())
+    de::DeserializeSeed::deserialize(JsonToWire { out, level: 1 }, &mut de).and_then(|()| de.end())
 }
 
 const VALUE_STRUCT: u8 = 5 << 3 | 2; // Struct struct_value = 5
@@ -80,13 +83,20 @@ fn close_len(out: &mut Vec<u8>, start: usize) {
     }
 }
 
-/// Writes one JSON value as `google.protobuf.Value` bytes.
-struct JsonToWire<'a>(&'a mut Vec<u8>);
+/// Writes one JSON value as `google.protobuf.Value` bytes; the `Value` sits `level` protobuf
+/// messages deep (the column's own is 1).
+struct JsonToWire<'a> {
+    out: &'a mut Vec<u8>,
+    level: usize,
+}
 
 impl<'de> de::DeserializeSeed<'de> for JsonToWire<'_> {
     type Value = ();
 
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        if self.level > VALUE_MAX_LEVELS {
+            return Err(de::Error::custom(TOO_DEEP));
+        }
         deserializer.deserialize_any(self)
     }
 }
@@ -98,38 +108,42 @@ impl<'de> de::Visitor<'de> for JsonToWire<'_> {
         f.write_str("a JSON value")
     }
     fn visit_unit<E>(self) -> Result<(), E> {
-        encode_cell(&Cell::Null, self.0);
+        encode_cell(&Cell::Null, self.out);
         Ok(())
     }
     fn visit_bool<E>(self, b: bool) -> Result<(), E> {
-        encode_cell(&Cell::Bool(b), self.0);
+        encode_cell(&Cell::Bool(b), self.out);
         Ok(())
     }
     // Integers beyond a double's exact range as decimal text, as bigint columns.
     fn visit_i64<E>(self, n: i64) -> Result<(), E> {
-        encode_cell(&Cell::bigint(n), self.0);
+        encode_cell(&Cell::bigint(n), self.out);
         Ok(())
     }
     fn visit_u64<E>(self, n: u64) -> Result<(), E> {
-        encode_cell(&Cell::json_u64(n), self.0);
+        encode_cell(&Cell::json_u64(n), self.out);
         Ok(())
     }
     fn visit_f64<E>(self, f: f64) -> Result<(), E> {
-        encode_cell(&Cell::number(f), self.0);
+        encode_cell(&Cell::number(f), self.out);
         Ok(())
     }
     fn visit_str<E>(self, s: &str) -> Result<(), E> {
-        encode_string(s, self.0);
+        encode_string(s, self.out);
         Ok(())
     }
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let out = self.0;
+        // The ListValue, even an empty one.
+        if self.level + 1 > VALUE_MAX_LEVELS {
+            return Err(de::Error::custom(TOO_DEEP));
+        }
+        let (out, level) = (self.out, self.level + LIST_LEVELS);
         out.push(VALUE_LIST);
         let list = open_len(out);
         loop {
             out.push(LIST_VALUES);
             let item = open_len(out);
-            if seq.next_element_seed(JsonToWire(out))?.is_none() {
+            if seq.next_element_seed(JsonToWire { out, level })?.is_none() {
                 out.truncate(item - 2);
                 break;
             }
@@ -139,7 +153,11 @@ impl<'de> de::Visitor<'de> for JsonToWire<'_> {
         Ok(())
     }
     fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let out = self.0;
+        // The Struct, even an empty one.
+        if self.level + 1 > VALUE_MAX_LEVELS {
+            return Err(de::Error::custom(TOO_DEEP));
+        }
+        let (out, level) = (self.out, self.level + OBJECT_LEVELS);
         out.push(VALUE_STRUCT);
         let fields = open_len(out);
         loop {
@@ -151,7 +169,7 @@ impl<'de> de::Visitor<'de> for JsonToWire<'_> {
             }
             out.push(ENTRY_VALUE);
             let value = open_len(out);
-            map.next_value_seed(JsonToWire(out))?;
+            map.next_value_seed(JsonToWire { out, level })?;
             close_len(out, value);
             close_len(out, entry);
         }
@@ -420,6 +438,110 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// A response holding one row whose column `c` is the `Value` bytes `value`.
+    fn response_with(value: &[u8]) -> Vec<u8> {
+        let mut entry = Vec::new();
+        put_len_delimited(ENTRY_KEY, b"c", &mut entry);
+        put_len_delimited(ENTRY_VALUE, value, &mut entry);
+        let mut row = Vec::new();
+        put_len_delimited(STRUCT_FIELDS, &entry, &mut row);
+        let mut response = Vec::new();
+        put_len_delimited(1 << 3 | 2, &row, &mut response);
+        response
+    }
+
+    /// Whether every response type that carries rows decodes `bytes` with prost.
+    fn prost_decodes(bytes: &[u8]) -> bool {
+        use omnibus_proto::db::v1 as pb;
+        let all = [
+            pb::QueryResponse::decode(bytes).is_ok(),
+            pb::StreamQueryResponse::decode(bytes).is_ok(),
+            pb::InsertResponse::decode(bytes).is_ok(),
+            pb::UpdateResponse::decode(bytes).is_ok(),
+            pb::UpsertResponse::decode(bytes).is_ok(),
+            pb::DeleteResponse::decode(bytes).is_ok(),
+            pb::ExecuteRawResponse::decode(bytes).is_ok(),
+        ];
+        assert!(all.iter().all(|&ok| ok == all[0]), "{all:?}");
+        all[0]
+    }
+
+    /// `n` lists around `inner`.
+    fn lists(n: usize, inner: &str) -> String {
+        format!("{}{inner}{}", "[".repeat(n), "]".repeat(n))
+    }
+
+    /// A jsonb value at the limit transcodes and the response decodes with the prost-generated
+    /// types (prost stops at 100 nested messages); one level more is refused by db-svc, on both
+    /// read paths, rather than sent as a response clients cannot decode.
+    #[test]
+    fn json_at_the_depth_limit_decodes_with_prost_and_deeper_is_refused() {
+        use crate::error::DbError;
+        use crate::values::json_error;
+        let objects =
+            |n: usize, inner: &str| format!("{}{inner}{}", r#"{"k": "#.repeat(n), "}".repeat(n));
+        // 96 levels each: 48 empty lists; 47 lists and a scalar; 31 objects and `[1]`; 46
+        // lists and an object.
+        let at_limit = [
+            lists(48, ""),
+            lists(47, "1"),
+            objects(31, "[1]"),
+            lists(46, r#"{"a": 1}"#),
+        ];
+        for doc in &at_limit {
+            let mut value = Vec::new();
+            encode_json(doc.as_bytes(), &mut value).unwrap();
+            let response = response_with(&value);
+            assert!(prost_decodes(&response), "{doc}");
+            let decoded = pb_rows(&response);
+            let crate::values::ProtoValue(expected) = serde_json::from_str(doc).unwrap();
+            assert_eq!(decoded.fields["c"], expected, "{doc}");
+        }
+        for doc in [
+            lists(49, ""),
+            lists(48, "1"),
+            objects(31, "[[]]"),
+            lists(46, r#"{"a": []}"#),
+        ] {
+            let e = encode_json(doc.as_bytes(), &mut Vec::new()).unwrap_err();
+            let parsed = serde_json::from_str::<crate::values::ProtoValue>(&doc)
+                .err()
+                .unwrap();
+            for e in [e, parsed] {
+                match json_error("c", doc.as_bytes(), e) {
+                    DbError::Unrepresentable { column, message } => {
+                        assert_eq!(column, "c");
+                        assert!(message.contains("at most 96 fit"), "{message}");
+                    }
+                    other => panic!("{doc}: {other:?}"),
+                }
+            }
+        }
+        // The margin is real: prost takes two levels more (the column's `Value` is the
+        // response's third nested message, so 98 levels end at message 100), not three.
+        let prost_lists = |n: usize, inner: Option<prost_types::Value>| {
+            let mut v = inner;
+            for _ in 0..n {
+                v = Some(value(Kind::ListValue(prost_types::ListValue {
+                    values: v.into_iter().collect(),
+                })));
+            }
+            v.map(|v| v.encode_to_vec()).unwrap_or_default()
+        };
+        // 49 lists, the innermost empty: 98 levels.
+        assert!(prost_decodes(&response_with(&prost_lists(49, None))));
+        // 49 lists around a null: 99 levels.
+        let null = Some(value(Kind::NullValue(0)));
+        assert!(!prost_decodes(&response_with(&prost_lists(49, null))));
+    }
+
+    fn pb_rows(response: &[u8]) -> prost_types::Struct {
+        use omnibus_proto::db::v1 as pb;
+        let mut rows = pb::QueryResponse::decode(response).unwrap().rows;
+        assert_eq!(rows.len(), 1);
+        rows.remove(0)
     }
 
     /// `head ++ rows` decodes as one message with the rows appended.

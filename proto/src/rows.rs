@@ -106,7 +106,25 @@ impl de::Error for RowError {
 
 /// Deserializes one encoded `google.protobuf.Struct` (a row) into `T`.
 pub fn from_row<'de, T: de::Deserialize<'de>>(row: &'de [u8]) -> Result<T, RowError> {
-    T::deserialize(StructDeserializer { bytes: row })
+    T::deserialize(StructDeserializer {
+        bytes: row,
+        level: 1,
+    })
+}
+
+/// How many messages deep a row may nest, counted as in its response: the row's `Struct` is
+/// message 1. prost refuses the same response past the same depth (its `RECURSION_LIMIT`),
+/// and a bound keeps a hostile server's nesting from overflowing the stack.
+const MAX_DEPTH: usize = 100;
+
+/// The error for a message nested at `level`, if that is deeper than [`MAX_DEPTH`].
+#[inline]
+fn check_depth(level: usize) -> Result<(), RowError> {
+    if level > MAX_DEPTH {
+        Err(RowError::Malformed("nested more than 100 messages deep"))
+    } else {
+        Ok(())
+    }
 }
 
 // ---- protobuf wire reading -----------------------------------------------------------------
@@ -258,9 +276,11 @@ const EXACT_INT: f64 = 9_007_199_254_740_992.0;
 
 // ---- serde ---------------------------------------------------------------------------------
 
-/// A `google.protobuf.Struct` message, read as a map.
+/// A `google.protobuf.Struct` message, read as a map; `level` is its depth (see
+/// [`MAX_DEPTH`]).
 struct StructDeserializer<'de> {
     bytes: &'de [u8],
+    level: usize,
 }
 
 impl<'de> Deserializer<'de> for StructDeserializer<'de> {
@@ -270,6 +290,7 @@ impl<'de> Deserializer<'de> for StructDeserializer<'de> {
         visitor.visit_map(Entries {
             rest: self.bytes,
             value: None,
+            level: self.level,
         })
     }
 
@@ -296,6 +317,8 @@ struct Entries<'de> {
     rest: &'de [u8],
     /// The entry whose key was just read: its key (for error messages) and value.
     value: Option<(&'de [u8], &'de [u8])>,
+    /// The depth of the `Struct`.
+    level: usize,
 }
 
 impl<'de> de::MapAccess<'de> for Entries<'de> {
@@ -309,6 +332,8 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
         else {
             return Ok(None);
         };
+        // The entry and its value, one and two levels down.
+        check_depth(self.level + 2)?;
         let (key, value) = entry_parts(entry)?;
         self.value = Some((key, value));
         seed.deserialize(KeyDeserializer { key }).map(Some)
@@ -321,6 +346,7 @@ impl<'de> de::MapAccess<'de> for Entries<'de> {
             .ok_or(RowError::Malformed("map value requested before its key"))?;
         seed.deserialize(ValueDeserializer {
             kind: parse_value(bytes)?,
+            level: self.level + 2,
         })
         .map_err(|e| match e {
             // Name the column (or nested key) the value belongs to: `duration_ms: invalid ...`.
@@ -398,9 +424,11 @@ impl<'de> Deserializer<'de> for KeyDeserializer<'de> {
     }
 }
 
-/// The values of a `ListValue` (`repeated Value values = 1`).
+/// The values of a `ListValue` (`repeated Value values = 1`); `level` is the ListValue's
+/// depth.
 struct Values<'de> {
     rest: &'de [u8],
+    level: usize,
 }
 
 impl<'de> de::SeqAccess<'de> for Values<'de> {
@@ -414,8 +442,10 @@ impl<'de> de::SeqAccess<'de> for Values<'de> {
         else {
             return Ok(None);
         };
+        check_depth(self.level + 1)?;
         seed.deserialize(ValueDeserializer {
             kind: parse_value(value)?,
+            level: self.level + 1,
         })
         .map(Some)
     }
@@ -438,9 +468,10 @@ macro_rules! number_from_text {
     };
 }
 
-/// One `google.protobuf.Value`.
+/// One `google.protobuf.Value`, `level` messages deep.
 struct ValueDeserializer<'de> {
     kind: Kind<'de>,
+    level: usize,
 }
 
 /// A number offered to the visitor as an integer: integral, exact as a double, and not -0.0.
@@ -467,8 +498,21 @@ impl<'de> Deserializer<'de> for ValueDeserializer<'de> {
             Kind::Number(n) => visitor.visit_f64(n),
             Kind::Str(s) => visitor.visit_borrowed_str(s),
             Kind::Bool(b) => visitor.visit_bool(b),
-            Kind::Struct(bytes) => StructDeserializer { bytes }.deserialize_any(visitor),
-            Kind::List(rest) => visitor.visit_seq(Values { rest }),
+            Kind::Struct(bytes) => {
+                check_depth(self.level + 1)?;
+                StructDeserializer {
+                    bytes,
+                    level: self.level + 1,
+                }
+                .deserialize_any(visitor)
+            }
+            Kind::List(rest) => {
+                check_depth(self.level + 1)?;
+                visitor.visit_seq(Values {
+                    rest,
+                    level: self.level + 1,
+                })
+            }
         }
     }
 
@@ -839,6 +883,85 @@ mod tests {
         let decoded: BTreeMap<String, String> = from_row(&bytes).unwrap();
         assert_eq!(decoded["s"], long);
         assert_eq!(decoded["t"], "short");
+    }
+
+    /// A row `{"c": v}` where `v` is a null wrapped in a list (`true`) or an object `{"a": ..}`
+    /// (`false`) per element of `kinds`, innermost first; written back to front so that deep
+    /// nesting costs linear time.
+    fn nested_row(kinds: &[bool]) -> Vec<u8> {
+        fn put(reversed: &mut Vec<u8>, start: usize, tag: u8) {
+            let mut len = Vec::new();
+            prost::encoding::encode_varint((reversed.len() - start) as u64, &mut len);
+            reversed.extend(len.iter().rev());
+            reversed.push(tag);
+        }
+        // Reversed bytes of the innermost Value: null_value = 0.
+        let mut r = vec![0x00, 0x08];
+        for &is_list in kinds {
+            if is_list {
+                put(&mut r, 0, 0x0a); // ListValue.values
+                put(&mut r, 0, 0x32); // Value.list_value
+            } else {
+                put(&mut r, 0, 0x12); // entry value
+                r.extend([b'a', 1, 0x0a]); // entry key "a", reversed
+                put(&mut r, 0, 0x0a); // Struct.fields
+                put(&mut r, 0, 0x2a); // Value.struct_value
+            }
+        }
+        put(&mut r, 0, 0x12);
+        r.extend([b'c', 1, 0x0a]);
+        put(&mut r, 0, 0x0a);
+        r.reverse();
+        r
+    }
+
+    /// A hostile server's row nested far deeper than any reader goes is an error, not a
+    /// stack overflow.
+    #[test]
+    fn deeply_nested_rows_are_malformed_not_a_stack_overflow() {
+        for kinds in [vec![true; 200_000], vec![false; 100_000]] {
+            let row = nested_row(&kinds);
+            assert!(row.len() < 4 << 20, "{}", row.len());
+            assert_eq!(
+                from_row::<serde_json::Value>(&row).unwrap_err(),
+                RowError::Malformed("nested more than 100 messages deep")
+            );
+            assert_eq!(
+                from_row::<serde::de::IgnoredAny>(&row).unwrap_err(),
+                RowError::Malformed("nested more than 100 messages deep")
+            );
+        }
+    }
+
+    /// The typed rows take exactly the nesting prost takes in a `QueryResponse`.
+    #[test]
+    fn rows_nest_as_deep_as_prost_decodes() {
+        let shapes: Vec<Vec<bool>> = (40..52)
+            .flat_map(|n| {
+                [
+                    vec![true; n],
+                    vec![false; n / 2 + 8],
+                    (0..n).map(|i| i % 3 == 0).collect(),
+                ]
+            })
+            .collect();
+        let (mut ok, mut refused) = (0, 0);
+        for kinds in shapes {
+            let row = nested_row(&kinds);
+            let mut response = vec![0x0a];
+            prost::encoding::encode_varint(row.len() as u64, &mut response);
+            response.extend(&row);
+            let by_prost = crate::db::v1::QueryResponse::decode(&response[..]);
+            let ours = from_row::<serde_json::Value>(&row);
+            assert_eq!(by_prost.is_ok(), ours.is_ok(), "{kinds:?}: {ours:?}");
+            if let Ok(decoded) = by_prost {
+                assert_eq!(ours.unwrap(), struct_json(&decoded.rows[0]));
+                ok += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(ok > 0 && refused > 0, "{ok} {refused}");
     }
 
     fn arb_value() -> impl Strategy<Value = Value> {

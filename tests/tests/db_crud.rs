@@ -1787,9 +1787,9 @@ async fn an_upsert_that_cannot_return_its_row_changes_nothing() {
     assert_eq!(name, "before", "rolled back");
 }
 
-/// PostgreSQL stores JSON nested deeper than db-svc transcodes (127 levels). Reading such a
-/// cell is FAILED_PRECONDITION naming the column, on every read path, and the other rows and
-/// a projection without the column still read normally.
+/// PostgreSQL stores JSON nested deeper than db-svc returns (96 protobuf messages: 48 levels
+/// of lists). Reading such a cell is FAILED_PRECONDITION naming the column, on every read
+/// path, and the other rows and a projection without the column still read normally.
 #[tokio::test]
 async fn json_nested_too_deeply_is_a_precondition_error_naming_the_column() {
     let s = DbSvc::start(&[]).await;

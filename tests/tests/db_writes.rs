@@ -687,11 +687,12 @@ async fn a_replay_returns_numbers_as_numbers_whatever_their_size() {
         table: "readings".into(),
         rows: vec![
             to_struct(
-                json!({"id": 1, "precise": 1e16, "amount": 12345678901234567890u64,
+                // A numeric beyond ±(2^53 - 1) is sent as text (a double is refused).
+                json!({"id": 1, "precise": 1e16, "amount": "12345678901234567890",
                 "ratio": 0.1, "doc": {"big": 1e16, "list": [1.5, 2e20]}}),
             ),
             to_struct(
-                json!({"id": "9007199254740993", "precise": 1e300, "amount": -1e17,
+                json!({"id": "9007199254740993", "precise": 1e300, "amount": "-1e17",
                 "ratio": -3, "doc": [9007199254740993u64]}),
             ),
             to_struct(
