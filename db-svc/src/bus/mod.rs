@@ -319,7 +319,8 @@ pub async fn run(
                     let now = std::time::Instant::now();
                     if take_replacement(&consumer.context().brokers_down, replaced, now) {
                         replaced = Some(now);
-                        if replace_consumer(&mut consumer, || subscribe(&worker.settings)) {
+                        let fresh = fresh_consumer(&worker.settings).await;
+                        if replace_consumer(&mut consumer, || fresh) {
                             generation += 1;
                             tracker = CommitTracker::default();
                         }
@@ -531,6 +532,26 @@ fn subscribe(settings: &BusSettings) -> Result<BusConsumer, String> {
         .subscribe(&[&settings.topics.request])
         .map_err(|e| format!("subscribe to {}: {e}", settings.topics.request))?;
     Ok(consumer)
+}
+
+/// How long creating a replacement consumer may take before the worker gives up on it.
+const FRESH_CONSUMER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A new consumer ([`subscribe`]), created on a blocking thread within
+/// FRESH_CONSUMER_TIMEOUT: librdkafka's client creation and subscription wait on its own
+/// threads, and a wait that does not end must not freeze the worker (a CI run once saw the
+/// worker go silent right after an outage, with no replacement logged).
+async fn fresh_consumer(settings: &BusSettings) -> Result<BusConsumer, String> {
+    tracing::info!("all brokers down; creating a fresh bus consumer");
+    let settings = settings.clone();
+    let created = tokio::task::spawn_blocking(move || subscribe(&settings));
+    match tokio::time::timeout(FRESH_CONSUMER_TIMEOUT, created).await {
+        Ok(Ok(created)) => created,
+        Ok(Err(e)) => Err(format!("creating it failed: {e}")),
+        Err(_) => Err(format!(
+            "creating it took longer than {FRESH_CONSUMER_TIMEOUT:?}"
+        )),
+    }
 }
 
 /// Whether to replace the consumer now: an outage was reported (`brokers_down`) and the last
