@@ -420,7 +420,7 @@ where
             if st.ended {
                 return None;
             }
-            if st.shutdown.is_triggered() {
+            if st.shutdown.is_draining() {
                 st.ended = true;
                 return Some((Err(shutting_down()), st));
             }
@@ -435,7 +435,7 @@ where
             }
             let next = tokio::select! {
                 biased;
-                _ = st.shutdown.triggered() => continue,
+                _ = st.shutdown.draining() => continue,
                 next = st.follower.next() => next,
             };
             match next {

@@ -215,7 +215,9 @@ impl DatabaseService for DatabaseApi {
         &self,
         request: Request<pb::StreamQueryRequest>,
     ) -> Rpc<StreamOf<pb::StreamQueryResponse>> {
-        let timeout = time_left(&request);
+        // Only the caller's deadline bounds a stream's statement: `--request-timeout` bounds
+        // the start of a stream, not its messages (the layer enforces that part).
+        let timeout = grpc_timeout(request.metadata());
         let r = request.into_inner();
         let q = r.query.unwrap_or_default();
         let batch = match r.batch_size {

@@ -836,7 +836,7 @@ async fn stream_rows(
     let started = std::time::Instant::now();
     // A caller that goes away while every pooled connection is busy stops waiting for one.
     let mut tx = tokio::select! {
-        _ = shutdown.triggered() => return Err(cut()),
+        _ = shutdown.draining() => return Err(cut()),
         _ = out.closed() => return Ok(()),
         tx = pool.begin_with("BEGIN READ ONLY") => tx?,
     };
@@ -857,7 +857,7 @@ async fn stream_rows(
         let mut decoder = StructRows::default();
         loop {
             let next = tokio::select! {
-                _ = shutdown.triggered() => return Err(cut()),
+                _ = shutdown.draining() => return Err(cut()),
                 _ = out.closed() => return Ok(()),
                 next = rows.try_next() => next?,
             };
@@ -867,7 +867,7 @@ async fn stream_rows(
                     if batch.len() >= batch_size {
                         let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
                         let sent = tokio::select! {
-                            _ = shutdown.triggered() => return Err(cut()),
+                            _ = shutdown.draining() => return Err(cut()),
                             sent = send(full) => sent?,
                         };
                         if !sent {

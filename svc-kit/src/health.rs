@@ -133,7 +133,9 @@ impl HealthApi for WatchesEnd {
         let updates = self.inner.watch(request).await?.into_inner();
         let shutdown = self.shutdown.clone();
         let ended = async move {
-            shutdown.triggered().await;
+            // At the drain, not the signal: with `--shutdown-delay`, watchers are to see
+            // NOT_SERVING for the delay, not reconnect in a loop to streams that end at once.
+            shutdown.draining().await;
             tokio::time::sleep(LAST_WATCH_UPDATE).await;
         };
         Ok(Response::new(Box::pin(updates.take_until(ended))))

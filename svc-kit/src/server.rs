@@ -416,6 +416,13 @@ pub fn builder(args: &ServerArgs, scopes: Scopes) -> Result<GrpcServer, ServeErr
 /// The pause after a failed accept.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
+/// An accept error that retrying at once cannot fix: out of descriptors or memory (as hyper
+/// tells them). Others (a peer that reset during the handshake) pass at once, as in tonic.
+fn is_out_of_resources(e: &std::io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM on Linux.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
 fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
@@ -487,7 +494,9 @@ pub async fn serve(
         .then(|accepted| async move {
             // tonic retries a failed accept at once: out of descriptors (EMFILE), that spins
             // a core and logs nothing above trace. Pause instead, and say so.
-            if let Err(e) = &accepted {
+            if let Err(e) = &accepted
+                && is_out_of_resources(e)
+            {
                 tracing::warn!(error = %e, "accepting a connection failed; retrying in 100 ms");
                 tokio::time::sleep(ACCEPT_RETRY).await;
             }
@@ -505,6 +514,7 @@ pub async fn serve(
                 tracing::info!(?delay, "NOT_SERVING; still accepting calls until the drain");
                 tokio::time::sleep(delay).await;
             }
+            shutdown.start_drain();
         }
     };
     let server = router.serve_with_incoming_shutdown(incoming, drain_signal);
@@ -829,6 +839,19 @@ mod tests {
 
     /// Settings where 0 would silently mean something else: no call let in (0 streams), or
     /// tonic's own 20 s (a keepalive timeout of 0) are refused at start-up.
+    #[test]
+    fn only_running_out_of_resources_pauses_accepting() {
+        use std::io::{Error, ErrorKind};
+        for errno in [24, 23, 105, 12] {
+            assert!(is_out_of_resources(&Error::from_raw_os_error(errno)));
+        }
+        // ECONNABORTED, ECONNRESET: a peer gone during the handshake.
+        for errno in [103, 104] {
+            assert!(!is_out_of_resources(&Error::from_raw_os_error(errno)));
+        }
+        assert!(!is_out_of_resources(&Error::from(ErrorKind::TimedOut)));
+    }
+
     #[test]
     fn zero_is_refused_where_it_has_no_meaning() {
         assert!(parse(&["--max-concurrent-streams", "0"]).is_err());

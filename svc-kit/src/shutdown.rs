@@ -7,6 +7,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Debug, Default)]
 pub struct Shutdown {
     token: CancellationToken,
+    /// The gRPC server's drain has started: `--shutdown-delay` after the signal (at once by
+    /// default). Open streams end then, not at the signal: during the delay new calls are
+    /// still served, and a stream that ended at once would only be reopened in a loop.
+    drain: CancellationToken,
 }
 
 impl Shutdown {
@@ -34,7 +38,7 @@ impl Shutdown {
                 signal,
                 "second signal: exiting without finishing the shutdown"
             );
-            crate::telemetry::flush();
+            // No telemetry flush: an unreachable collector would hold it for its timeout.
             std::process::exit(code);
         });
         shutdown
@@ -52,6 +56,21 @@ impl Shutdown {
     /// Resolves once shutdown has started.
     pub async fn triggered(&self) {
         self.token.cancelled().await;
+    }
+
+    /// Marks the start of the gRPC server's drain ([`crate::serve`] does, after the delay).
+    pub fn start_drain(&self) {
+        self.drain.cancel();
+    }
+
+    /// Whether the drain has started.
+    pub fn is_draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// Resolves once the drain has started: when long-lived streams should end.
+    pub async fn draining(&self) {
+        self.drain.cancelled().await;
     }
 
     /// The underlying token, for APIs that take one (e.g. `run_until_cancelled`).

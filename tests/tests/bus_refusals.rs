@@ -349,3 +349,78 @@ async fn a_bus_worker_that_cannot_start_stops_db_svc_with_an_error() {
         "{logs}"
     );
 }
+
+/// A COMPLETED reply the bus refuses (its topic missing, not created on demand) is retried,
+/// not given up: its request may have written, and OmniClaude, left without the reply, would
+/// write again directly. Once the topic exists the reply goes out and the request is
+/// committed; the write was applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_reply_the_bus_refuses_is_retried_until_its_topic_exists() {
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let group = group();
+    let t = topics.topics.clone();
+    let prefix = format!("omnibus-late-{}.", uuid::Uuid::new_v4().simple());
+    let completed = format!("{prefix}db.completed");
+    let mut args = topics.db_svc_args(&group);
+    let at = args.iter().position(|a| a == "--completed-topic").unwrap();
+    args[at + 1] = completed.clone();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(args)
+        .args([
+            "--kafka-config",
+            "allow.auto.create.topics=false",
+            "--kafka-config",
+            "topic.metadata.propagation.max.ms=1000",
+        ])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &omniclaude_envelope(
+            &c,
+            "INSERT",
+            Some("agent_actions"),
+            "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+             VALUES ($1, 'late-reply', 'success', 'x')",
+            json!([c]),
+        ),
+    )
+    .await;
+    let written = "SELECT count(*) FROM agent_actions WHERE agent_name = 'late-reply'";
+    let deadline = std::time::Instant::now() + REPLY;
+    while !svc.logs().contains("refuses a completed reply") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refusal is logged:\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count_rows(&db, written).await, 1, "the write was applied");
+    assert!(
+        !svc.logs().contains("the bus refuses it"),
+        "not given up:\n{}",
+        svc.logs()
+    );
+
+    // The topic appears: the same reply goes out, and the request is committed.
+    omnibus_tests::TestTopics::create_on(
+        &omnibus_tests::kafka_brokers(),
+        &prefix,
+        &["db.completed"],
+        1,
+    )
+    .await
+    .unwrap();
+    let mut tap = Tap::new(&[&completed]).unwrap();
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, completed, "{reply:?}");
+    let committed = committed_total(&group, &t.request, 1);
+    assert_eq!(committed, 1, "{}", svc.logs());
+    assert_eq!(count_rows(&db, written).await, 1, "written once");
+}

@@ -154,6 +154,14 @@ async fn the_shutdown_delay_serves_not_serving_before_the_drain() {
         assert!(started.elapsed() < Duration::from_secs(2), "still SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // A watch opened during the delay sees NOT_SERVING and stays open until the drain.
+    let mut watch = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect("watch during the delay")
+        .into_inner();
+    let first = watch.message().await.expect("a status").expect("a status");
+    assert_eq!(first.status(), ServingStatus::NotServing);
     // A new connection is still accepted and served.
     let counted = DatabaseServiceClient::new(s.svc.channel())
         .count(count())
@@ -161,8 +169,19 @@ async fn the_shutdown_delay_serves_not_serving_before_the_drain() {
         .expect("served during the delay");
     assert_eq!(counted.into_inner().count, 0);
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_millis(2700),
         "the checks ran within the delay: {:?}",
+        started.elapsed()
+    );
+    let open = tokio::time::timeout(Duration::from_millis(300), watch.message()).await;
+    assert!(open.is_err(), "the watch is still open: {open:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the watch ends at the drain");
+    assert!(matches!(ended, Ok(None)), "{ended:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
         started.elapsed()
     );
     let status = s

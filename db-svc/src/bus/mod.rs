@@ -879,7 +879,9 @@ fn attempt_budget(
 
 /// The time a write's reply is given to reach its caller before the deadline: a tenth of the
 /// request's whole timeout (from when it was sent, or received if later or unknown, to its
-/// deadline), at least MIN_REPLY_MARGIN and at most MAX_REPLY_MARGIN. Zero without a deadline.
+/// deadline), at least MIN_REPLY_MARGIN and at most MAX_REPLY_MARGIN, but never more than
+/// half the timeout (a caller that allows 400 ms must still be able to write). Zero without a
+/// deadline.
 fn reply_margin(
     deadline: Option<bus_protocol::Deadline>,
     sent: Option<chrono::DateTime<chrono::Utc>>,
@@ -890,7 +892,9 @@ fn reply_margin(
     };
     let start = sent.map_or(received, |t| t.min(received));
     let timeout = (deadline - start).to_std().unwrap_or_default();
-    (timeout / 10).clamp(MIN_REPLY_MARGIN, MAX_REPLY_MARGIN)
+    (timeout / 10)
+        .clamp(MIN_REPLY_MARGIN, MAX_REPLY_MARGIN)
+        .min(timeout / 2)
 }
 
 /// The reply to a request whose deadline passed (or, for a write, came within `margin`)
@@ -952,9 +956,16 @@ async fn wait_for_database(
 /// left unanswered and its offset committed: no reply can carry it.
 ///
 /// Other refusals that no retry can change (the topic does not exist or may not be written,
-/// the broker refuses the record: [`Refusal::Permanent`]) leave the request unanswered and
-/// committed too, logged (at most every LOG_EVERY) and counted: retried, they would hold a
-/// processing slot and every later commit of the partition forever, and again after a restart.
+/// the broker refuses the record: [`Refusal::Permanent`]) leave a FAILED reply or a dead letter
+/// unanswered and committed too, logged (at most every LOG_EVERY) and counted: retried, they
+/// would hold a processing slot and every later commit of the partition forever, and again
+/// after a restart. Nothing was applied for those, so a caller that falls back writes once.
+/// A COMPLETED reply is retried instead, however it is refused: its request may have written,
+/// and a caller left without it falls back and writes again (OmniClaude has no request id).
+/// While a completed-reply topic refuses everything the partition stalls, visibly in the log,
+/// at most `--bus-concurrency` writes ahead; and a topic missing only for a while (recreated
+/// after an empty broker restart, which librdkafka reports at once for a topic it knew) is
+/// answered once it is back.
 /// A dead letter (diagnostics of a request nobody waits for) is given up after
 /// DEAD_LETTER_PATIENCE of failures of any kind: a dead-letter topic that refuses it in a
 /// way librdkafka retries until `message.timeout.ms` (a compacted one refusing a record without
@@ -965,6 +976,13 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
     let mut backoff = Duration::from_millis(100);
     let started = std::time::Instant::now();
     let dead_letter = matches!(outgoing, Outgoing::DeadLetter { .. });
+    let completed = matches!(
+        outgoing,
+        Outgoing::Reply {
+            reply: Reply::Completed(_),
+            ..
+        }
+    );
     loop {
         let (topic, key, bytes) = &message;
         let mut record = FutureRecord::to(topic).payload(bytes);
@@ -993,9 +1011,23 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
                 svc_kit::metrics::counter!("db_bus_unanswerable_total").increment(1);
                 return true;
             }
-            Refusal::Permanent => {
+            Refusal::Permanent if !completed => {
                 give_up(worker, topic, &e, "the bus refuses it");
                 return true;
+            }
+            Refusal::Permanent => {
+                if let Some(unlogged) = worker.give_up_log.allow(std::time::Instant::now()) {
+                    tracing::error!(
+                        topic = %topic, unlogged_before = unlogged,
+                        "the bus refuses a completed reply ({e}); its request may have written, \
+                         so it is retried until the topic takes it (the partition waits)"
+                    );
+                }
+                tokio::select! {
+                    _ = worker.shutdown.triggered() => return false,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
             Refusal::Transient if dead_letter && started.elapsed() >= DEAD_LETTER_PATIENCE => {
                 give_up(
@@ -1424,6 +1456,15 @@ mod tests {
             "from its receipt"
         );
         assert_eq!(reply_margin(None, Some(now), now), Duration::ZERO);
+        // A short timeout keeps half of itself for the write.
+        assert_eq!(
+            reply_margin(Some(now + ms(400)), Some(now), now),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            reply_margin(Some(now + ms(800)), Some(now), now),
+            Duration::from_millis(400)
+        );
         // The budget of an attempt is what is left less the margin; nothing is too late.
         let deadline = now + ms(1500);
         assert_eq!(
