@@ -277,3 +277,53 @@ pub fn omniclaude_envelope(
         }
     })
 }
+
+/// A consumer-group name of its own for one test's db-svc.
+pub fn fresh_group() -> String {
+    format!("db-svc-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The count a `SELECT count(*) ...` gives on `db`.
+pub async fn count_rows(db: &TestDatabase, sql: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("count")
+}
+
+/// The sum of `group`'s committed offsets over `topic`'s partitions, once it reaches `want`
+/// (or whatever it is after `within`).
+pub fn committed_total(group: &str, topic: &str, want: i64, within: Duration) -> i64 {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", group)
+        .create()
+        .expect("a reader of committed offsets");
+    let metadata = reader
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("the topic's metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition(topic, p.id());
+    }
+    let deadline = Instant::now() + within;
+    loop {
+        let offsets = reader
+            .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            .expect("committed offsets");
+        let sum: i64 = offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .sum();
+        if sum >= want || Instant::now() > deadline {
+            return sum;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -7,7 +7,10 @@ use std::time::Duration;
 use omnibus_client::bus::{BusError, BusPublisher};
 use omnibus_client::db::{DbClient, Via, WriteMode};
 use omnibus_proto::db::v1 as pb;
-use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce, start_db_svc};
+use omnibus_tests::bus::{
+    BusTopics, Tap, committed_total, count_rows, fresh_group, omniclaude_envelope, produce,
+    start_db_svc,
+};
 use omnibus_tests::db::to_struct;
 use omnibus_tests::{ServiceSpec, TestDatabase};
 use serde_json::{Value, json};
@@ -38,15 +41,6 @@ async fn grpc_only_db_svc(db: &TestDatabase) -> omnibus_tests::ServiceProcess {
     svc
 }
 
-async fn count_rows(db: &TestDatabase, sql: &str) -> i64 {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&mut conn)
-        .await
-        .expect("count")
-}
-
 /// A test database, db-svc with its bus worker, and a client that writes over the bus first
 /// (waiting `reply_timeout` for each reply).
 async fn bus_first(
@@ -54,7 +48,9 @@ async fn bus_first(
 ) -> (TestDatabase, omnibus_tests::ServiceProcess, DbClient) {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let bus = Arc::new(
         BusPublisher::connect(topics.client_config(reply_timeout))
             .await
@@ -64,15 +60,13 @@ async fn bus_first(
     (db, svc, client)
 }
 
-fn group() -> String {
-    format!("db-svc-{}", uuid::Uuid::new_v4().simple())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structured_operations_round_trip_over_the_bus() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let bus = BusPublisher::connect(topics.client_config(REPLY))
         .await
         .unwrap();
@@ -203,7 +197,7 @@ async fn structured_operations_round_trip_over_the_bus() {
 async fn an_omniclaude_query_page_is_cut_while_reading() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &group(), &["--query-max-limit", "5"])
+    let _svc = start_db_svc(&db, &topics, &fresh_group(), &["--query-max-limit", "5"])
         .await
         .unwrap();
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
@@ -272,7 +266,9 @@ async fn an_omniclaude_query_page_is_cut_while_reading() {
 async fn omniclaude_envelopes_get_the_replies_that_client_expects() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
 
@@ -378,7 +374,9 @@ async fn omniclaude_envelopes_get_the_replies_that_client_expects() {
 async fn bad_requests_get_failed_replies_or_dead_letters() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
 
@@ -533,7 +531,7 @@ async fn bad_requests_get_failed_replies_or_dead_letters() {
 async fn a_redelivered_request_is_applied_once() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let group = group();
+    let group = fresh_group();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     let cid = uuid::Uuid::new_v4().to_string();
@@ -661,7 +659,9 @@ async fn fallback_to_direct_grpc_never_writes_twice() {
     assert!(!first.response.replayed);
 
     // Now the bus worker comes up and processes both queued requests.
-    let _worker = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let _worker = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     match pending.await.unwrap().unwrap() {
         bus_protocol::Reply::Completed(done) => assert!(done.replayed, "{done:?}"),
         other => panic!("expected COMPLETED (replayed), got {other:?}"),
@@ -701,7 +701,7 @@ async fn postgres_outage_mid_stream_loses_and_duplicates_nothing() {
     via_proxy.set_port(Some(proxy.addr.port())).unwrap();
     let mut svc = ServiceSpec::new("db-svc")
         .env("DATABASE_URL", via_proxy.as_str())
-        .args(topics.db_svc_args(&group()))
+        .args(topics.db_svc_args(&fresh_group()))
         .args(["--db-acquire-timeout", "1s"])
         .spawn()
         .unwrap();
@@ -772,7 +772,7 @@ async fn postgres_outage_mid_stream_loses_and_duplicates_nothing() {
 async fn two_replicas_answer_every_request_exactly_once() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let group = group();
+    let group = fresh_group();
     let _a = start_db_svc(&db, &topics, &group, &["--bus-service-name", "replica-a"])
         .await
         .unwrap();
@@ -864,7 +864,9 @@ async fn two_replicas_answer_every_request_exactly_once() {
 async fn trace_id_travels_from_the_client_through_the_bus_to_the_reply() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.request, &t.completed]).unwrap();
     let bus = BusPublisher::connect(topics.client_config(FIRST_REPLY))
@@ -932,7 +934,9 @@ async fn a_reply_too_large_for_the_bus_fails_and_the_worker_goes_on() {
     use sqlx::Connection;
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
     // ~2.5 MB of rows, carried twice in a reply (rows and response).
     omnibus_tests::db::insert_padded_actions(&mut conn, "big", 300, 5000).await;
@@ -1046,7 +1050,9 @@ async fn a_bus_timeout_past_what_grpc_carries_is_shortened_not_a_panic() {
 
     // Duration::MAX: its milliseconds do not fit the envelope's timeout_ms.
     let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let bus = Arc::new(
         BusPublisher::connect(topics.client_config(Duration::MAX))
             .await
@@ -1140,7 +1146,7 @@ async fn the_direct_fallback_is_bounded_by_the_bus_timeout() {
 async fn a_request_no_reply_can_carry_is_committed_not_retried_forever() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let group = group();
+    let group = fresh_group();
     let svc = start_db_svc(&db, &topics, &group, &[]).await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
@@ -1158,7 +1164,7 @@ async fn a_request_no_reply_can_carry_is_committed_not_retried_forever() {
     tap.reply_for(&c, FIRST_REPLY).unwrap();
 
     // Both requests are committed (the group's committed offsets add up to 2).
-    let committed = committed_total(&group, &t.request, 2);
+    let committed = committed_total(&group, &t.request, 2, REPLY);
     assert_eq!(committed, 2, "{}", svc.logs());
     assert!(
         svc.logs().contains("left unanswered and committed"),
@@ -1174,7 +1180,9 @@ async fn a_request_no_reply_can_carry_is_committed_not_retried_forever() {
 async fn a_late_redelivery_of_an_applied_write_is_replayed_not_timed_out() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
     // `request_id` differs from the correlation id and is spelled as protobuf's JSON writes it
@@ -1245,7 +1253,9 @@ async fn an_applied_write_whose_deadline_passes_during_its_attempt_is_replayed()
     use sqlx::Connection;
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     // Warm-up: the worker has joined its group, so the request below starts at once.
@@ -1347,7 +1357,7 @@ async fn the_bus_drain_is_bounded_by_the_shutdown_grace() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
     // The test topics' db-svc runs with --shutdown-grace 3s.
-    let group = group();
+    let group = fresh_group();
     let mut svc = start_db_svc(&db, &topics, &group, &[]).await.unwrap();
     let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
@@ -1401,7 +1411,7 @@ async fn the_bus_drain_is_bounded_by_the_shutdown_grace() {
         svc.logs()
     );
     // The request cut short was not committed: the group redelivers it.
-    assert_eq!(committed_total(&group, &topics.topics.request, 0), 0);
+    assert_eq!(committed_total(&group, &topics.topics.request, 0, REPLY), 0);
     drop(lock);
 }
 
@@ -1453,42 +1463,6 @@ async fn calls_sharing_a_request_id_each_get_their_own_reply() {
     );
 }
 
-/// The sum of `group`'s committed offsets over `topic`'s partitions, once it reaches `want`
-/// (or whatever it is after the reply timeout).
-fn committed_total(group: &str, topic: &str, want: i64) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let reader: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", omnibus_tests::kafka_brokers())
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let metadata = reader
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        tpl.add_partition(topic, p.id());
-    }
-    let deadline = std::time::Instant::now() + REPLY;
-    loop {
-        let offsets = reader
-            .committed_offsets(tpl.clone(), Duration::from_secs(10))
-            .unwrap();
-        let sum: i64 = offsets
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                rdkafka::Offset::Offset(o) => Some(o),
-                _ => None,
-            })
-            .sum();
-        if sum >= want || std::time::Instant::now() > deadline {
-            return sum;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// A request whose execution panics (a bug; here a fail point) is answered INTERNAL_ERROR and
 /// committed like any other; one whose task panics after the execution (no reply to give) is
 /// committed unanswered. The worker goes on serving, and neither holds back the commits of
@@ -1497,7 +1471,7 @@ fn committed_total(group: &str, topic: &str, want: i64) -> i64 {
 async fn a_request_that_panics_is_answered_and_committed() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let group = group();
+    let group = fresh_group();
     let mut svc = ServiceSpec::new("db-svc")
         .env("DATABASE_URL", &db.url)
         .env("OMNIBUS_FAILPOINT", "bus-panic")
@@ -1534,7 +1508,12 @@ async fn a_request_that_panics_is_answered_and_committed() {
         reply.json["event_type"], "DATABASE_QUERY_COMPLETED",
         "{reply:?}"
     );
-    assert_eq!(committed_total(&group, &t.request, 3), 3, "{}", svc.logs());
+    assert_eq!(
+        committed_total(&group, &t.request, 3, REPLY),
+        3,
+        "{}",
+        svc.logs()
+    );
     assert!(
         !tap.replies_by_correlation().contains_key(&unanswered),
         "no reply for the request whose reply panicked"

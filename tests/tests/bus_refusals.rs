@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce, start_db_svc};
+use omnibus_tests::bus::{
+    BusTopics, Tap, committed_total, count_rows, fresh_group, omniclaude_envelope, produce,
+    start_db_svc,
+};
 use omnibus_tests::{ServiceSpec, TestDatabase};
 use serde_json::{Value, json};
 
@@ -13,21 +16,8 @@ use serde_json::{Value, json};
 const FIRST_REPLY: Duration = Duration::from_secs(40);
 const REPLY: Duration = Duration::from_secs(20);
 
-fn group() -> String {
-    format!("db-svc-{}", uuid::Uuid::new_v4().simple())
-}
-
 fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
-}
-
-async fn count_rows(db: &TestDatabase, sql: &str) -> i64 {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
-    sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&mut conn)
-        .await
-        .expect("count")
 }
 
 async fn send(topic: &str, envelope: &Value) {
@@ -47,41 +37,6 @@ async fn warm_up(tap: &mut Tap, topic: &str) {
     tap.reply_for(&c, FIRST_REPLY).unwrap();
 }
 
-/// The sum of `group`'s committed offsets on `topic`, once it reaches `want` (or after REPLY).
-fn committed_total(group: &str, topic: &str, want: i64) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let reader: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", omnibus_tests::kafka_brokers())
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let metadata = reader
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        tpl.add_partition(topic, p.id());
-    }
-    let deadline = std::time::Instant::now() + REPLY;
-    loop {
-        let offsets = reader
-            .committed_offsets(tpl.clone(), Duration::from_secs(10))
-            .unwrap();
-        let sum: i64 = offsets
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                rdkafka::Offset::Offset(o) => Some(o),
-                _ => None,
-            })
-            .sum();
-        if sum >= want || std::time::Instant::now() > deadline {
-            return sum;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// A failed-reply topic and a dead-letter topic that do not exist (and are not created on
 /// demand): the replies and dead letters the broker refuses for good are given up, logged and
 /// the requests committed, instead of being retried forever with the partition's later
@@ -90,7 +45,7 @@ fn committed_total(group: &str, topic: &str, want: i64) -> i64 {
 async fn replies_the_broker_refuses_for_good_are_committed_not_retried_forever() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let group = group();
+    let group = fresh_group();
     let t = topics.topics.clone();
     let missing = format!("omnibus-missing-{}", uuid::Uuid::new_v4().simple());
     let mut args = topics.db_svc_args(&group);
@@ -142,7 +97,7 @@ async fn replies_the_broker_refuses_for_good_are_committed_not_retried_forever()
     tap.reply_for(&good, REPLY).unwrap();
 
     // All four requests are committed, the two unanswerable ones included.
-    let committed = committed_total(&group, &t.request, 4);
+    let committed = committed_total(&group, &t.request, 4, REPLY);
     assert_eq!(committed, 4, "{}", svc.logs());
     assert!(
         svc.logs().contains("the bus refuses it"),
@@ -159,7 +114,9 @@ async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_c
     use sqlx::Connection;
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -239,7 +196,9 @@ async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_c
 async fn a_write_with_too_little_time_left_is_not_started() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &group(), &[]).await.unwrap();
+    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     warm_up(&mut tap, &t.request).await;
@@ -303,7 +262,7 @@ async fn a_read_past_its_deadline_is_answered_at_once_while_the_database_is_down
     via_proxy.set_port(Some(proxy.addr.port())).unwrap();
     let mut svc = ServiceSpec::new("db-svc")
         .env("DATABASE_URL", via_proxy.as_str())
-        .args(topics.db_svc_args(&group()))
+        .args(topics.db_svc_args(&fresh_group()))
         .args(["--db-acquire-timeout", "1s"])
         .spawn()
         .unwrap();
@@ -334,7 +293,7 @@ async fn a_bus_worker_that_cannot_start_stops_db_svc_with_an_error() {
     let topics = BusTopics::create().await.unwrap();
     let mut svc = ServiceSpec::new("db-svc")
         .env("DATABASE_URL", &db.url)
-        .args(topics.db_svc_args(&group()))
+        .args(topics.db_svc_args(&fresh_group()))
         .args(["--kafka-config", "no.such.property=1"])
         .spawn()
         .unwrap();
@@ -358,7 +317,7 @@ async fn a_bus_worker_that_cannot_start_stops_db_svc_with_an_error() {
 async fn a_completed_reply_the_bus_refuses_is_retried_until_its_topic_exists() {
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
-    let group = group();
+    let group = fresh_group();
     let t = topics.topics.clone();
     let prefix = format!("omnibus-late-{}.", uuid::Uuid::new_v4().simple());
     let completed = format!("{prefix}db.completed");
@@ -420,7 +379,7 @@ async fn a_completed_reply_the_bus_refuses_is_retried_until_its_topic_exists() {
     let mut tap = Tap::new(&[&completed]).unwrap();
     let reply = tap.reply_for(&c, REPLY).unwrap();
     assert_eq!(reply.topic, completed, "{reply:?}");
-    let committed = committed_total(&group, &t.request, 1);
+    let committed = committed_total(&group, &t.request, 1, REPLY);
     assert_eq!(committed, 1, "{}", svc.logs());
     assert_eq!(count_rows(&db, written).await, 1, "written once");
 }
