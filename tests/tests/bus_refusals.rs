@@ -37,6 +37,34 @@ async fn warm_up(tap: &mut Tap, topic: &str) {
     tap.reply_for(&c, FIRST_REPLY).unwrap();
 }
 
+/// db-svc on `topics` with some of its topic flags pointing elsewhere (`(flag, topic)`), and
+/// topics neither created by a reply nor waited for: found missing within a second.
+async fn db_svc_with_topics(
+    db: &TestDatabase,
+    topics: &BusTopics,
+    group: &str,
+    replaced: &[(&str, String)],
+) -> omnibus_tests::ServiceProcess {
+    let mut args = topics.db_svc_args(group);
+    for (flag, topic) in replaced {
+        let at = args.iter().position(|a| a == flag).expect("a topic flag");
+        args[at + 1] = topic.clone();
+    }
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(args)
+        .args([
+            "--kafka-config",
+            "allow.auto.create.topics=false",
+            "--kafka-config",
+            "topic.metadata.propagation.max.ms=1000",
+        ])
+        .spawn()
+        .expect("spawn db-svc");
+    svc.wait_serving().await.expect("db-svc SERVING");
+    svc
+}
+
 /// A failed-reply topic and a dead-letter topic that do not exist (and are not created on
 /// demand): the replies and dead letters the broker refuses for good are given up, logged and
 /// the requests committed, instead of being retried forever with the partition's later
@@ -48,24 +76,16 @@ async fn replies_the_broker_refuses_for_good_are_committed_not_retried_forever()
     let group = fresh_group();
     let t = topics.topics.clone();
     let missing = format!("omnibus-missing-{}", uuid::Uuid::new_v4().simple());
-    let mut args = topics.db_svc_args(&group);
-    for (flag, topic) in [("--failed-topic", "failed"), ("--dead-letter-topic", "dlq")] {
-        let at = args.iter().position(|a| a == flag).unwrap();
-        args[at + 1] = format!("{missing}.{topic}");
-    }
-    let mut svc = ServiceSpec::new("db-svc")
-        .env("DATABASE_URL", &db.url)
-        .args(args)
-        // The topics are not created by the replies, and found missing within a second.
-        .args([
-            "--kafka-config",
-            "allow.auto.create.topics=false",
-            "--kafka-config",
-            "topic.metadata.propagation.max.ms=1000",
-        ])
-        .spawn()
-        .unwrap();
-    svc.wait_serving().await.unwrap();
+    let svc = db_svc_with_topics(
+        &db,
+        &topics,
+        &group,
+        &[
+            ("--failed-topic", format!("{missing}.failed")),
+            ("--dead-letter-topic", format!("{missing}.dlq")),
+        ],
+    )
+    .await;
     let mut tap = Tap::new(&[&t.completed]).unwrap();
     warm_up(&mut tap, &t.request).await;
 
@@ -321,21 +341,13 @@ async fn a_completed_reply_the_bus_refuses_is_retried_until_its_topic_exists() {
     let t = topics.topics.clone();
     let prefix = format!("omnibus-late-{}.", uuid::Uuid::new_v4().simple());
     let completed = format!("{prefix}db.completed");
-    let mut args = topics.db_svc_args(&group);
-    let at = args.iter().position(|a| a == "--completed-topic").unwrap();
-    args[at + 1] = completed.clone();
-    let mut svc = ServiceSpec::new("db-svc")
-        .env("DATABASE_URL", &db.url)
-        .args(args)
-        .args([
-            "--kafka-config",
-            "allow.auto.create.topics=false",
-            "--kafka-config",
-            "topic.metadata.propagation.max.ms=1000",
-        ])
-        .spawn()
-        .unwrap();
-    svc.wait_serving().await.unwrap();
+    let svc = db_svc_with_topics(
+        &db,
+        &topics,
+        &group,
+        &[("--completed-topic", completed.clone())],
+    )
+    .await;
 
     let c = uuid::Uuid::new_v4().to_string();
     send(
