@@ -47,7 +47,14 @@ pub struct Limits {
     /// The largest response the server sends (`--max-send-message-size`): an `ExecuteRaw`
     /// result that grows past it fails while it is read, before it fills memory.
     pub max_response_bytes: usize,
+    /// What that limit is and what to do about it, for the refusal's message: the gRPC
+    /// response's by default ([`GRPC_RESPONSE_LIMIT`]), a bus reply's on the bus.
+    pub response_limit: &'static str,
 }
+
+/// [`Limits::response_limit`] of gRPC responses.
+pub const GRPC_RESPONSE_LIMIT: &str = "a response may carry (--max-send-message-size); select \
+     fewer or smaller values, or read them with StreamQuery";
 
 /// Per-request context from the transport.
 #[derive(Clone, Debug, Default)]
@@ -697,10 +704,8 @@ impl Executor {
                             return Err(DbError::field(
                                 "sql",
                                 format!(
-                                    "the statement's rows come to more than the {} bytes a \
-                                     response may carry (--max-send-message-size); select \
-                                     fewer or smaller values, or read them with StreamQuery",
-                                    self.limits.max_response_bytes
+                                    "the statement's rows come to more than the {} bytes {}",
+                                    self.limits.max_response_bytes, self.limits.response_limit
                                 ),
                             ));
                         }

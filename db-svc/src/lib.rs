@@ -178,6 +178,7 @@ fn start_bus_worker(
     // SQL-form writes may return only as many rows as a reply carries: refused before commit.
     let write_limits = Limits {
         max_response_bytes: bus::sql_write_reply_bytes(&bus).min(limits.max_response_bytes),
+        response_limit: bus::SQL_WRITE_REPLY_LIMIT,
         ..limits.clone()
     };
     let handler = bus::Handler {
@@ -250,6 +251,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             coalesce_inserts: settings.coalesce_inserts,
             coalesce_queries: settings.coalesce_queries,
             max_response_bytes: settings.server.max_send_message_size,
+            response_limit: executor::GRPC_RESPONSE_LIMIT,
         },
         reachability,
     );

@@ -299,10 +299,7 @@ impl Handler {
                 &ctx,
             )
             .await
-            .map_err(|e| {
-                let bus_limit = executor.limits().max_response_bytes;
-                Status::from(as_bus_reply_limit(e, checked.kind.is_write(), bus_limit))
-            })?;
+            .map_err(Status::from)?;
         let rows = out.rows;
         Ok(CompletedPayload {
             row_count: rows.len() as u64,
@@ -317,32 +314,6 @@ impl Handler {
             replayed: out.replayed,
             response: None,
         })
-    }
-}
-
-/// The executor's refusal of a write whose rows exceed `limit` (worded for gRPC's
-/// `--max-send-message-size`), reworded for the bus, whose limit it was; other errors as they
-/// are.
-fn as_bus_reply_limit(e: DbError, is_write: bool, limit: usize) -> DbError {
-    let refused = format!("the statement's rows come to more than the {limit} bytes");
-    match &e {
-        DbError::Validation(v)
-            if is_write
-                && v.len() == 1
-                && v[0].field == "sql"
-                && v[0].description.starts_with(&refused) =>
-        {
-            DbError::field(
-                "sql",
-                format!(
-                    "the statement's rows come to more than the {limit} bytes a bus reply \
-                     carries of them (half the producer's message.max.bytes, less room for the \
-                     envelope); nothing was written: return fewer or smaller columns \
-                     (RETURNING), or write fewer rows per request"
-                ),
-            )
-        }
-        _ => e,
     }
 }
 

@@ -171,6 +171,12 @@ const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// Room kept in a reply for its envelope (ids, timestamps, counts, keys).
 const ENVELOPE_ROOM: usize = 16 * 1024;
 
+/// [`crate::executor::Limits::response_limit`] of SQL-form writes on the bus: their rows must
+/// fit a reply, else they are refused before they commit.
+pub const SQL_WRITE_REPLY_LIMIT: &str = "a bus reply carries of them (half the producer's \
+     message.max.bytes, less room for the envelope); nothing was written: return fewer or \
+     smaller columns (RETURNING), or write fewer rows per request";
+
 /// The bytes of rows (as the executor counts them: their protobuf size) an SQL-form write may
 /// return: half of what the reply producer's `message.max.bytes` leaves after the envelope.
 /// Half, because the reply carries them as JSON text, which can be larger (numbers written
