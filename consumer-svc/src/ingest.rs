@@ -1272,6 +1272,15 @@ struct Parsed {
     errors: [u64; 4],
 }
 
+/// Whether a partition's first record, stamped `record_ms`, shows the log holding events from
+/// before the window (`target`): then it is worth jumping ahead. A record time of 0 or less is
+/// no time (as for event times, `events::event_time`): a producer stamping its records 0 would
+/// otherwise make the jump skip, by the broker's record times, events that a replica reading
+/// live keeps by their payload times.
+fn predates_window(record_ms: Option<i64>, target: i64) -> bool {
+    record_ms.is_some_and(|t| t > 0 && t < target)
+}
+
 /// Parses one batch of borrowed messages; returns it with what the partitions need next.
 fn parse_batch(
     cfg: &IngestConfig,
@@ -1310,7 +1319,7 @@ fn parse_batch(
         };
         if std::mem::take(&mut part.probe) {
             let target = *moves.target_ms.get_or_insert_with(&target_ms);
-            if m.timestamp().to_millis().is_some_and(|t| t < target) {
+            if predates_window(m.timestamp().to_millis(), target) {
                 moves.seek.push(key);
             }
         }
@@ -1675,6 +1684,17 @@ mod tests {
         let (gone, new) = partition_changes(&listing, std::iter::empty());
         assert!(gone.is_empty());
         assert_eq!(new, vec![(0, 0), (0, 2)]);
+    }
+
+    #[test]
+    fn only_a_real_record_time_before_the_window_makes_a_partition_jump() {
+        let target = 1_700_000_000_000;
+        assert!(predates_window(Some(target - 1), target));
+        assert!(!predates_window(Some(target), target));
+        assert!(!predates_window(None, target));
+        for no_time in [0, -1, -5] {
+            assert!(!predates_window(Some(no_time), target), "{no_time}");
+        }
     }
 
     #[test]
