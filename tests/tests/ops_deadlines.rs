@@ -58,6 +58,38 @@ async fn the_request_timeout_is_deadline_exceeded_and_ends_the_statement() {
         .expect("the statement no longer waits in PostgreSQL");
 }
 
+/// `--request-timeout` bounds a stream's start, not its statement: a `StreamQuery` held by a
+/// lock past it still completes once the lock goes (the request timeout had become every
+/// stream's statement timeout).
+#[tokio::test]
+async fn a_stream_query_outlives_the_request_timeout() {
+    let s = db_svc(&["--request-timeout", "2s"]).await;
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let mut client = s.client.clone();
+    let stream = tokio::spawn(async move {
+        let mut batches = client
+            .stream_query(pb::StreamQueryRequest {
+                query: Some(pb::QueryRequest {
+                    table: "agent_actions".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let mut rows = 0;
+        while let Some(batch) = batches.message().await? {
+            rows += batch.rows.len();
+        }
+        Ok::<_, tonic::Status>(rows)
+    });
+    lock.wait_blocked(&s, 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(lock);
+    let rows = stream.await.unwrap().expect("the stream completes");
+    assert_eq!(rows, 0);
+}
+
 /// With one call slot per connection, a second call on the same connection waits for it with
 /// its deadline already running: it ends within the request timeout of its own arrival
 /// (tonic's limit started the timer only once the call had a slot: about twice that). A call
