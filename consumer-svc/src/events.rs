@@ -219,11 +219,7 @@ impl<T: fmt::Display> fmt::Display for Bounded<T> {
 
 /// The longest start of `s` of at most `max` bytes that ends on a character boundary.
 fn cut_text(s: &str, max: usize) -> &str {
-    let mut end = max.min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+    &s[..s.floor_char_boundary(max)]
 }
 
 /// One of a routing decision's alternatives, borrowed from the decision.

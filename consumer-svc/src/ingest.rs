@@ -40,6 +40,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext};
 use svc_kit::Shutdown;
+use svc_kit::log_budget::LogBudget;
 
 use crate::events::{self, EventKind, Micros};
 use crate::hub::{Hub, UpdateKind};
@@ -304,33 +305,6 @@ impl Partition {
     }
 }
 
-/// How many parse errors of one topic may still be logged: at most
-/// [`ERROR_LOGS_PER_MINUTE`] per minute, so a flood of bad input cannot flood the log.
-struct ErrorLog {
-    window_start: Instant,
-    logged: u32,
-}
-
-impl ErrorLog {
-    fn new(now: Instant) -> Self {
-        Self {
-            window_start: now,
-            logged: 0,
-        }
-    }
-
-    /// Whether an error seen at `now` may be logged (it is counted either way).
-    fn allow(&mut self, now: Instant) -> bool {
-        if now.saturating_duration_since(self.window_start) >= Duration::from_secs(60) {
-            self.window_start = now;
-            self.logged = 0;
-        }
-        let allowed = self.logged < ERROR_LOGS_PER_MINUTE;
-        self.logged += u32::from(allowed);
-        allowed
-    }
-}
-
 /// Receives librdkafka's statistics: the high watermarks it saw in fetch responses. (Asking
 /// the broker with ListOffsets is not reliable on tansu: its "latest" answer can lag the log.)
 pub struct IngestContext {
@@ -399,7 +373,9 @@ pub struct Ingest {
     client_replaced: bool,
     /// Shared with the client context: every broker is down.
     brokers_down: Arc<AtomicBool>,
-    error_logs: [ErrorLog; 4],
+    /// Per topic: parse errors logged, at most [`ERROR_LOGS_PER_MINUTE`] per minute, so that a
+    /// flood of bad input cannot flood the log (all are counted).
+    error_logs: [LogBudget; 4],
     /// Metadata answers so far in which some topic was unsettled (see `Listed`).
     unsettled_answers: u32,
     /// When a partition was last assigned or moved: librdkafka's application positions may
@@ -462,7 +438,9 @@ impl Ingest {
             recreated: HashSet::new(),
             client_replaced: false,
             brokers_down,
-            error_logs: std::array::from_fn(|_| ErrorLog::new(Instant::now())),
+            error_logs: std::array::from_fn(|_| {
+                LogBudget::new(ERROR_LOGS_PER_MINUTE, Duration::from_secs(60))
+            }),
             unsettled_answers: 0,
             repositioned: None,
         })
@@ -521,7 +499,7 @@ impl Ingest {
             let (parsed, moves) = parse_batch(
                 &self.cfg,
                 &mut self.assigned,
-                &mut self.error_logs,
+                &self.error_logs,
                 &msgs,
                 || seek_target_ms(&self.sinks.state, self.cfg.seek_slack),
             );
@@ -1285,7 +1263,7 @@ fn predates_window(record_ms: Option<i64>, target: i64) -> bool {
 fn parse_batch(
     cfg: &IngestConfig,
     assigned: &mut foldhash::HashMap<(usize, i32), Partition>,
-    error_logs: &mut [ErrorLog; 4],
+    error_logs: &[LogBudget; 4],
     msgs: &[rdkafka::message::BorrowedMessage<'_>],
     target_ms: impl Fn() -> i64,
 ) -> (Parsed, Moves) {
@@ -1365,7 +1343,7 @@ fn parse_batch(
             Ok(event) => {
                 if let events::Event::RoutingDecision(d) = &event
                     && d.dropped_alternatives > 0
-                    && error_logs[k].allow(Instant::now())
+                    && error_logs[k].may_log(Instant::now()).is_some()
                 {
                     tracing::warn!(
                         topic,
@@ -1380,7 +1358,7 @@ fn parse_batch(
             }
             Err(e) => {
                 errors[k] += 1;
-                if error_logs[k].allow(Instant::now()) {
+                if error_logs[k].may_log(Instant::now()).is_some() {
                     tracing::warn!(
                         topic,
                         partition = m.partition(),
@@ -1700,15 +1678,16 @@ mod tests {
     #[test]
     fn parse_errors_are_logged_at_most_ten_times_a_minute() {
         let start = Instant::now();
-        let mut log = ErrorLog::new(start);
-        let logged = (0..25).filter(|_| log.allow(start)).count();
+        let log = LogBudget::new(ERROR_LOGS_PER_MINUTE, Duration::from_secs(60));
+        let allow = |at| log.may_log(at).is_some();
+        let logged = (0..25).filter(|_| allow(start)).count();
         assert_eq!(logged, ERROR_LOGS_PER_MINUTE as usize);
-        assert!(!log.allow(start + Duration::from_secs(59)));
+        assert!(!allow(start + Duration::from_secs(59)));
         // A new minute, a new budget.
         let next = start + Duration::from_secs(60);
-        assert_eq!((0..25).filter(|_| log.allow(next)).count(), 10);
+        assert_eq!((0..25).filter(|_| allow(next)).count(), 10);
         // A clock reading older than the window start does not reset it.
-        assert!(!log.allow(start));
+        assert!(!allow(start));
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tracing::Instrument;
 
 use crate::auth::{self, Decision, Scopes, Tokens};
 use crate::deadline::{self, Deadline};
+use crate::log_budget::LogBudget;
 use crate::panic::{catch_panic, panic_message};
 
 /// Authentication settings: tokens and which RPCs are writes.
@@ -329,52 +330,11 @@ where
 /// token must not be able to fill the log.
 const REJECTIONS_LOGGED_PER_SECOND: u32 = 10;
 
-static REJECTIONS: LogBudget = LogBudget::new(REJECTIONS_LOGGED_PER_SECOND);
-
-/// A budget of log lines per second, shared by a process's calls.
-struct LogBudget {
-    per_second: u32,
-    /// The current second's start, lines logged in it, and lines refused since the last one
-    /// logged.
-    window: std::sync::Mutex<Option<(Instant, u32, u64)>>,
-}
-
-impl LogBudget {
-    const fn new(per_second: u32) -> Self {
-        Self {
-            per_second,
-            window: std::sync::Mutex::new(None),
-        }
-    }
-
-    /// Whether a line may be logged at `now`: if so, how many were refused before it.
-    fn may_log(&self, now: Instant) -> Option<u64> {
-        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let (start, logged, refused) = window.get_or_insert((now, 0, 0));
-        if now.saturating_duration_since(*start) >= Duration::from_secs(1) {
-            (*start, *logged) = (now, 0);
-        }
-        if *logged < self.per_second {
-            *logged += 1;
-            Some(std::mem::take(refused))
-        } else {
-            *refused += 1;
-            None
-        }
-    }
-}
+static REJECTIONS: LogBudget = LogBudget::new(REJECTIONS_LOGGED_PER_SECOND, Duration::from_secs(1));
 
 /// A caller-chosen path, cut for the log (a path may be kilobytes long).
 fn clipped(path: &str) -> &str {
-    const MAX: usize = 200;
-    if path.len() <= MAX {
-        return path;
-    }
-    let mut end = MAX;
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
-    &path[..end]
+    &path[..path.floor_char_boundary(200)]
 }
 
 /// `work`'s output, or none if `deadline` passes first.
@@ -637,7 +597,7 @@ mod tests {
 
     #[test]
     fn rejections_are_logged_at_most_ten_a_second_and_the_rest_are_counted() {
-        let budget = LogBudget::new(REJECTIONS_LOGGED_PER_SECOND);
+        let budget = LogBudget::new(REJECTIONS_LOGGED_PER_SECOND, Duration::from_secs(1));
         let t0 = Instant::now();
         for _ in 0..REJECTIONS_LOGGED_PER_SECOND {
             assert_eq!(budget.may_log(t0), Some(0));

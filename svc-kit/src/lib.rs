@@ -10,6 +10,7 @@ pub mod deadline;
 pub mod health;
 pub mod kafka;
 pub mod layer;
+pub mod log_budget;
 pub mod metrics;
 pub mod panic;
 pub mod server;

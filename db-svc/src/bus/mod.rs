@@ -26,6 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use svc_kit::Shutdown;
+use svc_kit::log_budget::LogBudget;
 use svc_kit::panic::catch_panic;
 use svc_kit::server::parse_duration;
 use tokio::sync::{Semaphore, mpsc};
@@ -203,7 +204,7 @@ struct Worker {
     producer: FutureProducer,
     shutdown: Shutdown,
     /// Replies the bus refuses for good ([`give_up`]).
-    give_up_log: LogThrottle,
+    give_up_log: LogBudget,
 }
 
 /// Faults the end-to-end tests inject through `OMNIBUS_FAILPOINT`.
@@ -289,7 +290,7 @@ pub async fn run(
         handler,
         producer,
         shutdown: shutdown.clone(),
-        give_up_log: LogThrottle::default(),
+        give_up_log: LogBudget::new(1, LOG_EVERY),
     });
     let permits = Arc::new(Semaphore::new(worker.settings.concurrency));
     // Finished messages, tagged with the consumer generation and the log epoch
@@ -326,7 +327,7 @@ pub async fn run(
                     if take_replacement(&consumer.context().brokers_down, replaced, now) {
                         replaced = Some(now);
                         let fresh = fresh_consumer(&worker.settings).await;
-                        if replace_consumer(&mut consumer, || fresh) {
+                        if replace_consumer(&mut consumer, fresh) {
                             generation += 1;
                             tracker = CommitTracker::default();
                         }
@@ -584,11 +585,8 @@ fn take_replacement(
 /// True when it was replaced. When the fresh one cannot be created, the old one is kept (the
 /// worker goes on rather than dying with its requests in flight) and the outage stays
 /// pending: the replacement is tried again after REPLACE_INTERVAL.
-fn replace_consumer(
-    consumer: &mut BusConsumer,
-    fresh: impl FnOnce() -> Result<BusConsumer, String>,
-) -> bool {
-    match fresh() {
+fn replace_consumer(consumer: &mut BusConsumer, fresh: Result<BusConsumer, String>) -> bool {
+    match fresh {
         Ok(fresh) => {
             let old = std::mem::replace(consumer, fresh);
             tracing::warn!(
@@ -1021,20 +1019,6 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
                 give_up(worker, topic, &e, "the bus refuses it");
                 return true;
             }
-            Refusal::Permanent => {
-                if let Some(unlogged) = worker.give_up_log.allow(std::time::Instant::now()) {
-                    tracing::error!(
-                        topic = %topic, unlogged_before = unlogged,
-                        "the bus refuses a completed reply ({e}); its request may have written, \
-                         so it is retried until the topic takes it (the partition waits)"
-                    );
-                }
-                tokio::select! {
-                    _ = worker.shutdown.triggered() => return false,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
             Refusal::Transient if dead_letter && started.elapsed() >= DEAD_LETTER_PATIENCE => {
                 give_up(
                     worker,
@@ -1044,15 +1028,25 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
                 );
                 return true;
             }
+            // Retried below.
+            Refusal::Permanent => {
+                if let Some(unlogged) = worker.give_up_log.may_log(std::time::Instant::now()) {
+                    tracing::error!(
+                        topic = %topic, unlogged_before = unlogged,
+                        "the bus refuses a completed reply ({e}); its request may have written, \
+                         so it is retried until the topic takes it (the partition waits)"
+                    );
+                }
+            }
             Refusal::Transient => {
                 tracing::warn!(topic = %topic, "cannot publish the reply ({e}); retrying");
-                tokio::select! {
-                    _ = worker.shutdown.triggered() => return false,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+        tokio::select! {
+            _ = worker.shutdown.triggered() => return false,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -1060,7 +1054,7 @@ async fn deliver(worker: &Worker, outgoing: Outgoing) -> bool {
 /// (with how many went unlogged; a missing reply topic refuses every reply), always counted.
 fn give_up(worker: &Worker, topic: &str, e: &KafkaError, why: &str) {
     svc_kit::metrics::counter!("db_bus_unanswerable_total").increment(1);
-    if let Some(unlogged) = worker.give_up_log.allow(std::time::Instant::now()) {
+    if let Some(unlogged) = worker.give_up_log.may_log(std::time::Instant::now()) {
         tracing::error!(
             topic,
             unlogged,
@@ -1103,26 +1097,6 @@ fn refusal(e: &KafkaError) -> Refusal {
             | C::BadMessage,
         ) => Refusal::Permanent,
         _ => Refusal::Transient,
-    }
-}
-
-/// At most one log line every LOG_EVERY, counting the ones it held back.
-#[derive(Default)]
-struct LogThrottle {
-    last: parking_lot::Mutex<Option<std::time::Instant>>,
-    held_back: std::sync::atomic::AtomicU64,
-}
-
-impl LogThrottle {
-    /// Some(lines held back since the last one) when a line may be logged now.
-    fn allow(&self, now: std::time::Instant) -> Option<u64> {
-        let mut last = self.last.lock();
-        if last.is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY) {
-            self.held_back.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.held_back.swap(0, Ordering::Relaxed))
     }
 }
 
@@ -1390,18 +1364,18 @@ mod tests {
 
     #[test]
     fn a_refusal_repeated_for_every_reply_is_logged_once_per_interval() {
-        let throttle = LogThrottle::default();
+        let throttle = LogBudget::new(1, LOG_EVERY);
         let start = std::time::Instant::now();
-        assert_eq!(throttle.allow(start), Some(0));
+        assert_eq!(throttle.may_log(start), Some(0));
         for i in 1..=5 {
-            assert_eq!(throttle.allow(start + Duration::from_secs(i)), None);
+            assert_eq!(throttle.may_log(start + Duration::from_secs(i)), None);
         }
         assert_eq!(
-            throttle.allow(start + LOG_EVERY),
+            throttle.may_log(start + LOG_EVERY),
             Some(5),
             "with the count held back"
         );
-        assert_eq!(throttle.allow(start + LOG_EVERY), None);
+        assert_eq!(throttle.may_log(start + LOG_EVERY), None);
     }
 
     #[tokio::test]
@@ -1422,7 +1396,7 @@ mod tests {
         down.store(true, Ordering::Relaxed);
         assert!(take_replacement(down, None, now));
         let kept: *const BusContext = consumer.context().as_ref();
-        assert!(!replace_consumer(&mut consumer, || Err("no client".into())));
+        assert!(!replace_consumer(&mut consumer, Err("no client".into())));
         assert!(
             std::ptr::eq(kept, consumer.context().as_ref()),
             "the old one kept"
@@ -1435,7 +1409,7 @@ mod tests {
             now + Duration::from_secs(1)
         ));
         assert!(take_replacement(down, Some(now), now + REPLACE_INTERVAL));
-        assert!(replace_consumer(&mut consumer, || subscribe(&settings)));
+        assert!(replace_consumer(&mut consumer, subscribe(&settings)));
         assert!(!std::ptr::eq(kept, consumer.context().as_ref()), "replaced");
     }
 
