@@ -247,3 +247,15 @@ impl TableLock {
         sqlx::query("COMMIT").execute(&mut self.0).await.unwrap();
     }
 }
+
+/// The error a stream ends with, its messages before it skipped (a stream that ends without
+/// one fails the test).
+pub async fn stream_error<T>(stream: &mut tonic::Streaming<T>) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => return e,
+        }
+    }
+}

@@ -1839,13 +1839,7 @@ async fn json_nested_too_deeply_is_a_precondition_error_naming_the_column() {
         .await
         .unwrap()
         .into_inner();
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("StreamQuery ended without an error"),
-            Err(e) => break e,
-        }
-    };
+    let err = omnibus_tests::db::stream_error(&mut stream).await;
     check(err, "StreamQuery");
     let err = client
         .execute_raw(pb::ExecuteRawRequest {

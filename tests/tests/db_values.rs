@@ -80,13 +80,7 @@ async fn jsonb_too_deep_for_protobuf_readers_is_refused_naming_the_column() {
         .await
         .unwrap()
         .into_inner();
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("StreamQuery ended without an error"),
-            Err(e) => break e,
-        }
-    };
+    let err = omnibus_tests::db::stream_error(&mut stream).await;
     check(err, "StreamQuery");
     // Rows returned by a write take the other encoding path.
     let err = client
