@@ -312,6 +312,7 @@ pub struct IngestContext {
     status: Arc<IngestStatus>,
     /// Set when librdkafka reports every broker down (see `Ingest::replace_client`).
     brokers_down: Arc<AtomicBool>,
+    error_log: svc_kit::kafka::ClientErrorLog,
 }
 
 impl ClientContext for IngestContext {
@@ -322,7 +323,7 @@ impl ClientContext for IngestContext {
         {
             self.brokers_down.store(true, Ordering::Relaxed);
         }
-        tracing::error!("librdkafka: {error}: {reason}");
+        self.error_log.error(&error, reason);
     }
 
     fn stats(&self, statistics: Statistics) {
@@ -419,17 +420,25 @@ fn consumer_config(brokers: &str, operator: &[svc_kit::kafka::KafkaSetting]) -> 
     c
 }
 
+/// A Kafka client for ingest, reporting to `sinks` and `brokers_down`.
+fn new_client(
+    cfg: &IngestConfig,
+    sinks: &Sinks,
+    brokers_down: &Arc<AtomicBool>,
+) -> Result<BaseConsumer<IngestContext>, rdkafka::error::KafkaError> {
+    let context = IngestContext {
+        topics: cfg.topics.clone(),
+        status: sinks.status.clone(),
+        brokers_down: brokers_down.clone(),
+        error_log: Default::default(),
+    };
+    consumer_config(&cfg.brokers, svc_kit::kafka::settings()).create_with_context(context)
+}
+
 impl Ingest {
     pub fn new(cfg: IngestConfig, sinks: Sinks) -> Result<Self, rdkafka::error::KafkaError> {
         let brokers_down = Arc::new(AtomicBool::new(false));
-        let context = IngestContext {
-            topics: cfg.topics.clone(),
-            status: sinks.status.clone(),
-            brokers_down: brokers_down.clone(),
-        };
-        let consumer: BaseConsumer<IngestContext> =
-            consumer_config(&cfg.brokers, svc_kit::kafka::settings())
-                .create_with_context(context)?;
+        let consumer = new_client(&cfg, &sinks, &brokers_down)?;
         Ok(Self {
             cfg,
             sinks,
@@ -886,14 +895,7 @@ impl Ingest {
     /// 2.12's metadata cache can crash on an entry whose topic id changed (cf.
     /// confluentinc/librdkafka#4964); a client created after the outage never saw the old ids.
     fn replace_client(&mut self, cause: &dyn std::fmt::Display) {
-        let context = IngestContext {
-            topics: self.cfg.topics.clone(),
-            status: self.sinks.status.clone(),
-            brokers_down: self.brokers_down.clone(),
-        };
-        match consumer_config(&self.cfg.brokers, svc_kit::kafka::settings())
-            .create_with_context(context)
-        {
+        match new_client(&self.cfg, &self.sinks, &self.brokers_down) {
             Ok(fresh) => {
                 tracing::warn!(
                     "broker unreachable ({cause}); replaced the Kafka client, positions kept"

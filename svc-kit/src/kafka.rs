@@ -10,8 +10,11 @@
 //! The services call [`install`] once at start-up and [`apply`] on every `ClientConfig`.
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 pub use kafka_settings::{KafkaSetting, describe_error, from_env_vars};
+
+use crate::log_budget::LogBudget;
 
 static SETTINGS: OnceLock<Vec<KafkaSetting>> = OnceLock::new();
 
@@ -46,4 +49,34 @@ pub fn apply_these<'c>(
     these: &[KafkaSetting],
 ) -> &'c mut rdkafka::ClientConfig {
     kafka_settings::apply(config, these)
+}
+
+/// The log lines of one Kafka client's errors, within a budget of 5 lines per 10 s.
+/// librdkafka repeats an error for as long as its cause lasts (`AllBrokersDown` after every
+/// failed reconnect, and again from every poll: 10-20 lines a second through a broker
+/// outage), which would bury everything else in the log. The next line logged says how many
+/// were left out (`unlogged_before`).
+#[derive(Debug)]
+pub struct ClientErrorLog(LogBudget);
+
+impl Default for ClientErrorLog {
+    fn default() -> Self {
+        Self(LogBudget::new(5, Duration::from_secs(10)))
+    }
+}
+
+impl ClientErrorLog {
+    /// What the client's error callback (`ClientContext::error`) reports.
+    pub fn error(&self, error: &rdkafka::error::KafkaError, reason: &str) {
+        if let Some(unlogged) = self.0.may_log(Instant::now()) {
+            tracing::error!(unlogged_before = unlogged, "librdkafka: {error}: {reason}");
+        }
+    }
+
+    /// An error a poll returned instead of a message.
+    pub fn poll_error(&self, what: &str, error: &rdkafka::error::KafkaError) {
+        if let Some(unlogged) = self.0.may_log(Instant::now()) {
+            tracing::warn!(unlogged_before = unlogged, "{what}: {error}");
+        }
+    }
 }
