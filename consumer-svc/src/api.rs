@@ -1195,10 +1195,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, kind)| {
-                    let u = Update {
-                        seq: i as u64 + 1,
-                        kind: kind.clone(),
-                    };
+                    let u = Update::new(i as u64 + 1, kind.clone());
                     subscribe_message(&u, &all, &filter).is_some()
                 })
                 .collect();
@@ -1210,10 +1207,7 @@ mod tests {
         // status; c: decision, transformation, status; z: status.
         assert_eq!(accepted_somewhere, 4 + 4 + 3 + 1);
         // Unfiltered, the performance metric is accepted too (it is on the shared channel).
-        let u = Update {
-            seq: 7,
-            kind: kinds[6].clone(),
-        };
+        let u = Update::new(7, kinds[6].clone());
         assert!(subscribe_message(&u, &all, &Filter::default()).is_some());
     }
 

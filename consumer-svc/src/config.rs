@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use svc_kit::server::parse_duration;
+use svc_kit::server::{parse_bytes, parse_duration};
 use svc_kit::{ServerArgs, telemetry::LogArgs};
 
 use crate::events::EventKind;
@@ -96,6 +96,13 @@ pub struct Config {
     #[arg(long, env = "MAX_PERFORMANCE_METRICS", default_value_t = 200)]
     pub max_performance_metrics: usize,
 
+    /// Byte budget of each recent buffer (actions, routing decisions, transformations,
+    /// performance metrics), e.g. 64MiB: past it the oldest events go, as past the counts above
+    /// (the newest stays however large). An event counts its text plus ~200 bytes; an action
+    /// twice its text (its stream encoding, kept once made).
+    #[arg(long, env = "MAX_BUFFER_BYTES", value_parser = parse_bytes, default_value = "64MiB")]
+    pub max_buffer_bytes: usize,
+
     /// Agents whose metrics are kept at once (more than 0); routing decisions and actions of
     /// further agents still count and stay in the recent buffers, but get no agent metrics
     /// until a slot frees (status: agent_events_untracked).
@@ -116,9 +123,20 @@ pub struct Config {
     #[arg(long, env = "SUBSCRIBER_QUEUE", default_value_t = 1024)]
     pub subscriber_queue: usize,
 
+    /// Per-queue byte budget, e.g. 16MiB: a subscriber that falls further behind (in updates
+    /// not yet read, counted as for --max-buffer-bytes) gets a lag notice. One queue is shared
+    /// by the subscribers without an agent filter, one per agent followed.
+    #[arg(long, env = "SUBSCRIBER_QUEUE_BYTES", value_parser = parse_bytes, default_value = "16MiB")]
+    pub subscriber_queue_bytes: usize,
+
     /// Recent stream updates kept for subscribers resuming after a reconnect.
     #[arg(long, env = "RESUME_BUFFER", default_value_t = 10_000)]
     pub resume_buffer: usize,
+
+    /// Byte budget of the resume buffer, e.g. 64MiB (the newest update stays however large);
+    /// resuming from before its oldest update reports the gap.
+    #[arg(long, env = "RESUME_BUFFER_BYTES", value_parser = parse_bytes, default_value = "64MiB")]
+    pub resume_buffer_bytes: usize,
 
     /// Most updates a stream takes at once from its queue: the largest push of a subscriber
     /// that is behind (plus up to one batch). Smaller bounds each stream's encode buffers,
@@ -150,11 +168,14 @@ pub struct Settings {
     pub max_routing_decisions: usize,
     pub max_transformations: usize,
     pub max_performance_metrics: usize,
+    pub max_buffer_bytes: usize,
     pub max_agents: usize,
     pub real_time_events: bool,
     pub agent_metrics_interval: Duration,
     pub subscriber_queue: usize,
+    pub subscriber_queue_bytes: usize,
     pub resume_buffer: usize,
+    pub resume_buffer_bytes: usize,
     pub max_push: usize,
 }
 
@@ -237,12 +258,15 @@ impl Config {
             max_routing_decisions: self.max_routing_decisions,
             max_transformations: self.max_transformations,
             max_performance_metrics: self.max_performance_metrics,
+            max_buffer_bytes: self.max_buffer_bytes,
             max_agents: self.max_agents,
             real_time_events: self.enable_real_time_events,
             agent_metrics_interval: self.agent_metrics_interval,
             // What the broadcast channel really holds: it rounds its capacity up so.
             subscriber_queue: self.subscriber_queue.next_power_of_two(),
+            subscriber_queue_bytes: self.subscriber_queue_bytes,
             resume_buffer: self.resume_buffer,
+            resume_buffer_bytes: self.resume_buffer_bytes,
             max_push: self.max_push,
         })
     }
@@ -307,6 +331,53 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.contains("between 1 and 65536"), "{err}");
+    }
+
+    #[test]
+    fn byte_budgets_default_and_take_sizes() {
+        let s = parse(&["--kafka-brokers", "a:1"]).validate().unwrap();
+        assert_eq!(
+            (
+                s.max_buffer_bytes,
+                s.resume_buffer_bytes,
+                s.subscriber_queue_bytes
+            ),
+            (64 << 20, 64 << 20, 16 << 20)
+        );
+        assert_eq!(s.max_buffer_bytes, crate::state::DEFAULT_MAX_BUFFER_BYTES);
+        let s = parse(&[
+            "--kafka-brokers",
+            "a:1",
+            "--max-buffer-bytes",
+            "2MiB",
+            "--resume-buffer-bytes",
+            "512KiB",
+            "--subscriber-queue-bytes",
+            "1000",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(
+            (
+                s.max_buffer_bytes,
+                s.resume_buffer_bytes,
+                s.subscriber_queue_bytes
+            ),
+            (2 << 20, 512 << 10, 1000)
+        );
+        for flag in [
+            "--max-buffer-bytes",
+            "--resume-buffer-bytes",
+            "--subscriber-queue-bytes",
+        ] {
+            assert!(
+                svc_kit::config::parse_args_ignoring_env::<Config>(
+                    ["consumer-svc", "--kafka-brokers", "a:1", flag, "0"].into_iter()
+                )
+                .is_err(),
+                "{flag} 0"
+            );
+        }
     }
 
     #[test]

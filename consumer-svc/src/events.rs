@@ -358,6 +358,63 @@ impl Event {
             Event::PerformanceMetric(_) => EventKind::PerformanceMetric,
         }
     }
+
+    /// The memory the event pins (see [`HeapSize`]).
+    pub fn heap_size(&self) -> usize {
+        match self {
+            Event::RoutingDecision(e) => e.heap_size(),
+            Event::AgentAction(e) => e.heap_size(),
+            Event::Transformation(e) => e.heap_size(),
+            Event::PerformanceMetric(e) => e.heap_size(),
+        }
+    }
+}
+
+/// The two reference counts before the value in an `Arc`'s allocation.
+pub const ARC_HEADER: usize = 2 * std::mem::size_of::<usize>();
+
+/// Most bytes the `pb::AgentAction` encoding of an action adds to its text: a key and a length
+/// of at most 5 bytes for each of its 7 strings, 2 bytes for each of its 2 optional bools,
+/// 9 for the optional double and 19 for the timestamp (74, rounded up). Tested in `state`.
+pub const WIRE_OVERHEAD: usize = 80;
+
+/// The bytes of memory one shared (`Arc`) event pins, for the byte budgets of the recent
+/// buffers, the resume ring and the subscriber queues: its allocation (the reference counts and
+/// the struct), its text buffer (every string field), and the spans of a routing decision's
+/// alternatives. An action is also accounted its `StreamActions` encoding
+/// ([`crate::wire::Memo`]: its text plus at most [`WIRE_OVERHEAD`]) whether a push has made it
+/// yet or not, so an action counts about twice its text. The size of an event never changes
+/// while it is held (what a buffer frees must be what it took). Not counted: the allocator's
+/// rounding up to its size classes, and the holder's own slot (8 bytes in a buffer).
+pub trait HeapSize {
+    fn heap_size(&self) -> usize;
+}
+
+impl HeapSize for RoutingDecision {
+    fn heap_size(&self) -> usize {
+        ARC_HEADER
+            + std::mem::size_of::<Self>()
+            + self.text.0.len()
+            + self.alternatives.capacity() * std::mem::size_of::<AlternativeSpans>()
+    }
+}
+
+impl HeapSize for AgentAction {
+    fn heap_size(&self) -> usize {
+        ARC_HEADER + std::mem::size_of::<Self>() + 2 * self.text.0.len() + WIRE_OVERHEAD
+    }
+}
+
+impl HeapSize for Transformation {
+    fn heap_size(&self) -> usize {
+        ARC_HEADER + std::mem::size_of::<Self>() + self.text.0.len()
+    }
+}
+
+impl HeapSize for PerformanceMetric {
+    fn heap_size(&self) -> usize {
+        ARC_HEADER + std::mem::size_of::<Self>() + self.text.0.len()
+    }
 }
 
 /// Parses one message payload of a topic carrying `kind`. `arrival` gives the event time of an

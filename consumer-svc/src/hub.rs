@@ -13,22 +13,39 @@
 //!   Routes exist while someone follows them.
 //!
 //! A channel is the bounded per-subscriber queue: a subscriber that falls more than `queue`
-//! batches behind loses the oldest ones and is told how many updates (of its channel) it
-//! missed; the sender never waits, so a slow subscriber never blocks ingest or anyone else.
-//! A batch carries at most [`MAX_BATCH`] updates (an ingest batch of more is sent in pieces),
-//! so a channel holds at most `queue * MAX_BATCH` updates, and the events they keep alive,
-//! however far behind its slowest subscriber is.
+//! batches, or more than `queue_bytes` of updates, behind loses the oldest ones and is told
+//! how many updates (of its channel) it missed; the sender never waits, so a slow subscriber
+//! never blocks ingest or anyone else. A batch carries at most [`MAX_BATCH`] updates and at
+//! most a quarter of `queue_bytes` (up to [`MAX_CHUNK_BYTES`]; one larger update goes alone):
+//! an ingest batch of more is sent in pieces.
+//!
+//! The byte bound: each update's size ([`Update::bytes`], the memory it pins) is computed once,
+//! when it is published. The channel's slots hold *weak* references to the batches; the strong
+//! ones are in the channel's `Window`, kept by the publisher (under the hub's lock), which
+//! lets go of a batch once every subscriber has read it (no slot refers to it any more), or,
+//! oldest first, once the unread batches pass `queue_bytes` (the newest always stays). A
+//! subscriber that then reaches a batch let go finds it gone, skips it, and the next batch
+//! shows the gap: the same lag notice as when the channel overwrote a slot. So a channel keeps
+//! alive at most `queue_bytes` (or one batch) of updates, and the events they share, however
+//! far behind its slowest subscriber is, and a subscriber that keeps up never loses anything.
+//! What this costs a subscriber: upgrading the weak reference, once per batch (not per update).
 //! Updates on a channel are numbered consecutively (on the shared channel the number is the
 //! sequence itself), which is how a gap is detected.
+//!
+//! The resume ring is bounded the same way: at most `ring` updates and `ring_bytes` of them
+//! (the newest always stays); a resume point before the oldest one kept gets the gap.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::mem::size_of;
+use std::sync::{Arc, Weak};
 
 use omnibus_proto::consumer::v1 as pb;
 use parking_lot::Mutex;
+use prost::Message;
 use tokio::sync::broadcast;
 
-use crate::events::Event;
+use crate::events::{ARC_HEADER, Event};
+use crate::state::BufferUsage;
 
 /// The payload of one update.
 #[derive(Clone, Debug)]
@@ -80,6 +97,24 @@ impl UpdateKind {
             UpdateKind::Status(_) => Audience::Everyone,
         }
     }
+
+    /// The memory the payload pins: an event's [`crate::events::HeapSize`]; for agent metrics
+    /// and status the message and its strings (a status's estimated by its encoded length).
+    pub fn heap_size(&self) -> usize {
+        match self {
+            UpdateKind::Event(e) => e.heap_size(),
+            UpdateKind::AgentMetrics(m) => {
+                ARC_HEADER + size_of::<pb::AgentMetrics>() + m.agent.capacity()
+            }
+            UpdateKind::Status(s) => {
+                ARC_HEADER
+                    + size_of::<pb::ConsumerStatus>()
+                    + s.topics.capacity() * size_of::<pb::TopicStatus>()
+                    + s.partitions.capacity() * size_of::<pb::PartitionStatus>()
+                    + s.encoded_len()
+            }
+        }
+    }
 }
 
 /// Cheap to clone: the payloads are shared (`Arc`).
@@ -87,29 +122,78 @@ impl UpdateKind {
 pub struct Update {
     pub seq: u64,
     pub kind: UpdateKind,
+    /// The memory the update pins (itself and [`UpdateKind::heap_size`]), computed once when
+    /// it is made, for the byte budgets of the ring and of the queues.
+    pub bytes: usize,
+}
+
+impl Update {
+    pub fn new(seq: u64, kind: UpdateKind) -> Self {
+        let bytes = size_of::<Update>() + kind.heap_size();
+        Self { seq, kind, bytes }
+    }
 }
 
 /// Updates published together, in sequence order.
 pub type Batch = Arc<[Update]>;
 
-/// What a channel carries: one batch and the channel number of its first update (the
-/// following ones are numbered consecutively).
+/// What a channel carries: one batch, weakly (its [`Window`] holds it), and the channel number
+/// of its first update (the following ones are numbered consecutively).
 #[derive(Clone, Debug)]
 struct Chunk {
+    updates: Weak<[Update]>,
+    first: u64,
+}
+
+/// A chunk received while its batch was still held.
+#[derive(Debug)]
+struct Held {
     updates: Batch,
     first: u64,
+}
+
+/// The hub's bounds (see the module notes).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Updates kept for resuming (`--resume-buffer`).
+    pub ring: usize,
+    /// Their byte budget (`--resume-buffer-bytes`).
+    pub ring_bytes: usize,
+    /// Batches a subscriber may fall behind (`--subscriber-queue`; 0 counts as 1).
+    pub queue: usize,
+    /// Bytes of updates a subscriber may fall behind (`--subscriber-queue-bytes`).
+    pub queue_bytes: usize,
+}
+
+impl Limits {
+    /// `ring` updates and `queue` batches, without byte budgets.
+    pub fn counts(ring: usize, queue: usize) -> Self {
+        Self {
+            ring,
+            ring_bytes: usize::MAX,
+            queue,
+            queue_bytes: usize::MAX,
+        }
+    }
 }
 
 pub struct Hub {
     inner: Mutex<Inner>,
     /// The channel of the subscribers without an agent filter.
     tx: broadcast::Sender<Chunk>,
-    ring_cap: usize,
-    queue: usize,
+    limits: Limits,
+    /// Most bytes of updates in one batch (unless one update alone is larger).
+    chunk_bytes: usize,
 }
 
 struct Inner {
     ring: VecDeque<Update>,
+    /// The [`Update::bytes`] of the ring's updates.
+    ring_bytes: usize,
+    /// Updates the ring let go because of its byte budget since start-up.
+    ring_evicted_for_bytes: u64,
+    /// The batches of the shared channel not yet read by all its subscribers.
+    window: Window,
     /// The sequence before this run's first (its start time, or 0).
     base: u64,
     last_seq: u64,
@@ -126,6 +210,8 @@ struct Route {
     sent: u64,
     /// This publish's updates for the route.
     pending: Vec<Update>,
+    /// The route's batches not yet read by all its subscribers.
+    window: Window,
 }
 
 const MIN_SWEEP: usize = 64;
@@ -135,15 +221,94 @@ const MIN_SWEEP: usize = 64;
 /// alive for one stalled subscriber.
 pub const MAX_BATCH: usize = 256;
 
-/// `updates` as channel batches of at most [`MAX_BATCH`], in order (moved, not cloned).
-fn batches(mut updates: Vec<Update>) -> Vec<Batch> {
-    let mut out = Vec::with_capacity(updates.len().div_ceil(MAX_BATCH));
-    while updates.len() > MAX_BATCH {
-        let rest = updates.split_off(MAX_BATCH);
-        out.push(Batch::from(std::mem::replace(&mut updates, rest)));
+/// Most bytes of updates in one channel message (unless one update alone is larger), and less
+/// when `queue_bytes` is small: a quarter of it, so that what a queue lets go for bytes is
+/// never much more than it must.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+
+/// `updates` as channel batches of at most [`MAX_BATCH`] updates and `max_bytes` (or one
+/// update), in order, each with its bytes.
+fn batches(updates: Vec<Update>, max_bytes: usize) -> Vec<(Batch, usize)> {
+    let total: usize = updates.iter().map(|u| u.bytes).sum();
+    if updates.len() <= MAX_BATCH && total <= max_bytes {
+        return vec![(Batch::from(updates), total)];
     }
-    out.push(Batch::from(updates));
+    let mut out = Vec::new();
+    let (mut piece, mut bytes) = (Vec::with_capacity(MAX_BATCH.min(updates.len())), 0);
+    for u in updates {
+        if !piece.is_empty() && (piece.len() == MAX_BATCH || bytes + u.bytes > max_bytes) {
+            out.push((Batch::from(std::mem::take(&mut piece)), bytes));
+            bytes = 0;
+        }
+        bytes += u.bytes;
+        piece.push(u);
+    }
+    if !piece.is_empty() {
+        out.push((Batch::from(piece), bytes));
+    }
     out
+}
+
+/// The strong references to a channel's batches (its slots hold weak ones): what the channel
+/// keeps alive. A batch goes once no slot refers to it (every subscriber has read it, or the
+/// channel overwrote it), or, oldest first, when there are more than `queue` of them or more
+/// than `queue_bytes` (the newest stays).
+#[derive(Debug, Default)]
+struct Window {
+    batches: VecDeque<(Batch, usize)>,
+    bytes: usize,
+}
+
+impl Window {
+    /// Lets go of the oldest batches every subscriber has read (a load per batch, no write).
+    /// A weak reference to a batch is made only when it is sent, so once none is left (the
+    /// slots' and those being received) none can appear.
+    fn trim_read(&mut self) {
+        while let Some((batch, bytes)) = self.batches.front()
+            && Arc::weak_count(batch) == 0
+        {
+            self.bytes -= *bytes;
+            self.batches.pop_front();
+        }
+    }
+
+    /// Holds `batch`, just sent, within `limits`.
+    fn push(&mut self, batch: Batch, bytes: usize, limits: &Limits) {
+        self.bytes += bytes;
+        self.batches.push_back((batch, bytes));
+        while self.batches.len() > limits.queue
+            || (self.bytes > limits.queue_bytes && self.batches.len() > 1)
+        {
+            if let Some((_, bytes)) = self.batches.pop_front() {
+                self.bytes -= bytes;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.batches.clear();
+        self.bytes = 0;
+    }
+}
+
+/// Sends `batch` on `tx` and, if anyone receives it, holds it in `window`; returns whether
+/// anyone does.
+fn send(
+    tx: &broadcast::Sender<Chunk>,
+    window: &mut Window,
+    limits: &Limits,
+    (batch, bytes): (Batch, usize),
+    first: u64,
+) -> bool {
+    let chunk = Chunk {
+        updates: Arc::downgrade(&batch),
+        first,
+    };
+    let sent = tx.send(chunk).is_ok();
+    if sent {
+        window.push(batch, bytes, limits);
+    }
+    sent
 }
 
 /// The live part of a subscription, for a [`Follower`].
@@ -178,29 +343,50 @@ pub enum ResumeError {
 
 impl Hub {
     /// `ring` recent updates are kept for resuming; each subscriber may fall `queue` batches
-    /// behind before it loses updates. Sequences start at 1.
+    /// behind before it loses updates (no byte budgets). Sequences start at 1.
     pub fn new(ring: usize, queue: usize) -> Self {
         Self::numbered_after(ring, queue, 0)
     }
 
-    /// [`Hub::new`] whose first sequence is `base + 1`. The service passes its start time in
-    /// microseconds, so sequences never go backwards across restarts: a resume point from an
-    /// earlier run is below `base` and is refused, instead of landing inside this run's
-    /// numbers and silently skipping its first updates.
+    /// [`Hub::new`] whose first sequence is `base + 1`.
     pub fn numbered_after(ring: usize, queue: usize, base: u64) -> Self {
-        let queue = queue.max(1);
-        let (tx, _) = broadcast::channel(queue);
+        Self::with_limits(Limits::counts(ring, queue), base)
+    }
+
+    /// A hub within `limits` whose first sequence is `base + 1`. The service passes its start
+    /// time in microseconds, so sequences never go backwards across restarts: a resume point
+    /// from an earlier run is below `base` and is refused, instead of landing inside this
+    /// run's numbers and silently skipping its first updates.
+    pub fn with_limits(limits: Limits, base: u64) -> Self {
+        let limits = Limits {
+            queue: limits.queue.max(1),
+            ..limits
+        };
+        let (tx, _) = broadcast::channel(limits.queue);
         Self {
             inner: Mutex::new(Inner {
-                ring: VecDeque::with_capacity(ring.min(1 << 16)),
+                ring: VecDeque::with_capacity(limits.ring.min(1 << 16)),
+                ring_bytes: 0,
+                ring_evicted_for_bytes: 0,
+                window: Window::default(),
                 base,
                 last_seq: base,
                 routes: foldhash::HashMap::default(),
                 sweep_at: MIN_SWEEP,
             }),
             tx,
-            ring_cap: ring,
-            queue,
+            limits,
+            chunk_bytes: (limits.queue_bytes / 4).clamp(1, MAX_CHUNK_BYTES),
+        }
+    }
+
+    /// What the resume ring holds.
+    pub fn ring_usage(&self) -> BufferUsage {
+        let inner = self.inner.lock();
+        BufferUsage {
+            items: inner.ring.len(),
+            bytes: inner.ring_bytes,
+            evicted_for_bytes: inner.ring_evicted_for_bytes,
         }
     }
 
@@ -233,45 +419,57 @@ impl Hub {
         let listening = self.tx.receiver_count() > 0;
         let routing = !inner.routes.is_empty();
         let mut batch = Vec::with_capacity(if listening { kinds.size_hint().0 } else { 0 });
+        let limits = &self.limits;
         for kind in kinds {
             inner.last_seq += 1;
-            let update = Update {
-                seq: inner.last_seq,
-                kind,
-            };
+            let update = Update::new(inner.last_seq, kind);
             if routing {
                 route(&mut inner.routes, &update);
             }
-            if self.ring_cap > 0 {
-                if inner.ring.len() == self.ring_cap {
-                    inner.ring.pop_front();
+            if limits.ring > 0 {
+                if inner.ring.len() == limits.ring
+                    && let Some(old) = inner.ring.pop_front()
+                {
+                    inner.ring_bytes -= old.bytes;
                 }
+                inner.ring_bytes += update.bytes;
                 inner.ring.push_back(update.clone());
+                while inner.ring_bytes > limits.ring_bytes && inner.ring.len() > 1 {
+                    let Some(old) = inner.ring.pop_front() else {
+                        break;
+                    };
+                    inner.ring_bytes -= old.bytes;
+                    inner.ring_evicted_for_bytes += 1;
+                }
             }
             if listening {
                 batch.push(update);
             }
         }
         // Sent under the lock so subscribe() sees ring and channels consistently.
-        if !batch.is_empty() {
-            for updates in batches(batch) {
-                let first = updates[0].seq;
-                // An error only means nobody is listening.
-                let _ = self.tx.send(Chunk { updates, first });
+        if !listening {
+            inner.window.clear();
+        } else if !batch.is_empty() {
+            inner.window.trim_read();
+            for piece in batches(batch, self.chunk_bytes) {
+                let first = piece.0[0].seq;
+                // Not sent only when nobody is listening any more.
+                send(&self.tx, &mut inner.window, limits, piece, first);
             }
         }
         if routing {
             inner.routes.retain(|_, r| {
+                r.window.trim_read();
                 if r.pending.is_empty() {
                     return true;
                 }
-                batches(std::mem::take(&mut r.pending))
+                batches(std::mem::take(&mut r.pending), self.chunk_bytes)
                     .into_iter()
-                    .all(|updates| {
+                    .all(|piece| {
                         let first = r.sent + 1;
-                        r.sent += updates.len() as u64;
-                        // An error means nobody follows the agent any more: the route goes.
-                        r.tx.send(Chunk { updates, first }).is_ok()
+                        r.sent += piece.0.len() as u64;
+                        // Not sent: nobody follows the agent any more, and the route goes.
+                        send(&r.tx, &mut r.window, limits, piece, first)
                     })
             });
         }
@@ -327,9 +525,10 @@ impl Hub {
                     inner.sweep_at = (inner.routes.len() * 2).max(MIN_SWEEP);
                 }
                 let route = inner.routes.entry(agent.into()).or_insert_with(|| Route {
-                    tx: broadcast::channel(self.queue).0,
+                    tx: broadcast::channel(self.limits.queue).0,
                     sent: 0,
                     pending: Vec::new(),
+                    window: Window::default(),
                 });
                 Live {
                     rx: route.tx.subscribe(),
@@ -478,7 +677,7 @@ pub struct Follower {
     /// Channel number of the last update handed out (or from before the subscription).
     delivered: u64,
     /// A chunk received after a gap, delivered after the lag notice.
-    stash: Option<Chunk>,
+    stash: Option<Held>,
     /// Most updates handed out per call, so one push stays a reasonable size.
     max_items: usize,
 }
@@ -496,7 +695,7 @@ impl Follower {
 
     /// Appends `chunk` to `out`, unless updates are missing before it: then it is kept for
     /// the next call and the gap is reported.
-    fn handle(&mut self, chunk: Chunk, out: &mut Updates) -> Option<Next> {
+    fn handle(&mut self, chunk: Held, out: &mut Updates) -> Option<Next> {
         let head = chunk.updates.first()?.seq;
         let first = chunk.first;
         if first > self.delivered + 1 {
@@ -551,7 +750,16 @@ impl Follower {
             };
             match received {
                 Ok(chunk) => {
-                    if let Some(next) = self.handle(chunk, &mut out) {
+                    // Gone: let go for bytes while this subscriber was behind. The next chunk
+                    // still held shows the gap (the newest one sent always is).
+                    let Some(updates) = chunk.updates.upgrade() else {
+                        continue;
+                    };
+                    let held = Held {
+                        updates,
+                        first: chunk.first,
+                    };
+                    if let Some(next) = self.handle(held, &mut out) {
                         return next;
                     }
                 }
@@ -946,5 +1154,207 @@ mod tests {
         let routes = hub.inner.lock().routes.keys().cloned().collect::<Vec<_>>();
         assert!(!routes.iter().any(|r| &**r == "gone"), "{routes:?}");
         assert!(routes.iter().any(|r| &**r == "kept"));
+    }
+
+    /// An action of agent `agent` with `size` bytes of details.
+    fn big_action(agent: &str, size: usize) -> UpdateKind {
+        event(
+            EventKind::AgentAction,
+            &format!(
+                r#"{{"agent_name":"{agent}","action_type":"tool_call","action_details":{{"blob":"{}"}}}}"#,
+                "x".repeat(size)
+            ),
+        )
+    }
+
+    /// The bytes an update of `kind` counts.
+    fn bytes_of(kind: &UpdateKind) -> usize {
+        Update::new(0, kind.clone()).bytes
+    }
+
+    fn lagged(next: Next) -> (u64, u64) {
+        match next {
+            Next::Lagged {
+                missed,
+                last_missed,
+            } => (missed, last_missed),
+            other => panic!("expected a lag notice, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_update_counts_what_it_pins_once() {
+        let kind = big_action("a", 10_000);
+        let UpdateKind::Event(e) = &kind else {
+            unreachable!()
+        };
+        let u = Update::new(1, kind.clone());
+        assert_eq!(u.bytes, size_of::<Update>() + e.heap_size());
+        assert!(
+            u.bytes > 2 * 10_000,
+            "an action counts its encoding too: {}",
+            u.bytes
+        );
+        // Clones carry it.
+        assert_eq!(u.clone().bytes, u.bytes);
+        assert!(bytes_of(&status(1)) > size_of::<pb::ConsumerStatus>());
+        assert!(bytes_of(&metrics("agent")) > size_of::<pb::AgentMetrics>());
+    }
+
+    /// The ring lets go of its oldest updates past its byte budget, as past its count; a
+    /// resume point before what it holds gets the gap, the newest update always stays.
+    #[test]
+    fn resume_across_updates_let_go_for_bytes_reports_the_gap() {
+        let one = bytes_of(&big_action("a", 1000));
+        let hub = Hub::with_limits(
+            Limits {
+                ring: 100,
+                ring_bytes: 3 * one + one / 2,
+                ..Limits::counts(100, 16)
+            },
+            0,
+        );
+        for _ in 0..8 {
+            hub.publish([big_action("a", 1000)]);
+        }
+        assert_eq!(
+            hub.ring_usage(),
+            BufferUsage {
+                items: 3,
+                bytes: 3 * one,
+                evicted_for_bytes: 5
+            }
+        );
+        let sub = hub.subscribe(Some(5), None).unwrap();
+        assert_eq!(sub.missed, 0);
+        assert_eq!(
+            sub.backlog.iter().map(|u| u.seq).collect::<Vec<_>>(),
+            [6, 7, 8]
+        );
+        let sub = hub.subscribe(Some(2), Some("a")).unwrap();
+        assert_eq!(sub.missed, 3, "3, 4 and 5 are gone");
+        assert_eq!(sub.backlog.first().map(|u| u.seq), Some(6));
+        // One update over the budget alone: it stays, alone.
+        let last = hub.publish([big_action("a", 10_000)]);
+        assert_eq!(hub.ring_usage().items, 1);
+        let sub = hub.subscribe(Some(last - 1), None).unwrap();
+        assert_eq!((sub.missed, sub.backlog.len()), (0, 1));
+        let sub = hub.subscribe(Some(last - 3), None).unwrap();
+        assert_eq!((sub.missed, sub.backlog.len()), (2, 1));
+        // Under the byte budget, the count binds, as before.
+        let hub = Hub::with_limits(
+            Limits {
+                ring: 5,
+                ring_bytes: 100 * one,
+                ..Limits::counts(5, 16)
+            },
+            0,
+        );
+        for _ in 0..20 {
+            hub.publish([big_action("a", 1000)]);
+        }
+        assert_eq!(
+            hub.ring_usage(),
+            BufferUsage {
+                items: 5,
+                bytes: 5 * one,
+                evicted_for_bytes: 0
+            }
+        );
+        assert_eq!(hub.subscribe(Some(10), None).unwrap().missed, 5);
+    }
+
+    /// A stalled subscriber's queue keeps at most `queue_bytes` of updates alive: past that
+    /// the oldest are let go (their events freed at once) and it gets the lag notice, then the
+    /// rest in order; a subscriber that keeps up loses nothing, and the publisher never waits.
+    #[tokio::test]
+    async fn a_subscriber_behind_by_more_than_the_queue_bytes_gets_a_lag_notice() {
+        let one = bytes_of(&big_action("a", 1000));
+        let hub = Hub::with_limits(
+            Limits {
+                ring: 0,
+                ring_bytes: usize::MAX,
+                queue: 1024,
+                queue_bytes: 4 * one + one / 2,
+            },
+            0,
+        );
+        let mut slow = Follower::new(hub.subscribe(None, None).unwrap().live, 1000);
+        let mut fast = Follower::new(hub.subscribe(None, None).unwrap().live, 1000);
+        let mut slow_a = Follower::new(hub.subscribe(None, Some("a")).unwrap().live, 1000);
+        let mut fast_a = Follower::new(hub.subscribe(None, Some("a")).unwrap().live, 1000);
+        let mut first = None;
+        let (mut seen, mut seen_a) = (Vec::new(), Vec::new());
+        for _ in 0..10 {
+            // "a" gets every other update: 1, 3, 5, ...
+            let kinds = [big_action("a", 1000), big_action("b", 1000)];
+            if first.is_none()
+                && let UpdateKind::Event(Event::AgentAction(a)) = &kinds[0]
+            {
+                first = Some(a.clone());
+            }
+            hub.publish(kinds);
+            seen.extend(seqs(fast.next().await));
+            seen_a.extend(seqs(fast_a.next().await));
+        }
+        assert_eq!(seen, (1..=20).collect::<Vec<_>>());
+        assert_eq!(seen_a, (1..=20).step_by(2).collect::<Vec<_>>());
+        // Nobody holds the first event any more but this test: the stalled subscribers do
+        // not keep it alive.
+        let first = first.expect("published");
+        assert_eq!(Arc::strong_count(&first), 1);
+
+        // Unfiltered: 20 updates in batches of one (a batch is at most a quarter of the
+        // budget), 4 kept.
+        assert_eq!(lagged(slow.next().await), (16, 16));
+        assert_eq!(seqs(slow.next().await), [17, 18, 19, 20]);
+        // Agent "a": its 10 updates, 4 kept (its queue counts only its own bytes).
+        assert_eq!(lagged(slow_a.next().await), (6, 12));
+        assert_eq!(seqs(slow_a.next().await), [13, 15, 17, 19]);
+        assert!(idle(&mut slow) && idle(&mut fast) && idle(&mut slow_a) && idle(&mut fast_a));
+        // Caught up, the queues keep nothing alive after the next publish.
+        hub.publish([status(1)]);
+        for f in [&mut slow, &mut fast, &mut slow_a, &mut fast_a] {
+            assert_eq!(seqs(f.next().await), [21]);
+        }
+        hub.publish([status(2)]);
+        let inner = hub.inner.lock();
+        assert_eq!(inner.window.batches.len(), 1, "only the batch just sent");
+        assert!(inner.routes.values().all(|r| r.window.batches.len() <= 1));
+    }
+
+    /// A publish is sent in batches of at most a quarter of the queue's bytes (one update
+    /// over that goes alone), in order.
+    #[tokio::test]
+    async fn a_publish_is_split_into_batches_by_bytes() {
+        let one = bytes_of(&big_action("a", 1000));
+        let hub = Hub::with_limits(
+            Limits {
+                queue_bytes: 10 * one + 3,
+                ..Limits::counts(0, 1024)
+            },
+            0,
+        );
+        let mut f = Follower::new(hub.subscribe(None, None).unwrap().live, 1);
+        // 2.5 `one` a batch: 1 and 2, the large 3 alone, 4 and 5, 6 and 7 (9.5 `one` in all,
+        // within the queue's bytes).
+        let mut kinds: Vec<UpdateKind> = (0..6).map(|_| big_action("a", 1000)).collect();
+        kinds.insert(2, big_action("a", 4000));
+        hub.publish(kinds);
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(seqs(f.next().await));
+        }
+        assert_eq!(got, [vec![1, 2], vec![3], vec![4, 5], vec![6, 7]]);
+        assert!(idle(&mut f));
+        // Without a byte budget, batches of at most MAX_CHUNK_BYTES.
+        let pieces = batches(
+            (0..4)
+                .map(|i| Update::new(i, big_action("a", MAX_CHUNK_BYTES / 5)))
+                .collect(),
+            MAX_CHUNK_BYTES,
+        );
+        assert_eq!(pieces.iter().map(|p| p.0.len()).collect::<Vec<_>>(), [2, 2]);
+        assert!(pieces.iter().all(|p| p.1 <= MAX_CHUNK_BYTES));
     }
 }

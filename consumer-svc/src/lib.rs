@@ -41,15 +41,20 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         max_decisions: settings.max_routing_decisions,
         max_transformations: settings.max_transformations,
         max_performance: settings.max_performance_metrics,
+        max_buffer_bytes: settings.max_buffer_bytes,
         max_agents: settings.max_agents,
     })));
-    let hub = Arc::new(hub::Hub::numbered_after(
-        if settings.real_time_events {
-            settings.resume_buffer
-        } else {
-            0
+    let hub = Arc::new(hub::Hub::with_limits(
+        hub::Limits {
+            ring: if settings.real_time_events {
+                settings.resume_buffer
+            } else {
+                0
+            },
+            ring_bytes: settings.resume_buffer_bytes,
+            queue: settings.subscriber_queue,
+            queue_bytes: settings.subscriber_queue_bytes,
         },
-        settings.subscriber_queue,
         // Sequences continue from this start time (µs): never backwards across restarts.
         u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0),
     ));
@@ -67,8 +72,8 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     let dirty_agents = Arc::new(Mutex::new(HashSet::new()));
     tracing::info!(topics = ?settings.topics, retention = ?settings.retention, "consuming");
     svc_kit::metrics::spawn_sampler(std::time::Duration::from_secs(1), shutdown.clone(), {
-        let (status, hub) = (ingest_status.clone(), hub.clone());
-        move || record_metrics(&status, &hub)
+        let (status, hub, state) = (ingest_status.clone(), hub.clone(), state.clone());
+        move || record_metrics(&status, &hub, &state)
     });
 
     let ingest = ingest::Ingest::new(
@@ -163,9 +168,10 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
     .map_err(anyhow::Error::msg)
 }
 
-/// Copies the ingest counters, partition positions and stream state into the metrics registry
-/// (Prometheus: rate(consumer_events_consumed_total[1m]) is the consume rate).
-fn record_metrics(status: &ingest::IngestStatus, hub: &hub::Hub) {
+/// Copies the ingest counters, partition positions, stream state and what the buffers hold into
+/// the metrics registry (Prometheus: rate(consumer_events_consumed_total[1m]) is the consume
+/// rate).
+fn record_metrics(status: &ingest::IngestStatus, hub: &hub::Hub, state: &RwLock<state::State>) {
     use std::sync::atomic::Ordering::Relaxed;
     use svc_kit::metrics::{counter, gauge};
     for (topic, c) in status.topics.iter().zip(&status.counters) {
@@ -189,4 +195,13 @@ fn record_metrics(status: &ingest::IngestStatus, hub: &hub::Hub) {
     }
     gauge!("consumer_stream_subscribers").set(hub.subscribers() as f64);
     gauge!("consumer_stream_sequence").set(hub.last_seq() as f64);
+    // The read lock is held for four copies.
+    let buffers = state.read().buffer_usage();
+    let ring = ("resume", hub.ring_usage());
+    for (buffer, usage) in buffers.into_iter().chain([ring]) {
+        gauge!("consumer_buffer_items", "buffer" => buffer).set(usage.items as f64);
+        gauge!("consumer_buffer_bytes", "buffer" => buffer).set(usage.bytes as f64);
+        counter!("consumer_buffer_evicted_for_bytes_total", "buffer" => buffer)
+            .absolute(usage.evicted_for_bytes);
+    }
 }

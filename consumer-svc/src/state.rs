@@ -4,7 +4,8 @@
 //! Two design choices make a restarted replica equal to one that never stopped:
 //! - Sums are kept in fixed point (integers), so they do not depend on the order events
 //!   arrive in (partitions interleave differently on replay).
-//! - Buffers are ordered by (event time, id), not arrival, and hold the N newest events.
+//! - Buffers are ordered by (event time, id), not arrival, and hold the N newest events (or
+//!   fewer, the newest that fit the buffer's byte budget).
 //!
 //! Metrics live in sparse time buckets: per minute for the last hour (so `1h`-style windows
 //! are exact to the minute) and per hour before that (so 10,000 agents active all day stay
@@ -18,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::events::{
-    AgentAction, Event, Micros, PerformanceMetric, RoutingDecision, Transformation,
+    AgentAction, Event, HeapSize, Micros, PerformanceMetric, RoutingDecision, Transformation,
 };
 
 /// Fixed-point scale of sums of milliseconds and confidences.
@@ -95,6 +96,8 @@ pub struct StateConfig {
     pub max_decisions: usize,
     pub max_transformations: usize,
     pub max_performance: usize,
+    /// Byte budget of each of the four buffers (see [`HeapSize`] for what an event counts).
+    pub max_buffer_bytes: usize,
     /// Agents whose metrics are kept at once (see [`State::agent_events_untracked`]).
     pub max_agents: usize,
 }
@@ -107,10 +110,17 @@ impl Default for StateConfig {
             max_decisions: 1000,
             max_transformations: 100,
             max_performance: 200,
+            max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
             max_agents: DEFAULT_MAX_AGENTS,
         }
     }
 }
+
+/// Default of `--max-buffer-bytes`, per buffer: far above what the count caps hold of events of
+/// a few kilobytes (1,000 actions of 2 KB of text are accounted ~4 MB), so it only binds when
+/// producers send large events, and the four buffers stay within 256 MiB (plus one event each:
+/// the newest stays however large) whatever they send.
+pub const DEFAULT_MAX_BUFFER_BYTES: usize = 64 << 20;
 
 /// Default of `--max-agents`: an agent costs up to ~5.5 KB (a 56-byte bucket per minute of the
 /// last hour and per hour of the window, at the 24 h default, in queues of 64 and 32 slots), so
@@ -358,14 +368,37 @@ pub enum Applied<'a> {
     Expired,
 }
 
-/// A buffer of the `cap` newest items by (event time, id), oldest at the front.
+/// A buffer of the newest items by (event time, id), oldest at the front: at most `cap` of
+/// them, and at most `max_bytes` of them by [`HeapSize`], except that the newest item is kept
+/// even when it alone is larger (so a buffer holds at most `max_bytes` or one item). Either
+/// way the oldest go first.
+///
+/// What it holds does not depend on the order items arrive in: the longest run of the newest
+/// items that fits both limits. An item that arrives older than one already let go for bytes
+/// is refused (kept, it would leave a hole in that run; `floor` remembers the newest let go).
 #[derive(Debug)]
 struct Recent<T> {
     items: VecDeque<Arc<T>>,
     cap: usize,
+    max_bytes: usize,
+    /// The [`HeapSize`] of the items held.
+    bytes: usize,
+    /// The key of the newest item let go for bytes (its id copied: one id per buffer).
+    floor: Option<(Micros, String)>,
+    /// Items let go for bytes since start-up (not counting refused ones).
+    evicted_for_bytes: u64,
 }
 
-trait Timed {
+/// What a recent buffer holds, for the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferUsage {
+    pub items: usize,
+    pub bytes: usize,
+    /// Items let go because of the byte budget (not the count) since start-up.
+    pub evicted_for_bytes: u64,
+}
+
+trait Timed: HeapSize {
     fn key(&self) -> (Micros, &str);
 }
 impl Timed for AgentAction {
@@ -390,15 +423,19 @@ impl Timed for PerformanceMetric {
 }
 
 impl<T: Timed> Recent<T> {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, max_bytes: usize) -> Self {
         Self {
             items: VecDeque::with_capacity(cap.min(4096) + 1),
             cap,
+            max_bytes,
+            bytes: 0,
+            floor: None,
+            evicted_for_bytes: 0,
         }
     }
 
-    /// Keeps `item` if it is among the `cap` newest, unless its (time, id) is already held: a
-    /// redelivery (a producer's retry) is listed once, the copy that came first.
+    /// Keeps `item` if it is among the newest that fit, unless its (time, id) is already held:
+    /// a redelivery (a producer's retry) is listed once, the copy that came first.
     fn insert(&mut self, item: &Arc<T>) {
         if self.cap == 0 {
             return;
@@ -406,6 +443,13 @@ impl<T: Timed> Recent<T> {
         let key = item.key();
         if self.items.len() >= self.cap && self.items.front().is_some_and(|f| f.key() >= key) {
             return; // older than everything kept, or the oldest kept again
+        }
+        if self
+            .floor
+            .as_ref()
+            .is_some_and(|(time, id)| key <= (*time, id.as_str()))
+        {
+            return; // not newer than an item let go for bytes
         }
         // Usually the newest: append; otherwise find the place by binary search.
         let pos = if self.items.back().is_none_or(|b| b.key() <= key) {
@@ -418,20 +462,46 @@ impl<T: Timed> Recent<T> {
             return;
         }
         self.items.insert(pos, item.clone());
-        if self.items.len() > self.cap {
-            self.items.pop_front();
+        self.bytes += item.heap_size();
+        if self.items.len() > self.cap
+            && let Some(oldest) = self.items.pop_front()
+        {
+            self.bytes -= oldest.heap_size();
+        }
+        while self.bytes > self.max_bytes && self.items.len() > 1 {
+            let Some(oldest) = self.items.pop_front() else {
+                break;
+            };
+            self.bytes -= oldest.heap_size();
+            self.evicted_for_bytes += 1;
+            let (time, id) = oldest.key();
+            // The allocation is reused: no allocation per eviction once it fits the ids.
+            let floor = self.floor.get_or_insert_with(|| (time, String::new()));
+            floor.0 = time;
+            floor.1.clear();
+            floor.1.push_str(id);
         }
     }
 
     fn prune(&mut self, cutoff: Micros) {
         while self.items.front().is_some_and(|f| f.key().0 < cutoff) {
-            self.items.pop_front();
+            if let Some(oldest) = self.items.pop_front() {
+                self.bytes -= oldest.heap_size();
+            }
         }
     }
 
     /// Newest first.
     fn newest(&self) -> impl Iterator<Item = &Arc<T>> {
         self.items.iter().rev()
+    }
+
+    fn usage(&self) -> BufferUsage {
+        BufferUsage {
+            items: self.items.len(),
+            bytes: self.bytes,
+            evicted_for_bytes: self.evicted_for_bytes,
+        }
     }
 }
 
@@ -454,10 +524,10 @@ pub struct State {
 impl State {
     pub fn new(cfg: StateConfig) -> Self {
         Self {
-            actions: Recent::new(cfg.max_actions),
-            decisions: Recent::new(cfg.max_decisions),
-            transformations: Recent::new(cfg.max_transformations),
-            performance: Recent::new(cfg.max_performance),
+            actions: Recent::new(cfg.max_actions, cfg.max_buffer_bytes),
+            decisions: Recent::new(cfg.max_decisions, cfg.max_buffer_bytes),
+            transformations: Recent::new(cfg.max_transformations, cfg.max_buffer_bytes),
+            performance: Recent::new(cfg.max_performance, cfg.max_buffer_bytes),
             agents: foldhash::HashMap::default(),
             perf: Series::default(),
             cutoff: Micros::MIN,
@@ -685,6 +755,16 @@ impl State {
             self.decisions.items.len(),
             self.transformations.items.len(),
             self.performance.items.len(),
+        ]
+    }
+
+    /// What each recent buffer holds, by name (for the metrics).
+    pub fn buffer_usage(&self) -> [(&'static str, BufferUsage); 4] {
+        [
+            ("actions", self.actions.usage()),
+            ("routing_decisions", self.decisions.usage()),
+            ("transformations", self.transformations.usage()),
+            ("performance_metrics", self.performance.usage()),
         ]
     }
 }
@@ -1359,5 +1439,205 @@ mod tests {
         assert_eq!(m.avg_routing_time_ms, None);
         assert_eq!(s.performance_stats(NOW, None).cache_hit_rate, None);
         let _ = EventKind::ALL;
+    }
+
+    /// An action whose `action_details` holds `size` bytes of text, built through the parser.
+    fn large_action(id: &str, time: Micros, size: usize) -> Event {
+        let payload = json(serde_json::json!({
+            "id": id,
+            "agent_name": "alpha",
+            "action_type": "tool_call",
+            "action_details": {"blob": "x".repeat(size)},
+            "timestamp": iso(time),
+        }));
+        let a = events::parse_action(&payload, time).expect("a valid action");
+        Event::AgentAction(Arc::new(a))
+    }
+
+    fn ids(s: &State) -> Vec<String> {
+        s.actions().map(|a| a.id().to_owned()).collect()
+    }
+
+    fn action_bytes(e: &Event) -> usize {
+        match e {
+            Event::AgentAction(a) => a.heap_size(),
+            _ => unreachable!(),
+        }
+    }
+
+    /// An action is accounted its text twice (the text and its stream encoding, which adds
+    /// at most `WIRE_OVERHEAD`), whether the encoding is made yet or not, so its size does not
+    /// change while a buffer holds it.
+    #[test]
+    fn an_action_counts_its_text_and_its_wire_encoding() {
+        let e = large_action("a", NOW, 10_000);
+        let Event::AgentAction(a) = &e else {
+            unreachable!()
+        };
+        let before = a.heap_size();
+        let encoded = crate::wire::action_bytes(a).len();
+        assert_eq!(a.heap_size(), before, "making the encoding changes nothing");
+        let fixed = events::ARC_HEADER + std::mem::size_of::<AgentAction>();
+        let text = (before - fixed - events::WIRE_OVERHEAD) / 2;
+        assert!(text > 10_000, "{text}");
+        assert!(encoded >= text && encoded <= text + events::WIRE_OVERHEAD);
+        // The longest fields: every optional one, long ids, a far timestamp.
+        let payload = json(serde_json::json!({
+            "id": "i".repeat(300), "correlation_id": "c".repeat(300),
+            "agent_name": "a".repeat(300), "action_type": "t".repeat(300),
+            "action_name": "n".repeat(300), "action_details": {"k": "v".repeat(300)},
+            "project_name": "p".repeat(300), "debug_mode": true, "duration_ms": 1.5e300,
+            "success": false, "timestamp": "9999-12-31T23:59:59.999999Z",
+        }));
+        let a = events::parse_action(&payload, NOW).expect("a valid action");
+        let text = (a.heap_size() - fixed - events::WIRE_OVERHEAD) / 2;
+        let encoded = crate::wire::action_bytes(&a).len();
+        assert!(
+            encoded <= text + events::WIRE_OVERHEAD,
+            "{encoded} > {text} + overhead"
+        );
+    }
+
+    /// Past the byte budget the oldest events go, as past the count: the buffer holds the
+    /// newest that fit, in order, and never more than the budget.
+    #[test]
+    fn buffers_hold_the_newest_events_that_fit_their_byte_budget() {
+        let events: Vec<Event> = (0..20)
+            .map(|i| {
+                // a16 and before in the hour before NOW - H, a17 and after in the next.
+                let time = NOW - H + (i - 17) * MINUTE + MINUTE / 2;
+                large_action(&format!("a{i:02}"), time, 1000)
+            })
+            .collect();
+        let one = action_bytes(&events[0]);
+        let mut s = state_with(
+            &events,
+            StateConfig {
+                max_buffer_bytes: 5 * one + one / 2,
+                ..Default::default()
+            },
+        );
+        assert_eq!(ids(&s), ["a19", "a18", "a17", "a16", "a15"]);
+        let [(name, usage), ..] = s.buffer_usage();
+        assert_eq!(name, "actions");
+        assert_eq!(
+            usage,
+            BufferUsage {
+                items: 5,
+                bytes: 5 * one,
+                evicted_for_bytes: 15
+            }
+        );
+        // Pruning gives the bytes back.
+        s.prune(NOW + 23 * H);
+        assert_eq!(ids(&s), ["a19", "a18", "a17"]);
+        assert_eq!(s.buffer_usage()[0].1.bytes, 3 * one);
+
+        // The count cap still applies below the byte budget.
+        let s = state_with(
+            &events,
+            StateConfig {
+                max_actions: 3,
+                max_buffer_bytes: 100 * one,
+                ..Default::default()
+            },
+        );
+        assert_eq!(ids(&s), ["a19", "a18", "a17"]);
+        assert_eq!(s.buffer_usage()[0].1.evicted_for_bytes, 0);
+        // Small events: the default budget leaves the counts alone.
+        let small = random_events(5000, 3, 10 * H);
+        let s = state_with(&small, StateConfig::default());
+        assert_eq!(s.actions().count(), 1000);
+        assert!(
+            s.buffer_usage()
+                .iter()
+                .all(|(_, u)| u.evicted_for_bytes == 0)
+        );
+    }
+
+    /// The newest event stays even when it alone is over the budget; it goes when a newer one
+    /// comes, and an older one arriving after it is not kept.
+    #[test]
+    fn the_newest_event_stays_even_over_the_budget() {
+        let small = |i: i64| large_action(&format!("s{i}"), NOW - 10 * MINUTE + i * MINUTE, 100);
+        let huge = large_action("huge", NOW - 5 * MINUTE, 50_000);
+        let budget = 4 * action_bytes(&small(0));
+        let mut s = State::new(StateConfig {
+            max_buffer_bytes: budget,
+            ..Default::default()
+        });
+        for e in [small(0), small(1), small(2), huge.clone()] {
+            s.apply(&e, NOW);
+        }
+        assert_eq!(ids(&s), ["huge"]);
+        assert!(s.buffer_usage()[0].1.bytes > budget);
+        s.apply(&small(3), NOW); // older than the huge one
+        s.apply(&small(1), NOW); // let go before
+        assert_eq!(ids(&s), ["huge"]);
+        s.apply(&small(6), NOW);
+        s.apply(&small(7), NOW);
+        assert_eq!(ids(&s), ["s7", "s6"]);
+        assert!(s.buffer_usage()[0].1.bytes <= budget);
+    }
+
+    /// With byte budgets too, the buffers hold the same events whatever the arrival order:
+    /// the longest run of the newest (by time, id) that fits the count and the bytes (at
+    /// least the newest), each redelivered event once.
+    #[test]
+    fn byte_budgets_do_not_depend_on_arrival_order() {
+        let mut r = Rng(7);
+        let mut sent: Vec<(String, Micros, usize)> = (0..300)
+            .map(|i| {
+                let time = NOW - H + r.below(60) as Micros * MINUTE;
+                let size = [10, 200, 3000, 20_000][r.below(4) as usize];
+                (format!("a{i}"), time, size)
+            })
+            .collect();
+        // Redeliveries (equal events parsed anew).
+        sent.extend([3, 50, 299].map(|i| sent[i].clone()));
+        let events: Vec<Event> = sent
+            .iter()
+            .map(|(id, time, size)| large_action(id, *time, *size))
+            .collect();
+        // About 25 of them.
+        let budget = 300_000;
+        let cfg = StateConfig {
+            max_actions: 60,
+            max_buffer_bytes: budget,
+            ..Default::default()
+        };
+        // The reference: sorted newest first, deduplicated, cut at the count and the bytes.
+        let mut all: Vec<(Micros, String, usize)> = events
+            .iter()
+            .map(|e| match e {
+                Event::AgentAction(a) => (a.time, a.id().to_owned(), a.heap_size()),
+                _ => unreachable!(),
+            })
+            .collect();
+        all.sort();
+        all.dedup_by(|a, b| (a.0, &a.1) == (b.0, &b.1));
+        all.reverse();
+        let (mut want, mut bytes) = (Vec::new(), 0);
+        for (_, id, size) in all {
+            if want.len() == 60 || (!want.is_empty() && bytes + size > budget) {
+                break;
+            }
+            bytes += size;
+            want.push(id);
+        }
+        assert!(want.len() < 60, "the bytes bind: {}", want.len());
+        let mut shuffled = events.clone();
+        for seed in 0..5 {
+            let mut r = Rng(seed);
+            for i in (1..shuffled.len()).rev() {
+                shuffled.swap(i, r.below(i as u64 + 1) as usize);
+            }
+            let s = state_with(&shuffled, cfg.clone());
+            assert_eq!(ids(&s), want, "seed {seed}");
+            assert_eq!(s.buffer_usage()[0].1.bytes, bytes);
+        }
+        let mut reversed = events;
+        reversed.reverse();
+        assert_eq!(ids(&state_with(&reversed, cfg)), want);
     }
 }
