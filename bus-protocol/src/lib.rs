@@ -44,6 +44,13 @@ pub mod codes {
     pub const WRITE_NOT_ALLOWED: &str = "WRITE_NOT_ALLOWED";
     /// A bug or an unexpected condition in db-svc.
     pub const INTERNAL_ERROR: &str = "INTERNAL_ERROR";
-    /// The reply was larger than the bus accepts (its rows were not sent; nothing was undone).
+    /// The reply was larger than the bus accepts (its rows were not sent; nothing was undone:
+    /// for a write, what it wrote was committed).
     pub const REPLY_TOO_LARGE: &str = "REPLY_TOO_LARGE";
+    /// A write was refused and rolled back before it committed, because the rows it returns
+    /// would not fit a bus reply: nothing was written, and nothing was recorded under its
+    /// request id. Ask for the count only (`count_only`; for SQL, no or a shorter
+    /// `RETURNING`), write fewer rows per request, or send it over gRPC, which carries larger
+    /// messages (with the same request id too: it writes once and returns the rows).
+    pub const WRITE_REPLY_TOO_LARGE: &str = "WRITE_REPLY_TOO_LARGE";
 }

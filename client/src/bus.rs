@@ -78,15 +78,26 @@ impl BusError {
     /// or during execution, so a clock ahead of the client's can cause it). The retry carries
     /// the same request id, so it cannot write twice.
     ///
-    /// REPLY_TOO_LARGE also falls back: db-svc did the operation but its reply did not fit
-    /// on the bus. The retry's same request id makes db-svc return the recorded result over
-    /// gRPC (which carries larger messages) instead of writing again.
+    /// Two answers about the size of a write's rows fall back too, as gRPC carries larger
+    /// messages than a bus reply:
+    ///
+    /// - WRITE_REPLY_TOO_LARGE: db-svc refused the write and rolled it back before it
+    ///   committed, because the rows it returns would not fit a reply; nothing was written
+    ///   and nothing recorded under its request id, so the gRPC call with the same id writes
+    ///   it once and returns its rows (`replayed: false`);
+    /// - REPLY_TOO_LARGE (now rare for a write): db-svc did the operation but its reply did
+    ///   not fit on the bus. The retry's same request id makes db-svc return the recorded
+    ///   result over gRPC instead of writing again.
+    ///
+    /// Any other FAILED reply (VALIDATION_ERROR included, whatever its field) is an answer,
+    /// not a reason to try again elsewhere. Only writes ([`crate::db::DbClient`]) fall back.
     pub fn should_fall_back(&self) -> bool {
+        use bus_protocol::codes::{REPLY_TOO_LARGE, TIMEOUT, WRITE_REPLY_TOO_LARGE};
         match self {
             BusError::Timeout { .. } | BusError::Unavailable(_) => true,
             BusError::Failed(f) => matches!(
                 f.error_code.as_str(),
-                bus_protocol::codes::TIMEOUT | bus_protocol::codes::REPLY_TOO_LARGE
+                TIMEOUT | WRITE_REPLY_TOO_LARGE | REPLY_TOO_LARGE
             ),
             BusError::Protocol(_) => false,
         }
@@ -658,5 +669,28 @@ mod tests {
         assert!(!BusError::Protocol("bad".into()).should_fall_back());
         // Done, but the reply did not fit on the bus: gRPC returns the recorded result.
         assert!(failed(bus_protocol::codes::REPLY_TOO_LARGE).should_fall_back());
+    }
+
+    /// A write refused because its rows would not fit a reply (nothing written) goes over
+    /// gRPC; a validation error does not, even one on the same field with the same message.
+    #[test]
+    fn falls_back_on_a_write_refused_for_its_rows_not_on_a_validation_error() {
+        let message = "invalid request: count_only: the rows the write returns come to more \
+                       than the 1 bytes a bus reply carries of them; nothing was written";
+        let refused = |code: &str| {
+            let mut f = FailedPayload::new(code, message);
+            f.grpc_code = "INVALID_ARGUMENT".into();
+            f.details = serde_json::json!({
+                "field_violations": [{"field": "count_only", "description": "…"}]
+            });
+            BusError::Failed(Box::new(f))
+        };
+        assert!(refused(bus_protocol::codes::WRITE_REPLY_TOO_LARGE).should_fall_back());
+        assert!(!refused(bus_protocol::codes::VALIDATION_ERROR).should_fall_back());
+        assert_eq!(
+            bus_protocol::codes::WRITE_REPLY_TOO_LARGE,
+            "WRITE_REPLY_TOO_LARGE",
+            "the code db-svc sends"
+        );
     }
 }

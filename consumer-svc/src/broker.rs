@@ -35,9 +35,8 @@ pub async fn watch_broker(
     health: Health,
     shutdown: Shutdown,
 ) {
-    // A fresh client for every probe: a long-lived one keeps a metadata cache, and
-    // librdkafka's can crash when a restarted broker recreates topics under new ids (see
-    // ingest.rs, replace_client).
+    // A fresh client for every probe: a long-lived one keeps a metadata cache of topics that
+    // a restarted broker may have recreated under new ids (see ingest.rs, replace_client).
     loop {
         let brokers_for_probe = brokers.clone();
         let ok = tokio::task::spawn_blocking(move || {

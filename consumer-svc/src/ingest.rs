@@ -891,9 +891,10 @@ impl Ingest {
     }
 
     /// Swaps in a fresh librdkafka client while the broker is unreachable. A broker that comes
-    /// back empty (tansu `memory://`) recreates topics with new topic ids, and librdkafka
-    /// 2.12's metadata cache can crash on an entry whose topic id changed (cf.
-    /// confluentinc/librdkafka#4964); a client created after the outage never saw the old ids.
+    /// back empty (tansu `memory://`) recreates topics with new topic ids: a client created
+    /// after the outage never saw the old ids, and starts with no fetch state of logs that are
+    /// gone. (The SIGSEGV such a client could hit in librdkafka 2.12, on a Fetch leader hint
+    /// with a zero topic id, is patched: vendor/README.md.)
     fn replace_client(&mut self, cause: &dyn std::fmt::Display) {
         match new_client(&self.cfg, &self.sinks, &self.brokers_down) {
             Ok(fresh) => {

@@ -17,6 +17,16 @@ pub enum DbError {
     /// ([`crate::ops::locate_not_null`] finds that from the request).
     #[error("invalid request: {column}: {message}")]
     NotNull { column: String, message: String },
+    /// A write whose returned rows come to more than a response carries (a bus reply's share,
+    /// or `--max-send-message-size`): refused and rolled back before it committed, with
+    /// nothing recorded under its request id, so the same write asking for fewer rows (or
+    /// sent where larger responses fit) writes once. Its own code, unlike a validation
+    /// error's, tells a client it may do exactly that.
+    #[error("invalid request: {field}: {message}")]
+    WriteRowsTooLarge {
+        field: &'static str,
+        message: String,
+    },
     /// An update or delete without any condition.
     #[error("{operation} needs a non-empty filter (where or filter)")]
     FilterRequired { operation: &'static str },
@@ -108,6 +118,7 @@ impl DbError {
             Self::Validation(_) | Self::NotNull { .. } | Self::SchemaChanged(_) => {
                 "VALIDATION_ERROR"
             }
+            Self::WriteRowsTooLarge { .. } => bus_protocol::codes::WRITE_REPLY_TOO_LARGE,
             Self::FilterRequired { .. } => "FILTER_REQUIRED",
             Self::TooManyRows { .. } => "TOO_MANY_ROWS",
             Self::Conflict { .. } => "CONFLICT",
@@ -126,9 +137,10 @@ impl DbError {
 
     pub fn grpc_code(&self) -> Code {
         match self {
-            Self::Validation(_) | Self::NotNull { .. } | Self::SchemaChanged(_) => {
-                Code::InvalidArgument
-            }
+            Self::Validation(_)
+            | Self::NotNull { .. }
+            | Self::SchemaChanged(_)
+            | Self::WriteRowsTooLarge { .. } => Code::InvalidArgument,
             Self::FilterRequired { .. }
             | Self::TooManyRows { .. }
             | Self::Constraint { .. }
@@ -150,6 +162,9 @@ impl DbError {
             Self::Validation(v) => v.clone(),
             Self::NotNull { column, message } => vec![FieldViolation::new(column, message)],
             Self::SchemaChanged(message) => vec![FieldViolation::new("", message)],
+            Self::WriteRowsTooLarge { field, message } => {
+                vec![FieldViolation::new(*field, message)]
+            }
             _ => Vec::new(),
         }
     }

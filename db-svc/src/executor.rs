@@ -45,16 +45,76 @@ pub struct Limits {
     /// The same for plain queries of one shape ([`crate::query_coalescing`]); 0 turns it off.
     pub coalesce_queries: usize,
     /// The largest response the server sends (`--max-send-message-size`): an `ExecuteRaw`
-    /// result that grows past it fails while it is read, before it fills memory.
+    /// result that grows past it fails while it is read, before it fills memory, and a write
+    /// run in a transaction whose returned rows come to more is refused and rolled back
+    /// before it commits (sent, its response would fail after the write was done). Counted
+    /// as the rows' protobuf size.
     pub max_response_bytes: usize,
-    /// What that limit is and what to do about it, for the refusal's message: the gRPC
-    /// response's by default ([`GRPC_RESPONSE_LIMIT`]), a bus reply's on the bus.
+    /// What that limit is, for the refusal's message (which adds what to do about it): the
+    /// gRPC response's by default ([`GRPC_RESPONSE_LIMIT`]), a bus reply's on the bus.
     pub response_limit: &'static str,
 }
 
 /// [`Limits::response_limit`] of gRPC responses.
-pub const GRPC_RESPONSE_LIMIT: &str = "a response may carry (--max-send-message-size); select \
-     fewer or smaller values, or read them with StreamQuery";
+pub const GRPC_RESPONSE_LIMIT: &str = "a response may carry (--max-send-message-size)";
+
+/// What to do about a read refused for [`Limits::max_response_bytes`].
+const READ_TOO_LARGE: &str = "select fewer or smaller values, or read them with StreamQuery";
+/// The same for a raw write (rolled back).
+const RAW_WRITE_TOO_LARGE: &str = "nothing was written: return fewer or smaller columns \
+     (RETURNING; without it only the count comes back), or write fewer rows per request";
+/// The same for an Insert, Update, Delete or Upsert (rolled back).
+const WRITE_TOO_LARGE: &str = "nothing was written: set count_only to have only the count \
+     returned, or write fewer rows per request";
+
+/// What the refusal of an Insert, Update, Delete or Upsert's rows calls them.
+const WRITTEN_ROWS: &str = "the rows the write returns";
+/// The same for a raw statement's.
+const STATEMENT_ROWS: &str = "the statement's rows";
+
+/// The bytes a returned row counts for against [`Limits::max_response_bytes`]: its protobuf
+/// size, and a little for its place in the response.
+fn response_bytes(row: &prost_types::Struct) -> usize {
+    prost::Message::encoded_len(row) + 8
+}
+
+impl Limits {
+    /// What the refusal of rows coming to more than `max_response_bytes` says.
+    fn too_large(&self, rows: &str, what_to_do: &str) -> String {
+        format!(
+            "{rows} come to more than the {} bytes {}; {what_to_do}",
+            self.max_response_bytes, self.response_limit
+        )
+    }
+
+    /// The refusal of a raw statement whose rows come to more than `max_response_bytes`
+    /// (rolled back when it writes).
+    pub(crate) fn raw_rows_too_large(&self, is_write: bool) -> DbError {
+        if is_write {
+            DbError::WriteRowsTooLarge {
+                field: "sql",
+                message: self.too_large(STATEMENT_ROWS, RAW_WRITE_TOO_LARGE),
+            }
+        } else {
+            DbError::field("sql", self.too_large(STATEMENT_ROWS, READ_TOO_LARGE))
+        }
+    }
+
+    /// The refusal of a write whose returned `rows` do not fit a response, if they do not.
+    pub(crate) fn check_written_rows(&self, rows: &[prost_types::Struct]) -> Result<(), DbError> {
+        let mut bytes = 0usize;
+        for row in rows {
+            bytes = bytes.saturating_add(response_bytes(row));
+            if bytes > self.max_response_bytes {
+                return Err(DbError::WriteRowsTooLarge {
+                    field: "count_only",
+                    message: self.too_large(WRITTEN_ROWS, WRITE_TOO_LARGE),
+                });
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Per-request context from the transport.
 #[derive(Clone, Debug, Default)]
@@ -547,7 +607,10 @@ impl Executor {
     }
 
     /// Runs a write: directly on the pool when nothing needs a transaction, otherwise in one
-    /// with the statement timeout, the idempotency record and the max_affected check.
+    /// with the statement timeout, the idempotency record, the max_affected check and the
+    /// bound on the returned rows' size ([`Limits::max_response_bytes`]; a plain insert
+    /// returns the rows it was sent, which came in a request). Writes over the bus always
+    /// carry a request id, so they always run in a transaction.
     async fn write(
         &self,
         op: &Operation,
@@ -596,8 +659,10 @@ impl Executor {
                 max,
             });
         }
-        // A failure here drops the transaction: rolled back.
+        // A failure here drops the transaction: rolled back, with the request log's claim of
+        // its id (so a retry asking for fewer rows is a new write, not this one's result).
         let output = written.decode()?;
+        self.limits.check_written_rows(&output.rows)?;
         if let Some(id) = request_id {
             self.time_left_for_next(&mut tx, ctx).await?;
             record_result(&mut tx, id, &output).await?;
@@ -699,15 +764,9 @@ impl Executor {
                         // A result column without a mapping is the statement's doing.
                         let row = decoder.decode(&row).map_err(|e| e.within("sql."))?;
                         // Rows are counted above; their size too (`repeat()` makes any size).
-                        bytes += prost::Message::encoded_len(&row) + 8;
+                        bytes += response_bytes(&row);
                         if bytes > self.limits.max_response_bytes {
-                            return Err(DbError::field(
-                                "sql",
-                                format!(
-                                    "the statement's rows come to more than the {} bytes {}",
-                                    self.limits.max_response_bytes, self.limits.response_limit
-                                ),
-                            ));
+                            return Err(self.limits.raw_rows_too_large(is_write));
                         }
                         rows.push(row);
                     }
@@ -1227,6 +1286,42 @@ async fn raw_params(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_whose_rows_do_not_fit_a_response_is_refused_saying_nothing_was_written() {
+        let limits = |max: usize| Limits {
+            default_limit: 100,
+            max_limit: 10_000,
+            statement_timeout: Duration::ZERO,
+            raw_writes: false,
+            raw_role: None,
+            coalesce_inserts: 0,
+            coalesce_queries: 0,
+            max_response_bytes: max,
+            response_limit: "a test reply carries",
+        };
+        let mut pad = serde_json::Map::new();
+        pad.insert("pad".into(), "x".repeat(100).into());
+        let row = crate::values::json_to_struct(&pad);
+        let rows = vec![row.clone(); 10];
+        let all: usize = rows.iter().map(response_bytes).sum();
+        assert!(all > 1000, "{all}");
+        assert!(limits(all).check_written_rows(&rows).is_ok(), "just fits");
+        assert!(limits(all).check_written_rows(&[]).is_ok());
+        let refused = limits(all - 1).check_written_rows(&rows).unwrap_err();
+        assert_eq!(refused.code(), "WRITE_REPLY_TOO_LARGE");
+        let status = tonic::Status::from(refused);
+        let message = status.message();
+        assert!(
+            message.contains(&format!("{} bytes a test reply carries", all - 1))
+                && message.contains("nothing was written")
+                && message.contains("count_only"),
+            "{message}"
+        );
+        use tonic_types::StatusExt;
+        let violations = status.get_error_details().bad_request().cloned().unwrap();
+        assert_eq!(violations.field_violations[0].field, "count_only");
+    }
 
     #[test]
     fn db_svc_gives_up_a_tenth_before_the_caller_at_most_250_ms() {

@@ -155,9 +155,10 @@ async fn purge_request_log(pool: &PgPool, retention: std::time::Duration) {
 }
 
 /// Starts the event-bus worker when it is configured. It shares the gRPC handler (structured
-/// form) and gets an executor whose raw-SQL write policy is the bus's (SQL form). A worker
-/// that fails (its Kafka clients cannot be created) stops the process, which then exits
-/// non-zero: db-svc must not go on reporting SERVING with nobody answering the bus.
+/// form; its writes go through one whose returned rows must fit a bus reply) and gets an
+/// executor whose raw-SQL write policy is the bus's (SQL form). A worker that fails (its
+/// Kafka clients cannot be created) stops the process, which then exits non-zero: db-svc
+/// must not go on reporting SERVING with nobody answering the bus.
 fn start_bus_worker(
     settings: &Settings,
     executor: &Executor,
@@ -181,8 +182,24 @@ fn start_bus_worker(
         response_limit: bus::SQL_WRITE_REPLY_LIMIT,
         ..limits.clone()
     };
+    // Structured-form writes likewise (their reply carries the rows twice); the gRPC
+    // handler's other limits, and no shared statements (bus writes always carry a request
+    // id, so never share one).
+    let structured_write_limits = Limits {
+        max_response_bytes: bus::structured_write_reply_bytes(&bus)
+            .min(executor.limits().max_response_bytes),
+        response_limit: bus::STRUCTURED_WRITE_REPLY_LIMIT,
+        coalesce_inserts: 0,
+        coalesce_queries: 0,
+        ..executor.limits().clone()
+    };
+    let write_api = std::sync::Arc::new(api::DatabaseApi::new(
+        executor.with_limits(structured_write_limits),
+        shutdown.clone(),
+    ));
     let handler = bus::Handler {
         api,
+        write_api,
         sql_executor: executor.with_limits(limits),
         sql_write_executor: executor.with_limits(write_limits),
         sql_writes: bus.sql_writes,

@@ -969,9 +969,10 @@ async fn a_reply_too_large_for_the_bus_fails_and_the_worker_goes_on() {
     assert_eq!(counted.count, 5000);
 }
 
-/// A bus write whose reply is too large for the bus (REPLY_TOO_LARGE: the write happened)
-/// falls back to gRPC with the same request id: the caller gets the recorded result, with
-/// every row, and nothing is written twice.
+/// A bus write whose returned rows are more than a bus reply carries is refused before it
+/// commits (WRITE_REPLY_TOO_LARGE: nothing written, nothing recorded under its request id),
+/// and the client falls back to gRPC with the same request id: the write happens once, over
+/// gRPC (not a replay), and the caller gets every row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_reply_is_too_large_for_the_bus_gets_its_result_over_grpc() {
     let (db, _svc, client) = bus_first(REPLY).await;
@@ -995,12 +996,15 @@ async fn a_write_whose_reply_is_too_large_for_the_bus_gets_its_result_over_grpc(
         .await
         .unwrap();
     match &written.via {
-        Via::Fallback(why) => assert!(why.contains("REPLY_TOO_LARGE"), "{why}"),
-        other => panic!("expected a fallback after REPLY_TOO_LARGE, got {other:?}"),
+        Via::Fallback(why) => assert!(
+            why.starts_with("WRITE_REPLY_TOO_LARGE: ") && why.contains("nothing was written"),
+            "{why}"
+        ),
+        other => panic!("expected a fallback after WRITE_REPLY_TOO_LARGE, got {other:?}"),
     }
     assert!(
-        written.response.replayed,
-        "the recorded result, not a second write"
+        !written.response.replayed,
+        "written over gRPC: the bus refused it without recording anything"
     );
     assert_eq!(written.response.affected, 3000);
     assert_eq!(written.response.rows.len(), 3000);
@@ -1016,7 +1020,8 @@ async fn a_write_whose_reply_is_too_large_for_the_bus_gets_its_result_over_grpc(
 
 /// A bus timeout longer than any deadline gRPC carries (tonic panics encoding one past
 /// 99,999,999 hours) is sent as the longest one: the bus write goes through, and the direct
-/// fallback after REPLY_TOO_LARGE carries it as its deadline instead of panicking.
+/// fallback after WRITE_REPLY_TOO_LARGE (its rows do not fit a reply) carries it as its
+/// deadline instead of panicking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bus_timeout_past_what_grpc_carries_is_shortened_not_a_panic() {
     // Nothing here may wait as long as the timeouts it is given.
@@ -1043,10 +1048,12 @@ async fn a_bus_timeout_past_what_grpc_carries_is_shortened_not_a_panic() {
     .expect("bounded")
     .unwrap();
     match &written.via {
-        Via::Fallback(why) => assert!(why.contains("REPLY_TOO_LARGE"), "{why}"),
-        other => panic!("expected a fallback after REPLY_TOO_LARGE, got {other:?}"),
+        Via::Fallback(why) => assert!(why.starts_with("WRITE_REPLY_TOO_LARGE: "), "{why}"),
+        other => panic!("expected a fallback after WRITE_REPLY_TOO_LARGE, got {other:?}"),
     }
+    assert!(!written.response.replayed, "written once, over gRPC");
     assert_eq!(written.response.affected, 3000);
+    assert_eq!(written.response.rows.len(), 3000);
 
     // Duration::MAX: its milliseconds do not fit the envelope's timeout_ms.
     let topics = BusTopics::create().await.unwrap();

@@ -1,7 +1,7 @@
 //! The bus worker's refusals, end to end against the real broker and PostgreSQL: replies the
-//! broker refuses for good, SQL-form writes whose rows no reply can carry, writes with too
-//! little time left, reads past their deadline while PostgreSQL is down, and a worker that
-//! cannot start.
+//! broker refuses for good, writes (SQL and structured form) whose rows no reply can carry,
+//! writes with too little time left, reads past their deadline while PostgreSQL is down, and a
+//! worker that cannot start.
 
 use std::time::Duration;
 
@@ -127,8 +127,9 @@ async fn replies_the_broker_refuses_for_good_are_committed_not_retried_forever()
 }
 
 /// An SQL-form write whose returned rows are more than a bus reply carries is refused and
-/// rolled back before it commits: OmniClaude, with no request id to fetch a recorded result
-/// with, would otherwise be told REPLY_TOO_LARGE for a write that happened, and write again.
+/// rolled back before it commits, answered WRITE_REPLY_TOO_LARGE (on `sql`): OmniClaude, with
+/// no request id to fetch a recorded result with, would otherwise be told REPLY_TOO_LARGE for
+/// a write that happened, and write again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_commits() {
     use sqlx::Connection;
@@ -160,7 +161,13 @@ async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_c
     let reply = tap.reply_for(&c, REPLY).unwrap();
     assert_eq!(reply.topic, t.failed, "{reply:?}");
     let payload = &reply.json["payload"];
-    assert_eq!(payload["error_code"], "VALIDATION_ERROR", "{reply:?}");
+    assert_eq!(payload["error_code"], "WRITE_REPLY_TOO_LARGE", "{reply:?}");
+    assert_eq!(payload["grpc_code"], "INVALID_ARGUMENT", "{reply:?}");
+    assert_eq!(payload["retryable"], json!(false), "{reply:?}");
+    assert_eq!(
+        payload["details"]["field_violations"][0]["field"], "sql",
+        "{reply:?}"
+    );
     let error = payload["error"].as_str().unwrap();
     assert!(
         error.contains("bus reply") && error.contains("nothing was written"),
@@ -207,6 +214,142 @@ async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_c
     let reply = tap.reply_for(&c, REPLY).unwrap();
     assert_eq!(reply.topic, t.completed, "~600 KB of rows: {reply:?}");
     assert_eq!(reply.json["payload"]["row_count"], json!(300));
+}
+
+/// A structured-form request envelope (`operation` + the gRPC request as proto3 JSON).
+fn structured_envelope(correlation_id: &str, operation: &str, request: Value) -> Value {
+    json!({
+        "event_id": uuid::Uuid::new_v4().to_string(),
+        "event_type": "DATABASE_QUERY_REQUESTED",
+        "correlation_id": correlation_id,
+        "timestamp": rfc3339(chrono::Utc::now()),
+        "service": "bus-refusals-test",
+        "payload": { "operation": operation, "request": request },
+    })
+}
+
+/// Asserts that `reply` is the refusal of a structured write whose rows no reply can carry:
+/// FAILED, WRITE_REPLY_TOO_LARGE (INVALID_ARGUMENT on the direct path) with a field violation
+/// on `count_only`, saying nothing was written.
+fn assert_refused_before_commit(reply: &omnibus_tests::bus::Received, failed_topic: &str) {
+    assert_eq!(reply.topic, failed_topic, "{reply:?}");
+    let payload = &reply.json["payload"];
+    assert_eq!(payload["error_code"], "WRITE_REPLY_TOO_LARGE", "{reply:?}");
+    assert_eq!(payload["grpc_code"], "INVALID_ARGUMENT", "{reply:?}");
+    assert_eq!(payload["retryable"], json!(false), "{reply:?}");
+    assert_eq!(
+        payload["details"]["field_violations"][0]["field"], "count_only",
+        "{reply:?}"
+    );
+    let error = payload["error"].as_str().unwrap();
+    assert!(
+        error.contains("bus reply")
+            && error.contains("nothing was written")
+            && error.contains("count_only"),
+        "{error}"
+    );
+}
+
+/// A structured-form write (INSERT, UPDATE) whose returned rows are more than a bus reply
+/// carries is refused and rolled back before it commits, answered WRITE_REPLY_TOO_LARGE (on
+/// `count_only`), as an SQL-form one is: committed, it was answered REPLY_TOO_LARGE, and a
+/// caller without the Rust client's gRPC retry took that for a failed write and wrote again.
+/// Nothing is recorded under its request id: the same write asking for the count alone
+/// (`count_only`) with the same request id then goes through, once. A read too large for a
+/// reply is still REPLY_TOO_LARGE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_structured_write_returning_more_than_a_reply_carries_is_refused_before_it_commits() {
+    use sqlx::Connection;
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
+        .await
+        .unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // ~1 MB of action_details, returned by the update below.
+    omnibus_tests::db::insert_padded_actions(&mut conn, "big-update", 1000, 1000).await;
+    warm_up(&mut tap, &t.request).await;
+
+    // INSERT: ~0.6 MB of request (under the bus's 1 MB), its rows returned with their defaults
+    // in `rows` and again in `response`.
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let insert = |count_only: bool| {
+        let rows: Vec<Value> = (0..600)
+            .map(|_| {
+                let mut row = omnibus_tests::db::action("big-insert");
+                row["action_details"] = json!({ "pad": "x".repeat(1000) });
+                row
+            })
+            .collect();
+        json!({
+            "table": "agent_actions",
+            "rows": rows,
+            "request_id": request_id,
+            "count_only": count_only,
+        })
+    };
+    let inserted = "SELECT count(*) FROM agent_actions WHERE agent_name = 'big-insert'";
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &structured_envelope(&c, "INSERT", insert(false)),
+    )
+    .await;
+    let reply = tap
+        .reply_for(&c, REPLY)
+        .unwrap_or_else(|e| panic!("{e}: {}", svc.logs()));
+    assert_refused_before_commit(&reply, &t.failed);
+    assert_eq!(count_rows(&db, inserted).await, 0, "rolled back");
+    // The same write, count only, under the same request id: written once, not replayed.
+    let c = uuid::Uuid::new_v4().to_string();
+    send(&t.request, &structured_envelope(&c, "INSERT", insert(true))).await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+    let payload = &reply.json["payload"];
+    assert_eq!(payload["rows_affected"], json!(600), "{reply:?}");
+    assert_eq!(payload["row_count"], json!(0), "{reply:?}");
+    assert_eq!(payload["replayed"], json!(false), "{reply:?}");
+    assert_eq!(count_rows(&db, inserted).await, 600);
+
+    // UPDATE: ~1 MB of rows returned.
+    let update = |count_only: bool| {
+        json!({
+            "table": "agent_actions",
+            "where": { "agent_name": "big-update" },
+            "set": { "action_name": "updated" },
+            "count_only": count_only,
+        })
+    };
+    let updated = "SELECT count(*) FROM agent_actions WHERE action_name = 'updated'";
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &structured_envelope(&c, "UPDATE", update(false)),
+    )
+    .await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_refused_before_commit(&reply, &t.failed);
+    assert_eq!(count_rows(&db, updated).await, 0, "rolled back");
+    let c = uuid::Uuid::new_v4().to_string();
+    send(&t.request, &structured_envelope(&c, "UPDATE", update(true))).await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+    assert_eq!(reply.json["payload"]["rows_affected"], json!(1000));
+    assert_eq!(count_rows(&db, updated).await, 1000);
+
+    // A read of the same rows changes nothing: REPLY_TOO_LARGE, as before.
+    let c = uuid::Uuid::new_v4().to_string();
+    let query = json!({
+        "table": "agent_actions",
+        "where": { "agent_name": "big-update" },
+        "limit": 1000,
+    });
+    send(&t.request, &structured_envelope(&c, "QUERY", query)).await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.failed, "{reply:?}");
+    assert_eq!(reply.json["payload"]["error_code"], "REPLY_TOO_LARGE");
 }
 
 /// A write picked up with less time left than its reply needs (a tenth of its timeout, at

@@ -24,15 +24,22 @@ use crate::raw_sql::{self, RawKind};
 /// What executes bus requests.
 #[derive(Clone)]
 pub struct Handler {
-    /// The gRPC service implementation, called in-process for the structured form.
+    /// The gRPC service implementation, called in-process for the structured form's reads.
     pub api: Arc<DatabaseApi>,
+    /// The same over an executor whose `max_response_bytes` is what a bus reply can carry of
+    /// a structured write's rows ([`super::structured_write_reply_bytes`]), for the
+    /// structured form's writes: one returning more rows than that is refused and rolled
+    /// back before it commits, and leaves no result under its request id. Once committed, a
+    /// reply too large for the bus could only be a REPLY_TOO_LARGE stand-in, and a caller
+    /// that took that FAILED reply at its word (any but the Rust client, which asks again
+    /// over gRPC with the same request id) would write again.
+    pub write_api: Arc<DatabaseApi>,
     /// An executor whose raw-SQL policy is the bus's (writes allowed unless switched off).
     pub sql_executor: Executor,
     /// The same for SQL-form writes, with `max_response_bytes` set to what a bus reply can
-    /// carry ([`super::sql_write_reply_bytes`]): a write returning more rows than that is
-    /// refused and rolled back before it commits. Once committed, a reply too large for the
-    /// bus could only be a REPLY_TOO_LARGE stand-in, and the SQL form's caller (OmniClaude),
-    /// which has no request id to get the recorded result with, would write again directly.
+    /// carry ([`super::sql_write_reply_bytes`]), for the same reason as `write_api`: the SQL
+    /// form's caller (OmniClaude) has no request id to get a recorded result with, and would
+    /// write again directly.
     pub sql_write_executor: Executor,
     /// Whether the SQL form may write (`--bus-sql-writes`).
     pub sql_writes: bool,
@@ -200,7 +207,20 @@ impl Handler {
         }
     }
 
-    /// Parses the request JSON, calls the gRPC handler in-process, renders the response.
+    /// The gRPC handler that runs a structured request: `write_api` for writes
+    /// ([`structured_writes`]), whose rows must fit a reply before they commit, `api` for
+    /// reads (a read too large for the bus has nothing to hide: REPLY_TOO_LARGE tells its
+    /// caller to ask for fewer rows).
+    fn api_for(&self, op: StructuredOperation, json: &Value) -> &Arc<DatabaseApi> {
+        if structured_writes(op, json, self.sql_executor.catalog().served()) {
+            &self.write_api
+        } else {
+            &self.api
+        }
+    }
+
+    /// Parses the request JSON, calls the gRPC handler in-process ([`Handler::api_for`]),
+    /// renders the response.
     async fn run<Req, Resp, Call, Fut>(
         &self,
         op: StructuredOperation,
@@ -219,9 +239,12 @@ impl Handler {
         let mut request: Req = omnibus_proto::json::from_json(op.request_message(), json)
             .map_err(|e| Status::from(DbError::field("payload.request", e.to_string())))?;
         set_id(&mut request);
-        let response = call(self.api.clone(), grpc_request(request, remaining))
-            .await?
-            .into_inner();
+        let response = call(
+            self.api_for(op, json).clone(),
+            grpc_request(request, remaining),
+        )
+        .await?
+        .into_inner();
         let response_json = omnibus_proto::json::to_json(op.response_message(), &response, true)
             .map_err(|e| Status::internal(e.to_string()))?;
         let (rows, rows_affected, replayed) = summary(&response);
@@ -275,7 +298,7 @@ impl Handler {
             checked.kind.is_write().then(|| correlation_id.to_string()),
         );
         // Reads keep the gRPC limit: one too large for the bus commits nothing, and its
-        // REPLY_TOO_LARGE says to ask for fewer rows.
+        // REPLY_TOO_LARGE says to ask for fewer rows (as for the structured form's reads).
         let executor = if checked.kind.is_write() {
             &self.sql_write_executor
         } else {
@@ -334,6 +357,24 @@ fn rows_json(rows: &[prost_types::Struct]) -> Vec<Map<String, Value>> {
     rows.iter().map(crate::values::struct_to_json).collect()
 }
 
+/// Whether the structured request `json` of `op` writes: INSERT, UPDATE, DELETE and UPSERT
+/// do, an EXECUTE_RAW does when the raw-SQL guard (over the `served` tables) reads its `sql`
+/// as a write. One the guard refuses counts as a read: it is refused the same way either way.
+fn structured_writes(op: StructuredOperation, json: &Value, served: &[String]) -> bool {
+    match op {
+        StructuredOperation::Insert
+        | StructuredOperation::Update
+        | StructuredOperation::Delete
+        | StructuredOperation::Upsert => true,
+        StructuredOperation::ExecuteRaw => json
+            .get("sql")
+            .and_then(Value::as_str)
+            .and_then(|sql| raw_sql::check(sql, served, true).ok())
+            .is_some_and(|checked| checked.kind.is_write()),
+        StructuredOperation::Query | StructuredOperation::Count => false,
+    }
+}
+
 /// UPSERT is an INSERT … ON CONFLICT statement.
 pub fn kind_matches(op: SqlOperation, kind: RawKind) -> bool {
     matches!(
@@ -374,11 +415,14 @@ pub fn failed(code: &str, message: impl Into<String>) -> FailedPayload {
 }
 
 /// The gRPC code each `error_code` of a FAILED reply has on the direct path (the one
-/// `DbError::grpc_code` gives the same failure). None for `REPLY_TOO_LARGE`, which has no
-/// direct-path counterpart, and for a code db-svc does not give.
+/// `DbError::grpc_code` gives the same failure; for `WRITE_REPLY_TOO_LARGE`, rows more than a
+/// gRPC response carries, refused as INVALID_ARGUMENT). None for `REPLY_TOO_LARGE`, which has
+/// no direct-path counterpart, and for a code db-svc does not give.
 pub fn grpc_code_of(error_code: &str) -> Option<Code> {
     Some(match error_code {
-        codes::VALIDATION_ERROR | codes::OPERATION_MISMATCH => Code::InvalidArgument,
+        codes::VALIDATION_ERROR | codes::OPERATION_MISMATCH | codes::WRITE_REPLY_TOO_LARGE => {
+            Code::InvalidArgument
+        }
         "NOT_FOUND" => Code::NotFound,
         "CONFLICT" => Code::AlreadyExists,
         "FILTER_REQUIRED"
@@ -553,6 +597,10 @@ mod tests {
                 message: "m".into(),
             },
             DbError::SchemaChanged("m".into()),
+            DbError::WriteRowsTooLarge {
+                field: "count_only",
+                message: "m".into(),
+            },
             DbError::Database("m".into()),
         ];
         for e in all {
@@ -573,6 +621,7 @@ mod tests {
                 | DbError::ResourceExhausted(_)
                 | DbError::Unrepresentable { .. }
                 | DbError::SchemaChanged(_)
+                | DbError::WriteRowsTooLarge { .. }
                 | DbError::Database(_) => {}
             }
             assert_eq!(grpc_code_of(e.code()), Some(e.grpc_code()), "{}", e.code());
@@ -624,6 +673,73 @@ mod tests {
             (too_large.grpc_code.as_str(), too_large.retryable),
             ("", false)
         );
+        // The same request again is refused again.
+        let write_too_large = failed(codes::WRITE_REPLY_TOO_LARGE, "x");
+        assert_eq!(
+            (
+                write_too_large.grpc_code.as_str(),
+                write_too_large.retryable
+            ),
+            ("INVALID_ARGUMENT", false)
+        );
+    }
+
+    /// A write refused because its rows would not fit a bus reply (structured form on
+    /// `count_only`, SQL form and EXECUTE_RAW on `sql`) is answered WRITE_REPLY_TOO_LARGE,
+    /// with its message and field violation; a raw read refused for its rows' size and any
+    /// other validation error on those fields keep VALIDATION_ERROR.
+    #[test]
+    fn a_write_refused_for_its_rows_size_gets_a_code_of_its_own() {
+        use crate::bus::{
+            SQL_WRITE_REPLY_LIMIT as SQL, STRUCTURED_WRITE_REPLY_LIMIT as STRUCTURED,
+        };
+        use crate::executor::Limits;
+        let limits = |response_limit: &'static str| Limits {
+            default_limit: 100,
+            max_limit: 10_000,
+            statement_timeout: Duration::ZERO,
+            raw_writes: true,
+            raw_role: None,
+            coalesce_inserts: 0,
+            coalesce_queries: 0,
+            max_response_bytes: 1,
+            response_limit,
+        };
+        let mut pad = Map::new();
+        pad.insert("pad".into(), "x".repeat(10).into());
+        let rows = vec![crate::values::json_to_struct(&pad)];
+        let written = |limit| Status::from(limits(limit).check_written_rows(&rows).unwrap_err());
+        let raw = |limit, is_write| Status::from(limits(limit).raw_rows_too_large(is_write));
+
+        for (status, field) in [
+            (written(STRUCTURED), "count_only"),
+            (raw(STRUCTURED, true), "sql"),
+            (raw(SQL, true), "sql"),
+        ] {
+            let message = status.message().to_string();
+            let f = failed_from_status(&status);
+            assert_eq!(f.error_code, codes::WRITE_REPLY_TOO_LARGE, "{f:?}");
+            assert_eq!(
+                (f.grpc_code.as_str(), f.retryable),
+                ("INVALID_ARGUMENT", false)
+            );
+            assert_eq!(f.error, message, "the message is kept");
+            assert!(f.error.contains("nothing was written"), "{f:?}");
+            assert_eq!(f.details["field_violations"][0]["field"], field, "{f:?}");
+        }
+
+        let validation = |status: Status| {
+            let f = failed_from_status(&status);
+            assert_eq!(f.error_code, codes::VALIDATION_ERROR, "{f:?}");
+        };
+        // A read wrote nothing to refuse.
+        validation(raw(SQL, false));
+        // Other validation errors on the same fields.
+        validation(Status::from(DbError::field(
+            "count_only",
+            "expected a boolean",
+        )));
+        validation(Status::from(DbError::field("sql", "not allowed")));
     }
 
     #[test]
@@ -668,6 +784,33 @@ mod tests {
                 "{payload}"
             );
         }
+    }
+
+    #[test]
+    fn structured_writes_and_only_they_go_through_the_write_handler() {
+        use serde_json::json;
+        let served = vec!["agent_actions".to_string()];
+        let writes = |op, json: Value| structured_writes(op, &json, &served);
+        for op in [
+            StructuredOperation::Insert,
+            StructuredOperation::Update,
+            StructuredOperation::Delete,
+            StructuredOperation::Upsert,
+        ] {
+            assert!(writes(op, json!({"table": "agent_actions"})), "{op:?}");
+        }
+        assert!(!writes(StructuredOperation::Query, json!({})));
+        assert!(!writes(StructuredOperation::Count, json!({})));
+        let raw = |sql: &str| writes(StructuredOperation::ExecuteRaw, json!({ "sql": sql }));
+        assert!(raw(
+            "UPDATE agent_actions SET action_name = 'x' RETURNING action_details"
+        ));
+        assert!(raw("DELETE FROM agent_actions"));
+        assert!(!raw("SELECT action_details FROM agent_actions"));
+        // Refused by the guard (either handler refuses it the same way), or no SQL at all.
+        assert!(!raw("DELETE FROM pg_authid"));
+        assert!(!raw("not sql"));
+        assert!(!writes(StructuredOperation::ExecuteRaw, json!({})));
     }
 
     #[test]

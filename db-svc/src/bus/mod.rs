@@ -173,26 +173,46 @@ const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 const ENVELOPE_ROOM: usize = 16 * 1024;
 
 /// [`crate::executor::Limits::response_limit`] of SQL-form writes on the bus: their rows must
-/// fit a reply, else they are refused before they commit.
+/// fit a reply ([`sql_write_reply_bytes`]), else they are refused before they commit
+/// (`DbError::WriteRowsTooLarge`, answered `WRITE_REPLY_TOO_LARGE`), as is the structured
+/// form's.
 pub const SQL_WRITE_REPLY_LIMIT: &str = "a bus reply carries of them (half the producer's \
-     message.max.bytes, less room for the envelope); nothing was written: return fewer or \
-     smaller columns (RETURNING), or write fewer rows per request";
+     message.max.bytes, less room for the envelope)";
+
+/// The same for structured-form writes ([`structured_write_reply_bytes`]).
+pub const STRUCTURED_WRITE_REPLY_LIMIT: &str = "a bus reply carries of them (a quarter of the \
+     producer's message.max.bytes, less room for the envelope: the reply carries them twice, \
+     in rows and in response)";
 
 /// The bytes of rows (as the executor counts them: their protobuf size) an SQL-form write may
 /// return: half of what the reply producer's `message.max.bytes` leaves after the envelope.
 /// Half, because the reply carries them as JSON text, which can be larger (numbers written
 /// out, escaped quotes); rows that still grow past the bus's limit get REPLY_TOO_LARGE.
 pub fn sql_write_reply_bytes(settings: &BusSettings) -> usize {
-    let producer = producer_config(settings, svc_kit::kafka::settings());
-    reply_row_bytes(producer.get("message.max.bytes"))
+    reply_row_bytes(producer_message_max_bytes(settings).as_deref(), 1)
 }
 
-fn reply_row_bytes(message_max_bytes: Option<&str>) -> usize {
+/// The same for a structured-form write (INSERT, UPDATE, DELETE, UPSERT, an EXECUTE_RAW
+/// that writes): half of that again, since its reply carries the rows twice, in `rows` and
+/// in `response` (the gRPC response as JSON).
+pub fn structured_write_reply_bytes(settings: &BusSettings) -> usize {
+    reply_row_bytes(producer_message_max_bytes(settings).as_deref(), 2)
+}
+
+/// The reply producer's `message.max.bytes`, as the operator set it (if they did).
+fn producer_message_max_bytes(settings: &BusSettings) -> Option<String> {
+    let producer = producer_config(settings, svc_kit::kafka::settings());
+    producer.get("message.max.bytes").map(str::to_string)
+}
+
+/// The row bytes a reply carrying its rows `copies` times has room for, under a producer
+/// `message.max.bytes` of `message_max_bytes` (librdkafka's default when unset or unreadable).
+fn reply_row_bytes(message_max_bytes: Option<&str>, copies: usize) -> usize {
     let max = message_max_bytes
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
     let room = (max / 4).min(ENVELOPE_ROOM);
-    (max - room) / 2
+    (max - room) / 2 / copies.max(1)
 }
 
 /// Everything a request task needs.
@@ -351,7 +371,7 @@ pub async fn run(
                         m = consumer.recv() => match m {
                             Ok(m) => break Some(m.detach()),
                             Err(e) => {
-                                tracing::warn!("bus consumer: {e}");
+                                consumer.context().error_log.poll_error("bus consumer", &e);
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                             }
                         },
@@ -427,6 +447,7 @@ pub struct BusContext {
     /// reports one too, and replacing it every REPLACE_INTERVAL would only churn clients.
     assigned: AtomicBool,
     revoked: parking_lot::Mutex<Vec<(String, i32)>>,
+    error_log: svc_kit::kafka::ClientErrorLog,
 }
 
 impl BusContext {
@@ -452,7 +473,7 @@ impl ClientContext for BusContext {
         {
             self.brokers_down.store(true, Ordering::Relaxed);
         }
-        tracing::error!("librdkafka: {error}: {reason}");
+        self.error_log.error(&error, reason);
     }
 }
 
@@ -1129,21 +1150,43 @@ fn encode_outgoing(worker: &Worker, outgoing: &Outgoing) -> (String, String, Vec
     }
 }
 
+/// Whether `reply` reports on what may have been a write, now committed: a COMPLETED reply
+/// to anything but a query or count (an EXECUTE_RAW counts, whatever its statement was).
+fn reports_a_write(reply: &Reply) -> bool {
+    match reply {
+        Reply::Completed(done) => !matches!(done.operation.as_str(), "QUERY" | "COUNT"),
+        Reply::Failed(_) => false,
+    }
+}
+
 /// The small stand-in for an outgoing message of `bytes` bytes that the bus refused.
 fn too_large(outgoing: &Outgoing, bytes: usize) -> Outgoing {
     match outgoing {
         Outgoing::Reply {
             correlation_id,
+            reply,
             traceparent,
-            ..
         } => Outgoing::Reply {
             correlation_id: correlation_id.clone(),
             reply: Reply::Failed(failed(
                 codes::REPLY_TOO_LARGE,
-                format!(
-                    "the reply ({bytes} bytes) is larger than the bus accepts; ask for fewer \
-                     rows (limit), or read them over gRPC (StreamQuery)"
-                ),
+                if reports_a_write(reply) {
+                    // Rare: a write's rows are refused before it commits when they come to
+                    // more than a reply carries, counted as protobuf; as JSON they can be
+                    // larger still (or it is the recorded result of a write made over gRPC).
+                    format!(
+                        "the reply ({bytes} bytes) is larger than the bus accepts, but what \
+                         the request wrote was committed: do not send it again as a new write; \
+                         the same request id over gRPC (the correlation id when the request \
+                         named none) returns its recorded result; ask for the count alone \
+                         (count_only, or no RETURNING) next time"
+                    )
+                } else {
+                    format!(
+                        "the reply ({bytes} bytes) is larger than the bus accepts; ask for \
+                         fewer rows (limit), or read them over gRPC (StreamQuery)"
+                    )
+                },
             )),
             traceparent: traceparent.clone(),
         },
@@ -1473,14 +1516,73 @@ mod tests {
     #[test]
     fn sql_writes_return_what_a_reply_can_carry() {
         // librdkafka's default: about half a megabyte of rows.
-        assert_eq!(reply_row_bytes(None), (1_000_000 - ENVELOPE_ROOM) / 2);
+        assert_eq!(reply_row_bytes(None, 1), (1_000_000 - ENVELOPE_ROOM) / 2);
         assert_eq!(
-            reply_row_bytes(Some("4000000")),
+            reply_row_bytes(Some("4000000"), 1),
             (4_000_000 - ENVELOPE_ROOM) / 2
         );
         // A tiny limit keeps three quarters of itself; an unreadable one is the default.
-        assert_eq!(reply_row_bytes(Some("1000")), 375);
-        assert_eq!(reply_row_bytes(Some("lots")), reply_row_bytes(None));
+        assert_eq!(reply_row_bytes(Some("1000"), 1), 375);
+        assert_eq!(reply_row_bytes(Some("lots"), 1), reply_row_bytes(None, 1));
+    }
+
+    #[test]
+    fn structured_writes_return_half_as_much_their_reply_carrying_the_rows_twice() {
+        assert_eq!(reply_row_bytes(None, 2), (1_000_000 - ENVELOPE_ROOM) / 4);
+        assert_eq!(reply_row_bytes(Some("1000"), 2), 187);
+        let settings = BusSettings {
+            brokers: "b:9092".into(),
+            topics: Topics::default(),
+            group_id: "db-svc".into(),
+            concurrency: 1,
+            sql_writes: true,
+            session_timeout: Duration::from_secs(10),
+            service: "db-svc".into(),
+            default_timeout: None,
+        };
+        assert_eq!(
+            structured_write_reply_bytes(&settings),
+            sql_write_reply_bytes(&settings) / 2
+        );
+    }
+
+    #[test]
+    fn a_write_reply_too_large_for_the_bus_says_the_write_was_done() {
+        let stand_in = |operation: &str| {
+            let outgoing = Outgoing::Reply {
+                correlation_id: "c".into(),
+                reply: Reply::Completed(bus_protocol::CompletedPayload {
+                    operation: operation.into(),
+                    ..Default::default()
+                }),
+                traceparent: None,
+            };
+            match too_large(&outgoing, 2_000_000) {
+                Outgoing::Reply {
+                    reply: Reply::Failed(f),
+                    ..
+                } => f,
+                _ => unreachable!(),
+            }
+        };
+        for operation in ["INSERT", "UPDATE", "DELETE", "UPSERT", "EXECUTE_RAW"] {
+            let f = stand_in(operation);
+            assert_eq!(f.error_code, codes::REPLY_TOO_LARGE);
+            assert!(
+                f.error.contains("committed") && f.error.contains("do not send it again"),
+                "{operation}: {}",
+                f.error
+            );
+        }
+        for operation in ["QUERY", "COUNT"] {
+            let f = stand_in(operation);
+            assert_eq!(f.error_code, codes::REPLY_TOO_LARGE);
+            assert!(
+                !f.error.contains("committed") && f.error.contains("fewer rows"),
+                "{operation}: {}",
+                f.error
+            );
+        }
     }
 
     #[test]
