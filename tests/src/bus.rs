@@ -38,9 +38,10 @@ impl BusTopics {
         Ok(Self::with_names(brokers.to_string(), names))
     }
 
-    /// Creates the same topic names again (after a broker restarted empty).
+    /// Creates the same topic names again (after a broker restarted empty), keeping those that
+    /// exist already (db-svc's producer may have had a reply topic auto-created first).
     pub async fn recreate(&self) -> Result<()> {
-        TestTopics::create_on(&self.brokers, &self.names.prefix, &BUS_TOPICS, PARTITIONS).await?;
+        TestTopics::ensure_on(&self.brokers, &self.names.prefix, &BUS_TOPICS, PARTITIONS).await?;
         Ok(())
     }
 

@@ -387,6 +387,27 @@ impl TestTopics {
         names: &[&str],
         partitions: i32,
     ) -> Result<Self> {
+        Self::create_or_keep_on(brokers, prefix, names, partitions, false).await
+    }
+
+    /// [`TestTopics::create_on`], keeping a topic that exists already (after a broker came
+    /// back empty, a service's producer may have had its reply topics auto-created first).
+    pub async fn ensure_on(
+        brokers: &str,
+        prefix: &str,
+        names: &[&str],
+        partitions: i32,
+    ) -> Result<Self> {
+        Self::create_or_keep_on(brokers, prefix, names, partitions, true).await
+    }
+
+    async fn create_or_keep_on(
+        brokers: &str,
+        prefix: &str,
+        names: &[&str],
+        partitions: i32,
+        keep_existing: bool,
+    ) -> Result<Self> {
         let prefix = prefix.to_string();
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", brokers)
@@ -403,8 +424,11 @@ impl TestTopics {
             )
             .await?;
         for result in results {
-            if let Err((topic, code)) = result {
-                bail!("create topic {topic}: {code}");
+            match result {
+                Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) if keep_existing => {
+                }
+                Err((topic, code)) => bail!("create topic {topic}: {code}"),
+                Ok(_) => {}
             }
         }
         Ok(Self { prefix })

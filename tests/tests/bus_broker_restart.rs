@@ -101,3 +101,53 @@ async fn bus_worker_answers_after_the_broker_restarts_empty() {
         vec![("after".to_string(), 4), ("before".to_string(), 1)]
     );
 }
+
+/// Two restarts in quick succession: the second outage comes while the consumer that
+/// replaced the first one's is new, so its own replacement has to wait
+/// (`--bus-replace-interval`, 15 s here so that it surely does). Meanwhile it leaves its
+/// group, so that it cannot join the restarted broker beside its successor (tansu then kept
+/// the one that left as the group's leader, and requests went unanswered for good:
+/// `scripts/stress-broker-restarts db`). Every request after the restarts is answered.
+#[tokio::test]
+async fn bus_worker_answers_after_two_quick_restarts() {
+    let mut broker = PrivateBroker::start().await.unwrap();
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create_on(&broker.addr()).await.unwrap();
+    let mut svc = start_db_svc(
+        &db,
+        &topics,
+        &format!("g-{}", uuid::Uuid::new_v4().simple()),
+        &["--bus-replace-interval", "15s"],
+    )
+    .await
+    .unwrap();
+    let reply = insert_over_bus(&topics, "first", Duration::from_secs(30)).await;
+    assert_eq!(
+        reply.as_deref().ok(),
+        Some("DATABASE_QUERY_COMPLETED"),
+        "{reply:?}"
+    );
+
+    broker.restart().await.unwrap();
+    topics.recreate().await.unwrap();
+    let reply = insert_over_bus(&topics, "second", Duration::from_secs(90)).await;
+    assert_eq!(
+        reply.as_deref().ok(),
+        Some("DATABASE_QUERY_COMPLETED"),
+        "{reply:?}; db-svc log:\n{}",
+        svc.logs()
+    );
+    // At once: the consumer that answered is the one that replaced the first outage's.
+    broker.restart().await.unwrap();
+    topics.recreate().await.unwrap();
+    for _ in 0..2 {
+        let reply = insert_over_bus(&topics, "third", Duration::from_secs(90)).await;
+        assert_eq!(
+            reply.as_deref().ok(),
+            Some("DATABASE_QUERY_COMPLETED"),
+            "{reply:?}; db-svc log:\n{}",
+            svc.logs()
+        );
+    }
+    assert!(svc.is_running(), "db-svc exited:\n{}", svc.logs());
+}

@@ -114,6 +114,12 @@ pub struct BusArgs {
     /// `service` field of the replies.
     #[arg(long, env = "DB_BUS_SERVICE_NAME", default_value = "omnibus-db-svc")]
     pub bus_service_name: String,
+
+    /// How often at most the bus consumer is replaced while brokers keep going down (each
+    /// replacement rejoins the group); a consumer whose replacement must wait leaves its
+    /// group meanwhile.
+    #[arg(long, env = "DB_BUS_REPLACE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub bus_replace_interval: Duration,
 }
 
 /// Validated bus settings.
@@ -128,6 +134,8 @@ pub struct BusSettings {
     pub service: String,
     /// The deadline of requests without one, from their timestamp (None: no deadline).
     pub default_timeout: Option<Duration>,
+    /// The consumer is replaced at most this often while brokers keep going down.
+    pub replace_interval: Duration,
 }
 
 impl BusArgs {
@@ -148,6 +156,11 @@ impl BusArgs {
         if !(1000..=3_600_000).contains(&ms) {
             return Err("DB_BUS_SESSION_TIMEOUT must be between 1s and 1h".into());
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+            .contains(&self.bus_replace_interval)
+        {
+            return Err("DB_BUS_REPLACE_INTERVAL must be between 1s and 1h".into());
+        }
         Ok(Some(BusSettings {
             brokers,
             topics: Topics {
@@ -163,6 +176,7 @@ impl BusArgs {
             service: self.bus_service_name,
             default_timeout: (!self.bus_default_timeout.is_zero())
                 .then_some(self.bus_default_timeout),
+            replace_interval: self.bus_replace_interval,
         }))
     }
 }
@@ -270,8 +284,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const REPLAY_BUDGET: Duration = Duration::from_secs(5);
 /// Time given to read the request log after an attempt ended in TIMEOUT (one indexed row).
 const APPLIED_CHECK: Duration = Duration::from_secs(2);
-/// The bus consumer is replaced at most this often while brokers stay unreachable.
-const REPLACE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a dead letter is retried before the request it reports is committed without it.
 const DEAD_LETTER_PATIENCE: Duration = Duration::from_secs(60);
 /// The most often a refused reply is logged.
@@ -340,14 +352,15 @@ pub async fn run(
                 // Hold the permit while waiting for a message; keep committing meanwhile.
                 let message = loop {
                     // A consumer whose brokers all went down is replaced, at most every
-                    // REPLACE_INTERVAL: an outage reported sooner (librdkafka reports it
+                    // `replace_interval`: an outage reported sooner (librdkafka reports it
                     // once) stays pending until then, and nothing is committed through that
                     // consumer meanwhile (`commit_if_advanced`).
                     let now = std::time::Instant::now();
-                    if take_replacement(&consumer.context().brokers_down, replaced, now) {
+                    let interval = worker.settings.replace_interval;
+                    if take_replacement(&consumer.context().brokers_down, replaced, now, interval) {
                         replaced = Some(now);
                         let fresh = fresh_consumer(&worker.settings).await;
-                        if replace_consumer(&mut consumer, fresh) {
+                        if replace_consumer(&mut consumer, fresh, interval) {
                             generation += 1;
                             tracker = CommitTracker::default();
                         }
@@ -356,7 +369,20 @@ pub async fn run(
                     let due = consumer
                         .context()
                         .outage_pending()
-                        .then(|| replaced.map_or(now, |t| t + REPLACE_INTERVAL));
+                        .then(|| replaced.map_or(now, |t| t + interval));
+                    // Until then the consumer leaves its group (locally: no broker answers),
+                    // so that it cannot join a broker that comes back before its successor
+                    // does: the two would join together, and a broker may keep the one that
+                    // then leaves as the group's leader, leaving the successor without an
+                    // assignment for good (tansu does: `scripts/stress-broker-restarts db`
+                    // saw requests unanswered for 60 s until this).
+                    if due.is_some_and(|due| due > now) && consumer.context().park() {
+                        consumer.unsubscribe();
+                        tracing::info!(
+                            "all brokers down again; the bus consumer left its group until it \
+                             is replaced"
+                        );
+                    }
                     tokio::select! {
                         _ = shutdown.triggered() => break None,
                         Some((g, epoch, (topic, partition, offset))) = done_rx.recv() => {
@@ -444,16 +470,23 @@ pub struct BusContext {
     brokers_down: AtomicBool,
     /// Whether this consumer has been assigned partitions. Before that it holds no positions
     /// and an outage needs no replacement: a fresh consumer in a cluster that is still down
-    /// reports one too, and replacing it every REPLACE_INTERVAL would only churn clients.
+    /// reports one too, and replacing it every `replace_interval` would only churn clients.
     assigned: AtomicBool,
     revoked: parking_lot::Mutex<Vec<(String, i32)>>,
     error_log: svc_kit::kafka::ClientErrorLog,
+    /// Whether the consumer left its group to wait for its replacement.
+    parked: AtomicBool,
 }
 
 impl BusContext {
     /// An outage was reported and the consumer has not been replaced yet.
     fn outage_pending(&self) -> bool {
         self.brokers_down.load(Ordering::Relaxed)
+    }
+
+    /// Marks the consumer as out of its group until it is replaced; true the first time.
+    fn park(&self) -> bool {
+        !self.parked.swap(true, Ordering::Relaxed)
     }
 
     /// Makes `tracker` forget the partitions revoked since the last call. Called before each
@@ -583,15 +616,16 @@ async fn fresh_consumer(settings: &BusSettings) -> Result<BusConsumer, String> {
 }
 
 /// Whether to replace the consumer now: an outage was reported (`brokers_down`) and the last
-/// replacement, if any, was at least REPLACE_INTERVAL ago. The report is taken only then: one
+/// replacement, if any, was at least `interval` ago. The report is taken only then: one
 /// that comes sooner waits for its turn instead of being lost (librdkafka reports an outage
 /// once, so a broker that flaps would otherwise leave the consumer at its old positions).
 fn take_replacement(
     brokers_down: &AtomicBool,
     replaced: Option<std::time::Instant>,
     now: std::time::Instant,
+    interval: Duration,
 ) -> bool {
-    replaced.is_none_or(|t| now.saturating_duration_since(t) >= REPLACE_INTERVAL)
+    replaced.is_none_or(|t| now.saturating_duration_since(t) >= interval)
         && brokers_down.swap(false, Ordering::Relaxed)
 }
 
@@ -605,8 +639,12 @@ fn take_replacement(
 ///
 /// True when it was replaced. When the fresh one cannot be created, the old one is kept (the
 /// worker goes on rather than dying with its requests in flight) and the outage stays
-/// pending: the replacement is tried again after REPLACE_INTERVAL.
-fn replace_consumer(consumer: &mut BusConsumer, fresh: Result<BusConsumer, String>) -> bool {
+/// pending: the replacement is tried again after `interval`.
+fn replace_consumer(
+    consumer: &mut BusConsumer,
+    fresh: Result<BusConsumer, String>,
+    interval: Duration,
+) -> bool {
     match fresh {
         Ok(fresh) => {
             let old = std::mem::replace(consumer, fresh);
@@ -620,7 +658,7 @@ fn replace_consumer(consumer: &mut BusConsumer, fresh: Result<BusConsumer, Strin
         Err(e) => {
             tracing::error!(
                 "all brokers down, and a fresh bus consumer cannot be created ({e}); keeping \
-                 the current one and trying again in {REPLACE_INTERVAL:?}"
+                 the current one and trying again in {interval:?}"
             );
             consumer
                 .context()
@@ -1204,6 +1242,9 @@ fn too_large(outgoing: &Outgoing, bytes: usize) -> Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replacement interval for the tests (the default is shorter).
+    const INTERVAL: Duration = Duration::from_secs(30);
     use bus_protocol::FailedPayload;
     use chrono::{TimeZone, Utc};
 
@@ -1220,6 +1261,7 @@ mod tests {
             concurrency: 8,
             sql_writes: false,
             session_timeout: Duration::from_secs(10),
+            replace_interval: INTERVAL,
             service: "db-svc".into(),
             default_timeout: None,
         };
@@ -1273,31 +1315,42 @@ mod tests {
     fn an_outage_refused_by_the_rate_limit_replaces_the_consumer_once_it_allows() {
         let start = std::time::Instant::now();
         let down = AtomicBool::new(true);
-        assert!(take_replacement(&down, None, start), "the first outage");
+        assert!(
+            take_replacement(&down, None, start, INTERVAL),
+            "the first outage"
+        );
         // The broker flaps: down again 10 s after that replacement (reported once).
         down.store(true, Ordering::Relaxed);
         let replaced = Some(start);
         assert!(!take_replacement(
             &down,
             replaced,
-            start + Duration::from_secs(10)
+            start + Duration::from_secs(10),
+            INTERVAL
         ));
         assert!(!take_replacement(
             &down,
             replaced,
-            start + Duration::from_secs(29)
+            start + Duration::from_secs(29),
+            INTERVAL
         ));
         // Past the interval, without another report: the outage is still to be acted on.
-        assert!(take_replacement(&down, replaced, start + REPLACE_INTERVAL));
+        assert!(take_replacement(
+            &down,
+            replaced,
+            start + INTERVAL,
+            INTERVAL
+        ));
         assert!(
-            !take_replacement(&down, replaced, start + REPLACE_INTERVAL),
+            !take_replacement(&down, replaced, start + INTERVAL, INTERVAL),
             "once per report"
         );
         // No outage reported: never.
         assert!(!take_replacement(
             &down,
             None,
-            start + Duration::from_secs(100)
+            start + Duration::from_secs(100),
+            INTERVAL
         ));
     }
 
@@ -1430,6 +1483,7 @@ mod tests {
             concurrency: 1,
             sql_writes: false,
             session_timeout: Duration::from_secs(10),
+            replace_interval: INTERVAL,
             service: "db-svc".into(),
             default_timeout: None,
         };
@@ -1437,9 +1491,13 @@ mod tests {
         consumer.context().assigned.store(true, Ordering::Relaxed);
         let (down, now) = (&consumer.context().brokers_down, std::time::Instant::now());
         down.store(true, Ordering::Relaxed);
-        assert!(take_replacement(down, None, now));
+        assert!(take_replacement(down, None, now, INTERVAL));
         let kept: *const BusContext = consumer.context().as_ref();
-        assert!(!replace_consumer(&mut consumer, Err("no client".into())));
+        assert!(!replace_consumer(
+            &mut consumer,
+            Err("no client".into()),
+            INTERVAL
+        ));
         assert!(
             std::ptr::eq(kept, consumer.context().as_ref()),
             "the old one kept"
@@ -1449,10 +1507,15 @@ mod tests {
         assert!(!take_replacement(
             down,
             Some(now),
-            now + Duration::from_secs(1)
+            now + Duration::from_secs(1),
+            INTERVAL
         ));
-        assert!(take_replacement(down, Some(now), now + REPLACE_INTERVAL));
-        assert!(replace_consumer(&mut consumer, subscribe(&settings)));
+        assert!(take_replacement(down, Some(now), now + INTERVAL, INTERVAL));
+        assert!(replace_consumer(
+            &mut consumer,
+            subscribe(&settings),
+            INTERVAL
+        ));
         assert!(!std::ptr::eq(kept, consumer.context().as_ref()), "replaced");
     }
 
@@ -1537,6 +1600,7 @@ mod tests {
             concurrency: 1,
             sql_writes: true,
             session_timeout: Duration::from_secs(10),
+            replace_interval: INTERVAL,
             service: "db-svc".into(),
             default_timeout: None,
         };
