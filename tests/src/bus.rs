@@ -176,9 +176,19 @@ impl Tap {
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
             .create()?;
+        // Every partition the broker has, not only the PARTITIONS the test made: after a
+        // broker restart db-svc's producer may have had a reply topic auto-created first,
+        // with the broker's default count (tansu: 4), and a reply on partition 3 would go
+        // unseen.
         let mut tpl = TopicPartitionList::new();
         for topic in topics {
-            for p in 0..PARTITIONS {
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            let partitions = metadata
+                .topics()
+                .first()
+                .map_or(0, |t| t.partitions().len() as i32)
+                .max(PARTITIONS);
+            for p in 0..partitions {
                 tpl.add_partition_offset(topic, p, Offset::Beginning)?;
             }
         }

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use omnibus_tests::TestDatabase;
 use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce_on, start_db_svc};
 use omnibus_tests::consumer::PrivateBroker;
+use omnibus_tests::{ServiceProcess, TestDatabase};
 use serde_json::json;
 
 /// Sends one OmniClaude INSERT over the bus and returns the reply's event type (an error when
@@ -44,50 +44,61 @@ async fn insert_over_bus(
         .to_string())
 }
 
-#[tokio::test]
-async fn bus_worker_answers_after_the_broker_restarts_empty() {
-    let mut broker = PrivateBroker::start().await.unwrap();
+/// A private broker, a database, the bus topics and db-svc on them (with `extra` flags).
+struct Setup {
+    broker: PrivateBroker,
+    db: TestDatabase,
+    topics: BusTopics,
+    svc: ServiceProcess,
+}
+
+async fn setup(extra: &[&str]) -> Setup {
+    let broker = PrivateBroker::start().await.unwrap();
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create_on(&broker.addr()).await.unwrap();
-    let mut svc = start_db_svc(
-        &db,
-        &topics,
-        &format!("g-{}", uuid::Uuid::new_v4().simple()),
-        &[],
-    )
-    .await
-    .unwrap();
-    let reply = insert_over_bus(&topics, "before", Duration::from_secs(30)).await;
+    let group = format!("g-{}", uuid::Uuid::new_v4().simple());
+    let svc = start_db_svc(&db, &topics, &group, extra).await.unwrap();
+    Setup {
+        broker,
+        db,
+        topics,
+        svc,
+    }
+}
+
+/// Sends one insert over the bus (tagged `agent`) and expects it answered COMPLETED within
+/// `timeout`.
+async fn answered(s: &mut Setup, agent: &str, timeout: Duration) {
+    let reply = insert_over_bus(&s.topics, agent, timeout).await;
     assert_eq!(
         reply.as_deref().ok(),
         Some("DATABASE_QUERY_COMPLETED"),
         "{reply:?}; db-svc log:\n{}",
-        svc.logs()
+        s.svc.logs()
     );
+}
 
-    broker.restart().await.unwrap();
-    topics.recreate().await.unwrap();
+/// Restarts the broker empty and creates the topics again.
+async fn restart_empty(s: &mut Setup) {
+    s.broker.restart().await.unwrap();
+    s.topics.recreate().await.unwrap();
+}
+
+#[tokio::test]
+async fn bus_worker_answers_after_the_broker_restarts_empty() {
+    let mut s = setup(&[]).await;
+    answered(&mut s, "before", Duration::from_secs(30)).await;
+
+    restart_empty(&mut s).await;
     // The group must be formed again on the empty broker: allow it time, then expect every
     // request to be answered.
-    let reply = insert_over_bus(&topics, "after", Duration::from_secs(90)).await;
-    assert_eq!(
-        reply.as_deref().ok(),
-        Some("DATABASE_QUERY_COMPLETED"),
-        "{reply:?}; db-svc log:\n{}",
-        svc.logs()
-    );
+    answered(&mut s, "after", Duration::from_secs(90)).await;
     for _ in 0..3 {
-        let reply = insert_over_bus(&topics, "after", Duration::from_secs(30)).await;
-        assert_eq!(
-            reply.as_deref().ok(),
-            Some("DATABASE_QUERY_COMPLETED"),
-            "{reply:?}; db-svc log:\n{}",
-            svc.logs()
-        );
+        answered(&mut s, "after", Duration::from_secs(30)).await;
     }
-    assert!(svc.is_running(), "db-svc exited:\n{}", svc.logs());
+    assert!(s.svc.is_running(), "db-svc exited:\n{}", s.svc.logs());
 
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&s.db.url)
         .await
         .unwrap();
     let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -110,44 +121,14 @@ async fn bus_worker_answers_after_the_broker_restarts_empty() {
 /// `scripts/stress-broker-restarts db`). Every request after the restarts is answered.
 #[tokio::test]
 async fn bus_worker_answers_after_two_quick_restarts() {
-    let mut broker = PrivateBroker::start().await.unwrap();
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create_on(&broker.addr()).await.unwrap();
-    let mut svc = start_db_svc(
-        &db,
-        &topics,
-        &format!("g-{}", uuid::Uuid::new_v4().simple()),
-        &["--bus-replace-interval", "15s"],
-    )
-    .await
-    .unwrap();
-    let reply = insert_over_bus(&topics, "first", Duration::from_secs(30)).await;
-    assert_eq!(
-        reply.as_deref().ok(),
-        Some("DATABASE_QUERY_COMPLETED"),
-        "{reply:?}"
-    );
-
-    broker.restart().await.unwrap();
-    topics.recreate().await.unwrap();
-    let reply = insert_over_bus(&topics, "second", Duration::from_secs(90)).await;
-    assert_eq!(
-        reply.as_deref().ok(),
-        Some("DATABASE_QUERY_COMPLETED"),
-        "{reply:?}; db-svc log:\n{}",
-        svc.logs()
-    );
+    let mut s = setup(&["--bus-replace-interval", "15s"]).await;
+    answered(&mut s, "first", Duration::from_secs(30)).await;
+    restart_empty(&mut s).await;
+    answered(&mut s, "second", Duration::from_secs(90)).await;
     // At once: the consumer that answered is the one that replaced the first outage's.
-    broker.restart().await.unwrap();
-    topics.recreate().await.unwrap();
+    restart_empty(&mut s).await;
     for _ in 0..2 {
-        let reply = insert_over_bus(&topics, "third", Duration::from_secs(90)).await;
-        assert_eq!(
-            reply.as_deref().ok(),
-            Some("DATABASE_QUERY_COMPLETED"),
-            "{reply:?}; db-svc log:\n{}",
-            svc.logs()
-        );
+        answered(&mut s, "third", Duration::from_secs(90)).await;
     }
-    assert!(svc.is_running(), "db-svc exited:\n{}", svc.logs());
+    assert!(s.svc.is_running(), "db-svc exited:\n{}", s.svc.logs());
 }
