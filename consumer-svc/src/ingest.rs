@@ -430,7 +430,7 @@ fn new_client(
         topics: cfg.topics.clone(),
         status: sinks.status.clone(),
         brokers_down: brokers_down.clone(),
-        error_log: Default::default(),
+        error_log: svc_kit::kafka::ClientErrorLog::new("consumer-svc ingest"),
     };
     consumer_config(&cfg.brokers, svc_kit::kafka::settings()).create_with_context(context)
 }

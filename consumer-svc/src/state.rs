@@ -748,16 +748,6 @@ impl State {
         self.performance.newest()
     }
 
-    /// Approximate heap bytes held (for the status and the memory benchmark's sanity).
-    pub fn buffer_lens(&self) -> [usize; 4] {
-        [
-            self.actions.items.len(),
-            self.decisions.items.len(),
-            self.transformations.items.len(),
-            self.performance.items.len(),
-        ]
-    }
-
     /// What each recent buffer holds, by name (for the metrics).
     pub fn buffer_usage(&self) -> [(&'static str, BufferUsage); 4] {
         [

@@ -55,28 +55,91 @@ pub fn apply_these<'c>(
 /// librdkafka repeats an error for as long as its cause lasts (`AllBrokersDown` after every
 /// failed reconnect, and again from every poll: 10-20 lines a second through a broker
 /// outage), which would bury everything else in the log. The next line logged says how many
-/// were left out (`unlogged_before`).
+/// were left out (`unlogged_before`); `client` says whose they are.
 #[derive(Debug)]
-pub struct ClientErrorLog(LogBudget);
-
-impl Default for ClientErrorLog {
-    fn default() -> Self {
-        Self(LogBudget::new(5, Duration::from_secs(10)))
-    }
+pub struct ClientErrorLog {
+    budget: LogBudget,
+    client: &'static str,
 }
 
 impl ClientErrorLog {
+    pub const fn new(client: &'static str) -> Self {
+        Self {
+            budget: LogBudget::new(5, Duration::from_secs(10)),
+            client,
+        }
+    }
+
     /// What the client's error callback (`ClientContext::error`) reports.
     pub fn error(&self, error: &rdkafka::error::KafkaError, reason: &str) {
-        if let Some(unlogged) = self.0.may_log(Instant::now()) {
-            tracing::error!(unlogged_before = unlogged, "librdkafka: {error}: {reason}");
+        if let Some(unlogged) = self.budget.may_log(Instant::now()) {
+            tracing::error!(
+                client = self.client,
+                unlogged_before = unlogged,
+                "librdkafka: {error}: {reason}"
+            );
         }
     }
 
     /// An error a poll returned instead of a message.
-    pub fn poll_error(&self, what: &str, error: &rdkafka::error::KafkaError) {
-        if let Some(unlogged) = self.0.may_log(Instant::now()) {
-            tracing::warn!(unlogged_before = unlogged, "{what}: {error}");
+    pub fn poll_error(&self, error: &rdkafka::error::KafkaError) {
+        if let Some(unlogged) = self.budget.may_log(Instant::now()) {
+            tracing::warn!(
+                client = self.client,
+                unlogged_before = unlogged,
+                "poll: {error}"
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    use super::ClientErrorLog;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An outage's flood of `AllBrokersDown` (and of poll errors) comes out as 5 lines per
+    /// window, naming the client.
+    #[test]
+    fn a_clients_repeated_errors_are_logged_five_times_per_window() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let log = ClientErrorLog::new("test consumer");
+        let down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..50 {
+                log.error(&down, "1/1 brokers are down");
+                log.poll_error(&down);
+            }
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(
+            lines.iter().all(|l| l.contains("client=\"test consumer\"")),
+            "{text}"
+        );
     }
 }

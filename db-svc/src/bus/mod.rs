@@ -397,7 +397,7 @@ pub async fn run(
                         m = consumer.recv() => match m {
                             Ok(m) => break Some(m.detach()),
                             Err(e) => {
-                                consumer.context().error_log.poll_error("bus consumer", &e);
+                                consumer.context().error_log.poll_error(&e);
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                             }
                         },
@@ -462,7 +462,6 @@ pub async fn run(
 /// Flags librdkafka's "all brokers down" for the worker loop, and collects the partitions a
 /// rebalance takes away, which the loop stops committing ([`CommitTracker::forget`]). One per
 /// consumer: a replaced one's reports (while it closes) do not count for its successor.
-#[derive(Default)]
 pub struct BusContext {
     /// Every broker went down after this consumer had been assigned partitions: it may come
     /// back to a log that is gone at positions it holds, so it is to be replaced. Set until
@@ -476,6 +475,18 @@ pub struct BusContext {
     error_log: svc_kit::kafka::ClientErrorLog,
     /// Whether the consumer left its group to wait for its replacement.
     parked: AtomicBool,
+}
+
+impl Default for BusContext {
+    fn default() -> Self {
+        Self {
+            brokers_down: AtomicBool::new(false),
+            assigned: AtomicBool::new(false),
+            revoked: parking_lot::Mutex::default(),
+            error_log: svc_kit::kafka::ClientErrorLog::new("db-svc bus consumer"),
+            parked: AtomicBool::new(false),
+        }
+    }
 }
 
 impl BusContext {
