@@ -115,6 +115,15 @@ pub async fn start_db_svc(
     Ok(svc)
 }
 
+/// A database, fresh bus topics on the shared broker and db-svc serving them in a group of
+/// its own: the setup most bus tests start from.
+pub async fn start_bus_worker() -> Result<(TestDatabase, BusTopics, ServiceProcess)> {
+    let db = TestDatabase::create().await?;
+    let topics = BusTopics::create().await?;
+    let svc = start_db_svc(&db, &topics, &fresh_group(), &[]).await?;
+    Ok((db, topics, svc))
+}
+
 /// Produces `payload` to `topic` as a Python client would: gzip, acks=all, optional key.
 pub async fn produce(
     topic: &str,

@@ -9,7 +9,7 @@ use omnibus_client::db::{DbClient, Via, WriteMode};
 use omnibus_proto::db::v1 as pb;
 use omnibus_tests::bus::{
     BusTopics, Tap, committed_total, count_rows, fresh_group, omniclaude_envelope, produce,
-    start_db_svc,
+    start_bus_worker, start_db_svc,
 };
 use omnibus_tests::db::to_struct;
 use omnibus_tests::{ServiceSpec, TestDatabase};
@@ -46,11 +46,7 @@ async fn grpc_only_db_svc(db: &TestDatabase) -> omnibus_tests::ServiceProcess {
 async fn bus_first(
     reply_timeout: Duration,
 ) -> (TestDatabase, omnibus_tests::ServiceProcess, DbClient) {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, svc) = start_bus_worker().await.unwrap();
     let bus = Arc::new(
         BusPublisher::connect(topics.client_config(reply_timeout))
             .await
@@ -62,11 +58,7 @@ async fn bus_first(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structured_operations_round_trip_over_the_bus() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, _svc) = start_bus_worker().await.unwrap();
     let bus = BusPublisher::connect(topics.client_config(REPLY))
         .await
         .unwrap();
@@ -264,11 +256,7 @@ async fn an_omniclaude_query_page_is_cut_while_reading() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omniclaude_envelopes_get_the_replies_that_client_expects() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, _svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
 
@@ -372,11 +360,7 @@ async fn omniclaude_envelopes_get_the_replies_that_client_expects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_failed_replies_or_dead_letters() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, _svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
 
@@ -862,11 +846,7 @@ async fn two_replicas_answer_every_request_exactly_once() {
 /// db-svc handles it in a span of that trace, and the reply carries it back (a new span).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_id_travels_from_the_client_through_the_bus_to_the_reply() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (_db, topics, svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.request, &t.completed]).unwrap();
     let bus = BusPublisher::connect(topics.client_config(FIRST_REPLY))
@@ -932,11 +912,7 @@ async fn trace_id_travels_from_the_client_through_the_bus_to_the_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_too_large_for_the_bus_fails_and_the_worker_goes_on() {
     use sqlx::Connection;
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, _svc) = start_bus_worker().await.unwrap();
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
     // ~2.5 MB of rows, carried twice in a reply (rows and response).
     omnibus_tests::db::insert_padded_actions(&mut conn, "big", 300, 5000).await;
@@ -1185,11 +1161,7 @@ async fn a_request_no_reply_can_carry_is_committed_not_retried_forever() {
 /// replayed; only a write never applied is refused as TIMEOUT, with nothing written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_redelivery_of_an_applied_write_is_replayed_not_timed_out() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed, &t.dead_letter]).unwrap();
     // `request_id` differs from the correlation id and is spelled as protobuf's JSON writes it
@@ -1258,11 +1230,7 @@ async fn a_late_redelivery_of_an_applied_write_is_replayed_not_timed_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_applied_write_whose_deadline_passes_during_its_attempt_is_replayed() {
     use sqlx::Connection;
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     // Warm-up: the worker has joined its group, so the request below starts at once.

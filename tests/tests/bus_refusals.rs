@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use omnibus_tests::bus::{
     BusTopics, Tap, committed_total, count_rows, fresh_group, omniclaude_envelope, produce,
-    start_db_svc,
+    start_bus_worker,
 };
 use omnibus_tests::{ServiceSpec, TestDatabase};
 use serde_json::{Value, json};
@@ -133,11 +133,7 @@ async fn replies_the_broker_refuses_for_good_are_committed_not_retried_forever()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_commits() {
     use sqlx::Connection;
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, _svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -260,11 +256,7 @@ fn assert_refused_before_commit(reply: &omnibus_tests::bus::Received, failed_top
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_structured_write_returning_more_than_a_reply_carries_is_refused_before_it_commits() {
     use sqlx::Connection;
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
@@ -357,11 +349,7 @@ async fn a_structured_write_returning_more_than_a_reply_carries_is_refused_befor
 /// caller after it gave up and wrote directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_with_too_little_time_left_is_not_started() {
-    let db = TestDatabase::create().await.unwrap();
-    let topics = BusTopics::create().await.unwrap();
-    let _svc = start_db_svc(&db, &topics, &fresh_group(), &[])
-        .await
-        .unwrap();
+    let (db, topics, _svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     warm_up(&mut tap, &t.request).await;
