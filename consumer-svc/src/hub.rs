@@ -204,6 +204,17 @@ struct Inner {
     sweep_at: usize,
 }
 
+impl Inner {
+    /// Drops the ring's oldest update, and its bytes from the total; false if it was empty.
+    fn pop_oldest(&mut self) -> bool {
+        let Some(old) = self.ring.pop_front() else {
+            return false;
+        };
+        self.ring_bytes -= old.bytes;
+        true
+    }
+}
+
 struct Route {
     tx: broadcast::Sender<Chunk>,
     /// Updates sent on this route so far (the channel number of the last one).
@@ -427,18 +438,15 @@ impl Hub {
                 route(&mut inner.routes, &update);
             }
             if limits.ring > 0 {
-                if inner.ring.len() == limits.ring
-                    && let Some(old) = inner.ring.pop_front()
-                {
-                    inner.ring_bytes -= old.bytes;
+                if inner.ring.len() == limits.ring {
+                    inner.pop_oldest();
                 }
                 inner.ring_bytes += update.bytes;
                 inner.ring.push_back(update.clone());
-                while inner.ring_bytes > limits.ring_bytes && inner.ring.len() > 1 {
-                    let Some(old) = inner.ring.pop_front() else {
-                        break;
-                    };
-                    inner.ring_bytes -= old.bytes;
+                while inner.ring_bytes > limits.ring_bytes
+                    && inner.ring.len() > 1
+                    && inner.pop_oldest()
+                {
                     inner.ring_evicted_for_bytes += 1;
                 }
             }

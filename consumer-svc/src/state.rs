@@ -463,16 +463,13 @@ impl<T: Timed> Recent<T> {
         }
         self.items.insert(pos, item.clone());
         self.bytes += item.heap_size();
-        if self.items.len() > self.cap
-            && let Some(oldest) = self.items.pop_front()
-        {
-            self.bytes -= oldest.heap_size();
+        if self.items.len() > self.cap {
+            self.pop_oldest();
         }
         while self.bytes > self.max_bytes && self.items.len() > 1 {
-            let Some(oldest) = self.items.pop_front() else {
+            let Some(oldest) = self.pop_oldest() else {
                 break;
             };
-            self.bytes -= oldest.heap_size();
             self.evicted_for_bytes += 1;
             let (time, id) = oldest.key();
             // The allocation is reused: no allocation per eviction once it fits the ids.
@@ -485,10 +482,15 @@ impl<T: Timed> Recent<T> {
 
     fn prune(&mut self, cutoff: Micros) {
         while self.items.front().is_some_and(|f| f.key().0 < cutoff) {
-            if let Some(oldest) = self.items.pop_front() {
-                self.bytes -= oldest.heap_size();
-            }
+            self.pop_oldest();
         }
+    }
+
+    /// Removes the oldest item, and its bytes from the total.
+    fn pop_oldest(&mut self) -> Option<Arc<T>> {
+        let oldest = self.items.pop_front()?;
+        self.bytes -= oldest.heap_size();
+        Some(oldest)
     }
 
     /// Newest first.
