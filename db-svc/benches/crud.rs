@@ -13,7 +13,8 @@
 //! BENCH_CLIENTS (e.g. 16); BENCH_SIDE=svc or direct measures one side only;
 //! BENCH_COALESCE_INSERTS sets db-svc's `--coalesce-inserts` (0 = every insert alone);
 //! BENCH_METRICS_LISTEN (e.g. 127.0.0.1:9901) serves db-svc's Prometheus metrics during the run;
-//! BENCH_PLAIN_CHANNELS=1 connects with plain tonic endpoints instead of the Rust client's.
+//! BENCH_PLAIN_CHANNELS=1 connects with plain tonic endpoints instead of the Rust client's;
+//! BENCH_SVC_ARGS adds db-svc flags (whitespace-separated), for A/B runs of a setting.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -463,13 +464,16 @@ async fn run(url: &str, duration: Duration, warmup: Duration) -> anyhow::Result<
     if let Some(n) = &coalesce_queries {
         args.extend(["--coalesce-queries", n.as_str()]);
     }
+    // Any other db-svc flags, for A/B runs of a setting (e.g. "--db-ping-after-idle 0s").
+    let extra = std::env::var("BENCH_SVC_ARGS").unwrap_or_default();
+    args.extend(extra.split_whitespace());
     // db-svc's Prometheus endpoint, to watch it during a run (e.g. the shared statements' sizes).
     let metrics_listen = std::env::var("BENCH_METRICS_LISTEN").ok();
     if let Some(addr) = &metrics_listen {
         args.extend(["--metrics-listen", addr.as_str()]);
     }
     eprintln!(
-        "db-svc --coalesce-inserts {} --coalesce-queries {}",
+        "db-svc --coalesce-inserts {} --coalesce-queries {} {extra}",
         coalesce.as_deref().unwrap_or("(default)"),
         coalesce_queries.as_deref().unwrap_or("(default)")
     );

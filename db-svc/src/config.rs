@@ -50,6 +50,11 @@ pub struct Config {
     #[arg(long, env = "DB_ACQUIRE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     pub db_acquire_timeout: Duration,
 
+    /// A pooled connection idle for at least this long is checked with a round trip before
+    /// it is handed out; one in steady use is not (0s: check on every acquire).
+    #[arg(long, env = "DB_PING_AFTER_IDLE", value_parser = parse_duration, default_value = "1s")]
+    pub db_ping_after_idle: Duration,
+
     /// Tables db-svc serves (comma-separated); their columns are read from PostgreSQL.
     #[arg(
         long,
@@ -140,6 +145,7 @@ pub struct Settings {
     pub database_display: String,
     pub db_max_connections: u32,
     pub db_acquire_timeout: Duration,
+    pub db_ping_after_idle: Duration,
     pub tables: Vec<String>,
     pub migrate: bool,
     pub query_max_limit: u64,
@@ -239,6 +245,7 @@ impl Config {
             database_display,
             db_max_connections: self.db_max_connections,
             db_acquire_timeout: self.db_acquire_timeout,
+            db_ping_after_idle: self.db_ping_after_idle,
             tables,
             migrate: self.migrate,
             query_max_limit: self.query_max_limit,

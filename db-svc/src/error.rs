@@ -73,6 +73,11 @@ pub enum DbError {
     /// PostgreSQL cannot be reached (or no pooled connection became free in time).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The connection a statement ran on broke or was ended by the server (a restart, an
+    /// administrator, a proxy): UNAVAILABLE like [`DbError::Unavailable`], but a read that
+    /// meets it is worth one more try on another connection.
+    #[error("database connection lost: {0}")]
+    ConnectionLost(String),
     /// PostgreSQL ran out of something the statement needs (memory, disk, its temp file
     /// limit): trying the same statement again at once would fail again.
     #[error("database resources exhausted: {0}")]
@@ -128,7 +133,7 @@ impl DbError {
             Self::PermissionDenied(_) => "PERMISSION_DENIED",
             Self::Timeout(_) => "TIMEOUT",
             Self::Retryable(_) => "RETRYABLE",
-            Self::Unavailable(_) => "DATABASE_UNAVAILABLE",
+            Self::Unavailable(_) | Self::ConnectionLost(_) => "DATABASE_UNAVAILABLE",
             Self::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
             Self::Unrepresentable { .. } => "UNREPRESENTABLE_VALUE",
             Self::Database(_) => "DATABASE_OPERATION_FAILED",
@@ -150,7 +155,7 @@ impl DbError {
             Self::WriteNotAllowed(_) | Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::Timeout(_) => Code::DeadlineExceeded,
             Self::Retryable(_) => Code::Aborted,
-            Self::Unavailable(_) => Code::Unavailable,
+            Self::Unavailable(_) | Self::ConnectionLost(_) => Code::Unavailable,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Database(_) => Code::Internal,
         }
@@ -257,7 +262,7 @@ impl From<sqlx::Error> for DbError {
         use sqlx::Error as E;
         match err {
             E::Database(db) => from_database_error(db.as_ref()),
-            E::Io(e) => Self::Unavailable(e.to_string()),
+            E::Io(e) => Self::ConnectionLost(e.to_string()),
             E::Tls(e) => Self::Unavailable(e.to_string()),
             E::PoolTimedOut => {
                 Self::Unavailable("no database connection became available in time".into())
@@ -309,6 +314,8 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         "0A000" if is_stale_plan(&message) => DbError::SchemaChanged(message),
         // Too many connections is PostgreSQL being busy; the rest of class 53 (out of memory,
         // disk full, a configured limit such as temp_file_limit) is this statement's size.
+        // The session was ended (administrator command, shutdown) or its connection failed.
+        "57P01" | "57P02" | "08000" | "08003" | "08006" => DbError::ConnectionLost(message),
         c if c.starts_with("08") || c == "53300" || c.starts_with("57P") => {
             DbError::Unavailable(message)
         }

@@ -363,23 +363,40 @@ impl Executor {
         Ok(())
     }
 
-    /// Runs `attempt`, and once more when it failed on a table that changed after its catalog
-    /// was read (a column dropped, renamed or retyped: PostgreSQL no longer knows a name or
-    /// type the statement took from the catalog). The failed attempt changed nothing (its
-    /// transaction rolled back); the table has been read again meanwhile.
-    async fn once_more_if_changed<T, F: Future<Output = Result<T, DbError>>>(
+    /// Runs `attempt`, and once more when it failed
+    /// - on a table that changed after its catalog was read (a column dropped, renamed or
+    ///   retyped: PostgreSQL no longer knows a name or type the statement took from the
+    ///   catalog). The failed attempt changed nothing (its transaction rolled back); the table
+    ///   has been read again meanwhile;
+    /// - for a read (`is_read`), on a connection that turned out broken or ended by the
+    ///   server. Pooled connections in steady use are not pinged before use (see
+    ///   [`crate::liveness`]), so after a server restart each of them fails once. A read has
+    ///   no effect, so it goes again, on a connection checked first; a write is answered
+    ///   UNAVAILABLE (it may have been applied: only the caller's request id can tell).
+    async fn once_more_if_worth_it<T, F: Future<Output = Result<T, DbError>>>(
         &self,
         table: &str,
+        is_read: bool,
         attempt: impl Fn() -> F,
     ) -> Result<T, DbError> {
         let result = attempt().await;
-        if let Err(DbError::SchemaChanged(message)) = &result
-            && reread_changed_table(&self.catalog, &self.pool, table, message).await
-        {
-            tracing::info!(table, "table changed since its catalog was read; retrying");
-            return attempt().await;
+        match &result {
+            Err(DbError::SchemaChanged(message))
+                if reread_changed_table(&self.catalog, &self.pool, table, message).await =>
+            {
+                tracing::info!(table, "table changed since its catalog was read; retrying");
+                attempt().await
+            }
+            Err(DbError::ConnectionLost(message)) => {
+                crate::liveness::mark_lost();
+                if !is_read {
+                    return result;
+                }
+                tracing::info!(table, error = %message, "connection lost; retrying the read");
+                attempt().await
+            }
+            _ => result,
         }
-        result
     }
 
     async fn table_for(
@@ -398,7 +415,8 @@ impl Executor {
         let result = match op {
             Operation::Raw(_) => self.execute_op(&op, ctx).await,
             _ => {
-                self.once_more_if_changed(op.table(), || self.execute_op(&op, ctx))
+                let is_read = matches!(op, Operation::Query(_) | Operation::Count(_));
+                self.once_more_if_worth_it(op.table(), is_read, || self.execute_op(&op, ctx))
                     .await
             }
         };
@@ -561,7 +579,7 @@ impl Executor {
     ) -> Result<(EncodedRows, Option<u64>), DbError> {
         let started = Instant::now();
         let result = self
-            .once_more_if_changed(&spec.table, || async {
+            .once_more_if_worth_it(&spec.table, true, || async {
                 let table = self
                     .table(&spec.table, &ops::query_columns(&spec), ctx.time_left())
                     .await?;

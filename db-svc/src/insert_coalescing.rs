@@ -145,7 +145,7 @@ impl InsertCoalescer {
             // Every insert would fail alike. (Not a timeout: most likely one row waited on
             // another transaction's lock; alone, the others go through and only that one
             // waits again.)
-            Err(Shared::Refused(e @ DbError::Unavailable(_))) => {
+            Err(Shared::Refused(e @ (DbError::Unavailable(_) | DbError::ConnectionLost(_)))) => {
                 for waiter in batch {
                     let _ = waiter.reply.send(Err(e.clone()));
                 }

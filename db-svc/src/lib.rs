@@ -15,6 +15,7 @@ pub mod error;
 pub mod executor;
 pub mod fingerprint;
 pub mod insert_coalescing;
+pub mod liveness;
 pub mod ops;
 pub mod pg_numeric;
 pub mod query_coalescing;
@@ -61,6 +62,7 @@ pub fn pool(settings: &Settings) -> PgPool {
         options,
         settings.db_max_connections,
         settings.db_acquire_timeout,
+        settings.db_ping_after_idle,
     )
 }
 
@@ -80,6 +82,8 @@ pub fn raw_pool(pool: &PgPool) -> PgPool {
         options,
         (pool_options.get_max_connections() / 4).max(1),
         pool_options.get_acquire_timeout(),
+        // Raw SQL is not the hot path: its connections are checked on every acquire.
+        std::time::Duration::ZERO,
     )
 }
 
@@ -87,14 +91,29 @@ fn pool_of(
     options: sqlx::postgres::PgConnectOptions,
     max: u32,
     acquire_timeout: std::time::Duration,
+    ping_after_idle: std::time::Duration,
 ) -> PgPool {
     // Connections whose prepared statements predate a schema change are retired (see
     // `stale_plans`); one atomic load per acquire and release otherwise.
+    // Liveness: a connection is pinged before use only when `liveness` says so.
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(acquire_timeout)
-        .before_acquire(|_, meta| {
-            Box::pin(async move { Ok(!stale_plans::predates_change(meta.age)) })
+        .test_before_acquire(false)
+        .before_acquire(move |conn, meta| {
+            Box::pin(async move {
+                if stale_plans::predates_change(meta.age) {
+                    return Ok(false);
+                }
+                // A connection that fails its ping is closed; the pool hands out another.
+                if liveness::needs_ping(meta.idle_for, ping_after_idle)
+                    && let Err(e) = sqlx::Connection::ping(conn).await
+                {
+                    tracing::debug!(error = %e, "pooled connection failed its ping");
+                    return Ok(false);
+                }
+                Ok(true)
+            })
         })
         .after_release(|_, meta| {
             Box::pin(async move { Ok(!stale_plans::predates_change(meta.age)) })

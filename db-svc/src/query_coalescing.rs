@@ -182,7 +182,7 @@ impl QueryCoalescer {
             Ok(()) => {}
             // Every query still waiting would fail alike. (A timeout is not such a failure: the
             // statement timeout bounded the whole batch, while each query alone gets all of it.)
-            Err(e @ DbError::Unavailable(_)) => {
+            Err(e @ (DbError::Unavailable(_) | DbError::ConnectionLost(_))) => {
                 for waiter in waiting {
                     let _ = waiter.reply.send(Err(e.clone()));
                 }

@@ -1297,3 +1297,63 @@ async fn a_write_to_a_read_only_database_is_unavailable() {
         .into_inner();
     assert_eq!(reply.count, 0);
 }
+
+/// Pooled connections in steady use are not pinged before use (`--db-ping-after-idle`, here
+/// so long that only a loss triggers a ping). When the server ends db-svc's sessions, the
+/// next read meets a broken connection: it is retried, on a connection checked first, so no
+/// read fails, although every pooled connection is broken.
+#[tokio::test]
+async fn reads_survive_sessions_ended_by_the_server() {
+    let s = DbSvc::start(&["--db-ping-after-idle", "1h"]).await;
+    let client = s.client.clone();
+    let rows = (0..5).map(|i| action(&format!("alive-{i}"))).collect();
+    client
+        .clone()
+        .insert(insert_req("agent_actions", rows))
+        .await
+        .unwrap();
+    let query = pb::QueryRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    };
+    // Several connections in the pool: concurrent queries with deadlines run alone, each in
+    // a transaction on a connection of its own.
+    let opened = (0..6).map(|_| {
+        let mut c = client.clone();
+        let q = query.clone();
+        async move { c.query(with_deadline(q, Duration::from_secs(30))).await }
+    });
+    for reply in futures::future::join_all(opened).await {
+        assert_eq!(reply.unwrap().into_inner().rows.len(), 5);
+    }
+    let mut conn = s.sql().await;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .bind(&s.db.name)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(ended.len() >= 2, "db-svc held {} sessions", ended.len());
+    // One read alone (shared-statement path), then several at once, then a count.
+    let reply = client.clone().query(query.clone()).await.unwrap();
+    assert_eq!(reply.into_inner().rows.len(), 5);
+    let again = (0..6).map(|_| {
+        let mut c = client.clone();
+        let q = query.clone();
+        async move { c.query(q).await }
+    });
+    for reply in futures::future::join_all(again).await {
+        assert_eq!(reply.unwrap().into_inner().rows.len(), 5);
+    }
+    let count = client
+        .clone()
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(count.into_inner().count, 5);
+}

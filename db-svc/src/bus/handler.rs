@@ -591,6 +591,7 @@ mod tests {
             DbError::Timeout("m".into()),
             DbError::Retryable("m".into()),
             DbError::Unavailable("m".into()),
+            DbError::ConnectionLost("m".into()),
             DbError::ResourceExhausted("m".into()),
             DbError::Unrepresentable {
                 column: "c".into(),
@@ -618,6 +619,7 @@ mod tests {
                 | DbError::Timeout(_)
                 | DbError::Retryable(_)
                 | DbError::Unavailable(_)
+                | DbError::ConnectionLost(_)
                 | DbError::ResourceExhausted(_)
                 | DbError::Unrepresentable { .. }
                 | DbError::SchemaChanged(_)
