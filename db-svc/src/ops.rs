@@ -543,6 +543,16 @@ fn write_filter(
                             ),
                         ));
                     }
+                    if let Json::String(pattern) = value
+                        && ends_with_escape(pattern)
+                    {
+                        // PostgreSQL refuses it with an error that names no field.
+                        return Err(DbError::field(
+                            &value_field,
+                            "a LIKE / ILIKE pattern cannot end with the escape character \\ \
+                             (write \\\\ for a literal backslash)",
+                        ));
+                    }
                     let p = scalar(value)?;
                     b.ident(&col.name);
                     if col.is_blank_padded() {
@@ -822,6 +832,12 @@ pub fn locate_not_null(err: DbError, op: &Operation, table: Option<&TableInfo>) 
         _ => None,
     };
     DbError::field(path.unwrap_or(column), message)
+}
+
+/// Whether a LIKE pattern ends with its escape character (a backslash) escaping nothing: an odd
+/// run of trailing backslashes.
+fn ends_with_escape(pattern: &str) -> bool {
+    pattern.bytes().rev().take_while(|&c| c == b'\\').count() % 2 == 1
 }
 
 /// `INSERT ... DEFAULT VALUES` writes exactly one row.
@@ -1610,6 +1626,25 @@ pub(crate) mod tests {
             "{}",
             plan.sql
         );
+    }
+
+    #[test]
+    fn a_like_pattern_ending_with_its_escape_character_is_a_field_error() {
+        let t = actions();
+        for pattern in ["abc\\", "\\", "a\\\\\\"] {
+            match plan_filter(&t, &cond("agent_name", Op::Like, json!(pattern))) {
+                Err(DbError::Validation(v)) => {
+                    assert!(v[0].field.ends_with("value"), "{pattern}: {v:?}")
+                }
+                other => panic!("{pattern}: {other:?}"),
+            }
+        }
+        for pattern in ["abc\\\\", "a\\%b", "%", ""] {
+            assert!(
+                plan_filter(&t, &cond("agent_name", Op::ILike, json!(pattern))).is_ok(),
+                "{pattern}"
+            );
+        }
     }
 
     #[test]
