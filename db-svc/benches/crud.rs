@@ -67,6 +67,8 @@ struct ActionRecord {
     action_details: Option<serde_json::Value>,
     debug_mode: Option<bool>,
     duration_ms: Option<i32>,
+    // As a Rust caller would read db-svc's timestamps (`omnibus_proto::timestamp`).
+    #[serde(default, with = "omnibus_proto::timestamp::option")]
     created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 

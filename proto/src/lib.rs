@@ -18,6 +18,7 @@ pub mod db {
 
 pub mod json;
 pub mod rows;
+pub mod timestamp;
 
 /// Encoded `FileDescriptorSet` of every omnibus proto file (for gRPC server reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("omnibus_descriptor");

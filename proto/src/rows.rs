@@ -11,7 +11,8 @@
 //! The mapping is the proto3 JSON one the service documents: `null_value` is `null` (and
 //! `None`), `number_value` is a number (integral values within ±2^53 are offered as integers,
 //! so integer fields accept them and reject fractions), `string_value` a string (uuids and
-//! timestamps arrive as strings, which `uuid` and `chrono` deserialize), `bool_value` a bool,
+//! timestamps arrive as strings, which `uuid` and `chrono` deserialize; `crate::timestamp` reads
+//! db-svc's timestamp form without chrono's general parser), `bool_value` a bool,
 //! `struct_value` a map or struct and `list_value` a sequence.
 
 use std::fmt;
@@ -659,6 +660,27 @@ mod tests {
                 tags: vec![],
             }
         );
+    }
+
+    #[test]
+    fn timestamps_read_with_the_fast_attribute() {
+        #[derive(Debug, Deserialize)]
+        struct Times {
+            #[serde(with = "crate::timestamp")]
+            at: chrono::DateTime<chrono::Utc>,
+            #[serde(default, with = "crate::timestamp::option")]
+            none: Option<chrono::DateTime<chrono::Utc>>,
+        }
+        let text = "2026-12-03T15:04:05.123456Z";
+        let bytes = row(vec![
+            ("at", PKind::StringValue(text.into())),
+            ("none", PKind::NullValue(0)),
+        ]);
+        let t: Times = from_row(&bytes).unwrap();
+        assert_eq!(t.at, text.parse::<chrono::DateTime<chrono::Utc>>().unwrap());
+        assert_eq!(t.none, None);
+        let wrong = row(vec![("at", PKind::NumberValue(1.0))]);
+        assert!(from_row::<Times>(&wrong).is_err());
     }
 
     #[test]
