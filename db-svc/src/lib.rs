@@ -16,6 +16,7 @@ pub mod executor;
 pub mod fingerprint;
 pub mod insert_coalescing;
 pub mod liveness;
+pub mod marks;
 pub mod ops;
 pub mod pg_numeric;
 pub mod query_coalescing;
