@@ -306,7 +306,7 @@ impl Executor {
         ctx: &ExecContext,
         begin: &'static str,
     ) -> Result<sqlx::Transaction<'static, Postgres>, DbError> {
-        let acquire = pool.begin_with(begin);
+        let acquire = begin_checked(pool, begin);
         let mut tx = self
             .before_the_deadline(
                 ctx.time_left(),
@@ -884,6 +884,23 @@ impl Executor {
 
 const STALLED_READER_FALLBACK: Duration = Duration::from_secs(60);
 
+/// `pool.begin_with(begin)`, once more when the connection it got turned out broken (a
+/// pooled connection in steady use is not pinged first, see [`crate::liveness`]): nothing
+/// has run on it yet, so any request may start again, on a connection checked first.
+async fn begin_checked(
+    pool: &PgPool,
+    begin: &'static str,
+) -> Result<sqlx::Transaction<'static, Postgres>, DbError> {
+    match pool.begin_with(begin).await.map_err(DbError::from) {
+        Err(DbError::ConnectionLost(message)) => {
+            crate::liveness::mark_lost();
+            tracing::info!(error = %message, "connection lost at BEGIN; starting again");
+            Ok(pool.begin_with(begin).await?)
+        }
+        other => other,
+    }
+}
+
 #[allow(clippy::too_many_arguments)] // one streamed query's whole context, called once
 async fn stream_rows(
     pool: PgPool,
@@ -920,7 +937,7 @@ async fn stream_rows(
     let mut tx = tokio::select! {
         _ = shutdown.draining() => return Err(cut()),
         _ = out.closed() => return Ok(()),
-        tx = pool.begin_with("BEGIN READ ONLY") => tx?,
+        tx = begin_checked(&pool, "BEGIN READ ONLY") => tx?,
     };
     // A stream may legitimately outlast the default statement timeout: it is bounded by the
     // caller's deadline (if any; what is left of it after the wait for a connection), by the

@@ -1326,16 +1326,8 @@ async fn reads_survive_sessions_ended_by_the_server() {
     for reply in futures::future::join_all(opened).await {
         assert_eq!(reply.unwrap().into_inner().rows.len(), 5);
     }
-    let mut conn = s.sql().await;
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
-    )
-    .bind(&s.db.name)
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
-    assert!(ended.len() >= 2, "db-svc held {} sessions", ended.len());
+    let ended = end_other_sessions(&s).await;
+    assert!(ended >= 2, "db-svc held {ended} sessions");
     // One read alone (shared-statement path), then several at once, then a count.
     let reply = client.clone().query(query.clone()).await.unwrap();
     assert_eq!(reply.into_inner().rows.len(), 5);
@@ -1356,4 +1348,60 @@ async fn reads_survive_sessions_ended_by_the_server() {
         .await
         .unwrap();
     assert_eq!(count.into_inner().count, 5);
+}
+
+/// Ends every session of the test database but the caller's; returns how many.
+async fn end_other_sessions(s: &DbSvc) -> usize {
+    let mut conn = s.sql().await;
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .bind(&s.db.name)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    ended.len()
+}
+
+/// A transaction (a write with a deadline, a `StreamQuery`) that gets a broken pooled
+/// connection meets it at BEGIN, before anything of the request ran, and starts again.
+#[tokio::test]
+async fn transactions_start_again_when_begin_meets_an_ended_session() {
+    let s = DbSvc::start(&["--db-ping-after-idle", "1h"]).await;
+    let mut client = s.client.clone();
+    client
+        .insert(with_deadline(
+            insert_req("agent_actions", vec![action("first")]),
+            Duration::from_secs(30),
+        ))
+        .await
+        .unwrap();
+    assert!(end_other_sessions(&s).await >= 1);
+    let reply = client
+        .insert(with_deadline(
+            insert_req("agent_actions", vec![action("second")]),
+            Duration::from_secs(30),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(reply.into_inner().rows.len(), 1);
+
+    assert!(end_other_sessions(&s).await >= 1);
+    let mut stream = client
+        .stream_query(pb::StreamQueryRequest {
+            query: Some(pb::QueryRequest {
+                table: "agent_actions".into(),
+                ..Default::default()
+            }),
+            batch_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rows = 0;
+    while let Some(batch) = stream.message().await.unwrap() {
+        rows += batch.rows.len();
+    }
+    assert_eq!(rows, 2, "both inserts, each once");
 }
