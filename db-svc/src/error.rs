@@ -17,6 +17,11 @@ pub enum DbError {
     /// ([`crate::ops::locate_not_null`] finds that from the request).
     #[error("invalid request: {column}: {message}")]
     NotNull { column: String, message: String },
+    /// SQLSTATE 42P10, which in the statements db-svc builds means an `Upsert` whose conflict
+    /// columns match no unique index or constraint ([`crate::ops::locate_not_null`] names
+    /// `conflict_columns`; elsewhere, raw SQL, it names no field).
+    #[error("invalid request: {0}")]
+    InvalidColumnReference(String),
     /// A write whose returned rows come to more than a response carries (a bus reply's share,
     /// or `--max-send-message-size`): refused and rolled back before it committed, with
     /// nothing recorded under its request id, so the same write asking for fewer rows (or
@@ -120,9 +125,10 @@ impl DbError {
     /// The stable error code (also the `ErrorInfo.reason` and the bus reply's `error_code`).
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Validation(_) | Self::NotNull { .. } | Self::SchemaChanged(_) => {
-                "VALIDATION_ERROR"
-            }
+            Self::Validation(_)
+            | Self::NotNull { .. }
+            | Self::InvalidColumnReference(_)
+            | Self::SchemaChanged(_) => "VALIDATION_ERROR",
             Self::WriteRowsTooLarge { .. } => bus_protocol::codes::WRITE_REPLY_TOO_LARGE,
             Self::FilterRequired { .. } => "FILTER_REQUIRED",
             Self::TooManyRows { .. } => "TOO_MANY_ROWS",
@@ -144,6 +150,7 @@ impl DbError {
         match self {
             Self::Validation(_)
             | Self::NotNull { .. }
+            | Self::InvalidColumnReference(_)
             | Self::SchemaChanged(_)
             | Self::WriteRowsTooLarge { .. } => Code::InvalidArgument,
             Self::FilterRequired { .. }
@@ -166,7 +173,9 @@ impl DbError {
         match self {
             Self::Validation(v) => v.clone(),
             Self::NotNull { column, message } => vec![FieldViolation::new(column, message)],
-            Self::SchemaChanged(message) => vec![FieldViolation::new("", message)],
+            Self::SchemaChanged(message) | Self::InvalidColumnReference(message) => {
+                vec![FieldViolation::new("", message)]
+            }
             Self::WriteRowsTooLarge { field, message } => {
                 vec![FieldViolation::new(*field, message)]
             }
@@ -300,6 +309,7 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
             DbError::NotNull { column, message }
         }
         "57014" => DbError::Timeout(message),
+        "42P10" => DbError::InvalidColumnReference(message),
         // A lock not granted (NOWAIT, lock_timeout): a conflict with another transaction.
         "40001" | "40P01" | "55P03" => DbError::Retryable(message),
         "42501" => DbError::PermissionDenied(message),

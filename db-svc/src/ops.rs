@@ -808,10 +808,19 @@ fn values_matrix(table: &TableInfo, rows: &[JsonRow]) -> Result<ValuesMatrix, Db
 /// PostgreSQL names the column of a NOT NULL violation but not the row; the request does:
 /// the first row that sends the column as null, else the first that leaves it out if that
 /// leaves it null (`table`, the catalog entry, shows no default and db-svc fills in nothing;
-/// unknown counts as null), or the `set` that nulls it. Any other error is returned as it is.
+/// unknown counts as null), or the `set` that nulls it. An `Upsert` refused for conflict
+/// columns that match no unique index names `conflict_columns`. Any other error is returned
+/// as it is.
 pub fn locate_not_null(err: DbError, op: &Operation, table: Option<&TableInfo>) -> DbError {
-    let DbError::NotNull { column, message } = err else {
-        return err;
+    let (column, message) = match err {
+        DbError::NotNull { column, message } => (column, message),
+        DbError::InvalidColumnReference(message) if matches!(op, Operation::Upsert(_)) => {
+            return DbError::field(
+                "conflict_columns",
+                format!("{message} (name the columns of a unique index or constraint)"),
+            );
+        }
+        other => return other,
     };
     // A left-out cell is DEFAULT (or now()), not null: a row that sends null is the culprit.
     let left_out_is_null = table
@@ -1393,6 +1402,16 @@ pub(crate) mod tests {
         // Other errors pass through.
         let other = locate_not_null(DbError::field("where.x", "bad"), &insert, None);
         assert_eq!(field(other), "where.x");
+        // No unique index for the conflict columns: an Upsert's field; elsewhere none.
+        let no_target = || DbError::InvalidColumnReference("no unique constraint".into());
+        assert_eq!(
+            field(locate_not_null(no_target(), &upsert, None)),
+            "conflict_columns"
+        );
+        assert!(matches!(
+            locate_not_null(no_target(), &insert, None),
+            DbError::InvalidColumnReference(_)
+        ));
     }
 
     #[test]

@@ -1405,3 +1405,31 @@ async fn transactions_start_again_when_begin_meets_an_ended_session() {
     }
     assert_eq!(rows, 2, "both inserts, each once");
 }
+
+/// An `Upsert` whose conflict columns match no unique index: PostgreSQL's refusal (SQLSTATE
+/// 42P10) names no field; db-svc names `conflict_columns`, and nothing is written.
+#[tokio::test]
+async fn upsert_conflict_columns_without_a_unique_index_name_the_field() {
+    let mut s = DbSvc::start(&[]).await;
+    let err = s
+        .client
+        .upsert(pb::UpsertRequest {
+            table: "agent_actions".into(),
+            rows: vec![to_struct(action("no-unique"))],
+            conflict_columns: vec!["agent_name".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_invalid(&err, "conflict_columns");
+    assert!(err.message().contains("unique"), "{err:?}");
+    let count = s
+        .client
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(count.into_inner().count, 0);
+}

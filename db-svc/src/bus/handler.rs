@@ -592,6 +592,7 @@ mod tests {
             DbError::Retryable("m".into()),
             DbError::Unavailable("m".into()),
             DbError::ConnectionLost("m".into()),
+            DbError::InvalidColumnReference("m".into()),
             DbError::ResourceExhausted("m".into()),
             DbError::Unrepresentable {
                 column: "c".into(),
@@ -620,6 +621,7 @@ mod tests {
                 | DbError::Retryable(_)
                 | DbError::Unavailable(_)
                 | DbError::ConnectionLost(_)
+                | DbError::InvalidColumnReference(_)
                 | DbError::ResourceExhausted(_)
                 | DbError::Unrepresentable { .. }
                 | DbError::SchemaChanged(_)
