@@ -739,6 +739,17 @@ async fn unreachable_database_is_unavailable() {
 }
 
 /// A call with `timeout` set as its gRPC deadline.
+/// A `StreamQuery` of every `agent_actions` row, `batch_size` rows per message.
+fn every_action(batch_size: u32) -> pb::StreamQueryRequest {
+    pb::StreamQueryRequest {
+        query: Some(pb::QueryRequest {
+            table: "agent_actions".into(),
+            ..Default::default()
+        }),
+        batch_size,
+    }
+}
+
 fn with_deadline<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(timeout);
@@ -963,13 +974,7 @@ async fn a_stalled_stream_reader_frees_its_connection() {
     omnibus_tests::db::insert_padded_actions(&mut conn, "stall", 200, 20000).await;
     let mut client = s.client.clone();
     let mut stream = client
-        .stream_query(pb::StreamQueryRequest {
-            query: Some(pb::QueryRequest {
-                table: "agent_actions".into(),
-                ..Default::default()
-            }),
-            batch_size: 100,
-        })
+        .stream_query(every_action(100))
         .await
         .unwrap()
         .into_inner();
@@ -1218,13 +1223,7 @@ async fn a_stream_query_cut_by_shutdown_ends_with_an_error_not_ok() {
     }
     let mut client = pb::database_service_client::DatabaseServiceClient::new(svc.channel());
     let mut stream = client
-        .stream_query(pb::StreamQueryRequest {
-            query: Some(pb::QueryRequest {
-                table: "agent_actions".into(),
-                ..Default::default()
-            }),
-            batch_size: 10,
-        })
+        .stream_query(every_action(10))
         .await
         .unwrap()
         .into_inner();
@@ -1339,15 +1338,7 @@ async fn reads_survive_sessions_ended_by_the_server() {
     for reply in futures::future::join_all(again).await {
         assert_eq!(reply.unwrap().into_inner().rows.len(), 5);
     }
-    let count = client
-        .clone()
-        .count(pb::CountRequest {
-            table: "agent_actions".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(count.into_inner().count, 5);
+    assert_eq!(s.count_all("agent_actions").await, 5);
 }
 
 /// Ends every session of the test database but the caller's; returns how many.
@@ -1389,13 +1380,7 @@ async fn transactions_start_again_when_begin_meets_an_ended_session() {
 
     assert!(end_other_sessions(&s).await >= 1);
     let mut stream = client
-        .stream_query(pb::StreamQueryRequest {
-            query: Some(pb::QueryRequest {
-                table: "agent_actions".into(),
-                ..Default::default()
-            }),
-            batch_size: 10,
-        })
+        .stream_query(every_action(10))
         .await
         .unwrap()
         .into_inner();
@@ -1410,9 +1395,10 @@ async fn transactions_start_again_when_begin_meets_an_ended_session() {
 /// 42P10) names no field; db-svc names `conflict_columns`, and nothing is written.
 #[tokio::test]
 async fn upsert_conflict_columns_without_a_unique_index_name_the_field() {
-    let mut s = DbSvc::start(&[]).await;
+    let s = DbSvc::start(&[]).await;
     let err = s
         .client
+        .clone()
         .upsert(pb::UpsertRequest {
             table: "agent_actions".into(),
             rows: vec![to_struct(action("no-unique"))],
@@ -1423,13 +1409,5 @@ async fn upsert_conflict_columns_without_a_unique_index_name_the_field() {
         .unwrap_err();
     assert_invalid(&err, "conflict_columns");
     assert!(err.message().contains("unique"), "{err:?}");
-    let count = s
-        .client
-        .count(pb::CountRequest {
-            table: "agent_actions".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(count.into_inner().count, 0);
+    assert_eq!(s.count_all("agent_actions").await, 0);
 }
