@@ -79,6 +79,23 @@ fn response_bytes(row: &prost_types::Struct) -> usize {
 }
 
 impl Limits {
+    /// Limits for tests of the response-size refusals: `max_response_bytes` under the name
+    /// `response_limit`, raw writes allowed, no shared statements.
+    #[cfg(test)]
+    pub(crate) fn for_responses(max_response_bytes: usize, response_limit: &'static str) -> Self {
+        Self {
+            default_limit: 100,
+            max_limit: 10_000,
+            statement_timeout: Duration::ZERO,
+            raw_writes: true,
+            raw_role: None,
+            coalesce_inserts: 0,
+            coalesce_queries: 0,
+            max_response_bytes,
+            response_limit,
+        }
+    }
+
     /// What the refusal of rows coming to more than `max_response_bytes` says.
     fn too_large(&self, rows: &str, what_to_do: &str) -> String {
         format!(
@@ -1324,17 +1341,7 @@ mod tests {
 
     #[test]
     fn a_write_whose_rows_do_not_fit_a_response_is_refused_saying_nothing_was_written() {
-        let limits = |max: usize| Limits {
-            default_limit: 100,
-            max_limit: 10_000,
-            statement_timeout: Duration::ZERO,
-            raw_writes: false,
-            raw_role: None,
-            coalesce_inserts: 0,
-            coalesce_queries: 0,
-            max_response_bytes: max,
-            response_limit: "a test reply carries",
-        };
+        let limits = |max: usize| Limits::for_responses(max, "a test reply carries");
         let mut pad = serde_json::Map::new();
         pad.insert("pad".into(), "x".repeat(100).into());
         let row = crate::values::json_to_struct(&pad);

@@ -698,17 +698,7 @@ mod tests {
             SQL_WRITE_REPLY_LIMIT as SQL, STRUCTURED_WRITE_REPLY_LIMIT as STRUCTURED,
         };
         use crate::executor::Limits;
-        let limits = |response_limit: &'static str| Limits {
-            default_limit: 100,
-            max_limit: 10_000,
-            statement_timeout: Duration::ZERO,
-            raw_writes: true,
-            raw_role: None,
-            coalesce_inserts: 0,
-            coalesce_queries: 0,
-            max_response_bytes: 1,
-            response_limit,
-        };
+        let limits = |response_limit: &'static str| Limits::for_responses(1, response_limit);
         let mut pad = Map::new();
         pad.insert("pad".into(), "x".repeat(10).into());
         let rows = vec![crate::values::json_to_struct(&pad)];

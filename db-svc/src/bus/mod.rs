@@ -1253,11 +1253,26 @@ fn too_large(outgoing: &Outgoing, bytes: usize) -> Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bus_protocol::FailedPayload;
+    use chrono::{TimeZone, Utc};
 
     /// A replacement interval for the tests (the default is shorter).
     const INTERVAL: Duration = Duration::from_secs(30);
-    use bus_protocol::FailedPayload;
-    use chrono::{TimeZone, Utc};
+
+    /// Bus settings for brokers at `brokers`, the group `db-svc`, one request at a time.
+    fn settings_for(brokers: &str) -> BusSettings {
+        BusSettings {
+            brokers: brokers.into(),
+            topics: Topics::default(),
+            group_id: "db-svc".into(),
+            concurrency: 1,
+            sql_writes: false,
+            session_timeout: Duration::from_secs(10),
+            replace_interval: INTERVAL,
+            service: "db-svc".into(),
+            default_timeout: None,
+        }
+    }
 
     #[test]
     fn operators_change_the_tuning_but_not_what_the_worker_relies_on() {
@@ -1266,15 +1281,8 @@ mod tests {
             value: value.into(),
         };
         let settings = BusSettings {
-            brokers: "b:9092".into(),
-            topics: Topics::default(),
-            group_id: "db-svc".into(),
             concurrency: 8,
-            sql_writes: false,
-            session_timeout: Duration::from_secs(10),
-            replace_interval: INTERVAL,
-            service: "db-svc".into(),
-            default_timeout: None,
+            ..settings_for("b:9092")
         };
         let operator = [
             setting("fetch.wait.max.ms", "50"),
@@ -1488,15 +1496,8 @@ mod tests {
     #[tokio::test]
     async fn a_consumer_that_cannot_be_replaced_is_kept_and_replaced_later() {
         let settings = BusSettings {
-            brokers: "127.0.0.1:1".into(),
-            topics: Topics::default(),
             group_id: "db-svc-test".into(),
-            concurrency: 1,
-            sql_writes: false,
-            session_timeout: Duration::from_secs(10),
-            replace_interval: INTERVAL,
-            service: "db-svc".into(),
-            default_timeout: None,
+            ..settings_for("127.0.0.1:1")
         };
         let mut consumer = subscribe(&settings).unwrap();
         consumer.context().assigned.store(true, Ordering::Relaxed);
@@ -1605,15 +1606,8 @@ mod tests {
         assert_eq!(reply_row_bytes(None, 2), (1_000_000 - ENVELOPE_ROOM) / 4);
         assert_eq!(reply_row_bytes(Some("1000"), 2), 187);
         let settings = BusSettings {
-            brokers: "b:9092".into(),
-            topics: Topics::default(),
-            group_id: "db-svc".into(),
-            concurrency: 1,
             sql_writes: true,
-            session_timeout: Duration::from_secs(10),
-            replace_interval: INTERVAL,
-            service: "db-svc".into(),
-            default_timeout: None,
+            ..settings_for("b:9092")
         };
         assert_eq!(
             structured_write_reply_bytes(&settings),
