@@ -97,6 +97,10 @@ pub enum DbError {
     /// SQL, the author's mistake. Either way the caller sees INVALID_ARGUMENT.
     #[error("invalid request: {0}")]
     SchemaChanged(String),
+    /// A trigger or function refused the statement with an exception of its own (PL/pgSQL
+    /// `RAISE EXCEPTION`, `ASSERT`: SQLSTATE class P0), a rule of the database's.
+    #[error("refused by the database: {0}")]
+    Raised(String),
     /// Anything else the database reported.
     #[error("database operation failed: {0}")]
     Database(String),
@@ -134,6 +138,7 @@ impl DbError {
             Self::TooManyRows { .. } => "TOO_MANY_ROWS",
             Self::Conflict { .. } => "CONFLICT",
             Self::Constraint { .. } => "CONSTRAINT_VIOLATION",
+            Self::Raised(_) => "RAISED_EXCEPTION",
             Self::RequestIdReused { .. } => "REQUEST_ID_REUSED",
             Self::WriteNotAllowed(_) => "WRITE_NOT_ALLOWED",
             Self::PermissionDenied(_) => "PERMISSION_DENIED",
@@ -156,6 +161,7 @@ impl DbError {
             Self::FilterRequired { .. }
             | Self::TooManyRows { .. }
             | Self::Constraint { .. }
+            | Self::Raised(_)
             | Self::RequestIdReused { .. }
             | Self::Unrepresentable { .. } => Code::FailedPrecondition,
             Self::Conflict { .. } => Code::AlreadyExists,
@@ -310,6 +316,9 @@ fn from_database_error(db: &dyn sqlx::error::DatabaseError) -> DbError {
         }
         "57014" => DbError::Timeout(message),
         "42P10" => DbError::InvalidColumnReference(message),
+        c if c.starts_with("P0") => DbError::Raised(message),
+        // A malformed protocol message is no outage: sending it again fails again.
+        "08P01" => DbError::Database(message),
         // A lock not granted (NOWAIT, lock_timeout): a conflict with another transaction.
         "40001" | "40P01" | "55P03" => DbError::Retryable(message),
         "42501" => DbError::PermissionDenied(message),

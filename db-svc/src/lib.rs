@@ -23,6 +23,7 @@ pub mod query_coalescing;
 pub mod raw_sql;
 pub mod stale_plans;
 pub mod values;
+pub mod wide_json_integers;
 pub mod wire;
 
 use omnibus_proto::service_names;

@@ -8,7 +8,8 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Expr, Ident, ObjectName, Query, SetExpr, Statement, TableFactor, TypedString, Visit, Visitor,
+    ArrayElemTypeDef, DataType, Expr, Ident, ObjectName, Query, SetExpr, Statement, TableFactor,
+    TypedString, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -43,10 +44,12 @@ pub struct RawStatement {
 /// index pages even in a READ ONLY transaction, or read whole relations (extensions'
 /// inspection functions) or touch other sessions.
 fn forbidden_function(name: &str) -> bool {
-    const PREFIXES: [&str; 13] = [
+    const PREFIXES: [&str; 15] = [
         "pg_",
-        // Name lookups that tell which relations, types and functions exist anywhere.
+        // Name lookups that tell which relations, types and functions exist anywhere, by name
+        // (`has_table_privilege('other.t', ...)` fails for a missing table) or by oid.
         "to_reg",
+        "has_",
         "currtid",
         "lo_",
         "dblink",
@@ -59,8 +62,10 @@ fn forbidden_function(name: &str) -> bool {
         "brin_",
         "gin_",
         "xpath_table",
+        // pageinspect's B-tree pages and amcheck's index checks.
+        "bt_",
     ];
-    const NAMES: [&str; 28] = [
+    const NAMES: [&str; 48] = [
         // The database's name and the schemas on the search path (as current_database).
         "current_catalog",
         "current_schemas",
@@ -92,6 +97,29 @@ fn forbidden_function(name: &str) -> bool {
         "inet_server_addr",
         "inet_server_port",
         "current_database",
+        // Catalog lookups by oid: type names and comments of any object.
+        "format_type",
+        "obj_description",
+        "col_description",
+        "shobj_description",
+        "row_security_active",
+        // pageinspect's readers of raw heap pages (any table's rows, bypassing the guard)
+        // and amcheck's heap check.
+        "get_raw_page",
+        "page_header",
+        "page_checksum",
+        "heap_page_items",
+        "heap_page_item_attrs",
+        "tuple_data_split",
+        "verify_heapam",
+        "hash_page_type",
+        "hash_page_stats",
+        "hash_page_items",
+        "hash_bitmap_info",
+        "hash_metapage_info",
+        "gist_page_opaque_info",
+        "gist_page_items",
+        "gist_page_items_bytea",
     ];
     // `regclass('t')` and the like: the lookup types called as functions.
     PREFIXES.iter().any(|p| name.starts_with(p))
@@ -313,6 +341,13 @@ pub fn check(sql: &str, served: &[String], allow_writes: bool) -> Result<RawStat
             sql.len()
         )));
     }
+    // PostgreSQL's protocol ends the text at a NUL (in a comment or a string the parser
+    // accepts it), and the server would refuse the truncated message as a protocol violation.
+    if let Some(at) = sql.find('\0') {
+        return Err(reject(format!(
+            "the SQL text contains a NUL character (at byte {at}), which PostgreSQL does not accept"
+        )));
+    }
     same_tokens_as_postgres(sql)?;
     let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
         .map_err(|e| reject(format!("cannot parse SQL: {e}")))?;
@@ -406,7 +441,119 @@ impl Guard<'_> {
             .iter()
             .any(|s| s.visible.iter().any(|v| v == name))
     }
+
+    /// A type sqlparser knows, a built-in PostgreSQL type it does not (`inet`, `int4range`),
+    /// or a served table's row type; an array of one of these.
+    fn is_known_type(&self, data_type: &DataType) -> bool {
+        match data_type {
+            DataType::Custom(name, _) => {
+                let parts: Vec<String> = name
+                    .0
+                    .iter()
+                    .map(|p| p.as_ident().map(resolved).unwrap_or_default())
+                    .collect();
+                let served = |n: &String| self.served.contains(n);
+                match parts.as_slice() {
+                    [n] => BUILT_IN_TYPES.contains(&n.as_str()) || served(n),
+                    [schema, n] if schema == "pg_catalog" => BUILT_IN_TYPES.contains(&n.as_str()),
+                    [schema, n] if schema == "public" => served(n),
+                    _ => false,
+                }
+            }
+            DataType::Array(
+                ArrayElemTypeDef::AngleBracket(element)
+                | ArrayElemTypeDef::SquareBracket(element, _)
+                | ArrayElemTypeDef::Parenthesis(element),
+            ) => self.is_known_type(element),
+            _ => true,
+        }
+    }
 }
+
+/// pg_catalog's types other than the catalogs' own row types, the lookup types (refused by
+/// `is_lookup_type`) and the handlers' pseudo-types, as sqlparser may leave them unparsed
+/// (`DataType::Custom`); with their SQL aliases.
+const BUILT_IN_TYPES: [&str; 79] = [
+    "aclitem",
+    "anyarray",
+    "anycompatible",
+    "anycompatiblearray",
+    "anycompatiblemultirange",
+    "anycompatiblenonarray",
+    "anycompatiblerange",
+    "anyelement",
+    "anyenum",
+    "anymultirange",
+    "anynonarray",
+    "anyrange",
+    "bit",
+    "bool",
+    "boolean",
+    "box",
+    "bpchar",
+    "bytea",
+    "char",
+    "cid",
+    "cidr",
+    "circle",
+    "date",
+    "datemultirange",
+    "daterange",
+    "float4",
+    "float8",
+    "inet",
+    "int2",
+    "int2vector",
+    "int4",
+    "int4multirange",
+    "int4range",
+    "int8",
+    "int8multirange",
+    "int8range",
+    "interval",
+    "json",
+    "jsonb",
+    "jsonpath",
+    "line",
+    "lseg",
+    "macaddr",
+    "macaddr8",
+    "money",
+    "name",
+    "numeric",
+    "nummultirange",
+    "numrange",
+    "oid",
+    "oidvector",
+    "path",
+    "point",
+    "polygon",
+    "record",
+    "regconfig",
+    "regdictionary",
+    "text",
+    "tid",
+    "time",
+    "timestamp",
+    "timestamptz",
+    "timetz",
+    "tsmultirange",
+    "tsquery",
+    "tsrange",
+    "tstzmultirange",
+    "tstzrange",
+    "tsvector",
+    "txid_snapshot",
+    "unknown",
+    "uuid",
+    "varbit",
+    "varchar",
+    "xid",
+    "xid8",
+    "xml",
+    "integer",
+    "smallint",
+];
 
 impl Visitor for Guard<'_> {
     type Break = String;
@@ -482,6 +629,16 @@ impl Visitor for Guard<'_> {
             {
                 ControlFlow::Break(format!(
                     "casts to {data_type} (a catalog lookup by name) are not allowed in raw SQL"
+                ))
+            }
+            // `NULL::other.secret_t` is the row type of any table: with json_populate_record
+            // it lists that table's columns.
+            Expr::Cast { data_type, .. } | Expr::TypedString(TypedString { data_type, .. })
+                if !self.is_known_type(data_type) =>
+            {
+                ControlFlow::Break(format!(
+                    "casts to {data_type} are not allowed in raw SQL: only PostgreSQL's \
+                     built-in types and served tables' row types"
                 ))
             }
             _ => ControlFlow::Continue(()),
@@ -671,6 +828,33 @@ mod tests {
         assert!(check("SELECT 1", &served(), false).is_ok());
     }
 
+    /// Casts to built-in types however written, and to served tables' row types, pass.
+    #[test]
+    fn accepts_casts_to_built_in_types_and_served_rows() {
+        for sql in [
+            "SELECT '10.0.0.1'::inet AS a, '[1,2)'::int4range AS r, 'x'::pg_catalog.text AS t",
+            "SELECT ARRAY['a']::text[] AS a, '{1}'::int8[] AS b, CAST('1' AS \"numeric\") AS n",
+            "SELECT 'x'::\"char\" AS c, '1'::double precision AS d, '{}'::jsonb AS j",
+            "SELECT '1 day'::interval AS i, now()::timestamptz AS t, '(1,2)'::point AS p",
+            "SELECT json_populate_record(NULL::agent_actions, '{}') AS r",
+            "SELECT NULL::public.error_events[] AS e, interval '1 day' AS i",
+            "SELECT to_tsvector('english'::regconfig, agent_name) AS v FROM agent_actions",
+        ] {
+            if let Err(e) = check(sql, &served(), false) {
+                panic!("refused: {sql}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_nul_characters_on_the_sql_field() {
+        for sql in ["SELECT 1 AS x -- \0", "SELECT 'a\0b' AS x", "SELECT 1\0"] {
+            let e = check(sql, &served(), false).unwrap_err();
+            assert_eq!(e.violations()[0].field, "sql", "{sql}");
+            assert!(e.to_string().contains("NUL character"), "{e}");
+        }
+    }
+
     #[test]
     fn rejects_everything_else() {
         for sql in [
@@ -750,6 +934,22 @@ mod tests {
             "SELECT current_catalog",
             "SELECT current_schemas(true)",
             "SELECT currtid2('agent_actions', '(0,1)'::tid)",
+            "SELECT has_table_privilege('other.secret_t', 'SELECT')",
+            "SELECT has_column_privilege('omnibus_request_log', 'result', 'SELECT')",
+            "SELECT row_security_active('other.secret_t')",
+            "SELECT format_type(i::oid, NULL) FROM generate_series(16384, 70000) i",
+            "SELECT obj_description(16384)",
+            // Row types of tables that are not served: json_populate_record lists the columns.
+            "SELECT row_to_json(json_populate_record(NULL::other_schema.secret_t, '{}')) AS c",
+            "SELECT json_populate_record(NULL::omnibus_request_log, '{}')",
+            "SELECT NULL::public.omnibus_request_log[]",
+            "SELECT CAST(NULL AS pg_catalog.pg_authid)",
+            "SELECT CAST(NULL AS omnibus_request_log)",
+            // pageinspect and amcheck read raw pages of any table.
+            "SELECT encode(get_raw_page('omnibus_request_log', 0), 'escape') AS p",
+            "SELECT * FROM heap_page_items(get_raw_page('omnibus_request_log', 0))",
+            "SELECT * FROM bt_page_items('omnibus_request_log_pkey', 1)",
+            "SELECT hash_page_items(get_raw_page('x', 1))",
         ] {
             assert!(check(sql, &served(), true).is_err(), "accepted: {sql}");
         }

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::catalog::ColType;
 use crate::error::DbError;
 use crate::pg_numeric;
+use crate::wide_json_integers::quote_wide_integers;
 
 /// A value to bind, already converted to the column's type.
 #[derive(Clone, Debug, PartialEq)]
@@ -1069,9 +1070,7 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         ColType::Json | ColType::Jsonb => match json_text(row, i, ty, name)? {
             None => None,
             Some(text) => Some(Cell::Json(
-                serde_json::from_slice::<ProtoValue>(text)
-                    .map_err(|e| json_error(name, text, e))?
-                    .0,
+                json_value(text).map_err(|e| json_error(name, text, e))?,
             )),
         },
         // Read from the wire form here: sqlx's decoders panic on PostgreSQL's infinities.
@@ -1115,6 +1114,12 @@ fn decode_cell<'r>(row: &'r PgRow, i: usize, ty: ColType, name: &str) -> Result<
         }
     };
     Ok(cell.unwrap_or(Cell::Null))
+}
+
+/// A stored JSON document (jsonb's text) as a `google.protobuf.Value`, integers beyond 64
+/// bits included (as their decimal text).
+pub fn json_value(text: &[u8]) -> Result<prost_types::Value, serde_json::Error> {
+    serde_json::from_slice::<ProtoValue>(&quote_wide_integers(text)).map(|v| v.0)
 }
 
 /// A JSON document deserialized straight into a `google.protobuf.Value` (jsonb columns),
@@ -2048,8 +2053,8 @@ mod tests {
     #[test]
     fn json_integers_beyond_a_doubles_exact_range_read_as_decimal_text() {
         use prost::Message;
-        let doc = br#"{"ok": 9007199254740991, "big": 9007199254740993, "neg": -9007199254740993, "huge": 18446744073709551615, "f": 1.5}"#;
-        let ProtoValue(parsed) = serde_json::from_slice::<ProtoValue>(doc).unwrap();
+        let doc = br#"{"ok": 9007199254740991, "big": 9007199254740993, "neg": -9007199254740993, "huge": 18446744073709551615, "wider": 123456789012345678901234567890, "below": -9223372036854775809, "f": 1.5}"#;
+        let parsed = json_value(doc).unwrap();
         let mut bytes = Vec::new();
         crate::wire::encode_json(doc, &mut bytes).unwrap();
         let transcoded = prost_types::Value::decode(bytes.as_slice()).unwrap();
@@ -2061,6 +2066,8 @@ mod tests {
                     "big": "9007199254740993",
                     "neg": "-9007199254740993",
                     "huge": "18446744073709551615",
+                    "wider": "123456789012345678901234567890",
+                    "below": "-9223372036854775809",
                     "f": 1.5
                 })
             );

@@ -57,7 +57,8 @@ pub fn encode_cell(cell: &Cell<'_>, out: &mut Vec<u8>) {
 /// appears twice appears twice, and a protobuf map reader keeps the last one, as the `Struct`
 /// path does. Nested deeper than `VALUE_MAX_LEVELS` protobuf messages is an error, as there.
 pub fn encode_json(json: &[u8], out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_slice(json);
+    let json = crate::wide_json_integers::quote_wide_integers(json);
+    let mut de = serde_json::Deserializer::from_slice(&json);
     de::DeserializeSeed::deserialize(JsonToWire { out, level: 1 }, &mut de).and_then(|()| de.end())
 }
 

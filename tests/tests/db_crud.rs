@@ -1754,12 +1754,14 @@ async fn an_upsert_that_cannot_return_its_row_changes_nothing() {
     let mut s = DbSvc::start(&[]).await;
     let id = uuid::Uuid::new_v4().to_string();
     let mut conn = s.sql().await;
+    // 10^400 + 0.5: no integer (those read back as their decimal text), beyond any double.
+    let beyond = format!("{{\"big\": 1{}.5}}", "0".repeat(400));
     sqlx::query(
         "INSERT INTO agent_actions (id, correlation_id, agent_name, action_type, action_name, \
-         action_details) VALUES ($1::uuid, gen_random_uuid(), 'before', 'x', 'y', \
-         '{\"big\": 1e400}')",
+         action_details) VALUES ($1::uuid, gen_random_uuid(), 'before', 'x', 'y', $2::jsonb)",
     )
     .bind(&id)
+    .bind(&beyond)
     .execute(&mut conn)
     .await
     .unwrap();
@@ -1785,6 +1787,62 @@ async fn an_upsert_that_cannot_return_its_row_changes_nothing() {
             .await
             .unwrap();
     assert_eq!(name, "before", "rolled back");
+}
+
+/// jsonb keeps integers of any size (another writer's, e.g. a Python producer's): each reads
+/// back exactly, as its decimal text, on every read path - never as a rounded double.
+#[tokio::test]
+async fn jsonb_integers_beyond_64_bits_read_back_as_their_exact_text() {
+    let s = DbSvc::start(&[]).await;
+    let mut conn = s.sql().await;
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name, \
+         action_details) VALUES (gen_random_uuid(), 'wide', 'x', 'y', \
+         '{\"n\": 123456789012345678901234567890, \"neg\": [-9223372036854775809], \
+           \"e\": 1e25, \"ok\": 42, \"s\": \"123456789012345678901234567890\"}')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let expected = vec![json!({"action_details": {
+        "n": "123456789012345678901234567890",
+        "neg": ["-9223372036854775809"],
+        "e": "10000000000000000000000000",
+        "ok": 42.0,
+        "s": "123456789012345678901234567890",
+    }})];
+    let mut client = s.client.clone();
+    let query = pb::QueryRequest {
+        table: "agent_actions".into(),
+        columns: vec!["action_details".into()],
+        r#where: Some(to_struct(json!({ "agent_name": "wide" }))),
+        ..Default::default()
+    };
+    let rows = client.query(query.clone()).await.unwrap().into_inner().rows;
+    assert_eq!(rows_json(&rows), expected, "Query");
+    let mut stream = client
+        .stream_query(pb::StreamQueryRequest {
+            query: Some(query),
+            batch_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        streamed.extend(rows_json(&batch.rows));
+    }
+    assert_eq!(streamed, expected, "StreamQuery");
+    let raw = client
+        .execute_raw(pb::ExecuteRawRequest {
+            sql: "SELECT action_details FROM agent_actions WHERE agent_name = $1".into(),
+            params: vec![to_value(json!("wide"))],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rows_json(&raw.rows), expected, "ExecuteRaw");
 }
 
 /// PostgreSQL stores JSON nested deeper than db-svc returns (96 protobuf messages: 48 levels

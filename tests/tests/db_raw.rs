@@ -164,6 +164,13 @@ async fn everything_but_a_single_read_of_served_tables_is_refused() {
         "SELECT to_regclass('pg_authid')::text",
         "SELECT 'x' AS a WHERE '{}'::jsonb ?'' UNION ALL SELECT rolname::text FROM pg_authid --'",
         "SELECT regclass('pg_authid')::text",
+        // A NUL ends the text in PostgreSQL's protocol: refused here, not sent cut short.
+        "SELECT 1 AS x -- \0",
+        "SELECT 'a\0b' AS x",
+        // Other tables' columns, by their row types; whether a table exists; raw pages.
+        "SELECT json_populate_record(NULL::omnibus_request_log, '{}')::text AS r",
+        "SELECT has_table_privilege('omnibus_request_log', 'SELECT') AS h",
+        "SELECT get_raw_page('omnibus_request_log', 0) AS p",
     ] {
         let err = s.client.execute_raw(raw(sql, vec![])).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{sql}: {err:?}");

@@ -497,6 +497,46 @@ async fn updates_and_deletes_cannot_run_away() {
     assert_eq!(s.count_all("agent_actions").await, 1);
 }
 
+/// A trigger's own refusal (`RAISE EXCEPTION`) is the database's rule, not a server bug:
+/// FAILED_PRECONDITION with its message, and nothing written.
+#[tokio::test]
+async fn exceptions_raised_by_triggers_are_failed_preconditions() {
+    let mut s = DbSvc::start_with(
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);
+         CREATE FUNCTION refuse_shouting() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.body = upper(NEW.body) THEN
+             RAISE EXCEPTION 'no shouting: %', NEW.body;
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER notes_no_shouting BEFORE INSERT OR UPDATE ON notes
+           FOR EACH ROW EXECUTE FUNCTION refuse_shouting();",
+        "notes",
+    )
+    .await;
+    s.client
+        .insert(insert_req("notes", vec![json!({"body": "quiet"})]))
+        .await
+        .unwrap();
+    let err = s
+        .client
+        .insert(insert_req(
+            "notes",
+            vec![json!({"body": "fine"}), json!({"body": "LOUD"})],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(error_details(&err).0, "RAISED_EXCEPTION");
+    assert!(err.message().contains("no shouting: LOUD"), "{err:?}");
+    assert_eq!(
+        s.count_all("notes").await,
+        1,
+        "the statement was rolled back"
+    );
+}
+
 #[tokio::test]
 async fn constraint_violations_name_the_constraint() {
     let mut s = DbSvc::start(&[]).await;

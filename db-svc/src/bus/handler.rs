@@ -428,6 +428,7 @@ pub fn grpc_code_of(error_code: &str) -> Option<Code> {
         "FILTER_REQUIRED"
         | "TOO_MANY_ROWS"
         | "CONSTRAINT_VIOLATION"
+        | "RAISED_EXCEPTION"
         | "REQUEST_ID_REUSED"
         | "UNREPRESENTABLE_VALUE"
         | "PRECONDITION_FAILED" => Code::FailedPrecondition,
@@ -603,6 +604,7 @@ mod tests {
                 field: "count_only",
                 message: "m".into(),
             },
+            DbError::Raised("m".into()),
             DbError::Database("m".into()),
         ];
         for e in all {
@@ -626,6 +628,7 @@ mod tests {
                 | DbError::Unrepresentable { .. }
                 | DbError::SchemaChanged(_)
                 | DbError::WriteRowsTooLarge { .. }
+                | DbError::Raised(_)
                 | DbError::Database(_) => {}
             }
             assert_eq!(grpc_code_of(e.code()), Some(e.grpc_code()), "{}", e.code());
