@@ -23,6 +23,7 @@ use crate::convert;
 use crate::events::{AgentAction, Event, Micros};
 use crate::hub::{Follower, Hub, Next, Update, UpdateKind, Updates};
 use crate::ingest::{IngestStatus, now_micros};
+use crate::snapshot;
 use crate::state::{State, plausible_confidence};
 use crate::wire::{ActionsPush, SubscribePush};
 
@@ -38,6 +39,8 @@ pub struct ConsumerApi {
     /// Most updates handed to a stream at once (`--max-push`): the largest
     /// `StreamActions` / `StreamAgentMetrics` push.
     pub(crate) max_push: usize,
+    /// The largest response (`--max-send-message-size`), which bounds a snapshot.
+    pub(crate) max_response_bytes: usize,
     pub(crate) shutdown: Shutdown,
 }
 
@@ -106,21 +109,20 @@ impl ConsumerApi {
                 .map_err(|e| Status::out_of_range(e.to_string()))?;
             let want_snapshot =
                 r.include_snapshot && (r.resume_after_sequence.is_none() || sub.missed > 0);
-            let snapshot = want_snapshot.then(|| {
-                let mut snap =
-                    filter_snapshot(self.snapshot(&state, sub.last_seq), &channels, &filter);
+            let snapshot = want_snapshot.then(|| snapshot::Parts {
                 // Read with the rest (a status read later could be newer than the snapshot's
                 // sequence), and only for subscribers of status updates.
-                snap.status = channels
+                status: channels
                     .has(pb::Channel::System)
                     .then(|| pb::ConsumerStatus {
                         last_sequence: sub.last_seq,
                         ..self.status_with(&state)
-                    });
-                snap
+                    }),
+                ..self.snapshot_parts(&state, sub.last_seq, &channels, &filter)
             });
             (sub, snapshot)
         };
+        let snapshot = snapshot.map(|parts| parts.assemble(self.max_response_bytes));
         let mut initial = Vec::new();
         let mut backlog = Vec::new();
         // Metrics and status published up to this sequence are older than the figures a lag
@@ -322,26 +324,40 @@ impl ConsumerApi {
         }
     }
 
-    /// Everything, under one read lock of the state; `sequence` is the hub's position then.
-    fn snapshot(&self, state: &State, sequence: u64) -> pb::Snapshot {
+    /// What a snapshot for `ch` and `f` holds, read under one read lock of the state
+    /// (`sequence` is the hub's position then), with the filters of the live updates; the
+    /// events are converted once the lock is released ([`snapshot::Parts::assemble`]).
+    fn snapshot_parts(
+        &self,
+        state: &State,
+        sequence: u64,
+        ch: &Channels,
+        f: &Filter,
+    ) -> snapshot::Parts {
+        use pb::Channel;
         let now = now_micros();
-        pb::Snapshot {
-            agents: state
-                .agent_metrics(now, None, None)
-                .iter()
-                .map(convert::agent_metrics)
-                .collect(),
-            actions: state.actions().map(|a| convert::action(a)).collect(),
-            routing_decisions: state.decisions().map(|d| convert::decision(d)).collect(),
-            transformations: state
-                .transformations()
-                .map(|t| convert::transformation(t))
-                .collect(),
-            performance_metrics: state
-                .performance()
-                .map(|m| convert::performance(m))
-                .collect(),
-            performance_stats: Some(convert::stats(&state.performance_stats(now, None))),
+        let performance = ch.has(Channel::Performance) && f.agent.is_none();
+        snapshot::Parts {
+            agents: if ch.has(Channel::Metrics) {
+                state
+                    .agent_metrics(now, None, f.agent.as_deref())
+                    .iter()
+                    .map(convert::agent_metrics)
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            actions: kept(ch.has(Channel::Actions), state.actions(), |a| f.action(a)),
+            decisions: kept(ch.has(Channel::Routing), state.decisions(), |d| {
+                f.decision(d)
+            }),
+            transformations: kept(
+                ch.has(Channel::Transformations),
+                state.transformations(),
+                |t| f.transformation(t),
+            ),
+            performance: kept(performance, state.performance(), |m| f.performance(m)),
+            stats: performance.then(|| convert::stats(&state.performance_stats(now, None))),
             status: None,
             sequence,
         }
@@ -515,8 +531,29 @@ impl Filter {
                 .as_ref()
                 .is_none_or(|x| t.correlation_id() == Some(x.as_str()))
     }
+    /// Performance metrics have no agent: none passes an agent filter.
+    fn performance(&self, m: &crate::events::PerformanceMetric) -> bool {
+        self.agent.is_none()
+            && self
+                .correlation_id
+                .as_ref()
+                .is_none_or(|c| m.correlation_id() == Some(c.as_str()))
+    }
     fn metrics(&self, m: &pb::AgentMetrics) -> bool {
         self.agent.as_ref().is_none_or(|x| m.agent == *x)
+    }
+}
+
+/// The events of a buffer a snapshot keeps: none when its channel is off.
+fn kept<'a, E: 'a>(
+    on: bool,
+    events: impl Iterator<Item = &'a Arc<E>>,
+    keep: impl Fn(&E) -> bool,
+) -> Vec<Arc<E>> {
+    if on {
+        events.filter(|e| keep(e)).cloned().collect()
+    } else {
+        Vec::new()
     }
 }
 
@@ -677,7 +714,7 @@ impl ConsumerService for ConsumerApi {
         &self,
         _request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
-        let snapshot = {
+        let parts = {
             let state = self.state.read();
             // One sequence for both: the metrics publisher may publish (under a read lock of
             // its own) between two reads of it.
@@ -686,13 +723,13 @@ impl ConsumerService for ConsumerApi {
                 last_sequence: sequence,
                 ..self.status_with(&state)
             };
-            pb::Snapshot {
+            snapshot::Parts {
                 status: Some(status),
-                ..self.snapshot(&state, sequence)
+                ..self.snapshot_parts(&state, sequence, &Channels::ALL, &Filter::default())
             }
         };
         Ok(Response::new(pb::GetSnapshotResponse {
-            snapshot: Some(snapshot),
+            snapshot: Some(parts.assemble(self.max_response_bytes)),
         }))
     }
 
@@ -844,59 +881,6 @@ fn latest_per_agent<'a>(
     newest_first
 }
 
-/// The parts of a snapshot a subscription asked for (its channels and filters).
-fn filter_snapshot(mut s: pb::Snapshot, ch: &Channels, f: &Filter) -> pb::Snapshot {
-    use pb::Channel;
-    if !ch.has(Channel::Metrics) {
-        s.agents.clear();
-    }
-    s.agents.retain(|m| f.metrics(m));
-    if !ch.has(Channel::Actions) {
-        s.actions.clear();
-    }
-    s.actions.retain(|a| {
-        f.agent.as_ref().is_none_or(|x| a.agent_name == *x)
-            && f.action_type.as_ref().is_none_or(|x| a.action_type == *x)
-            && f.correlation_id
-                .as_ref()
-                .is_none_or(|x| a.correlation_id.as_deref() == Some(x.as_str()))
-    });
-    if !ch.has(Channel::Routing) {
-        s.routing_decisions.clear();
-    }
-    s.routing_decisions.retain(|d| {
-        f.agent.as_ref().is_none_or(|x| d.selected_agent == *x)
-            && f.correlation_id
-                .as_ref()
-                .is_none_or(|x| d.correlation_id.as_deref() == Some(x.as_str()))
-            && f.confidence(d.confidence_score)
-    });
-    if !ch.has(Channel::Transformations) {
-        s.transformations.clear();
-    }
-    s.transformations.retain(|t| {
-        f.agent
-            .as_ref()
-            .is_none_or(|x| t.source_agent == *x || t.target_agent == *x)
-            && f.correlation_id
-                .as_ref()
-                .is_none_or(|x| t.correlation_id.as_deref() == Some(x.as_str()))
-    });
-    if !ch.has(Channel::Performance) || f.agent.is_some() {
-        s.performance_metrics.clear();
-    }
-    // As on the live side (`subscribe_message`): a correlation id filter applies to them too.
-    s.performance_metrics.retain(|m| {
-        f.correlation_id
-            .as_ref()
-            .is_none_or(|x| m.correlation_id.as_deref() == Some(x.as_str()))
-    });
-    if !ch.has(Channel::Performance) || f.agent.is_some() {
-        s.performance_stats = None;
-    }
-    s
-}
-
 fn lag_notice(missed: u64, last_missed: u64) -> SubscribePush {
     SubscribePush::Message(Box::new(pb::SubscribeResponse {
         sequence: last_missed,
@@ -928,11 +912,7 @@ fn subscribe_message(u: &Update, ch: &Channels, f: &Filter) -> Option<SubscribeP
             U::Transformation(convert::transformation(t))
         }
         UpdateKind::Event(Event::PerformanceMetric(m))
-            if ch.has(pb::Channel::Performance)
-                && f.agent.is_none()
-                && f.correlation_id
-                    .as_ref()
-                    .is_none_or(|c| m.correlation_id() == Some(c.as_str())) =>
+            if ch.has(pb::Channel::Performance) && f.performance(m) =>
         {
             U::PerformanceMetric(convert::performance(m))
         }
@@ -1220,6 +1200,7 @@ mod tests {
             ingest: Arc::new(IngestStatus::new(Default::default())),
             real_time: true,
             max_push: 100,
+            max_response_bytes: 4 << 20,
             shutdown: Shutdown::new(),
         }
     }
@@ -1436,20 +1417,12 @@ mod tests {
         }
         // Nor one that is not finite (the parser reads the bare `NaN` and `Infinity` as
         // absent, but the rule does not rest on that).
-        let odd = pb::Snapshot {
-            routing_decisions: [f64::NAN, f64::INFINITY]
-                .map(|c| pb::RoutingDecision {
-                    confidence_score: Some(c),
-                    ..Default::default()
-                })
-                .into(),
-            ..Default::default()
-        };
         let filter = Filter {
             min_confidence: Some(0.0),
             ..Default::default()
         };
-        let kept = filter_snapshot(odd, &Channels::ALL, &filter).routing_decisions;
-        assert!(kept.is_empty(), "{kept:?}");
+        for c in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert!(!filter.confidence(Some(c)), "{c}");
+        }
     }
 }

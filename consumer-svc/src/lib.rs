@@ -9,6 +9,7 @@ pub mod events;
 pub mod hub;
 pub mod ingest;
 pub mod replay_progress;
+pub mod snapshot;
 pub mod state;
 pub mod timestamp;
 pub mod wire;
@@ -124,6 +125,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         ingest: ingest_status,
         real_time: settings.real_time_events,
         max_push: settings.max_push,
+        max_response_bytes: settings.server.max_send_message_size,
         shutdown: shutdown.clone(),
     });
     let live = settings.real_time_events.then(|| {

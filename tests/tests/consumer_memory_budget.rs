@@ -240,3 +240,116 @@ async fn large_events_stay_within_the_byte_budgets() {
         "in order, without repeats"
     );
 }
+
+/// The buffers may together hold more than one response carries (`--max-send-message-size`):
+/// a snapshot then keeps each list's newest events, says it was truncated, and still
+/// arrives, for `GetSnapshot` and for `Subscribe` (whose filtered snapshot is whole when what
+/// it asked for fits). Sent whole, it would fail with OUT_OF_RANGE while those events stay.
+#[tokio::test]
+async fn snapshots_larger_than_a_response_keep_the_newest_events() {
+    const BIG: usize = 30;
+    const MAX_RESPONSE: usize = 1 << 20;
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topics = create_topics(&brokers, &prefix, 1).await.unwrap();
+    let mut svc = ServiceSpec::new("consumer-svc")
+        .args(["--kafka-brokers", &brokers, "--topic-prefix", &prefix])
+        .args(["--max-send-message-size", "1MiB", "--shutdown-grace", "5s"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+
+    let p = TestProducer::new(&brokers).unwrap();
+    let details = "x".repeat(100_000);
+    let ids: Vec<String> = (0..BIG).map(|i| format!("big-{i:03}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let v = json!({
+            "id": id,
+            "agent_name": "agent-big",
+            "action_type": "tool_call",
+            "action_details": {"blob": details},
+            "timestamp": isoformat(at(i)),
+        });
+        let payload = serde_json::to_vec(&v).unwrap();
+        p.send(topics.name(Kind::AgentAction), "k", &payload)
+            .unwrap();
+    }
+    for i in 0..5 {
+        let v = json!({"id": format!("d{i}"), "selected_agent": "agent-small",
+                       "timestamp": isoformat(at(i))});
+        let payload = serde_json::to_vec(&v).unwrap();
+        p.send(topics.name(Kind::RoutingDecision), "k", &payload)
+            .unwrap();
+    }
+    p.flush().unwrap();
+    wait_status(&svc, WAIT, "all events", |s| {
+        s.events_processed == BIG as u64 + 5
+    })
+    .await
+    .unwrap();
+
+    let newest_first = |actions: &[pb::AgentAction]| {
+        let got: Vec<&str> = actions.iter().map(|a| a.id.as_str()).collect();
+        let want: Vec<&str> = ids
+            .iter()
+            .rev()
+            .take(got.len())
+            .map(String::as_str)
+            .collect();
+        assert_eq!(got, want, "the newest actions, newest first, without gaps");
+        got.len()
+    };
+    let snapshot = client(&svc)
+        .get_snapshot(pb::GetSnapshotRequest {})
+        .await
+        .expect("a snapshot, not OUT_OF_RANGE")
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snapshot.truncated);
+    let kept = newest_first(&snapshot.actions);
+    assert!(
+        (5..BIG).contains(&kept),
+        "{kept} actions of ~100 KB in 1 MiB"
+    );
+    assert_eq!(
+        snapshot.routing_decisions.len(),
+        5,
+        "the small list is whole"
+    );
+    assert!(prost::Message::encoded_len(&snapshot) <= MAX_RESPONSE);
+
+    let first = |request: pb::SubscribeRequest| {
+        let svc = &svc;
+        async move {
+            let mut stream = client(svc).subscribe(request).await.unwrap().into_inner();
+            let message = tokio::time::timeout(WAIT, stream.next())
+                .await
+                .expect("a first message")
+                .expect("a message")
+                .expect("a snapshot, not OUT_OF_RANGE");
+            match message.update {
+                Some(Update::Snapshot(s)) => s,
+                other => panic!("expected the snapshot first, got {other:?}"),
+            }
+        }
+    };
+    let big = first(pb::SubscribeRequest {
+        include_snapshot: true,
+        agent: Some("agent-big".into()),
+        ..Default::default()
+    })
+    .await;
+    assert!(big.truncated);
+    assert!(newest_first(&big.actions) >= 5);
+    assert!(big.routing_decisions.is_empty(), "another agent's");
+    let small = first(pb::SubscribeRequest {
+        include_snapshot: true,
+        agent: Some("agent-small".into()),
+        ..Default::default()
+    })
+    .await;
+    assert!(!small.truncated, "what it asked for fits");
+    assert!(small.actions.is_empty());
+    assert_eq!(small.routing_decisions.len(), 5);
+}
