@@ -151,6 +151,10 @@ pub struct BusRequest {
     pub service: String,
     pub timestamp: Option<DateTime<Utc>>,
     pub deadline: Option<Deadline>,
+    /// `payload.timeout_ms`, when the deadline came from it (`timestamp` + it): a receiver
+    /// whose clock is behind the sender's counts it from receipt instead
+    /// ([`BusRequest::deadline_from_receipt`]).
+    pub timeout: Option<chrono::Duration>,
     /// W3C `traceparent`, if the sender put one in the envelope.
     pub traceparent: Option<String>,
     pub body: RequestBody,
@@ -262,6 +266,7 @@ pub fn parse_request(bytes: &[u8], key: Option<&[u8]>) -> Result<BusRequest, Rej
     let timestamp = get(&obj, "timestamp", "timestamp")
         .map(|v| parse_time("timestamp", v, &cid))
         .transpose()?;
+    let mut timeout = None;
     let deadline =
         match get(payload, "deadline", "deadline").or_else(|| get(&obj, "deadline", "deadline")) {
             Some(v) => Some(parse_time("deadline", v, &cid)?),
@@ -275,9 +280,10 @@ pub fn parse_request(bytes: &[u8], key: Option<&[u8]>) -> Result<BusRequest, Rej
                     })?;
                     // checked: a huge timeout is an error to report, never a panic (the
                     // request would be redelivered and panic again).
-                    let deadline = i64::try_from(ms)
+                    timeout = i64::try_from(ms)
                         .ok()
-                        .and_then(chrono::Duration::try_milliseconds)
+                        .and_then(chrono::Duration::try_milliseconds);
+                    let deadline = timeout
                         .and_then(|d| start.checked_add_signed(d))
                         .ok_or_else(|| reject(&cid, "payload.timeout_ms is out of range"))?;
                     Some(deadline)
@@ -348,9 +354,26 @@ pub fn parse_request(bytes: &[u8], key: Option<&[u8]>) -> Result<BusRequest, Rej
         service: non_empty_str(get(&obj, "service", "service")).unwrap_or_default(),
         timestamp,
         deadline,
+        timeout,
         traceparent: non_empty_str(get(&obj, "traceparent", "traceparent")),
         body,
     })
+}
+
+impl BusRequest {
+    /// The deadline as the receiver counts it, the request having arrived at `received`: a
+    /// `timeout_ms` runs from the envelope's timestamp, but never from later than receipt (a
+    /// sender's clock ahead of the receiver's would otherwise stretch it, and the request
+    /// could run after its sender gave up, and maybe wrote elsewhere). An absolute deadline
+    /// is the sender's own.
+    pub fn deadline_from_receipt(&self, received: DateTime<Utc>) -> Option<Deadline> {
+        match (self.timeout, self.timestamp) {
+            (Some(timeout), Some(sent)) if sent > received => {
+                received.checked_add_signed(timeout).or(self.deadline)
+            }
+            _ => self.deadline,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +422,44 @@ mod tests {
         assert_eq!(sql.entity_type.as_deref(), Some("agent_actions"));
         assert_eq!(sql.params, vec![json!("a")]);
         assert_eq!((sql.limit, sql.offset, sql.filters), (None, None, None));
+    }
+
+    /// A `timeout_ms` runs from the timestamp, or from receipt when the timestamp is later (a
+    /// sender's clock ahead): the sender stops waiting `timeout_ms` after it sent the request.
+    #[test]
+    fn a_timeout_never_counts_from_after_receipt() {
+        let envelope = |timestamp: &str, payload: Value| {
+            parse(&json!({
+                "event_type": "DATABASE_QUERY_REQUESTED", "correlation_id": "c",
+                "timestamp": timestamp, "payload": payload,
+            }))
+            .unwrap()
+        };
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let received = at("2025-11-20T09:15:00Z");
+        let relative = json!({"operation": "count", "timeout_ms": 5000,
+                              "request": {"table": "agent_actions"}});
+        let ahead = envelope("2025-11-20T09:16:00Z", relative.clone());
+        assert_eq!(ahead.deadline, Some(at("2025-11-20T09:16:05Z")), "as sent");
+        assert_eq!(
+            ahead.deadline_from_receipt(received),
+            Some(at("2025-11-20T09:15:05Z"))
+        );
+        let behind = envelope("2025-11-20T09:14:58Z", relative);
+        assert_eq!(
+            behind.deadline_from_receipt(received),
+            Some(at("2025-11-20T09:15:03Z"))
+        );
+        // An absolute deadline is the sender's own, whatever its clock.
+        let absolute = envelope(
+            "2025-11-20T09:16:00Z",
+            json!({"operation": "count", "deadline": "2025-11-20T09:16:05Z",
+                   "request": {"table": "agent_actions"}}),
+        );
+        assert_eq!(
+            absolute.deadline_from_receipt(received),
+            Some(at("2025-11-20T09:16:05Z"))
+        );
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub enum BusError {
     /// A reply that does not fit the protocol.
     #[error("bad reply: {0}")]
     Protocol(String),
+    /// The request has no JSON form (a NaN or infinite number, say); nothing was sent.
+    #[error("the request cannot be sent over the bus: {0}")]
+    Unencodable(String),
 }
 
 impl BusError {
@@ -94,7 +97,9 @@ impl BusError {
     pub fn should_fall_back(&self) -> bool {
         use bus_protocol::codes::{REPLY_TOO_LARGE, TIMEOUT, WRITE_REPLY_TOO_LARGE};
         match self {
-            BusError::Timeout { .. } | BusError::Unavailable(_) => true,
+            // Nothing was sent: db-svc itself answers such a request over gRPC, with the
+            // field at fault named, as for any caller.
+            BusError::Timeout { .. } | BusError::Unavailable(_) | BusError::Unencodable(_) => true,
             BusError::Failed(f) => matches!(
                 f.error_code.as_str(),
                 TIMEOUT | WRITE_REPLY_TOO_LARGE | REPLY_TOO_LARGE
@@ -212,6 +217,23 @@ impl Drop for BusPublisher {
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The reply consumer's settings (`group` is the publisher's own consumer group).
+fn reply_consumer_config(config: &BusConfig, group: &str) -> rdkafka::ClientConfig {
+    let mut c = kafka_client(&config.brokers, &config.kafka_settings);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        // Positions are set at connect; this is for a position the log no longer has (a
+        // broker restarted empty): read the new log from its start, not from its end, which
+        // would skip the replies written since. Replies are matched by correlation id, so
+        // older ones are ignored.
+        .set("auto.offset.reset", "earliest")
+        // Replies are small and latency matters more than batching.
+        .set("fetch.wait.max.ms", "2")
+        .set("fetch.min.bytes", "1");
+    c
+}
+
 impl BusPublisher {
     /// Creates the producer and the reply consumer, assigned to the reply topics' current end.
     pub async fn connect(config: BusConfig) -> Result<Self, BusError> {
@@ -223,7 +245,8 @@ impl BusPublisher {
             .set("enable.idempotence", "false")
             // 1 ms of batching: little latency, far fewer produce requests under load.
             .set("linger.ms", "1")
-            .set("compression.type", "lz4")
+            // As the platform's own clients send (their consumers need no codec package).
+            .set("compression.type", "gzip")
             .set("message.timeout.ms", "30000")
             .create()
             .map_err(unavailable)?;
@@ -231,13 +254,7 @@ impl BusPublisher {
             "omnibus-client-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
-        let consumer: StreamConsumer = kafka_client(&config.brokers, &config.kafka_settings)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            // Replies are small and latency matters more than batching.
-            .set("fetch.wait.max.ms", "2")
-            .set("fetch.min.bytes", "1")
+        let consumer: StreamConsumer = reply_consumer_config(&config, &group)
             .create()
             .map_err(unavailable)?;
         let consumer = Arc::new(consumer);
@@ -332,7 +349,7 @@ impl BusPublisher {
         let with_id = with_request_id(request);
         let request = with_id.as_ref().unwrap_or(request);
         let json = omnibus_proto::json::to_json(op.request_message(), request, true)
-            .map_err(|e| BusError::Protocol(e.to_string()))?;
+            .map_err(|e| BusError::Unencodable(e.to_string()))?;
         let payload = serde_json::json!({ "operation": op.as_str(), "request": json });
         let reply = self.request(payload, correlation_id, timeout).await?;
         structured_response(op, reply)
@@ -652,6 +669,16 @@ mod tests {
     }
 
     /// Only answers that prove nothing was done send a write to the direct path.
+    /// After a broker restarted empty, the saved positions are past the new logs' ends: the
+    /// consumer then reads the new logs from their start, where the replies since are.
+    #[test]
+    fn the_reply_consumer_reads_a_log_it_lost_its_place_in_from_the_start() {
+        let c = reply_consumer_config(&BusConfig::new("b:9092"), "g");
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(c.get("group.id"), Some("g"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+    }
+
     #[test]
     fn falls_back_when_the_bus_gave_no_usable_answer() {
         let failed = |code: &str| BusError::Failed(Box::new(FailedPayload::new(code, "x")));
@@ -667,6 +694,7 @@ mod tests {
         assert!(!failed("CONFLICT").should_fall_back());
         assert!(!failed(bus_protocol::codes::VALIDATION_ERROR).should_fall_back());
         assert!(!BusError::Protocol("bad".into()).should_fall_back());
+        assert!(BusError::Unencodable("NaN".into()).should_fall_back());
         // Done, but the reply did not fit on the bus: gRPC returns the recorded result.
         assert!(failed(bus_protocol::codes::REPLY_TOO_LARGE).should_fall_back());
     }

@@ -243,7 +243,7 @@ impl DbClient {
 /// `status` with the write's request id in its message when the write's outcome is unknown
 /// (no answer, or an internal failure): retrying with that id (`request_id`, the CLI's
 /// `--request-id`) returns the recorded result instead of writing twice.
-fn with_request_id(status: tonic::Status, request_id: &str) -> tonic::Status {
+pub fn with_request_id(status: tonic::Status, request_id: &str) -> tonic::Status {
     use tonic::Code::*;
     let unknown_outcome = matches!(
         status.code(),
@@ -283,6 +283,7 @@ pub fn bus_error_to_status(e: BusError) -> tonic::Status {
         BusError::Timeout { .. } => tonic::Status::deadline_exceeded(e.to_string()),
         BusError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
         BusError::Protocol(_) => tonic::Status::internal(e.to_string()),
+        BusError::Unencodable(_) => tonic::Status::invalid_argument(e.to_string()),
     }
 }
 

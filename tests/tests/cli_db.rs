@@ -835,3 +835,39 @@ async fn an_absurd_bus_timeout_is_a_usage_error() {
     assert!(out.stderr.contains("--bus-timeout"), "{out:?}");
     assert!(out.stderr.contains("at most 365d"), "{out:?}");
 }
+
+/// `db raw` gives a write a request id, as the other write commands do, and names it: the
+/// same write retried with it is replayed, not written twice.
+#[tokio::test]
+async fn raw_writes_get_a_request_id_that_makes_a_retry_harmless() {
+    let svc = DbSvc::start(&["--raw-sql-writes", "true"]).await;
+    let addr = svc.svc.addr.to_string();
+    let insert = "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+                  VALUES (gen_random_uuid(), 'raw-writer', 'tool_call', 'x')";
+    let out = db(&addr, &["raw", insert, "--output", "table"]).await;
+    let summary = out.stdout.lines().last().unwrap_or_default().to_string();
+    let id = summary
+        .split_once("request id ")
+        .map(|(_, id)| id.trim().to_string())
+        .unwrap_or_else(|| panic!("no request id in {summary:?}"));
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{summary}");
+    let again = db(
+        &addr,
+        &["raw", insert, "--request-id", &id, "--output", "table"],
+    )
+    .await;
+    assert!(again.stdout.contains("replayed"), "{}", again.stdout);
+    assert_eq!(svc.count_all("agent_actions").await, 1, "written once");
+    // A read names no request id.
+    let read = db(
+        &addr,
+        &[
+            "raw",
+            "SELECT count(*) AS n FROM agent_actions",
+            "--output",
+            "table",
+        ],
+    )
+    .await;
+    assert!(!read.stdout.contains("request id"), "{}", read.stdout);
+}

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use omnibus_client::bus::{BusConfig, BusPublisher};
 use omnibus_client::connect::AuthChannel;
-use omnibus_client::db::{DbClient, Routed, Via, WriteMode};
+use omnibus_client::db::{DbClient, Routed, Via, WriteMode, with_request_id};
 use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
 use serde_json::value::RawValue;
@@ -429,24 +429,35 @@ pub async fn run(cli: &Cli, cmd: &DbCommand, format: Format) -> Result<ExitCode>
                         .map_err(Fail)
                 })
                 .collect::<Result<Vec<_>>>()?;
+            // A write gets a request id, as the other write commands do, so that one whose
+            // answer was lost can be retried without writing twice (db-svc ignores it on reads).
+            let writes = is_write_statement(&a.sql);
+            let request_id = match &a.request_id {
+                Some(id) => id.clone(),
+                None if writes => uuid::Uuid::new_v4().to_string(),
+                None => String::new(),
+            };
             let reply = db
                 .grpc
                 .clone()
                 .execute_raw(pb::ExecuteRawRequest {
                     sql: a.sql.clone(),
                     params,
-                    request_id: a.request_id.clone().unwrap_or_default(),
+                    request_id: request_id.clone(),
                 })
                 .await
-                .map_err(|s| db.err(s))?
+                .map_err(|s| db.err(with_request_id(s, &request_id)))?
                 .into_inner();
             let rows = to_maps(&reply.rows);
             print_rows(&mut out, &rows, &[], format, a.wide)?;
-            summary(
-                &mut out,
-                format,
-                &format!("({})", output::plural(reply.affected, "row")),
-            )?;
+            let mut line = format!("({})", output::plural(reply.affected, "row"));
+            if writes {
+                line.push_str(&format!(", request id {request_id}"));
+            }
+            if reply.replayed {
+                line.push_str(" (replayed: an earlier request with this id already did it)");
+            }
+            summary(&mut out, format, &line)?;
         }
         DbCommand::Insert(a) => {
             let desc = db.describe(&a.table).await?;
@@ -634,6 +645,29 @@ fn print_rows(
     Ok(())
 }
 
+/// Whether `sql` is an INSERT, UPDATE, DELETE or MERGE (after leading blanks, comments and
+/// parentheses): for the request id and the summary only; db-svc's guard decides what runs.
+fn is_write_statement(sql: &str) -> bool {
+    let mut rest = sql;
+    loop {
+        let trimmed = rest.trim_start_matches(|c: char| c.is_whitespace() || c == '(');
+        if let Some(comment) = trimmed.strip_prefix("--") {
+            rest = comment.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(comment) = trimmed.strip_prefix("/*") {
+            rest = comment.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            rest = trimmed;
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(char::is_ascii_alphabetic)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    matches!(word.as_str(), "insert" | "update" | "delete" | "merge")
+}
+
 /// The closing line: on stdout under a table, on stderr with JSON (stdout stays pure rows).
 fn summary(out: &mut impl Write, format: Format, line: &str) -> Result<()> {
     match format {
@@ -798,6 +832,28 @@ fn written<T>(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn raw_writes_are_told_from_reads_by_their_first_word() {
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "  update t SET a = 1",
+            "-- note\nDELETE FROM t",
+            "/* a */ /* b */\n Delete FROM t",
+        ] {
+            assert!(is_write_statement(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT 1",
+            "(SELECT 1)",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "-- INSERT\nSELECT 1",
+            "inserted",
+            "",
+        ] {
+            assert!(!is_write_statement(sql), "{sql}");
+        }
+    }
 
     fn types() -> ColumnTypes {
         [

@@ -1,5 +1,6 @@
 //! Output: aligned tables for people, JSON lines for programs (pure formatting).
 
+use std::borrow::Cow;
 use std::io::IsTerminal;
 
 use comfy_table::{ContentArrangement, Table, TableComponent, presets};
@@ -28,14 +29,33 @@ pub fn resolve(choice: Option<Format>) -> Format {
 /// Widest cell in a table before it is cut with `…` (`--wide` keeps everything).
 pub const MAX_CELL: usize = 48;
 
-/// A cell's text: strings as they are, null as empty, everything else as JSON.
+/// `s` with its control characters shown, not obeyed: a newline as `⏎`, the other C0
+/// controls as their Unicode pictures (`␛` for ESC, `␉` for a tab), DEL as `␡`, C1 controls
+/// as `�`. Event and row text comes from any producer or writer, and an escape sequence sent
+/// to the terminal as it is could retitle it, clear it or hide text.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    s.chars()
+        .map(|c| match c {
+            '\n' => '⏎',
+            '\0'..='\x1f' => char::from_u32(0x2400 + c as u32).unwrap_or('�'),
+            '\x7f' => '␡',
+            c if c.is_control() => '�',
+            c => c,
+        })
+        .collect()
+}
+
+/// A cell's text: strings as they are (control characters shown as [`printable`]), null as
+/// empty, everything else as JSON.
 pub fn cell(v: &Value, wide: bool) -> String {
     let s = match v {
         Value::Null => String::new(),
-        Value::String(s) => s.clone(),
+        Value::String(s) => printable(s).into_owned(),
         other => other.to_string(),
     };
-    let s = s.replace('\n', "⏎");
     if wide || s.chars().count() <= MAX_CELL {
         s
     } else {
@@ -72,7 +92,7 @@ pub fn table(rows: &[Map<String, Value>], cols: &[String], wide: bool) -> String
         .set_style(TableComponent::HeaderLines, '─')
         .set_style(TableComponent::MiddleHeaderIntersections, '─')
         .set_content_arrangement(ContentArrangement::Disabled)
-        .set_header(cols.iter().map(String::as_str));
+        .set_header(cols.iter().map(|c| printable(c)));
     for r in rows {
         t.add_row(
             cols.iter()
@@ -108,6 +128,19 @@ pub fn plural(n: u64, one: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        let hostile = "a\nb\r\x1b[2J\x1b]0;owned\x07\tz\x7f\u{9b}1m";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(shown, "a⏎b␍␛[2J␛]0;owned␇␉z␡�1m");
+        assert!(matches!(printable("plain ✓"), Cow::Borrowed("plain ✓")));
+        let rows = [row(json!({"\x1b[31mred": hostile}))];
+        let cols = columns(&rows, &[]);
+        let t = table(&rows, &cols, true);
+        assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+    }
 
     fn row(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()

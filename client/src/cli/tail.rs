@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::filter::{self, Condition, Op};
-use super::output::Format;
+use super::output::{self, Format};
 use super::stream::{self, Item};
 use super::{Cli, Fail, Result, Svc, connect};
 
@@ -226,6 +226,11 @@ fn clock(e: &Map<String, Value>, k: &str) -> String {
 
 /// One human line for an event.
 pub fn human_line(kind: &str, e: &Map<String, Value>) -> String {
+    // Shown, not obeyed: event text comes from any producer.
+    output::printable(&event_line(kind, e)).into_owned()
+}
+
+fn event_line(kind: &str, e: &Map<String, Value>) -> String {
     match kind {
         "action" => format!(
             "{}  action       {:<14} {:<10} {:<14} {:>7}  {}",
@@ -501,5 +506,19 @@ mod tests {
         for part in ["coder", "tool_call", "Read", "12ms"] {
             assert!(line.contains(part), "{line}");
         }
+    }
+
+    /// One event, one line, whatever its text holds: a producer's escape sequences are shown.
+    #[test]
+    fn event_text_cannot_break_lines_or_drive_the_terminal() {
+        let d = pb::RoutingDecision {
+            selected_agent: "a\x1b]0;owned\x07".into(),
+            user_request: Some("fix\nthis\r\x1b[2J".into()),
+            ..Default::default()
+        };
+        let (kind, e) = event_of(&Update::RoutingDecision(d)).unwrap();
+        let line = human_line(kind, &e);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains("fix⏎this␍␛[2J"), "{line}");
     }
 }

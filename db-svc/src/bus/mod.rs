@@ -553,7 +553,10 @@ fn producer_config(
         .set("client.id", "db-svc-bus")
         // 1 ms of batching: little latency, far fewer produce requests under load.
         .set("linger.ms", "1")
-        .set("compression.type", "lz4");
+        // The platform's own codec: its Python clients (aiokafka, kafka-python) read gzip
+        // with the standard library, while lz4, snappy or zstd need optional packages whose
+        // absence kills their reply consumer.
+        .set("compression.type", "gzip");
     svc_kit::kafka::apply_these(&mut config, operator)
         .set("bootstrap.servers", &settings.brokers)
         .set("acks", "all");
@@ -739,6 +742,7 @@ async fn process(
     let received = chrono::Utc::now();
     let outgoing = match parse_request(payload.unwrap_or_default(), key) {
         Ok(mut request) => {
+            request.deadline = request.deadline_from_receipt(received);
             if request.deadline.is_none() {
                 request.deadline =
                     default_deadline(request.timestamp, received, worker.settings.default_timeout);
@@ -1328,6 +1332,11 @@ mod tests {
             Some("5000")
         );
         assert_eq!(producer_config(&settings, &[]).get("linger.ms"), Some("1"));
+        assert_eq!(
+            producer_config(&settings, &[]).get("compression.type"),
+            Some("gzip"),
+            "replies stock Python clients can read"
+        );
     }
 
     #[test]
