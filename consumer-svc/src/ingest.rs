@@ -124,6 +124,9 @@ pub struct IngestStatus {
     replayed: AtomicBool,
     /// Woken once, when the start-up replay is over.
     pub replay_over: tokio::sync::Notify,
+    /// Woken once, when the broker first listed what the replay must read:
+    /// `--replay-timeout` counts from then, not from a start while the broker was unreachable.
+    pub replay_started: tokio::sync::Notify,
 }
 
 impl IngestStatus {
@@ -139,6 +142,7 @@ impl IngestStatus {
             replay: Mutex::new(ReplayProgress::default()),
             replayed: AtomicBool::new(false),
             replay_over: tokio::sync::Notify::new(),
+            replay_started: tokio::sync::Notify::new(),
         }
     }
 
@@ -688,12 +692,15 @@ impl Ingest {
         let unsettled = listing.iter().any(|l| matches!(l, Listed::Unsettled(_)));
         self.unsettled_answers += u32::from(unsettled);
         if !unsettled || self.unsettled_answers >= UNSETTLED_ANSWERS_FOR_REPLAY {
-            self.sinks.status.replay.lock().begin(
+            let began = self.sinks.status.replay.lock().begin(
                 listing
                     .iter()
                     .enumerate()
                     .flat_map(|(k, l)| l.partitions().iter().map(move |p| (k, *p))),
             );
+            if began {
+                self.sinks.status.replay_started.notify_one();
+            }
         }
         let (gone, new) = partition_changes(&listing, self.assigned.keys().copied());
         // Vanished topics (a broker that restarted empty): forget their partitions.

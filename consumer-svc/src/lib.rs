@@ -93,7 +93,8 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
         },
     )
     .map_err(|e| anyhow::anyhow!("Kafka client: {}", svc_kit::kafka::describe_error(&e)))?;
-    // The replay wait is bounded (--replay-timeout).
+    // The replay wait is bounded (--replay-timeout), from when the broker first answered: a
+    // replica started during a broker outage must not report SERVING with nothing read.
     tokio::spawn({
         let (status, shutdown, timeout) = (
             ingest_status.clone(),
@@ -101,9 +102,13 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             settings.replay_timeout,
         );
         async move {
+            let started_then_timed_out = async {
+                status.replay_started.notified().await;
+                tokio::time::sleep(timeout).await;
+            };
             tokio::select! {
                 _ = shutdown.triggered() => {}
-                _ = tokio::time::sleep(timeout) => status.give_up_replay(),
+                _ = started_then_timed_out => status.give_up_replay(),
             }
         }
     });

@@ -43,9 +43,10 @@ impl Target {
 
 impl ReplayProgress {
     /// The partitions present at start-up (the first metadata answer); later calls do nothing.
-    pub fn begin(&mut self, partitions: impl IntoIterator<Item = Key>) {
+    /// True for the call that began it.
+    pub fn begin(&mut self, partitions: impl IntoIterator<Item = Key>) -> bool {
         if self.begun {
-            return;
+            return false;
         }
         self.begun = true;
         self.targets = partitions
@@ -60,6 +61,7 @@ impl ReplayProgress {
                 )
             })
             .collect();
+        true
     }
 
     /// A watermark report (librdkafka statistics): fixes the partition's target on the first.
@@ -162,7 +164,7 @@ mod tests {
     fn later_partitions_do_not_count_and_vanished_ones_stop_counting() {
         let mut r = ReplayProgress::default();
         r.begin([(0, 0), (2, 0)]);
-        r.begin([(3, 0)]); // ignored: only the first listing counts
+        assert!(!r.begin([(3, 0)]), "only the first listing counts");
         r.watermarks((0, 0), 0, 10);
         r.watermarks((3, 0), 0, 10); // not part of the replay
         assert!(!r.advance(positions(&[((0, 0), 10)])));

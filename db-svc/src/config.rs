@@ -26,8 +26,9 @@ pub struct Config {
     #[arg(long, env = "POSTGRES_HOST")]
     pub postgres_host: Option<String>,
 
-    /// PostgreSQL port.
-    #[arg(long, env = "POSTGRES_PORT", default_value_t = 5432)]
+    /// PostgreSQL port (also in the `tcp://host:port` form Kubernetes service links and
+    /// Docker links set POSTGRES_PORT to, for a service or container named `postgres`).
+    #[arg(long, env = "POSTGRES_PORT", value_parser = parse_postgres_port, default_value = "5432")]
     pub postgres_port: u16,
 
     /// PostgreSQL database name.
@@ -271,9 +272,43 @@ fn parse_role(raw: &str) -> Result<String, String> {
     Ok(raw.to_string())
 }
 
+/// A port, or the port of a `tcp://host:port` link address: a Kubernetes service named
+/// `postgres` gives every pod of its namespace `POSTGRES_PORT=tcp://10.0.0.5:5432` (Docker's
+/// links do the same), which must not stop db-svc from starting.
+fn parse_postgres_port(value: &str) -> Result<u16, String> {
+    let port = value
+        .strip_prefix("tcp://")
+        .and_then(|addr| addr.rsplit_once(':'))
+        .map_or(value, |(_, port)| port);
+    port.parse()
+        .map_err(|_| format!("'{value}' is not a port (1-65535, or tcp://host:port)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_port_takes_the_link_form_kubernetes_and_docker_set() {
+        assert_eq!(parse_postgres_port("5433"), Ok(5433));
+        assert_eq!(parse_postgres_port("tcp://10.0.0.5:5432"), Ok(5432));
+        assert_eq!(parse_postgres_port("tcp://[fd00::5]:6432"), Ok(6432));
+        for bad in ["", "tcp://10.0.0.5", "udp://h:5432", "70000", "tcp://h:x"] {
+            assert!(parse_postgres_port(bad).is_err(), "{bad}");
+        }
+        let settings = parse(&[
+            "--postgres-host",
+            "db.internal",
+            "--postgres-port",
+            "tcp://10.0.0.5:5432",
+        ])
+        .unwrap();
+        assert!(
+            settings.database_display.contains("db.internal:5432"),
+            "{}",
+            settings.database_display
+        );
+    }
 
     fn parse(args: &[&str]) -> Result<Settings, String> {
         svc_kit::config::parse_args_ignoring_env::<Config>(

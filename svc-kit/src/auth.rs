@@ -77,6 +77,9 @@ impl Scopes {
 /// Shortest token accepted: anything shorter is guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// What the example secrets (deploy/kubernetes/secrets.example.yaml) put where a token goes.
+const PLACEHOLDER: &str = "CHANGE-ME";
+
 /// The configured tokens, as SHA-256 digests. `Debug` shows only counts.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Tokens {
@@ -111,6 +114,15 @@ impl Tokens {
         if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(format!(
                 "a {} token contains whitespace or control characters",
+                scope.as_str()
+            ));
+        }
+        // The placeholders of the shipped example secrets are public: deployed unedited, they
+        // would let anyone who read the repository in.
+        if token.to_ascii_uppercase().contains(PLACEHOLDER) {
+            return Err(format!(
+                "a {} token still holds the example's {PLACEHOLDER} placeholder: generate a \
+                 real one (e.g. openssl rand -hex 32)",
                 scope.as_str()
             ));
         }
@@ -374,5 +386,25 @@ mod tests {
         let debug = format!("{t:?}");
         assert_eq!(debug, "Tokens(1 read, 1 write)");
         assert_eq!(format!("{:?}", Secret(READ.into())), "***");
+    }
+
+    /// The example secrets' tokens, deployed unedited, are refused rather than trusted.
+    #[test]
+    fn the_example_placeholders_are_refused() {
+        let example = include_str!("../../deploy/kubernetes/secrets.example.yaml");
+        let tokens: Vec<&str> = example
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("read ") || l.starts_with("write "))
+            .collect();
+        assert_eq!(tokens.len(), 2, "{example}");
+        for line in tokens {
+            let err = Tokens::parse_file_contents(line).unwrap_err();
+            assert!(err.contains("CHANGE-ME") && err.contains("line 1"), "{err}");
+        }
+        let err = Tokens::default()
+            .add("my-change-me-token-123", Scope::Read)
+            .unwrap_err();
+        assert!(err.contains("placeholder"), "{err}");
     }
 }

@@ -9,7 +9,8 @@ use omnibus_client::generate::{EventGenerator, Kind};
 use omnibus_proto::consumer::v1 as pb;
 use omnibus_proto::service_names::CONSUMER;
 use omnibus_tests::consumer::{
-    PrivateBroker, TestProducer, client, create_topics, start_consumer, unique_prefix, wait_status,
+    PrivateBroker, TestProducer, client, create_topics, spawn_consumer, start_consumer,
+    unique_prefix, wait_status,
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -231,6 +232,47 @@ async fn a_cut_to_a_broker_that_kept_its_logs_reads_nothing_twice() {
     assert!(
         !svc.logs().contains("re-read"),
         "a partition was re-read:\n{}",
+        svc.logs()
+    );
+}
+
+/// A replica started while the broker is down waits for it: `--replay-timeout` counts from
+/// the broker's first answer, so the replica neither ends its replay with nothing read nor
+/// reports SERVING before it has rebuilt its view.
+#[tokio::test]
+async fn the_replay_timeout_counts_from_the_brokers_first_answer() {
+    let mut broker = PrivateBroker::start().await.unwrap();
+    broker.stop();
+    let prefix = unique_prefix();
+    let mut svc = spawn_consumer(&broker.addr(), &prefix, &["--replay-timeout", "1s"]).unwrap();
+    let down = wait_status(&svc, WAIT, "a status", |s| !s.connected)
+        .await
+        .unwrap();
+    assert_eq!(down.replaying, Some(true));
+    // Well past the timeout, the broker still down: the replay has not begun, so not ended.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = wait_status(&svc, WAIT, "a status", |_| true).await.unwrap();
+    assert_eq!(
+        later.replaying,
+        Some(true),
+        "the replay was given up before the broker ever answered:\n{}",
+        svc.logs()
+    );
+    svc.wait_health(CONSUMER, ServingStatus::NotServing, WAIT)
+        .await
+        .unwrap();
+    broker.restart().await.unwrap();
+    wait_status(&svc, WAIT, "replayed", |s| {
+        s.connected && s.replaying == Some(false)
+    })
+    .await
+    .unwrap();
+    svc.wait_health(CONSUMER, ServingStatus::Serving, WAIT)
+        .await
+        .unwrap();
+    assert!(
+        !svc.logs().contains("not over within --replay-timeout"),
+        "{}",
         svc.logs()
     );
 }

@@ -59,13 +59,14 @@ pub struct Cli {
     )]
     pub db_addr: String,
 
-    /// Kafka bootstrap servers (for `generate` and `db --via bus`).
+    /// Kafka bootstrap servers (for `generate` and `db --via bus`); without the flag or
+    /// KAFKA_BROKERS, KAFKA_BOOTSTRAP_SERVERS (as the services read them), else the dev broker.
     #[arg(
         long,
         global = true,
         help_heading = "Global options",
         env = "KAFKA_BROKERS",
-        default_value = "127.0.0.1:19092"
+        default_value_t = default_brokers(std::env::var("KAFKA_BOOTSTRAP_SERVERS").ok())
     )]
     pub brokers: String,
 
@@ -481,6 +482,15 @@ pub async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     }
 }
 
+/// The brokers when neither `--brokers` nor KAFKA_BROKERS is given: KAFKA_BOOTSTRAP_SERVERS
+/// (`bootstrap`), which the services also accept, else the development broker.
+fn default_brokers(bootstrap: Option<String>) -> String {
+    bootstrap
+        .map(|b| b.trim().to_string())
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "127.0.0.1:19092".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,6 +513,18 @@ mod tests {
             Some("tok-0123456789abcdef")
         );
         assert!(!format!("{cli:?}").contains("tok-0123456789abcdef"));
+    }
+
+    #[test]
+    fn brokers_fall_back_to_kafka_bootstrap_servers_then_the_dev_broker() {
+        assert_eq!(
+            default_brokers(Some("k1:9092,k2:9092".into())),
+            "k1:9092,k2:9092"
+        );
+        assert_eq!(default_brokers(Some("  ".into())), "127.0.0.1:19092");
+        assert_eq!(default_brokers(None), "127.0.0.1:19092");
+        let cli = parse(&["--brokers", "b:9092", "status"]).unwrap();
+        assert_eq!(cli.brokers, "b:9092");
     }
 
     #[test]
