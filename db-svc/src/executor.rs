@@ -22,7 +22,7 @@ use crate::insert_coalescing::InsertCoalescer;
 use crate::ops::{self, OpOutput, Operation, Plan, QuerySpec, RawPage, RawSpec, RecordedOutput};
 use crate::query_coalescing::{FetchedRows, QueryCoalescer};
 use crate::raw_sql;
-use crate::values::{Param, StructRows, arguments, decode_rows, decode_rows_from, to_param};
+use crate::values::{Param, StructRows, arguments, decode_rows, decode_rows_within, to_param};
 use crate::wire::EncodedRows;
 
 /// Limits the executor enforces (from configuration).
@@ -71,6 +71,8 @@ const WRITE_TOO_LARGE: &str = "nothing was written: set count_only to have only 
 const WRITTEN_ROWS: &str = "the rows the write returns";
 /// The same for a raw statement's.
 const STATEMENT_ROWS: &str = "the statement's rows";
+/// The same for a Query's.
+const QUERY_ROWS: &str = "the query's rows";
 
 /// The bytes a returned row counts for against [`Limits::max_response_bytes`]: its protobuf
 /// size, and a little for its place in the response.
@@ -577,7 +579,19 @@ impl Executor {
         ctx: &ExecContext,
     ) -> Result<OpOutput, DbError> {
         let (fetched, total) = self.fetch_query(table, spec, ctx).await?;
-        let rows = decode_rows_from(&fetched.rows, fetched.first_column)?;
+        // Bounded like a raw read: rows past what a response carries stop being decoded (on
+        // the bus, a reply's JSON copies of them are never made).
+        let mut bytes = 0usize;
+        let rows = decode_rows_within(&fetched.rows, fetched.first_column, |row| {
+            bytes = bytes.saturating_add(response_bytes(row));
+            if bytes > self.limits.max_response_bytes {
+                return Err(DbError::field(
+                    "limit",
+                    self.limits.too_large(QUERY_ROWS, READ_TOO_LARGE),
+                ));
+            }
+            Ok(())
+        })?;
         Ok(OpOutput {
             affected: rows.len() as u64,
             rows,

@@ -175,26 +175,39 @@ async fn purge_request_log(pool: &PgPool, retention: std::time::Duration) {
     }
 }
 
-/// Starts the event-bus worker when it is configured. It shares the gRPC handler (structured
-/// form; its writes go through one whose returned rows must fit a bus reply) and gets an
-/// executor whose raw-SQL write policy is the bus's (SQL form). A worker that fails (its
+/// Starts the event-bus worker when it is configured. It runs the gRPC handler's code
+/// (structured form) and the executor (SQL form) with limits of their own: reads stop
+/// building rows no reply could carry, writes' returned rows must fit a reply before they
+/// commit, and the raw-SQL write policy is the bus's. A worker that fails (its
 /// Kafka clients cannot be created) stops the process, which then exits non-zero: db-svc
 /// must not go on reporting SERVING with nobody answering the bus.
 fn start_bus_worker(
     settings: &Settings,
     executor: &Executor,
-    api: std::sync::Arc<api::DatabaseApi>,
     shutdown: &Shutdown,
 ) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
     let Some(bus) = settings.bus.clone() else {
         tracing::warn!("event-bus worker off (no KAFKA_BROKERS, or --bus=false): gRPC only");
         return None;
     };
+    // Reads stop building rows no reply could carry (`bus::read_guard_bytes`).
+    let read_bytes = bus::read_guard_bytes(&bus).min(executor.limits().max_response_bytes);
+    let read_limits = Limits {
+        max_response_bytes: read_bytes,
+        response_limit: bus::READ_REPLY_LIMIT,
+        ..executor.limits().clone()
+    };
+    let api = std::sync::Arc::new(api::DatabaseApi::new(
+        executor.with_limits(read_limits),
+        shutdown.clone(),
+    ));
     // The SQL form runs raw statements only: no insert lanes of its own.
     let limits = Limits {
         raw_writes: bus.sql_writes,
         coalesce_inserts: 0,
         coalesce_queries: 0,
+        max_response_bytes: read_bytes,
+        response_limit: bus::READ_REPLY_LIMIT,
         ..executor.limits().clone()
     };
     // SQL-form writes may return only as many rows as a reply carries: refused before commit.
@@ -304,7 +317,7 @@ pub async fn run_until(settings: Settings, shutdown: Shutdown) -> anyhow::Result
             gauge!("db_pool_max_connections").set(f64::from(max));
         }
     });
-    let bus_worker = start_bus_worker(&settings, &executor, api.clone(), &shutdown);
+    let bus_worker = start_bus_worker(&settings, &executor, &shutdown);
     let scopes = svc_kit::Scopes::new().writes(service_names::DATABASE, WRITE_METHODS);
     let router = svc_kit::server::builder(&settings.server, scopes)?
         .add_service(health_service)

@@ -648,11 +648,27 @@ pub fn decode_rows(rows: &[PgRow]) -> Result<Vec<prost_types::Struct>, DbError> 
 
 /// Decodes a result set into `Struct`s, from column index `first` on.
 pub fn decode_rows_from(rows: &[PgRow], first: usize) -> Result<Vec<prost_types::Struct>, DbError> {
+    decode_rows_within(rows, first, |_| Ok(()))
+}
+
+/// [`decode_rows_from`], calling `check` with each decoded row before the next is decoded:
+/// an error from it ends the decoding (a result too large for its response stops growing).
+pub fn decode_rows_within(
+    rows: &[PgRow],
+    first: usize,
+    mut check: impl FnMut(&prost_types::Struct) -> Result<(), DbError>,
+) -> Result<Vec<prost_types::Struct>, DbError> {
     let Some(row) = rows.first() else {
         return Ok(Vec::new());
     };
     let columns = ResultColumns::from_column(row, first)?;
-    rows.iter().map(|row| columns.to_struct(row)).collect()
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let decoded = columns.to_struct(row)?;
+        check(&decoded)?;
+        out.push(decoded);
+    }
+    Ok(out)
 }
 
 /// One result cell after the type mapping, borrowing from the row where it can. Both row

@@ -344,6 +344,58 @@ async fn a_structured_write_returning_more_than_a_reply_carries_is_refused_befor
     assert_eq!(reply.json["payload"]["error_code"], "REPLY_TOO_LARGE");
 }
 
+/// A read whose rows come to far more than any reply could carry (here ~10 MB, against a
+/// 1 MB bus) is refused while its rows are read, in both forms, rather than built whole and
+/// copied into JSON several times before REPLY_TOO_LARGE: such reads (10,000 rows of large
+/// jsonb) could otherwise run db-svc out of memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_far_larger_than_a_reply_is_refused_while_its_rows_are_read() {
+    use sqlx::Connection;
+    let (db, topics, svc) = start_bus_worker().await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    omnibus_tests::db::insert_padded_actions(&mut conn, "huge", 100_000, 100).await;
+    warm_up(&mut tap, &t.request).await;
+    let check = |reply: &omnibus_tests::bus::Received, field: &str| {
+        assert_eq!(reply.topic, t.failed, "{reply:?}");
+        let payload = &reply.json["payload"];
+        assert_eq!(payload["error_code"], "VALIDATION_ERROR", "{reply:?}");
+        assert_eq!(
+            payload["details"]["field_violations"][0]["field"], field,
+            "{reply:?}"
+        );
+        let error = payload["error"].as_str().unwrap();
+        assert!(error.contains("bus reply could carry"), "{error}");
+    };
+    let c = uuid::Uuid::new_v4().to_string();
+    let query = json!({"table": "agent_actions", "where": {"agent_name": "huge"}, "limit": 100});
+    send(&t.request, &structured_envelope(&c, "QUERY", query)).await;
+    let reply = tap
+        .reply_for(&c, REPLY)
+        .unwrap_or_else(|e| panic!("{e}: {}", svc.logs()));
+    check(&reply, "limit");
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &omniclaude_envelope(
+            &c,
+            "QUERY",
+            Some("agent_actions"),
+            "SELECT * FROM agent_actions WHERE agent_name = $1",
+            json!(["huge"]),
+        ),
+    )
+    .await;
+    check(&tap.reply_for(&c, REPLY).unwrap(), "sql");
+    // A read that fits is answered as ever.
+    let c = uuid::Uuid::new_v4().to_string();
+    let query = json!({"table": "agent_actions", "where": {"agent_name": "huge"}, "limit": 3});
+    send(&t.request, &structured_envelope(&c, "QUERY", query)).await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+}
+
 /// A write picked up with less time left than its reply needs (a tenth of its timeout, at
 /// least 500 ms) is answered TIMEOUT without writing: executed, its reply would reach the
 /// caller after it gave up and wrote directly.

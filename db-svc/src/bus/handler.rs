@@ -297,8 +297,9 @@ impl Handler {
             remaining,
             checked.kind.is_write().then(|| correlation_id.to_string()),
         );
-        // Reads keep the gRPC limit: one too large for the bus commits nothing, and its
-        // REPLY_TOO_LARGE says to ask for fewer rows (as for the structured form's reads).
+        // Reads are bounded by what a reply could carry (`read_guard_bytes`): refused while
+        // their rows are read when far too large, else REPLY_TOO_LARGE once the reply is made
+        // (a read commits nothing either way).
         let executor = if checked.kind.is_write() {
             &self.sql_write_executor
         } else {

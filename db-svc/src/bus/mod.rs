@@ -213,6 +213,24 @@ pub fn structured_write_reply_bytes(settings: &BusSettings) -> usize {
     reply_row_bytes(producer_message_max_bytes(settings).as_deref(), 2)
 }
 
+/// [`crate::executor::Limits::response_limit`] of bus reads ([`read_guard_bytes`]).
+pub const READ_REPLY_LIMIT: &str = "a bus reply could carry of them (four times the \
+     producer's message.max.bytes)";
+
+/// The bytes of rows (as the executor counts them: their protobuf size) a read on the bus
+/// may build before it is refused, as INVALID_ARGUMENT: four times the reply producer's
+/// `message.max.bytes`. A reply carries rows as JSON text, which can be smaller than their
+/// protobuf form (about 2.7 times, for rows of small numbers) but not by that much, so a read
+/// refused here could not have fit; one under it that still does not fit gets
+/// REPLY_TOO_LARGE. It bounds what a read holds before its reply is made, which otherwise
+/// (10,000 rows of large jsonb, several JSON copies) could run the process out of memory.
+pub fn read_guard_bytes(settings: &BusSettings) -> usize {
+    producer_message_max_bytes(settings)
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
+        .saturating_mul(4)
+}
+
 /// The reply producer's `message.max.bytes`, as the operator set it (if they did).
 fn producer_message_max_bytes(settings: &BusSettings) -> Option<String> {
     let producer = producer_config(settings, svc_kit::kafka::settings());
