@@ -120,10 +120,11 @@ fn route(path: &str, handle: &PrometheusHandle, health: &Health) -> Response<Ful
 }
 
 /// Binds `addr` and serves `/metrics`, `/livez`, `/readyz` over HTTP/1.1 until `shutdown`.
+/// The endpoint keeps answering through the shutdown's delay and drain (`/livez` 200,
+/// `/readyz` 503, a last scrape); the caller aborts the returned task once the server stops.
 pub async fn bind(
     addr: SocketAddr,
     health: Health,
-    shutdown: Shutdown,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr().unwrap_or(addr);
@@ -136,7 +137,6 @@ pub async fn bind(
         let mut upkeep = tokio::time::interval(Duration::from_secs(5));
         loop {
             let stream = tokio::select! {
-                _ = shutdown.triggered() => break,
                 _ = upkeep.tick() => { handle.run_upkeep(); continue; }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,

@@ -467,7 +467,7 @@ pub async fn serve(
         .map_err(|source| ServeError::Bind { addr, source })?;
     let metrics = match args.metrics_listen.0 {
         Some(metrics_addr) => Some(
-            crate::metrics::bind(metrics_addr, health.clone(), shutdown.clone())
+            crate::metrics::bind(metrics_addr, health.clone())
                 .await
                 .map_err(|source| ServeError::Metrics {
                     addr: metrics_addr,

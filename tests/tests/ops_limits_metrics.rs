@@ -173,6 +173,33 @@ async fn limits_compression_and_metrics_on_db_svc() {
     assert_eq!(http_get(&metrics_addr, "/nope").await.unwrap().status, 404);
 }
 
+/// Through the shutdown's delay and drain the endpoint still answers: `/livez` 200 (the
+/// process runs; a liveness probe must not fail it mid-drain), `/readyz` 503, `/metrics`
+/// (a last scrape).
+#[tokio::test]
+async fn the_endpoint_answers_through_the_shutdown_delay() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(["--metrics-listen", &metrics_addr, "--shutdown-delay", "3s"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    wait_http_status(&metrics_addr, "/readyz", 200, Duration::from_secs(30))
+        .await
+        .unwrap();
+    svc.terminate().unwrap();
+    wait_http_status(&metrics_addr, "/readyz", 503, Duration::from_secs(2))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", svc.logs()));
+    assert_eq!(http_get(&metrics_addr, "/livez").await.unwrap().status, 200);
+    assert_eq!(
+        http_get(&metrics_addr, "/metrics").await.unwrap().status,
+        200
+    );
+}
+
 #[tokio::test]
 async fn readyz_is_503_while_the_database_is_unreachable() {
     let metrics_addr = format!("127.0.0.1:{}", free_port());
