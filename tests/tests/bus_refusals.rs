@@ -37,6 +37,23 @@ async fn warm_up(tap: &mut Tap, topic: &str) {
     tap.reply_for(&c, FIRST_REPLY).unwrap();
 }
 
+/// A bus worker on a fresh database holding `n` actions of agent `agent` with `pad` bytes of
+/// `action_details` each, a tap on its reply topics, and the worker seen answering.
+async fn padded_bus_worker(
+    agent: &str,
+    pad: i32,
+    n: i32,
+) -> (TestDatabase, BusTopics, omnibus_tests::ServiceProcess, Tap) {
+    use sqlx::Connection;
+    let (db, topics, svc) = start_bus_worker().await.unwrap();
+    let t = &topics.topics;
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    omnibus_tests::db::insert_padded_actions(&mut conn, agent, pad, n).await;
+    warm_up(&mut tap, &t.request).await;
+    (db, topics, svc, tap)
+}
+
 /// db-svc on `topics` with some of its topic flags pointing elsewhere (`(flag, topic)`), and
 /// topics neither created by a reply nor waited for: found missing within a second.
 async fn db_svc_with_topics(
@@ -132,14 +149,9 @@ async fn replies_the_broker_refuses_for_good_are_committed_not_retried_forever()
 /// a write that happened, and write again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_commits() {
-    use sqlx::Connection;
-    let (db, topics, _svc) = start_bus_worker().await.unwrap();
-    let t = topics.topics.clone();
-    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
     // ~2 MB of action_details, returned by the update below.
-    omnibus_tests::db::insert_padded_actions(&mut conn, "big-write", 2000, 1000).await;
-    warm_up(&mut tap, &t.request).await;
+    let (db, topics, _svc, mut tap) = padded_bus_worker("big-write", 2000, 1000).await;
+    let t = topics.topics.clone();
 
     let c = uuid::Uuid::new_v4().to_string();
     send(
@@ -255,14 +267,9 @@ fn assert_refused_before_commit(reply: &omnibus_tests::bus::Received, failed_top
 /// reply is still REPLY_TOO_LARGE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_structured_write_returning_more_than_a_reply_carries_is_refused_before_it_commits() {
-    use sqlx::Connection;
-    let (db, topics, svc) = start_bus_worker().await.unwrap();
-    let t = topics.topics.clone();
-    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
     // ~1 MB of action_details, returned by the update below.
-    omnibus_tests::db::insert_padded_actions(&mut conn, "big-update", 1000, 1000).await;
-    warm_up(&mut tap, &t.request).await;
+    let (db, topics, svc, mut tap) = padded_bus_worker("big-update", 1000, 1000).await;
+    let t = topics.topics.clone();
 
     // INSERT: ~0.6 MB of request (under the bus's 1 MB), its rows returned with their defaults
     // in `rows` and again in `response`.
@@ -350,13 +357,8 @@ async fn a_structured_write_returning_more_than_a_reply_carries_is_refused_befor
 /// jsonb) could otherwise run db-svc out of memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_far_larger_than_a_reply_is_refused_while_its_rows_are_read() {
-    use sqlx::Connection;
-    let (db, topics, svc) = start_bus_worker().await.unwrap();
+    let (_db, topics, svc, mut tap) = padded_bus_worker("huge", 100_000, 100).await;
     let t = topics.topics.clone();
-    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    omnibus_tests::db::insert_padded_actions(&mut conn, "huge", 100_000, 100).await;
-    warm_up(&mut tap, &t.request).await;
     let check = |reply: &omnibus_tests::bus::Received, field: &str| {
         assert_eq!(reply.topic, t.failed, "{reply:?}");
         let payload = &reply.json["payload"];

@@ -36,6 +36,35 @@ fn negate(filter: pb::Filter) -> pb::Filter {
     }
 }
 
+/// The rows of `query` as `Query`, `StreamQuery` (in batches of 2) and `ExecuteRaw` (`sql`,
+/// which selects the same) return them: the three read paths, each decoding on its own.
+async fn read_every_way(s: &DbSvc, query: pb::QueryRequest, sql: &str) -> [Vec<Json>; 3] {
+    let mut client = s.client.clone();
+    let rows = client.query(query.clone()).await.unwrap().into_inner().rows;
+    let mut stream = client
+        .stream_query(pb::StreamQueryRequest {
+            query: Some(query),
+            batch_size: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streamed = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        streamed.extend(rows_json(&batch.rows));
+    }
+    let raw = client
+        .execute_raw(pb::ExecuteRawRequest {
+            sql: sql.into(),
+            params: vec![],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    [rows_json(&rows), streamed, rows_json(&raw.rows)]
+}
+
 async fn insert(s: &mut DbSvc, table: &str, rows: Vec<Json>) -> Vec<Json> {
     let reply = s
         .client
@@ -1659,38 +1688,20 @@ async fn infinite_timestamps_read_back_as_postgresql_writes_them() {
         ("b".to_string(), json!("-infinity")),
         ("c".to_string(), json!("2024-01-31T10:00:00Z")),
     ];
-    let mut client = s.client.clone();
     let query = pb::QueryRequest {
         table: "agent_actions".into(),
         r#where: Some(to_struct(json!({"agent_name": "inf"}))),
         ..Default::default()
     };
-    let rows = client.query(query.clone()).await.unwrap().into_inner().rows;
-    assert_eq!(by_name(rows_json(&rows)), want, "Query");
-    let mut stream = client
-        .stream_query(pb::StreamQueryRequest {
-            query: Some(query),
-            batch_size: 2,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut streamed = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        streamed.extend(rows_json(&batch.rows));
+    let sql = "SELECT action_name, created_at FROM agent_actions WHERE agent_name = 'inf'";
+    for (rows, path) in
+        read_every_way(&s, query, sql)
+            .await
+            .into_iter()
+            .zip(["Query", "StreamQuery", "ExecuteRaw"])
+    {
+        assert_eq!(by_name(rows), want, "{path}");
     }
-    assert_eq!(by_name(streamed), want, "StreamQuery");
-    let raw = client
-        .execute_raw(pb::ExecuteRawRequest {
-            sql: "SELECT action_name, created_at FROM agent_actions WHERE agent_name = 'inf'"
-                .into(),
-            params: vec![],
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(by_name(rows_json(&raw.rows)), want, "ExecuteRaw");
 }
 
 /// PostgreSQL's dates and timestamps reach further than the API's times (year 262143):
@@ -1811,38 +1822,21 @@ async fn jsonb_integers_beyond_64_bits_read_back_as_their_exact_text() {
         "ok": 42.0,
         "s": "123456789012345678901234567890",
     }})];
-    let mut client = s.client.clone();
     let query = pb::QueryRequest {
         table: "agent_actions".into(),
         columns: vec!["action_details".into()],
         r#where: Some(to_struct(json!({ "agent_name": "wide" }))),
         ..Default::default()
     };
-    let rows = client.query(query.clone()).await.unwrap().into_inner().rows;
-    assert_eq!(rows_json(&rows), expected, "Query");
-    let mut stream = client
-        .stream_query(pb::StreamQueryRequest {
-            query: Some(query),
-            batch_size: 10,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut streamed = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        streamed.extend(rows_json(&batch.rows));
+    let sql = "SELECT action_details FROM agent_actions WHERE agent_name = 'wide'";
+    for (rows, path) in
+        read_every_way(&s, query, sql)
+            .await
+            .into_iter()
+            .zip(["Query", "StreamQuery", "ExecuteRaw"])
+    {
+        assert_eq!(rows, expected, "{path}");
     }
-    assert_eq!(streamed, expected, "StreamQuery");
-    let raw = client
-        .execute_raw(pb::ExecuteRawRequest {
-            sql: "SELECT action_details FROM agent_actions WHERE agent_name = $1".into(),
-            params: vec![to_value(json!("wide"))],
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(rows_json(&raw.rows), expected, "ExecuteRaw");
 }
 
 /// PostgreSQL stores JSON nested deeper than db-svc returns (96 protobuf messages: 48 levels
