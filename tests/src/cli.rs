@@ -194,6 +194,17 @@ impl Following {
         }
     }
 
+    /// Sends signal `name` (`INT`, `TERM`) to the process.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let pid = self.child.id().context("omnibus already exited")?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
+        Ok(())
+    }
+
     /// Waits for the process to exit by itself.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         tokio::time::timeout(timeout, self.child.wait())

@@ -500,3 +500,18 @@ async fn tail_notices_a_server_that_stops_answering_without_closing() {
     .await
     .unwrap();
 }
+
+/// A first Ctrl-C stops `generate` and flushes what was queued, which waits for a broker that
+/// is gone (up to 30 s); a second one quits at once, with the exit code of an interrupt.
+#[tokio::test]
+async fn a_second_interrupt_quits_generate_at_once() {
+    let gone = format!("127.0.0.1:{}", free_port());
+    let mut generate =
+        Following::spawn(&["--brokers", &gone, "generate", "--rate", "100", "--quiet"]).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    generate.signal("INT").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    generate.signal("INT").unwrap();
+    let status = generate.wait_exit(Duration::from_secs(3)).await.unwrap();
+    assert_eq!(status.code(), Some(130), "{:?}", generate.stderr.snapshot());
+}

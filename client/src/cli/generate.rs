@@ -71,11 +71,23 @@ pub async fn run(cli: &Cli, args: &GenerateArgs) -> Result<ExitCode> {
         tokio::spawn(async move {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            // The first signal stops producing and flushes what was queued (which waits for
+            // the broker, up to 30 s when it is gone); a second one quits at once.
+            for first in [true, false] {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                }
+                if first {
+                    stop.store(true, Ordering::SeqCst);
+                } else {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "omnibus: interrupted again; quitting without waiting for the broker"
+                    );
+                    std::process::exit(130);
+                }
             }
-            stop.store(true, Ordering::SeqCst);
         });
     }
     let brokers = cli.brokers.clone();
