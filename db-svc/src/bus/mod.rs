@@ -613,8 +613,21 @@ fn consumer_config(
                 .max(100)
                 .to_string(),
         );
+    // librdkafka refuses a session timeout longer than `max.poll.interval.ms` (5 min by
+    // default): a --bus-session-timeout up to its 1 h maximum raises that, too.
+    let session_ms = settings.session_timeout.as_millis();
+    let poll_ms = config
+        .get("max.poll.interval.ms")
+        .and_then(|v| v.trim().parse::<u128>().ok())
+        .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
+    if session_ms > poll_ms {
+        config.set("max.poll.interval.ms", session_ms.to_string());
+    }
     config
 }
+
+/// librdkafka's `max.poll.interval.ms` when unset.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u128 = 300_000;
 
 /// A consumer in the worker's group, subscribed to the request topic.
 fn subscribe(settings: &BusSettings) -> Result<BusConsumer, String> {
@@ -1350,6 +1363,21 @@ mod tests {
             Some("5000")
         );
         assert_eq!(producer_config(&settings, &[]).get("linger.ms"), Some("1"));
+        // A session longer than librdkafka's poll interval raises that, which librdkafka
+        // requires; a shorter one leaves it alone.
+        assert_eq!(
+            consumer_config(&settings, &[]).get("max.poll.interval.ms"),
+            None
+        );
+        let long = BusSettings {
+            session_timeout: Duration::from_secs(1800),
+            ..settings_for("b:9092")
+        };
+        let c = consumer_config(&long, &[]);
+        assert_eq!(c.get("max.poll.interval.ms"), Some("1800000"));
+        assert!(c.create::<rdkafka::consumer::BaseConsumer>().is_ok());
+        let c = consumer_config(&long, &[setting("max.poll.interval.ms", "3600000")]);
+        assert_eq!(c.get("max.poll.interval.ms"), Some("3600000"));
         assert_eq!(
             producer_config(&settings, &[]).get("compression.type"),
             Some("gzip"),
