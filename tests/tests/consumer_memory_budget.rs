@@ -63,6 +63,36 @@ async fn settled_rss(svc: &ServiceProcess, period: Duration) -> Option<u64> {
     Some(low)
 }
 
+/// Sends `n` actions of agent `agent-big`, each with `bytes` of `action_details`, at
+/// distinct event times in order, flushed as it goes (the broker and the consumer see a steady
+/// stream); returns their ids, oldest first.
+fn send_big_actions(
+    p: &TestProducer,
+    topics: &omnibus_client::generate::Topics,
+    n: usize,
+    bytes: usize,
+) -> Vec<String> {
+    let details = "x".repeat(bytes);
+    let ids: Vec<String> = (0..n).map(|i| format!("big-{i:03}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let v = json!({
+            "id": id,
+            "agent_name": "agent-big",
+            "action_type": "tool_call",
+            "action_details": {"blob": details},
+            "timestamp": isoformat(at(i)),
+        });
+        let payload = serde_json::to_vec(&v).unwrap();
+        p.send(topics.name(Kind::AgentAction), "k", &payload)
+            .unwrap();
+        if i % 20 == 19 {
+            p.flush().unwrap();
+        }
+    }
+    p.flush().unwrap();
+    ids
+}
+
 #[tokio::test]
 async fn large_events_stay_within_the_byte_budgets() {
     let brokers = kafka_brokers();
@@ -105,28 +135,7 @@ async fn large_events_stay_within_the_byte_budgets() {
         .into_inner();
 
     let p = TestProducer::new(&brokers).unwrap();
-    let details = "x".repeat(DETAILS_BYTES);
-    let ids: Vec<String> = (0..ACTIONS).map(|i| format!("big-{i:03}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        let v = json!({
-            "id": id,
-            "agent_name": "agent-big",
-            "action_type": "tool_call",
-            "action_details": {"blob": details},
-            "timestamp": isoformat(at(i)),
-        });
-        p.send(
-            topics.name(Kind::AgentAction),
-            "k",
-            &serde_json::to_vec(&v).unwrap(),
-        )
-        .unwrap();
-        // Flushed as it goes: the broker and the consumer see a steady stream.
-        if i % 20 == 19 {
-            p.flush().unwrap();
-        }
-    }
-    p.flush().unwrap();
+    let ids = send_big_actions(&p, &topics, ACTIONS, DETAILS_BYTES);
     wait_status(&svc, WAIT, "all actions", |s| {
         s.events_processed == ACTIONS as u64
     })
@@ -260,20 +269,7 @@ async fn snapshots_larger_than_a_response_keep_the_newest_events() {
     svc.wait_serving().await.unwrap();
 
     let p = TestProducer::new(&brokers).unwrap();
-    let details = "x".repeat(100_000);
-    let ids: Vec<String> = (0..BIG).map(|i| format!("big-{i:03}")).collect();
-    for (i, id) in ids.iter().enumerate() {
-        let v = json!({
-            "id": id,
-            "agent_name": "agent-big",
-            "action_type": "tool_call",
-            "action_details": {"blob": details},
-            "timestamp": isoformat(at(i)),
-        });
-        let payload = serde_json::to_vec(&v).unwrap();
-        p.send(topics.name(Kind::AgentAction), "k", &payload)
-            .unwrap();
-    }
+    let ids = send_big_actions(&p, &topics, BIG, 100_000);
     for i in 0..5 {
         let v = json!({"id": format!("d{i}"), "selected_agent": "agent-small",
                        "timestamp": isoformat(at(i))});
