@@ -57,39 +57,37 @@ impl Parts {
                 .saturating_sub(snapshot.encoded_len()),
             cut: false,
         };
-        let mut lists = [
-            List::new(&self.actions),
-            List::new(&self.decisions),
-            List::new(&self.transformations),
-            List::new(&self.performance),
-        ];
-        let mut taking = true;
-        while taking {
-            taking = false;
-            taking |= lists[0].take(
+        // Whether each list may still take events: one that does not fit ends its list.
+        let mut open = [true; 4];
+        loop {
+            let mut took = false;
+            took |= room.take(
+                &mut open[0],
                 &self.actions,
                 convert::action,
                 &mut snapshot.actions,
-                &mut room,
             );
-            taking |= lists[1].take(
+            took |= room.take(
+                &mut open[1],
                 &self.decisions,
                 convert::decision,
                 &mut snapshot.routing_decisions,
-                &mut room,
             );
-            taking |= lists[2].take(
+            took |= room.take(
+                &mut open[2],
                 &self.transformations,
                 convert::transformation,
                 &mut snapshot.transformations,
-                &mut room,
             );
-            taking |= lists[3].take(
+            took |= room.take(
+                &mut open[3],
                 &self.performance,
                 convert::performance,
                 &mut snapshot.performance_metrics,
-                &mut room,
             );
+            if !took {
+                break;
+            }
         }
         snapshot.truncated = room.cut;
         snapshot
@@ -102,47 +100,34 @@ struct Room {
     cut: bool,
 }
 
-/// How far one event list has been taken.
-struct List {
-    next: usize,
-    done: bool,
-}
-
-impl List {
-    fn new<E>(events: &[E]) -> Self {
-        Self {
-            next: 0,
-            done: events.is_empty(),
-        }
-    }
-
-    /// Takes the list's next event if it fits; whether one was taken.
+impl Room {
+    /// Takes the event of `events` after those already in `out`, converted, if its list is
+    /// `open` and it fits; whether one was taken. One that does not fit closes the list.
     fn take<E, P: Message>(
         &mut self,
+        open: &mut bool,
         events: &[Arc<E>],
         convert: fn(&E) -> P,
         out: &mut Vec<P>,
-        room: &mut Room,
     ) -> bool {
-        if self.done {
+        if !*open {
             return false;
         }
-        let Some(event) = events.get(self.next) else {
-            self.done = true;
+        let Some(event) = events.get(out.len()) else {
+            *open = false;
             return false;
         };
         let message = convert(event);
         let len = message.encoded_len();
         // The repeated field's one-byte tag (fields 2 to 5), the length, the message.
         let cost = 1 + encoded_len_varint(len as u64) + len;
-        if cost > room.left {
-            self.done = true;
-            room.cut = true;
+        if cost > self.left {
+            *open = false;
+            self.cut = true;
             return false;
         }
-        room.left -= cost;
+        self.left -= cost;
         out.push(message);
-        self.next += 1;
         true
     }
 }

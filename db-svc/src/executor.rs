@@ -98,6 +98,13 @@ impl Limits {
         }
     }
 
+    /// Counts `row` into `bytes`, the size of a response's rows so far (as
+    /// [`response_bytes`]); whether they now come to more than `max_response_bytes`.
+    fn past_response_limit(&self, bytes: &mut usize, row: &prost_types::Struct) -> bool {
+        *bytes = bytes.saturating_add(response_bytes(row));
+        *bytes > self.max_response_bytes
+    }
+
     /// What the refusal of rows coming to more than `max_response_bytes` says.
     fn too_large(&self, rows: &str, what_to_do: &str) -> String {
         format!(
@@ -123,8 +130,7 @@ impl Limits {
     pub(crate) fn check_written_rows(&self, rows: &[prost_types::Struct]) -> Result<(), DbError> {
         let mut bytes = 0usize;
         for row in rows {
-            bytes = bytes.saturating_add(response_bytes(row));
-            if bytes > self.max_response_bytes {
+            if self.past_response_limit(&mut bytes, row) {
                 return Err(DbError::WriteRowsTooLarge {
                     field: "count_only",
                     message: self.too_large(WRITTEN_ROWS, WRITE_TOO_LARGE),
@@ -583,8 +589,7 @@ impl Executor {
         // the bus, a reply's JSON copies of them are never made).
         let mut bytes = 0usize;
         let rows = decode_rows_within(&fetched.rows, fetched.first_column, |row| {
-            bytes = bytes.saturating_add(response_bytes(row));
-            if bytes > self.limits.max_response_bytes {
+            if self.limits.past_response_limit(&mut bytes, row) {
                 return Err(DbError::field(
                     "limit",
                     self.limits.too_large(QUERY_ROWS, READ_TOO_LARGE),
@@ -813,8 +818,7 @@ impl Executor {
                         // A result column without a mapping is the statement's doing.
                         let row = decoder.decode(&row).map_err(|e| e.within("sql."))?;
                         // Rows are counted above; their size too (`repeat()` makes any size).
-                        bytes += response_bytes(&row);
-                        if bytes > self.limits.max_response_bytes {
+                        if self.limits.past_response_limit(&mut bytes, &row) {
                             return Err(self.limits.raw_rows_too_large(is_write));
                         }
                         rows.push(row);

@@ -191,14 +191,13 @@ fn start_bus_worker(
         return None;
     };
     // Reads stop building rows no reply could carry (`bus::read_guard_bytes`).
-    let read_bytes = bus::read_guard_bytes(&bus).min(executor.limits().max_response_bytes);
     let read_limits = Limits {
-        max_response_bytes: read_bytes,
+        max_response_bytes: bus::read_guard_bytes(&bus).min(executor.limits().max_response_bytes),
         response_limit: bus::READ_REPLY_LIMIT,
         ..executor.limits().clone()
     };
     let api = std::sync::Arc::new(api::DatabaseApi::new(
-        executor.with_limits(read_limits),
+        executor.with_limits(read_limits.clone()),
         shutdown.clone(),
     ));
     // The SQL form runs raw statements only: no insert lanes of its own.
@@ -206,9 +205,7 @@ fn start_bus_worker(
         raw_writes: bus.sql_writes,
         coalesce_inserts: 0,
         coalesce_queries: 0,
-        max_response_bytes: read_bytes,
-        response_limit: bus::READ_REPLY_LIMIT,
-        ..executor.limits().clone()
+        ..read_limits
     };
     // SQL-form writes may return only as many rows as a reply carries: refused before commit.
     let write_limits = Limits {

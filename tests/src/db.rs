@@ -248,6 +248,17 @@ impl TableLock {
     }
 }
 
+/// Every row a `StreamQuery` stream sends, in order, until it ends (an error fails the test).
+pub async fn streamed_rows(
+    stream: &mut tonic::Streaming<omnibus_proto::db::v1::StreamQueryResponse>,
+) -> Vec<prost_types::Struct> {
+    let mut rows = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        rows.extend(batch.rows);
+    }
+    rows
+}
+
 /// The error a stream ends with, its messages before it skipped (a stream that ends without
 /// one fails the test).
 pub async fn stream_error<T>(stream: &mut tonic::Streaming<T>) -> tonic::Status {

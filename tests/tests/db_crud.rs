@@ -4,7 +4,8 @@
 
 use omnibus_proto::db::v1 as pb;
 use omnibus_tests::db::{
-    DbSvc, action, error_details, error_metadata, from_struct, rows_json, to_struct, to_value,
+    DbSvc, action, error_details, error_metadata, from_struct, rows_json, streamed_rows, to_struct,
+    to_value,
 };
 use serde_json::{Value as Json, json};
 
@@ -49,10 +50,7 @@ async fn read_every_way(s: &DbSvc, query: pb::QueryRequest, sql: &str) -> [Vec<J
         .await
         .unwrap()
         .into_inner();
-    let mut streamed = Vec::new();
-    while let Some(batch) = stream.message().await.unwrap() {
-        streamed.extend(rows_json(&batch.rows));
-    }
+    let streamed = rows_json(&streamed_rows(&mut stream).await);
     let raw = client
         .execute_raw(pb::ExecuteRawRequest {
             sql: sql.into(),
@@ -455,10 +453,7 @@ async fn type_mapping_both_ways() {
             .await
             .unwrap()
             .into_inner();
-        let mut streamed = Vec::new();
-        while let Some(batch) = stream.message().await.unwrap() {
-            streamed.extend(batch.rows);
-        }
+        let streamed = streamed_rows(&mut stream).await;
         assert_eq!(queried.rows.len(), 1, "{table}");
         assert_eq!(
             queried.rows, streamed,
@@ -741,11 +736,7 @@ async fn stream_query_sends_every_row_in_batches() {
         .await
         .unwrap()
         .into_inner();
-    let mut n = 0;
-    while let Some(batch) = stream.message().await.unwrap() {
-        n += batch.rows.len();
-    }
-    assert_eq!(n, 10);
+    assert_eq!(streamed_rows(&mut stream).await.len(), 10);
     let err = s
         .client
         .stream_query(pb::StreamQueryRequest {
@@ -1206,10 +1197,7 @@ async fn query_limit_defaults_to_100_and_is_capped_by_the_maximum() {
             .await
             .unwrap()
             .into_inner();
-        let mut n = 0;
-        while let Some(batch) = stream.message().await.unwrap() {
-            n += batch.rows.len();
-        }
+        let n = streamed_rows(&mut stream).await.len();
         assert_eq!(n, want, "stream limit {limit:?}");
     }
     drop(conn);

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use omnibus_proto::db::v1 as pb;
 use omnibus_tests::db::{
-    DbSvc, TableLock, action, error_details, error_metadata, rows_json, to_struct, to_value,
+    DbSvc, TableLock, action, error_details, error_metadata, rows_json, streamed_rows, to_struct,
+    to_value,
 };
 use omnibus_tests::{ServiceSpec, free_port};
 use serde_json::{Value as Json, json};
@@ -1424,11 +1425,11 @@ async fn transactions_start_again_when_begin_meets_an_ended_session() {
         .await
         .unwrap()
         .into_inner();
-    let mut rows = 0;
-    while let Some(batch) = stream.message().await.unwrap() {
-        rows += batch.rows.len();
-    }
-    assert_eq!(rows, 2, "both inserts, each once");
+    assert_eq!(
+        streamed_rows(&mut stream).await.len(),
+        2,
+        "both inserts, each once"
+    );
 }
 
 /// An `Upsert` whose conflict columns match no unique index: PostgreSQL's refusal (SQLSTATE

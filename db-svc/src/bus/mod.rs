@@ -225,10 +225,13 @@ pub const READ_REPLY_LIMIT: &str = "a bus reply could carry of them (four times 
 /// REPLY_TOO_LARGE. It bounds what a read holds before its reply is made, which otherwise
 /// (10,000 rows of large jsonb, several JSON copies) could run the process out of memory.
 pub fn read_guard_bytes(settings: &BusSettings) -> usize {
-    producer_message_max_bytes(settings)
-        .and_then(|v| v.trim().parse::<usize>().ok())
+    message_max_bytes(producer_message_max_bytes(settings).as_deref()).saturating_mul(4)
+}
+
+/// `message.max.bytes` as set (librdkafka's default when unset or unreadable).
+fn message_max_bytes(set: Option<&str>) -> usize {
+    set.and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES)
-        .saturating_mul(4)
 }
 
 /// The reply producer's `message.max.bytes`, as the operator set it (if they did).
@@ -240,9 +243,7 @@ fn producer_message_max_bytes(settings: &BusSettings) -> Option<String> {
 /// The row bytes a reply carrying its rows `copies` times has room for, under a producer
 /// `message.max.bytes` of `message_max_bytes` (librdkafka's default when unset or unreadable).
 fn reply_row_bytes(message_max_bytes: Option<&str>, copies: usize) -> usize {
-    let max = message_max_bytes
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
+    let max = self::message_max_bytes(message_max_bytes);
     let room = (max / 4).min(ENVELOPE_ROOM);
     (max - room) / 2 / copies.max(1)
 }
