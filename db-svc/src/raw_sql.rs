@@ -452,10 +452,13 @@ impl Guard<'_> {
                     .iter()
                     .map(|p| p.as_ident().map(resolved).unwrap_or_default())
                     .collect();
-                let served = |n: &String| self.served.contains(n);
+                // `_int4`, `_agent_actions`: PostgreSQL's names of the array types.
+                let element = |n: &str| n.strip_prefix('_').unwrap_or(n).to_string();
+                let built_in = |n: &str| BUILT_IN_TYPES.contains(&element(n).as_str());
+                let served = |n: &str| self.served.contains(&element(n));
                 match parts.as_slice() {
-                    [n] => BUILT_IN_TYPES.contains(&n.as_str()) || served(n),
-                    [schema, n] if schema == "pg_catalog" => BUILT_IN_TYPES.contains(&n.as_str()),
+                    [n] => built_in(n) || served(n),
+                    [schema, n] if schema == "pg_catalog" => built_in(n),
                     [schema, n] if schema == "public" => served(n),
                     _ => false,
                 }
@@ -839,6 +842,8 @@ mod tests {
             "SELECT json_populate_record(NULL::agent_actions, '{}') AS r",
             "SELECT NULL::public.error_events[] AS e, interval '1 day' AS i",
             "SELECT to_tsvector('english'::regconfig, agent_name) AS v FROM agent_actions",
+            // The array types under PostgreSQL's own names.
+            "SELECT '{1}'::_int4 AS a, '{}'::pg_catalog._text AS t, NULL::_agent_actions AS r",
         ] {
             if let Err(e) = check(sql, &served(), false) {
                 panic!("refused: {sql}: {e}");
@@ -943,6 +948,7 @@ mod tests {
             "SELECT row_to_json(json_populate_record(NULL::other_schema.secret_t, '{}')) AS c",
             "SELECT json_populate_record(NULL::omnibus_request_log, '{}')",
             "SELECT NULL::public.omnibus_request_log[]",
+            "SELECT NULL::_omnibus_request_log",
             "SELECT CAST(NULL AS pg_catalog.pg_authid)",
             "SELECT CAST(NULL AS omnibus_request_log)",
             // pageinspect and amcheck read raw pages of any table.
