@@ -399,8 +399,8 @@ async fn a_read_far_larger_than_a_reply_is_refused_while_its_rows_are_read() {
 }
 
 /// A write picked up with less time left than its reply needs (a tenth of its timeout, at
-/// least 500 ms) is answered TIMEOUT without writing: executed, its reply would reach the
-/// caller after it gave up and wrote directly.
+/// least 500 ms, at most 5 s) is answered TIMEOUT without writing: executed, its reply would
+/// reach the caller after it gave up and wrote directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_with_too_little_time_left_is_not_started() {
     let (db, topics, _svc) = start_bus_worker().await.unwrap();
@@ -408,7 +408,7 @@ async fn a_write_with_too_little_time_left_is_not_started() {
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
     warm_up(&mut tap, &t.request).await;
 
-    // A 20 s timeout (a 2 s margin), sent `ago` before now.
+    // A 60 s timeout (a 5 s margin), sent `ago` before now; its deadline.
     let insert = |agent: &str, ago: chrono::Duration| {
         let c = uuid::Uuid::new_v4().to_string();
         let mut env = omniclaude_envelope(
@@ -419,28 +419,49 @@ async fn a_write_with_too_little_time_left_is_not_started() {
              VALUES ($1, $2, 'x', 'y')",
             json!([uuid::Uuid::new_v4().to_string(), agent]),
         );
-        env["timestamp"] = json!(rfc3339(chrono::Utc::now() - ago));
-        env["payload"]["timeout_ms"] = json!(20_000);
-        (c, env)
+        let sent = chrono::Utc::now() - ago;
+        env["timestamp"] = json!(rfc3339(sent));
+        env["payload"]["timeout_ms"] = json!(60_000);
+        (c, env, sent + chrono::Duration::seconds(60))
     };
-    // About 1.5 s left: enough to insert a row, not enough to be sure the reply is in time.
-    let (late, env) = insert("too-late", chrono::Duration::milliseconds(18_500));
-    send(&t.request, &env).await;
-    let reply = tap.reply_for(&late, REPLY).unwrap();
-    assert_eq!(reply.topic, t.failed, "{reply:?}");
-    assert_eq!(reply.json["payload"]["error_code"], "TIMEOUT", "{reply:?}");
+    // About 4.5 s left: ample to insert a row, but less than the margin. The refusal proves
+    // the margin rule only when it came before the deadline (else the deadline itself explains
+    // it): a reply seen later, after a pickup slower than 4.5 s, is sent again.
+    let mut refused_in_time = false;
+    for _ in 0..3 {
+        let (late, env, deadline) = insert("too-late", chrono::Duration::milliseconds(55_500));
+        send(&t.request, &env).await;
+        let reply = tap.reply_for(&late, REPLY).unwrap();
+        let seen = chrono::Utc::now();
+        assert_eq!(reply.topic, t.failed, "{reply:?}");
+        assert_eq!(reply.json["payload"]["error_code"], "TIMEOUT", "{reply:?}");
+        let error = reply.json["payload"]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("was less than 5000 ms away")
+                && error.contains("too close for a write and its reply"),
+            "{reply:?}"
+        );
+        if seen < deadline {
+            refused_in_time = true;
+            break;
+        }
+    }
+    assert!(
+        refused_in_time,
+        "every refusal came after its deadline: the margin rule was never shown"
+    );
     // With the whole timeout left, the same write goes through.
-    let (in_time, env) = insert("in-time", chrono::Duration::zero());
+    let (in_time, env, _) = insert("in-time", chrono::Duration::zero());
     send(&t.request, &env).await;
     let reply = tap.reply_for(&in_time, REPLY).unwrap();
     assert_eq!(reply.topic, t.completed, "{reply:?}");
     assert_eq!(
         count_rows(
             &db,
-            "SELECT count(*) FROM agent_actions WHERE agent_name IN ('too-late', 'in-time')"
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'too-late'"
         )
         .await,
-        1
+        0
     );
     let written = count_rows(
         &db,
@@ -579,4 +600,140 @@ async fn a_completed_reply_the_bus_refuses_is_retried_until_its_topic_exists() {
     let committed = committed_total(&group, &t.request, 1, REPLY);
     assert_eq!(committed, 1, "{}", svc.logs());
     assert_eq!(count_rows(&db, written).await, 1, "written once");
+}
+
+/// `DB_BUS_SQL_WRITES=false` (the README's way to narrow "the bus is a second door") makes the
+/// SQL form read-only: its INSERT, UPDATE and DELETE are refused WRITE_NOT_ALLOWED, naming the
+/// setting, and change nothing, while its reads and the structured writes still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_bus_sql_writes_the_sql_form_is_read_only() {
+    use sqlx::Connection;
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create().await.unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .env("DB_BUS_SQL_WRITES", "false")
+        .args(topics.db_svc_args(&fresh_group()))
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    let t = topics.topics.clone();
+    let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+         VALUES (gen_random_uuid(), 'kept', 'x', 'before')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    warm_up(&mut tap, &t.request).await;
+
+    // A read in the SQL form is answered.
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        &t.request,
+        &omniclaude_envelope(
+            &c,
+            "QUERY",
+            Some("agent_actions"),
+            "SELECT action_name FROM agent_actions WHERE agent_name = $1",
+            json!(["kept"]),
+        ),
+    )
+    .await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+    assert_eq!(
+        reply.json["payload"]["rows"][0]["action_name"], "before",
+        "{reply:?}"
+    );
+
+    // Its writes are refused.
+    let writes = [
+        (
+            "INSERT",
+            "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+             VALUES ($1, 'sql-write', 'x', 'y')",
+            json!([uuid::Uuid::new_v4().to_string()]),
+        ),
+        (
+            "UPDATE",
+            "UPDATE agent_actions SET action_name = 'after' WHERE agent_name = $1",
+            json!(["kept"]),
+        ),
+        (
+            "DELETE",
+            "DELETE FROM agent_actions WHERE agent_name = $1",
+            json!(["kept"]),
+        ),
+    ];
+    for (operation, sql, params) in writes {
+        let c = uuid::Uuid::new_v4().to_string();
+        send(
+            &t.request,
+            &omniclaude_envelope(&c, operation, Some("agent_actions"), sql, params),
+        )
+        .await;
+        let reply = tap.reply_for(&c, REPLY).unwrap();
+        assert_eq!(reply.topic, t.failed, "{operation}: {reply:?}");
+        let payload = &reply.json["payload"];
+        assert_eq!(
+            payload["error_code"], "WRITE_NOT_ALLOWED",
+            "{operation}: {reply:?}"
+        );
+        assert_eq!(
+            payload["grpc_code"], "PERMISSION_DENIED",
+            "{operation}: {reply:?}"
+        );
+        let error = payload["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("DB_BUS_SQL_WRITES") && !error.contains("--raw-sql-writes"),
+            "{operation}: the refusal names the setting that allows it: {reply:?}"
+        );
+    }
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'sql-write'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'kept' \
+             AND action_name = 'before'"
+        )
+        .await,
+        1,
+        "neither updated nor deleted"
+    );
+
+    // A structured write still goes through.
+    let c = uuid::Uuid::new_v4().to_string();
+    let row = json!({
+        "correlation_id": uuid::Uuid::new_v4().to_string(),
+        "agent_name": "structured",
+        "action_type": "x",
+        "action_name": "y",
+    });
+    let insert = json!({"table": "agent_actions", "rows": [row]});
+    send(&t.request, &structured_envelope(&c, "INSERT", insert)).await;
+    let reply = tap.reply_for(&c, REPLY).unwrap();
+    assert_eq!(reply.topic, t.completed, "{reply:?}");
+    assert_eq!(
+        reply.json["payload"]["rows_affected"],
+        json!(1),
+        "{reply:?}"
+    );
+    assert_eq!(
+        count_rows(
+            &db,
+            "SELECT count(*) FROM agent_actions WHERE agent_name = 'structured'"
+        )
+        .await,
+        1
+    );
 }

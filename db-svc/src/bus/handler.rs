@@ -270,6 +270,15 @@ impl Handler {
             self.sql_executor.catalog().served(),
             self.sql_writes,
         )
+        .map_err(|e| match e {
+            // The guard names gRPC's --raw-sql-writes, which does not govern this form.
+            DbError::WriteNotAllowed(_) if !self.sql_writes => DbError::WriteNotAllowed(
+                "SQL-form writes are disabled on this db-svc's bus (--bus-sql-writes / \
+                 DB_BUS_SQL_WRITES); send a structured INSERT / UPDATE / DELETE / UPSERT"
+                    .into(),
+            ),
+            e => e,
+        })
         .map_err(Status::from)?;
         if !kind_matches(sql.operation_type, checked.kind) {
             return Err(coded(
