@@ -21,7 +21,7 @@ use clap::{ArgAction, Args};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
@@ -494,6 +494,7 @@ pub struct BusContext {
     error_log: svc_kit::kafka::ClientErrorLog,
     /// Whether the consumer left its group to wait for its replacement.
     parked: AtomicBool,
+    commit_log: LogBudget,
 }
 
 impl Default for BusContext {
@@ -504,6 +505,7 @@ impl Default for BusContext {
             revoked: parking_lot::Mutex::default(),
             error_log: svc_kit::kafka::ClientErrorLog::new("db-svc bus consumer"),
             parked: AtomicBool::new(false),
+            commit_log: LogBudget::new(1, LOG_EVERY),
         }
     }
 }
@@ -541,6 +543,26 @@ impl ClientContext for BusContext {
 }
 
 impl ConsumerContext for BusContext {
+    /// Commits are asynchronous: their failures arrive here. One that fails leaves its
+    /// requests to be delivered again after a restart or rebalance (harmless for writes,
+    /// which their request ids deduplicate, but work done twice), so it is counted and logged.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let Err(e) = result else { return };
+        svc_kit::metrics::counter!("db_bus_commit_failures_total").increment(1);
+        if let Some(unlogged) = self.commit_log.may_log(std::time::Instant::now()) {
+            let partitions: Vec<String> = offsets
+                .elements()
+                .iter()
+                .map(|p| format!("{}[{}]", p.topic(), p.partition()))
+                .collect();
+            tracing::warn!(
+                partitions = %partitions.join(","), unlogged_before = unlogged,
+                "a bus offset commit failed ({e}); those requests may be delivered again \
+                 (a rebalance in progress is the usual cause and needs nothing)"
+            );
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(_) = rebalance {
             self.assigned.store(true, Ordering::Relaxed);
@@ -1291,6 +1313,28 @@ mod tests {
     use super::*;
     use bus_protocol::FailedPayload;
     use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn a_failed_commit_is_logged_and_a_successful_one_is_not() {
+        let context = BusContext::default();
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset("requests", 0, Offset::Offset(7))
+            .expect("a valid offset");
+        context.commit_callback(Ok(()), &offsets);
+        let now = std::time::Instant::now();
+        // Nothing logged yet: the budget still has its line.
+        assert_eq!(context.commit_log.may_log(now), Some(0));
+        let context = BusContext::default();
+        context.commit_callback(
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RebalanceInProgress,
+            )),
+            &offsets,
+        );
+        // The failure took the window's line.
+        assert_eq!(context.commit_log.may_log(now), None);
+    }
 
     /// A replacement interval for the tests (the default is shorter).
     const INTERVAL: Duration = Duration::from_secs(30);
