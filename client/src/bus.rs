@@ -207,15 +207,92 @@ pub struct BusPublisher {
     producer: FutureProducer,
     pending: Pending,
     reader: tokio::task::JoinHandle<()>,
+    partition_watch: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for BusPublisher {
     fn drop(&mut self) {
         self.reader.abort();
+        self.partition_watch.abort();
     }
 }
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the reply topics' partitions are listed again. db-svc sends a reply to the
+/// partition its correlation id hashes to, so a partition added later (by an operator, or by
+/// a broker that restarted empty and created the topic again with more) would otherwise
+/// never be read, and every request answered there would time out and fall back to gRPC.
+const PARTITION_REFRESH: Duration = Duration::from_secs(5);
+
+/// The partitions of `topic`, from a metadata request (a topic that does not exist has none).
+fn topic_partitions(
+    consumer: &StreamConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> rdkafka::error::KafkaResult<Vec<i32>> {
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default())
+}
+
+/// The partitions of `topics` that `assigned` lacks, to be read from their beginning: they
+/// appeared after the publisher connected, so every reply in them is newer than it.
+fn added_partitions(
+    topics: &[(String, Vec<i32>)],
+    assigned: &TopicPartitionList,
+) -> TopicPartitionList {
+    let mut added = TopicPartitionList::new();
+    for (topic, partitions) in topics {
+        for &partition in partitions {
+            if assigned.find_partition(topic, partition).is_none() {
+                // Cannot fail for a partition number the broker gave (never negative).
+                let _ = added.add_partition_offset(topic, partition, Offset::Beginning);
+            }
+        }
+    }
+    added
+}
+
+/// Every [`PARTITION_REFRESH`], assigns the reply topics' partitions added since connecting.
+async fn watch_reply_partitions(consumer: Arc<StreamConsumer>, topics: [String; 2]) {
+    let mut ticks = tokio::time::interval(PARTITION_REFRESH);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let probe = consumer.clone();
+        let topics = topics.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            topics
+                .iter()
+                .map(|t| Ok((t.clone(), topic_partitions(&probe, t, METADATA_TIMEOUT)?)))
+                .collect::<rdkafka::error::KafkaResult<Vec<_>>>()
+        })
+        .await;
+        // A broker that does not answer now is asked again at the next tick.
+        let Ok(Ok(listed)) = listed else { continue };
+        let assigned = match consumer.assignment() {
+            Ok(a) => a,
+            Err(_) => continue,
+        };
+        let added = added_partitions(&listed, &assigned);
+        if added.count() == 0 {
+            continue;
+        }
+        match consumer.incremental_assign(&added) {
+            Ok(()) => tracing::info!(
+                partitions = added.count(),
+                "reading reply partitions added since the publisher connected"
+            ),
+            Err(e) => tracing::warn!("could not read the reply topics' new partitions: {e}"),
+        }
+    }
+}
 
 /// The reply consumer's settings (`group` is the publisher's own consumer group).
 fn reply_consumer_config(config: &BusConfig, group: &str) -> rdkafka::ClientConfig {
@@ -263,6 +340,7 @@ impl BusPublisher {
             config.topics.completed.clone(),
             config.topics.failed.clone(),
         ];
+        let watched = topics.clone();
         let probe = consumer.clone();
         // Finding the reply topics' ends shares one budget, the bus timeout (at most
         // METADATA_TIMEOUT): a caller with a short timeout learns quickly that the bus is down.
@@ -281,15 +359,8 @@ impl BusPublisher {
             tokio::task::spawn_blocking(move || -> Result<TopicPartitionList, BusError> {
                 let mut tpl = TopicPartitionList::new();
                 for topic in &topics {
-                    let metadata = probe
-                        .fetch_metadata(Some(topic), left()?)
+                    let partitions = topic_partitions(&probe, topic, left()?)
                         .map_err(|e| BusError::Unavailable(format!("metadata for {topic}: {e}")))?;
-                    let partitions = metadata
-                        .topics()
-                        .iter()
-                        .find(|t| t.name() == topic)
-                        .map(|t| t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>())
-                        .unwrap_or_default();
                     if partitions.is_empty() {
                         return Err(BusError::Unavailable(format!(
                             "reply topic {topic} does not exist"
@@ -315,6 +386,7 @@ impl BusPublisher {
         consumer.assign(&assignment).map_err(unavailable)?;
 
         let pending: Pending = Arc::default();
+        let partition_watch = tokio::spawn(watch_reply_partitions(consumer.clone(), watched));
         let reader = tokio::spawn(read_replies(
             consumer,
             config.topics.completed.clone(),
@@ -325,6 +397,7 @@ impl BusPublisher {
             producer,
             pending,
             reader,
+            partition_watch,
         })
     }
 
@@ -549,6 +622,35 @@ async fn read_replies(consumer: Arc<StreamConsumer>, completed_topic: String, pe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_added_since_connecting_are_read_from_their_beginning() {
+        let mut assigned = TopicPartitionList::new();
+        for p in 0..3 {
+            assigned
+                .add_partition_offset("done", p, Offset::Offset(40))
+                .unwrap();
+        }
+        let listed = vec![
+            ("done".to_string(), vec![0, 1, 2, 3, 4]),
+            ("failed".to_string(), vec![0]),
+        ];
+        let added = added_partitions(&listed, &assigned);
+        let added: Vec<_> = added
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition(), e.offset()))
+            .collect();
+        assert_eq!(
+            added,
+            vec![
+                ("done".into(), 3, Offset::Beginning),
+                ("done".into(), 4, Offset::Beginning),
+                ("failed".into(), 0, Offset::Beginning),
+            ]
+        );
+        assert_eq!(added_partitions(&listed[..1], &assigned).count(), 2);
+    }
 
     /// Two calls waiting on one correlation id each get a reply, in order, and a call that
     /// ends removes only its own entry.

@@ -41,7 +41,12 @@ impl BusTopics {
     /// Creates the same topic names again (after a broker restarted empty), keeping those that
     /// exist already (db-svc's producer may have had a reply topic auto-created first).
     pub async fn recreate(&self) -> Result<()> {
-        TestTopics::ensure_on(&self.brokers, &self.names.prefix, &BUS_TOPICS, PARTITIONS).await?;
+        self.recreate_with(PARTITIONS).await
+    }
+
+    /// [`BusTopics::recreate`] with `partitions` partitions per topic this time.
+    pub async fn recreate_with(&self, partitions: i32) -> Result<()> {
+        TestTopics::ensure_on(&self.brokers, &self.names.prefix, &BUS_TOPICS, partitions).await?;
         Ok(())
     }
 

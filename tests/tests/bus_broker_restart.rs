@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use omnibus_client::bus::BusPublisher;
+use omnibus_proto::db::v1 as pb;
 use omnibus_tests::bus::{BusTopics, Tap, omniclaude_envelope, produce_on, start_db_svc};
 use omnibus_tests::consumer::PrivateBroker;
 use omnibus_tests::{ServiceProcess, TestDatabase};
@@ -131,4 +133,37 @@ async fn bus_worker_answers_after_two_quick_restarts() {
         answered(&mut s, "third", Duration::from_secs(90)).await;
     }
     assert!(s.svc.is_running(), "db-svc exited:\n{}", s.svc.logs());
+}
+
+/// The Rust publisher reads reply partitions that appear after it connected. The broker
+/// restarts empty and the topics come back with 12 partitions instead of 3; db-svc sends each
+/// reply to the partition its correlation id hashes to, so most of the replies below land in
+/// partitions the publisher did not know when it connected. Every call is still answered
+/// over the bus: before, those timed out (and a client fell back to gRPC for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_reads_reply_partitions_added_after_it_connected() {
+    let mut s = setup(&[]).await;
+    let bus = BusPublisher::connect(s.topics.client_config(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let count = pb::CountRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    };
+    let cid = || uuid::Uuid::new_v4().to_string();
+    assert_eq!(bus.call(&count, &cid(), None).await.unwrap().count, 0);
+
+    s.broker.restart().await.unwrap();
+    s.topics.recreate_with(12).await.unwrap();
+    // db-svc's worker answers again (its group formed anew on the empty broker).
+    answered(&mut s, "after", Duration::from_secs(90)).await;
+    for i in 0..12 {
+        let answer = bus.call(&count, &cid(), None).await;
+        assert_eq!(
+            answer.as_ref().map(|c| c.count).ok(),
+            Some(1),
+            "call {i}: {answer:?}; db-svc log:\n{}",
+            s.svc.logs()
+        );
+    }
 }
