@@ -1205,6 +1205,57 @@ mod tests {
         }
     }
 
+    /// `publish_live_updates` coalesces: however often an agent changes, its figures are
+    /// published at most once per tick, and the ticks are at least about the interval apart.
+    /// Checked as a count over the whole run, which a busy machine can only lower (late ticks
+    /// lengthen the run, never bring two ticks closer than tokio's interval allows, 5 ms less
+    /// than the period): with the agent marked changed every millisecond, at most one
+    /// publication per interval of the run plus the first (without coalescing: about 1,000).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn live_metrics_are_published_at_most_once_per_interval() {
+        const INTERVAL: Duration = Duration::from_millis(100);
+        // Every update published is still in the ring afterwards, to be counted.
+        let api = Arc::new(ConsumerApi {
+            hub: Arc::new(Hub::new(100_000, 16)),
+            ..api_over(State::new(Default::default()))
+        });
+        let dirty = Arc::new(parking_lot::Mutex::new(std::collections::HashSet::new()));
+        let start = std::time::Instant::now();
+        let publisher = tokio::spawn(publish_live_updates(api.clone(), dirty.clone(), INTERVAL));
+        let mut marks = 0u64;
+        while start.elapsed() < INTERVAL * 10 {
+            dirty.lock().insert("a".to_string());
+            marks += 1;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The last mark is taken by a tick, which publishes it before it next waits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !dirty.lock().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the last change never taken"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        api.shutdown.trigger();
+        publisher.await.expect("the publisher ran to shutdown");
+        let run = start.elapsed();
+
+        let all = api.hub.subscribe(Some(0), None).expect("from the start");
+        assert_eq!(all.missed, 0, "every update still buffered");
+        let published = all
+            .backlog
+            .iter()
+            .filter(|u| matches!(&u.kind, UpdateKind::AgentMetrics(m) if m.agent == "a"))
+            .count() as u128;
+        let most = run.as_micros() / (INTERVAL - Duration::from_millis(10)).as_micros() + 1;
+        assert!(
+            (1..=most).contains(&published),
+            "{published} publications of agent a in {run:?} ({marks} changes, \
+             {INTERVAL:?} interval): at most {most}"
+        );
+    }
+
     /// An API whose subscribers' queues hold one batch (the second publish in a row makes
     /// them lag), over a state where agent `a` made one routing decision.
     fn lagging_api() -> ConsumerApi {

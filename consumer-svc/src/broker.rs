@@ -37,6 +37,7 @@ pub async fn watch_broker(
 ) {
     // A fresh client for every probe: a long-lived one keeps a metadata cache of topics that
     // a restarted broker may have recreated under new ids (see ingest.rs, replace_client).
+    let mut first = true;
     loop {
         let brokers_for_probe = brokers.clone();
         let ok = tokio::task::spawn_blocking(move || {
@@ -57,9 +58,13 @@ pub async fn watch_broker(
         })
         .await
         .unwrap_or(false);
-        if ok != status.connected.swap(ok, Ordering::Relaxed) && !ok {
+        // Said when the broker goes away, and when it is not there to begin with (the
+        // status starts disconnected, so that first failure is no change of it).
+        let was = status.connected.swap(ok, Ordering::Relaxed);
+        if !ok && (was || first) {
             tracing::warn!(%brokers, "Kafka broker is not reachable");
         }
+        first = false;
         if !shutdown.is_triggered() {
             let replaying = ingest.replaying();
             let reason = if !ok {

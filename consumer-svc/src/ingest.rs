@@ -297,6 +297,18 @@ impl Partition {
         }
     }
 
+    /// Assigned again at `offset` (after a seek to verify, or back where it was), keeping the
+    /// last message read.
+    fn moved_to(offset: i64, verify: Option<Verify>, last: Option<Fingerprint>) -> Self {
+        Partition {
+            probe: false,
+            verify,
+            next: offset,
+            last,
+            on_client: OnClient::Yes,
+        }
+    }
+
     /// Read from the first offset; `probe`: seek forward if the log starts before the cutoff.
     fn from_start(probe: bool) -> Self {
         Partition {
@@ -950,13 +962,8 @@ impl Ingest {
             let Some(part) = self.assigned.get(&(k, p)) else {
                 continue;
             };
-            if offset <= part.next {
+            let Some(verify) = cutoff_seek(part, offset, target_ms) else {
                 continue; // already read that far
-            }
-            let verify = Verify {
-                offset,
-                before_ms: target_ms,
-                resume: part.next,
             };
             tracing::info!(
                 topic = %self.cfg.topics[k],
@@ -1029,16 +1036,8 @@ impl Ingest {
             match self.consumer.incremental_assign(&tpl) {
                 Ok(()) => {
                     let last = self.assigned.get(&key).and_then(|p| p.last);
-                    self.assigned.insert(
-                        key,
-                        Partition {
-                            probe: false,
-                            verify,
-                            next: offset,
-                            last,
-                            on_client: OnClient::Yes,
-                        },
-                    );
+                    self.assigned
+                        .insert(key, Partition::moved_to(offset, verify, last));
                 }
                 Err(e) => {
                     // Kept with its position: the next discover assigns it there again
@@ -1158,6 +1157,17 @@ fn replay_start(
     (resolved > low).then_some(resolved - 1)
 }
 
+/// The seek of `part` to `offset`, the broker's start of the window for `target_ms`, to be
+/// verified on the first message read there (older than `target_ms`, or reading resumes where
+/// it was); `None` when `part` has read that far already.
+fn cutoff_seek(part: &Partition, offset: i64, target_ms: i64) -> Option<Verify> {
+    (offset > part.next).then_some(Verify {
+        offset,
+        before_ms: target_ms,
+        resume: part.next,
+    })
+}
+
 /// The Kafka timestamp (ms) before which a message is older than the window, minus `slack`
 /// (producer clocks differ).
 fn seek_target_ms(state: &RwLock<State>, slack: Duration) -> i64 {
@@ -1270,11 +1280,11 @@ fn predates_window(record_ms: Option<i64>, target: i64) -> bool {
 }
 
 /// Parses one batch of borrowed messages; returns it with what the partitions need next.
-fn parse_batch(
+fn parse_batch<M: Message>(
     cfg: &IngestConfig,
     assigned: &mut foldhash::HashMap<(usize, i32), Partition>,
     error_logs: &[LogBudget; 4],
-    msgs: &[rdkafka::message::BorrowedMessage<'_>],
+    msgs: &[M],
     target_ms: impl Fn() -> i64,
 ) -> (Parsed, Moves) {
     let now = now_micros();
@@ -1698,6 +1708,114 @@ mod tests {
         assert_eq!((0..25).filter(|_| allow(next)).count(), 10);
         // A clock reading older than the window start does not reset it.
         assert!(!allow(start));
+    }
+
+    /// The timestamp seek's decisions, on one partition of 300 old records then 200 recent ones,
+    /// with the broker's `offsets_for_times` answer stubbed: an answer placed after recent
+    /// events (offset 450, or the end of the log) fails the verification, and the partition
+    /// reads on from where it was: every recent event is read, once. A right answer (300) is
+    /// followed: the old records between are never read. (tansu always answers the start of
+    /// the log, so the end-to-end tests cannot place the cutoff wrongly.)
+    #[test]
+    fn a_cutoff_answer_placed_after_recent_events_loses_none_of_them() {
+        use rdkafka::message::{OwnedMessage, Timestamp};
+        const OLD: i64 = 300;
+        const END: i64 = 500;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let hour = 3_600_000;
+        // A 2 h window; the old records 4 h old, the recent ones 30 s apart up to now.
+        let target_ms = now_ms - 2 * hour;
+        let record_ms = |o: i64| {
+            if o < OLD {
+                now_ms - 4 * hour + o * 1000
+            } else {
+                now_ms - 30_000 * (END - o)
+            }
+        };
+        let cfg = IngestConfig {
+            brokers: String::new(),
+            topics: EventKind::ALL.map(|k| k.default_topic().to_string()),
+            replay_seek: ReplaySeek::Timestamp,
+            seek_slack: Duration::ZERO,
+            publish: false,
+        };
+        let k = EventKind::AgentAction.index();
+        let key = (k, 0);
+        let topic = cfg.topics[k].clone();
+        let error_logs = std::array::from_fn(|_| LogBudget::new(10, Duration::from_secs(60)));
+        // The events carry no time of their own: each takes its record's, which names it.
+        let offset_of: HashMap<i64, i64> = (0..END).map(|o| (record_ms(o) * 1000, o)).collect();
+        // One fetch of `offsets`: the offsets of the events parsed, and what the batch asks.
+        let fetch = |assigned: &mut foldhash::HashMap<(usize, i32), Partition>,
+                     offsets: std::ops::Range<i64>| {
+            let msgs: Vec<OwnedMessage> = offsets
+                .map(|o| {
+                    let payload =
+                        format!(r#"{{"id":"e{o}","agent_name":"a","action_type":"tool_call"}}"#);
+                    OwnedMessage::new(
+                        Some(payload.into_bytes()),
+                        Some(b"k".to_vec()),
+                        topic.clone(),
+                        Timestamp::CreateTime(record_ms(o)),
+                        0,
+                        o,
+                        None,
+                    )
+                })
+                .collect();
+            let (parsed, moves) = parse_batch(&cfg, assigned, &error_logs, &msgs, || target_ms);
+            let read: Vec<i64> = parsed
+                .events
+                .iter()
+                .map(|(_, e)| offset_of[&e.time()])
+                .collect();
+            (read, moves)
+        };
+        for (answer, followed) in [
+            (Offset::Offset(450), false),
+            (Offset::End, false),
+            (Offset::Offset(OLD), true),
+        ] {
+            let mut assigned = foldhash::HashMap::default();
+            assigned.insert(key, Partition::from_start(true));
+            // The first fetch, from offset 0: an old record, so the cutoff is looked up.
+            let (mut read, moves) = fetch(&mut assigned, 0..50);
+            assert_eq!(moves.seek, [key], "{answer:?}");
+            assert_eq!(moves.target_ms, Some(target_ms));
+            let start = replay_start(&topic, 0, Some(answer), (0, END)).expect("a usable answer");
+            let verify = cutoff_seek(&assigned[&key], start, target_ms).expect("ahead of 50");
+            let last = assigned[&key].last;
+            assigned.insert(key, Partition::moved_to(start, Some(verify), last));
+            let (there, moves) = fetch(&mut assigned, start..END);
+            if followed {
+                assert!(moves.resume.is_empty(), "{answer:?}: verified");
+                read.extend(there);
+            } else {
+                assert_eq!(
+                    moves.resume,
+                    [(key, 50)],
+                    "{answer:?}: back to where it was"
+                );
+                assert!(
+                    there.is_empty(),
+                    "{answer:?}: nothing read there is applied"
+                );
+                let last = assigned[&key].last;
+                assigned.insert(key, Partition::moved_to(50, None, last));
+                let (rest, moves) = fetch(&mut assigned, 50..END);
+                assert!(moves.seek.is_empty() && moves.resume.is_empty());
+                read.extend(rest);
+            }
+            let want: Vec<i64> = if followed {
+                (0..50).chain(OLD - 1..END).collect()
+            } else {
+                (0..END).collect()
+            };
+            assert_eq!(
+                read, want,
+                "{answer:?}: each offset read once, every recent one"
+            );
+        }
     }
 
     #[test]

@@ -168,6 +168,11 @@ impl ServiceProcess {
         format!("http://{}", self.addr)
     }
 
+    /// The child's process id (for `/proc/<pid>/...`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The process's log so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()

@@ -501,17 +501,115 @@ async fn tail_notices_a_server_that_stops_answering_without_closing() {
     .unwrap();
 }
 
+/// The pid of the child of this test process whose command line holds `needle` (here the
+/// test's unique topic prefix), once it is running.
+async fn child_pid(needle: &str) -> u32 {
+    let me = std::process::id().to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let parent = status.lines().find_map(|l| l.strip_prefix("PPid:"));
+            if parent.map(str::trim) == Some(me.as_str())
+                && String::from_utf8_lossy(&cmdline).contains(needle)
+            {
+                return pid;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no child running with {needle}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether process `pid` catches SIGINT (bit 2 of `SigCgt` in `/proc/<pid>/status`).
+fn catches_sigint(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let mask = s.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|mask| mask & (1 << (2 - 1)) != 0)
+}
+
 /// A first Ctrl-C stops `generate` and flushes what was queued, which waits for a broker that
 /// is gone (up to 30 s); a second one quits at once, with the exit code of an interrupt.
 #[tokio::test]
 async fn a_second_interrupt_quits_generate_at_once() {
-    let gone = format!("127.0.0.1:{}", free_port());
-    let mut generate =
-        Following::spawn(&["--brokers", &gone, "generate", "--rate", "100", "--quiet"]).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut broker = omnibus_tests::consumer::PrivateBroker::start()
+        .await
+        .unwrap();
+    let prefix = unique_prefix();
+    let topics = create_topics(&broker.addr(), &prefix, 1).await.unwrap();
+    let addr = broker.addr();
+    let mut generate = Following::spawn(&[
+        "--brokers",
+        &addr,
+        "generate",
+        "--rate",
+        "200",
+        "--topic-prefix",
+        &prefix,
+        "--quiet",
+    ])
+    .unwrap();
+    // Ready: its handler catches SIGINT (before it, a SIGINT would kill it, and the test
+    // would see that rather than what Ctrl-C does), and it is producing.
+    let pid = child_pid(&prefix).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !catches_sigint(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generate never caught SIGINT: {:?}",
+            generate.stderr.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    omnibus_tests::consumer::wait_produced(
+        &addr,
+        topics.name(Kind::AgentAction),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    // The broker goes: what generate sends from now on (200 events a second, paced against
+    // its start, so a stall is caught up) is never acknowledged, so the flush has something
+    // to wait for.
+    broker.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The first interrupt stops producing and flushes, which waits for the broker.
     generate.signal("INT").unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waited = generate.wait_exit(Duration::from_secs(1)).await;
+    assert!(
+        waited.is_err(),
+        "exited on the first interrupt ({waited:?}) instead of flushing: {:?}",
+        generate.stderr.snapshot()
+    );
+    // The second one quits at once (long before the 30 s flush limit).
     generate.signal("INT").unwrap();
-    let status = generate.wait_exit(Duration::from_secs(3)).await.unwrap();
+    let status = generate.wait_exit(Duration::from_secs(10)).await.unwrap();
     assert_eq!(status.code(), Some(130), "{:?}", generate.stderr.snapshot());
+    // Its last words, read from the pipe after the exit.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !generate
+        .stderr
+        .snapshot()
+        .iter()
+        .any(|l| l.contains("interrupted again"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            generate.stderr.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

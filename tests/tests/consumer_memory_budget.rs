@@ -26,41 +26,28 @@ fn at(i: usize) -> DateTime<Utc> {
     Utc::now() - chrono::Duration::seconds(300) + chrono::Duration::seconds(i as i64)
 }
 
-/// The resident memory of the process listening on `svc`'s address, in bytes: found by its
-/// command line (`--listen <addr>` is unique to it), read from `/proc/<pid>/status`.
-fn rss_of(svc: &ServiceProcess) -> Option<u64> {
-    let listen = format!("--listen\0{}\0", svc.addr);
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if !cmdline.contains("consumer-svc") || !cmdline.contains(&listen) {
-            continue;
-        }
-        let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        return Some(kb * 1024);
-    }
-    None
+/// The resident memory of `svc`'s process, in bytes (`VmRSS` in `/proc/<pid>/status`).
+fn rss_of(svc: &ServiceProcess) -> u64 {
+    let path = format!("/proc/{}/status", svc.pid());
+    let status = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{} ({path}): {e}; log:\n{}", svc.name, svc.logs()));
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {path}:\n{status}"));
+    kb * 1024
 }
 
 /// The lowest RSS seen over `period` (the allocators return freed memory over a few seconds).
-async fn settled_rss(svc: &ServiceProcess, period: Duration) -> Option<u64> {
+async fn settled_rss(svc: &ServiceProcess, period: Duration) -> u64 {
     let end = Instant::now() + period;
-    let mut low = rss_of(svc)?;
+    let mut low = rss_of(svc);
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        low = low.min(rss_of(svc)?);
+        low = low.min(rss_of(svc));
     }
-    Some(low)
+    low
 }
 
 /// Sends `n` actions of agent `agent-big`, each with `bytes` of `action_details`, at
@@ -206,24 +193,20 @@ async fn large_events_stay_within_the_byte_budgets() {
     // buffer and the resume ring each held every action: ~80 MB of text, plus the encodings
     // made for the stream).
     let produced = (ACTIONS * DETAILS_BYTES) as u64;
-    if let (Some(before), Some(after)) = (baseline, settled_rss(&svc, Duration::from_secs(5)).await)
-    {
-        let grown = after.saturating_sub(before);
-        eprintln!(
-            "consumer-svc RSS: {} MiB at start, {} MiB after {} MiB produced",
-            before >> 20,
-            after >> 20,
-            produced >> 20
-        );
-        assert!(
-            grown < produced / 2,
-            "RSS grew by {} MiB for {} MiB produced",
-            grown >> 20,
-            produced >> 20
-        );
-    } else {
-        eprintln!("consumer-svc's RSS not found in /proc: not checked");
-    }
+    let (before, after) = (baseline, settled_rss(&svc, Duration::from_secs(5)).await);
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "consumer-svc RSS: {} MiB at start, {} MiB after {} MiB produced",
+        before >> 20,
+        after >> 20,
+        produced >> 20
+    );
+    assert!(
+        grown < produced / 2,
+        "RSS grew by {} MiB for {} MiB produced",
+        grown >> 20,
+        produced >> 20
+    );
 
     // The stalled subscriber, reading at last, is told it lagged: its queue held 2 MiB, not
     // the 1024 batches (here every update) of --subscriber-queue.

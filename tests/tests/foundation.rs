@@ -225,6 +225,8 @@ async fn db_svc_not_serving_while_postgres_unreachable_and_password_never_logged
     );
 }
 
+/// A broker that is not there: the probe finds it unreachable and says so (NOT_SERVING alone
+/// proves nothing, it is also the start-up state), and the service keeps running, NOT_SERVING.
 #[tokio::test]
 async fn consumer_svc_not_serving_while_broker_unreachable() {
     let mut svc = ServiceSpec::new("consumer-svc")
@@ -234,6 +236,16 @@ async fn consumer_svc_not_serving_while_broker_unreachable() {
     svc.wait_health(CONSUMER, ServingStatus::NotServing, Duration::from_secs(30))
         .await
         .unwrap();
+    // The probe's verdict (consumer-svc/src/broker.rs), not ingest's "broker unreachable (...)".
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !svc.logs().contains("Kafka broker is not reachable") {
+        assert!(
+            svc.is_running() && std::time::Instant::now() < deadline,
+            "the broker probe never reported the broker unreachable; log:\n{}",
+            svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         svc.is_running(),

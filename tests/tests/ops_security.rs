@@ -1,7 +1,7 @@
 //! Operations: bearer-token authentication (no token, bad token, read token on a write, write
 //! token; health and reflection open; failures logged without the token; trace id in the
-//! log line), tokens-file errors at start-up, TLS with a generated certificate, and Kafka over
-//! TLS.
+//! log line), tokens-file errors at start-up, TLS with a generated certificate, mutual TLS
+//! (client certificates), and Kafka over TLS.
 
 use std::time::{Duration, Instant};
 
@@ -438,6 +438,148 @@ async fn tls_listener_serves_a_verified_handshake_and_refuses_plaintext() {
         untrusted.is_err(),
         "untrusted certificate must fail: {untrusted:?}"
     );
+}
+
+/// A certificate authority for client certificates, and one client certificate it signed.
+struct ClientCa {
+    ca_pem: String,
+    client_cert_pem: String,
+    client_key_pem: String,
+}
+
+impl ClientCa {
+    fn generate(name: &str) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("{name} client CA"));
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let mut client = CertificateParams::new(vec![format!("{name}-client")]).unwrap();
+        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        client
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} client"));
+        let client = client.signed_by(&client_key, &ca, &ca_key).unwrap();
+        Self {
+            ca_pem: ca.pem(),
+            client_cert_pem: client.pem(),
+            client_key_pem: client_key.serialize_pem(),
+        }
+    }
+}
+
+/// A TLS channel to `port` trusting `server_ca_pem`, presenting `identity` (certificate and
+/// key PEM) if given.
+fn mtls_channel(port: u16, server_ca_pem: &str, identity: Option<(&str, &str)>) -> Channel {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(server_ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+/// `--tls-client-ca` (mutual TLS): a client without a certificate, and one whose certificate
+/// another CA signed, are refused; one signed by the given CA is served.
+#[tokio::test]
+async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
+    let server = TestCert::generate().unwrap();
+    let trusted = ClientCa::generate("trusted");
+    let other = ClientCa::generate("other");
+    let ca_path = server.dir.join("client-ca.pem");
+    std::fs::write(&ca_path, &trusted.ca_pem).unwrap();
+    let (_db, mut svc) = server
+        .spawn_db_svc(&["--tls-client-ca", ca_path.to_str().unwrap()])
+        .await;
+    let port = svc.addr.port();
+    let health = |channel: Channel| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+    };
+
+    // The trusted client: health polled until SERVING, then a write.
+    let good = mtls_channel(
+        port,
+        &server.cert_pem,
+        Some((&trusted.client_cert_pem, &trusted.client_key_pem)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(svc.is_running(), "db-svc exited: {}", svc.logs());
+        match health(good.clone()).await {
+            Ok(r) if r.get_ref().status() == ServingStatus::Serving => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no SERVING over mutual TLS: {other:?}\n{}",
+                svc.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        svc.logs().contains("mutual=true"),
+        "TLS on, mutual: {}",
+        svc.logs()
+    );
+    let done = DatabaseServiceClient::new(good.clone())
+        .insert(insert("ops-mtls"))
+        .await
+        .expect("insert with a trusted client certificate")
+        .into_inner();
+    assert_eq!(done.affected, 1);
+
+    // Refused: no certificate, and one from another CA (new connections each).
+    let refused = [
+        (
+            "no client certificate",
+            mtls_channel(port, &server.cert_pem, None),
+        ),
+        (
+            "a certificate from another CA",
+            mtls_channel(
+                port,
+                &server.cert_pem,
+                Some((&other.client_cert_pem, &other.client_key_pem)),
+            ),
+        ),
+    ];
+    for (what, channel) in refused {
+        let reply = health(channel.clone()).await;
+        assert!(reply.is_err(), "{what}: served: {reply:?}");
+        let err = DatabaseServiceClient::new(channel)
+            .insert(insert("ops-mtls-refused"))
+            .await;
+        assert!(err.is_err(), "{what}: insert served: {err:?}");
+    }
+    // Nothing of theirs was written; the trusted client is still served.
+    let count = DatabaseServiceClient::new(good)
+        .count(pb::CountRequest {
+            table: "agent_actions".into(),
+            r#where: Some(to_struct(json!({ "agent_name": "ops-mtls-refused" }))),
+            ..Default::default()
+        })
+        .await
+        .expect("count with a trusted client certificate")
+        .into_inner()
+        .count;
+    assert_eq!(count, 0);
 }
 
 #[tokio::test]
