@@ -349,21 +349,28 @@ async fn a_raw_sql_role_bounds_raw_statements_by_its_grants() {
         .args(["--raw-sql-role", &role])
         .spawn()
         .unwrap();
-    missing
-        .wait_health("", ServingStatus::NotServing, Duration::from_secs(30))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        missing.health("").await.unwrap(),
-        ServingStatus::NotServing,
-        "a role that does not exist keeps db-svc from serving"
-    );
-    assert!(
-        missing.logs().contains("--raw-sql-role"),
-        "{}",
-        missing.logs()
-    );
+    // NOT_SERVING is where every db-svc starts: first the start-up error itself, then the
+    // status over several probes (every 250 ms while not ready) after it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let refusal = format!("--raw-sql-role {role}");
+    while !missing.logs().contains(&refusal) {
+        assert!(missing.is_running(), "{}", missing.logs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no start-up error about the role:\n{}",
+            missing.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(
+            missing.health("").await.unwrap(),
+            ServingStatus::NotServing,
+            "a role that does not exist keeps db-svc from serving"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(missing.is_running(), "{}", missing.logs());
     drop(missing);
 
     sqlx::query(&format!("CREATE ROLE {role} NOLOGIN"))

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use omnibus_proto::db::v1 as pb;
-use omnibus_tests::db::{DbSvc, action, error_details, to_struct};
+use omnibus_tests::db::{DbSvc, action, error_details, rows_json, to_struct};
 use omnibus_tests::{ServiceSpec, TestDatabase, free_port};
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -172,4 +172,87 @@ async fn a_killed_probe_session_is_not_an_outage() {
     // The probe is back on a session of its own.
     let again = probe_pid(&mut conn).await;
     assert!(again.is_some_and(|p| p != pid), "{again:?}");
+}
+
+/// `--request-log-retention`: once ready, db-svc removes the idempotency records older than
+/// the retention and keeps the others; a record kept still answers its request's retry with
+/// the recorded result. (The purge runs after start-up and then hourly: the old records are
+/// put in place before a restart with a 10-minute retention.)
+#[tokio::test]
+async fn expired_idempotency_records_are_purged_and_the_others_kept() {
+    let first = DbSvc::start(&[]).await;
+    let request = pb::InsertRequest {
+        table: "agent_actions".into(),
+        rows: vec![to_struct(action("kept"))],
+        request_id: "live".into(),
+        ..Default::default()
+    };
+    let written = first
+        .client
+        .clone()
+        .insert(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!written.replayed);
+    // Copies of its record under other ids, back-dated: two past the retention, one inside.
+    let mut conn = first.sql().await;
+    for (id, age) in [
+        ("a-day-old", "1 day"),
+        ("twenty-minutes-old", "20 minutes"),
+        ("five-minutes-old", "5 minutes"),
+    ] {
+        sqlx::query(
+            "INSERT INTO omnibus_request_log \
+             (request_id, operation, table_name, result, fingerprint, created_at) \
+             SELECT $1, operation, table_name, result, fingerprint, now() - $2::interval \
+             FROM omnibus_request_log WHERE request_id = 'live'",
+        )
+        .bind(id)
+        .bind(age)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let records = async |conn: &mut sqlx::PgConnection| -> Vec<String> {
+        sqlx::query_scalar("SELECT request_id FROM omnibus_request_log ORDER BY request_id")
+            .fetch_all(conn)
+            .await
+            .unwrap()
+    };
+    assert_eq!(records(&mut conn).await.len(), 4);
+
+    let DbSvc { db, svc, .. } = first;
+    drop(svc);
+    let mut s = DbSvc::start_on(db, &["--request-log-retention", "10m"]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = records(&mut conn).await;
+        if left == ["five-minutes-old", "live"] {
+            break;
+        }
+        assert!(
+            left.iter().any(|id| id == "live") && left.iter().any(|id| id == "five-minutes-old"),
+            "a record inside the retention was removed: {left:?}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired records left: {left:?}\n{}",
+            s.svc.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = s.svc.logs();
+    let purged = logs
+        .lines()
+        .find(|l| l.contains("expired idempotency records removed"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(purged.contains("removed=2"), "{purged}");
+
+    // The kept record still answers the retry: the recorded result, nothing written again.
+    let replayed = s.client.insert(request).await.unwrap().into_inner();
+    assert!(replayed.replayed);
+    assert_eq!(replayed.affected, 1);
+    assert_eq!(rows_json(&replayed.rows), rows_json(&written.rows));
+    assert_eq!(s.count_all("agent_actions").await, 1);
 }

@@ -1,12 +1,14 @@
 //! Operations: message-size limit (RESOURCE_EXHAUSTED), gzip/zstd accepted, the Prometheus
 //! endpoint's content after traffic, /livez and /readyz (also while NOT_SERVING).
 
-use std::time::Duration;
+use std::net::ToSocketAddrs;
+use std::time::{Duration, Instant};
 
 use omnibus_proto::db::v1 as pb;
 use omnibus_proto::db::v1::database_service_client::DatabaseServiceClient;
-use omnibus_tests::db::{DbSvc, action, to_struct};
+use omnibus_tests::db::{DbSvc, TableLock, action, to_struct};
 use omnibus_tests::ops::{http_get, parse_prometheus, sample, wait_http_status};
+use omnibus_tests::proxy::Proxy;
 use omnibus_tests::{ServiceSpec, free_port};
 use serde_json::json;
 use tonic::Code;
@@ -175,29 +177,164 @@ async fn limits_compression_and_metrics_on_db_svc() {
 
 /// Through the shutdown's delay and drain the endpoint still answers: `/livez` 200 (the
 /// process runs; a liveness probe must not fail it mid-drain), `/readyz` 503, `/metrics`
-/// (a last scrape).
+/// (a last scrape). A call held by a table lock keeps the drain going until the lock goes.
 #[tokio::test]
 async fn the_endpoint_answers_through_the_shutdown_delay() {
+    const DELAY: Duration = Duration::from_secs(10);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let db = omnibus_tests::TestDatabase::create().await.unwrap();
     let mut svc = ServiceSpec::new("db-svc")
         .env("DATABASE_URL", &db.url)
-        .args(["--metrics-listen", &metrics_addr, "--shutdown-delay", "3s"])
+        .args(["--bus", "false", "--metrics-listen", &metrics_addr])
+        .args(["--shutdown-delay", "10s", "--shutdown-grace", "120s"])
+        // Only the lock's release ends the held call.
+        .args(["--request-timeout", "120s", "--statement-timeout", "120s"])
         .spawn()
         .unwrap();
     svc.wait_serving().await.unwrap();
     wait_http_status(&metrics_addr, "/readyz", 200, Duration::from_secs(30))
         .await
         .unwrap();
+    let s = DbSvc {
+        client: DatabaseServiceClient::new(svc.channel()),
+        db,
+        svc,
+    };
+    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
+    let mut client = s.client.clone();
+    let held = tokio::spawn(async move {
+        client
+            .count(pb::CountRequest {
+                table: "agent_actions".into(),
+                ..Default::default()
+            })
+            .await
+    });
+    lock.wait_blocked(&s, 1).await;
+    let DbSvc {
+        db: _db, mut svc, ..
+    } = s;
+    // The gRPC listener takes connections during the delay and closes at the drain.
+    let listening = || tokio::net::TcpStream::connect(svc.addr);
+
+    // The delay: NOT_SERVING, the endpoint answers.
+    let started = Instant::now();
     svc.terminate().unwrap();
-    wait_http_status(&metrics_addr, "/readyz", 503, Duration::from_secs(2))
+    let ready = wait_http_status(&metrics_addr, "/readyz", 503, Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", svc.logs()));
+    assert_eq!(ready.body.trim(), "NOT_SERVING");
     assert_eq!(http_get(&metrics_addr, "/livez").await.unwrap().status, 200);
     assert_eq!(
         http_get(&metrics_addr, "/metrics").await.unwrap().status,
         200
     );
+    assert!(
+        listening().await.is_ok(),
+        "the checks above ran within the delay ({:?} after the signal)",
+        started.elapsed()
+    );
+
+    // The drain: the listener is closed, the held call keeps the process running.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while listening().await.is_ok() {
+        assert!(Instant::now() < deadline, "the drain never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= DELAY, "{:?}", started.elapsed());
+    assert_eq!(http_get(&metrics_addr, "/livez").await.unwrap().status, 200);
+    let ready = http_get(&metrics_addr, "/readyz").await.unwrap();
+    assert_eq!((ready.status, ready.body.trim()), (503, "NOT_SERVING"));
+    let scrape = http_get(&metrics_addr, "/metrics").await.unwrap();
+    assert_eq!(scrape.status, 200);
+    assert!(
+        scrape.body.contains("grpc_server_started_total"),
+        "{}",
+        scrape.body
+    );
+    assert!(!held.is_finished(), "the held call is still draining");
+    assert!(svc.is_running(), "{}", svc.logs());
+
+    // The lock goes: the held call completes, the process exits 0.
+    drop(lock);
+    let counted = held.await.unwrap().expect("the drain lets the call finish");
+    assert_eq!(counted.into_inner().count, 0);
+    let status = svc.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", svc.logs());
+}
+
+/// PostgreSQL going away while db-svc runs turns it NOT_SERVING (gRPC health, `/readyz`
+/// 503), calls UNAVAILABLE, without a crash; when PostgreSQL is back it turns SERVING again
+/// by itself and calls work (README "Health"). The database is cut with a proxy between the
+/// two, so the machine's PostgreSQL stays up for the other tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_database_going_away_and_coming_back() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let db = omnibus_tests::TestDatabase::create().await.unwrap();
+    let pg: std::net::SocketAddr = omnibus_tests::postgres_addr()
+        .to_socket_addrs()
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(pg).await.unwrap();
+    let mut via_proxy = url::Url::parse(&db.url).unwrap();
+    via_proxy.set_port(Some(proxy.addr.port())).unwrap();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", via_proxy.as_str())
+        .args(["--bus", "false", "--metrics-listen", &metrics_addr])
+        .args(["--db-acquire-timeout", "1s", "--shutdown-grace", "1s"])
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+    let ready = wait_http_status(&metrics_addr, "/readyz", 200, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(ready.body.trim(), "SERVING");
+    let mut client = DatabaseServiceClient::new(svc.channel());
+    let count = pb::CountRequest {
+        table: "agent_actions".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        client
+            .count(count.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .count,
+        0
+    );
+
+    proxy.down();
+    svc.wait_health("", ServingStatus::NotServing, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        svc.health(SERVICE).await.unwrap(),
+        ServingStatus::NotServing
+    );
+    let ready = wait_http_status(&metrics_addr, "/readyz", 503, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", svc.logs()));
+    assert_eq!(ready.body.trim(), "NOT_SERVING");
+    assert_eq!(http_get(&metrics_addr, "/livez").await.unwrap().status, 200);
+    let err = client.count(count.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        svc.logs().contains("PostgreSQL is not reachable"),
+        "{}",
+        svc.logs()
+    );
+    assert!(svc.is_running(), "{}", svc.logs());
+
+    proxy.up();
+    svc.wait_serving().await.unwrap();
+    assert_eq!(svc.health(SERVICE).await.unwrap(), ServingStatus::Serving);
+    let ready = wait_http_status(&metrics_addr, "/readyz", 200, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", svc.logs()));
+    assert_eq!(ready.body.trim(), "SERVING");
+    assert_eq!(client.count(count).await.unwrap().into_inner().count, 0);
 }
 
 #[tokio::test]
