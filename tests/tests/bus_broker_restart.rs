@@ -167,3 +167,90 @@ async fn the_publisher_reads_reply_partitions_added_after_it_connected() {
         );
     }
 }
+
+/// SIGTERM while a bus write runs and every broker is gone: the write is let go on during the
+/// drain, its reply has nowhere to go, and the drain still ends at `--shutdown-grace` (1 s
+/// here), leaving the request uncommitted, to be redelivered and answered from its request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bus_drain_is_bounded_by_the_grace_with_the_broker_gone() {
+    use sqlx::Connection;
+    let mut broker = PrivateBroker::start().await.unwrap();
+    let db = TestDatabase::create().await.unwrap();
+    let topics = BusTopics::create_on(&broker.addr()).await.unwrap();
+    let mut args = topics.db_svc_args(&format!("g-{}", uuid::Uuid::new_v4().simple()));
+    let at = args
+        .iter()
+        .position(|a| a == "--shutdown-grace")
+        .expect("the test topics' db-svc sets --shutdown-grace");
+    args[at + 1] = "1s".into();
+    let mut svc = omnibus_tests::ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(args)
+        .spawn()
+        .unwrap();
+    svc.wait_serving().await.unwrap();
+
+    let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("LOCK TABLE agent_actions IN SHARE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let cid = uuid::Uuid::new_v4().to_string();
+    let envelope = omniclaude_envelope(
+        &cid,
+        "INSERT",
+        Some("agent_actions"),
+        "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
+         VALUES ($1, 'drained', 'x', 'y')",
+        json!([uuid::Uuid::new_v4().to_string()]),
+    );
+    produce_on(
+        &topics.brokers,
+        &topics.topics.request,
+        Some(&cid),
+        &serde_json::to_vec(&envelope).unwrap(),
+        "none",
+    )
+    .await
+    .unwrap();
+    // The write waits on the lock.
+    let mut probe = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", svc.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.stop();
+    let started = std::time::Instant::now();
+    svc.terminate().unwrap();
+    // The write goes through during the drain; its reply has no broker to go to.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    let status = svc.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert!(status.success(), "{status:?}: {}", svc.logs());
+    // 1 s of grace and at most 2 s for busy database connections, with slack for a loaded
+    // machine; a drain waiting for the broker would last until the process is killed.
+    assert!(
+        started.elapsed() < Duration::from_millis(8500),
+        "exited after {:?}: {}",
+        started.elapsed(),
+        svc.logs()
+    );
+    assert!(
+        svc.logs()
+            .contains("bus requests still running after 1s (--shutdown-grace)"),
+        "{}",
+        svc.logs()
+    );
+}
