@@ -19,7 +19,9 @@ use omnibus_proto::db::v1 as pb;
 use parking_lot::Mutex;
 use prost_reflect::{DeserializeOptions, DynamicMessage};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::kafka_client;
@@ -207,13 +209,13 @@ pub struct BusPublisher {
     producer: FutureProducer,
     pending: Pending,
     reader: tokio::task::JoinHandle<()>,
-    partition_watch: tokio::task::JoinHandle<()>,
+    reply_positions: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for BusPublisher {
     fn drop(&mut self) {
         self.reader.abort();
-        self.partition_watch.abort();
+        self.reply_positions.abort();
     }
 }
 
@@ -258,13 +260,65 @@ fn added_partitions(
     added
 }
 
-/// Every [`PARTITION_REFRESH`], assigns the reply topics' partitions added since connecting.
-async fn watch_reply_partitions(consumer: Arc<StreamConsumer>, topics: [String; 2]) {
-    let mut ticks = tokio::time::interval(PARTITION_REFRESH);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
+/// How far before an outage the reply partitions are read again once the broker is back
+/// (covers producer clocks behind ours).
+const OUTAGE_SLACK: Duration = Duration::from_secs(60);
+
+/// When every broker went down (ms since the epoch), until the reply partitions were
+/// repositioned after it. A broker that restarts with empty storage (tansu `memory://`)
+/// starts each log at offset 0 again: a partition whose new log grows to the consumer's old
+/// position before it fetches again raises no out-of-range error, and the replies below that
+/// position would never be read (their calls timing out and falling back to gRPC).
+type Outage = Arc<Mutex<Option<i64>>>;
+
+/// The seeks that reposition the reply partitions at the first record written at or after
+/// the time asked (`answers`, from `offsets_for_times`). A partition with no such record
+/// (`End`) holds only older ones and stays where it is; so does one without an answer.
+fn repositioned(answers: &TopicPartitionList) -> TopicPartitionList {
+    let mut seeks = TopicPartitionList::new();
+    for e in answers.elements() {
+        if let Offset::Offset(offset) = e.offset() {
+            // Cannot fail: the offset came from the broker.
+            let _ = seeks.add_partition_offset(e.topic(), e.partition(), Offset::Offset(offset));
+        }
+    }
+    seeks
+}
+
+/// Keeps the reply consumer reading every reply: every [`PARTITION_REFRESH`] it assigns the
+/// reply topics' partitions added since connecting, and after an outage (every second until
+/// done) it moves every partition back to the records written since shortly before it.
+async fn keep_reading_replies(consumer: Arc<StreamConsumer>, topics: [String; 2], outage: Outage) {
+    let mut next_listing = tokio::time::Instant::now() + PARTITION_REFRESH;
     loop {
-        ticks.tick().await;
+        let since = *outage.lock();
+        tokio::time::sleep(if since.is_some() {
+            Duration::from_secs(1)
+        } else {
+            PARTITION_REFRESH
+        })
+        .await;
+        if let Some(since) = since {
+            let probe = consumer.clone();
+            let at = since - OUTAGE_SLACK.as_millis() as i64;
+            let moved = tokio::task::spawn_blocking(move || {
+                let answers = probe.offsets_for_timestamp(at, METADATA_TIMEOUT)?;
+                probe.seek_partitions(repositioned(&answers), METADATA_TIMEOUT)
+            })
+            .await;
+            // A broker still down is asked again a second later.
+            if let Ok(Ok(_)) = moved {
+                let mut pending = outage.lock();
+                if *pending == Some(since) {
+                    *pending = None;
+                }
+                tracing::info!("reply partitions read again from before the broker outage");
+            }
+        }
+        if tokio::time::Instant::now() < next_listing {
+            continue;
+        }
+        next_listing = tokio::time::Instant::now() + PARTITION_REFRESH;
         let probe = consumer.clone();
         let topics = topics.clone();
         let listed = tokio::task::spawn_blocking(move || {
@@ -274,7 +328,7 @@ async fn watch_reply_partitions(consumer: Arc<StreamConsumer>, topics: [String; 
                 .collect::<rdkafka::error::KafkaResult<Vec<_>>>()
         })
         .await;
-        // A broker that does not answer now is asked again at the next tick.
+        // A broker that does not answer now is asked again at the next listing.
         let Ok(Ok(listed)) = listed else { continue };
         let assigned = match consumer.assignment() {
             Ok(a) => a,
@@ -386,18 +440,24 @@ impl BusPublisher {
         consumer.assign(&assignment).map_err(unavailable)?;
 
         let pending: Pending = Arc::default();
-        let partition_watch = tokio::spawn(watch_reply_partitions(consumer.clone(), watched));
+        let outage = Outage::default();
+        let reply_positions = tokio::spawn(keep_reading_replies(
+            consumer.clone(),
+            watched,
+            outage.clone(),
+        ));
         let reader = tokio::spawn(read_replies(
             consumer,
             config.topics.completed.clone(),
             pending.clone(),
+            outage,
         ));
         Ok(Self {
             config,
             producer,
             pending,
             reader,
-            partition_watch,
+            reply_positions,
         })
     }
 
@@ -586,11 +646,21 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-async fn read_replies(consumer: Arc<StreamConsumer>, completed_topic: String, pending: Pending) {
+async fn read_replies(
+    consumer: Arc<StreamConsumer>,
+    completed_topic: String,
+    pending: Pending,
+    outage: Outage,
+) {
     loop {
         let message = match consumer.recv().await {
             Ok(m) => m,
             Err(e) => {
+                if let KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown) = e {
+                    outage
+                        .lock()
+                        .get_or_insert_with(|| chrono::Utc::now().timestamp_millis());
+                }
                 tracing::warn!("reply consumer: {e}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
@@ -622,6 +692,35 @@ async fn read_replies(consumer: Arc<StreamConsumer>, completed_topic: String, pe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_an_outage_only_partitions_with_newer_records_are_moved() {
+        let mut answers = TopicPartitionList::new();
+        answers
+            .add_partition_offset("done", 0, Offset::Offset(0))
+            .unwrap();
+        answers
+            .add_partition_offset("done", 1, Offset::Offset(17))
+            .unwrap();
+        answers
+            .add_partition_offset("done", 2, Offset::End)
+            .unwrap();
+        answers
+            .add_partition_offset("failed", 0, Offset::Invalid)
+            .unwrap();
+        let seeks: Vec<_> = repositioned(&answers)
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition(), e.offset()))
+            .collect();
+        assert_eq!(
+            seeks,
+            vec![
+                ("done".into(), 0, Offset::Offset(0)),
+                ("done".into(), 1, Offset::Offset(17)),
+            ]
+        );
+    }
 
     #[test]
     fn partitions_added_since_connecting_are_read_from_their_beginning() {

@@ -120,6 +120,70 @@ pub async fn start_db_svc(
     Ok(svc)
 }
 
+/// [`start_db_svc`] with `--shutdown-grace 1s` instead of the topics' 3 s, for the drain
+/// tests: their bound (1 s of grace and at most 2 s for busy database connections) is then far
+/// from both a loaded machine's slack and a drain that does not stop at the grace.
+pub async fn start_db_svc_with_short_grace(
+    db: &TestDatabase,
+    topics: &BusTopics,
+    group: &str,
+) -> Result<ServiceProcess> {
+    let mut args = topics.db_svc_args(group);
+    let at = args
+        .iter()
+        .position(|a| a == "--shutdown-grace")
+        .context("the test topics' db-svc sets --shutdown-grace")?;
+    args[at + 1] = "1s".into();
+    let mut svc = ServiceSpec::new("db-svc")
+        .env("DATABASE_URL", &db.url)
+        .args(args)
+        .spawn()?;
+    svc.wait_serving().await?;
+    Ok(svc)
+}
+
+/// Waits until a statement of `db` waits for a lock (a bus request held by a table lock).
+pub async fn wait_for_a_lock_waiter(db: &TestDatabase, svc: &ServiceProcess) {
+    use sqlx::Connection;
+    let mut probe = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{}", svc.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for a db-svc of [`start_db_svc_with_short_grace`], sent SIGTERM at `started` with a
+/// bus request still running, to exit: successfully, within its bound (with slack for a
+/// loaded machine; a drain that waits for its requests would exceed it), cut short by the
+/// grace given and not by some other bound.
+pub async fn expect_drain_cut_by_grace(svc: &mut ServiceProcess, started: Instant) {
+    let status = svc.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert!(status.success(), "{status:?}: {}", svc.logs());
+    assert!(
+        started.elapsed() < Duration::from_millis(8500),
+        "exited after {:?}: {}",
+        started.elapsed(),
+        svc.logs()
+    );
+    assert!(
+        svc.logs()
+            .contains("bus requests still running after 1s (--shutdown-grace)"),
+        "{}",
+        svc.logs()
+    );
+}
+
 /// A database, fresh bus topics on the shared broker and db-svc serving them in a group of
 /// its own: the setup most bus tests start from.
 pub async fn start_bus_worker() -> Result<(TestDatabase, BusTopics, ServiceProcess)> {

@@ -243,6 +243,30 @@ impl TableLock {
         }
     }
 
+    /// A `Count` of agent_actions held back by an `ACCESS EXCLUSIVE` lock on it: returned once
+    /// it waits for the lock, with the lock (drop or release it to let the call finish).
+    pub async fn held_count(
+        s: &DbSvc,
+    ) -> (
+        Self,
+        tokio::task::JoinHandle<
+            Result<tonic::Response<omnibus_proto::db::v1::CountResponse>, tonic::Status>,
+        >,
+    ) {
+        let lock = Self::take(s, "ACCESS EXCLUSIVE").await;
+        let mut client = s.client.clone();
+        let held = tokio::spawn(async move {
+            client
+                .count(omnibus_proto::db::v1::CountRequest {
+                    table: "agent_actions".into(),
+                    ..Default::default()
+                })
+                .await
+        });
+        lock.wait_blocked(s, 1).await;
+        (lock, held)
+    }
+
     pub async fn release(mut self) {
         sqlx::query("COMMIT").execute(&mut self.0).await.unwrap();
     }

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use omnibus_tests::bus::{
-    BusTopics, Tap, committed_total, count_rows, fresh_group, omniclaude_envelope, produce,
-    start_bus_worker,
+    BusTopics, Received, Tap, committed_total, count_rows, fresh_group, omniclaude_envelope,
+    produce, start_bus_worker,
 };
 use omnibus_tests::{ServiceSpec, TestDatabase};
 use serde_json::{Value, json};
@@ -24,6 +24,23 @@ async fn send(topic: &str, envelope: &Value) {
     produce(topic, None, &serde_json::to_vec(envelope).unwrap(), "none")
         .await
         .unwrap();
+}
+
+/// Sends an OmniClaude request on `agent_actions` and waits for its reply.
+async fn ask(
+    tap: &mut Tap,
+    request_topic: &str,
+    operation: &str,
+    sql: &str,
+    params: Value,
+) -> Received {
+    let c = uuid::Uuid::new_v4().to_string();
+    send(
+        request_topic,
+        &omniclaude_envelope(&c, operation, Some("agent_actions"), sql, params),
+    )
+    .await;
+    tap.reply_for(&c, REPLY).unwrap()
 }
 
 /// Sends a query and waits for its reply: the worker has joined its group.
@@ -207,19 +224,14 @@ async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_c
     let reply = tap.reply_for(&c, REPLY).unwrap();
     assert_eq!(reply.topic, t.completed, "{reply:?}");
     assert_eq!(reply.json["payload"]["rows_affected"], json!(1000));
-    let c = uuid::Uuid::new_v4().to_string();
-    send(
+    let reply = ask(
+        &mut tap,
         &t.request,
-        &omniclaude_envelope(
-            &c,
-            "QUERY",
-            Some("agent_actions"),
-            "SELECT action_details FROM agent_actions WHERE agent_name = $1 LIMIT 300",
-            json!(["big-write"]),
-        ),
+        "QUERY",
+        "SELECT action_details FROM agent_actions WHERE agent_name = $1 LIMIT 300",
+        json!(["big-write"]),
     )
     .await;
-    let reply = tap.reply_for(&c, REPLY).unwrap();
     assert_eq!(reply.topic, t.completed, "~600 KB of rows: {reply:?}");
     assert_eq!(reply.json["payload"]["row_count"], json!(300));
 }
@@ -630,19 +642,14 @@ async fn without_bus_sql_writes_the_sql_form_is_read_only() {
     warm_up(&mut tap, &t.request).await;
 
     // A read in the SQL form is answered.
-    let c = uuid::Uuid::new_v4().to_string();
-    send(
+    let reply = ask(
+        &mut tap,
         &t.request,
-        &omniclaude_envelope(
-            &c,
-            "QUERY",
-            Some("agent_actions"),
-            "SELECT action_name FROM agent_actions WHERE agent_name = $1",
-            json!(["kept"]),
-        ),
+        "QUERY",
+        "SELECT action_name FROM agent_actions WHERE agent_name = $1",
+        json!(["kept"]),
     )
     .await;
-    let reply = tap.reply_for(&c, REPLY).unwrap();
     assert_eq!(reply.topic, t.completed, "{reply:?}");
     assert_eq!(
         reply.json["payload"]["rows"][0]["action_name"], "before",
@@ -669,13 +676,7 @@ async fn without_bus_sql_writes_the_sql_form_is_read_only() {
         ),
     ];
     for (operation, sql, params) in writes {
-        let c = uuid::Uuid::new_v4().to_string();
-        send(
-            &t.request,
-            &omniclaude_envelope(&c, operation, Some("agent_actions"), sql, params),
-        )
-        .await;
-        let reply = tap.reply_for(&c, REPLY).unwrap();
+        let reply = ask(&mut tap, &t.request, operation, sql, params).await;
         assert_eq!(reply.topic, t.failed, "{operation}: {reply:?}");
         let payload = &reply.json["payload"];
         assert_eq!(

@@ -1212,17 +1212,7 @@ async fn connection_age_sends_goaway_and_ends_connections_after_the_grace() {
 #[tokio::test]
 async fn sigterm_does_not_wait_for_a_statement_still_running() {
     let mut s = DbSvc::start(&[]).await;
-    let lock = omnibus_tests::db::TableLock::take(&s, "ACCESS EXCLUSIVE").await;
-    let mut client = s.client.clone();
-    let held = tokio::spawn(async move {
-        client
-            .count(pb::CountRequest {
-                table: "agent_actions".into(),
-                ..Default::default()
-            })
-            .await
-    });
-    lock.wait_blocked(&s, 1).await;
+    let (lock, held) = omnibus_tests::db::TableLock::held_count(&s).await;
     let started = Instant::now();
     s.svc.terminate().unwrap();
     let status = s.svc.wait_exit(Duration::from_secs(20)).await.unwrap();

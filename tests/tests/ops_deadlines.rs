@@ -154,10 +154,7 @@ async fn the_wait_for_a_call_slot_counts_against_the_deadline() {
 #[tokio::test]
 async fn a_second_sigterm_stops_a_draining_process_at_once() {
     let mut s = db_svc(&["--shutdown-grace", "120s"]).await;
-    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
-    let mut client = s.client.clone();
-    let held = tokio::spawn(async move { client.count(count()).await });
-    lock.wait_blocked(&s, 1).await;
+    let (lock, held) = TableLock::held_count(&s).await;
 
     s.svc.terminate().unwrap();
     assert!(

@@ -200,17 +200,7 @@ async fn the_endpoint_answers_through_the_shutdown_delay() {
         db,
         svc,
     };
-    let lock = TableLock::take(&s, "ACCESS EXCLUSIVE").await;
-    let mut client = s.client.clone();
-    let held = tokio::spawn(async move {
-        client
-            .count(pb::CountRequest {
-                table: "agent_actions".into(),
-                ..Default::default()
-            })
-            .await
-    });
-    lock.wait_blocked(&s, 1).await;
+    let (lock, held) = TableLock::held_count(&s).await;
     let DbSvc {
         db: _db, mut svc, ..
     } = s;
