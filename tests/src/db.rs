@@ -209,7 +209,15 @@ impl TableLock {
 
     /// Locks `table` (a plain lower-case name) in `mode`.
     pub async fn take_on(s: &DbSvc, table: &str, mode: &str) -> Self {
-        let mut conn = s.sql().await;
+        Self::take_in(&s.db, table, mode).await
+    }
+
+    /// [`TableLock::take_on`] in `db`, served by a db-svc of the test's own making.
+    pub async fn take_in(db: &TestDatabase, table: &str, mode: &str) -> Self {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&db.url)
+            .await
+            .expect("connect to the test database");
         sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
         sqlx::query(&format!("LOCK TABLE \"{table}\" IN {mode} MODE"))
             .execute(&mut conn)

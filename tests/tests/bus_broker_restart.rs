@@ -12,6 +12,7 @@ use omnibus_tests::bus::{
     start_db_svc_with_short_grace, wait_for_a_lock_waiter,
 };
 use omnibus_tests::consumer::PrivateBroker;
+use omnibus_tests::db::TableLock;
 use omnibus_tests::{ServiceProcess, TestDatabase};
 use serde_json::json;
 
@@ -211,7 +212,6 @@ async fn the_publisher_reads_reply_partitions_added_after_it_connected() {
 /// here), leaving the request uncommitted, to be redelivered and answered from its request id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bus_drain_is_bounded_by_the_grace_with_the_broker_gone() {
-    use sqlx::Connection;
     let mut broker = PrivateBroker::start().await.unwrap();
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create_on(&broker.addr()).await.unwrap();
@@ -219,12 +219,7 @@ async fn the_bus_drain_is_bounded_by_the_grace_with_the_broker_gone() {
     let mut svc = start_db_svc_with_short_grace(&db, &topics, &group)
         .await
         .unwrap();
-    let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
-    sqlx::query("LOCK TABLE agent_actions IN SHARE MODE")
-        .execute(&mut lock)
-        .await
-        .unwrap();
+    let lock = TableLock::take_in(&db, "agent_actions", "SHARE").await;
     let cid = uuid::Uuid::new_v4().to_string();
     let envelope = insert_envelope(&cid, "drained");
     produce_on(
@@ -242,6 +237,6 @@ async fn the_bus_drain_is_bounded_by_the_grace_with_the_broker_gone() {
     svc.terminate().unwrap();
     // The write goes through during the drain; its reply has no broker to go to.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    lock.release().await;
     expect_drain_cut_by_grace(&mut svc, started).await;
 }

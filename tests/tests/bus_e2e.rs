@@ -12,7 +12,7 @@ use omnibus_tests::bus::{
     omniclaude_envelope, produce, start_bus_worker, start_db_svc, start_db_svc_with_short_grace,
     wait_for_a_lock_waiter,
 };
-use omnibus_tests::db::to_struct;
+use omnibus_tests::db::{TableLock, to_struct};
 use omnibus_tests::{ServiceSpec, TestDatabase};
 use serde_json::{Value, json};
 
@@ -1424,19 +1424,13 @@ async fn an_applied_write_whose_deadline_passes_during_its_attempt_is_replayed()
 /// request stays uncommitted, to be redelivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bus_drain_is_bounded_by_the_shutdown_grace() {
-    use sqlx::Connection;
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
     let group = fresh_group();
     let mut svc = start_db_svc_with_short_grace(&db, &topics, &group)
         .await
         .unwrap();
-    let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
-    sqlx::query("LOCK TABLE agent_actions IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut lock)
-        .await
-        .unwrap();
+    let lock = TableLock::take_in(&db, "agent_actions", "ACCESS EXCLUSIVE").await;
     let c = uuid::Uuid::new_v4().to_string();
     let env = omniclaude_envelope(
         &c,
