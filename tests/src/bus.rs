@@ -235,6 +235,21 @@ pub struct Received {
     pub json: Value,
 }
 
+impl Received {
+    /// Asserts a COMPLETED reply (on topic `completed`) of a write of `affected` rows, answered
+    /// from the request log when `replayed`.
+    pub fn assert_write_completed(&self, completed: &str, affected: u64, replayed: bool) {
+        assert_eq!(self.topic, completed, "{self:?}");
+        let payload = &self.json["payload"];
+        assert_eq!(payload["rows_affected"], affected, "{self:?}");
+        assert_eq!(
+            payload["replayed"].as_bool().unwrap_or(false),
+            replayed,
+            "{self:?}"
+        );
+    }
+}
+
 /// Reads every message of some topics from the beginning (direct assignment, no group).
 pub struct Tap {
     consumer: BaseConsumer,

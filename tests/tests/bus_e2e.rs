@@ -735,13 +735,7 @@ async fn fallback_to_direct_grpc_never_writes_twice() {
     }
     // The request the client gave up on is answered too, with the fallback's result.
     let reply = replies.reply_for(&given_up_cid, FIRST_REPLY).unwrap();
-    assert_eq!(reply.topic, t.completed, "{reply:?}");
-    assert_eq!(reply.json["payload"]["replayed"], json!(true), "{reply:?}");
-    assert_eq!(
-        reply.json["payload"]["rows_affected"],
-        json!(1),
-        "{reply:?}"
-    );
+    reply.assert_write_completed(&t.completed, 1, true);
     assert_eq!(
         count_rows(
             &db,
@@ -1402,13 +1396,7 @@ async fn an_applied_write_whose_deadline_passes_during_its_attempt_is_replayed()
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 
     let reply = tap.reply_for(&cid, REPLY).unwrap();
-    assert_eq!(reply.topic, t.completed, "{reply:?}");
-    assert_eq!(reply.json["payload"]["replayed"], json!(true), "{reply:?}");
-    assert_eq!(
-        reply.json["payload"]["rows_affected"],
-        json!(1),
-        "{reply:?}"
-    );
+    reply.assert_write_completed(&t.completed, 1, true);
     assert_eq!(
         count_rows(
             &db,

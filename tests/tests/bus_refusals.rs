@@ -722,13 +722,9 @@ async fn without_bus_sql_writes_the_sql_form_is_read_only() {
     });
     let insert = json!({"table": "agent_actions", "rows": [row]});
     send(&t.request, &structured_envelope(&c, "INSERT", insert)).await;
-    let reply = tap.reply_for(&c, REPLY).unwrap();
-    assert_eq!(reply.topic, t.completed, "{reply:?}");
-    assert_eq!(
-        reply.json["payload"]["rows_affected"],
-        json!(1),
-        "{reply:?}"
-    );
+    tap.reply_for(&c, REPLY)
+        .unwrap()
+        .assert_write_completed(&t.completed, 1, false);
     assert_eq!(
         count_rows(
             &db,
