@@ -194,9 +194,14 @@ impl Following {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Sends signal `name` (`INT`, `TERM`) to the process.
     pub fn signal(&self, name: &str) -> Result<()> {
-        let pid = self.child.id().context("omnibus already exited")?;
+        let pid = self.pid().context("omnibus already exited")?;
         let status = std::process::Command::new("kill")
             .arg(format!("-{name}"))
             .arg(pid.to_string())

@@ -501,33 +501,6 @@ async fn tail_notices_a_server_that_stops_answering_without_closing() {
     .unwrap();
 }
 
-/// The pid of the child of this test process whose command line holds `needle` (here the
-/// test's unique topic prefix), once it is running.
-async fn child_pid(needle: &str) -> u32 {
-    let me = std::process::id().to_string();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-            let parent = status.lines().find_map(|l| l.strip_prefix("PPid:"));
-            if parent.map(str::trim) == Some(me.as_str())
-                && String::from_utf8_lossy(&cmdline).contains(needle)
-            {
-                return pid;
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no child running with {needle}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Whether process `pid` catches SIGINT (bit 2 of `SigCgt` in `/proc/<pid>/status`).
 fn catches_sigint(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -562,7 +535,7 @@ async fn a_second_interrupt_quits_generate_at_once() {
     .unwrap();
     // Ready: its handler catches SIGINT (before it, a SIGINT would kill it, and the test
     // would see that rather than what Ctrl-C does), and it is producing.
-    let pid = child_pid(&prefix).await;
+    let pid = generate.pid().expect("generate is running");
     let deadline = std::time::Instant::now() + WAIT;
     while !catches_sigint(pid) {
         assert!(
