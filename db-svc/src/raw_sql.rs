@@ -333,8 +333,33 @@ fn postgres_literal_starts(sql: &[char]) -> Vec<usize> {
     starts
 }
 
-/// Checks `sql` against the served tables. `allow_writes` is the operator's flag.
+/// Whether a raw statement may write; if not, what the caller is told (each transport has
+/// its own setting that allows it, and its own way to write instead).
+#[derive(Clone, Copy, Debug)]
+pub enum RawWrites {
+    Allowed,
+    Refused(&'static str),
+}
+
+/// Checks `sql` against the served tables; `allow_writes` is gRPC's `--raw-sql-writes`.
 pub fn check(sql: &str, served: &[String], allow_writes: bool) -> Result<RawStatement, DbError> {
+    let writes = if allow_writes {
+        RawWrites::Allowed
+    } else {
+        RawWrites::Refused(
+            "raw SQL writes are disabled on this server (--raw-sql-writes); use Insert / \
+             Update / Delete / Upsert",
+        )
+    };
+    check_with(sql, served, writes)
+}
+
+/// [`check`] with the writes' permission (and refusal) given by the caller.
+pub fn check_with(
+    sql: &str,
+    served: &[String],
+    writes: RawWrites,
+) -> Result<RawStatement, DbError> {
     if sql.len() > MAX_RAW_SQL_BYTES {
         return Err(reject(format!(
             "the SQL text is {} bytes, more than the {MAX_RAW_SQL_BYTES} allowed",
@@ -383,12 +408,10 @@ pub fn check(sql: &str, served: &[String], allow_writes: bool) -> Result<RawStat
             ));
         }
     };
-    if kind.is_write() && !allow_writes {
-        return Err(DbError::WriteNotAllowed(
-            "raw SQL writes are disabled on this server (--raw-sql-writes); use Insert / Update / \
-             Delete / Upsert"
-                .into(),
-        ));
+    if kind.is_write()
+        && let RawWrites::Refused(why) = writes
+    {
+        return Err(DbError::WriteNotAllowed(why.into()));
     }
 
     let mut guard = Guard {

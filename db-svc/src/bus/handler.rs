@@ -19,7 +19,7 @@ use crate::api::DatabaseApi;
 use crate::error::DbError;
 use crate::executor::{ExecContext, Executor};
 use crate::ops::{OpOutput, Operation, RawPage, RawSpec};
-use crate::raw_sql::{self, RawKind};
+use crate::raw_sql::{self, RawKind, RawWrites};
 
 /// What executes bus requests.
 #[derive(Clone)]
@@ -265,21 +265,16 @@ impl Handler {
         correlation_id: &str,
         remaining: Option<Duration>,
     ) -> Result<CompletedPayload, Status> {
-        let checked = raw_sql::check(
-            &sql.query,
-            self.sql_executor.catalog().served(),
-            self.sql_writes,
-        )
-        .map_err(|e| match e {
-            // The guard names gRPC's --raw-sql-writes, which does not govern this form.
-            DbError::WriteNotAllowed(_) if !self.sql_writes => DbError::WriteNotAllowed(
+        let writes = if self.sql_writes {
+            RawWrites::Allowed
+        } else {
+            RawWrites::Refused(
                 "SQL-form writes are disabled on this db-svc's bus (--bus-sql-writes / \
-                 DB_BUS_SQL_WRITES); send a structured INSERT / UPDATE / DELETE / UPSERT"
-                    .into(),
-            ),
-            e => e,
-        })
-        .map_err(Status::from)?;
+                 DB_BUS_SQL_WRITES); send a structured INSERT / UPDATE / DELETE / UPSERT",
+            )
+        };
+        let checked = raw_sql::check_with(&sql.query, self.sql_executor.catalog().served(), writes)
+            .map_err(Status::from)?;
         if !kind_matches(sql.operation_type, checked.kind) {
             return Err(coded(
                 Code::InvalidArgument,
