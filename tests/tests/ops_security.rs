@@ -16,7 +16,7 @@ use omnibus_tests::consumer::{
 use omnibus_tests::db::{DbSvc, action, to_struct};
 use omnibus_tests::ops::{Bearer, TestCert, new_token};
 use omnibus_tests::proxy::TlsProxy;
-use omnibus_tests::{ServiceSpec, TestDatabase, kafka_brokers, run_to_exit};
+use omnibus_tests::{ServiceProcess, ServiceSpec, TestDatabase, kafka_brokers, run_to_exit};
 use rdkafka::ClientConfig;
 use serde_json::json;
 use tonic::Code;
@@ -390,31 +390,41 @@ async fn tls_channel(port: u16, ca_pem: &str) -> Channel {
         .connect_lazy()
 }
 
+/// The overall health over `channel`.
+async fn health(
+    channel: Channel,
+) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+}
+
+/// Polls health over `channel` (`what`: how it connects) until `svc` reports SERVING.
+async fn wait_serving_over(channel: &Channel, svc: &mut ServiceProcess, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(svc.is_running(), "db-svc exited: {}", svc.logs());
+        match health(channel.clone()).await {
+            Ok(r) if r.get_ref().status() == ServingStatus::Serving => return,
+            other => assert!(
+                Instant::now() < deadline,
+                "no SERVING over {what}: {other:?}\n{}",
+                svc.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn tls_listener_serves_a_verified_handshake_and_refuses_plaintext() {
     let cert = TestCert::generate().unwrap();
     let (_db, mut svc) = cert.spawn_db_svc(&[]).await;
     let channel = tls_channel(svc.addr.port(), &cert.cert_pem).await;
 
-    // Health over TLS, polled until SERVING.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(svc.is_running(), "db-svc exited: {}", svc.logs());
-        let reply = HealthClient::new(channel.clone())
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await;
-        match reply {
-            Ok(r) if r.get_ref().status() == ServingStatus::Serving => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "no SERVING over TLS: {other:?}\n{}",
-                svc.logs()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_serving_over(&channel, &mut svc, "TLS").await;
     let mut client = DatabaseServiceClient::new(channel);
     let done = client
         .insert(insert("ops-tls"))
@@ -506,13 +516,6 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
         .spawn_db_svc(&["--tls-client-ca", ca_path.to_str().unwrap()])
         .await;
     let port = svc.addr.port();
-    let health = |channel: Channel| async move {
-        HealthClient::new(channel)
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-    };
 
     // The trusted client: health polled until SERVING, then a write.
     let good = mtls_channel(
@@ -520,19 +523,7 @@ async fn mutual_tls_serves_only_clients_with_a_certificate_from_the_given_ca() {
         &server.cert_pem,
         Some((&trusted.client_cert_pem, &trusted.client_key_pem)),
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(svc.is_running(), "db-svc exited: {}", svc.logs());
-        match health(good.clone()).await {
-            Ok(r) if r.get_ref().status() == ServingStatus::Serving => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "no SERVING over mutual TLS: {other:?}\n{}",
-                svc.logs()
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_serving_over(&good, &mut svc, "mutual TLS").await;
     assert!(
         svc.logs().contains("mutual=true"),
         "TLS on, mutual: {}",
