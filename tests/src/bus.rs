@@ -142,27 +142,6 @@ pub async fn start_db_svc_with_short_grace(
     Ok(svc)
 }
 
-/// Waits until a statement of `db` waits for a lock (a bus request held by a table lock).
-pub async fn wait_for_a_lock_waiter(db: &TestDatabase, svc: &ServiceProcess) {
-    use sqlx::Connection;
-    let mut probe = sqlx::PgConnection::connect(&db.url).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut probe)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{}", svc.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits for a db-svc of [`start_db_svc_with_short_grace`], sent SIGTERM at `started` with a
 /// bus request still running, to exit: successfully, within its bound (with slack for a
 /// loaded machine; a drain that waits for its requests would exceed it), cut short by the
@@ -389,8 +368,7 @@ pub fn fresh_group() -> String {
 
 /// The count a `SELECT count(*) ...` gives on `db`.
 pub async fn count_rows(db: &TestDatabase, sql: &str) -> i64 {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let mut conn = db.connect().await;
     sqlx::query_scalar::<_, i64>(sql)
         .fetch_one(&mut conn)
         .await

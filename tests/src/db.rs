@@ -26,11 +26,8 @@ impl DbSvc {
 
     /// [`DbSvc::start_with`] with db-svc's arguments given whole.
     pub async fn start_with_args(ddl: &str, args: &[&str]) -> Self {
-        use sqlx::Connection;
         let db = TestDatabase::create().await.expect("test database");
-        let mut conn = sqlx::PgConnection::connect(&db.url)
-            .await
-            .expect("connect to the test database");
+        let mut conn = db.connect().await;
         sqlx::raw_sql(ddl)
             .execute(&mut conn)
             .await
@@ -88,10 +85,7 @@ impl DbSvc {
 
     /// A direct connection to the test database (for checks behind db-svc's back).
     pub async fn sql(&self) -> sqlx::PgConnection {
-        use sqlx::Connection;
-        sqlx::PgConnection::connect(&self.db.url)
-            .await
-            .expect("connect to the test database")
+        self.db.connect().await
     }
 }
 
@@ -214,10 +208,7 @@ impl TableLock {
 
     /// [`TableLock::take_on`] in `db`, served by a db-svc of the test's own making.
     pub async fn take_in(db: &TestDatabase, table: &str, mode: &str) -> Self {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url)
-            .await
-            .expect("connect to the test database");
+        let mut conn = db.connect().await;
         sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
         sqlx::query(&format!("LOCK TABLE \"{table}\" IN {mode} MODE"))
             .execute(&mut conn)
@@ -228,7 +219,12 @@ impl TableLock {
 
     /// Waits until exactly `n` statements queue for the lock (0: none is left waiting).
     pub async fn wait_blocked(&self, s: &DbSvc, n: i64) {
-        let mut probe = s.sql().await;
+        self.wait_blocked_in(&s.db, n).await
+    }
+
+    /// [`TableLock::wait_blocked`] in `db`, served by a db-svc of the test's own making.
+    pub async fn wait_blocked_in(&self, db: &TestDatabase, n: i64) {
+        let mut probe = db.connect().await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let blocked: i64 = sqlx::query_scalar(

@@ -336,6 +336,13 @@ impl TestDatabase {
             admin_url,
         })
     }
+
+    /// A direct connection to this database (for checks behind the service's back).
+    pub async fn connect(&self) -> sqlx::PgConnection {
+        sqlx_connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
 }
 
 async fn sqlx_connect(url: &str) -> Result<sqlx::PgConnection> {

@@ -9,7 +9,7 @@ use omnibus_client::bus::BusPublisher;
 use omnibus_proto::db::v1 as pb;
 use omnibus_tests::bus::{
     BusTopics, Tap, expect_drain_cut_by_grace, omniclaude_envelope, produce_on, start_db_svc,
-    start_db_svc_with_short_grace, wait_for_a_lock_waiter,
+    start_db_svc_with_short_grace,
 };
 use omnibus_tests::consumer::PrivateBroker;
 use omnibus_tests::db::TableLock;
@@ -231,7 +231,7 @@ async fn the_bus_drain_is_bounded_by_the_grace_with_the_broker_gone() {
     )
     .await
     .unwrap();
-    wait_for_a_lock_waiter(&db, &svc).await;
+    lock.wait_blocked_in(&db, 1).await;
     broker.stop();
     let started = std::time::Instant::now();
     svc.terminate().unwrap();

@@ -10,7 +10,6 @@ use omnibus_proto::db::v1 as pb;
 use omnibus_tests::bus::{
     BusTopics, Tap, committed_total, count_rows, expect_drain_cut_by_grace, fresh_group,
     omniclaude_envelope, produce, start_bus_worker, start_db_svc, start_db_svc_with_short_grace,
-    wait_for_a_lock_waiter,
 };
 use omnibus_tests::db::{TableLock, to_struct};
 use omnibus_tests::{ServiceSpec, TestDatabase};
@@ -997,9 +996,8 @@ async fn trace_id_travels_from_the_client_through_the_bus_to_the_reply() {
 /// on answering the requests after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_too_large_for_the_bus_fails_and_the_worker_goes_on() {
-    use sqlx::Connection;
     let (db, topics, _svc) = start_bus_worker().await.unwrap();
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut conn = db.connect().await;
     // ~2.5 MB of rows, carried twice in a reply (rows and response).
     omnibus_tests::db::insert_padded_actions(&mut conn, "big", 300, 5000).await;
     let bus = BusPublisher::connect(topics.client_config(REPLY))
@@ -1155,11 +1153,10 @@ async fn a_bus_timeout_past_what_grpc_carries_is_shortened_not_a_panic() {
 /// waiting for the lock, and the error names the request id to retry with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_direct_fallback_is_bounded_by_the_bus_timeout() {
-    use sqlx::Connection;
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
     let direct_only = grpc_only_db_svc(&db).await;
-    let mut lock = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut lock = db.connect().await;
     sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
     sqlx::query("LOCK TABLE agent_actions IN SHARE MODE")
         .execute(&mut lock)
@@ -1315,7 +1312,6 @@ async fn a_late_redelivery_of_an_applied_write_is_replayed_not_timed_out() {
 /// "nothing was done".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_applied_write_whose_deadline_passes_during_its_attempt_is_replayed() {
-    use sqlx::Connection;
     let (db, topics, svc) = start_bus_worker().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
@@ -1342,7 +1338,7 @@ async fn an_applied_write_whose_deadline_passes_during_its_attempt_is_replayed()
     assert!(!first.response.replayed);
 
     // A transaction updates the id's request-log row and keeps it: the bus copy's claim waits.
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut holder = db.connect().await;
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
     sqlx::query("UPDATE omnibus_request_log SET result = result WHERE request_id = $1")
         .bind(&request_id)
@@ -1370,7 +1366,7 @@ async fn an_applied_write_whose_deadline_passes_during_its_attempt_is_replayed()
         .unwrap();
 
     // The attempt started before the deadline: its claim waits on the held row.
-    let mut probe = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut probe = db.connect().await;
     loop {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
@@ -1435,7 +1431,7 @@ async fn the_bus_drain_is_bounded_by_the_shutdown_grace() {
     )
     .await
     .unwrap();
-    wait_for_a_lock_waiter(&db, &svc).await;
+    lock.wait_blocked_in(&db, 1).await;
     let started = std::time::Instant::now();
     svc.terminate().unwrap();
     expect_drain_cut_by_grace(&mut svc, started).await;

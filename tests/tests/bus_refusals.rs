@@ -61,11 +61,10 @@ async fn padded_bus_worker(
     pad: i32,
     n: i32,
 ) -> (TestDatabase, BusTopics, omnibus_tests::ServiceProcess, Tap) {
-    use sqlx::Connection;
     let (db, topics, svc) = start_bus_worker().await.unwrap();
     let t = &topics.topics;
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut conn = db.connect().await;
     omnibus_tests::db::insert_padded_actions(&mut conn, agent, pad, n).await;
     warm_up(&mut tap, &t.request).await;
     (db, topics, svc, tap)
@@ -619,7 +618,6 @@ async fn a_completed_reply_the_bus_refuses_is_retried_until_its_topic_exists() {
 /// setting, and change nothing, while its reads and the structured writes still work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_bus_sql_writes_the_sql_form_is_read_only() {
-    use sqlx::Connection;
     let db = TestDatabase::create().await.unwrap();
     let topics = BusTopics::create().await.unwrap();
     let mut svc = ServiceSpec::new("db-svc")
@@ -631,7 +629,7 @@ async fn without_bus_sql_writes_the_sql_form_is_read_only() {
     svc.wait_serving().await.unwrap();
     let t = topics.topics.clone();
     let mut tap = Tap::new(&[&t.completed, &t.failed]).unwrap();
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut conn = db.connect().await;
     sqlx::query(
         "INSERT INTO agent_actions (correlation_id, agent_name, action_type, action_name) \
          VALUES (gen_random_uuid(), 'kept', 'x', 'before')",

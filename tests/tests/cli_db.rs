@@ -797,8 +797,7 @@ async fn row_numbers_reach_numeric_columns_unrounded() {
         ],
     )
     .await;
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&svc.db.url).await.unwrap();
+    let mut conn = svc.db.connect().await;
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT id::text, amount::text, exact::text FROM ledger ORDER BY id")
             .fetch_all(&mut conn)

@@ -984,8 +984,7 @@ async fn bigints_beyond_doubles_round_trip_exactly() {
 async fn numerics_read_back_exactly_whatever_their_size() {
     let db = omnibus_tests::TestDatabase::create().await.unwrap();
     {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let mut conn = db.connect().await;
         sqlx::query("CREATE TABLE amounts (id int PRIMARY KEY, v numeric)")
             .execute(&mut conn)
             .await

@@ -1278,8 +1278,7 @@ async fn a_stream_query_cut_by_shutdown_ends_with_an_error_not_ok() {
         .unwrap();
     svc.wait_serving().await.unwrap();
     {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let mut conn = db.connect().await;
         omnibus_tests::db::insert_padded_actions(&mut conn, "many", 500, 20_000).await;
     }
     let mut client = pb::database_service_client::DatabaseServiceClient::new(svc.channel());

@@ -48,8 +48,7 @@ async fn migrates_when_postgres_appears_then_serves() {
         .unwrap();
     // Nothing there yet: no tables were created.
     {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let mut conn = db.connect().await;
         let n: i64 =
             sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'agent_actions'")
                 .fetch_one(&mut conn)

@@ -594,7 +594,6 @@ async fn delete_and_upsert_replay_by_request_id() {
 /// waiting one times out.
 #[tokio::test]
 async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
-    use sqlx::Connection;
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut s = DbSvc::start(&[
         "--coalesce-inserts",
@@ -612,7 +611,7 @@ async fn a_timed_out_shared_insert_fails_only_the_insert_that_waits() {
     };
     // Another transaction inserts `held` and stays open: inserts of the same key wait on it.
     let held = uuid::Uuid::new_v4().to_string();
-    let mut other = sqlx::PgConnection::connect(&s.db.url).await.unwrap();
+    let mut other = s.db.connect().await;
     sqlx::query("BEGIN").execute(&mut other).await.unwrap();
     sqlx::query(
         "INSERT INTO agent_actions (id, correlation_id, agent_name, action_type, action_name) \
@@ -817,9 +816,8 @@ async fn a_skipping_trigger_created_while_db_svc_runs_rolls_a_shared_insert_back
 /// get exactly their own outcome.
 #[tokio::test]
 async fn inserts_into_tables_with_skipping_triggers_never_share() {
-    use sqlx::Connection;
     let db = omnibus_tests::TestDatabase::create().await.unwrap();
-    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut conn = db.connect().await;
     for sql in [
         "CREATE FUNCTION skip_some() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN IF NEW.body LIKE 'skip%' THEN RETURN NULL; END IF; RETURN NEW; END $$",
