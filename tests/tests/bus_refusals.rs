@@ -169,20 +169,15 @@ async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_c
     let (db, topics, _svc, mut tap) = padded_bus_worker("big-write", 2000, 1000).await;
     let t = topics.topics.clone();
 
-    let c = uuid::Uuid::new_v4().to_string();
-    send(
+    let reply = ask(
+        &mut tap,
         &t.request,
-        &omniclaude_envelope(
-            &c,
-            "UPDATE",
-            Some("agent_actions"),
-            "UPDATE agent_actions SET action_name = 'updated' WHERE agent_name = $1 \
-             RETURNING action_details",
-            json!(["big-write"]),
-        ),
+        "UPDATE",
+        "UPDATE agent_actions SET action_name = 'updated' WHERE agent_name = $1 \
+         RETURNING action_details",
+        json!(["big-write"]),
     )
     .await;
-    let reply = tap.reply_for(&c, REPLY).unwrap();
     assert_eq!(reply.topic, t.failed, "{reply:?}");
     let payload = &reply.json["payload"];
     assert_eq!(payload["error_code"], "WRITE_REPLY_TOO_LARGE", "{reply:?}");
@@ -208,19 +203,14 @@ async fn an_sql_write_returning_more_than_a_reply_carries_is_refused_before_it_c
     );
 
     // A write returning little, and a read of more than the write limit, still go through.
-    let c = uuid::Uuid::new_v4().to_string();
-    send(
+    let reply = ask(
+        &mut tap,
         &t.request,
-        &omniclaude_envelope(
-            &c,
-            "UPDATE",
-            Some("agent_actions"),
-            "UPDATE agent_actions SET action_name = 'updated' WHERE agent_name = $1 RETURNING id",
-            json!(["big-write"]),
-        ),
+        "UPDATE",
+        "UPDATE agent_actions SET action_name = 'updated' WHERE agent_name = $1 RETURNING id",
+        json!(["big-write"]),
     )
     .await;
-    let reply = tap.reply_for(&c, REPLY).unwrap();
     assert_eq!(reply.topic, t.completed, "{reply:?}");
     assert_eq!(reply.json["payload"]["rows_affected"], json!(1000));
     let reply = ask(
